@@ -1,0 +1,238 @@
+//! Time, through a trait, and a hybrid logical clock on top of it.
+//!
+//! Library code never reads the system clock directly: it takes a
+//! [`Clock`]. [`SystemClock`] is the one adaptor that reads real time;
+//! [`ManualClock`] is moved by hand in tests and simulations.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+
+/// A source of wall-clock time in milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now_ms(&self) -> u64 {
+        (**self).now_ms()
+    }
+}
+
+/// Real time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    now_ms: AtomicU64,
+}
+
+impl ManualClock {
+    /// A clock standing at `now_ms`.
+    pub fn new(now_ms: u64) -> Self {
+        ManualClock {
+            now_ms: AtomicU64::new(now_ms),
+        }
+    }
+
+    /// Move the clock forward (or backward, to simulate a bad clock).
+    pub fn set_ms(&self, now_ms: u64) {
+        self.now_ms.store(now_ms, Ordering::SeqCst);
+    }
+
+    /// Move the clock forward by `delta_ms`.
+    pub fn advance_ms(&self, delta_ms: u64) {
+        self.now_ms.fetch_add(delta_ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::SeqCst)
+    }
+}
+
+/// A hybrid logical clock timestamp: wall time, a counter for events within
+/// one millisecond, and the node that made it as the final tie-break.
+///
+/// Ordered by `(wall_ms, counter, node)`. Its string form
+/// `<wall_ms:015>-<counter:05>-<node>` sorts the same way.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HlcTimestamp {
+    /// Milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+    /// Logical counter within `wall_ms`.
+    pub counter: u32,
+    /// The node (client id or server id) that issued it.
+    pub node: String,
+}
+
+impl fmt::Display for HlcTimestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:015}-{:05}-{}", self.wall_ms, self.counter, self.node)
+    }
+}
+
+impl FromStr for HlcTimestamp {
+    type Err = CoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || CoreError::InvalidHlc(crate::error::truncate_for_message(s.to_owned()));
+        let mut parts = s.splitn(3, '-');
+        let wall = parts.next().ok_or_else(bad)?;
+        let counter = parts.next().ok_or_else(bad)?;
+        let node = parts.next().ok_or_else(bad)?;
+        Ok(HlcTimestamp {
+            wall_ms: wall.parse().map_err(|_| bad())?,
+            counter: counter.parse().map_err(|_| bad())?,
+            node: node.to_owned(),
+        })
+    }
+}
+
+impl Serialize for HlcTimestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HlcTimestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A hybrid logical clock: timestamps that follow wall time when it moves
+/// forward, never go backwards, and move past every remote timestamp seen.
+#[derive(Debug)]
+pub struct HybridClock<C: Clock> {
+    clock: C,
+    node: String,
+    max_skew_ms: u64,
+    last: Mutex<(u64, u32)>,
+}
+
+impl<C: Clock> HybridClock<C> {
+    /// A clock for `node` on top of `clock`. Remote timestamps more than
+    /// `max_skew_ms` ahead of local wall time are refused by [`Self::observe`].
+    pub fn new(clock: C, node: impl Into<String>, max_skew_ms: u64) -> Self {
+        HybridClock {
+            clock,
+            node: node.into(),
+            max_skew_ms,
+            last: Mutex::new((0, 0)),
+        }
+    }
+
+    /// The node id stamped on every timestamp.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, u32)> {
+        // The guarded data is two integers that are always valid, so a
+        // poisoned lock carries no broken invariant.
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new timestamp, greater than every one issued or observed before.
+    pub fn now(&self) -> HlcTimestamp {
+        let wall = self.clock.now_ms();
+        let mut last = self.lock();
+        let next = if wall > last.0 {
+            (wall, 0)
+        } else {
+            bump(*last)
+        };
+        *last = next;
+        HlcTimestamp {
+            wall_ms: next.0,
+            counter: next.1,
+            node: self.node.clone(),
+        }
+    }
+
+    /// Take in a remote timestamp so later local ones order after it.
+    /// Refuses one further ahead of local wall time than the skew bound.
+    pub fn observe(&self, remote: &HlcTimestamp) -> Result<(), CoreError> {
+        let wall = self.clock.now_ms();
+        if remote.wall_ms > wall.saturating_add(self.max_skew_ms) {
+            return Err(CoreError::ClockSkew {
+                skew_ms: remote.wall_ms - wall,
+                max_skew_ms: self.max_skew_ms,
+            });
+        }
+        let mut last = self.lock();
+        let remote_pair = (remote.wall_ms, remote.counter);
+        if remote_pair > *last {
+            *last = remote_pair;
+        }
+        Ok(())
+    }
+}
+
+/// The next logical time after `t` within the same or the next millisecond.
+fn bump(t: (u64, u32)) -> (u64, u32) {
+    match t.1.checked_add(1) {
+        Some(c) => (t.0, c),
+        None => (t.0 + 1, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_even_when_wall_time_goes_back() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let hlc = HybridClock::new(clock.clone(), "a", 60_000);
+        let t1 = hlc.now();
+        clock.set_ms(500);
+        let t2 = hlc.now();
+        assert!(t2 > t1);
+        clock.set_ms(2_000);
+        let t3 = hlc.now();
+        assert_eq!((t3.wall_ms, t3.counter), (2_000, 0));
+    }
+
+    #[test]
+    fn observe_moves_past_remote_and_bounds_skew() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let hlc = HybridClock::new(clock.clone(), "a", 100);
+        let remote = HlcTimestamp { wall_ms: 1_050, counter: 3, node: "b".into() };
+        hlc.observe(&remote).expect("within skew");
+        let t = hlc.now();
+        assert!(t > remote, "{t} > {remote}");
+        let far = HlcTimestamp { wall_ms: 5_000, counter: 0, node: "b".into() };
+        let err = hlc.observe(&far).expect_err("too far ahead");
+        assert_eq!(err.to_string(), "clock skew of 4000 ms exceeds the limit of 100 ms");
+    }
+
+    #[test]
+    fn string_form_round_trips_and_sorts() {
+        let a = HlcTimestamp { wall_ms: 9, counter: 10, node: "x-y".into() };
+        let b = HlcTimestamp { wall_ms: 10, counter: 0, node: "a".into() };
+        let (sa, sb) = (a.to_string(), b.to_string());
+        assert!(sa < sb);
+        assert_eq!(sa.parse::<HlcTimestamp>().expect("parse"), a);
+        assert!("nope".parse::<HlcTimestamp>().is_err());
+    }
+}

@@ -1,0 +1,310 @@
+//! Values and rows.
+//!
+//! A [`Value`] is one of SQLite's storage classes. Values have a total order
+//! that matches SQLite's: `Null < numbers < Text < Blob`, numbers compared
+//! numerically across `Integer` and `Real`, text and blobs bytewise. Reals
+//! order with `f64::total_cmp`, so NaN has a place and sorting never panics.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// One column value.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(untagged)]
+pub enum Value {
+    /// SQL NULL.
+    #[default]
+    Null,
+    /// A 64-bit signed integer.
+    Integer(i64),
+    /// A 64-bit float.
+    Real(f64),
+    /// UTF-8 text.
+    Text(String),
+    /// Raw bytes. In JSON a blob is an array of byte values.
+    Blob(Vec<u8>),
+}
+
+/// The named values of one row, without its id. Ordered by column name so
+/// that encodings and comparisons are deterministic.
+pub type RowData = BTreeMap<String, Value>;
+
+/// A row: its text id (usually a UUID) and its named values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// The row id, unique within its table.
+    pub id: String,
+    /// The column values. A column that is absent reads as NULL.
+    pub data: RowData,
+}
+
+impl Value {
+    /// The storage class name, as used in error messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Integer(_) => "integer",
+            Value::Real(_) => "real",
+            Value::Text(_) => "text",
+            Value::Blob(_) => "blob",
+        }
+    }
+
+    /// Whether this is NULL.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// The text, if this is text.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Value::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer, if this is an integer.
+    pub fn as_integer(&self) -> Option<i64> {
+        match self {
+            Value::Integer(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The number as a float, if this is an integer or a real.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Integer(i) => Some(*i as f64),
+            Value::Real(r) => Some(*r),
+            _ => None,
+        }
+    }
+
+    /// Approximate size in bytes, used for row size limits.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Value::Null => 1,
+            Value::Integer(_) | Value::Real(_) => 8,
+            Value::Text(s) => s.len(),
+            Value::Blob(b) => b.len(),
+        }
+    }
+
+    fn class_rank(&self) -> u8 {
+        match self {
+            Value::Null => 0,
+            Value::Integer(_) | Value::Real(_) => 1,
+            Value::Text(_) => 2,
+            Value::Blob(_) => 3,
+        }
+    }
+}
+
+/// Compare an integer with a float exactly (no precision loss for large i64).
+fn cmp_int_real(i: i64, r: f64) -> Ordering {
+    if r.is_nan() {
+        // total_cmp puts positive NaN above everything and negative NaN below.
+        return if r.is_sign_negative() {
+            Ordering::Greater
+        } else {
+            Ordering::Less
+        };
+    }
+    // i64 range as f64: [-2^63, 2^63).
+    if r >= 9_223_372_036_854_775_808.0 {
+        return Ordering::Less;
+    }
+    if r < -9_223_372_036_854_775_808.0 {
+        return Ordering::Greater;
+    }
+    let t = r.trunc();
+    // In range, so the cast is exact for the truncated value.
+    let ti = t as i64;
+    match i.cmp(&ti) {
+        Ordering::Equal => {
+            let frac = r - t;
+            if frac > 0.0 {
+                Ordering::Less
+            } else if frac < 0.0 {
+                Ordering::Greater
+            } else {
+                Ordering::Equal
+            }
+        }
+        o => o,
+    }
+}
+
+impl Ord for Value {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self, other) {
+            (Value::Null, Value::Null) => Ordering::Equal,
+            (Value::Integer(a), Value::Integer(b)) => a.cmp(b),
+            (Value::Real(a), Value::Real(b)) => a.total_cmp(b),
+            (Value::Integer(a), Value::Real(b)) => cmp_int_real(*a, *b),
+            (Value::Real(a), Value::Integer(b)) => cmp_int_real(*b, *a).reverse(),
+            (Value::Text(a), Value::Text(b)) => a.as_bytes().cmp(b.as_bytes()),
+            (Value::Blob(a), Value::Blob(b)) => a.cmp(b),
+            (a, b) => a.class_rank().cmp(&b.class_rank()),
+        }
+    }
+}
+
+impl PartialOrd for Value {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Value {}
+
+impl std::hash::Hash for Value {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Equal values must hash equally: Integer(1) == Real(1.0).
+        match self {
+            Value::Null => 0u8.hash(state),
+            Value::Integer(i) => {
+                1u8.hash(state);
+                (*i as f64).to_bits().hash(state);
+            }
+            Value::Real(r) => {
+                1u8.hash(state);
+                let r = if *r == 0.0 { 0.0 } else { *r };
+                r.to_bits().hash(state);
+            }
+            Value::Text(s) => {
+                2u8.hash(state);
+                s.hash(state);
+            }
+            Value::Blob(b) => {
+                3u8.hash(state);
+                b.hash(state);
+            }
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => f.write_str("NULL"),
+            Value::Integer(i) => write!(f, "{i}"),
+            Value::Real(r) => write!(f, "{r}"),
+            Value::Text(s) => write!(f, "'{}'", s.replace('\'', "''")),
+            Value::Blob(b) => {
+                f.write_str("X'")?;
+                for byte in b {
+                    write!(f, "{byte:02X}")?;
+                }
+                f.write_str("'")
+            }
+        }
+    }
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Integer(v)
+    }
+}
+impl From<i32> for Value {
+    fn from(v: i32) -> Self {
+        Value::Integer(v.into())
+    }
+}
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Value::Real(v)
+    }
+}
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Integer(v.into())
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Self {
+        Value::Blob(v)
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// Build [`RowData`] from `(column, value)` pairs:
+/// `row_data([("title", "a".into()), ("version", 1.into())])`.
+pub fn row_data<K: Into<String>, I: IntoIterator<Item = (K, Value)>>(pairs: I) -> RowData {
+    pairs.into_iter().map(|(k, v)| (k.into(), v)).collect()
+}
+
+/// Approximate encoded size of a row, used for the row size limit.
+pub fn row_size_bytes(id: &str, data: &RowData) -> usize {
+    id.len()
+        + data
+            .iter()
+            .map(|(k, v)| k.len() + v.size_bytes())
+            .sum::<usize>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_matches_sqlite_storage_classes() {
+        let ordered = [
+            Value::Null,
+            Value::Integer(i64::MIN),
+            Value::Real(-1.5),
+            Value::Integer(-1),
+            Value::Real(0.5),
+            Value::Integer(1),
+            Value::Real(1.5),
+            Value::Text(String::new()),
+            Value::Text("a".into()),
+            Value::Text("b".into()),
+            Value::Blob(vec![]),
+            Value::Blob(vec![0]),
+        ];
+        for w in ordered.windows(2) {
+            assert!(w[0] < w[1], "{:?} < {:?}", w[0], w[1]);
+        }
+        assert_eq!(Value::Integer(2), Value::Real(2.0));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let data = row_data([
+            ("a", Value::Null),
+            ("b", 3.into()),
+            ("c", 2.5.into()),
+            ("d", "x".into()),
+        ]);
+        let s = serde_json::to_string(&data).expect("serialize");
+        let back: RowData = serde_json::from_str(&s).expect("deserialize");
+        assert_eq!(back, data);
+        assert!(matches!(back["b"], Value::Integer(3)));
+        assert!(matches!(back["c"], Value::Real(_)));
+    }
+}

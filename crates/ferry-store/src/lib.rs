@@ -1,0 +1,548 @@
+//! The storage contract of a Ferry client, and the in-memory backend.
+//!
+//! A [`Store`] holds, and changes atomically through [`WriteBatch`]es:
+//! - the *synced* layer: rows exactly as of the last server checkpoint, with
+//!   index entries for every declared index (local-only tables live here
+//!   too: they have no server copy);
+//! - the *overlay*: for rows touched by pending local writes, the row as
+//!   those writes leave it (or a deletion marker);
+//! - the upload queue of pending [`CrudEntry`]s, ordered by `seq`;
+//! - per-bucket op entries and bucket state for the sync protocol;
+//! - key-value metadata.
+//!
+//! The *visible* state (what apps read) is the overlay laid over the synced
+//! layer. The `visible_*` provided methods compute it the same way for
+//! every backend.
+//!
+//! Invariants every backend keeps (the conformance suite in [`testkit`]
+//! checks them): a batch is applied entirely or not at all; a batch that
+//! fails validation changes nothing; once `apply` returns, the batch
+//! survives a process crash; queue entries come back in `seq` order.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Bound;
+
+use ferry_core::{codec, CoreError, CrudEntry, ErrorKind, RowData, Schema, Table, Value};
+use thiserror::Error;
+
+mod memory;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use memory::MemoryStore;
+
+/// The operation of one bucket op log entry, as the sync protocol defines
+/// them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpType {
+    /// The row was created or replaced.
+    Put,
+    /// The row left the bucket.
+    Remove,
+    /// A compacted entry: it keeps its checksum but no longer affects a row.
+    Move,
+    /// A compacted run of entries at the start of a bucket.
+    Clear,
+}
+
+impl OpType {
+    /// Stable numeric code, used by backends that store ops in binary.
+    pub fn code(self) -> u8 {
+        match self {
+            OpType::Put => 0,
+            OpType::Remove => 1,
+            OpType::Move => 2,
+            OpType::Clear => 3,
+        }
+    }
+
+    /// The op type for a code written by [`OpType::code`].
+    pub fn from_code(code: u8) -> Result<Self, StoreError> {
+        Ok(match code {
+            0 => OpType::Put,
+            1 => OpType::Remove,
+            2 => OpType::Move,
+            3 => OpType::Clear,
+            c => return Err(StoreError::Corrupt(format!("unknown op type code {c}"))),
+        })
+    }
+}
+
+/// One entry of a bucket's op log, as kept by a client: a reference to the
+/// row and the entry's checksum. Row data itself lives in the synced layer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BucketOp {
+    /// Global, monotonic op id assigned by the server.
+    pub op_id: u64,
+    /// What the entry does.
+    pub op: OpType,
+    /// The table (row type) of the row it refers to.
+    pub table: String,
+    /// The row id it refers to.
+    pub row_id: String,
+    /// The entry's checksum; a bucket's checksum is their wrapping sum.
+    pub checksum: u32,
+}
+
+/// What a client knows of one bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BucketState {
+    /// The last op id applied from this bucket.
+    pub last_op_id: u64,
+    /// Wrapping sum of the checksums of the ops applied.
+    pub checksum: u32,
+    /// Number of ops applied.
+    pub count: u64,
+}
+
+/// An overlay entry: what pending local writes made of a row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OverlayEntry {
+    /// The row as the pending writes leave it.
+    Row(RowData),
+    /// The pending writes delete the row.
+    Deleted,
+}
+
+/// One write in a [`WriteBatch`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum BatchOp {
+    /// Create or replace a synced row (index entries follow).
+    PutSynced {
+        /// The table.
+        table: String,
+        /// The row id.
+        id: String,
+        /// The row's values.
+        data: RowData,
+    },
+    /// Remove a synced row; removing a missing row is not an error.
+    DeleteSynced {
+        /// The table.
+        table: String,
+        /// The row id.
+        id: String,
+    },
+    /// Set a row's overlay entry.
+    PutOverlay {
+        /// The table.
+        table: String,
+        /// The row id.
+        id: String,
+        /// The row as pending writes leave it.
+        entry: OverlayEntry,
+    },
+    /// Remove a row's overlay entry (its synced row shows again).
+    DeleteOverlay {
+        /// The table.
+        table: String,
+        /// The row id.
+        id: String,
+    },
+    /// Append to the upload queue. `seq` must be greater than every seq in
+    /// the queue and than earlier appends in the batch.
+    AppendQueue(CrudEntry),
+    /// Remove every queue entry with `seq <= through_seq`.
+    CompleteQueue {
+        /// The last seq to remove.
+        through_seq: u64,
+    },
+    /// Add (or replace, by op id) an op log entry of a bucket.
+    PutBucketOp {
+        /// The bucket name.
+        bucket: String,
+        /// The entry.
+        op: BucketOp,
+    },
+    /// Remove one op log entry of a bucket; a missing one is not an error.
+    DeleteBucketOp {
+        /// The bucket name.
+        bucket: String,
+        /// The op id.
+        op_id: u64,
+    },
+    /// Set a bucket's state.
+    PutBucketState {
+        /// The bucket name.
+        bucket: String,
+        /// Its state.
+        state: BucketState,
+    },
+    /// Remove a bucket: its state and every op log entry.
+    DeleteBucket {
+        /// The bucket name.
+        bucket: String,
+    },
+    /// Set a metadata value.
+    PutMeta {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// Remove a metadata value.
+    DeleteMeta {
+        /// The key.
+        key: String,
+    },
+}
+
+/// A set of writes applied atomically by [`Store::apply`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WriteBatch {
+    /// The writes, applied in order.
+    pub ops: Vec<BatchOp>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty batch with room for `n` writes.
+    pub fn with_capacity(n: usize) -> Self {
+        WriteBatch {
+            ops: Vec::with_capacity(n),
+        }
+    }
+
+    /// Add a write.
+    pub fn push(&mut self, op: BatchOp) -> &mut Self {
+        self.ops.push(op);
+        self
+    }
+
+    /// Number of writes.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch has no writes.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Create or replace a synced row.
+    pub fn put_synced(&mut self, table: impl Into<String>, id: impl Into<String>, data: RowData) -> &mut Self {
+        self.push(BatchOp::PutSynced {
+            table: table.into(),
+            id: id.into(),
+            data,
+        })
+    }
+
+    /// Remove a synced row.
+    pub fn delete_synced(&mut self, table: impl Into<String>, id: impl Into<String>) -> &mut Self {
+        self.push(BatchOp::DeleteSynced {
+            table: table.into(),
+            id: id.into(),
+        })
+    }
+
+    /// Set a row's overlay entry.
+    pub fn put_overlay(&mut self, table: impl Into<String>, id: impl Into<String>, entry: OverlayEntry) -> &mut Self {
+        self.push(BatchOp::PutOverlay {
+            table: table.into(),
+            id: id.into(),
+            entry,
+        })
+    }
+
+    /// Remove a row's overlay entry.
+    pub fn delete_overlay(&mut self, table: impl Into<String>, id: impl Into<String>) -> &mut Self {
+        self.push(BatchOp::DeleteOverlay {
+            table: table.into(),
+            id: id.into(),
+        })
+    }
+
+    /// Append an upload queue entry.
+    pub fn append_queue(&mut self, entry: CrudEntry) -> &mut Self {
+        self.push(BatchOp::AppendQueue(entry))
+    }
+
+    /// Remove queue entries through `through_seq`.
+    pub fn complete_queue(&mut self, through_seq: u64) -> &mut Self {
+        self.push(BatchOp::CompleteQueue { through_seq })
+    }
+
+    /// Set a metadata value.
+    pub fn put_meta(&mut self, key: impl Into<String>, value: Vec<u8>) -> &mut Self {
+        self.push(BatchOp::PutMeta {
+            key: key.into(),
+            value,
+        })
+    }
+}
+
+/// Storage errors.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The table is not in the store's schema.
+    #[error("unknown table {0:?}")]
+    UnknownTable(String),
+    /// The index is not declared on the table.
+    #[error("unknown index {index:?} on table {table:?}")]
+    UnknownIndex {
+        /// The table.
+        table: String,
+        /// The index name given.
+        index: String,
+    },
+    /// A range bound names more values than the index has columns.
+    #[error("range bound has {given} values but index {index:?} has {columns} columns")]
+    BadRange {
+        /// The index.
+        index: String,
+        /// Values in the bound.
+        given: usize,
+        /// Columns in the index.
+        columns: usize,
+    },
+    /// A queue append out of order.
+    #[error("queue seq {seq} is not after the last queued seq {last}")]
+    QueueOrder {
+        /// The seq given.
+        seq: u64,
+        /// The last seq in the queue (or earlier in the batch).
+        last: u64,
+    },
+    /// Stored data could not be decoded.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    /// The backend failed; `retryable` says whether the same call may work
+    /// later (a busy database, an interrupted write).
+    #[error("{backend} error: {message}")]
+    Backend {
+        /// The backend name (sqlite, sled).
+        backend: &'static str,
+        /// The backend's message.
+        message: String,
+        /// Whether a retry can help.
+        retryable: bool,
+    },
+}
+
+impl StoreError {
+    /// Whether a retry can help.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Backend { retryable: true, .. } => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+impl From<CoreError> for StoreError {
+    fn from(e: CoreError) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+/// Result of store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A list of rows as `(id, data)`.
+pub type Rows = Vec<(String, RowData)>;
+
+/// A client's local database. See the crate docs for the contract.
+///
+/// Scans return rows ordered by id; index scans order by the indexed values
+/// (within a typed column, [`Value`]'s order) then by id. Index range bounds
+/// are prefixes of the index's columns.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// The schema the store was opened with.
+    fn schema(&self) -> &Schema;
+
+    /// Apply a batch atomically and durably (a process crash after return
+    /// does not lose it). A batch that fails validation changes nothing.
+    fn apply(&self, batch: WriteBatch) -> StoreResult<()>;
+
+    /// A synced row.
+    fn get_synced(&self, table: &str, id: &str) -> StoreResult<Option<RowData>>;
+
+    /// Every synced row of a table, ordered by id.
+    fn scan_synced(&self, table: &str) -> StoreResult<Rows>;
+
+    /// Synced rows whose values of a declared index fall in a range.
+    fn scan_synced_index(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+    ) -> StoreResult<Rows>;
+
+    /// A row's overlay entry.
+    fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>>;
+
+    /// Every overlay entry of a table, ordered by id.
+    fn scan_overlay(&self, table: &str) -> StoreResult<Vec<(String, OverlayEntry)>>;
+
+    /// Up to `limit` queue entries with `seq >= from_seq`, in seq order.
+    fn queue_from(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<CrudEntry>>;
+
+    /// Number of queue entries.
+    fn queue_len(&self) -> StoreResult<u64>;
+
+    /// A bucket's state.
+    fn bucket_state(&self, bucket: &str) -> StoreResult<Option<BucketState>>;
+
+    /// Every bucket with a state, ordered by name.
+    fn buckets(&self) -> StoreResult<Vec<(String, BucketState)>>;
+
+    /// Up to `limit` op log entries of a bucket with `op_id > after_op_id`,
+    /// in op id order.
+    fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>>;
+
+    /// A metadata value.
+    fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// The visible row: its overlay entry if it has one, else its synced row.
+    fn get_visible(&self, table: &str, id: &str) -> StoreResult<Option<RowData>> {
+        match self.get_overlay(table, id)? {
+            Some(OverlayEntry::Row(r)) => Ok(Some(r)),
+            Some(OverlayEntry::Deleted) => Ok(None),
+            None => self.get_synced(table, id),
+        }
+    }
+
+    /// Every visible row of a table, ordered by id.
+    fn scan_visible(&self, table: &str) -> StoreResult<Rows> {
+        let synced = self.scan_synced(table)?;
+        let overlay: BTreeMap<String, OverlayEntry> = self.scan_overlay(table)?.into_iter().collect();
+        if overlay.is_empty() {
+            return Ok(synced);
+        }
+        let mut merged: BTreeMap<String, RowData> = synced
+            .into_iter()
+            .filter(|(id, _)| !overlay.contains_key(id))
+            .collect();
+        for (id, entry) in overlay {
+            if let OverlayEntry::Row(r) = entry {
+                merged.insert(id, r);
+            }
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    /// Visible rows whose values of a declared index fall in a range,
+    /// ordered as [`Store::scan_synced_index`] orders them.
+    fn scan_visible_index(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+    ) -> StoreResult<Rows> {
+        let overlay = self.scan_overlay(table)?;
+        let def = index_def(self.schema(), table, index)?;
+        let (lo, hi) = codec::index_key_range(&lower, &upper);
+        let synced = self.scan_synced_index(table, index, lower, upper)?;
+        if overlay.is_empty() {
+            return Ok(synced);
+        }
+        let overlaid: std::collections::BTreeSet<&str> = overlay.iter().map(|(id, _)| id.as_str()).collect();
+        let mut keyed: Vec<(Vec<u8>, String, RowData)> = synced
+            .into_iter()
+            .filter(|(id, _)| !overlaid.contains(id.as_str()))
+            .map(|(id, data)| (index_key(def, &id, &data), id, data))
+            .collect();
+        for (id, entry) in overlay {
+            if let OverlayEntry::Row(data) = entry {
+                let key = index_key(def, &id, &data);
+                let above = lo.as_ref().is_none_or(|l| key >= *l);
+                let below = hi.as_ref().is_none_or(|h| key < *h);
+                if above && below {
+                    keyed.push((key, id, data));
+                }
+            }
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(keyed.into_iter().map(|(_, id, data)| (id, data)).collect())
+    }
+}
+
+/// The table of a schema, or [`StoreError::UnknownTable`].
+pub fn table_def<'a>(schema: &'a Schema, table: &str) -> StoreResult<&'a Table> {
+    schema
+        .table(table)
+        .map_err(|_| StoreError::UnknownTable(table.to_owned()))
+}
+
+/// The index of a table, or an error naming what is missing.
+pub fn index_def<'a>(schema: &'a Schema, table: &str, index: &str) -> StoreResult<&'a ferry_core::Index> {
+    table_def(schema, table)?
+        .index_def(index)
+        .ok_or_else(|| StoreError::UnknownIndex {
+            table: table.to_owned(),
+            index: index.to_owned(),
+        })
+}
+
+/// Check that range bounds fit an index: each bound has at most as many
+/// values as the index has columns.
+pub fn check_range(
+    index: &ferry_core::Index,
+    lower: &Bound<Vec<Value>>,
+    upper: &Bound<Vec<Value>>,
+) -> StoreResult<()> {
+    for b in [lower, upper] {
+        if let Bound::Included(v) | Bound::Excluded(v) = b {
+            if v.len() > index.columns.len() {
+                return Err(StoreError::BadRange {
+                    index: index.name.clone(),
+                    given: v.len(),
+                    columns: index.columns.len(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The encoded index key of a row for an index (missing columns read as
+/// NULL). Backends store these so bytewise order is index order.
+pub fn index_key(index: &ferry_core::Index, id: &str, data: &RowData) -> Vec<u8> {
+    let values: Vec<Value> = index
+        .columns
+        .iter()
+        .map(|c| data.get(c).cloned().unwrap_or(Value::Null))
+        .collect();
+    codec::encode_index_key(&values, id)
+}
+
+/// Check a batch against a schema before applying it, so that a bad batch
+/// changes nothing: every table named exists, and queue appends are in
+/// ascending seq order after `last_queued_seq`.
+pub fn validate_batch(schema: &Schema, batch: &WriteBatch, last_queued_seq: Option<u64>) -> StoreResult<()> {
+    let mut last = last_queued_seq;
+    for op in &batch.ops {
+        match op {
+            BatchOp::PutSynced { table, .. }
+            | BatchOp::DeleteSynced { table, .. }
+            | BatchOp::PutOverlay { table, .. }
+            | BatchOp::DeleteOverlay { table, .. } => {
+                table_def(schema, table)?;
+            }
+            BatchOp::AppendQueue(e) => {
+                if let Some(l) = last {
+                    if e.seq <= l {
+                        return Err(StoreError::QueueOrder { seq: e.seq, last: l });
+                    }
+                }
+                last = Some(e.seq);
+            }
+            BatchOp::CompleteQueue { .. } => {}
+            BatchOp::PutBucketOp { .. }
+            | BatchOp::DeleteBucketOp { .. }
+            | BatchOp::PutBucketState { .. }
+            | BatchOp::DeleteBucket { .. }
+            | BatchOp::PutMeta { .. }
+            | BatchOp::DeleteMeta { .. } => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The in-memory store: ordered maps behind one lock.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use ferry_core::{codec, CrudEntry, RowData, Schema, Value};
+use parking_lot::RwLock;
+
+use crate::{
+    check_range, index_def, index_key, validate_batch, BatchOp, BucketOp, BucketState, OverlayEntry, Rows, Store,
+    StoreResult, WriteBatch,
+};
+
+type TableRows = BTreeMap<String, RowData>;
+
+#[derive(Debug, Default, Clone)]
+struct State {
+    synced: BTreeMap<String, TableRows>,
+    /// table -> index -> encoded key -> row id
+    indexes: BTreeMap<String, BTreeMap<String, BTreeMap<Vec<u8>, String>>>,
+    overlay: BTreeMap<String, BTreeMap<String, OverlayEntry>>,
+    queue: BTreeMap<u64, CrudEntry>,
+    bucket_ops: BTreeMap<String, BTreeMap<u64, BucketOp>>,
+    buckets: BTreeMap<String, BucketState>,
+    meta: BTreeMap<String, Vec<u8>>,
+}
+
+/// A store that keeps everything in memory. Cloning gives another handle
+/// to the same data, which is how tests "reopen" it.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    schema: Arc<Schema>,
+    state: Arc<RwLock<State>>,
+}
+
+impl MemoryStore {
+    /// An empty store for a schema.
+    pub fn new(schema: Schema) -> Self {
+        MemoryStore {
+            schema: Arc::new(schema),
+            state: Arc::new(RwLock::new(State::default())),
+        }
+    }
+
+    /// Another handle on the same data, seen through a (possibly changed)
+    /// schema, as reopening a persistent store would give.
+    pub fn reopen(&self, schema: Schema) -> Self {
+        let store = MemoryStore {
+            schema: Arc::new(schema),
+            state: self.state.clone(),
+        };
+        store.rebuild_indexes();
+        store
+    }
+
+    fn rebuild_indexes(&self) {
+        let mut st = self.state.write();
+        let mut indexes = BTreeMap::new();
+        for table in self.schema.tables() {
+            let mut per_table = BTreeMap::new();
+            for index in &table.indexes {
+                let mut entries = BTreeMap::new();
+                if let Some(rows) = st.synced.get(&table.name) {
+                    for (id, data) in rows {
+                        entries.insert(index_key(index, id, data), id.clone());
+                    }
+                }
+                per_table.insert(index.name.clone(), entries);
+            }
+            indexes.insert(table.name.clone(), per_table);
+        }
+        st.indexes = indexes;
+    }
+
+    fn unindex(&self, st: &mut State, table: &str, id: &str) {
+        let Some(old) = st.synced.get(table).and_then(|t| t.get(id)).cloned() else {
+            return;
+        };
+        let Ok(def) = self.schema.table(table) else { return };
+        for index in &def.indexes {
+            if let Some(entries) = st.indexes.get_mut(table).and_then(|t| t.get_mut(&index.name)) {
+                entries.remove(&index_key(index, id, &old));
+            }
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    fn apply(&self, batch: WriteBatch) -> StoreResult<()> {
+        let mut st = self.state.write();
+        let last = st.queue.keys().next_back().copied();
+        validate_batch(&self.schema, &batch, last)?;
+        for op in batch.ops {
+            match op {
+                BatchOp::PutSynced { table, id, data } => {
+                    self.unindex(&mut st, &table, &id);
+                    if let Ok(def) = self.schema.table(&table) {
+                        for index in &def.indexes {
+                            st.indexes
+                                .entry(table.clone())
+                                .or_default()
+                                .entry(index.name.clone())
+                                .or_default()
+                                .insert(index_key(index, &id, &data), id.clone());
+                        }
+                    }
+                    st.synced.entry(table).or_default().insert(id, data);
+                }
+                BatchOp::DeleteSynced { table, id } => {
+                    self.unindex(&mut st, &table, &id);
+                    if let Some(t) = st.synced.get_mut(&table) {
+                        t.remove(&id);
+                    }
+                }
+                BatchOp::PutOverlay { table, id, entry } => {
+                    st.overlay.entry(table).or_default().insert(id, entry);
+                }
+                BatchOp::DeleteOverlay { table, id } => {
+                    if let Some(t) = st.overlay.get_mut(&table) {
+                        t.remove(&id);
+                    }
+                }
+                BatchOp::AppendQueue(e) => {
+                    st.queue.insert(e.seq, e);
+                }
+                BatchOp::CompleteQueue { through_seq } => {
+                    st.queue = st.queue.split_off(&through_seq.saturating_add(1));
+                    if through_seq == u64::MAX {
+                        st.queue.clear();
+                    }
+                }
+                BatchOp::PutBucketOp { bucket, op } => {
+                    st.bucket_ops.entry(bucket).or_default().insert(op.op_id, op);
+                }
+                BatchOp::DeleteBucketOp { bucket, op_id } => {
+                    if let Some(ops) = st.bucket_ops.get_mut(&bucket) {
+                        ops.remove(&op_id);
+                    }
+                }
+                BatchOp::PutBucketState { bucket, state } => {
+                    st.buckets.insert(bucket, state);
+                }
+                BatchOp::DeleteBucket { bucket } => {
+                    st.buckets.remove(&bucket);
+                    st.bucket_ops.remove(&bucket);
+                }
+                BatchOp::PutMeta { key, value } => {
+                    st.meta.insert(key, value);
+                }
+                BatchOp::DeleteMeta { key } => {
+                    st.meta.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn get_synced(&self, table: &str, id: &str) -> StoreResult<Option<RowData>> {
+        crate::table_def(&self.schema, table)?;
+        Ok(self.state.read().synced.get(table).and_then(|t| t.get(id)).cloned())
+    }
+
+    fn scan_synced(&self, table: &str) -> StoreResult<Rows> {
+        crate::table_def(&self.schema, table)?;
+        Ok(self
+            .state
+            .read()
+            .synced
+            .get(table)
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
+
+    fn scan_synced_index(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+    ) -> StoreResult<Rows> {
+        let def = index_def(&self.schema, table, index)?;
+        check_range(def, &lower, &upper)?;
+        let (lo, hi) = codec::index_key_range(&lower, &upper);
+        let st = self.state.read();
+        let Some(entries) = st.indexes.get(table).and_then(|t| t.get(index)) else {
+            return Ok(Vec::new());
+        };
+        let lo = lo.map_or(Bound::Unbounded, Bound::Included);
+        let hi = hi.map_or(Bound::Unbounded, Bound::Excluded);
+        if let (Bound::Included(l), Bound::Excluded(h)) = (&lo, &hi) {
+            if l >= h {
+                return Ok(Vec::new());
+            }
+        }
+        let rows = st.synced.get(table);
+        Ok(entries
+            .range((lo, hi))
+            .filter_map(|(_, id)| rows.and_then(|r| r.get(id)).map(|d| (id.clone(), d.clone())))
+            .collect())
+    }
+
+    fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
+        crate::table_def(&self.schema, table)?;
+        Ok(self.state.read().overlay.get(table).and_then(|t| t.get(id)).cloned())
+    }
+
+    fn scan_overlay(&self, table: &str) -> StoreResult<Vec<(String, OverlayEntry)>> {
+        crate::table_def(&self.schema, table)?;
+        Ok(self
+            .state
+            .read()
+            .overlay
+            .get(table)
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
+
+    fn queue_from(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<CrudEntry>> {
+        Ok(self
+            .state
+            .read()
+            .queue
+            .range(from_seq..)
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    fn queue_len(&self) -> StoreResult<u64> {
+        Ok(self.state.read().queue.len() as u64)
+    }
+
+    fn bucket_state(&self, bucket: &str) -> StoreResult<Option<BucketState>> {
+        Ok(self.state.read().buckets.get(bucket).copied())
+    }
+
+    fn buckets(&self) -> StoreResult<Vec<(String, BucketState)>> {
+        Ok(self
+            .state
+            .read()
+            .buckets
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect())
+    }
+
+    fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>> {
+        let st = self.state.read();
+        let Some(ops) = st.bucket_ops.get(bucket) else {
+            return Ok(Vec::new());
+        };
+        Ok(ops
+            .range((Bound::Excluded(after_op_id), Bound::Unbounded))
+            .take(limit)
+            .map(|(_, o)| o.clone())
+            .collect())
+    }
+
+    fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.state.read().meta.get(key).cloned())
+    }
+}
