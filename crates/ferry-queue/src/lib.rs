@@ -1,1 +1,682 @@
+//! Local writes and the durable upload queue, over any [`Store`].
+//!
+//! [`LocalDb::write`] runs a closure over a [`WriteTx`]: every insert,
+//! update and delete it makes, across tables, changes the visible state and
+//! appends to the upload queue in **one** store batch, so a write the app
+//! saw succeed is never half-applied and never lost.
+//!
+//! How the layers move:
+//! - a write puts the row as it now looks into the store's overlay and
+//!   appends a [`CrudEntry`] to the queue (local-only tables write their
+//!   rows straight to the store's base layer and queue nothing;
+//!   insert-only tables queue and keep nothing);
+//! - [`LocalDb::complete`] records that the server answered for entries
+//!   through a seq: they leave the upload queue (no longer read, counted or
+//!   sent) but stay stored, because until a checkpoint confirms them they
+//!   are still replayed on top of new synced data;
+//! - [`LocalDb::confirm_through`] drops entries a server checkpoint covers
+//!   and rebases the rows they touched: the overlay becomes the synced row
+//!   with the remaining pending entries replayed, or goes away.
+//!
+//! Invariants: seqs are strictly increasing and never reused, even after
+//! the queue empties or the process restarts; entries of one transaction
+//! are contiguous; one `write` is one store batch.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use ferry_core::{CoreError, CrudEntry, CrudOp, ErrorKind, Limits, RowData, Schema, Table, Value};
+use ferry_store::{OverlayEntry, Store, StoreError, WriteBatch};
+use parking_lot::Mutex;
+use thiserror::Error;
+
+mod record;
+
+pub use record::{record_from_row, record_to_row, Record};
+
+/// Metadata key holding the next client sequence number.
+pub const META_NEXT_SEQ: &str = "ferry.queue.next_seq";
+/// Metadata key holding the next local transaction id.
+pub const META_NEXT_TX: &str = "ferry.queue.next_tx_id";
+/// Metadata key holding the last seq the server answered for.
+pub const META_COMPLETED_THROUGH: &str = "ferry.queue.completed_through";
+
+/// Errors of local writes and the upload queue.
+#[derive(Debug, Error)]
+pub enum QueueError {
+    /// A schema check failed: unknown table or column, wrong type, bad id,
+    /// oversized row.
+    #[error(transparent)]
+    Schema(#[from] CoreError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `insert` of a row that already exists.
+    #[error("row {table}/{id} already exists")]
+    RowExists {
+        /// The table.
+        table: String,
+        /// The row id.
+        id: String,
+    },
+    /// `update` of a row that does not exist.
+    #[error("row {table}/{id} does not exist")]
+    RowMissing {
+        /// The table.
+        table: String,
+        /// The row id.
+        id: String,
+    },
+    /// An update or delete on an insert-only table, which keeps no rows.
+    #[error("table {table:?} is insert-only: {op} is not allowed")]
+    InsertOnly {
+        /// The table.
+        table: String,
+        /// The refused operation.
+        op: &'static str,
+    },
+    /// The transaction holds more ops than the limit.
+    #[error("transaction has {count} operations, over the limit of {limit}")]
+    TooManyOps {
+        /// Ops in the transaction.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The upload queue is full; uploads must drain it first.
+    #[error("upload queue holds {len} entries, the limit is {limit}")]
+    QueueFull {
+        /// Entries in the queue.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// `complete` or `confirm_through` named a seq that does not fit.
+    #[error("invalid seq {seq}: {reason}")]
+    InvalidSeq {
+        /// The seq given.
+        seq: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A record could not be converted to or from a row.
+    #[error("record for table {table:?}: {message}")]
+    Record {
+        /// The table.
+        table: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl QueueError {
+    /// Whether a retry can help.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            QueueError::Store(e) => e.kind(),
+            QueueError::QueueFull { .. } => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// Result of queue calls.
+pub type QueueResult<T> = Result<T, QueueError>;
+
+/// The queued ops of one local transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueuedTransaction {
+    /// The local transaction id.
+    pub tx_id: u64,
+    /// Its entries, in seq order.
+    pub entries: Vec<CrudEntry>,
+}
+
+#[derive(Debug)]
+struct Counters {
+    next_seq: u64,
+    next_tx_id: u64,
+    /// Last seq the server answered for (0: none).
+    completed_through: u64,
+    /// Entries with seq > completed_through.
+    upload_len: u64,
+}
+
+/// A local database: reads of the visible state and transactional writes
+/// that feed the upload queue.
+#[derive(Debug)]
+pub struct LocalDb {
+    store: Arc<dyn Store>,
+    limits: Limits,
+    counters: Mutex<Counters>,
+}
+
+fn read_u64_meta(store: &dyn Store, key: &str) -> QueueResult<Option<u64>> {
+    match store.get_meta(key)? {
+        None => Ok(None),
+        Some(bytes) => {
+            let arr: [u8; 8] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("metadata {key} has {} bytes, expected 8", bytes.len())))?;
+            Ok(Some(u64::from_be_bytes(arr)))
+        }
+    }
+}
+
+/// Read queue entries in pages from `from_seq`.
+const PAGE_ENTRIES: usize = 1024;
+
+impl LocalDb {
+    /// Open over a store with default limits.
+    pub fn open(store: Arc<dyn Store>) -> QueueResult<Self> {
+        Self::open_with(store, Limits::default())
+    }
+
+    /// Open over a store with the given limits.
+    pub fn open_with(store: Arc<dyn Store>, limits: Limits) -> QueueResult<Self> {
+        let last_queued = last_queued_seq(store.as_ref())?;
+        let next_seq = read_u64_meta(store.as_ref(), META_NEXT_SEQ)?
+            .unwrap_or(1)
+            .max(last_queued.map_or(1, |s| s + 1));
+        let next_tx_id = read_u64_meta(store.as_ref(), META_NEXT_TX)?.unwrap_or(1);
+        let completed_through = read_u64_meta(store.as_ref(), META_COMPLETED_THROUGH)?.unwrap_or(0);
+        let mut upload_len = 0;
+        let mut from = completed_through.saturating_add(1);
+        loop {
+            let page = store.queue_from(from, PAGE_ENTRIES)?;
+            upload_len += page.len() as u64;
+            match page.last() {
+                Some(e) if page.len() == PAGE_ENTRIES => from = e.seq + 1,
+                _ => break,
+            }
+        }
+        Ok(LocalDb {
+            store,
+            limits,
+            counters: Mutex::new(Counters {
+                next_seq,
+                next_tx_id,
+                completed_through,
+                upload_len,
+            }),
+        })
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &Schema {
+        self.store.schema()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A visible row.
+    pub fn get(&self, table: &str, id: &str) -> QueueResult<Option<RowData>> {
+        self.schema().table(table)?;
+        Ok(self.store.get_visible(table, id)?)
+    }
+
+    /// Every visible row of a table, ordered by id.
+    pub fn scan(&self, table: &str) -> QueueResult<Vec<(String, RowData)>> {
+        self.schema().table(table)?;
+        Ok(self.store.scan_visible(table)?)
+    }
+
+    /// A visible row as a record.
+    pub fn get_record<T: Record>(&self, id: &str) -> QueueResult<Option<T>> {
+        self.get(T::TABLE, id)?
+            .map(|data| record_from_row(id, data))
+            .transpose()
+    }
+
+    /// Every visible row of a record's table, as records.
+    pub fn scan_records<T: Record>(&self) -> QueueResult<Vec<T>> {
+        self.scan(T::TABLE)?
+            .into_iter()
+            .map(|(id, data)| record_from_row(&id, data))
+            .collect()
+    }
+
+    /// Run `f` over a write transaction and commit what it did as one store
+    /// batch. If `f` returns an error, nothing is written.
+    pub fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
+        E: From<QueueError>,
+    {
+        let mut counters = self.counters.lock();
+        let mut tx = WriteTx {
+            db: self,
+            rows: BTreeMap::new(),
+            local_rows: BTreeMap::new(),
+            ops: Vec::new(),
+            metadata: None,
+        };
+        let value = f(&mut tx)?;
+        let n_ops = tx.ops.len();
+        if n_ops > self.limits.max_ops_per_transaction {
+            return Err(QueueError::TooManyOps {
+                count: n_ops,
+                limit: self.limits.max_ops_per_transaction,
+            }
+            .into());
+        }
+        let queued_len = self.store.queue_len().map_err(QueueError::from)?;
+        if n_ops > 0 && queued_len + n_ops as u64 > self.limits.max_queue_entries {
+            return Err(QueueError::QueueFull {
+                len: queued_len,
+                limit: self.limits.max_queue_entries,
+            }
+            .into());
+        }
+        let tx_id = counters.next_tx_id;
+        let mut seq = counters.next_seq;
+        let mut batch = WriteBatch::with_capacity(n_ops + tx.rows.len() + tx.local_rows.len() + 2);
+        for ((table, id), row) in tx.local_rows {
+            match row {
+                Some(data) => batch.put_synced(table, id, data),
+                None => batch.delete_synced(table, id),
+            };
+        }
+        for ((table, id), row) in tx.rows {
+            let entry = match row {
+                Some(data) => OverlayEntry::Row(data),
+                None => OverlayEntry::Deleted,
+            };
+            batch.put_overlay(table, id, entry);
+        }
+        for op in tx.ops {
+            batch.append_queue(CrudEntry {
+                seq,
+                tx_id,
+                op: op.op,
+                previous: op.previous,
+                metadata: op.metadata,
+            });
+            seq += 1;
+        }
+        if n_ops > 0 {
+            batch.put_meta(META_NEXT_SEQ, seq.to_be_bytes().to_vec());
+            batch.put_meta(META_NEXT_TX, (tx_id + 1).to_be_bytes().to_vec());
+        }
+        if batch.is_empty() {
+            return Ok(value);
+        }
+        self.store.apply(batch).map_err(QueueError::from)?;
+        if n_ops > 0 {
+            counters.next_seq = seq;
+            counters.next_tx_id = tx_id + 1;
+            counters.upload_len += n_ops as u64;
+        }
+        Ok(value)
+    }
+
+    /// Number of entries waiting for upload (not yet completed).
+    pub fn upload_queue_len(&self) -> u64 {
+        self.counters.lock().upload_len
+    }
+
+    /// Number of entries stored: waiting for upload, or uploaded and not
+    /// yet confirmed by a checkpoint.
+    pub fn pending_len(&self) -> QueueResult<u64> {
+        Ok(self.store.queue_len()?)
+    }
+
+    /// The last seq the server answered for (0 when none).
+    pub fn completed_through(&self) -> u64 {
+        self.counters.lock().completed_through
+    }
+
+    /// Up to `max_entries` entries waiting for upload, in order (capped by
+    /// the `max_batch_entries` limit).
+    pub fn next_batch(&self, max_entries: usize) -> QueueResult<Vec<CrudEntry>> {
+        let from = self.completed_through().saturating_add(1);
+        let limit = max_entries.min(self.limits.max_batch_entries);
+        Ok(self.store.queue_from(from, limit)?)
+    }
+
+    /// The first whole transaction waiting for upload.
+    pub fn next_transaction(&self) -> QueueResult<Option<QueuedTransaction>> {
+        let mut from = self.completed_through().saturating_add(1);
+        let mut entries: Vec<CrudEntry> = Vec::new();
+        loop {
+            let page = self.store.queue_from(from, PAGE_ENTRIES)?;
+            let full = page.len() == PAGE_ENTRIES;
+            for e in page {
+                if entries.first().is_some_and(|first| first.tx_id != e.tx_id) {
+                    return Ok(Some(QueuedTransaction {
+                        tx_id: entries[0].tx_id,
+                        entries,
+                    }));
+                }
+                from = e.seq + 1;
+                entries.push(e);
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(entries.first().map(|e| e.tx_id).map(|tx_id| QueuedTransaction { tx_id, entries }))
+    }
+
+    /// Record that the server answered for every entry through `through_seq`:
+    /// they leave the upload queue. They stay stored (and keep shaping the
+    /// visible state) until [`LocalDb::confirm_through`] covers them.
+    pub fn complete(&self, through_seq: u64) -> QueueResult<()> {
+        let mut counters = self.counters.lock();
+        if through_seq >= counters.next_seq {
+            return Err(QueueError::InvalidSeq {
+                seq: through_seq,
+                reason: "beyond the last queued entry",
+            });
+        }
+        if through_seq <= counters.completed_through {
+            return Ok(());
+        }
+        let mut removed = 0u64;
+        let mut from = counters.completed_through + 1;
+        'count: loop {
+            let page = self.store.queue_from(from, PAGE_ENTRIES)?;
+            let full = page.len() == PAGE_ENTRIES;
+            for e in &page {
+                if e.seq > through_seq {
+                    break 'count;
+                }
+                removed += 1;
+                from = e.seq + 1;
+            }
+            if !full {
+                break;
+            }
+        }
+        let mut batch = WriteBatch::new();
+        batch.put_meta(META_COMPLETED_THROUGH, through_seq.to_be_bytes().to_vec());
+        self.store.apply(batch)?;
+        counters.completed_through = through_seq;
+        counters.upload_len -= removed;
+        Ok(())
+    }
+
+    /// Drop every entry through `through_seq` (a checkpoint's write
+    /// checkpoint covers them: the synced layer now includes their effect)
+    /// and rebase the rows they touched on the synced layer, in one batch.
+    /// Entries must have been completed first.
+    pub fn confirm_through(&self, through_seq: u64) -> QueueResult<()> {
+        let counters = self.counters.lock();
+        if through_seq > counters.completed_through {
+            return Err(QueueError::InvalidSeq {
+                seq: through_seq,
+                reason: "not yet completed by an upload",
+            });
+        }
+        let confirmed = self.store.queue_from(0, usize::MAX)?;
+        let touched: BTreeSet<(String, String)> = confirmed
+            .iter()
+            .take_while(|e| e.seq <= through_seq)
+            .map(|e| (e.op.table().to_owned(), e.op.id().to_owned()))
+            .collect();
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let remaining: Vec<&CrudEntry> = confirmed.iter().filter(|e| e.seq > through_seq).collect();
+        let mut batch = WriteBatch::new();
+        batch.complete_queue(through_seq);
+        self.rebase_into(&mut batch, &touched, &remaining)?;
+        self.store.apply(batch)?;
+        drop(counters);
+        Ok(())
+    }
+
+    /// Recompute the overlay of `rows` as their synced row with `remaining`
+    /// entries replayed in order; rows no remaining entry touches lose
+    /// their overlay. Insert-only and local-only tables have none.
+    fn rebase_into(
+        &self,
+        batch: &mut WriteBatch,
+        rows: &BTreeSet<(String, String)>,
+        remaining: &[&CrudEntry],
+    ) -> QueueResult<()> {
+        for (table, id) in rows {
+            let def = self.schema().table(table)?;
+            if def.insert_only || def.local_only {
+                continue;
+            }
+            let mut replay = remaining
+                .iter()
+                .filter(|e| e.op.table() == table && e.op.id() == id)
+                .peekable();
+            if replay.peek().is_none() {
+                batch.delete_overlay(table.clone(), id.clone());
+                continue;
+            }
+            let mut row = self.store.get_synced(table, id)?;
+            for e in replay {
+                row = e.op.apply_to(row);
+            }
+            let entry = row.map_or(OverlayEntry::Deleted, OverlayEntry::Row);
+            batch.put_overlay(table.clone(), id.clone(), entry);
+        }
+        Ok(())
+    }
+}
+
+fn last_queued_seq(store: &dyn Store) -> QueueResult<Option<u64>> {
+    // The queue is ordered; page through to its end.
+    let mut from = 0;
+    let mut last = None;
+    loop {
+        let page = store.queue_from(from, PAGE_ENTRIES)?;
+        let full = page.len() == PAGE_ENTRIES;
+        if let Some(e) = page.last() {
+            last = Some(e.seq);
+            from = e.seq + 1;
+        }
+        if !full {
+            return Ok(last);
+        }
+    }
+}
+
+struct PendingOp {
+    op: CrudOp,
+    previous: Option<RowData>,
+    metadata: Option<String>,
+}
+
+/// A write transaction: reads see its own writes; nothing reaches the
+/// store until the closure given to [`LocalDb::write`] returns `Ok`.
+pub struct WriteTx<'a> {
+    db: &'a LocalDb,
+    /// Rows of synced tables this transaction changed: the row as it now
+    /// looks, `None` when deleted.
+    rows: BTreeMap<(String, String), Option<RowData>>,
+    /// Rows of local-only tables this transaction changed.
+    local_rows: BTreeMap<(String, String), Option<RowData>>,
+    ops: Vec<PendingOp>,
+    metadata: Option<String>,
+}
+
+impl std::fmt::Debug for WriteTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTx")
+            .field("rows", &self.rows.len())
+            .field("ops", &self.ops.len())
+            .finish()
+    }
+}
+
+impl WriteTx<'_> {
+    fn table(&self, table: &str) -> QueueResult<Table> {
+        Ok(self.db.schema().table(table)?.clone())
+    }
+
+    /// The row as this transaction sees it.
+    pub fn get(&self, table: &str, id: &str) -> QueueResult<Option<RowData>> {
+        let def = self.db.schema().table(table)?;
+        let key = (table.to_owned(), id.to_owned());
+        let staged = if def.local_only {
+            self.local_rows.get(&key)
+        } else {
+            self.rows.get(&key)
+        };
+        match staged {
+            Some(row) => Ok(row.clone()),
+            None if def.insert_only => Ok(None),
+            None => Ok(self.db.store.get_visible(table, id)?),
+        }
+    }
+
+    /// Attach metadata to the ops that follow in this transaction.
+    pub fn set_metadata(&mut self, metadata: Option<String>) {
+        self.metadata = metadata;
+    }
+
+    fn stage(&mut self, def: &Table, id: &str, row: Option<RowData>, op: CrudOp, previous: Option<RowData>) {
+        let key = (def.name.clone(), id.to_owned());
+        if def.local_only {
+            self.local_rows.insert(key, row);
+            return;
+        }
+        if !def.insert_only {
+            self.rows.insert(key, row);
+        }
+        let previous = if def.track_previous_values { previous } else { None };
+        self.ops.push(PendingOp {
+            op,
+            previous,
+            metadata: self.metadata.clone(),
+        });
+    }
+
+    /// Create a row; an error if it already exists.
+    pub fn insert(&mut self, table: &str, id: &str, data: RowData) -> QueueResult<()> {
+        if self.get(table, id)?.is_some() {
+            return Err(QueueError::RowExists {
+                table: table.to_owned(),
+                id: id.to_owned(),
+            });
+        }
+        self.put(table, id, data)
+    }
+
+    /// Create or replace a whole row.
+    pub fn put(&mut self, table: &str, id: &str, data: RowData) -> QueueResult<()> {
+        let def = self.table(table)?;
+        let data = def.check_row(id, data, &self.db.limits)?;
+        let previous = self.get(table, id)?;
+        let op = CrudOp::Put {
+            table: table.to_owned(),
+            id: id.to_owned(),
+            data: data.clone(),
+        };
+        self.stage(&def, id, Some(data), op, previous);
+        Ok(())
+    }
+
+    /// Change some columns of an existing row. Only columns whose value
+    /// changes are queued; returns `false` (and queues nothing) when none
+    /// does. An error if the row does not exist.
+    pub fn update(&mut self, table: &str, id: &str, changes: RowData) -> QueueResult<bool> {
+        let def = self.table(table)?;
+        if def.insert_only {
+            return Err(QueueError::InsertOnly {
+                table: table.to_owned(),
+                op: "update",
+            });
+        }
+        let changes = def.check_data(changes)?;
+        let Some(current) = self.get(table, id)? else {
+            return Err(QueueError::RowMissing {
+                table: table.to_owned(),
+                id: id.to_owned(),
+            });
+        };
+        let mut changed = RowData::new();
+        let mut previous = RowData::new();
+        for (col, value) in changes {
+            let old = current.get(&col).cloned().unwrap_or(Value::Null);
+            if !same_value(&old, &value) {
+                previous.insert(col.clone(), old);
+                changed.insert(col, value);
+            }
+        }
+        if changed.is_empty() {
+            return Ok(false);
+        }
+        let mut next = current;
+        next.extend(changed.clone());
+        let next = def.check_row(id, next, &self.db.limits)?;
+        let op = CrudOp::Patch {
+            table: table.to_owned(),
+            id: id.to_owned(),
+            data: changed,
+        };
+        self.stage(&def, id, Some(next), op, Some(previous));
+        Ok(true)
+    }
+
+    /// Delete a row; returns `false` (and queues nothing) when it does not
+    /// exist.
+    pub fn delete(&mut self, table: &str, id: &str) -> QueueResult<bool> {
+        let def = self.table(table)?;
+        if def.insert_only {
+            return Err(QueueError::InsertOnly {
+                table: table.to_owned(),
+                op: "delete",
+            });
+        }
+        let Some(previous) = self.get(table, id)? else {
+            return Ok(false);
+        };
+        let op = CrudOp::Delete {
+            table: table.to_owned(),
+            id: id.to_owned(),
+        };
+        self.stage(&def, id, None, op, Some(previous));
+        Ok(true)
+    }
+
+    /// Insert a record; an error if its row exists.
+    pub fn insert_record<T: Record>(&mut self, record: &T) -> QueueResult<()> {
+        let (id, data) = record_to_row(self.db.schema(), record)?;
+        self.insert(T::TABLE, &id, data)
+    }
+
+    /// Create or replace a record's row.
+    pub fn put_record<T: Record>(&mut self, record: &T) -> QueueResult<()> {
+        let (id, data) = record_to_row(self.db.schema(), record)?;
+        self.put(T::TABLE, &id, data)
+    }
+
+    /// Update a record's row to the record's values, queueing only the
+    /// columns that changed. An error if the row does not exist.
+    pub fn update_record<T: Record>(&mut self, record: &T) -> QueueResult<bool> {
+        let (id, data) = record_to_row(self.db.schema(), record)?;
+        self.update(T::TABLE, &id, data)
+    }
+
+    /// A record as this transaction sees it.
+    pub fn get_record<T: Record>(&self, id: &str) -> QueueResult<Option<T>> {
+        self.get(T::TABLE, id)?
+            .map(|data| record_from_row(id, data))
+            .transpose()
+    }
+}
+
+/// Value equality for change detection: exact, so that 1 and 1.0 differ
+/// in type only where the schema allows both (it does not) and NaN equals
+/// NaN (no spurious patches).
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b && a.type_name() == b.type_name(),
+    }
+}

@@ -1,1 +1,884 @@
+//! Ferry's [`Store`] on SQLite (rusqlite, bundled SQLite).
+//!
+//! # Data model
+//!
+//! One SQLite database file holds every layer of the store:
+//!
+//! | table              | key                    | contents                                        |
+//! |--------------------|------------------------|-------------------------------------------------|
+//! | `ferry_rows`       | `(tbl, id)`            | synced rows, `data` = [`codec::encode_row`]     |
+//! | `ferry_index`      | `(tbl, idx, key)`      | [`ferry_store::index_key`] of every synced row, for every declared index; `id` names the row |
+//! | `ferry_overlay`    | `(tbl, id)`            | overlay entries; `data` NULL = [`OverlayEntry::Deleted`] |
+//! | `ferry_queue`      | `seq`                  | upload queue, `entry` = [`codec::encode_entry`] |
+//! | `ferry_bucket_ops` | `(bucket, op_id)`      | op log entries ([`OpType::code`])               |
+//! | `ferry_buckets`    | `name`                 | bucket state                                    |
+//! | `ferry_meta`       | `key`                  | metadata                                        |
+//! | `ferry_index_defs` | `(tbl, idx)`           | the index definitions the entries were built for |
+//!
+//! The storage format version lives in `PRAGMA user_version`.
+//!
+//! # Invariants
+//!
+//! - Every [`Store::apply`] runs in one `BEGIN IMMEDIATE` transaction: a
+//!   batch is applied entirely or not at all, and a batch that fails
+//!   validation (or any statement) changes nothing.
+//! - For every declared index of the schema the store was opened with,
+//!   `ferry_index` holds exactly one entry per synced row of the table.
+//!   Index keys compare bytewise in index order, so an index range scan is
+//!   one B-tree range of `ferry_index`. When a store is reopened with a
+//!   schema whose indexes differ from those recorded in `ferry_index_defs`,
+//!   the entries of new or changed indexes are rebuilt and those of removed
+//!   indexes dropped, in one transaction, before `open` returns.
+//! - Queue seqs and bucket op ids are stored as SQLite integers and must be
+//!   at most `i64::MAX` (2^63 - 1); realistically they are far below that.
+//!   Larger values are rejected with a non-retryable
+//!   [`StoreError::Backend`] error (never a panic, never silently
+//!   misordered). Bounds passed to reads (`queue_from`, `bucket_ops`,
+//!   `CompleteQueue`) may be any `u64`. Bucket state counters are stored
+//!   through their `i64` bit pattern and so round-trip every `u64`.
+//! - Text columns use SQLite's BINARY collation (memcmp), which orders ids,
+//!   bucket names and keys exactly as Rust's `str` ordering does.
+//!
+//! # Durability
+//!
+//! The database runs in WAL mode. With [`Synchronous::Normal`] (the
+//! default) a committed batch survives a crash of the process, which is
+//! the [`Store`] contract; with [`Synchronous::Full`] it also survives an
+//! operating system crash or power loss, at the cost of an fsync per
+//! batch.
+//!
+//! # Concurrency
+//!
+//! A [`SqliteStore`] owns one connection behind a mutex: calls on one store
+//! are serialized. Other processes may open the same file; while they hold
+//! a write lock, calls wait up to [`SqliteOptions::busy_timeout_ms`] and
+//! then fail with a retryable error.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
+use ferry_store::{
+    check_range, index_def, index_key, table_def, validate_batch, BatchOp, BucketOp, BucketState, OpType,
+    OverlayEntry, Rows, Store, StoreError, StoreResult, WriteBatch,
+};
+use parking_lot::Mutex;
+use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+
+/// The storage format version kept in `PRAGMA user_version`.
+pub const FORMAT_VERSION: i64 = 1;
+
+const BACKEND: &str = "sqlite";
+
+/// Enough for every distinct statement this backend prepares, so hot-path
+/// statements are never evicted.
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+
+/// How SQLite syncs commits to disk (`PRAGMA synchronous`). The database
+/// always runs in WAL mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// `synchronous=NORMAL`: commits are durable against a crash of the
+    /// process (the [`Store`] contract) but the last commits may be lost
+    /// if the operating system crashes or power fails. The database is
+    /// never corrupted either way. Much faster for small batches.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit is synced to stable storage before
+    /// `apply` returns, so it also survives power loss.
+    Full,
+}
+
+impl Synchronous {
+    fn pragma_value(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+/// Options for [`SqliteStore::open_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Commit durability; see [`Synchronous`]. Default: `Normal`.
+    pub synchronous: Synchronous,
+    /// SQLite page cache size in KiB (`PRAGMA cache_size = -N`).
+    /// Default: 8192 (8 MiB).
+    pub cache_size_kib: u32,
+    /// How long a call waits for a lock held by another connection before
+    /// failing with a retryable error. Default: 5000 ms.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Normal,
+            cache_size_kib: 8 * 1024,
+            busy_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// A [`Store`] in an SQLite database. See the crate docs for the layout,
+/// invariants and durability.
+pub struct SqliteStore {
+    schema: Schema,
+    path: Option<PathBuf>,
+    conn: Mutex<Connection>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("tables", &self.schema.tables().map(|t| t.name.as_str()).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+// ----- errors and integer conversions -----
+
+/// Map a rusqlite error to a [`StoreError`]: lock contention is retryable,
+/// values of unexpected types are corruption, the rest permanent.
+fn sql_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => StoreError::Corrupt(e.to_string()),
+        _ => {
+            let retryable = matches!(
+                e.sqlite_error_code(),
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::OperationInterrupted)
+            );
+            StoreError::Backend {
+                backend: BACKEND,
+                message: e.to_string(),
+                retryable,
+            }
+        }
+    }
+}
+
+fn invalid(message: String) -> StoreError {
+    StoreError::Backend {
+        backend: BACKEND,
+        message,
+        retryable: false,
+    }
+}
+
+/// A seq or op id to store: it must fit an SQLite integer so that integer
+/// order is `u64` order.
+fn ordered_key(what: &str, v: u64) -> StoreResult<i64> {
+    i64::try_from(v).map_err(|_| invalid(format!("{what} {v} is above the supported maximum {}", i64::MAX)))
+}
+
+/// A bound on stored seqs / op ids: values above `i64::MAX` are never
+/// stored, so clamping keeps the comparison's meaning.
+fn clamp_bound(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored seq / op id back as `u64` (a negative value is corruption).
+fn from_ordered_key(what: &str, v: i64) -> StoreResult<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what} {v}")))
+}
+
+/// A `u64` that is only stored and read back, never ordered.
+fn bits_to_i64(v: u64) -> i64 {
+    v as i64
+}
+
+fn bits_to_u64(v: i64) -> u64 {
+    v as u64
+}
+
+fn limit_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn index_columns(index: &Index) -> String {
+    // Column names are ASCII letters, digits and underscores (the schema
+    // checks them), so a comma cannot be part of one.
+    index.columns.join(",")
+}
+
+// ----- schema of the database -----
+
+const CREATE_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS ferry_rows (
+    tbl TEXT NOT NULL,
+    id TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (tbl, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ferry_index (
+    tbl TEXT NOT NULL,
+    idx TEXT NOT NULL,
+    key BLOB NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (tbl, idx, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ferry_overlay (
+    tbl TEXT NOT NULL,
+    id TEXT NOT NULL,
+    data BLOB,
+    PRIMARY KEY (tbl, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ferry_queue (
+    seq INTEGER PRIMARY KEY,
+    entry BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ferry_bucket_ops (
+    bucket TEXT NOT NULL,
+    op_id INTEGER NOT NULL,
+    op INTEGER NOT NULL,
+    tbl TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    checksum INTEGER NOT NULL,
+    PRIMARY KEY (bucket, op_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ferry_buckets (
+    name TEXT PRIMARY KEY NOT NULL,
+    last_op_id INTEGER NOT NULL,
+    checksum INTEGER NOT NULL,
+    count INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ferry_meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ferry_index_defs (
+    tbl TEXT NOT NULL,
+    idx TEXT NOT NULL,
+    columns TEXT NOT NULL,
+    PRIMARY KEY (tbl, idx)
+) WITHOUT ROWID;
+";
+
+const SQL_GET_ROW: &str = "SELECT data FROM ferry_rows WHERE tbl = ?1 AND id = ?2";
+const SQL_PUT_ROW: &str = "INSERT OR REPLACE INTO ferry_rows (tbl, id, data) VALUES (?1, ?2, ?3)";
+const SQL_DELETE_ROW: &str = "DELETE FROM ferry_rows WHERE tbl = ?1 AND id = ?2";
+const SQL_PUT_INDEX: &str = "INSERT OR REPLACE INTO ferry_index (tbl, idx, key, id) VALUES (?1, ?2, ?3, ?4)";
+const SQL_DELETE_INDEX: &str = "DELETE FROM ferry_index WHERE tbl = ?1 AND idx = ?2 AND key = ?3";
+const SQL_PUT_OVERLAY: &str = "INSERT OR REPLACE INTO ferry_overlay (tbl, id, data) VALUES (?1, ?2, ?3)";
+const SQL_DELETE_OVERLAY: &str = "DELETE FROM ferry_overlay WHERE tbl = ?1 AND id = ?2";
+const SQL_APPEND_QUEUE: &str = "INSERT INTO ferry_queue (seq, entry) VALUES (?1, ?2)";
+const SQL_COMPLETE_QUEUE: &str = "DELETE FROM ferry_queue WHERE seq <= ?1";
+const SQL_LAST_SEQ: &str = "SELECT max(seq) FROM ferry_queue";
+const SQL_PUT_BUCKET_OP: &str = "INSERT OR REPLACE INTO ferry_bucket_ops (bucket, op_id, op, tbl, row_id, checksum) \
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const SQL_DELETE_BUCKET_OP: &str = "DELETE FROM ferry_bucket_ops WHERE bucket = ?1 AND op_id = ?2";
+const SQL_PUT_BUCKET: &str = "INSERT OR REPLACE INTO ferry_buckets (name, last_op_id, checksum, count) \
+                              VALUES (?1, ?2, ?3, ?4)";
+const SQL_DELETE_BUCKET: &str = "DELETE FROM ferry_buckets WHERE name = ?1";
+const SQL_DELETE_BUCKET_OPS: &str = "DELETE FROM ferry_bucket_ops WHERE bucket = ?1";
+const SQL_PUT_META: &str = "INSERT OR REPLACE INTO ferry_meta (key, value) VALUES (?1, ?2)";
+const SQL_DELETE_META: &str = "DELETE FROM ferry_meta WHERE key = ?1";
+
+/// The index scan drives from `ferry_index` (CROSS JOIN fixes the loop
+/// order) and looks each row up by primary key.
+const SQL_SCAN_INDEX_TO: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS JOIN ferry_rows AS r \
+     ON r.tbl = i.tbl AND r.id = i.id \
+     WHERE i.tbl = ?1 AND i.idx = ?2 AND i.key >= ?3 AND i.key < ?4 ORDER BY i.key";
+const SQL_SCAN_INDEX_FROM: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS JOIN ferry_rows AS r \
+     ON r.tbl = i.tbl AND r.id = i.id \
+     WHERE i.tbl = ?1 AND i.idx = ?2 AND i.key >= ?3 ORDER BY i.key";
+
+// ----- opening -----
+
+impl SqliteStore {
+    /// Open (creating if needed) the store in the database file at `path`
+    /// with default [`SqliteOptions`].
+    pub fn open(path: impl AsRef<Path>, schema: Schema) -> StoreResult<Self> {
+        Self::open_with(path, schema, SqliteOptions::default())
+    }
+
+    /// Open (creating if needed) the store in the database file at `path`.
+    /// Index entries are rebuilt if the schema's indexes changed since the
+    /// last open.
+    pub fn open_with(path: impl AsRef<Path>, schema: Schema, options: SqliteOptions) -> StoreResult<Self> {
+        let path = path.as_ref();
+        let conn = Connection::open(path).map_err(sql_err)?;
+        Self::init(conn, Some(path.to_owned()), schema, options)
+    }
+
+    /// A store in a private in-memory database, gone when dropped. Useful
+    /// for tests; nothing is durable.
+    pub fn open_in_memory(schema: Schema) -> StoreResult<Self> {
+        let conn = Connection::open_in_memory().map_err(sql_err)?;
+        Self::init(conn, None, schema, SqliteOptions::default())
+    }
+
+    /// The database file, or `None` for an in-memory store.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn init(mut conn: Connection, path: Option<PathBuf>, schema: Schema, options: SqliteOptions) -> StoreResult<Self> {
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
+            .map_err(sql_err)?;
+        // Returns the resulting mode: "wal", or "memory" for an in-memory
+        // database, which has no journal file to put in WAL mode.
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(sql_err)?;
+        if path.is_some() && !mode.eq_ignore_ascii_case("wal") {
+            return Err(invalid(format!("could not enable WAL mode (journal_mode is {mode})")));
+        }
+        conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())
+            .map_err(sql_err)?;
+        conn.pragma_update(None, "foreign_keys", "OFF").map_err(sql_err)?;
+        conn.pragma_update(None, "temp_store", "MEMORY").map_err(sql_err)?;
+        conn.pragma_update(None, "cache_size", -i64::from(options.cache_size_kib))
+            .map_err(sql_err)?;
+
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err)?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql_err)?;
+        match version {
+            0 => {
+                tx.execute_batch(CREATE_TABLES).map_err(sql_err)?;
+                tx.pragma_update(None, "user_version", FORMAT_VERSION)
+                    .map_err(sql_err)?;
+            }
+            FORMAT_VERSION => {}
+            v => {
+                return Err(invalid(format!(
+                    "database format version {v} is not supported (this build reads version {FORMAT_VERSION})"
+                )))
+            }
+        }
+        sync_indexes(&tx, &schema)?;
+        tx.commit().map_err(sql_err)?;
+
+        Ok(SqliteStore {
+            schema,
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+}
+
+/// Bring `ferry_index` in line with the schema's declared indexes: drop the
+/// entries of indexes no longer declared (or declared differently) and
+/// build those of new or changed ones.
+fn sync_indexes(conn: &Connection, schema: &Schema) -> StoreResult<()> {
+    let mut stored: BTreeMap<(String, String), String> = BTreeMap::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT tbl, idx, columns FROM ferry_index_defs")
+            .map_err(sql_err)?;
+        let mut rows = stmt.query([]).map_err(sql_err)?;
+        while let Some(r) = rows.next().map_err(sql_err)? {
+            stored.insert((r.get(0).map_err(sql_err)?, r.get(1).map_err(sql_err)?), r.get(2).map_err(sql_err)?);
+        }
+    }
+    let mut wanted: BTreeMap<(String, String), String> = BTreeMap::new();
+    for table in schema.tables() {
+        for index in &table.indexes {
+            wanted.insert((table.name.clone(), index.name.clone()), index_columns(index));
+        }
+    }
+
+    for (key, columns) in &stored {
+        if wanted.get(key) != Some(columns) {
+            conn.execute("DELETE FROM ferry_index WHERE tbl = ?1 AND idx = ?2", params![key.0, key.1])
+                .map_err(sql_err)?;
+            conn.execute("DELETE FROM ferry_index_defs WHERE tbl = ?1 AND idx = ?2", params![key.0, key.1])
+                .map_err(sql_err)?;
+        }
+    }
+
+    // The indexes to build, grouped by table so each table is read once.
+    let mut to_build: BTreeMap<&str, Vec<&Index>> = BTreeMap::new();
+    for table in schema.tables() {
+        for index in &table.indexes {
+            let key = (table.name.clone(), index.name.clone());
+            if stored.get(&key) != wanted.get(&key) {
+                to_build.entry(table.name.as_str()).or_default().push(index);
+            }
+        }
+    }
+    for (table, indexes) in to_build {
+        let mut put_def = conn
+            .prepare("INSERT OR REPLACE INTO ferry_index_defs (tbl, idx, columns) VALUES (?1, ?2, ?3)")
+            .map_err(sql_err)?;
+        for index in &indexes {
+            put_def
+                .execute(params![table, index.name, index_columns(index)])
+                .map_err(sql_err)?;
+        }
+        let mut put = conn.prepare_cached(SQL_PUT_INDEX).map_err(sql_err)?;
+        let mut scan = conn
+            .prepare("SELECT id, data FROM ferry_rows WHERE tbl = ?1")
+            .map_err(sql_err)?;
+        let mut rows = scan.query([table]).map_err(sql_err)?;
+        while let Some(r) = rows.next().map_err(sql_err)? {
+            let id = str_col(r, 0)?;
+            let data = row_col(r, 1)?;
+            for index in &indexes {
+                put.execute(params![table, index.name, index_key(index, id, &data), id])
+                    .map_err(sql_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+// ----- writing -----
+
+/// The statements of one `apply`, prepared on first use and kept for the
+/// whole batch so the per-op cost is binding and stepping only.
+struct Writer<'c> {
+    conn: &'c Connection,
+    stmts: [Option<CachedStatement<'c>>; W_COUNT],
+}
+
+const W_GET_ROW: usize = 0;
+const W_PUT_ROW: usize = 1;
+const W_DELETE_ROW: usize = 2;
+const W_PUT_INDEX: usize = 3;
+const W_DELETE_INDEX: usize = 4;
+const W_PUT_OVERLAY: usize = 5;
+const W_DELETE_OVERLAY: usize = 6;
+const W_APPEND_QUEUE: usize = 7;
+const W_COMPLETE_QUEUE: usize = 8;
+const W_PUT_BUCKET_OP: usize = 9;
+const W_DELETE_BUCKET_OP: usize = 10;
+const W_PUT_BUCKET: usize = 11;
+const W_DELETE_BUCKET: usize = 12;
+const W_DELETE_BUCKET_OPS: usize = 13;
+const W_PUT_META: usize = 14;
+const W_DELETE_META: usize = 15;
+const W_COUNT: usize = 16;
+
+// The writer's statements, the ~12 read statements and the open-time ones
+// all fit the statement cache.
+const _: () = assert!(W_COUNT + 24 <= STATEMENT_CACHE_CAPACITY);
+
+const WRITER_SQL: [&str; W_COUNT] = [
+    SQL_GET_ROW,
+    SQL_PUT_ROW,
+    SQL_DELETE_ROW,
+    SQL_PUT_INDEX,
+    SQL_DELETE_INDEX,
+    SQL_PUT_OVERLAY,
+    SQL_DELETE_OVERLAY,
+    SQL_APPEND_QUEUE,
+    SQL_COMPLETE_QUEUE,
+    SQL_PUT_BUCKET_OP,
+    SQL_DELETE_BUCKET_OP,
+    SQL_PUT_BUCKET,
+    SQL_DELETE_BUCKET,
+    SQL_DELETE_BUCKET_OPS,
+    SQL_PUT_META,
+    SQL_DELETE_META,
+];
+
+impl<'c> Writer<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Writer {
+            conn,
+            stmts: Default::default(),
+        }
+    }
+
+    fn stmt(&mut self, which: usize) -> StoreResult<&mut CachedStatement<'c>> {
+        let slot = &mut self.stmts[which];
+        if slot.is_none() {
+            *slot = Some(self.conn.prepare_cached(WRITER_SQL[which]).map_err(sql_err)?);
+        }
+        // Filled just above; the error arm is unreachable.
+        slot.as_mut()
+            .ok_or_else(|| invalid(format!("statement {which} was not prepared")))
+    }
+
+    /// The synced row currently stored, if any.
+    fn old_row(&mut self, table: &str, id: &str) -> StoreResult<Option<RowData>> {
+        let stmt = self.stmt(W_GET_ROW)?;
+        let mut rows = stmt.query(params![table, id]).map_err(sql_err)?;
+        match rows.next().map_err(sql_err)? {
+            Some(r) => Ok(Some(row_col(r, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_index(&mut self, table: &str, index: &str, key: &[u8], id: &str) -> StoreResult<()> {
+        self.stmt(W_PUT_INDEX)?
+            .execute(params![table, index, key, id])
+            .map_err(sql_err)?;
+        Ok(())
+    }
+
+    fn delete_index(&mut self, table: &str, index: &str, key: &[u8]) -> StoreResult<()> {
+        self.stmt(W_DELETE_INDEX)?
+            .execute(params![table, index, key])
+            .map_err(sql_err)?;
+        Ok(())
+    }
+
+    fn put_synced(&mut self, schema: &Schema, table: &str, id: &str, data: &RowData) -> StoreResult<()> {
+        let indexes = &table_def(schema, table)?.indexes;
+        if !indexes.is_empty() {
+            let old = self.old_row(table, id)?;
+            for index in indexes {
+                let new_key = index_key(index, id, data);
+                if let Some(old) = &old {
+                    let old_key = index_key(index, id, old);
+                    if old_key == new_key {
+                        continue;
+                    }
+                    self.delete_index(table, &index.name, &old_key)?;
+                }
+                self.put_index(table, &index.name, &new_key, id)?;
+            }
+        }
+        let bytes = codec::encode_row(data);
+        self.stmt(W_PUT_ROW)?
+            .execute(params![table, id, bytes])
+            .map_err(sql_err)?;
+        Ok(())
+    }
+
+    fn delete_synced(&mut self, schema: &Schema, table: &str, id: &str) -> StoreResult<()> {
+        let indexes = &table_def(schema, table)?.indexes;
+        if !indexes.is_empty() {
+            if let Some(old) = self.old_row(table, id)? {
+                for index in indexes {
+                    self.delete_index(table, &index.name, &index_key(index, id, &old))?;
+                }
+            }
+        }
+        self.stmt(W_DELETE_ROW)?
+            .execute(params![table, id])
+            .map_err(sql_err)?;
+        Ok(())
+    }
+
+    fn op(&mut self, schema: &Schema, op: &BatchOp) -> StoreResult<()> {
+        match op {
+            BatchOp::PutSynced { table, id, data } => self.put_synced(schema, table, id, data)?,
+            BatchOp::DeleteSynced { table, id } => self.delete_synced(schema, table, id)?,
+            BatchOp::PutOverlay { table, id, entry } => {
+                let bytes = match entry {
+                    OverlayEntry::Row(data) => Some(codec::encode_row(data)),
+                    OverlayEntry::Deleted => None,
+                };
+                self.stmt(W_PUT_OVERLAY)?
+                    .execute(params![table, id, bytes])
+                    .map_err(sql_err)?;
+            }
+            BatchOp::DeleteOverlay { table, id } => {
+                self.stmt(W_DELETE_OVERLAY)?
+                    .execute(params![table, id])
+                    .map_err(sql_err)?;
+            }
+            BatchOp::AppendQueue(entry) => {
+                let seq = ordered_key("queue seq", entry.seq)?;
+                self.stmt(W_APPEND_QUEUE)?
+                    .execute(params![seq, codec::encode_entry(entry)])
+                    .map_err(sql_err)?;
+            }
+            BatchOp::CompleteQueue { through_seq } => {
+                self.stmt(W_COMPLETE_QUEUE)?
+                    .execute([clamp_bound(*through_seq)])
+                    .map_err(sql_err)?;
+            }
+            BatchOp::PutBucketOp { bucket, op } => {
+                let op_id = ordered_key("bucket op id", op.op_id)?;
+                self.stmt(W_PUT_BUCKET_OP)?
+                    .execute(params![bucket, op_id, op.op.code(), op.table, op.row_id, op.checksum])
+                    .map_err(sql_err)?;
+            }
+            BatchOp::DeleteBucketOp { bucket, op_id } => {
+                // An op id above i64::MAX is never stored: nothing to delete.
+                if let Ok(op_id) = i64::try_from(*op_id) {
+                    self.stmt(W_DELETE_BUCKET_OP)?
+                        .execute(params![bucket, op_id])
+                        .map_err(sql_err)?;
+                }
+            }
+            BatchOp::PutBucketState { bucket, state } => {
+                self.stmt(W_PUT_BUCKET)?
+                    .execute(params![
+                        bucket,
+                        bits_to_i64(state.last_op_id),
+                        state.checksum,
+                        bits_to_i64(state.count)
+                    ])
+                    .map_err(sql_err)?;
+            }
+            BatchOp::DeleteBucket { bucket } => {
+                self.stmt(W_DELETE_BUCKET)?.execute([bucket]).map_err(sql_err)?;
+                self.stmt(W_DELETE_BUCKET_OPS)?.execute([bucket]).map_err(sql_err)?;
+            }
+            BatchOp::PutMeta { key, value } => {
+                self.stmt(W_PUT_META)?
+                    .execute(params![key, value])
+                    .map_err(sql_err)?;
+            }
+            BatchOp::DeleteMeta { key } => {
+                self.stmt(W_DELETE_META)?.execute([key]).map_err(sql_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ----- reading helpers -----
+
+fn text_col(r: &rusqlite::Row<'_>, i: usize) -> StoreResult<String> {
+    r.get(i).map_err(sql_err)
+}
+
+/// A text column, borrowed from the result row.
+fn str_col<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> StoreResult<&'r str> {
+    r.get_ref(i).map_err(sql_err)?.as_str().map_err(|e| sql_err(e.into()))
+}
+
+/// A blob column, borrowed from the result row.
+fn blob_col<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> StoreResult<&'r [u8]> {
+    r.get_ref(i).map_err(sql_err)?.as_blob().map_err(|e| sql_err(e.into()))
+}
+
+fn row_col(r: &rusqlite::Row<'_>, i: usize) -> StoreResult<RowData> {
+    Ok(codec::decode_row(blob_col(r, i)?)?)
+}
+
+fn overlay_col(r: &rusqlite::Row<'_>, i: usize) -> StoreResult<OverlayEntry> {
+    match r.get_ref(i).map_err(sql_err)?.as_blob_or_null().map_err(|e| sql_err(e.into()))? {
+        Some(bytes) => Ok(OverlayEntry::Row(codec::decode_row(bytes)?)),
+        None => Ok(OverlayEntry::Deleted),
+    }
+}
+
+/// Run a cached query and map every result row.
+fn collect<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    mut map: impl FnMut(&rusqlite::Row<'_>) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+    let mut rows = stmt.query(params).map_err(sql_err)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(sql_err)? {
+        out.push(map(r)?);
+    }
+    Ok(out)
+}
+
+fn bucket_op(r: &rusqlite::Row<'_>) -> StoreResult<BucketOp> {
+    let op_id: i64 = r.get(0).map_err(sql_err)?;
+    let code: u8 = r.get(1).map_err(sql_err)?;
+    Ok(BucketOp {
+        op_id: from_ordered_key("bucket op id", op_id)?,
+        op: OpType::from_code(code)?,
+        table: text_col(r, 2)?,
+        row_id: text_col(r, 3)?,
+        checksum: r.get(4).map_err(sql_err)?,
+    })
+}
+
+fn bucket_state(r: &rusqlite::Row<'_>, first: usize) -> StoreResult<BucketState> {
+    Ok(BucketState {
+        last_op_id: bits_to_u64(r.get(first).map_err(sql_err)?),
+        checksum: r.get(first + 1).map_err(sql_err)?,
+        count: bits_to_u64(r.get(first + 2).map_err(sql_err)?),
+    })
+}
+
+impl Store for SqliteStore {
+    fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    fn apply(&self, batch: WriteBatch) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.lock();
+        // Dropping the transaction without commit rolls it back, so every
+        // early return below leaves the database unchanged.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err)?;
+        {
+            let last: Option<i64> = tx
+                .prepare_cached(SQL_LAST_SEQ)
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(sql_err)?;
+            let last = last.map(|s| from_ordered_key("queue seq", s)).transpose()?;
+            validate_batch(&self.schema, &batch, last)?;
+            let mut writer = Writer::new(&tx);
+            for op in &batch.ops {
+                writer.op(&self.schema, op)?;
+            }
+        }
+        tx.commit().map_err(sql_err)
+    }
+
+    fn get_synced(&self, table: &str, id: &str) -> StoreResult<Option<RowData>> {
+        table_def(&self.schema, table)?;
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(SQL_GET_ROW).map_err(sql_err)?;
+        let mut rows = stmt.query(params![table, id]).map_err(sql_err)?;
+        match rows.next().map_err(sql_err)? {
+            Some(r) => Ok(Some(row_col(r, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_synced(&self, table: &str) -> StoreResult<Rows> {
+        table_def(&self.schema, table)?;
+        let conn = self.conn.lock();
+        collect(
+            &conn,
+            "SELECT id, data FROM ferry_rows WHERE tbl = ?1 ORDER BY id",
+            [table],
+            |r| Ok((text_col(r, 0)?, row_col(r, 1)?)),
+        )
+    }
+
+    fn scan_synced_index(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+    ) -> StoreResult<Rows> {
+        let def = index_def(&self.schema, table, index)?;
+        check_range(def, &lower, &upper)?;
+        let (lo, hi) = codec::index_key_range(&lower, &upper);
+        // The empty blob sorts before every key.
+        let lo = lo.unwrap_or_default();
+        let map = |r: &rusqlite::Row<'_>| Ok((text_col(r, 0)?, row_col(r, 1)?));
+        let conn = self.conn.lock();
+        match hi {
+            Some(hi) if lo >= hi => Ok(Vec::new()),
+            Some(hi) => collect(&conn, SQL_SCAN_INDEX_TO, params![table, index, lo, hi], map),
+            None => collect(&conn, SQL_SCAN_INDEX_FROM, params![table, index, lo], map),
+        }
+    }
+
+    fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
+        table_def(&self.schema, table)?;
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT data FROM ferry_overlay WHERE tbl = ?1 AND id = ?2")
+            .map_err(sql_err)?;
+        let mut rows = stmt.query(params![table, id]).map_err(sql_err)?;
+        match rows.next().map_err(sql_err)? {
+            Some(r) => Ok(Some(overlay_col(r, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_overlay(&self, table: &str) -> StoreResult<Vec<(String, OverlayEntry)>> {
+        table_def(&self.schema, table)?;
+        let conn = self.conn.lock();
+        collect(
+            &conn,
+            "SELECT id, data FROM ferry_overlay WHERE tbl = ?1 ORDER BY id",
+            [table],
+            |r| Ok((text_col(r, 0)?, overlay_col(r, 1)?)),
+        )
+    }
+
+    fn queue_from(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<CrudEntry>> {
+        // Seqs above i64::MAX are never stored.
+        let Ok(from) = i64::try_from(from_seq) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn.lock();
+        collect(
+            &conn,
+            "SELECT entry FROM ferry_queue WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+            [from, limit_i64(limit)],
+            |r| Ok(codec::decode_entry(blob_col(r, 0)?)?),
+        )
+    }
+
+    fn queue_len(&self) -> StoreResult<u64> {
+        let conn = self.conn.lock();
+        let n: i64 = conn
+            .prepare_cached("SELECT count(*) FROM ferry_queue")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(sql_err)?;
+        from_ordered_key("queue length", n)
+    }
+
+    fn bucket_state(&self, bucket: &str) -> StoreResult<Option<BucketState>> {
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT last_op_id, checksum, count FROM ferry_buckets WHERE name = ?1")
+            .map_err(sql_err)?;
+        let mut rows = stmt.query([bucket]).map_err(sql_err)?;
+        match rows.next().map_err(sql_err)? {
+            Some(r) => Ok(Some(bucket_state(r, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn buckets(&self) -> StoreResult<Vec<(String, BucketState)>> {
+        let conn = self.conn.lock();
+        collect(
+            &conn,
+            "SELECT name, last_op_id, checksum, count FROM ferry_buckets ORDER BY name",
+            [],
+            |r| Ok((text_col(r, 0)?, bucket_state(r, 1)?)),
+        )
+    }
+
+    fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>> {
+        // No stored op id is above i64::MAX, so none is after it.
+        let Ok(after) = i64::try_from(after_op_id) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn.lock();
+        collect(
+            &conn,
+            "SELECT op_id, op, tbl, row_id, checksum FROM ferry_bucket_ops \
+             WHERE bucket = ?1 AND op_id > ?2 ORDER BY op_id LIMIT ?3",
+            params![bucket, after, limit_i64(limit)],
+            bucket_op,
+        )
+    }
+
+    fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let conn = self.conn.lock();
+        conn.prepare_cached("SELECT value FROM ferry_meta WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(sql_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_conversions() {
+        assert_eq!(ordered_key("seq", 5).ok(), Some(5));
+        assert!(ordered_key("seq", u64::MAX).is_err());
+        assert_eq!(clamp_bound(u64::MAX), i64::MAX);
+        assert_eq!(bits_to_u64(bits_to_i64(u64::MAX)), u64::MAX);
+        assert!(from_ordered_key("seq", -1).is_err());
+    }
+}
