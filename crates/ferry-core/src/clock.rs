@@ -156,11 +156,7 @@ impl<C: Clock> HybridClock<C> {
     pub fn now(&self) -> HlcTimestamp {
         let wall = self.clock.now_ms();
         let mut last = self.lock();
-        let next = if wall > last.0 {
-            (wall, 0)
-        } else {
-            bump(*last)
-        };
+        let next = if wall > last.0 { (wall, 0) } else { bump(*last) };
         *last = next;
         HlcTimestamp {
             wall_ms: next.0,
@@ -217,19 +213,35 @@ mod tests {
     fn observe_moves_past_remote_and_bounds_skew() {
         let clock = Arc::new(ManualClock::new(1_000));
         let hlc = HybridClock::new(clock.clone(), "a", 100);
-        let remote = HlcTimestamp { wall_ms: 1_050, counter: 3, node: "b".into() };
+        let remote = HlcTimestamp {
+            wall_ms: 1_050,
+            counter: 3,
+            node: "b".into(),
+        };
         hlc.observe(&remote).expect("within skew");
         let t = hlc.now();
         assert!(t > remote, "{t} > {remote}");
-        let far = HlcTimestamp { wall_ms: 5_000, counter: 0, node: "b".into() };
+        let far = HlcTimestamp {
+            wall_ms: 5_000,
+            counter: 0,
+            node: "b".into(),
+        };
         let err = hlc.observe(&far).expect_err("too far ahead");
         assert_eq!(err.to_string(), "clock skew of 4000 ms exceeds the limit of 100 ms");
     }
 
     #[test]
     fn string_form_round_trips_and_sorts() {
-        let a = HlcTimestamp { wall_ms: 9, counter: 10, node: "x-y".into() };
-        let b = HlcTimestamp { wall_ms: 10, counter: 0, node: "a".into() };
+        let a = HlcTimestamp {
+            wall_ms: 9,
+            counter: 10,
+            node: "x-y".into(),
+        };
+        let b = HlcTimestamp {
+            wall_ms: 10,
+            counter: 0,
+            node: "a".into(),
+        };
         let (sa, sb) = (a.to_string(), b.to_string());
         assert!(sa < sb);
         assert_eq!(sa.parse::<HlcTimestamp>().expect("parse"), a);

@@ -212,8 +212,16 @@ pub fn decode_entry(buf: &[u8]) -> Result<CrudEntry, CoreError> {
     let table = r.string()?;
     let id = r.string()?;
     let op = match kind {
-        0 => CrudOp::Put { table, id, data: r.row()? },
-        1 => CrudOp::Patch { table, id, data: r.row()? },
+        0 => CrudOp::Put {
+            table,
+            id,
+            data: r.row()?,
+        },
+        1 => CrudOp::Patch {
+            table,
+            id,
+            data: r.row()?,
+        },
         2 => CrudOp::Delete { table, id },
         k => return Err(CoreError::Corrupt(format!("unknown op kind {k}"))),
     };
@@ -226,7 +234,13 @@ pub fn decode_entry(buf: &[u8]) -> Result<CrudEntry, CoreError> {
         _ => Some(r.string()?),
     };
     r.finish()?;
-    Ok(CrudEntry { seq, tx_id, op, previous, metadata })
+    Ok(CrudEntry {
+        seq,
+        tx_id,
+        op,
+        previous,
+        metadata,
+    })
 }
 
 // ----- order-preserving index keys -----
@@ -296,10 +310,7 @@ pub fn encode_index_key(values: &[Value], id: &str) -> Vec<u8> {
 /// `Included(p)` as a lower bound takes every key starting with `p`,
 /// `Excluded(p)` skips them; likewise for upper bounds. The result is a
 /// half-open byte range `[lower, upper)`, either end open when `None`.
-pub fn index_key_range(
-    lower: &Bound<Vec<Value>>,
-    upper: &Bound<Vec<Value>>,
-) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+pub fn index_key_range(lower: &Bound<Vec<Value>>, upper: &Bound<Vec<Value>>) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     let successor = |p: &[Value]| {
         let mut k = encode_key_prefix(p);
         k.push(KEY_SUCCESSOR);

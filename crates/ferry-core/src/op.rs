@@ -117,7 +117,10 @@ mod tests {
             Some(row_data([("a", Value::from(1)), ("b", Value::from("y"))]))
         );
         assert_eq!(patch.apply_to(None), None);
-        let del = CrudOp::Delete { table: "t".into(), id: "1".into() };
+        let del = CrudOp::Delete {
+            table: "t".into(),
+            id: "1".into(),
+        };
         assert_eq!(del.apply_to(Some(base)), None);
     }
 
@@ -126,7 +129,10 @@ mod tests {
         let e = CrudEntry {
             seq: 7,
             tx_id: 3,
-            op: CrudOp::Delete { table: "t".into(), id: "r".into() },
+            op: CrudOp::Delete {
+                table: "t".into(),
+                id: "r".into(),
+            },
             previous: None,
             metadata: None,
         };

@@ -90,10 +90,7 @@ impl Table {
 
     /// Add a column.
     pub fn column(mut self, name: impl Into<String>, ty: ColumnType) -> Self {
-        self.columns.push(Column {
-            name: name.into(),
-            ty,
-        });
+        self.columns.push(Column { name: name.into(), ty });
         self
     }
 
@@ -228,7 +225,10 @@ impl Table {
         let mut seen_idx = std::collections::BTreeSet::new();
         for i in &self.indexes {
             if !valid_name(&i.name) || !seen_idx.insert(&i.name) {
-                return bad(format!("invalid or duplicate index name {:?} in table {:?}", i.name, self.name));
+                return bad(format!(
+                    "invalid or duplicate index name {:?} in table {:?}",
+                    i.name, self.name
+                ));
             }
             if i.columns.is_empty() {
                 return bad(format!("index {:?} of table {:?} has no columns", i.name, self.name));

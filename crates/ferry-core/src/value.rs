@@ -260,11 +260,7 @@ pub fn row_data<K: Into<String>, I: IntoIterator<Item = (K, Value)>>(pairs: I) -
 
 /// Approximate encoded size of a row, used for the row size limit.
 pub fn row_size_bytes(id: &str, data: &RowData) -> usize {
-    id.len()
-        + data
-            .iter()
-            .map(|(k, v)| k.len() + v.size_bytes())
-            .sum::<usize>()
+    id.len() + data.iter().map(|(k, v)| k.len() + v.size_bytes()).sum::<usize>()
 }
 
 #[cfg(test)]

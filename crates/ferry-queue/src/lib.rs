@@ -364,7 +364,10 @@ impl LocalDb {
                 break;
             }
         }
-        Ok(entries.first().map(|e| e.tx_id).map(|tx_id| QueuedTransaction { tx_id, entries }))
+        Ok(entries
+            .first()
+            .map(|e| e.tx_id)
+            .map(|tx_id| QueuedTransaction { tx_id, entries }))
     }
 
     /// Record that the server answered for every entry through `through_seq`:

@@ -46,7 +46,10 @@ fn crash_child_writer() {
                 tx.insert(
                     "tickets",
                     &format!("r{k}-{i}"),
-                    row_data([("title", Value::from(format!("tx {k} row {i}"))), ("version", Value::from(k))]),
+                    row_data([
+                        ("title", Value::from(format!("tx {k} row {i}"))),
+                        ("version", Value::from(k)),
+                    ]),
                 )?;
             }
             if k == 1 {
@@ -120,11 +123,22 @@ fn verify(backend: &str, dir: &std::path::Path, acked: &BTreeMap<i64, i64>, cont
         .and_then(|r| r.get("version").and_then(Value::as_integer))
         .unwrap_or(0);
     let max_present = present.keys().next_back().copied().unwrap_or(0);
-    assert_eq!(counter, max_present, "{context}: counter row disagrees with the rows present");
+    assert_eq!(
+        counter, max_present,
+        "{context}: counter row disagrees with the rows present"
+    );
     let expected_ks: BTreeSet<i64> = (1..=max_present).collect();
-    assert_eq!(present.keys().copied().collect::<BTreeSet<_>>(), expected_ks, "{context}: a gap in committed transactions");
+    assert_eq!(
+        present.keys().copied().collect::<BTreeSet<_>>(),
+        expected_ks,
+        "{context}: a gap in committed transactions"
+    );
     for (k, n) in acked {
-        assert_eq!(present.get(k), Some(n), "{context}: acknowledged transaction {k} lost or half-applied");
+        assert_eq!(
+            present.get(k),
+            Some(n),
+            "{context}: acknowledged transaction {k} lost or half-applied"
+        );
     }
     // The queue: every entry of every present transaction, in order,
     // contiguous per transaction.
@@ -132,12 +146,19 @@ fn verify(backend: &str, dir: &std::path::Path, acked: &BTreeMap<i64, i64>, cont
     let mut per_tx: BTreeMap<u64, Vec<&ferry_core::CrudEntry>> = BTreeMap::new();
     for w in entries.windows(2) {
         assert!(w[0].seq < w[1].seq, "{context}: queue out of order");
-        assert!(w[0].tx_id <= w[1].tx_id, "{context}: transactions interleaved in the queue");
+        assert!(
+            w[0].tx_id <= w[1].tx_id,
+            "{context}: transactions interleaved in the queue"
+        );
     }
     for e in &entries {
         per_tx.entry(e.tx_id).or_default().push(e);
     }
-    assert_eq!(per_tx.len() as i64, max_present, "{context}: queue transactions vs committed transactions");
+    assert_eq!(
+        per_tx.len() as i64,
+        max_present,
+        "{context}: queue transactions vs committed transactions"
+    );
     for (tx_id, es) in per_tx {
         let meta = es[0].metadata.clone().expect("metadata");
         let (k, n) = meta
@@ -146,10 +167,22 @@ fn verify(backend: &str, dir: &std::path::Path, acked: &BTreeMap<i64, i64>, cont
             .map(|(k, n)| (k.parse::<i64>().expect("k"), n.parse::<i64>().expect("n")))
             .expect("k and n in metadata");
         assert_eq!(tx_id as i64, k, "{context}: tx id");
-        assert_eq!(es.len() as i64, n + 1, "{context}: transaction {k} has {} queue entries", es.len());
-        assert_eq!(present.get(&k), Some(&n), "{context}: queue has transaction {k} but rows do not");
+        assert_eq!(
+            es.len() as i64,
+            n + 1,
+            "{context}: transaction {k} has {} queue entries",
+            es.len()
+        );
+        assert_eq!(
+            present.get(&k),
+            Some(&n),
+            "{context}: queue has transaction {k} but rows do not"
+        );
     }
-    assert!(db.completed_through() <= entries.last().map_or(0, |e| e.seq), "{context}: completed marker past the queue");
+    assert!(
+        db.completed_through() <= entries.last().map_or(0, |e| e.seq),
+        "{context}: completed marker past the queue"
+    );
 }
 
 fn crash_many_times(backend: &str, rounds: u32) {
@@ -168,7 +201,10 @@ fn crash_many_times(backend: &str, rounds: u32) {
         );
         verify(backend, dir.path(), &acked_all, &context);
     }
-    assert!(total_acked > 0, "{backend}: the child never committed a write (seed {seed})");
+    assert!(
+        total_acked > 0,
+        "{backend}: the child never committed a write (seed {seed})"
+    );
     eprintln!("{backend}: {rounds} kills, {total_acked} acknowledged transactions, all present (seed {seed})");
 }
 

@@ -27,12 +27,20 @@ fn one_write_changes_visible_state_and_queue_together() {
         db.write(|tx| {
             tx.insert("tickets", "t1", title("first"))?;
             tx.insert("tickets", "t2", title("second"))?;
-            tx.insert("comments", "c1", row_data([("ticket_id", Value::from("t1")), ("body", Value::from("hi"))]))?;
+            tx.insert(
+                "comments",
+                "c1",
+                row_data([("ticket_id", Value::from("t1")), ("body", Value::from("hi"))]),
+            )?;
             Ok::<_, QueueError>(())
         })
         .expect("write");
         db.write(|tx| {
-            assert!(tx.update("tickets", "t1", row_data([("status", Value::from("done")), ("title", Value::from("first"))]))?);
+            assert!(tx.update(
+                "tickets",
+                "t1",
+                row_data([("status", Value::from("done")), ("title", Value::from("first"))])
+            )?);
             assert!(tx.delete("tickets", "t2")?);
             assert!(!tx.delete("tickets", "never")?);
             Ok::<_, QueueError>(())
@@ -41,38 +49,64 @@ fn one_write_changes_visible_state_and_queue_together() {
 
         assert_eq!(
             db.get("tickets", "t1").expect("get"),
-            Some(row_data([("title", Value::from("first")), ("status", Value::from("done"))])),
+            Some(row_data([
+                ("title", Value::from("first")),
+                ("status", Value::from("done"))
+            ])),
             "{backend}"
         );
         assert_eq!(db.get("tickets", "t2").expect("get"), None, "{backend}");
-        let ids: Vec<String> = db.scan("tickets").expect("scan").into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<String> = db
+            .scan("tickets")
+            .expect("scan")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(ids, ["t1"], "{backend}");
 
         let batch = db.next_batch(100).expect("batch");
-        let shape: Vec<(u64, u64, &str, &str)> =
-            batch.iter().map(|e| (e.seq, e.tx_id, e.op.kind_name(), e.op.id())).collect();
+        let shape: Vec<(u64, u64, &str, &str)> = batch
+            .iter()
+            .map(|e| (e.seq, e.tx_id, e.op.kind_name(), e.op.id()))
+            .collect();
         assert_eq!(
             shape,
-            [(1, 1, "PUT", "t1"), (2, 1, "PUT", "t2"), (3, 1, "PUT", "c1"), (4, 2, "PATCH", "t1"), (5, 2, "DELETE", "t2")],
+            [
+                (1, 1, "PUT", "t1"),
+                (2, 1, "PUT", "t2"),
+                (3, 1, "PUT", "c1"),
+                (4, 2, "PATCH", "t1"),
+                (5, 2, "DELETE", "t2")
+            ],
             "{backend}"
         );
         // The patch holds only the column that changed.
         assert_eq!(
             batch[3].op,
-            CrudOp::Patch { table: "tickets".into(), id: "t1".into(), data: row_data([("status", Value::from("done"))]) },
+            CrudOp::Patch {
+                table: "tickets".into(),
+                id: "t1".into(),
+                data: row_data([("status", Value::from("done"))])
+            },
             "{backend}"
         );
         assert_eq!(db.upload_queue_len(), 5, "{backend}");
     });
 }
 
+type BadOp = dyn Fn(&mut ferry_queue::WriteTx<'_>) -> Result<(), QueueError>;
+
 #[test]
 fn a_failed_transaction_writes_nothing() {
     let long_id = "x".repeat(300);
     let big = "y".repeat(2 * 1024 * 1024);
     // Each case: a valid insert first, then a bad op; expected error text.
-    let cases: Vec<(&str, Box<dyn Fn(&mut ferry_queue::WriteTx<'_>) -> Result<(), QueueError>>, &str)> = vec![
-        ("unknown table", Box::new(|tx| tx.insert("nope", "a", RowData::new())), "unknown table \"nope\""),
+    let cases: Vec<(&str, Box<BadOp>, &str)> = vec![
+        (
+            "unknown table",
+            Box::new(|tx| tx.insert("nope", "a", RowData::new())),
+            "unknown table \"nope\"",
+        ),
         (
             "unknown column",
             Box::new(|tx| tx.insert("tickets", "a", row_data([("colour", Value::from("red"))]))),
@@ -85,10 +119,17 @@ fn a_failed_transaction_writes_nothing() {
         ),
         (
             "wrong type in update",
-            Box::new(|tx| tx.update("tickets", "t0", row_data([("score", Value::from("high"))])).map(drop)),
+            Box::new(|tx| {
+                tx.update("tickets", "t0", row_data([("score", Value::from("high"))]))
+                    .map(drop)
+            }),
             "column tickets.score is real, got text value 'high'",
         ),
-        ("empty id", Box::new(|tx| tx.insert("tickets", "", RowData::new())), "invalid row id \"\" for table \"tickets\": empty"),
+        (
+            "empty id",
+            Box::new(|tx| tx.insert("tickets", "", RowData::new())),
+            "invalid row id \"\" for table \"tickets\": empty",
+        ),
         (
             "long id",
             Box::new(move |tx| tx.insert("tickets", &long_id, RowData::new())),
@@ -99,7 +140,11 @@ fn a_failed_transaction_writes_nothing() {
             Box::new(move |tx| tx.insert("tickets", "big", row_data([("description", Value::from(big.as_str()))]))),
             "bytes, over the limit of 1048576 bytes",
         ),
-        ("duplicate insert", Box::new(|tx| tx.insert("tickets", "t0", RowData::new())), "row tickets/t0 already exists"),
+        (
+            "duplicate insert",
+            Box::new(|tx| tx.insert("tickets", "t0", RowData::new())),
+            "row tickets/t0 already exists",
+        ),
         (
             "update of a missing row",
             Box::new(|tx| tx.update("tickets", "ghost", title("x")).map(drop)),
@@ -107,7 +152,10 @@ fn a_failed_transaction_writes_nothing() {
         ),
         (
             "update of an insert-only table",
-            Box::new(|tx| tx.update("events", "e", row_data([("kind", Value::from("x"))])).map(drop)),
+            Box::new(|tx| {
+                tx.update("events", "e", row_data([("kind", Value::from("x"))]))
+                    .map(drop)
+            }),
             "table \"events\" is insert-only: update is not allowed",
         ),
     ];
@@ -169,19 +217,45 @@ fn table_options_shape_what_is_queued_and_kept() {
         })
         .expect("write");
         // local_only: kept, never queued. insert_only: queued, not kept.
-        assert_eq!(db.get("drafts", "d1").expect("get"), Some(row_data([("body", Value::from("local 2"))])), "{backend}");
+        assert_eq!(
+            db.get("drafts", "d1").expect("get"),
+            Some(row_data([("body", Value::from("local 2"))])),
+            "{backend}"
+        );
         assert_eq!(db.get("events", "e1").expect("get"), None, "{backend}");
         let entries = db.next_batch(100).expect("queue");
         let shape: Vec<(&str, &str)> = entries.iter().map(|e| (e.op.kind_name(), e.op.table())).collect();
-        assert_eq!(shape, [("PUT", "events"), ("PUT", "comments"), ("PATCH", "comments"), ("DELETE", "comments")], "{backend}");
+        assert_eq!(
+            shape,
+            [
+                ("PUT", "events"),
+                ("PUT", "comments"),
+                ("PATCH", "comments"),
+                ("DELETE", "comments")
+            ],
+            "{backend}"
+        );
         // comments track previous values: none on create, old values of the
         // changed column on patch, the whole row on delete. tickets do not.
         assert_eq!(entries[1].previous, None, "{backend}");
-        assert_eq!(entries[2].previous, Some(row_data([("body", Value::from("v1"))])), "{backend}");
-        assert_eq!(entries[3].previous, Some(row_data([("body", Value::from("v2"))])), "{backend}");
+        assert_eq!(
+            entries[2].previous,
+            Some(row_data([("body", Value::from("v1"))])),
+            "{backend}"
+        );
+        assert_eq!(
+            entries[3].previous,
+            Some(row_data([("body", Value::from("v2"))])),
+            "{backend}"
+        );
         assert_eq!(entries[0].previous, None, "{backend}");
-        let err = db.write(|tx| tx.delete("events", "e1")).expect_err("insert-only delete");
-        assert_eq!(err.to_string(), "table \"events\" is insert-only: delete is not allowed");
+        let err = db
+            .write(|tx| tx.delete("events", "e1"))
+            .expect_err("insert-only delete");
+        assert_eq!(
+            err.to_string(),
+            "table \"events\" is insert-only: delete is not allowed"
+        );
     });
 }
 
@@ -191,18 +265,31 @@ fn updates_that_change_nothing_queue_nothing_and_metadata_is_kept() {
         let db = reopen();
         db.write(|tx| {
             tx.set_metadata(Some("{\"by\":\"ann\"}".into()));
-            tx.insert("tickets", "t1", row_data([("title", Value::from("a")), ("score", Value::from(1))]))
+            tx.insert(
+                "tickets",
+                "t1",
+                row_data([("title", Value::from("a")), ("score", Value::from(1))]),
+            )
         })
         .expect("write");
         let changed = db
-            .write(|tx| tx.update("tickets", "t1", row_data([("title", Value::from("a")), ("score", Value::from(1.0))])))
+            .write(|tx| {
+                tx.update(
+                    "tickets",
+                    "t1",
+                    row_data([("title", Value::from("a")), ("score", Value::from(1.0))]),
+                )
+            })
             .expect("write");
         assert!(!changed, "{backend}");
         let entries = db.next_batch(10).expect("queue");
         assert_eq!(entries.len(), 1, "{backend}");
         assert_eq!(entries[0].metadata.as_deref(), Some("{\"by\":\"ann\"}"), "{backend}");
         // Integers given for real columns are stored as reals.
-        assert!(matches!(db.get("tickets", "t1").expect("get").expect("row")["score"], Value::Real(_)));
+        assert!(matches!(
+            db.get("tickets", "t1").expect("get").expect("row")["score"],
+            Value::Real(_)
+        ));
     });
 }
 
@@ -213,7 +300,11 @@ fn records_round_trip_as_the_apps_own_structs() {
         let mut t = ticket("t1", "Printer on fire");
         t.description = Some("third floor".into());
         db.write(|tx| tx.insert_record(&t)).expect("insert");
-        assert_eq!(db.get_record::<Ticket>("t1").expect("get"), Some(t.clone()), "{backend}");
+        assert_eq!(
+            db.get_record::<Ticket>("t1").expect("get"),
+            Some(t.clone()),
+            "{backend}"
+        );
         let mut t2 = t.clone();
         t2.status = "done".into();
         t2.version = 2;
@@ -251,15 +342,29 @@ fn queue_reads_transactions_and_batches_and_survives_restarts() {
         assert_eq!(db.upload_queue_len(), 12, "{backend}");
         let first = db.next_transaction().expect("tx").expect("some");
         assert_eq!(first.tx_id, 1);
-        assert_eq!(first.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3], "{backend}");
-        assert_eq!(db.next_batch(5).expect("batch").iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!(
+            first.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3],
+            "{backend}"
+        );
+        assert_eq!(
+            db.next_batch(5)
+                .expect("batch")
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
         db.complete(3).expect("complete");
         assert_eq!(db.upload_queue_len(), 9, "{backend}");
         assert_eq!(db.next_transaction().expect("tx").expect("some").tx_id, 2, "{backend}");
         // Completed entries still shape the visible state until confirmed.
         assert!(db.get("tickets", "t0-0").expect("get").is_some(), "{backend}");
         assert_eq!(db.pending_len().expect("len"), 12, "{backend}");
-        assert!(matches!(db.complete(99), Err(QueueError::InvalidSeq { .. })), "{backend}");
+        assert!(
+            matches!(db.complete(99), Err(QueueError::InvalidSeq { .. })),
+            "{backend}"
+        );
         drop(db);
 
         let db = reopen();
@@ -274,7 +379,8 @@ fn queue_reads_transactions_and_batches_and_survives_restarts() {
 
         // Seqs are never reused, even after the queue emptied and a restart.
         let db = reopen();
-        db.write(|tx| tx.insert("tickets", "late", title("late"))).expect("write");
+        db.write(|tx| tx.insert("tickets", "late", title("late")))
+            .expect("write");
         let e = db.next_transaction().expect("tx").expect("some");
         assert_eq!((e.tx_id, e.entries[0].seq), (5, 13), "{backend}");
     });
@@ -284,9 +390,16 @@ fn queue_reads_transactions_and_batches_and_survives_restarts() {
 fn confirming_rebases_remaining_writes_on_the_synced_layer() {
     each_backend(|backend, reopen| {
         let db = reopen();
-        db.write(|tx| tx.insert("tickets", "t1", row_data([("title", Value::from("mine")), ("status", Value::from("pending"))])))
+        db.write(|tx| {
+            tx.insert(
+                "tickets",
+                "t1",
+                row_data([("title", Value::from("mine")), ("status", Value::from("pending"))]),
+            )
+        })
+        .expect("write");
+        db.write(|tx| tx.update("tickets", "t1", row_data([("status", Value::from("done"))])))
             .expect("write");
-        db.write(|tx| tx.update("tickets", "t1", row_data([("status", Value::from("done"))]))).expect("write");
         db.write(|tx| tx.insert("tickets", "t2", title("two"))).expect("write");
         db.complete(1).expect("complete");
         // The server applied seq 1 and someone else changed the title.
@@ -294,14 +407,22 @@ fn confirming_rebases_remaining_writes_on_the_synced_layer() {
         server.put_synced(
             "tickets",
             "t1",
-            row_data([("title", Value::from("theirs")), ("status", Value::from("pending")), ("version", Value::from(2))]),
+            row_data([
+                ("title", Value::from("theirs")),
+                ("status", Value::from("pending")),
+                ("version", Value::from(2)),
+            ]),
         );
         db.store().apply(server).expect("apply synced");
         db.confirm_through(1).expect("confirm");
         // Pending PATCH (seq 2) replays on the new synced row.
         assert_eq!(
             db.get("tickets", "t1").expect("get"),
-            Some(row_data([("title", Value::from("theirs")), ("status", Value::from("done")), ("version", Value::from(2))])),
+            Some(row_data([
+                ("title", Value::from("theirs")),
+                ("status", Value::from("done")),
+                ("version", Value::from(2))
+            ])),
             "{backend}"
         );
         assert_eq!(db.pending_len().expect("len"), 2, "{backend}");
@@ -310,7 +431,9 @@ fn confirming_rebases_remaining_writes_on_the_synced_layer() {
         // No pending writes left: the synced layer shows through (t2 was
         // never synced, so it is gone until a checkpoint brings it).
         assert_eq!(
-            db.get("tickets", "t1").expect("get").and_then(|r| r.get("status").cloned()),
+            db.get("tickets", "t1")
+                .expect("get")
+                .and_then(|r| r.get("status").cloned()),
             Some(Value::from("pending")),
             "{backend}"
         );
@@ -323,7 +446,11 @@ fn confirming_rebases_remaining_writes_on_the_synced_layer() {
 fn limits_bound_transactions_and_the_queue() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let limits = Limits { max_ops_per_transaction: 3, max_queue_entries: 5, ..Limits::default() };
+        let limits = Limits {
+            max_ops_per_transaction: 3,
+            max_queue_entries: 5,
+            ..Limits::default()
+        };
         let db = LocalDb::open_with(open(backend, dir.path()), limits).expect("open");
         let err = db
             .write(|tx| {
@@ -335,13 +462,17 @@ fn limits_bound_transactions_and_the_queue() {
             .expect_err("too many ops");
         assert_eq!(err.to_string(), "transaction has 4 operations, over the limit of 3");
         for i in 0..5 {
-            db.write(|tx| tx.insert("tickets", &format!("t{i}"), title("x"))).expect("write");
+            db.write(|tx| tx.insert("tickets", &format!("t{i}"), title("x")))
+                .expect("write");
         }
-        let err = db.write(|tx| tx.insert("tickets", "t5", title("x"))).expect_err("queue full");
+        let err = db
+            .write(|tx| tx.insert("tickets", "t5", title("x")))
+            .expect_err("queue full");
         assert_eq!(err.kind(), ErrorKind::Transient, "{backend}");
         assert_eq!(err.to_string(), "upload queue holds 5 entries, the limit is 5");
         assert_eq!(db.scan("tickets").expect("scan").len(), 5, "{backend}");
         // Local-only writes never touch the queue, so they still go through.
-        db.write(|tx| tx.insert("drafts", "d", row_data([("body", Value::from("x"))]))).expect("local write");
+        db.write(|tx| tx.insert("drafts", "d", row_data([("body", Value::from("x"))])))
+            .expect("local write");
     }
 }

@@ -48,10 +48,14 @@
 //! that guarantee: a crash can lose the batches applied in the last flush
 //! interval (always whole batches, never part of one). Call
 //! [`SledStore::flush`] at points that must be durable. A clean drop
-//! flushes too.
+//! flushes too. If the flush after a batch fails, `apply` returns a
+//! [`StoreError::Backend`] error although the batch is already applied
+//! (reads see it); only its durability is unconfirmed.
 //!
-//! A sled database can be open in only one process at a time: opening one
-//! that is already open fails with a retryable [`StoreError::Backend`].
+//! A sled database can be open in only one process at a time. sled releases
+//! its file lock a little after a store is dropped, so opening waits up to
+//! a few seconds for the lock; a database still held after that (by another
+//! process) fails with a retryable [`StoreError::Backend`].
 
 use std::fmt;
 use std::ops::Bound;

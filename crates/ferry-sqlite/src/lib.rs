@@ -62,8 +62,8 @@ use std::time::Duration;
 
 use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
 use ferry_store::{
-    check_range, index_def, index_key, table_def, validate_batch, BatchOp, BucketOp, BucketState, OpType,
-    OverlayEntry, Rows, Store, StoreError, StoreResult, WriteBatch,
+    check_range, index_def, index_key, table_def, validate_batch, BatchOp, BucketOp, BucketState, OpType, OverlayEntry,
+    Rows, Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -136,7 +136,10 @@ impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteStore")
             .field("path", &self.path)
-            .field("tables", &self.schema.tables().map(|t| t.name.as_str()).collect::<Vec<_>>())
+            .field(
+                "tables",
+                &self.schema.tables().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -380,7 +383,10 @@ fn sync_indexes(conn: &Connection, schema: &Schema) -> StoreResult<()> {
             .map_err(sql_err)?;
         let mut rows = stmt.query([]).map_err(sql_err)?;
         while let Some(r) = rows.next().map_err(sql_err)? {
-            stored.insert((r.get(0).map_err(sql_err)?, r.get(1).map_err(sql_err)?), r.get(2).map_err(sql_err)?);
+            stored.insert(
+                (r.get(0).map_err(sql_err)?, r.get(1).map_err(sql_err)?),
+                r.get(2).map_err(sql_err)?,
+            );
         }
     }
     let mut wanted: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -392,10 +398,16 @@ fn sync_indexes(conn: &Connection, schema: &Schema) -> StoreResult<()> {
 
     for (key, columns) in &stored {
         if wanted.get(key) != Some(columns) {
-            conn.execute("DELETE FROM ferry_index WHERE tbl = ?1 AND idx = ?2", params![key.0, key.1])
-                .map_err(sql_err)?;
-            conn.execute("DELETE FROM ferry_index_defs WHERE tbl = ?1 AND idx = ?2", params![key.0, key.1])
-                .map_err(sql_err)?;
+            conn.execute(
+                "DELETE FROM ferry_index WHERE tbl = ?1 AND idx = ?2",
+                params![key.0, key.1],
+            )
+            .map_err(sql_err)?;
+            conn.execute(
+                "DELETE FROM ferry_index_defs WHERE tbl = ?1 AND idx = ?2",
+                params![key.0, key.1],
+            )
+            .map_err(sql_err)?;
         }
     }
 
@@ -559,9 +571,7 @@ impl<'c> Writer<'c> {
                 }
             }
         }
-        self.stmt(W_DELETE_ROW)?
-            .execute(params![table, id])
-            .map_err(sql_err)?;
+        self.stmt(W_DELETE_ROW)?.execute(params![table, id]).map_err(sql_err)?;
         Ok(())
     }
 
@@ -623,9 +633,7 @@ impl<'c> Writer<'c> {
                 self.stmt(W_DELETE_BUCKET_OPS)?.execute([bucket]).map_err(sql_err)?;
             }
             BatchOp::PutMeta { key, value } => {
-                self.stmt(W_PUT_META)?
-                    .execute(params![key, value])
-                    .map_err(sql_err)?;
+                self.stmt(W_PUT_META)?.execute(params![key, value]).map_err(sql_err)?;
             }
             BatchOp::DeleteMeta { key } => {
                 self.stmt(W_DELETE_META)?.execute([key]).map_err(sql_err)?;
@@ -656,7 +664,12 @@ fn row_col(r: &rusqlite::Row<'_>, i: usize) -> StoreResult<RowData> {
 }
 
 fn overlay_col(r: &rusqlite::Row<'_>, i: usize) -> StoreResult<OverlayEntry> {
-    match r.get_ref(i).map_err(sql_err)?.as_blob_or_null().map_err(|e| sql_err(e.into()))? {
+    match r
+        .get_ref(i)
+        .map_err(sql_err)?
+        .as_blob_or_null()
+        .map_err(|e| sql_err(e.into()))?
+    {
         Some(bytes) => Ok(OverlayEntry::Row(codec::decode_row(bytes)?)),
         None => Ok(OverlayEntry::Deleted),
     }

@@ -29,7 +29,10 @@ fn row(i: i64) -> RowData {
 #[test]
 #[ignore = "benchmark; run in release"]
 fn bulk_apply_is_within_2x_of_plain_insert() {
-    let n: i64 = std::env::var("FERRY_BULK_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n: i64 = std::env::var("FERRY_BULK_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let rows: Vec<(String, RowData)> = (0..n).map(|i| (format!("row-{i:010}"), row(i))).collect();
 
@@ -59,8 +62,18 @@ fn bulk_apply_is_within_2x_of_plain_insert() {
                         Value::Null => ValueRef::Null,
                     })
                 };
-                stmt.execute(rusqlite::params![id, v("c0"), v("c1"), v("c2"), v("c3"), v("c4"), v("c5"), v("c6"), v("c7")])
-                    .expect("insert");
+                stmt.execute(rusqlite::params![
+                    id,
+                    v("c0"),
+                    v("c1"),
+                    v("c2"),
+                    v("c3"),
+                    v("c4"),
+                    v("c5"),
+                    v("c6"),
+                    v("c7")
+                ])
+                .expect("insert");
             }
         }
         tx.commit().expect("commit");
@@ -89,5 +102,8 @@ fn bulk_apply_is_within_2x_of_plain_insert() {
         ferry_secs / plain_secs
     );
     assert_eq!(store.scan_synced("bulk").expect("scan").len(), n as usize);
-    assert!(ferry_secs <= 2.0 * plain_secs, "ferry {ferry_secs:.2}s vs plain {plain_secs:.2}s");
+    assert!(
+        ferry_secs <= 2.0 * plain_secs,
+        "ferry {ferry_secs:.2}s vs plain {plain_secs:.2}s"
+    );
 }

@@ -7,7 +7,9 @@ use std::ops::Bound;
 use ferry_core::{row_data, ColumnType, CrudEntry, CrudOp, RowData, Schema, Table, Value};
 use ferry_sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use ferry_store::testkit::{test_schema, Backend};
-use ferry_store::{BatchOp, BucketOp, BucketState, MemoryStore, OpType, OverlayEntry, Store, StoreError, StoreResult, WriteBatch};
+use ferry_store::{
+    BatchOp, BucketOp, BucketState, MemoryStore, OpType, OverlayEntry, Store, StoreError, StoreResult, WriteBatch,
+};
 
 #[derive(Debug, Clone, Copy, Default)]
 struct SqliteBackend;
@@ -73,7 +75,10 @@ fn dump(s: &dyn Store) -> String {
     out += &format!("queue {:?}\n", s.queue_from(0, usize::MAX).expect("queue"));
     out += &format!("queue len {}\n", s.queue_len().expect("len"));
     for (name, state) in s.buckets().expect("buckets") {
-        out += &format!("bucket {name} {state:?} {:?}\n", s.bucket_ops(&name, 0, usize::MAX).expect("ops"));
+        out += &format!(
+            "bucket {name} {state:?} {:?}\n",
+            s.bucket_ops(&name, 0, usize::MAX).expect("ops")
+        );
     }
     for k in ["k1", "k2"] {
         out += &format!("meta {k} {:?}\n", s.get_meta(k).expect("meta"));
@@ -97,7 +102,11 @@ fn both(batches: &[WriteBatch]) -> (SqliteStore, MemoryStore) {
 fn matches_memory_store_on_mixed_batches() {
     let mut b1 = WriteBatch::new();
     for i in 0..50i64 {
-        b1.put_synced("tickets", format!("t{i:03}"), ticket(["a", "b", "c"][(i % 3) as usize], (i * 13) % 17 - 8));
+        b1.put_synced(
+            "tickets",
+            format!("t{i:03}"),
+            ticket(["a", "b", "c"][(i % 3) as usize], (i * 13) % 17 - 8),
+        );
     }
     b1.put_synced("tickets", "empty", RowData::new());
     b1.put_synced("notes", "n", row_data([("body", Value::from("x\0y"))]));
@@ -105,11 +114,21 @@ fn matches_memory_store_on_mixed_batches() {
     b1.put_meta("k1", vec![]);
     b1.push(BatchOp::PutBucketOp {
         bucket: "b".into(),
-        op: BucketOp { op_id: 7, op: OpType::Clear, table: "tickets".into(), row_id: "t001".into(), checksum: u32::MAX },
+        op: BucketOp {
+            op_id: 7,
+            op: OpType::Clear,
+            table: "tickets".into(),
+            row_id: "t001".into(),
+            checksum: u32::MAX,
+        },
     });
     b1.push(BatchOp::PutBucketState {
         bucket: "b".into(),
-        state: BucketState { last_op_id: u64::MAX, checksum: u32::MAX, count: u64::MAX - 1 },
+        state: BucketState {
+            last_op_id: u64::MAX,
+            checksum: u32::MAX,
+            count: u64::MAX - 1,
+        },
     });
 
     let mut b2 = WriteBatch::new();
@@ -130,7 +149,8 @@ fn matches_memory_store_on_mixed_batches() {
     b3.put_synced("tickets", "never", ticket("a", 1)).append_queue(entry(9));
     // Refused: unknown table after valid writes.
     let mut b4 = WriteBatch::new();
-    b4.delete_synced("tickets", "t003").put_overlay("ghost", "x", OverlayEntry::Deleted);
+    b4.delete_synced("tickets", "t003")
+        .put_overlay("ghost", "x", OverlayEntry::Deleted);
 
     let mut b5 = WriteBatch::new();
     b5.delete_overlay("tickets", "t001").complete_queue(u64::MAX);
@@ -138,16 +158,33 @@ fn matches_memory_store_on_mixed_batches() {
 
     let (sqlite, memory) = both(&[b1, b2, b3, b4, b5]);
     for (lo, hi) in [
-        (Bound::Included(vec![Value::from("b")]), Bound::Excluded(vec![Value::from("c")])),
+        (
+            Bound::Included(vec![Value::from("b")]),
+            Bound::Excluded(vec![Value::from("c")]),
+        ),
         (Bound::Excluded(vec![Value::from("a")]), Bound::Unbounded),
-        (Bound::Included(vec![Value::from("b"), Value::from(3)]), Bound::Included(vec![Value::from("b"), Value::from(20)])),
-        (Bound::Included(vec![Value::from("c")]), Bound::Included(vec![Value::from("a")])),
+        (
+            Bound::Included(vec![Value::from("b"), Value::from(3)]),
+            Bound::Included(vec![Value::from("b"), Value::from(20)]),
+        ),
+        (
+            Bound::Included(vec![Value::from("c")]),
+            Bound::Included(vec![Value::from("a")]),
+        ),
     ] {
-        let a = sqlite.scan_synced_index("tickets", "by_status_version", lo.clone(), hi.clone()).expect("scan");
-        let m = memory.scan_synced_index("tickets", "by_status_version", lo.clone(), hi.clone()).expect("scan");
+        let a = sqlite
+            .scan_synced_index("tickets", "by_status_version", lo.clone(), hi.clone())
+            .expect("scan");
+        let m = memory
+            .scan_synced_index("tickets", "by_status_version", lo.clone(), hi.clone())
+            .expect("scan");
         assert_eq!(a, m, "{lo:?} {hi:?}");
-        let a = sqlite.scan_visible_index("tickets", "by_status_version", lo.clone(), hi.clone()).expect("scan");
-        let m = memory.scan_visible_index("tickets", "by_status_version", lo.clone(), hi.clone()).expect("scan");
+        let a = sqlite
+            .scan_visible_index("tickets", "by_status_version", lo.clone(), hi.clone())
+            .expect("scan");
+        let m = memory
+            .scan_visible_index("tickets", "by_status_version", lo.clone(), hi.clone())
+            .expect("scan");
         assert_eq!(a, m, "visible {lo:?} {hi:?}");
     }
 }
@@ -161,12 +198,29 @@ fn reads_with_limits_match_memory_store() {
     for op_id in [1u64, 5, 6, 20] {
         b.push(BatchOp::PutBucketOp {
             bucket: "x".into(),
-            op: BucketOp { op_id, op: OpType::Put, table: "tickets".into(), row_id: "r".into(), checksum: 1 },
+            op: BucketOp {
+                op_id,
+                op: OpType::Put,
+                table: "tickets".into(),
+                row_id: "r".into(),
+                checksum: 1,
+            },
         });
     }
     let (sqlite, memory) = both(&[b]);
-    for (from, limit) in [(0, 0), (0, 2), (4, 2), (5, 10), (13, 1), (u64::MAX, 5), (i64::MAX as u64 + 1, 5)] {
-        assert_eq!(sqlite.queue_from(from, limit).expect("q"), memory.queue_from(from, limit).expect("q"));
+    for (from, limit) in [
+        (0, 0),
+        (0, 2),
+        (4, 2),
+        (5, 10),
+        (13, 1),
+        (u64::MAX, 5),
+        (i64::MAX as u64 + 1, 5),
+    ] {
+        assert_eq!(
+            sqlite.queue_from(from, limit).expect("q"),
+            memory.queue_from(from, limit).expect("q")
+        );
     }
     for (after, limit) in [(0, 0), (0, 2), (5, 2), (20, 1), (u64::MAX, 3)] {
         assert_eq!(
@@ -183,13 +237,20 @@ fn in_memory_store_works() {
     let s = SqliteStore::open_in_memory(test_schema()).expect("open");
     assert!(s.path().is_none());
     let mut b = WriteBatch::new();
-    b.put_synced("tickets", "a", ticket("pending", 1)).append_queue(entry(1)).put_meta("k1", b"v".to_vec());
+    b.put_synced("tickets", "a", ticket("pending", 1))
+        .append_queue(entry(1))
+        .put_meta("k1", b"v".to_vec());
     s.apply(b).expect("apply");
     assert_eq!(s.get_synced("tickets", "a").expect("get"), Some(ticket("pending", 1)));
     assert_eq!(s.queue_len().expect("len"), 1);
     assert_eq!(s.get_meta("k1").expect("meta"), Some(b"v".to_vec()));
     let hits = s
-        .scan_synced_index("tickets", "by_version", Bound::Included(vec![1.into()]), Bound::Included(vec![1.into()]))
+        .scan_synced_index(
+            "tickets",
+            "by_version",
+            Bound::Included(vec![1.into()]),
+            Bound::Included(vec![1.into()]),
+        )
         .expect("scan");
     assert_eq!(hits.len(), 1);
     // Two in-memory stores are independent.
@@ -222,13 +283,18 @@ fn reopening_with_changed_indexes_rebuilds_them() {
     let path = dir.path().join("ferry.db");
     let rows = [("a", "x", 3), ("b", "z", 1), ("c", "y", 2)];
     {
-        let s = SqliteStore::open(&path, schema_with(&[("by_title", &["title"]), ("by_x", &["status"])])).expect("open");
+        let s =
+            SqliteStore::open(&path, schema_with(&[("by_title", &["title"]), ("by_x", &["status"])])).expect("open");
         let mut b = WriteBatch::new();
         for (id, title, version) in rows {
             b.put_synced(
                 "tickets",
                 id,
-                row_data([("title", Value::from(title)), ("status", Value::from(version)), ("version", Value::from(version))]),
+                row_data([
+                    ("title", Value::from(title)),
+                    ("status", Value::from(version)),
+                    ("version", Value::from(version)),
+                ]),
             );
         }
         s.apply(b).expect("apply");
@@ -237,7 +303,11 @@ fn reopening_with_changed_indexes_rebuilds_them() {
     // by_title unchanged, by_x now on another column, by_version new.
     let s = SqliteStore::open(
         &path,
-        schema_with(&[("by_title", &["title"]), ("by_x", &["version"]), ("by_version", &["version"])]),
+        schema_with(&[
+            ("by_title", &["title"]),
+            ("by_x", &["version"]),
+            ("by_version", &["version"]),
+        ]),
     )
     .expect("reopen");
     assert_eq!(index_ids(&s, "by_title"), ["a", "c", "b"]);
@@ -248,9 +318,14 @@ fn reopening_with_changed_indexes_rebuilds_them() {
     // (including rows written while the index did not exist).
     {
         let s = SqliteStore::open(&path, schema_with(&[])).expect("reopen");
-        s.apply(WriteBatch::new().put_synced("tickets", "d", row_data([("version", Value::from(0))])).clone())
+        s.apply(
+            WriteBatch::new()
+                .put_synced("tickets", "d", row_data([("version", Value::from(0))]))
+                .clone(),
+        )
+        .expect("apply");
+        s.apply(WriteBatch::new().delete_synced("tickets", "a").clone())
             .expect("apply");
-        s.apply(WriteBatch::new().delete_synced("tickets", "a").clone()).expect("apply");
     }
     let s = SqliteStore::open(&path, schema_with(&[("by_version", &["version"])])).expect("reopen");
     assert_eq!(index_ids(&s, "by_version"), ["d", "b", "c"]);
@@ -264,22 +339,36 @@ fn reopening_with_changed_indexes_rebuilds_them() {
 fn seqs_and_op_ids_above_i64_max_are_refused_cleanly() {
     let s = SqliteStore::open_in_memory(test_schema()).expect("open");
     let mut b = WriteBatch::new();
-    b.put_synced("tickets", "a", ticket("pending", 1)).append_queue(entry(i64::MAX as u64 + 1));
+    b.put_synced("tickets", "a", ticket("pending", 1))
+        .append_queue(entry(i64::MAX as u64 + 1));
     let err = s.apply(b).expect_err("too large");
     assert!(matches!(err, StoreError::Backend { retryable: false, .. }), "{err}");
-    assert_eq!(s.get_synced("tickets", "a").expect("get"), None, "the batch rolled back");
+    assert_eq!(
+        s.get_synced("tickets", "a").expect("get"),
+        None,
+        "the batch rolled back"
+    );
 
     let mut b = WriteBatch::new();
     b.push(BatchOp::PutBucketOp {
         bucket: "b".into(),
-        op: BucketOp { op_id: u64::MAX, op: OpType::Put, table: "t".into(), row_id: "r".into(), checksum: 0 },
+        op: BucketOp {
+            op_id: u64::MAX,
+            op: OpType::Put,
+            table: "t".into(),
+            row_id: "r".into(),
+            checksum: 0,
+        },
     });
     assert!(s.apply(b).is_err());
 
     // The largest supported values work and order correctly.
     let mut b = WriteBatch::new();
     b.append_queue(entry(1)).append_queue(entry(i64::MAX as u64));
-    b.push(BatchOp::DeleteBucketOp { bucket: "b".into(), op_id: u64::MAX });
+    b.push(BatchOp::DeleteBucketOp {
+        bucket: "b".into(),
+        op_id: u64::MAX,
+    });
     s.apply(b).expect("apply");
     let seqs: Vec<u64> = s.queue_from(0, 10).expect("q").iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [1, i64::MAX as u64]);
@@ -289,10 +378,15 @@ fn seqs_and_op_ids_above_i64_max_are_refused_cleanly() {
 fn options_are_accepted_and_data_is_durable_across_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ferry.db");
-    let options = SqliteOptions { synchronous: Synchronous::Full, cache_size_kib: 1024, busy_timeout_ms: 100 };
+    let options = SqliteOptions {
+        synchronous: Synchronous::Full,
+        cache_size_kib: 1024,
+        busy_timeout_ms: 100,
+    };
     {
         let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
-        s.apply(WriteBatch::new().put_meta("k1", b"v".to_vec()).clone()).expect("apply");
+        s.apply(WriteBatch::new().put_meta("k1", b"v".to_vec()).clone())
+            .expect("apply");
     }
     let s = SqliteStore::open(&path, test_schema()).expect("reopen");
     assert_eq!(s.get_meta("k1").expect("meta"), Some(b"v".to_vec()));
@@ -303,14 +397,20 @@ fn options_are_accepted_and_data_is_durable_across_reopen() {
 fn a_held_write_lock_gives_a_retryable_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ferry.db");
-    let options = SqliteOptions { busy_timeout_ms: 10, ..SqliteOptions::default() };
+    let options = SqliteOptions {
+        busy_timeout_ms: 10,
+        ..SqliteOptions::default()
+    };
     let a = SqliteStore::open_with(&path, test_schema(), options).expect("open");
     let locker = rusqlite_connection(&path);
     locker.execute_batch("BEGIN IMMEDIATE").expect("lock");
-    let err = a.apply(WriteBatch::new().put_meta("k1", vec![1]).clone()).expect_err("busy");
+    let err = a
+        .apply(WriteBatch::new().put_meta("k1", vec![1]).clone())
+        .expect_err("busy");
     assert!(matches!(err, StoreError::Backend { retryable: true, .. }), "{err}");
     locker.execute_batch("ROLLBACK").expect("unlock");
-    a.apply(WriteBatch::new().put_meta("k1", vec![1]).clone()).expect("apply after unlock");
+    a.apply(WriteBatch::new().put_meta("k1", vec![1]).clone())
+        .expect("apply after unlock");
 }
 
 fn rusqlite_connection(path: &std::path::Path) -> rusqlite::Connection {

@@ -270,10 +270,7 @@ impl WriteBatch {
 
     /// Set a metadata value.
     pub fn put_meta(&mut self, key: impl Into<String>, value: Vec<u8>) -> &mut Self {
-        self.push(BatchOp::PutMeta {
-            key: key.into(),
-            value,
-        })
+        self.push(BatchOp::PutMeta { key: key.into(), value })
     }
 }
 
@@ -416,10 +413,8 @@ pub trait Store: Send + Sync + fmt::Debug {
         if overlay.is_empty() {
             return Ok(synced);
         }
-        let mut merged: BTreeMap<String, RowData> = synced
-            .into_iter()
-            .filter(|(id, _)| !overlay.contains_key(id))
-            .collect();
+        let mut merged: BTreeMap<String, RowData> =
+            synced.into_iter().filter(|(id, _)| !overlay.contains_key(id)).collect();
         for (id, entry) in overlay {
             if let OverlayEntry::Row(r) = entry {
                 merged.insert(id, r);
@@ -484,11 +479,7 @@ pub fn index_def<'a>(schema: &'a Schema, table: &str, index: &str) -> StoreResul
 
 /// Check that range bounds fit an index: each bound has at most as many
 /// values as the index has columns.
-pub fn check_range(
-    index: &ferry_core::Index,
-    lower: &Bound<Vec<Value>>,
-    upper: &Bound<Vec<Value>>,
-) -> StoreResult<()> {
+pub fn check_range(index: &ferry_core::Index, lower: &Bound<Vec<Value>>, upper: &Bound<Vec<Value>>) -> StoreResult<()> {
     for b in [lower, upper] {
         if let Bound::Included(v) | Bound::Excluded(v) = b {
             if v.len() > index.columns.len() {

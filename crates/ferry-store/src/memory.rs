@@ -240,13 +240,7 @@ impl Store for MemoryStore {
     }
 
     fn buckets(&self) -> StoreResult<Vec<(String, BucketState)>> {
-        Ok(self
-            .state
-            .read()
-            .buckets
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect())
+        Ok(self.state.read().buckets.iter().map(|(k, v)| (k.clone(), *v)).collect())
     }
 
     fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>> {

@@ -126,7 +126,12 @@ pub fn synced_rows_put_get_delete<B: Backend>(b: &B) {
     assert_eq!(s.get_synced("tickets", "a").expect("get"), Some(ticket("done", 2)));
     // Same id in another table is another row.
     assert_eq!(s.get_synced("notes", "a").expect("get"), None);
-    apply(&s, WriteBatch::new().delete_synced("tickets", "a").delete_synced("tickets", "missing"));
+    apply(
+        &s,
+        WriteBatch::new()
+            .delete_synced("tickets", "a")
+            .delete_synced("tickets", "missing"),
+    );
     assert_eq!(s.get_synced("tickets", "a").expect("get"), None);
     // Every value type round-trips, including empty and odd ones.
     let odd = row_data([
@@ -283,7 +288,12 @@ pub fn index_entries_follow_updates_and_deletes<B: Backend>(b: &B) {
     apply(&s, &batch);
     check_index_cases(&s);
     let hits = s
-        .scan_synced_index("tickets", "by_version", Bound::Included(vec![50.into()]), Bound::Included(vec![51.into()]))
+        .scan_synced_index(
+            "tickets",
+            "by_version",
+            Bound::Included(vec![50.into()]),
+            Bound::Included(vec![51.into()]),
+        )
         .expect("scan");
     assert_eq!(ids(&hits), ["t02"]);
 }
@@ -310,10 +320,16 @@ pub fn overlay_shapes_the_visible_state<B: Backend>(b: &B) {
     assert_eq!(s.get_visible("tickets", "b").expect("get"), None);
     assert_eq!(s.get_overlay("tickets", "b").expect("get"), Some(OverlayEntry::Deleted));
     assert_eq!(s.get_visible("tickets", "c").expect("get"), Some(ticket("pending", 3)));
-    assert_eq!(s.get_visible("tickets", "new").expect("get"), Some(ticket("pending", 0)));
+    assert_eq!(
+        s.get_visible("tickets", "new").expect("get"),
+        Some(ticket("pending", 0))
+    );
     assert_eq!(ids(&s.scan_visible("tickets").expect("scan")), ["a", "c", "new"]);
     let overlay = s.scan_overlay("tickets").expect("scan");
-    assert_eq!(overlay.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["a", "b", "new"]);
+    assert_eq!(
+        overlay.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "new"]
+    );
 
     let pending = s
         .scan_visible_index(
@@ -329,7 +345,12 @@ pub fn overlay_shapes_the_visible_state<B: Backend>(b: &B) {
         .expect("scan");
     assert_eq!(ids(&by_version), ["new", "c", "a"]);
 
-    apply(&s, WriteBatch::new().delete_overlay("tickets", "a").delete_overlay("tickets", "b"));
+    apply(
+        &s,
+        WriteBatch::new()
+            .delete_overlay("tickets", "a")
+            .delete_overlay("tickets", "b"),
+    );
     assert_eq!(s.get_visible("tickets", "a").expect("get"), Some(ticket("pending", 1)));
     assert_eq!(ids(&s.scan_visible("tickets").expect("scan")), ["a", "b", "c", "new"]);
 }
@@ -350,7 +371,10 @@ pub fn queue_keeps_order_and_completes<B: Backend>(b: &B) {
     batch.append_queue(CrudEntry {
         seq: 7,
         tx_id: 2,
-        op: CrudOp::Delete { table: "tickets".into(), id: "r1".into() },
+        op: CrudOp::Delete {
+            table: "tickets".into(),
+            id: "r1".into(),
+        },
         previous: Some(ticket("pending", 1)),
         metadata: None,
     });
@@ -377,7 +401,14 @@ pub fn queue_keeps_order_and_completes<B: Backend>(b: &B) {
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [7]);
     apply(&s, WriteBatch::new().complete_queue(5));
     assert_eq!(s.queue_len().expect("len"), 2);
-    assert_eq!(s.queue_from(0, 100).expect("read").iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 300]);
+    assert_eq!(
+        s.queue_from(0, 100)
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        [7, 300]
+    );
     apply(&s, WriteBatch::new().complete_queue(4));
     assert_eq!(s.queue_len().expect("len"), 2);
     apply(&s, WriteBatch::new().complete_queue(u64::MAX >> 1));
@@ -409,7 +440,10 @@ fn snapshot(s: &dyn Store) -> String {
     }
     out += &format!("queue {:?}\n", s.queue_from(0, usize::MAX).expect("queue"));
     for (name, state) in s.buckets().expect("buckets") {
-        out += &format!("bucket {name} {state:?} {:?}\n", s.bucket_ops(&name, 0, usize::MAX).expect("ops"));
+        out += &format!(
+            "bucket {name} {state:?} {:?}\n",
+            s.bucket_ops(&name, 0, usize::MAX).expect("ops")
+        );
     }
     for k in ["k1", "k2"] {
         out += &format!("meta {k} {:?}\n", s.get_meta(k).expect("meta"));
@@ -432,13 +466,25 @@ fn every_kind_of_write(seq: u64) -> WriteBatch {
         .put_meta("k1", b"changed".to_vec());
     batch.push(BatchOp::PutBucketOp {
         bucket: "global".into(),
-        op: BucketOp { op_id: 99, op: OpType::Put, table: "tickets".into(), row_id: "x".into(), checksum: 5 },
+        op: BucketOp {
+            op_id: 99,
+            op: OpType::Put,
+            table: "tickets".into(),
+            row_id: "x".into(),
+            checksum: 5,
+        },
     });
     batch.push(BatchOp::PutBucketState {
         bucket: "global".into(),
-        state: BucketState { last_op_id: 99, checksum: 5, count: 1 },
+        state: BucketState {
+            last_op_id: 99,
+            checksum: 5,
+            count: 1,
+        },
     });
-    batch.push(BatchOp::DeleteBucket { bucket: "user/1".into() });
+    batch.push(BatchOp::DeleteBucket {
+        bucket: "user/1".into(),
+    });
     batch
 }
 
@@ -453,7 +499,10 @@ pub fn failed_batch_changes_nothing<B: Backend>(b: &B) {
         .append_queue(put_entry(1, 1, "a"))
         .append_queue(put_entry(2, 1, "b"))
         .put_meta("k1", b"v1".to_vec());
-    setup.push(BatchOp::PutBucketState { bucket: "user/1".into(), state: BucketState::default() });
+    setup.push(BatchOp::PutBucketState {
+        bucket: "user/1".into(),
+        state: BucketState::default(),
+    });
     apply(&s, &setup);
     let before = snapshot(&s);
 
@@ -486,7 +535,14 @@ pub fn bucket_ops_and_state<B: Backend>(b: &B) {
     };
     let mut batch = WriteBatch::new();
     for (bucket, ops) in [
-        ("global", vec![op(3, OpType::Put, "a"), op(1, OpType::Put, "b"), op(8, OpType::Remove, "a")]),
+        (
+            "global",
+            vec![
+                op(3, OpType::Put, "a"),
+                op(1, OpType::Put, "b"),
+                op(8, OpType::Remove, "a"),
+            ],
+        ),
         ("user/ann", vec![op(2, OpType::Put, "c"), op(9, OpType::Clear, "")]),
         ("user/ann/x", vec![op(4, OpType::Move, "c")]),
     ] {
@@ -495,9 +551,15 @@ pub fn bucket_ops_and_state<B: Backend>(b: &B) {
             state.last_op_id = state.last_op_id.max(o.op_id);
             state.checksum = state.checksum.wrapping_add(o.checksum);
             state.count += 1;
-            batch.push(BatchOp::PutBucketOp { bucket: bucket.into(), op: o });
+            batch.push(BatchOp::PutBucketOp {
+                bucket: bucket.into(),
+                op: o,
+            });
         }
-        batch.push(BatchOp::PutBucketState { bucket: bucket.into(), state });
+        batch.push(BatchOp::PutBucketState {
+            bucket: bucket.into(),
+            state,
+        });
     }
     apply(&s, &batch);
     let names: Vec<String> = s.buckets().expect("buckets").into_iter().map(|(n, _)| n).collect();
@@ -505,13 +567,19 @@ pub fn bucket_ops_and_state<B: Backend>(b: &B) {
     let global = s.bucket_ops("global", 0, 10).expect("ops");
     assert_eq!(global.iter().map(|o| o.op_id).collect::<Vec<_>>(), [1, 3, 8]);
     assert_eq!(global[2], op(8, OpType::Remove, "a"));
-    assert_eq!(s.bucket_ops("global", 1, 1).expect("ops"), vec![op(3, OpType::Put, "a")]);
+    assert_eq!(
+        s.bucket_ops("global", 1, 1).expect("ops"),
+        vec![op(3, OpType::Put, "a")]
+    );
     assert_eq!(s.bucket_ops("user/ann", 0, 10).expect("ops").len(), 2);
     assert_eq!(
         s.bucket_state("global").expect("state"),
         Some(BucketState {
             last_op_id: 8,
-            checksum: op(1, OpType::Put, "").checksum.wrapping_add(op(3, OpType::Put, "").checksum).wrapping_add(op(8, OpType::Put, "").checksum),
+            checksum: op(1, OpType::Put, "")
+                .checksum
+                .wrapping_add(op(3, OpType::Put, "").checksum)
+                .wrapping_add(op(8, OpType::Put, "").checksum),
             count: 3
         })
     );
@@ -519,10 +587,21 @@ pub fn bucket_ops_and_state<B: Backend>(b: &B) {
     assert!(s.bucket_ops("nope", 0, 10).expect("ops").is_empty());
 
     let mut batch = WriteBatch::new();
-    batch.push(BatchOp::DeleteBucketOp { bucket: "global".into(), op_id: 3 });
-    batch.push(BatchOp::DeleteBucketOp { bucket: "global".into(), op_id: 77 });
-    batch.push(BatchOp::PutBucketOp { bucket: "global".into(), op: op(1, OpType::Move, "b") });
-    batch.push(BatchOp::DeleteBucket { bucket: "user/ann".into() });
+    batch.push(BatchOp::DeleteBucketOp {
+        bucket: "global".into(),
+        op_id: 3,
+    });
+    batch.push(BatchOp::DeleteBucketOp {
+        bucket: "global".into(),
+        op_id: 77,
+    });
+    batch.push(BatchOp::PutBucketOp {
+        bucket: "global".into(),
+        op: op(1, OpType::Move, "b"),
+    });
+    batch.push(BatchOp::DeleteBucket {
+        bucket: "user/ann".into(),
+    });
     apply(&s, &batch);
     let global = s.bucket_ops("global", 0, 10).expect("ops");
     assert_eq!(global, vec![op(1, OpType::Move, "b"), op(8, OpType::Remove, "a")]);
@@ -537,7 +616,10 @@ pub fn metadata_round_trips<B: Backend>(b: &B) {
     let loc = b.fresh();
     let s = open(b, &loc);
     assert_eq!(s.get_meta("k1").expect("meta"), None);
-    apply(&s, WriteBatch::new().put_meta("k1", vec![]).put_meta("k2", vec![0, 255, 1]));
+    apply(
+        &s,
+        WriteBatch::new().put_meta("k1", vec![]).put_meta("k2", vec![0, 255, 1]),
+    );
     assert_eq!(s.get_meta("k1").expect("meta"), Some(vec![]));
     assert_eq!(s.get_meta("k2").expect("meta"), Some(vec![0, 255, 1]));
     apply(&s, WriteBatch::new().put_meta("k2", b"new".to_vec()));
@@ -554,7 +636,12 @@ pub fn everything_survives_reopen<B: Backend>(b: &B) {
     let before = {
         let s = open(b, &loc);
         load_index_fixture(&s);
-        apply(&s, WriteBatch::new().append_queue(put_entry(1, 1, "a")).put_meta("k2", b"v".to_vec()));
+        apply(
+            &s,
+            WriteBatch::new()
+                .append_queue(put_entry(1, 1, "a"))
+                .put_meta("k2", b"v".to_vec()),
+        );
         apply(&s, &every_kind_of_write(2));
         snapshot(&s)
     };
@@ -569,11 +656,25 @@ pub fn reopen_with_new_index_rebuilds_it<B: Backend>(b: &B) {
     let loc = b.fresh();
     {
         let s = b
-            .open(&loc, Schema::new([Table::new("tickets").column("title", ColumnType::Text).column("version", ColumnType::Integer).index("by_title", &["title"])]).expect("schema"))
+            .open(
+                &loc,
+                Schema::new([Table::new("tickets")
+                    .column("title", ColumnType::Text)
+                    .column("version", ColumnType::Integer)
+                    .index("by_title", &["title"])])
+                .expect("schema"),
+            )
             .expect("open");
         let mut batch = WriteBatch::new();
         for i in 0..20i64 {
-            batch.put_synced("tickets", format!("t{i:02}"), row_data([("title", Value::from(format!("x{}", 20 - i))), ("version", Value::from(i % 4))]));
+            batch.put_synced(
+                "tickets",
+                format!("t{i:02}"),
+                row_data([
+                    ("title", Value::from(format!("x{}", 20 - i))),
+                    ("version", Value::from(i % 4)),
+                ]),
+            );
         }
         apply(&s, &batch);
     }
@@ -584,7 +685,12 @@ pub fn reopen_with_new_index_rebuilds_it<B: Backend>(b: &B) {
     .expect("schema");
     let s = b.open(&loc, schema).expect("reopen");
     let hits = s
-        .scan_synced_index("tickets", "by_version", Bound::Included(vec![Value::from(2)]), Bound::Included(vec![Value::from(2)]))
+        .scan_synced_index(
+            "tickets",
+            "by_version",
+            Bound::Included(vec![Value::from(2)]),
+            Bound::Included(vec![Value::from(2)]),
+        )
         .expect("scan");
     assert_eq!(ids(&hits), ["t02", "t06", "t10", "t14", "t18"]);
     assert!(matches!(
@@ -592,9 +698,17 @@ pub fn reopen_with_new_index_rebuilds_it<B: Backend>(b: &B) {
         Err(StoreError::UnknownIndex { .. })
     ));
     // And updates after the rebuild keep the new index right.
-    apply(&s, WriteBatch::new().put_synced("tickets", "t02", row_data([("version", Value::from(3))])));
+    apply(
+        &s,
+        WriteBatch::new().put_synced("tickets", "t02", row_data([("version", Value::from(3))])),
+    );
     let hits = s
-        .scan_synced_index("tickets", "by_version", Bound::Included(vec![Value::from(2)]), Bound::Included(vec![Value::from(2)]))
+        .scan_synced_index(
+            "tickets",
+            "by_version",
+            Bound::Included(vec![Value::from(2)]),
+            Bound::Included(vec![Value::from(2)]),
+        )
         .expect("scan");
     assert_eq!(ids(&hits), ["t06", "t10", "t14", "t18"]);
 }
@@ -614,9 +728,17 @@ pub fn unknown_names_are_errors<B: Backend>(b: &B) {
         .expect_err("unknown index");
     assert_eq!(err.to_string(), "unknown index \"by_nothing\" on table \"tickets\"");
     let err = s
-        .scan_synced_index("tickets", "by_status", Bound::Included(vec!["a".into(), 1.into()]), Bound::Unbounded)
+        .scan_synced_index(
+            "tickets",
+            "by_status",
+            Bound::Included(vec!["a".into(), 1.into()]),
+            Bound::Unbounded,
+        )
         .expect_err("bound too long");
-    assert_eq!(err.to_string(), "range bound has 2 values but index \"by_status\" has 1 columns");
+    assert_eq!(
+        err.to_string(),
+        "range bound has 2 values but index \"by_status\" has 1 columns"
+    );
 }
 
 /// A batch of many thousands of rows applies in one piece.
@@ -626,7 +748,11 @@ pub fn large_batch_applies_atomically<B: Backend>(b: &B) {
     let n = 20_000i64;
     let mut batch = WriteBatch::with_capacity(n as usize + 1);
     for i in 0..n {
-        batch.put_synced("tickets", format!("{i:08}"), ticket(if i % 3 == 0 { "pending" } else { "done" }, i));
+        batch.put_synced(
+            "tickets",
+            format!("{i:08}"),
+            ticket(if i % 3 == 0 { "pending" } else { "done" }, i),
+        );
     }
     let mut bad = batch.clone();
     bad.put_synced("nope", "x", RowData::new());
@@ -635,7 +761,12 @@ pub fn large_batch_applies_atomically<B: Backend>(b: &B) {
     apply(&s, &batch);
     assert_eq!(s.scan_synced("tickets").expect("scan").len(), n as usize);
     let pending = s
-        .scan_synced_index("tickets", "by_status", Bound::Included(vec!["pending".into()]), Bound::Included(vec!["pending".into()]))
+        .scan_synced_index(
+            "tickets",
+            "by_status",
+            Bound::Included(vec!["pending".into()]),
+            Bound::Included(vec!["pending".into()]),
+        )
         .expect("scan");
     assert_eq!(pending.len(), (n as usize).div_ceil(3));
 }
@@ -740,7 +871,9 @@ impl Model {
         prop_assert_eq!(&s.scan_overlay("tickets").map_err(fail)?, &overlay);
         for (index, range) in index_cases() {
             let expected = expected_index_scan(s.schema(), &rows, index, &range);
-            let got = s.scan_synced_index("tickets", index, range.0.clone(), range.1.clone()).map_err(fail)?;
+            let got = s
+                .scan_synced_index("tickets", index, range.0.clone(), range.1.clone())
+                .map_err(fail)?;
             prop_assert_eq!(got, expected, "index {} {:?}", index, range);
         }
         let queue: Vec<CrudEntry> = self.queue.values().cloned().collect();
@@ -749,7 +882,12 @@ impl Model {
         let buckets: Vec<(String, BucketState)> = self.buckets.iter().map(|(k, v)| (k.clone(), *v)).collect();
         prop_assert_eq!(&s.buckets().map_err(fail)?, &buckets);
         for bucket in ["b1", "b2"] {
-            let ops: Vec<BucketOp> = self.ops.iter().filter(|((b, _), _)| b == bucket).map(|(_, o)| o.clone()).collect();
+            let ops: Vec<BucketOp> = self
+                .ops
+                .iter()
+                .filter(|((b, _), _)| b == bucket)
+                .map(|(_, o)| o.clone())
+                .collect();
             prop_assert_eq!(&s.bucket_ops(bucket, 0, usize::MAX).map_err(fail)?, &ops);
         }
         for key in ["m1", "m2"] {

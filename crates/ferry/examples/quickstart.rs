@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     let db = LocalDb::open(Arc::new(store))?;
     println!("opened {}", path.display());
 
-    let run = db.upload_queue_len() + 1;
+    let run = db.scan("tickets")?.len() + 1;
     let id = format!("ticket-{run}");
     db.write(|tx| {
         tx.insert_record(&Ticket {
@@ -60,13 +60,24 @@ fn main() -> anyhow::Result<()> {
     for t in db.scan_records::<Ticket>()? {
         println!("  {:<10} {:<12} {}", t.id, t.status, t.title);
     }
-    println!("\nupload queue ({} entries waiting for the server):", db.upload_queue_len());
+    println!(
+        "\nupload queue ({} entries waiting for the server):",
+        db.upload_queue_len()
+    );
     for e in db.next_batch(20)? {
         let data = match &e.op {
             CrudOp::Put { data, .. } | CrudOp::Patch { data, .. } => serde_json::to_string(data)?,
             CrudOp::Delete { .. } => String::new(),
         };
-        println!("  seq {:>3} tx {:>3} {:<6} {}/{} {}", e.seq, e.tx_id, e.op.kind_name(), e.op.table(), e.op.id(), data);
+        println!(
+            "  seq {:>3} tx {:>3} {:<6} {}/{} {}",
+            e.seq,
+            e.tx_id,
+            e.op.kind_name(),
+            e.op.table(),
+            e.op.id(),
+            data
+        );
     }
     println!("\nrun again: the queue keeps growing until a sync server takes it (next issue).");
     Ok(())
