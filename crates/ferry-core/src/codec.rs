@@ -9,6 +9,7 @@
 
 use std::ops::Bound;
 
+use crate::clock::HlcTimestamp;
 use crate::error::CoreError;
 use crate::op::{CrudEntry, CrudOp};
 use crate::value::{RowData, Value};
@@ -100,6 +101,15 @@ pub fn encode_entry(e: &CrudEntry) -> Vec<u8> {
         Some(m) => {
             out.push(1);
             put_bytes(&mut out, m.as_bytes());
+        }
+        None => out.push(0),
+    }
+    match &e.hlc {
+        Some(h) => {
+            out.push(1);
+            put_varint(&mut out, h.wall_ms);
+            put_varint(&mut out, u64::from(h.counter));
+            put_bytes(&mut out, h.node.as_bytes());
         }
         None => out.push(0),
     }
@@ -233,6 +243,18 @@ pub fn decode_entry(buf: &[u8]) -> Result<CrudEntry, CoreError> {
         0 => None,
         _ => Some(r.string()?),
     };
+    let hlc = match r.byte()? {
+        0 => None,
+        _ => {
+            let wall_ms = r.varint()?;
+            let counter = u32::try_from(r.varint()?).map_err(|_| corrupt("hlc counter overflow"))?;
+            Some(HlcTimestamp {
+                wall_ms,
+                counter,
+                node: r.string()?,
+            })
+        }
+    };
     r.finish()?;
     Ok(CrudEntry {
         seq,
@@ -240,15 +262,17 @@ pub fn decode_entry(buf: &[u8]) -> Result<CrudEntry, CoreError> {
         op,
         previous,
         metadata,
+        hlc,
     })
 }
 
 // ----- order-preserving index keys -----
 
-/// Bytes in an index key never reach this value (tags are 1..=5, escaped
-/// strings never contain 0xFF unescaped after a 0x00 terminator, and row ids
-/// are UTF-8, which has no 0xFF byte), so `prefix + [0xFF]` is greater than
-/// every key that starts with `prefix`.
+/// Appended to an encoded prefix to get a key greater than every key that
+/// starts with that prefix. Only the byte right after a complete prefix
+/// matters, and that byte is always either a value tag (1..=5) or the first
+/// byte of the row id, which is UTF-8 and so never 0xFF. (Bytes inside an
+/// encoded value can be 0xFF; they never sit at that position.)
 const KEY_SUCCESSOR: u8 = 0xFF;
 
 fn put_escaped(out: &mut Vec<u8>, b: &[u8]) {
@@ -403,6 +427,11 @@ mod tests {
             },
             previous: Some(crate::value::row_data([("status", Value::from("pending"))])),
             metadata: Some("{\"who\":\"ann\"}".into()),
+            hlc: Some(HlcTimestamp {
+                wall_ms: 1_700_000_000_000,
+                counter: 3,
+                node: "client-1".into(),
+            }),
         };
         assert_eq!(decode_entry(&encode_entry(&e)).expect("decode"), e);
     }

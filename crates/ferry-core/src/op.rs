@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::HlcTimestamp;
 use crate::value::RowData;
 
 /// One local change to one row.
@@ -97,6 +98,10 @@ pub struct CrudEntry {
     /// Free-form metadata the app attached to the write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<String>,
+    /// When the write was made, on the client's hybrid logical clock
+    /// (orders concurrent writes for last-write-wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hlc: Option<HlcTimestamp>,
 }
 
 #[cfg(test)]
@@ -135,6 +140,7 @@ mod tests {
             },
             previous: None,
             metadata: None,
+            hlc: None,
         };
         let s = serde_json::to_string(&e).expect("serialize");
         assert_eq!(s, r#"{"seq":7,"tx_id":3,"op":"DELETE","table":"t","id":"r"}"#);

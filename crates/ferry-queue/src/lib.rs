@@ -25,7 +25,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use ferry_core::{CoreError, CrudEntry, CrudOp, ErrorKind, Limits, RowData, Schema, Table, Value};
+use ferry_core::{
+    Clock, CoreError, CrudEntry, CrudOp, ErrorKind, HlcTimestamp, HybridClock, Limits, RandomSource, RowData, Schema,
+    SeededRandom, SystemClock, Table, Value,
+};
 use ferry_store::{OverlayEntry, Store, StoreError, WriteBatch};
 use parking_lot::Mutex;
 use thiserror::Error;
@@ -38,6 +41,8 @@ pub use record::{record_from_row, record_to_row, Record};
 pub const META_NEXT_SEQ: &str = "ferry.queue.next_seq";
 /// Metadata key holding the next local transaction id.
 pub const META_NEXT_TX: &str = "ferry.queue.next_tx_id";
+/// Metadata key holding this database's client id.
+pub const META_CLIENT_ID: &str = "ferry.client_id";
 /// Metadata key holding the last seq the server answered for.
 pub const META_COMPLETED_THROUGH: &str = "ferry.queue.completed_through";
 
@@ -148,6 +153,8 @@ struct Counters {
 pub struct LocalDb {
     store: Arc<dyn Store>,
     limits: Limits,
+    client_id: String,
+    hlc: HybridClock<Arc<dyn Clock>>,
     counters: Mutex<Counters>,
 }
 
@@ -167,14 +174,58 @@ fn read_u64_meta(store: &dyn Store, key: &str) -> QueueResult<Option<u64>> {
 /// Read queue entries in pages from `from_seq`.
 const PAGE_ENTRIES: usize = 1024;
 
+/// How a [`LocalDb`] is opened.
+#[derive(Clone, Debug)]
+pub struct LocalDbOptions {
+    /// Bounds on writes and the queue.
+    pub limits: Limits,
+    /// Wall time for the hybrid logical clock that stamps every write.
+    pub clock: Arc<dyn Clock>,
+    /// Seed for the client id generated on first open (ignored once the
+    /// store holds one). `None` derives one from the clock.
+    pub client_id_seed: Option<u64>,
+    /// Accepted skew of remote timestamps, for [`LocalDb::observe`].
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for LocalDbOptions {
+    fn default() -> Self {
+        LocalDbOptions {
+            limits: Limits::default(),
+            clock: Arc::new(SystemClock),
+            client_id_seed: None,
+            max_clock_skew_ms: 5 * 60 * 1000,
+        }
+    }
+}
+
 impl LocalDb {
-    /// Open over a store with default limits.
+    /// Open over a store with default options.
     pub fn open(store: Arc<dyn Store>) -> QueueResult<Self> {
-        Self::open_with(store, Limits::default())
+        Self::open_with(store, LocalDbOptions::default())
     }
 
-    /// Open over a store with the given limits.
-    pub fn open_with(store: Arc<dyn Store>, limits: Limits) -> QueueResult<Self> {
+    /// Open over a store.
+    pub fn open_with(store: Arc<dyn Store>, options: LocalDbOptions) -> QueueResult<Self> {
+        let LocalDbOptions {
+            limits,
+            clock,
+            client_id_seed,
+            max_clock_skew_ms,
+        } = options;
+        let client_id = match store.get_meta(META_CLIENT_ID)? {
+            Some(bytes) => String::from_utf8(bytes)
+                .map_err(|_| StoreError::Corrupt(format!("metadata {META_CLIENT_ID} is not utf-8")))?,
+            None => {
+                let seed = client_id_seed.unwrap_or_else(|| clock.now_ms() ^ u64::from(std::process::id()) << 40);
+                let id = SeededRandom::new(seed).uuid();
+                let mut batch = WriteBatch::new();
+                batch.put_meta(META_CLIENT_ID, id.clone().into_bytes());
+                store.apply(batch)?;
+                id
+            }
+        };
+        let hlc = HybridClock::new(clock, client_id.clone(), max_clock_skew_ms);
         let last_queued = last_queued_seq(store.as_ref())?;
         let next_seq = read_u64_meta(store.as_ref(), META_NEXT_SEQ)?
             .unwrap_or(1)
@@ -194,6 +245,8 @@ impl LocalDb {
         Ok(LocalDb {
             store,
             limits,
+            client_id,
+            hlc,
             counters: Mutex::new(Counters {
                 next_seq,
                 next_tx_id,
@@ -211,6 +264,17 @@ impl LocalDb {
     /// The schema.
     pub fn schema(&self) -> &Schema {
         self.store.schema()
+    }
+
+    /// This database's client id: generated on first open, then stored.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Take in a timestamp seen from elsewhere (the server), so later local
+    /// writes order after it.
+    pub fn observe(&self, remote: &HlcTimestamp) -> QueueResult<()> {
+        Ok(self.hlc.observe(remote)?)
     }
 
     /// The limits in force.
@@ -300,6 +364,7 @@ impl LocalDb {
                 op: op.op,
                 previous: op.previous,
                 metadata: op.metadata,
+                hlc: Some(self.hlc.now()),
             });
             seq += 1;
         }

@@ -4,7 +4,7 @@ mod common;
 
 use common::{open, ticket, Ticket, BACKENDS};
 use ferry_core::{row_data, CrudOp, ErrorKind, Limits, RowData, Value};
-use ferry_queue::{LocalDb, QueueError};
+use ferry_queue::{LocalDb, LocalDbOptions, QueueError};
 use ferry_store::WriteBatch;
 
 fn each_backend(test: impl Fn(&str, &dyn Fn() -> LocalDb)) {
@@ -451,7 +451,11 @@ fn limits_bound_transactions_and_the_queue() {
             max_queue_entries: 5,
             ..Limits::default()
         };
-        let db = LocalDb::open_with(open(backend, dir.path()), limits).expect("open");
+        let options = LocalDbOptions {
+            limits,
+            ..LocalDbOptions::default()
+        };
+        let db = LocalDb::open_with(open(backend, dir.path()), options).expect("open");
         let err = db
             .write(|tx| {
                 for i in 0..4 {

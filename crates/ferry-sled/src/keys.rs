@@ -1,25 +1,32 @@
 //! The key layout: one sled tree, one leading byte per keyspace.
 //!
-//! | keyspace      | key                                                  | value                    |
-//! |---------------|------------------------------------------------------|--------------------------|
-//! | store info    | `00` name                                            | e.g. the format version  |
-//! | synced rows   | `01` table `00` id                                   | `codec::encode_row`      |
-//! | index entries | `02` table `00` index `00` `ferry_store::index_key`  | the row id               |
-//! | overlay       | `03` table `00` id                                   | tag byte, then the row   |
-//! | upload queue  | `04` seq (big-endian u64)                            | `codec::encode_entry`    |
-//! | bucket ops    | `05` bucket `00` op id (big-endian u64)              | see [`crate::values`]    |
-//! | bucket state  | `06` bucket                                          | see [`crate::values`]    |
-//! | metadata      | `07` key                                             | the value                |
-//! | index defs    | `08` table `00` index                                | columns, `00`-separated  |
+//! | keyspace       | key                                                  | value                    |
+//! |----------------|------------------------------------------------------|--------------------------|
+//! | store info     | `00` name                                            | e.g. the format version  |
+//! | synced rows    | `01` table `00` id                                   | `codec::encode_row`      |
+//! | index entries  | `02` table `00` index `00` `ferry_store::index_key`  | the row id               |
+//! | overlay        | `03` table `00` id                                   | tag byte, then the row   |
+//! | upload queue   | `04` seq (big-endian u64)                            | `codec::encode_entry`    |
+//! | bucket entries | `05` bucket `00` table `00` row id                   | op id (u64 BE), checksum (u32 BE) |
+//! | bucket state   | `06` bucket                                          | see [`crate::values`]    |
+//! | metadata       | `07` key                                             | the value                |
+//! | index defs     | `08` table `00` index                                | columns, `00`-separated  |
 //!
 //! Table, index and column names never contain NUL (the schema allows only
 //! ASCII letters, digits and `_`), so `table 00` ends a table name
 //! unambiguously and a prefix scan over `space table 00` sees exactly that
 //! table. Row ids come last in their keys, so they need no terminator; sled
 //! orders keys bytewise, which for UTF-8 is the order of `String`, so prefix
-//! scans return rows ordered by id. Bucket names are followed by more key
-//! bytes in the bucket op keyspace, so they must not contain NUL; the store
-//! rejects such names (see [`check_bucket`]).
+//! scans return rows ordered by id.
+//!
+//! In the bucket entry keyspace the bucket name and the entry's table name
+//! (which the store does not check against the schema) are each followed
+//! by more key bytes, so they must not contain NUL: the store rejects such
+//! names with [`StoreError::InvalidInput`] (see [`check_name`]). The row id
+//! comes last and may contain anything, as in the row keyspaces. Because
+//! neither name contains NUL, `05 bucket 00` is the prefix of exactly one
+//! bucket's entries (not those of a bucket whose name extends it), and the
+//! bytewise order of the keys under it is the order of `(table, row_id)`.
 
 use ferry_store::{StoreError, StoreResult};
 
@@ -33,8 +40,8 @@ pub(crate) const INDEX: u8 = 0x02;
 pub(crate) const OVERLAY: u8 = 0x03;
 /// The upload queue.
 pub(crate) const QUEUE: u8 = 0x04;
-/// Bucket op log entries.
-pub(crate) const BUCKET_OP: u8 = 0x05;
+/// Bucket entries.
+pub(crate) const BUCKET_ENTRY: u8 = 0x05;
 /// Bucket states.
 pub(crate) const BUCKET_STATE: u8 = 0x06;
 /// Metadata.
@@ -98,39 +105,46 @@ pub(crate) fn queue_seq(key: &[u8]) -> StoreResult<u64> {
     }
 }
 
-/// Reject bucket names that would make bucket op keys ambiguous.
-pub(crate) fn check_bucket(bucket: &str) -> StoreResult<()> {
-    if bucket.as_bytes().contains(&SEP) {
-        return Err(StoreError::Backend {
-            backend: "sled",
-            message: format!("bucket name {bucket:?} contains a NUL byte, which the sled store cannot key"),
-            retryable: false,
-        });
+/// Reject a bucket or table name that would make bucket entry keys
+/// ambiguous (`what` names it in the error).
+pub(crate) fn check_name(what: &str, name: &str) -> StoreResult<()> {
+    if name.as_bytes().contains(&SEP) {
+        return Err(StoreError::InvalidInput(format!(
+            "{what} {name:?} contains a NUL byte, which the sled store cannot key"
+        )));
     }
     Ok(())
 }
 
-/// `05 bucket 00`: the prefix of a bucket's op log. The bucket name must
-/// have passed [`check_bucket`].
-pub(crate) fn bucket_ops_prefix(bucket: &str) -> Vec<u8> {
-    table_prefix(BUCKET_OP, bucket)
+/// Reject bucket names that would make bucket entry keys ambiguous.
+pub(crate) fn check_bucket(bucket: &str) -> StoreResult<()> {
+    check_name("bucket name", bucket)
 }
 
-/// `05 bucket 00 op_id`.
-pub(crate) fn bucket_op_key(bucket: &str, op_id: u64) -> Vec<u8> {
-    let mut k = bucket_ops_prefix(bucket);
-    k.extend_from_slice(&op_id.to_be_bytes());
+/// `05 bucket 00`: the prefix of every entry of one bucket. The bucket
+/// name must have passed [`check_bucket`].
+pub(crate) fn bucket_prefix(bucket: &str) -> Vec<u8> {
+    table_prefix(BUCKET_ENTRY, bucket)
+}
+
+/// `05 bucket 00 table 00 row_id`. The bucket and table names must have
+/// passed [`check_name`].
+pub(crate) fn bucket_entry_key(bucket: &str, table: &str, row_id: &str) -> Vec<u8> {
+    let mut k = bucket_prefix(bucket);
+    k.extend_from_slice(table.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(row_id.as_bytes());
     k
 }
 
-/// The op id at the end of a bucket op key.
-pub(crate) fn bucket_op_id(key: &[u8]) -> StoreResult<u64> {
-    let tail = key
-        .len()
-        .checked_sub(8)
-        .and_then(|at| key.get(at..))
-        .ok_or_else(|| corrupt("bad bucket op key"))?;
-    be_u64(tail).ok_or_else(|| corrupt("bad bucket op key"))
+/// The `(table, row_id)` of a bucket entry key whose bucket prefix is
+/// `prefix_len` bytes long.
+pub(crate) fn parse_bucket_entry_key(key: &[u8], prefix_len: usize) -> StoreResult<(String, String)> {
+    let bad = || corrupt("bad bucket entry key");
+    let rest = key.get(prefix_len..).ok_or_else(bad)?;
+    let at = rest.iter().position(|&b| b == SEP).ok_or_else(bad)?;
+    let (table, row_id) = rest.split_at(at);
+    Ok((utf8(table)?, utf8(row_id.get(1..).unwrap_or_default())?))
 }
 
 /// `06 bucket`.
@@ -225,14 +239,48 @@ mod tests {
     }
 
     #[test]
+    fn bucket_prefixes_are_exact_and_keys_order_by_table_then_row() {
+        // "user/ann" must not see entries of "user/ann/x".
+        let p = bucket_prefix("user/ann");
+        assert!(!bucket_entry_key("user/ann/x", "t", "r").starts_with(&p));
+        assert!(bucket_entry_key("user/ann", "t", "r").starts_with(&p));
+        // (table, row id) order, including a table that extends another
+        // and row ids with NUL or non-ASCII characters.
+        let mut pairs = vec![
+            ("t", "b"),
+            ("t2", ""),
+            ("t", "a\0"),
+            ("", "z"),
+            ("t", "\u{e9}"),
+            ("t", "a"),
+            ("tt", "a"),
+        ];
+        let mut by_key = pairs.clone();
+        by_key.sort_by_key(|(t, r)| bucket_entry_key("b", t, r));
+        pairs.sort();
+        assert_eq!(by_key, pairs);
+    }
+
+    #[test]
     fn key_parts_round_trip() {
         assert_eq!(queue_seq(&queue_key(258)).expect("seq"), 258);
-        assert_eq!(bucket_op_id(&bucket_op_key("b\u{e9}", 7)).expect("op id"), 7);
+        let key = bucket_entry_key("b\u{e9}", "tickets", "r\0x");
+        assert_eq!(
+            parse_bucket_entry_key(&key, bucket_prefix("b\u{e9}").len()).expect("parse"),
+            ("tickets".to_owned(), "r\0x".to_owned())
+        );
+        let key = bucket_entry_key("b", "", "");
+        assert_eq!(
+            parse_bucket_entry_key(&key, bucket_prefix("b").len()).expect("parse"),
+            (String::new(), String::new())
+        );
+        assert!(parse_bucket_entry_key(&bucket_prefix("b"), bucket_prefix("b").len()).is_err());
         assert_eq!(
             parse_index_def_key(&index_def_key("tickets", "by_status")).expect("parse"),
             ("tickets".to_owned(), "by_status".to_owned())
         );
-        assert!(check_bucket("a\0b").is_err());
+        assert!(matches!(check_bucket("a\0b"), Err(StoreError::InvalidInput(_))));
+        assert!(matches!(check_name("table", "t\0"), Err(StoreError::InvalidInput(_))));
         assert!(check_bucket("any text, even \u{1F600}").is_ok());
     }
 }

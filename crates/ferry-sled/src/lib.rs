@@ -5,7 +5,7 @@
 //!
 //! Everything lives in **one** sled tree (the database's default tree),
 //! split into keyspaces by a leading byte: synced rows, index entries,
-//! overlay entries, the upload queue, bucket ops, bucket states, metadata
+//! overlay entries, the upload queue, bucket entries, bucket states, metadata
 //! and the index definitions the store was last opened with (the full
 //! layout is in the `keys` module). Rows and queue entries are encoded with
 //! [`ferry_core::codec`]; index entry keys with [`ferry_store::index_key`],
@@ -18,7 +18,8 @@
 //!   [`sled::Tree::apply_batch`]: after a crash either all of a batch's
 //!   writes (rows, their index entries, queue, buckets, metadata) are there
 //!   or none are. A batch is validated (tables exist, queue seqs ascend,
-//!   bucket names have no NUL byte) before anything is written, so a batch
+//!   bucket and bucket entry table names have no NUL byte) before anything
+//!   is written, so a batch
 //!   that fails validation changes nothing.
 //! - **Index consistency.** Writers are serialized by a mutex held while the
 //!   old rows are read and the batch is applied, so the index entries
@@ -34,8 +35,16 @@
 //!   schema stay on disk (unreachable) and come back if the table does.
 //! - **Names.** Table and index names never contain NUL (the schema forbids
 //!   it), so they end unambiguously at a NUL separator; row ids come last in
-//!   their keys and need no separator. Bucket names are followed by an op
-//!   id in their keys, so a bucket name containing NUL is rejected with a
+//!   their keys and need no separator. Bucket entries are keyed by
+//!   `bucket 00 table 00 row_id`, so a bucket name or bucket entry table
+//!   name containing NUL is rejected with [`StoreError::InvalidInput`] (in
+//!   a batch, or as an argument of a bucket read); row ids may contain
+//!   anything. Deleting a bucket removes the keys under `bucket 00` only,
+//!   never those of a bucket whose name extends it.
+//! - **Format.** The format version is stored under the store-info
+//!   keyspace. Version 2 replaced version 1's per-bucket op log with
+//!   bucket entries; no version 1 store was shipped, so there is no
+//!   migration and a version 1 database is refused on open with a
 //!   non-retryable [`StoreError::Backend`] error.
 //!
 //! # Durability
@@ -65,7 +74,7 @@ use std::time::{Duration, Instant};
 
 use ferry_core::{codec, CrudEntry, RowData, Schema, Value};
 use ferry_store::{
-    check_range, index_def, table_def, validate_batch, BatchOp, BucketOp, BucketState, OverlayEntry, Rows, Store,
+    check_range, index_def, table_def, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry, Rows, Store,
     StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::{Mutex, RwLock};
@@ -78,7 +87,7 @@ use keys::{prefix_end, suffix};
 use pending::Pending;
 
 /// The on-disk format this crate writes.
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
 
 /// How a [`SledStore`] is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,18 +276,21 @@ impl SledStore {
                         p.remove(k);
                     }
                 }
-                BatchOp::PutBucketOp { bucket, op } => {
-                    p.put(keys::bucket_op_key(&bucket, op.op_id), values::encode_bucket_op(&op)?);
+                BatchOp::PutBucketEntry { bucket, entry } => {
+                    p.put(
+                        keys::bucket_entry_key(&bucket, &entry.table, &entry.row_id),
+                        values::encode_bucket_entry(&entry),
+                    );
                 }
-                BatchOp::DeleteBucketOp { bucket, op_id } => {
-                    p.remove(keys::bucket_op_key(&bucket, op_id));
+                BatchOp::DeleteBucketEntry { bucket, table, row_id } => {
+                    p.remove(keys::bucket_entry_key(&bucket, &table, &row_id));
                 }
                 BatchOp::PutBucketState { bucket, state } => {
                     p.put(keys::bucket_state_key(&bucket), values::encode_bucket_state(&state));
                 }
                 BatchOp::DeleteBucket { bucket } => {
                     p.remove(keys::bucket_state_key(&bucket));
-                    p.remove_prefix(&keys::bucket_ops_prefix(&bucket))?;
+                    p.remove_prefix(&keys::bucket_prefix(&bucket))?;
                 }
                 BatchOp::PutMeta { key, value } => {
                     p.put(keys::meta_key(&key), value);
@@ -359,7 +371,8 @@ fn check_format(tree: &sled::Tree, p: &mut Pending<'_>) -> StoreResult<()> {
         Some(v) => Err(StoreError::Backend {
             backend: "sled",
             message: format!(
-                "the database has format {:?}; this version of ferry-sled reads format {FORMAT_VERSION}",
+                "the database has format {:?}; this version of ferry-sled reads format {FORMAT_VERSION} \
+                 only and does not migrate other formats",
                 v.as_ref()
             ),
             retryable: false,
@@ -430,10 +443,17 @@ impl Store for SledStore {
         validate_batch(&self.schema, &batch, self.last_queued_seq()?)?;
         for op in &batch.ops {
             match op {
-                BatchOp::PutBucketOp { bucket, .. }
-                | BatchOp::DeleteBucketOp { bucket, .. }
-                | BatchOp::PutBucketState { bucket, .. }
-                | BatchOp::DeleteBucket { bucket } => keys::check_bucket(bucket)?,
+                BatchOp::PutBucketEntry { bucket, entry } => {
+                    keys::check_bucket(bucket)?;
+                    keys::check_name("bucket entry table name", &entry.table)?;
+                }
+                BatchOp::DeleteBucketEntry { bucket, table, .. } => {
+                    keys::check_bucket(bucket)?;
+                    keys::check_name("bucket entry table name", table)?;
+                }
+                BatchOp::PutBucketState { bucket, .. } | BatchOp::DeleteBucket { bucket } => {
+                    keys::check_bucket(bucket)?
+                }
                 _ => {}
             }
         }
@@ -569,22 +589,38 @@ impl Store for SledStore {
         self.scan_rows(&[keys::BUCKET_STATE], values::decode_bucket_state)
     }
 
-    fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>> {
+    fn bucket_entry(&self, bucket: &str, table: &str, row_id: &str) -> StoreResult<Option<BucketEntry>> {
         keys::check_bucket(bucket)?;
-        let Some(first) = after_op_id.checked_add(1) else {
-            return Ok(Vec::new());
-        };
+        keys::check_name("bucket entry table name", table)?;
+        let v = self
+            .tree()
+            .get(keys::bucket_entry_key(bucket, table, row_id))
+            .map_err(sled_err)?;
+        v.map(|v| values::decode_bucket_entry(table.to_owned(), row_id.to_owned(), &v))
+            .transpose()
+    }
+
+    fn bucket_entries(&self, bucket: &str, after: Option<(&str, &str)>, limit: usize) -> StoreResult<Vec<BucketEntry>> {
+        keys::check_bucket(bucket)?;
+        if let Some((table, _)) = after {
+            keys::check_name("bucket entry table name", table)?;
+        }
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let start = keys::bucket_op_key(bucket, first);
-        let end = prefix_end(&keys::bucket_ops_prefix(bucket));
-        let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let prefix = keys::bucket_prefix(bucket);
+        let start = match after {
+            Some((table, row_id)) => Bound::Excluded(keys::bucket_entry_key(bucket, table, row_id)),
+            None => Bound::Included(prefix.clone()),
+        };
+        let end = prefix_end(&prefix);
+        let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
         let _snap = self.snapshot.read();
         let mut out = Vec::new();
-        for item in self.tree().range::<&[u8], _>((Bound::Included(&start[..]), upper)) {
+        for item in self.tree().range((start, upper)) {
             let (k, v) = item.map_err(sled_err)?;
-            out.push(values::decode_bucket_op(keys::bucket_op_id(&k)?, &v)?);
+            let (table, row_id) = keys::parse_bucket_entry_key(&k, prefix.len())?;
+            out.push(values::decode_bucket_entry(table, row_id, &v)?);
             if out.len() >= limit {
                 break;
             }
@@ -665,8 +701,118 @@ mod tests {
             state: BucketState::default(),
         });
         let err = store.apply(b).expect_err("nul bucket");
+        assert!(matches!(err, StoreError::InvalidInput(_)), "{err}");
         assert!(err.to_string().contains("NUL"), "{err}");
         assert_eq!(store.get_meta("k").expect("meta"), None);
+
+        let entry = |table: &str, row_id: &str| BucketEntry {
+            table: table.into(),
+            row_id: row_id.into(),
+            op_id: 1,
+            checksum: 2,
+        };
+        for op in [
+            BatchOp::PutBucketEntry {
+                bucket: "b\0".into(),
+                entry: entry("t", "r"),
+            },
+            BatchOp::PutBucketEntry {
+                bucket: "b".into(),
+                entry: entry("t\0u", "r"),
+            },
+            BatchOp::DeleteBucketEntry {
+                bucket: "b".into(),
+                table: "\0".into(),
+                row_id: "r".into(),
+            },
+            BatchOp::DeleteBucket { bucket: "\0".into() },
+        ] {
+            let mut b = WriteBatch::new();
+            b.put_meta("k", vec![1]).push(op.clone());
+            let err = store.apply(b).expect_err("nul name");
+            assert!(matches!(err, StoreError::InvalidInput(_)), "{op:?}: {err}");
+            assert_eq!(store.get_meta("k").expect("meta"), None);
+        }
+        assert!(matches!(
+            store.bucket_entry("b", "t\0", "r"),
+            Err(StoreError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            store.bucket_entries("b\0", None, 1),
+            Err(StoreError::InvalidInput(_))
+        ));
+
+        // NUL in a row id is fine: it comes last in the key.
+        let mut b = WriteBatch::new();
+        b.push(BatchOp::PutBucketEntry {
+            bucket: "b".into(),
+            entry: entry("t", "r\0x"),
+        });
+        b.push(BatchOp::PutBucketEntry {
+            bucket: "b".into(),
+            entry: entry("t", "r"),
+        });
+        store.apply(b).expect("apply");
+        assert_eq!(
+            store.bucket_entry("b", "t", "r\0x").expect("entry"),
+            Some(entry("t", "r\0x"))
+        );
+        assert_eq!(
+            store.bucket_entries("b", Some(("t", "r")), 10).expect("entries"),
+            vec![entry("t", "r\0x")]
+        );
+    }
+
+    #[test]
+    fn deleting_a_bucket_spares_buckets_extending_its_name() {
+        let store = SledStore::temporary(schema(&[])).expect("open");
+        let entry = |row_id: &str| BucketEntry {
+            table: "tickets".into(),
+            row_id: row_id.into(),
+            op_id: 1,
+            checksum: 2,
+        };
+        let mut b = WriteBatch::new();
+        for bucket in ["user/ann", "user/ann/x", "user/an", "user/ann\u{1}"] {
+            b.push(BatchOp::PutBucketEntry {
+                bucket: bucket.into(),
+                entry: entry(bucket),
+            });
+        }
+        store.apply(b).expect("apply");
+        // Staged entries of the same batch go too; the others stay.
+        let mut b = WriteBatch::new();
+        b.push(BatchOp::PutBucketEntry {
+            bucket: "user/ann".into(),
+            entry: entry("staged"),
+        });
+        b.push(BatchOp::DeleteBucket {
+            bucket: "user/ann".into(),
+        });
+        store.apply(b).expect("apply");
+        assert_eq!(count_prefix(&store, &keys::bucket_prefix("user/ann")), 0);
+        for bucket in ["user/ann/x", "user/an", "user/ann\u{1}"] {
+            assert_eq!(
+                store.bucket_entries(bucket, None, 10).expect("entries"),
+                vec![entry(bucket)],
+                "{bucket}"
+            );
+        }
+    }
+
+    #[test]
+    fn format_1_databases_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        drop(SledStore::open(&path, schema(&[])).expect("open"));
+        {
+            let db = open_db(sled::Config::new().path(&path)).expect("sled");
+            db.insert(keys::format_key(), vec![1]).expect("insert");
+            db.flush().expect("flush");
+        }
+        let err = SledStore::open(&path, schema(&[])).expect_err("format 1");
+        assert!(matches!(err, StoreError::Backend { retryable: false, .. }), "{err}");
+        assert!(err.to_string().contains("format [1]"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Value encodings that `ferry_core::codec` does not provide: overlay
-//! entries, bucket ops, bucket states and index definitions.
+//! entries, bucket entries, bucket states and index definitions.
 
 use ferry_core::codec;
-use ferry_store::{BucketOp, BucketState, OpType, OverlayEntry, StoreResult};
+use ferry_store::{BucketEntry, BucketState, OverlayEntry, StoreResult};
 
 use crate::keys::{corrupt, utf8};
 
@@ -33,34 +33,26 @@ pub(crate) fn decode_overlay(buf: &[u8]) -> StoreResult<OverlayEntry> {
     }
 }
 
-/// `code, checksum (u32 BE), table length (u32 BE), table, row id`. The op
-/// id lives in the key.
-pub(crate) fn encode_bucket_op(op: &BucketOp) -> StoreResult<Vec<u8>> {
-    let table_len = u32::try_from(op.table.len()).map_err(|_| corrupt("table name too long"))?;
-    let mut out = Vec::with_capacity(9 + op.table.len() + op.row_id.len());
-    out.push(op.op.code());
-    out.extend_from_slice(&op.checksum.to_be_bytes());
-    out.extend_from_slice(&table_len.to_be_bytes());
-    out.extend_from_slice(op.table.as_bytes());
-    out.extend_from_slice(op.row_id.as_bytes());
-    Ok(out)
+/// `op_id (u64 BE), checksum (u32 BE)`. The table and row id live in the
+/// key.
+pub(crate) fn encode_bucket_entry(e: &BucketEntry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12);
+    out.extend_from_slice(&e.op_id.to_be_bytes());
+    out.extend_from_slice(&e.checksum.to_be_bytes());
+    out
 }
 
-pub(crate) fn decode_bucket_op(op_id: u64, buf: &[u8]) -> StoreResult<BucketOp> {
-    let bad = || corrupt("bad bucket op entry");
-    let (&code, rest) = buf.split_first().ok_or_else(bad)?;
-    let (checksum, rest) = split_u32(rest).ok_or_else(bad)?;
-    let (table_len, rest) = split_u32(rest).ok_or_else(bad)?;
-    let table_len = usize::try_from(table_len).map_err(|_| bad())?;
-    if table_len > rest.len() {
+pub(crate) fn decode_bucket_entry(table: String, row_id: String, buf: &[u8]) -> StoreResult<BucketEntry> {
+    let bad = || corrupt("bad bucket entry");
+    if buf.len() != 12 {
         return Err(bad());
     }
-    let (table, row_id) = rest.split_at(table_len);
-    Ok(BucketOp {
-        op_id,
-        op: OpType::from_code(code)?,
-        table: utf8(table)?,
-        row_id: utf8(row_id)?,
+    let (op_id, checksum) = buf.split_at(8);
+    let (checksum, _) = split_u32(checksum).ok_or_else(bad)?;
+    Ok(BucketEntry {
+        table,
+        row_id,
+        op_id: crate::keys::be_u64(op_id).ok_or_else(bad)?,
         checksum,
     })
 }
@@ -123,16 +115,19 @@ mod tests {
         let empty = OverlayEntry::Row(Default::default());
         assert_eq!(decode_overlay(&encode_overlay(&empty)).expect("decode"), empty);
 
-        let op = BucketOp {
-            op_id: 9,
-            op: OpType::Remove,
+        let entry = BucketEntry {
             table: "tickets".into(),
             row_id: "r\u{e9}".into(),
+            op_id: u64::MAX,
             checksum: 0xDEAD_BEEF,
         };
-        let enc = encode_bucket_op(&op).expect("encode");
-        assert_eq!(decode_bucket_op(9, &enc).expect("decode"), op);
-        assert!(decode_bucket_op(9, &enc[..6]).is_err());
+        let enc = encode_bucket_entry(&entry);
+        assert_eq!(
+            decode_bucket_entry("tickets".into(), "r\u{e9}".into(), &enc).expect("decode"),
+            entry
+        );
+        assert!(decode_bucket_entry(String::new(), String::new(), &enc[..6]).is_err());
+        assert!(decode_bucket_entry(String::new(), String::new(), &[0; 13]).is_err());
 
         let st = BucketState {
             last_op_id: u64::MAX,

@@ -6,7 +6,7 @@ use std::ops::Bound;
 use ferry_core::{row_data, ColumnType, CrudEntry, CrudOp, RowData, Schema, Table, Value};
 use ferry_sled::{SledOptions, SledStore};
 use ferry_store::testkit::Backend;
-use ferry_store::{BatchOp, BucketOp, BucketState, MemoryStore, OpType, OverlayEntry, Store, StoreResult, WriteBatch};
+use ferry_store::{BatchOp, BucketEntry, BucketState, MemoryStore, OverlayEntry, Store, StoreResult, WriteBatch};
 
 /// Opens sled stores in temporary directories.
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,6 +53,7 @@ fn entry(seq: u64) -> CrudEntry {
         },
         previous: None,
         metadata: None,
+        hlc: None,
     }
 }
 
@@ -78,7 +79,7 @@ fn dump(s: &dyn Store) -> String {
     for (name, state) in s.buckets().expect("buckets") {
         out += &format!(
             "bucket {name} {state:?} {:?}\n",
-            s.bucket_ops(&name, 0, usize::MAX).expect("ops")
+            s.bucket_entries(&name, None, usize::MAX).expect("entries")
         );
     }
     for k in ["", "k", "k\0x"] {
@@ -118,13 +119,12 @@ fn matches_memory_store_on_mixed_batches() {
     b.put_overlay("tickets", "t1", OverlayEntry::Deleted);
     b.put_overlay("tickets", "zz", OverlayEntry::Row(RowData::new()));
     b.delete_synced("tickets", "t0");
-    b.push(BatchOp::PutBucketOp {
+    b.push(BatchOp::PutBucketEntry {
         bucket: "b é/1".into(),
-        op: BucketOp {
-            op_id: u64::MAX,
-            op: OpType::Clear,
+        entry: BucketEntry {
             table: String::new(),
             row_id: String::new(),
+            op_id: u64::MAX,
             checksum: 1,
         },
     });
@@ -136,21 +136,78 @@ fn matches_memory_store_on_mixed_batches() {
             count: 1,
         },
     });
-    b.push(BatchOp::PutBucketOp {
+    for (table, row_id, op_id) in [("tickets", "t2", 0), ("notes", "n\0with nul", 3), ("tickets", "t1", 5)] {
+        b.push(BatchOp::PutBucketEntry {
+            bucket: "b".into(),
+            entry: BucketEntry {
+                table: table.into(),
+                row_id: row_id.into(),
+                op_id,
+                checksum: 2,
+            },
+        });
+    }
+    // Replaced later in the same batch.
+    b.push(BatchOp::PutBucketEntry {
         bucket: "b".into(),
-        op: BucketOp {
-            op_id: 0,
-            op: OpType::Put,
+        entry: BucketEntry {
             table: "tickets".into(),
-            row_id: "t2".into(),
-            checksum: 2,
+            row_id: "t1".into(),
+            op_id: 6,
+            checksum: 7,
         },
+    });
+    // Also in "b é/1", and in a bucket whose name extends "b".
+    for bucket in ["b é/1", "b/x"] {
+        b.push(BatchOp::PutBucketEntry {
+            bucket: bucket.into(),
+            entry: BucketEntry {
+                table: "tickets".into(),
+                row_id: "t2".into(),
+                op_id: 1,
+                checksum: 1,
+            },
+        });
+    }
+    b.push(BatchOp::PutBucketState {
+        bucket: "b/x".into(),
+        state: BucketState::default(),
     });
     b.complete_queue(u64::MAX);
     apply_both(&sled, &mem, b);
-    assert!(sled.bucket_ops("b é/1", u64::MAX, 10).expect("ops").is_empty());
-    assert_eq!(sled.bucket_ops("b", 0, 10).expect("ops"), Vec::new());
-    assert_eq!(sled.bucket_ops("b é/1", 0, 0).expect("ops"), Vec::new());
+    // "b" has entries but no state, so dump does not show it: compare reads.
+    for (after, limit) in [
+        (None, usize::MAX),
+        (None, 0),
+        (None, 1),
+        (Some(("", "")), 10),
+        (Some(("notes", "n")), 10),
+        (Some(("notes", "n\0with nul")), 10),
+        (Some(("tickets", "t1")), 10),
+        (Some(("tickets", "t2")), 10),
+        (Some(("tickets\u{e9}", "")), 10),
+    ] {
+        for bucket in ["b", "b é/1", "b/x", "none"] {
+            assert_eq!(
+                sled.bucket_entries(bucket, after, limit).expect("sled"),
+                mem.bucket_entries(bucket, after, limit).expect("memory"),
+                "{bucket} {after:?} {limit}"
+            );
+        }
+    }
+    for (table, row_id) in [("tickets", "t1"), ("notes", "n\0with nul"), ("notes", "n"), ("", "")] {
+        for bucket in ["b", "b é/1"] {
+            assert_eq!(
+                sled.bucket_entry(bucket, table, row_id).expect("sled"),
+                mem.bucket_entry(bucket, table, row_id).expect("memory")
+            );
+        }
+    }
+    assert_eq!(sled.bucket_entries("b", None, usize::MAX).expect("entries").len(), 3);
+    assert!(sled
+        .bucket_entries("b é/1", Some(("tickets", "t2")), 10)
+        .expect("entries")
+        .is_empty());
 
     // A failing batch (unknown table at the end) changes nothing.
     let mut b = WriteBatch::new();
@@ -165,6 +222,8 @@ fn matches_memory_store_on_mixed_batches() {
     b.push(BatchOp::DeleteBucket { bucket: "b".into() });
     b.push(BatchOp::DeleteMeta { key: "".into() });
     apply_both(&sled, &mem, b);
+    assert!(sled.bucket_entries("b", None, usize::MAX).expect("entries").is_empty());
+    assert_eq!(sled.bucket_entries("b/x", None, usize::MAX).expect("entries").len(), 1);
 }
 
 #[test]

@@ -36,6 +36,7 @@ fn batch(seq: u64) -> WriteBatch {
         },
         previous: None,
         metadata: None,
+        hlc: None,
     })
     .put_meta("last", seq.to_be_bytes().to_vec());
     b

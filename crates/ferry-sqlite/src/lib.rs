@@ -4,18 +4,24 @@
 //!
 //! One SQLite database file holds every layer of the store:
 //!
-//! | table              | key                    | contents                                        |
-//! |--------------------|------------------------|-------------------------------------------------|
-//! | `ferry_rows`       | `(tbl, id)`            | synced rows, `data` = [`codec::encode_row`]     |
-//! | `ferry_index`      | `(tbl, idx, key)`      | [`ferry_store::index_key`] of every synced row, for every declared index; `id` names the row |
-//! | `ferry_overlay`    | `(tbl, id)`            | overlay entries; `data` NULL = [`OverlayEntry::Deleted`] |
-//! | `ferry_queue`      | `seq`                  | upload queue, `entry` = [`codec::encode_entry`] |
-//! | `ferry_bucket_ops` | `(bucket, op_id)`      | op log entries ([`OpType::code`])               |
-//! | `ferry_buckets`    | `name`                 | bucket state                                    |
-//! | `ferry_meta`       | `key`                  | metadata                                        |
-//! | `ferry_index_defs` | `(tbl, idx)`           | the index definitions the entries were built for |
+//! | table                  | key                    | contents                                        |
+//! |------------------------|------------------------|-------------------------------------------------|
+//! | `ferry_rows`           | `(tbl, id)`            | synced rows, `data` = [`codec::encode_row`]     |
+//! | `ferry_index`          | `(tbl, idx, key)`      | [`ferry_store::index_key`] of every synced row, for every declared index; `id` names the row |
+//! | `ferry_overlay`        | `(tbl, id)`            | overlay entries; `data` NULL = [`OverlayEntry::Deleted`] |
+//! | `ferry_queue`          | `seq`                  | upload queue, `entry` = [`codec::encode_entry`] |
+//! | `ferry_bucket_entries` | `(bucket, tbl, row_id)`| bucket entries ([`BucketEntry`]): `op_id`, `checksum` |
+//! | `ferry_buckets`        | `name`                 | bucket state                                    |
+//! | `ferry_meta`           | `key`                  | metadata                                        |
+//! | `ferry_index_defs`     | `(tbl, idx)`           | the index definitions the entries were built for |
 //!
-//! The storage format version lives in `PRAGMA user_version`.
+//! The storage format version lives in `PRAGMA user_version` and is
+//! [`FORMAT_VERSION`] (2). Version 2 replaced version 1's per-bucket op log
+//! (`ferry_bucket_ops`) with `ferry_bucket_entries`. No version 1 database
+//! was ever shipped, so there is no migration: opening a version 1 (or any
+//! other unknown version) database fails with a non-retryable
+//! [`StoreError::Backend`] error naming both versions, leaving the data in
+//! the file untouched.
 //!
 //! # Invariants
 //!
@@ -29,15 +35,18 @@
 //!   schema whose indexes differ from those recorded in `ferry_index_defs`,
 //!   the entries of new or changed indexes are rebuilt and those of removed
 //!   indexes dropped, in one transaction, before `open` returns.
-//! - Queue seqs and bucket op ids are stored as SQLite integers and must be
-//!   at most `i64::MAX` (2^63 - 1); realistically they are far below that.
-//!   Larger values are rejected with a non-retryable
-//!   [`StoreError::Backend`] error (never a panic, never silently
-//!   misordered). Bounds passed to reads (`queue_from`, `bucket_ops`,
-//!   `CompleteQueue`) may be any `u64`. Bucket state counters are stored
-//!   through their `i64` bit pattern and so round-trip every `u64`.
+//! - Queue seqs and bucket entry op ids are stored as SQLite integers and
+//!   must be at most `i64::MAX` (2^63 - 1); realistically they are far
+//!   below that. Larger values are rejected with
+//!   [`StoreError::InvalidInput`] (never a panic, never silently
+//!   misordered), and the batch changes nothing. Bounds passed to reads
+//!   (`queue_from`, `CompleteQueue`) may be any `u64`. Bucket state
+//!   counters are stored through their `i64` bit pattern and so round-trip
+//!   every `u64`.
 //! - Text columns use SQLite's BINARY collation (memcmp), which orders ids,
-//!   bucket names and keys exactly as Rust's `str` ordering does.
+//!   bucket names and keys exactly as Rust's `str` ordering does; so
+//!   `bucket_entries` pages (`(tbl, row_id) > (?, ?)`, ordered by
+//!   `tbl, row_id`) come in the order of `(String, String)`.
 //!
 //! # Durability
 //!
@@ -62,14 +71,14 @@ use std::time::Duration;
 
 use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
 use ferry_store::{
-    check_range, index_def, index_key, table_def, validate_batch, BatchOp, BucketOp, BucketState, OpType, OverlayEntry,
+    check_range, index_def, index_key, table_def, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry,
     Rows, Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 /// The storage format version kept in `PRAGMA user_version`.
-pub const FORMAT_VERSION: i64 = 1;
+pub const FORMAT_VERSION: i64 = 2;
 
 const BACKEND: &str = "sqlite";
 
@@ -178,7 +187,8 @@ fn invalid(message: String) -> StoreError {
 /// A seq or op id to store: it must fit an SQLite integer so that integer
 /// order is `u64` order.
 fn ordered_key(what: &str, v: u64) -> StoreResult<i64> {
-    i64::try_from(v).map_err(|_| invalid(format!("{what} {v} is above the supported maximum {}", i64::MAX)))
+    i64::try_from(v)
+        .map_err(|_| StoreError::InvalidInput(format!("{what} {v} is above the supported maximum {}", i64::MAX)))
 }
 
 /// A bound on stored seqs / op ids: values above `i64::MAX` are never
@@ -237,14 +247,13 @@ CREATE TABLE IF NOT EXISTS ferry_queue (
     seq INTEGER PRIMARY KEY,
     entry BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS ferry_bucket_ops (
+CREATE TABLE IF NOT EXISTS ferry_bucket_entries (
     bucket TEXT NOT NULL,
-    op_id INTEGER NOT NULL,
-    op INTEGER NOT NULL,
     tbl TEXT NOT NULL,
     row_id TEXT NOT NULL,
+    op_id INTEGER NOT NULL,
     checksum INTEGER NOT NULL,
-    PRIMARY KEY (bucket, op_id)
+    PRIMARY KEY (bucket, tbl, row_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ferry_buckets (
     name TEXT PRIMARY KEY NOT NULL,
@@ -274,13 +283,19 @@ const SQL_DELETE_OVERLAY: &str = "DELETE FROM ferry_overlay WHERE tbl = ?1 AND i
 const SQL_APPEND_QUEUE: &str = "INSERT INTO ferry_queue (seq, entry) VALUES (?1, ?2)";
 const SQL_COMPLETE_QUEUE: &str = "DELETE FROM ferry_queue WHERE seq <= ?1";
 const SQL_LAST_SEQ: &str = "SELECT max(seq) FROM ferry_queue";
-const SQL_PUT_BUCKET_OP: &str = "INSERT OR REPLACE INTO ferry_bucket_ops (bucket, op_id, op, tbl, row_id, checksum) \
-                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-const SQL_DELETE_BUCKET_OP: &str = "DELETE FROM ferry_bucket_ops WHERE bucket = ?1 AND op_id = ?2";
+const SQL_PUT_BUCKET_ENTRY: &str = "INSERT OR REPLACE INTO ferry_bucket_entries \
+                                    (bucket, tbl, row_id, op_id, checksum) VALUES (?1, ?2, ?3, ?4, ?5)";
+const SQL_DELETE_BUCKET_ENTRY: &str = "DELETE FROM ferry_bucket_entries WHERE bucket = ?1 AND tbl = ?2 AND row_id = ?3";
 const SQL_PUT_BUCKET: &str = "INSERT OR REPLACE INTO ferry_buckets (name, last_op_id, checksum, count) \
                               VALUES (?1, ?2, ?3, ?4)";
 const SQL_DELETE_BUCKET: &str = "DELETE FROM ferry_buckets WHERE name = ?1";
-const SQL_DELETE_BUCKET_OPS: &str = "DELETE FROM ferry_bucket_ops WHERE bucket = ?1";
+const SQL_DELETE_BUCKET_ENTRIES: &str = "DELETE FROM ferry_bucket_entries WHERE bucket = ?1";
+const SQL_GET_BUCKET_ENTRY: &str = "SELECT tbl, row_id, op_id, checksum FROM ferry_bucket_entries \
+     WHERE bucket = ?1 AND tbl = ?2 AND row_id = ?3";
+const SQL_BUCKET_ENTRIES: &str = "SELECT tbl, row_id, op_id, checksum FROM ferry_bucket_entries \
+     WHERE bucket = ?1 ORDER BY tbl, row_id LIMIT ?2";
+const SQL_BUCKET_ENTRIES_AFTER: &str = "SELECT tbl, row_id, op_id, checksum FROM ferry_bucket_entries \
+     WHERE bucket = ?1 AND (tbl, row_id) > (?2, ?3) ORDER BY tbl, row_id LIMIT ?4";
 const SQL_PUT_META: &str = "INSERT OR REPLACE INTO ferry_meta (key, value) VALUES (?1, ?2)";
 const SQL_DELETE_META: &str = "DELETE FROM ferry_meta WHERE key = ?1";
 
@@ -355,6 +370,12 @@ impl SqliteStore {
                     .map_err(sql_err)?;
             }
             FORMAT_VERSION => {}
+            1 => {
+                return Err(invalid(format!(
+                    "database format version 1 (bucket op log) is not supported: this build reads version \
+                     {FORMAT_VERSION} only and does not migrate; delete the database and sync again"
+                )))
+            }
             v => {
                 return Err(invalid(format!(
                     "database format version {v} is not supported (this build reads version {FORMAT_VERSION})"
@@ -465,11 +486,11 @@ const W_PUT_OVERLAY: usize = 5;
 const W_DELETE_OVERLAY: usize = 6;
 const W_APPEND_QUEUE: usize = 7;
 const W_COMPLETE_QUEUE: usize = 8;
-const W_PUT_BUCKET_OP: usize = 9;
-const W_DELETE_BUCKET_OP: usize = 10;
+const W_PUT_BUCKET_ENTRY: usize = 9;
+const W_DELETE_BUCKET_ENTRY: usize = 10;
 const W_PUT_BUCKET: usize = 11;
 const W_DELETE_BUCKET: usize = 12;
-const W_DELETE_BUCKET_OPS: usize = 13;
+const W_DELETE_BUCKET_ENTRIES: usize = 13;
 const W_PUT_META: usize = 14;
 const W_DELETE_META: usize = 15;
 const W_COUNT: usize = 16;
@@ -488,11 +509,11 @@ const WRITER_SQL: [&str; W_COUNT] = [
     SQL_DELETE_OVERLAY,
     SQL_APPEND_QUEUE,
     SQL_COMPLETE_QUEUE,
-    SQL_PUT_BUCKET_OP,
-    SQL_DELETE_BUCKET_OP,
+    SQL_PUT_BUCKET_ENTRY,
+    SQL_DELETE_BUCKET_ENTRY,
     SQL_PUT_BUCKET,
     SQL_DELETE_BUCKET,
-    SQL_DELETE_BUCKET_OPS,
+    SQL_DELETE_BUCKET_ENTRIES,
     SQL_PUT_META,
     SQL_DELETE_META,
 ];
@@ -604,19 +625,16 @@ impl<'c> Writer<'c> {
                     .execute([clamp_bound(*through_seq)])
                     .map_err(sql_err)?;
             }
-            BatchOp::PutBucketOp { bucket, op } => {
-                let op_id = ordered_key("bucket op id", op.op_id)?;
-                self.stmt(W_PUT_BUCKET_OP)?
-                    .execute(params![bucket, op_id, op.op.code(), op.table, op.row_id, op.checksum])
+            BatchOp::PutBucketEntry { bucket, entry } => {
+                let op_id = ordered_key("bucket entry op id", entry.op_id)?;
+                self.stmt(W_PUT_BUCKET_ENTRY)?
+                    .execute(params![bucket, entry.table, entry.row_id, op_id, entry.checksum])
                     .map_err(sql_err)?;
             }
-            BatchOp::DeleteBucketOp { bucket, op_id } => {
-                // An op id above i64::MAX is never stored: nothing to delete.
-                if let Ok(op_id) = i64::try_from(*op_id) {
-                    self.stmt(W_DELETE_BUCKET_OP)?
-                        .execute(params![bucket, op_id])
-                        .map_err(sql_err)?;
-                }
+            BatchOp::DeleteBucketEntry { bucket, table, row_id } => {
+                self.stmt(W_DELETE_BUCKET_ENTRY)?
+                    .execute(params![bucket, table, row_id])
+                    .map_err(sql_err)?;
             }
             BatchOp::PutBucketState { bucket, state } => {
                 self.stmt(W_PUT_BUCKET)?
@@ -630,7 +648,7 @@ impl<'c> Writer<'c> {
             }
             BatchOp::DeleteBucket { bucket } => {
                 self.stmt(W_DELETE_BUCKET)?.execute([bucket]).map_err(sql_err)?;
-                self.stmt(W_DELETE_BUCKET_OPS)?.execute([bucket]).map_err(sql_err)?;
+                self.stmt(W_DELETE_BUCKET_ENTRIES)?.execute([bucket]).map_err(sql_err)?;
             }
             BatchOp::PutMeta { key, value } => {
                 self.stmt(W_PUT_META)?.execute(params![key, value]).map_err(sql_err)?;
@@ -691,15 +709,14 @@ fn collect<T, P: rusqlite::Params>(
     Ok(out)
 }
 
-fn bucket_op(r: &rusqlite::Row<'_>) -> StoreResult<BucketOp> {
-    let op_id: i64 = r.get(0).map_err(sql_err)?;
-    let code: u8 = r.get(1).map_err(sql_err)?;
-    Ok(BucketOp {
-        op_id: from_ordered_key("bucket op id", op_id)?,
-        op: OpType::from_code(code)?,
-        table: text_col(r, 2)?,
-        row_id: text_col(r, 3)?,
-        checksum: r.get(4).map_err(sql_err)?,
+/// A bucket entry from `tbl, row_id, op_id, checksum` columns.
+fn bucket_entry(r: &rusqlite::Row<'_>) -> StoreResult<BucketEntry> {
+    let op_id: i64 = r.get(2).map_err(sql_err)?;
+    Ok(BucketEntry {
+        table: text_col(r, 0)?,
+        row_id: text_col(r, 1)?,
+        op_id: from_ordered_key("bucket entry op id", op_id)?,
+        checksum: r.get(3).map_err(sql_err)?,
     })
 }
 
@@ -856,22 +873,31 @@ impl Store for SqliteStore {
         )
     }
 
-    fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>> {
-        // No stored op id is above i64::MAX, so none is after it.
-        let Ok(after) = i64::try_from(after_op_id) else {
-            return Ok(Vec::new());
-        };
+    fn bucket_entry(&self, bucket: &str, table: &str, row_id: &str) -> StoreResult<Option<BucketEntry>> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(SQL_GET_BUCKET_ENTRY).map_err(sql_err)?;
+        let mut rows = stmt.query(params![bucket, table, row_id]).map_err(sql_err)?;
+        match rows.next().map_err(sql_err)? {
+            Some(r) => Ok(Some(bucket_entry(r)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn bucket_entries(&self, bucket: &str, after: Option<(&str, &str)>, limit: usize) -> StoreResult<Vec<BucketEntry>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let limit = limit_i64(limit);
         let conn = self.conn.lock();
-        collect(
-            &conn,
-            "SELECT op_id, op, tbl, row_id, checksum FROM ferry_bucket_ops \
-             WHERE bucket = ?1 AND op_id > ?2 ORDER BY op_id LIMIT ?3",
-            params![bucket, after, limit_i64(limit)],
-            bucket_op,
-        )
+        match after {
+            Some((table, row_id)) => collect(
+                &conn,
+                SQL_BUCKET_ENTRIES_AFTER,
+                params![bucket, table, row_id, limit],
+                bucket_entry,
+            ),
+            None => collect(&conn, SQL_BUCKET_ENTRIES, params![bucket, limit], bucket_entry),
+        }
     }
 
     fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -8,7 +8,7 @@ use ferry_core::{row_data, ColumnType, CrudEntry, CrudOp, RowData, Schema, Table
 use ferry_sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use ferry_store::testkit::{test_schema, Backend};
 use ferry_store::{
-    BatchOp, BucketOp, BucketState, MemoryStore, OpType, OverlayEntry, Store, StoreError, StoreResult, WriteBatch,
+    BatchOp, BucketEntry, BucketState, MemoryStore, OverlayEntry, Store, StoreError, StoreResult, WriteBatch,
 };
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,6 +51,7 @@ fn entry(seq: u64) -> CrudEntry {
         },
         previous: None,
         metadata: None,
+        hlc: None,
     }
 }
 
@@ -77,7 +78,7 @@ fn dump(s: &dyn Store) -> String {
     for (name, state) in s.buckets().expect("buckets") {
         out += &format!(
             "bucket {name} {state:?} {:?}\n",
-            s.bucket_ops(&name, 0, usize::MAX).expect("ops")
+            s.bucket_entries(&name, None, usize::MAX).expect("entries")
         );
     }
     for k in ["k1", "k2"] {
@@ -112,15 +113,28 @@ fn matches_memory_store_on_mixed_batches() {
     b1.put_synced("notes", "n", row_data([("body", Value::from("x\0y"))]));
     b1.append_queue(entry(1)).append_queue(entry(2)).append_queue(entry(5));
     b1.put_meta("k1", vec![]);
-    b1.push(BatchOp::PutBucketOp {
+    b1.push(BatchOp::PutBucketEntry {
         bucket: "b".into(),
-        op: BucketOp {
-            op_id: 7,
-            op: OpType::Clear,
+        entry: BucketEntry {
             table: "tickets".into(),
             row_id: "t001".into(),
+            op_id: 7,
             checksum: u32::MAX,
         },
+    });
+    // Same row in a bucket whose name extends "b": survives deleting "b".
+    b1.push(BatchOp::PutBucketEntry {
+        bucket: "b/x".into(),
+        entry: BucketEntry {
+            table: "tickets".into(),
+            row_id: "t001".into(),
+            op_id: i64::MAX as u64,
+            checksum: 0,
+        },
+    });
+    b1.push(BatchOp::PutBucketState {
+        bucket: "b/x".into(),
+        state: BucketState::default(),
     });
     b1.push(BatchOp::PutBucketState {
         bucket: "b".into(),
@@ -195,18 +209,29 @@ fn reads_with_limits_match_memory_store() {
     for seq in [3u64, 4, 10, 11, 12] {
         b.append_queue(entry(seq));
     }
-    for op_id in [1u64, 5, 6, 20] {
-        b.push(BatchOp::PutBucketOp {
+    for (table, row_id, op_id) in [
+        ("tickets", "r", 1u64),
+        ("tickets", "r2", 5),
+        ("notes", "r", 6),
+        ("tickets", "", 20),
+        ("notes", "r\u{e9}", 3),
+        ("notes", "r\0x", 4),
+        ("tickets", "r", 21),
+    ] {
+        b.push(BatchOp::PutBucketEntry {
             bucket: "x".into(),
-            op: BucketOp {
+            entry: BucketEntry {
+                table: table.into(),
+                row_id: row_id.into(),
                 op_id,
-                op: OpType::Put,
-                table: "tickets".into(),
-                row_id: "r".into(),
                 checksum: 1,
             },
         });
     }
+    b.push(BatchOp::PutBucketState {
+        bucket: "x".into(),
+        state: BucketState::default(),
+    });
     let (sqlite, memory) = both(&[b]);
     for (from, limit) in [
         (0, 0),
@@ -222,12 +247,36 @@ fn reads_with_limits_match_memory_store() {
             memory.queue_from(from, limit).expect("q")
         );
     }
-    for (after, limit) in [(0, 0), (0, 2), (5, 2), (20, 1), (u64::MAX, 3)] {
+    for (after, limit) in [
+        (None, 0),
+        (None, 2),
+        (None, usize::MAX),
+        (Some(("", "")), 10),
+        (Some(("notes", "r")), 2),
+        (Some(("notes", "r\0")), 10),
+        (Some(("notes", "zzz")), 10),
+        (Some(("tickets", "")), 1),
+        (Some(("tickets", "r2")), 3),
+        (Some(("zzz", "")), 3),
+    ] {
         assert_eq!(
-            sqlite.bucket_ops("x", after, limit).expect("ops"),
-            memory.bucket_ops("x", after, limit).expect("ops")
+            sqlite.bucket_entries("x", after, limit).expect("entries"),
+            memory.bucket_entries("x", after, limit).expect("entries"),
+            "{after:?} {limit}"
         );
     }
+    for (table, row_id) in [
+        ("tickets", "r"),
+        ("notes", "r\0x"),
+        ("notes", "r\0"),
+        ("tickets", "nope"),
+    ] {
+        assert_eq!(
+            sqlite.bucket_entry("x", table, row_id).expect("entry"),
+            memory.bucket_entry("x", table, row_id).expect("entry")
+        );
+    }
+    assert_eq!(sqlite.bucket_entry("y", "tickets", "r").expect("entry"), None);
 }
 
 // ----- SQLite specifics -----
@@ -342,36 +391,40 @@ fn seqs_and_op_ids_above_i64_max_are_refused_cleanly() {
     b.put_synced("tickets", "a", ticket("pending", 1))
         .append_queue(entry(i64::MAX as u64 + 1));
     let err = s.apply(b).expect_err("too large");
-    assert!(matches!(err, StoreError::Backend { retryable: false, .. }), "{err}");
+    assert!(matches!(err, StoreError::InvalidInput(_)), "{err}");
     assert_eq!(
         s.get_synced("tickets", "a").expect("get"),
         None,
         "the batch rolled back"
     );
 
-    let mut b = WriteBatch::new();
-    b.push(BatchOp::PutBucketOp {
+    let big = |op_id: u64| BatchOp::PutBucketEntry {
         bucket: "b".into(),
-        op: BucketOp {
-            op_id: u64::MAX,
-            op: OpType::Put,
+        entry: BucketEntry {
             table: "t".into(),
             row_id: "r".into(),
+            op_id,
             checksum: 0,
         },
-    });
-    assert!(s.apply(b).is_err());
+    };
+    let mut b = WriteBatch::new();
+    b.put_meta("k1", vec![1]).push(big(u64::MAX));
+    let err = s.apply(b).expect_err("too large");
+    assert!(matches!(err, StoreError::InvalidInput(_)), "{err}");
+    assert_eq!(s.get_meta("k1").expect("meta"), None, "the batch rolled back");
+    assert_eq!(s.bucket_entry("b", "t", "r").expect("entry"), None);
 
     // The largest supported values work and order correctly.
     let mut b = WriteBatch::new();
     b.append_queue(entry(1)).append_queue(entry(i64::MAX as u64));
-    b.push(BatchOp::DeleteBucketOp {
-        bucket: "b".into(),
-        op_id: u64::MAX,
-    });
+    b.push(big(i64::MAX as u64));
     s.apply(b).expect("apply");
     let seqs: Vec<u64> = s.queue_from(0, 10).expect("q").iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [1, i64::MAX as u64]);
+    assert_eq!(
+        s.bucket_entry("b", "t", "r").expect("entry").map(|e| e.op_id),
+        Some(i64::MAX as u64)
+    );
 }
 
 #[test]
@@ -415,4 +468,42 @@ fn a_held_write_lock_gives_a_retryable_error() {
 
 fn rusqlite_connection(path: &std::path::Path) -> rusqlite::Connection {
     rusqlite::Connection::open(path).expect("second connection")
+}
+
+#[test]
+fn format_version_1_databases_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    {
+        let c = rusqlite_connection(&path);
+        c.execute_batch(
+            "CREATE TABLE ferry_bucket_ops (bucket TEXT, op_id INTEGER, PRIMARY KEY (bucket, op_id)) WITHOUT ROWID;
+             INSERT INTO ferry_bucket_ops VALUES ('b', 1);
+             PRAGMA user_version = 1;",
+        )
+        .expect("version 1 database");
+    }
+    let err = SqliteStore::open(&path, test_schema()).expect_err("version 1");
+    assert!(matches!(err, StoreError::Backend { retryable: false, .. }), "{err}");
+    assert!(err.to_string().contains("version 1"), "{err}");
+    // Nothing was changed.
+    let c = rusqlite_connection(&path);
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 1);
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM ferry_bucket_ops", [], |r| r.get(0))
+        .expect("old table");
+    assert_eq!(n, 1);
+    drop(c);
+
+    // A fresh database is created at the current version.
+    let path = dir.path().join("new.db");
+    drop(SqliteStore::open(&path, test_schema()).expect("open"));
+    let version: i64 = rusqlite_connection(&path)
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, ferry_sqlite::FORMAT_VERSION);
+    assert_eq!(version, 2);
 }

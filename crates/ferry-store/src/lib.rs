@@ -7,12 +7,16 @@
 //! - the *overlay*: for rows touched by pending local writes, the row as
 //!   those writes leave it (or a deletion marker);
 //! - the upload queue of pending [`CrudEntry`]s, ordered by `seq`;
-//! - per-bucket op entries and bucket state for the sync protocol;
+//! - per-bucket entries (which rows each bucket holds, with the op id and
+//!   checksum that put them there) and bucket state for the sync protocol;
 //! - key-value metadata.
 //!
 //! The *visible* state (what apps read) is the overlay laid over the synced
-//! layer. The `visible_*` provided methods compute it the same way for
-//! every backend.
+//! layer. The provided methods `get_visible`, `scan_visible` and
+//! `scan_visible_index` compute it the same way for every backend. They
+//! read the overlay and the synced layer in separate calls, so callers
+//! that need a consistent view serialize them with writes (as
+//! `ferry-queue`'s `LocalDb` does).
 //!
 //! Invariants every backend keeps (the conformance suite in [`testkit`]
 //! checks them): a batch is applied entirely or not at all; a batch that
@@ -32,56 +36,19 @@ pub mod testkit;
 
 pub use memory::MemoryStore;
 
-/// The operation of one bucket op log entry, as the sync protocol defines
-/// them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum OpType {
-    /// The row was created or replaced.
-    Put,
-    /// The row left the bucket.
-    Remove,
-    /// A compacted entry: it keeps its checksum but no longer affects a row.
-    Move,
-    /// A compacted run of entries at the start of a bucket.
-    Clear,
-}
-
-impl OpType {
-    /// Stable numeric code, used by backends that store ops in binary.
-    pub fn code(self) -> u8 {
-        match self {
-            OpType::Put => 0,
-            OpType::Remove => 1,
-            OpType::Move => 2,
-            OpType::Clear => 3,
-        }
-    }
-
-    /// The op type for a code written by [`OpType::code`].
-    pub fn from_code(code: u8) -> Result<Self, StoreError> {
-        Ok(match code {
-            0 => OpType::Put,
-            1 => OpType::Remove,
-            2 => OpType::Move,
-            3 => OpType::Clear,
-            c => return Err(StoreError::Corrupt(format!("unknown op type code {c}"))),
-        })
-    }
-}
-
-/// One entry of a bucket's op log, as kept by a client: a reference to the
-/// row and the entry's checksum. Row data itself lives in the synced layer.
+/// A row's entry in one bucket: the bucket's latest op for that row (a
+/// PUT: rows a bucket no longer holds have no entry). Keyed by
+/// `(bucket, table, row_id)`, so a client finds at once whether any other
+/// bucket still holds a row, and lists the rows of one bucket.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct BucketOp {
-    /// Global, monotonic op id assigned by the server.
-    pub op_id: u64,
-    /// What the entry does.
-    pub op: OpType,
-    /// The table (row type) of the row it refers to.
+pub struct BucketEntry {
+    /// The table (row type) of the row.
     pub table: String,
-    /// The row id it refers to.
+    /// The row id.
     pub row_id: String,
-    /// The entry's checksum; a bucket's checksum is their wrapping sum.
+    /// The server op id that put the row in its current state.
+    pub op_id: u64,
+    /// That op's checksum.
     pub checksum: u32,
 }
 
@@ -148,19 +115,21 @@ pub enum BatchOp {
         /// The last seq to remove.
         through_seq: u64,
     },
-    /// Add (or replace, by op id) an op log entry of a bucket.
-    PutBucketOp {
+    /// Set a row's entry in a bucket (replacing the previous one).
+    PutBucketEntry {
         /// The bucket name.
         bucket: String,
         /// The entry.
-        op: BucketOp,
+        entry: BucketEntry,
     },
-    /// Remove one op log entry of a bucket; a missing one is not an error.
-    DeleteBucketOp {
+    /// Remove a row's entry from a bucket; a missing one is not an error.
+    DeleteBucketEntry {
         /// The bucket name.
         bucket: String,
-        /// The op id.
-        op_id: u64,
+        /// The table.
+        table: String,
+        /// The row id.
+        row_id: String,
     },
     /// Set a bucket's state.
     PutBucketState {
@@ -169,7 +138,7 @@ pub enum BatchOp {
         /// Its state.
         state: BucketState,
     },
-    /// Remove a bucket: its state and every op log entry.
+    /// Remove a bucket: its state and every entry.
     DeleteBucket {
         /// The bucket name.
         bucket: String,
@@ -309,6 +278,10 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("corrupt store data: {0}")]
     Corrupt(String),
+    /// A value the backend cannot store: a name with a NUL byte, a seq or
+    /// op id beyond `i64::MAX`.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
     /// The backend failed; `retryable` says whether the same call may work
     /// later (a busy database, an interrupted write).
     #[error("{backend} error: {message}")]
@@ -390,9 +363,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Every bucket with a state, ordered by name.
     fn buckets(&self) -> StoreResult<Vec<(String, BucketState)>>;
 
-    /// Up to `limit` op log entries of a bucket with `op_id > after_op_id`,
-    /// in op id order.
-    fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>>;
+    /// A row's entry in a bucket.
+    fn bucket_entry(&self, bucket: &str, table: &str, row_id: &str) -> StoreResult<Option<BucketEntry>>;
+
+    /// Up to `limit` entries of a bucket ordered by `(table, row_id)`,
+    /// starting after `after` (exclusive) when given.
+    fn bucket_entries(&self, bucket: &str, after: Option<(&str, &str)>, limit: usize) -> StoreResult<Vec<BucketEntry>>;
 
     /// A metadata value.
     fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
@@ -527,8 +503,8 @@ pub fn validate_batch(schema: &Schema, batch: &WriteBatch, last_queued_seq: Opti
                 last = Some(e.seq);
             }
             BatchOp::CompleteQueue { .. } => {}
-            BatchOp::PutBucketOp { .. }
-            | BatchOp::DeleteBucketOp { .. }
+            BatchOp::PutBucketEntry { .. }
+            | BatchOp::DeleteBucketEntry { .. }
             | BatchOp::PutBucketState { .. }
             | BatchOp::DeleteBucket { .. }
             | BatchOp::PutMeta { .. }

@@ -8,7 +8,7 @@ use ferry_core::{codec, CrudEntry, RowData, Schema, Value};
 use parking_lot::RwLock;
 
 use crate::{
-    check_range, index_def, index_key, validate_batch, BatchOp, BucketOp, BucketState, OverlayEntry, Rows, Store,
+    check_range, index_def, index_key, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry, Rows, Store,
     StoreResult, WriteBatch,
 };
 
@@ -21,7 +21,8 @@ struct State {
     indexes: BTreeMap<String, BTreeMap<String, BTreeMap<Vec<u8>, String>>>,
     overlay: BTreeMap<String, BTreeMap<String, OverlayEntry>>,
     queue: BTreeMap<u64, CrudEntry>,
-    bucket_ops: BTreeMap<String, BTreeMap<u64, BucketOp>>,
+    /// bucket -> (table, row id) -> entry
+    bucket_entries: BTreeMap<String, BTreeMap<(String, String), BucketEntry>>,
     buckets: BTreeMap<String, BucketState>,
     meta: BTreeMap<String, Vec<u8>>,
 }
@@ -134,12 +135,13 @@ impl Store for MemoryStore {
                         st.queue.clear();
                     }
                 }
-                BatchOp::PutBucketOp { bucket, op } => {
-                    st.bucket_ops.entry(bucket).or_default().insert(op.op_id, op);
+                BatchOp::PutBucketEntry { bucket, entry } => {
+                    let key = (entry.table.clone(), entry.row_id.clone());
+                    st.bucket_entries.entry(bucket).or_default().insert(key, entry);
                 }
-                BatchOp::DeleteBucketOp { bucket, op_id } => {
-                    if let Some(ops) = st.bucket_ops.get_mut(&bucket) {
-                        ops.remove(&op_id);
+                BatchOp::DeleteBucketEntry { bucket, table, row_id } => {
+                    if let Some(entries) = st.bucket_entries.get_mut(&bucket) {
+                        entries.remove(&(table, row_id));
                     }
                 }
                 BatchOp::PutBucketState { bucket, state } => {
@@ -147,7 +149,7 @@ impl Store for MemoryStore {
                 }
                 BatchOp::DeleteBucket { bucket } => {
                     st.buckets.remove(&bucket);
-                    st.bucket_ops.remove(&bucket);
+                    st.bucket_entries.remove(&bucket);
                 }
                 BatchOp::PutMeta { key, value } => {
                     st.meta.insert(key, value);
@@ -243,15 +245,29 @@ impl Store for MemoryStore {
         Ok(self.state.read().buckets.iter().map(|(k, v)| (k.clone(), *v)).collect())
     }
 
-    fn bucket_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<BucketOp>> {
+    fn bucket_entry(&self, bucket: &str, table: &str, row_id: &str) -> StoreResult<Option<BucketEntry>> {
+        Ok(self
+            .state
+            .read()
+            .bucket_entries
+            .get(bucket)
+            .and_then(|e| e.get(&(table.to_owned(), row_id.to_owned())))
+            .cloned())
+    }
+
+    fn bucket_entries(&self, bucket: &str, after: Option<(&str, &str)>, limit: usize) -> StoreResult<Vec<BucketEntry>> {
         let st = self.state.read();
-        let Some(ops) = st.bucket_ops.get(bucket) else {
+        let Some(entries) = st.bucket_entries.get(bucket) else {
             return Ok(Vec::new());
         };
-        Ok(ops
-            .range((Bound::Excluded(after_op_id), Bound::Unbounded))
+        let lower = match after {
+            Some((t, r)) => Bound::Excluded((t.to_owned(), r.to_owned())),
+            None => Bound::Unbounded,
+        };
+        Ok(entries
+            .range((lower, Bound::Unbounded))
             .take(limit)
-            .map(|(_, o)| o.clone())
+            .map(|(_, e)| e.clone())
             .collect())
     }
 

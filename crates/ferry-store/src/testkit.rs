@@ -13,7 +13,7 @@ use std::ops::Bound;
 use ferry_core::{row_data, ColumnType, CrudEntry, CrudOp, RowData, Schema, Table, Value};
 use proptest::prelude::*;
 
-use crate::{BatchOp, BucketOp, BucketState, OpType, OverlayEntry, Store, StoreError, StoreResult, WriteBatch};
+use crate::{BatchOp, BucketEntry, BucketState, OverlayEntry, Store, StoreError, StoreResult, WriteBatch};
 
 /// How the suite makes and reopens stores of one backend.
 pub trait Backend {
@@ -42,7 +42,7 @@ macro_rules! conformance_tests {
             queue_keeps_order_and_completes,
             queue_refuses_out_of_order_appends,
             failed_batch_changes_nothing,
-            bucket_ops_and_state,
+            bucket_entries_and_state,
             metadata_round_trips,
             everything_survives_reopen,
             reopen_with_new_index_rebuilds_it,
@@ -62,7 +62,7 @@ macro_rules! conformance_tests {
 }
 
 /// The schema the suite uses: tickets with indexes on text, integer and
-/// real columns and a two-column index, a plain table, and a local-only one.
+/// real columns and a two-column index, and a plain notes table.
 pub fn test_schema() -> Schema {
     Schema::new([tickets_table(), Table::new("notes").column("body", ColumnType::Text)])
         .expect("the suite's schema is valid")
@@ -104,6 +104,11 @@ fn put_entry(seq: u64, tx_id: u64, id: &str) -> CrudEntry {
         },
         previous: None,
         metadata: Some(format!("m{seq}")),
+        hlc: Some(ferry_core::HlcTimestamp {
+            wall_ms: 1_700_000_000_000 + seq,
+            counter: (seq % 3) as u32,
+            node: "client-a".into(),
+        }),
     }
 }
 
@@ -377,6 +382,7 @@ pub fn queue_keeps_order_and_completes<B: Backend>(b: &B) {
         },
         previous: Some(ticket("pending", 1)),
         metadata: None,
+        hlc: None,
     });
     batch.append_queue(CrudEntry {
         seq: 300,
@@ -388,6 +394,7 @@ pub fn queue_keeps_order_and_completes<B: Backend>(b: &B) {
         },
         previous: None,
         metadata: None,
+        hlc: None,
     });
     apply(&s, &batch);
     assert_eq!(s.queue_len().expect("len"), 7);
@@ -440,10 +447,7 @@ fn snapshot(s: &dyn Store) -> String {
     }
     out += &format!("queue {:?}\n", s.queue_from(0, usize::MAX).expect("queue"));
     for (name, state) in s.buckets().expect("buckets") {
-        out += &format!(
-            "bucket {name} {state:?} {:?}\n",
-            s.bucket_ops(&name, 0, usize::MAX).expect("ops")
-        );
+        out += &format!("bucket {name} {state:?} {:?}\n", all_entries(s, &name));
     }
     for k in ["k1", "k2"] {
         out += &format!("meta {k} {:?}\n", s.get_meta(k).expect("meta"));
@@ -464,13 +468,12 @@ fn every_kind_of_write(seq: u64) -> WriteBatch {
         .append_queue(put_entry(seq, 9, "x"))
         .complete_queue(1)
         .put_meta("k1", b"changed".to_vec());
-    batch.push(BatchOp::PutBucketOp {
+    batch.push(BatchOp::PutBucketEntry {
         bucket: "global".into(),
-        op: BucketOp {
-            op_id: 99,
-            op: OpType::Put,
+        entry: BucketEntry {
             table: "tickets".into(),
             row_id: "x".into(),
+            op_id: 99,
             checksum: 5,
         },
     });
@@ -521,94 +524,121 @@ pub fn failed_batch_changes_nothing<B: Backend>(b: &B) {
     assert_ne!(snapshot(&s), before);
 }
 
-/// Bucket op entries read back in op id order after a position, with a
-/// limit; single entries and whole buckets can be removed.
-pub fn bucket_ops_and_state<B: Backend>(b: &B) {
+fn entry(table: &str, row_id: &str, op_id: u64) -> BucketEntry {
+    BucketEntry {
+        table: table.into(),
+        row_id: row_id.into(),
+        op_id,
+        checksum: (op_id as u32).wrapping_mul(2_654_435_761),
+    }
+}
+
+fn all_entries(s: &dyn Store, bucket: &str) -> Vec<BucketEntry> {
+    s.bucket_entries(bucket, None, usize::MAX).expect("entries")
+}
+
+/// Bucket entries are keyed by `(bucket, table, row id)`: point lookups,
+/// ordered pages after a position, replacement, removal of one entry and of
+/// a whole bucket (and nothing of a bucket whose name extends it).
+pub fn bucket_entries_and_state<B: Backend>(b: &B) {
     let loc = b.fresh();
     let s = open(b, &loc);
-    let op = |op_id: u64, op: OpType, row: &str| BucketOp {
-        op_id,
-        op,
-        table: "tickets".into(),
-        row_id: row.into(),
-        checksum: (op_id as u32).wrapping_mul(2_654_435_761),
-    };
     let mut batch = WriteBatch::new();
-    for (bucket, ops) in [
+    let layout = [
         (
             "global",
             vec![
-                op(3, OpType::Put, "a"),
-                op(1, OpType::Put, "b"),
-                op(8, OpType::Remove, "a"),
+                entry("tickets", "b", 1),
+                entry("tickets", "a", 3),
+                entry("notes", "z", 8),
             ],
         ),
-        ("user/ann", vec![op(2, OpType::Put, "c"), op(9, OpType::Clear, "")]),
-        ("user/ann/x", vec![op(4, OpType::Move, "c")]),
-    ] {
+        ("user/ann", vec![entry("tickets", "c", 2), entry("tickets", "c2", 9)]),
+        ("user/ann/x", vec![entry("tickets", "c", 4)]),
+    ];
+    for (bucket, entries) in &layout {
         let mut state = BucketState::default();
-        for o in ops {
-            state.last_op_id = state.last_op_id.max(o.op_id);
-            state.checksum = state.checksum.wrapping_add(o.checksum);
+        for e in entries {
+            state.last_op_id = state.last_op_id.max(e.op_id);
+            state.checksum = state.checksum.wrapping_add(e.checksum);
             state.count += 1;
-            batch.push(BatchOp::PutBucketOp {
-                bucket: bucket.into(),
-                op: o,
+            batch.push(BatchOp::PutBucketEntry {
+                bucket: (*bucket).into(),
+                entry: e.clone(),
             });
         }
         batch.push(BatchOp::PutBucketState {
-            bucket: bucket.into(),
+            bucket: (*bucket).into(),
             state,
         });
     }
     apply(&s, &batch);
     let names: Vec<String> = s.buckets().expect("buckets").into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["global", "user/ann", "user/ann/x"]);
-    let global = s.bucket_ops("global", 0, 10).expect("ops");
-    assert_eq!(global.iter().map(|o| o.op_id).collect::<Vec<_>>(), [1, 3, 8]);
-    assert_eq!(global[2], op(8, OpType::Remove, "a"));
+    // Ordered by (table, row id), not by op id.
     assert_eq!(
-        s.bucket_ops("global", 1, 1).expect("ops"),
-        vec![op(3, OpType::Put, "a")]
+        all_entries(&s, "global"),
+        vec![
+            entry("notes", "z", 8),
+            entry("tickets", "a", 3),
+            entry("tickets", "b", 1)
+        ]
     );
-    assert_eq!(s.bucket_ops("user/ann", 0, 10).expect("ops").len(), 2);
+    assert_eq!(
+        s.bucket_entries("global", Some(("notes", "z")), 1).expect("page"),
+        vec![entry("tickets", "a", 3)]
+    );
+    assert_eq!(
+        s.bucket_entries("global", Some(("tickets", "a")), 10).expect("page"),
+        vec![entry("tickets", "b", 1)]
+    );
+    assert_eq!(
+        s.bucket_entry("user/ann", "tickets", "c").expect("entry"),
+        Some(entry("tickets", "c", 2))
+    );
+    assert_eq!(s.bucket_entry("user/ann", "tickets", "a").expect("entry"), None);
+    assert_eq!(s.bucket_entry("global", "notes", "a").expect("entry"), None);
+    let global_sum = [1u64, 3, 8]
+        .iter()
+        .fold(0u32, |acc, id| acc.wrapping_add(entry("t", "r", *id).checksum));
     assert_eq!(
         s.bucket_state("global").expect("state"),
         Some(BucketState {
             last_op_id: 8,
-            checksum: op(1, OpType::Put, "")
-                .checksum
-                .wrapping_add(op(3, OpType::Put, "").checksum)
-                .wrapping_add(op(8, OpType::Put, "").checksum),
+            checksum: global_sum,
             count: 3
         })
     );
     assert_eq!(s.bucket_state("nope").expect("state"), None);
-    assert!(s.bucket_ops("nope", 0, 10).expect("ops").is_empty());
+    assert!(all_entries(&s, "nope").is_empty());
 
     let mut batch = WriteBatch::new();
-    batch.push(BatchOp::DeleteBucketOp {
+    batch.push(BatchOp::DeleteBucketEntry {
         bucket: "global".into(),
-        op_id: 3,
+        table: "tickets".into(),
+        row_id: "a".into(),
     });
-    batch.push(BatchOp::DeleteBucketOp {
+    batch.push(BatchOp::DeleteBucketEntry {
         bucket: "global".into(),
-        op_id: 77,
+        table: "tickets".into(),
+        row_id: "never".into(),
     });
-    batch.push(BatchOp::PutBucketOp {
+    batch.push(BatchOp::PutBucketEntry {
         bucket: "global".into(),
-        op: op(1, OpType::Move, "b"),
+        entry: entry("tickets", "b", 11),
     });
     batch.push(BatchOp::DeleteBucket {
         bucket: "user/ann".into(),
     });
     apply(&s, &batch);
-    let global = s.bucket_ops("global", 0, 10).expect("ops");
-    assert_eq!(global, vec![op(1, OpType::Move, "b"), op(8, OpType::Remove, "a")]);
+    assert_eq!(
+        all_entries(&s, "global"),
+        vec![entry("notes", "z", 8), entry("tickets", "b", 11)]
+    );
     assert_eq!(s.bucket_state("user/ann").expect("state"), None);
-    assert!(s.bucket_ops("user/ann", 0, 10).expect("ops").is_empty());
+    assert!(all_entries(&s, "user/ann").is_empty());
     // A bucket whose name extends a deleted one's is untouched.
-    assert_eq!(s.bucket_ops("user/ann/x", 0, 10).expect("ops").len(), 1);
+    assert_eq!(all_entries(&s, "user/ann/x"), vec![entry("tickets", "c", 4)]);
 }
 
 /// Metadata values are set, replaced and removed.
@@ -790,7 +820,8 @@ struct Model {
     synced: BTreeMap<(String, String), RowData>,
     overlay: BTreeMap<(String, String), OverlayEntry>,
     queue: BTreeMap<u64, CrudEntry>,
-    ops: BTreeMap<(String, u64), BucketOp>,
+    /// (bucket, table, row id) -> entry
+    entries: BTreeMap<(String, String, String), BucketEntry>,
     buckets: BTreeMap<String, BucketState>,
     meta: BTreeMap<String, Vec<u8>>,
 }
@@ -827,18 +858,19 @@ impl Model {
                 BatchOp::CompleteQueue { through_seq } => {
                     m.queue.retain(|seq, _| *seq > through_seq);
                 }
-                BatchOp::PutBucketOp { bucket, op } => {
-                    m.ops.insert((bucket, op.op_id), op);
+                BatchOp::PutBucketEntry { bucket, entry } => {
+                    m.entries
+                        .insert((bucket, entry.table.clone(), entry.row_id.clone()), entry);
                 }
-                BatchOp::DeleteBucketOp { bucket, op_id } => {
-                    m.ops.remove(&(bucket, op_id));
+                BatchOp::DeleteBucketEntry { bucket, table, row_id } => {
+                    m.entries.remove(&(bucket, table, row_id));
                 }
                 BatchOp::PutBucketState { bucket, state } => {
                     m.buckets.insert(bucket, state);
                 }
                 BatchOp::DeleteBucket { bucket } => {
                     m.buckets.remove(&bucket);
-                    m.ops.retain(|(b, _), _| *b != bucket);
+                    m.entries.retain(|(b, _, _), _| *b != bucket);
                 }
                 BatchOp::PutMeta { key, value } => {
                     m.meta.insert(key, value);
@@ -882,13 +914,19 @@ impl Model {
         let buckets: Vec<(String, BucketState)> = self.buckets.iter().map(|(k, v)| (k.clone(), *v)).collect();
         prop_assert_eq!(&s.buckets().map_err(fail)?, &buckets);
         for bucket in ["b1", "b2"] {
-            let ops: Vec<BucketOp> = self
-                .ops
+            let entries: Vec<BucketEntry> = self
+                .entries
                 .iter()
-                .filter(|((b, _), _)| b == bucket)
-                .map(|(_, o)| o.clone())
+                .filter(|((b, _, _), _)| b == bucket)
+                .map(|(_, e)| e.clone())
                 .collect();
-            prop_assert_eq!(&s.bucket_ops(bucket, 0, usize::MAX).map_err(fail)?, &ops);
+            prop_assert_eq!(&s.bucket_entries(bucket, None, usize::MAX).map_err(fail)?, &entries);
+            for e in entries.iter().take(2) {
+                prop_assert_eq!(
+                    s.bucket_entry(bucket, &e.table, &e.row_id).map_err(fail)?,
+                    Some(e.clone())
+                );
+            }
         }
         for key in ["m1", "m2"] {
             prop_assert_eq!(s.get_meta(key).map_err(fail)?, self.meta.get(key).cloned());
@@ -928,11 +966,16 @@ fn batch_op_strategy() -> impl Strategy<Value = BatchOp> {
         1 => id.clone().prop_map(|id| BatchOp::DeleteOverlay { table: "tickets".into(), id }),
         3 => (0u64..40, id.clone()).prop_map(|(seq, id)| BatchOp::AppendQueue(put_entry(seq, seq / 3, &id))),
         1 => (0u64..40).prop_map(|through_seq| BatchOp::CompleteQueue { through_seq }),
-        2 => (bucket.clone(), 1u64..20, id, any::<u32>()).prop_map(|(bucket, op_id, row_id, checksum)| BatchOp::PutBucketOp {
+        2 => (bucket.clone(), prop::sample::select(vec!["tickets", "notes"]), id.clone(), 1u64..20, any::<u32>())
+            .prop_map(|(bucket, table, row_id, op_id, checksum)| BatchOp::PutBucketEntry {
+                bucket,
+                entry: BucketEntry { table: table.into(), row_id, op_id, checksum },
+            }),
+        1 => (bucket.clone(), id).prop_map(|(bucket, row_id)| BatchOp::DeleteBucketEntry {
             bucket,
-            op: BucketOp { op_id, op: OpType::Put, table: "tickets".into(), row_id, checksum },
+            table: "tickets".into(),
+            row_id,
         }),
-        1 => (bucket.clone(), 1u64..20).prop_map(|(bucket, op_id)| BatchOp::DeleteBucketOp { bucket, op_id }),
         1 => (bucket.clone(), 0u64..20, any::<u32>()).prop_map(|(bucket, last_op_id, checksum)| BatchOp::PutBucketState {
             bucket,
             state: BucketState { last_op_id, checksum, count: last_op_id },

@@ -1,0 +1,367 @@
+//! The client's download state machine, sans-IO.
+//!
+//! Feed it the stream's lines with [`Download::handle`]; it collects a
+//! checkpoint's data and, at `checkpoint_complete`, validates every bucket
+//! checksum. When all validate it hands back a [`CheckpointApply`] for the
+//! client to apply to its synced layer in one transaction, then to confirm
+//! with [`Download::applied`]. When one does not, it hands back the buckets
+//! to download again from scratch ([`Step::Resync`]).
+//!
+//! Ops received but not yet applied stay staged across reconnects of the
+//! same `Download`, and [`Download::request`] resumes after them, so nothing
+//! already received is sent again. Duplicate or replayed data lines are
+//! ignored (an op id at or before the bucket's position is skipped).
+
+use std::collections::BTreeMap;
+
+use crate::checksum;
+use crate::error::ProtocolError;
+use crate::messages::{BucketChecksum, BucketRequest, Checkpoint, OpKind, OplogEntry, StreamLine, StreamRequest};
+
+/// What the client holds of one bucket after its last applied checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppliedBucket {
+    /// Last op id applied.
+    pub last_op_id: u64,
+    /// Wrapping sum of the checksums applied (a CLEAR restarts it).
+    pub checksum: u32,
+    /// Ops applied.
+    pub count: u64,
+}
+
+/// Limits of the download state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownloadLimits {
+    /// Most ops staged (received, not yet applied) at once.
+    pub max_staged_ops: usize,
+    /// Most buckets one checkpoint may name.
+    pub max_buckets: usize,
+}
+
+impl Default for DownloadLimits {
+    fn default() -> Self {
+        DownloadLimits {
+            max_staged_ops: 20_000_000,
+            max_buckets: 10_000,
+        }
+    }
+}
+
+/// How one bucket changes when a checkpoint applies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BucketApply {
+    /// The bucket.
+    pub bucket: String,
+    /// The bucket starts over (a CLEAR arrived, or it is being downloaded
+    /// again after a checksum mismatch): rows it held that `ops` do not put
+    /// again leave it.
+    pub reset: bool,
+    /// Entries to apply, in op id order (after the last CLEAR, if any).
+    pub ops: Vec<OplogEntry>,
+    /// The bucket's state once applied.
+    pub state: AppliedBucket,
+}
+
+/// A validated checkpoint, ready to apply atomically.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointApply {
+    /// The checkpoint's last op id.
+    pub last_op_id: u64,
+    /// The client's writes through this seq are included.
+    pub write_checkpoint: Option<u64>,
+    /// Buckets with changes (or a new state).
+    pub buckets: Vec<BucketApply>,
+    /// Buckets the client no longer gets: their rows leave.
+    pub removed_buckets: Vec<String>,
+}
+
+/// What the client should do after a line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Nothing yet.
+    Continue,
+    /// Apply this checkpoint, then call [`Download::applied`].
+    Apply(CheckpointApply),
+    /// These buckets failed their checksums: their staged data was dropped
+    /// and they will be downloaded from scratch; reconnect with
+    /// [`Download::request`].
+    Resync {
+        /// The failed buckets.
+        buckets: Vec<String>,
+    },
+    /// The token expires soon; fetch new credentials.
+    TokenExpiring {
+        /// Seconds left.
+        in_s: u64,
+    },
+}
+
+/// Token lifetimes below this ask the client for new credentials.
+pub const TOKEN_REFRESH_BEFORE_S: u64 = 30;
+
+/// The download state of one client.
+#[derive(Clone, Debug, Default)]
+pub struct Download {
+    applied: BTreeMap<String, AppliedBucket>,
+    /// Buckets to download from scratch (checksum mismatch).
+    resetting: std::collections::BTreeSet<String>,
+    staged: BTreeMap<String, Vec<OplogEntry>>,
+    staged_ops: usize,
+    target: Option<Checkpoint>,
+    limits: DownloadLimits,
+}
+
+impl Download {
+    /// Start from what the store holds.
+    pub fn new(applied: impl IntoIterator<Item = (String, AppliedBucket)>, limits: DownloadLimits) -> Self {
+        Download {
+            applied: applied.into_iter().collect(),
+            limits,
+            ..Download::default()
+        }
+    }
+
+    /// The applied state of every bucket.
+    pub fn applied_buckets(&self) -> &BTreeMap<String, AppliedBucket> {
+        &self.applied
+    }
+
+    /// Ops received and not yet applied.
+    pub fn staged_ops(&self) -> usize {
+        self.staged_ops
+    }
+
+    /// The checkpoint being downloaded, if any.
+    pub fn target(&self) -> Option<&Checkpoint> {
+        self.target.as_ref()
+    }
+
+    fn position(&self, bucket: &str) -> u64 {
+        if let Some(last) = self.staged.get(bucket).and_then(|ops| ops.last()) {
+            return last.op_id;
+        }
+        if self.resetting.contains(bucket) {
+            return 0;
+        }
+        self.applied.get(bucket).map_or(0, |b| b.last_op_id)
+    }
+
+    /// The request that opens (or resumes) the stream.
+    pub fn request(&self, client_id: &str) -> StreamRequest {
+        let names: std::collections::BTreeSet<&String> = self.applied.keys().chain(self.staged.keys()).collect();
+        StreamRequest {
+            client_id: client_id.to_owned(),
+            buckets: names
+                .into_iter()
+                .map(|name| BucketRequest {
+                    name: name.clone(),
+                    after_op_id: self.position(name),
+                })
+                .collect(),
+        }
+    }
+
+    /// Take one line of the stream.
+    pub fn handle(&mut self, line: StreamLine) -> Result<Step, ProtocolError> {
+        match line {
+            StreamLine::Checkpoint(cp) => {
+                self.set_target(cp)?;
+                Ok(Step::Continue)
+            }
+            StreamLine::CheckpointDiff(diff) => {
+                let Some(base) = self.target.clone() else {
+                    return Err(ProtocolError::Unexpected("checkpoint_diff before any checkpoint"));
+                };
+                let mut buckets: BTreeMap<String, BucketChecksum> =
+                    base.buckets.into_iter().map(|b| (b.bucket.clone(), b)).collect();
+                for name in &diff.removed_buckets {
+                    buckets.remove(name);
+                }
+                for b in diff.updated_buckets {
+                    buckets.insert(b.bucket.clone(), b);
+                }
+                self.set_target(Checkpoint {
+                    last_op_id: diff.last_op_id,
+                    write_checkpoint: diff.write_checkpoint.or(base.write_checkpoint),
+                    buckets: buckets.into_values().collect(),
+                })?;
+                Ok(Step::Continue)
+            }
+            StreamLine::Data(batch) => {
+                let Some(target) = &self.target else {
+                    return Err(ProtocolError::Unexpected("data before any checkpoint"));
+                };
+                if !target.buckets.iter().any(|b| b.bucket == batch.bucket) {
+                    return Err(ProtocolError::UnknownBucket(batch.bucket));
+                }
+                let mut position = self.position(&batch.bucket);
+                let mut fresh = Vec::new();
+                for op in batch.ops {
+                    if op.op_id <= position {
+                        continue; // already have it: a duplicate or replayed line
+                    }
+                    if matches!(op.op, OpKind::Put | OpKind::Remove)
+                        && (op.object_type.is_none() || op.object_id.is_none())
+                    {
+                        return Err(ProtocolError::BadOp {
+                            op_id: op.op_id,
+                            reason: "put and remove need object_type and object_id",
+                        });
+                    }
+                    if op.op == OpKind::Put && op.data.is_none() {
+                        return Err(ProtocolError::BadOp {
+                            op_id: op.op_id,
+                            reason: "put needs data",
+                        });
+                    }
+                    position = op.op_id;
+                    fresh.push(op);
+                }
+                if self.staged_ops + fresh.len() > self.limits.max_staged_ops {
+                    return Err(ProtocolError::TooManyStaged {
+                        limit: self.limits.max_staged_ops,
+                    });
+                }
+                self.staged_ops += fresh.len();
+                self.staged.entry(batch.bucket).or_default().extend(fresh);
+                Ok(Step::Continue)
+            }
+            StreamLine::CheckpointComplete { last_op_id } => self.complete(last_op_id),
+            StreamLine::Keepalive { token_expires_in_s } => Ok(if token_expires_in_s < TOKEN_REFRESH_BEFORE_S {
+                Step::TokenExpiring {
+                    in_s: token_expires_in_s,
+                }
+            } else {
+                Step::Continue
+            }),
+            StreamLine::Error(e) => Err(ProtocolError::Server(e)),
+        }
+    }
+
+    fn set_target(&mut self, cp: Checkpoint) -> Result<(), ProtocolError> {
+        if cp.buckets.len() > self.limits.max_buckets {
+            return Err(ProtocolError::TooManyBuckets {
+                count: cp.buckets.len(),
+                limit: self.limits.max_buckets,
+            });
+        }
+        if let Some(old) = &self.target {
+            if cp.last_op_id < old.last_op_id {
+                return Err(ProtocolError::Unexpected("checkpoint went backwards"));
+            }
+        }
+        // Staged data of buckets no longer in the checkpoint is useless.
+        let keep: std::collections::BTreeSet<&str> = cp.buckets.iter().map(|b| b.bucket.as_str()).collect();
+        let mut dropped = 0;
+        self.staged.retain(|name, ops| {
+            let k = keep.contains(name.as_str());
+            if !k {
+                dropped += ops.len();
+            }
+            k
+        });
+        self.staged_ops -= dropped;
+        self.target = Some(cp);
+        Ok(())
+    }
+
+    fn complete(&mut self, last_op_id: u64) -> Result<Step, ProtocolError> {
+        let Some(target) = self.target.clone() else {
+            return Err(ProtocolError::Unexpected("checkpoint_complete before any checkpoint"));
+        };
+        if last_op_id != target.last_op_id {
+            return Err(ProtocolError::CheckpointMismatch {
+                expected: target.last_op_id,
+                got: last_op_id,
+            });
+        }
+        let mut failed = Vec::new();
+        let mut buckets = Vec::new();
+        for b in &target.buckets {
+            let staged = self.staged.get(&b.bucket).map(Vec::as_slice).unwrap_or_default();
+            if staged.iter().any(|op| op.op_id > target.last_op_id) {
+                return Err(ProtocolError::Unexpected("data beyond the checkpoint"));
+            }
+            let reset_by_resync = self.resetting.contains(&b.bucket);
+            let base = if reset_by_resync {
+                AppliedBucket::default()
+            } else {
+                self.applied.get(&b.bucket).copied().unwrap_or_default()
+            };
+            let last_clear = staged.iter().rposition(|op| op.op == OpKind::Clear);
+            let (mut state, ops) = match last_clear {
+                Some(i) => (
+                    AppliedBucket {
+                        last_op_id: base.last_op_id,
+                        checksum: 0,
+                        count: 0,
+                    },
+                    &staged[i..],
+                ),
+                None => (base, staged),
+            };
+            for op in ops {
+                state.checksum = state.checksum.wrapping_add(op.checksum);
+                state.count += 1;
+                state.last_op_id = state.last_op_id.max(op.op_id);
+            }
+            if state.checksum != b.checksum {
+                failed.push(b.bucket.clone());
+                continue;
+            }
+            let changed = !ops.is_empty() || reset_by_resync || !self.applied.contains_key(&b.bucket);
+            if changed {
+                buckets.push(BucketApply {
+                    bucket: b.bucket.clone(),
+                    reset: reset_by_resync || last_clear.is_some(),
+                    ops: ops.iter().filter(|op| op.op != OpKind::Clear).cloned().collect(),
+                    state,
+                });
+            }
+        }
+        if !failed.is_empty() {
+            for name in &failed {
+                if let Some(ops) = self.staged.remove(name) {
+                    self.staged_ops -= ops.len();
+                }
+                self.resetting.insert(name.clone());
+            }
+            return Ok(Step::Resync { buckets: failed });
+        }
+        let removed_buckets = self
+            .applied
+            .keys()
+            .filter(|name| !target.buckets.iter().any(|b| &b.bucket == *name))
+            .cloned()
+            .collect();
+        Ok(Step::Apply(CheckpointApply {
+            last_op_id: target.last_op_id,
+            write_checkpoint: target.write_checkpoint,
+            buckets,
+            removed_buckets,
+        }))
+    }
+
+    /// The client applied `apply` to its store: move it from staged to
+    /// applied.
+    pub fn applied(&mut self, apply: &CheckpointApply) {
+        for b in &apply.buckets {
+            if let Some(ops) = self.staged.remove(&b.bucket) {
+                self.staged_ops -= ops.len();
+            }
+            self.resetting.remove(&b.bucket);
+            self.applied.insert(b.bucket.clone(), b.state);
+        }
+        for name in &apply.removed_buckets {
+            self.applied.remove(name);
+            if let Some(ops) = self.staged.remove(name) {
+                self.staged_ops -= ops.len();
+            }
+        }
+    }
+}
+
+/// The sum of the checksums of ops, as a bucket would hold it.
+pub fn checksum_of(ops: &[OplogEntry]) -> u32 {
+    checksum::sum(ops.iter().map(|o| o.checksum))
+}
