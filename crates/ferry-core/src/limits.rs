@@ -16,6 +16,8 @@ pub struct Limits {
     pub max_queue_entries: u64,
     /// Most queue entries returned by one batch read.
     pub max_batch_entries: usize,
+    /// Most entries kept in the rejections log (oldest dropped first).
+    pub max_rejections_logged: usize,
 }
 
 impl Default for Limits {
@@ -26,6 +28,7 @@ impl Default for Limits {
             max_ops_per_transaction: 100_000,
             max_queue_entries: 10_000_000,
             max_batch_entries: 10_000,
+            max_rejections_logged: 1_000,
         }
     }
 }

@@ -29,7 +29,7 @@ use ferry_core::{
     Clock, CoreError, CrudEntry, CrudOp, ErrorKind, HlcTimestamp, HybridClock, Limits, RandomSource, RowData, Schema,
     SeededRandom, SystemClock, Table, Value,
 };
-use ferry_store::{OverlayEntry, Store, StoreError, WriteBatch};
+use ferry_store::{BatchOp, OverlayEntry, Store, StoreError, WriteBatch};
 use parking_lot::Mutex;
 use thiserror::Error;
 
@@ -41,6 +41,10 @@ pub use record::{record_from_row, record_to_row, Record};
 pub const META_NEXT_SEQ: &str = "ferry.queue.next_seq";
 /// Metadata key holding the next local transaction id.
 pub const META_NEXT_TX: &str = "ferry.queue.next_tx_id";
+/// Metadata key holding the seqs the server rejected (not yet confirmed).
+pub const META_REJECTED_SEQS: &str = "ferry.queue.rejected_seqs";
+/// Metadata key holding the rejections log.
+pub const META_REJECTIONS: &str = "ferry.queue.rejections";
 /// Metadata key holding this database's client id.
 pub const META_CLIENT_ID: &str = "ferry.client_id";
 /// Metadata key holding the last seq the server answered for.
@@ -127,6 +131,25 @@ impl QueueError {
 
 /// Result of queue calls.
 pub type QueueResult<T> = Result<T, QueueError>;
+
+/// A local write the server refused, kept for the app to show.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Rejection {
+    /// The refused entry.
+    pub entry: CrudEntry,
+    /// The server's reason.
+    pub reason: String,
+    /// When the answer arrived (ms since the epoch, from the client clock).
+    pub at_ms: u64,
+}
+
+fn encode_seqs(seqs: &BTreeSet<u64>) -> Vec<u8> {
+    seqs.iter().flat_map(|s| s.to_be_bytes()).collect()
+}
+
+fn encode_rejections(log: &[Rejection]) -> QueueResult<Vec<u8>> {
+    serde_json::to_vec(log).map_err(|e| StoreError::Corrupt(format!("encoding the rejections log: {e}")).into())
+}
 
 /// The queued ops of one local transaction.
 #[derive(Clone, Debug, PartialEq)]
@@ -476,31 +499,153 @@ impl LocalDb {
     /// Drop every entry through `through_seq` (a checkpoint's write
     /// checkpoint covers them: the synced layer now includes their effect)
     /// and rebase the rows they touched on the synced layer, in one batch.
-    /// Entries must have been completed first.
+    /// Entries not yet completed are completed too: the server processed
+    /// them even if its answer never arrived.
     pub fn confirm_through(&self, through_seq: u64) -> QueueResult<()> {
-        let counters = self.counters.lock();
-        if through_seq > counters.completed_through {
-            return Err(QueueError::InvalidSeq {
-                seq: through_seq,
-                reason: "not yet completed by an upload",
-            });
+        self.apply_server_changes(WriteBatch::new(), Some(through_seq))
+    }
+
+    /// Apply server changes to the synced layer (a validated checkpoint:
+    /// `PutSynced`/`DeleteSynced` and bucket bookkeeping in `batch`) in one
+    /// store batch together with: dropping the queue entries the write
+    /// checkpoint covers, and rebasing every row that has pending entries
+    /// left (synced row after this batch, pending entries replayed) or had
+    /// confirmed ones. Serialized with local writes.
+    pub fn apply_server_changes(&self, mut batch: WriteBatch, write_checkpoint: Option<u64>) -> QueueResult<()> {
+        let mut counters = self.counters.lock();
+        let last_seq = counters.next_seq.saturating_sub(1);
+        if let Some(wc) = write_checkpoint {
+            if wc > last_seq {
+                return Err(QueueError::InvalidSeq {
+                    seq: wc,
+                    reason: "beyond the last queued entry",
+                });
+            }
         }
-        let confirmed = self.store.queue_from(0, usize::MAX)?;
-        let touched: BTreeSet<(String, String)> = confirmed
+        let wc = write_checkpoint.unwrap_or(0);
+        let mut synced_after: BTreeMap<(String, String), Option<RowData>> = BTreeMap::new();
+        for op in &batch.ops {
+            match op {
+                BatchOp::PutSynced { table, id, data } => {
+                    synced_after.insert((table.clone(), id.clone()), Some(data.clone()));
+                }
+                BatchOp::DeleteSynced { table, id } => {
+                    synced_after.insert((table.clone(), id.clone()), None);
+                }
+                _ => {}
+            }
+        }
+        let entries = self.store.queue_from(0, usize::MAX)?;
+        let mut rejected = self.rejected_seqs()?;
+        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut newly_completed = 0u64;
+        for e in &entries {
+            let key = (e.op.table().to_owned(), e.op.id().to_owned());
+            if e.seq <= wc {
+                if e.seq > counters.completed_through {
+                    newly_completed += 1;
+                }
+                touched.insert(key);
+            } else if synced_after.contains_key(&key) {
+                touched.insert(key);
+            }
+        }
+        let remaining: Vec<&CrudEntry> = entries
             .iter()
-            .take_while(|e| e.seq <= through_seq)
-            .map(|e| (e.op.table().to_owned(), e.op.id().to_owned()))
+            .filter(|e| e.seq > wc && !rejected.contains(&e.seq))
             .collect();
-        if touched.is_empty() {
+        if wc > 0 {
+            batch.complete_queue(wc);
+            let before = rejected.len();
+            rejected.retain(|seq| *seq > wc);
+            if rejected.len() != before {
+                batch.put_meta(META_REJECTED_SEQS, encode_seqs(&rejected));
+            }
+            if wc > counters.completed_through {
+                batch.put_meta(META_COMPLETED_THROUGH, wc.to_be_bytes().to_vec());
+            }
+        }
+        self.rebase_into(&mut batch, &touched, &remaining, &synced_after)?;
+        if batch.is_empty() {
             return Ok(());
         }
-        let remaining: Vec<&CrudEntry> = confirmed.iter().filter(|e| e.seq > through_seq).collect();
-        let mut batch = WriteBatch::new();
-        batch.complete_queue(through_seq);
-        self.rebase_into(&mut batch, &touched, &remaining)?;
         self.store.apply(batch)?;
-        drop(counters);
+        if wc > counters.completed_through {
+            counters.completed_through = wc;
+            counters.upload_len = counters.upload_len.saturating_sub(newly_completed);
+        }
         Ok(())
+    }
+
+    /// The server rejected these entries: they stop shaping the visible
+    /// state at once (their rows are rebased without them) and each is
+    /// recorded in the rejections log with its reason. Entries stay stored
+    /// until a checkpoint covers them, like every completed entry.
+    pub fn reject(&self, rejections: &[(u64, String)], at_ms: u64) -> QueueResult<()> {
+        if rejections.is_empty() {
+            return Ok(());
+        }
+        let _counters = self.counters.lock();
+        let entries = self.store.queue_from(0, usize::MAX)?;
+        let mut rejected = self.rejected_seqs()?;
+        let mut log = self.rejections()?;
+        let mut touched = BTreeSet::new();
+        for (seq, reason) in rejections {
+            let Some(e) = entries.iter().find(|e| e.seq == *seq) else {
+                continue; // already confirmed: nothing left to roll back
+            };
+            if rejected.insert(*seq) {
+                touched.insert((e.op.table().to_owned(), e.op.id().to_owned()));
+                log.push(Rejection {
+                    entry: e.clone(),
+                    reason: reason.clone(),
+                    at_ms,
+                });
+            }
+        }
+        let excess = log.len().saturating_sub(self.limits.max_rejections_logged);
+        log.drain(..excess);
+        let remaining: Vec<&CrudEntry> = entries.iter().filter(|e| !rejected.contains(&e.seq)).collect();
+        let mut batch = WriteBatch::new();
+        batch.put_meta(META_REJECTED_SEQS, encode_seqs(&rejected));
+        batch.put_meta(META_REJECTIONS, encode_rejections(&log)?);
+        self.rebase_into(&mut batch, &touched, &remaining, &BTreeMap::new())?;
+        self.store.apply(batch)?;
+        Ok(())
+    }
+
+    /// The rejections log, oldest first (bounded by
+    /// `Limits::max_rejections_logged`).
+    pub fn rejections(&self) -> QueueResult<Vec<Rejection>> {
+        match self.store.get_meta(META_REJECTIONS)? {
+            None => Ok(Vec::new()),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("metadata {META_REJECTIONS}: {e}")).into()),
+        }
+    }
+
+    /// Empty the rejections log (after the app showed it).
+    pub fn clear_rejections(&self) -> QueueResult<()> {
+        let _counters = self.counters.lock();
+        let mut batch = WriteBatch::new();
+        batch.push(BatchOp::DeleteMeta {
+            key: META_REJECTIONS.into(),
+        });
+        Ok(self.store.apply(batch)?)
+    }
+
+    fn rejected_seqs(&self) -> QueueResult<BTreeSet<u64>> {
+        match self.store.get_meta(META_REJECTED_SEQS)? {
+            None => Ok(BTreeSet::new()),
+            Some(bytes) => bytes
+                .chunks(8)
+                .map(|c| {
+                    <[u8; 8]>::try_from(c)
+                        .map(u64::from_be_bytes)
+                        .map_err(|_| StoreError::Corrupt(format!("metadata {META_REJECTED_SEQS} is truncated")).into())
+                })
+                .collect(),
+        }
     }
 
     /// Recompute the overlay of `rows` as their synced row with `remaining`
@@ -511,6 +656,7 @@ impl LocalDb {
         batch: &mut WriteBatch,
         rows: &BTreeSet<(String, String)>,
         remaining: &[&CrudEntry],
+        synced_after: &BTreeMap<(String, String), Option<RowData>>,
     ) -> QueueResult<()> {
         for (table, id) in rows {
             let def = self.schema().table(table)?;
@@ -525,7 +671,10 @@ impl LocalDb {
                 batch.delete_overlay(table.clone(), id.clone());
                 continue;
             }
-            let mut row = self.store.get_synced(table, id)?;
+            let mut row = match synced_after.get(&(table.clone(), id.clone())) {
+                Some(row) => row.clone(),
+                None => self.store.get_synced(table, id)?,
+            };
             for e in replay {
                 row = e.op.apply_to(row);
             }

@@ -480,3 +480,91 @@ fn limits_bound_transactions_and_the_queue() {
             .expect("local write");
     }
 }
+
+#[test]
+fn rejected_writes_roll_back_at_once_and_are_logged() {
+    each_backend(|backend, reopen| {
+        let db = reopen();
+        let mut server = WriteBatch::new();
+        server.put_synced("tickets", "t1", title("synced"));
+        db.apply_server_changes(server, None).expect("sync");
+        db.write(|tx| tx.update("tickets", "t1", row_data([("title", Value::from("mine"))])))
+            .expect("write");
+        db.write(|tx| tx.update("tickets", "t1", row_data([("status", Value::from("done"))])))
+            .expect("write");
+        db.write(|tx| tx.insert("tickets", "t2", title("new"))).expect("write");
+        db.complete(3).expect("complete");
+        db.reject(&[(1, "title is locked".into()), (3, "no new tickets".into())], 42)
+            .expect("reject");
+        // seq 2 (status) still applies on the synced row; seq 1 and 3 are gone.
+        assert_eq!(
+            db.get("tickets", "t1").expect("get"),
+            Some(row_data([("title", Value::from("synced")), ("status", Value::from("done"))])),
+            "{backend}"
+        );
+        assert_eq!(db.get("tickets", "t2").expect("get"), None, "{backend}");
+        let log = db.rejections().expect("log");
+        let shape: Vec<(u64, &str, u64)> = log.iter().map(|r| (r.entry.seq, r.reason.as_str(), r.at_ms)).collect();
+        assert_eq!(shape, [(1, "title is locked", 42), (3, "no new tickets", 42)], "{backend}");
+        // Survives a restart, and a later checkpoint confirming everything
+        // leaves the synced state.
+        drop(db);
+        let db = reopen();
+        assert_eq!(db.rejections().expect("log").len(), 2, "{backend}");
+        let mut server = WriteBatch::new();
+        server.put_synced(
+            "tickets",
+            "t1",
+            row_data([("title", Value::from("synced")), ("status", Value::from("done"))]),
+        );
+        db.apply_server_changes(server, Some(3)).expect("checkpoint");
+        assert_eq!(db.pending_len().expect("len"), 0, "{backend}");
+        assert_eq!(db.scan("tickets").expect("scan").len(), 1, "{backend}");
+        db.clear_rejections().expect("clear");
+        assert!(db.rejections().expect("log").is_empty(), "{backend}");
+    });
+}
+
+#[test]
+fn checkpoints_rebase_pending_writes_without_flicker() {
+    each_backend(|backend, reopen| {
+        let db = reopen();
+        db.write(|tx| tx.insert("tickets", "t1", title("mine"))).expect("write");
+        db.write(|tx| tx.update("tickets", "t1", row_data([("status", Value::from("done"))])))
+            .expect("write");
+        // A checkpoint that does not yet include our writes (write
+        // checkpoint absent) but changes the row on the server: pending
+        // writes replay on top, so the UI keeps showing them.
+        let mut server = WriteBatch::new();
+        server.put_synced(
+            "tickets",
+            "t1",
+            row_data([("title", Value::from("server")), ("version", Value::from(7))]),
+        );
+        db.apply_server_changes(server, None).expect("checkpoint");
+        assert_eq!(
+            db.get("tickets", "t1").expect("get"),
+            Some(row_data([
+                ("title", Value::from("mine")),
+                ("status", Value::from("done")),
+            ])),
+            "{backend}: the PUT replays whole, then the PATCH"
+        );
+        // The next checkpoint covers seq 1 only (uploads may not have been
+        // answered yet): seq 2 still replays.
+        let mut server = WriteBatch::new();
+        server.put_synced(
+            "tickets",
+            "t1",
+            row_data([("title", Value::from("mine")), ("status", Value::from("pending"))]),
+        );
+        db.apply_server_changes(server, Some(1)).expect("checkpoint");
+        assert_eq!(db.completed_through(), 1, "{backend}");
+        assert_eq!(db.upload_queue_len(), 1, "{backend}");
+        assert_eq!(
+            db.get("tickets", "t1").expect("get").and_then(|r| r.get("status").cloned()),
+            Some(Value::from("done")),
+            "{backend}"
+        );
+    });
+}

@@ -1,0 +1,142 @@
+//! Turning a validated checkpoint into one store batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferry_protocol::{AppliedBucket, CheckpointApply, OpKind};
+use ferry_store::{BatchOp, BucketEntry, BucketState, Store, StoreResult, WriteBatch};
+
+/// Rows touched by a checkpoint, by table.
+pub type TouchedRows = BTreeSet<(String, String)>;
+
+/// Convert a protocol bucket state to the store's.
+pub fn to_store_state(s: AppliedBucket) -> BucketState {
+    BucketState {
+        last_op_id: s.last_op_id,
+        checksum: s.checksum,
+        count: s.count,
+    }
+}
+
+/// Convert a store bucket state to the protocol's.
+pub fn from_store_state(s: BucketState) -> AppliedBucket {
+    AppliedBucket {
+        last_op_id: s.last_op_id,
+        checksum: s.checksum,
+        count: s.count,
+    }
+}
+
+/// Page size when listing a bucket's entries.
+const ENTRY_PAGE: usize = 10_000;
+
+fn all_entries(store: &dyn Store, bucket: &str) -> StoreResult<Vec<BucketEntry>> {
+    let mut out: Vec<BucketEntry> = Vec::new();
+    loop {
+        let after = out.last().map(|e| (e.table.as_str(), e.row_id.as_str()));
+        let page = store.bucket_entries(bucket, after, ENTRY_PAGE)?;
+        let full = page.len() == ENTRY_PAGE;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+/// Build the batch that applies `apply` to the synced layer: rows put by
+/// PUTs, rows removed when no bucket holds them any more, bucket entries
+/// and states. Rows of tables the client schema does not declare are
+/// tracked in bucket entries but not stored.
+pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResult<(WriteBatch, TouchedRows)> {
+    let schema = store.schema();
+    let known = |table: &str| schema.table(table).is_ok();
+    let n_ops: usize = apply.buckets.iter().map(|b| b.ops.len()).sum();
+    let mut batch = WriteBatch::with_capacity(2 * n_ops + 2 * apply.buckets.len() + 8);
+    // (bucket, table, id) -> whether the bucket holds the row after this batch
+    let mut membership: BTreeMap<(String, String, String), bool> = BTreeMap::new();
+    let mut candidates: TouchedRows = BTreeSet::new();
+    let mut touched: TouchedRows = BTreeSet::new();
+    let mut emptied: BTreeSet<&str> = BTreeSet::new();
+
+    for b in &apply.buckets {
+        if b.reset {
+            for e in all_entries(store, &b.bucket)? {
+                membership.insert((b.bucket.clone(), e.table.clone(), e.row_id.clone()), false);
+                candidates.insert((e.table, e.row_id));
+            }
+            batch.push(BatchOp::DeleteBucket {
+                bucket: b.bucket.clone(),
+            });
+            emptied.insert(&b.bucket);
+        }
+        for op in &b.ops {
+            let (Some(table), Some(id)) = (&op.object_type, &op.object_id) else {
+                continue; // MOVE and CLEAR carry no row
+            };
+            match op.op {
+                OpKind::Put => {
+                    if let (true, Some(data)) = (known(table), &op.data) {
+                        batch.put_synced(table.clone(), id.clone(), data.clone());
+                        touched.insert((table.clone(), id.clone()));
+                    }
+                    batch.push(BatchOp::PutBucketEntry {
+                        bucket: b.bucket.clone(),
+                        entry: BucketEntry {
+                            table: table.clone(),
+                            row_id: id.clone(),
+                            op_id: op.op_id,
+                            checksum: op.checksum,
+                        },
+                    });
+                    membership.insert((b.bucket.clone(), table.clone(), id.clone()), true);
+                }
+                OpKind::Remove => {
+                    batch.push(BatchOp::DeleteBucketEntry {
+                        bucket: b.bucket.clone(),
+                        table: table.clone(),
+                        row_id: id.clone(),
+                    });
+                    membership.insert((b.bucket.clone(), table.clone(), id.clone()), false);
+                    candidates.insert((table.clone(), id.clone()));
+                }
+                OpKind::Move | OpKind::Clear => {}
+            }
+        }
+        batch.push(BatchOp::PutBucketState {
+            bucket: b.bucket.clone(),
+            state: to_store_state(b.state),
+        });
+    }
+    for name in &apply.removed_buckets {
+        for e in all_entries(store, name)? {
+            membership.insert((name.clone(), e.table.clone(), e.row_id.clone()), false);
+            candidates.insert((e.table, e.row_id));
+        }
+        batch.push(BatchOp::DeleteBucket { bucket: name.clone() });
+        emptied.insert(name);
+    }
+
+    // A candidate row leaves the synced layer when no bucket holds it.
+    let mut buckets_after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
+    buckets_after.extend(apply.buckets.iter().map(|b| b.bucket.clone()));
+    for name in &apply.removed_buckets {
+        buckets_after.remove(name);
+    }
+    for (table, id) in candidates {
+        let mut held = false;
+        for bucket in &buckets_after {
+            held = match membership.get(&(bucket.clone(), table.clone(), id.clone())) {
+                Some(present) => *present,
+                None if emptied.contains(bucket.as_str()) => false,
+                None => store.bucket_entry(bucket, &table, &id)?.is_some(),
+            };
+            if held {
+                break;
+            }
+        }
+        if !held && known(&table) {
+            batch.delete_synced(table.clone(), id.clone());
+            touched.insert((table, id));
+        }
+    }
+    Ok((batch, touched))
+}

@@ -1,0 +1,386 @@
+//! The Ferry client: a [`Database`] over any [`Store`] that reads and writes
+//! locally, online or not, and syncs in the background once connected.
+//!
+//! - Writes go through [`Database::write`] (the visible state and the
+//!   upload queue change in one storage transaction) and wake the upload
+//!   loop.
+//! - [`Database::connect`] starts two tokio tasks on a [`Transport`]:
+//!   the download loop feeds stream lines to the protocol's
+//!   [`Download`](ferry_protocol::Download) state machine and applies each
+//!   validated checkpoint to the synced layer in one batch, rebasing
+//!   pending writes; the upload loop sends whole queued transactions in
+//!   order, retries with backoff, completes entries only after the server
+//!   answered, rolls rejected writes back and reports every outcome.
+//! - [`Credentials`] is the app's callback for bearer tokens; it is asked
+//!   again (with `refresh = true`) when the server refuses a token or the
+//!   stream says it expires soon.
+//!
+//! Invariants: a checkpoint is applied only after every bucket checksum
+//! validated, atomically with the queue confirmation and the rebase; an
+//! upload batch holds whole transactions in queue order; no write the app
+//! saw succeed is dropped without an outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferry_core::{Clock, ErrorKind, SystemClock};
+use ferry_protocol::{Download, DownloadLimits, OpOutcome, ProtocolError};
+use ferry_queue::{LocalDb, LocalDbOptions, QueueError};
+use ferry_store::{Store, StoreError};
+use ferry_transport::{Transport, TransportError};
+use parking_lot::Mutex;
+use thiserror::Error;
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::task::JoinHandle;
+
+pub mod apply;
+mod sync;
+
+pub use ferry_queue::{Rejection, WriteTx};
+
+/// Client errors.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// A local write or read failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The protocol was violated or the server reported an error.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The app's credentials callback failed.
+    #[error("credentials unavailable: {0}")]
+    Credentials(String),
+    /// A background task failed to run.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl ClientError {
+    /// Whether retrying can help.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientError::Queue(e) => e.kind(),
+            ClientError::Store(e) => e.kind(),
+            ClientError::Transport(e) => e.kind(),
+            ClientError::Protocol(e) => e.kind(),
+            ClientError::Credentials(_) | ClientError::Task(_) => ErrorKind::Transient,
+        }
+    }
+}
+
+/// The app's source of bearer tokens.
+#[async_trait]
+pub trait Credentials: Send + Sync {
+    /// A token for the sync server. `refresh` is true when the last one was
+    /// refused or is about to expire: fetch a new one.
+    async fn token(&self, refresh: bool) -> Result<String, ClientError>;
+}
+
+/// A fixed token, for tests and examples.
+#[derive(Clone, Debug)]
+pub struct StaticToken(pub String);
+
+#[async_trait]
+impl Credentials for StaticToken {
+    async fn token(&self, _refresh: bool) -> Result<String, ClientError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// What the sync engine is doing, observable through
+/// [`Database::watch_status`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// A download stream is open.
+    pub connected: bool,
+    /// A connection attempt is under way.
+    pub connecting: bool,
+    /// A checkpoint is being downloaded.
+    pub downloading: bool,
+    /// An upload is in flight.
+    pub uploading: bool,
+    /// When the last checkpoint was applied (client clock, ms).
+    pub last_synced_at_ms: Option<u64>,
+    /// Whether any checkpoint was ever applied in this session.
+    pub has_synced: bool,
+    /// The last op id of the last applied checkpoint.
+    pub last_applied_op_id: Option<u64>,
+    /// The last download error, cleared by the next applied checkpoint.
+    pub last_download_error: Option<String>,
+    /// The last upload error, cleared by the next answered upload.
+    pub last_upload_error: Option<String>,
+}
+
+/// What the server did with an uploaded write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UploadOutcome {
+    /// The local transaction.
+    pub tx_id: u64,
+    /// The outcome of one op.
+    pub outcome: OpOutcome,
+}
+
+/// What changed in the visible state, for live queries and UIs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A local write committed.
+    Local,
+    /// A checkpoint was applied; these rows' synced values changed.
+    Checkpoint {
+        /// The rows, as (table, id).
+        rows: Vec<(String, String)>,
+    },
+    /// Rejected writes were rolled back.
+    Rollback,
+}
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Options of the local database.
+    pub local: LocalDbOptions,
+    /// Most queue entries in one upload (whole transactions are never
+    /// split, so a larger transaction goes alone).
+    pub upload_batch_entries: usize,
+    /// First retry delay.
+    pub retry_initial_delay_ms: u64,
+    /// Largest retry delay.
+    pub retry_max_delay_ms: u64,
+    /// Seed of the retry jitter.
+    pub jitter_seed: u64,
+    /// Bounds of the download state.
+    pub download_limits: DownloadLimits,
+    /// Longest stream line accepted.
+    pub max_line_bytes: usize,
+    /// How often the upload loop looks at the queue when nothing woke it.
+    pub upload_poll_interval_ms: u64,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            local: LocalDbOptions::default(),
+            upload_batch_entries: 1_000,
+            retry_initial_delay_ms: 50,
+            retry_max_delay_ms: 10_000,
+            jitter_seed: 0x5eed,
+            download_limits: DownloadLimits::default(),
+            max_line_bytes: ferry_protocol::DEFAULT_MAX_LINE_BYTES,
+            upload_poll_interval_ms: 1_000,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) local: LocalDb,
+    pub(crate) download: Mutex<Download>,
+    pub(crate) status: watch::Sender<SyncStatus>,
+    pub(crate) outcomes: broadcast::Sender<UploadOutcome>,
+    pub(crate) changes: broadcast::Sender<Change>,
+    pub(crate) upload_wake: Notify,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) options: ClientOptions,
+}
+
+impl Inner {
+    pub(crate) fn update_status(&self, f: impl FnOnce(&mut SyncStatus)) {
+        self.status.send_modify(f);
+    }
+}
+
+/// Capacity of the outcome and change channels; slow subscribers miss the
+/// oldest messages (and are told so by the channel).
+const CHANNEL_CAPACITY: usize = 4_096;
+
+/// A client database.
+#[derive(Clone)]
+pub struct Database {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("client_id", &self.inner.local.client_id())
+            .field("status", &*self.inner.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Database {
+    /// Open over a store (its schema is the client schema).
+    pub fn open(store: Arc<dyn Store>, options: ClientOptions) -> Result<Self, ClientError> {
+        let clock = options.local.clock.clone();
+        let applied = store
+            .buckets()?
+            .into_iter()
+            .map(|(name, state)| (name, apply::from_store_state(state)));
+        let download = Download::new(applied, options.download_limits.clone());
+        let local = LocalDb::open_with(store, options.local.clone())?;
+        let (status, _) = watch::channel(SyncStatus::default());
+        let (outcomes, _) = broadcast::channel(CHANNEL_CAPACITY);
+        let (changes, _) = broadcast::channel(CHANNEL_CAPACITY);
+        Ok(Database {
+            inner: Arc::new(Inner {
+                local,
+                download: Mutex::new(download),
+                status,
+                outcomes,
+                changes,
+                upload_wake: Notify::new(),
+                clock,
+                options,
+            }),
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// Open over a store with default options and the system clock.
+    pub fn open_default(store: Arc<dyn Store>) -> Result<Self, ClientError> {
+        Self::open(
+            store,
+            ClientOptions {
+                local: LocalDbOptions {
+                    clock: Arc::new(SystemClock),
+                    ..LocalDbOptions::default()
+                },
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// The local database: reads of the visible state, the queue.
+    pub fn local(&self) -> &LocalDb {
+        &self.inner.local
+    }
+
+    /// This client's id.
+    pub fn client_id(&self) -> &str {
+        self.inner.local.client_id()
+    }
+
+    /// Write locally (see [`LocalDb::write`]) and wake the upload loop.
+    pub fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
+        E: From<QueueError>,
+    {
+        let r = self.inner.local.write(f)?;
+        self.inner.upload_wake.notify_one();
+        let _ = self.inner.changes.send(Change::Local);
+        Ok(r)
+    }
+
+    /// Start syncing over `transport` with tokens from `credentials`.
+    /// Replaces an earlier connection.
+    pub fn connect(&self, transport: Arc<dyn Transport>, credentials: Arc<dyn Credentials>) {
+        self.stop_tasks();
+        let download = tokio::spawn(sync::download_loop(
+            self.inner.clone(),
+            transport.clone(),
+            credentials.clone(),
+        ));
+        let upload = tokio::spawn(sync::upload_loop(self.inner.clone(), transport, credentials));
+        self.tasks.lock().extend([download, upload]);
+    }
+
+    fn stop_tasks(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Stop syncing. Local reads and writes go on; writes queue up.
+    pub async fn disconnect(&self) {
+        let tasks: Vec<JoinHandle<()>> = self.tasks.lock().drain(..).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.inner.update_status(|s| {
+            s.connected = false;
+            s.connecting = false;
+            s.downloading = false;
+            s.uploading = false;
+        });
+    }
+
+    /// The current sync status.
+    pub fn status(&self) -> SyncStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch_status(&self) -> watch::Receiver<SyncStatus> {
+        self.inner.status.subscribe()
+    }
+
+    /// Every upload outcome from now on.
+    pub fn subscribe_outcomes(&self) -> broadcast::Receiver<UploadOutcome> {
+        self.inner.outcomes.subscribe()
+    }
+
+    /// Every change of the visible state from now on.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Change> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Writes the server refused, with reasons (see
+    /// [`LocalDb::rejections`]).
+    pub fn rejections(&self) -> Result<Vec<Rejection>, ClientError> {
+        Ok(self.inner.local.rejections()?)
+    }
+
+    /// Wait until the status satisfies `pred` or `timeout_ms` passes;
+    /// returns whether it did.
+    pub async fn wait_for_status(&self, timeout_ms: u64, pred: impl Fn(&SyncStatus) -> bool) -> bool {
+        let mut rx = self.watch_status();
+        tokio::time::timeout(Duration::from_millis(timeout_ms), async {
+            loop {
+                if pred(&rx.borrow_and_update()) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Wait until every local write is uploaded and confirmed by an applied
+    /// checkpoint, or `timeout_ms` passes; returns whether it happened.
+    pub async fn wait_until_settled(&self, timeout_ms: u64) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        let mut rx = self.watch_status();
+        loop {
+            let pending = self.inner.local.pending_len().unwrap_or(1);
+            if pending == 0 && rx.borrow_and_update().has_synced {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        // The last handle going away stops the background tasks.
+        if Arc::strong_count(&self.tasks) == 1 {
+            self.stop_tasks();
+        }
+    }
+}
