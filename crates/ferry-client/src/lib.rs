@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 pub mod apply;
 mod sync;
 
-pub use ferry_queue::{Rejection, WriteTx};
+pub use ferry_queue::{ChangeSource, ChangedRows, Rejection, WriteTx};
 
 /// Client errors.
 #[derive(Debug, Error)]
@@ -127,18 +127,14 @@ pub struct UploadOutcome {
     pub outcome: OpOutcome,
 }
 
-/// What changed in the visible state, for live queries and UIs.
+/// What changed in the visible state, for live queries and UIs: the rows
+/// whose visible value may have changed, in commit order.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// A local write committed.
-    Local,
-    /// A checkpoint was applied; these rows' synced values changed.
-    Checkpoint {
-        /// The rows, as (table, id).
-        rows: Vec<(String, String)>,
-    },
-    /// Rejected writes were rolled back.
-    Rollback,
+pub struct Change {
+    /// A local write, server data, or a rollback of rejected writes.
+    pub source: ChangeSource,
+    /// The rows, as `(table, id)`.
+    pub rows: Arc<ChangedRows>,
 }
 
 /// Client settings.
@@ -227,7 +223,14 @@ impl Database {
         let local = LocalDb::open_with(store, options.local.clone())?;
         let (status, _) = watch::channel(SyncStatus::default());
         let (outcomes, _) = broadcast::channel(CHANNEL_CAPACITY);
-        let (changes, _) = broadcast::channel(CHANNEL_CAPACITY);
+        let (changes, _) = broadcast::channel::<Change>(CHANNEL_CAPACITY);
+        let sender = changes.clone();
+        local.set_observer(Some(Arc::new(move |source, rows: &ChangedRows| {
+            let _ = sender.send(Change {
+                source,
+                rows: Arc::new(rows.clone()),
+            });
+        })));
         Ok(Database {
             inner: Arc::new(Inner {
                 local,
@@ -275,7 +278,6 @@ impl Database {
     {
         let r = self.inner.local.write(f)?;
         self.inner.upload_wake.notify_one();
-        let _ = self.inner.changes.send(Change::Local);
         Ok(r)
     }
 

@@ -9,7 +9,7 @@ use ferry_protocol::{decode_line, Outcome, ProtocolError, Step, StreamLine, Uplo
 use ferry_transport::{Backoff, Transport, TransportError};
 
 use crate::apply::plan_checkpoint;
-use crate::{Change, ClientError, Credentials, Inner, UploadOutcome};
+use crate::{ClientError, Credentials, Inner, UploadOutcome};
 
 /// How one stream session ended.
 enum Ended {
@@ -90,15 +90,16 @@ async fn stream_session(
             Step::Continue => {}
             Step::Apply(apply) => {
                 let task_inner = inner.clone();
-                let rows = tokio::task::spawn_blocking(move || -> Result<_, ClientError> {
-                    let (batch, touched) = plan_checkpoint(task_inner.local.store().as_ref(), &apply)?;
+                // Applying touches the store: off the async threads. The
+                // observer reports the changed rows.
+                let last_op_id = tokio::task::spawn_blocking(move || -> Result<u64, ClientError> {
+                    let (batch, _touched) = plan_checkpoint(task_inner.local.store().as_ref(), &apply)?;
                     task_inner.local.apply_server_changes(batch, apply.write_checkpoint)?;
                     task_inner.download.lock().applied(&apply);
-                    Ok((touched, apply.last_op_id))
+                    Ok(apply.last_op_id)
                 })
                 .await
                 .map_err(|e| ClientError::Task(e.to_string()))??;
-                let (touched, last_op_id) = rows;
                 backoff.reset();
                 let now = inner.clock.now_ms();
                 inner.update_status(|s| {
@@ -107,9 +108,6 @@ async fn stream_session(
                     s.last_synced_at_ms = Some(now);
                     s.last_applied_op_id = Some(last_op_id);
                     s.last_download_error = None;
-                });
-                let _ = inner.changes.send(Change::Checkpoint {
-                    rows: touched.into_iter().collect(),
                 });
                 // Confirmed entries may unblock nothing, but completed
                 // markers moved: let the upload loop look again.
@@ -238,7 +236,6 @@ async fn upload_once(
         .collect();
     let now = inner.clock.now_ms();
     let task_inner = inner.clone();
-    let had_rejections = !rejected.is_empty();
     tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
         task_inner.local.reject(&rejected, now)?;
         task_inner.local.complete(last_seq)?;
@@ -246,9 +243,6 @@ async fn upload_once(
     })
     .await
     .map_err(|e| ClientError::Task(e.to_string()))??;
-    if had_rejections {
-        let _ = inner.changes.send(Change::Rollback);
-    }
     for outcome in response.outcomes {
         let _ = inner.outcomes.send(UploadOutcome {
             tx_id: tx_of(outcome.seq),

@@ -30,7 +30,7 @@ use ferry_core::{
     SeededRandom, SystemClock, Table, Value,
 };
 use ferry_store::{BatchOp, OverlayEntry, Store, StoreError, WriteBatch};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
 mod record;
@@ -172,14 +172,41 @@ struct Counters {
 
 /// A local database: reads of the visible state and transactional writes
 /// that feed the upload queue.
-#[derive(Debug)]
 pub struct LocalDb {
     store: Arc<dyn Store>,
     limits: Limits,
     client_id: String,
     hlc: HybridClock<Arc<dyn Clock>>,
     counters: Mutex<Counters>,
+    observer: RwLock<Option<Observer>>,
 }
+
+impl std::fmt::Debug for LocalDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDb")
+            .field("client_id", &self.client_id)
+            .field("store", &self.store)
+            .field("counters", &*self.counters.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rows as `(table, id)`.
+pub type ChangedRows = BTreeSet<(String, String)>;
+
+/// Where a change of the visible state came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChangeSource {
+    /// A local write.
+    LocalWrite,
+    /// Server data (a checkpoint) or a confirmation of pending writes.
+    Server,
+    /// Rejected writes rolled back.
+    Rollback,
+}
+
+/// A callback told of every committed change of the visible state.
+pub type Observer = Arc<dyn Fn(ChangeSource, &ChangedRows) + Send + Sync>;
 
 fn read_u64_meta(store: &dyn Store, key: &str) -> QueueResult<Option<u64>> {
     match store.get_meta(key)? {
@@ -270,6 +297,7 @@ impl LocalDb {
             limits,
             client_id,
             hlc,
+            observer: RwLock::new(None),
             counters: Mutex::new(Counters {
                 next_seq,
                 next_tx_id,
@@ -367,6 +395,7 @@ impl LocalDb {
         let tx_id = counters.next_tx_id;
         let mut seq = counters.next_seq;
         let mut batch = WriteBatch::with_capacity(n_ops + tx.rows.len() + tx.local_rows.len() + 2);
+        let changed: ChangedRows = tx.rows.keys().chain(tx.local_rows.keys()).cloned().collect();
         for ((table, id), row) in tx.local_rows {
             match row {
                 Some(data) => batch.put_synced(table, id, data),
@@ -404,6 +433,7 @@ impl LocalDb {
             counters.next_tx_id = tx_id + 1;
             counters.upload_len += n_ops as u64;
         }
+        self.notify(ChangeSource::LocalWrite, &changed);
         Ok(value)
     }
 
@@ -574,6 +604,8 @@ impl LocalDb {
             counters.completed_through = wc;
             counters.upload_len = counters.upload_len.saturating_sub(newly_completed);
         }
+        touched.extend(synced_after.into_keys());
+        self.notify(ChangeSource::Server, &touched);
         Ok(())
     }
 
@@ -611,7 +643,25 @@ impl LocalDb {
         batch.put_meta(META_REJECTIONS, encode_rejections(&log)?);
         self.rebase_into(&mut batch, &touched, &remaining, &BTreeMap::new())?;
         self.store.apply(batch)?;
+        self.notify(ChangeSource::Rollback, &touched);
         Ok(())
+    }
+
+    /// Call `observer` after every committed change of the visible state,
+    /// with the rows whose visible value may have changed. Calls are made
+    /// in commit order, on the committing thread, while writes are held
+    /// back: keep the observer quick (queue the work, don't do it).
+    pub fn set_observer(&self, observer: Option<Observer>) {
+        *self.observer.write() = observer;
+    }
+
+    fn notify(&self, source: ChangeSource, rows: &ChangedRows) {
+        if rows.is_empty() {
+            return;
+        }
+        if let Some(o) = self.observer.read().as_ref() {
+            o(source, rows);
+        }
     }
 
     /// The rejections log, oldest first (bounded by
