@@ -1,0 +1,59 @@
+//! Ferry's HTTP transport: the wire between a client's [`Transport`] and a
+//! server's [`SyncHandler`].
+//!
+//! - [`router`] turns any [`SyncHandler`] into an axum [`axum::Router`];
+//!   [`serve`] runs it with graceful shutdown.
+//! - [`HttpTransport`] is the client: it implements [`Transport`] over
+//!   reqwest (HTTP/1.1, plain `http://`).
+//!
+//! # Routes
+//!
+//! | route | request | answer |
+//! |---|---|---|
+//! | `POST /sync/stream` | JSON `StreamRequest`, `Authorization: Bearer <token>` | `200`, `application/x-ndjson`, chunked: one JSON `StreamLine` per line, as the handler produces them |
+//! | `POST /sync/upload` | JSON `UploadRequest`, `Authorization: Bearer <token>` | `200`, JSON `UploadResponse` |
+//! | `GET /health` | | `200`, `{"status":"ok"}` |
+//!
+//! # Errors
+//!
+//! Every error answer has a JSON `ServerError` body (`{"code", "message"}`,
+//! the message lowercase and naming the bad value). The status follows the
+//! code, and the client maps the status back to a [`TransportError`]
+//! (using the body's message when it parses as a `ServerError`):
+//!
+//! | `ErrorCode` | status | client error |
+//! |---|---|---|
+//! | `unauthorized` (also: `Authorization` missing, not `Bearer`, empty token) | 401 | [`TransportError::Unauthorized`] |
+//! | `bad_request` (also: malformed JSON body; the handler is not called) | 400 | [`TransportError::Refused`] |
+//! | `too_large` (also: body over [`HttpServerOptions::max_body_bytes`]) | 413 | [`TransportError::Refused`] |
+//! | `internal` | 500 | [`TransportError::Server`] |
+//! | `shutting_down` | 503 | [`TransportError::Server`] |
+//!
+//! Other 4xx statuses (a wrong base url's 404, ...) become `Refused`, other
+//! statuses `Server`. Failures to connect, resets, and a stream silent for
+//! [`HttpClientOptions::idle_timeout_ms`] become
+//! [`TransportError::Connection`]; a stream line over
+//! [`HttpClientOptions::max_line_bytes`] becomes [`TransportError::Server`].
+//!
+//! # Invariants
+//!
+//! - The transport moves bytes only: it never interprets a line beyond
+//!   framing (splitting on newlines, enforcing the line limit). The server
+//!   side encodes the handler's lines with `ferry_protocol::encode_line`
+//!   and decodes request bodies as the documents the handler takes; the
+//!   client hands lines out without their newline, exactly as
+//!   [`ferry_transport::MemoryTransport`] does.
+//! - When a client drops its [`ferry_transport::LineStream`], the HTTP
+//!   connection closes, the server drops the response body and with it the
+//!   handler's receiver: the handler's sender observes the closure.
+//! - Bad input (bad token header, malformed body, oversized body or line)
+//!   is an error answer or an error value, never a panic.
+
+mod client;
+mod server;
+
+pub use client::{HttpClientOptions, HttpTransport};
+pub use server::{router, serve, HttpServerOptions, DEFAULT_MAX_BODY_BYTES, NDJSON_CONTENT_TYPE};
+
+#[doc(no_inline)]
+pub use ferry_transport::{SyncHandler, Transport, TransportError};
