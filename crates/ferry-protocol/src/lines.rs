@@ -20,13 +20,14 @@ pub fn encode_line<T: Serialize>(msg: &T) -> Vec<u8> {
 
 /// Decode one line (without or with its trailing newline).
 pub fn decode_line<T: DeserializeOwned>(line: &[u8], max_line_bytes: usize) -> Result<T, ProtocolError> {
+    // The limit counts the line without its newline, as `LineSplitter` does.
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
     if line.len() > max_line_bytes {
         return Err(ProtocolError::LineTooLong {
             len: line.len(),
             limit: max_line_bytes,
         });
     }
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
     serde_json::from_slice(line).map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
