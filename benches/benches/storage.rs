@@ -51,7 +51,8 @@ fn local_write_single(c: &mut Criterion) {
         group.bench_function(backend, |b| {
             b.iter(|| {
                 let r = round.fetch_add(1, Ordering::Relaxed);
-                db.write(|tx| tx.put("tickets", &format!("{r}"), rows[0].data())).expect("write");
+                db.write(|tx| tx.put("tickets", &format!("{r}"), rows[0].data()))
+                    .expect("write");
             })
         });
     }
@@ -59,7 +60,10 @@ fn local_write_single(c: &mut Criterion) {
 }
 
 fn bulk_apply(c: &mut Criterion) {
-    let n: usize = std::env::var("FERRY_BULK_ROWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = std::env::var("FERRY_BULK_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let rows = tickets(n);
     let mut group = c.benchmark_group("bulk_apply");
     group.throughput(Throughput::Elements(n as u64));

@@ -50,7 +50,15 @@ fn cargo(args: &[&str]) -> Result<()> {
 fn ci() -> Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     tidy()?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     test()
 }
 
@@ -86,17 +94,24 @@ fn tidy() -> Result<()> {
         .collect();
     dirs.sort();
     for dir in dirs {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let manifest = std::fs::read_to_string(dir.join("Cargo.toml"))?;
         if !manifest.contains("[lints]\nworkspace = true") {
-            problems.push(format!("crates/{name}/Cargo.toml does not inherit [lints] from the workspace"));
+            problems.push(format!(
+                "crates/{name}/Cargo.toml does not inherit [lints] from the workspace"
+            ));
         }
         if !architecture.contains(&format!("`{name}`")) {
             problems.push(format!("ARCHITECTURE.md does not describe crate `{name}`"));
         }
         let deps = manifest.split("[dev-dependencies]").next().unwrap_or("");
         if deps.lines().any(|l| l.starts_with("anyhow")) {
-            problems.push(format!("crates/{name} uses anyhow in library code; use a thiserror enum"));
+            problems.push(format!(
+                "crates/{name} uses anyhow in library code; use a thiserror enum"
+            ));
         }
     }
     if problems.is_empty() {

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::CrudEntry;
-use ferry_protocol::{decode_line, Outcome, ProtocolError, Step, StreamLine, UploadRequest, UploadResponse, UploadTransaction};
+use ferry_protocol::{
+    decode_line, Outcome, ProtocolError, Step, StreamLine, UploadRequest, UploadResponse, UploadTransaction,
+};
 use ferry_transport::{Backoff, Transport, TransportError};
 
 use crate::apply::plan_checkpoint;
@@ -172,7 +174,11 @@ fn next_upload(inner: &Inner) -> Result<Vec<UploadTransaction>, ClientError> {
 
 pub(crate) async fn upload_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>, creds: Arc<dyn Credentials>) {
     let o = &inner.options;
-    let mut backoff = Backoff::new(o.retry_initial_delay_ms, o.retry_max_delay_ms, o.jitter_seed ^ 0x9e37_79b9);
+    let mut backoff = Backoff::new(
+        o.retry_initial_delay_ms,
+        o.retry_max_delay_ms,
+        o.jitter_seed ^ 0x9e37_79b9,
+    );
     let poll = Duration::from_millis(o.upload_poll_interval_ms.max(1));
     let mut refresh = false;
     loop {

@@ -63,7 +63,11 @@ fn apply(s: &dyn Store, buckets: Vec<BucketApply>, removed: Vec<&str>) {
 }
 
 fn ids(s: &dyn Store) -> Vec<String> {
-    s.scan_synced("tickets").expect("scan").into_iter().map(|(id, _)| id).collect()
+    s.scan_synced("tickets")
+        .expect("scan")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 #[test]
@@ -96,7 +100,11 @@ fn a_reset_bucket_keeps_only_what_it_puts_again() {
     let s = store();
     apply(
         s.as_ref(),
-        vec![bucket("global", false, vec![put(1, "a", "A"), put(2, "b", "B"), put(3, "c", "C")])],
+        vec![bucket(
+            "global",
+            false,
+            vec![put(1, "a", "A"), put(2, "b", "B"), put(3, "c", "C")],
+        )],
         vec![],
     );
     apply(
@@ -110,13 +118,20 @@ fn a_reset_bucket_keeps_only_what_it_puts_again() {
         Some(row_data([("title", Value::from("B2"))]))
     );
     let entries = s.bucket_entries("global", None, 10).expect("entries");
-    assert_eq!(entries.iter().map(|e| e.row_id.as_str()).collect::<Vec<_>>(), ["b", "d"]);
+    assert_eq!(
+        entries.iter().map(|e| e.row_id.as_str()).collect::<Vec<_>>(),
+        ["b", "d"]
+    );
 }
 
 #[test]
 fn a_remove_then_put_in_one_checkpoint_keeps_the_row() {
     let s = store();
-    apply(s.as_ref(), vec![bucket("global", false, vec![put(1, "a", "A")])], vec![]);
+    apply(
+        s.as_ref(),
+        vec![bucket("global", false, vec![put(1, "a", "A")])],
+        vec![],
+    );
     apply(
         s.as_ref(),
         vec![bucket("global", false, vec![remove(2, "a"), put(3, "a", "A3")])],

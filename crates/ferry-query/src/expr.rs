@@ -8,6 +8,7 @@
 //! NULL. A `where`/`having` keeps a row only when its condition is true
 //! (a non-zero number).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use ferry_core::Value;
@@ -307,9 +308,7 @@ impl Expr {
         match self {
             Expr::Agg(..) => true,
             Expr::Col(_) | Expr::Lit(_) => false,
-            Expr::Cmp(_, a, b) | Expr::And(a, b) | Expr::Or(a, b) | Expr::Arith(_, a, b) => {
-                a.has_agg() || b.has_agg()
-            }
+            Expr::Cmp(_, a, b) | Expr::And(a, b) | Expr::Or(a, b) | Expr::Arith(_, a, b) => a.has_agg() || b.has_agg(),
             Expr::Not(a) | Expr::IsNull(a) => a.has_agg(),
             Expr::In(a, items) => a.has_agg() || items.iter().any(Expr::has_agg),
             Expr::Like { expr, pattern, .. } => expr.has_agg() || pattern.has_agg(),
@@ -334,8 +333,19 @@ impl ColName {
     pub(crate) fn read(&self, row: &SrcRow) -> Value {
         match self {
             ColName::Id => Value::Text(row.id.to_string()),
-            ColName::Name(n) => row.data.get(n).cloned().unwrap_or(Value::Null),
+            ColName::Name(n) => row.get(n).map_or(Value::Null, |v| canon(v.clone())),
         }
+    }
+}
+
+/// Canonical form for comparisons: `-0.0` becomes `0.0`. (`Value`'s order
+/// puts `-0.0` below `0.0` while both equal `Integer(0)`, which is not
+/// transitive; every value an expression sees is canonical so sorting,
+/// grouping and joining stay consistent.)
+pub(crate) fn canon(v: Value) -> Value {
+    match v {
+        Value::Real(r) => Value::Real(if r == 0.0 { 0.0 } else { r }),
+        v => v,
     }
 }
 
@@ -417,13 +427,14 @@ pub(crate) fn to_text(v: &Value) -> Option<String> {
 pub(crate) fn to_numeric(v: &Value) -> Value {
     match v {
         Value::Null => Value::Null,
-        Value::Integer(_) | Value::Real(_) => v.clone(),
+        Value::Integer(_) => v.clone(),
+        Value::Real(_) => canon(v.clone()),
         Value::Text(s) => {
             let t = s.trim();
             if let Ok(i) = t.parse::<i64>() {
                 Value::Integer(i)
             } else if let Ok(r) = t.parse::<f64>() {
-                Value::Real(r)
+                canon(Value::Real(r))
             } else {
                 Value::Integer(0)
             }
@@ -436,7 +447,7 @@ fn real(r: f64) -> Value {
     if r.is_nan() {
         Value::Null
     } else {
-        Value::Real(r)
+        canon(Value::Real(r))
     }
 }
 
@@ -521,7 +532,30 @@ pub(crate) fn like_match(text: &str, pattern: &str, unicode_fold: bool) -> bool 
     pi == p.len()
 }
 
+fn canon_ref(v: &Value) -> Cow<'_, Value> {
+    match v {
+        Value::Real(r) if *r == 0.0 && r.is_sign_negative() => Cow::Owned(Value::Real(0.0)),
+        v => Cow::Borrowed(v),
+    }
+}
+
 impl CExpr {
+    /// Evaluate without cloning columns and constants.
+    pub(crate) fn eval_cow<'a>(&'a self, env: &Env<'a>) -> Cow<'a, Value> {
+        static NULL: Value = Value::Null;
+        match self {
+            CExpr::Lit(v) => Cow::Borrowed(v),
+            CExpr::Src(i, ColName::Name(n)) => match env.wide.get(*i) {
+                Some(Some(row)) => row.get(n).map_or(Cow::Borrowed(&NULL), canon_ref),
+                _ => Cow::Borrowed(&NULL),
+            },
+            CExpr::Out(i) => env.out.get(*i).map_or(Cow::Borrowed(&NULL), Cow::Borrowed),
+            CExpr::Group(i) => env.group.get(*i).map_or(Cow::Borrowed(&NULL), Cow::Borrowed),
+            CExpr::Agg(i) => env.aggs.get(*i).map_or(Cow::Borrowed(&NULL), Cow::Borrowed),
+            e => Cow::Owned(e.eval(env)),
+        }
+    }
+
     pub(crate) fn eval(&self, env: &Env<'_>) -> Value {
         match self {
             CExpr::Lit(v) => v.clone(),
@@ -533,7 +567,7 @@ impl CExpr {
             CExpr::Group(i) => env.group.get(*i).cloned().unwrap_or(Value::Null),
             CExpr::Agg(i) => env.aggs.get(*i).cloned().unwrap_or(Value::Null),
             CExpr::Cmp(op, a, b) => {
-                let (a, b) = (a.eval(env), b.eval(env));
+                let (a, b) = (a.eval_cow(env), b.eval_cow(env));
                 if a.is_null() || b.is_null() {
                     return Value::Null;
                 }
@@ -574,16 +608,16 @@ impl CExpr {
                 Some(b) => truth(!b),
             },
             CExpr::In(a, items) => {
-                let x = a.eval(env);
+                let x = a.eval_cow(env);
                 if x.is_null() {
                     return Value::Null;
                 }
                 let mut saw_null = false;
                 for it in items {
-                    let v = it.eval(env);
+                    let v = it.eval_cow(env);
                     if v.is_null() {
                         saw_null = true;
-                    } else if v == x {
+                    } else if *v == *x {
                         return truth(true);
                     }
                 }
@@ -593,13 +627,11 @@ impl CExpr {
                     truth(false)
                 }
             }
-            CExpr::Like(a, p, ci) => {
-                match (to_text(&a.eval(env)), to_text(&p.eval(env))) {
-                    (Some(t), Some(p)) => truth(like_match(&t, &p, *ci)),
-                    _ => Value::Null,
-                }
-            }
-            CExpr::IsNull(a) => truth(a.eval(env).is_null()),
+            CExpr::Like(a, p, ci) => match (to_text(&a.eval(env)), to_text(&p.eval(env))) {
+                (Some(t), Some(p)) => truth(like_match(&t, &p, *ci)),
+                _ => Value::Null,
+            },
+            CExpr::IsNull(a) => truth(a.eval_cow(env).is_null()),
             CExpr::Func(f, args) => eval_func(*f, args, env),
             CExpr::Arith(op, a, b) => arith_values(*op, &a.eval(env), &b.eval(env)),
         }

@@ -35,12 +35,8 @@ impl ResultRow {
 
     /// Deserialize the row's columns into an app type (via serde_json).
     pub fn to_struct<T: DeserializeOwned>(&self) -> Result<T, QueryError> {
-        let json = serde_json::to_value(&self.data).map_err(|e| QueryError::Deserialize {
-            message: e.to_string(),
-        })?;
-        serde_json::from_value(json).map_err(|e| QueryError::Deserialize {
-            message: e.to_string(),
-        })
+        let json = serde_json::to_value(&self.data).map_err(|e| QueryError::Deserialize { message: e.to_string() })?;
+        serde_json::from_value(json).map_err(|e| QueryError::Deserialize { message: e.to_string() })
     }
 }
 
@@ -127,11 +123,21 @@ pub struct Updated {
     pub new: ResultRow,
 }
 
+/// Names a live query of one [`crate::QueryEngine`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionId(pub u64);
+
+impl std::fmt::Display for SubscriptionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// What one transaction changed in one live query's result.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Diff {
     /// The subscription.
-    pub subscription: u64,
+    pub subscription: SubscriptionId,
     /// Rows that entered the result.
     pub added: Vec<Added>,
     /// Rows that left the result.

@@ -2,14 +2,86 @@
 
 use std::sync::Arc;
 
-use ferry_core::RowData;
+use ferry_core::{RowData, Value};
+
+/// The sorted column names shared by rows of one collection that have the
+/// same columns. Lookups search these (cache-hot) names instead of each
+/// row's own map.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Shape {
+    names: Vec<String>,
+}
+
+impl Shape {
+    fn slot(&self, column: &str) -> Option<usize> {
+        self.names.binary_search_by(|n| n.as_str().cmp(column)).ok()
+    }
+
+    fn matches(&self, data: &RowData) -> bool {
+        self.names.len() == data.len() && self.names.iter().zip(data.keys()).all(|(a, b)| a == b)
+    }
+}
+
+/// Interns shapes for one collection.
+#[derive(Debug, Default)]
+pub(crate) struct Shapes {
+    last: Option<Arc<Shape>>,
+    all: std::collections::HashMap<Vec<String>, Arc<Shape>>,
+}
+
+/// Most distinct column sets one collection interns; beyond it rows get a
+/// shape of their own (still correct, only less sharing).
+const MAX_SHAPES_PER_COLLECTION: usize = 1024;
+
+impl Shapes {
+    /// A row stored as its shape plus values.
+    pub(crate) fn row(&mut self, id: Arc<str>, data: RowData, pending: bool, hint: Option<&Arc<Shape>>) -> SrcRow {
+        let shape = match (hint, &self.last) {
+            (Some(h), _) if h.matches(&data) => h.clone(),
+            (_, Some(l)) if l.matches(&data) => l.clone(),
+            _ => {
+                let names: Vec<String> = data.keys().cloned().collect();
+                match self.all.get(&names) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = Arc::new(Shape { names: names.clone() });
+                        if self.all.len() < MAX_SHAPES_PER_COLLECTION {
+                            self.all.insert(names, s.clone());
+                        }
+                        s
+                    }
+                }
+            }
+        };
+        self.last = Some(shape.clone());
+        SrcRow {
+            id,
+            shape,
+            vals: data.into_values().collect(),
+            pending,
+        }
+    }
+}
 
 /// A row as stored in a source collection.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub(crate) struct SrcRow {
     pub id: Arc<str>,
-    pub data: RowData,
+    pub shape: Arc<Shape>,
+    pub vals: Vec<Value>,
     pub pending: bool,
+}
+
+impl SrcRow {
+    /// A column's value, if present.
+    pub(crate) fn get(&self, column: &str) -> Option<&Value> {
+        self.shape.slot(column).and_then(|i| self.vals.get(i))
+    }
+
+    /// Columns and values in column order.
+    pub(crate) fn columns(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.shape.names.iter().map(String::as_str).zip(&self.vals)
+    }
 }
 
 /// One change to one collection.

@@ -168,6 +168,8 @@ struct Counters {
     completed_through: u64,
     /// Entries with seq > completed_through.
     upload_len: u64,
+    /// The highest write checkpoint of an applied server checkpoint.
+    server_write_checkpoint: u64,
 }
 
 /// A local database: reads of the visible state and transactional writes
@@ -303,6 +305,7 @@ impl LocalDb {
                 next_tx_id,
                 completed_through,
                 upload_len,
+                server_write_checkpoint: 0,
             }),
         })
     }
@@ -448,6 +451,11 @@ impl LocalDb {
         Ok(self.store.queue_len()?)
     }
 
+    /// The last seq handed out (0 before the first queued write).
+    pub fn last_seq(&self) -> u64 {
+        self.counters.lock().next_seq.saturating_sub(1)
+    }
+
     /// The last seq the server answered for (0 when none).
     pub fn completed_through(&self) -> u64 {
         self.counters.lock().completed_through
@@ -520,29 +528,35 @@ impl LocalDb {
         }
         let mut batch = WriteBatch::new();
         batch.put_meta(META_COMPLETED_THROUGH, through_seq.to_be_bytes().to_vec());
+        // A checkpoint may already have covered these entries (its write
+        // checkpoint arrived before this answer): confirm them now, in the
+        // same batch, or nothing would ever drop them.
+        let wc = counters.server_write_checkpoint.min(through_seq);
+        let changed = self.confirm_into(&mut batch, wc)?;
         self.store.apply(batch)?;
         counters.completed_through = through_seq;
         counters.upload_len -= removed;
+        self.notify(ChangeSource::Server, &changed);
         Ok(())
     }
 
     /// Drop every entry through `through_seq` (a checkpoint's write
     /// checkpoint covers them: the synced layer now includes their effect)
     /// and rebase the rows they touched on the synced layer, in one batch.
-    /// Entries not yet completed are completed too: the server processed
-    /// them even if its answer never arrived.
+    /// Only completed entries are dropped: one whose upload answer never
+    /// arrived stays until a re-upload brings its outcome back.
     pub fn confirm_through(&self, through_seq: u64) -> QueueResult<()> {
         self.apply_server_changes(WriteBatch::new(), Some(through_seq))
     }
 
     /// Apply server changes to the synced layer (a validated checkpoint:
     /// `PutSynced`/`DeleteSynced` and bucket bookkeeping in `batch`) in one
-    /// store batch together with: dropping the queue entries the write
-    /// checkpoint covers, and rebasing every row that has pending entries
-    /// left (synced row after this batch, pending entries replayed) or had
-    /// confirmed ones. Serialized with local writes.
+    /// store batch together with: dropping the completed queue entries the
+    /// write checkpoint covers, and rebasing every row that has pending
+    /// entries left (synced row after this batch, pending entries
+    /// replayed) or had confirmed ones. Serialized with local writes.
     pub fn apply_server_changes(&self, mut batch: WriteBatch, write_checkpoint: Option<u64>) -> QueueResult<()> {
-        let mut counters = self.counters.lock();
+        let counters = self.counters.lock();
         let last_seq = counters.next_seq.saturating_sub(1);
         if let Some(wc) = write_checkpoint {
             if wc > last_seq {
@@ -552,7 +566,28 @@ impl LocalDb {
                 });
             }
         }
-        let wc = write_checkpoint.unwrap_or(0);
+        let mut counters = counters;
+        if let Some(wc) = write_checkpoint {
+            counters.server_write_checkpoint = counters.server_write_checkpoint.max(wc);
+        }
+        // Entries whose outcome has not reached the app yet stay pending;
+        // `complete` confirms them when it arrives.
+        let wc = counters.server_write_checkpoint.min(counters.completed_through);
+        let changed = self.confirm_into(&mut batch, wc)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store.apply(batch)?;
+        self.notify(ChangeSource::Server, &changed);
+        drop(counters);
+        Ok(())
+    }
+
+    /// Add to `batch` (which may hold synced-layer changes): dropping
+    /// queue entries through `wc` and rebasing every row that has pending
+    /// entries left and a synced change in the batch, or had confirmed
+    /// entries. Returns the rows whose visible value may change.
+    fn confirm_into(&self, batch: &mut WriteBatch, wc: u64) -> QueueResult<ChangedRows> {
         let mut synced_after: BTreeMap<(String, String), Option<RowData>> = BTreeMap::new();
         for op in &batch.ops {
             match op {
@@ -567,16 +602,10 @@ impl LocalDb {
         }
         let entries = self.store.queue_from(0, usize::MAX)?;
         let mut rejected = self.rejected_seqs()?;
-        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
-        let mut newly_completed = 0u64;
+        let mut touched: ChangedRows = BTreeSet::new();
         for e in &entries {
             let key = (e.op.table().to_owned(), e.op.id().to_owned());
-            if e.seq <= wc {
-                if e.seq > counters.completed_through {
-                    newly_completed += 1;
-                }
-                touched.insert(key);
-            } else if synced_after.contains_key(&key) {
+            if e.seq <= wc || synced_after.contains_key(&key) {
                 touched.insert(key);
             }
         }
@@ -584,29 +613,17 @@ impl LocalDb {
             .iter()
             .filter(|e| e.seq > wc && !rejected.contains(&e.seq))
             .collect();
-        if wc > 0 {
+        if entries.first().is_some_and(|e| e.seq <= wc) {
             batch.complete_queue(wc);
             let before = rejected.len();
             rejected.retain(|seq| *seq > wc);
             if rejected.len() != before {
                 batch.put_meta(META_REJECTED_SEQS, encode_seqs(&rejected));
             }
-            if wc > counters.completed_through {
-                batch.put_meta(META_COMPLETED_THROUGH, wc.to_be_bytes().to_vec());
-            }
         }
-        self.rebase_into(&mut batch, &touched, &remaining, &synced_after)?;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.store.apply(batch)?;
-        if wc > counters.completed_through {
-            counters.completed_through = wc;
-            counters.upload_len = counters.upload_len.saturating_sub(newly_completed);
-        }
+        self.rebase_into(batch, &touched, &remaining, &synced_after)?;
         touched.extend(synced_after.into_keys());
-        self.notify(ChangeSource::Server, &touched);
-        Ok(())
+        Ok(touched)
     }
 
     /// The server rejected these entries: they stop shaping the visible

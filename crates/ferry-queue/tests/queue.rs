@@ -499,13 +499,20 @@ fn rejected_writes_roll_back_at_once_and_are_logged() {
         // seq 2 (status) still applies on the synced row; seq 1 and 3 are gone.
         assert_eq!(
             db.get("tickets", "t1").expect("get"),
-            Some(row_data([("title", Value::from("synced")), ("status", Value::from("done"))])),
+            Some(row_data([
+                ("title", Value::from("synced")),
+                ("status", Value::from("done"))
+            ])),
             "{backend}"
         );
         assert_eq!(db.get("tickets", "t2").expect("get"), None, "{backend}");
         let log = db.rejections().expect("log");
         let shape: Vec<(u64, &str, u64)> = log.iter().map(|r| (r.entry.seq, r.reason.as_str(), r.at_ms)).collect();
-        assert_eq!(shape, [(1, "title is locked", 42), (3, "no new tickets", 42)], "{backend}");
+        assert_eq!(
+            shape,
+            [(1, "title is locked", 42), (3, "no new tickets", 42)],
+            "{backend}"
+        );
         // Survives a restart, and a later checkpoint confirming everything
         // leaves the synced state.
         drop(db);
@@ -550,19 +557,23 @@ fn checkpoints_rebase_pending_writes_without_flicker() {
             ])),
             "{backend}: the PUT replays whole, then the PATCH"
         );
-        // The next checkpoint covers seq 1 only (uploads may not have been
-        // answered yet): seq 2 still replays.
+        // The next checkpoint covers both seqs, but only seq 1's upload was
+        // answered: seq 2 stays pending (its outcome has not reached the
+        // app) and still replays.
+        db.complete(1).expect("complete");
         let mut server = WriteBatch::new();
         server.put_synced(
             "tickets",
             "t1",
             row_data([("title", Value::from("mine")), ("status", Value::from("pending"))]),
         );
-        db.apply_server_changes(server, Some(1)).expect("checkpoint");
-        assert_eq!(db.completed_through(), 1, "{backend}");
+        db.apply_server_changes(server, Some(2)).expect("checkpoint");
+        assert_eq!(db.pending_len().expect("len"), 1, "{backend}");
         assert_eq!(db.upload_queue_len(), 1, "{backend}");
         assert_eq!(
-            db.get("tickets", "t1").expect("get").and_then(|r| r.get("status").cloned()),
+            db.get("tickets", "t1")
+                .expect("get")
+                .and_then(|r| r.get("status").cloned()),
             Some(Value::from("done")),
             "{backend}"
         );

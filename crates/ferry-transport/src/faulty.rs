@@ -1,5 +1,5 @@
-//! A transport wrapper that injects seeded faults: dropped, duplicated,
-//! delayed and (where the protocol allows) reordered stream lines,
+//! A transport wrapper that injects seeded faults: lost data lines,
+//! duplicated, delayed and (where the protocol allows) reordered stream lines,
 //! disconnects mid-stream, failed uploads, lost upload answers, uploads
 //! delivered twice, and an offline switch.
 
@@ -18,8 +18,11 @@ use crate::{LineStream, Transport, TransportError};
 /// Fault probabilities, each in per-mille (0 = never, 1000 = always).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultConfig {
-    /// A stream line is dropped.
-    pub drop_line_per_mille: u32,
+    /// A data line is lost while the stream goes on (as a faulty proxy
+    /// might do): the client must notice by checksum and download the
+    /// bucket again. Other lines are never lost without the stream
+    /// breaking, as on any ordered byte stream.
+    pub drop_data_line_per_mille: u32,
     /// A stream line is delivered twice.
     pub duplicate_line_per_mille: u32,
     /// A stream line is delayed by up to `max_delay_ms`.
@@ -43,7 +46,7 @@ impl FaultConfig {
     /// A moderately hostile network, for property tests.
     pub fn hostile() -> Self {
         FaultConfig {
-            drop_line_per_mille: 10,
+            drop_data_line_per_mille: 10,
             duplicate_line_per_mille: 30,
             delay_line_per_mille: 20,
             reorder_line_per_mille: 30,
@@ -160,7 +163,7 @@ impl LineStream for FaultyLines {
                 return Ok(None);
             };
             let cfg = &self.shared.config;
-            if self.shared.roll(cfg.drop_line_per_mille) {
+            if self.shared.roll(cfg.drop_data_line_per_mille) && data_bucket(&line).is_some() {
                 continue;
             }
             if self.shared.roll(cfg.delay_line_per_mille) {

@@ -1,0 +1,126 @@
+//! The source of truth, behind [`SourceDb`]: blocking calls (run them on
+//! `spawn_blocking`), no SQLite types in the signatures, so a PostgreSQL
+//! implementation can sit behind the same trait.
+//!
+//! The write path runs inside [`SourceDb::write`]: everything done through
+//! the [`SourceTx`] commits together or not at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use ferry_core::{HlcTimestamp, RowData, Schema, Table};
+use ferry_protocol::{BucketChecksum, OpKind, OplogEntry, Outcome};
+
+use crate::error::Result;
+
+/// A row as the source database holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRow {
+    /// The values (every schema column), `None` for a tombstone.
+    pub data: Option<RowData>,
+    /// The last-write-wins clock of each column.
+    pub clocks: BTreeMap<String, HlcTimestamp>,
+    /// The delete's clock when the row is a tombstone.
+    pub deleted: Option<HlcTimestamp>,
+}
+
+/// A client's upload progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientProgress {
+    /// The user the client belongs to (the first to upload with it).
+    pub user_id: String,
+    /// The highest seq processed (the write checkpoint).
+    pub last_seq: u64,
+}
+
+/// An op log entry to append.
+#[derive(Clone, Copy, Debug)]
+pub struct NewOp<'a> {
+    /// The bucket instance.
+    pub bucket: &'a str,
+    /// PUT or REMOVE.
+    pub op: OpKind,
+    /// The row's table.
+    pub table: &'a str,
+    /// The row id.
+    pub row_id: &'a str,
+    /// The row (PUT).
+    pub data: Option<&'a RowData>,
+}
+
+/// A consistent checkpoint for one client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointState {
+    /// The global max op id.
+    pub last_op_id: u64,
+    /// The requested buckets' state (absent buckets: checksum 0, count 0).
+    pub buckets: Vec<BucketChecksum>,
+    /// The client's last processed seq, if it ever uploaded.
+    pub write_checkpoint: Option<u64>,
+}
+
+/// What a write transaction can do.
+pub trait SourceTx {
+    /// The client's progress, if it uploaded before.
+    fn client(&mut self, client_id: &str) -> Result<Option<ClientProgress>>;
+    /// Record the client's progress.
+    fn set_client(&mut self, client_id: &str, user_id: &str, last_seq: u64) -> Result<()>;
+    /// The stored outcome of an op.
+    fn outcome(&mut self, client_id: &str, seq: u64) -> Result<Option<Outcome>>;
+    /// Store an op's outcome.
+    fn record_outcome(&mut self, client_id: &str, seq: u64, outcome: &Outcome) -> Result<()>;
+    /// Read a row or its tombstone.
+    fn read_row(&mut self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
+    /// Write a whole row (every column) and its clocks; clears a tombstone.
+    fn write_row(
+        &mut self,
+        table: &Table,
+        id: &str,
+        data: &RowData,
+        clocks: &BTreeMap<String, HlcTimestamp>,
+    ) -> Result<()>;
+    /// Delete a row, leaving a tombstone with the delete's clock.
+    fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> Result<()>;
+    /// The bucket instances the row is in.
+    fn row_buckets(&mut self, table: &str, id: &str) -> Result<BTreeSet<String>>;
+    /// Replace the row's bucket membership.
+    fn set_row_buckets(&mut self, table: &str, id: &str, buckets: &BTreeSet<String>) -> Result<()>;
+    /// Append an op log entry: allocates the next global op id, computes
+    /// its checksum with `ferry_protocol::op_checksum` and updates the
+    /// bucket's state. Returns the op id.
+    fn append_op(&mut self, op: NewOp<'_>) -> Result<u64>;
+    /// A bucket's whole log, ascending.
+    fn bucket_ops(&mut self, bucket: &str) -> Result<Vec<OplogEntry>>;
+    /// Replace a bucket's log (compaction); the bucket's checksum is kept,
+    /// its count becomes the number of entries.
+    fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> Result<()>;
+}
+
+/// The source of truth.
+pub trait SourceDb: Send + Sync + fmt::Debug {
+    /// Create or extend the tables of the schema.
+    fn migrate(&self, schema: &Schema) -> Result<()>;
+    /// Run `work` in one transaction: commit when it returns `Ok`, roll
+    /// back when it returns `Err`.
+    fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> Result<()>) -> Result<()>;
+    /// The checkpoint for a client over these buckets, read in one read
+    /// transaction.
+    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> Result<CheckpointState>;
+    /// Entries of a bucket with `after_op_id < op_id <= up_to_op_id`,
+    /// ascending, at most `max_ops` and about `max_bytes` of row data (at
+    /// least one entry when there is one).
+    fn read_ops(
+        &self,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OplogEntry>>;
+    /// Every bucket with entries.
+    fn bucket_names(&self) -> Result<Vec<String>>;
+    /// The number of op log entries (all buckets).
+    fn oplog_len(&self) -> Result<u64>;
+    /// Read a row (for inspection and tests).
+    fn get_row(&self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
+}

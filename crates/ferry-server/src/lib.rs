@@ -1,0 +1,40 @@
+//! Ferry's sync service: the source of truth behind a [`SourceDb`]
+//! (SQLite by default), sync rules that place rows in buckets, write
+//! processing with pluggable conflict strategies, checkpoints and the
+//! download stream, compaction, JWT auth, and the `ferry-server` binary.
+//!
+//! Invariants:
+//! - write processing, conflict resolution, op log append, bucket state,
+//!   per-op outcomes and the client's write checkpoint commit in one
+//!   database transaction per client transaction;
+//! - uploads are exactly-once in effect: an op with `(client_id, seq)` at
+//!   or below the client's write checkpoint gets its stored outcome again
+//!   and changes nothing;
+//! - rows are assigned to buckets when written, from their new values,
+//!   never by querying at connect time; op ids are global and monotonic;
+//! - a bucket's checksum is the wrapping sum of its entries' checksums,
+//!   maintained in the append's transaction and unchanged by compaction;
+//! - a checkpoint (last op id, bucket checksums, write checkpoint) is read
+//!   in one read transaction, so it is consistent;
+//! - every stream, line, upload and bucket list is bounded by a limit of
+//!   [`ServiceOptions`].
+
+pub mod auth;
+pub mod config;
+pub mod conflict;
+pub mod db;
+pub mod error;
+pub mod rules;
+pub mod server;
+pub mod service;
+pub mod sqlite;
+
+pub use auth::{mint_token, mint_token_at, AuthUser, Authenticator};
+pub use config::{ServerConfig, DEV_JWT_SECRET};
+pub use conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution};
+pub use db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredRow};
+pub use error::{Result, ServiceError};
+pub use rules::{SyncRules, TICKET_TRACKER_RULES};
+pub use server::{run, BoundServer};
+pub use service::{CompactStats, ServiceOptions, SyncService, SyncServiceBuilder};
+pub use sqlite::SqliteSourceDb;

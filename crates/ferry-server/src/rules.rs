@@ -1,0 +1,277 @@
+//! Sync rules: the server schema and the bucket definitions, loaded from
+//! TOML (format in the crate README, "Sync rules").
+//!
+//! A bucket definition has parameters (token claim names; none for a
+//! global bucket) and data entries: a table and, for parameterised buckets,
+//! which column equals which parameter. A bucket *instance* is named
+//! `name[<json array of parameter values>]`, e.g. `global[]` or
+//! `my_assignments["u1"]`. Rows are placed in instances from their own
+//! values when written; a user gets the instances their claims name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use ferry_core::{RowData, Schema, Table, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ServiceError};
+
+/// The ticket tracker rules, used when no rules file is configured.
+pub const TICKET_TRACKER_RULES: &str = include_str!("../examples/ticket-tracker.toml");
+
+/// The rules file as written.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesFile {
+    /// The server schema.
+    #[serde(default)]
+    pub tables: Vec<Table>,
+    /// Bucket definitions.
+    #[serde(default)]
+    pub buckets: Vec<BucketDef>,
+}
+
+/// One bucket definition.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketDef {
+    /// The definition's name (letters, digits, underscores).
+    pub name: String,
+    /// Token claim names whose values select the instance; empty: global.
+    #[serde(default)]
+    pub parameters: Vec<String>,
+    /// Which rows belong.
+    #[serde(default)]
+    pub data: Vec<DataDef>,
+}
+
+/// Rows of one table that belong to a bucket.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataDef {
+    /// The table.
+    pub table: String,
+    /// `column = "parameter"`: the row belongs to the instance whose
+    /// parameter equals the column's value (`id` is the row id). Every
+    /// parameter of the bucket must be matched by one column.
+    #[serde(default, rename = "where")]
+    pub filter: BTreeMap<String, String>,
+}
+
+/// Validated sync rules.
+#[derive(Clone, Debug)]
+pub struct SyncRules {
+    schema: Schema,
+    buckets: Vec<BucketDef>,
+    /// For each table, the (bucket index, data index) pairs that use it.
+    by_table: BTreeMap<String, Vec<(usize, usize)>>,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+impl SyncRules {
+    /// Parse and validate rules from TOML text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let file: RulesFile =
+            toml::from_str(text).map_err(|e| ServiceError::Config(format!("sync rules: {}", e.message())))?;
+        Self::new(file)
+    }
+
+    /// Load rules from a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServiceError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// The embedded ticket tracker rules.
+    pub fn ticket_tracker() -> Result<Self> {
+        Self::from_toml(TICKET_TRACKER_RULES)
+    }
+
+    /// Validate a parsed rules file.
+    pub fn new(file: RulesFile) -> Result<Self> {
+        let schema = Schema::new(file.tables).map_err(|e| ServiceError::Config(e.to_string()))?;
+        let bad = |m: String| Err(ServiceError::Config(m));
+        let mut names = BTreeSet::new();
+        let mut by_table: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
+        for (bi, b) in file.buckets.iter().enumerate() {
+            if !valid_name(&b.name) || !names.insert(b.name.clone()) {
+                return bad(format!("invalid or duplicate bucket name {:?}", b.name));
+            }
+            let params: BTreeSet<&String> = b.parameters.iter().collect();
+            if params.len() != b.parameters.len() {
+                return bad(format!("bucket {:?} repeats a parameter", b.name));
+            }
+            if b.data.is_empty() {
+                return bad(format!("bucket {:?} has no data entries", b.name));
+            }
+            for (di, d) in b.data.iter().enumerate() {
+                let table = schema.table(&d.table).map_err(|_| {
+                    ServiceError::Config(format!("bucket {:?} names unknown table {:?}", b.name, d.table))
+                })?;
+                for (col, param) in &d.filter {
+                    if col != "id" && table.column_def(col).is_none() {
+                        return bad(format!(
+                            "bucket {:?} filters on unknown column {:?} of table {:?}",
+                            b.name, col, d.table
+                        ));
+                    }
+                    if !params.contains(param) {
+                        return bad(format!("bucket {:?} filters on unknown parameter {:?}", b.name, param));
+                    }
+                }
+                let used: BTreeSet<&String> = d.filter.values().collect();
+                if used.len() != params.len() || d.filter.len() != params.len() {
+                    return bad(format!(
+                        "bucket {:?}: table {:?} must match each parameter with exactly one column",
+                        b.name, d.table
+                    ));
+                }
+                by_table.entry(d.table.clone()).or_default().push((bi, di));
+            }
+        }
+        Ok(SyncRules {
+            schema,
+            buckets: file.buckets,
+            by_table,
+        })
+    }
+
+    /// The server schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The bucket definitions.
+    pub fn buckets(&self) -> &[BucketDef] {
+        &self.buckets
+    }
+
+    /// The bucket instances a row belongs to, from its values.
+    pub fn row_buckets(&self, table: &str, id: &str, data: &RowData) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let Some(uses) = self.by_table.get(table) else {
+            return out;
+        };
+        let id_value = Value::Text(id.to_owned());
+        'defs: for &(bi, di) in uses {
+            let b = &self.buckets[bi];
+            let d = &b.data[di];
+            let mut values = Vec::with_capacity(b.parameters.len());
+            for p in &b.parameters {
+                // Validation guarantees one column per parameter.
+                let Some((col, _)) = d.filter.iter().find(|(_, param)| *param == p) else {
+                    continue 'defs;
+                };
+                let v = if col == "id" {
+                    &id_value
+                } else {
+                    data.get(col).unwrap_or(&Value::Null)
+                };
+                if v.is_null() {
+                    continue 'defs;
+                }
+                values.push(v.clone());
+            }
+            out.insert(instance_name(&b.name, &values));
+        }
+        out
+    }
+
+    /// The bucket instances a user with these claims gets, at most `max`.
+    pub fn user_buckets(&self, claims: &serde_json::Map<String, serde_json::Value>, max: usize) -> Result<Vec<String>> {
+        let mut out = BTreeSet::new();
+        for b in &self.buckets {
+            // Each parameter has one or more values (array claims expand);
+            // a missing or null claim means no instance of this bucket.
+            let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
+            for p in &b.parameters {
+                let vals = claim_values(claims.get(p));
+                let mut next = Vec::new();
+                for c in &combos {
+                    for v in &vals {
+                        let mut c = c.clone();
+                        c.push(v.clone());
+                        next.push(c);
+                    }
+                }
+                combos = next;
+                if combos.len() > max {
+                    return Err(ServiceError::TooLarge(format!(
+                        "bucket {:?} expands to more than {max} instances",
+                        b.name
+                    )));
+                }
+            }
+            for c in combos {
+                out.insert(instance_name(&b.name, &c));
+            }
+            if out.len() > max {
+                return Err(ServiceError::TooLarge(format!("user gets more than {max} buckets")));
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+/// `name[<json array>]`.
+pub fn instance_name(name: &str, values: &[Value]) -> String {
+    // Serializing Values cannot fail (string keys only, no maps).
+    let params = serde_json::to_string(values).unwrap_or_else(|_| "[]".to_owned());
+    format!("{name}{params}")
+}
+
+fn claim_values(v: Option<&serde_json::Value>) -> Vec<Value> {
+    fn scalar(v: &serde_json::Value) -> Option<Value> {
+        match v {
+            serde_json::Value::String(s) => Some(Value::Text(s.clone())),
+            serde_json::Value::Bool(b) => Some(Value::Integer(i64::from(*b))),
+            serde_json::Value::Number(n) => n.as_i64().map(Value::Integer).or_else(|| n.as_f64().map(Value::Real)),
+            _ => None,
+        }
+    }
+    match v {
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(scalar).collect(),
+        Some(v) => scalar(v).into_iter().collect(),
+        None => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::row_data;
+
+    #[test]
+    fn ticket_tracker_rules_load_and_place_rows() {
+        let rules = SyncRules::ticket_tracker().expect("embedded rules are valid");
+        let row = row_data([("ticket_id", "t1".into()), ("user_id", "u1".into())]);
+        let b = rules.row_buckets("assignments", "a1", &row);
+        assert!(b.contains("global[]"), "{b:?}");
+        assert!(b.contains("my_assignments[\"u1\"]"), "{b:?}");
+        let mut claims = serde_json::Map::new();
+        claims.insert("sub".into(), "u1".into());
+        let ub = rules.user_buckets(&claims, 100).expect("few buckets");
+        assert!(ub.contains(&"my_assignments[\"u1\"]".to_owned()), "{ub:?}");
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        let cases = [
+            "[[buckets]]\nname = \"b\"\n[[buckets.data]]\ntable = \"nope\"\n",
+            "[[tables]]\nname = \"t\"\ncolumns = []\n[[buckets]]\nname = \"b\"\nparameters = [\"sub\"]\n[[buckets.data]]\ntable = \"t\"\n",
+            "[[tables]]\nname = \"t\"\ncolumns = []\n[[buckets]]\nname = \"b\"\nparameters = [\"sub\"]\n[[buckets.data]]\ntable = \"t\"\nwhere = { x = \"sub\" }\n",
+        ];
+        for c in cases {
+            assert!(SyncRules::from_toml(c).is_err(), "{c}");
+        }
+    }
+}

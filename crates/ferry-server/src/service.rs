@@ -1,0 +1,728 @@
+//! The sync service: uploads (write processing), checkpoints, streams and
+//! compaction over a [`SourceDb`] and [`SyncRules`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferry_core::{
+    row_size_bytes, Clock, CrudEntry, CrudOp, HlcTimestamp, HybridClock, Limits, RowData, SystemClock, Value,
+};
+use ferry_protocol::{
+    Checkpoint, CheckpointDiff, DataBatch, ErrorCode, OpKind, OpOutcome, Outcome, ServerError, StreamLine,
+    StreamRequest, UploadRequest, UploadResponse,
+};
+use ferry_transport::{ServerLines, SyncHandler};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::auth::{AuthUser, Authenticator};
+use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution};
+use crate::db::{CheckpointState, NewOp, SourceDb, SourceTx};
+use crate::error::{Result, ServiceError};
+use crate::rules::SyncRules;
+
+/// Tunables of the service. Every limit has its unit in its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceOptions {
+    /// Seconds between keepalive lines on an idle stream.
+    pub keepalive_interval_s: u64,
+    /// Most op log entries in one `data` line.
+    pub max_ops_per_line: usize,
+    /// About the most row bytes in one `data` line.
+    pub max_line_bytes: usize,
+    /// Most streams open at once; more are refused (retryable).
+    pub max_concurrent_streams: usize,
+    /// Lines buffered per stream before the server waits for the client.
+    pub stream_buffer_lines: usize,
+    /// How far ahead of server time a client HLC may be; later ones are
+    /// clamped to server time + this.
+    pub max_clock_skew_ms: u64,
+    /// Most ops in one upload request.
+    pub max_upload_ops: usize,
+    /// Most bucket instances one user gets.
+    pub max_buckets_per_user: usize,
+    /// Longest client id accepted.
+    pub max_client_id_bytes: usize,
+    /// Row, id and transaction limits.
+    pub limits: Limits,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            keepalive_interval_s: 20,
+            max_ops_per_line: 2000,
+            max_line_bytes: 8 * 1024 * 1024,
+            max_concurrent_streams: 10_000,
+            stream_buffer_lines: 8,
+            max_clock_skew_ms: 60_000,
+            max_upload_ops: 100_000,
+            max_buckets_per_user: 1000,
+            max_client_id_bytes: 256,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Compaction result for one bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactStats {
+    /// Entries before.
+    pub entries_before: usize,
+    /// Entries after.
+    pub entries_after: usize,
+}
+
+struct Inner {
+    db: Arc<dyn SourceDb>,
+    rules: SyncRules,
+    auth: Authenticator,
+    clock: Arc<dyn Clock>,
+    hlc: HybridClock<Arc<dyn Clock>>,
+    options: ServiceOptions,
+    strategies: BTreeMap<String, Arc<dyn ConflictStrategy>>,
+    default_strategy: Arc<dyn ConflictStrategy>,
+    commits: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+    streams: Arc<Semaphore>,
+}
+
+/// The sync service. Cheap to clone; implements [`SyncHandler`].
+#[derive(Clone)]
+pub struct SyncService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SyncService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncService")
+            .field("db", &self.inner.db)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`SyncService`].
+#[derive(Debug)]
+pub struct SyncServiceBuilder {
+    db: Arc<dyn SourceDb>,
+    rules: SyncRules,
+    jwt_secret: String,
+    options: ServiceOptions,
+    clock: Arc<dyn Clock>,
+    strategies: BTreeMap<String, Arc<dyn ConflictStrategy>>,
+    default_strategy: Arc<dyn ConflictStrategy>,
+}
+
+impl SyncServiceBuilder {
+    /// Set the options.
+    pub fn options(mut self, options: ServiceOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Set the clock (default: system time).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Use `strategy` for writes to `table`.
+    pub fn strategy(mut self, table: &str, strategy: Arc<dyn ConflictStrategy>) -> Self {
+        self.strategies.insert(table.to_owned(), strategy);
+        self
+    }
+
+    /// Use `strategy` for tables without their own (default: [`LastWriteWins`]).
+    pub fn default_strategy(mut self, strategy: Arc<dyn ConflictStrategy>) -> Self {
+        self.default_strategy = strategy;
+        self
+    }
+
+    /// Create the schema's tables and build the service.
+    pub fn build(self) -> Result<SyncService> {
+        self.db.migrate(self.rules.schema())?;
+        let hlc = HybridClock::new(self.clock.clone(), "server", self.options.max_clock_skew_ms);
+        let streams = Arc::new(Semaphore::new(self.options.max_concurrent_streams));
+        Ok(SyncService {
+            inner: Arc::new(Inner {
+                db: self.db,
+                rules: self.rules,
+                auth: Authenticator::new(&self.jwt_secret),
+                clock: self.clock,
+                hlc,
+                options: self.options,
+                strategies: self.strategies,
+                default_strategy: self.default_strategy,
+                commits: watch::channel(0).0,
+                shutdown: watch::channel(false).0,
+                streams,
+            }),
+        })
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> ServiceError {
+    ServiceError::Database(format!("worker task failed: {e}"))
+}
+
+impl SyncService {
+    /// Start building a service over `db` with `rules`, verifying tokens
+    /// signed with `jwt_secret`.
+    pub fn builder(db: Arc<dyn SourceDb>, rules: SyncRules, jwt_secret: &str) -> SyncServiceBuilder {
+        SyncServiceBuilder {
+            db,
+            rules,
+            jwt_secret: jwt_secret.to_owned(),
+            options: ServiceOptions::default(),
+            clock: Arc::new(SystemClock),
+            strategies: BTreeMap::new(),
+            default_strategy: Arc::new(LastWriteWins),
+        }
+    }
+
+    /// The source database.
+    pub fn db(&self) -> &Arc<dyn SourceDb> {
+        &self.inner.db
+    }
+
+    /// The sync rules.
+    pub fn rules(&self) -> &SyncRules {
+        &self.inner.rules
+    }
+
+    /// Verify a bearer token.
+    pub fn authenticate(&self, token: &str) -> Result<AuthUser> {
+        self.inner.auth.verify(token, self.inner.clock.as_ref())
+    }
+
+    /// Ask every stream to end (with a `shutting_down` error line).
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Process an upload for an authenticated user. Each client
+    /// transaction commits in one database transaction, together with its
+    /// outcomes and the client's write checkpoint.
+    pub async fn upload(&self, user: &AuthUser, request: UploadRequest) -> Result<UploadResponse> {
+        let o = &self.inner.options;
+        check_client_id(&request.client_id, o.max_client_id_bytes)?;
+        let total: usize = request.transactions.iter().map(|t| t.ops.len()).sum();
+        if total > o.max_upload_ops {
+            return Err(ServiceError::TooLarge(format!(
+                "upload of {total} ops exceeds the limit of {} ops",
+                o.max_upload_ops
+            )));
+        }
+        if let Some(t) = request
+            .transactions
+            .iter()
+            .find(|t| t.ops.len() > o.limits.max_ops_per_transaction)
+        {
+            return Err(ServiceError::TooLarge(format!(
+                "transaction {} has {} ops, over the limit of {} ops",
+                t.tx_id,
+                t.ops.len(),
+                o.limits.max_ops_per_transaction
+            )));
+        }
+        let inner = self.inner.clone();
+        let user_id = user.user_id.clone();
+        let result = tokio::task::spawn_blocking(move || inner.process_upload(&user_id, &request))
+            .await
+            .map_err(join_error)?;
+        // Wake streams even after a partial failure: earlier transactions
+        // may have committed.
+        self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
+        result
+    }
+
+    /// Open a stream for an authenticated user.
+    pub fn open_stream(&self, user: AuthUser, request: StreamRequest) -> Result<ServerLines> {
+        let inner = &self.inner;
+        if *inner.shutdown.borrow() {
+            return Err(ServiceError::ShuttingDown);
+        }
+        check_client_id(&request.client_id, inner.options.max_client_id_bytes)?;
+        let permit = inner.streams.clone().try_acquire_owned().map_err(|_| {
+            ServiceError::Busy(format!(
+                "too many concurrent streams (limit {})",
+                inner.options.max_concurrent_streams
+            ))
+        })?;
+        let buckets = inner
+            .rules
+            .user_buckets(&user.claims, inner.options.max_buckets_per_user)?;
+        let requested: BTreeMap<&str, u64> = request
+            .buckets
+            .iter()
+            .map(|b| (b.name.as_str(), b.after_op_id))
+            .collect();
+        let positions: BTreeMap<String, u64> = buckets
+            .iter()
+            .map(|b| (b.clone(), requested.get(b.as_str()).copied().unwrap_or(0)))
+            .collect();
+        let (tx, rx) = mpsc::channel(inner.options.stream_buffer_lines.max(1));
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let client_id = request.client_id;
+            if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx).await {
+                tracing::warn!(client_id, error = %e, "stream failed");
+                let _ = tx.send(StreamLine::Error(e.to_server_error())).await;
+            }
+        });
+        Ok(rx)
+    }
+
+    /// The checkpoint a client of `user` would get now.
+    pub async fn checkpoint(&self, user: &AuthUser, client_id: &str) -> Result<Checkpoint> {
+        let buckets = self
+            .inner
+            .rules
+            .user_buckets(&user.claims, self.inner.options.max_buckets_per_user)?;
+        let db = self.inner.db.clone();
+        let client_id = client_id.to_owned();
+        let cp = tokio::task::spawn_blocking(move || db.checkpoint(&client_id, &buckets))
+            .await
+            .map_err(join_error)??;
+        Ok(Checkpoint {
+            last_op_id: cp.last_op_id,
+            write_checkpoint: cp.write_checkpoint,
+            buckets: cp.buckets,
+        })
+    }
+
+    /// Compact one bucket's log in one transaction (its checksum is kept).
+    pub async fn compact(&self, bucket: &str) -> Result<CompactStats> {
+        let db = self.inner.db.clone();
+        let bucket = bucket.to_owned();
+        let stats = tokio::task::spawn_blocking(move || compact_bucket(db.as_ref(), &bucket))
+            .await
+            .map_err(join_error)??;
+        self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(stats)
+    }
+
+    /// Compact every bucket. Returns the number of buckets compacted.
+    pub async fn compact_all(&self) -> Result<usize> {
+        let db = self.inner.db.clone();
+        let names = tokio::task::spawn_blocking(move || db.bucket_names())
+            .await
+            .map_err(join_error)??;
+        for name in &names {
+            self.compact(name).await?;
+        }
+        Ok(names.len())
+    }
+}
+
+fn compact_bucket(db: &dyn SourceDb, bucket: &str) -> Result<CompactStats> {
+    let mut stats = CompactStats {
+        entries_before: 0,
+        entries_after: 0,
+    };
+    db.write(&mut |tx| {
+        let entries = tx.bucket_ops(bucket)?;
+        let compacted = ferry_protocol::compact(&entries);
+        stats = CompactStats {
+            entries_before: entries.len(),
+            entries_after: compacted.len(),
+        };
+        if compacted != entries {
+            tx.replace_bucket_ops(bucket, &compacted)?;
+        }
+        Ok(())
+    })?;
+    Ok(stats)
+}
+
+fn check_client_id(client_id: &str, max: usize) -> Result<()> {
+    if client_id.is_empty() {
+        return Err(ServiceError::BadRequest("empty client id".into()));
+    }
+    if client_id.len() > max {
+        return Err(ServiceError::BadRequest(format!(
+            "client id of {} bytes exceeds the limit of {max} bytes",
+            client_id.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn process_upload(&self, user_id: &str, request: &UploadRequest) -> Result<UploadResponse> {
+        let client_id = request.client_id.as_str();
+        let mut outcomes = Vec::new();
+        let mut write_checkpoint = 0;
+        for t in &request.transactions {
+            let mut tx_outcomes = Vec::with_capacity(t.ops.len());
+            let mut tx_checkpoint = write_checkpoint;
+            self.db.write(&mut |stx| {
+                tx_outcomes.clear();
+                let progress = stx.client(client_id)?;
+                if let Some(p) = &progress {
+                    if p.user_id != user_id {
+                        return Err(ServiceError::Unauthorized(format!(
+                            "client id {client_id:?} belongs to another user"
+                        )));
+                    }
+                }
+                let mut last_seq = progress.map(|p| p.last_seq);
+                for entry in &t.ops {
+                    if last_seq.is_some_and(|l| entry.seq <= l) {
+                        // Already processed: the stored outcome, nothing applied.
+                        let outcome = stx.outcome(client_id, entry.seq)?.unwrap_or(Outcome::Applied);
+                        tx_outcomes.push(OpOutcome {
+                            seq: entry.seq,
+                            outcome,
+                        });
+                        continue;
+                    }
+                    let outcome = self.apply_op(stx, client_id, entry)?;
+                    stx.record_outcome(client_id, entry.seq, &outcome)?;
+                    last_seq = Some(entry.seq);
+                    tx_outcomes.push(OpOutcome {
+                        seq: entry.seq,
+                        outcome,
+                    });
+                }
+                if let Some(l) = last_seq {
+                    stx.set_client(client_id, user_id, l)?;
+                    tx_checkpoint = l;
+                }
+                Ok(())
+            })?;
+            write_checkpoint = tx_checkpoint;
+            outcomes.append(&mut tx_outcomes);
+        }
+        if request.transactions.is_empty() {
+            let db = &self.db;
+            db.write(&mut |stx| {
+                write_checkpoint = stx.client(client_id)?.map_or(0, |p| p.last_seq);
+                Ok(())
+            })?;
+        }
+        Ok(UploadResponse {
+            outcomes,
+            write_checkpoint,
+        })
+    }
+
+    /// The op's clock: the client's HLC clamped to server time + max skew,
+    /// or a server timestamp when the client sent none.
+    fn op_clock(&self, entry: &CrudEntry) -> HlcTimestamp {
+        match &entry.hlc {
+            Some(h) => {
+                let max_wall = self.clock.now_ms().saturating_add(self.options.max_clock_skew_ms);
+                let mut h = h.clone();
+                if h.wall_ms > max_wall {
+                    h.wall_ms = max_wall;
+                }
+                // Within the skew bound by construction, so this succeeds.
+                let _ = self.hlc.observe(&h);
+                h
+            }
+            None => self.hlc.now(),
+        }
+    }
+
+    fn apply_op(&self, stx: &mut dyn SourceTx, _client_id: &str, entry: &CrudEntry) -> Result<Outcome> {
+        let rejected = |reason: String| Ok(Outcome::Rejected { reason });
+        let table = match self.rules.schema().table(entry.op.table()) {
+            Ok(t) => t,
+            Err(e) => return rejected(e.to_string()),
+        };
+        if table.local_only {
+            return rejected(format!("table {:?} is local-only", table.name));
+        }
+        let limits = &self.options.limits;
+        let id = entry.op.id();
+        let op = match &entry.op {
+            CrudOp::Put { data, .. } => {
+                let mut full: RowData = table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect();
+                match table.check_row(id, data.clone(), limits) {
+                    Ok(d) => full.extend(d),
+                    Err(e) => return rejected(e.to_string()),
+                }
+                CrudOp::Put {
+                    table: table.name.clone(),
+                    id: id.to_owned(),
+                    data: full,
+                }
+            }
+            CrudOp::Patch { data, .. } => {
+                if let Err(e) = table.check_id(id, limits) {
+                    return rejected(e.to_string());
+                }
+                match table.check_data(data.clone()) {
+                    Ok(d) => CrudOp::Patch {
+                        table: table.name.clone(),
+                        id: id.to_owned(),
+                        data: d,
+                    },
+                    Err(e) => return rejected(e.to_string()),
+                }
+            }
+            CrudOp::Delete { .. } => {
+                if let Err(e) = table.check_id(id, limits) {
+                    return rejected(e.to_string());
+                }
+                entry.op.clone()
+            }
+        };
+        let hlc = self.op_clock(entry);
+        let current = stx.read_row(table, id)?;
+        let strategy = self.strategies.get(&table.name).unwrap_or(&self.default_strategy);
+        let resolution = strategy.resolve(&ConflictInput {
+            table,
+            id,
+            op: &op,
+            hlc: &hlc,
+            current: current.as_ref(),
+        });
+        let old_data = current.as_ref().and_then(|c| c.data.as_ref());
+        match resolution {
+            Resolution::Reject { reason } => rejected(reason),
+            Resolution::Keep { row, reason } => Ok(Outcome::Merged { row, reason }),
+            Resolution::Write { row, clocks, lost } => {
+                let size_bytes = row_size_bytes(id, &row);
+                if size_bytes > limits.max_row_bytes {
+                    return rejected(format!(
+                        "row {}/{id} would be {size_bytes} bytes, over the limit of {} bytes",
+                        table.name, limits.max_row_bytes
+                    ));
+                }
+                stx.write_row(table, id, &row, &clocks)?;
+                if old_data != Some(&row) {
+                    self.emit_row(stx, &table.name, id, Some(&row))?;
+                }
+                if lost.is_empty() {
+                    Ok(Outcome::Applied)
+                } else {
+                    Ok(Outcome::Merged {
+                        reason: format!("newer writes kept for columns {}", lost.join(", ")),
+                        row: Some(row),
+                    })
+                }
+            }
+            Resolution::Delete { hlc } => {
+                stx.delete_row(table, id, &hlc)?;
+                if old_data.is_some() {
+                    self.emit_row(stx, &table.name, id, None)?;
+                }
+                Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    /// Append the row's change to the op log: PUT in every bucket it is in
+    /// now, REMOVE from every bucket it left.
+    fn emit_row(&self, stx: &mut dyn SourceTx, table: &str, id: &str, row: Option<&RowData>) -> Result<()> {
+        let new: BTreeSet<String> = row.map(|r| self.rules.row_buckets(table, id, r)).unwrap_or_default();
+        let old = stx.row_buckets(table, id)?;
+        for b in &new {
+            stx.append_op(NewOp {
+                bucket: b,
+                op: OpKind::Put,
+                table,
+                row_id: id,
+                data: row,
+            })?;
+        }
+        for b in old.difference(&new) {
+            stx.append_op(NewOp {
+                bucket: b,
+                op: OpKind::Remove,
+                table,
+                row_id: id,
+                data: None,
+            })?;
+        }
+        if old != new {
+            stx.set_row_buckets(table, id, &new)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one stream until the client leaves, the token expires or the
+/// server shuts down.
+async fn run_stream(
+    inner: &Arc<Inner>,
+    user: &AuthUser,
+    client_id: &str,
+    buckets: Vec<String>,
+    mut positions: BTreeMap<String, u64>,
+    tx: &mpsc::Sender<StreamLine>,
+) -> Result<()> {
+    let mut commits = inner.commits.subscribe();
+    let mut shutdown = inner.shutdown.subscribe();
+    let period = Duration::from_secs(inner.options.keepalive_interval_s.max(1));
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let expires_in_ms = (user.exp_s.saturating_mul(1000)).saturating_sub(inner.clock.now_ms());
+    let expiry = tokio::time::sleep(Duration::from_millis(expires_in_ms));
+    tokio::pin!(expiry);
+    let mut sent: Option<CheckpointState> = None;
+    loop {
+        commits.borrow_and_update();
+        let db = inner.db.clone();
+        let (cid, names) = (client_id.to_owned(), buckets.clone());
+        let cp = tokio::task::spawn_blocking(move || db.checkpoint(&cid, &names))
+            .await
+            .map_err(join_error)??;
+        if sent.as_ref() != Some(&cp) {
+            let changed: Vec<String> = match &sent {
+                None => {
+                    let line = StreamLine::Checkpoint(Checkpoint {
+                        last_op_id: cp.last_op_id,
+                        write_checkpoint: cp.write_checkpoint,
+                        buckets: cp.buckets.clone(),
+                    });
+                    if tx.send(line).await.is_err() {
+                        return Ok(());
+                    }
+                    cp.buckets.iter().map(|b| b.bucket.clone()).collect()
+                }
+                Some(prev) => {
+                    let updated: Vec<_> = cp
+                        .buckets
+                        .iter()
+                        .filter(|b| !prev.buckets.contains(b))
+                        .cloned()
+                        .collect();
+                    let line = StreamLine::CheckpointDiff(CheckpointDiff {
+                        last_op_id: cp.last_op_id,
+                        write_checkpoint: cp.write_checkpoint,
+                        updated_buckets: updated.clone(),
+                        removed_buckets: Vec::new(),
+                    });
+                    if tx.send(line).await.is_err() {
+                        return Ok(());
+                    }
+                    updated.into_iter().map(|b| b.bucket).collect()
+                }
+            };
+            let work: Vec<(String, u64)> = changed
+                .into_iter()
+                .filter_map(|b| {
+                    let pos = positions.get(&b).copied().unwrap_or(0);
+                    (pos < cp.last_op_id).then_some((b, pos))
+                })
+                .collect();
+            if !send_data(inner, work, cp.last_op_id, tx, &shutdown).await? {
+                return Ok(());
+            }
+            for p in positions.values_mut() {
+                *p = (*p).max(cp.last_op_id);
+            }
+            if tx
+                .send(StreamLine::CheckpointComplete {
+                    last_op_id: cp.last_op_id,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            sent = Some(cp);
+        }
+        // Wait for a commit, sending keepalives meanwhile.
+        loop {
+            tokio::select! {
+                () = tx.closed() => return Ok(()),
+                r = commits.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
+                _ = shutdown.changed() => {
+                    let _ = tx.send(StreamLine::Error(ServerError {
+                        code: ErrorCode::ShuttingDown,
+                        message: "server is shutting down".into(),
+                    })).await;
+                    return Ok(());
+                }
+                () = &mut expiry => {
+                    let _ = tx.send(StreamLine::Error(ServerError {
+                        code: ErrorCode::Unauthorized,
+                        message: format!("token expired at {}", user.exp_s),
+                    })).await;
+                    return Ok(());
+                }
+                _ = keepalive.tick() => {
+                    let token_expires_in_s = user.exp_s.saturating_sub(inner.clock.now_ms() / 1000);
+                    if tx.send(StreamLine::Keepalive { token_expires_in_s }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends the entries of each `(bucket, after_op_id)` up to `last_op_id`
+/// from a blocking thread, in bounded lines. Returns false when the client
+/// left (or the server is shutting down).
+async fn send_data(
+    inner: &Arc<Inner>,
+    work: Vec<(String, u64)>,
+    last_op_id: u64,
+    tx: &mpsc::Sender<StreamLine>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<bool> {
+    if work.is_empty() {
+        return Ok(true);
+    }
+    let db = inner.db.clone();
+    let (max_ops, max_bytes) = (
+        inner.options.max_ops_per_line.max(1),
+        inner.options.max_line_bytes.max(1),
+    );
+    let tx = tx.clone();
+    let shutdown = shutdown.clone();
+    tokio::task::spawn_blocking(move || {
+        for (bucket, mut pos) in work {
+            loop {
+                if *shutdown.borrow() {
+                    return Ok(false);
+                }
+                let ops = db.read_ops(&bucket, pos, last_op_id, max_ops, max_bytes)?;
+                let Some(last) = ops.last() else { break };
+                pos = last.op_id;
+                let full = ops.len() >= max_ops;
+                let line = StreamLine::Data(DataBatch {
+                    bucket: bucket.clone(),
+                    ops,
+                });
+                if tx.blocking_send(line).is_err() {
+                    return Ok(false);
+                }
+                if !full && pos >= last_op_id {
+                    break;
+                }
+            }
+        }
+        Ok(true)
+    })
+    .await
+    .map_err(join_error)?
+}
+
+#[async_trait]
+impl SyncHandler for SyncService {
+    async fn stream(&self, token: &str, request: StreamRequest) -> Result<ServerLines, ServerError> {
+        let user = self.authenticate(token)?;
+        Ok(self.open_stream(user, request)?)
+    }
+
+    async fn upload(&self, token: &str, request: UploadRequest) -> Result<UploadResponse, ServerError> {
+        let user = self.authenticate(token)?;
+        Ok(SyncService::upload(self, &user, request).await?)
+    }
+}
