@@ -81,6 +81,28 @@ fn demo(args: &[String]) -> Result<()> {
     cargo(&cmd)
 }
 
+/// The `.rs` files of a crate's library: everything under `src/` except
+/// `main.rs` and `src/bin/`.
+fn library_sources(src: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![src.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "bin") {
+                    stack.push(path);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") && path.file_name().is_some_and(|n| n != "main.rs") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Rules: every crate inherits the workspace lints and is in the code map
 /// of ARCHITECTURE.md; no crate outside binaries, xtask and tests uses
 /// anyhow.
@@ -107,11 +129,14 @@ fn tidy() -> Result<()> {
         if !architecture.contains(&format!("`{name}`")) {
             problems.push(format!("ARCHITECTURE.md does not describe crate `{name}`"));
         }
-        let deps = manifest.split("[dev-dependencies]").next().unwrap_or("");
-        if deps.lines().any(|l| l.starts_with("anyhow")) {
-            problems.push(format!(
-                "crates/{name} uses anyhow in library code; use a thiserror enum"
-            ));
+        for file in library_sources(&dir.join("src")) {
+            let text = std::fs::read_to_string(&file)?;
+            if text.contains("anyhow") {
+                problems.push(format!(
+                    "{} uses anyhow in library code; use a thiserror enum",
+                    file.display()
+                ));
+            }
         }
     }
     if problems.is_empty() {
