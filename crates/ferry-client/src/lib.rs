@@ -35,7 +35,11 @@ use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 
 pub mod apply;
+mod live;
 mod sync;
+
+pub use ferry_query::{self as query, Diff, Query, QueryResult};
+pub use live::LiveQuery;
 
 pub use ferry_queue::{ChangeSource, ChangedRows, Rejection, WriteTx};
 
@@ -54,6 +58,9 @@ pub enum ClientError {
     /// The protocol was violated or the server reported an error.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// A query is invalid (unknown collection or column, a limit).
+    #[error(transparent)]
+    Query(#[from] ferry_query::QueryError),
     /// The app's credentials callback failed.
     #[error("credentials unavailable: {0}")]
     Credentials(String),
@@ -70,6 +77,7 @@ impl ClientError {
             ClientError::Store(e) => e.kind(),
             ClientError::Transport(e) => e.kind(),
             ClientError::Protocol(e) => e.kind(),
+            ClientError::Query(e) => e.kind(),
             ClientError::Credentials(_) | ClientError::Task(_) => ErrorKind::Transient,
         }
     }
@@ -183,11 +191,24 @@ pub(crate) struct Inner {
     pub(crate) upload_wake: Notify,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) options: ClientOptions,
+    pub(crate) live: live::SharedLive,
 }
 
 impl Inner {
     pub(crate) fn update_status(&self, f: impl FnOnce(&mut SyncStatus)) {
         self.status.send_modify(f);
+    }
+
+    /// Every committed change of the visible state: live queries first
+    /// (their callbacks run here), then the change broadcast.
+    fn on_change(&self, source: ChangeSource, rows: &ChangedRows) {
+        if let Err(e) = self.live.lock().on_change(self, rows) {
+            tracing::error!(error = %e, "live queries could not take a change");
+        }
+        let _ = self.changes.send(Change {
+            source,
+            rows: Arc::new(rows.clone()),
+        });
     }
 }
 
@@ -224,24 +245,29 @@ impl Database {
         let (status, _) = watch::channel(SyncStatus::default());
         let (outcomes, _) = broadcast::channel(CHANNEL_CAPACITY);
         let (changes, _) = broadcast::channel::<Change>(CHANNEL_CAPACITY);
-        let sender = changes.clone();
-        local.set_observer(Some(Arc::new(move |source, rows: &ChangedRows| {
-            let _ = sender.send(Change {
-                source,
-                rows: Arc::new(rows.clone()),
-            });
-        })));
+        let inner = Arc::new(Inner {
+            local,
+            download: Mutex::new(download),
+            status,
+            outcomes,
+            changes,
+            upload_wake: Notify::new(),
+            clock,
+            options,
+            live: Mutex::new(live::LiveState::default()),
+        });
+        // The observer holds the database weakly: the local database it is
+        // set on lives inside `Inner`.
+        let weak = Arc::downgrade(&inner);
+        inner
+            .local
+            .set_observer(Some(Arc::new(move |source, rows: &ChangedRows| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.on_change(source, rows);
+                }
+            })));
         Ok(Database {
-            inner: Arc::new(Inner {
-                local,
-                download: Mutex::new(download),
-                status,
-                outcomes,
-                changes,
-                upload_wake: Notify::new(),
-                clock,
-                options,
-            }),
+            inner,
             tasks: Arc::new(Mutex::new(Vec::new())),
         })
     }

@@ -77,6 +77,14 @@ impl Query {
         Query::from_as(c.clone(), c)
     }
 
+    /// Every collection the query reads, `from` first, then joins in order
+    /// (a collection joined twice appears twice).
+    pub fn collections(&self) -> Vec<&str> {
+        std::iter::once(self.collection.as_str())
+            .chain(self.joins.iter().map(|j| j.collection.as_str()))
+            .collect()
+    }
+
     /// Rows of a collection under an alias (for `alias.column` references).
     pub fn from_as(collection: impl Into<String>, alias: impl Into<String>) -> Query {
         Query {

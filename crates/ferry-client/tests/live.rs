@@ -1,0 +1,124 @@
+//! Live queries in the client: they read the visible state, mark rows with
+//! pending local writes, and update on local writes, applied checkpoints
+//! and rolled-back rejected writes, one diff per commit.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use ferry_client::query::{col, Order};
+use ferry_client::{Diff, Query};
+use ferry_core::{row_data, SystemClock, Value};
+use ferry_queue::QueueError;
+use ferry_transport::{FaultConfig, SyncHandler};
+
+fn pending_by_update() -> Query {
+    Query::from("tickets")
+        .filter(col("status").eq("pending"))
+        .select_cols(["id", "title", "updated_at"])
+        .order_by(col("updated_at"), Order::Desc)
+        .limit(2)
+}
+
+fn ticket(title: &str, status: &str, updated_at: &str) -> ferry_core::RowData {
+    row_data([
+        ("title", Value::from(title)),
+        ("status", Value::from(status)),
+        ("updated_at", Value::from(updated_at)),
+    ])
+}
+
+fn ids(result: &ferry_client::QueryResult) -> Vec<String> {
+    result
+        .rows
+        .iter()
+        .map(|r| r.id().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_queries_follow_writes_checkpoints_and_rollbacks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service(&dir.path().join("server"));
+    let handler: Arc<dyn SyncHandler> = svc.clone();
+    let a_dir = dir.path().join("a");
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&a_dir).expect("dir");
+    std::fs::create_dir_all(&b_dir).expect("dir");
+    let a = client(&a_dir, 1, Arc::new(SystemClock));
+    let b = client(&b_dir, 2, Arc::new(SystemClock));
+
+    let diffs: Arc<Mutex<Vec<Diff>>> = Arc::default();
+    let sink = diffs.clone();
+    let (live, initial) = a
+        .live_query(&pending_by_update(), move |d| {
+            sink.lock().expect("diffs").push(d.clone())
+        })
+        .expect("live query");
+    assert!(initial.rows.is_empty());
+
+    // Offline local writes: one transaction, one diff; rows are pending.
+    a.write(|tx| {
+        tx.insert("tickets", "t1", ticket("one", "pending", "2026-01-01"))?;
+        tx.insert("tickets", "t2", ticket("two", "pending", "2026-01-02"))?;
+        tx.insert("tickets", "t3", ticket("three", "done", "2026-01-03"))?;
+        Ok::<_, QueueError>(())
+    })
+    .expect("write");
+    assert_eq!(diffs.lock().expect("diffs").len(), 1);
+    let now = live.current().expect("current");
+    assert_eq!(ids(&now), ["t2", "t1"]);
+    assert!(now.rows.iter().all(|r| r.pending));
+
+    // Sync: once the server confirms, the rows are no longer pending.
+    connect(&a, handler.clone(), FaultConfig::default(), 1, "ann");
+    assert!(wait_caught_up(&a, &svc, 10_000).await, "a syncs");
+    let now = live.current().expect("current");
+    assert_eq!(ids(&now), ["t2", "t1"]);
+    assert!(now.rows.iter().all(|r| !r.pending), "{now:?}");
+
+    // Another client's write arrives through a checkpoint.
+    connect(&b, handler.clone(), FaultConfig::default(), 2, "bob");
+    assert!(wait_caught_up(&b, &svc, 10_000).await, "b syncs");
+    b.write(|tx| {
+        tx.update(
+            "tickets",
+            "t3",
+            row_data([
+                ("status", Value::from("pending")),
+                ("updated_at", Value::from("2026-02-01")),
+            ]),
+        )
+    })
+    .expect("b writes");
+    assert!(wait_caught_up(&b, &svc, 10_000).await, "b uploads");
+    assert!(wait_caught_up(&a, &svc, 10_000).await, "a catches up");
+    assert_eq!(ids(&live.current().expect("current")), ["t3", "t2"]);
+
+    // A write the server rejects shows at once, then rolls back.
+    let before = diffs.lock().expect("diffs").len();
+    a.write(|tx| {
+        tx.insert(
+            "tickets",
+            "bad",
+            row_data([
+                ("status", Value::from("pending")),
+                ("updated_at", Value::from("2027-01-01")),
+                ("local_note", Value::from("the server has no such column")),
+            ]),
+        )
+    })
+    .expect("local write");
+    assert_eq!(ids(&live.current().expect("current"))[0], "bad");
+    assert!(wait_caught_up(&a, &svc, 10_000).await, "a settles");
+    assert_eq!(ids(&live.current().expect("current")), ["t3", "t2"]);
+    assert!(diffs.lock().expect("diffs").len() >= before + 2, "added, then removed");
+    assert_eq!(a.rejections().expect("rejections").len(), 1);
+
+    // A one-shot query sees the same visible state.
+    assert_eq!(ids(&a.query(&pending_by_update()).expect("query")), ["t3", "t2"]);
+    drop(live);
+    a.disconnect().await;
+    b.disconnect().await;
+}
