@@ -4,7 +4,8 @@
 //! - `ci`    fmt check, clippy with warnings denied, tidy, and every test
 //! - `test`  every test (what `ci` runs last)
 //! - `bench` the criterion benchmarks (`--quick` for a short run)
-//! - `demo`  the main job: the quickstart example on the embedded default
+//! - `demo`  the main job: the sync server on the embedded default, with
+//!   the quickstart client connecting to it
 //! - `tidy`  repository rules that no compiler checks
 
 use std::path::{Path, PathBuf};
@@ -75,10 +76,54 @@ fn bench(args: &[String]) -> Result<()> {
     cargo(&cmd)
 }
 
+/// The main job: the sync server on the embedded default (SQLite under
+/// `data/server`, 127.0.0.1:8080, the ticket-tracker rules), with the
+/// quickstart client connecting once to show a sync; then the server keeps
+/// serving until Ctrl-C. Extra arguments go to `ferry-server serve`.
 fn demo(args: &[String]) -> Result<()> {
-    let mut cmd = vec!["run", "--release", "-p", "ferry", "--example", "quickstart", "--"];
-    cmd.extend(args.iter().map(String::as_str));
-    cargo(&cmd)
+    cargo(&["build", "-p", "ferry-server", "--bin", "ferry-server"])?;
+    cargo(&["build", "-p", "ferry-client", "--example", "sync_quickstart"])?;
+    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| PathBuf::from("target"), PathBuf::from);
+    let server_bin = target.join("debug").join("ferry-server");
+    let example_bin = target.join("debug").join("examples").join("sync_quickstart");
+    let mut server = Command::new(&server_bin)
+        .arg("serve")
+        .args(args)
+        .spawn()
+        .with_context(|| format!("starting {}", server_bin.display()))?;
+    let addr = "127.0.0.1:8080";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        if let Some(status) = server.try_wait()? {
+            bail!("ferry-server exited with {status} before listening on {addr}");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = server.kill();
+            bail!("ferry-server did not listen on {addr} within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("\n$ {} (a client that writes offline, then syncs)", example_bin.display());
+    let status = Command::new(&example_bin)
+        .env("FERRY_WATCH_S", "1")
+        .status()
+        .with_context(|| format!("running {}", example_bin.display()))?;
+    if !status.success() {
+        let _ = server.kill();
+        bail!("the quickstart client failed with {status}");
+    }
+    eprintln!(
+        "\nferry-server is serving on http://{addr} (data in data/server). Connect more clients with\n  \
+         cargo run -p ferry-client --example sync_quickstart -- http://{addr} <user>\nCtrl-C stops the server."
+    );
+    let status = server.wait()?;
+    if !status.success() {
+        bail!("ferry-server exited with {status}");
+    }
+    Ok(())
 }
 
 /// The `.rs` files of a crate's library: everything under `src/` except

@@ -7,8 +7,12 @@
 //!
 //! | feature | brings |
 //! |---|---|
-//! | `sqlite` (default) | [`SqliteStore`], the SQLite backend |
-//! | `sled` | [`SledStore`], the sled backend |
+//! | `sqlite` (default) | `SqliteStore`, the SQLite backend |
+//! | `query` (default) | `ferry::query`, the live query engine |
+//! | `sled` | `SledStore`, the sled backend |
+//! | `client` | `ferry::client::Database` with background sync, `ferry::protocol`, `ferry::transport` |
+//! | `http` | `ferry::http`: the HTTP transport and server routes |
+//! | `server` | `ferry::server`: the sync service library |
 //! | `testkit` | the Store conformance suite and seeded property helpers |
 //!
 //! The core model ([`core`]), the storage contract ([`store`]) and local
@@ -31,8 +35,20 @@ pub use ferry_core as core;
 pub use ferry_queue as queue;
 pub use ferry_store as store;
 
+#[cfg(feature = "client")]
+pub use ferry_client as client;
+#[cfg(feature = "http")]
+pub use ferry_http as http;
+#[cfg(any(feature = "client", feature = "server"))]
+pub use ferry_protocol as protocol;
+#[cfg(feature = "query")]
+pub use ferry_query as query;
+#[cfg(feature = "server")]
+pub use ferry_server as server;
 #[cfg(feature = "sled")]
 pub use ferry_sled::{self as sled, SledStore};
+#[cfg(any(feature = "client", feature = "server", feature = "http"))]
+pub use ferry_transport as transport;
 #[cfg(feature = "sqlite")]
 pub use ferry_sqlite::{self as sqlite, SqliteStore};
 
