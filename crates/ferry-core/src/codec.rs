@@ -295,7 +295,8 @@ fn put_key_value(out: &mut Vec<u8>, v: &Value) {
         }
         Value::Real(r) => {
             out.push(3);
-            let bits = r.to_bits();
+            // -0.0 equals 0.0 (see `Value`'s order): one encoding for both.
+            let bits = if *r == 0.0 { 0.0f64.to_bits() } else { r.to_bits() };
             // Flip so bytewise order equals f64::total_cmp order.
             let ordered = if bits >> 63 == 1 { !bits } else { bits | (1 << 63) };
             out.extend_from_slice(&ordered.to_be_bytes());

@@ -12,7 +12,11 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// One column value.
-#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+///
+/// In JSON: `null`, a number (an integer that fits `i64` is an `Integer`,
+/// any other number a `Real`), a string, or a blob as an array of byte
+/// values.
+#[derive(Clone, Debug, Serialize, Default)]
 #[serde(untagged)]
 pub enum Value {
     /// SQL NULL.
@@ -26,6 +30,68 @@ pub enum Value {
     Text(String),
     /// Raw bytes. In JSON a blob is an array of byte values.
     Blob(Vec<u8>),
+}
+
+// Deserialized by hand: the derived untagged form buffers every value
+// before trying each variant in turn, which dominates decoding large
+// downloads. This accepts exactly what the untagged form did.
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("null, a number, a string or an array of bytes")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        Value::deserialize(deserializer)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Integer(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(match i64::try_from(v) {
+            Ok(i) => Value::Integer(i),
+            Err(_) => Value::Real(v as f64),
+        })
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::Real(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::Text(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::Text(v))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(b) = seq.next_element::<u8>()? {
+            bytes.push(b);
+        }
+        Ok(Value::Blob(bytes))
+    }
 }
 
 /// The named values of one row, without its id. Ordered by column name so
@@ -103,6 +169,16 @@ impl Value {
     }
 }
 
+/// -0.0 as 0.0: they are equal (both equal `Integer(0)`), so they must
+/// order alike or the order would not be transitive.
+fn canonical_zero(r: f64) -> f64 {
+    if r == 0.0 {
+        0.0
+    } else {
+        r
+    }
+}
+
 /// Compare an integer with a float exactly (no precision loss for large i64).
 fn cmp_int_real(i: i64, r: f64) -> Ordering {
     if r.is_nan() {
@@ -143,7 +219,7 @@ impl Ord for Value {
         match (self, other) {
             (Value::Null, Value::Null) => Ordering::Equal,
             (Value::Integer(a), Value::Integer(b)) => a.cmp(b),
-            (Value::Real(a), Value::Real(b)) => a.total_cmp(b),
+            (Value::Real(a), Value::Real(b)) => canonical_zero(*a).total_cmp(&canonical_zero(*b)),
             (Value::Integer(a), Value::Real(b)) => cmp_int_real(*a, *b),
             (Value::Real(a), Value::Integer(b)) => cmp_int_real(*b, *a).reverse(),
             (Value::Text(a), Value::Text(b)) => a.as_bytes().cmp(b.as_bytes()),
@@ -287,6 +363,10 @@ mod tests {
             assert!(w[0] < w[1], "{:?} < {:?}", w[0], w[1]);
         }
         assert_eq!(Value::Integer(2), Value::Real(2.0));
+        // -0.0, 0 and 0.0 are all equal, so the order stays transitive.
+        assert_eq!(Value::Real(-0.0), Value::Real(0.0));
+        assert_eq!(Value::Real(-0.0), Value::Integer(0));
+        assert!(Value::Real(-0.0) < Value::Real(f64::MIN_POSITIVE));
     }
 
     #[test]
@@ -302,5 +382,21 @@ mod tests {
         assert_eq!(back, data);
         assert!(matches!(back["b"], Value::Integer(3)));
         assert!(matches!(back["c"], Value::Real(_)));
+    }
+
+    #[test]
+    fn json_decoding_per_type() {
+        let de = |s: &str| serde_json::from_str::<Value>(s);
+        assert!(matches!(de("null"), Ok(Value::Null)));
+        assert!(matches!(de("-7"), Ok(Value::Integer(-7))));
+        assert!(matches!(de("9223372036854775807"), Ok(Value::Integer(i64::MAX))));
+        assert!(matches!(de("18446744073709551615"), Ok(Value::Real(r)) if r == u64::MAX as f64));
+        assert!(matches!(de("1.5"), Ok(Value::Real(r)) if r == 1.5));
+        assert!(matches!(de("\"a\\n\""), Ok(Value::Text(t)) if t == "a\n"));
+        assert!(matches!(de("[0,255]"), Ok(Value::Blob(b)) if b == vec![0, 255]));
+        assert!(matches!(de("[]"), Ok(Value::Blob(b)) if b.is_empty()));
+        for bad in ["true", "{}", "[256]", "[-1]", "[\"a\"]"] {
+            assert!(de(bad).is_err(), "{bad} decoded");
+        }
     }
 }
