@@ -106,7 +106,10 @@ fn demo(args: &[String]) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    eprintln!("\n$ {} (a client that writes offline, then syncs)", example_bin.display());
+    eprintln!(
+        "\n$ {} (a client that writes offline, then syncs)",
+        example_bin.display()
+    );
     let status = Command::new(&example_bin)
         .env("FERRY_WATCH_S", "1")
         .status()

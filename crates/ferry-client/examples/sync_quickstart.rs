@@ -90,7 +90,10 @@ async fn main() -> anyhow::Result<()> {
         )?;
         Ok::<_, QueueError>(())
     })?;
-    println!("wrote ticket {id} offline; upload queue holds {}", db.local().upload_queue_len());
+    println!(
+        "wrote ticket {id} offline; upload queue holds {}",
+        db.local().upload_queue_len()
+    );
 
     // 2. A live query over the visible state (synced + pending writes).
     let query = Query::from("tickets")
@@ -134,15 +137,27 @@ async fn main() -> anyhow::Result<()> {
     println!("\npending tickets (live query, newest first):");
     for row in live.current()?.rows {
         let title = row.get("title").as_text().unwrap_or_default().to_owned();
-        println!("  {:<12} {} {}", row.id().unwrap_or("?"), title, if row.pending { "(pending)" } else { "" });
+        println!(
+            "  {:<12} {} {}",
+            row.id().unwrap_or("?"),
+            title,
+            if row.pending { "(pending)" } else { "" }
+        );
     }
     // Watch for changes from other clients for a few seconds.
-    let watch_s: u64 = std::env::var("FERRY_WATCH_S").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let watch_s: u64 = std::env::var("FERRY_WATCH_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     println!("\nwatching for changes for {watch_s} s (run this example again as another user) ...");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(watch_s);
     while let Ok(Some(diff)) = tokio::time::timeout_at(deadline, diffs.recv()).await {
         for added in &diff.added {
-            println!("  + {} {}", added.row.id().unwrap_or("?"), added.row.get("title").as_text().unwrap_or_default());
+            println!(
+                "  + {} {}",
+                added.row.id().unwrap_or("?"),
+                added.row.get("title").as_text().unwrap_or_default()
+            );
         }
         for removed in &diff.removed {
             println!("  - {}", removed.row.id().unwrap_or("?"));

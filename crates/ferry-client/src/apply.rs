@@ -46,18 +46,48 @@ fn all_entries(store: &dyn Store, bucket: &str) -> StoreResult<Vec<BucketEntry>>
 /// PUTs, rows removed when no bucket holds them any more, bucket entries
 /// and states. Rows of tables the client schema does not declare are
 /// tracked in bucket entries but not stored.
+///
+/// Clones every row; [`plan_checkpoint_owned`] moves them instead.
 pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResult<(WriteBatch, TouchedRows)> {
+    let batch = plan_checkpoint_owned(store, apply.clone())?;
+    let touched = batch
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            BatchOp::PutSynced { table, id, .. } | BatchOp::DeleteSynced { table, id } => {
+                Some((table.clone(), id.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    Ok((batch, touched))
+}
+
+/// [`plan_checkpoint`] consuming `apply`: rows move into the batch. The
+/// rows touched are the batch's `PutSynced` and `DeleteSynced` ops.
+pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> StoreResult<WriteBatch> {
     let schema = store.schema();
     let known = |table: &str| schema.table(table).is_ok();
     let n_ops: usize = apply.buckets.iter().map(|b| b.ops.len()).sum();
     let mut batch = WriteBatch::with_capacity(2 * n_ops + 2 * apply.buckets.len() + 8);
+    // Rows can only leave the synced layer through a REMOVE, a reset or a
+    // removed bucket; without any, bucket membership need not be tracked.
+    let may_remove = !apply.removed_buckets.is_empty()
+        || apply
+            .buckets
+            .iter()
+            .any(|b| b.reset || b.ops.iter().any(|op| op.op == OpKind::Remove));
     // (bucket, table, id) -> whether the bucket holds the row after this batch
     let mut membership: BTreeMap<(String, String, String), bool> = BTreeMap::new();
     let mut candidates: TouchedRows = BTreeSet::new();
-    let mut touched: TouchedRows = BTreeSet::new();
-    let mut emptied: BTreeSet<&str> = BTreeSet::new();
+    let mut emptied: BTreeSet<String> = BTreeSet::new();
+    let mut buckets_after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
+    buckets_after.extend(apply.buckets.iter().map(|b| b.bucket.clone()));
+    for name in &apply.removed_buckets {
+        buckets_after.remove(name);
+    }
 
-    for b in &apply.buckets {
+    for b in apply.buckets {
         if b.reset {
             for e in all_entries(store, &b.bucket)? {
                 membership.insert((b.bucket.clone(), e.table.clone(), e.row_id.clone()), false);
@@ -66,28 +96,30 @@ pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResul
             batch.push(BatchOp::DeleteBucket {
                 bucket: b.bucket.clone(),
             });
-            emptied.insert(&b.bucket);
+            emptied.insert(b.bucket.clone());
         }
-        for op in &b.ops {
-            let (Some(table), Some(id)) = (&op.object_type, &op.object_id) else {
+        for op in b.ops {
+            let (Some(table), Some(id)) = (op.object_type, op.object_id) else {
                 continue; // MOVE and CLEAR carry no row
             };
             match op.op {
                 OpKind::Put => {
-                    if let (true, Some(data)) = (known(table), &op.data) {
-                        batch.put_synced(table.clone(), id.clone(), data.clone());
-                        touched.insert((table.clone(), id.clone()));
+                    if may_remove {
+                        membership.insert((b.bucket.clone(), table.clone(), id.clone()), true);
+                    }
+                    let entry = BucketEntry {
+                        table: table.clone(),
+                        row_id: id.clone(),
+                        op_id: op.op_id,
+                        checksum: op.checksum,
+                    };
+                    if let (true, Some(data)) = (known(&table), op.data) {
+                        batch.put_synced(table, id, data);
                     }
                     batch.push(BatchOp::PutBucketEntry {
                         bucket: b.bucket.clone(),
-                        entry: BucketEntry {
-                            table: table.clone(),
-                            row_id: id.clone(),
-                            op_id: op.op_id,
-                            checksum: op.checksum,
-                        },
+                        entry,
                     });
-                    membership.insert((b.bucket.clone(), table.clone(), id.clone()), true);
                 }
                 OpKind::Remove => {
                     batch.push(BatchOp::DeleteBucketEntry {
@@ -96,13 +128,13 @@ pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResul
                         row_id: id.clone(),
                     });
                     membership.insert((b.bucket.clone(), table.clone(), id.clone()), false);
-                    candidates.insert((table.clone(), id.clone()));
+                    candidates.insert((table, id));
                 }
                 OpKind::Move | OpKind::Clear => {}
             }
         }
         batch.push(BatchOp::PutBucketState {
-            bucket: b.bucket.clone(),
+            bucket: b.bucket,
             state: to_store_state(b.state),
         });
     }
@@ -112,15 +144,10 @@ pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResul
             candidates.insert((e.table, e.row_id));
         }
         batch.push(BatchOp::DeleteBucket { bucket: name.clone() });
-        emptied.insert(name);
+        emptied.insert(name.clone());
     }
 
     // A candidate row leaves the synced layer when no bucket holds it.
-    let mut buckets_after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
-    buckets_after.extend(apply.buckets.iter().map(|b| b.bucket.clone()));
-    for name in &apply.removed_buckets {
-        buckets_after.remove(name);
-    }
     for (table, id) in candidates {
         let mut held = false;
         for bucket in &buckets_after {
@@ -134,9 +161,8 @@ pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResul
             }
         }
         if !held && known(&table) {
-            batch.delete_synced(table.clone(), id.clone());
-            touched.insert((table, id));
+            batch.delete_synced(table, id);
         }
     }
-    Ok((batch, touched))
+    Ok(batch)
 }

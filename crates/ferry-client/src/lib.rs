@@ -35,11 +35,15 @@ use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 
 pub mod apply;
+mod conflicts;
 mod live;
+mod offline;
 mod sync;
 
+pub use conflicts::{conflicts_table, Conflict, Resolution, CONFLICTS_TABLE, STATUS_OPEN, STATUS_RESOLVED};
 pub use ferry_query::{self as query, Diff, Query, QueryResult};
 pub use live::LiveQuery;
+pub use offline::{ChangeKind, OfflinePolicy, ProposedChange};
 
 pub use ferry_queue::{ChangeSource, ChangedRows, Rejection, WriteTx};
 
@@ -192,6 +196,7 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) options: ClientOptions,
     pub(crate) live: live::SharedLive,
+    pub(crate) offline_policy: parking_lot::RwLock<Option<Arc<offline::OfflinePolicy>>>,
 }
 
 impl Inner {
@@ -255,6 +260,7 @@ impl Database {
             clock,
             options,
             live: Mutex::new(live::LiveState::default()),
+            offline_policy: parking_lot::RwLock::new(None),
         });
         // The observer holds the database weakly: the local database it is
         // set on lives inside `Inner`.
@@ -297,12 +303,17 @@ impl Database {
     }
 
     /// Write locally (see [`LocalDb::write`]) and wake the upload loop.
+    /// While offline, an installed [`OfflinePolicy`] may refuse the whole
+    /// transaction ([`QueueError::Refused`]; nothing is written).
     pub fn write<R, E, F>(&self, f: F) -> Result<R, E>
     where
         F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
         E: From<QueueError>,
     {
-        let r = self.inner.local.write(f)?;
+        let r = match self.offline_policy_in_force() {
+            Some(policy) => self.inner.local.write_checked(f, |tx| policy.check(tx))?,
+            None => self.inner.local.write(f)?,
+        };
         self.inner.upload_wake.notify_one();
         Ok(r)
     }

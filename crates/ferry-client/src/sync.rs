@@ -8,9 +8,9 @@ use ferry_core::CrudEntry;
 use ferry_protocol::{
     decode_line, Outcome, ProtocolError, Step, StreamLine, UploadRequest, UploadResponse, UploadTransaction,
 };
-use ferry_transport::{Backoff, Transport, TransportError};
+use ferry_transport::{Backoff, LineStream, Transport, TransportError};
 
-use crate::apply::plan_checkpoint;
+use crate::apply::plan_checkpoint_owned;
 use crate::{ClientError, Credentials, Inner, UploadOutcome};
 
 /// How one stream session ended.
@@ -73,16 +73,16 @@ async fn stream_session(
     let token = creds.token(refresh).await?;
     let request = inner.download.lock().request(inner.local.client_id());
     let body = serde_json::to_vec(&request).map_err(|e| ClientError::Task(e.to_string()))?;
-    let mut stream = transport.open_stream(&token, body).await?;
+    let stream = transport.open_stream(&token, body).await?;
     inner.update_status(|s| {
         s.connected = true;
         s.connecting = false;
     });
+    let mut lines = ParsedLines::start(stream, inner.options.max_line_bytes);
     loop {
-        let Some(line) = stream.next_line().await? else {
+        let Some(line) = lines.next().await? else {
             return Ok(Ended::Failed { refresh: false });
         };
-        let line: StreamLine = decode_line(&line, inner.options.max_line_bytes)?;
         let is_checkpoint = matches!(line, StreamLine::Checkpoint(_) | StreamLine::CheckpointDiff(_));
         let step = inner.download.lock().handle(line)?;
         if is_checkpoint {
@@ -93,12 +93,27 @@ async fn stream_session(
             Step::Apply(apply) => {
                 let task_inner = inner.clone();
                 // Applying touches the store: off the async threads. The
-                // observer reports the changed rows.
+                // observer reports the changed rows. The rows move from the
+                // download state into the batch; the download keeps their
+                // positions until told the outcome.
                 let last_op_id = tokio::task::spawn_blocking(move || -> Result<u64, ClientError> {
-                    let (batch, _touched) = plan_checkpoint(task_inner.local.store().as_ref(), &apply)?;
-                    task_inner.local.apply_server_changes(batch, apply.write_checkpoint)?;
-                    task_inner.download.lock().applied(&apply);
-                    Ok(apply.last_op_id)
+                    let receipt = apply.receipt();
+                    let applied = plan_checkpoint_owned(task_inner.local.store().as_ref(), apply)
+                        .map_err(ClientError::from)
+                        .and_then(|batch| {
+                            Ok(task_inner.local.apply_server_changes(batch, receipt.write_checkpoint)?)
+                        });
+                    let mut download = task_inner.download.lock();
+                    match applied {
+                        Ok(()) => {
+                            download.applied(&receipt);
+                            Ok(receipt.last_op_id)
+                        }
+                        Err(e) => {
+                            download.apply_failed();
+                            Err(e)
+                        }
+                    }
                 })
                 .await
                 .map_err(|e| ClientError::Task(e.to_string()))??;
@@ -127,6 +142,62 @@ async fn stream_session(
                 return Ok(Ended::Reconnect { refresh: true });
             }
         }
+    }
+}
+
+/// Stream lines decoded while they arrive: also parsed (undecoded) by a
+/// reader task.
+type Parse = tokio::task::JoinHandle<Result<StreamLine, ProtocolError>>;
+
+/// Lines whose decoding may run ahead of the one being handled.
+const MAX_PARSES_AHEAD: usize = 4;
+
+/// The lines of a stream, decoded off the async threads: a reader task
+/// receives each line and starts decoding it on a blocking thread at once,
+/// so receiving, decoding (large `data` lines take milliseconds) and
+/// handling overlap. Lines come out in stream order. Dropping this stops
+/// the reader, which drops the stream.
+struct ParsedLines {
+    parses: tokio::sync::mpsc::Receiver<Result<Parse, TransportError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl ParsedLines {
+    fn start(mut stream: Box<dyn LineStream>, max_line_bytes: usize) -> Self {
+        let (tx, parses) = tokio::sync::mpsc::channel(MAX_PARSES_AHEAD);
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = match stream.next_line().await {
+                    Ok(Some(line)) => Ok(tokio::task::spawn_blocking(move || {
+                        decode_line::<StreamLine>(&line, max_line_bytes)
+                    })),
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                let failed = next.is_err();
+                if tx.send(next).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        ParsedLines { parses, reader }
+    }
+
+    /// The next line, `None` when the server ended the stream.
+    async fn next(&mut self) -> Result<Option<StreamLine>, ClientError> {
+        match self.parses.recv().await {
+            None => Ok(None),
+            Some(parse) => {
+                let line = parse?.await.map_err(|e| ClientError::Task(e.to_string()))??;
+                Ok(Some(line))
+            }
+        }
+    }
+}
+
+impl Drop for ParsedLines {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 

@@ -15,7 +15,7 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use ferry_protocol::{encode_line, ErrorCode, ServerError, StreamRequest, UploadRequest};
-use ferry_transport::{ServerLines, SyncHandler};
+use ferry_transport::{ServerLineStream, SyncHandler};
 use serde::de::DeserializeOwned;
 
 /// The default limit on a request body: 32 MiB.
@@ -180,7 +180,7 @@ async fn stream_route(
     let opened = async {
         let token = bearer_token(&headers)?;
         let request: StreamRequest = json_body(body, "stream request", state.options.max_body_bytes)?;
-        state.handler.stream(&token, request).await
+        state.handler.stream_lines(&token, request).await
     };
     match opened.await {
         Ok(rx) => (
@@ -201,13 +201,15 @@ async fn stream_route(
 /// The body of a download stream: each line encoded, lines already queued
 /// coalesced into one chunk. Dropping the stream (the client went away)
 /// drops the receiver, which the handler's sender observes.
-fn line_chunks(rx: ServerLines) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+///
+/// Lines the handler encoded already go out as they are: a line at least
+/// [`MAX_CHUNK_BYTES`] long is its own chunk, without a copy.
+fn line_chunks(rx: ServerLineStream) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     futures_util::stream::unfold(rx, |mut rx| async move {
-        let first = rx.recv().await?;
-        let mut chunk = encode_line(&first);
+        let mut chunk = rx.recv().await?.into_bytes();
         while chunk.len() < MAX_CHUNK_BYTES {
             match rx.try_recv() {
-                Ok(line) => chunk.extend_from_slice(&encode_line(&line)),
+                Ok(line) => chunk.extend_from_slice(&line.into_bytes()),
                 Err(_) => break,
             }
         }

@@ -62,7 +62,9 @@ pub struct BucketApply {
     pub state: AppliedBucket,
 }
 
-/// A validated checkpoint, ready to apply atomically.
+/// A validated checkpoint, ready to apply atomically. Its ops are handed
+/// over by value: the [`Download`] keeps only their positions until
+/// [`Download::applied`] (or [`Download::apply_failed`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CheckpointApply {
     /// The checkpoint's last op id.
@@ -73,6 +75,28 @@ pub struct CheckpointApply {
     pub buckets: Vec<BucketApply>,
     /// Buckets the client no longer gets: their rows leave.
     pub removed_buckets: Vec<String>,
+}
+
+impl CheckpointApply {
+    /// The same checkpoint without its ops: enough for
+    /// [`Download::applied`] once the ops were moved into a store batch.
+    pub fn receipt(&self) -> CheckpointApply {
+        CheckpointApply {
+            last_op_id: self.last_op_id,
+            write_checkpoint: self.write_checkpoint,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| BucketApply {
+                    bucket: b.bucket.clone(),
+                    reset: b.reset,
+                    ops: Vec::new(),
+                    state: b.state,
+                })
+                .collect(),
+            removed_buckets: self.removed_buckets.clone(),
+        }
+    }
 }
 
 /// What the client should do after a line.
@@ -106,6 +130,10 @@ pub struct Download {
     /// Buckets to download from scratch (checksum mismatch).
     resetting: std::collections::BTreeSet<String>,
     staged: BTreeMap<String, Vec<OplogEntry>>,
+    /// Ops handed out in a [`CheckpointApply`] and not yet confirmed, by
+    /// bucket: (last op id, number of staged ops it took). They still count
+    /// as staged.
+    handed_out: BTreeMap<String, (u64, usize)>,
     staged_ops: usize,
     target: Option<Checkpoint>,
     limits: DownloadLimits,
@@ -140,6 +168,9 @@ impl Download {
         if let Some(last) = self.staged.get(bucket).and_then(|ops| ops.last()) {
             return last.op_id;
         }
+        if let Some((last, _)) = self.handed_out.get(bucket) {
+            return *last;
+        }
         if self.resetting.contains(bucket) {
             return 0;
         }
@@ -148,7 +179,12 @@ impl Download {
 
     /// The request that opens (or resumes) the stream.
     pub fn request(&self, client_id: &str) -> StreamRequest {
-        let names: std::collections::BTreeSet<&String> = self.applied.keys().chain(self.staged.keys()).collect();
+        let names: std::collections::BTreeSet<&String> = self
+            .applied
+            .keys()
+            .chain(self.staged.keys())
+            .chain(self.handed_out.keys())
+            .collect();
         StreamRequest {
             client_id: client_id.to_owned(),
             buckets: names
@@ -260,6 +296,13 @@ impl Download {
             }
             k
         });
+        self.handed_out.retain(|name, (_, n)| {
+            let k = keep.contains(name.as_str());
+            if !k {
+                dropped += *n;
+            }
+            k
+        });
         self.staged_ops -= dropped;
         self.target = Some(cp);
         Ok(())
@@ -275,9 +318,22 @@ impl Download {
                 got: last_op_id,
             });
         }
+        // A previous apply was neither confirmed nor failed: its ops are
+        // gone, so those buckets start over from their applied state (their
+        // checksums tell whether anything is missing).
+        let pending: Vec<String> = self.handed_out.keys().cloned().collect();
+        for name in &pending {
+            self.drop_staged(name);
+        }
+        // Validate every bucket first, without touching the staged ops.
+        struct Plan {
+            reset: bool,
+            first: usize,
+            state: AppliedBucket,
+        }
         let mut failed = Vec::new();
-        let mut buckets = Vec::new();
-        for b in &target.buckets {
+        let mut plans: Vec<(usize, Plan)> = Vec::new();
+        for (i, b) in target.buckets.iter().enumerate() {
             let staged = self.staged.get(&b.bucket).map(Vec::as_slice).unwrap_or_default();
             if staged.iter().any(|op| op.op_id > target.last_op_id) {
                 return Err(ProtocolError::Unexpected("data beyond the checkpoint"));
@@ -289,18 +345,18 @@ impl Download {
                 self.applied.get(&b.bucket).copied().unwrap_or_default()
             };
             let last_clear = staged.iter().rposition(|op| op.op == OpKind::Clear);
-            let (mut state, ops) = match last_clear {
+            let (mut state, first) = match last_clear {
                 Some(i) => (
                     AppliedBucket {
                         last_op_id: base.last_op_id,
                         checksum: 0,
                         count: 0,
                     },
-                    &staged[i..],
+                    i,
                 ),
-                None => (base, staged),
+                None => (base, 0),
             };
-            for op in ops {
+            for op in &staged[first..] {
                 state.checksum = state.checksum.wrapping_add(op.checksum);
                 state.count += 1;
                 state.last_op_id = state.last_op_id.max(op.op_id);
@@ -309,24 +365,44 @@ impl Download {
                 failed.push(b.bucket.clone());
                 continue;
             }
-            let changed = !ops.is_empty() || reset_by_resync || !self.applied.contains_key(&b.bucket);
+            let changed = first < staged.len() || reset_by_resync || !self.applied.contains_key(&b.bucket);
             if changed {
-                buckets.push(BucketApply {
-                    bucket: b.bucket.clone(),
-                    reset: reset_by_resync || last_clear.is_some(),
-                    ops: ops.iter().filter(|op| op.op != OpKind::Clear).cloned().collect(),
-                    state,
-                });
+                plans.push((
+                    i,
+                    Plan {
+                        reset: reset_by_resync || last_clear.is_some(),
+                        first,
+                        state,
+                    },
+                ));
             }
         }
         if !failed.is_empty() {
             for name in &failed {
-                if let Some(ops) = self.staged.remove(name) {
-                    self.staged_ops -= ops.len();
-                }
+                self.drop_staged(name);
                 self.resetting.insert(name.clone());
             }
             return Ok(Step::Resync { buckets: failed });
+        }
+        // Every bucket validated: hand the ops over by value.
+        let mut buckets = Vec::with_capacity(plans.len());
+        for (i, plan) in plans {
+            let name = &target.buckets[i].bucket;
+            let staged = self.staged.get_mut(name).map(std::mem::take).unwrap_or_default();
+            if let Some(last) = staged.last() {
+                self.handed_out.insert(name.clone(), (last.op_id, staged.len()));
+            }
+            let ops = staged
+                .into_iter()
+                .skip(plan.first)
+                .filter(|op| op.op != OpKind::Clear)
+                .collect();
+            buckets.push(BucketApply {
+                bucket: name.clone(),
+                reset: plan.reset,
+                ops,
+                state: plan.state,
+            });
         }
         let removed_buckets = self
             .applied
@@ -342,21 +418,37 @@ impl Download {
         }))
     }
 
+    /// Forget a bucket's staged and handed-out ops.
+    fn drop_staged(&mut self, name: &str) {
+        if let Some(ops) = self.staged.remove(name) {
+            self.staged_ops -= ops.len();
+        }
+        if let Some((_, n)) = self.handed_out.remove(name) {
+            self.staged_ops -= n;
+        }
+    }
+
+    /// Applying the last [`CheckpointApply`] failed: its ops are gone, so
+    /// its buckets resume from their applied state (the server sends those
+    /// ops again).
+    pub fn apply_failed(&mut self) {
+        let pending: Vec<String> = self.handed_out.keys().cloned().collect();
+        for name in &pending {
+            self.drop_staged(name);
+        }
+    }
+
     /// The client applied `apply` to its store: move it from staged to
     /// applied.
     pub fn applied(&mut self, apply: &CheckpointApply) {
         for b in &apply.buckets {
-            if let Some(ops) = self.staged.remove(&b.bucket) {
-                self.staged_ops -= ops.len();
-            }
+            self.drop_staged(&b.bucket);
             self.resetting.remove(&b.bucket);
             self.applied.insert(b.bucket.clone(), b.state);
         }
         for name in &apply.removed_buckets {
             self.applied.remove(name);
-            if let Some(ops) = self.staged.remove(name) {
-                self.staged_ops -= ops.len();
-            }
+            self.drop_staged(name);
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod checksum;
 pub mod compact;
+pub mod data_line;
 pub mod download;
 pub mod error;
 pub mod lines;
@@ -16,6 +17,7 @@ pub mod messages;
 
 pub use checksum::op_checksum;
 pub use compact::compact;
+pub use data_line::DataLineWriter;
 pub use download::{AppliedBucket, BucketApply, CheckpointApply, Download, DownloadLimits, Step};
 pub use error::ProtocolError;
 pub use lines::{decode_line, encode_line, LineSplitter, DEFAULT_MAX_LINE_BYTES};

@@ -108,6 +108,13 @@ pub enum QueueError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// A pre-commit check (see [`LocalDb::write_checked`]) refused the
+    /// transaction; nothing was written.
+    #[error("{reason}")]
+    Refused {
+        /// Why, naming the refused change.
+        reason: String,
+    },
     /// A record could not be converted to or from a row.
     #[error("record for table {table:?}: {message}")]
     Record {
@@ -440,6 +447,23 @@ impl LocalDb {
         Ok(value)
     }
 
+    /// [`write`](Self::write) with a pre-commit check: after `f` returned
+    /// `Ok`, `check` sees the transaction (its queued ops through
+    /// [`WriteTx::ops`], rows before and after) and may refuse it, in which
+    /// case nothing is written and its error is returned.
+    pub fn write_checked<R, E, F, C>(&self, f: F, check: C) -> Result<R, E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
+        C: FnOnce(&WriteTx<'_>) -> Result<(), QueueError>,
+        E: From<QueueError>,
+    {
+        self.write(|tx| {
+            let value = f(tx)?;
+            check(tx)?;
+            Ok(value)
+        })
+    }
+
     /// Number of entries waiting for upload (not yet completed).
     pub fn upload_queue_len(&self) -> u64 {
         self.counters.lock().upload_len
@@ -588,19 +612,26 @@ impl LocalDb {
     /// entries left and a synced change in the batch, or had confirmed
     /// entries. Returns the rows whose visible value may change.
     fn confirm_into(&self, batch: &mut WriteBatch, wc: u64) -> QueueResult<ChangedRows> {
+        let entries = self.store.queue_from(0, usize::MAX)?;
+        // Every row the batch changes in the synced layer is reported.
+        let mut changed_synced: ChangedRows = BTreeSet::new();
+        // The synced rows after the batch, kept only for rows with queue
+        // entries: those are the only ones a rebase reads. Without pending
+        // writes nothing is copied.
+        let queued: BTreeSet<(&str, &str)> = entries.iter().map(|e| (e.op.table(), e.op.id())).collect();
         let mut synced_after: BTreeMap<(String, String), Option<RowData>> = BTreeMap::new();
         for op in &batch.ops {
-            match op {
-                BatchOp::PutSynced { table, id, data } => {
-                    synced_after.insert((table.clone(), id.clone()), Some(data.clone()));
-                }
-                BatchOp::DeleteSynced { table, id } => {
-                    synced_after.insert((table.clone(), id.clone()), None);
-                }
-                _ => {}
+            let (table, id, row) = match op {
+                BatchOp::PutSynced { table, id, data } => (table, id, Some(data)),
+                BatchOp::DeleteSynced { table, id } => (table, id, None),
+                _ => continue,
+            };
+            if queued.contains(&(table.as_str(), id.as_str())) {
+                synced_after.insert((table.clone(), id.clone()), row.cloned());
             }
+            changed_synced.insert((table.clone(), id.clone()));
         }
-        let entries = self.store.queue_from(0, usize::MAX)?;
+        drop(queued);
         let mut rejected = self.rejected_seqs()?;
         let mut touched: ChangedRows = BTreeSet::new();
         for e in &entries {
@@ -622,7 +653,10 @@ impl LocalDb {
             }
         }
         self.rebase_into(batch, &touched, &remaining, &synced_after)?;
-        touched.extend(synced_after.into_keys());
+        if touched.is_empty() {
+            return Ok(changed_synced);
+        }
+        touched.extend(changed_synced);
         Ok(touched)
     }
 
@@ -816,6 +850,18 @@ impl WriteTx<'_> {
             None if def.insert_only => Ok(None),
             None => Ok(self.db.store.get_visible(table, id)?),
         }
+    }
+
+    /// The row as it was before this transaction (the committed visible
+    /// state), ignoring this transaction's own writes.
+    pub fn get_committed(&self, table: &str, id: &str) -> QueueResult<Option<RowData>> {
+        self.db.get(table, id)
+    }
+
+    /// The ops this transaction queued so far, in order (writes to
+    /// local-only tables queue none).
+    pub fn ops(&self) -> impl Iterator<Item = &CrudOp> + '_ {
+        self.ops.iter().map(|p| &p.op)
     }
 
     /// Attach metadata to the ops that follow in this transaction.

@@ -579,3 +579,52 @@ fn checkpoints_rebase_pending_writes_without_flicker() {
         );
     });
 }
+
+#[test]
+fn a_pre_commit_check_can_refuse_the_whole_transaction() {
+    each_backend(|backend, reopen| {
+        let db = reopen();
+        db.write(|tx| tx.insert("tickets", "t1", title("first"))).expect("seed");
+        let queued = db.pending_len().expect("pending");
+        // The check sees every queued op and the rows before the write.
+        let err = db
+            .write_checked(
+                |tx| {
+                    tx.insert("tickets", "t2", title("second"))?;
+                    tx.update("tickets", "t1", row_data([("title", Value::from("renamed"))]))?;
+                    Ok::<_, QueueError>(())
+                },
+                |tx| {
+                    let ops: Vec<&CrudOp> = tx.ops().collect();
+                    assert_eq!(ops.len(), 2, "{backend}");
+                    assert_eq!(
+                        tx.get_committed("tickets", "t1")?.and_then(|r| r.get("title").cloned()),
+                        Some(Value::from("first"))
+                    );
+                    assert_eq!(tx.get_committed("tickets", "t2")?, None);
+                    match ops.iter().find(|op| matches!(op, CrudOp::Patch { .. })) {
+                        Some(op) => Err(QueueError::Refused {
+                            reason: format!("no renames: {}/{}", op.table(), op.id()),
+                        }),
+                        None => Ok(()),
+                    }
+                },
+            )
+            .expect_err("refused");
+        assert_eq!(err.to_string(), "no renames: tickets/t1", "{backend}");
+        assert_eq!(err.kind(), ErrorKind::Permanent);
+        // Nothing of the refused transaction was written.
+        assert_eq!(db.get("tickets", "t2").expect("get"), None, "{backend}");
+        assert_eq!(
+            db.get("tickets", "t1")
+                .expect("get")
+                .and_then(|r| r.get("title").cloned()),
+            Some(Value::from("first"))
+        );
+        assert_eq!(db.pending_len().expect("pending"), queued, "{backend}");
+        // A transaction the check accepts commits as usual.
+        db.write_checked(|tx| tx.insert("tickets", "t3", title("third")), |_tx| Ok(()))
+            .expect("accepted");
+        assert!(db.get("tickets", "t3").expect("get").is_some(), "{backend}");
+    });
+}

@@ -9,20 +9,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use ferry_core::{HlcTimestamp, RowData, Schema, Table};
-use ferry_protocol::{BucketChecksum, OpKind, OplogEntry, Outcome};
+use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 
 use crate::error::Result;
 
-/// A row as the source database holds it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredRow {
-    /// The values (every schema column), `None` for a tombstone.
-    pub data: Option<RowData>,
-    /// The last-write-wins clock of each column.
-    pub clocks: BTreeMap<String, HlcTimestamp>,
-    /// The delete's clock when the row is a tombstone.
-    pub deleted: Option<HlcTimestamp>,
-}
+/// A row as the source database holds it: its values (every schema
+/// column, `None` for a tombstone), the last-write-wins clock of each
+/// column, and the delete's clock for a tombstone. The same type the
+/// conflict strategies see.
+pub type StoredRow = ferry_conflict::CurrentRow;
 
 /// A client's upload progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +112,26 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
         max_ops: usize,
         max_bytes: usize,
     ) -> Result<Vec<OplogEntry>>;
+    /// The same entries as [`SourceDb::read_ops`], appended to an encoded
+    /// `data` line instead of returned typed. Returns the last op id added
+    /// (`None` when there was none). The default encodes `read_ops`'s
+    /// entries; a database that keeps rows as JSON text copies them as
+    /// they are.
+    fn read_ops_into(
+        &self,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+        line: &mut DataLineWriter,
+    ) -> Result<Option<u64>> {
+        let ops = self.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
+        for e in &ops {
+            line.push_entry(e);
+        }
+        Ok(ops.last().map(|e| e.op_id))
+    }
     /// Every bucket with entries.
     fn bucket_names(&self) -> Result<Vec<String>>;
     /// The number of op log entries (all buckets).

@@ -31,7 +31,10 @@ pub mod sqlite;
 
 pub use auth::{mint_token, mint_token_at, AuthUser, Authenticator};
 pub use config::{ServerConfig, DEV_JWT_SECRET};
-pub use conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution};
+pub use conflict::{
+    Audited, ConflictInput, ConflictStrategy, Crdt, CurrentRow, Decision, DomainRules, LastWriteWins, Manual,
+    PerColumn, Resolution, RowLastWriteWins, Rule, SideWrite,
+};
 pub use db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredRow};
 pub use error::{Result, ServiceError};
 pub use rules::{SyncRules, TICKET_TRACKER_RULES};

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use ferry_conflict::TableStrategy;
 use ferry_core::{RowData, Schema, Table, Value};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,12 @@ pub struct RulesFile {
     /// Bucket definitions.
     #[serde(default)]
     pub buckets: Vec<BucketDef>,
+    /// Conflict strategies per table (`[[strategies]] table = "tickets"
+    /// kind = "domain" ...`; kinds in `ferry_conflict::StrategyConfig`).
+    /// Tables without one use the service's default; a strategy set with
+    /// `SyncServiceBuilder::strategy` overrides the file's.
+    #[serde(default)]
+    pub strategies: Vec<TableStrategy>,
 }
 
 /// One bucket definition.
@@ -65,6 +72,7 @@ pub struct SyncRules {
     buckets: Vec<BucketDef>,
     /// For each table, the (bucket index, data index) pairs that use it.
     by_table: BTreeMap<String, Vec<(usize, usize)>>,
+    strategies: Vec<TableStrategy>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -138,11 +146,30 @@ impl SyncRules {
                 by_table.entry(d.table.clone()).or_default().push((bi, di));
             }
         }
+        let mut configured = BTreeSet::new();
+        for st in &file.strategies {
+            let table = schema
+                .table(&st.table)
+                .map_err(|_| ServiceError::Config(format!("strategy names unknown table {:?}", st.table)))?;
+            if !configured.insert(st.table.clone()) {
+                return bad(format!("table {:?} has more than one strategy", st.table));
+            }
+            let columns: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+            st.check_columns(&columns)
+                .and_then(|()| st.build().map(drop))
+                .map_err(|e| ServiceError::Config(e.to_string()))?;
+        }
         Ok(SyncRules {
             schema,
             buckets: file.buckets,
             by_table,
+            strategies: file.strategies,
         })
+    }
+
+    /// The configured conflict strategies, per table.
+    pub fn strategies(&self) -> &[TableStrategy] {
+        &self.strategies
     }
 
     /// The server schema.

@@ -7,19 +7,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferry_core::{
-    row_size_bytes, Clock, CrudEntry, CrudOp, HlcTimestamp, HybridClock, Limits, RowData, SystemClock, Value,
+    row_size_bytes, Clock, CrudEntry, CrudOp, HlcTimestamp, HybridClock, Limits, RowData, SystemClock, Table, Value,
 };
 use ferry_protocol::{
-    Checkpoint, CheckpointDiff, DataBatch, ErrorCode, OpKind, OpOutcome, Outcome, ServerError, StreamLine,
-    StreamRequest, UploadRequest, UploadResponse,
+    Checkpoint, CheckpointDiff, DataBatch, DataLineWriter, ErrorCode, OpKind, OpOutcome, Outcome, ServerError,
+    StreamLine, StreamRequest, UploadRequest, UploadResponse,
 };
-use ferry_transport::{ServerLines, SyncHandler};
+use ferry_transport::{ServerLine, ServerLineStream, ServerLines, SyncHandler};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::auth::{AuthUser, Authenticator};
-use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution};
-use crate::db::{CheckpointState, NewOp, SourceDb, SourceTx};
+use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution, SideWrite};
+use crate::db::{CheckpointState, NewOp, SourceDb, SourceTx, StoredRow};
 use crate::error::{Result, ServiceError};
 use crate::rules::SyncRules;
 
@@ -142,9 +142,16 @@ impl SyncServiceBuilder {
         self
     }
 
-    /// Create the schema's tables and build the service.
-    pub fn build(self) -> Result<SyncService> {
+    /// Create the schema's tables and build the service. Strategies of
+    /// the sync rules' `[[strategies]]` apply to tables given none here.
+    pub fn build(mut self) -> Result<SyncService> {
         self.db.migrate(self.rules.schema())?;
+        for st in self.rules.strategies() {
+            if !self.strategies.contains_key(&st.table) {
+                let s = st.build().map_err(|e| ServiceError::Config(e.to_string()))?;
+                self.strategies.insert(st.table.clone(), s);
+            }
+        }
         let hlc = HybridClock::new(self.clock.clone(), "server", self.options.max_clock_skew_ms);
         let streams = Arc::new(Semaphore::new(self.options.max_concurrent_streams));
         Ok(SyncService {
@@ -240,8 +247,42 @@ impl SyncService {
         result
     }
 
-    /// Open a stream for an authenticated user.
+    /// Import rows as the server itself (bulk loading, migrations): every
+    /// op goes through the upload path (validation, conflict strategy, row
+    /// write, bucket placement, op log and bucket state) in ONE database
+    /// transaction, with server clocks and no client (no outcomes, no write
+    /// checkpoint). Any rejected op rolls the whole import back. Returns the
+    /// number of ops applied.
+    pub async fn import(&self, ops: Vec<CrudOp>) -> Result<usize> {
+        let limit = self.inner.options.max_upload_ops;
+        if ops.len() > limit {
+            return Err(ServiceError::TooLarge(format!(
+                "import of {} ops exceeds the limit of {limit} ops",
+                ops.len()
+            )));
+        }
+        let inner = self.inner.clone();
+        let n = ops.len();
+        let result = tokio::task::spawn_blocking(move || inner.process_import(ops))
+            .await
+            .map_err(join_error)?;
+        self.inner.commits.send_modify(|c| *c = c.wrapping_add(1));
+        result.map(|()| n)
+    }
+
+    /// Open a stream for an authenticated user, typed.
     pub fn open_stream(&self, user: AuthUser, request: StreamRequest) -> Result<ServerLines> {
+        self.open_stream_as(user, request)
+    }
+
+    /// Open a stream for an authenticated user, with `data` lines encoded
+    /// straight from the stored rows (what transports use: no typed rows
+    /// are built).
+    pub fn open_stream_lines(&self, user: AuthUser, request: StreamRequest) -> Result<ServerLineStream> {
+        self.open_stream_as(user, request)
+    }
+
+    fn open_stream_as<L: StreamOut>(&self, user: AuthUser, request: StreamRequest) -> Result<mpsc::Receiver<L>> {
         let inner = &self.inner;
         if *inner.shutdown.borrow() {
             return Err(ServiceError::ShuttingDown);
@@ -272,7 +313,7 @@ impl SyncService {
             let client_id = request.client_id;
             if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx).await {
                 tracing::warn!(client_id, error = %e, "stream failed");
-                let _ = tx.send(StreamLine::Error(e.to_server_error())).await;
+                let _ = tx.send(StreamLine::Error(e.to_server_error()).into()).await;
             }
         });
         Ok(rx)
@@ -382,7 +423,7 @@ impl Inner {
                         });
                         continue;
                     }
-                    let outcome = self.apply_op(stx, client_id, entry)?;
+                    let outcome = self.apply_op(stx, client_id, user_id, entry)?;
                     stx.record_outcome(client_id, entry.seq, &outcome)?;
                     last_seq = Some(entry.seq);
                     tx_outcomes.push(OpOutcome {
@@ -412,6 +453,32 @@ impl Inner {
         })
     }
 
+    fn process_import(&self, ops: Vec<CrudOp>) -> Result<()> {
+        let entries: Vec<CrudEntry> = ops
+            .into_iter()
+            .map(|op| CrudEntry {
+                seq: 0,
+                tx_id: 0,
+                op,
+                previous: None,
+                metadata: None,
+                hlc: None,
+            })
+            .collect();
+        self.db.write(&mut |stx| {
+            for entry in &entries {
+                if let Outcome::Rejected { reason } = self.apply_op(stx, "", "", entry)? {
+                    return Err(ServiceError::BadRequest(format!(
+                        "import of {}/{} rejected: {reason}",
+                        entry.op.table(),
+                        entry.op.id()
+                    )));
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// The op's clock: the client's HLC clamped to server time + max skew,
     /// or a server timestamp when the client sent none.
     fn op_clock(&self, entry: &CrudEntry) -> HlcTimestamp {
@@ -430,7 +497,7 @@ impl Inner {
         }
     }
 
-    fn apply_op(&self, stx: &mut dyn SourceTx, _client_id: &str, entry: &CrudEntry) -> Result<Outcome> {
+    fn apply_op(&self, stx: &mut dyn SourceTx, client_id: &str, user_id: &str, entry: &CrudEntry) -> Result<Outcome> {
         let rejected = |reason: String| Ok(Outcome::Rejected { reason });
         let table = match self.rules.schema().table(entry.op.table()) {
             Ok(t) => t,
@@ -477,46 +544,120 @@ impl Inner {
         let hlc = self.op_clock(entry);
         let current = stx.read_row(table, id)?;
         let strategy = self.strategies.get(&table.name).unwrap_or(&self.default_strategy);
-        let resolution = strategy.resolve(&ConflictInput {
+        let decision = strategy.resolve(&ConflictInput {
             table,
             id,
             op: &op,
             hlc: &hlc,
+            base: entry.previous.as_ref(),
+            client_id,
+            user_id,
+            seq: entry.seq,
+            now_ms: self.clock.now_ms(),
             current: current.as_ref(),
         });
+        // Side writes are validated before anything is written: an invalid
+        // one rejects the op.
+        let mut side = Vec::with_capacity(decision.side_writes.len());
+        for w in &decision.side_writes {
+            match self.check_side_write(w) {
+                Ok(checked) => side.push(checked),
+                Err(reason) => return rejected(reason),
+            }
+        }
         let old_data = current.as_ref().and_then(|c| c.data.as_ref());
-        match resolution {
-            Resolution::Reject { reason } => rejected(reason),
-            Resolution::Keep { row, reason } => Ok(Outcome::Merged { row, reason }),
-            Resolution::Write { row, clocks, lost } => {
-                let size_bytes = row_size_bytes(id, &row);
+        let reason = decision.outcome_reason();
+        let outcome = match &decision.resolution {
+            Resolution::Reject { reason } => Outcome::Rejected { reason: reason.clone() },
+            Resolution::Keep { row, reason: why } => Outcome::Merged {
+                row: row.clone(),
+                reason: reason.unwrap_or_else(|| why.clone()),
+            },
+            Resolution::Write { row, clocks, .. } => {
+                let size_bytes = row_size_bytes(id, row);
                 if size_bytes > limits.max_row_bytes {
                     return rejected(format!(
                         "row {}/{id} would be {size_bytes} bytes, over the limit of {} bytes",
                         table.name, limits.max_row_bytes
                     ));
                 }
-                stx.write_row(table, id, &row, &clocks)?;
-                if old_data != Some(&row) {
-                    self.emit_row(stx, &table.name, id, Some(&row))?;
+                stx.write_row(table, id, row, clocks)?;
+                if old_data != Some(row) {
+                    self.emit_row(stx, &table.name, id, Some(row))?;
                 }
-                if lost.is_empty() {
-                    Ok(Outcome::Applied)
-                } else {
-                    Ok(Outcome::Merged {
-                        reason: format!("newer writes kept for columns {}", lost.join(", ")),
-                        row: Some(row),
-                    })
+                match reason {
+                    Some(reason) => Outcome::Merged {
+                        reason,
+                        row: Some(row.clone()),
+                    },
+                    None => Outcome::Applied,
                 }
             }
             Resolution::Delete { hlc } => {
-                stx.delete_row(table, id, &hlc)?;
+                stx.delete_row(table, id, hlc)?;
                 if old_data.is_some() {
                     self.emit_row(stx, &table.name, id, None)?;
                 }
-                Ok(Outcome::Applied)
+                match reason {
+                    Some(reason) => Outcome::Merged { row: None, reason },
+                    None => Outcome::Applied,
+                }
             }
+        };
+        for (side_table, w) in side {
+            self.apply_side_write(stx, side_table, w, &hlc)?;
         }
+        Ok(match (decision.conflict_id, &outcome) {
+            (_, Outcome::Rejected { .. }) | (None, _) => outcome,
+            (Some(conflict_id), _) => Outcome::NeedsReview { conflict_id },
+        })
+    }
+
+    /// Check a strategy's side write against the schema: its table, id,
+    /// column names and types, and size.
+    fn check_side_write<'w>(&self, w: &'w SideWrite) -> std::result::Result<(&Table, &'w SideWrite), String> {
+        let limits = &self.options.limits;
+        let bad = |e: &dyn std::fmt::Display| format!("side write {}/{}: {e}", w.table, w.id);
+        let table = self.rules.schema().table(&w.table).map_err(|e| bad(&e))?;
+        table.check_id(&w.id, limits).map_err(|e| bad(&e))?;
+        table.check_data(w.data.clone()).map_err(|e| bad(&e))?;
+        let size_bytes = row_size_bytes(&w.id, &w.data);
+        if size_bytes > limits.max_row_bytes {
+            return Err(bad(&format!(
+                "{size_bytes} bytes, over the limit of {} bytes",
+                limits.max_row_bytes
+            )));
+        }
+        Ok((table, w))
+    }
+
+    /// Apply a checked side write: its columns over the stored row (a new
+    /// row has the others NULL), column clocks the later of the stored one
+    /// and the op's, then bucket placement and the op log as for any write.
+    fn apply_side_write(&self, stx: &mut dyn SourceTx, table: &Table, w: &SideWrite, hlc: &HlcTimestamp) -> Result<()> {
+        let current = stx.read_row(table, &w.id)?;
+        let (old, mut clocks) = match current {
+            Some(StoredRow {
+                data: Some(d), clocks, ..
+            }) => (Some(d), clocks),
+            _ => (None, BTreeMap::new()),
+        };
+        let mut row = old
+            .clone()
+            .unwrap_or_else(|| table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect());
+        for (k, v) in &w.data {
+            row.insert(k.clone(), v.clone());
+            let later = match clocks.get(k) {
+                Some(c) if c > hlc => c.clone(),
+                _ => hlc.clone(),
+            };
+            clocks.insert(k.clone(), later);
+        }
+        stx.write_row(table, &w.id, &row, &clocks)?;
+        if old.as_ref() != Some(&row) {
+            self.emit_row(stx, &table.name, &w.id, Some(&row))?;
+        }
+        Ok(())
     }
 
     /// Append the row's change to the op log: PUT in every bucket it is in
@@ -551,13 +692,13 @@ impl Inner {
 
 /// Runs one stream until the client leaves, the token expires or the
 /// server shuts down.
-async fn run_stream(
+async fn run_stream<L: StreamOut>(
     inner: &Arc<Inner>,
     user: &AuthUser,
     client_id: &str,
     buckets: Vec<String>,
     mut positions: BTreeMap<String, u64>,
-    tx: &mpsc::Sender<StreamLine>,
+    tx: &mpsc::Sender<L>,
 ) -> Result<()> {
     let mut commits = inner.commits.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
@@ -583,7 +724,7 @@ async fn run_stream(
                         write_checkpoint: cp.write_checkpoint,
                         buckets: cp.buckets.clone(),
                     });
-                    if tx.send(line).await.is_err() {
+                    if tx.send(line.into()).await.is_err() {
                         return Ok(());
                     }
                     cp.buckets.iter().map(|b| b.bucket.clone()).collect()
@@ -601,7 +742,7 @@ async fn run_stream(
                         updated_buckets: updated.clone(),
                         removed_buckets: Vec::new(),
                     });
-                    if tx.send(line).await.is_err() {
+                    if tx.send(line.into()).await.is_err() {
                         return Ok(());
                     }
                     updated.into_iter().map(|b| b.bucket).collect()
@@ -621,9 +762,12 @@ async fn run_stream(
                 *p = (*p).max(cp.last_op_id);
             }
             if tx
-                .send(StreamLine::CheckpointComplete {
-                    last_op_id: cp.last_op_id,
-                })
+                .send(
+                    StreamLine::CheckpointComplete {
+                        last_op_id: cp.last_op_id,
+                    }
+                    .into(),
+                )
                 .await
                 .is_err()
             {
@@ -645,19 +789,19 @@ async fn run_stream(
                     let _ = tx.send(StreamLine::Error(ServerError {
                         code: ErrorCode::ShuttingDown,
                         message: "server is shutting down".into(),
-                    })).await;
+                    }).into()).await;
                     return Ok(());
                 }
                 () = &mut expiry => {
                     let _ = tx.send(StreamLine::Error(ServerError {
                         code: ErrorCode::Unauthorized,
                         message: format!("token expired at {}", user.exp_s),
-                    })).await;
+                    }).into()).await;
                     return Ok(());
                 }
                 _ = keepalive.tick() => {
                     let token_expires_in_s = user.exp_s.saturating_sub(inner.clock.now_ms() / 1000);
-                    if tx.send(StreamLine::Keepalive { token_expires_in_s }).await.is_err() {
+                    if tx.send(StreamLine::Keepalive { token_expires_in_s }.into()).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -666,14 +810,74 @@ async fn run_stream(
     }
 }
 
+/// A stream's line type: typed lines ([`StreamLine`], for
+/// [`SyncService::open_stream`]) or lines for transports ([`ServerLine`],
+/// whose `data` lines are encoded straight from the stored rows).
+trait StreamOut: From<StreamLine> + Send + 'static {
+    /// The next `data` line of `bucket` after `after_op_id` through
+    /// `up_to_op_id`: the line, its entry count and its last op id; `None`
+    /// when there is no entry.
+    fn read_data(
+        db: &dyn SourceDb,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Option<(Self, usize, u64)>>;
+}
+
+impl StreamOut for StreamLine {
+    fn read_data(
+        db: &dyn SourceDb,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Option<(Self, usize, u64)>> {
+        let ops = db.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
+        let Some(last) = ops.last().map(|o| o.op_id) else {
+            return Ok(None);
+        };
+        let n = ops.len();
+        let line = StreamLine::Data(DataBatch {
+            bucket: bucket.to_owned(),
+            ops,
+        });
+        Ok(Some((line, n, last)))
+    }
+}
+
+/// Bytes reserved up front for an encoded `data` line.
+const ENCODED_LINE_RESERVE_BYTES: usize = 1024 * 1024;
+
+impl StreamOut for ServerLine {
+    fn read_data(
+        db: &dyn SourceDb,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Option<(Self, usize, u64)>> {
+        let mut line = DataLineWriter::new(bucket, ENCODED_LINE_RESERVE_BYTES.min(max_bytes.saturating_add(4096)));
+        let Some(last) = db.read_ops_into(bucket, after_op_id, up_to_op_id, max_ops, max_bytes, &mut line)? else {
+            return Ok(None);
+        };
+        let n = line.ops();
+        Ok(Some((ServerLine::Encoded(line.finish()), n, last)))
+    }
+}
+
 /// Sends the entries of each `(bucket, after_op_id)` up to `last_op_id`
 /// from a blocking thread, in bounded lines. Returns false when the client
 /// left (or the server is shutting down).
-async fn send_data(
+async fn send_data<L: StreamOut>(
     inner: &Arc<Inner>,
     work: Vec<(String, u64)>,
     last_op_id: u64,
-    tx: &mpsc::Sender<StreamLine>,
+    tx: &mpsc::Sender<L>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<bool> {
     if work.is_empty() {
@@ -692,14 +896,12 @@ async fn send_data(
                 if *shutdown.borrow() {
                     return Ok(false);
                 }
-                let ops = db.read_ops(&bucket, pos, last_op_id, max_ops, max_bytes)?;
-                let Some(last) = ops.last() else { break };
-                pos = last.op_id;
-                let full = ops.len() >= max_ops;
-                let line = StreamLine::Data(DataBatch {
-                    bucket: bucket.clone(),
-                    ops,
-                });
+                let Some((line, n, last)) = L::read_data(db.as_ref(), &bucket, pos, last_op_id, max_ops, max_bytes)?
+                else {
+                    break;
+                };
+                pos = last;
+                let full = n >= max_ops;
                 if tx.blocking_send(line).is_err() {
                     return Ok(false);
                 }
@@ -719,6 +921,11 @@ impl SyncHandler for SyncService {
     async fn stream(&self, token: &str, request: StreamRequest) -> Result<ServerLines, ServerError> {
         let user = self.authenticate(token)?;
         Ok(self.open_stream(user, request)?)
+    }
+
+    async fn stream_lines(&self, token: &str, request: StreamRequest) -> Result<ServerLineStream, ServerError> {
+        let user = self.authenticate(token)?;
+        Ok(self.open_stream_lines(user, request)?)
     }
 
     async fn upload(&self, token: &str, request: UploadRequest) -> Result<UploadResponse, ServerError> {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ferry_core::{HlcTimestamp, RowData, Schema, Table, Value};
-use ferry_protocol::{op_checksum, BucketChecksum, OpKind, OplogEntry, Outcome};
+use ferry_protocol::{op_checksum, BucketChecksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 use parking_lot::Mutex;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
@@ -459,11 +459,75 @@ fn read_ops_in(
     Ok(out)
 }
 
+fn opt_text<'a>(v: ValueRef<'a>, what: &str) -> Result<Option<&'a str>> {
+    match v {
+        ValueRef::Text(t) => Ok(Some(std::str::from_utf8(t).map_err(|e| corrupt(what, e))?)),
+        ValueRef::Null => Ok(None),
+        _ => Err(corrupt(what, "not text")),
+    }
+}
+
+/// [`read_ops_in`] appending to an encoded line: the stored row JSON (what
+/// `serde_json` wrote for the row) is copied, never parsed.
+fn read_ops_into_in(
+    conn: &Connection,
+    bucket: &str,
+    after_op_id: u64,
+    up_to_op_id: u64,
+    max_ops: usize,
+    max_bytes: usize,
+    line: &mut DataLineWriter,
+) -> Result<Option<u64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT op_id, op, tbl, row_id, data, checksum FROM ferry_oplog
+         WHERE bucket = ?1 AND op_id > ?2 AND op_id <= ?3 ORDER BY op_id LIMIT ?4",
+    )?;
+    let limit = i64::try_from(max_ops).unwrap_or(i64::MAX);
+    let mut rows = stmt.query(params![
+        bucket,
+        after_op_id as i64,
+        i64::try_from(up_to_op_id).unwrap_or(i64::MAX),
+        limit
+    ])?;
+    let mut last = None;
+    let mut bytes = 0usize;
+    while let Some(r) = rows.next()? {
+        let op = match opt_text(r.get_ref(1)?, "op")? {
+            Some(t) => parse_op(t)?,
+            None => return Err(corrupt("op", "null")),
+        };
+        let data = match r.get_ref(4)? {
+            ValueRef::Text(t) => {
+                bytes += t.len();
+                Some(t)
+            }
+            _ => None,
+        };
+        let op_id = r.get::<_, i64>(0)? as u64;
+        line.push_raw(
+            op_id,
+            op,
+            opt_text(r.get_ref(2)?, "table")?,
+            opt_text(r.get_ref(3)?, "row id")?,
+            data,
+            r.get::<_, i64>(5)? as u32,
+        );
+        last = Some(op_id);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(last)
+}
+
 impl SourceDb for SqliteSourceDb {
     fn migrate(&self, schema: &Schema) -> Result<()> {
         let conn = self.writer.lock();
         for t in schema.tables() {
-            if t.name.starts_with("ferry_") || t.name.starts_with("sqlite_") {
+            // `ferry_conflicts` is the one synced table with the prefix
+            // (manual conflict records); no internal table uses that name.
+            let reserved = t.name.starts_with("ferry_") && t.name != ferry_conflict::CONFLICTS_TABLE;
+            if reserved || t.name.starts_with("sqlite_") {
                 return Err(ServiceError::Config(format!("table name {:?} is reserved", t.name)));
             }
             let sql_type = |ty: ferry_core::ColumnType| match ty {
@@ -557,6 +621,18 @@ impl SourceDb for SqliteSourceDb {
         max_bytes: usize,
     ) -> Result<Vec<OplogEntry>> {
         self.with_reader(|conn| read_ops_in(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes))
+    }
+
+    fn read_ops_into(
+        &self,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+        line: &mut DataLineWriter,
+    ) -> Result<Option<u64>> {
+        self.with_reader(|conn| read_ops_into_in(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes, line))
     }
 
     fn bucket_names(&self) -> Result<Vec<String>> {

@@ -472,9 +472,39 @@ fn sync_indexes(conn: &Connection, schema: &Schema) -> StoreResult<()> {
 
 /// The statements of one `apply`, prepared on first use and kept for the
 /// whole batch so the per-op cost is binding and stepping only.
-struct Writer<'c> {
+/// Rows per multi-row INSERT: runs of synced rows (of tables without
+/// indexes) and of bucket entries, the bulk of a large download, go in
+/// statements of this many rows, which halves the per-statement work.
+const INSERT_CHUNK_ROWS: usize = 64;
+
+/// Batches with at least this many ops are freed on a helper thread after
+/// their commit: freeing a million rows takes a noticeable fraction of a
+/// second that the caller need not wait for.
+const BACKGROUND_DROP_MIN_OPS: usize = 100_000;
+
+fn drop_in_background(batch: WriteBatch) {
+    if batch.len() < BACKGROUND_DROP_MIN_OPS {
+        return;
+    }
+    // When no thread can be started the batch comes back in the error and
+    // is dropped here, as it would have been anyway.
+    let _ = std::thread::Builder::new()
+        .name("ferry-sqlite-free".into())
+        .spawn(move || drop(batch));
+}
+
+fn multi_insert_sql(head: &str, params_per_row: usize) -> String {
+    let row = format!("({})", vec!["?"; params_per_row].join(", "));
+    format!("{head} VALUES {}", vec![row; INSERT_CHUNK_ROWS].join(", "))
+}
+
+struct Writer<'c, 'b> {
     conn: &'c Connection,
     stmts: [Option<CachedStatement<'c>>; W_COUNT],
+    /// Synced rows to insert, in batch order: (table, id, encoded row).
+    rows: Vec<(&'b str, &'b str, Vec<u8>)>,
+    /// Bucket entries to insert, in batch order.
+    entries: Vec<(&'b str, &'b BucketEntry, i64)>,
 }
 
 const W_GET_ROW: usize = 0;
@@ -518,12 +548,87 @@ const WRITER_SQL: [&str; W_COUNT] = [
     SQL_DELETE_META,
 ];
 
-impl<'c> Writer<'c> {
+impl<'c, 'b> Writer<'c, 'b> {
     fn new(conn: &'c Connection) -> Self {
         Writer {
             conn,
             stmts: Default::default(),
+            rows: Vec::new(),
+            entries: Vec::new(),
         }
+    }
+
+    /// Write the buffered rows and bucket entries. Buffered writes of the
+    /// two tables do not interact, and every other op flushes first, so
+    /// the batch's order is kept.
+    fn flush(&mut self) -> StoreResult<()> {
+        self.flush_rows()?;
+        self.flush_entries()
+    }
+
+    fn flush_rows(&mut self) -> StoreResult<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.rows);
+        let mut chunks = rows.chunks_exact(INSERT_CHUNK_ROWS);
+        if chunks.len() > 0 {
+            let sql = multi_insert_sql("INSERT OR REPLACE INTO ferry_rows (tbl, id, data)", 3);
+            let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
+            for chunk in chunks.by_ref() {
+                let params = chunk.iter().flat_map(|(t, i, d)| {
+                    [
+                        t as &dyn rusqlite::ToSql,
+                        i as &dyn rusqlite::ToSql,
+                        d as &dyn rusqlite::ToSql,
+                    ]
+                });
+                stmt.execute(rusqlite::params_from_iter(params)).map_err(sql_err)?;
+            }
+        }
+        for (table, id, bytes) in chunks.remainder() {
+            self.stmt(W_PUT_ROW)?
+                .execute(params![table, id, bytes])
+                .map_err(sql_err)?;
+        }
+        self.rows = rows;
+        self.rows.clear();
+        Ok(())
+    }
+
+    fn flush_entries(&mut self) -> StoreResult<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let entries = std::mem::take(&mut self.entries);
+        let mut chunks = entries.chunks_exact(INSERT_CHUNK_ROWS);
+        if chunks.len() > 0 {
+            let sql = multi_insert_sql(
+                "INSERT OR REPLACE INTO ferry_bucket_entries (bucket, tbl, row_id, op_id, checksum)",
+                5,
+            );
+            let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
+            for chunk in chunks.by_ref() {
+                let params = chunk.iter().flat_map(|(b, e, op_id)| {
+                    [
+                        b as &dyn rusqlite::ToSql,
+                        &e.table as &dyn rusqlite::ToSql,
+                        &e.row_id as &dyn rusqlite::ToSql,
+                        op_id as &dyn rusqlite::ToSql,
+                        &e.checksum as &dyn rusqlite::ToSql,
+                    ]
+                });
+                stmt.execute(rusqlite::params_from_iter(params)).map_err(sql_err)?;
+            }
+        }
+        for (bucket, entry, op_id) in chunks.remainder() {
+            self.stmt(W_PUT_BUCKET_ENTRY)?
+                .execute(params![bucket, entry.table, entry.row_id, op_id, entry.checksum])
+                .map_err(sql_err)?;
+        }
+        self.entries = entries;
+        self.entries.clear();
+        Ok(())
     }
 
     fn stmt(&mut self, which: usize) -> StoreResult<&mut CachedStatement<'c>> {
@@ -596,7 +701,25 @@ impl<'c> Writer<'c> {
         Ok(())
     }
 
-    fn op(&mut self, schema: &Schema, op: &BatchOp) -> StoreResult<()> {
+    fn op(&mut self, schema: &Schema, op: &'b BatchOp) -> StoreResult<()> {
+        match op {
+            BatchOp::PutSynced { table, id, data } if table_def(schema, table)?.indexes.is_empty() => {
+                self.rows.push((table, id, codec::encode_row(data)));
+                if self.rows.len() >= INSERT_CHUNK_ROWS * 16 {
+                    self.flush_rows()?;
+                }
+                return Ok(());
+            }
+            BatchOp::PutBucketEntry { bucket, entry } => {
+                let op_id = ordered_key("bucket entry op id", entry.op_id)?;
+                self.entries.push((bucket, entry, op_id));
+                if self.entries.len() >= INSERT_CHUNK_ROWS * 16 {
+                    self.flush_entries()?;
+                }
+                return Ok(());
+            }
+            _ => self.flush()?,
+        }
         match op {
             BatchOp::PutSynced { table, id, data } => self.put_synced(schema, table, id, data)?,
             BatchOp::DeleteSynced { table, id } => self.delete_synced(schema, table, id)?,
@@ -754,8 +877,11 @@ impl Store for SqliteStore {
             for op in &batch.ops {
                 writer.op(&self.schema, op)?;
             }
+            writer.flush()?;
         }
-        tx.commit().map_err(sql_err)
+        tx.commit().map_err(sql_err)?;
+        drop_in_background(batch);
+        Ok(())
     }
 
     fn get_synced(&self, table: &str, id: &str) -> StoreResult<Option<RowData>> {

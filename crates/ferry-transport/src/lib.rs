@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ferry_core::ErrorKind;
-use ferry_protocol::{ErrorCode, ServerError, StreamLine, StreamRequest, UploadRequest, UploadResponse};
+use ferry_protocol::{encode_line, ErrorCode, ServerError, StreamLine, StreamRequest, UploadRequest, UploadResponse};
 use thiserror::Error;
 
 mod backoff;
@@ -102,6 +102,65 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 /// server the client went away.
 pub type ServerLines = tokio::sync::mpsc::Receiver<StreamLine>;
 
+/// One download stream line as a server hands it to a transport: typed,
+/// or already encoded by the server (typically `data` lines, which a
+/// server can assemble from stored JSON without building typed rows).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ServerLine {
+    /// A typed line: the transport encodes it with
+    /// `ferry_protocol::encode_line`.
+    Line(StreamLine),
+    /// Exactly the bytes `ferry_protocol::encode_line` would produce for
+    /// one [`StreamLine`]: one JSON object and its trailing newline. The
+    /// transport passes them on unchanged.
+    Encoded(Vec<u8>),
+}
+
+impl ServerLine {
+    /// The line's bytes, newline included.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            ServerLine::Line(line) => encode_line(&line),
+            ServerLine::Encoded(bytes) => bytes,
+        }
+    }
+}
+
+impl From<StreamLine> for ServerLine {
+    fn from(line: StreamLine) -> Self {
+        ServerLine::Line(line)
+    }
+}
+
+/// The lines of one stream as transports take them (see
+/// [`SyncHandler::stream_lines`]); dropping the receiver tells the server
+/// the client went away.
+pub type ServerLineStream = tokio::sync::mpsc::Receiver<ServerLine>;
+
+/// Lines forwarded from a typed stream to a [`ServerLineStream`] at once.
+const FORWARD_BUFFER_LINES: usize = 8;
+
+/// Forward a typed stream's lines as [`ServerLine::Line`]s. The forwarder
+/// ends (dropping `typed`, which the server observes) as soon as the
+/// returned receiver is dropped, even while the server sends nothing.
+pub fn forward_typed(mut typed: ServerLines) -> ServerLineStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(FORWARD_BUFFER_LINES);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                line = typed.recv() => {
+                    let Some(line) = line else { return };
+                    if tx.send(ServerLine::Line(line)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// The server's side, in typed messages.
 #[async_trait]
 pub trait SyncHandler: Send + Sync {
@@ -109,6 +168,15 @@ pub trait SyncHandler: Send + Sync {
     /// server ends the stream (dropping its sender, possibly after an
     /// `error` line) or the client drops the receiver.
     async fn stream(&self, token: &str, request: StreamRequest) -> Result<ServerLines, ServerError>;
+
+    /// The same stream as [`SyncHandler::stream`], with lines the server
+    /// may have encoded already: what transports call. The lines decode
+    /// to exactly what `stream` would send. The default forwards `stream`'s
+    /// typed lines ([`forward_typed`]); a server that can produce encoded
+    /// lines more cheaply overrides it.
+    async fn stream_lines(&self, token: &str, request: StreamRequest) -> Result<ServerLineStream, ServerError> {
+        Ok(forward_typed(self.stream(token, request).await?))
+    }
 
     /// Process an upload for the bearer `token`.
     async fn upload(&self, token: &str, request: UploadRequest) -> Result<UploadResponse, ServerError>;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ferry_protocol::{decode_line, encode_line, StreamRequest, UploadRequest, DEFAULT_MAX_LINE_BYTES};
 
-use crate::{LineStream, ServerLines, SyncHandler, Transport, TransportError};
+use crate::{LineStream, ServerLineStream, SyncHandler, Transport, TransportError};
 
 /// Connects a client to a handler in-process.
 #[derive(Clone)]
@@ -33,14 +33,14 @@ impl MemoryTransport {
 }
 
 struct MemoryLines {
-    rx: ServerLines,
+    rx: ServerLineStream,
 }
 
 #[async_trait]
 impl LineStream for MemoryLines {
     async fn next_line(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
         Ok(self.rx.recv().await.map(|line| {
-            let mut bytes = encode_line(&line);
+            let mut bytes = line.into_bytes();
             bytes.pop(); // the newline: lines are handed out without it
             bytes
         }))
@@ -54,7 +54,7 @@ impl Transport for MemoryTransport {
             decode_line(&request, self.max_message_bytes).map_err(|e| TransportError::Refused(e.to_string()))?;
         let rx = self
             .handler
-            .stream(token, request)
+            .stream_lines(token, request)
             .await
             .map_err(|e| TransportError::from_server(&e))?;
         Ok(Box::new(MemoryLines { rx }))

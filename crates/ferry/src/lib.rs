@@ -47,10 +47,10 @@ pub use ferry_query as query;
 pub use ferry_server as server;
 #[cfg(feature = "sled")]
 pub use ferry_sled::{self as sled, SledStore};
-#[cfg(any(feature = "client", feature = "server", feature = "http"))]
-pub use ferry_transport as transport;
 #[cfg(feature = "sqlite")]
 pub use ferry_sqlite::{self as sqlite, SqliteStore};
+#[cfg(any(feature = "client", feature = "server", feature = "http"))]
+pub use ferry_transport as transport;
 
 /// The names most apps use.
 pub mod prelude {

@@ -1,0 +1,645 @@
+//! The ticket tracker shared by Ferry's example apps (one per conflict
+//! strategy, in `examples/`): its client schema and server rules, an
+//! embedded sync server started in-process on a temporary directory with
+//! the chosen strategy, two clients — `alice`, who stays online, and
+//! `bob`, who goes offline — and helpers that print what each client sees
+//! and what the server did with each upload.
+//!
+//! Every example plays the same story from the blog post on offline-first
+//! conflicts: a value starts as A; bob goes offline; alice (online) sets B;
+//! bob (offline) sets C; bob reconnects. What happens next depends on the
+//! strategy; the scenario functions in [`scenarios`] return the [`Demo`]
+//! so the tests can check both clients.
+//!
+//! Going offline is [`Database::disconnect`]: no download stream is
+//! connected, so `status().connected` is false (the client's definition of
+//! offline, which [`ferry_client::OfflinePolicy`] uses). Writes keep
+//! working and queue up; [`Client::go_online`] connects again.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_client::{ClientError, ClientOptions, Database, Resolution, StaticToken, UploadOutcome};
+pub use ferry_protocol::Outcome;
+
+use ferry_core::{row_data, Clock, ColumnType, CoreError, RowData, Schema, SystemClock, Table, Value};
+use ferry_queue::{LocalDbOptions, QueueError, WriteTx};
+use ferry_server::{mint_token, ServiceError, SqliteSourceDb, SyncRules, SyncService, SyncServiceBuilder};
+use ferry_sqlite::SqliteStore;
+use ferry_transport::{MemoryTransport, Transport};
+use parking_lot::Mutex;
+use thiserror::Error;
+use tokio::task::JoinHandle;
+
+pub mod scenarios;
+
+/// Errors of the example apps.
+#[derive(Debug, Error)]
+pub enum ExampleError {
+    /// A client call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A local write failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The embedded server failed.
+    #[error(transparent)]
+    Server(#[from] ServiceError),
+    /// A schema is invalid.
+    #[error(transparent)]
+    Schema(#[from] CoreError),
+    /// The temporary directory could not be made.
+    #[error("temporary directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// A client did not catch up with the server in time.
+    #[error("{client} did not catch up with the server within {timeout_ms} ms")]
+    Timeout {
+        /// The client's name.
+        client: String,
+        /// How long it was given.
+        timeout_ms: u64,
+    },
+    /// The story did not go as the example expects.
+    #[error("unexpected: {0}")]
+    Unexpected(String),
+}
+
+/// Result of the example helpers.
+pub type Result<T, E = ExampleError> = std::result::Result<T, E>;
+
+/// The JWT secret of the embedded server.
+pub const SECRET: &str = "ferry-examples-secret";
+
+/// The ticket tracker's server schema and sync rules: every table in one
+/// global bucket, so both users see everything (conflict records and the
+/// activity log included).
+pub const RULES: &str = r#"
+[[tables]]
+name = "users"
+columns = [{ name = "name", type = "text" }]
+
+[[tables]]
+name = "tickets"
+columns = [
+  { name = "title", type = "text" },
+  { name = "description", type = "text" },
+  { name = "description_doc", type = "blob" },
+  { name = "status", type = "text" },
+  { name = "deleted_at", type = "text" },
+  { name = "created_at", type = "text" },
+  { name = "updated_at", type = "text" },
+  { name = "version", type = "integer" },
+]
+
+[[tables]]
+name = "assignments"
+columns = [
+  { name = "ticket_id", type = "text" },
+  { name = "user_id", type = "text" },
+  { name = "deleted_at", type = "text" },
+  { name = "created_at", type = "text" },
+]
+
+[[tables]]
+name = "comments"
+columns = [
+  { name = "ticket_id", type = "text" },
+  { name = "user_id", type = "text" },
+  { name = "body", type = "text" },
+  { name = "created_at", type = "text" },
+]
+
+[[tables]]
+name = "attachments"
+columns = [
+  { name = "ticket_id", type = "text" },
+  { name = "url", type = "text" },
+  { name = "created_at", type = "text" },
+]
+
+[[tables]]
+name = "ferry_conflicts"
+columns = [
+  { name = "table_name", type = "text" },
+  { name = "row_id", type = "text" },
+  { name = "field", type = "text" },
+  { name = "local_value", type = "text" },
+  { name = "server_value", type = "text" },
+  { name = "base_value", type = "text" },
+  { name = "user_id", type = "text" },
+  { name = "client_id", type = "text" },
+  { name = "created_at", type = "text" },
+  { name = "status", type = "text" },
+  { name = "resolution", type = "text" },
+]
+
+[[tables]]
+name = "activity"
+columns = [
+  { name = "table_name", type = "text" },
+  { name = "row_id", type = "text" },
+  { name = "user_id", type = "text" },
+  { name = "client_id", type = "text" },
+  { name = "op", type = "text" },
+  { name = "old_value", type = "text" },
+  { name = "new_value", type = "text" },
+  { name = "outcome", type = "text" },
+  { name = "created_at", type = "text" },
+]
+
+[[buckets]]
+name = "global"
+data = [
+  { table = "users" },
+  { table = "tickets" },
+  { table = "assignments" },
+  { table = "comments" },
+  { table = "attachments" },
+  { table = "ferry_conflicts" },
+  { table = "activity" },
+]
+"#;
+
+/// Ticket statuses.
+pub const PENDING: &str = "pending";
+/// Ticket statuses.
+pub const IN_PROGRESS: &str = "in_progress";
+/// Ticket statuses.
+pub const DONE: &str = "done";
+
+/// The client schema: the server's tables plus an index on ticket status.
+pub fn client_schema() -> Result<Schema> {
+    Ok(Schema::new([
+        Table::new("users").column("name", ColumnType::Text),
+        Table::new("tickets")
+            .column("title", ColumnType::Text)
+            .column("description", ColumnType::Text)
+            .column("description_doc", ColumnType::Blob)
+            .column("status", ColumnType::Text)
+            .column("deleted_at", ColumnType::Text)
+            .column("created_at", ColumnType::Text)
+            .column("updated_at", ColumnType::Text)
+            .column("version", ColumnType::Integer)
+            .index("by_status", &["status"])
+            // Previous values travel with each op: the base of a conflict.
+            .track_previous_values(),
+        Table::new("assignments")
+            .column("ticket_id", ColumnType::Text)
+            .column("user_id", ColumnType::Text)
+            .column("deleted_at", ColumnType::Text)
+            .column("created_at", ColumnType::Text)
+            .index("by_ticket", &["ticket_id", "created_at"]),
+        Table::new("comments")
+            .column("ticket_id", ColumnType::Text)
+            .column("user_id", ColumnType::Text)
+            .column("body", ColumnType::Text)
+            .column("created_at", ColumnType::Text),
+        Table::new("attachments")
+            .column("ticket_id", ColumnType::Text)
+            .column("url", ColumnType::Text)
+            .column("created_at", ColumnType::Text),
+        ferry_client::conflicts_table(),
+        Table::new("activity")
+            .column("table_name", ColumnType::Text)
+            .column("row_id", ColumnType::Text)
+            .column("user_id", ColumnType::Text)
+            .column("client_id", ColumnType::Text)
+            .column("op", ColumnType::Text)
+            .column("old_value", ColumnType::Text)
+            .column("new_value", ColumnType::Text)
+            .column("outcome", ColumnType::Text)
+            .column("created_at", ColumnType::Text),
+    ])?)
+}
+
+/// Milliseconds since the epoch, as text (the timestamp columns).
+pub fn now_text() -> String {
+    SystemClock.now_ms().to_string()
+}
+
+/// One user's client: a [`Database`] on SQLite in the demo's directory,
+/// connected in-process to the embedded server.
+pub struct Client {
+    /// The user (`alice`, `bob`).
+    pub name: String,
+    /// The client database.
+    pub db: Database,
+    transport: Arc<dyn Transport>,
+    outcomes: Arc<Mutex<Vec<UploadOutcome>>>,
+    /// What each queued seq changed, for printing outcomes.
+    labels: Mutex<BTreeMap<u64, String>>,
+    collector: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.name)
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.collector.abort();
+    }
+}
+
+/// How long helpers wait for a client to catch up.
+pub const SYNC_TIMEOUT_MS: u64 = 15_000;
+
+impl Client {
+    fn open(name: &str, dir: &std::path::Path, service: &Arc<SyncService>, seed: u64) -> Result<Self> {
+        let path = dir.join(format!("{name}.db"));
+        let store = SqliteStore::open(&path, client_schema()?).map_err(ClientError::from)?;
+        let options = ClientOptions {
+            local: LocalDbOptions {
+                clock: Arc::new(SystemClock),
+                client_id_seed: Some(seed),
+                ..LocalDbOptions::default()
+            },
+            retry_initial_delay_ms: 5,
+            retry_max_delay_ms: 100,
+            upload_poll_interval_ms: 20,
+            ..ClientOptions::default()
+        };
+        let db = Database::open(Arc::new(store), options)?;
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let mut rx = db.subscribe_outcomes();
+        let sink = outcomes.clone();
+        let collector = tokio::spawn(async move {
+            while let Ok(o) = rx.recv().await {
+                sink.lock().push(o);
+            }
+        });
+        let handler: Arc<SyncService> = service.clone();
+        let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new(handler));
+        Ok(Client {
+            name: name.to_owned(),
+            db,
+            transport,
+            outcomes,
+            labels: Mutex::new(BTreeMap::new()),
+            collector,
+        })
+    }
+
+    /// Connect (again) to the embedded server.
+    pub fn go_online(&self) {
+        let token = mint_token(SECRET, &self.name, 3600, &serde_json::Map::new());
+        self.db.connect(self.transport.clone(), Arc::new(StaticToken(token)));
+    }
+
+    /// Disconnect: local reads and writes go on, writes queue up.
+    pub async fn go_offline(&self) {
+        self.db.disconnect().await;
+    }
+
+    /// Whether the client is offline (no download stream).
+    pub fn is_offline(&self) -> bool {
+        self.db.is_offline()
+    }
+
+    /// Write locally, remembering `label` for the ops it queued (printed
+    /// next to their outcomes).
+    pub fn write<R, F>(&self, label: &str, f: F) -> Result<R, QueueError>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, QueueError>,
+    {
+        let before = self.db.local().last_seq();
+        let r = self.db.write(f)?;
+        self.label_since(before, label);
+        Ok(r)
+    }
+
+    fn label_since(&self, before: u64, label: &str) {
+        let after = self.db.local().last_seq();
+        let mut labels = self.labels.lock();
+        for seq in before + 1..=after {
+            labels.insert(seq, label.to_owned());
+        }
+    }
+
+    /// Resolve a conflict (see [`Database::resolve_conflict`]); returns the
+    /// value written.
+    pub fn resolve(&self, conflict_id: &str, resolution: Resolution) -> Result<Value> {
+        let before = self.db.local().last_seq();
+        let value = self.db.resolve_conflict(conflict_id, resolution)?;
+        self.label_since(before, &format!("resolution of {conflict_id}"));
+        Ok(value)
+    }
+
+    /// Set columns of a ticket (and its `updated_at`).
+    pub fn update_ticket(&self, id: &str, changes: RowData) -> Result<(), QueueError> {
+        let label = format!(
+            "tickets/{id} {}",
+            changes.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        self.write(&label, |tx| {
+            let mut changes = changes;
+            changes.insert("updated_at".into(), Value::from(now_text()));
+            tx.update("tickets", id, changes)?;
+            Ok(())
+        })
+    }
+
+    /// Create a ticket.
+    pub fn create_ticket(&self, id: &str, title: &str, extra: RowData) -> Result<(), QueueError> {
+        self.write(&format!("tickets/{id} created"), |tx| {
+            let now = now_text();
+            let mut row = row_data([
+                ("title", Value::from(title)),
+                ("description", Value::from("")),
+                ("status", Value::from(PENDING)),
+                ("created_at", Value::from(now.as_str())),
+                ("updated_at", Value::from(now.as_str())),
+                ("version", Value::from(0)),
+            ]);
+            row.extend(extra);
+            tx.insert("tickets", id, row)
+        })
+    }
+
+    /// Add a comment to a ticket.
+    pub fn comment(&self, id: &str, ticket_id: &str, body: &str) -> Result<(), QueueError> {
+        self.write(&format!("comments/{id} added"), |tx| {
+            tx.insert(
+                "comments",
+                id,
+                row_data([
+                    ("ticket_id", Value::from(ticket_id)),
+                    ("user_id", Value::from(self.name.as_str())),
+                    ("body", Value::from(body)),
+                    ("created_at", Value::from(now_text())),
+                ]),
+            )
+        })
+    }
+
+    /// Assign a user to a ticket.
+    pub fn assign(&self, id: &str, ticket_id: &str, user_id: &str) -> Result<(), QueueError> {
+        self.write(&format!("assignments/{id} added"), |tx| {
+            tx.insert(
+                "assignments",
+                id,
+                row_data([
+                    ("ticket_id", Value::from(ticket_id)),
+                    ("user_id", Value::from(user_id)),
+                    ("created_at", Value::from(now_text())),
+                ]),
+            )
+        })
+    }
+
+    /// Attach a URL to a ticket.
+    pub fn attach(&self, id: &str, ticket_id: &str, url: &str) -> Result<(), QueueError> {
+        self.write(&format!("attachments/{id} added"), |tx| {
+            tx.insert(
+                "attachments",
+                id,
+                row_data([
+                    ("ticket_id", Value::from(ticket_id)),
+                    ("url", Value::from(url)),
+                    ("created_at", Value::from(now_text())),
+                ]),
+            )
+        })
+    }
+
+    /// A visible ticket.
+    pub fn ticket(&self, id: &str) -> Result<Option<RowData>> {
+        Ok(self.db.local().get("tickets", id)?)
+    }
+
+    /// One column of a visible ticket (`Null` when absent).
+    pub fn ticket_value(&self, id: &str, column: &str) -> Result<Value> {
+        Ok(self
+            .ticket(id)?
+            .and_then(|mut row| row.remove(column))
+            .unwrap_or(Value::Null))
+    }
+
+    /// Every visible row of a table.
+    pub fn rows(&self, table: &str) -> Result<Vec<(String, RowData)>> {
+        Ok(self.db.local().scan(table)?)
+    }
+
+    /// Every upload outcome so far.
+    pub fn outcomes(&self) -> Vec<UploadOutcome> {
+        self.outcomes.lock().clone()
+    }
+
+    /// Outcomes, one line each, with what the op changed.
+    pub fn describe_outcomes(&self) -> Vec<String> {
+        let labels = self.labels.lock();
+        self.outcomes()
+            .iter()
+            .map(|o| {
+                let label = labels.get(&o.outcome.seq).map_or("?", String::as_str);
+                format!(
+                    "seq {} ({label}): {}",
+                    o.outcome.seq,
+                    describe_outcome(&o.outcome.outcome)
+                )
+            })
+            .collect()
+    }
+
+    /// Wait until every local write is uploaded and the client applied a
+    /// checkpoint at or past the server's latest op.
+    pub async fn catch_up(&self, service: &SyncService) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(SYNC_TIMEOUT_MS);
+        loop {
+            let last = service.db().checkpoint(self.db.client_id(), &[])?.last_op_id;
+            let status = self.db.status();
+            let pending = self.db.local().pending_len()?;
+            if pending == 0 && status.has_synced && status.last_applied_op_id.unwrap_or(0) >= last {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ExampleError::Timeout {
+                    client: self.name.clone(),
+                    timeout_ms: SYNC_TIMEOUT_MS,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// What this client sees of its tickets, one line each.
+    pub fn describe_tickets(&self) -> Result<Vec<String>> {
+        let pending: std::collections::BTreeSet<String> = self
+            .db
+            .local()
+            .store()
+            .scan_overlay("tickets")
+            .map_err(ClientError::from)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        Ok(self
+            .rows("tickets")?
+            .into_iter()
+            .map(|(id, row)| {
+                let mut line = format!(
+                    "{id}: title={} status={}",
+                    show(row.get("title")),
+                    show(row.get("status"))
+                );
+                if let Some(Value::Blob(doc)) = row.get("description_doc") {
+                    let _ = write!(line, " description_doc={} bytes", doc.len());
+                }
+                if pending.contains(&id) {
+                    line.push_str(" (local change not yet confirmed)");
+                }
+                line
+            })
+            .collect())
+    }
+
+    /// Print what this client sees: tickets, then counts of the other
+    /// tables and its open conflicts.
+    pub fn print_view(&self) -> Result<()> {
+        let status = if self.is_offline() { "offline" } else { "online" };
+        println!("  {} ({status}) sees:", self.name);
+        for line in self.describe_tickets()? {
+            println!("    {line}");
+        }
+        let count = |t: &str| self.rows(t).map(|r| r.len());
+        println!(
+            "    comments: {}, assignments: {}, attachments: {}, activity rows: {}",
+            count("comments")?,
+            count("assignments")?,
+            count("attachments")?,
+            count("activity")?
+        );
+        for c in self.db.conflicts()? {
+            match &c.resolution {
+                None => println!(
+                    "    {} conflict {}: {}/{}.{} local={} server={} base={}",
+                    c.status, c.id, c.table, c.row_id, c.field, c.local, c.server, c.base
+                ),
+                Some(chosen) => println!(
+                    "    {} conflict {}: {}/{}.{} resolved to {chosen}",
+                    c.status, c.id, c.table, c.row_id, c.field
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Print the outcomes of this client's uploads.
+    pub fn print_outcomes(&self) {
+        println!("  {}'s uploads:", self.name);
+        let lines = self.describe_outcomes();
+        if lines.is_empty() {
+            println!("    (none)");
+        }
+        for line in lines {
+            println!("    {line}");
+        }
+    }
+}
+
+fn show(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "null".into(),
+        Some(Value::Text(s)) => format!("{s:?}"),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// One outcome in words.
+pub fn describe_outcome(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Applied => "applied".into(),
+        Outcome::Merged { reason, .. } => format!("merged ({reason})"),
+        Outcome::Rejected { reason } => format!("rejected ({reason})"),
+        Outcome::NeedsReview { conflict_id } => format!("needs review (conflict {conflict_id})"),
+    }
+}
+
+/// The embedded server and the two clients.
+pub struct Demo {
+    /// The embedded sync service.
+    pub service: Arc<SyncService>,
+    /// The online user.
+    pub alice: Client,
+    /// The user who goes offline.
+    pub bob: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Demo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Demo")
+            .field("alice", &self.alice)
+            .field("bob", &self.bob)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Demo {
+    /// Start a sync server on SQLite in a temporary directory, configured
+    /// by `configure` (strategies per table), and connect alice and bob.
+    pub async fn start(configure: impl FnOnce(SyncServiceBuilder) -> SyncServiceBuilder) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let server_dir = dir.path().join("server");
+        std::fs::create_dir_all(&server_dir)?;
+        let source = SqliteSourceDb::open_dir(&server_dir)?;
+        let rules = SyncRules::from_toml(RULES)?;
+        let service = Arc::new(configure(SyncService::builder(Arc::new(source), rules, SECRET)).build()?);
+        let alice = Client::open("alice", dir.path(), &service, 1)?;
+        let bob = Client::open("bob", dir.path(), &service, 2)?;
+        alice.go_online();
+        bob.go_online();
+        let demo = Demo {
+            service,
+            alice,
+            bob,
+            _dir: dir,
+        };
+        demo.catch_up().await?;
+        Ok(demo)
+    }
+
+    /// Wait until both clients caught up with the server.
+    pub async fn catch_up(&self) -> Result<()> {
+        self.alice.catch_up(&self.service).await?;
+        self.bob.catch_up(&self.service).await?;
+        // Alice may have missed what bob's catching up uploaded.
+        self.alice.catch_up(&self.service).await
+    }
+
+    /// Print a step of the story.
+    pub fn step(&self, text: &str) {
+        println!("\n> {text}");
+    }
+
+    /// Print what both clients see.
+    pub fn print_views(&self) -> Result<()> {
+        self.alice.print_view()?;
+        self.bob.print_view()
+    }
+
+    /// Print both clients' upload outcomes.
+    pub fn print_outcomes(&self) {
+        self.alice.print_outcomes();
+        self.bob.print_outcomes();
+    }
+
+    /// Stop syncing.
+    pub async fn shutdown(&self) {
+        self.alice.go_offline().await;
+        self.bob.go_offline().await;
+    }
+}
+
+/// Let the clock move, so that writes made one after the other get
+/// distinct, ordered timestamps.
+pub async fn tick() {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}
