@@ -74,8 +74,8 @@ use std::time::{Duration, Instant};
 
 use ferry_core::{codec, CrudEntry, RowData, Schema, Value};
 use ferry_store::{
-    check_range, index_def, table_def, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry, Rows, Store,
-    StoreError, StoreResult, WriteBatch,
+    resolve_index_range, table_def, validate_batch, BatchOp, BucketEntry, BucketState, IndexRange, OverlayEntry, Rows,
+    Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -504,14 +504,10 @@ impl Store for SledStore {
         lower: Bound<Vec<Value>>,
         upper: Bound<Vec<Value>>,
     ) -> StoreResult<Rows> {
-        let def = index_def(&self.schema, table, index)?;
-        check_range(def, &lower, &upper)?;
-        let (lo, hi) = codec::index_key_range(&lower, &upper);
-        if let (Some(l), Some(h)) = (&lo, &hi) {
-            if l >= h {
-                return Ok(Vec::new());
-            }
-        }
+        let IndexRange { lo, hi, .. } = match resolve_index_range(&self.schema, table, index, &lower, &upper)? {
+            range if range.is_empty() => return Ok(Vec::new()),
+            range => range,
+        };
         let prefix = keys::index_prefix(table, index);
         let with_prefix = |k: &[u8]| {
             let mut key = prefix.clone();

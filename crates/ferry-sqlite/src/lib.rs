@@ -71,8 +71,8 @@ use std::time::Duration;
 
 use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
 use ferry_store::{
-    check_range, index_def, index_key, table_def, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry,
-    Rows, Store, StoreError, StoreResult, WriteBatch,
+    index_key, resolve_index_range, table_def, validate_batch, BatchOp, BucketEntry, BucketState, IndexRange,
+    OverlayEntry, Rows, Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -913,9 +913,7 @@ impl Store for SqliteStore {
         lower: Bound<Vec<Value>>,
         upper: Bound<Vec<Value>>,
     ) -> StoreResult<Rows> {
-        let def = index_def(&self.schema, table, index)?;
-        check_range(def, &lower, &upper)?;
-        let (lo, hi) = codec::index_key_range(&lower, &upper);
+        let IndexRange { lo, hi, .. } = resolve_index_range(&self.schema, table, index, &lower, &upper)?;
         // The empty blob sorts before every key.
         let lo = lo.unwrap_or_default();
         let map = |r: &rusqlite::Row<'_>| Ok((text_col(r, 0)?, row_col(r, 1)?));

@@ -409,8 +409,8 @@ pub trait Store: Send + Sync + fmt::Debug {
         upper: Bound<Vec<Value>>,
     ) -> StoreResult<Rows> {
         let overlay = self.scan_overlay(table)?;
-        let def = index_def(self.schema(), table, index)?;
-        let (lo, hi) = codec::index_key_range(&lower, &upper);
+        let range = resolve_index_range(self.schema(), table, index, &lower, &upper)?;
+        let def = range.index;
         let synced = self.scan_synced_index(table, index, lower, upper)?;
         if overlay.is_empty() {
             return Ok(synced);
@@ -424,9 +424,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         for (id, entry) in overlay {
             if let OverlayEntry::Row(data) = entry {
                 let key = index_key(def, &id, &data);
-                let above = lo.as_ref().is_none_or(|l| key >= *l);
-                let below = hi.as_ref().is_none_or(|h| key < *h);
-                if above && below {
+                if range.contains(&key) {
                     keyed.push((key, id, data));
                 }
             }
@@ -468,6 +466,46 @@ pub fn check_range(index: &ferry_core::Index, lower: &Bound<Vec<Value>>, upper: 
         }
     }
     Ok(())
+}
+
+/// A resolved index range: the index and the half-open byte range
+/// `[lo, hi)` of encoded keys (either end open when `None`).
+#[derive(Debug)]
+pub struct IndexRange<'a> {
+    /// The index.
+    pub index: &'a ferry_core::Index,
+    /// Smallest key in range.
+    pub lo: Option<Vec<u8>>,
+    /// First key past the range.
+    pub hi: Option<Vec<u8>>,
+}
+
+impl IndexRange<'_> {
+    /// Whether no key can fall in the range.
+    pub fn is_empty(&self) -> bool {
+        matches!((&self.lo, &self.hi), (Some(l), Some(h)) if l >= h)
+    }
+
+    /// Whether an encoded key falls in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.lo.as_deref().is_none_or(|l| key >= l) && self.hi.as_deref().is_none_or(|h| key < h)
+    }
+}
+
+/// Check an index scan's arguments (the table and index exist, the bounds
+/// fit the index) and turn the value bounds into a key range. Every
+/// backend's `scan_synced_index` starts here.
+pub fn resolve_index_range<'a>(
+    schema: &'a Schema,
+    table: &str,
+    index: &str,
+    lower: &Bound<Vec<Value>>,
+    upper: &Bound<Vec<Value>>,
+) -> StoreResult<IndexRange<'a>> {
+    let index = index_def(schema, table, index)?;
+    check_range(index, lower, upper)?;
+    let (lo, hi) = codec::index_key_range(lower, upper);
+    Ok(IndexRange { index, lo, hi })
 }
 
 /// The encoded index key of a row for an index (missing columns read as

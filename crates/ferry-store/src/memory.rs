@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use ferry_core::{codec, CrudEntry, RowData, Schema, Value};
+use ferry_core::{CrudEntry, RowData, Schema, Value};
 use parking_lot::RwLock;
 
 use crate::{
-    check_range, index_def, index_key, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry, Rows, Store,
+    index_key, resolve_index_range, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry, Rows, Store,
     StoreResult, WriteBatch,
 };
 
@@ -185,20 +185,16 @@ impl Store for MemoryStore {
         lower: Bound<Vec<Value>>,
         upper: Bound<Vec<Value>>,
     ) -> StoreResult<Rows> {
-        let def = index_def(&self.schema, table, index)?;
-        check_range(def, &lower, &upper)?;
-        let (lo, hi) = codec::index_key_range(&lower, &upper);
+        let range = resolve_index_range(&self.schema, table, index, &lower, &upper)?;
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
         let st = self.state.read();
         let Some(entries) = st.indexes.get(table).and_then(|t| t.get(index)) else {
             return Ok(Vec::new());
         };
-        let lo = lo.map_or(Bound::Unbounded, Bound::Included);
-        let hi = hi.map_or(Bound::Unbounded, Bound::Excluded);
-        if let (Bound::Included(l), Bound::Excluded(h)) = (&lo, &hi) {
-            if l >= h {
-                return Ok(Vec::new());
-            }
-        }
+        let lo = range.lo.map_or(Bound::Unbounded, Bound::Included);
+        let hi = range.hi.map_or(Bound::Unbounded, Bound::Excluded);
         let rows = st.synced.get(table);
         Ok(entries
             .range((lo, hi))
