@@ -1,9 +1,11 @@
 //! Property test: several clients sync with the real sync service (SQLite
-//! source of truth) through the in-memory transport with faults: dropped,
-//! delayed, duplicated and reordered lines, broken streams, failed, lost
-//! and repeated uploads, and offline periods. Whatever happens, at the end
-//! every client's tickets equal the server's, and every write a client
-//! made got an outcome (applied, merged or rejected with a reason).
+//! source of truth) through the in-memory transport with faults: lost data
+//! lines, delayed, duplicated and reordered lines, broken streams, failed,
+//! lost and repeated uploads, and offline periods, under each conflict
+//! strategy for the tickets table (column and row last-write-wins, domain
+//! rules, manual resolution, audit log). Whatever happens, at the end every
+//! client's tickets equal the server's, and every write a client made got
+//! an outcome (applied, merged, rejected with a reason, or needs review).
 
 mod common;
 
@@ -58,9 +60,25 @@ fn scenario() -> impl Strategy<Value = (u64, Vec<Action>)> {
     (any::<u64>(), proptest::collection::vec(action(), 5..40))
 }
 
+/// The strategy a case runs under, drawn from its seed.
+fn strategy(seed: u64) -> (&'static str, Arc<dyn ferry_server::ConflictStrategy>) {
+    use ferry_conflict::{Audited, DomainRules, LastWriteWins, Manual, PerColumn, RowLastWriteWins};
+    match seed % 5 {
+        0 => ("lww", Arc::new(LastWriteWins)),
+        1 => ("row_lww", Arc::new(RowLastWriteWins)),
+        2 => ("domain", Arc::new(DomainRules::ticket_status())),
+        3 => (
+            "manual",
+            Arc::new(PerColumn::new(LastWriteWins).column("status", Manual)),
+        ),
+        _ => ("audited", Arc::new(Audited::new(LastWriteWins))),
+    }
+}
+
 async fn run(seed: u64, actions: Vec<Action>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let svc = service(&dir.path().join("server"));
+    let (strategy_name, tickets_strategy) = strategy(seed);
+    let svc = service_with(&dir.path().join("server"), Some(tickets_strategy));
     let handler: Arc<dyn SyncHandler> = svc.clone();
     let mut clients = Vec::new();
     let mut nets = Vec::new();
@@ -164,7 +182,13 @@ async fn run(seed: u64, actions: Vec<Action>) -> Result<(), TestCaseError> {
     let ids: Vec<String> = ids.into_iter().collect();
     let server = server_tickets(&svc, &ids);
     for (i, db) in clients.iter().enumerate() {
-        prop_assert_eq!(&client_tickets(db), &server, "client {} differs from the server", i);
+        prop_assert_eq!(
+            &client_tickets(db),
+            &server,
+            "client {} differs from the server under {}",
+            i,
+            strategy_name
+        );
     }
     // Every queued write got an outcome.
     for (i, rx) in outcomes.iter_mut().enumerate() {

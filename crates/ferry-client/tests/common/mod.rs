@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ferry_client::{ClientOptions, Database, StaticToken};
 use ferry_core::{Clock, ColumnType, RowData, Schema, Table, Value};
 use ferry_queue::LocalDbOptions;
-use ferry_server::{mint_token, SqliteSourceDb, SyncRules, SyncService};
+use ferry_server::{mint_token, ConflictStrategy, SqliteSourceDb, SyncRules, SyncService};
 use ferry_sqlite::SqliteStore;
 use ferry_transport::{FaultConfig, FaultyTransport, MemoryTransport, SyncHandler, Transport};
 
@@ -28,7 +28,10 @@ pub fn client_schema() -> Schema {
             .column("version", ColumnType::Integer)
             // Not in the server's schema: writes of it are rejected there.
             .column("local_note", ColumnType::Text)
-            .index("by_status", &["status"]),
+            .index("by_status", &["status"])
+            // Uploads carry the base values strategies such as manual
+            // resolution and domain rules compare against.
+            .track_previous_values(),
         Table::new("app_user").column("name", ColumnType::Text),
         Table::new("assignments")
             .column("ticket_id", ColumnType::Text)
@@ -45,15 +48,21 @@ pub fn client_schema() -> Schema {
     .expect("client schema")
 }
 
-/// An embedded sync service over SQLite in `dir`.
+/// An embedded sync service over SQLite in `dir` (last write wins).
 pub fn service(dir: &std::path::Path) -> Arc<SyncService> {
+    service_with(dir, None)
+}
+
+/// An embedded sync service over SQLite in `dir`, with a conflict
+/// strategy for the tickets table.
+pub fn service_with(dir: &std::path::Path, tickets: Option<Arc<dyn ConflictStrategy>>) -> Arc<SyncService> {
     let db = SqliteSourceDb::open_dir(dir).expect("open source db");
     let rules = SyncRules::ticket_tracker().expect("rules");
-    Arc::new(
-        SyncService::builder(Arc::new(db), rules, SECRET)
-            .build()
-            .expect("service"),
-    )
+    let mut builder = SyncService::builder(Arc::new(db), rules, SECRET);
+    if let Some(strategy) = tickets {
+        builder = builder.strategy("tickets", strategy);
+    }
+    Arc::new(builder.build().expect("service"))
 }
 
 pub fn token(user: &str) -> String {
