@@ -210,10 +210,13 @@ impl Inner {
         if let Err(e) = self.live.lock().on_change(self, rows) {
             tracing::error!(error = %e, "live queries could not take a change");
         }
-        let _ = self.changes.send(Change {
-            source,
-            rows: Arc::new(rows.clone()),
-        });
+        // Copying the rows costs per row: only when someone listens.
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(Change {
+                source,
+                rows: Arc::new(rows.clone()),
+            });
+        }
     }
 }
 

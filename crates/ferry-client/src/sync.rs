@@ -145,18 +145,26 @@ async fn stream_session(
     }
 }
 
-/// Stream lines decoded while they arrive: also parsed (undecoded) by a
-/// reader task.
-type Parse = tokio::task::JoinHandle<Result<StreamLine, ProtocolError>>;
+/// A received line, decoded or being decoded.
+enum Parse {
+    /// Decoded on the reader task (a short line).
+    Ready(Result<StreamLine, ProtocolError>),
+    /// Being decoded on a blocking thread (a long line).
+    Pending(tokio::task::JoinHandle<Result<StreamLine, ProtocolError>>),
+}
 
 /// Lines whose decoding may run ahead of the one being handled.
 const MAX_PARSES_AHEAD: usize = 4;
 
-/// The lines of a stream, decoded off the async threads: a reader task
-/// receives each line and starts decoding it on a blocking thread at once,
-/// so receiving, decoding (large `data` lines take milliseconds) and
-/// handling overlap. Lines come out in stream order. Dropping this stops
-/// the reader, which drops the stream.
+/// Lines shorter than this are decoded on the reader task: a thread hop
+/// would cost more than it saves (and add latency to small changes).
+const MAX_INLINE_DECODE_BYTES: usize = 64 * 1024;
+
+/// The lines of a stream, decoded off the handling task: a reader task
+/// receives each line and starts decoding a long one on a blocking thread
+/// at once, so receiving, decoding (large `data` lines take milliseconds)
+/// and handling overlap. Lines come out in stream order. Dropping this
+/// stops the reader, which drops the stream.
 struct ParsedLines {
     parses: tokio::sync::mpsc::Receiver<Result<Parse, TransportError>>,
     reader: tokio::task::JoinHandle<()>,
@@ -168,9 +176,12 @@ impl ParsedLines {
         let reader = tokio::spawn(async move {
             loop {
                 let next = match stream.next_line().await {
-                    Ok(Some(line)) => Ok(tokio::task::spawn_blocking(move || {
+                    Ok(Some(line)) if line.len() < MAX_INLINE_DECODE_BYTES => {
+                        Ok(Parse::Ready(decode_line::<StreamLine>(&line, max_line_bytes)))
+                    }
+                    Ok(Some(line)) => Ok(Parse::Pending(tokio::task::spawn_blocking(move || {
                         decode_line::<StreamLine>(&line, max_line_bytes)
-                    })),
+                    }))),
                     Ok(None) => return,
                     Err(e) => Err(e),
                 };
@@ -185,13 +196,14 @@ impl ParsedLines {
 
     /// The next line, `None` when the server ended the stream.
     async fn next(&mut self) -> Result<Option<StreamLine>, ClientError> {
-        match self.parses.recv().await {
-            None => Ok(None),
-            Some(parse) => {
-                let line = parse?.await.map_err(|e| ClientError::Task(e.to_string()))??;
-                Ok(Some(line))
-            }
-        }
+        let Some(parse) = self.parses.recv().await else {
+            return Ok(None);
+        };
+        let line = match parse? {
+            Parse::Ready(line) => line?,
+            Parse::Pending(task) => task.await.map_err(|e| ClientError::Task(e.to_string()))??,
+        };
+        Ok(Some(line))
     }
 }
 

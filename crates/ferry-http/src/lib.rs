@@ -39,8 +39,10 @@
 //!
 //! - The transport moves bytes only: it never interprets a line beyond
 //!   framing (splitting on newlines, enforcing the line limit). The server
-//!   side encodes the handler's lines with `ferry_protocol::encode_line`
-//!   and decodes request bodies as the documents the handler takes; the
+//!   side takes the stream from [`SyncHandler::stream_lines`], encodes
+//!   typed lines with `ferry_protocol::encode_line`, passes lines the
+//!   handler encoded already through unchanged, and decodes request bodies
+//!   as the documents the handler takes; the
 //!   client hands lines out without their newline, exactly as
 //!   [`ferry_transport::MemoryTransport`] does.
 //! - When a client drops its [`ferry_transport::LineStream`], the HTTP

@@ -31,6 +31,27 @@ pub fn decode_line<T: DeserializeOwned>(line: &[u8], max_line_bytes: usize) -> R
     serde_json::from_slice(line).map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
+/// The position of the first newline, a word at a time.
+fn find_newline(bytes: &[u8]) -> Option<usize> {
+    const LANES: usize = 8;
+    const ONES: u64 = u64::from_ne_bytes([0x01; LANES]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; LANES]);
+    const NEWLINES: u64 = u64::from_ne_bytes([b'\n'; LANES]);
+    let mut chunks = bytes.chunks_exact(LANES);
+    let mut offset = 0;
+    for chunk in chunks.by_ref() {
+        let mut word = [0u8; LANES];
+        word.copy_from_slice(chunk);
+        let x = u64::from_ne_bytes(word) ^ NEWLINES;
+        // Non-zero when some byte of `x` is zero (a newline in `chunk`).
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            return chunk.iter().position(|b| *b == b'\n').map(|p| offset + p);
+        }
+        offset += LANES;
+    }
+    chunks.remainder().iter().position(|b| *b == b'\n').map(|p| offset + p)
+}
+
 /// Splits a byte stream into lines, keeping a partial line between chunks
 /// and refusing lines over the limit.
 #[derive(Debug)]
@@ -52,11 +73,14 @@ impl LineSplitter {
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
         let mut lines = Vec::new();
         let mut rest = chunk;
-        while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
+        while let Some(pos) = find_newline(rest) {
             let (head, tail) = rest.split_at(pos);
             self.buf.extend_from_slice(head);
             self.check()?;
-            let line = std::mem::take(&mut self.buf);
+            // The next line is likely about as long: reserve that much at
+            // once instead of growing a large line step by step.
+            let next_capacity = self.buf.len().min(self.max_line_bytes);
+            let line = std::mem::replace(&mut self.buf, Vec::with_capacity(next_capacity));
             if !line.is_empty() {
                 lines.push(line);
             }
@@ -80,5 +104,27 @@ impl LineSplitter {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_newline;
+
+    #[test]
+    fn find_newline_matches_a_plain_search() {
+        let mut bytes: Vec<u8> = (0u8..=255).cycle().take(700).filter(|b| *b != b'\n').collect();
+        for len in 0..40 {
+            assert_eq!(find_newline(&bytes[..len]), None);
+        }
+        for at in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 650] {
+            let mut with = bytes.clone();
+            with[at] = b'\n';
+            assert_eq!(find_newline(&with), Some(at), "newline at {at}");
+            with[at + 3] = b'\n';
+            assert_eq!(find_newline(&with), Some(at), "two newlines from {at}");
+        }
+        bytes.clear();
+        assert_eq!(find_newline(&bytes), None);
     }
 }

@@ -604,6 +604,7 @@ impl LocalDb {
         self.store.apply(batch)?;
         self.notify(ChangeSource::Server, &changed);
         drop(counters);
+        drop_in_background(changed);
         Ok(())
     }
 
@@ -613,8 +614,11 @@ impl LocalDb {
     /// entries. Returns the rows whose visible value may change.
     fn confirm_into(&self, batch: &mut WriteBatch, wc: u64) -> QueueResult<ChangedRows> {
         let entries = self.store.queue_from(0, usize::MAX)?;
-        // Every row the batch changes in the synced layer is reported.
-        let mut changed_synced: ChangedRows = BTreeSet::new();
+        // Every row the batch changes in the synced layer is reported
+        // (collected in a vector first: a large download's rows come
+        // sorted, and building the set from them at once is much cheaper
+        // than inserting one by one).
+        let mut changed_synced: Vec<(String, String)> = Vec::new();
         // The synced rows after the batch, kept only for rows with queue
         // entries: those are the only ones a rebase reads. Without pending
         // writes nothing is copied.
@@ -629,9 +633,10 @@ impl LocalDb {
             if queued.contains(&(table.as_str(), id.as_str())) {
                 synced_after.insert((table.clone(), id.clone()), row.cloned());
             }
-            changed_synced.insert((table.clone(), id.clone()));
+            changed_synced.push((table.clone(), id.clone()));
         }
         drop(queued);
+        let changed_synced: ChangedRows = changed_synced.into_iter().collect();
         let mut rejected = self.rejected_seqs()?;
         let mut touched: ChangedRows = BTreeSet::new();
         for e in &entries {
@@ -784,6 +789,20 @@ impl LocalDb {
         }
         Ok(())
     }
+}
+
+/// Sets of changed rows at least this large are freed on a helper thread:
+/// after a large download, freeing them would delay the caller noticeably.
+const BACKGROUND_DROP_MIN_ROWS: usize = 100_000;
+
+fn drop_in_background(rows: ChangedRows) {
+    if rows.len() < BACKGROUND_DROP_MIN_ROWS {
+        return;
+    }
+    // When no thread can be started the set is dropped here instead.
+    let _ = std::thread::Builder::new()
+        .name("ferry-queue-free".into())
+        .spawn(move || drop(rows));
 }
 
 fn last_queued_seq(store: &dyn Store) -> QueueResult<Option<u64>> {

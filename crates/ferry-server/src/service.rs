@@ -54,7 +54,7 @@ impl Default for ServiceOptions {
     fn default() -> Self {
         ServiceOptions {
             keepalive_interval_s: 20,
-            max_ops_per_line: 2000,
+            max_ops_per_line: 10_000,
             max_line_bytes: 8 * 1024 * 1024,
             max_concurrent_streams: 10_000,
             stream_buffer_lines: 8,
@@ -816,7 +816,8 @@ async fn run_stream<L: StreamOut>(
 trait StreamOut: From<StreamLine> + Send + 'static {
     /// The next `data` line of `bucket` after `after_op_id` through
     /// `up_to_op_id`: the line, its entry count and its last op id; `None`
-    /// when there is no entry.
+    /// when there is no entry. `size_hint_bytes` carries the size of the
+    /// stream's last line to the next (lines of a stream tend to be alike).
     fn read_data(
         db: &dyn SourceDb,
         bucket: &str,
@@ -824,6 +825,7 @@ trait StreamOut: From<StreamLine> + Send + 'static {
         up_to_op_id: u64,
         max_ops: usize,
         max_bytes: usize,
+        size_hint_bytes: &mut usize,
     ) -> Result<Option<(Self, usize, u64)>>;
 }
 
@@ -835,6 +837,7 @@ impl StreamOut for StreamLine {
         up_to_op_id: u64,
         max_ops: usize,
         max_bytes: usize,
+        _size_hint_bytes: &mut usize,
     ) -> Result<Option<(Self, usize, u64)>> {
         let ops = db.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
         let Some(last) = ops.last().map(|o| o.op_id) else {
@@ -849,8 +852,9 @@ impl StreamOut for StreamLine {
     }
 }
 
-/// Bytes reserved up front for an encoded `data` line.
-const ENCODED_LINE_RESERVE_BYTES: usize = 1024 * 1024;
+/// Most bytes reserved up front for an encoded `data` line (the size of
+/// the stream's previous line, plus some).
+const MAX_ENCODED_LINE_RESERVE_BYTES: usize = 16 * 1024 * 1024;
 
 impl StreamOut for ServerLine {
     fn read_data(
@@ -860,13 +864,17 @@ impl StreamOut for ServerLine {
         up_to_op_id: u64,
         max_ops: usize,
         max_bytes: usize,
+        size_hint_bytes: &mut usize,
     ) -> Result<Option<(Self, usize, u64)>> {
-        let mut line = DataLineWriter::new(bucket, ENCODED_LINE_RESERVE_BYTES.min(max_bytes.saturating_add(4096)));
+        let reserve = size_hint_bytes.saturating_add(*size_hint_bytes / 8);
+        let mut line = DataLineWriter::new(bucket, reserve.min(MAX_ENCODED_LINE_RESERVE_BYTES));
         let Some(last) = db.read_ops_into(bucket, after_op_id, up_to_op_id, max_ops, max_bytes, &mut line)? else {
             return Ok(None);
         };
         let n = line.ops();
-        Ok(Some((ServerLine::Encoded(line.finish()), n, last)))
+        let bytes = line.finish();
+        *size_hint_bytes = bytes.len();
+        Ok(Some((ServerLine::Encoded(bytes), n, last)))
     }
 }
 
@@ -891,12 +899,21 @@ async fn send_data<L: StreamOut>(
     let tx = tx.clone();
     let shutdown = shutdown.clone();
     tokio::task::spawn_blocking(move || {
+        let mut size_hint_bytes = 0;
         for (bucket, mut pos) in work {
             loop {
                 if *shutdown.borrow() {
                     return Ok(false);
                 }
-                let Some((line, n, last)) = L::read_data(db.as_ref(), &bucket, pos, last_op_id, max_ops, max_bytes)?
+                let Some((line, n, last)) = L::read_data(
+                    db.as_ref(),
+                    &bucket,
+                    pos,
+                    last_op_id,
+                    max_ops,
+                    max_bytes,
+                    &mut size_hint_bytes,
+                )?
                 else {
                     break;
                 };

@@ -493,6 +493,32 @@ fn drop_in_background(batch: WriteBatch) {
         .spawn(move || drop(batch));
 }
 
+/// Batches with at least this many ops are checkpointed into the database
+/// file by a helper thread after their commit (see [`Store::apply`] here).
+const BACKGROUND_CHECKPOINT_MIN_OPS: usize = 100_000;
+
+/// SQLite's default automatic checkpoint threshold, in WAL pages.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 1000;
+
+/// Checkpoint the WAL of the database at `path` from a helper connection.
+/// Best effort: PASSIVE never blocks the store's connection, and whatever
+/// it leaves the next automatic checkpoint takes. It never creates a
+/// database (the store may be gone by then).
+fn checkpoint_in_background(path: PathBuf) {
+    let _ = std::thread::Builder::new()
+        .name("ferry-sqlite-checkpoint".into())
+        .spawn(move || {
+            let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            if let Ok(conn) = Connection::open_with_flags(&path, flags) {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    // Nothing to report to: the next automatic checkpoint
+                    // covers what this one could not do.
+                    let _ = e;
+                }
+            }
+        });
+}
+
 fn multi_insert_sql(head: &str, params_per_row: usize) -> String {
     let row = format!("({})", vec!["?"; params_per_row].join(", "));
     format!("{head} VALUES {}", vec![row; INSERT_CHUNK_ROWS].join(", "))
@@ -879,7 +905,26 @@ impl Store for SqliteStore {
             }
             writer.flush()?;
         }
-        tx.commit().map_err(sql_err)?;
+        // A large batch commits without the automatic WAL checkpoint, which
+        // would copy every page it wrote into the database file before
+        // `apply` returns; a helper connection checkpoints instead.
+        let large = batch.len() >= BACKGROUND_CHECKPOINT_MIN_OPS && self.path.is_some();
+        if large {
+            tx.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
+        }
+        let committed = tx.commit().map_err(sql_err);
+        if large {
+            let restored = conn
+                .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
+                .map_err(sql_err);
+            committed?;
+            restored?;
+            if let Some(path) = &self.path {
+                checkpoint_in_background(path.clone());
+            }
+        } else {
+            committed?;
+        }
         drop_in_background(batch);
         Ok(())
     }
@@ -1043,5 +1088,73 @@ mod tests {
         assert_eq!(clamp_bound(u64::MAX), i64::MAX);
         assert_eq!(bits_to_u64(bits_to_i64(u64::MAX)), u64::MAX);
         assert!(from_ordered_key("seq", -1).is_err());
+    }
+
+    fn schema() -> Schema {
+        Schema::new([ferry_core::Table::new("t").column("v", ferry_core::ColumnType::Integer)])
+            .unwrap_or_else(|e| panic!("schema: {e}"))
+    }
+
+    fn row(v: i64) -> RowData {
+        ferry_core::row_data([("v", Value::Integer(v))])
+    }
+
+    /// Runs longer than a multi-row INSERT, with repeated keys, keep the
+    /// batch's order (the last write of a key wins), also across other ops;
+    /// a batch large enough for the background checkpoint restores the
+    /// automatic checkpoint and survives reopening.
+    #[test]
+    fn chunked_inserts_keep_batch_order() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path, schema()).unwrap_or_else(|e| panic!("open: {e}"));
+        let n = BACKGROUND_CHECKPOINT_MIN_OPS as i64 / 2 + 7;
+        let mut batch = WriteBatch::new();
+        for i in 0..n {
+            let id = format!("r{}", i % (n - 100));
+            batch.put_synced("t", id.clone(), row(i));
+            batch.push(BatchOp::PutBucketEntry {
+                bucket: "b".into(),
+                entry: BucketEntry {
+                    table: "t".into(),
+                    row_id: id,
+                    op_id: i as u64 + 1,
+                    checksum: i as u32,
+                },
+            });
+            if i == 1000 {
+                batch.delete_synced("t", "r3");
+                batch.push(BatchOp::DeleteBucketEntry {
+                    bucket: "b".into(),
+                    table: "t".into(),
+                    row_id: "r3".into(),
+                });
+            }
+        }
+        assert!(batch.len() >= BACKGROUND_CHECKPOINT_MIN_OPS);
+        store.apply(batch).unwrap_or_else(|e| panic!("apply: {e}"));
+        let pages: i64 = store
+            .conn
+            .lock()
+            .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+            .unwrap_or_else(|e| panic!("pragma: {e}"));
+        assert_eq!(pages, WAL_AUTOCHECKPOINT_PAGES);
+        drop(store);
+        let store = SqliteStore::open(&path, schema()).unwrap_or_else(|e| panic!("reopen: {e}"));
+        let get = |id: &str| store.get_synced("t", id).unwrap_or_else(|e| panic!("get: {e}"));
+        // r0..r99 were written twice: the later value wins.
+        assert_eq!(get("r0"), Some(row(n - 100)));
+        assert_eq!(get("r99"), Some(row(n - 1)));
+        assert_eq!(get("r100"), Some(row(100)));
+        // r3 was deleted after its first write and written again later.
+        assert_eq!(get("r3"), Some(row(n - 100 + 3)));
+        assert_eq!(store.scan_synced("t").map(|r| r.len()).ok(), Some((n - 100) as usize));
+        let entry = store
+            .bucket_entry("b", "t", "r5")
+            .unwrap_or_else(|e| panic!("entry: {e}"))
+            .map(|e| e.op_id);
+        assert_eq!(entry, Some((n - 100 + 5) as u64 + 1));
+        let entries = store.bucket_entries("b", None, usize::MAX).map(|e| e.len()).ok();
+        assert_eq!(entries, Some((n - 100) as usize));
     }
 }

@@ -1,0 +1,83 @@
+//! The stream transports take (`stream_lines`, data lines assembled from
+//! stored row JSON) carries exactly the bytes of the typed stream
+//! (`stream`) encoded line by line.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry_core::Value;
+use ferry_protocol::{encode_line, StreamLine, StreamRequest};
+use ferry_server::ServiceOptions;
+use ferry_transport::{ServerLine, SyncHandler};
+
+fn request() -> StreamRequest {
+    StreamRequest {
+        client_id: "c-read".into(),
+        buckets: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn encoded_stream_matches_the_typed_stream() {
+    // Small lines, so the stream has several data lines.
+    let e = env_with(ServiceOptions {
+        max_ops_per_line: 3,
+        ..ServiceOptions::default()
+    });
+    let mut entries = Vec::new();
+    for i in 1..=10u64 {
+        entries.push(entry(
+            i,
+            put(
+                "tickets",
+                &format!("t\"{i}\\\n\u{e9}"),
+                &[
+                    ("title", format!("title {i} \"quoted\"\n\u{1F600}").into()),
+                    ("version", Value::Integer(-(i as i64))),
+                    ("status", Value::Null),
+                    ("description", Value::Text(format!("tab\there {i}\u{7}"))),
+                ],
+            ),
+            1000 + i,
+            "c1",
+        ));
+    }
+    entries.push(entry(11, delete("tickets", "t\"2\\\n\u{e9}"), 2000, "c1"));
+    let answer = SyncHandler::upload(&e.svc, &token("u1"), upload_req("c1", entries))
+        .await
+        .expect("upload");
+    for o in &answer.outcomes {
+        assert!(matches!(o.outcome, ferry_protocol::Outcome::Applied), "{o:?}");
+    }
+
+    let mut typed = SyncHandler::stream(&e.svc, &token("u1"), request())
+        .await
+        .expect("typed stream");
+    let mut encoded = SyncHandler::stream_lines(&e.svc, &token("u1"), request())
+        .await
+        .expect("encoded stream");
+    let mut data_lines = 0;
+    loop {
+        let t = tokio::time::timeout(Duration::from_secs(5), typed.recv())
+            .await
+            .expect("typed line in time")
+            .expect("typed line");
+        let b = tokio::time::timeout(Duration::from_secs(5), encoded.recv())
+            .await
+            .expect("encoded line in time")
+            .expect("encoded line");
+        if matches!(b, ServerLine::Encoded(_)) {
+            data_lines += 1;
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&b.into_bytes()),
+            String::from_utf8_lossy(&encode_line(&t))
+        );
+        if matches!(t, StreamLine::CheckpointComplete { .. }) {
+            break;
+        }
+    }
+    assert!(data_lines >= 4, "only {data_lines} encoded data lines");
+}
