@@ -175,6 +175,9 @@ struct Counters {
     completed_through: u64,
     /// Entries with seq > completed_through.
     upload_len: u64,
+    /// Entries stored (waiting for upload, or answered and not yet
+    /// confirmed), kept here so writes never count the queue.
+    stored_len: u64,
     /// The highest write checkpoint of an applied server checkpoint.
     server_write_checkpoint: u64,
 }
@@ -291,6 +294,7 @@ impl LocalDb {
             .max(last_queued.map_or(1, |s| s + 1));
         let next_tx_id = read_u64_meta(store.as_ref(), META_NEXT_TX)?.unwrap_or(1);
         let completed_through = read_u64_meta(store.as_ref(), META_COMPLETED_THROUGH)?.unwrap_or(0);
+        let stored_len = store.queue_len()?;
         let mut upload_len = 0;
         let mut from = completed_through.saturating_add(1);
         loop {
@@ -312,6 +316,7 @@ impl LocalDb {
                 next_tx_id,
                 completed_through,
                 upload_len,
+                stored_len,
                 server_write_checkpoint: 0,
             }),
         })
@@ -394,7 +399,7 @@ impl LocalDb {
             }
             .into());
         }
-        let queued_len = self.store.queue_len().map_err(QueueError::from)?;
+        let queued_len = counters.stored_len;
         if n_ops > 0 && queued_len + n_ops as u64 > self.limits.max_queue_entries {
             return Err(QueueError::QueueFull {
                 len: queued_len,
@@ -442,6 +447,7 @@ impl LocalDb {
             counters.next_seq = seq;
             counters.next_tx_id = tx_id + 1;
             counters.upload_len += n_ops as u64;
+            counters.stored_len += n_ops as u64;
         }
         self.notify(ChangeSource::LocalWrite, &changed);
         Ok(value)
@@ -472,7 +478,7 @@ impl LocalDb {
     /// Number of entries stored: waiting for upload, or uploaded and not
     /// yet confirmed by a checkpoint.
     pub fn pending_len(&self) -> QueueResult<u64> {
-        Ok(self.store.queue_len()?)
+        Ok(self.counters.lock().stored_len)
     }
 
     /// The last seq handed out (0 before the first queued write).
@@ -556,10 +562,11 @@ impl LocalDb {
         // checkpoint arrived before this answer): confirm them now, in the
         // same batch, or nothing would ever drop them.
         let wc = counters.server_write_checkpoint.min(through_seq);
-        let changed = self.confirm_into(&mut batch, wc)?;
+        let (changed, confirmed) = self.confirm_into(&mut batch, wc)?;
         self.store.apply(batch)?;
         counters.completed_through = through_seq;
         counters.upload_len -= removed;
+        counters.stored_len -= confirmed;
         self.notify(ChangeSource::Server, &changed);
         Ok(())
     }
@@ -597,11 +604,12 @@ impl LocalDb {
         // Entries whose outcome has not reached the app yet stay pending;
         // `complete` confirms them when it arrives.
         let wc = counters.server_write_checkpoint.min(counters.completed_through);
-        let changed = self.confirm_into(&mut batch, wc)?;
+        let (changed, confirmed) = self.confirm_into(&mut batch, wc)?;
         if batch.is_empty() {
             return Ok(());
         }
         self.store.apply(batch)?;
+        counters.stored_len -= confirmed;
         self.notify(ChangeSource::Server, &changed);
         drop(counters);
         drop_in_background(changed);
@@ -611,9 +619,11 @@ impl LocalDb {
     /// Add to `batch` (which may hold synced-layer changes): dropping
     /// queue entries through `wc` and rebasing every row that has pending
     /// entries left and a synced change in the batch, or had confirmed
-    /// entries. Returns the rows whose visible value may change.
-    fn confirm_into(&self, batch: &mut WriteBatch, wc: u64) -> QueueResult<ChangedRows> {
+    /// entries. Returns the rows whose visible value may change and the
+    /// number of entries dropped.
+    fn confirm_into(&self, batch: &mut WriteBatch, wc: u64) -> QueueResult<(ChangedRows, u64)> {
         let entries = self.store.queue_from(0, usize::MAX)?;
+        let confirmed = entries.iter().take_while(|e| e.seq <= wc).count() as u64;
         // Every row the batch changes in the synced layer is reported
         // (collected in a vector first: a large download's rows come
         // sorted, and building the set from them at once is much cheaper
@@ -659,10 +669,10 @@ impl LocalDb {
         }
         self.rebase_into(batch, &touched, &remaining, &synced_after)?;
         if touched.is_empty() {
-            return Ok(changed_synced);
+            return Ok((changed_synced, confirmed));
         }
         touched.extend(changed_synced);
-        Ok(touched)
+        Ok((touched, confirmed))
     }
 
     /// The server rejected these entries: they stop shaping the visible
@@ -850,9 +860,12 @@ impl std::fmt::Debug for WriteTx<'_> {
     }
 }
 
-impl WriteTx<'_> {
-    fn table(&self, table: &str) -> QueueResult<Table> {
-        Ok(self.db.schema().table(table)?.clone())
+impl<'a> WriteTx<'a> {
+    /// The table's definition, borrowed from the database (not from the
+    /// transaction, so staging can go on while it is held).
+    fn table(&self, table: &str) -> QueueResult<&'a Table> {
+        let db: &'a LocalDb = self.db;
+        Ok(db.schema().table(table)?)
     }
 
     /// The row as this transaction sees it.
@@ -920,7 +933,12 @@ impl WriteTx<'_> {
     pub fn put(&mut self, table: &str, id: &str, data: RowData) -> QueueResult<()> {
         let def = self.table(table)?;
         let data = def.check_row(id, data, &self.db.limits)?;
-        let previous = self.get(table, id)?;
+        // Reading the row costs a lookup: only for tables that record it.
+        let previous = if def.track_previous_values {
+            self.get(table, id)?
+        } else {
+            None
+        };
         let op = CrudOp::Put {
             table: table.to_owned(),
             id: id.to_owned(),
