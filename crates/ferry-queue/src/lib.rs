@@ -944,7 +944,7 @@ impl<'a> WriteTx<'a> {
             id: id.to_owned(),
             data: data.clone(),
         };
-        self.stage(&def, id, Some(data), op, previous);
+        self.stage(def, id, Some(data), op, previous);
         Ok(())
     }
 
@@ -986,7 +986,7 @@ impl<'a> WriteTx<'a> {
             id: id.to_owned(),
             data: changed,
         };
-        self.stage(&def, id, Some(next), op, Some(previous));
+        self.stage(def, id, Some(next), op, Some(previous));
         Ok(true)
     }
 
@@ -1007,7 +1007,7 @@ impl<'a> WriteTx<'a> {
             table: table.to_owned(),
             id: id.to_owned(),
         };
-        self.stage(&def, id, None, op, Some(previous));
+        self.stage(def, id, None, op, Some(previous));
         Ok(true)
     }
 
