@@ -411,14 +411,19 @@ impl SourceTx for SqliteTx<'_> {
     }
 }
 
-fn read_ops_in(
+/// Visit a bucket's op log entries after `after_op_id` through
+/// `up_to_op_id` in op id order, at most `max_ops`, until the stored row
+/// data seen reaches `max_bytes` or `visit` returns `false`. Columns:
+/// op_id, op, tbl, row_id, data, checksum.
+fn scan_ops(
     conn: &Connection,
     bucket: &str,
     after_op_id: u64,
     up_to_op_id: u64,
     max_ops: usize,
     max_bytes: usize,
-) -> Result<Vec<OplogEntry>> {
+    mut visit: impl FnMut(&rusqlite::Row<'_>) -> Result<()>,
+) -> Result<()> {
     let mut stmt = conn.prepare_cached(
         "SELECT op_id, op, tbl, row_id, data, checksum FROM ferry_oplog
          WHERE bucket = ?1 AND op_id > ?2 AND op_id <= ?3 ORDER BY op_id LIMIT ?4",
@@ -430,32 +435,50 @@ fn read_ops_in(
         i64::try_from(up_to_op_id).unwrap_or(i64::MAX),
         limit
     ])?;
-    let mut out = Vec::new();
     let mut bytes = 0usize;
     while let Some(r) = rows.next()? {
-        let op = match r.get_ref(1)? {
-            ValueRef::Text(t) => parse_op(std::str::from_utf8(t).map_err(|e| corrupt("op", e))?)?,
-            _ => return Err(corrupt("op", "not text")),
-        };
+        if let ValueRef::Text(t) = r.get_ref(4)? {
+            bytes += t.len();
+        }
+        visit(r)?;
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn op_of(r: &rusqlite::Row<'_>) -> Result<OpKind> {
+    match opt_text(r.get_ref(1)?, "op")? {
+        Some(t) => parse_op(t),
+        None => Err(corrupt("op", "null")),
+    }
+}
+
+fn read_ops_in(
+    conn: &Connection,
+    bucket: &str,
+    after_op_id: u64,
+    up_to_op_id: u64,
+    max_ops: usize,
+    max_bytes: usize,
+) -> Result<Vec<OplogEntry>> {
+    let mut out = Vec::new();
+    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes, |r| {
         let data = match r.get_ref(4)? {
-            ValueRef::Text(t) => {
-                bytes += t.len();
-                Some(serde_json::from_slice::<RowData>(t).map_err(|e| corrupt("row data", e))?)
-            }
+            ValueRef::Text(t) => Some(serde_json::from_slice::<RowData>(t).map_err(|e| corrupt("row data", e))?),
             _ => None,
         };
         out.push(OplogEntry {
             op_id: r.get::<_, i64>(0)? as u64,
-            op,
+            op: op_of(r)?,
             object_type: r.get(2)?,
             object_id: r.get(3)?,
             data,
             checksum: r.get::<_, i64>(5)? as u32,
         });
-        if bytes >= max_bytes {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -478,45 +501,24 @@ fn read_ops_into_in(
     max_bytes: usize,
     line: &mut DataLineWriter,
 ) -> Result<Option<u64>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT op_id, op, tbl, row_id, data, checksum FROM ferry_oplog
-         WHERE bucket = ?1 AND op_id > ?2 AND op_id <= ?3 ORDER BY op_id LIMIT ?4",
-    )?;
-    let limit = i64::try_from(max_ops).unwrap_or(i64::MAX);
-    let mut rows = stmt.query(params![
-        bucket,
-        after_op_id as i64,
-        i64::try_from(up_to_op_id).unwrap_or(i64::MAX),
-        limit
-    ])?;
     let mut last = None;
-    let mut bytes = 0usize;
-    while let Some(r) = rows.next()? {
-        let op = match opt_text(r.get_ref(1)?, "op")? {
-            Some(t) => parse_op(t)?,
-            None => return Err(corrupt("op", "null")),
-        };
+    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes, |r| {
         let data = match r.get_ref(4)? {
-            ValueRef::Text(t) => {
-                bytes += t.len();
-                Some(t)
-            }
+            ValueRef::Text(t) => Some(t),
             _ => None,
         };
         let op_id = r.get::<_, i64>(0)? as u64;
         line.push_raw(
             op_id,
-            op,
+            op_of(r)?,
             opt_text(r.get_ref(2)?, "table")?,
             opt_text(r.get_ref(3)?, "row id")?,
             data,
             r.get::<_, i64>(5)? as u32,
         );
         last = Some(op_id);
-        if bytes >= max_bytes {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     Ok(last)
 }
 
