@@ -308,13 +308,12 @@ async fn upload_once(
     let body = serde_json::to_vec(&request).map_err(|e| ClientError::Task(e.to_string()))?;
     let answer = transport.upload(&token, body).await?;
     let response: UploadResponse = decode_line(&answer, inner.options.max_line_bytes)?;
-    let tx_of = |seq: u64| {
-        request
-            .transactions
-            .iter()
-            .find(|t| t.ops.iter().any(|e| e.seq == seq))
-            .map_or(0, |t| t.tx_id)
-    };
+    // Which transaction each seq belongs to, for the outcomes.
+    let tx_by_seq: std::collections::HashMap<u64, u64> = request
+        .transactions
+        .iter()
+        .flat_map(|t| t.ops.iter().map(move |e| (e.seq, t.tx_id)))
+        .collect();
     let rejected: Vec<(u64, String)> = response
         .outcomes
         .iter()
@@ -334,7 +333,7 @@ async fn upload_once(
     .map_err(|e| ClientError::Task(e.to_string()))??;
     for outcome in response.outcomes {
         let _ = inner.outcomes.send(UploadOutcome {
-            tx_id: tx_of(outcome.seq),
+            tx_id: tx_by_seq.get(&outcome.seq).copied().unwrap_or(0),
             outcome,
         });
     }
