@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferry_client::{ClientError, ClientOptions, Credentials, Database, StaticToken, SyncStatus};
-use ferry_core::{row_data, ColumnType, CrudEntry, CrudOp, RowData, Schema, SystemClock, Table, Value};
+use ferry_core::{row_data, CrudEntry, CrudOp, RowData, Schema, SystemClock, Value};
 use ferry_http::HttpTransport;
 use ferry_protocol::{
     decode_line, Checkpoint, OpKind, OplogEntry, Outcome, StreamLine, StreamRequest, UploadRequest, UploadResponse,
@@ -168,30 +168,19 @@ fn now_s() -> u64 {
 // Clients
 // ---------------------------------------------------------------------------
 
-/// The ticket tracker's client schema.
+/// The ticket tracker's client schema: the example rules' tables the
+/// client syncs (derived from the rules, not re-listed), plus the client's
+/// index.
 fn client_schema() -> Schema {
+    let rules = ferry_server::SyncRules::ticket_tracker().expect("rules");
+    let server = rules.schema();
+    let table = |name: &str| server.table(name).expect("the rules declare the table").clone();
     Schema::new([
-        Table::new("tickets")
-            .column("title", ColumnType::Text)
-            .column("description", ColumnType::Text)
-            .column("status", ColumnType::Text)
-            .column("deleted_at", ColumnType::Text)
-            .column("created_at", ColumnType::Text)
-            .column("updated_at", ColumnType::Text)
-            .column("version", ColumnType::Integer)
-            .index("by_status", &["status"]),
-        Table::new("app_user").column("name", ColumnType::Text),
-        Table::new("assignments")
-            .column("ticket_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text),
-        Table::new("comments")
-            .column("ticket_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text)
-            .column("body", ColumnType::Text)
-            .column("created_at", ColumnType::Text),
-        Table::new("attachments")
-            .column("ticket_id", ColumnType::Text)
-            .column("url", ColumnType::Text),
+        table("tickets").index("by_status", &["status"]),
+        table("app_user"),
+        table("assignments"),
+        table("comments"),
+        table("attachments"),
     ])
     .expect("client schema")
 }

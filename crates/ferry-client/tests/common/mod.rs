@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferry_client::{ClientOptions, Database, StaticToken};
-use ferry_core::{Clock, ColumnType, RowData, Schema, Table, Value};
+use ferry_core::{Clock, ColumnType, RowData, Schema, Value};
 use ferry_queue::LocalDbOptions;
 use ferry_server::{mint_token, ConflictStrategy, SqliteSourceDb, SyncRules, SyncService};
 use ferry_sqlite::SqliteStore;
@@ -15,35 +15,25 @@ use ferry_transport::{FaultConfig, FaultyTransport, MemoryTransport, SyncHandler
 
 pub const SECRET: &str = "test-secret";
 
-/// The client schema of the ticket tracker (what the example rules serve).
+/// The client schema of the ticket tracker: the example rules' tables the
+/// client syncs (derived from the rules, not re-listed), plus what only the
+/// client has.
 pub fn client_schema() -> Schema {
+    let rules = SyncRules::ticket_tracker().expect("rules");
+    let server = rules.schema();
+    let table = |name: &str| server.table(name).expect("the rules declare the table").clone();
     Schema::new([
-        Table::new("tickets")
-            .column("title", ColumnType::Text)
-            .column("description", ColumnType::Text)
-            .column("status", ColumnType::Text)
-            .column("deleted_at", ColumnType::Text)
-            .column("created_at", ColumnType::Text)
-            .column("updated_at", ColumnType::Text)
-            .column("version", ColumnType::Integer)
+        table("tickets")
             // Not in the server's schema: writes of it are rejected there.
             .column("local_note", ColumnType::Text)
             .index("by_status", &["status"])
             // Uploads carry the base values strategies such as manual
             // resolution and domain rules compare against.
             .track_previous_values(),
-        Table::new("app_user").column("name", ColumnType::Text),
-        Table::new("assignments")
-            .column("ticket_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text),
-        Table::new("comments")
-            .column("ticket_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text)
-            .column("body", ColumnType::Text)
-            .column("created_at", ColumnType::Text),
-        Table::new("attachments")
-            .column("ticket_id", ColumnType::Text)
-            .column("url", ColumnType::Text),
+        table("app_user"),
+        table("assignments"),
+        table("comments"),
+        table("attachments"),
     ])
     .expect("client schema")
 }
