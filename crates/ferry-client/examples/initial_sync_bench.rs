@@ -20,19 +20,22 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ferry_client::{ClientOptions, Database, StaticToken};
-use ferry_core::{CrudOp, RowData, SystemClock, Value};
+use ferry_client::StaticToken;
+use ferry_core::{CrudOp, RowData, Value};
 use ferry_http::HttpTransport;
 use ferry_protocol::{decode_line, Download, DownloadLimits, Step, StreamLine, StreamRequest};
-use ferry_queue::{LocalDb, LocalDbOptions};
-use ferry_server::{mint_token, ServerConfig, SyncRules, SyncService};
+use ferry_queue::LocalDb;
+use ferry_server::{mint_token, SyncRules, SyncService};
 use ferry_sqlite::SqliteStore;
 use ferry_transport::{SyncHandler, Transport};
 
-const SECRET: &str = "bench-secret";
+mod bench_common;
+
+use bench_common::{open_client, BenchServer, SECRET};
+
 const LOAD_CHUNK_ROWS: u64 = 50_000;
 const SYNC_TIMEOUT_MS: u64 = 600_000;
 
@@ -95,18 +98,6 @@ async fn load(service: &SyncService, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_client(dir: &std::path::Path, rules: &SyncRules) -> anyhow::Result<Database> {
-    let store = SqliteStore::open(dir.join("client.db"), rules.schema().clone())?;
-    let options = ClientOptions {
-        local: LocalDbOptions {
-            clock: Arc::new(SystemClock),
-            ..LocalDbOptions::default()
-        },
-        ..ClientOptions::default()
-    };
-    Ok(Database::open(Arc::new(store), options)?)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let n: u64 = std::env::var("N")
@@ -120,34 +111,19 @@ async fn main() -> anyhow::Result<()> {
         Ok(d) => PathBuf::from(d),
         Err(_) => tmp.path().join("server"),
     };
-    let rules_path = std::env::var("FERRY_BENCH_RULES").ok().map(PathBuf::from);
-    let rules = match &rules_path {
-        Some(p) => SyncRules::from_file(p)?,
-        None => SyncRules::ticket_tracker()?,
-    };
-    let config = ServerConfig {
-        data_dir: server_dir,
-        rules_path,
-        listen_addr: "127.0.0.1:0".parse()?,
-        jwt_secret: Some(SECRET.into()),
-        ..ServerConfig::default()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = ferry_server::run(config, async move {
-        let _ = stop_rx.await;
-    })
-    .await?;
+    let bench = BenchServer::start(server_dir).await?;
+    let (server, rules) = (&bench.server, &bench.rules);
     load(&server.service, n).await?;
 
     let token = mint_token(SECRET, "bench-user", 3600, &serde_json::Map::new());
     let user = server.service.authenticate(&token)?;
     let target = server.service.checkpoint(&user, "bench-client").await?.last_op_id;
-    let base_url = format!("http://{}", server.addr);
+    let base_url = bench.base_url.clone();
 
     // The measured run: connect, wait for the checkpoint, count.
     let client_dir = tmp.path().join("client");
     std::fs::create_dir_all(&client_dir)?;
-    let db = open_client(&client_dir, &rules)?;
+    let db = open_client(&client_dir, rules)?;
     let transport: Arc<dyn Transport> = Arc::new(HttpTransport::new(base_url.clone())?);
     let t0 = Instant::now();
     db.connect(transport, Arc::new(StaticToken(token.clone())));
@@ -171,15 +147,7 @@ async fn main() -> anyhow::Result<()> {
     drop(db);
 
     if breakdown {
-        stage_breakdown(
-            &server.service,
-            &base_url,
-            &token,
-            &tmp.path().join("stages"),
-            &rules,
-            n,
-        )
-        .await?;
+        stage_breakdown(&server.service, &base_url, &token, &tmp.path().join("stages"), rules, n).await?;
     }
 
     println!(
@@ -191,8 +159,7 @@ async fn main() -> anyhow::Result<()> {
             "rows_per_s": (n as f64 / sync_s).round(),
         })
     );
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), server.wait()).await;
+    bench.stop().await;
     Ok(())
 }
 

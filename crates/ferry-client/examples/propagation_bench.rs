@@ -8,20 +8,20 @@
 //!
 //! Prints one JSON line: `{"engine":"ferry","K":..,"median_ms":..,"p99_ms":..}`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_client::{ClientOptions, Database, StaticToken};
-use ferry_core::{RowData, SystemClock, Value};
+use ferry_client::{Database, StaticToken};
+use ferry_core::{RowData, Value};
 use ferry_http::HttpTransport;
-use ferry_queue::LocalDbOptions;
-use ferry_server::{mint_token, ServerConfig, SyncRules};
-use ferry_sqlite::SqliteStore;
+use ferry_server::mint_token;
 use ferry_transport::Transport;
 
-const SECRET: &str = "bench-secret";
+mod bench_common;
+
+use bench_common::{open_client, BenchServer, SECRET};
+
 const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT_MS: u64 = 30_000;
 
@@ -35,19 +35,6 @@ fn ticket(i: u64) -> RowData {
     d.insert("updated_at".into(), Value::Text("2026-11-26T10:00:00.000Z".into()));
     d.insert("version".into(), Value::Integer(1));
     d
-}
-
-fn open_client(dir: &std::path::Path, rules: &SyncRules) -> anyhow::Result<Database> {
-    std::fs::create_dir_all(dir)?;
-    let store = SqliteStore::open(dir.join("client.db"), rules.schema().clone())?;
-    let options = ClientOptions {
-        local: LocalDbOptions {
-            clock: Arc::new(SystemClock),
-            ..LocalDbOptions::default()
-        },
-        ..ClientOptions::default()
-    };
-    Ok(Database::open(Arc::new(store), options)?)
 }
 
 /// Wait until `db` holds the ticket `id`, woken by its change feed.
@@ -83,27 +70,11 @@ async fn main() -> anyhow::Result<()> {
         bail!("K must be at least 1");
     }
     let tmp = tempfile::tempdir()?;
-    let rules_path = std::env::var("FERRY_BENCH_RULES").ok().map(PathBuf::from);
-    let rules = match &rules_path {
-        Some(p) => SyncRules::from_file(p)?,
-        None => SyncRules::ticket_tracker()?,
-    };
-    let config = ServerConfig {
-        data_dir: tmp.path().join("server"),
-        rules_path,
-        listen_addr: "127.0.0.1:0".parse()?,
-        jwt_secret: Some(SECRET.into()),
-        ..ServerConfig::default()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = ferry_server::run(config, async move {
-        let _ = stop_rx.await;
-    })
-    .await?;
-    let base_url = format!("http://{}", server.addr);
+    let bench = BenchServer::start(tmp.path().join("server")).await?;
+    let (rules, base_url) = (&bench.rules, bench.base_url.clone());
 
-    let a = open_client(&tmp.path().join("a"), &rules)?;
-    let b = open_client(&tmp.path().join("b"), &rules)?;
+    let a = open_client(&tmp.path().join("a"), rules)?;
+    let b = open_client(&tmp.path().join("b"), rules)?;
     for (db, user) in [(&a, "user-a"), (&b, "user-b")] {
         let transport: Arc<dyn Transport> = Arc::new(HttpTransport::new(base_url.clone())?);
         let token = mint_token(SECRET, user, 3600, &serde_json::Map::new());
@@ -139,7 +110,6 @@ async fn main() -> anyhow::Result<()> {
     );
     a.disconnect().await;
     b.disconnect().await;
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), server.wait()).await;
+    bench.stop().await;
     Ok(())
 }
