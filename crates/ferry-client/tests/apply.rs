@@ -57,6 +57,7 @@ fn apply(s: &dyn Store, buckets: Vec<BucketApply>, removed: Vec<&str>) {
         write_checkpoint: None,
         buckets,
         removed_buckets: removed.into_iter().map(str::to_owned).collect(),
+        hlc: None,
     };
     let (batch, _touched) = plan_checkpoint(s, &cp).expect("plan");
     s.apply(batch).expect("apply");

@@ -44,6 +44,7 @@ impl FakeHandler {
 
 fn checkpoint() -> StreamLine {
     StreamLine::Checkpoint(Checkpoint {
+        hlc: None,
         last_op_id: 7,
         write_checkpoint: None,
         buckets: vec![BucketChecksum {
@@ -143,6 +144,7 @@ impl SyncHandler for FakeHandler {
         let write_checkpoint = outcomes.iter().map(|o| o.seq).max().unwrap_or(0);
         self.uploads.lock().unwrap().push((token.to_string(), request));
         Ok(UploadResponse {
+            hlc: None,
             outcomes,
             write_checkpoint,
         })
@@ -266,6 +268,7 @@ async fn upload_round_trips() {
     assert_eq!(
         answer,
         UploadResponse {
+            hlc: None,
             outcomes: vec![OpOutcome {
                 seq: 5,
                 outcome: Outcome::Applied

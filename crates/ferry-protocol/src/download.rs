@@ -75,6 +75,8 @@ pub struct CheckpointApply {
     pub buckets: Vec<BucketApply>,
     /// Buckets the client no longer gets: their rows leave.
     pub removed_buckets: Vec<String>,
+    /// The server's clock at the checkpoint (see [`Checkpoint::hlc`]).
+    pub hlc: Option<ferry_core::HlcTimestamp>,
 }
 
 impl CheckpointApply {
@@ -95,6 +97,7 @@ impl CheckpointApply {
                 })
                 .collect(),
             removed_buckets: self.removed_buckets.clone(),
+            hlc: self.hlc.clone(),
         }
     }
 }
@@ -217,6 +220,7 @@ impl Download {
                     buckets.insert(b.bucket.clone(), b);
                 }
                 self.set_target(Checkpoint {
+                    hlc: diff.hlc.or(base.hlc),
                     last_op_id: diff.last_op_id,
                     write_checkpoint: diff.write_checkpoint.or(base.write_checkpoint),
                     buckets: buckets.into_values().collect(),
@@ -415,6 +419,7 @@ impl Download {
             write_checkpoint: target.write_checkpoint,
             buckets,
             removed_buckets,
+            hlc: target.hlc.clone(),
         }))
     }
 

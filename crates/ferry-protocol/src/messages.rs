@@ -1,7 +1,7 @@
 //! Wire messages. The download stream is one JSON object per line; every
 //! other message is one JSON document. `docs/protocol.md` specifies them.
 
-use ferry_core::{CrudEntry, RowData};
+use ferry_core::{CrudEntry, HlcTimestamp, RowData};
 use serde::{Deserialize, Serialize};
 
 /// Where a client stands in one bucket when it opens a stream.
@@ -44,6 +44,12 @@ pub struct Checkpoint {
     pub write_checkpoint: Option<u64>,
     /// Every bucket the client gets, with its checksum.
     pub buckets: Vec<BucketChecksum>,
+    /// The server's hybrid logical clock when it built this message: at
+    /// least every clock of the data it covers. A client moves its own
+    /// clock past it, so an edit made after seeing a value orders after
+    /// that value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hlc: Option<HlcTimestamp>,
 }
 
 /// A checkpoint expressed as a change of the previous one on the stream.
@@ -60,6 +66,12 @@ pub struct CheckpointDiff {
     /// Buckets the client no longer gets.
     #[serde(default)]
     pub removed_buckets: Vec<String>,
+    /// The server's hybrid logical clock when it built this message: at
+    /// least every clock of the data it covers. A client moves its own
+    /// clock past it, so an edit made after seeing a value orders after
+    /// that value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hlc: Option<HlcTimestamp>,
 }
 
 /// What an op log entry does.
@@ -226,4 +238,10 @@ pub struct UploadResponse {
     pub outcomes: Vec<OpOutcome>,
     /// The highest seq of this client the server has processed.
     pub write_checkpoint: u64,
+    /// The server's hybrid logical clock when it built this message: at
+    /// least every clock of the data it covers. A client moves its own
+    /// clock past it, so an edit made after seeing a value orders after
+    /// that value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hlc: Option<HlcTimestamp>,
 }

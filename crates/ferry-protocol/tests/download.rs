@@ -26,6 +26,7 @@ fn bc(bucket: &str, ops: &[OplogEntry]) -> BucketChecksum {
 
 fn checkpoint(last_op_id: u64, write_checkpoint: Option<u64>, buckets: Vec<BucketChecksum>) -> StreamLine {
     StreamLine::Checkpoint(Checkpoint {
+        hlc: None,
         last_op_id,
         write_checkpoint,
         buckets,
@@ -377,6 +378,7 @@ fn checkpoint_diff_updates_and_removes_buckets() {
         &mut d,
         vec![
             StreamLine::CheckpointDiff(CheckpointDiff {
+                hlc: None,
                 last_op_id: 7,
                 write_checkpoint: Some(12),
                 updated_buckets: vec![bc("a", &a_all), bc("c", &c)],
@@ -412,6 +414,7 @@ fn checkpoint_diff_updates_and_removes_buckets() {
         &mut d,
         vec![
             StreamLine::CheckpointDiff(CheckpointDiff {
+                hlc: None,
                 last_op_id: 8,
                 write_checkpoint: None,
                 updated_buckets: vec![],
@@ -442,6 +445,7 @@ fn removed_bucket_drops_its_staged_data() {
     feed(
         &mut d,
         vec![StreamLine::CheckpointDiff(CheckpointDiff {
+            hlc: None,
             last_op_id: 5,
             write_checkpoint: None,
             updated_buckets: vec![],
@@ -463,6 +467,7 @@ fn protocol_violations_are_errors_of_the_right_variant() {
     assert!(matches!(d.handle(data("a", &a)), Err(ProtocolError::Unexpected(_))));
     assert!(matches!(d.handle(complete(5)), Err(ProtocolError::Unexpected(_))));
     let diff = StreamLine::CheckpointDiff(CheckpointDiff {
+        hlc: None,
         last_op_id: 5,
         write_checkpoint: None,
         updated_buckets: vec![],
@@ -841,6 +846,7 @@ fn emit(server: &Server, conn: &mut Conn, full: bool, corrupt: Corrupt, chunk: u
         checkpoint(server.next, None, announce)
     } else {
         StreamLine::CheckpointDiff(CheckpointDiff {
+            hlc: None,
             last_op_id: server.next,
             write_checkpoint: None,
             updated_buckets: announce,

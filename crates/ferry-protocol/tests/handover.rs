@@ -13,6 +13,7 @@ fn lines(ops: &[OplogEntry]) -> Vec<StreamLine> {
     let last = ops.iter().map(|o| o.op_id).max().unwrap_or(0);
     vec![
         StreamLine::Checkpoint(Checkpoint {
+            hlc: None,
             last_op_id: last,
             write_checkpoint: None,
             buckets: vec![BucketChecksum {

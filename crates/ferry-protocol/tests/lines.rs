@@ -61,16 +61,19 @@ fn stream_lines() -> Vec<StreamLine> {
     };
     vec![
         StreamLine::Checkpoint(Checkpoint {
+            hlc: None,
             last_op_id: 9,
             write_checkpoint: Some(4),
             buckets: vec![bucket.clone()],
         }),
         StreamLine::Checkpoint(Checkpoint {
+            hlc: None,
             last_op_id: 0,
             write_checkpoint: None,
             buckets: vec![],
         }),
         StreamLine::CheckpointDiff(CheckpointDiff {
+            hlc: None,
             last_op_id: 10,
             write_checkpoint: Some(5),
             updated_buckets: vec![bucket],
@@ -166,6 +169,7 @@ fn upload() -> UploadRequest {
 
 fn upload_response() -> UploadResponse {
     UploadResponse {
+        hlc: None,
         outcomes: vec![
             OpOutcome {
                 seq: 1,
@@ -242,6 +246,7 @@ fn json_shapes() {
     );
     assert_eq!(
         json_of(&StreamLine::Checkpoint(Checkpoint {
+            hlc: None,
             last_op_id: 9,
             write_checkpoint: None,
             buckets: vec![BucketChecksum {
@@ -314,6 +319,7 @@ fn json_shapes() {
     assert_eq!(
         d,
         StreamLine::CheckpointDiff(CheckpointDiff {
+            hlc: None,
             last_op_id: 3,
             write_checkpoint: None,
             updated_buckets: vec![],

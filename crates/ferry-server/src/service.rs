@@ -331,6 +331,7 @@ impl SyncService {
             .await
             .map_err(join_error)??;
         Ok(Checkpoint {
+            hlc: None,
             last_op_id: cp.last_op_id,
             write_checkpoint: cp.write_checkpoint,
             buckets: cp.buckets,
@@ -448,6 +449,7 @@ impl Inner {
             })?;
         }
         Ok(UploadResponse {
+            hlc: None,
             outcomes,
             write_checkpoint,
         })
@@ -720,6 +722,7 @@ async fn run_stream<L: StreamOut>(
             let changed: Vec<String> = match &sent {
                 None => {
                     let line = StreamLine::Checkpoint(Checkpoint {
+                        hlc: None,
                         last_op_id: cp.last_op_id,
                         write_checkpoint: cp.write_checkpoint,
                         buckets: cp.buckets.clone(),
@@ -737,6 +740,7 @@ async fn run_stream<L: StreamOut>(
                         .cloned()
                         .collect();
                     let line = StreamLine::CheckpointDiff(CheckpointDiff {
+                        hlc: None,
                         last_op_id: cp.last_op_id,
                         write_checkpoint: cp.write_checkpoint,
                         updated_buckets: updated.clone(),
