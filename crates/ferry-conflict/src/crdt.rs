@@ -294,8 +294,8 @@ impl ConflictStrategy for CrdtColumns {
 /// commutative, associative and idempotent, so concurrent edits arriving
 /// in any order converge. Other columns go to the inner strategy (default
 /// [`LastWriteWins`]); creates, deletes and tombstones too (a create
-/// stores the client's document as sent; a hard DELETE beats concurrent
-/// edits iff its clock is newer than every column clock).
+/// stores the client's document as sent; a hard DELETE follows
+/// [`crate::lww::lww_delete`], clearing the columns older than it).
 #[derive(Clone, Debug)]
 pub struct Crdt {
     columns: Vec<String>,

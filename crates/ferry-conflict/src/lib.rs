@@ -22,14 +22,17 @@
 //! - [`Audited`]: a wrapper writing an `activity` row per op.
 //!
 //! Deletes. A soft delete (`deleted_at`) is an ordinary column update and
-//! follows the column's strategy. A hard DELETE against a concurrent
-//! update follows the last-write-wins rule under every strategy
-//! ([`lww::lww_delete`]): it applies iff its clock is newer than every
-//! column clock of the stored row, else the row is kept (outcome
-//! `merged`); an update older than the delete arriving after it does not
-//! resurrect the row (a PUT recreates it only with a newer clock, a PATCH
-//! of a tombstone does nothing). Manual resolution does not hold deletes
-//! for review; domain rules see deletes only through closures.
+//! follows the column's strategy. A hard DELETE is a write of "nothing"
+//! to every column at its clock, under every strategy ([`lww::lww_delete`],
+//! `docs/adr/0004-delete-against-write.md`): on a live row it clears every
+//! column older than it (NULL, with the delete's clock); the row becomes a
+//! tombstone iff no column is newer, else it stays with its newer columns
+//! (outcome `merged`, naming them). A PUT or PATCH newer than a tombstone
+//! brings the row back with the columns it writes and the others NULL; one
+//! older than the delete does nothing (outcome `merged`). So a delete and
+//! a write give the same row in either arrival order. Manual resolution
+//! does not hold deletes for review; domain rules see deletes only through
+//! closures.
 //!
 //! Invariants:
 //! - no I/O, no clock, no randomness: a decision is a function of its

@@ -18,7 +18,10 @@ pub fn conflict_id(client_id: &str, seq: u64, column: &str) -> String {
 ///
 /// Rule, for a PUT or PATCH of a live row, per column of the op (value
 /// `local`, stored value `server`, the client's base value `base`):
-/// - `local == server`: nothing to do;
+/// - `local == server`: no conflict, the value stays; the column clock
+///   becomes the later of the stored one and the op's (the op did write
+///   the column, so an older write or delete arriving later loses to it,
+///   as under last write wins);
 /// - `base` known and `base == server` (nobody changed it since the client
 ///   read it): applied, whatever the clocks (the column clock becomes the
 ///   later of the stored one and the op's);
@@ -30,8 +33,9 @@ pub fn conflict_id(client_id: &str, seq: u64, column: &str) -> String {
 /// Non-conflicting columns of the op still apply. With any conflict the
 /// outcome is `needs_review { conflict_id }`, naming the first conflicting
 /// column's record. Every other op (create, delete, tombstone, missing
-/// row) follows [`LastWriteWins`], so a hard DELETE beats a concurrent
-/// update iff its clock is newer than every column clock.
+/// row) follows [`LastWriteWins`], so a hard DELETE clears the columns
+/// older than it and leaves a tombstone iff no column is newer
+/// ([`crate::lww::lww_delete`]).
 ///
 /// Record format (table `ferry_conflicts`, id [`conflict_id`]):
 /// `table_name, row_id, field` (TEXT); `local_value, server_value,
@@ -59,6 +63,7 @@ impl ConflictStrategy for Manual {
         for (col, local) in data {
             let server = live.get(col).unwrap_or(&Value::Null);
             if local == server {
+                clocks.insert(col.clone(), later_clock(&clocks, col, hlc));
                 continue;
             }
             match input.base_of(col) {

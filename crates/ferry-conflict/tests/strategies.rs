@@ -594,10 +594,13 @@ fn hard_delete_against_concurrent_update_is_lww_under_every_strategy() {
                 &[("title", "A".into())],
             ),
         );
-        // An older delete loses to the newer update.
+        // An older delete loses to the newer update: the row stays with
+        // the newer column; the delete still clears the columns older than
+        // it (ADR 0004: a delete writes "nothing" to every column).
         let d = sim.apply(s.as_ref(), &op(delete("t1"), 1500, "c2", 1, &[]));
         assert_eq!(kind(&d), OutcomeKind::Merged, "{name}");
-        assert!(sim.row("t1").is_some(), "{name}");
+        assert_eq!(sim.value("t1", "title"), Value::from("B"), "{name}");
+        assert_eq!(sim.value("t1", "status"), Value::Null, "{name}");
         // A newer delete wins; an older update after it does nothing.
         let d = sim.apply(s.as_ref(), &op(delete("t1"), 2500, "c2", 2, &[]));
         assert_eq!(kind(&d), OutcomeKind::Applied, "{name}");
@@ -615,5 +618,158 @@ fn hard_delete_against_concurrent_update_is_lww_under_every_strategy() {
         );
         sim.apply(s.as_ref(), &stale_put);
         assert!(sim.row("t1").is_none(), "{name}: an older put does not resurrect");
+    }
+}
+
+/// Seed a ticket, then apply `ops` in the given order; the stored row.
+fn after(s: &dyn ConflictStrategy, ops: &[&Op]) -> (Sim, Vec<OutcomeKind>) {
+    let mut sim = Sim::new();
+    seeded(&mut sim, s);
+    let kinds = ops.iter().map(|o| kind(&sim.apply(s, o))).collect();
+    (sim, kinds)
+}
+
+#[test]
+fn delete_against_write_gives_the_same_row_in_both_orders_under_every_strategy() {
+    // The ticket is created at 1000 (title A, status pending). A delete is
+    // a write of "nothing" to every column at its clock (ADR 0004), so
+    // each pair stores the same row whichever arrives first.
+    let table = tickets();
+    let null_row = |pairs: &[(&str, Value)]| {
+        let mut r = data(&[
+            ("title", Value::Null),
+            ("description", Value::Null),
+            ("status", Value::Null),
+            ("body", Value::Null),
+        ]);
+        r.extend(data(pairs));
+        r
+    };
+    let cases: Vec<(&str, Op, Op, Option<ferry_core::RowData>)> = vec![
+        (
+            "newer delete vs older patch",
+            op(delete("t1"), 2000, "c2", 1, &[]),
+            op(patch("t1", &[("title", "B".into())]), 1500, "c1", 1, &[]),
+            None,
+        ),
+        (
+            "older delete vs newer patch",
+            op(delete("t1"), 1500, "c2", 1, &[]),
+            op(patch("t1", &[("title", "B".into())]), 2000, "c1", 1, &[]),
+            Some(null_row(&[("title", "B".into())])),
+        ),
+        (
+            "newer delete vs older put",
+            op(delete("t1"), 2000, "c2", 1, &[]),
+            op(put(&table, "t1", &[("title", "C".into())]), 1500, "c1", 1, &[]),
+            None,
+        ),
+        (
+            "older delete vs newer put",
+            op(delete("t1"), 1500, "c2", 1, &[]),
+            op(put(&table, "t1", &[("title", "C".into())]), 2000, "c1", 1, &[]),
+            Some(null_row(&[("title", "C".into())])),
+        ),
+        (
+            "delete vs delete",
+            op(delete("t1"), 1500, "c2", 1, &[]),
+            op(delete("t1"), 2000, "c1", 1, &[]),
+            None,
+        ),
+    ];
+    for (name, s) in all_strategies() {
+        for (case, del, write, expected) in &cases {
+            let (first, k1) = after(s.as_ref(), &[del, write]);
+            let (second, k2) = after(s.as_ref(), &[write, del]);
+            assert_eq!(
+                first.row("t1"),
+                expected.as_ref(),
+                "{name}, {case}, delete first: {k1:?}"
+            );
+            assert_eq!(
+                second.row("t1"),
+                expected.as_ref(),
+                "{name}, {case}, write first: {k2:?}"
+            );
+            // The stored state (column clocks, tombstone clock) agrees
+            // too, so later writes converge the same way. (A CRDT column
+            // ignores a NULL write, clock included, by design: its clock
+            // may differ while its value, NULL, does not.)
+            if name != "crdt" {
+                assert_eq!(first.rows.get("t1"), second.rows.get("t1"), "{name}, {case}");
+            }
+            // Nothing in either order is refused.
+            assert!(!k1.contains(&OutcomeKind::Rejected), "{name}, {case}: {k1:?}");
+            assert!(!k2.contains(&OutcomeKind::Rejected), "{name}, {case}: {k2:?}");
+        }
+    }
+}
+
+#[test]
+fn delete_keeping_newer_columns_is_merged_and_names_them() {
+    for (name, s) in [
+        ("lww", Arc::new(LastWriteWins) as Arc<dyn ConflictStrategy>),
+        ("row_lww", Arc::new(RowLastWriteWins)),
+        (
+            "per_column",
+            Arc::new(PerColumn::new(LastWriteWins).column("status", Manual)),
+        ),
+    ] {
+        let mut sim = Sim::new();
+        seeded(&mut sim, s.as_ref());
+        sim.apply(
+            s.as_ref(),
+            &op(patch("t1", &[("title", "B".into())]), 2000, "c1", 1, &[]),
+        );
+        let d = sim.apply(s.as_ref(), &op(delete("t1"), 1500, "c2", 1, &[]));
+        assert_eq!(kind(&d), OutcomeKind::Merged, "{name}: {d:?}");
+        let reason = d.outcome_reason().unwrap_or_default();
+        assert!(reason.contains("title"), "{name}: {reason}");
+        assert!(!reason.contains("status"), "{name}: {reason}");
+        assert_eq!(sim.value("t1", "title"), Value::from("B"), "{name}");
+        assert_eq!(sim.value("t1", "status"), Value::Null, "{name}");
+        // A write older than the cleared column's delete loses to it; a
+        // newer one wins.
+        sim.apply(
+            s.as_ref(),
+            &op(patch("t1", &[("status", "old".into())]), 1400, "c3", 1, &[]),
+        );
+        assert_eq!(sim.value("t1", "status"), Value::Null, "{name}");
+        if name != "row_lww" {
+            sim.apply(
+                s.as_ref(),
+                &op(patch("t1", &[("status", "new".into())]), 1600, "c3", 2, &[]),
+            );
+            assert_eq!(sim.value("t1", "status"), Value::from("new"), "{name}");
+        }
+    }
+}
+
+#[test]
+fn row_lww_write_on_a_live_row_still_needs_the_newest_clock() {
+    let mut sim = Sim::new();
+    seeded(&mut sim, &RowLastWriteWins);
+    sim.apply(
+        &RowLastWriteWins,
+        &op(patch("t1", &[("title", "B".into())]), 2000, "c1", 1, &[]),
+    );
+    let d = sim.apply(
+        &RowLastWriteWins,
+        &op(patch("t1", &[("status", "done".into())]), 1500, "c2", 1, &[]),
+    );
+    assert_eq!(kind(&d), OutcomeKind::Merged);
+    assert_eq!(sim.value("t1", "status"), Value::from("pending"));
+}
+
+#[test]
+fn patch_of_a_row_that_never_existed_is_still_rejected() {
+    for (name, s) in all_strategies() {
+        let mut sim = Sim::new();
+        let d = sim.apply(
+            s.as_ref(),
+            &op(patch("t9", &[("title", "B".into())]), 2000, "c1", 1, &[]),
+        );
+        assert_eq!(kind(&d), OutcomeKind::Rejected, "{name}");
+        assert!(sim.row("t9").is_none(), "{name}");
     }
 }
