@@ -45,7 +45,8 @@ fn all_entries(store: &dyn Store, bucket: &str) -> StoreResult<Vec<BucketEntry>>
 /// Build the batch that applies `apply` to the synced layer: rows put by
 /// PUTs, rows removed when no bucket holds them any more, bucket entries
 /// and states. Rows of tables the client schema does not declare are
-/// tracked in bucket entries but not stored.
+/// tracked in bucket entries but not stored; columns it does not declare
+/// are left out of the rows stored.
 ///
 /// Clones every row; [`plan_checkpoint_owned`] moves them instead.
 pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResult<(WriteBatch, TouchedRows)> {
@@ -113,7 +114,13 @@ pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> Store
                         op_id: op.op_id,
                         checksum: op.checksum,
                     };
-                    if let (true, Some(data)) = (known(&table), op.data) {
+                    if let (Ok(def), Some(mut data)) = (schema.table(&table), op.data) {
+                        // A server may have columns this app version does
+                        // not declare (added after it shipped): the client
+                        // keeps only its own, so its writes stay valid.
+                        if data.keys().any(|c| def.column_def(c).is_none()) {
+                            data.retain(|c, _| def.column_def(c).is_some());
+                        }
                         batch.put_synced(table, id, data);
                     }
                     batch.push(BatchOp::PutBucketEntry {

@@ -28,16 +28,17 @@ use ferry_core::{Clock, ErrorKind, SystemClock};
 use ferry_protocol::{Download, DownloadLimits, OpOutcome, ProtocolError};
 use ferry_queue::{LocalDb, LocalDbOptions, QueueError};
 use ferry_store::{Store, StoreError};
-use ferry_transport::{Transport, TransportError};
+use ferry_transport::TransportError;
 use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch, Notify};
-use tokio::task::JoinHandle;
 
 pub mod apply;
 mod conflicts;
+mod control;
 mod live;
 mod offline;
+mod outcomes;
 mod sync;
 
 pub use conflicts::{conflicts_table, Conflict, Resolution, CONFLICTS_TABLE, STATUS_OPEN, STATUS_RESOLVED};
@@ -45,7 +46,7 @@ pub use ferry_query::{self as query, Diff, Query, QueryResult};
 pub use live::LiveQuery;
 pub use offline::{ChangeKind, OfflinePolicy, ProposedChange};
 
-pub use ferry_queue::{ChangeSource, ChangedRows, Rejection, WriteTx};
+pub use ferry_queue::{ChangeSource, ChangedRows, Rejection, WriteReceipt, WriteTx};
 
 /// Client errors.
 #[derive(Debug, Error)]
@@ -128,10 +129,20 @@ pub struct SyncStatus {
     pub last_download_error: Option<String>,
     /// The last upload error, cleared by the next answered upload.
     pub last_upload_error: Option<String>,
+    /// The server's newest op id as of the last checkpoint it announced
+    /// (the client has caught up when `last_applied_op_id` reaches it).
+    pub server_op_id: Option<u64>,
+    /// Download streams opened since the database was opened.
+    pub streams_opened: u64,
+    /// Uploads are paused by the app ([`Database::pause_uploads`]).
+    pub uploads_paused: bool,
+    /// The download stream is paused by the app
+    /// ([`Database::pause_downloads`]).
+    pub downloads_paused: bool,
 }
 
 /// What the server did with an uploaded write.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UploadOutcome {
     /// The local transaction.
     pub tx_id: u64,
@@ -169,6 +180,9 @@ pub struct ClientOptions {
     pub max_line_bytes: usize,
     /// How often the upload loop looks at the queue when nothing woke it.
     pub upload_poll_interval_ms: u64,
+    /// How long [`Database::disconnect`] waits for the loops to stop
+    /// gracefully (an upload in flight to be answered) before aborting.
+    pub stop_timeout_ms: u64,
 }
 
 impl Default for ClientOptions {
@@ -182,6 +196,7 @@ impl Default for ClientOptions {
             download_limits: DownloadLimits::default(),
             max_line_bytes: ferry_protocol::DEFAULT_MAX_LINE_BYTES,
             upload_poll_interval_ms: 1_000,
+            stop_timeout_ms: 5_000,
         }
     }
 }
@@ -197,6 +212,8 @@ pub(crate) struct Inner {
     pub(crate) options: ClientOptions,
     pub(crate) live: live::SharedLive,
     pub(crate) offline_policy: parking_lot::RwLock<Option<Arc<offline::OfflinePolicy>>>,
+    /// Which loops the app paused, and requests for a fresh stream.
+    pub(crate) control: watch::Sender<control::Control>,
 }
 
 impl Inner {
@@ -228,7 +245,7 @@ const CHANNEL_CAPACITY: usize = 4_096;
 #[derive(Clone)]
 pub struct Database {
     inner: Arc<Inner>,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    tasks: Arc<Mutex<Option<control::Connection>>>,
 }
 
 impl std::fmt::Debug for Database {
@@ -264,6 +281,7 @@ impl Database {
             options,
             live: Mutex::new(live::LiveState::default()),
             offline_policy: parking_lot::RwLock::new(None),
+            control: watch::channel(control::Control::default()).0,
         });
         // The observer holds the database weakly: the local database it is
         // set on lives inside `Inner`.
@@ -277,7 +295,7 @@ impl Database {
             })));
         Ok(Database {
             inner,
-            tasks: Arc::new(Mutex::new(Vec::new())),
+            tasks: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -313,48 +331,24 @@ impl Database {
         F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
         E: From<QueueError>,
     {
+        self.write_with_receipt(f).map(|(value, _)| value)
+    }
+
+    /// [`write`](Self::write), also returning which queue entries the
+    /// transaction produced (`None` when it queued nothing): its
+    /// [`WriteReceipt::tx_id`] is the `tx_id` of its outcomes, and its seq
+    /// range finds them in [`Database::outcomes_since`].
+    pub fn write_with_receipt<R, E, F>(&self, f: F) -> Result<(R, Option<WriteReceipt>), E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
+        E: From<QueueError>,
+    {
         let r = match self.offline_policy_in_force() {
             Some(policy) => self.inner.local.write_checked(f, |tx| policy.check(tx))?,
-            None => self.inner.local.write(f)?,
+            None => self.inner.local.write_with_receipt(f)?,
         };
         self.inner.upload_wake.notify_one();
         Ok(r)
-    }
-
-    /// Start syncing over `transport` with tokens from `credentials`.
-    /// Replaces an earlier connection.
-    pub fn connect(&self, transport: Arc<dyn Transport>, credentials: Arc<dyn Credentials>) {
-        self.stop_tasks();
-        let download = tokio::spawn(sync::download_loop(
-            self.inner.clone(),
-            transport.clone(),
-            credentials.clone(),
-        ));
-        let upload = tokio::spawn(sync::upload_loop(self.inner.clone(), transport, credentials));
-        self.tasks.lock().extend([download, upload]);
-    }
-
-    fn stop_tasks(&self) {
-        for t in self.tasks.lock().drain(..) {
-            t.abort();
-        }
-    }
-
-    /// Stop syncing. Local reads and writes go on; writes queue up.
-    pub async fn disconnect(&self) {
-        let tasks: Vec<JoinHandle<()>> = self.tasks.lock().drain(..).collect();
-        for t in &tasks {
-            t.abort();
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
-        self.inner.update_status(|s| {
-            s.connected = false;
-            s.connecting = false;
-            s.downloading = false;
-            s.uploading = false;
-        });
     }
 
     /// The current sync status.

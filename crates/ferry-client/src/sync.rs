@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use ferry_core::CrudEntry;
 use ferry_protocol::{
-    decode_line, Outcome, ProtocolError, Step, StreamLine, UploadRequest, UploadResponse, UploadTransaction,
+    decode_line, OpOutcome, Outcome, ProtocolError, Step, StreamLine, UploadRequest, UploadResponse, UploadTransaction,
 };
+use ferry_queue::Answer;
 use ferry_transport::{Backoff, LineStream, Transport, TransportError};
+use tokio::sync::watch;
 
 use crate::apply::plan_checkpoint_owned;
+use crate::outcomes::encode_stored;
 use crate::{ClientError, Credentials, Inner, UploadOutcome};
 
 /// How one stream session ended.
@@ -19,26 +22,51 @@ enum Ended {
     Reconnect { refresh: bool },
     /// Reconnect after backoff.
     Failed { refresh: bool },
+    /// The app stopped syncing.
+    Stopped,
 }
 
 async fn sleep_ms(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
-pub(crate) async fn download_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>, creds: Arc<dyn Credentials>) {
+pub(crate) async fn download_loop(
+    inner: Arc<Inner>,
+    transport: Arc<dyn Transport>,
+    creds: Arc<dyn Credentials>,
+    mut stop: watch::Receiver<bool>,
+) {
     let o = &inner.options;
     let mut backoff = Backoff::new(o.retry_initial_delay_ms, o.retry_max_delay_ms, o.jitter_seed);
+    let mut control = inner.control.subscribe();
     let mut refresh = false;
     loop {
-        inner.update_status(|s| s.connecting = true);
-        let ended = match stream_session(&inner, transport.as_ref(), creds.as_ref(), refresh, &mut backoff).await {
-            Ok(ended) => ended,
-            Err(e) => {
-                let unauthorized = is_unauthorized(&e);
-                tracing::debug!(error = %e, "download stream failed");
-                inner.update_status(|s| s.last_download_error = Some(e.to_string()));
-                Ended::Failed { refresh: unauthorized }
+        if *stop.borrow() {
+            return;
+        }
+        if control.borrow_and_update().downloads_paused {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = control.wait_for(|c| !c.downloads_paused) => continue,
             }
+        }
+        let resync = control.borrow().resync;
+        inner.update_status(|s| s.connecting = true);
+        // A stream ends when the app stops or pauses it or asks for a
+        // fresh one; a checkpoint being applied finishes regardless (it
+        // runs on a blocking thread).
+        let ended = tokio::select! {
+            r = stream_session(&inner, transport.as_ref(), creds.as_ref(), refresh, &mut backoff) => match r {
+                Ok(ended) => ended,
+                Err(e) => {
+                    let unauthorized = is_unauthorized(&e);
+                    tracing::debug!(error = %e, "download stream failed");
+                    inner.update_status(|s| s.last_download_error = Some(e.to_string()));
+                    Ended::Failed { refresh: unauthorized }
+                }
+            },
+            _ = stop.wait_for(|s| *s) => Ended::Stopped,
+            _ = control.wait_for(|c| c.downloads_paused || c.resync != resync) => Ended::Reconnect { refresh: false },
         };
         inner.update_status(|s| {
             s.connected = false;
@@ -46,10 +74,14 @@ pub(crate) async fn download_loop(inner: Arc<Inner>, transport: Arc<dyn Transpor
             s.downloading = false;
         });
         match ended {
+            Ended::Stopped => return,
             Ended::Reconnect { refresh: r } => refresh = r,
             Ended::Failed { refresh: r } => {
                 refresh = r;
-                sleep_ms(backoff.next_delay_ms()).await;
+                tokio::select! {
+                    () = sleep_ms(backoff.next_delay_ms()) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         }
     }
@@ -77,16 +109,25 @@ async fn stream_session(
     inner.update_status(|s| {
         s.connected = true;
         s.connecting = false;
+        s.streams_opened += 1;
+        s.server_op_id = None;
     });
     let mut lines = ParsedLines::start(stream, inner.options.max_line_bytes);
     loop {
         let Some(line) = lines.next().await? else {
             return Ok(Ended::Failed { refresh: false });
         };
-        let is_checkpoint = matches!(line, StreamLine::Checkpoint(_) | StreamLine::CheckpointDiff(_));
+        let announced = match &line {
+            StreamLine::Checkpoint(c) => Some(c.last_op_id),
+            StreamLine::CheckpointDiff(d) => Some(d.last_op_id),
+            _ => None,
+        };
         let step = inner.download.lock().handle(line)?;
-        if is_checkpoint {
-            inner.update_status(|s| s.downloading = true);
+        if let Some(op_id) = announced {
+            inner.update_status(|s| {
+                s.downloading = true;
+                s.server_op_id = Some(op_id);
+            });
         }
         match step {
             Step::Continue => {}
@@ -97,6 +138,11 @@ async fn stream_session(
                 // download state into the batch; the download keeps their
                 // positions until told the outcome.
                 let last_op_id = tokio::task::spawn_blocking(move || -> Result<u64, ClientError> {
+                    // Local writes from now on order after every clock of
+                    // this data (the server's clock covers them).
+                    if let Some(hlc) = &apply.hlc {
+                        task_inner.local.observe_server(hlc);
+                    }
                     let receipt = apply.receipt();
                     let applied = plan_checkpoint_owned(task_inner.local.store().as_ref(), apply)
                         .map_err(ClientError::from)
@@ -229,11 +275,15 @@ fn group(entries: Vec<CrudEntry>) -> Vec<UploadTransaction> {
 }
 
 /// The next upload: whole transactions, up to the batch size (a larger
-/// transaction goes alone).
-fn next_upload(inner: &Inner) -> Result<Vec<UploadTransaction>, ClientError> {
+/// transaction goes alone), or only the first when `alone`.
+fn next_upload(inner: &Inner, alone: bool) -> Result<Vec<UploadTransaction>, ClientError> {
     let limit = inner.options.upload_batch_entries.max(1);
-    let entries = inner.local.next_batch(limit + 1)?;
-    if entries.len() <= limit {
+    let entries = if alone {
+        Vec::new()
+    } else {
+        inner.local.next_batch(limit + 1)?
+    };
+    if !alone && entries.len() <= limit {
         return Ok(group(entries));
     }
     let mut txs = group(entries);
@@ -255,7 +305,23 @@ fn next_upload(inner: &Inner) -> Result<Vec<UploadTransaction>, ClientError> {
         .unwrap_or_default())
 }
 
-pub(crate) async fn upload_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>, creds: Arc<dyn Credentials>) {
+/// What one upload attempt did.
+enum Sent {
+    /// The queue was empty.
+    Nothing,
+    /// An answer was stored (or a refused transaction rolled back).
+    Answered,
+    /// The server refused a request of several transactions: send the
+    /// first alone to find the one it refuses.
+    RetryAlone,
+}
+
+pub(crate) async fn upload_loop(
+    inner: Arc<Inner>,
+    transport: Arc<dyn Transport>,
+    creds: Arc<dyn Credentials>,
+    mut stop: watch::Receiver<bool>,
+) {
     let o = &inner.options;
     let mut backoff = Backoff::new(
         o.retry_initial_delay_ms,
@@ -263,17 +329,34 @@ pub(crate) async fn upload_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>
         o.jitter_seed ^ 0x9e37_79b9,
     );
     let poll = Duration::from_millis(o.upload_poll_interval_ms.max(1));
+    let mut control = inner.control.subscribe();
     let mut refresh = false;
+    let mut alone = false;
     loop {
-        match upload_once(&inner, transport.as_ref(), creds.as_ref(), refresh).await {
-            Ok(true) => {
+        if *stop.borrow() {
+            return;
+        }
+        if control.borrow_and_update().uploads_paused {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = control.wait_for(|c| !c.uploads_paused) => continue,
+            }
+        }
+        // An upload in flight is not cut off by a stop: its answer is
+        // stored first (disconnect bounds the wait).
+        match upload_once(&inner, transport.as_ref(), creds.as_ref(), refresh, alone).await {
+            Ok(Sent::Answered) => {
                 backoff.reset();
                 refresh = false;
-                continue; // more may be waiting
+                alone = false;
             }
-            Ok(false) => {
+            Ok(Sent::RetryAlone) => alone = true,
+            Ok(Sent::Nothing) => {
                 refresh = false;
-                let _ = tokio::time::timeout(poll, inner.upload_wake.notified()).await;
+                tokio::select! {
+                    _ = tokio::time::timeout(poll, inner.upload_wake.notified()) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
             Err(e) => {
                 refresh = is_unauthorized(&e);
@@ -282,22 +365,26 @@ pub(crate) async fn upload_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>
                     s.uploading = false;
                     s.last_upload_error = Some(e.to_string());
                 });
-                sleep_ms(backoff.next_delay_ms()).await;
+                tokio::select! {
+                    () = sleep_ms(backoff.next_delay_ms()) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         }
     }
 }
 
-/// Send one upload batch. `Ok(false)` when the queue is empty.
+/// Send one upload batch and store its answer.
 async fn upload_once(
     inner: &Arc<Inner>,
     transport: &dyn Transport,
     creds: &dyn Credentials,
     refresh: bool,
-) -> Result<bool, ClientError> {
-    let transactions = next_upload(inner)?;
+    alone: bool,
+) -> Result<Sent, ClientError> {
+    let transactions = next_upload(inner, alone)?;
     let Some(last_seq) = transactions.last().and_then(|t| t.ops.last()).map(|e| e.seq) else {
-        return Ok(false);
+        return Ok(Sent::Nothing);
     };
     inner.update_status(|s| s.uploading = true);
     let token = creds.token(refresh).await?;
@@ -306,40 +393,107 @@ async fn upload_once(
         transactions,
     };
     let body = serde_json::to_vec(&request).map_err(|e| ClientError::Task(e.to_string()))?;
-    let answer = transport.upload(&token, body).await?;
-    let response: UploadResponse = decode_line(&answer, inner.options.max_line_bytes)?;
+    let response = match transport.upload(&token, body).await {
+        Ok(answer) => decode_line::<UploadResponse>(&answer, inner.options.max_line_bytes)?,
+        // The server refuses the request itself (malformed, too large): the
+        // same bytes would be refused forever and block every later write.
+        Err(TransportError::Refused(reason)) => {
+            if request.transactions.len() > 1 {
+                return Ok(Sent::RetryAlone);
+            }
+            refused_answer(&request, &reason)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    check_answer(&request, &response)?;
+    if let Some(hlc) = &response.hlc {
+        inner.local.observe_server(hlc);
+    }
     // Which transaction each seq belongs to, for the outcomes.
     let tx_by_seq: std::collections::HashMap<u64, u64> = request
         .transactions
         .iter()
         .flat_map(|t| t.ops.iter().map(move |e| (e.seq, t.tx_id)))
         .collect();
-    let rejected: Vec<(u64, String)> = response
+    let outcomes: Vec<UploadOutcome> = response
         .outcomes
-        .iter()
-        .filter_map(|o| match &o.outcome {
-            Outcome::Rejected { reason } => Some((o.seq, reason.clone())),
-            _ => None,
+        .into_iter()
+        .map(|outcome| UploadOutcome {
+            tx_id: tx_by_seq.get(&outcome.seq).copied().unwrap_or(0),
+            outcome,
         })
         .collect();
-    let now = inner.clock.now_ms();
+    let answer = Answer {
+        through_seq: last_seq,
+        rejected: outcomes
+            .iter()
+            .filter_map(|o| match &o.outcome.outcome {
+                Outcome::Rejected { reason } => Some((o.outcome.seq, reason.clone())),
+                _ => None,
+            })
+            .collect(),
+        outcomes: outcomes
+            .iter()
+            .map(|o| Ok((o.outcome.seq, encode_stored(o)?)))
+            .collect::<Result<_, ClientError>>()?,
+        at_ms: inner.clock.now_ms(),
+    };
     let task_inner = inner.clone();
+    // Stored and then broadcast on a blocking thread, which runs to the end
+    // even if this task is aborted: an app listening gets every outcome
+    // whose answer was stored, and the store has all of them.
     tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
-        task_inner.local.reject(&rejected, now)?;
-        task_inner.local.complete(last_seq)?;
+        task_inner.local.answer(&answer)?;
+        for outcome in outcomes {
+            let _ = task_inner.outcomes.send(outcome);
+        }
         Ok(())
     })
     .await
     .map_err(|e| ClientError::Task(e.to_string()))??;
-    for outcome in response.outcomes {
-        let _ = inner.outcomes.send(UploadOutcome {
-            tx_id: tx_by_seq.get(&outcome.seq).copied().unwrap_or(0),
-            outcome,
-        });
-    }
     inner.update_status(|s| {
         s.uploading = false;
         s.last_upload_error = None;
     });
-    Ok(true)
+    Ok(Sent::Answered)
+}
+
+/// The answer for a transaction the server refused whole: every op
+/// rejected with the server's reason (rolled back and logged).
+fn refused_answer(request: &UploadRequest, reason: &str) -> UploadResponse {
+    let outcomes = request
+        .transactions
+        .iter()
+        .flat_map(|t| &t.ops)
+        .map(|e| OpOutcome {
+            seq: e.seq,
+            outcome: Outcome::Rejected {
+                reason: format!("the server refused the upload: {reason}"),
+            },
+        })
+        .collect();
+    UploadResponse {
+        outcomes,
+        write_checkpoint: 0,
+        hlc: None,
+    }
+}
+
+/// An answer must carry exactly one outcome for every op sent, or some
+/// write would go without one: such an answer is not stored (the upload is
+/// retried).
+fn check_answer(request: &UploadRequest, response: &UploadResponse) -> Result<(), ClientError> {
+    let sent: Vec<u64> = request
+        .transactions
+        .iter()
+        .flat_map(|t| &t.ops)
+        .map(|e| e.seq)
+        .collect();
+    let answered: Vec<u64> = response.outcomes.iter().map(|o| o.seq).collect();
+    if sent != answered {
+        return Err(ClientError::Protocol(ProtocolError::Unexpected(
+            "upload answer does not carry one outcome per op sent, in order",
+        )));
+    }
+    Ok(())
 }

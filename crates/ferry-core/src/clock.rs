@@ -165,6 +165,17 @@ impl<C: Clock> HybridClock<C> {
         }
     }
 
+    /// Move past `remote` without a skew bound, for timestamps from a
+    /// trusted source (the server): the next [`HybridClock::now`] is
+    /// greater than `remote`.
+    pub fn advance_to(&self, remote: &HlcTimestamp) {
+        let mut last = self.lock();
+        let remote_pair = (remote.wall_ms, remote.counter);
+        if remote_pair > *last {
+            *last = remote_pair;
+        }
+    }
+
     /// Take in a remote timestamp so later local ones order after it.
     /// Refuses one further ahead of local wall time than the skew bound.
     pub fn observe(&self, remote: &HlcTimestamp) -> Result<(), CoreError> {
@@ -175,11 +186,7 @@ impl<C: Clock> HybridClock<C> {
                 max_skew_ms: self.max_skew_ms,
             });
         }
-        let mut last = self.lock();
-        let remote_pair = (remote.wall_ms, remote.counter);
-        if remote_pair > *last {
-            *last = remote_pair;
-        }
+        self.advance_to(remote);
         Ok(())
     }
 }

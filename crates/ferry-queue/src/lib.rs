@@ -33,8 +33,11 @@ use ferry_store::{BatchOp, OverlayEntry, Store, StoreError, WriteBatch};
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
+mod answer;
+mod os_random;
 mod record;
 
+pub use answer::{Answer, WriteReceipt, META_OUTCOME_PREFIX};
 pub use record::{record_from_row, record_to_row, Record};
 
 /// Metadata key holding the next client sequence number.
@@ -115,6 +118,9 @@ pub enum QueueError {
         /// Why, naming the refused change.
         reason: String,
     },
+    /// The operating system's random source failed (client id generation).
+    #[error("no random bytes from the operating system: {0}")]
+    Random(String),
     /// A record could not be converted to or from a row.
     #[error("record for table {table:?}: {message}")]
     Record {
@@ -187,6 +193,7 @@ struct Counters {
 pub struct LocalDb {
     store: Arc<dyn Store>,
     limits: Limits,
+    max_outcomes_kept: u64,
     client_id: String,
     hlc: HybridClock<Arc<dyn Clock>>,
     counters: Mutex<Counters>,
@@ -244,8 +251,12 @@ pub struct LocalDbOptions {
     /// Wall time for the hybrid logical clock that stamps every write.
     pub clock: Arc<dyn Clock>,
     /// Seed for the client id generated on first open (ignored once the
-    /// store holds one). `None` derives one from the clock.
+    /// store holds one), for deterministic tests. `None` (the default):
+    /// a random UUID v4 from the operating system.
     pub client_id_seed: Option<u64>,
+    /// Most upload outcomes kept in the store for
+    /// [`LocalDb::outcome_record`] (the oldest are dropped).
+    pub max_outcomes_kept: u64,
     /// Accepted skew of remote timestamps, for [`LocalDb::observe`].
     pub max_clock_skew_ms: u64,
 }
@@ -256,6 +267,7 @@ impl Default for LocalDbOptions {
             limits: Limits::default(),
             clock: Arc::new(SystemClock),
             client_id_seed: None,
+            max_outcomes_kept: 10_000,
             max_clock_skew_ms: 5 * 60 * 1000,
         }
     }
@@ -273,14 +285,20 @@ impl LocalDb {
             limits,
             clock,
             client_id_seed,
+            max_outcomes_kept,
             max_clock_skew_ms,
         } = options;
         let client_id = match store.get_meta(META_CLIENT_ID)? {
             Some(bytes) => String::from_utf8(bytes)
                 .map_err(|_| StoreError::Corrupt(format!("metadata {META_CLIENT_ID} is not utf-8")))?,
             None => {
-                let seed = client_id_seed.unwrap_or_else(|| clock.now_ms() ^ u64::from(std::process::id()) << 40);
-                let id = SeededRandom::new(seed).uuid();
+                // Two devices must never share an id: without a seed (tests
+                // and simulations pass one) it is a UUID v4 from the
+                // operating system's random source.
+                let id = match client_id_seed {
+                    Some(seed) => SeededRandom::new(seed).uuid(),
+                    None => os_random::uuid_v4()?,
+                };
                 let mut batch = WriteBatch::new();
                 batch.put_meta(META_CLIENT_ID, id.clone().into_bytes());
                 store.apply(batch)?;
@@ -308,6 +326,7 @@ impl LocalDb {
         Ok(LocalDb {
             store,
             limits,
+            max_outcomes_kept,
             client_id,
             hlc,
             observer: RwLock::new(None),
@@ -341,6 +360,14 @@ impl LocalDb {
     /// writes order after it.
     pub fn observe(&self, remote: &HlcTimestamp) -> QueueResult<()> {
         Ok(self.hlc.observe(remote)?)
+    }
+
+    /// Take in a timestamp the server sent (a checkpoint's or an upload
+    /// answer's clock): later local writes order after it, however far
+    /// this device's clock lags. The server is trusted here, unlike
+    /// [`LocalDb::observe`], which bounds the skew.
+    pub fn observe_server(&self, server: &HlcTimestamp) {
+        self.hlc.advance_to(server);
     }
 
     /// The limits in force.
@@ -378,6 +405,17 @@ impl LocalDb {
     /// Run `f` over a write transaction and commit what it did as one store
     /// batch. If `f` returns an error, nothing is written.
     pub fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
+        E: From<QueueError>,
+    {
+        self.write_with_receipt(f).map(|(value, _)| value)
+    }
+
+    /// [`write`](Self::write), also returning which queue entries the
+    /// transaction produced (`None` when it queued nothing), to match
+    /// with upload outcomes.
+    pub fn write_with_receipt<R, E, F>(&self, f: F) -> Result<(R, Option<WriteReceipt>), E>
     where
         F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
         E: From<QueueError>,
@@ -440,9 +478,14 @@ impl LocalDb {
             batch.put_meta(META_NEXT_TX, (tx_id + 1).to_be_bytes().to_vec());
         }
         if batch.is_empty() {
-            return Ok(value);
+            return Ok((value, None));
         }
         self.store.apply(batch).map_err(QueueError::from)?;
+        let receipt = (n_ops > 0).then(|| WriteReceipt {
+            tx_id,
+            first_seq: counters.next_seq,
+            last_seq: seq - 1,
+        });
         if n_ops > 0 {
             counters.next_seq = seq;
             counters.next_tx_id = tx_id + 1;
@@ -450,20 +493,20 @@ impl LocalDb {
             counters.stored_len += n_ops as u64;
         }
         self.notify(ChangeSource::LocalWrite, &changed);
-        Ok(value)
+        Ok((value, receipt))
     }
 
     /// [`write`](Self::write) with a pre-commit check: after `f` returned
     /// `Ok`, `check` sees the transaction (its queued ops through
     /// [`WriteTx::ops`], rows before and after) and may refuse it, in which
     /// case nothing is written and its error is returned.
-    pub fn write_checked<R, E, F, C>(&self, f: F, check: C) -> Result<R, E>
+    pub fn write_checked<R, E, F, C>(&self, f: F, check: C) -> Result<(R, Option<WriteReceipt>), E>
     where
         F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
         C: FnOnce(&WriteTx<'_>) -> Result<(), QueueError>,
         E: From<QueueError>,
     {
-        self.write(|tx| {
+        self.write_with_receipt(|tx| {
             let value = f(tx)?;
             check(tx)?;
             Ok(value)
@@ -529,46 +572,12 @@ impl LocalDb {
     /// Record that the server answered for every entry through `through_seq`:
     /// they leave the upload queue. They stay stored (and keep shaping the
     /// visible state) until [`LocalDb::confirm_through`] covers them.
+    /// [`LocalDb::answer`] does this together with rejections and outcomes.
     pub fn complete(&self, through_seq: u64) -> QueueResult<()> {
-        let mut counters = self.counters.lock();
-        if through_seq >= counters.next_seq {
-            return Err(QueueError::InvalidSeq {
-                seq: through_seq,
-                reason: "beyond the last queued entry",
-            });
-        }
-        if through_seq <= counters.completed_through {
-            return Ok(());
-        }
-        let mut removed = 0u64;
-        let mut from = counters.completed_through + 1;
-        'count: loop {
-            let page = self.store.queue_from(from, PAGE_ENTRIES)?;
-            let full = page.len() == PAGE_ENTRIES;
-            for e in &page {
-                if e.seq > through_seq {
-                    break 'count;
-                }
-                removed += 1;
-                from = e.seq + 1;
-            }
-            if !full {
-                break;
-            }
-        }
-        let mut batch = WriteBatch::new();
-        batch.put_meta(META_COMPLETED_THROUGH, through_seq.to_be_bytes().to_vec());
-        // A checkpoint may already have covered these entries (its write
-        // checkpoint arrived before this answer): confirm them now, in the
-        // same batch, or nothing would ever drop them.
-        let wc = counters.server_write_checkpoint.min(through_seq);
-        let (changed, confirmed) = self.confirm_into(&mut batch, wc)?;
-        self.store.apply(batch)?;
-        counters.completed_through = through_seq;
-        counters.upload_len -= removed;
-        counters.stored_len -= confirmed;
-        self.notify(ChangeSource::Server, &changed);
-        Ok(())
+        self.answer(&Answer {
+            through_seq,
+            ..Answer::default()
+        })
     }
 
     /// Drop every entry through `through_seq` (a checkpoint's write
@@ -602,9 +611,11 @@ impl LocalDb {
             counters.server_write_checkpoint = counters.server_write_checkpoint.max(wc);
         }
         // Entries whose outcome has not reached the app yet stay pending;
-        // `complete` confirms them when it arrives.
+        // `answer` confirms them when it arrives.
         let wc = counters.server_write_checkpoint.min(counters.completed_through);
-        let (changed, confirmed) = self.confirm_into(&mut batch, wc)?;
+        let entries = self.store.queue_from(0, usize::MAX)?;
+        let mut rejected = self.rejected_seqs()?;
+        let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut rejected, BTreeSet::new())?;
         if batch.is_empty() {
             return Ok(());
         }
@@ -618,11 +629,20 @@ impl LocalDb {
 
     /// Add to `batch` (which may hold synced-layer changes): dropping
     /// queue entries through `wc` and rebasing every row that has pending
-    /// entries left and a synced change in the batch, or had confirmed
-    /// entries. Returns the rows whose visible value may change and the
-    /// number of entries dropped.
-    fn confirm_into(&self, batch: &mut WriteBatch, wc: u64) -> QueueResult<(ChangedRows, u64)> {
-        let entries = self.store.queue_from(0, usize::MAX)?;
+    /// entries left and a synced change in the batch, had confirmed
+    /// entries, or is in `touched` already (rows of newly rejected
+    /// entries). `entries` is the whole stored queue, `rejected` the
+    /// rejected seqs (pruned here of confirmed ones; written to the batch
+    /// when that changes them). Returns the rows whose visible value may
+    /// change and the number of entries dropped.
+    fn confirm_into(
+        &self,
+        batch: &mut WriteBatch,
+        wc: u64,
+        entries: &[CrudEntry],
+        rejected: &mut BTreeSet<u64>,
+        mut touched: ChangedRows,
+    ) -> QueueResult<(ChangedRows, u64)> {
         let confirmed = entries.iter().take_while(|e| e.seq <= wc).count() as u64;
         // Every row the batch changes in the synced layer is reported
         // (collected in a vector first: a large download's rows come
@@ -647,9 +667,7 @@ impl LocalDb {
         }
         drop(queued);
         let changed_synced: ChangedRows = changed_synced.into_iter().collect();
-        let mut rejected = self.rejected_seqs()?;
-        let mut touched: ChangedRows = BTreeSet::new();
-        for e in &entries {
+        for e in entries {
             let key = (e.op.table().to_owned(), e.op.id().to_owned());
             if e.seq <= wc || synced_after.contains_key(&key) {
                 touched.insert(key);
@@ -664,7 +682,7 @@ impl LocalDb {
             let before = rejected.len();
             rejected.retain(|seq| *seq > wc);
             if rejected.len() != before {
-                batch.put_meta(META_REJECTED_SEQS, encode_seqs(&rejected));
+                batch.put_meta(META_REJECTED_SEQS, encode_seqs(rejected));
             }
         }
         self.rebase_into(batch, &touched, &remaining, &synced_after)?;
@@ -683,34 +701,12 @@ impl LocalDb {
         if rejections.is_empty() {
             return Ok(());
         }
-        let _counters = self.counters.lock();
-        let entries = self.store.queue_from(0, usize::MAX)?;
-        let mut rejected = self.rejected_seqs()?;
-        let mut log = self.rejections()?;
-        let mut touched = BTreeSet::new();
-        for (seq, reason) in rejections {
-            let Some(e) = entries.iter().find(|e| e.seq == *seq) else {
-                continue; // already confirmed: nothing left to roll back
-            };
-            if rejected.insert(*seq) {
-                touched.insert((e.op.table().to_owned(), e.op.id().to_owned()));
-                log.push(Rejection {
-                    entry: e.clone(),
-                    reason: reason.clone(),
-                    at_ms,
-                });
-            }
-        }
-        let excess = log.len().saturating_sub(self.limits.max_rejections_logged);
-        log.drain(..excess);
-        let remaining: Vec<&CrudEntry> = entries.iter().filter(|e| !rejected.contains(&e.seq)).collect();
-        let mut batch = WriteBatch::new();
-        batch.put_meta(META_REJECTED_SEQS, encode_seqs(&rejected));
-        batch.put_meta(META_REJECTIONS, encode_rejections(&log)?);
-        self.rebase_into(&mut batch, &touched, &remaining, &BTreeMap::new())?;
-        self.store.apply(batch)?;
-        self.notify(ChangeSource::Rollback, &touched);
-        Ok(())
+        self.answer(&Answer {
+            through_seq: self.completed_through(),
+            rejected: rejections.to_vec(),
+            at_ms,
+            ..Answer::default()
+        })
     }
 
     /// Call `observer` after every committed change of the visible state,
