@@ -31,7 +31,12 @@ pub struct ServiceOptions {
     pub keepalive_interval_s: u64,
     /// Most op log entries in one `data` line.
     pub max_ops_per_line: usize,
-    /// About the most row bytes in one `data` line.
+    /// Most bytes of one encoded `data` line, newline included (as a
+    /// transport writes it): a line is cut before an entry that would pass
+    /// it, and holds at least one entry. Must stay at or below the
+    /// clients' line limit, `ferry_protocol::DEFAULT_MAX_LINE_BYTES`
+    /// (clients refuse longer lines, so a bucket holding one would never
+    /// sync); [`SyncServiceBuilder::build`] refuses more.
     pub max_line_bytes: usize,
     /// Most streams open at once; more are refused (retryable).
     pub max_concurrent_streams: usize,
@@ -144,7 +149,17 @@ impl SyncServiceBuilder {
 
     /// Create the schema's tables and build the service. Strategies of
     /// the sync rules' `[[strategies]]` apply to tables given none here.
+    /// Options a client could not follow are refused before anything is
+    /// created (`ServiceError::Config`): a `max_line_bytes` above
+    /// `ferry_protocol::DEFAULT_MAX_LINE_BYTES`.
     pub fn build(mut self) -> Result<SyncService> {
+        let max_line_bytes = self.options.max_line_bytes;
+        if max_line_bytes > ferry_protocol::DEFAULT_MAX_LINE_BYTES {
+            return Err(ServiceError::Config(format!(
+                "max_line_bytes of {max_line_bytes} bytes exceeds the clients' line limit of {} bytes",
+                ferry_protocol::DEFAULT_MAX_LINE_BYTES
+            )));
+        }
         self.db.migrate(self.rules.schema())?;
         for st in self.rules.strategies() {
             if !self.strategies.contains_key(&st.table) {
@@ -843,7 +858,13 @@ impl StreamOut for StreamLine {
         max_bytes: usize,
         _size_hint_bytes: &mut usize,
     ) -> Result<Option<(Self, usize, u64)>> {
-        let ops = db.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
+        let mut ops = db.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
+        // Measure the encoding (what a transport writes for this line): keep
+        // the entries that fit in `max_bytes`, at least one. The rest come
+        // in the next line.
+        let mut measure = DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes);
+        let fit = ops.iter().take_while(|e| measure.push_entry(e)).count();
+        ops.truncate(fit);
         let Some(last) = ops.last().map(|o| o.op_id) else {
             return Ok(None);
         };
@@ -871,8 +892,13 @@ impl StreamOut for ServerLine {
         size_hint_bytes: &mut usize,
     ) -> Result<Option<(Self, usize, u64)>> {
         let reserve = size_hint_bytes.saturating_add(*size_hint_bytes / 8);
-        let mut line = DataLineWriter::new(bucket, reserve.min(MAX_ENCODED_LINE_RESERVE_BYTES));
-        let Some(last) = db.read_ops_into(bucket, after_op_id, up_to_op_id, max_ops, max_bytes, &mut line)? else {
+        let reserve = reserve.min(MAX_ENCODED_LINE_RESERVE_BYTES).min(max_bytes);
+        // The writer itself refuses entries past `max_bytes` of encoded
+        // line, whatever the database pushes, so the last op id is the
+        // writer's (the database's may name an entry it refused).
+        let mut line = DataLineWriter::new(bucket, reserve).with_max_line_bytes(max_bytes);
+        db.read_ops_into(bucket, after_op_id, up_to_op_id, max_ops, max_bytes, &mut line)?;
+        let Some(last) = line.last_op_id() else {
             return Ok(None);
         };
         let n = line.ops();

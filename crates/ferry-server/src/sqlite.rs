@@ -412,17 +412,16 @@ impl SourceTx for SqliteTx<'_> {
 }
 
 /// Visit a bucket's op log entries after `after_op_id` through
-/// `up_to_op_id` in op id order, at most `max_ops`, until the stored row
-/// data seen reaches `max_bytes` or `visit` returns `false`. Columns:
-/// op_id, op, tbl, row_id, data, checksum.
+/// `up_to_op_id` in op id order, at most `max_ops`, until `visit` returns
+/// `false` (it did not take the entry: the line is full). Columns: op_id,
+/// op, tbl, row_id, data, checksum.
 fn scan_ops(
     conn: &Connection,
     bucket: &str,
     after_op_id: u64,
     up_to_op_id: u64,
     max_ops: usize,
-    max_bytes: usize,
-    mut visit: impl FnMut(&rusqlite::Row<'_>) -> Result<()>,
+    mut visit: impl FnMut(&rusqlite::Row<'_>) -> Result<bool>,
 ) -> Result<()> {
     let mut stmt = conn.prepare_cached(
         "SELECT op_id, op, tbl, row_id, data, checksum FROM ferry_oplog
@@ -435,17 +434,29 @@ fn scan_ops(
         i64::try_from(up_to_op_id).unwrap_or(i64::MAX),
         limit
     ])?;
-    let mut bytes = 0usize;
     while let Some(r) = rows.next()? {
-        if let ValueRef::Text(t) = r.get_ref(4)? {
-            bytes += t.len();
-        }
-        visit(r)?;
-        if bytes >= max_bytes {
+        if !visit(r)? {
             break;
         }
     }
     Ok(())
+}
+
+/// Add the entry of `r` (a [`scan_ops`] row) to `line`, its stored row
+/// JSON copied; false when it did not fit.
+fn push_row(line: &mut DataLineWriter, r: &rusqlite::Row<'_>) -> Result<bool> {
+    let data = match r.get_ref(4)? {
+        ValueRef::Text(t) => Some(t),
+        _ => None,
+    };
+    Ok(line.push_raw(
+        r.get::<_, i64>(0)? as u64,
+        op_of(r)?,
+        opt_text(r.get_ref(2)?, "table")?,
+        opt_text(r.get_ref(3)?, "row id")?,
+        data,
+        r.get::<_, i64>(5)? as u32,
+    ))
 }
 
 fn op_of(r: &rusqlite::Row<'_>) -> Result<OpKind> {
@@ -464,7 +475,15 @@ fn read_ops_in(
     max_bytes: usize,
 ) -> Result<Vec<OplogEntry>> {
     let mut out = Vec::new();
-    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes, |r| {
+    // `max_bytes` bounds the encoded `data` line of the entries, as for
+    // `read_ops_into_in`: measured (and dropped) when bounded.
+    let mut measure = (max_bytes < usize::MAX).then(|| DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes));
+    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, |r| {
+        if let Some(line) = &mut measure {
+            if !push_row(line, r)? {
+                return Ok(false);
+            }
+        }
         let data = match r.get_ref(4)? {
             ValueRef::Text(t) => Some(serde_json::from_slice::<RowData>(t).map_err(|e| corrupt("row data", e))?),
             _ => None,
@@ -477,7 +496,7 @@ fn read_ops_in(
             data,
             checksum: r.get::<_, i64>(5)? as u32,
         });
-        Ok(())
+        Ok(true)
     })?;
     Ok(out)
 }
@@ -491,7 +510,10 @@ fn opt_text<'a>(v: ValueRef<'a>, what: &str) -> Result<Option<&'a str>> {
 }
 
 /// [`read_ops_in`] appending to an encoded line: the stored row JSON (what
-/// `serde_json` wrote for the row) is copied, never parsed.
+/// `serde_json` wrote for the row) is copied, never parsed. The line is cut
+/// before an entry that would take it past `max_bytes` encoded bytes
+/// (newline included; at least one entry per line), or past the line's own
+/// limit when that is lower.
 fn read_ops_into_in(
     conn: &Connection,
     bucket: &str,
@@ -501,23 +523,14 @@ fn read_ops_into_in(
     max_bytes: usize,
     line: &mut DataLineWriter,
 ) -> Result<Option<u64>> {
+    line.lower_max_line_bytes(max_bytes);
     let mut last = None;
-    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes, |r| {
-        let data = match r.get_ref(4)? {
-            ValueRef::Text(t) => Some(t),
-            _ => None,
-        };
-        let op_id = r.get::<_, i64>(0)? as u64;
-        line.push_raw(
-            op_id,
-            op_of(r)?,
-            opt_text(r.get_ref(2)?, "table")?,
-            opt_text(r.get_ref(3)?, "row id")?,
-            data,
-            r.get::<_, i64>(5)? as u32,
-        );
-        last = Some(op_id);
-        Ok(())
+    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, |r| {
+        if !push_row(line, r)? {
+            return Ok(false);
+        }
+        last = line.last_op_id();
+        Ok(true)
     })?;
     Ok(last)
 }
