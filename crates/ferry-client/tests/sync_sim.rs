@@ -3,9 +3,16 @@
 //! lines, delayed, duplicated and reordered lines, broken streams, failed,
 //! lost and repeated uploads, and offline periods, under each conflict
 //! strategy for the tickets table (column and row last-write-wins, domain
-//! rules, manual resolution, audit log). Whatever happens, at the end every
-//! client's tickets equal the server's, and every write a client made got
-//! an outcome (applied, merged, rejected with a reason, or needs review).
+//! rules, manual resolution, audit log). The fleet is what an integrator
+//! meets: two devices per user opened at once with default options (the
+//! library picks their ids), device clocks seconds slow or fast, one app
+//! version whose schema lacks a server column, apps that disconnect and
+//! reconnect in a loop, and blind writes to rows of another user's private
+//! bucket. Whatever happens, at the end every client's tickets equal the
+//! server's, every write a client made has exactly one durable outcome
+//! (applied, merged, rejected with a reason, or needs review), and no
+//! client holds a private row of another user: not in its store, its
+//! outcomes or its rejections log.
 
 mod common;
 
@@ -13,9 +20,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use common::*;
-use ferry_core::{row_data, SystemClock, Value};
-use ferry_queue::QueueError;
-use ferry_transport::{FaultConfig, SyncHandler};
+use ferry_client::{ClientOptions, Database, StaticToken};
+use ferry_core::{row_data, Clock, Schema, SystemClock, Table, Value};
+use ferry_queue::{LocalDbOptions, QueueError};
+use ferry_server::{SqliteSourceDb, SyncRules, SyncService};
+use ferry_sqlite::SqliteStore;
+use ferry_transport::{FaultConfig, SyncHandler, Transport};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -37,9 +47,22 @@ enum Action {
     Toggle { client: usize },
     /// Let time pass.
     Pause { ms: u8 },
+    /// The app disconnects and connects again.
+    Reconnect { client: usize },
+    /// Client writes a private note of its own user.
+    Note { client: usize, note: usize },
+    /// Client writes blindly (an upsert of an id it cannot see) to a note
+    /// of another user.
+    BlindNote { client: usize, note: usize },
 }
 
-const CLIENTS: usize = 3;
+/// Two devices per user: clients `2u` and `2u + 1` are user `u`'s.
+const CLIENTS: usize = 4;
+const NOTES: usize = 3;
+/// Device clock offsets from real time, ms: one slow, one fast.
+const CLOCK_OFFSETS_MS: [i64; CLIENTS] = [0, -4_000, 3_000, 0];
+/// The client whose app version does not know the `description` column.
+const OLD_SCHEMA_CLIENT: usize = 3;
 const TICKETS: usize = 4;
 const STATUSES: [&str; 3] = ["pending", "in_progress", "done"];
 
@@ -51,8 +74,11 @@ fn action() -> impl Strategy<Value = Action> {
         4 => (c.clone(), t.clone(), 0u8..3).prop_map(|(client, ticket, status)| Action::Patch { client, ticket, status }),
         1 => (c.clone(), t).prop_map(|(client, ticket)| Action::Delete { client, ticket }),
         1 => c.clone().prop_map(|client| Action::Bad { client }),
-        2 => c.prop_map(|client| Action::Toggle { client }),
+        2 => c.clone().prop_map(|client| Action::Toggle { client }),
         2 => (0u8..20).prop_map(|ms| Action::Pause { ms }),
+        1 => c.clone().prop_map(|client| Action::Reconnect { client }),
+        1 => (c.clone(), 0..NOTES).prop_map(|(client, note)| Action::Note { client, note }),
+        1 => (c, 0..NOTES).prop_map(|(client, note)| Action::BlindNote { client, note }),
     ]
 }
 
@@ -75,25 +101,97 @@ fn strategy(seed: u64) -> (&'static str, Arc<dyn ferry_server::ConflictStrategy>
     }
 }
 
+fn user(client: usize) -> String {
+    format!("user{}", client / 2)
+}
+
+/// A device clock `offset_ms` off real time.
+#[derive(Debug)]
+struct OffsetClock {
+    offset_ms: i64,
+}
+
+impl Clock for OffsetClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add_signed(self.offset_ms)
+    }
+}
+
+/// The ticket-tracker rules plus a private table: each user's notes go to
+/// a bucket of that user only.
+fn rules() -> SyncRules {
+    let text = format!(
+        "{}\n{}",
+        include_str!("../../ferry-server/examples/ticket-tracker.toml"),
+        r#"
+[[tables]]
+name = "notes"
+columns = [{ name = "owner", type = "text" }, { name = "body", type = "text" }]
+
+[[buckets]]
+name = "my_notes"
+parameters = ["sub"]
+data = [{ table = "notes", where = { owner = "sub" } }]
+"#
+    );
+    SyncRules::from_toml(&text).expect("rules")
+}
+
+fn schema_of(client: usize, rules: &SyncRules) -> Schema {
+    let mut schema = client_schema();
+    let notes = rules.schema().table("notes").expect("notes").clone();
+    let mut tables: Vec<Table> = schema.tables().cloned().collect();
+    tables.push(notes);
+    if client == OLD_SCHEMA_CLIENT {
+        for t in tables.iter_mut().filter(|t| t.name == "tickets") {
+            t.columns.retain(|c| c.name != "description");
+        }
+    }
+    schema = Schema::new(tables).expect("client schema");
+    schema
+}
+
 async fn run(seed: u64, actions: Vec<Action>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let (strategy_name, tickets_strategy) = strategy(seed);
-    let svc = service_with(&dir.path().join("server"), Some(tickets_strategy));
+    let rules = rules();
+    let db = SqliteSourceDb::open_dir(&dir.path().join("server")).expect("source db");
+    let svc = Arc::new(
+        SyncService::builder(Arc::new(db), rules.clone(), SECRET)
+            .strategy("tickets", tickets_strategy)
+            .build()
+            .expect("service"),
+    );
     let handler: Arc<dyn SyncHandler> = svc.clone();
     let mut clients = Vec::new();
     let mut nets = Vec::new();
     let mut outcomes = Vec::new();
+    // Every device opened at once, with the library's own client ids.
     for i in 0..CLIENTS {
         let cdir = dir.path().join(format!("client{i}"));
         std::fs::create_dir_all(&cdir).expect("client dir");
-        let db = client(&cdir, seed.wrapping_add(i as u64), Arc::new(SystemClock));
+        let store = SqliteStore::open(cdir.join("client.db"), schema_of(i, &rules)).expect("client store");
+        let options = ClientOptions {
+            local: LocalDbOptions {
+                clock: Arc::new(OffsetClock {
+                    offset_ms: CLOCK_OFFSETS_MS[i],
+                }),
+                ..LocalDbOptions::default()
+            },
+            retry_initial_delay_ms: 5,
+            retry_max_delay_ms: 50,
+            jitter_seed: seed.wrapping_add(i as u64),
+            upload_poll_interval_ms: 20,
+            ..ClientOptions::default()
+        };
+        let db = Database::open(Arc::new(store), options).expect("open client");
         outcomes.push(db.subscribe_outcomes());
         nets.push(connect(
             &db,
             handler.clone(),
             FaultConfig::hostile(),
             seed ^ (i as u64 + 1),
-            &format!("user{i}"),
+            &user(i),
         ));
         clients.push(db);
     }
@@ -152,6 +250,33 @@ async fn run(seed: u64, actions: Vec<Action>) -> Result<(), TestCaseError> {
                 tokio::time::sleep(std::time::Duration::from_millis(u64::from(*ms))).await;
                 Ok(())
             }
+            Action::Reconnect { client } => {
+                let db = &clients[*client];
+                db.disconnect().await;
+                let transport: Arc<dyn Transport> = Arc::new(nets[*client].clone());
+                db.connect(transport, Arc::new(StaticToken(token(&user(*client)))));
+                Ok(())
+            }
+            Action::Note { client, note } => {
+                let owner = user(*client);
+                clients[*client].write(|tx| {
+                    tx.put(
+                        "notes",
+                        &format!("{owner}-n{note}"),
+                        row_data([("owner", Value::from(owner.clone())), ("body", Value::from("secret"))]),
+                    )
+                })
+            }
+            Action::BlindNote { client, note } => {
+                let victim = user((*client + 2) % CLIENTS);
+                clients[*client].write(|tx| {
+                    tx.put(
+                        "notes",
+                        &format!("{victim}-n{note}"),
+                        row_data([("owner", Value::from(victim.clone())), ("body", Value::from("blind"))]),
+                    )
+                })
+            }
         };
         r.map_err(|e| TestCaseError::fail(format!("local write failed: {e}")))?;
     }
@@ -190,14 +315,50 @@ async fn run(seed: u64, actions: Vec<Action>) -> Result<(), TestCaseError> {
             strategy_name
         );
     }
-    // Every queued write got an outcome.
+    // Every queued write has exactly one durable outcome, and what the
+    // broadcast delivered agrees with the store.
     for (i, rx) in outcomes.iter_mut().enumerate() {
-        let mut seen: BTreeMap<u64, ferry_protocol::Outcome> = BTreeMap::new();
+        let stored = clients[i].outcomes_since(0, usize::MAX).expect("stored outcomes");
+        let seqs: Vec<u64> = stored.iter().map(|o| o.outcome.seq).collect();
+        let expected: Vec<u64> = written[i].iter().copied().collect();
+        prop_assert_eq!(&seqs, &expected, "client {} stored outcomes", i);
+        let by_seq: BTreeMap<u64, &ferry_client::UploadOutcome> = stored.iter().map(|o| (o.outcome.seq, o)).collect();
         while let Ok(o) = rx.try_recv() {
-            seen.insert(o.outcome.seq, o.outcome.outcome);
+            let s = by_seq.get(&o.outcome.seq).copied();
+            prop_assert!(
+                s.is_some(),
+                "client {i} heard an outcome for unknown seq {}",
+                o.outcome.seq
+            );
+            prop_assert_eq!(s.map(|s| s.tx_id), Some(o.tx_id));
         }
-        for seq in &written[i] {
-            prop_assert!(seen.contains_key(seq), "client {i} seq {seq} got no outcome");
+        // No private row of another user anywhere on the device.
+        let me = user(i);
+        for (id, row) in clients[i].local().scan("notes").expect("notes") {
+            prop_assert_eq!(
+                row.get("owner").and_then(|v| v.as_text()),
+                Some(me.as_str()),
+                "client {} holds note {} of another user",
+                i,
+                id
+            );
+        }
+        for o in &stored {
+            if let ferry_protocol::Outcome::Merged { row: Some(row), .. } = &o.outcome.outcome {
+                prop_assert!(
+                    row.get("body") != Some(&Value::from("secret"))
+                        || row.get("owner").and_then(|v| v.as_text()) == Some(me.as_str()),
+                    "client {i} outcome leaks {row:?}"
+                );
+            }
+        }
+        for r in clients[i].rejections().expect("rejections") {
+            if let ferry_core::CrudOp::Put { data, .. } = &r.entry.op {
+                prop_assert!(
+                    data.get("body") != Some(&Value::from("secret"))
+                        || data.get("owner").and_then(|v| v.as_text()) == Some(me.as_str())
+                );
+            }
         }
     }
     for db in &clients {
