@@ -73,6 +73,9 @@ pub struct SyncRules {
     /// For each table, the (bucket index, data index) pairs that use it.
     by_table: BTreeMap<String, Vec<(usize, usize)>>,
     strategies: Vec<TableStrategy>,
+    /// The schema clients open their store with (see
+    /// [`SyncRules::client_schema`]).
+    client_schema: Schema,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -159,12 +162,33 @@ impl SyncRules {
                 .and_then(|()| st.build().map(drop))
                 .map_err(|e| ServiceError::Config(e.to_string()))?;
         }
+        let client_schema = Schema::new(
+            schema
+                .tables()
+                .filter(|t| by_table.contains_key(&t.name) || t.insert_only || t.local_only)
+                .cloned(),
+        )
+        .map_err(|e| ServiceError::Config(format!("client schema: {e}")))?;
         Ok(SyncRules {
             schema,
             buckets: file.buckets,
             by_table,
             strategies: file.strategies,
+            client_schema,
         })
+    }
+
+    /// The schema clients open their store with, derived from the rules:
+    /// the tables clients sync (those some bucket holds, plus tables
+    /// declared `insert_only` or `local_only`, which only clients write),
+    /// with their columns, indexes and client options as declared. Tables
+    /// no bucket holds are the server's own and left out, as are the
+    /// server-side options (strategies, table options such as
+    /// `per_op_outcomes`). Apps add what only the client has (indexes,
+    /// `track_previous_values`, local-only tables) to these tables rather
+    /// than keeping a copy of the schema.
+    pub fn client_schema(&self) -> Schema {
+        self.client_schema.clone()
     }
 
     /// The configured conflict strategies, per table.
