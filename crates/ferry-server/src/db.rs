@@ -19,6 +19,17 @@ use crate::error::Result;
 /// conflict strategies see.
 pub type StoredRow = ferry_conflict::CurrentRow;
 
+/// An op's stored outcome with the fingerprint of the op it answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredOutcome {
+    /// The outcome as recorded.
+    pub outcome: Outcome,
+    /// FNV-1a 64 of the op's content as received (see
+    /// `SyncService::upload`); `None` for an outcome recorded before
+    /// fingerprints were kept.
+    pub fingerprint: Option<u64>,
+}
+
 /// A client's upload progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientProgress {
@@ -60,13 +71,18 @@ pub trait SourceTx {
     fn client(&mut self, client_id: &str) -> Result<Option<ClientProgress>>;
     /// Record the client's progress.
     fn set_client(&mut self, client_id: &str, user_id: &str, last_seq: u64) -> Result<()>;
-    /// The stored outcome of an op.
-    fn outcome(&mut self, client_id: &str, seq: u64) -> Result<Option<Outcome>>;
-    /// Store an op's outcome.
-    fn record_outcome(&mut self, client_id: &str, seq: u64, outcome: &Outcome) -> Result<()>;
+    /// The stored outcome of an op, with the fingerprint of the op it
+    /// answered.
+    fn outcome(&mut self, client_id: &str, seq: u64) -> Result<Option<StoredOutcome>>;
+    /// Store an op's outcome and the fingerprint of the op's content, so a
+    /// replay of `(client_id, seq)` can be told from a different write.
+    fn record_outcome(&mut self, client_id: &str, seq: u64, fingerprint: u64, outcome: &Outcome) -> Result<()>;
     /// Read a row or its tombstone.
     fn read_row(&mut self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
     /// Write a whole row (every column) and its clocks; clears a tombstone.
+    ///
+    /// Invariant: the clock high-water mark ([`SourceDb::max_clock`]) is
+    /// raised to the greatest of `clocks` in this same transaction.
     fn write_row(
         &mut self,
         table: &Table,
@@ -75,6 +91,9 @@ pub trait SourceTx {
         clocks: &BTreeMap<String, HlcTimestamp>,
     ) -> Result<()>;
     /// Delete a row, leaving a tombstone with the delete's clock.
+    ///
+    /// Invariant: the clock high-water mark ([`SourceDb::max_clock`]) is
+    /// raised to `hlc` in this same transaction.
     fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> Result<()>;
     /// The bucket instances the row is in.
     fn row_buckets(&mut self, table: &str, id: &str) -> Result<BTreeSet<String>>;
@@ -138,4 +157,13 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     fn oplog_len(&self) -> Result<u64>;
     /// Read a row (for inspection and tests).
     fn get_row(&self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
+    /// The user a client id belongs to (the first user that uploaded with
+    /// it), `None` for a client id never used for an upload.
+    fn client_owner(&self, client_id: &str) -> Result<Option<String>>;
+    /// The clock high-water mark: at least every clock ever stored with a
+    /// row or tombstone ([`SourceTx::write_row`], [`SourceTx::delete_row`]
+    /// keep it in their transaction), `None` when none was stored. The
+    /// service observes it at start, so its hybrid logical clock never
+    /// falls behind a stored clock, also across restarts.
+    fn max_clock(&self) -> Result<Option<HlcTimestamp>>;
 }

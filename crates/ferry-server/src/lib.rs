@@ -35,7 +35,7 @@ pub use conflict::{
     Audited, ConflictInput, ConflictStrategy, Crdt, CurrentRow, Decision, DomainRules, LastWriteWins, Manual,
     PerColumn, Resolution, RowLastWriteWins, Rule, SideWrite,
 };
-pub use db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredRow};
+pub use db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredOutcome, StoredRow};
 pub use error::{Result, ServiceError};
 pub use rules::{SyncRules, TICKET_TRACKER_RULES};
 pub use server::{run, BoundServer};

@@ -24,9 +24,9 @@ pub const TICKET_TRACKER_RULES: &str = include_str!("../examples/ticket-tracker.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesFile {
-    /// The server schema.
+    /// The server schema, with server-side table options.
     #[serde(default)]
-    pub tables: Vec<Table>,
+    pub tables: Vec<TableDef>,
     /// Bucket definitions.
     #[serde(default)]
     pub buckets: Vec<BucketDef>,
@@ -36,6 +36,28 @@ pub struct RulesFile {
     /// `SyncServiceBuilder::strategy` overrides the file's.
     #[serde(default)]
     pub strategies: Vec<TableStrategy>,
+}
+
+/// A table of the rules file: the schema table plus server-side options.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct TableDef {
+    /// The table as the schema declares it.
+    #[serde(flatten)]
+    pub table: Table,
+    /// A rejected op on this table is rejected alone: the other ops of its
+    /// client transaction still apply (default: the whole transaction is
+    /// rolled back, `docs/adr/0005-transactions-all-or-nothing.md`).
+    #[serde(default)]
+    pub per_op_outcomes: bool,
+}
+
+impl From<Table> for TableDef {
+    fn from(table: Table) -> Self {
+        TableDef {
+            table,
+            per_op_outcomes: false,
+        }
+    }
 }
 
 /// One bucket definition.
@@ -76,6 +98,8 @@ pub struct SyncRules {
     /// The schema clients open their store with (see
     /// [`SyncRules::client_schema`]).
     client_schema: Schema,
+    /// Tables whose rejected ops do not roll back their transaction.
+    per_op_outcomes: BTreeSet<String>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -109,7 +133,14 @@ impl SyncRules {
 
     /// Validate a parsed rules file.
     pub fn new(file: RulesFile) -> Result<Self> {
-        let schema = Schema::new(file.tables).map_err(|e| ServiceError::Config(e.to_string()))?;
+        let per_op_outcomes = file
+            .tables
+            .iter()
+            .filter(|t| t.per_op_outcomes)
+            .map(|t| t.table.name.clone())
+            .collect();
+        let schema =
+            Schema::new(file.tables.into_iter().map(|t| t.table)).map_err(|e| ServiceError::Config(e.to_string()))?;
         let bad = |m: String| Err(ServiceError::Config(m));
         let mut names = BTreeSet::new();
         let mut by_table: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
@@ -175,7 +206,14 @@ impl SyncRules {
             by_table,
             strategies: file.strategies,
             client_schema,
+            per_op_outcomes,
         })
+    }
+
+    /// Whether a rejected op on `table` is rejected alone instead of
+    /// rolling back its client transaction (`per_op_outcomes = true`).
+    pub fn per_op_outcomes(&self, table: &str) -> bool {
+        self.per_op_outcomes.contains(table)
     }
 
     /// The schema clients open their store with, derived from the rules:

@@ -43,7 +43,9 @@ pub struct ServiceOptions {
     /// Lines buffered per stream before the server waits for the client.
     pub stream_buffer_lines: usize,
     /// How far ahead of server time a client HLC may be; later ones are
-    /// clamped to server time + this.
+    /// clamped to server time + this. A clock up to this far ahead wins
+    /// last-write-wins conflicts in that window
+    /// (`docs/adr/0006-client-clocks.md`).
     pub max_clock_skew_ms: u64,
     /// Most ops in one upload request.
     pub max_upload_ops: usize,
@@ -51,6 +53,20 @@ pub struct ServiceOptions {
     pub max_buckets_per_user: usize,
     /// Longest client id accepted.
     pub max_client_id_bytes: usize,
+    /// Largest step of a client's seqs: an upload whose new seqs reach
+    /// more than this above the client's last seq (above 0 for a new
+    /// client) is refused whole.
+    pub max_seq_gap: u64,
+    /// Largest JSON encoding of a row as stored and sent (serde_json of
+    /// its values; a control character takes 6 bytes). A write whose row,
+    /// or a side write whose merged row, is larger is rejected. The
+    /// default, 4 MiB, keeps a `data` line of one row far below the
+    /// clients' 16 MiB line limit (`ferry_protocol::DEFAULT_MAX_LINE_BYTES`).
+    pub max_row_encoded_bytes: usize,
+    /// Largest upload answer (JSON). A larger one leaves out the rows of
+    /// its `merged` outcomes, largest first, then shortens its reasons;
+    /// every op keeps its outcome. Keep it below the clients' 16 MiB limit.
+    pub max_answer_bytes: usize,
     /// Row, id and transaction limits.
     pub limits: Limits,
 }
@@ -63,10 +79,13 @@ impl Default for ServiceOptions {
             max_line_bytes: 8 * 1024 * 1024,
             max_concurrent_streams: 10_000,
             stream_buffer_lines: 8,
-            max_clock_skew_ms: 60_000,
+            max_clock_skew_ms: 5_000,
             max_upload_ops: 100_000,
             max_buckets_per_user: 1000,
             max_client_id_bytes: 256,
+            max_seq_gap: 1_000_000,
+            max_row_encoded_bytes: 4 * 1024 * 1024,
+            max_answer_bytes: 8 * 1024 * 1024,
             limits: Limits::default(),
         }
     }
@@ -93,7 +112,12 @@ struct Inner {
     commits: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     streams: Arc<Semaphore>,
+    /// Uploads of one client id run one at a time (striped by client id).
+    upload_locks: Vec<parking_lot::Mutex<()>>,
 }
+
+/// Stripes of [`Inner::upload_locks`].
+const UPLOAD_LOCK_STRIPES: usize = 64;
 
 /// The sync service. Cheap to clone; implements [`SyncHandler`].
 #[derive(Clone)]
@@ -167,7 +191,21 @@ impl SyncServiceBuilder {
                 self.strategies.insert(st.table.clone(), s);
             }
         }
-        let hlc = HybridClock::new(self.clock.clone(), "server", self.options.max_clock_skew_ms);
+        // The server's clock starts past every clock it ever stored, also
+        // when its wall clock is now behind them (the skew bound is
+        // widened just enough to take the stored mark in).
+        let mark = self.db.max_clock()?;
+        let ahead_ms = mark
+            .as_ref()
+            .map_or(0, |m| m.wall_ms.saturating_sub(self.clock.now_ms()));
+        let hlc = HybridClock::new(
+            self.clock.clone(),
+            "server",
+            self.options.max_clock_skew_ms.max(ahead_ms),
+        );
+        if let Some(m) = &mark {
+            hlc.observe(m)?;
+        }
         let streams = Arc::new(Semaphore::new(self.options.max_concurrent_streams));
         Ok(SyncService {
             inner: Arc::new(Inner {
@@ -182,6 +220,7 @@ impl SyncServiceBuilder {
                 commits: watch::channel(0).0,
                 shutdown: watch::channel(false).0,
                 streams,
+                upload_locks: (0..UPLOAD_LOCK_STRIPES).map(|_| parking_lot::Mutex::new(())).collect(),
             }),
         })
     }
@@ -228,7 +267,16 @@ impl SyncService {
 
     /// Process an upload for an authenticated user. Each client
     /// transaction commits in one database transaction, together with its
-    /// outcomes and the client's write checkpoint.
+    /// outcomes and the client's write checkpoint, or not at all: when one
+    /// of its ops is rejected, every op of it is rejected
+    /// (`docs/adr/0005-transactions-all-or-nothing.md`).
+    ///
+    /// Refused whole, before anything is written: a client id of another
+    /// user (`unauthorized`); seqs that do not strictly increase, a new
+    /// seq more than `max_seq_gap` above the client's last seq, a seq at
+    /// or below it that was never recorded or was recorded for a different
+    /// write (compared by a fingerprint of the op's content), all
+    /// `bad_request`.
     pub async fn upload(&self, user: &AuthUser, request: UploadRequest) -> Result<UploadResponse> {
         let o = &self.inner.options;
         check_client_id(&request.client_id, o.max_client_id_bytes)?;
@@ -252,8 +300,8 @@ impl SyncService {
             )));
         }
         let inner = self.inner.clone();
-        let user_id = user.user_id.clone();
-        let result = tokio::task::spawn_blocking(move || inner.process_upload(&user_id, &request))
+        let user = user.clone();
+        let result = tokio::task::spawn_blocking(move || inner.process_upload(&user, &request))
             .await
             .map_err(join_error)?;
         // Wake streams even after a partial failure: earlier transactions
@@ -303,6 +351,9 @@ impl SyncService {
             return Err(ServiceError::ShuttingDown);
         }
         check_client_id(&request.client_id, inner.options.max_client_id_bytes)?;
+        // A point read; a client id of another user is refused before
+        // anything of the stream is read.
+        inner.check_client_owner(&request.client_id, &user.user_id)?;
         let permit = inner.streams.clone().try_acquire_owned().map_err(|_| {
             ServiceError::Busy(format!(
                 "too many concurrent streams (limit {})",
@@ -334,19 +385,25 @@ impl SyncService {
         Ok(rx)
     }
 
-    /// The checkpoint a client of `user` would get now.
+    /// The checkpoint a client of `user` would get now (`unauthorized`
+    /// for a client id of another user).
     pub async fn checkpoint(&self, user: &AuthUser, client_id: &str) -> Result<Checkpoint> {
         let buckets = self
             .inner
             .rules
             .user_buckets(&user.claims, self.inner.options.max_buckets_per_user)?;
-        let db = self.inner.db.clone();
-        let client_id = client_id.to_owned();
-        let cp = tokio::task::spawn_blocking(move || db.checkpoint(&client_id, &buckets))
-            .await
-            .map_err(join_error)??;
+        let inner = self.inner.clone();
+        let (client_id, user_id) = (client_id.to_owned(), user.user_id.clone());
+        let cp = tokio::task::spawn_blocking(move || {
+            inner.check_client_owner(&client_id, &user_id)?;
+            inner.db.checkpoint(&client_id, &buckets)
+        })
+        .await
+        .map_err(join_error)??;
         Ok(Checkpoint {
-            hlc: None,
+            // Taken after the checkpoint was read: at least every clock
+            // of the data it covers.
+            hlc: Some(self.inner.hlc.now()),
             last_op_id: cp.last_op_id,
             write_checkpoint: cp.write_checkpoint,
             buckets: cp.buckets,
@@ -397,6 +454,62 @@ fn compact_bucket(db: &dyn SourceDb, bucket: &str) -> Result<CompactStats> {
     Ok(stats)
 }
 
+/// The client's last seq (0 for a client that never uploaded), refusing a
+/// client id of another user.
+fn client_progress(stx: &mut dyn SourceTx, client_id: &str, user_id: &str) -> Result<u64> {
+    match stx.client(client_id)? {
+        Some(p) if p.user_id != user_id => Err(client_of_another_user(client_id)),
+        Some(p) => Ok(p.last_seq),
+        None => Ok(0),
+    }
+}
+
+fn client_of_another_user(client_id: &str) -> ServiceError {
+    ServiceError::Unauthorized(format!("client id {client_id:?} belongs to another user"))
+}
+
+fn progress_moved(client_id: &str) -> ServiceError {
+    ServiceError::Busy(format!(
+        "the progress of client {client_id:?} changed during the upload; retry"
+    ))
+}
+
+/// A checked side write merged over the row it writes, ready to write.
+struct MergedSideWrite<'a> {
+    table: &'a Table,
+    id: &'a str,
+    /// The row before this side write (`None`: new).
+    old: Option<RowData>,
+    /// The row after it.
+    row: RowData,
+    clocks: BTreeMap<String, HlcTimestamp>,
+}
+
+/// A side write's columns over `base` (a new row has the others NULL);
+/// each written column's clock is the later of the stored one and `hlc`.
+fn merge_side_write(
+    table: &Table,
+    w: &SideWrite,
+    base: Option<(RowData, BTreeMap<String, HlcTimestamp>)>,
+    hlc: &HlcTimestamp,
+) -> (RowData, BTreeMap<String, HlcTimestamp>) {
+    let (mut row, mut clocks) = base.unwrap_or_else(|| {
+        (
+            table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect(),
+            BTreeMap::new(),
+        )
+    });
+    for (k, v) in &w.data {
+        row.insert(k.clone(), v.clone());
+        let later = match clocks.get(k) {
+            Some(c) if c > hlc => c.clone(),
+            _ => hlc.clone(),
+        };
+        clocks.insert(k.clone(), later);
+    }
+    (row, clocks)
+}
+
 fn check_client_id(client_id: &str, max: usize) -> Result<()> {
     if client_id.is_empty() {
         return Err(ServiceError::BadRequest("empty client id".into()));
@@ -410,64 +523,369 @@ fn check_client_id(client_id: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-impl Inner {
-    fn process_upload(&self, user_id: &str, request: &UploadRequest) -> Result<UploadResponse> {
-        let client_id = request.client_id.as_str();
-        let mut outcomes = Vec::new();
-        let mut write_checkpoint = 0;
-        for t in &request.transactions {
-            let mut tx_outcomes = Vec::with_capacity(t.ops.len());
-            let mut tx_checkpoint = write_checkpoint;
-            self.db.write(&mut |stx| {
-                tx_outcomes.clear();
-                let progress = stx.client(client_id)?;
-                if let Some(p) = &progress {
-                    if p.user_id != user_id {
-                        return Err(ServiceError::Unauthorized(format!(
-                            "client id {client_id:?} belongs to another user"
-                        )));
-                    }
+/// FNV-1a 64 over bytes written to it (op fingerprints).
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::io::Write for Fnv64 {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for b in buf {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts the bytes written to it (encoded sizes without buffering).
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self.0.saturating_add(buf.len());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length of `value`'s JSON encoding, as stored and sent
+/// (`usize::MAX` if it cannot be encoded, so it counts as too large).
+fn encoded_bytes<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut n = ByteCount(0);
+    match serde_json::to_writer(&mut n, value) {
+        Ok(()) => n.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The fingerprint of an op's content as received: FNV-1a 64 over the
+/// serde_json encoding of the whole `CrudEntry` (seq, tx id, op, previous,
+/// metadata, hlc; maps are ordered, so the encoding is canonical).
+fn op_fingerprint(entry: &CrudEntry) -> Result<u64> {
+    let mut h = Fnv64::new();
+    serde_json::to_writer(&mut h, entry)
+        .map_err(|e| ServiceError::BadRequest(format!("seq {} cannot be encoded: {e}", entry.seq)))?;
+    Ok(h.0)
+}
+
+/// Refuse seqs that do not strictly increase across the whole request
+/// (a repeat, or a step back, within or between transactions).
+fn check_seq_order(request: &UploadRequest) -> Result<()> {
+    let mut prev: Option<(u64, u64)> = None;
+    for t in &request.transactions {
+        for e in &t.ops {
+            if let Some((p, p_tx)) = prev {
+                if e.seq <= p {
+                    let place = if p_tx == t.tx_id {
+                        format!("inside transaction {}", t.tx_id)
+                    } else {
+                        format!("in transaction {} after transaction {p_tx}", t.tx_id)
+                    };
+                    return Err(ServiceError::BadRequest(format!(
+                        "seq {} of client {:?} does not follow seq {p} {place}: seqs must strictly increase",
+                        e.seq, request.client_id
+                    )));
                 }
-                let mut last_seq = progress.map(|p| p.last_seq);
-                for entry in &t.ops {
-                    if last_seq.is_some_and(|l| entry.seq <= l) {
-                        // Already processed: the stored outcome, nothing applied.
-                        let outcome = stx.outcome(client_id, entry.seq)?.unwrap_or(Outcome::Applied);
-                        tx_outcomes.push(OpOutcome {
-                            seq: entry.seq,
-                            outcome,
-                        });
+            }
+            prev = Some((e.seq, t.tx_id));
+        }
+    }
+    Ok(())
+}
+
+/// Most bytes of one reason when an answer over `max_answer_bytes` still
+/// does not fit after its rows were dropped.
+const MAX_SHORTENED_REASON_BYTES: usize = 200;
+
+/// Make an upload answer fit in `max_bytes` of JSON: drop the rows of
+/// `merged` outcomes, largest first, until it fits; if it still does not,
+/// shorten every reason to [`MAX_SHORTENED_REASON_BYTES`]. Every op keeps
+/// its outcome.
+fn fit_answer(response: &mut UploadResponse, max_bytes: usize) {
+    let mut total = encoded_bytes(response);
+    if total <= max_bytes {
+        return;
+    }
+    let mut rows: Vec<(usize, usize)> = response
+        .outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| match &o.outcome {
+            // `"row":<json>,` in the answer.
+            Outcome::Merged { row: Some(r), .. } => Some((i, encoded_bytes(r).saturating_add(7))),
+            _ => None,
+        })
+        .collect();
+    rows.sort_by_key(|&(i, size)| (std::cmp::Reverse(size), i));
+    for (i, size) in rows {
+        if total <= max_bytes {
+            break;
+        }
+        if let Some(OpOutcome {
+            outcome: Outcome::Merged { row, .. },
+            ..
+        }) = response.outcomes.get_mut(i)
+        {
+            *row = None;
+            total = total.saturating_sub(size);
+        }
+    }
+    if encoded_bytes(response) <= max_bytes {
+        return;
+    }
+    for o in &mut response.outcomes {
+        match &mut o.outcome {
+            Outcome::Merged { reason, .. } | Outcome::Rejected { reason } => {
+                shorten(reason, MAX_SHORTENED_REASON_BYTES);
+            }
+            Outcome::Applied | Outcome::NeedsReview { .. } => {}
+        }
+    }
+}
+
+/// Cut `s` to at most `max_bytes` (on a char boundary), marking the cut.
+fn shorten(s: &mut String, max_bytes: usize) {
+    const MARK: &str = "...";
+    if s.len() <= max_bytes {
+        return;
+    }
+    let mut end = max_bytes.saturating_sub(MARK.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(MARK);
+}
+
+/// The user's bucket instances, for hiding rows they cannot read (none
+/// when their claims expand past the limit: nothing is shown).
+type Viewer = BTreeSet<String>;
+
+impl Inner {
+    /// The lock serializing uploads of `client_id` (striped), so the
+    /// replay checks made before writing still hold while writing.
+    fn client_lock(&self, client_id: &str) -> &parking_lot::Mutex<()> {
+        let mut h = Fnv64::new();
+        // Writing to a hasher does not fail.
+        let _ = std::io::Write::write(&mut h, client_id.as_bytes());
+        let i = usize::try_from(h.0 % UPLOAD_LOCK_STRIPES as u64).unwrap_or(0);
+        &self.upload_locks[i]
+    }
+
+    /// Refuse a client id first used by another user.
+    fn check_client_owner(&self, client_id: &str, user_id: &str) -> Result<()> {
+        match self.db.client_owner(client_id)? {
+            Some(owner) if owner != user_id => Err(client_of_another_user(client_id)),
+            _ => Ok(()),
+        }
+    }
+
+    fn viewer(&self, user: &AuthUser) -> Viewer {
+        self.rules
+            .user_buckets(&user.claims, self.options.max_buckets_per_user)
+            .map(|b| b.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a user with `viewer`'s buckets can read this row.
+    fn readable(&self, viewer: &Viewer, table: &str, id: &str, row: &RowData) -> bool {
+        self.rules
+            .row_buckets(table, id, row)
+            .iter()
+            .any(|b| viewer.contains(b))
+    }
+
+    /// A stored outcome answered again: a `merged` row the user can no
+    /// longer read is left out.
+    fn replayed_outcome(&self, viewer: &Viewer, entry: &CrudEntry, outcome: Outcome) -> Outcome {
+        match outcome {
+            Outcome::Merged { row: Some(row), reason }
+                if !self.readable(viewer, entry.op.table(), entry.op.id(), &row) =>
+            {
+                Outcome::Merged { row: None, reason }
+            }
+            o => o,
+        }
+    }
+
+    /// Process an upload (see [`SyncService::upload`]). Order: owner,
+    /// seq order, fingerprints, replays and seq gaps are all checked before
+    /// anything is written; then each client transaction commits in one
+    /// database transaction, or is rolled back and recorded as rejected
+    /// in another.
+    fn process_upload(&self, user: &AuthUser, request: &UploadRequest) -> Result<UploadResponse> {
+        let client_id = request.client_id.as_str();
+        let user_id = user.user_id.as_str();
+        let _serial = self.client_lock(client_id).lock();
+        self.check_client_owner(client_id, user_id)?;
+        check_seq_order(request)?;
+        let fingerprints: Vec<Vec<u64>> = request
+            .transactions
+            .iter()
+            .map(|t| t.ops.iter().map(op_fingerprint).collect())
+            .collect::<Result<_>>()?;
+        let viewer = self.viewer(user);
+
+        // Replays: each must be the same write as the one recorded.
+        let mut last_seq = 0;
+        let mut replayed: BTreeMap<u64, Outcome> = BTreeMap::new();
+        self.db.write(&mut |stx| {
+            replayed.clear();
+            last_seq = client_progress(stx, client_id, user_id)?;
+            for (t, fps) in request.transactions.iter().zip(&fingerprints) {
+                for (entry, fp) in t.ops.iter().zip(fps) {
+                    if entry.seq > last_seq {
                         continue;
                     }
-                    let outcome = self.apply_op(stx, client_id, user_id, entry)?;
-                    stx.record_outcome(client_id, entry.seq, &outcome)?;
-                    last_seq = Some(entry.seq);
-                    tx_outcomes.push(OpOutcome {
-                        seq: entry.seq,
-                        outcome,
-                    });
+                    let Some(stored) = stx.outcome(client_id, entry.seq)? else {
+                        return Err(ServiceError::BadRequest(format!(
+                            "seq {} of client {client_id:?} has no recorded write: it is at or below the \
+                             client's last seq {last_seq} but was never uploaded",
+                            entry.seq
+                        )));
+                    };
+                    // Outcomes recorded before fingerprints were kept
+                    // (`None`) are answered as they are.
+                    if stored.fingerprint.is_some_and(|f| f != *fp) {
+                        return Err(ServiceError::BadRequest(format!(
+                            "seq {} of client {client_id:?} was already used for a different write",
+                            entry.seq
+                        )));
+                    }
+                    replayed.insert(entry.seq, self.replayed_outcome(&viewer, entry, stored.outcome));
                 }
-                if let Some(l) = last_seq {
-                    stx.set_client(client_id, user_id, l)?;
-                    tx_checkpoint = l;
-                }
-                Ok(())
-            })?;
-            write_checkpoint = tx_checkpoint;
-            outcomes.append(&mut tx_outcomes);
+            }
+            Ok(())
+        })?;
+        let max_seq = request
+            .transactions
+            .iter()
+            .flat_map(|t| t.ops.last())
+            .map(|e| e.seq)
+            .max();
+        if let Some(max_seq) = max_seq.filter(|&s| s > last_seq) {
+            let gap = max_seq - last_seq;
+            if gap > self.options.max_seq_gap {
+                return Err(ServiceError::BadRequest(format!(
+                    "seq {max_seq} of client {client_id:?} is {gap} above its last seq {last_seq}, over the \
+                     limit of {} (max_seq_gap)",
+                    self.options.max_seq_gap
+                )));
+            }
         }
-        if request.transactions.is_empty() {
-            let db = &self.db;
-            db.write(&mut |stx| {
-                write_checkpoint = stx.client(client_id)?.map_or(0, |p| p.last_seq);
-                Ok(())
-            })?;
+
+        let mut outcomes = Vec::with_capacity(fingerprints.iter().map(Vec::len).sum());
+        for (t, fps) in request.transactions.iter().zip(&fingerprints) {
+            let fresh: Vec<(&CrudEntry, u64)> = t
+                .ops
+                .iter()
+                .zip(fps.iter().copied())
+                .filter(|(e, _)| e.seq > last_seq)
+                .collect();
+            let mut fresh_outcomes = if fresh.is_empty() {
+                Vec::new()
+            } else {
+                let o = self.apply_transaction(client_id, user_id, &viewer, t.tx_id, &fresh, last_seq)?;
+                last_seq = fresh.last().map_or(last_seq, |(e, _)| e.seq);
+                o
+            }
+            .into_iter();
+            for e in &t.ops {
+                let outcome = match replayed.remove(&e.seq) {
+                    Some(o) => o,
+                    None => fresh_outcomes.next().ok_or_else(|| {
+                        ServiceError::Database(format!("no outcome for seq {} of client {client_id:?}", e.seq))
+                    })?,
+                };
+                outcomes.push(OpOutcome { seq: e.seq, outcome });
+            }
         }
-        Ok(UploadResponse {
-            hlc: None,
+        let mut response = UploadResponse {
             outcomes,
-            write_checkpoint,
-        })
+            write_checkpoint: last_seq,
+            // After every clock of this upload was observed.
+            hlc: Some(self.hlc.now()),
+        };
+        fit_answer(&mut response, self.options.max_answer_bytes);
+        Ok(response)
+    }
+
+    /// Apply the new ops of one client transaction in one database
+    /// transaction, with their outcomes and the client's last seq. When an
+    /// op is rejected (and its table does not ask for per-op outcomes) the
+    /// transaction is rolled back and every op of it is recorded as
+    /// rejected, in a new transaction, so a replay gets the same answers.
+    fn apply_transaction(
+        &self,
+        client_id: &str,
+        user_id: &str,
+        viewer: &Viewer,
+        tx_id: u64,
+        fresh: &[(&CrudEntry, u64)],
+        last_seq: u64,
+    ) -> Result<Vec<Outcome>> {
+        let Some(new_last) = fresh.last().map(|(e, _)| e.seq) else {
+            return Ok(Vec::new());
+        };
+        let mut outcomes = Vec::with_capacity(fresh.len());
+        let mut failed: Option<(u64, String)> = None;
+        let result = self.db.write(&mut |stx| {
+            outcomes.clear();
+            failed = None;
+            if client_progress(stx, client_id, user_id)? != last_seq {
+                return Err(progress_moved(client_id));
+            }
+            for &(entry, fp) in fresh {
+                let outcome = self.apply_op(stx, client_id, user_id, Some(viewer), entry)?;
+                if let Outcome::Rejected { reason } = &outcome {
+                    if !self.rules.per_op_outcomes(entry.op.table()) {
+                        failed = Some((entry.seq, reason.clone()));
+                        // Rolls the database transaction back.
+                        return Err(ServiceError::BadRequest(format!("transaction {tx_id} rolled back")));
+                    }
+                }
+                stx.record_outcome(client_id, entry.seq, fp, &outcome)?;
+                outcomes.push(outcome);
+            }
+            stx.set_client(client_id, user_id, new_last)
+        });
+        let (failed_seq, reason) = match (result, failed) {
+            (Ok(()), _) => return Ok(outcomes),
+            (Err(_), Some(f)) => f,
+            (Err(e), None) => return Err(e),
+        };
+        let outcomes: Vec<Outcome> = fresh
+            .iter()
+            .map(|(e, _)| Outcome::Rejected {
+                reason: if e.seq == failed_seq {
+                    reason.clone()
+                } else {
+                    format!("transaction {tx_id} rolled back: seq {failed_seq} was rejected: {reason}")
+                },
+            })
+            .collect();
+        self.db.write(&mut |stx| {
+            if client_progress(stx, client_id, user_id)? != last_seq {
+                return Err(progress_moved(client_id));
+            }
+            for ((e, fp), o) in fresh.iter().zip(&outcomes) {
+                stx.record_outcome(client_id, e.seq, *fp, o)?;
+            }
+            stx.set_client(client_id, user_id, new_last)
+        })?;
+        Ok(outcomes)
     }
 
     fn process_import(&self, ops: Vec<CrudOp>) -> Result<()> {
@@ -484,7 +902,7 @@ impl Inner {
             .collect();
         self.db.write(&mut |stx| {
             for entry in &entries {
-                if let Outcome::Rejected { reason } = self.apply_op(stx, "", "", entry)? {
+                if let Outcome::Rejected { reason } = self.apply_op(stx, "", "", None, entry)? {
                     return Err(ServiceError::BadRequest(format!(
                         "import of {}/{} rejected: {reason}",
                         entry.op.table(),
@@ -496,16 +914,20 @@ impl Inner {
         })
     }
 
-    /// The op's clock: the client's HLC clamped to server time + max skew,
-    /// or a server timestamp when the client sent none.
-    fn op_clock(&self, entry: &CrudEntry) -> HlcTimestamp {
+    /// The op's clock: the client's HLC with the uploading client's id as
+    /// its node (a client never stamps another node's id, and the node's
+    /// length is the client id's), its wall time clamped to server time +
+    /// max skew; a server timestamp when the client sent none. The
+    /// server's HLC observes it (`docs/adr/0006-client-clocks.md`).
+    fn op_clock(&self, client_id: &str, entry: &CrudEntry) -> HlcTimestamp {
         match &entry.hlc {
             Some(h) => {
                 let max_wall = self.clock.now_ms().saturating_add(self.options.max_clock_skew_ms);
-                let mut h = h.clone();
-                if h.wall_ms > max_wall {
-                    h.wall_ms = max_wall;
-                }
+                let h = HlcTimestamp {
+                    wall_ms: h.wall_ms.min(max_wall),
+                    counter: h.counter,
+                    node: client_id.to_owned(),
+                };
                 // Within the skew bound by construction, so this succeeds.
                 let _ = self.hlc.observe(&h);
                 h
@@ -514,7 +936,32 @@ impl Inner {
         }
     }
 
-    fn apply_op(&self, stx: &mut dyn SourceTx, client_id: &str, user_id: &str, entry: &CrudEntry) -> Result<Outcome> {
+    /// Refuse a row whose JSON (as stored in the op log and sent in `data`
+    /// lines) is over `max_row_encoded_bytes`.
+    fn check_encoded_size(&self, table: &str, id: &str, row: &RowData) -> std::result::Result<(), String> {
+        let max = self.options.max_row_encoded_bytes;
+        let size = encoded_bytes(row);
+        if size > max {
+            return Err(format!(
+                "row {table}/{id} would encode to {size} bytes of JSON, over the limit of {max} bytes \
+                 (max_row_encoded_bytes)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Apply one op. `viewer` is the uploading user's buckets (`None` for
+    /// the server's own imports): a `merged` row they cannot read is left
+    /// out of the outcome, and so is a strategy's reason about a stored
+    /// row they cannot read.
+    fn apply_op(
+        &self,
+        stx: &mut dyn SourceTx,
+        client_id: &str,
+        user_id: &str,
+        viewer: Option<&Viewer>,
+        entry: &CrudEntry,
+    ) -> Result<Outcome> {
         let rejected = |reason: String| Ok(Outcome::Rejected { reason });
         let table = match self.rules.schema().table(entry.op.table()) {
             Ok(t) => t,
@@ -558,7 +1005,7 @@ impl Inner {
                 entry.op.clone()
             }
         };
-        let hlc = self.op_clock(entry);
+        let hlc = self.op_clock(client_id, entry);
         let current = stx.read_row(table, id)?;
         let strategy = self.strategies.get(&table.name).unwrap_or(&self.default_strategy);
         let decision = strategy.resolve(&ConflictInput {
@@ -573,16 +1020,92 @@ impl Inner {
             now_ms: self.clock.now_ms(),
             current: current.as_ref(),
         });
-        // Side writes are validated before anything is written: an invalid
-        // one rejects the op.
-        let mut side = Vec::with_capacity(decision.side_writes.len());
-        for w in &decision.side_writes {
-            match self.check_side_write(w) {
-                Ok(checked) => side.push(checked),
-                Err(reason) => return rejected(reason),
-            }
-        }
         let old_data = current.as_ref().and_then(|c| c.data.as_ref());
+        // The user cannot read the stored row: a strategy's reason may
+        // quote its values, so it is replaced.
+        let hidden = viewer.is_some_and(|v| old_data.is_some_and(|d| !self.readable(v, &table.name, id, d)));
+        let redacted = |outcome: Outcome| -> Outcome {
+            let Some(v) = viewer else {
+                return outcome;
+            };
+            match outcome {
+                Outcome::Merged { row, reason } => {
+                    let row = row.filter(|r| self.readable(v, &table.name, id, r));
+                    let reason = if hidden && row.is_none() {
+                        format!(
+                            "the write to {}/{id} was merged with a stored row this user cannot read \
+                             (details withheld)",
+                            table.name
+                        )
+                    } else {
+                        reason
+                    };
+                    Outcome::Merged { row, reason }
+                }
+                Outcome::Rejected { .. } if hidden => Outcome::Rejected {
+                    reason: format!(
+                        "the write to {}/{id} was refused because of a stored row this user cannot read \
+                         (details withheld)",
+                        table.name
+                    ),
+                },
+                o => o,
+            }
+        };
+        if let Err(reason) = match &decision.resolution {
+            Resolution::Write { row, .. } => self.check_encoded_size(&table.name, id, row),
+            _ => Ok(()),
+        } {
+            return Ok(redacted(Outcome::Rejected { reason }));
+        }
+        // Side writes are validated and merged over their stored rows
+        // before anything is written: an invalid or oversized one rejects
+        // the op.
+        let main_result = match &decision.resolution {
+            Resolution::Write { row, clocks, .. } => Some(Some((row, clocks))),
+            Resolution::Delete { .. } => Some(None),
+            Resolution::Keep { .. } | Resolution::Reject { .. } => None,
+        };
+        let mut side: Vec<MergedSideWrite<'_>> = Vec::with_capacity(decision.side_writes.len());
+        for w in &decision.side_writes {
+            let side_table = match self.check_side_write(w) {
+                Ok((t, _)) => t,
+                Err(reason) => return Ok(redacted(Outcome::Rejected { reason })),
+            };
+            // The row as it will be when this side write applies: an
+            // earlier side write of this op, the op's own result, or the
+            // stored row.
+            let earlier = side
+                .iter()
+                .rev()
+                .find(|s| s.table.name == side_table.name && s.id == w.id)
+                .map(|s| Some((s.row.clone(), s.clocks.clone())));
+            let base = match earlier {
+                Some(b) => b,
+                None if side_table.name == table.name && w.id == id && main_result.is_some() => {
+                    main_result.flatten().map(|(r, c)| (r.clone(), c.clone()))
+                }
+                None => match stx.read_row(side_table, &w.id)? {
+                    Some(StoredRow {
+                        data: Some(d), clocks, ..
+                    }) => Some((d, clocks)),
+                    _ => None,
+                },
+            };
+            let (row, clocks) = merge_side_write(side_table, w, base.clone(), &hlc);
+            if let Err(reason) = self.check_encoded_size(&w.table, &w.id, &row) {
+                return Ok(redacted(Outcome::Rejected {
+                    reason: format!("side write {}/{}: {reason}", w.table, w.id),
+                }));
+            }
+            side.push(MergedSideWrite {
+                table: side_table,
+                id: &w.id,
+                old: base.map(|(d, _)| d),
+                row,
+                clocks,
+            });
+        }
         let reason = decision.outcome_reason();
         let outcome = match &decision.resolution {
             Resolution::Reject { reason } => Outcome::Rejected { reason: reason.clone() },
@@ -621,13 +1144,16 @@ impl Inner {
                 }
             }
         };
-        for (side_table, w) in side {
-            self.apply_side_write(stx, side_table, w, &hlc)?;
+        for s in side {
+            stx.write_row(s.table, s.id, &s.row, &s.clocks)?;
+            if s.old.as_ref() != Some(&s.row) {
+                self.emit_row(stx, &s.table.name, s.id, Some(&s.row))?;
+            }
         }
-        Ok(match (decision.conflict_id, &outcome) {
-            (_, Outcome::Rejected { .. }) | (None, _) => outcome,
+        Ok(redacted(match (decision.conflict_id, outcome) {
+            (_, outcome @ Outcome::Rejected { .. }) | (None, outcome) => outcome,
             (Some(conflict_id), _) => Outcome::NeedsReview { conflict_id },
-        })
+        }))
     }
 
     /// Check a strategy's side write against the schema: its table, id,
@@ -646,35 +1172,6 @@ impl Inner {
             )));
         }
         Ok((table, w))
-    }
-
-    /// Apply a checked side write: its columns over the stored row (a new
-    /// row has the others NULL), column clocks the later of the stored one
-    /// and the op's, then bucket placement and the op log as for any write.
-    fn apply_side_write(&self, stx: &mut dyn SourceTx, table: &Table, w: &SideWrite, hlc: &HlcTimestamp) -> Result<()> {
-        let current = stx.read_row(table, &w.id)?;
-        let (old, mut clocks) = match current {
-            Some(StoredRow {
-                data: Some(d), clocks, ..
-            }) => (Some(d), clocks),
-            _ => (None, BTreeMap::new()),
-        };
-        let mut row = old
-            .clone()
-            .unwrap_or_else(|| table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect());
-        for (k, v) in &w.data {
-            row.insert(k.clone(), v.clone());
-            let later = match clocks.get(k) {
-                Some(c) if c > hlc => c.clone(),
-                _ => hlc.clone(),
-            };
-            clocks.insert(k.clone(), later);
-        }
-        stx.write_row(table, &w.id, &row, &clocks)?;
-        if old.as_ref() != Some(&row) {
-            self.emit_row(stx, &table.name, &w.id, Some(&row))?;
-        }
-        Ok(())
     }
 
     /// Append the row's change to the op log: PUT in every bucket it is in
@@ -737,7 +1234,7 @@ async fn run_stream<L: StreamOut>(
             let changed: Vec<String> = match &sent {
                 None => {
                     let line = StreamLine::Checkpoint(Checkpoint {
-                        hlc: None,
+                        hlc: Some(inner.hlc.now()),
                         last_op_id: cp.last_op_id,
                         write_checkpoint: cp.write_checkpoint,
                         buckets: cp.buckets.clone(),
@@ -755,7 +1252,7 @@ async fn run_stream<L: StreamOut>(
                         .cloned()
                         .collect();
                     let line = StreamLine::CheckpointDiff(CheckpointDiff {
-                        hlc: None,
+                        hlc: Some(inner.hlc.now()),
                         last_op_id: cp.last_op_id,
                         write_checkpoint: cp.write_checkpoint,
                         updated_buckets: updated.clone(),

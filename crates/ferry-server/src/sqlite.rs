@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredRow};
+use crate::db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredOutcome, StoredRow};
 use crate::error::{Result, ServiceError};
 
 const SETUP_SQL: &str = "
@@ -46,10 +46,16 @@ CREATE TABLE IF NOT EXISTS ferry_clients(
   client_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, last_seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ferry_outcomes(
-  client_id TEXT NOT NULL, seq INTEGER NOT NULL, outcome TEXT NOT NULL,
+  client_id TEXT NOT NULL, seq INTEGER NOT NULL, outcome TEXT NOT NULL, fingerprint INTEGER,
   PRIMARY KEY(client_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ferry_meta(
+  key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL
+) WITHOUT ROWID;
 ";
+
+/// The `ferry_meta` key of the clock high-water mark (an HLC string).
+const META_MAX_CLOCK: &str = "max_clock";
 
 /// Most idle read connections kept.
 const MAX_IDLE_READERS: usize = 8;
@@ -131,8 +137,9 @@ impl SqliteSourceDb {
 
     /// Open (creating) the database file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = open_conn(path)?;
+        let mut conn = open_conn(path)?;
         conn.execute_batch(SETUP_SQL)?;
+        upgrade(&mut conn)?;
         Ok(SqliteSourceDb {
             path: path.to_owned(),
             writer: Mutex::new(conn),
@@ -159,9 +166,80 @@ impl SqliteSourceDb {
     }
 }
 
+/// Bring a database made by an older version up to date, in one
+/// transaction: outcomes get a fingerprint column (NULL for old ones), and
+/// the clock high-water mark is computed from the stored clocks once.
+fn upgrade(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let has_fingerprint: bool = tx
+        .prepare("SELECT COUNT(*) FROM pragma_table_info('ferry_outcomes') WHERE name = 'fingerprint'")?
+        .query_row([], |r| r.get::<_, i64>(0))?
+        > 0;
+    if !has_fingerprint {
+        tx.execute_batch("ALTER TABLE ferry_outcomes ADD COLUMN fingerprint INTEGER")?;
+    }
+    if read_max_clock(&tx)?.is_none() {
+        let mut max: Option<HlcTimestamp> = None;
+        {
+            let mut stmt = tx.prepare("SELECT hlc FROM ferry_tombstones")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let h: String = r.get(0)?;
+                raise(
+                    &mut max,
+                    &h.parse::<HlcTimestamp>().map_err(|e| corrupt("tombstone", e))?,
+                );
+            }
+            let mut stmt = tx.prepare("SELECT clocks FROM ferry_clocks")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let text: String = r.get(0)?;
+                let clocks: BTreeMap<String, HlcTimestamp> =
+                    serde_json::from_str(&text).map_err(|e| corrupt("clocks", e))?;
+                for c in clocks.values() {
+                    raise(&mut max, c);
+                }
+            }
+        }
+        if let Some(m) = max {
+            write_max_clock(&tx, &m)?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// `*max = max(*max, c)`.
+fn raise(max: &mut Option<HlcTimestamp>, c: &HlcTimestamp) {
+    if max.as_ref().is_none_or(|m| c > m) {
+        *max = Some(c.clone());
+    }
+}
+
+fn read_max_clock(conn: &Connection) -> Result<Option<HlcTimestamp>> {
+    let s: Option<String> = conn
+        .prepare_cached("SELECT value FROM ferry_meta WHERE key = ?1")?
+        .query_row([META_MAX_CLOCK], |r| r.get(0))
+        .optional()?;
+    s.map(|s| {
+        s.parse::<HlcTimestamp>()
+            .map_err(|e| corrupt("clock high-water mark", e))
+    })
+    .transpose()
+}
+
+fn write_max_clock(conn: &Connection, hlc: &HlcTimestamp) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO ferry_meta(key, value) VALUES (?1, ?2)")?
+        .execute(params![META_MAX_CLOCK, hlc.to_string()])?;
+    Ok(())
+}
+
 struct SqliteTx<'c> {
     tx: &'c rusqlite::Transaction<'c>,
     next_op_id: Option<u64>,
+    /// The greatest clock written in this transaction (row clocks and
+    /// tombstones); raises the stored high-water mark before commit.
+    max_clock: Option<HlcTimestamp>,
 }
 
 fn read_row_in(conn: &Connection, table: &Table, id: &str) -> Result<Option<StoredRow>> {
@@ -230,21 +308,29 @@ impl SourceTx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn outcome(&mut self, client_id: &str, seq: u64) -> Result<Option<Outcome>> {
-        let s: Option<String> = self
+    fn outcome(&mut self, client_id: &str, seq: u64) -> Result<Option<StoredOutcome>> {
+        let row: Option<(String, Option<i64>)> = self
             .tx
-            .prepare_cached("SELECT outcome FROM ferry_outcomes WHERE client_id = ?1 AND seq = ?2")?
-            .query_row(params![client_id, seq as i64], |r| r.get(0))
+            .prepare_cached("SELECT outcome, fingerprint FROM ferry_outcomes WHERE client_id = ?1 AND seq = ?2")?
+            .query_row(params![client_id, seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        s.map(|s| serde_json::from_str(&s).map_err(|e| corrupt("outcome", e)))
-            .transpose()
+        row.map(|(s, fingerprint)| {
+            Ok(StoredOutcome {
+                outcome: serde_json::from_str(&s).map_err(|e| corrupt("outcome", e))?,
+                // Stored as the i64 with the same bits.
+                fingerprint: fingerprint.map(|f| f as u64),
+            })
+        })
+        .transpose()
     }
 
-    fn record_outcome(&mut self, client_id: &str, seq: u64, outcome: &Outcome) -> Result<()> {
+    fn record_outcome(&mut self, client_id: &str, seq: u64, fingerprint: u64, outcome: &Outcome) -> Result<()> {
         let s = serde_json::to_string(outcome).map_err(|e| corrupt("outcome", e))?;
         self.tx
-            .prepare_cached("INSERT OR REPLACE INTO ferry_outcomes(client_id, seq, outcome) VALUES (?1, ?2, ?3)")?
-            .execute(params![client_id, seq as i64, s])?;
+            .prepare_cached(
+                "INSERT OR REPLACE INTO ferry_outcomes(client_id, seq, outcome, fingerprint) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![client_id, seq as i64, s, fingerprint as i64])?;
         Ok(())
     }
 
@@ -289,6 +375,9 @@ impl SourceTx for SqliteTx<'_> {
                 .map(|c| to_sql(data.get(&c.name).unwrap_or(&Value::Null))),
         );
         self.tx.prepare_cached(&sql)?.execute(params_from_iter(values))?;
+        for c in clocks.values() {
+            raise(&mut self.max_clock, c);
+        }
         let clocks = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
         self.tx
             .prepare_cached("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks) VALUES (?1, ?2, ?3)")?
@@ -309,6 +398,7 @@ impl SourceTx for SqliteTx<'_> {
         self.tx
             .prepare_cached("INSERT OR REPLACE INTO ferry_tombstones(tbl, id, hlc) VALUES (?1, ?2, ?3)")?
             .execute(params![table.name, id, hlc.to_string()])?;
+        raise(&mut self.max_clock, hlc);
         Ok(())
     }
 
@@ -586,8 +676,14 @@ impl SourceDb for SqliteSourceDb {
             let mut stx = SqliteTx {
                 tx: &tx,
                 next_op_id: None,
+                max_clock: None,
             };
             work(&mut stx)?; // an error drops `tx`, which rolls back
+            if let Some(m) = &stx.max_clock {
+                if read_max_clock(&tx)?.is_none_or(|stored| *m > stored) {
+                    write_max_clock(&tx, m)?;
+                }
+            }
         }
         tx.commit()?;
         Ok(())
@@ -667,5 +763,18 @@ impl SourceDb for SqliteSourceDb {
 
     fn get_row(&self, table: &Table, id: &str) -> Result<Option<StoredRow>> {
         self.with_reader(|conn| read_row_in(conn, table, id))
+    }
+
+    fn client_owner(&self, client_id: &str) -> Result<Option<String>> {
+        self.with_reader(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT user_id FROM ferry_clients WHERE client_id = ?1")?
+                .query_row([client_id], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    fn max_clock(&self) -> Result<Option<HlcTimestamp>> {
+        self.with_reader(|conn| read_max_clock(conn))
     }
 }

@@ -181,3 +181,35 @@ pub fn data_ops(lines: &[StreamLine]) -> Vec<(String, ferry_protocol::OplogEntry
         .flatten()
         .collect()
 }
+
+/// A service over `rules` (TOML) with `options`, on SQLite in a temp dir.
+pub fn env_with_rules(rules: &str, options: ServiceOptions) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = SqliteSourceDb::open_dir(dir.path()).expect("open db");
+    let rules = SyncRules::from_toml(rules).expect("rules");
+    let svc = SyncService::builder(Arc::new(db), rules, SECRET)
+        .options(options)
+        .build()
+        .expect("build");
+    Env { dir, svc }
+}
+
+/// Upload `request` as `user`: the answer, or the server's error.
+pub async fn try_upload(
+    handler: &dyn SyncHandler,
+    user: &str,
+    request: UploadRequest,
+) -> Result<ferry_protocol::UploadResponse, ferry_protocol::ServerError> {
+    handler.upload(&token(user), request).await
+}
+
+/// One transaction per `(tx_id, entries)`.
+pub fn upload_txs(client_id: &str, txs: Vec<(u64, Vec<CrudEntry>)>) -> UploadRequest {
+    UploadRequest {
+        client_id: client_id.into(),
+        transactions: txs
+            .into_iter()
+            .map(|(tx_id, ops)| UploadTransaction { tx_id, ops })
+            .collect(),
+    }
+}
