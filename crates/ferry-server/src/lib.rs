@@ -6,10 +6,16 @@
 //! Invariants:
 //! - write processing, conflict resolution, op log append, bucket state,
 //!   per-op outcomes and the client's write checkpoint commit in one
-//!   database transaction per client transaction;
+//!   database transaction per client transaction, which applies whole or
+//!   not at all (`docs/adr/0005-transactions-all-or-nothing.md`);
 //! - uploads are exactly-once in effect: an op with `(client_id, seq)` at
 //!   or below the client's write checkpoint gets its stored outcome again
-//!   and changes nothing;
+//!   and changes nothing, and only when its content matches the recorded
+//!   one; otherwise the request is refused whole;
+//! - a client id belongs to the first user that uploaded with it; nobody
+//!   else streams, uploads or reads a checkpoint with it;
+//! - the server's hybrid logical clock is at least every clock it stored,
+//!   also across restarts;
 //! - rows are assigned to buckets when written, from their new values,
 //!   never by querying at connect time; op ids are global and monotonic;
 //! - a bucket's checksum is the wrapping sum of its entries' checksums,
