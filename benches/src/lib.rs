@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ferry_core::{row_data, ColumnType, RowData, Schema, Table, Value};
+use ferry_core::{row_data, RowData, Schema, Value};
+use ferry_server::SyncRules;
 use ferry_sled::SledStore;
 use ferry_sqlite::SqliteStore;
 use ferry_store::{MemoryStore, Store};
@@ -57,20 +58,20 @@ impl TicketRow {
     }
 }
 
-/// The tickets table; `indexed` adds an index on status.
+/// The tickets table of the ticket tracker, derived from its sync rules
+/// (`SyncRules::client_schema`, not a copy); `indexed` adds an index on
+/// status.
 pub fn schema(indexed: bool) -> Schema {
-    let mut t = Table::new("tickets")
-        .column("title", ColumnType::Text)
-        .column("description", ColumnType::Text)
-        .column("status", ColumnType::Text)
-        .column("deleted_at", ColumnType::Text)
-        .column("created_at", ColumnType::Text)
-        .column("updated_at", ColumnType::Text)
-        .column("version", ColumnType::Integer);
+    // The embedded rules are fixed and valid; a failure is a bug.
+    let rules = SyncRules::ticket_tracker().unwrap_or_else(|e| panic!("ticket tracker rules: {e}"));
+    let derived = rules.client_schema();
+    let mut t = derived
+        .table("tickets")
+        .unwrap_or_else(|e| panic!("ticket tracker tickets table: {e}"))
+        .clone();
     if indexed {
         t = t.index("by_status", &["status"]);
     }
-    // The schema above is fixed and valid; a failure is a bug in this file.
     Schema::new([t]).unwrap_or_else(|e| panic!("bench schema: {e}"))
 }
 

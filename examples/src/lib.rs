@@ -24,7 +24,7 @@ use std::time::Duration;
 use ferry_client::{ClientError, ClientOptions, Database, Resolution, StaticToken, UploadOutcome};
 pub use ferry_protocol::Outcome;
 
-use ferry_core::{row_data, Clock, ColumnType, CoreError, RowData, Schema, SystemClock, Table, Value};
+use ferry_core::{row_data, Clock, CoreError, RowData, Schema, SystemClock, Value};
 use ferry_queue::{LocalDbOptions, QueueError, WriteTx};
 use ferry_server::{mint_token, ServiceError, SqliteSourceDb, SyncRules, SyncService, SyncServiceBuilder};
 use ferry_sqlite::SqliteStore;
@@ -169,49 +169,25 @@ pub const IN_PROGRESS: &str = "in_progress";
 /// Ticket statuses.
 pub const DONE: &str = "done";
 
-/// The client schema: the server's tables plus an index on ticket status.
+/// The client schema: the tables [`RULES`] syncs, derived from the rules
+/// (`SyncRules::client_schema`, not a copy), plus what only the client
+/// has: indexes on ticket status, on a ticket's assignments and on
+/// conflict status, and the previous values of ticket changes (the base
+/// manual resolution and domain rules compare against).
 pub fn client_schema() -> Result<Schema> {
-    Ok(Schema::new([
-        Table::new("users").column("name", ColumnType::Text),
-        Table::new("tickets")
-            .column("title", ColumnType::Text)
-            .column("description", ColumnType::Text)
-            .column("description_doc", ColumnType::Blob)
-            .column("status", ColumnType::Text)
-            .column("deleted_at", ColumnType::Text)
-            .column("created_at", ColumnType::Text)
-            .column("updated_at", ColumnType::Text)
-            .column("version", ColumnType::Integer)
-            .index("by_status", &["status"])
-            // Previous values travel with each op: the base of a conflict.
-            .track_previous_values(),
-        Table::new("assignments")
-            .column("ticket_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text)
-            .column("deleted_at", ColumnType::Text)
-            .column("created_at", ColumnType::Text)
-            .index("by_ticket", &["ticket_id", "created_at"]),
-        Table::new("comments")
-            .column("ticket_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text)
-            .column("body", ColumnType::Text)
-            .column("created_at", ColumnType::Text),
-        Table::new("attachments")
-            .column("ticket_id", ColumnType::Text)
-            .column("url", ColumnType::Text)
-            .column("created_at", ColumnType::Text),
-        ferry_client::conflicts_table(),
-        Table::new("activity")
-            .column("table_name", ColumnType::Text)
-            .column("row_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text)
-            .column("client_id", ColumnType::Text)
-            .column("op", ColumnType::Text)
-            .column("old_value", ColumnType::Text)
-            .column("new_value", ColumnType::Text)
-            .column("outcome", ColumnType::Text)
-            .column("created_at", ColumnType::Text),
-    ])?)
+    let derived = SyncRules::from_toml(RULES)?.client_schema();
+    Ok(Schema::new(derived.tables().cloned().map(|t| {
+        match t.name.as_str() {
+            "tickets" => t
+                .index("by_status", &["status"])
+                // Previous values travel with each op: the base of a conflict.
+                .track_previous_values(),
+            "assignments" => t.index("by_ticket", &["ticket_id", "created_at"]),
+            // What `ferry_client::conflicts_table` declares.
+            ferry_client::CONFLICTS_TABLE => t.index("by_status", &["status"]),
+            _ => t,
+        }
+    }))?)
 }
 
 /// Milliseconds since the epoch, as text (the timestamp columns).

@@ -17,28 +17,24 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_client::query::{col, Order};
 use ferry_client::{ClientOptions, Database, Query, StaticToken};
-use ferry_core::{row_data, ColumnType, Schema, SystemClock, Table, Value};
+use ferry_core::{row_data, Schema, SystemClock, Value};
 use ferry_http::HttpTransport;
 use ferry_queue::{LocalDbOptions, QueueError};
 use ferry_sqlite::SqliteStore;
 
+/// The client schema: the tables the server's default sync rules (the
+/// ticket tracker's, which `ferry-server` embeds) sync, derived from the
+/// rules rather than copied, plus this client's index on ticket status.
+/// A server started with other rules (`--rules`) needs their schema.
 fn schema() -> anyhow::Result<Schema> {
-    Ok(Schema::new([
-        Table::new("tickets")
-            .column("title", ColumnType::Text)
-            .column("description", ColumnType::Text)
-            .column("status", ColumnType::Text)
-            .column("deleted_at", ColumnType::Text)
-            .column("created_at", ColumnType::Text)
-            .column("updated_at", ColumnType::Text)
-            .column("version", ColumnType::Integer)
-            .index("by_status", &["status"]),
-        Table::new("comments")
-            .column("ticket_id", ColumnType::Text)
-            .column("user_id", ColumnType::Text)
-            .column("body", ColumnType::Text)
-            .column("created_at", ColumnType::Text),
-    ])?)
+    let derived = ferry_server::SyncRules::ticket_tracker()?.client_schema();
+    Ok(Schema::new(derived.tables().cloned().map(|t| {
+        if t.name == "tickets" {
+            t.index("by_status", &["status"])
+        } else {
+            t
+        }
+    }))?)
 }
 
 fn now_iso(clock_ms: u64) -> String {
