@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn size_limit_counts_the_encoded_line_and_cuts_before_passing_it() {
         // Control characters take six bytes each once escaped.
-        let ops = vec![entry(1, "\u{1}\u{2}\u{3}"), entry(2, "\u{4}\u{5}"), entry(3, "x")];
+        let ops = [entry(1, "\u{1}\u{2}\u{3}"), entry(2, "\u{4}\u{5}"), entry(3, "x")];
         let two = encoded("b", &ops[..2]).len();
         // At the limit: both fit, exactly.
         let mut w = DataLineWriter::new("b", 0).with_max_line_bytes(two);
