@@ -121,8 +121,10 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     /// transaction.
     fn checkpoint(&self, client_id: &str, buckets: &[String]) -> Result<CheckpointState>;
     /// Entries of a bucket with `after_op_id < op_id <= up_to_op_id`,
-    /// ascending, at most `max_ops` and about `max_bytes` of row data (at
-    /// least one entry when there is one).
+    /// ascending, at most `max_ops`, and no more than fit in one encoded
+    /// `data` line of `max_bytes` bytes, newline included (at least one
+    /// entry when there is one). The stream measures the encoding again,
+    /// so a database may return more; the rest is read again next line.
     fn read_ops(
         &self,
         bucket: &str,
@@ -132,7 +134,8 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
         max_bytes: usize,
     ) -> Result<Vec<OplogEntry>>;
     /// The same entries as [`SourceDb::read_ops`], appended to an encoded
-    /// `data` line instead of returned typed. Returns the last op id added
+    /// `data` line instead of returned typed, up to the line's size limit
+    /// (the writer refuses entries past it). Returns the last op id added
     /// (`None` when there was none). The default encodes `read_ops`'s
     /// entries; a database that keeps rows as JSON text copies them as
     /// they are.
@@ -146,10 +149,13 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
         line: &mut DataLineWriter,
     ) -> Result<Option<u64>> {
         let ops = self.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
+        line.lower_max_line_bytes(max_bytes);
         for e in &ops {
-            line.push_entry(e);
+            if !line.push_entry(e) {
+                break;
+            }
         }
-        Ok(ops.last().map(|e| e.op_id))
+        Ok(line.last_op_id())
     }
     /// Every bucket with entries.
     fn bucket_names(&self) -> Result<Vec<String>>;
