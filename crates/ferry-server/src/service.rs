@@ -61,11 +61,13 @@ pub struct ServiceOptions {
     /// its values; a control character takes 6 bytes). A write whose row,
     /// or a side write whose merged row, is larger is rejected. The
     /// default, 4 MiB, keeps a `data` line of one row far below the
-    /// clients' 16 MiB line limit (`ferry_protocol::DEFAULT_MAX_LINE_BYTES`).
+    /// clients' 16 MiB line limit (`ferry_protocol::DEFAULT_MAX_LINE_BYTES`);
+    /// the builder refuses more than half of it.
     pub max_row_encoded_bytes: usize,
     /// Largest upload answer (JSON). A larger one leaves out the rows of
     /// its `merged` outcomes, largest first, then shortens its reasons;
-    /// every op keeps its outcome. Keep it below the clients' 16 MiB limit.
+    /// every op keeps its outcome. The builder refuses more than the
+    /// clients' 16 MiB limit.
     pub max_answer_bytes: usize,
     /// Row, id and transaction limits.
     pub limits: Limits,
@@ -182,6 +184,22 @@ impl SyncServiceBuilder {
             return Err(ServiceError::Config(format!(
                 "max_line_bytes of {max_line_bytes} bytes exceeds the clients' line limit of {} bytes",
                 ferry_protocol::DEFAULT_MAX_LINE_BYTES
+            )));
+        }
+        let max_answer_bytes = self.options.max_answer_bytes;
+        if max_answer_bytes > ferry_protocol::DEFAULT_MAX_LINE_BYTES {
+            return Err(ServiceError::Config(format!(
+                "max_answer_bytes of {max_answer_bytes} bytes exceeds the clients' answer limit of {} bytes",
+                ferry_protocol::DEFAULT_MAX_LINE_BYTES
+            )));
+        }
+        // Half a line: the rest is room for the entry's bucket, table, id
+        // and numbers, so one row always fits in one `data` line.
+        let max_row = self.options.max_row_encoded_bytes;
+        if max_row > ferry_protocol::DEFAULT_MAX_LINE_BYTES / 2 {
+            return Err(ServiceError::Config(format!(
+                "max_row_encoded_bytes of {max_row} bytes exceeds half the clients' line limit ({} bytes)",
+                ferry_protocol::DEFAULT_MAX_LINE_BYTES / 2
             )));
         }
         self.db.migrate(self.rules.schema())?;

@@ -917,3 +917,29 @@ async fn the_answer_bound_holds_at_its_limit() {
         .count();
     assert_eq!(kept, 1);
 }
+
+#[test]
+fn size_bounds_above_what_clients_take_are_refused_at_build() {
+    let build = |options: ServiceOptions| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = SqliteSourceDb::open_dir(dir.path()).expect("open db");
+        SyncService::builder(Arc::new(db), SyncRules::ticket_tracker().expect("rules"), SECRET)
+            .options(options)
+            .build()
+    };
+    let line = ferry_protocol::DEFAULT_MAX_LINE_BYTES;
+    let answer = |max_answer_bytes| ServiceOptions {
+        max_answer_bytes,
+        ..ServiceOptions::default()
+    };
+    let row = |max_row_encoded_bytes| ServiceOptions {
+        max_row_encoded_bytes,
+        ..ServiceOptions::default()
+    };
+    assert!(build(answer(line)).is_ok());
+    let err = build(answer(line + 1)).expect_err("answer bound over the clients' limit");
+    assert!(err.to_string().contains("max_answer_bytes"), "{err}");
+    assert!(build(row(line / 2)).is_ok());
+    let err = build(row(line / 2 + 1)).expect_err("row bound over half a line");
+    assert!(err.to_string().contains("max_row_encoded_bytes"), "{err}");
+}
