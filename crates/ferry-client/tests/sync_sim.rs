@@ -167,15 +167,13 @@ async fn run(seed: u64, actions: Vec<Action>) -> Result<(), TestCaseError> {
     let mut nets = Vec::new();
     let mut outcomes = Vec::new();
     // Every device opened at once, with the library's own client ids.
-    for i in 0..CLIENTS {
+    for (i, offset_ms) in CLOCK_OFFSETS_MS.into_iter().enumerate() {
         let cdir = dir.path().join(format!("client{i}"));
         std::fs::create_dir_all(&cdir).expect("client dir");
         let store = SqliteStore::open(cdir.join("client.db"), schema_of(i, &rules)).expect("client store");
         let options = ClientOptions {
             local: LocalDbOptions {
-                clock: Arc::new(OffsetClock {
-                    offset_ms: CLOCK_OFFSETS_MS[i],
-                }),
+                clock: Arc::new(OffsetClock { offset_ms }),
                 ..LocalDbOptions::default()
             },
             retry_initial_delay_ms: 5,
