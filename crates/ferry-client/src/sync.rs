@@ -9,7 +9,7 @@ use ferry_protocol::{
     decode_line, OpOutcome, Outcome, ProtocolError, Step, StreamLine, UploadRequest, UploadResponse, UploadTransaction,
 };
 use ferry_queue::Answer;
-use ferry_transport::{Backoff, LineStream, Transport, TransportError};
+use ferry_transport::{blocking, Backoff, LineStream, Transport, TransportError};
 use tokio::sync::watch;
 
 use crate::apply::plan_checkpoint_owned;
@@ -46,6 +46,7 @@ pub(crate) async fn download_loop(
         }
         if control.borrow_and_update().downloads_paused {
             tokio::select! {
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
                 _ = control.wait_for(|c| !c.downloads_paused) => continue,
             }
@@ -56,6 +57,7 @@ pub(crate) async fn download_loop(
         // fresh one; a checkpoint being applied finishes regardless (it
         // runs on a blocking thread).
         let ended = tokio::select! {
+            biased;
             r = stream_session(&inner, transport.as_ref(), creds.as_ref(), refresh, &mut backoff) => match r {
                 Ok(ended) => ended,
                 Err(e) => {
@@ -79,6 +81,7 @@ pub(crate) async fn download_loop(
             Ended::Failed { refresh: r } => {
                 refresh = r;
                 tokio::select! {
+                    biased;
                     () = sleep_ms(backoff.next_delay_ms()) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
@@ -137,7 +140,7 @@ async fn stream_session(
                 // observer reports the changed rows. The rows move from the
                 // download state into the batch; the download keeps their
                 // positions until told the outcome.
-                let last_op_id = tokio::task::spawn_blocking(move || -> Result<u64, ClientError> {
+                let last_op_id = blocking::run(move || -> Result<u64, ClientError> {
                     // Local writes from now on order after every clock of
                     // this data (the server's clock covers them).
                     if let Some(hlc) = &apply.hlc {
@@ -222,7 +225,7 @@ impl ParsedLines {
         let reader = tokio::spawn(async move {
             loop {
                 let next = match stream.next_line().await {
-                    Ok(Some(line)) if line.len() < MAX_INLINE_DECODE_BYTES => {
+                    Ok(Some(line)) if line.len() < MAX_INLINE_DECODE_BYTES || blocking::is_inline() => {
                         Ok(Parse::Ready(decode_line::<StreamLine>(&line, max_line_bytes)))
                     }
                     Ok(Some(line)) => Ok(Parse::Pending(tokio::task::spawn_blocking(move || {
@@ -338,6 +341,7 @@ pub(crate) async fn upload_loop(
         }
         if control.borrow_and_update().uploads_paused {
             tokio::select! {
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
                 _ = control.wait_for(|c| !c.uploads_paused) => continue,
             }
@@ -354,6 +358,7 @@ pub(crate) async fn upload_loop(
             Ok(Sent::Nothing) => {
                 refresh = false;
                 tokio::select! {
+                    biased;
                     _ = tokio::time::timeout(poll, inner.upload_wake.notified()) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
@@ -366,6 +371,7 @@ pub(crate) async fn upload_loop(
                     s.last_upload_error = Some(e.to_string());
                 });
                 tokio::select! {
+                    biased;
                     () = sleep_ms(backoff.next_delay_ms()) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
@@ -442,7 +448,7 @@ async fn upload_once(
     // Stored and then broadcast on a blocking thread, which runs to the end
     // even if this task is aborted: an app listening gets every outcome
     // whose answer was stored, and the store has all of them.
-    tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
+    blocking::run(move || -> Result<(), ClientError> {
         task_inner.local.answer(&answer)?;
         for outcome in outcomes {
             let _ = task_inner.outcomes.send(outcome);

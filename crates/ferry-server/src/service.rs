@@ -13,7 +13,7 @@ use ferry_protocol::{
     Checkpoint, CheckpointDiff, DataBatch, DataLineWriter, ErrorCode, OpKind, OpOutcome, Outcome, ServerError,
     StreamLine, StreamRequest, UploadRequest, UploadResponse,
 };
-use ferry_transport::{ServerLine, ServerLineStream, ServerLines, SyncHandler};
+use ferry_transport::{blocking, ServerLine, ServerLineStream, ServerLines, SyncHandler};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -244,8 +244,8 @@ impl SyncServiceBuilder {
     }
 }
 
-fn join_error(e: tokio::task::JoinError) -> ServiceError {
-    ServiceError::Database(format!("worker task failed: {e}"))
+fn blocking_error(e: blocking::BlockingError) -> ServiceError {
+    ServiceError::Database(e.to_string())
 }
 
 impl SyncService {
@@ -319,9 +319,9 @@ impl SyncService {
         }
         let inner = self.inner.clone();
         let user = user.clone();
-        let result = tokio::task::spawn_blocking(move || inner.process_upload(&user, &request))
+        let result = blocking::run(move || inner.process_upload(&user, &request))
             .await
-            .map_err(join_error)?;
+            .map_err(blocking_error)?;
         // Wake streams even after a partial failure: earlier transactions
         // may have committed.
         self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
@@ -344,9 +344,9 @@ impl SyncService {
         }
         let inner = self.inner.clone();
         let n = ops.len();
-        let result = tokio::task::spawn_blocking(move || inner.process_import(ops))
+        let result = blocking::run(move || inner.process_import(ops))
             .await
-            .map_err(join_error)?;
+            .map_err(blocking_error)?;
         self.inner.commits.send_modify(|c| *c = c.wrapping_add(1));
         result.map(|()| n)
     }
@@ -412,12 +412,12 @@ impl SyncService {
             .user_buckets(&user.claims, self.inner.options.max_buckets_per_user)?;
         let inner = self.inner.clone();
         let (client_id, user_id) = (client_id.to_owned(), user.user_id.clone());
-        let cp = tokio::task::spawn_blocking(move || {
+        let cp = blocking::run(move || {
             inner.check_client_owner(&client_id, &user_id)?;
             inner.db.checkpoint(&client_id, &buckets)
         })
         .await
-        .map_err(join_error)??;
+        .map_err(blocking_error)??;
         Ok(Checkpoint {
             // Taken after the checkpoint was read: at least every clock
             // of the data it covers.
@@ -432,9 +432,9 @@ impl SyncService {
     pub async fn compact(&self, bucket: &str) -> Result<CompactStats> {
         let db = self.inner.db.clone();
         let bucket = bucket.to_owned();
-        let stats = tokio::task::spawn_blocking(move || compact_bucket(db.as_ref(), &bucket))
+        let stats = blocking::run(move || compact_bucket(db.as_ref(), &bucket))
             .await
-            .map_err(join_error)??;
+            .map_err(blocking_error)??;
         self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(stats)
     }
@@ -442,9 +442,9 @@ impl SyncService {
     /// Compact every bucket. Returns the number of buckets compacted.
     pub async fn compact_all(&self) -> Result<usize> {
         let db = self.inner.db.clone();
-        let names = tokio::task::spawn_blocking(move || db.bucket_names())
+        let names = blocking::run(move || db.bucket_names())
             .await
-            .map_err(join_error)??;
+            .map_err(blocking_error)??;
         for name in &names {
             self.compact(name).await?;
         }
@@ -1245,9 +1245,9 @@ async fn run_stream<L: StreamOut>(
         commits.borrow_and_update();
         let db = inner.db.clone();
         let (cid, names) = (client_id.to_owned(), buckets.clone());
-        let cp = tokio::task::spawn_blocking(move || db.checkpoint(&cid, &names))
+        let cp = blocking::run(move || db.checkpoint(&cid, &names))
             .await
-            .map_err(join_error)??;
+            .map_err(blocking_error)??;
         if sent.as_ref() != Some(&cp) {
             let changed: Vec<String> = match &sent {
                 None => {
@@ -1312,6 +1312,7 @@ async fn run_stream<L: StreamOut>(
         // Wait for a commit, sending keepalives meanwhile.
         loop {
             tokio::select! {
+                biased;
                 () = tx.closed() => return Ok(()),
                 r = commits.changed() => {
                     if r.is_err() {
@@ -1424,7 +1425,8 @@ impl StreamOut for ServerLine {
 }
 
 /// Sends the entries of each `(bucket, after_op_id)` up to `last_op_id`
-/// from a blocking thread, in bounded lines. Returns false when the client
+/// in bounded lines, each read on a blocking thread (the channel's buffer
+/// lets reading run ahead of the client). Returns false when the client
 /// left (or the server is shutting down).
 async fn send_data<L: StreamOut>(
     inner: &Arc<Inner>,
@@ -1433,49 +1435,40 @@ async fn send_data<L: StreamOut>(
     tx: &mpsc::Sender<L>,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<bool> {
-    if work.is_empty() {
-        return Ok(true);
-    }
-    let db = inner.db.clone();
     let (max_ops, max_bytes) = (
         inner.options.max_ops_per_line.max(1),
         inner.options.max_line_bytes.max(1),
     );
-    let tx = tx.clone();
-    let shutdown = shutdown.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut size_hint_bytes = 0;
-        for (bucket, mut pos) in work {
-            loop {
-                if *shutdown.borrow() {
-                    return Ok(false);
-                }
-                let Some((line, n, last)) = L::read_data(
-                    db.as_ref(),
-                    &bucket,
-                    pos,
-                    last_op_id,
-                    max_ops,
-                    max_bytes,
-                    &mut size_hint_bytes,
-                )?
-                else {
-                    break;
-                };
-                pos = last;
-                let full = n >= max_ops;
-                if tx.blocking_send(line).is_err() {
-                    return Ok(false);
-                }
-                if !full && pos >= last_op_id {
-                    break;
-                }
+    let mut size_hint_bytes = 0;
+    for (bucket, mut pos) in work {
+        loop {
+            if *shutdown.borrow() {
+                return Ok(false);
+            }
+            let db = inner.db.clone();
+            let name = bucket.clone();
+            let read = blocking::run(move || {
+                let mut hint = size_hint_bytes;
+                L::read_data(db.as_ref(), &name, pos, last_op_id, max_ops, max_bytes, &mut hint)
+                    .map(|line| (line, hint))
+            })
+            .await
+            .map_err(blocking_error)??;
+            let (Some((line, n, last)), hint) = read else {
+                break;
+            };
+            size_hint_bytes = hint;
+            pos = last;
+            let full = n >= max_ops;
+            if tx.send(line).await.is_err() {
+                return Ok(false);
+            }
+            if !full && pos >= last_op_id {
+                break;
             }
         }
-        Ok(true)
-    })
-    .await
-    .map_err(join_error)?
+    }
+    Ok(true)
 }
 
 #[async_trait]

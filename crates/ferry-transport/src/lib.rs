@@ -23,6 +23,7 @@ use ferry_protocol::{encode_line, ErrorCode, ServerError, StreamLine, StreamRequ
 use thiserror::Error;
 
 mod backoff;
+pub mod blocking;
 mod faulty;
 mod memory;
 
@@ -148,6 +149,7 @@ pub fn forward_typed(mut typed: ServerLines) -> ServerLineStream {
     tokio::spawn(async move {
         loop {
             tokio::select! {
+                biased;
                 () = tx.closed() => return,
                 line = typed.recv() => {
                     let Some(line) = line else { return };
