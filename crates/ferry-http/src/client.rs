@@ -179,7 +179,10 @@ async fn status_error(what: &str, response: Response) -> TransportError {
 fn error_for_status(status: StatusCode, message: String) -> TransportError {
     match status {
         StatusCode::UNAUTHORIZED => TransportError::Unauthorized(message),
+        // Busy (503), rate limited (429), a body that came too slowly
+        // (408): the same request later can succeed.
         s if s.is_server_error() => TransportError::Server(message),
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => TransportError::Server(message),
         // 400, 413 and any other client error (404: wrong base url, ...):
         // sending the same request again fails again.
         s if s.is_client_error() => TransportError::Refused(message),

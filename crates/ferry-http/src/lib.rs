@@ -55,7 +55,10 @@ mod client;
 mod server;
 
 pub use client::{HttpClientOptions, HttpTransport};
-pub use server::{router, serve, HttpServerOptions, DEFAULT_MAX_BODY_BYTES, NDJSON_CONTENT_TYPE};
+pub use server::{
+    router, router_with_verifier, serve, serve_with_options, HttpServerOptions, TokenVerifier, DEFAULT_MAX_BODY_BYTES,
+    NDJSON_CONTENT_TYPE,
+};
 
 #[doc(no_inline)]
 pub use ferry_transport::{SyncHandler, Transport, TransportError};

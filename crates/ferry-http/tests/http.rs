@@ -335,7 +335,11 @@ async fn malformed_body_is_refused_and_the_handler_sees_nothing() {
 
 #[tokio::test]
 async fn oversized_body_is_refused_with_413() {
-    let server = TestServer::start(HttpServerOptions { max_body_bytes: 1024 }).await;
+    let server = TestServer::start(HttpServerOptions {
+        max_body_bytes: 1024,
+        ..HttpServerOptions::default()
+    })
+    .await;
     let mut body = br#"{"client_id":""#.to_vec();
     body.extend(std::iter::repeat_n(b'a', 4096));
     body.extend_from_slice(br#"","buckets":[]}"#);

@@ -132,13 +132,24 @@ pub enum ErrorCode {
     Internal,
     /// The server is shutting down; reconnect elsewhere or later.
     ShuttingDown,
+    /// The server is at a capacity limit (streams, connections) or a
+    /// resource it needs is unavailable; retry later (HTTP: 503 with
+    /// `Retry-After`).
+    Busy,
+    /// This user sent more than a per-user limit allows (streams open at
+    /// once, uploads per second); retry later (HTTP: 429 with
+    /// `Retry-After`).
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Whether the client should retry (after backoff) with the same
     /// credentials.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::Internal | ErrorCode::ShuttingDown)
+        matches!(
+            self,
+            ErrorCode::Internal | ErrorCode::ShuttingDown | ErrorCode::Busy | ErrorCode::RateLimited
+        )
     }
 }
 

@@ -4,20 +4,27 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ferry_http::HttpServerOptions;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthOptions;
 use crate::error::{Result, ServiceError};
 use crate::service::ServiceOptions;
 
-/// The secret used when none is configured. Only for development: the
-/// server logs a warning when it uses it.
+/// The secret used when no key is configured (no `jwt_secret`, no
+/// `[auth]` keys). Only for development: the server logs a warning when
+/// it uses it and refuses to listen on a non-loopback address with it
+/// unless `auth.allow_dev_secret` is set.
 pub const DEV_JWT_SECRET: &str = "ferry-dev-secret-do-not-use-in-production";
 
 /// Everything the server needs to start.
 ///
 /// In TOML every field is optional; the [`ServiceOptions`] fields
 /// (`keepalive_interval_s`, `max_ops_per_line`, ..., `[limits]`) sit at the
-/// top level next to these.
+/// top level next to these; `[auth]` holds the token keys and checks
+/// ([`AuthOptions`]), `[http]` the connection timeouts and per-user limits
+/// ([`HttpServerOptions`]; its body limit is the top-level
+/// `max_body_bytes`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerConfig {
@@ -25,12 +32,17 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// The address to listen on (port 0: any free port).
     pub listen_addr: SocketAddr,
-    /// The HS256 secret for bearer tokens; `None`: [`DEV_JWT_SECRET`].
+    /// The HS256 secret for bearer tokens without a `kid`; `None` and no
+    /// `[auth]` keys: [`DEV_JWT_SECRET`].
     pub jwt_secret: Option<String>,
     /// A sync rules file; `None`: the embedded ticket tracker rules.
     pub rules_path: Option<PathBuf>,
     /// Longest HTTP request body accepted.
     pub max_body_bytes: usize,
+    /// Token keys (JWKS URL, static files) and claim checks.
+    pub auth: AuthOptions,
+    /// Connection timeouts, the connection cap and per-user limits.
+    pub http: HttpServerOptions,
     /// Service tunables and limits.
     #[serde(flatten)]
     pub service: ServiceOptions,
@@ -44,6 +56,8 @@ impl Default for ServerConfig {
             jwt_secret: None,
             rules_path: None,
             max_body_bytes: ferry_http::DEFAULT_MAX_BODY_BYTES,
+            auth: AuthOptions::default(),
+            http: HttpServerOptions::default(),
             service: ServiceOptions::default(),
         }
     }
@@ -70,5 +84,39 @@ impl ServerConfig {
             Some(s) if !s.is_empty() => (s.clone(), false),
             _ => (DEV_JWT_SECRET.to_owned(), true),
         }
+    }
+
+    /// The HS256 secret verification uses, if any, and whether it is the
+    /// development default: the configured `jwt_secret`; else, when no
+    /// `[auth]` key is configured either, the development secret; else
+    /// none (tokens are verified with the `[auth]` keys only).
+    pub fn hs256_secret(&self) -> (Option<String>, bool) {
+        match &self.jwt_secret {
+            Some(s) if !s.is_empty() => (Some(s.clone()), false),
+            _ if self.auth.has_keys() => (None, false),
+            _ => (Some(DEV_JWT_SECRET.to_owned()), true),
+        }
+    }
+
+    /// Refuse settings the server must not start with: the development
+    /// secret on a non-loopback address (unless `auth.allow_dev_secret`),
+    /// an idle timeout the stream keepalives could not keep open.
+    pub fn check(&self) -> Result<()> {
+        let (_, dev) = self.hs256_secret();
+        if dev && !self.listen_addr.ip().is_loopback() && !self.auth.allow_dev_secret {
+            return Err(ServiceError::Config(format!(
+                "refusing to listen on {} with the development jwt secret: set jwt_secret (FERRY_JWT_SECRET) or [auth] keys, \
+                 or allow it explicitly (--allow-dev-secret)",
+                self.listen_addr
+            )));
+        }
+        let keepalive_ms = self.service.keepalive_interval_s.saturating_mul(1000);
+        if self.http.idle_timeout_ms <= keepalive_ms {
+            return Err(ServiceError::Config(format!(
+                "http.idle_timeout_ms of {} ms must exceed keepalive_interval_s ({} ms), or idle streams would be cut",
+                self.http.idle_timeout_ms, keepalive_ms
+            )));
+        }
+        Ok(())
     }
 }

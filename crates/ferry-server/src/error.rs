@@ -64,7 +64,8 @@ impl ServiceError {
             ServiceError::BadRequest(_) | ServiceError::Core(_) | ServiceError::Config(_) => ErrorCode::BadRequest,
             ServiceError::TooLarge(_) => ErrorCode::TooLarge,
             ServiceError::ShuttingDown => ErrorCode::ShuttingDown,
-            ServiceError::Database(_) | ServiceError::Io { .. } | ServiceError::Busy(_) => ErrorCode::Internal,
+            ServiceError::Busy(_) => ErrorCode::Busy,
+            ServiceError::Database(_) | ServiceError::Io { .. } => ErrorCode::Internal,
         };
         let message = match self {
             ServiceError::Unauthorized(m) | ServiceError::BadRequest(m) | ServiceError::TooLarge(m) => m.clone(),

@@ -35,7 +35,7 @@ pub mod server;
 pub mod service;
 pub mod sqlite;
 
-pub use auth::{mint_token, mint_token_at, AuthUser, Authenticator};
+pub use auth::{mint_token, mint_token_at, AuthOptions, AuthUser, Authenticator, StaticKey};
 pub use config::{ServerConfig, DEV_JWT_SECRET};
 pub use conflict::{
     Audited, ConflictInput, ConflictStrategy, Crdt, CurrentRow, Decision, DomainRules, LastWriteWins, Manual,

@@ -48,6 +48,18 @@ struct ServeArgs {
     /// A sync rules file (default: the embedded ticket tracker rules).
     #[arg(long, env = "FERRY_RULES")]
     rules: Option<PathBuf>,
+    /// An identity provider's JWKS URL (RS256/384/512, ES256/384, EdDSA keys).
+    #[arg(long, env = "FERRY_JWKS_URL")]
+    jwks_url: Option<String>,
+    /// The `aud` tokens must carry.
+    #[arg(long, env = "FERRY_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// The `iss` tokens must carry.
+    #[arg(long, env = "FERRY_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Allow the development secret on a non-loopback address (never in production).
+    #[arg(long)]
+    allow_dev_secret: bool,
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +148,18 @@ async fn main() -> anyhow::Result<()> {
             }
             if let Some(r) = args.rules {
                 config.rules_path = Some(r);
+            }
+            if let Some(u) = args.jwks_url {
+                config.auth.jwks_url = Some(u);
+            }
+            if let Some(a) = args.jwt_audience {
+                config.auth.audience = Some(a);
+            }
+            if let Some(i) = args.jwt_issuer {
+                config.auth.issuer = Some(i);
+            }
+            if args.allow_dev_secret {
+                config.auth.allow_dev_secret = true;
             }
             let server = ferry_server::run(config, shutdown_signal())
                 .await

@@ -4,11 +4,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ferry_http::HttpServerOptions;
+use async_trait::async_trait;
+use ferry_http::TokenVerifier;
+use ferry_protocol::ServerError;
 use ferry_transport::SyncHandler;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::auth::Authenticator;
 use crate::config::ServerConfig;
 use crate::error::{Result, ServiceError};
 use crate::rules::SyncRules;
@@ -64,23 +67,47 @@ async fn join(addr: SocketAddr, task: JoinHandle<std::io::Result<()>>) -> Result
     }
 }
 
+/// The HTTP layer checks tokens with the service before reading a body.
+#[async_trait]
+impl TokenVerifier for SyncService {
+    async fn verify_token(&self, token: &str) -> std::result::Result<String, ServerError> {
+        Ok(self.authenticate_async(token).await?.user_id)
+    }
+}
+
 /// Open the source database, load the rules, bind and serve until
 /// `shutdown` resolves or [`BoundServer::shutdown`] is called; streams then
 /// end with a `shutting_down` line.
+///
+/// Refused before anything is opened ([`ServerConfig::check`]): the
+/// development secret on a non-loopback address unless
+/// `auth.allow_dev_secret`, an idle timeout at or below the keepalive
+/// interval, key files that do not load.
 pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<BoundServer> {
+    config.check()?;
     let rules = match &config.rules_path {
         Some(p) => SyncRules::from_file(p)?,
         None => SyncRules::ticket_tracker()?,
     };
-    let (secret, is_dev) = config.secret();
+    let (secret, is_dev) = config.hs256_secret();
     if is_dev {
         tracing::warn!("no jwt secret configured: using the development secret; set FERRY_JWT_SECRET in production");
+    }
+    let auth = Authenticator::from_options(&config.auth, secret.as_deref())?;
+    if config.auth.jwks_url.is_some() {
+        // A provider that is down at start is no reason not to start:
+        // the first token naming one of its keys fetches again.
+        match auth.refresh_jwks().await {
+            Ok(n) => tracing::info!(keys = n, "jwks loaded"),
+            Err(e) => tracing::warn!("jwks not loaded at start: {e}"),
+        }
     }
     let data_dir = config.data_dir.clone();
     let db = tokio::task::spawn_blocking(move || SqliteSourceDb::open_dir(&data_dir))
         .await
         .map_err(|e| ServiceError::Database(e.to_string()))??;
-    let service = SyncService::builder(Arc::new(db), rules, &secret)
+    let service = SyncService::builder(Arc::new(db), rules, secret.as_deref().unwrap_or_default())
+        .authenticator(auth)
         .options(config.service.clone())
         .build()?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
@@ -94,12 +121,9 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         message: e.to_string(),
     })?;
     let handler: Arc<dyn SyncHandler> = Arc::new(service.clone());
-    let router = ferry_http::router(
-        handler,
-        HttpServerOptions {
-            max_body_bytes: config.max_body_bytes,
-        },
-    );
+    let mut http = config.http.clone();
+    http.max_body_bytes = config.max_body_bytes;
+    let router = ferry_http::router_with_verifier(handler, Arc::new(service.clone()), http.clone());
     let svc = service.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let shutdown = async move {
@@ -116,7 +140,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         tracing::info!("shutting down");
         svc.shutdown();
     };
-    let task = tokio::spawn(ferry_http::serve(listener, router, shutdown));
+    let task = tokio::spawn(ferry_http::serve_with_options(listener, router, http, shutdown));
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "ferry-server listening");
     Ok(BoundServer {
         addr,

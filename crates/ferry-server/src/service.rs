@@ -142,6 +142,7 @@ pub struct SyncServiceBuilder {
     db: Arc<dyn SourceDb>,
     rules: SyncRules,
     jwt_secret: String,
+    auth: Option<Authenticator>,
     options: ServiceOptions,
     clock: Arc<dyn Clock>,
     strategies: BTreeMap<String, Arc<dyn ConflictStrategy>>,
@@ -152,6 +153,13 @@ impl SyncServiceBuilder {
     /// Set the options.
     pub fn options(mut self, options: ServiceOptions) -> Self {
         self.options = options;
+        self
+    }
+
+    /// Verify tokens with `auth` (JWKS, static keys, claim checks)
+    /// instead of the HS256 secret given to [`SyncService::builder`].
+    pub fn authenticator(mut self, auth: Authenticator) -> Self {
+        self.auth = Some(auth);
         self
     }
 
@@ -229,7 +237,7 @@ impl SyncServiceBuilder {
             inner: Arc::new(Inner {
                 db: self.db,
                 rules: self.rules,
-                auth: Authenticator::new(&self.jwt_secret),
+                auth: self.auth.unwrap_or_else(|| Authenticator::new(&self.jwt_secret)),
                 clock: self.clock,
                 hlc,
                 options: self.options,
@@ -256,6 +264,7 @@ impl SyncService {
             db,
             rules,
             jwt_secret: jwt_secret.to_owned(),
+            auth: None,
             options: ServiceOptions::default(),
             clock: Arc::new(SystemClock),
             strategies: BTreeMap::new(),
@@ -273,9 +282,16 @@ impl SyncService {
         &self.inner.rules
     }
 
-    /// Verify a bearer token.
+    /// Verify a bearer token with the keys at hand (no JWKS fetch; an
+    /// HS256 secret and static keys are always at hand).
     pub fn authenticate(&self, token: &str) -> Result<AuthUser> {
         self.inner.auth.verify(token, self.inner.clock.as_ref())
+    }
+
+    /// Verify a bearer token, first fetching the JWKS when the token
+    /// names an unknown key id (rate-bounded) or the keys are old.
+    pub async fn authenticate_async(&self, token: &str) -> Result<AuthUser> {
+        self.inner.auth.verify_async(token, self.inner.clock.as_ref()).await
     }
 
     /// Ask every stream to end (with a `shutting_down` error line).
@@ -1474,17 +1490,17 @@ async fn send_data<L: StreamOut>(
 #[async_trait]
 impl SyncHandler for SyncService {
     async fn stream(&self, token: &str, request: StreamRequest) -> Result<ServerLines, ServerError> {
-        let user = self.authenticate(token)?;
+        let user = self.authenticate_async(token).await?;
         Ok(self.open_stream(user, request)?)
     }
 
     async fn stream_lines(&self, token: &str, request: StreamRequest) -> Result<ServerLineStream, ServerError> {
-        let user = self.authenticate(token)?;
+        let user = self.authenticate_async(token).await?;
         Ok(self.open_stream_lines(user, request)?)
     }
 
     async fn upload(&self, token: &str, request: UploadRequest) -> Result<UploadResponse, ServerError> {
-        let user = self.authenticate(token)?;
+        let user = self.authenticate_async(token).await?;
         Ok(SyncService::upload(self, &user, request).await?)
     }
 }

@@ -64,7 +64,9 @@ impl TransportError {
         match e.code {
             ErrorCode::Unauthorized => TransportError::Unauthorized(e.message.clone()),
             ErrorCode::BadRequest | ErrorCode::TooLarge => TransportError::Refused(e.message.clone()),
-            ErrorCode::Internal | ErrorCode::ShuttingDown => TransportError::Server(e.message.clone()),
+            ErrorCode::Internal | ErrorCode::ShuttingDown | ErrorCode::Busy | ErrorCode::RateLimited => {
+                TransportError::Server(e.message.clone())
+            }
         }
     }
 }
