@@ -21,6 +21,7 @@ use crate::auth::{AuthUser, Authenticator};
 use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution, SideWrite};
 use crate::db::{CheckpointState, NewOp, SourceDb, SourceTx, StoredRow};
 use crate::error::{Result, ServiceError};
+use crate::permissions::{self, WriteOp, WriteRequest, Writer};
 use crate::rules::SyncRules;
 
 /// Tunables of the service. Every limit has its unit in its name.
@@ -211,6 +212,7 @@ impl SyncServiceBuilder {
             )));
         }
         self.db.migrate(self.rules.schema())?;
+        self.rules.log_write_permissions();
         for st in self.rules.strategies() {
             if !self.strategies.contains_key(&st.table) {
                 let s = st.build().map_err(|e| ServiceError::Config(e.to_string()))?;
@@ -771,6 +773,11 @@ impl Inner {
             .map(|t| t.ops.iter().map(op_fingerprint).collect())
             .collect::<Result<_>>()?;
         let viewer = self.viewer(user);
+        let writer = Writer {
+            user_id,
+            claims: &user.claims,
+            buckets: &viewer,
+        };
 
         // Replays: each must be the same write as the one recorded.
         let mut last_seq = 0;
@@ -831,7 +838,7 @@ impl Inner {
             let mut fresh_outcomes = if fresh.is_empty() {
                 Vec::new()
             } else {
-                let o = self.apply_transaction(client_id, user_id, &viewer, t.tx_id, &fresh, last_seq)?;
+                let o = self.apply_transaction(client_id, &writer, t.tx_id, &fresh, last_seq)?;
                 last_seq = fresh.last().map_or(last_seq, |(e, _)| e.seq);
                 o
             }
@@ -864,8 +871,7 @@ impl Inner {
     fn apply_transaction(
         &self,
         client_id: &str,
-        user_id: &str,
-        viewer: &Viewer,
+        writer: &Writer<'_>,
         tx_id: u64,
         fresh: &[(&CrudEntry, u64)],
         last_seq: u64,
@@ -873,6 +879,7 @@ impl Inner {
         let Some(new_last) = fresh.last().map(|(e, _)| e.seq) else {
             return Ok(Vec::new());
         };
+        let user_id = writer.user_id;
         let mut outcomes = Vec::with_capacity(fresh.len());
         let mut failed: Option<(u64, String)> = None;
         let result = self.db.write(&mut |stx| {
@@ -882,7 +889,7 @@ impl Inner {
                 return Err(progress_moved(client_id));
             }
             for &(entry, fp) in fresh {
-                let outcome = self.apply_op(stx, client_id, user_id, Some(viewer), entry)?;
+                let outcome = self.apply_op(stx, client_id, user_id, Some(writer), entry)?;
                 if let Outcome::Rejected { reason } = &outcome {
                     if !self.rules.per_op_outcomes(entry.op.table()) {
                         failed = Some((entry.seq, reason.clone()));
@@ -984,16 +991,17 @@ impl Inner {
         Ok(())
     }
 
-    /// Apply one op. `viewer` is the uploading user's buckets (`None` for
-    /// the server's own imports): a `merged` row they cannot read is left
-    /// out of the outcome, and so is a strategy's reason about a stored
-    /// row they cannot read.
+    /// Apply one op. `writer` is the uploading user (`None` for the
+    /// server's own imports): the write must pass the table's write
+    /// permissions, checked before the conflict strategy runs; a `merged`
+    /// row they cannot read is left out of the outcome, and so is a
+    /// strategy's reason about a stored row they cannot read.
     fn apply_op(
         &self,
         stx: &mut dyn SourceTx,
         client_id: &str,
         user_id: &str,
-        viewer: Option<&Viewer>,
+        writer: Option<&Writer<'_>>,
         entry: &CrudEntry,
     ) -> Result<Outcome> {
         let rejected = |reason: String| Ok(Outcome::Rejected { reason });
@@ -1006,6 +1014,7 @@ impl Inner {
         }
         let limits = &self.options.limits;
         let id = entry.op.id();
+        let viewer: Option<&Viewer> = writer.map(|w| w.buckets);
         let op = match &entry.op {
             CrudOp::Put { data, .. } => {
                 let mut full: RowData = table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect();
@@ -1039,7 +1048,6 @@ impl Inner {
                 entry.op.clone()
             }
         };
-        let hlc = self.op_clock(client_id, entry);
         let current = stx.read_row(table, id)?;
         let strategy = self.strategies.get(&table.name).unwrap_or(&self.default_strategy);
         let decision = strategy.resolve(&ConflictInput {
@@ -1051,6 +1059,13 @@ impl Inner {
             client_id,
             user_id,
             seq: entry.seq,
+        if let Some(w) = writer {
+            let old = current.as_ref().and_then(|c| c.data.as_ref());
+            if let Err(reason) = self.check_permission(table, &entry.op, &op, old, w) {
+                return rejected(reason);
+            }
+        }
+        let hlc = self.op_clock(client_id, entry);
             now_ms: self.clock.now_ms(),
             current: current.as_ref(),
         });
@@ -1200,6 +1215,59 @@ impl Inner {
         table.check_data(w.data.clone()).map_err(|e| bad(&e))?;
         let size_bytes = row_size_bytes(&w.id, &w.data);
         if size_bytes > limits.max_row_bytes {
+    /// Check a client write against the table's write permissions: `sent`
+    /// is the op as uploaded, `op` the validated one (a PUT with every
+    /// column), `old` the stored values. A PUT or PATCH of a row without
+    /// stored values is an insert (its new row: the op's columns, the
+    /// others NULL), of one with stored values an update (the stored row
+    /// with the op's columns); a DELETE is a delete. `Err` is the reason.
+    fn check_permission(
+        &self,
+        table: &Table,
+        sent: &CrudOp,
+        op: &CrudOp,
+        old: Option<&RowData>,
+        writer: &Writer<'_>,
+    ) -> std::result::Result<(), String> {
+        let kind = match (op, old) {
+            (CrudOp::Delete { .. }, _) => WriteOp::Delete,
+            (_, None) => WriteOp::Insert,
+            (_, Some(_)) => WriteOp::Update,
+        };
+        let new: Option<RowData> = match op {
+            CrudOp::Put { data, .. } => Some(data.clone()),
+            CrudOp::Patch { data, .. } => {
+                let mut row = old
+                    .cloned()
+                    .unwrap_or_else(|| table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect());
+                row.extend(data.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Some(row)
+            }
+            CrudOp::Delete { .. } => None,
+        };
+        let sent = match sent {
+            CrudOp::Put { data, .. } | CrudOp::Patch { data, .. } => Some(data),
+            CrudOp::Delete { .. } => None,
+        };
+        let new_buckets = new
+            .as_ref()
+            .map(|r| self.rules.row_buckets(&table.name, op.id(), r))
+            .unwrap_or_default();
+        permissions::check(
+            self.rules.permissions(&table.name),
+            &WriteRequest {
+                table: &table.name,
+                id: op.id(),
+                op: kind,
+                old,
+                new: new.as_ref(),
+                sent,
+                new_buckets: &new_buckets,
+            },
+            writer,
+        )
+    }
+
             return Err(bad(&format!(
                 "{size_bytes} bytes, over the limit of {} bytes",
                 limits.max_row_bytes
