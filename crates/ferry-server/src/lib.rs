@@ -16,6 +16,12 @@
 //!   else streams, uploads or reads a checkpoint with it;
 //! - the server's hybrid logical clock is at least every clock it stored,
 //!   also across restarts;
+//! - a client write is applied only when the table's write permissions
+//!   allow it (`[[permissions]]`; none: refused), checked on the stored
+//!   row and the row the op would leave, inside the write transaction and
+//!   before any conflict strategy; imports and strategies' side writes
+//!   are the server's own and not checked
+//!   (`docs/adr/0007-write-permissions.md`);
 //! - rows are assigned to buckets when written, from their new values,
 //!   never by querying at connect time; op ids are global and monotonic;
 //! - a bucket's checksum is the wrapping sum of its entries' checksums,
@@ -30,6 +36,7 @@ pub mod config;
 pub mod conflict;
 pub mod db;
 pub mod error;
+pub mod permissions;
 pub mod rules;
 pub mod server;
 pub mod service;
@@ -43,6 +50,7 @@ pub use conflict::{
 };
 pub use db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredOutcome, StoredRow};
 pub use error::{Result, ServiceError};
+pub use permissions::{PermissionDef, WriteOp, MAX_CONDITION_BYTES, MAX_CONDITION_DEPTH_LEVELS};
 pub use rules::{SyncRules, TICKET_TRACKER_RULES};
 pub use server::{run, BoundServer};
 pub use service::{CompactStats, ServiceOptions, SyncService, SyncServiceBuilder};

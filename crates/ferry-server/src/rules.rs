@@ -16,6 +16,7 @@ use ferry_core::{RowData, Schema, Table, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ServiceError};
+use crate::permissions::{PermissionDef, PermissionsError, TablePermissions, WriteOp, ACTIVITY_TABLE, CONFLICTS_TABLE};
 
 /// The ticket tracker rules, used when no rules file is configured.
 pub const TICKET_TRACKER_RULES: &str = include_str!("../examples/ticket-tracker.toml");
@@ -36,6 +37,12 @@ pub struct RulesFile {
     /// `SyncServiceBuilder::strategy` overrides the file's.
     #[serde(default)]
     pub strategies: Vec<TableStrategy>,
+    /// Write permissions per table (`[[permissions]] table = "comments"
+    /// insert = "new.user_id == auth.sub" ...`; syntax in
+    /// [`crate::permissions`]). A table without an entry, or an operation
+    /// without a rule, refuses client writes.
+    #[serde(default)]
+    pub permissions: Vec<PermissionDef>,
 }
 
 /// A table of the rules file: the schema table plus server-side options.
@@ -100,6 +107,8 @@ pub struct SyncRules {
     client_schema: Schema,
     /// Tables whose rejected ops do not roll back their transaction.
     per_op_outcomes: BTreeSet<String>,
+    /// Write permissions, per table with a `[[permissions]]` entry.
+    permissions: BTreeMap<String, TablePermissions>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -193,6 +202,20 @@ impl SyncRules {
                 .and_then(|()| st.build().map(drop))
                 .map_err(|e| ServiceError::Config(e.to_string()))?;
         }
+        let mut permissions = BTreeMap::new();
+        for p in &file.permissions {
+            let perm_err = |e: PermissionsError| ServiceError::Config(e.to_string());
+            let table = schema
+                .table(&p.table)
+                .map_err(|_| perm_err(PermissionsError::UnknownTable(p.table.clone())))?;
+            if p.table == CONFLICTS_TABLE || p.table == ACTIVITY_TABLE {
+                return Err(perm_err(PermissionsError::ServerTable(p.table.clone())));
+            }
+            if permissions.contains_key(&p.table) {
+                return Err(perm_err(PermissionsError::Duplicate(p.table.clone())));
+            }
+            permissions.insert(p.table.clone(), TablePermissions::new(p, table).map_err(perm_err)?);
+        }
         let client_schema = Schema::new(
             schema
                 .tables()
@@ -207,7 +230,51 @@ impl SyncRules {
             strategies: file.strategies,
             client_schema,
             per_op_outcomes,
+            permissions,
         })
+    }
+
+    /// The write permissions of `table` (`None`: it has no
+    /// `[[permissions]]` entry, so clients cannot write it).
+    pub fn permissions(&self, table: &str) -> Option<&TablePermissions> {
+        self.permissions.get(table)
+    }
+
+    /// Log (tracing info) which tables clients may write and by which
+    /// operations, and which synced tables they cannot write. Called when
+    /// the service is built, so `ferry-server` logs it at start.
+    pub fn log_write_permissions(&self) {
+        let writable = self.writable_tables();
+        for (table, ops) in &writable {
+            let ops: Vec<&str> = ops.iter().map(|o| o.name()).collect();
+            tracing::info!(table = %table, operations = %ops.join(", "), "clients may write");
+        }
+        let read_only: Vec<&str> = self
+            .schema
+            .tables()
+            .filter(|t| !t.local_only && !writable.iter().any(|(w, _)| *w == t.name))
+            .map(|t| t.name.as_str())
+            .collect();
+        if !read_only.is_empty() {
+            tracing::info!(tables = %read_only.join(", "), "clients may not write (no [[permissions]] rule)");
+        }
+    }
+
+    /// The tables clients may write and by which operations (tables with
+    /// at least one rule; `ferry_conflicts`, when declared, by update:
+    /// its user closes a conflict). What the server logs at start.
+    pub fn writable_tables(&self) -> Vec<(String, Vec<WriteOp>)> {
+        let mut out: Vec<(String, Vec<WriteOp>)> = self
+            .permissions
+            .iter()
+            .map(|(t, p)| (t.clone(), p.operations().collect::<Vec<_>>()))
+            .filter(|(_, ops)| !ops.is_empty())
+            .collect();
+        if self.schema.table(CONFLICTS_TABLE).is_ok() {
+            out.push((CONFLICTS_TABLE.to_owned(), vec![WriteOp::Update]));
+        }
+        out.sort();
+        out
     }
 
     /// Whether a rejected op on `table` is rejected alone instead of

@@ -260,7 +260,11 @@ async fn clients_opened_on_the_client_schema_sync_with_the_ticket_tracker_rules(
             tx.insert(
                 "comments",
                 "c1",
-                row_data([("ticket_id", Value::from("t1")), ("body", Value::from("hi"))]),
+                row_data([
+                    ("ticket_id", Value::from("t1")),
+                    ("user_id", Value::from("ann")),
+                    ("body", Value::from("hi")),
+                ]),
             )?;
             Ok::<_, QueueError>(())
         })

@@ -25,6 +25,11 @@ columns = [{ name = "title", type = "text" }, { name = "body", type = "blob" }]
 [[buckets]]
 name = "docs"
 data = [{ table = "docs" }]
+
+[[permissions]]
+table = "docs"
+insert = "true"
+update = "true"
 "#;
 
 struct Env {
@@ -235,15 +240,15 @@ async fn manual_needs_review_and_resolution_round_trip() {
     assert_eq!(conflict(&rows, "user_id"), Value::from("u2"));
     assert_eq!(conflict(&rows, "field"), Value::from("title"));
     assert_eq!(conflict(&rows, "resolution"), Value::Null);
-    // u1 resolves in favour of C: one transaction writes the value with a
-    // fresh base and closes the record.
+    // u2, whose conflict it is, resolves in favour of C: one transaction
+    // writes the value with a fresh base and closes the record.
     let resolve = UploadRequest {
-        client_id: "c1".into(),
+        client_id: "c2".into(),
         transactions: vec![UploadTransaction {
             tx_id: 2,
             ops: vec![
                 based(
-                    entry(2, patch("tickets", "t1", &[("title", "C".into())]), 4000, "c1"),
+                    entry(2, patch("tickets", "t1", &[("title", "C".into())]), 4000, "c2"),
                     &[("title", "B".into())],
                 ),
                 entry(
@@ -254,12 +259,12 @@ async fn manual_needs_review_and_resolution_round_trip() {
                         &[("status", "resolved".into()), ("resolution", "\"C\"".into())],
                     ),
                     4000,
-                    "c1",
+                    "c2",
                 ),
             ],
         }],
     };
-    let resp = SyncHandler::upload(&e.svc, &token("u1"), resolve)
+    let resp = SyncHandler::upload(&e.svc, &token("u2"), resolve)
         .await
         .expect("upload");
     let outcomes: Vec<Outcome> = resp.outcomes.into_iter().map(|o| o.outcome).collect();
@@ -279,6 +284,10 @@ columns = [{ name = "title", type = "text" }]
 [[buckets]]
 name = "global"
 data = [{ table = "tickets" }]
+[[permissions]]
+table = "tickets"
+insert = "true"
+update = "true"
 "#;
     let e = env_rules(rules, "tickets", Some(Arc::new(Manual)));
     up(
