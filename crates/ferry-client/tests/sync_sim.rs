@@ -118,7 +118,8 @@ impl Clock for OffsetClock {
 }
 
 /// The ticket-tracker rules plus a private table: each user's notes go to
-/// a bucket of that user only.
+/// a bucket of that user only, and only their owner writes them (so a
+/// blind write to another user's note is answered `rejected`).
 fn rules() -> SyncRules {
     let text = format!(
         "{}\n{}",
@@ -132,6 +133,12 @@ columns = [{ name = "owner", type = "text" }, { name = "body", type = "text" }]
 name = "my_notes"
 parameters = ["sub"]
 data = [{ table = "notes", where = { owner = "sub" } }]
+
+[[permissions]]
+table = "notes"
+insert = "new.owner == auth.sub"
+update = "old.owner == auth.sub and new.owner == auth.sub"
+delete = "old.owner == auth.sub"
 "#
     );
     SyncRules::from_toml(&text).expect("rules")
