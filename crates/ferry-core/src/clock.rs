@@ -165,6 +165,18 @@ impl<C: Clock> HybridClock<C> {
         }
     }
 
+    /// The latest timestamp this clock handed out or took in (wall time 0
+    /// before any): what to persist so a restarted clock never goes back
+    /// ([`HybridClock::advance_to`] it on start).
+    pub fn high_water(&self) -> HlcTimestamp {
+        let last = *self.lock();
+        HlcTimestamp {
+            wall_ms: last.0,
+            counter: last.1,
+            node: self.node.clone(),
+        }
+    }
+
     /// Move past `remote` without a skew bound, for timestamps from a
     /// trusted source (the server): the next [`HybridClock::now`] is
     /// greater than `remote`.

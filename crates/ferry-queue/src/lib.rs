@@ -35,6 +35,8 @@ use thiserror::Error;
 
 mod answer;
 mod os_random;
+#[cfg(feature = "planted-bugs")]
+pub mod planted;
 mod record;
 
 pub use answer::{Answer, WriteReceipt, META_OUTCOME_PREFIX};
@@ -50,6 +52,10 @@ pub const META_REJECTED_SEQS: &str = "ferry.queue.rejected_seqs";
 pub const META_REJECTIONS: &str = "ferry.queue.rejections";
 /// Metadata key holding this database's client id.
 pub const META_CLIENT_ID: &str = "ferry.client_id";
+/// Metadata key holding the hybrid logical clock's high-water mark (the
+/// latest timestamp stamped on a write or seen from the server), so a
+/// restarted client never stamps a write older than one it made or saw.
+pub const META_HLC: &str = "ferry.hlc";
 /// Metadata key holding the last seq the server answered for.
 pub const META_COMPLETED_THROUGH: &str = "ferry.queue.completed_through";
 
@@ -306,6 +312,13 @@ impl LocalDb {
             }
         };
         let hlc = HybridClock::new(clock, client_id.clone(), max_clock_skew_ms);
+        if let Some(bytes) = store.get_meta(META_HLC)? {
+            let stored: HlcTimestamp = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("metadata {META_HLC} is not a clock")))?;
+            hlc.advance_to(&stored);
+        }
         let last_queued = last_queued_seq(store.as_ref())?;
         let next_seq = read_u64_meta(store.as_ref(), META_NEXT_SEQ)?
             .unwrap_or(1)
@@ -476,6 +489,7 @@ impl LocalDb {
         if n_ops > 0 {
             batch.put_meta(META_NEXT_SEQ, seq.to_be_bytes().to_vec());
             batch.put_meta(META_NEXT_TX, (tx_id + 1).to_be_bytes().to_vec());
+            batch.put_meta(META_HLC, self.hlc.high_water().to_string().into_bytes());
         }
         if batch.is_empty() {
             return Ok((value, None));
@@ -613,12 +627,22 @@ impl LocalDb {
         // Entries whose outcome has not reached the app yet stay pending;
         // `answer` confirms them when it arrives.
         let wc = counters.server_write_checkpoint.min(counters.completed_through);
+        #[cfg(feature = "planted-bugs")]
+        let wc = if planted::confirm_early() {
+            // The bug: the write after the write checkpoint is confirmed
+            // too, one checkpoint before any checkpoint covers it.
+            counters.server_write_checkpoint.saturating_add(1).min(last_seq)
+        } else {
+            wc
+        };
         let entries = self.store.queue_from(0, usize::MAX)?;
         let mut rejected = self.rejected_seqs()?;
         let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut rejected, BTreeSet::new())?;
         if batch.is_empty() {
             return Ok(());
         }
+        // The server's clock was observed before this batch: keep it.
+        batch.put_meta(META_HLC, self.hlc.high_water().to_string().into_bytes());
         self.store.apply(batch)?;
         counters.stored_len -= confirmed;
         self.notify(ChangeSource::Server, &changed);

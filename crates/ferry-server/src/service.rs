@@ -964,12 +964,22 @@ impl Inner {
         match &entry.hlc {
             Some(h) => {
                 let max_wall = self.clock.now_ms().saturating_add(self.options.max_clock_skew_ms);
+                if h.wall_ms > max_wall {
+                    // Too far ahead: the server's own clock instead, which
+                    // orders after everything it has seen, so two writes of
+                    // one client clamped together keep their order (cutting
+                    // both to the bound would tie them, and the later one
+                    // would lose).
+                    let mut t = self.hlc.now();
+                    t.node = client_id.to_owned();
+                    return t;
+                }
                 let h = HlcTimestamp {
-                    wall_ms: h.wall_ms.min(max_wall),
+                    wall_ms: h.wall_ms,
                     counter: h.counter,
                     node: client_id.to_owned(),
                 };
-                // Within the skew bound by construction, so this succeeds.
+                // Within the skew bound, so this succeeds.
                 let _ = self.hlc.observe(&h);
                 h
             }
