@@ -96,6 +96,10 @@ impl HttpTransport {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
             .tcp_nodelay(true)
+            // The server closes a kept-alive connection that sends no
+            // request within its header timeout (10 s by default): drop
+            // pooled ones first rather than reuse one it is closing.
+            .pool_idle_timeout(Duration::from_secs(POOL_IDLE_TIMEOUT_S))
             .build()
             .map_err(|e| TransportError::Connection(format!("could not build the http client: {e}")))?;
         Ok(HttpTransport {
@@ -157,6 +161,10 @@ async fn read_body_limited(response: Response, limit: usize) -> Result<Option<Ve
     }
     Ok(Some(body))
 }
+
+/// Seconds an idle pooled connection is kept: below the server's default
+/// `header_timeout_ms`.
+const POOL_IDLE_TIMEOUT_S: u64 = 5;
 
 /// The transport error for a non-success answer.
 async fn status_error(what: &str, response: Response) -> TransportError {

@@ -1,8 +1,12 @@
 //! Ferry's HTTP transport: the wire between a client's [`Transport`] and a
 //! server's [`SyncHandler`].
 //!
-//! - [`router`] turns any [`SyncHandler`] into an axum [`axum::Router`];
-//!   [`serve`] runs it with graceful shutdown.
+//! - [`router`] turns any [`SyncHandler`] into an axum [`axum::Router`]
+//!   ([`router_with_verifier`]: with a [`TokenVerifier`] that checks the
+//!   token before the body is read and names the user for the per-user
+//!   limits); [`serve_with_options`] runs it with graceful shutdown,
+//!   header, body and idle timeouts and a connection cap
+//!   ([`HttpServerOptions`]).
 //! - [`HttpTransport`] is the client: it implements [`Transport`] over
 //!   reqwest (HTTP/1.1, plain `http://`).
 //!
@@ -28,6 +32,13 @@
 //! | `too_large` (also: body over [`HttpServerOptions::max_body_bytes`]) | 413 | [`TransportError::Refused`] |
 //! | `internal` | 500 | [`TransportError::Server`] |
 //! | `shutting_down` | 503 | [`TransportError::Server`] |
+//! | `busy` (also: over `max_connections`), with `Retry-After` | 503 | [`TransportError::Server`] |
+//! | `rate_limited` (`max_streams_per_user`, `max_uploads_per_user_per_s`), with `Retry-After` | 429 | [`TransportError::Server`] |
+//! | `bad_request`: the body did not arrive within `body_timeout_ms` | 408 | [`TransportError::Server`] |
+//!
+//! The token is checked before the body is read: a refused token (and a
+//! declared body over the limit, a per-user limit) is answered with
+//! `Connection: close` and the body is never read.
 //!
 //! Other 4xx statuses (a wrong base url's 404, ...) become `Refused`, other
 //! statuses `Server`. Failures to connect, resets, and a stream silent for
