@@ -74,7 +74,11 @@ pub const SECRET: &str = "ferry-examples-secret";
 
 /// The ticket tracker's server schema and sync rules: every table in one
 /// global bucket, so both users see everything (conflict records and the
-/// activity log included).
+/// activity log included). Write permissions: anyone creates, edits and
+/// deletes tickets and assignments and adds attachments; a comment is
+/// written, changed and deleted by its author only; a user writes their
+/// own `users` row. Conflict records are closed by their own user and
+/// the activity log is the server's (built in).
 pub const RULES: &str = r#"
 [[tables]]
 name = "users"
@@ -160,6 +164,34 @@ data = [
   { table = "ferry_conflicts" },
   { table = "activity" },
 ]
+
+[[permissions]]
+table = "users"
+insert = "new.id == auth.sub"
+update = "old.id == auth.sub"
+
+[[permissions]]
+table = "tickets"
+insert = "true"
+update = "true"
+delete = "true"
+
+[[permissions]]
+table = "assignments"
+insert = "true"
+update = "true"
+delete = "true"
+
+[[permissions]]
+table = "comments"
+insert = "new.user_id == auth.sub"
+update = "old.user_id == auth.sub and new.user_id == auth.sub"
+delete = "old.user_id == auth.sub"
+
+[[permissions]]
+table = "attachments"
+insert = "true"
+delete = "true"
 "#;
 
 /// Ticket statuses.

@@ -23,6 +23,10 @@ columns = [{ name = "body", type = "blob" }]
 [[buckets]]
 name = "docs"
 data = [{ table = "docs" }]
+[[permissions]]
+table = "docs"
+insert = "true"
+update = "true"
 "#;
 
 struct Bench {
