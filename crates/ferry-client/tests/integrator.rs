@@ -368,3 +368,36 @@ async fn a_refused_transaction_is_rejected_and_the_queue_moves_on() {
     assert_eq!(small_before.first_seq, 1);
     assert_eq!(client.rejections().expect("log").len(), 8);
 }
+
+/// Item 4, across a restart: a device whose clock lags restarts and edits
+/// what it saw before it reconnects; the edit still orders after the value
+/// it replaces (the clock's high-water mark is stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_device_with_a_lagging_clock_still_wins_with_a_later_edit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service(&dir.path().join("server"));
+    let fast = client_with_clock(&dir.path().join("fast.db"), Arc::new(SystemClock));
+    connect(&fast, &svc, "ann");
+    insert_ticket(&fast, "t1", "from the fast device");
+    assert!(fast.wait_until_settled(10_000).await);
+    let slow_clock: Arc<dyn Clock> = Arc::new(ManualClock::new(SystemClock.now_ms() - 5_000));
+    let path = dir.path().join("slow.db");
+    let slow = client_with_clock(&path, slow_clock.clone());
+    connect(&slow, &svc, "bob");
+    assert!(
+        wait_until(10_000, || slow.local().get("tickets", "t1").expect("get").is_some()).await,
+        "the slow device receives the ticket"
+    );
+    slow.close().await.expect("close");
+    let slow = client_with_clock(&path, slow_clock);
+    slow.write(|tx| tx.update("tickets", "t1", row_data([("title", text("edited after a restart"))])))
+        .expect("edit");
+    let mut outcomes = slow.subscribe_outcomes();
+    connect(&slow, &svc, "bob");
+    let o = tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+        .await
+        .expect("an outcome")
+        .expect("outcome");
+    assert_eq!(o.outcome.outcome, Outcome::Applied, "{o:?}");
+    assert_eq!(server_title(&svc, "t1").as_deref(), Some("edited after a restart"));
+}

@@ -500,6 +500,43 @@ async fn clocks_carry_the_uploading_clients_id() {
     assert!(clocks.iter().any(|c| c.node == "c3"));
 }
 
+/// Two writes of one client whose clock is far past the skew bound, in one
+/// upload, keep their order: the later one wins (cutting both clocks to
+/// the bound tied them, and the later lost). Found by the fleet simulation.
+#[tokio::test]
+async fn clamped_writes_of_one_client_keep_their_order() {
+    let e = env();
+    let ahead_ms = ferry_core::SystemClock.now_ms() + 600_000;
+    let r = try_upload(
+        &e.svc,
+        "u1",
+        upload_req(
+            "c1",
+            vec![
+                entry(1, ticket("t1", "first"), ahead_ms, "c1"),
+                entry(
+                    2,
+                    patch("tickets", "t1", &[("title", "second".into())]),
+                    ahead_ms + 5,
+                    "c1",
+                ),
+            ],
+        ),
+    )
+    .await
+    .expect("upload");
+    assert_eq!(outcomes(&r), [Outcome::Applied, Outcome::Applied]);
+    let table = e.svc.rules().schema().table("tickets").expect("tickets").clone();
+    let row = e
+        .svc
+        .db()
+        .get_row(&table, "t1")
+        .expect("read")
+        .and_then(|r| r.data)
+        .expect("row");
+    assert_eq!(row.get("title"), Some(&Value::from("second")));
+}
+
 // ---------------------------------------------------------------------------
 // 6. Outcomes do not leak rows the user cannot read
 // ---------------------------------------------------------------------------
