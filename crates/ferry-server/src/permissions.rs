@@ -304,9 +304,13 @@ impl TablePermissions {
     }
 }
 
-/// A rule's text in an error message: at most 200 bytes.
+/// Most bytes of a rule's text quoted in a message.
+const SHOWN_RULE_BYTES: usize = 200;
+
+/// A rule's text in a message: at most [`SHOWN_RULE_BYTES`] of it (cut at
+/// a character boundary), then `...`.
 fn shortened(text: &str) -> String {
-    const SHOWN_BYTES: usize = 200;
+    const SHOWN_BYTES: usize = SHOWN_RULE_BYTES;
     if text.len() <= SHOWN_BYTES {
         return text.to_owned();
     }
@@ -831,10 +835,7 @@ impl Parser<'_> {
                 at,
             });
         }
-        let missing = match (row, self.op) {
-            ("old", WriteOp::Insert) | ("new", WriteOp::Delete) => true,
-            _ => false,
-        };
+        let missing = matches!((row, self.op), ("old", WriteOp::Insert) | ("new", WriteOp::Delete));
         if missing {
             return Err(ConditionError::NoSuchRow {
                 row,
@@ -1020,6 +1021,17 @@ mod tests {
     }
 
     #[test]
+    fn quoted_rules_are_cut_at_their_limit() {
+        let at = "x".repeat(SHOWN_RULE_BYTES);
+        assert_eq!(shortened(&at), at);
+        let over = "x".repeat(SHOWN_RULE_BYTES + 1);
+        assert_eq!(shortened(&over), format!("{at}..."));
+        // A character across the cut is left out whole.
+        let wide = format!("{}é", "x".repeat(SHOWN_RULE_BYTES - 1));
+        assert_eq!(shortened(&wide), format!("{}...", "x".repeat(SHOWN_RULE_BYTES - 1)));
+    }
+
+    #[test]
     fn condition_length_limit_is_in_bytes() {
         let t = table();
         let at_limit = format!("old.owner == '{}'", "x".repeat(MAX_CONDITION_BYTES - 15));
@@ -1076,7 +1088,7 @@ mod tests {
             for k in 0..len {
                 let pick = (state.rotate_left(k as u32 * 5) % alphabet.len() as u64) as usize;
                 s.push_str(alphabet[pick]);
-                if state.rotate_left(k as u32) % 3 == 0 {
+                if state.rotate_left(k as u32).is_multiple_of(3) {
                     s.push(' ');
                 }
             }
