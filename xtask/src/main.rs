@@ -7,9 +7,14 @@
 //! - `demo`  the main job: the sync server on the embedded default, with
 //!   the quickstart client connecting to it
 //! - `tidy`  repository rules that no compiler checks
+//! - `fuzz`  `cargo xtask fuzz [target] [--seconds S]`: the cargo-fuzz
+//!   targets of `fuzz/` on nightly, one or all in turn, S seconds each
+//!   (default 60), with the executions and time libFuzzer reports
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -23,8 +28,9 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("tidy") => tidy(),
+        Some("fuzz") => fuzz(&args[1..]),
         other => {
-            eprintln!("usage: cargo xtask <ci|test|bench|demo|tidy>");
+            eprintln!("usage: cargo xtask <ci|test|bench|demo|tidy|fuzz [target] [--seconds S]>");
             bail!("unknown command {:?}", other.unwrap_or(""))
         }
     }
@@ -196,4 +202,156 @@ fn tidy() -> Result<()> {
         }
         bail!("tidy found {} problem(s)", problems.len())
     }
+}
+
+/// The fuzz targets: the files of `fuzz/fuzz_targets/`.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let mut targets: Vec<String> = std::fs::read_dir("fuzz/fuzz_targets")
+        .context("listing fuzz/fuzz_targets")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    targets.sort();
+    Ok(targets)
+}
+
+/// What one libFuzzer run reported.
+#[derive(Debug)]
+struct FuzzRun {
+    target: String,
+    executions: Option<u64>,
+    seconds: f64,
+    crash: Option<String>,
+}
+
+/// `cargo` through rustup's proxy, so `+nightly` picks the toolchain (the
+/// `CARGO` that runs xtask is the stable toolchain's own binary).
+fn rustup_cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.env_remove("CARGO").env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+/// Run one target for `seconds`, echoing libFuzzer's output and keeping its
+/// final figures: `Done N runs in S second(s)`, or on a crash the executed
+/// units of `-print_final_stats` and the artifact path.
+fn fuzz_one(target: &str, seconds: u64) -> Result<FuzzRun> {
+    let max_time = format!("-max_total_time={seconds}");
+    let args = [
+        "+nightly",
+        "fuzz",
+        "run",
+        target,
+        "--",
+        &max_time,
+        "-print_final_stats=1",
+    ];
+    eprintln!("$ cargo {}", args.join(" "));
+    let mut child = rustup_cargo()
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running cargo +nightly fuzz run")?;
+    let stderr = child.stderr.take().context("libFuzzer's stderr")?;
+    let mut run = FuzzRun {
+        target: target.to_owned(),
+        executions: None,
+        seconds: 0.0,
+        crash: None,
+    };
+    let mut started: Option<Instant> = None;
+    let mut done_seconds = None;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.context("reading libFuzzer's output")?;
+        eprintln!("{line}");
+        if started.is_none() && line.starts_with("INFO: Seed:") {
+            started = Some(Instant::now());
+        }
+        if let Some(rest) = line.strip_prefix("Done ") {
+            // "Done 123456 runs in 60 second(s)"
+            let mut words = rest.split_whitespace();
+            run.executions = words.next().and_then(|n| n.parse().ok());
+            done_seconds = words.nth(2).and_then(|s| s.parse::<f64>().ok());
+        }
+        if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+            run.executions = run.executions.or_else(|| n.trim().parse().ok());
+        }
+        if let Some(path) = line.split("Test unit written to ").nth(1) {
+            run.crash = Some(path.trim().to_owned());
+        }
+    }
+    let status = child.wait().context("waiting for cargo fuzz")?;
+    run.seconds = done_seconds.unwrap_or_else(|| started.map_or(0.0, |s| s.elapsed().as_secs_f64()));
+    if !status.success() && run.crash.is_none() {
+        if started.is_none() {
+            bail!("cargo fuzz run {target} failed with {status} before fuzzing (build error?)");
+        }
+        run.crash = Some(format!("exit status {status}"));
+    }
+    Ok(run)
+}
+
+/// `cargo xtask fuzz [target] [--seconds S]`: install cargo-fuzz if needed,
+/// then run one target or every target in turn, and print per target the
+/// executions, the seconds and whether it crashed.
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut seconds: u64 = 60;
+    let mut only: Option<&str> = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let s = rest.next().context("--seconds needs a number")?;
+                seconds = s.parse().with_context(|| format!("--seconds {s:?} is not a number"))?;
+            }
+            a if a.starts_with('-') => bail!("unknown option {a:?} (usage: cargo xtask fuzz [target] [--seconds S])"),
+            a if only.is_none() => only = Some(a),
+            a => bail!("one target at most; got {a:?} after {:?}", only.unwrap_or_default()),
+        }
+    }
+    let all = fuzz_targets()?;
+    let targets: Vec<String> = match only {
+        Some(t) if all.iter().any(|a| a == t) => vec![t.to_owned()],
+        Some(t) => bail!("no fuzz target {t:?}; targets: {}", all.join(", ")),
+        None => all,
+    };
+    let installed = rustup_cargo()
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        cargo(&["install", "cargo-fuzz", "--locked"])?;
+    }
+    let mut runs = Vec::new();
+    for target in &targets {
+        let run = fuzz_one(target, seconds)?;
+        eprintln!(
+            "fuzz: {}: {} executions in {:.0} s, {}",
+            run.target,
+            run.executions.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            run.seconds,
+            run.crash
+                .as_deref()
+                .map_or_else(|| "no crash".to_owned(), |c| format!("CRASH ({c})"))
+        );
+        runs.push(run);
+    }
+    eprintln!("\n{:<14} {:>12} {:>8}  result", "target", "executions", "seconds");
+    for r in &runs {
+        eprintln!(
+            "{:<14} {:>12} {:>8.0}  {}",
+            r.target,
+            r.executions.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            r.seconds,
+            r.crash.as_deref().unwrap_or("ok")
+        );
+    }
+    let crashed = runs.iter().filter(|r| r.crash.is_some()).count();
+    if crashed > 0 {
+        bail!("{crashed} fuzz target(s) crashed; inputs under fuzz/artifacts/");
+    }
+    Ok(())
 }

@@ -133,6 +133,11 @@ impl<'a> Reader<'a> {
         let mut v: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
+            // The tenth byte holds bit 63 only: more would be silently
+            // shifted out, turning corrupt bytes into a wrong value.
+            if shift == 63 && b > 1 {
+                return Err(corrupt("varint overflows 64 bits"));
+            }
             v |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Ok(v);
@@ -413,6 +418,19 @@ mod tests {
         for bad in [&[][..], &[1], &[1, 0x80], &[9, 9, 9], &[1, 1, 1, 200, 0xff]] {
             assert!(decode_entry(bad).is_err());
             let _ = decode_row(bad);
+        }
+    }
+
+    #[test]
+    fn varints_over_64_bits_are_corrupt() {
+        let mut max = Vec::new();
+        put_varint(&mut max, u64::MAX);
+        assert_eq!(max.len(), 10);
+        assert_eq!(Reader { buf: &max }.varint().expect("u64::MAX"), u64::MAX);
+        for last in [0x02, 0x7f] {
+            let mut over = max.clone();
+            over[9] = last;
+            assert!(Reader { buf: &over }.varint().is_err(), "tenth byte {last:#x}");
         }
     }
 

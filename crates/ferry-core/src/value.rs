@@ -385,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn json_keeps_every_real_exactly() {
+        // serde_json without float_roundtrip parsed "5e-146" as
+        // 5.0000000000000005e-146 and lost an ulp on each of these
+        // (found by fuzz/corpus/upload/regression-float-roundtrip).
+        assert!(matches!(serde_json::from_str::<Value>("5e-146"), Ok(Value::Real(r)) if r == 5e-146));
+        for r in [
+            5e-146,
+            1.0715660391465826e-75,
+            -1.81996730402717e-179,
+            -1.603964615428183e143,
+            5e-324,
+        ] {
+            let json = serde_json::to_string(&Value::Real(r)).expect("serialize");
+            let back = serde_json::from_str::<Value>(&json).expect("deserialize");
+            assert!(
+                matches!(back, Value::Real(b) if b.to_bits() == r.to_bits()),
+                "{r:e} came back as {back:?}"
+            );
+        }
+    }
+
+    #[test]
     fn json_decoding_per_type() {
         let de = |s: &str| serde_json::from_str::<Value>(s);
         assert!(matches!(de("null"), Ok(Value::Null)));

@@ -1,0 +1,4 @@
+#![no_main]
+
+// The checks live in ferry_fuzz::index_key, which tests/corpus.rs replays on stable.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ferry_fuzz::index_key(data));

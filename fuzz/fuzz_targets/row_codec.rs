@@ -1,0 +1,4 @@
+#![no_main]
+
+// The checks live in ferry_fuzz::row_codec, which tests/corpus.rs replays on stable.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ferry_fuzz::row_codec(data));
