@@ -1014,6 +1014,7 @@ impl Inner {
         writer: Option<&Writer<'_>>,
         entry: &CrudEntry,
     ) -> Result<Outcome> {
+        let viewer: Option<&Viewer> = writer.map(|w| w.buckets);
         let rejected = |reason: String| Ok(Outcome::Rejected { reason });
         let table = match self.rules.schema().table(entry.op.table()) {
             Ok(t) => t,
@@ -1024,7 +1025,6 @@ impl Inner {
         }
         let limits = &self.options.limits;
         let id = entry.op.id();
-        let viewer: Option<&Viewer> = writer.map(|w| w.buckets);
         let op = match &entry.op {
             CrudOp::Put { data, .. } => {
                 let mut full: RowData = table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect();
@@ -1059,6 +1059,13 @@ impl Inner {
             }
         };
         let current = stx.read_row(table, id)?;
+        if let Some(w) = writer {
+            let old = current.as_ref().and_then(|c| c.data.as_ref());
+            if let Err(reason) = self.check_permission(table, &entry.op, &op, old, w) {
+                return rejected(reason);
+            }
+        }
+        let hlc = self.op_clock(client_id, entry);
         let strategy = self.strategies.get(&table.name).unwrap_or(&self.default_strategy);
         let decision = strategy.resolve(&ConflictInput {
             table,
@@ -1069,13 +1076,6 @@ impl Inner {
             client_id,
             user_id,
             seq: entry.seq,
-        if let Some(w) = writer {
-            let old = current.as_ref().and_then(|c| c.data.as_ref());
-            if let Err(reason) = self.check_permission(table, &entry.op, &op, old, w) {
-                return rejected(reason);
-            }
-        }
-        let hlc = self.op_clock(client_id, entry);
             now_ms: self.clock.now_ms(),
             current: current.as_ref(),
         });
@@ -1215,16 +1215,6 @@ impl Inner {
         }))
     }
 
-    /// Check a strategy's side write against the schema: its table, id,
-    /// column names and types, and size.
-    fn check_side_write<'w>(&self, w: &'w SideWrite) -> std::result::Result<(&Table, &'w SideWrite), String> {
-        let limits = &self.options.limits;
-        let bad = |e: &dyn std::fmt::Display| format!("side write {}/{}: {e}", w.table, w.id);
-        let table = self.rules.schema().table(&w.table).map_err(|e| bad(&e))?;
-        table.check_id(&w.id, limits).map_err(|e| bad(&e))?;
-        table.check_data(w.data.clone()).map_err(|e| bad(&e))?;
-        let size_bytes = row_size_bytes(&w.id, &w.data);
-        if size_bytes > limits.max_row_bytes {
     /// Check a client write against the table's write permissions: `sent`
     /// is the op as uploaded, `op` the validated one (a PUT with every
     /// column), `old` the stored values. A PUT or PATCH of a row without
@@ -1278,6 +1268,16 @@ impl Inner {
         )
     }
 
+    /// Check a strategy's side write against the schema: its table, id,
+    /// column names and types, and size.
+    fn check_side_write<'w>(&self, w: &'w SideWrite) -> std::result::Result<(&Table, &'w SideWrite), String> {
+        let limits = &self.options.limits;
+        let bad = |e: &dyn std::fmt::Display| format!("side write {}/{}: {e}", w.table, w.id);
+        let table = self.rules.schema().table(&w.table).map_err(|e| bad(&e))?;
+        table.check_id(&w.id, limits).map_err(|e| bad(&e))?;
+        table.check_data(w.data.clone()).map_err(|e| bad(&e))?;
+        let size_bytes = row_size_bytes(&w.id, &w.data);
+        if size_bytes > limits.max_row_bytes {
             return Err(bad(&format!(
                 "{size_bytes} bytes, over the limit of {} bytes",
                 limits.max_row_bytes
