@@ -7,6 +7,9 @@
 //! - `demo`  the main job: the sync server on the embedded default, with
 //!   the quickstart client connecting to it
 //! - `tidy`  repository rules that no compiler checks
+//! - `sim`   `cargo xtask sim [--seeds N] [--first S] [--seed S] [--release]
+//!   [--planted-bug] [--trace]`: the deterministic fleet simulation
+//!   (`ferry-sim`), N seeds from S (default 200 from 0), or one seed
 //! - `fuzz`  `cargo xtask fuzz [target] [--seconds S]`: the cargo-fuzz
 //!   targets of `fuzz/` on nightly, one or all in turn, S seconds each
 //!   (default 60), with the executions and time libFuzzer reports
@@ -29,8 +32,11 @@ fn main() -> Result<()> {
         Some("demo") => demo(&args[1..]),
         Some("tidy") => tidy(),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("sim") => sim(&args[1..]),
         other => {
-            eprintln!("usage: cargo xtask <ci|test|bench|demo|tidy|fuzz [target] [--seconds S]>");
+            eprintln!(
+                "usage: cargo xtask <ci|test|bench|demo|tidy|sim [--seeds N] [--seed S]|fuzz [target] [--seconds S]>"
+            );
             bail!("unknown command {:?}", other.unwrap_or(""))
         }
     }
@@ -70,7 +76,27 @@ fn ci() -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    cargo(&["test", "--workspace", "--all-features"])
+    cargo(&["test", "--workspace", "--all-features"])?;
+    // The fleet simulation: a few hundred seeds per run; the long runs
+    // (`cargo xtask sim --seeds 10000 --release`) are commands, not CI.
+    sim(&["--seeds".into(), "200".into()])
+}
+
+/// `cargo xtask sim`: runs `ferry-sim` (debug build unless `--release`),
+/// passing the other arguments on; with no `--seeds`/`--seed`, 200 seeds.
+fn sim(args: &[String]) -> Result<()> {
+    let release = args.iter().any(|a| a == "--release");
+    let mut cmd: Vec<&str> = vec!["run", "-q", "-p", "ferry-sim"];
+    if release {
+        cmd.push("--release");
+    }
+    cmd.push("--");
+    let rest: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "--release").collect();
+    if !rest.iter().any(|a| *a == "--seeds" || *a == "--seed") {
+        cmd.extend(["--seeds", "200"]);
+    }
+    cmd.extend(rest);
+    cargo(&cmd)
 }
 
 fn bench(args: &[String]) -> Result<()> {
