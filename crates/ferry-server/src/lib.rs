@@ -41,6 +41,8 @@ pub mod rules;
 pub mod server;
 pub mod service;
 pub mod sqlite;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use auth::{mint_token, mint_token_at, AuthOptions, AuthUser, Authenticator, StaticKey};
 pub use config::{ServerConfig, DEV_JWT_SECRET};

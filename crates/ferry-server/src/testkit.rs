@@ -1,0 +1,888 @@
+//! The conformance suite every [`SourceDb`] backend runs (feature
+//! `testkit`), like `ferry_store::conformance_tests!` for client stores.
+//!
+//! A backend implements [`SourceBackend`] (how to make a fresh location
+//! and open a database there) and calls
+//! [`source_conformance_tests!`](crate::source_conformance_tests) in an
+//! integration test; that expands to one `#[test]` per behaviour of the
+//! trait's contract, each calling the public function of the same name
+//! here. The concurrency behaviours run several writer threads against
+//! one database.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ferry_core::{ColumnType, HlcTimestamp, RowData, Schema, Table, Value};
+use ferry_protocol::{op_checksum, DataLineWriter, OpKind, OplogEntry, Outcome};
+
+use crate::db::{ClientProgress, NewOp, SourceDb, SourceTx, StoredRow};
+use crate::error::{Result, ServiceError};
+
+/// How the suite makes and reopens databases of one backend.
+pub trait SourceBackend: Sync {
+    /// Where a database lives (a temporary directory, a schema name). The
+    /// data lives as long as the location.
+    type Location: Send + Sync;
+    /// A new, empty location.
+    fn fresh(&self) -> Self::Location;
+    /// Open (or reopen) the database at a location. The suite migrates it
+    /// to [`test_schema`] itself.
+    fn open(&self, location: &Self::Location) -> Result<Arc<dyn SourceDb>>;
+}
+
+/// Expand to one `#[test]` per `SourceDb` conformance behaviour for a
+/// backend value.
+#[macro_export]
+macro_rules! source_conformance_tests {
+    ($backend:expr) => {
+        $crate::source_conformance_tests!(@each $backend;
+            write_commits_whole,
+            failed_work_changes_nothing,
+            client_progress_and_outcomes,
+            rows_clocks_and_tombstones,
+            max_clock_is_raised_and_kept,
+            bucket_membership,
+            append_op_allocates_increasing_ids_and_bucket_state,
+            checkpoint_reads_client_and_buckets,
+            checkpoint_is_consistent_under_writes,
+            read_ops_ranges_and_limits,
+            read_ops_line_limit,
+            read_ops_into_matches_read_ops,
+            replace_bucket_ops_keeps_checksum,
+            migrate_adds_tables_and_columns,
+            everything_survives_reopen,
+            concurrent_writers_lose_no_update,
+            op_ids_appear_in_commit_order
+        );
+    };
+    (@each $backend:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::testkit::$name(&$backend);
+            }
+        )*
+    };
+}
+
+/// The suite's schema: tickets (text, integer, real, blob columns) and
+/// notes.
+pub fn test_schema() -> Schema {
+    Schema::new([tickets_table(), notes_table()]).expect("the suite's schema is valid")
+}
+
+fn tickets_table() -> Table {
+    Table::new("tickets")
+        .column("title", ColumnType::Text)
+        .column("version", ColumnType::Integer)
+        .column("score", ColumnType::Real)
+        .column("attachment", ColumnType::Blob)
+}
+
+fn notes_table() -> Table {
+    Table::new("notes").column("body", ColumnType::Text)
+}
+
+/// A full ticket row.
+pub fn ticket(title: &str, version: i64) -> RowData {
+    [
+        ("title".to_owned(), Value::Text(title.to_owned())),
+        ("version".to_owned(), Value::Integer(version)),
+        ("score".to_owned(), Value::Real(0.5)),
+        ("attachment".to_owned(), Value::Blob(vec![0, 1, 255])),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// A clock at `wall_ms`.
+pub fn clock(wall_ms: u64, node: &str) -> HlcTimestamp {
+    HlcTimestamp {
+        wall_ms,
+        counter: 0,
+        node: node.to_owned(),
+    }
+}
+
+fn clocks_of(row: &RowData, hlc: &HlcTimestamp) -> BTreeMap<String, HlcTimestamp> {
+    row.keys().map(|k| (k.clone(), hlc.clone())).collect()
+}
+
+/// Open a database at `location`, migrated to [`test_schema`].
+pub fn open<B: SourceBackend>(b: &B, location: &B::Location) -> Arc<dyn SourceDb> {
+    let db = b.open(location).expect("open the database");
+    db.migrate(&test_schema()).expect("migrate to the suite's schema");
+    db
+}
+
+fn table(name: &str) -> Table {
+    test_schema().table(name).expect("a table of the suite").clone()
+}
+
+/// Append a PUT (`data` given) or REMOVE of `tickets/<id>` to `bucket`;
+/// returns the op id and the entry's checksum.
+pub fn append(tx: &mut dyn SourceTx, bucket: &str, id: &str, data: Option<&RowData>) -> Result<(u64, u32)> {
+    let op = if data.is_some() { OpKind::Put } else { OpKind::Remove };
+    let op_id = tx.append_op(NewOp {
+        bucket,
+        op,
+        table: "tickets",
+        row_id: id,
+        data,
+    })?;
+    Ok((op_id, op_checksum(op_id, op, "tickets", id, data)))
+}
+
+fn write<T: Default>(db: &dyn SourceDb, mut work: impl FnMut(&mut dyn SourceTx) -> Result<T>) -> T {
+    let mut out = T::default();
+    db.write(&mut |tx| {
+        out = work(tx)?;
+        Ok(())
+    })
+    .expect("write transaction");
+    out
+}
+
+fn all_ops(db: &dyn SourceDb, bucket: &str) -> Vec<OplogEntry> {
+    db.read_ops(bucket, 0, u64::MAX, usize::MAX, usize::MAX)
+        .expect("read ops")
+}
+
+fn checkpoint_of(db: &dyn SourceDb, bucket: &str) -> (u64, u32, u64) {
+    let cp = db.checkpoint("c", &[bucket.to_owned()]).expect("checkpoint");
+    (cp.last_op_id, cp.buckets[0].checksum, cp.buckets[0].count)
+}
+
+/// A transaction's row, client, outcome, membership and op are all
+/// visible once `write` returns.
+pub fn write_commits_whole<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    let row = ticket("a", 1);
+    let hlc = clock(10, "c1");
+    let (op_id, sum) = write(db.as_ref(), |tx| {
+        tx.write_row(&t, "t1", &row, &clocks_of(&row, &hlc))?;
+        tx.set_row_buckets("tickets", "t1", &BTreeSet::from(["b[]".to_owned()]))?;
+        tx.set_client("c1", "u1", 3)?;
+        tx.record_outcome("c1", 3, 77, &Outcome::Applied)?;
+        append(tx, "b[]", "t1", Some(&row))
+    });
+    assert_eq!(op_id, 1, "the first op id is 1");
+    let stored = db.get_row(&t, "t1").expect("get row").expect("row stored");
+    assert_eq!(stored.data.as_ref(), Some(&row));
+    assert_eq!(db.client_owner("c1").expect("owner").as_deref(), Some("u1"));
+    let cp = db.checkpoint("c1", &["b[]".to_owned()]).expect("checkpoint");
+    assert_eq!(cp.last_op_id, 1);
+    assert_eq!(cp.write_checkpoint, Some(3));
+    assert_eq!((cp.buckets[0].checksum, cp.buckets[0].count), (sum, 1));
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.row_buckets("tickets", "t1")?, BTreeSet::from(["b[]".to_owned()]));
+        let o = tx.outcome("c1", 3)?.expect("outcome stored");
+        assert_eq!((o.outcome, o.fingerprint), (Outcome::Applied, Some(77)));
+        Ok(())
+    });
+}
+
+/// A work closure that fails after writing leaves nothing behind: rows,
+/// tombstones, clients, outcomes, membership, ops, bucket state and the
+/// clock mark are as before, and the next op id is not used up.
+pub fn failed_work_changes_nothing<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    let before = ticket("before", 1);
+    write(db.as_ref(), |tx| {
+        tx.write_row(&t, "keep", &before, &clocks_of(&before, &clock(5, "c")))?;
+        append(tx, "b[]", "keep", Some(&before))
+    });
+    let cp_before = checkpoint_of(db.as_ref(), "b[]");
+    let mark_before = db.max_clock().expect("max clock");
+    let result = db.write(&mut |tx| {
+        let row = ticket("after", 2);
+        tx.write_row(&t, "keep", &row, &clocks_of(&row, &clock(900, "c")))?;
+        tx.write_row(&t, "new", &row, &clocks_of(&row, &clock(900, "c")))?;
+        tx.delete_row(&t, "keep", &clock(901, "c"))?;
+        tx.set_row_buckets("tickets", "new", &BTreeSet::from(["b[]".to_owned()]))?;
+        tx.set_client("c1", "u1", 9)?;
+        tx.record_outcome("c1", 9, 1, &Outcome::Applied)?;
+        append(tx, "b[]", "new", Some(&row))?;
+        append(tx, "other[]", "new", Some(&row))?;
+        Err(ServiceError::BadRequest("the work failed".into()))
+    });
+    assert!(
+        matches!(result, Err(ServiceError::BadRequest(ref m)) if m == "the work failed"),
+        "the work's own error comes back: {result:?}"
+    );
+    let kept = db.get_row(&t, "keep").expect("get row").expect("row kept");
+    assert_eq!(kept.data.as_ref(), Some(&before));
+    assert_eq!(kept.deleted, None);
+    assert_eq!(db.get_row(&t, "new").expect("get row"), None);
+    assert_eq!(db.client_owner("c1").expect("owner"), None);
+    assert_eq!(checkpoint_of(db.as_ref(), "b[]"), cp_before);
+    assert_eq!(checkpoint_of(db.as_ref(), "other[]"), (1, 0, 0));
+    assert_eq!(db.bucket_names().expect("bucket names"), vec!["b[]".to_owned()]);
+    assert_eq!(db.oplog_len().expect("oplog len"), 1);
+    assert_eq!(db.max_clock().expect("max clock"), mark_before);
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.client("c1")?, None);
+        assert_eq!(tx.outcome("c1", 9)?, None);
+        assert!(tx.row_buckets("tickets", "new")?.is_empty());
+        Ok(())
+    });
+    // Op ids stay dense after a rollback: the next one follows the last
+    // committed.
+    let (next, _) = write(db.as_ref(), |tx| append(tx, "b[]", "keep", None));
+    assert_eq!(next, 2);
+}
+
+/// Client progress: set, read, advanced (the owner stays); outcomes with
+/// their fingerprints, replaced by a second record.
+pub fn client_progress_and_outcomes<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.client("c1")?, None);
+        tx.set_client("c1", "u1", 1)?;
+        assert_eq!(
+            tx.client("c1")?,
+            Some(ClientProgress {
+                user_id: "u1".into(),
+                last_seq: 1
+            })
+        );
+        tx.record_outcome("c1", 1, u64::MAX, &Outcome::Applied)?;
+        tx.record_outcome(
+            "c1",
+            2,
+            0,
+            &Outcome::Merged {
+                row: Some(ticket("m", 2)),
+                reason: "kept the newer title".into(),
+            },
+        )?;
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        tx.set_client("c1", "u1", 2)?;
+        tx.set_client("c2", "u2", 7)?;
+        Ok(())
+    });
+    assert_eq!(db.client_owner("c1").expect("owner").as_deref(), Some("u1"));
+    assert_eq!(db.client_owner("c2").expect("owner").as_deref(), Some("u2"));
+    assert_eq!(db.client_owner("nobody").expect("owner"), None);
+    assert_eq!(db.checkpoint("c1", &[]).expect("checkpoint").write_checkpoint, Some(2));
+    assert_eq!(db.checkpoint("nobody", &[]).expect("checkpoint").write_checkpoint, None);
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.client("c1")?.map(|p| p.last_seq), Some(2));
+        let o = tx.outcome("c1", 1)?.expect("outcome 1");
+        assert_eq!((o.outcome, o.fingerprint), (Outcome::Applied, Some(u64::MAX)));
+        let o = tx.outcome("c1", 2)?.expect("outcome 2");
+        assert_eq!(o.fingerprint, Some(0));
+        assert!(matches!(o.outcome, Outcome::Merged { row: Some(_), .. }));
+        assert_eq!(tx.outcome("c2", 1)?, None, "outcomes are per client");
+        tx.record_outcome(
+            "c1",
+            2,
+            5,
+            &Outcome::Rejected {
+                reason: "replaced".into(),
+            },
+        )?;
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        let o = tx.outcome("c1", 2)?.expect("outcome 2");
+        assert_eq!(o.fingerprint, Some(5));
+        assert_eq!(
+            o.outcome,
+            Outcome::Rejected {
+                reason: "replaced".into()
+            }
+        );
+        Ok(())
+    });
+}
+
+/// Rows: written whole with their clocks, read back inside and outside a
+/// transaction; a delete leaves a tombstone with its clock and no clocks;
+/// a write over a tombstone clears it; rows of other tables and ids are
+/// apart.
+pub fn rows_clocks_and_tombstones<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let (tickets, notes) = (table("tickets"), table("notes"));
+    let row = ticket("first", 1);
+    let mut clocks = clocks_of(&row, &clock(10, "a"));
+    clocks.insert("title".into(), clock(12, "b"));
+    let mut nulls = ticket("x", 0);
+    for v in nulls.values_mut() {
+        *v = Value::Null;
+    }
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.read_row(&tickets, "t1")?, None);
+        tx.write_row(&tickets, "t1", &row, &clocks)?;
+        tx.write_row(&tickets, "t2", &nulls, &BTreeMap::new())?;
+        let note: RowData = [("body".to_owned(), Value::Text("n".into()))].into_iter().collect();
+        tx.write_row(&notes, "t1", &note, &BTreeMap::new())?;
+        assert_eq!(
+            tx.read_row(&tickets, "t1")?,
+            Some(StoredRow {
+                data: Some(row.clone()),
+                clocks: clocks.clone(),
+                deleted: None
+            }),
+            "a row written in a transaction reads back in it"
+        );
+        Ok(())
+    });
+    let stored = db.get_row(&tickets, "t1").expect("get row").expect("stored");
+    assert_eq!(stored.data.as_ref(), Some(&row));
+    assert_eq!(stored.clocks, clocks);
+    let t2 = db.get_row(&tickets, "t2").expect("get row").expect("stored");
+    assert_eq!(t2.data, Some(nulls.clone()), "NULL columns read back as NULL");
+    write(db.as_ref(), |tx| tx.delete_row(&tickets, "t1", &clock(20, "a")));
+    let gone = db.get_row(&tickets, "t1").expect("get row").expect("tombstone");
+    assert_eq!(gone.data, None);
+    assert_eq!(gone.deleted, Some(clock(20, "a")));
+    assert!(gone.clocks.is_empty(), "a tombstone has no column clocks");
+    let note = db.get_row(&notes, "t1").expect("get row").expect("note");
+    assert!(note.data.is_some(), "a delete in one table leaves the other");
+    write(db.as_ref(), |tx| tx.delete_row(&tickets, "never", &clock(21, "a")));
+    let never = db.get_row(&tickets, "never").expect("get row").expect("tombstone");
+    assert_eq!((never.data, never.deleted), (None, Some(clock(21, "a"))));
+    let again = ticket("again", 2);
+    write(db.as_ref(), |tx| {
+        tx.write_row(&tickets, "t1", &again, &clocks_of(&again, &clock(30, "c")))
+    });
+    let back = db.get_row(&tickets, "t1").expect("get row").expect("stored");
+    assert_eq!(back.data, Some(again));
+    assert_eq!(back.deleted, None, "a write clears the tombstone");
+    assert_eq!(back.clocks.get("title"), Some(&clock(30, "c")));
+}
+
+/// The clock high-water mark is the greatest clock written with a row or
+/// tombstone, and never goes down.
+pub fn max_clock_is_raised_and_kept<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    assert_eq!(db.max_clock().expect("max clock"), None);
+    let row = ticket("a", 1);
+    let mut clocks = clocks_of(&row, &clock(10, "a"));
+    clocks.insert("version".into(), clock(40, "z"));
+    write(db.as_ref(), |tx| tx.write_row(&t, "t1", &row, &clocks));
+    assert_eq!(db.max_clock().expect("max clock"), Some(clock(40, "z")));
+    write(db.as_ref(), |tx| {
+        tx.write_row(&t, "t2", &row, &clocks_of(&row, &clock(20, "a")))
+    });
+    assert_eq!(
+        db.max_clock().expect("max clock"),
+        Some(clock(40, "z")),
+        "an older clock does not lower it"
+    );
+    write(db.as_ref(), |tx| tx.delete_row(&t, "t2", &clock(50, "d")));
+    assert_eq!(db.max_clock().expect("max clock"), Some(clock(50, "d")));
+}
+
+/// Bucket membership: replaced whole, per row, read back in order.
+pub fn bucket_membership<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let set = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<String>>();
+    write(db.as_ref(), |tx| {
+        tx.set_row_buckets("tickets", "t1", &set(&["b[\"u1\"]", "a[]"]))?;
+        tx.set_row_buckets("tickets", "t2", &set(&["a[]"]))?;
+        tx.set_row_buckets("notes", "t1", &set(&["n[]"]))?;
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.row_buckets("tickets", "t1")?, set(&["a[]", "b[\"u1\"]"]));
+        tx.set_row_buckets("tickets", "t1", &set(&["c[]"]))?;
+        assert_eq!(
+            tx.row_buckets("tickets", "t1")?,
+            set(&["c[]"]),
+            "replaced in the transaction"
+        );
+        tx.set_row_buckets("tickets", "t2", &BTreeSet::new())?;
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.row_buckets("tickets", "t1")?, set(&["c[]"]));
+        assert!(tx.row_buckets("tickets", "t2")?.is_empty());
+        assert_eq!(tx.row_buckets("notes", "t1")?, set(&["n[]"]), "per table");
+        assert!(tx.row_buckets("tickets", "none")?.is_empty());
+        Ok(())
+    });
+}
+
+/// `append_op` allocates increasing op ids across and within
+/// transactions, stores the entry as given with its checksum, and keeps
+/// each bucket's checksum (wrapping sum) and count.
+pub fn append_op_allocates_increasing_ids_and_bucket_state<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let r1 = ticket("one", 1);
+    let ids = write(db.as_ref(), |tx| {
+        Ok(vec![
+            append(tx, "a[]", "t1", Some(&r1))?,
+            append(tx, "b[]", "t1", Some(&r1))?,
+            append(tx, "a[]", "t2", None)?,
+        ])
+    });
+    let more = write(db.as_ref(), |tx| Ok(vec![append(tx, "a[]", "t1", None)?]));
+    let all: Vec<(u64, u32)> = ids.iter().chain(&more).copied().collect();
+    assert_eq!(all.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    let a = all_ops(db.as_ref(), "a[]");
+    assert_eq!(a.iter().map(|e| e.op_id).collect::<Vec<_>>(), vec![1, 3, 4]);
+    assert_eq!(
+        a[0],
+        OplogEntry {
+            op_id: 1,
+            op: OpKind::Put,
+            object_type: Some("tickets".into()),
+            object_id: Some("t1".into()),
+            data: Some(r1.clone()),
+            checksum: all[0].1,
+        }
+    );
+    assert_eq!(
+        (a[1].op, a[1].data.as_ref(), a[1].checksum),
+        (OpKind::Remove, None, all[2].1)
+    );
+    let sum_a = all[0].1.wrapping_add(all[2].1).wrapping_add(all[3].1);
+    let cp = db
+        .checkpoint("c", &["a[]".to_owned(), "b[]".to_owned(), "none[]".to_owned()])
+        .expect("checkpoint");
+    assert_eq!(cp.last_op_id, 4);
+    let state: Vec<(&str, u32, u64)> = cp
+        .buckets
+        .iter()
+        .map(|b| (b.bucket.as_str(), b.checksum, b.count))
+        .collect();
+    assert_eq!(state, vec![("a[]", sum_a, 3), ("b[]", all[1].1, 1), ("none[]", 0, 0)]);
+    assert_eq!(
+        db.bucket_names().expect("bucket names"),
+        vec!["a[]".to_owned(), "b[]".to_owned()]
+    );
+    assert_eq!(db.oplog_len().expect("oplog len"), 4);
+    write(db.as_ref(), |tx| {
+        let log = tx.bucket_ops("a[]")?;
+        assert_eq!(log, a, "bucket_ops reads the whole log");
+        Ok(())
+    });
+}
+
+/// A checkpoint holds the global last op id, the requested buckets in
+/// the order asked (absent ones as 0/0) and the client's write
+/// checkpoint.
+pub fn checkpoint_reads_client_and_buckets<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let empty = db.checkpoint("c1", &["x[]".to_owned()]).expect("checkpoint");
+    assert_eq!(empty.last_op_id, 0);
+    assert_eq!(empty.write_checkpoint, None);
+    assert_eq!((empty.buckets[0].checksum, empty.buckets[0].count), (0, 0));
+    let r = ticket("a", 1);
+    write(db.as_ref(), |tx| {
+        append(tx, "z[]", "t1", Some(&r))?;
+        append(tx, "other[]", "t1", Some(&r))?;
+        tx.set_client("c1", "u1", 4)
+    });
+    let cp = db
+        .checkpoint("c1", &["z[]".to_owned(), "a[]".to_owned()])
+        .expect("checkpoint");
+    assert_eq!(cp.last_op_id, 2, "the global last op id, also of buckets not asked for");
+    assert_eq!(cp.write_checkpoint, Some(4));
+    let names: Vec<&str> = cp.buckets.iter().map(|b| b.bucket.as_str()).collect();
+    assert_eq!(names, vec!["z[]", "a[]"], "in the order asked");
+    assert_eq!(cp.buckets[0].count, 1);
+    assert_eq!(cp.buckets[1].count, 0);
+}
+
+/// Writers each append one op to two buckets and advance a client in one
+/// transaction while a reader takes checkpoints: every checkpoint shows
+/// both buckets at the same count, that count's write checkpoint, and a
+/// last op id covering exactly those ops.
+pub fn checkpoint_is_consistent_under_writes<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    const TRANSACTIONS: u64 = 60;
+    let done = AtomicBool::new(false);
+    let buckets = ["a[]".to_owned(), "b[]".to_owned()];
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let r = ticket("x", 1);
+            for i in 1..=TRANSACTIONS {
+                write(db.as_ref(), |tx| {
+                    append(tx, "a[]", "t", Some(&r))?;
+                    append(tx, "b[]", "t", Some(&r))?;
+                    tx.set_client("c", "u", i)
+                });
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        let mut checked = 0;
+        loop {
+            let finished = done.load(Ordering::SeqCst);
+            let cp = db.checkpoint("c", &buckets).expect("checkpoint");
+            let (a, b) = (cp.buckets[0].count, cp.buckets[1].count);
+            assert_eq!(a, b, "both buckets of one transaction or neither: {cp:?}");
+            assert_eq!(
+                cp.write_checkpoint.unwrap_or(0),
+                a,
+                "client progress of the same state: {cp:?}"
+            );
+            assert_eq!(cp.last_op_id, 2 * a, "the last op id of the same state: {cp:?}");
+            checked += 1;
+            if finished {
+                break;
+            }
+        }
+        assert!(checked > 0);
+    });
+    assert_eq!(checkpoint_of(db.as_ref(), "a[]").2, TRANSACTIONS);
+}
+
+fn fill(db: &dyn SourceDb, n: usize) -> Vec<u64> {
+    write(db, |tx| {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let r = ticket(&format!("row {i}"), i as i64);
+            ids.push(append(tx, "a[]", &format!("t{i}"), Some(&r))?.0);
+            append(tx, "other[]", &format!("t{i}"), Some(&r))?;
+        }
+        Ok(ids)
+    })
+}
+
+/// `read_ops`: entries of one bucket with `after < op_id <= up_to`,
+/// ascending, at most `max_ops`.
+pub fn read_ops_ranges_and_limits<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let ids = fill(db.as_ref(), 10);
+    let read = |after, up_to, max_ops| -> Vec<u64> {
+        db.read_ops("a[]", after, up_to, max_ops, usize::MAX)
+            .expect("read ops")
+            .iter()
+            .map(|e| e.op_id)
+            .collect()
+    };
+    assert_eq!(read(0, u64::MAX, usize::MAX), ids);
+    assert_eq!(
+        read(ids[2], ids[5], usize::MAX),
+        ids[3..=5].to_vec(),
+        "after excluded, up_to included"
+    );
+    assert_eq!(
+        read(ids[2], ids[5] + 1, usize::MAX),
+        ids[3..=5].to_vec(),
+        "other buckets' ids in range"
+    );
+    assert_eq!(read(0, u64::MAX, 3), ids[..3].to_vec());
+    assert_eq!(read(ids[8], u64::MAX, 5), ids[9..].to_vec());
+    assert!(read(ids[9], u64::MAX, 5).is_empty());
+    assert!(read(ids[5], ids[5], 5).is_empty(), "an empty range");
+    assert!(db
+        .read_ops("none[]", 0, u64::MAX, 10, usize::MAX)
+        .expect("read ops")
+        .is_empty());
+}
+
+/// `read_ops` with `max_bytes`: the entries returned, encoded as one
+/// `data` line, fit in `max_bytes` (newline included), except a single
+/// entry larger than the limit, which comes alone.
+pub fn read_ops_line_limit<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let big = |i: usize| ticket(&"x".repeat(1000 + i), i as i64);
+    let ids = write(db.as_ref(), |tx| {
+        (0..8)
+            .map(|i| Ok(append(tx, "a[]", &format!("t{i}"), Some(&big(i)))?.0))
+            .collect()
+    });
+    let ids: Vec<u64> = ids;
+    let max_bytes = 3500;
+    let mut after = 0;
+    let mut seen = Vec::new();
+    while seen.len() < ids.len() {
+        let ops = db
+            .read_ops("a[]", after, u64::MAX, usize::MAX, max_bytes)
+            .expect("read ops");
+        assert!(!ops.is_empty(), "at least one entry while there are some");
+        let mut line = DataLineWriter::new("a[]", 0).with_max_line_bytes(max_bytes);
+        let fit = ops.iter().take_while(|e| line.push_entry(e)).count();
+        assert!(fit >= 1);
+        // A database may return more than fit (the stream measures again);
+        // what it returns starts with what fits, in order.
+        assert!(
+            line.finished_len_bytes() <= max_bytes,
+            "{} bytes",
+            line.finished_len_bytes()
+        );
+        seen.extend(ops[..fit].iter().map(|e| e.op_id));
+        after = ops[fit - 1].op_id;
+    }
+    assert_eq!(seen, ids);
+    let alone = db.read_ops("a[]", 0, u64::MAX, usize::MAX, 10).expect("read ops");
+    assert!(!alone.is_empty(), "one entry over the limit still comes");
+    assert_eq!(alone[0].op_id, ids[0]);
+}
+
+/// `read_ops_into` appends the entries `read_ops` returns, byte for byte
+/// as the typed encoding, within the line's limit, and returns the last
+/// op id added.
+pub fn read_ops_into_matches_read_ops<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let ids = fill(db.as_ref(), 12);
+    for (after, up_to, max_ops, max_bytes) in [
+        (0, u64::MAX, usize::MAX, usize::MAX),
+        (ids[1], ids[7], usize::MAX, usize::MAX),
+        (0, u64::MAX, 4, usize::MAX),
+        (0, u64::MAX, usize::MAX, 400),
+        (ids[11], u64::MAX, 3, usize::MAX),
+    ] {
+        let mut line = DataLineWriter::new("a[]", 0);
+        let last = db
+            .read_ops_into("a[]", after, up_to, max_ops, max_bytes, &mut line)
+            .expect("read ops into");
+        let mut typed = DataLineWriter::new("a[]", 0).with_max_line_bytes(max_bytes);
+        let ops = db.read_ops("a[]", after, up_to, max_ops, max_bytes).expect("read ops");
+        for e in &ops {
+            if !typed.push_entry(e) {
+                break;
+            }
+        }
+        assert_eq!(
+            last,
+            typed.last_op_id(),
+            "range ({after}, {up_to}], {max_ops} ops, {max_bytes} bytes"
+        );
+        assert_eq!(line.last_op_id(), last);
+        assert_eq!(
+            String::from_utf8_lossy(&line.finish()),
+            String::from_utf8_lossy(&typed.finish()),
+            "the same line as the typed entries"
+        );
+    }
+}
+
+/// `replace_bucket_ops` (compaction) replaces one bucket's log, keeps its
+/// checksum, sets its count to the number of entries, leaves other
+/// buckets alone, and later ops still get higher ids.
+pub fn replace_bucket_ops_keeps_checksum<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let r = ticket("a", 1);
+    write(db.as_ref(), |tx| {
+        append(tx, "a[]", "t1", Some(&r))?;
+        append(tx, "a[]", "t2", Some(&r))?;
+        append(tx, "other[]", "t1", Some(&r))?;
+        append(tx, "a[]", "t1", Some(&r))?;
+        append(tx, "a[]", "t2", None)?;
+        Ok(())
+    });
+    let (last, sum, count) = checkpoint_of(db.as_ref(), "a[]");
+    assert_eq!(count, 4);
+    let other = all_ops(db.as_ref(), "other[]");
+    let entries = write(db.as_ref(), |tx| tx.bucket_ops("a[]"));
+    let compacted = ferry_protocol::compact(&entries);
+    assert!(compacted.len() < entries.len());
+    write(db.as_ref(), |tx| tx.replace_bucket_ops("a[]", &compacted));
+    assert_eq!(all_ops(db.as_ref(), "a[]"), compacted);
+    assert_eq!(checkpoint_of(db.as_ref(), "a[]"), (last, sum, compacted.len() as u64));
+    assert_eq!(all_ops(db.as_ref(), "other[]"), other);
+    let (next, _) = write(db.as_ref(), |tx| append(tx, "a[]", "t3", Some(&r)));
+    assert!(next > last, "op id {next} after compaction is above {last}");
+}
+
+/// `migrate` creates the schema's tables and adds new columns to existing
+/// ones, keeping their rows (the new column reads NULL).
+pub fn migrate_adds_tables_and_columns<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let notes = table("notes");
+    let note: RowData = [("body".to_owned(), Value::Text("kept".into()))].into_iter().collect();
+    write(db.as_ref(), |tx| tx.write_row(&notes, "n1", &note, &BTreeMap::new()));
+    let wider = Table::new("notes")
+        .column("body", ColumnType::Text)
+        .column("pinned", ColumnType::Integer);
+    let extra = Table::new("labels").column("name", ColumnType::Text);
+    let schema = Schema::new([tickets_table(), wider.clone(), extra.clone()]).expect("schema");
+    db.migrate(&schema).expect("migrate again");
+    db.migrate(&schema).expect("migrate is idempotent");
+    let row = db.get_row(&wider, "n1").expect("get row").expect("row kept");
+    let mut expected = note.clone();
+    expected.insert("pinned".into(), Value::Null);
+    assert_eq!(row.data, Some(expected));
+    let label: RowData = [("name".to_owned(), Value::Text("l".into()))].into_iter().collect();
+    write(db.as_ref(), |tx| tx.write_row(&extra, "l1", &label, &BTreeMap::new()));
+    assert_eq!(
+        db.get_row(&extra, "l1").expect("get row").and_then(|r| r.data),
+        Some(label)
+    );
+}
+
+/// Everything committed is there after the database is dropped and
+/// opened again at the same location.
+pub fn everything_survives_reopen<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let t = table("tickets");
+    let r = ticket("durable", 1);
+    let (cp, ops) = {
+        let db = open(b, &loc);
+        write(db.as_ref(), |tx| {
+            tx.write_row(&t, "t1", &r, &clocks_of(&r, &clock(70, "a")))?;
+            tx.delete_row(&t, "t2", &clock(80, "a"))?;
+            tx.set_row_buckets("tickets", "t1", &BTreeSet::from(["a[]".to_owned()]))?;
+            tx.set_client("c1", "u1", 5)?;
+            tx.record_outcome("c1", 5, 9, &Outcome::Applied)?;
+            append(tx, "a[]", "t1", Some(&r))?;
+            append(tx, "a[]", "t2", None)
+        });
+        (
+            db.checkpoint("c1", &["a[]".to_owned()]).expect("checkpoint"),
+            all_ops(db.as_ref(), "a[]"),
+        )
+    };
+    let db = open(b, &loc);
+    assert_eq!(db.checkpoint("c1", &["a[]".to_owned()]).expect("checkpoint"), cp);
+    assert_eq!(all_ops(db.as_ref(), "a[]"), ops);
+    assert_eq!(db.get_row(&t, "t1").expect("get row").and_then(|s| s.data), Some(r));
+    assert_eq!(
+        db.get_row(&t, "t2").expect("get row").and_then(|s| s.deleted),
+        Some(clock(80, "a"))
+    );
+    assert_eq!(db.max_clock().expect("max clock"), Some(clock(80, "a")));
+    assert_eq!(db.client_owner("c1").expect("owner").as_deref(), Some("u1"));
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.outcome("c1", 5)?.map(|o| o.fingerprint), Some(Some(9)));
+        assert_eq!(tx.row_buckets("tickets", "t1")?, BTreeSet::from(["a[]".to_owned()]));
+        Ok(())
+    });
+    let (next, _) = write(db.as_ref(), |tx| append(tx, "a[]", "t3", None));
+    assert_eq!(next, 3, "op ids continue after a reopen");
+}
+
+/// Several threads run read-modify-write transactions at once (read the
+/// client's last seq, write it + 1, append an op, bump a counter row):
+/// no update is lost and every op id is unique.
+pub fn concurrent_writers_lose_no_update<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    const THREADS: usize = 4;
+    const TRANSACTIONS: usize = 25;
+    std::thread::scope(|s| {
+        for w in 0..THREADS {
+            let (db, t) = (&db, &t);
+            s.spawn(move || {
+                for i in 0..TRANSACTIONS {
+                    write(db.as_ref(), |tx| {
+                        let seq = tx.client("shared")?.map_or(0, |p| p.last_seq);
+                        tx.set_client("shared", "u", seq + 1)?;
+                        let n = match tx.read_row(t, "counter")?.and_then(|r| r.data) {
+                            Some(d) => match d.get("version") {
+                                Some(Value::Integer(n)) => *n,
+                                _ => 0,
+                            },
+                            None => 0,
+                        };
+                        let row = ticket(&format!("writer {w} op {i}"), n + 1);
+                        tx.write_row(t, "counter", &row, &BTreeMap::new())?;
+                        append(tx, &format!("w{w}[]"), "counter", Some(&row))?;
+                        Ok(())
+                    });
+                }
+            });
+        }
+    });
+    let total = (THREADS * TRANSACTIONS) as u64;
+    assert_eq!(
+        db.checkpoint("shared", &[]).expect("checkpoint").write_checkpoint,
+        Some(total)
+    );
+    let counter = db.get_row(&t, "counter").expect("get row").and_then(|r| r.data);
+    assert_eq!(
+        counter.and_then(|d| d.get("version").cloned()),
+        Some(Value::Integer(total as i64))
+    );
+    let mut ids = BTreeSet::new();
+    for w in 0..THREADS {
+        for e in all_ops(db.as_ref(), &format!("w{w}[]")) {
+            assert!(ids.insert(e.op_id), "op id {} allocated twice", e.op_id);
+        }
+    }
+    assert_eq!(ids.len() as u64, total);
+    assert_eq!(db.oplog_len().expect("oplog len"), total);
+    assert_eq!(db.checkpoint("shared", &[]).expect("checkpoint").last_op_id, total);
+}
+
+/// The commit-order invariant: while several writers append, a reader
+/// that has seen op N (through a checkpoint and `read_ops` up to it)
+/// never later sees an op below N appear, so a stream that resumes after
+/// N never skips one.
+pub fn op_ids_appear_in_commit_order<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    const THREADS: usize = 3;
+    const TRANSACTIONS: usize = 30;
+    let running = std::sync::atomic::AtomicUsize::new(THREADS);
+    std::thread::scope(|s| {
+        for w in 0..THREADS {
+            let (db, running) = (&db, &running);
+            s.spawn(move || {
+                let r = ticket("x", w as i64);
+                for i in 0..TRANSACTIONS {
+                    write(db.as_ref(), |tx| {
+                        for k in 0..1 + i % 3 {
+                            append(tx, "a[]", &format!("w{w}-{i}-{k}"), Some(&r))?;
+                        }
+                        Ok(())
+                    });
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        let mut seen: BTreeSet<u64> = BTreeSet::new();
+        let mut high = 0;
+        loop {
+            let finished = running.load(Ordering::SeqCst) == 0;
+            let cp = db.checkpoint("c", &["a[]".to_owned()]).expect("checkpoint");
+            assert!(
+                cp.last_op_id >= high,
+                "the last op id went back from {high} to {}",
+                cp.last_op_id
+            );
+            let ops = db
+                .read_ops("a[]", 0, cp.last_op_id, usize::MAX, usize::MAX)
+                .expect("read ops");
+            for e in &ops {
+                if e.op_id <= high {
+                    assert!(
+                        seen.contains(&e.op_id),
+                        "op {} appeared after the reader had seen op {high}",
+                        e.op_id
+                    );
+                }
+            }
+            seen.extend(ops.iter().map(|e| e.op_id));
+            assert_eq!(
+                ops.len() as u64,
+                cp.buckets[0].count,
+                "the checkpoint's count of ops is readable"
+            );
+            high = high.max(cp.last_op_id);
+            if finished {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            (0..TRANSACTIONS).map(|i| 1 + i % 3).sum::<usize>() * THREADS
+        );
+    });
+}
