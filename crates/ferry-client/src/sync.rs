@@ -399,6 +399,7 @@ async fn upload_once(
         transactions,
     };
     let body = serde_json::to_vec(&request).map_err(|e| ClientError::Task(e.to_string()))?;
+    let mut refused_whole = false;
     let response = match transport.upload(&token, body).await {
         Ok(answer) => decode_line::<UploadResponse>(&answer, inner.options.max_line_bytes)?,
         // The server refuses the request itself (malformed, too large): the
@@ -407,6 +408,7 @@ async fn upload_once(
             if request.transactions.len() > 1 {
                 return Ok(Sent::RetryAlone);
             }
+            refused_whole = true;
             refused_answer(&request, &reason)
         }
         Err(e) => return Err(e.into()),
@@ -443,6 +445,7 @@ async fn upload_once(
             .map(|o| Ok((o.outcome.seq, encode_stored(o)?)))
             .collect::<Result<_, ClientError>>()?,
         at_ms: inner.clock.now_ms(),
+        refused_whole,
     };
     let task_inner = inner.clone();
     // Stored and then broadcast on a blocking thread, which runs to the end

@@ -401,3 +401,40 @@ async fn a_restarted_device_with_a_lagging_clock_still_wins_with_a_later_edit() 
     assert_eq!(o.outcome.outcome, Outcome::Applied, "{o:?}");
     assert_eq!(server_title(&svc, "t1").as_deref(), Some("edited after a restart"));
 }
+
+/// A transaction refused whole as the last write does not linger as
+/// pending: the server never saw it, so no checkpoint would confirm it
+/// (found by the fleet simulation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_last_transaction_does_not_linger_as_pending() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = SqliteSourceDb::open_dir(&dir.path().join("server")).expect("source db");
+    let svc = Arc::new(
+        SyncService::builder(Arc::new(db), SyncRules::ticket_tracker().expect("rules"), SECRET)
+            .options(ServiceOptions {
+                max_upload_ops: 5,
+                ..ServiceOptions::default()
+            })
+            .build()
+            .expect("service"),
+    );
+    let client = client_with_clock(&dir.path().join("c.db"), Arc::new(SystemClock));
+    insert_ticket(&client, "before", "before");
+    client
+        .write(|tx| {
+            for i in 0..8 {
+                tx.insert("tickets", &format!("big{i}"), row_data([("title", text("too big"))]))?;
+            }
+            Ok::<_, ferry_queue::QueueError>(())
+        })
+        .expect("write");
+    connect(&client, &svc, "ann");
+    assert!(
+        client.wait_until_settled(10_000).await,
+        "settles: {:?}",
+        client.status()
+    );
+    assert_eq!(client.local().pending_len().expect("pending"), 0);
+    assert!(client.local().get("tickets", "big0").expect("get").is_none());
+    assert_eq!(server_title(&svc, "before").as_deref(), Some("before"));
+}

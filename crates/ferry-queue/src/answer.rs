@@ -10,7 +10,7 @@ use ferry_store::{BatchOp, WriteBatch};
 
 use crate::{
     encode_rejections, encode_seqs, ChangeSource, ChangedRows, LocalDb, QueueError, QueueResult, Rejection,
-    META_COMPLETED_THROUGH, META_REJECTED_SEQS, META_REJECTIONS, PAGE_ENTRIES,
+    META_COMPLETED_THROUGH, META_REJECTED_SEQS, META_REJECTIONS, META_UNSEEN_SEQS, PAGE_ENTRIES,
 };
 
 /// Metadata key prefix of the stored outcomes: the key of seq `s` is this
@@ -34,6 +34,10 @@ pub struct Answer {
     pub outcomes: Vec<(u64, Vec<u8>)>,
     /// When the answer arrived (ms since the epoch, client clock).
     pub at_ms: u64,
+    /// The server refused the request whole and never saw these entries:
+    /// no write checkpoint will cover them, so they are confirmed as soon
+    /// as every earlier entry is (else they would linger as pending).
+    pub refused_whole: bool,
 }
 
 /// Which queue entries one local transaction produced.
@@ -68,7 +72,7 @@ impl LocalDb {
         }
         let entries = self.store.queue_from(0, usize::MAX)?;
         let mut batch = WriteBatch::new();
-        let mut rejected = self.rejected_seqs()?;
+        let mut marks = self.marks()?;
 
         // Rejections: roll back and log.
         let mut rolled_back: ChangedRows = BTreeSet::new();
@@ -78,7 +82,10 @@ impl LocalDb {
                 let Some(e) = entries.iter().find(|e| e.seq == *seq) else {
                     continue; // already confirmed: nothing left to roll back
                 };
-                if rejected.insert(*seq) {
+                if answer.refused_whole && marks.unseen.insert(*seq) {
+                    batch.put_meta(META_UNSEEN_SEQS, encode_seqs(&marks.unseen));
+                }
+                if marks.rejected.insert(*seq) {
                     rolled_back.insert((e.op.table().to_owned(), e.op.id().to_owned()));
                     log.push(Rejection {
                         entry: e.clone(),
@@ -89,7 +96,7 @@ impl LocalDb {
             }
             let excess = log.len().saturating_sub(self.limits.max_rejections_logged);
             log.drain(..excess);
-            batch.put_meta(META_REJECTED_SEQS, encode_seqs(&rejected));
+            batch.put_meta(META_REJECTED_SEQS, encode_seqs(&marks.rejected));
             batch.put_meta(META_REJECTIONS, encode_rejections(&log)?);
         }
 
@@ -126,7 +133,7 @@ impl LocalDb {
         // checkpoint arrived before this answer): confirm them now, in the
         // same batch, or nothing would ever drop them.
         let wc = counters.server_write_checkpoint.min(through);
-        let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut rejected, rolled_back.clone())?;
+        let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut marks, rolled_back.clone())?;
         self.store.apply(batch)?;
         counters.completed_through = through;
         counters.upload_len -= removed;

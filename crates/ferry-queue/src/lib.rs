@@ -48,6 +48,10 @@ pub const META_NEXT_SEQ: &str = "ferry.queue.next_seq";
 pub const META_NEXT_TX: &str = "ferry.queue.next_tx_id";
 /// Metadata key holding the seqs the server rejected (not yet confirmed).
 pub const META_REJECTED_SEQS: &str = "ferry.queue.rejected_seqs";
+/// Metadata key holding the seqs of transactions the server refused whole
+/// (it never saw them, so no write checkpoint will cover them): they are
+/// confirmed as soon as every earlier entry is.
+pub const META_UNSEEN_SEQS: &str = "ferry.queue.unseen_seqs";
 /// Metadata key holding the rejections log.
 pub const META_REJECTIONS: &str = "ferry.queue.rejections";
 /// Metadata key holding this database's client id.
@@ -636,8 +640,8 @@ impl LocalDb {
             wc
         };
         let entries = self.store.queue_from(0, usize::MAX)?;
-        let mut rejected = self.rejected_seqs()?;
-        let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut rejected, BTreeSet::new())?;
+        let mut marks = self.marks()?;
+        let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut marks, BTreeSet::new())?;
         if batch.is_empty() {
             return Ok(());
         }
@@ -664,9 +668,19 @@ impl LocalDb {
         batch: &mut WriteBatch,
         wc: u64,
         entries: &[CrudEntry],
-        rejected: &mut BTreeSet<u64>,
+        marks: &mut Marks,
         mut touched: ChangedRows,
     ) -> QueueResult<(ChangedRows, u64)> {
+        // Entries the server never saw follow the confirmed ones at once.
+        let from = wc;
+        let mut wc = wc;
+        for e in entries.iter().skip_while(|e| e.seq <= from) {
+            if !marks.unseen.contains(&e.seq) {
+                break;
+            }
+            wc = e.seq;
+        }
+        let rejected = &mut marks.rejected;
         let confirmed = entries.iter().take_while(|e| e.seq <= wc).count() as u64;
         // Every row the batch changes in the synced layer is reported
         // (collected in a vector first: a large download's rows come
@@ -707,6 +721,11 @@ impl LocalDb {
             rejected.retain(|seq| *seq > wc);
             if rejected.len() != before {
                 batch.put_meta(META_REJECTED_SEQS, encode_seqs(rejected));
+            }
+            let before = marks.unseen.len();
+            marks.unseen.retain(|seq| *seq > wc);
+            if marks.unseen.len() != before {
+                batch.put_meta(META_UNSEEN_SEQS, encode_seqs(&marks.unseen));
             }
         }
         self.rebase_into(batch, &touched, &remaining, &synced_after)?;
@@ -770,18 +789,25 @@ impl LocalDb {
         Ok(self.store.apply(batch)?)
     }
 
-    fn rejected_seqs(&self) -> QueueResult<BTreeSet<u64>> {
-        match self.store.get_meta(META_REJECTED_SEQS)? {
+    fn seq_set(&self, key: &str) -> QueueResult<BTreeSet<u64>> {
+        match self.store.get_meta(key)? {
             None => Ok(BTreeSet::new()),
             Some(bytes) => bytes
                 .chunks(8)
                 .map(|c| {
                     <[u8; 8]>::try_from(c)
                         .map(u64::from_be_bytes)
-                        .map_err(|_| StoreError::Corrupt(format!("metadata {META_REJECTED_SEQS} is truncated")).into())
+                        .map_err(|_| StoreError::Corrupt(format!("metadata {key} is truncated")).into())
                 })
                 .collect(),
         }
+    }
+
+    fn marks(&self) -> QueueResult<Marks> {
+        Ok(Marks {
+            rejected: self.seq_set(META_REJECTED_SEQS)?,
+            unseen: self.seq_set(META_UNSEEN_SEQS)?,
+        })
     }
 
     /// Recompute the overlay of `rows` as their synced row with `remaining`
@@ -819,6 +845,15 @@ impl LocalDb {
         }
         Ok(())
     }
+}
+
+/// Seqs with a standing of their own until a checkpoint confirms them.
+#[derive(Debug, Default)]
+struct Marks {
+    /// Rejected by the server: they no longer shape the visible state.
+    rejected: BTreeSet<u64>,
+    /// Refused whole, never seen by the server (a subset of `rejected`).
+    unseen: BTreeSet<u64>,
 }
 
 /// Sets of changed rows at least this large are freed on a helper thread:

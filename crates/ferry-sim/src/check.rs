@@ -23,7 +23,7 @@ use ferry_core::{CrudOp, HlcTimestamp, RowData, Value};
 use ferry_protocol::Outcome;
 use ferry_server::StoredRow;
 
-use crate::fleet::Device;
+use crate::fleet::{Device, DOC_COLUMN};
 use crate::server::SimServer;
 
 /// A broken promise.
@@ -172,7 +172,15 @@ fn stored_clock(h: &HlcTimestamp, client_id: &str, server_now_ms: u64, max_skew_
 }
 
 /// The promises at quiescence.
-pub fn at_quiescence(devices: &mut [Device], server: &SimServer, tickets: &[String]) -> Vec<Violation> {
+/// `value_based`: columns whose strategy decides by values, not clocks
+/// (manual resolution applies a write whose base matches the stored value
+/// whatever its clock), which the no-lost-write check leaves out.
+pub fn at_quiescence(
+    devices: &mut [Device],
+    server: &SimServer,
+    tickets: &[String],
+    value_based: &[&str],
+) -> Vec<Violation> {
     let mut out = Vec::new();
     let Some(svc) = server.service() else {
         return vec![violation("setup", None, "server down at quiescence".into())];
@@ -302,7 +310,12 @@ pub fn at_quiescence(devices: &mut [Device], server: &SimServer, tickets: &[Stri
                         }
                         CrudOp::Patch { data, .. } => data.keys().cloned().collect(),
                     };
-                    for c in columns {
+                    // The CRDT column merges instead of taking the last
+                    // write: `doc_edits_kept` checks it.
+                    for c in columns
+                        .into_iter()
+                        .filter(|c| c != DOC_COLUMN && !value_based.contains(&c.as_str()))
+                    {
                         let clock = s.clocks.get(&c);
                         match clock {
                             Some(cc) if *cc > op_clock || (!exact && *cc >= op_clock) => {}
@@ -320,6 +333,60 @@ pub fn at_quiescence(devices: &mut [Device], server: &SimServer, tickets: &[Stri
                     }
                 }
             },
+        }
+    }
+    out
+}
+
+/// Under a CRDT strategy, every edit of the document column the server
+/// took (applied or merged) is in the final text, unless the ticket was
+/// deleted at some point (a delete clears the column).
+pub fn doc_edits_kept(devices: &[Device], server: &SimServer) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let Some(svc) = server.service() else { return out };
+    let Ok(table) = server.rules().schema().table("tickets") else {
+        return out;
+    };
+    let log = server.log.lock();
+    let deleted: std::collections::BTreeSet<&str> = log
+        .first
+        .values()
+        // A delete that lost to newer columns still clears the older ones.
+        .filter(|p| {
+            matches!(p.entry.op, CrudOp::Delete { .. })
+                && matches!(p.outcome, Outcome::Applied | Outcome::Merged { .. })
+        })
+        .map(|p| p.entry.op.id())
+        .collect();
+    for d in devices {
+        for (id, marker, seq) in &d.doc_markers {
+            let Some(p) = log.first.get(&(d.client_id.clone(), *seq)) else {
+                continue;
+            };
+            if !matches!(p.outcome, Outcome::Applied | Outcome::Merged { .. }) || deleted.contains(id.as_str()) {
+                continue;
+            }
+            let text = svc
+                .db()
+                .get_row(table, id)
+                .ok()
+                .flatten()
+                .and_then(|r| r.data)
+                .and_then(|data| match data.get(DOC_COLUMN) {
+                    Some(Value::Blob(b)) => ferry_conflict::crdt::read_text(b).ok(),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            if !text.contains(marker.as_str()) {
+                out.push(violation(
+                    "crdt edit kept",
+                    Some(format!("tickets/{id}")),
+                    format!(
+                        "device {} edit {marker} (seq {seq}) is not in the merged text {text:?}",
+                        d.index
+                    ),
+                ));
+            }
         }
     }
     out

@@ -19,6 +19,11 @@ use crate::SimError;
 
 /// Tickets the workload touches.
 pub const TICKETS: usize = 5;
+/// The tickets' CRDT column (an automerge text document).
+pub const DOC_COLUMN: &str = "notes_doc";
+/// Ops in the workload's oversized transaction (over the server's
+/// `max_upload_ops`, see `server::MAX_UPLOAD_OPS`).
+pub const BIG_TX_OPS: usize = 40;
 const STATUSES: [&str; 3] = ["pending", "in_progress", "done"];
 
 /// How a device keeps its data.
@@ -97,6 +102,8 @@ pub struct Device {
     pub max_applied_op_id: u64,
     /// What its screen (a live query of every ticket) showed.
     pub screen: Arc<parking_lot::Mutex<ScreenWatch>>,
+    /// Its CRDT edits: (ticket id, marker in the text, seq).
+    pub doc_markers: Vec<(String, String, u64)>,
     live: Option<ferry_client::LiveQuery>,
 }
 
@@ -117,7 +124,8 @@ pub fn client_schema(server: &SimServer) -> Result<Schema, SimError> {
         .tables()
         .map(|t| {
             if t.name == "tickets" {
-                t.clone().column("local_note", ColumnType::Text)
+                // Uploads carry the base the manual strategy compares with.
+                t.clone().column("local_note", ColumnType::Text).track_previous_values()
             } else {
                 t.clone()
             }
@@ -150,6 +158,7 @@ impl Device {
             outcomes: BTreeMap::new(),
             max_applied_op_id: 0,
             screen: Arc::default(),
+            doc_markers: Vec::new(),
             live: None,
         };
         device.start(server, seed)?;
@@ -171,6 +180,7 @@ impl Device {
                 client_id_seed: Some(seed),
                 ..LocalDbOptions::default()
             },
+            upload_batch_entries: 25,
             retry_initial_delay_ms: 20,
             retry_max_delay_ms: 2_000,
             jitter_seed: seed,
@@ -225,6 +235,36 @@ impl Device {
         Ok(())
     }
 
+    /// Resolve the first open conflict of this device's user, keeping the
+    /// server's value or its own by the seed. Returns whether it did.
+    pub fn resolve_conflict(&mut self, rng: &mut SeededRandom) -> Result<bool, SimError> {
+        let Some(db) = &self.db else { return Ok(false) };
+        let open = db.open_conflicts().map_err(|e| SimError::Setup(e.to_string()))?;
+        let Some(c) = open.into_iter().find(|c| c.user_id == self.user) else {
+            return Ok(false);
+        };
+        let choice = if rng.next_u64().is_multiple_of(2) {
+            ferry_client::Resolution::Server
+        } else {
+            ferry_client::Resolution::Local
+        };
+        let before = db.local().last_seq();
+        db.resolve_conflict(&c.id, choice)
+            .map_err(|e| SimError::Setup(e.to_string()))?;
+        let after = db.local().last_seq();
+        if after > before {
+            let entries = db
+                .local()
+                .store()
+                .queue_from(before + 1, (after - before) as usize)
+                .map_err(|e| SimError::Setup(e.to_string()))?;
+            for e in entries {
+                self.writes.insert(e.seq, OwnWrite { seq: e.seq, op: e.op });
+            }
+        }
+        Ok(after > before)
+    }
+
     /// The process dies: the database and its tasks are gone, the store
     /// stays.
     pub fn crash(&mut self) {
@@ -251,10 +291,43 @@ impl Device {
                     Ok(())
                 }
                 2 => tx.delete("tickets", &id).map(drop),
-                _ => {
+                3 => {
                     // A column the server does not know: rejected there.
                     if tx.get("tickets", &id)?.is_some() {
                         tx.update("tickets", &id, row_data([("local_note", Value::from("x"))]))?;
+                    }
+                    Ok(())
+                }
+                4 => {
+                    // An edit of the ticket's CRDT document, marked so the
+                    // checker can find it in the merged text.
+                    let Some(row) = tx.get("tickets", &id)? else {
+                        return Ok(());
+                    };
+                    let doc = match row.get(DOC_COLUMN) {
+                        Some(Value::Blob(b)) => b.clone(),
+                        _ => ferry_conflict::crdt::new_text_doc(""),
+                    };
+                    let marker = format!("[{}-{}]", self.index, rng.next_u64() % 1_000_000_007);
+                    let edited = ferry_conflict::crdt::edit_text(&doc, &self.client_id, |e| {
+                        e.push(&marker);
+                    })
+                    .map_err(|e| ferry_queue::QueueError::Refused { reason: e.to_string() })?;
+                    tx.update("tickets", &id, row_data([(DOC_COLUMN, Value::Blob(edited))]))?;
+                    self.doc_markers.push((id.clone(), marker, 0));
+                    Ok(())
+                }
+                _ => {
+                    // More ops in one transaction than the server takes in
+                    // one upload: refused whole, it must become `rejected`
+                    // and not block the queue.
+                    let n = rng.next_u64();
+                    for k in 0..BIG_TX_OPS {
+                        tx.put(
+                            "tickets",
+                            &format!("big-{n:x}-{k}"),
+                            row_data([("title", Value::from("big"))]),
+                        )?;
                     }
                     Ok(())
                 }
@@ -262,6 +335,9 @@ impl Device {
         });
         let (_, receipt) = result.map_err(|e| SimError::Setup(format!("local write failed: {e}")))?;
         let Some(r) = receipt else { return Ok(false) };
+        if let Some(last) = self.doc_markers.last_mut().filter(|m| m.2 == 0) {
+            last.2 = r.first_seq;
+        }
         let entries = db
             .local()
             .store()

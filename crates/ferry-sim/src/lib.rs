@@ -24,9 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_conflict::{Audited, DomainRules, LastWriteWins, Manual, PerColumn, RowLastWriteWins};
+use ferry_conflict::{Audited, Crdt, DomainRules, LastWriteWins, Manual, PerColumn, RowLastWriteWins};
 use ferry_core::{RandomSource, SeededRandom};
-use ferry_server::{ConflictStrategy, SyncRules};
+use ferry_server::ConflictStrategy;
 use ferry_store::MemoryStore;
 use thiserror::Error;
 
@@ -161,15 +161,20 @@ fn fnv1a(lines: &[String]) -> u64 {
 
 /// The strategy of the tickets table for a seed.
 fn strategy(seed: u64) -> (&'static str, Arc<dyn ConflictStrategy>) {
-    match seed % 5 {
+    // Every strategy but plain LWW keeps the CRDT document column merged.
+    let crdt = |inner: Arc<dyn ConflictStrategy>| -> Arc<dyn ConflictStrategy> {
+        Arc::new(Crdt::with_fallback([fleet::DOC_COLUMN], inner))
+    };
+    match seed % 6 {
         0 => ("lww", Arc::new(LastWriteWins)),
-        1 => ("row_lww", Arc::new(RowLastWriteWins)),
-        2 => ("domain", Arc::new(DomainRules::ticket_status())),
+        1 => ("row_lww", crdt(Arc::new(RowLastWriteWins))),
+        2 => ("domain", crdt(Arc::new(DomainRules::ticket_status()))),
         3 => (
             "manual",
-            Arc::new(PerColumn::new(LastWriteWins).column("status", Manual)),
+            crdt(Arc::new(PerColumn::new(LastWriteWins).column("status", Manual))),
         ),
-        _ => ("audited", Arc::new(Audited::new(LastWriteWins))),
+        4 => ("audited", crdt(Arc::new(Audited::new(LastWriteWins)))),
+        _ => ("crdt", crdt(Arc::new(LastWriteWins))),
     }
 }
 
@@ -201,7 +206,7 @@ async fn run(seed: u64, options: &SimOptions) -> Result<SimReport, SimError> {
     let start = tokio::time::Instant::now();
     let mut rng = SeededRandom::new(seed);
     let (strategy_name, tickets_strategy) = strategy(seed);
-    let rules = SyncRules::ticket_tracker().map_err(|e| SimError::Setup(e.to_string()))?;
+    let rules = server::rules()?;
     let server = Arc::new(SimServer::start(
         dir.path().join("server"),
         rules,
@@ -247,11 +252,21 @@ async fn run(seed: u64, options: &SimOptions) -> Result<SimReport, SimError> {
         match roll {
             0..=44 => {
                 let ticket = (rng.next_u64() % TICKETS as u64) as usize;
-                let kind = match rng.next_u64() % 20 {
-                    0..=7 => 0,
-                    8..=14 => 1,
-                    15..=17 => 2,
-                    _ => 3,
+                let kind = match rng.next_u64() % 40 {
+                    0..=13 => 0,  // put
+                    14..=25 => 1, // patch
+                    26..=30 => 2, // delete
+                    31..=33 => 3, // a write the server rejects
+                    34..=37 => 4, // a CRDT edit
+                    38 => 5,      // a transaction refused whole
+                    _ => {
+                        if devices[d].resolve_conflict(&mut rng)? {
+                            writes += 1;
+                            trace.push(format!("{now} resolve device {d}"));
+                        }
+                        continue_step(&mut devices, &server, &columns, &mut violations, &mut trace);
+                        continue;
+                    }
                 };
                 if devices[d].write(ticket, kind, &mut rng)? {
                     writes += 1;
@@ -330,7 +345,13 @@ async fn run(seed: u64, options: &SimOptions) -> Result<SimReport, SimError> {
         }
     }
     trace.push(format!("{} quiescent", start.elapsed().as_millis()));
-    let found = check::at_quiescence(&mut devices, &server, &tickets);
+    // Manual resolution decides `status` by values (a write whose base
+    // matches applies whatever its clock): the clock check leaves it out.
+    let value_based: &[&str] = if strategy_name == "manual" { &["status"] } else { &[] };
+    let mut found = check::at_quiescence(&mut devices, &server, &tickets, value_based);
+    if strategy_name != "lww" {
+        found.extend(check::doc_edits_kept(&devices, &server));
+    }
     for v in &found {
         trace.push(format!("check {}: {}", v.check, v.message));
     }
@@ -361,6 +382,16 @@ async fn run(seed: u64, options: &SimOptions) -> Result<SimReport, SimError> {
         faults,
         simulated_ms,
     })
+}
+
+fn continue_step(
+    devices: &mut [Device],
+    server: &SimServer,
+    columns: &[String],
+    violations: &mut Vec<Violation>,
+    trace: &mut Vec<String>,
+) {
+    sample_all(devices, server, columns, violations, trace);
 }
 
 fn sample_all(

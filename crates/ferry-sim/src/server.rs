@@ -18,6 +18,25 @@ use crate::SimError;
 /// The JWT secret of the simulated server.
 pub const SECRET: &str = "ferry-sim-secret";
 
+/// Most ops the simulated server takes in one upload (small, so the
+/// workload can send a transaction it refuses whole).
+pub const MAX_UPLOAD_OPS: usize = 30;
+
+/// The ticket tracker's rules with a CRDT document column on tickets.
+pub fn rules() -> Result<SyncRules, SimError> {
+    let text = ferry_server::TICKET_TRACKER_RULES.replacen(
+        "{ name = \"version\", type = \"integer\" },",
+        "{ name = \"version\", type = \"integer\" },\n  { name = \"notes_doc\", type = \"blob\" },",
+        1,
+    );
+    if !text.contains("notes_doc") {
+        return Err(SimError::Setup(
+            "the ticket tracker rules changed: no tickets.version column".into(),
+        ));
+    }
+    SyncRules::from_toml(&text).map_err(|e| SimError::Setup(e.to_string()))
+}
+
 /// One op the server answered, as first processed.
 #[derive(Clone, Debug)]
 pub struct Processed {
@@ -96,7 +115,10 @@ impl SimServer {
             dir,
             rules,
             strategy,
-            options: ServiceOptions::default(),
+            options: ServiceOptions {
+                max_upload_ops: MAX_UPLOAD_OPS,
+                ..ServiceOptions::default()
+            },
             clock,
             service: Mutex::new(None),
             log: Mutex::new(UploadLog::default()),
