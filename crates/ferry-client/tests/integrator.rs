@@ -61,6 +61,20 @@ fn insert_ticket(db: &Database, id: &str, title: &str) -> ferry_client::WriteRec
     receipt.expect("a queued write has a receipt")
 }
 
+/// A service that refuses uploads of more than five ops as a whole.
+fn service_taking_five_ops(dir: &std::path::Path) -> Arc<SyncService> {
+    let db = SqliteSourceDb::open_dir(dir).expect("source db");
+    Arc::new(
+        SyncService::builder(Arc::new(db), SyncRules::ticket_tracker().expect("rules"), SECRET)
+            .options(ServiceOptions {
+                max_upload_ops: 5,
+                ..ServiceOptions::default()
+            })
+            .build()
+            .expect("service"),
+    )
+}
+
 fn server_title(svc: &SyncService, id: &str) -> Option<String> {
     let table = svc.rules().schema().table("tickets").expect("tickets").clone();
     let row = svc.db().get_row(&table, id).expect("read")?;
@@ -311,16 +325,7 @@ async fn uploads_and_downloads_pause_independently_and_sync_now_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_transaction_is_rejected_and_the_queue_moves_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = SqliteSourceDb::open_dir(&dir.path().join("server")).expect("source db");
-    let svc = Arc::new(
-        SyncService::builder(Arc::new(db), SyncRules::ticket_tracker().expect("rules"), SECRET)
-            .options(ServiceOptions {
-                max_upload_ops: 5,
-                ..ServiceOptions::default()
-            })
-            .build()
-            .expect("service"),
-    );
+    let svc = service_taking_five_ops(&dir.path().join("server"));
     let client = client_with_clock(&dir.path().join("c.db"), Arc::new(SystemClock));
     let small_before = insert_ticket(&client, "before", "before");
     let ((), big) = client
@@ -408,16 +413,7 @@ async fn a_restarted_device_with_a_lagging_clock_still_wins_with_a_later_edit() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_last_transaction_does_not_linger_as_pending() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = SqliteSourceDb::open_dir(&dir.path().join("server")).expect("source db");
-    let svc = Arc::new(
-        SyncService::builder(Arc::new(db), SyncRules::ticket_tracker().expect("rules"), SECRET)
-            .options(ServiceOptions {
-                max_upload_ops: 5,
-                ..ServiceOptions::default()
-            })
-            .build()
-            .expect("service"),
-    );
+    let svc = service_taking_five_ops(&dir.path().join("server"));
     let client = client_with_clock(&dir.path().join("c.db"), Arc::new(SystemClock));
     insert_ticket(&client, "before", "before");
     client
