@@ -18,6 +18,7 @@ use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_LENGT
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
 use ferry_protocol::{encode_line, ErrorCode, ServerError, StreamRequest, UploadRequest};
@@ -31,7 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The default limit on a request body: 32 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -82,6 +83,14 @@ pub struct HttpServerOptions {
     /// `Retry-After` of 503 (`busy`) answers and of the per-user stream
     /// limit.
     pub retry_after_s: u64,
+    /// Once shutdown was asked for, how long open connections get to
+    /// finish (streams end with a `shutting_down` line and must reach
+    /// their clients); the connections still open then are closed.
+    pub shutdown_timeout_ms: u64,
+    /// A stream the handler ended (token expiry, shutdown, an error line)
+    /// must reach its client within this; a client that does not read
+    /// it is disconnected, so it holds no server memory.
+    pub stream_end_timeout_ms: u64,
 }
 
 impl Default for HttpServerOptions {
@@ -95,6 +104,8 @@ impl Default for HttpServerOptions {
             max_streams_per_user: 32,
             max_uploads_per_user_per_s: 100,
             retry_after_s: 1,
+            shutdown_timeout_ms: 5_000,
+            stream_end_timeout_ms: 5_000,
         }
     }
 }
@@ -292,6 +303,19 @@ pub async fn serve_with_options(
     options: HttpServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_connections(listener, router, options, None, shutdown).await
+}
+
+/// Accept connections until `shutdown`, each served (over TLS when
+/// `tls` is given) with the limits of `options`; then give open
+/// connections `shutdown_timeout_ms` to finish and close the rest.
+pub(crate) async fn serve_connections(
+    listener: TcpListener,
+    router: Router,
+    options: HttpServerOptions,
+    tls: Option<Handshaker>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let connections = Arc::new(Semaphore::new(options.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -299,10 +323,15 @@ pub async fn serve_with_options(
         .header_read_timeout(Duration::from_millis(options.header_timeout_ms.max(1)))
         .keep_alive(true);
     let idle = Duration::from_millis(options.idle_timeout_ms.max(1));
+    let handshake_timeout = Duration::from_millis(options.header_timeout_ms.max(1));
     let refusal = refusal_bytes(options.retry_after_s, options.max_connections);
+    let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Forget connections that ended.
+        while tasks.try_join_next().is_some() {}
         let tcp = tokio::select! {
+            biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _peer)) => tcp,
@@ -331,14 +360,11 @@ pub async fn serve_with_options(
             continue;
         };
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(ActivityIo {
-            inner: tcp,
-            activity: activity.clone(),
-        });
         let tower = TowerToHyperService::new(router.clone());
         let handling = activity.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let busy = handling.handling();
+            req.extensions_mut().insert(ConnHandle(handling.clone()));
             let answer = hyper::service::Service::call(&tower, req);
             async move {
                 let response = answer.await;
@@ -346,22 +372,54 @@ pub async fn serve_with_options(
                 response
             }
         });
-        let conn = graceful.watch(http.serve_connection(io, service));
-        tokio::spawn(async move {
+        let http = http.clone();
+        let tls = tls.clone();
+        // Registered before the task starts, so a shutdown that comes
+        // during a TLS handshake still waits for (or closes) it.
+        let watcher = graceful.watcher();
+        tasks.spawn(async move {
             let _permit = permit;
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(tcp),
+                Some(handshake) => match tokio::time::timeout(handshake_timeout, handshake(tcp)).await {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(e)) => {
+                        tracing::debug!("tls handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("tls handshake not done within header_timeout_ms");
+                        return;
+                    }
+                },
+            };
+            let io = TokioIo::new(ActivityIo {
+                inner: io,
+                activity: activity.clone(),
+            });
+            let conn = watcher.watch(http.serve_connection(io, service));
             tokio::pin!(conn);
             loop {
-                let wait = idle.saturating_sub(activity.idle_for()).max(Duration::from_millis(10));
+                let wait = idle
+                    .saturating_sub(activity.idle_for())
+                    .min(activity.until_close())
+                    .max(Duration::from_millis(10));
                 tokio::select! {
+                    biased;
                     done = &mut conn => {
                         if let Err(e) = done {
                             tracing::debug!("connection ended: {e}");
                         }
                         break;
                     }
+                    () = activity.closing.notified() => {}
                     () = tokio::time::sleep(wait) => {
                         if !activity.is_handling() && activity.idle_for() >= idle {
                             tracing::debug!(idle_timeout_ms = idle.as_millis() as u64, "closing an idle connection");
+                            break;
+                        }
+                        if activity.until_close().is_zero() {
+                            tracing::debug!("closing a connection whose ended stream its client did not read");
                             break;
                         }
                     }
@@ -370,7 +428,15 @@ pub async fn serve_with_options(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let grace = Duration::from_millis(options.shutdown_timeout_ms);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::info!(
+            open = tasks.len(),
+            shutdown_timeout_ms = options.shutdown_timeout_ms,
+            "closing the connections still open at the shutdown timeout"
+        );
+    }
+    tasks.shutdown().await;
     Ok(())
 }
 
@@ -396,7 +462,17 @@ struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     handling: AtomicUsize,
+    /// When the connection is closed whatever it is doing (ms since
+    /// `start`; `u64::MAX`: never): a stream ended that its client does
+    /// not read.
+    close_at_ms: AtomicU64,
+    /// Wakes the connection's task when `close_at_ms` was set.
+    closing: tokio::sync::Notify,
 }
+
+/// The connection a request came on (a request extension).
+#[derive(Clone, Debug)]
+struct ConnHandle(Arc<Activity>);
 
 /// A request being handled on a connection, until dropped.
 struct Handling(Arc<Activity>);
@@ -414,6 +490,26 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             handling: AtomicUsize::new(0),
+            close_at_ms: AtomicU64::new(u64::MAX),
+            closing: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Close the connection `within` from now unless it was asked to
+    /// close earlier (a new request on it takes the request back).
+    fn close_within(&self, within: Duration) {
+        let at = self
+            .now_ms()
+            .saturating_add(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
+        self.close_at_ms.fetch_min(at, Ordering::Relaxed);
+        self.closing.notify_one();
+    }
+
+    /// Time left before the connection must close (`Duration::MAX`: none).
+    fn until_close(&self) -> Duration {
+        match self.close_at_ms.load(Ordering::Relaxed) {
+            u64::MAX => Duration::MAX,
+            at => Duration::from_millis(at.saturating_sub(self.now_ms())),
         }
     }
 
@@ -431,6 +527,9 @@ impl Activity {
 
     fn handling(self: &Arc<Self>) -> Handling {
         self.handling.fetch_add(1, Ordering::Relaxed);
+        // A new request on a kept-alive connection: the stream before it
+        // was read to its end.
+        self.close_at_ms.store(u64::MAX, Ordering::Relaxed);
         self.touch();
         Handling(self.clone())
     }
@@ -440,9 +539,19 @@ impl Activity {
     }
 }
 
+/// A connection's byte stream: TCP, or TLS over TCP.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+/// Turns an accepted TCP connection into the stream HTTP is spoken on
+/// (a TLS handshake).
+pub(crate) type Handshaker =
+    Arc<dyn Fn(TcpStream) -> Pin<Box<dyn Future<Output = io::Result<Box<dyn Io>>> + Send>> + Send + Sync>;
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// A socket that records when it last moved a byte.
 struct ActivityIo {
-    inner: TcpStream,
+    inner: Box<dyn Io>,
     activity: Arc<Activity>,
 }
 
@@ -637,7 +746,12 @@ fn parse_json<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ServerE
     serde_json::from_slice(body).map_err(|e| server_error(ErrorCode::BadRequest, format!("malformed {what}: {e}")))
 }
 
-async fn stream_route(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+async fn stream_route(
+    State(state): State<AppState>,
+    conn: Option<Extension<ConnHandle>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let retry_after_s = state.options.retry_after_s;
     let refused = |e: ServerError| {
         tracing::debug!(code = ?e.code, message = %e.message, "stream request refused");
@@ -670,7 +784,12 @@ async fn stream_route(State(state): State<AppState>, headers: HeaderMap, body: B
                 (CONTENT_TYPE, HeaderValue::from_static(NDJSON_CONTENT_TYPE)),
                 (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             ],
-            Body::from_stream(line_chunks(rx, slot)),
+            Body::from_stream(line_chunks(
+                rx,
+                slot,
+                conn.map(|Extension(c)| c),
+                Duration::from_millis(state.options.stream_end_timeout_ms),
+            )),
         )
             .into_response(),
         Err(e) => {
@@ -681,26 +800,121 @@ async fn stream_route(State(state): State<AppState>, headers: HeaderMap, body: B
 }
 
 /// The body of a download stream: each line encoded, lines already queued
-/// coalesced into one chunk. Dropping the stream (the client went away)
-/// drops the receiver, which the handler's sender observes, and the
+/// coalesced into one chunk of at most [`MAX_CHUNK_BYTES`] (a longer line
+/// is its own chunk, without a copy). Dropping the stream (the client went
+/// away) drops the receiver, which the handler's sender observes, and the
 /// user's stream slot.
 ///
-/// Lines the handler encoded already go out as they are: a line at least
-/// [`MAX_CHUNK_BYTES`] long is its own chunk, without a copy.
+/// One chunk at a time: the next line is taken from the handler only once
+/// the connection wrote the previous chunk to the socket (hyper drops it),
+/// so a client that stops reading leaves at most one chunk here and the
+/// handler's lines in its channel, which the handler bounds. When the
+/// handler ended the stream, the connection is closed unless the rest
+/// reaches the client within `end_timeout`.
 fn line_chunks(
     rx: ServerLineStream,
     slot: Option<StreamSlot>,
+    conn: Option<ConnHandle>,
+    end_timeout: Duration,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    futures_util::stream::unfold((rx, slot), |(mut rx, slot)| async move {
-        let mut chunk = rx.recv().await?.into_bytes();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    if let Some(conn) = &conn {
+        // hyper polls the body only when the socket takes more: a stalled
+        // client's stream is watched from outside.
+        tokio::spawn(watch_stream_end(Arc::downgrade(&rx), conn.clone(), end_timeout));
+    }
+    let state = ChunkState {
+        rx,
+        _slot: slot,
+        conn,
+        end_timeout,
+        carry: None,
+        written: Arc::new(Semaphore::new(1)),
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        // The previous chunk was written (hyper dropped it).
+        let written = st.written.clone().acquire_owned().await.ok()?;
+        let rx = st.rx.clone();
+        let mut rx = rx.lock().await;
+        let mut chunk = match st.carry.take() {
+            Some(line) => line,
+            None => match rx.recv().await {
+                Some(line) => line.into_bytes(),
+                None => {
+                    if let Some(conn) = &st.conn {
+                        conn.0.close_within(st.end_timeout);
+                    }
+                    return None;
+                }
+            },
+        };
         while chunk.len() < MAX_CHUNK_BYTES {
             match rx.try_recv() {
-                Ok(line) => chunk.extend_from_slice(&line.into_bytes()),
+                Ok(line) => {
+                    let line = line.into_bytes();
+                    if chunk.len() + line.len() > MAX_CHUNK_BYTES {
+                        st.carry = Some(line);
+                        break;
+                    }
+                    chunk.extend_from_slice(&line);
+                }
                 Err(_) => break,
             }
         }
-        Some((Ok(Bytes::from(chunk)), (rx, slot)))
+        drop(rx);
+        let chunk = Bytes::from_owner(Chunk {
+            bytes: chunk,
+            _written: written,
+        });
+        Some((Ok(chunk), st))
     })
+}
+
+struct ChunkState {
+    rx: Arc<tokio::sync::Mutex<ServerLineStream>>,
+    _slot: Option<StreamSlot>,
+    conn: Option<ConnHandle>,
+    end_timeout: Duration,
+    /// A line taken that did not fit the last chunk.
+    carry: Option<Vec<u8>>,
+    /// One permit, held by the chunk the connection has not written yet.
+    written: Arc<Semaphore>,
+}
+
+/// How often a stream's watcher checks whether its handler ended it.
+const STREAM_END_CHECK_MS: u64 = 250;
+
+/// Once the handler ended the stream (dropped its sender), the rest must
+/// reach the client within `end_timeout`, or the connection is closed.
+/// Ends with the body (`rx` gone).
+async fn watch_stream_end(
+    rx: std::sync::Weak<tokio::sync::Mutex<ServerLineStream>>,
+    conn: ConnHandle,
+    end_timeout: Duration,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(STREAM_END_CHECK_MS)).await;
+        let Some(rx) = rx.upgrade() else { return };
+        // Held by the body while it waits for a line: then it is read.
+        let ended = rx.try_lock().is_ok_and(|rx| rx.is_closed());
+        if ended {
+            conn.0.close_within(end_timeout);
+            return;
+        }
+    }
+}
+
+/// A chunk of the stream body; its permit returns when hyper dropped it
+/// (written to the socket, or the connection closed).
+struct Chunk {
+    bytes: Vec<u8>,
+    _written: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 async fn upload_route(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
