@@ -26,7 +26,7 @@ pub use ferry_protocol::Outcome;
 
 use ferry_core::{row_data, Clock, CoreError, RowData, Schema, SystemClock, Value};
 use ferry_queue::{LocalDbOptions, QueueError, WriteTx};
-use ferry_server::{mint_token, ServiceError, SqliteSourceDb, SyncRules, SyncService, SyncServiceBuilder};
+use ferry_server::{mint_token, ServiceError, SourceError, SqliteSourceDb, SyncRules, SyncService, SyncServiceBuilder};
 use ferry_sqlite::SqliteStore;
 use ferry_transport::{MemoryTransport, Transport};
 use parking_lot::Mutex;
@@ -47,6 +47,9 @@ pub enum ExampleError {
     /// The embedded server failed.
     #[error(transparent)]
     Server(#[from] ServiceError),
+    /// The embedded server's source database failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
     /// A schema is invalid.
     #[error(transparent)]
     Schema(#[from] CoreError),

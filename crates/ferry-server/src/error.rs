@@ -2,6 +2,7 @@
 
 use ferry_core::{CoreError, ErrorKind};
 use ferry_protocol::{ErrorCode, ServerError};
+use ferry_source::SourceError;
 use thiserror::Error;
 
 /// Everything that can go wrong in the sync service.
@@ -75,9 +76,18 @@ impl ServiceError {
     }
 }
 
-impl From<rusqlite::Error> for ServiceError {
-    fn from(e: rusqlite::Error) -> Self {
-        ServiceError::Database(e.to_string())
+impl From<SourceError> for ServiceError {
+    /// A write transaction's work failing with a `ServiceError` gets it
+    /// back unchanged; a schema the database refuses is a config error;
+    /// everything else the database reports is a database error.
+    fn from(e: SourceError) -> Self {
+        match e.into_aborted::<ServiceError>() {
+            Ok(e) => e,
+            Err(SourceError::Schema(m)) => ServiceError::Config(m),
+            Err(SourceError::Io { path, message }) => ServiceError::Io { path, message },
+            Err(SourceError::Database(m)) => ServiceError::Database(m),
+            Err(other) => ServiceError::Database(other.to_string()),
+        }
     }
 }
 

@@ -41,8 +41,6 @@ pub mod rules;
 pub mod server;
 pub mod service;
 pub mod sqlite;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 
 pub use auth::{mint_token, mint_token_at, AuthOptions, AuthUser, Authenticator, StaticKey};
 pub use config::{ServerConfig, DEV_JWT_SECRET};
@@ -50,10 +48,12 @@ pub use conflict::{
     Audited, ConflictInput, ConflictStrategy, Crdt, CurrentRow, Decision, DomainRules, LastWriteWins, Manual,
     PerColumn, Resolution, RowLastWriteWins, Rule, SideWrite,
 };
-pub use db::{CheckpointState, ClientProgress, NewOp, SourceDb, SourceTx, StoredOutcome, StoredRow};
+pub use db::{
+    BucketState, CheckpointState, ClientProgress, NewOp, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
+};
 pub use error::{Result, ServiceError};
 pub use permissions::{PermissionDef, WriteOp, MAX_CONDITION_BYTES, MAX_CONDITION_DEPTH_LEVELS};
-pub use rules::{SyncRules, TICKET_TRACKER_RULES};
+pub use rules::{SyncRules, RESERVED_TABLE_PREFIX, TICKET_TRACKER_RULES};
 pub use server::{run, BoundServer};
 pub use service::{CompactStats, ServiceOptions, SyncService, SyncServiceBuilder};
 pub use sqlite::SqliteSourceDb;

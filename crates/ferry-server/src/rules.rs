@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, ServiceError};
 use crate::permissions::{PermissionDef, PermissionsError, TablePermissions, WriteOp, ACTIVITY_TABLE, CONFLICTS_TABLE};
 
+/// The prefix of Ferry's own table names (see
+/// [`SyncRules::is_reserved_table_name`]).
+pub const RESERVED_TABLE_PREFIX: &str = "ferry_";
+
 /// The ticket tracker rules, used when no rules file is configured.
 pub const TICKET_TRACKER_RULES: &str = include_str!("../examples/ticket-tracker.toml");
 
@@ -151,6 +155,13 @@ impl SyncRules {
         let schema =
             Schema::new(file.tables.into_iter().map(|t| t.table)).map_err(|e| ServiceError::Config(e.to_string()))?;
         let bad = |m: String| Err(ServiceError::Config(m));
+        if let Some(t) = schema.tables().find(|t| Self::is_reserved_table_name(&t.name)) {
+            return bad(format!(
+                "table name {:?} is reserved: names starting with {RESERVED_TABLE_PREFIX:?} are Ferry's own \
+                 (only {CONFLICTS_TABLE:?} may be declared)",
+                t.name
+            ));
+        }
         let mut names = BTreeSet::new();
         let mut by_table: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
         for (bi, b) in file.buckets.iter().enumerate() {
@@ -232,6 +243,15 @@ impl SyncRules {
             per_op_outcomes,
             permissions,
         })
+    }
+
+    /// Whether `name` is one of Ferry's own table names, which the rules
+    /// may not declare: every name starting with
+    /// [`RESERVED_TABLE_PREFIX`] except `ferry_conflicts`, the synced
+    /// table of manual conflict records. Source databases keep their
+    /// bookkeeping under such names.
+    pub fn is_reserved_table_name(name: &str) -> bool {
+        name.starts_with(RESERVED_TABLE_PREFIX) && name != CONFLICTS_TABLE
     }
 
     /// The write permissions of `table` (`None`: it has no

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::auth::{AuthUser, Authenticator};
 use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution, SideWrite};
-use crate::db::{CheckpointState, NewOp, SourceDb, SourceTx, StoredRow};
+use crate::db::{BucketState, CheckpointState, NewOp, SourceDb, SourceTx, StoredRow};
 use crate::error::{Result, ServiceError};
 use crate::permissions::{self, WriteOp, WriteRequest, Writer};
 use crate::rules::SyncRules;
@@ -432,7 +432,7 @@ impl SyncService {
         let (client_id, user_id) = (client_id.to_owned(), user.user_id.clone());
         let cp = blocking::run(move || {
             inner.check_client_owner(&client_id, &user_id)?;
-            inner.db.checkpoint(&client_id, &buckets)
+            Ok::<_, ServiceError>(inner.db.checkpoint(&client_id, &buckets)?)
         })
         .await
         .map_err(blocking_error)??;
@@ -475,7 +475,7 @@ fn compact_bucket(db: &dyn SourceDb, bucket: &str) -> Result<CompactStats> {
         entries_before: 0,
         entries_after: 0,
     };
-    db.write(&mut |tx| {
+    crate::db::write(db, |tx| {
         let entries = tx.bucket_ops(bucket)?;
         let compacted = ferry_protocol::compact(&entries);
         stats = CompactStats {
@@ -484,6 +484,10 @@ fn compact_bucket(db: &dyn SourceDb, bucket: &str) -> Result<CompactStats> {
         };
         if compacted != entries {
             tx.replace_bucket_ops(bucket, &compacted)?;
+            // The checksum is kept: compaction sums what it folds.
+            let state = tx.bucket_state(bucket)?.unwrap_or_default();
+            let count = compacted.len() as u64;
+            tx.set_bucket_state(bucket, &BucketState { count, ..state })?;
         }
         Ok(())
     })?;
@@ -498,6 +502,40 @@ fn client_progress(stx: &mut dyn SourceTx, client_id: &str, user_id: &str) -> Re
         Some(p) => Ok(p.last_seq),
         None => Ok(0),
     }
+}
+
+/// Append one op log entry: a new op id, its checksum
+/// (`ferry_protocol::op_checksum`), and the bucket's state advanced (the
+/// checksum is the wrapping sum of its entries'). Returns the op id.
+fn append_op(
+    stx: &mut dyn SourceTx,
+    bucket: &str,
+    op: OpKind,
+    table: &str,
+    row_id: &str,
+    data: Option<&RowData>,
+) -> Result<u64> {
+    let op_id = stx.next_op_id()?;
+    let checksum = ferry_protocol::op_checksum(op_id, op, table, row_id, data);
+    stx.append_op(NewOp {
+        op_id,
+        bucket,
+        op,
+        table,
+        row_id,
+        data,
+        checksum,
+    })?;
+    let state = stx.bucket_state(bucket)?.unwrap_or_default();
+    stx.set_bucket_state(
+        bucket,
+        &BucketState {
+            checksum: state.checksum.wrapping_add(checksum),
+            count: state.count.saturating_add(1),
+            last_op_id: op_id,
+        },
+    )?;
+    Ok(op_id)
 }
 
 fn client_of_another_user(client_id: &str) -> ServiceError {
@@ -782,7 +820,7 @@ impl Inner {
         // Replays: each must be the same write as the one recorded.
         let mut last_seq = 0;
         let mut replayed: BTreeMap<u64, Outcome> = BTreeMap::new();
-        self.db.write(&mut |stx| {
+        crate::db::write(self.db.as_ref(), |stx| {
             replayed.clear();
             last_seq = client_progress(stx, client_id, user_id)?;
             for (t, fps) in request.transactions.iter().zip(&fingerprints) {
@@ -882,7 +920,7 @@ impl Inner {
         let user_id = writer.user_id;
         let mut outcomes = Vec::with_capacity(fresh.len());
         let mut failed: Option<(u64, String)> = None;
-        let result = self.db.write(&mut |stx| {
+        let result = crate::db::write(self.db.as_ref(), |stx| {
             outcomes.clear();
             failed = None;
             if client_progress(stx, client_id, user_id)? != last_seq {
@@ -900,7 +938,7 @@ impl Inner {
                 stx.record_outcome(client_id, entry.seq, fp, &outcome)?;
                 outcomes.push(outcome);
             }
-            stx.set_client(client_id, user_id, new_last)
+            Ok(stx.set_client(client_id, user_id, new_last)?)
         });
         let (failed_seq, reason) = match (result, failed) {
             (Ok(()), _) => return Ok(outcomes),
@@ -917,14 +955,14 @@ impl Inner {
                 },
             })
             .collect();
-        self.db.write(&mut |stx| {
+        crate::db::write(self.db.as_ref(), |stx| {
             if client_progress(stx, client_id, user_id)? != last_seq {
                 return Err(progress_moved(client_id));
             }
             for ((e, fp), o) in fresh.iter().zip(&outcomes) {
                 stx.record_outcome(client_id, e.seq, *fp, o)?;
             }
-            stx.set_client(client_id, user_id, new_last)
+            Ok(stx.set_client(client_id, user_id, new_last)?)
         })?;
         Ok(outcomes)
     }
@@ -941,7 +979,7 @@ impl Inner {
                 hlc: None,
             })
             .collect();
-        self.db.write(&mut |stx| {
+        crate::db::write(self.db.as_ref(), |stx| {
             for entry in &entries {
                 if let Outcome::Rejected { reason } = self.apply_op(stx, "", "", None, entry)? {
                     return Err(ServiceError::BadRequest(format!(
@@ -1292,22 +1330,10 @@ impl Inner {
         let new: BTreeSet<String> = row.map(|r| self.rules.row_buckets(table, id, r)).unwrap_or_default();
         let old = stx.row_buckets(table, id)?;
         for b in &new {
-            stx.append_op(NewOp {
-                bucket: b,
-                op: OpKind::Put,
-                table,
-                row_id: id,
-                data: row,
-            })?;
+            append_op(stx, b, OpKind::Put, table, id, row)?;
         }
         for b in old.difference(&new) {
-            stx.append_op(NewOp {
-                bucket: b,
-                op: OpKind::Remove,
-                table,
-                row_id: id,
-                data: None,
-            })?;
+            append_op(stx, b, OpKind::Remove, table, id, None)?;
         }
         if old != new {
             stx.set_row_buckets(table, id, &new)?;

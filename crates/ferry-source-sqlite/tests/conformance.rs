@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use ferry_server::testkit::SourceBackend;
-use ferry_server::{Result, SourceDb, SqliteSourceDb};
+use ferry_source::testkit::SourceBackend;
+use ferry_source::{Result, SourceDb};
+use ferry_source_sqlite::SqliteSourceDb;
 
 struct Sqlite;
 
@@ -19,4 +20,4 @@ impl SourceBackend for Sqlite {
     }
 }
 
-ferry_server::source_conformance_tests!(Sqlite);
+ferry_source::source_conformance_tests!(Sqlite);

@@ -1,0 +1,315 @@
+//! The server's source of truth, behind [`SourceDb`]: the seam between
+//! Ferry's sync service (`ferry-server`) and the database that holds the
+//! synced rows and Ferry's own bookkeeping (column clocks, tombstones,
+//! bucket membership, the op log, bucket state, client progress and
+//! upload outcomes). `ferry-source-sqlite` implements it on SQLite; the
+//! conformance suite every implementation runs is [`testkit`] (feature
+//! `testkit`), like `ferry-store`'s for client stores.
+//!
+//! A `SourceDb` stores; it decides nothing. The service computes every op's
+//! checksum and each bucket's state and decides which table names are
+//! Ferry's own; a database only keeps what it is given, allocates op ids
+//! and makes its transactions atomic.
+//!
+//! Blocking calls (run them off the async threads). No database types in
+//! the signatures, and [`SourceError`] holds no driver error, so the
+//! service and any backend depend on this crate alone.
+//!
+//! Invariants every implementation keeps (and the suite checks):
+//! - a write transaction ([`SourceDb::write`]) commits everything its work
+//!   did, or, when the work returns an error (or the commit fails),
+//!   nothing; the work's own error comes back unchanged;
+//! - a write transaction is serializable with respect to the rows, bucket
+//!   state and client progress it reads: two transactions that read and
+//!   then write the same client or row never both commit on a stale read
+//!   (no lost update), whatever runs concurrently;
+//! - op ids ([`SourceTx::next_op_id`]) are unique and increase, and become
+//!   visible in commit order: a reader that has seen op N (in a checkpoint
+//!   or a read of the log) never later sees an op below N appear, so a
+//!   stream that resumes after N never skips one;
+//! - a checkpoint ([`SourceDb::checkpoint`]) is read in one consistent
+//!   snapshot: the last op id, bucket states and write checkpoint of one
+//!   committed state;
+//! - the clock high-water mark ([`SourceDb::max_clock`]) is at least every
+//!   clock stored with a row or tombstone, raised in the same transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use ferry_core::{ErrorKind, HlcTimestamp, RowData, Schema, Table};
+use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry, Outcome};
+use thiserror::Error;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+/// What can go wrong in a source database.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    /// The database could not be reached, or was too busy to answer in
+    /// time (a lock, a full pool, a lost connection).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A statement or transaction failed.
+    #[error("database error: {0}")]
+    Database(String),
+    /// Stored data could not be read back.
+    #[error("corrupt {what} in the source database: {message}")]
+    Corrupt {
+        /// What was being read (`"clocks"`, `"op log"`, ...).
+        what: String,
+        /// Why it could not be read.
+        message: String,
+    },
+    /// The schema cannot be stored in this database (a table name the
+    /// database reserves for itself, a type it lacks).
+    #[error("schema refused by the source database: {0}")]
+    Schema(String),
+    /// A file or directory of the database could not be used.
+    #[error("i/o error on {path}: {message}")]
+    Io {
+        /// The path involved.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// The work of a write transaction returned this error; the
+    /// transaction was rolled back. The caller gets its own error back
+    /// (see [`SourceError::into_aborted`]).
+    #[error("transaction rolled back: {0}")]
+    Aborted(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SourceError {
+    /// Whether retrying can help.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SourceError::Unavailable(_) | SourceError::Database(_) | SourceError::Io { .. } => ErrorKind::Transient,
+            SourceError::Corrupt { .. } | SourceError::Schema(_) | SourceError::Aborted(_) => ErrorKind::Permanent,
+        }
+    }
+
+    /// Wrap the error a transaction's work failed with.
+    pub fn aborted(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SourceError::Aborted(Box::new(e))
+    }
+
+    /// The work's own error of an [`SourceError::Aborted`] of type `E`;
+    /// any other error back as it is.
+    pub fn into_aborted<E: std::error::Error + 'static>(self) -> Result<E, SourceError> {
+        match self {
+            SourceError::Aborted(b) => match b.downcast::<E>() {
+                Ok(e) => Ok(*e),
+                Err(b) => Err(SourceError::Aborted(b)),
+            },
+            other => Err(other),
+        }
+    }
+
+    /// Stored data that could not be read back.
+    pub fn corrupt(what: &str, message: impl fmt::Display) -> Self {
+        SourceError::Corrupt {
+            what: what.to_owned(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Results of a source database.
+pub type Result<T, E = SourceError> = std::result::Result<T, E>;
+
+/// A row as the source database holds it: its values (every schema
+/// column, `None` for a tombstone), the last-write-wins clock of each
+/// column, and the delete's clock for a tombstone. The same type the
+/// conflict strategies see.
+pub type StoredRow = ferry_conflict::CurrentRow;
+
+/// An op's stored outcome with the fingerprint of the op it answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredOutcome {
+    /// The outcome as recorded.
+    pub outcome: Outcome,
+    /// FNV-1a 64 of the op's content as received (see
+    /// `SyncService::upload`); `None` for an outcome recorded before
+    /// fingerprints were kept.
+    pub fingerprint: Option<u64>,
+}
+
+/// A client's upload progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientProgress {
+    /// The user the client belongs to (the first to upload with it).
+    pub user_id: String,
+    /// The highest seq processed (the write checkpoint).
+    pub last_seq: u64,
+}
+
+/// An op log entry to store, with the id [`SourceTx::next_op_id`] gave it
+/// and the checksum the service computed
+/// (`ferry_protocol::op_checksum`).
+#[derive(Clone, Copy, Debug)]
+pub struct NewOp<'a> {
+    /// The op id.
+    pub op_id: u64,
+    /// The bucket instance.
+    pub bucket: &'a str,
+    /// PUT or REMOVE.
+    pub op: OpKind,
+    /// The row's table.
+    pub table: &'a str,
+    /// The row id.
+    pub row_id: &'a str,
+    /// The row (PUT).
+    pub data: Option<&'a RowData>,
+    /// The entry's checksum.
+    pub checksum: u32,
+}
+
+/// A bucket's state as the service keeps it: the wrapping sum of its
+/// entries' checksums, its number of entries, and its newest op id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketState {
+    /// Wrapping sum of the checksums of every entry ever appended
+    /// (unchanged by compaction).
+    pub checksum: u32,
+    /// Entries in the bucket's log.
+    pub count: u64,
+    /// The newest op id appended to the bucket.
+    pub last_op_id: u64,
+}
+
+/// A consistent checkpoint for one client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointState {
+    /// The global max op id.
+    pub last_op_id: u64,
+    /// The requested buckets' state (absent buckets: checksum 0, count 0).
+    pub buckets: Vec<BucketChecksum>,
+    /// The client's last processed seq, if it ever uploaded.
+    pub write_checkpoint: Option<u64>,
+}
+
+/// What a write transaction can do. Reads see the transaction's own
+/// writes.
+pub trait SourceTx {
+    /// The client's progress, if it uploaded before.
+    fn client(&mut self, client_id: &str) -> Result<Option<ClientProgress>>;
+    /// Record the client's progress (the owner is kept once set).
+    fn set_client(&mut self, client_id: &str, user_id: &str, last_seq: u64) -> Result<()>;
+    /// The stored outcome of an op, with the fingerprint of the op it
+    /// answered.
+    fn outcome(&mut self, client_id: &str, seq: u64) -> Result<Option<StoredOutcome>>;
+    /// Store (or replace) an op's outcome and the fingerprint of the op's
+    /// content, so a replay of `(client_id, seq)` can be told from a
+    /// different write.
+    fn record_outcome(&mut self, client_id: &str, seq: u64, fingerprint: u64, outcome: &Outcome) -> Result<()>;
+    /// Read a row or its tombstone.
+    fn read_row(&mut self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
+    /// Write a whole row (every column) and its clocks; clears a tombstone.
+    ///
+    /// Invariant: the clock high-water mark ([`SourceDb::max_clock`]) is
+    /// raised to the greatest of `clocks` in this same transaction.
+    fn write_row(
+        &mut self,
+        table: &Table,
+        id: &str,
+        data: &RowData,
+        clocks: &BTreeMap<String, HlcTimestamp>,
+    ) -> Result<()>;
+    /// Delete a row, leaving a tombstone with the delete's clock (and no
+    /// column clocks).
+    ///
+    /// Invariant: the clock high-water mark ([`SourceDb::max_clock`]) is
+    /// raised to `hlc` in this same transaction.
+    fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> Result<()>;
+    /// The bucket instances the row is in.
+    fn row_buckets(&mut self, table: &str, id: &str) -> Result<BTreeSet<String>>;
+    /// Replace the row's bucket membership.
+    fn set_row_buckets(&mut self, table: &str, id: &str, buckets: &BTreeSet<String>) -> Result<()>;
+    /// Allocate the next global op id: above every op id ever committed
+    /// and every id allocated before in this transaction. Ids become
+    /// visible in commit order (see the crate's invariants).
+    fn next_op_id(&mut self) -> Result<u64>;
+    /// Store an op log entry as given (id and checksum included).
+    fn append_op(&mut self, op: NewOp<'_>) -> Result<()>;
+    /// A bucket's state (`None`: the bucket never had an entry).
+    fn bucket_state(&mut self, bucket: &str) -> Result<Option<BucketState>>;
+    /// Store a bucket's state.
+    fn set_bucket_state(&mut self, bucket: &str, state: &BucketState) -> Result<()>;
+    /// A bucket's whole log, ascending.
+    fn bucket_ops(&mut self, bucket: &str) -> Result<Vec<OplogEntry>>;
+    /// Replace a bucket's log with `entries` (compaction); the bucket's
+    /// state is the caller's to update.
+    fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> Result<()>;
+}
+
+/// The source of truth. See the crate's invariants.
+pub trait SourceDb: Send + Sync + fmt::Debug {
+    /// Create or extend the tables of the schema (new tables, new columns;
+    /// existing rows keep their values, new columns read NULL). Which
+    /// names are Ferry's own is the sync rules' business; a database
+    /// refuses only names it reserves itself ([`SourceError::Schema`]).
+    fn migrate(&self, schema: &Schema) -> Result<()>;
+    /// Run `work` in one transaction: commit when it returns `Ok`, roll
+    /// back when it returns `Err` (that error is returned as it is). The
+    /// transaction is serializable with respect to what it reads. A
+    /// database may run `work` again after a serialization failure, so
+    /// `work` must start from scratch each time (only the last run's
+    /// writes commit).
+    fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> Result<()>) -> Result<()>;
+    /// The checkpoint for a client over these buckets (in the order
+    /// given), read in one consistent snapshot.
+    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> Result<CheckpointState>;
+    /// Entries of a bucket with `after_op_id < op_id <= up_to_op_id`,
+    /// ascending, at most `max_ops`, and no more than fit in one encoded
+    /// `data` line of `max_bytes` bytes, newline included (at least one
+    /// entry when there is one). The stream measures the encoding again,
+    /// so a database may return more; the rest is read again next line.
+    fn read_ops(
+        &self,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OplogEntry>>;
+    /// The same entries as [`SourceDb::read_ops`], appended to an encoded
+    /// `data` line instead of returned typed, up to the line's size limit
+    /// (the writer refuses entries past it). Returns the last op id added
+    /// (`None` when there was none). The default encodes `read_ops`'s
+    /// entries; a database that keeps rows as JSON text copies them as
+    /// they are.
+    fn read_ops_into(
+        &self,
+        bucket: &str,
+        after_op_id: u64,
+        up_to_op_id: u64,
+        max_ops: usize,
+        max_bytes: usize,
+        line: &mut DataLineWriter,
+    ) -> Result<Option<u64>> {
+        let ops = self.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
+        line.lower_max_line_bytes(max_bytes);
+        for e in &ops {
+            if !line.push_entry(e) {
+                break;
+            }
+        }
+        Ok(line.last_op_id())
+    }
+    /// Every bucket with entries, by name.
+    fn bucket_names(&self) -> Result<Vec<String>>;
+    /// The number of op log entries (all buckets).
+    fn oplog_len(&self) -> Result<u64>;
+    /// Read a row (for inspection and tests).
+    fn get_row(&self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
+    /// The user a client id belongs to (the first user that uploaded with
+    /// it), `None` for a client id never used for an upload.
+    fn client_owner(&self, client_id: &str) -> Result<Option<String>>;
+    /// The clock high-water mark: at least every clock ever stored with a
+    /// row or tombstone ([`SourceTx::write_row`], [`SourceTx::delete_row`]
+    /// keep it in their transaction), `None` when none was stored. The
+    /// service observes it at start, so its hybrid logical clock never
+    /// falls behind a stored clock, also across restarts.
+    fn max_clock(&self) -> Result<Option<HlcTimestamp>>;
+}
