@@ -7,7 +7,8 @@
 //! serial (serializable, and op ids become visible in commit order);
 //! checkpoints read in one read transaction (a WAL snapshot); rows are
 //! kept in their own SQLite tables, op log rows as their JSON text, copied
-//! into `data` lines unparsed. Calls block: the service runs them off its
+//! into `data` lines unparsed. Commit notifications are in-process (one
+//! process owns the file). Calls block: the service runs them off its
 //! async threads.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,6 +123,9 @@ pub struct SqliteSourceDb {
     path: PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Bumped after every committed write transaction (in-process
+    /// notifications: one process owns the file).
+    commits: tokio::sync::watch::Sender<u64>,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -201,6 +205,7 @@ impl SqliteSourceDb {
                 path: path.to_owned(),
                 writer: Mutex::new(conn),
                 readers: Mutex::new(Vec::new()),
+                commits: tokio::sync::watch::channel(0).0,
             })
         })
     }
@@ -732,6 +737,10 @@ fn read_ops_into_in(
 }
 
 impl SourceDb for SqliteSourceDb {
+    fn commits(&self) -> ferry_source::CommitReceiver {
+        self.commits.subscribe()
+    }
+
     fn migrate(&self, schema: &Schema) -> SourceResult<()> {
         lift(|| {
             let conn = self.writer.lock();
@@ -794,6 +803,7 @@ impl SourceDb for SqliteSourceDb {
                 }
             }
             tx.commit()?;
+            self.commits.send_modify(|n| *n = n.wrapping_add(1));
             Ok(())
         })
     }

@@ -243,8 +243,22 @@ pub trait SourceTx {
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> Result<()>;
 }
 
+/// Commit notifications of a source database: the value changes (a
+/// counter, wrapping) after every committed write transaction, so a
+/// stream waiting on [`tokio::sync::watch::Receiver::changed`] wakes and
+/// reads what is new. Notifications may be merged (a wait may cover
+/// several commits) and, for a database several servers share, may come
+/// late or be lost with a connection: streams also look for new ops on
+/// every keepalive.
+pub type CommitReceiver = tokio::sync::watch::Receiver<u64>;
+
 /// The source of truth. See the crate's invariants.
 pub trait SourceDb: Send + Sync + fmt::Debug {
+    /// Subscribe to commit notifications: every write transaction that
+    /// commits through this database (SQLite: in-process), and, where the
+    /// database can tell (PostgreSQL: LISTEN/NOTIFY), those of other
+    /// servers sharing it. A rolled-back transaction notifies nothing.
+    fn commits(&self) -> CommitReceiver;
     /// Create or extend the tables of the schema (new tables, new columns;
     /// existing rows keep their values, new columns read NULL). Which
     /// names are Ferry's own is the sync rules' business; a database

@@ -51,6 +51,7 @@ macro_rules! source_conformance_tests {
             replace_bucket_ops_keeps_checksum,
             migrate_adds_tables_and_columns,
             everything_survives_reopen,
+            commits_are_notified,
             concurrent_writers_lose_no_update,
             op_ids_appear_in_commit_order
         );
@@ -801,6 +802,37 @@ pub fn everything_survives_reopen<B: SourceBackend>(b: &B) {
     });
     let (next, _) = write(db.as_ref(), |tx| append(tx, "a[]", "t3", None));
     assert!(next > 2, "op id {next} continues after a reopen");
+}
+
+/// A committed write transaction notifies every subscriber, also one
+/// waiting on another thread; a rolled-back one notifies nothing.
+pub fn commits_are_notified<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let mut early = db.commits();
+    early.borrow_and_update();
+    let failed = db.write(&mut |tx| {
+        tx.set_client("c", "u", 1)?;
+        Err(SourceError::aborted(WorkFailed))
+    });
+    assert!(failed.is_err());
+    assert!(
+        !early.has_changed().expect("open channel"),
+        "a rollback notifies nothing"
+    );
+    write(db.as_ref(), |tx| tx.set_client("c", "u", 1));
+    assert!(early.has_changed().expect("open channel"), "a commit notifies");
+    early.borrow_and_update();
+    let mut late = db.commits();
+    late.borrow_and_update();
+    std::thread::scope(|s| {
+        s.spawn(|| write(db.as_ref(), |tx| tx.set_client("c", "u", 2)));
+    });
+    assert!(early.has_changed().expect("open channel"));
+    assert!(
+        late.has_changed().expect("open channel"),
+        "a commit on another thread notifies"
+    );
 }
 
 /// Several threads run read-modify-write transactions at once (read the
