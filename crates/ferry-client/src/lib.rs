@@ -46,7 +46,7 @@ pub use ferry_query::{self as query, Diff, Query, QueryResult};
 pub use live::LiveQuery;
 pub use offline::{ChangeKind, OfflinePolicy, ProposedChange};
 
-pub use ferry_queue::{ChangeSource, ChangedRows, Rejection, WriteReceipt, WriteTx};
+pub use ferry_queue::{ChangeSource, ChangedRows, Rejection, RowChange, WriteReceipt, WriteTx};
 
 /// Client errors.
 #[derive(Debug, Error)]
@@ -223,15 +223,15 @@ impl Inner {
 
     /// Every committed change of the visible state: live queries first
     /// (their callbacks run here), then the change broadcast.
-    fn on_change(&self, source: ChangeSource, rows: &ChangedRows) {
-        if let Err(e) = self.live.lock().on_change(self, rows) {
+    fn on_change(&self, source: ChangeSource, rows: &[RowChange]) {
+        if let Err(e) = self.live.lock().on_change(rows) {
             tracing::error!(error = %e, "live queries could not take a change");
         }
         // Copying the rows costs per row: only when someone listens.
         if self.changes.receiver_count() > 0 {
             let _ = self.changes.send(Change {
                 source,
-                rows: Arc::new(rows.clone()),
+                rows: Arc::new(rows.iter().map(|c| (c.table.clone(), c.id.clone())).collect()),
             });
         }
     }
@@ -288,7 +288,7 @@ impl Database {
         let weak = Arc::downgrade(&inner);
         inner
             .local
-            .set_observer(Some(Arc::new(move |source, rows: &ChangedRows| {
+            .set_observer(Some(Arc::new(move |source, rows: &[RowChange]| {
                 if let Some(inner) = weak.upgrade() {
                     inner.on_change(source, rows);
                 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 use ferry_query::{ChangeSet, Diff, Query, QueryEngine, QueryResult, SubscriptionId};
 use parking_lot::Mutex;
 
-use crate::{ChangedRows, ClientError, Inner};
+use crate::{ClientError, Inner, RowChange};
 
 /// The query engine of one database and the collections it has loaded.
 #[derive(Default)]
@@ -50,22 +50,19 @@ impl LiveState {
     }
 
     /// Feed changed rows of loaded collections to the engine (subscribers'
-    /// callbacks run inside).
-    pub(crate) fn on_change(&mut self, inner: &Inner, rows: &ChangedRows) -> Result<Vec<Diff>, ClientError> {
-        let store = inner.local.store();
+    /// callbacks run inside). The changes carry their new visible rows:
+    /// nothing is read from the store.
+    pub(crate) fn on_change(&mut self, rows: &[RowChange]) -> Result<Vec<Diff>, ClientError> {
         let mut cs = ChangeSet::new();
         let mut any = false;
-        for (table, id) in rows {
-            if !self.loaded.contains(table) {
+        for change in rows {
+            if !self.loaded.contains(&change.table) {
                 continue;
             }
             any = true;
-            cs = match store.get_visible(table, id)? {
-                Some(data) => {
-                    let pending = store.get_overlay(table, id)?.is_some();
-                    cs.upsert(table, id.clone(), data, pending)
-                }
-                None => cs.delete(table, id.clone()),
+            cs = match &change.row {
+                Some(data) => cs.upsert(&change.table, change.id.clone(), data.clone(), change.pending),
+                None => cs.delete(&change.table, change.id.clone()),
             };
         }
         if !any {

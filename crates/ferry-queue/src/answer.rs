@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use ferry_store::{BatchOp, WriteBatch};
 
 use crate::{
-    encode_rejections, encode_seqs, ChangeSource, ChangedRows, LocalDb, QueueError, QueueResult, Rejection,
+    encode_rejections, encode_seqs, ChangeSource, ChangedRows, LocalDb, QueueError, QueueResult, Rejection, RowChange,
     META_COMPLETED_THROUGH, META_REJECTED_SEQS, META_REJECTIONS, META_UNSEEN_SEQS, PAGE_ENTRIES,
 };
 
@@ -134,12 +134,19 @@ impl LocalDb {
         // same batch, or nothing would ever drop them.
         let wc = counters.server_write_checkpoint.min(through);
         let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut marks, rolled_back.clone())?;
+        let changes = self.visible_changes(&batch, &changed)?;
         self.store.apply(batch)?;
         counters.completed_through = through;
         counters.upload_len -= removed;
         counters.stored_len -= confirmed;
-        self.notify(ChangeSource::Rollback, &rolled_back);
-        let others: ChangedRows = changed.difference(&rolled_back).cloned().collect();
+        let (rolled, others): (Vec<RowChange>, Vec<RowChange>) = if rolled_back.is_empty() {
+            (Vec::new(), changes)
+        } else {
+            changes
+                .into_iter()
+                .partition(|c| rolled_back.contains(&(c.table.clone(), c.id.clone())))
+        };
+        self.notify(ChangeSource::Rollback, &rolled);
         self.notify(ChangeSource::Server, &others);
         Ok(())
     }

@@ -234,8 +234,34 @@ pub enum ChangeSource {
     Rollback,
 }
 
-/// A callback told of every committed change of the visible state.
-pub type Observer = Arc<dyn Fn(ChangeSource, &ChangedRows) + Send + Sync>;
+/// One changed row of the visible state, as the commit left it: observers
+/// take it as is, without reading the store back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowChange {
+    /// The table.
+    pub table: String,
+    /// The row id.
+    pub id: String,
+    /// The visible row now; `None` when it is gone (deleted, or deleted
+    /// by pending writes).
+    pub row: Option<RowData>,
+    /// Whether pending local writes shape the row (it has an overlay
+    /// entry).
+    pub pending: bool,
+}
+
+/// A callback told of every committed change of the visible state, with
+/// each changed row's new visible value (ordered by table and id, one
+/// change per row).
+pub type Observer = Arc<dyn Fn(ChangeSource, &[RowChange]) + Send + Sync>;
+
+/// How one batch leaves a row: its synced row and overlay entry, each
+/// `None` when the batch does not touch it (`Some(None)`: removed).
+#[derive(Default)]
+struct RowAfter<'a> {
+    synced: Option<Option<&'a RowData>>,
+    overlay: Option<Option<&'a OverlayEntry>>,
+}
 
 fn read_u64_meta(store: &dyn Store, key: &str) -> QueueResult<Option<u64>> {
     match store.get_meta(key)? {
@@ -498,6 +524,7 @@ impl LocalDb {
         if batch.is_empty() {
             return Ok((value, None));
         }
+        let changes = self.visible_changes(&batch, &changed)?;
         self.store.apply(batch).map_err(QueueError::from)?;
         let receipt = (n_ops > 0).then(|| WriteReceipt {
             tx_id,
@@ -510,7 +537,7 @@ impl LocalDb {
             counters.upload_len += n_ops as u64;
             counters.stored_len += n_ops as u64;
         }
-        self.notify(ChangeSource::LocalWrite, &changed);
+        self.notify(ChangeSource::LocalWrite, &changes);
         Ok((value, receipt))
     }
 
@@ -647,11 +674,13 @@ impl LocalDb {
         }
         // The server's clock was observed before this batch: keep it.
         batch.put_meta(META_HLC, self.hlc.high_water().to_string().into_bytes());
+        let changes = self.visible_changes(&batch, &changed)?;
         self.store.apply(batch)?;
         counters.stored_len -= confirmed;
-        self.notify(ChangeSource::Server, &changed);
+        self.notify(ChangeSource::Server, &changes);
         drop(counters);
         drop_in_background(changed);
+        drop_in_background(changes);
         Ok(())
     }
 
@@ -760,7 +789,7 @@ impl LocalDb {
         *self.observer.write() = observer;
     }
 
-    fn notify(&self, source: ChangeSource, rows: &ChangedRows) {
+    fn notify(&self, source: ChangeSource, rows: &[RowChange]) {
         if rows.is_empty() {
             return;
         }
@@ -808,6 +837,64 @@ impl LocalDb {
             rejected: self.seq_set(META_REJECTED_SEQS)?,
             unseen: self.seq_set(META_UNSEEN_SEQS)?,
         })
+    }
+
+    /// The new visible value of every row in `rows`, as `batch` (about to
+    /// be applied) leaves it. Rows the batch changes are computed from the
+    /// batch alone: an overlay entry it writes is the visible row (pending);
+    /// an overlay it removes, or a synced change to a row whose overlay it
+    /// leaves alone, shows the synced row (rows with queue entries always
+    /// get their overlay rewritten when their synced row changes, so a
+    /// row whose overlay the batch leaves alone has none). Rows of `rows`
+    /// the batch does not touch are read from the store.
+    fn visible_changes(&self, batch: &WriteBatch, rows: &ChangedRows) -> QueueResult<Vec<RowChange>> {
+        let mut after: BTreeMap<(&str, &str), RowAfter<'_>> = BTreeMap::new();
+        for op in &batch.ops {
+            match op {
+                BatchOp::PutSynced { table, id, data } => {
+                    after.entry((table, id)).or_default().synced = Some(Some(data));
+                }
+                BatchOp::DeleteSynced { table, id } => {
+                    after.entry((table, id)).or_default().synced = Some(None);
+                }
+                BatchOp::PutOverlay { table, id, entry } => {
+                    after.entry((table, id)).or_default().overlay = Some(Some(entry));
+                }
+                BatchOp::DeleteOverlay { table, id } => {
+                    after.entry((table, id)).or_default().overlay = Some(None);
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (table, id) in rows {
+            let (row, pending) = match after.get(&(table.as_str(), id.as_str())) {
+                Some(RowAfter {
+                    overlay: Some(Some(OverlayEntry::Row(data))),
+                    ..
+                }) => (Some(data.clone()), true),
+                Some(RowAfter {
+                    overlay: Some(Some(OverlayEntry::Deleted)),
+                    ..
+                }) => (None, true),
+                Some(RowAfter {
+                    synced: Some(synced), ..
+                }) => (synced.cloned(), false),
+                Some(RowAfter { synced: None, .. }) => (self.store.get_synced(table, id)?, false),
+                None => match self.store.get_overlay(table, id)? {
+                    Some(OverlayEntry::Row(data)) => (Some(data), true),
+                    Some(OverlayEntry::Deleted) => (None, true),
+                    None => (self.store.get_synced(table, id)?, false),
+                },
+            };
+            out.push(RowChange {
+                table: table.clone(),
+                id: id.clone(),
+                row,
+                pending,
+            });
+        }
+        Ok(out)
     }
 
     /// Recompute the overlay of `rows` as their synced row with `remaining`
@@ -860,14 +947,31 @@ struct Marks {
 /// after a large download, freeing them would delay the caller noticeably.
 const BACKGROUND_DROP_MIN_ROWS: usize = 100_000;
 
-fn drop_in_background(rows: ChangedRows) {
-    if rows.len() < BACKGROUND_DROP_MIN_ROWS {
+fn drop_in_background<T: Collection + Send + 'static>(rows: T) {
+    if rows.count() < BACKGROUND_DROP_MIN_ROWS {
         return;
     }
     // When no thread can be started the set is dropped here instead.
     let _ = std::thread::Builder::new()
         .name("ferry-queue-free".into())
         .spawn(move || drop(rows));
+}
+
+/// What [`drop_in_background`] frees.
+trait Collection {
+    fn count(&self) -> usize;
+}
+
+impl<T> Collection for BTreeSet<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> Collection for Vec<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
 }
 
 fn last_queued_seq(store: &dyn Store) -> QueueResult<Option<u64>> {

@@ -1,0 +1,332 @@
+//! Changes reach live queries with their rows: a commit does not read the
+//! store back, and live results stay equal to a fresh query over the
+//! store's visible state after random local writes, checkpoints,
+//! confirmations and rollbacks.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ferry_client::query::{col, Order};
+use ferry_client::{ClientOptions, Database, Query};
+use ferry_core::{row_data, ColumnType, CrudEntry, RowData, Schema, Table, Value};
+use ferry_query::QueryEngine;
+use ferry_queue::{Answer, LocalDbOptions};
+use ferry_store::{BucketEntry, BucketState, MemoryStore, OverlayEntry, Rows, Store, StoreResult, WriteBatch};
+use proptest::prelude::*;
+
+/// A store that counts its row reads (synced and overlay rows, scans).
+#[derive(Debug)]
+struct CountingStore {
+    inner: MemoryStore,
+    row_reads: AtomicU64,
+}
+
+impl CountingStore {
+    fn reads(&self) -> u64 {
+        self.row_reads.load(Ordering::SeqCst)
+    }
+
+    fn count(&self) {
+        self.row_reads.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Store for CountingStore {
+    fn schema(&self) -> &Schema {
+        self.inner.schema()
+    }
+    fn apply(&self, batch: WriteBatch) -> StoreResult<()> {
+        self.inner.apply(batch)
+    }
+    fn get_synced(&self, table: &str, id: &str) -> StoreResult<Option<RowData>> {
+        self.count();
+        self.inner.get_synced(table, id)
+    }
+    fn scan_synced(&self, table: &str) -> StoreResult<Rows> {
+        self.count();
+        self.inner.scan_synced(table)
+    }
+    fn scan_synced_index(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+    ) -> StoreResult<Rows> {
+        self.count();
+        self.inner.scan_synced_index(table, index, lower, upper)
+    }
+    fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
+        self.count();
+        self.inner.get_overlay(table, id)
+    }
+    fn scan_overlay(&self, table: &str) -> StoreResult<Vec<(String, OverlayEntry)>> {
+        self.count();
+        self.inner.scan_overlay(table)
+    }
+    fn queue_from(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<CrudEntry>> {
+        self.inner.queue_from(from_seq, limit)
+    }
+    fn queue_len(&self) -> StoreResult<u64> {
+        self.inner.queue_len()
+    }
+    fn bucket_state(&self, bucket: &str) -> StoreResult<Option<BucketState>> {
+        self.inner.bucket_state(bucket)
+    }
+    fn buckets(&self) -> StoreResult<Vec<(String, BucketState)>> {
+        self.inner.buckets()
+    }
+    fn bucket_entry(&self, bucket: &str, table: &str, row_id: &str) -> StoreResult<Option<BucketEntry>> {
+        self.inner.bucket_entry(bucket, table, row_id)
+    }
+    fn bucket_entries(&self, bucket: &str, after: Option<(&str, &str)>, limit: usize) -> StoreResult<Vec<BucketEntry>> {
+        self.inner.bucket_entries(bucket, after, limit)
+    }
+    fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.get_meta(key)
+    }
+}
+
+fn schema() -> Schema {
+    Schema::new([
+        Table::new("tickets")
+            .column("title", ColumnType::Text)
+            .column("status", ColumnType::Text)
+            .column("updated_at", ColumnType::Integer)
+            .index("by_status", &["status"]),
+        Table::new("drafts").column("body", ColumnType::Text).local_only(),
+    ])
+    .expect("schema")
+}
+
+fn open() -> (Arc<CountingStore>, Database) {
+    let store = Arc::new(CountingStore {
+        inner: MemoryStore::new(schema()),
+        row_reads: AtomicU64::new(0),
+    });
+    let options = ClientOptions {
+        local: LocalDbOptions {
+            client_id_seed: Some(7),
+            ..LocalDbOptions::default()
+        },
+        ..ClientOptions::default()
+    };
+    let db = Database::open(store.clone(), options).expect("open");
+    (store, db)
+}
+
+fn ticket(status: &str, updated_at: i64) -> RowData {
+    row_data([
+        ("title", Value::from(format!("t{updated_at}"))),
+        ("status", Value::from(status)),
+        ("updated_at", Value::Integer(updated_at)),
+    ])
+}
+
+fn queries() -> Vec<Query> {
+    vec![
+        Query::from("tickets")
+            .filter(col("status").eq("pending"))
+            .order_by(col("updated_at"), Order::Desc)
+            .limit(3),
+        Query::from("tickets").order_by(col("title"), Order::Asc),
+        Query::from("drafts"),
+    ]
+}
+
+/// The queries evaluated from scratch over the store's visible state.
+fn fresh(store: &dyn Store, queries: &[Query]) -> Vec<ferry_query::QueryResult> {
+    let mut engine = QueryEngine::new();
+    let mut cs = ferry_query::ChangeSet::new();
+    for table in ["tickets", "drafts"] {
+        engine.create_collection(table).expect("collection");
+        let pending: BTreeSet<String> = store
+            .scan_overlay(table)
+            .expect("overlay")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        for (id, data) in store.scan_visible(table).expect("scan") {
+            let p = pending.contains(&id);
+            cs = cs.upsert(table, id, data, p);
+        }
+    }
+    engine.apply(cs).expect("load");
+    queries.iter().map(|q| engine.query(q).expect("query")).collect()
+}
+
+#[test]
+fn commits_hand_live_queries_their_rows_without_reading_the_store() {
+    let (store, db) = open();
+    let mut batch = WriteBatch::new();
+    batch.put_synced("tickets", "s1", ticket("pending", 1));
+    db.local().apply_server_changes(batch, None).expect("checkpoint");
+    let (live, first) = db.live_query(&queries()[0], |_| {}).expect("live");
+    assert_eq!(first.rows.len(), 1);
+
+    let before = store.reads();
+    db.write(|tx| {
+        tx.put("tickets", "l1", ticket("pending", 5))?;
+        tx.put("drafts", "d1", row_data([("body", Value::from("x"))]))
+    })
+    .expect("write");
+    assert_eq!(store.reads(), before, "a local write reads no rows");
+    let mut batch = WriteBatch::new();
+    batch.put_synced("tickets", "s2", ticket("pending", 3));
+    batch.delete_synced("tickets", "s1");
+    db.local().apply_server_changes(batch, None).expect("checkpoint");
+    assert_eq!(
+        store.reads(),
+        before,
+        "a checkpoint of rows without pending writes reads none"
+    );
+
+    let now = live.current().expect("current");
+    let ids: Vec<&str> = now.rows.iter().filter_map(|r| r.id()).collect();
+    assert_eq!(ids, ["l1", "s2"]);
+    assert_eq!(now.rows.iter().map(|r| r.pending).collect::<Vec<_>>(), [true, false]);
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Put {
+        id: u8,
+        pending: bool,
+        at: i64,
+    },
+    Update {
+        id: u8,
+        at: i64,
+    },
+    Delete {
+        id: u8,
+    },
+    Draft {
+        id: u8,
+    },
+    Server {
+        id: u8,
+        pending: bool,
+        at: i64,
+        delete: bool,
+    },
+    /// Answer everything queued, rejecting the entry at this index.
+    Answer {
+        reject: Option<u8>,
+    },
+    /// A checkpoint confirming everything answered.
+    Confirm,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let id = 0u8..8;
+    prop_oneof![
+        (id.clone(), any::<bool>(), 0i64..50).prop_map(|(id, pending, at)| Step::Put { id, pending, at }),
+        (id.clone(), 0i64..50).prop_map(|(id, at)| Step::Update { id, at }),
+        id.clone().prop_map(|id| Step::Delete { id }),
+        id.clone().prop_map(|id| Step::Draft { id }),
+        (id, any::<bool>(), 0i64..50, any::<bool>()).prop_map(|(id, pending, at, delete)| Step::Server {
+            id,
+            pending,
+            at,
+            delete
+        }),
+        proptest::option::of(0u8..4).prop_map(|reject| Step::Answer { reject }),
+        Just(Step::Confirm),
+    ]
+}
+
+fn status(pending: bool) -> &'static str {
+    if pending {
+        "pending"
+    } else {
+        "done"
+    }
+}
+
+fn run(db: &Database, step: &Step) {
+    let local = db.local();
+    match step {
+        Step::Put { id, pending, at } => {
+            db.write(|tx| tx.put("tickets", &format!("r{id}"), ticket(status(*pending), *at)))
+                .expect("put");
+        }
+        Step::Update { id, at } => {
+            let _ = db.write(|tx| {
+                tx.update(
+                    "tickets",
+                    &format!("r{id}"),
+                    row_data([("updated_at", Value::Integer(*at))]),
+                )
+            });
+        }
+        Step::Delete { id } => {
+            db.write(|tx| tx.delete("tickets", &format!("r{id}"))).expect("delete");
+        }
+        Step::Draft { id } => {
+            db.write(|tx| tx.put("drafts", &format!("d{id}"), row_data([("body", Value::from("b"))])))
+                .expect("draft");
+        }
+        Step::Server {
+            id,
+            pending,
+            at,
+            delete,
+        } => {
+            let mut batch = WriteBatch::new();
+            if *delete {
+                batch.delete_synced("tickets", format!("r{id}"));
+            } else {
+                batch.put_synced("tickets", format!("r{id}"), ticket(status(*pending), *at));
+            }
+            local.apply_server_changes(batch, None).expect("checkpoint");
+        }
+        Step::Answer { reject } => {
+            let from = local.completed_through() + 1;
+            let last = local.last_seq();
+            if last < from {
+                return;
+            }
+            let rejected = reject
+                .map(|i| from + u64::from(i))
+                .filter(|seq| *seq <= last)
+                .map(|seq| vec![(seq, "refused".to_owned())])
+                .unwrap_or_default();
+            local
+                .answer(&Answer {
+                    through_seq: last,
+                    rejected,
+                    ..Answer::default()
+                })
+                .expect("answer");
+        }
+        Step::Confirm => {
+            local
+                .apply_server_changes(WriteBatch::new(), Some(local.completed_through()))
+                .expect("confirm");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn live_results_equal_a_fresh_query(steps in proptest::collection::vec(step(), 1..40)) {
+        let (store, db) = open();
+        let queries = queries();
+        let lives: Vec<_> = queries
+            .iter()
+            .map(|q| db.live_query(q, |_| {}).expect("live").0)
+            .collect();
+        for step in &steps {
+            run(&db, step);
+            let expected = fresh(store.as_ref(), &queries);
+            for (live, expected) in lives.iter().zip(&expected) {
+                prop_assert_eq!(&live.current().expect("current"), expected, "after {:?}", step);
+            }
+        }
+    }
+}
