@@ -41,6 +41,7 @@ pub mod rules;
 pub mod server;
 pub mod service;
 pub mod sqlite;
+mod stream_out;
 
 pub use auth::{mint_token, mint_token_at, AuthOptions, AuthUser, Authenticator, StaticKey};
 pub use config::{ServerConfig, DEV_JWT_SECRET};

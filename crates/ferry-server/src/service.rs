@@ -1,7 +1,7 @@
 //! The sync service: uploads (write processing), checkpoints, streams and
 //! compaction over a [`SourceDb`] and [`SyncRules`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use ferry_core::{
     row_size_bytes, Clock, CrudEntry, CrudOp, HlcTimestamp, HybridClock, Limits, RowData, SystemClock, Table, Value,
 };
 use ferry_protocol::{
-    Checkpoint, CheckpointDiff, DataBatch, DataLineWriter, ErrorCode, OpKind, OpOutcome, Outcome, ServerError,
+    Checkpoint, CheckpointDiff, DataBatch, DataLineWriter, OpKind, OpOutcome, Outcome, ServerError,
     StreamLine, StreamRequest, UploadRequest, UploadResponse,
 };
 use ferry_transport::{blocking, ServerLine, ServerLineStream, ServerLines, SyncHandler};
@@ -23,6 +23,7 @@ use crate::db::{BucketState, CheckpointState, NewOp, SourceDb, SourceTx, StoredR
 use crate::error::{Result, ServiceError};
 use crate::permissions::{self, WriteOp, WriteRequest, Writer};
 use crate::rules::SyncRules;
+use crate::stream_out::{LineBytes, Stop, StreamSender};
 
 /// Tunables of the service. Every limit has its unit in its name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +44,12 @@ pub struct ServiceOptions {
     pub max_concurrent_streams: usize,
     /// Lines buffered per stream before the server waits for the client.
     pub stream_buffer_lines: usize,
+    /// Most bytes of lines one stream holds that its client has not read:
+    /// lines read and waiting for the transport, plus one line (at most
+    /// `max_line_bytes`) for the transport to write. A client that stops
+    /// reading stops its stream's reads there. At least twice
+    /// `max_line_bytes`; [`SyncServiceBuilder::build`] refuses less.
+    pub max_stream_buffer_bytes: usize,
     /// How far ahead of server time a client HLC may be; later ones are
     /// clamped to server time + this. A clock up to this far ahead wins
     /// last-write-wins conflicts in that window
@@ -82,6 +89,7 @@ impl Default for ServiceOptions {
             max_line_bytes: 8 * 1024 * 1024,
             max_concurrent_streams: 10_000,
             stream_buffer_lines: 8,
+            max_stream_buffer_bytes: 16 * 1024 * 1024,
             max_clock_skew_ms: 5_000,
             max_upload_ops: 100_000,
             max_buckets_per_user: 1000,
@@ -115,12 +123,13 @@ struct Inner {
     commits: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     streams: Arc<Semaphore>,
-    /// Uploads of one client id run one at a time (striped by client id).
-    upload_locks: Vec<parking_lot::Mutex<()>>,
+    /// Uploads of one client id run one at a time; each client id has
+    /// its own lock, so one client's long upload never waits another's.
+    upload_locks: parking_lot::Mutex<HashMap<String, Arc<parking_lot::Mutex<()>>>>,
 }
 
-/// Stripes of [`Inner::upload_locks`].
-const UPLOAD_LOCK_STRIPES: usize = 64;
+/// Client locks kept before the unused ones are dropped.
+const MAX_IDLE_UPLOAD_LOCKS: usize = 10_000;
 
 /// The sync service. Cheap to clone; implements [`SyncHandler`].
 #[derive(Clone)]
@@ -195,6 +204,13 @@ impl SyncServiceBuilder {
                 ferry_protocol::DEFAULT_MAX_LINE_BYTES
             )));
         }
+        let buffer = self.options.max_stream_buffer_bytes;
+        if buffer < max_line_bytes.saturating_mul(2) {
+            return Err(ServiceError::Config(format!(
+                "max_stream_buffer_bytes of {buffer} bytes is below twice max_line_bytes ({max_line_bytes} bytes): \
+                 a stream holds a line being written and one read ahead"
+            )));
+        }
         let max_answer_bytes = self.options.max_answer_bytes;
         if max_answer_bytes > ferry_protocol::DEFAULT_MAX_LINE_BYTES {
             return Err(ServiceError::Config(format!(
@@ -248,7 +264,7 @@ impl SyncServiceBuilder {
                 commits: watch::channel(0).0,
                 shutdown: watch::channel(false).0,
                 streams,
-                upload_locks: (0..UPLOAD_LOCK_STRIPES).map(|_| parking_lot::Mutex::new(())).collect(),
+                upload_locks: parking_lot::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -415,7 +431,8 @@ impl SyncService {
             let client_id = request.client_id;
             if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx).await {
                 tracing::warn!(client_id, error = %e, "stream failed");
-                let _ = tx.send(StreamLine::Error(e.to_server_error()).into()).await;
+                // A client that does not read never gets it.
+                let _ = tx.try_send(StreamLine::Error(e.to_server_error()).into());
             }
         });
         Ok(rx)
@@ -636,7 +653,7 @@ impl std::io::Write for ByteCount {
 
 /// The length of `value`'s JSON encoding, as stored and sent
 /// (`usize::MAX` if it cannot be encoded, so it counts as too large).
-fn encoded_bytes<T: Serialize + ?Sized>(value: &T) -> usize {
+pub(crate) fn encoded_bytes<T: Serialize + ?Sized>(value: &T) -> usize {
     let mut n = ByteCount(0);
     match serde_json::to_writer(&mut n, value) {
         Ok(()) => n.0,
@@ -748,14 +765,15 @@ fn shorten(s: &mut String, max_bytes: usize) {
 type Viewer = BTreeSet<String>;
 
 impl Inner {
-    /// The lock serializing uploads of `client_id` (striped), so the
+    /// The lock serializing uploads of `client_id`, so the
     /// replay checks made before writing still hold while writing.
-    fn client_lock(&self, client_id: &str) -> &parking_lot::Mutex<()> {
-        let mut h = Fnv64::new();
-        // Writing to a hasher does not fail.
-        let _ = std::io::Write::write(&mut h, client_id.as_bytes());
-        let i = usize::try_from(h.0 % UPLOAD_LOCK_STRIPES as u64).unwrap_or(0);
-        &self.upload_locks[i]
+    fn client_lock(&self, client_id: &str) -> Arc<parking_lot::Mutex<()>> {
+        let mut locks = self.upload_locks.lock();
+        if locks.len() >= MAX_IDLE_UPLOAD_LOCKS {
+            // Only the map holds an idle client's lock.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(client_id.to_owned()).or_default().clone()
     }
 
     /// Refuse a client id first used by another user.
@@ -802,7 +820,8 @@ impl Inner {
     fn process_upload(&self, user: &AuthUser, request: &UploadRequest) -> Result<UploadResponse> {
         let client_id = request.client_id.as_str();
         let user_id = user.user_id.as_str();
-        let _serial = self.client_lock(client_id).lock();
+        let serial = self.client_lock(client_id);
+        let _serial = serial.lock();
         self.check_client_owner(client_id, user_id)?;
         check_seq_order(request)?;
         let fingerprints: Vec<Vec<u64>> = request
@@ -1343,7 +1362,8 @@ impl Inner {
 }
 
 /// Runs one stream until the client leaves, the token expires or the
-/// server shuts down.
+/// server shuts down, whether or not the client reads (every send waits
+/// within [`ServiceOptions::max_stream_buffer_bytes`] and ends at either).
 async fn run_stream<L: StreamOut>(
     inner: &Arc<Inner>,
     user: &AuthUser,
@@ -1353,13 +1373,22 @@ async fn run_stream<L: StreamOut>(
     tx: &mpsc::Sender<L>,
 ) -> Result<()> {
     let mut commits = inner.commits.subscribe();
-    let mut shutdown = inner.shutdown.subscribe();
     let period = Duration::from_secs(inner.options.keepalive_interval_s.max(1));
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let expires_in_ms = (user.exp_s.saturating_mul(1000)).saturating_sub(inner.clock.now_ms());
-    let expiry = tokio::time::sleep(Duration::from_millis(expires_in_ms));
-    tokio::pin!(expiry);
+    // The transport's share of the budget: the line it is writing.
+    let channel_budget = inner
+        .options
+        .max_stream_buffer_bytes
+        .saturating_sub(inner.options.max_line_bytes);
+    let mut out = StreamSender::new(
+        tx,
+        channel_budget,
+        inner.shutdown.subscribe(),
+        Duration::from_millis(expires_in_ms),
+        user.exp_s,
+    );
     let mut sent: Option<CheckpointState> = None;
     loop {
         commits.borrow_and_update();
@@ -1377,7 +1406,8 @@ async fn run_stream<L: StreamOut>(
                         write_checkpoint: cp.write_checkpoint,
                         buckets: cp.buckets.clone(),
                     });
-                    if tx.send(line.into()).await.is_err() {
+                    if let Err(stop) = out.send(line.into()).await {
+                        out.end(stop);
                         return Ok(());
                     }
                     cp.buckets.iter().map(|b| b.bucket.clone()).collect()
@@ -1396,7 +1426,8 @@ async fn run_stream<L: StreamOut>(
                         updated_buckets: updated.clone(),
                         removed_buckets: Vec::new(),
                     });
-                    if tx.send(line.into()).await.is_err() {
+                    if let Err(stop) = out.send(line.into()).await {
+                        out.end(stop);
                         return Ok(());
                     }
                     updated.into_iter().map(|b| b.bucket).collect()
@@ -1409,22 +1440,18 @@ async fn run_stream<L: StreamOut>(
                     (pos < cp.last_op_id).then_some((b, pos))
                 })
                 .collect();
-            if !send_data(inner, work, cp.last_op_id, tx, &shutdown).await? {
+            if let Err(stop) = send_data(inner, work, cp.last_op_id, &mut out).await? {
+                out.end(stop);
                 return Ok(());
             }
             for p in positions.values_mut() {
                 *p = (*p).max(cp.last_op_id);
             }
-            if tx
-                .send(
-                    StreamLine::CheckpointComplete {
-                        last_op_id: cp.last_op_id,
-                    }
-                    .into(),
-                )
-                .await
-                .is_err()
-            {
+            let complete = StreamLine::CheckpointComplete {
+                last_op_id: cp.last_op_id,
+            };
+            if let Err(stop) = out.send(complete.into()).await {
+                out.end(stop);
                 return Ok(());
             }
             sent = Some(cp);
@@ -1440,23 +1467,14 @@ async fn run_stream<L: StreamOut>(
                     }
                     break;
                 }
-                _ = shutdown.changed() => {
-                    let _ = tx.send(StreamLine::Error(ServerError {
-                        code: ErrorCode::ShuttingDown,
-                        message: "server is shutting down".into(),
-                    }).into()).await;
-                    return Ok(());
-                }
-                () = &mut expiry => {
-                    let _ = tx.send(StreamLine::Error(ServerError {
-                        code: ErrorCode::Unauthorized,
-                        message: format!("token expired at {}", user.exp_s),
-                    }).into()).await;
+                stop = out.stopped() => {
+                    out.end(stop);
                     return Ok(());
                 }
                 _ = keepalive.tick() => {
                     let token_expires_in_s = user.exp_s.saturating_sub(inner.clock.now_ms() / 1000);
-                    if tx.send(StreamLine::Keepalive { token_expires_in_s }.into()).await.is_err() {
+                    if let Err(stop) = out.send(StreamLine::Keepalive { token_expires_in_s }.into()).await {
+                        out.end(stop);
                         return Ok(());
                     }
                 }
@@ -1468,7 +1486,7 @@ async fn run_stream<L: StreamOut>(
 /// A stream's line type: typed lines ([`StreamLine`], for
 /// [`SyncService::open_stream`]) or lines for transports ([`ServerLine`],
 /// whose `data` lines are encoded straight from the stored rows).
-trait StreamOut: From<StreamLine> + Send + 'static {
+trait StreamOut: From<StreamLine> + LineBytes + Send + 'static {
     /// The next `data` line of `bucket` after `after_op_id` through
     /// `up_to_op_id`: the line, its entry count and its last op id; `None`
     /// when there is no entry. `size_hint_bytes` carries the size of the
@@ -1545,16 +1563,15 @@ impl StreamOut for ServerLine {
 }
 
 /// Sends the entries of each `(bucket, after_op_id)` up to `last_op_id`
-/// in bounded lines, each read on a blocking thread (the channel's buffer
-/// lets reading run ahead of the client). Returns false when the client
-/// left (or the server is shutting down).
+/// in bounded lines, each read on a blocking thread once a whole line
+/// fits the stream's byte budget (so reading runs ahead of the client by
+/// at most that). `Ok(Err(stop))` when the stream must end.
 async fn send_data<L: StreamOut>(
     inner: &Arc<Inner>,
     work: Vec<(String, u64)>,
     last_op_id: u64,
-    tx: &mpsc::Sender<L>,
-    shutdown: &watch::Receiver<bool>,
-) -> Result<bool> {
+    out: &mut StreamSender<'_, L>,
+) -> Result<std::result::Result<(), Stop>> {
     let (max_ops, max_bytes) = (
         inner.options.max_ops_per_line.max(1),
         inner.options.max_line_bytes.max(1),
@@ -1562,8 +1579,8 @@ async fn send_data<L: StreamOut>(
     let mut size_hint_bytes = 0;
     for (bucket, mut pos) in work {
         loop {
-            if *shutdown.borrow() {
-                return Ok(false);
+            if let Err(stop) = out.room_for(max_bytes).await {
+                return Ok(Err(stop));
             }
             let db = inner.db.clone();
             let name = bucket.clone();
@@ -1580,15 +1597,15 @@ async fn send_data<L: StreamOut>(
             size_hint_bytes = hint;
             pos = last;
             let full = n >= max_ops;
-            if tx.send(line).await.is_err() {
-                return Ok(false);
+            if let Err(stop) = out.send(line).await {
+                return Ok(Err(stop));
             }
             if !full && pos >= last_op_id {
                 break;
             }
         }
     }
-    Ok(true)
+    Ok(Ok(()))
 }
 
 #[async_trait]

@@ -83,6 +83,7 @@ async fn fresh_client_syncs(max_line_bytes: usize) {
         // Rows whose JSON is about 6 MB are accepted (a data line of one
         // such row still fits the line limits tested here).
         max_row_encoded_bytes: 7 * 1024 * 1024,
+        max_stream_buffer_bytes: 2 * max_line_bytes,
         ..ServiceOptions::default()
     };
     let e = env_with(options);
@@ -175,6 +176,7 @@ fn build_with(max_line_bytes: usize) -> (tempfile::TempDir, Result<SyncService, 
     let built = SyncService::builder(std::sync::Arc::new(db), rules, SECRET)
         .options(ServiceOptions {
             max_line_bytes,
+            max_stream_buffer_bytes: 2 * max_line_bytes,
             ..ServiceOptions::default()
         })
         .build();

@@ -1,0 +1,159 @@
+//! The sending side of one download stream: every line waits for room in
+//! the stream's byte budget, and every wait ends at shutdown, at the
+//! token's expiry or when the client left, whether or not the client reads.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::Duration;
+
+use ferry_protocol::{ErrorCode, ServerError, StreamLine};
+use ferry_transport::ServerLine;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Sleep;
+
+/// Why a stream stops sending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The client went away (the receiver was dropped).
+    Left,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// The token expired.
+    Expired,
+}
+
+/// A line's size as a transport writes it (newline included).
+pub(crate) trait LineBytes {
+    /// Bytes of the encoded line, newline included.
+    fn line_bytes(&self) -> usize;
+}
+
+impl LineBytes for StreamLine {
+    fn line_bytes(&self) -> usize {
+        crate::service::encoded_bytes(self).saturating_add(1)
+    }
+}
+
+impl LineBytes for ServerLine {
+    fn line_bytes(&self) -> usize {
+        match self {
+            ServerLine::Line(line) => line.line_bytes(),
+            ServerLine::Encoded(bytes) => bytes.len(),
+        }
+    }
+}
+
+/// Sends a stream's lines into its channel within `channel_budget_bytes`
+/// of lines the transport has not taken yet.
+///
+/// The channel's lines are measured without the receiver's help: the
+/// channel holds the newest `max_capacity - capacity` lines sent (it is
+/// first in, first out), whose sizes are kept here.
+pub(crate) struct StreamSender<'a, L> {
+    tx: &'a mpsc::Sender<L>,
+    /// Sizes of the lines sent, newest last; trimmed to the lines still
+    /// in the channel.
+    sizes: VecDeque<usize>,
+    channel_budget_bytes: usize,
+    shutdown: watch::Receiver<bool>,
+    expiry: Pin<Box<Sleep>>,
+    exp_s: u64,
+}
+
+impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
+    pub(crate) fn new(
+        tx: &'a mpsc::Sender<L>,
+        channel_budget_bytes: usize,
+        shutdown: watch::Receiver<bool>,
+        expires_in: Duration,
+        exp_s: u64,
+    ) -> Self {
+        StreamSender {
+            tx,
+            sizes: VecDeque::new(),
+            channel_budget_bytes,
+            shutdown,
+            expiry: Box::pin(tokio::time::sleep(expires_in)),
+            exp_s,
+        }
+    }
+
+    /// Lines and bytes in the channel now.
+    fn queued(&mut self) -> (usize, usize) {
+        let lines = self.tx.max_capacity().saturating_sub(self.tx.capacity());
+        while self.sizes.len() > lines {
+            self.sizes.pop_front();
+        }
+        (lines, self.sizes.iter().sum())
+    }
+
+    /// Resolves when the stream must stop whatever it is doing: shutdown
+    /// or token expiry.
+    pub(crate) async fn stopped(&mut self) -> Stop {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.wait_for(|s| *s) => Stop::ShuttingDown,
+            () = &mut self.expiry => Stop::Expired,
+        }
+    }
+
+    /// Wait until `bytes` more fit in the budget (or the channel is
+    /// empty: a line larger than the budget goes alone).
+    pub(crate) async fn room_for(&mut self, bytes: usize) -> Result<(), Stop> {
+        loop {
+            if *self.shutdown.borrow() {
+                return Err(Stop::ShuttingDown);
+            }
+            let (lines, queued_bytes) = self.queued();
+            if lines == 0 || queued_bytes.saturating_add(bytes) <= self.channel_budget_bytes {
+                return Ok(());
+            }
+            // Wait for the transport to take one line: one slot more free
+            // than now. The permits are given back at once.
+            let free = self.tx.capacity();
+            let tx = self.tx;
+            tokio::select! {
+                biased;
+                stop = self.stopped() => return Err(stop),
+                taken = tx.reserve_many(free + 1) => {
+                    if taken.is_err() {
+                        return Err(Stop::Left);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send one line once it fits the budget.
+    pub(crate) async fn send(&mut self, line: L) -> Result<(), Stop> {
+        let size = line.line_bytes();
+        self.room_for(size).await?;
+        let tx = self.tx;
+        tokio::select! {
+            biased;
+            stop = self.stopped() => return Err(stop),
+            sent = tx.send(line) => sent.map_err(|_| Stop::Left)?,
+        }
+        self.sizes.push_back(size);
+        Ok(())
+    }
+
+    /// End the stream for `stop`: a `shutting_down` or `unauthorized`
+    /// (token expired) line if the channel has room for it now, and
+    /// nothing more. A client that does not read never gets it, and the
+    /// transport closes its connection.
+    pub(crate) fn end(&self, stop: Stop) {
+        let error = match stop {
+            Stop::Left => return,
+            Stop::ShuttingDown => ServerError {
+                code: ErrorCode::ShuttingDown,
+                message: "server is shutting down".into(),
+            },
+            Stop::Expired => ServerError {
+                code: ErrorCode::Unauthorized,
+                message: format!("token expired at {}", self.exp_s),
+            },
+        };
+        let _ = self.tx.try_send(StreamLine::Error(error).into());
+    }
+}
