@@ -33,6 +33,9 @@ pub struct HttpClientOptions {
     /// server sends keepalives, so this should be a few keepalive
     /// intervals.
     pub idle_timeout_ms: u64,
+    /// PEM certificates (one or more) trusted for `https://` next to the
+    /// built-in webpki roots: a private CA, a test's own CA.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for HttpClientOptions {
@@ -42,12 +45,14 @@ impl Default for HttpClientOptions {
             request_timeout_ms: 30_000,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             idle_timeout_ms: 60_000,
+            tls_ca_pem: None,
         }
     }
 }
 
-/// A [`Transport`] to a sync server over HTTP/1.1 (plain `http://` only: no
-/// TLS backend is built in; put a TLS-terminating proxy in front).
+/// A [`Transport`] to a sync server over HTTP/1.1, plain (`http://`) or
+/// over TLS (`https://`: rustls, trusting the webpki roots and
+/// [`HttpClientOptions::tls_ca_pem`]).
 #[derive(Clone)]
 pub struct HttpTransport {
     client: reqwest::Client,
@@ -78,9 +83,9 @@ impl HttpTransport {
         let base_url = base_url.into();
         let parsed = Url::parse(&base_url)
             .map_err(|e| TransportError::Refused(format!("invalid base url {base_url:?}: {e}")))?;
-        if parsed.scheme() != "http" {
+        if !matches!(parsed.scheme(), "http" | "https") {
             return Err(TransportError::Refused(format!(
-                "base url {base_url:?} must use the http scheme (no tls backend is built in), got {:?}",
+                "base url {base_url:?} must use the http or https scheme, got {:?}",
                 parsed.scheme()
             )));
         }
@@ -93,7 +98,20 @@ impl HttpTransport {
         };
         let stream_url = join("sync/stream")?;
         let upload_url = join("sync/upload")?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        if let Some(pem) = &options.tls_ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| TransportError::Refused(format!("tls_ca_pem is not a pem certificate bundle: {e}")))?;
+            if certs.is_empty() {
+                return Err(TransportError::Refused(
+                    "tls_ca_pem holds no pem certificate".to_string(),
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
             .connect_timeout(Duration::from_millis(options.connect_timeout_ms))
             .tcp_nodelay(true)
             // The server closes a kept-alive connection that sends no
@@ -128,11 +146,46 @@ fn request_error(what: &str, e: &reqwest::Error) -> TransportError {
         // A token or body that cannot go on the wire: sending it again
         // fails again.
         TransportError::Refused(format!("{what} could not be built: {}", error_chain(e)))
+    } else if let Some(tls) = tls_error(e) {
+        // Transient: the server's certificate may be fixed, and a client
+        // must never drop its writes over it.
+        TransportError::Connection(format!(
+            "{what} failed: tls: {tls} (is the server's certificate issued by a trusted ca? \
+             a private ca goes in HttpClientOptions::tls_ca_pem)"
+        ))
     } else if e.is_timeout() {
         TransportError::Connection(format!("{what} timed out: {}", error_chain(e)))
     } else {
         TransportError::Connection(format!("{what} failed: {}", error_chain(e)))
     }
+}
+
+/// The rustls error somewhere in `e`'s sources (through `io::Error`s).
+fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string().to_lowercase());
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(inner.to_string().to_lowercase());
+        }
+        current = err.source();
+    }
+    // Boxed twice on the way (a boxed error is an error too), the type
+    // does not show: rustls' certificate errors still say so.
+    let mut last = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    let last = last.to_lowercase();
+    (last.contains("peer certificate") || last.contains("tls handshake")).then_some(last)
 }
 
 /// An error with its sources, which carry the useful detail (refused

@@ -7,8 +7,11 @@
 //!   limits); [`serve_with_options`] runs it with graceful shutdown,
 //!   header, body and idle timeouts and a connection cap
 //!   ([`HttpServerOptions`]).
+//! - [`serve_tls_with_options`] does the same over TLS (rustls), with a
+//!   config from PEM files ([`server_config_from_pem_files`]).
 //! - [`HttpTransport`] is the client: it implements [`Transport`] over
-//!   reqwest (HTTP/1.1, plain `http://`).
+//!   reqwest (HTTP/1.1, `http://` or `https://` with rustls, the webpki
+//!   roots and optionally a private CA, [`HttpClientOptions::tls_ca_pem`]).
 //!
 //! # Routes
 //!
@@ -64,12 +67,14 @@
 
 mod client;
 mod server;
+mod tls;
 
 pub use client::{HttpClientOptions, HttpTransport};
 pub use server::{
     router, router_with_verifier, serve, serve_with_options, HttpServerOptions, TokenVerifier, DEFAULT_MAX_BODY_BYTES,
     NDJSON_CONTENT_TYPE,
 };
+pub use tls::{load_certificates, load_private_key, serve_tls_with_options, server_config_from_pem_files, TlsError};
 
 #[doc(no_inline)]
 pub use ferry_transport::{SyncHandler, Transport, TransportError};

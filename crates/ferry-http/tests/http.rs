@@ -191,6 +191,7 @@ fn test_options() -> HttpClientOptions {
         request_timeout_ms: 2_000,
         max_line_bytes: DEFAULT_MAX_LINE_BYTES,
         idle_timeout_ms: 2_000,
+        tls_ca_pem: None,
     }
 }
 
@@ -475,9 +476,11 @@ async fn wrong_base_urls_are_refused() {
         Err(TransportError::Refused(_))
     ));
     assert!(matches!(
-        HttpTransport::new("https://example.invalid"),
+        HttpTransport::new("ftp://example.invalid"),
         Err(TransportError::Refused(_))
     ));
+    // https is served (rustls); see ferry-server's tests/tls.rs.
+    assert!(HttpTransport::new("https://example.invalid").is_ok());
     let transport = HttpTransport::new("http://127.0.0.1:9/prefix/").unwrap();
     assert_eq!(transport.base_url(), "http://127.0.0.1:9/prefix/");
     assert!(format!("{transport:?}").contains("HttpTransport"));

@@ -37,6 +37,11 @@ pub struct ServerConfig {
     pub jwt_secret: Option<String>,
     /// A sync rules file; `None`: the embedded ticket tracker rules.
     pub rules_path: Option<PathBuf>,
+    /// A PEM certificate chain (the server's certificate first): with
+    /// `tls_key`, the server speaks HTTPS only (`docs/adr/0010-tls.md`).
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Longest HTTP request body accepted.
     pub max_body_bytes: usize,
     /// Token keys (JWKS URL, static files) and claim checks.
@@ -55,6 +60,8 @@ impl Default for ServerConfig {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             jwt_secret: None,
             rules_path: None,
+            tls_cert: None,
+            tls_key: None,
             max_body_bytes: ferry_http::DEFAULT_MAX_BODY_BYTES,
             auth: AuthOptions::default(),
             http: HttpServerOptions::default(),
@@ -100,7 +107,8 @@ impl ServerConfig {
 
     /// Refuse settings the server must not start with: the development
     /// secret on a non-loopback address (unless `auth.allow_dev_secret`),
-    /// an idle timeout the stream keepalives could not keep open.
+    /// an idle timeout the stream keepalives could not keep open, a TLS
+    /// certificate without its key or a key without its certificate.
     pub fn check(&self) -> Result<()> {
         let (_, dev) = self.hs256_secret();
         if dev && !self.listen_addr.ip().is_loopback() && !self.auth.allow_dev_secret {
@@ -109,6 +117,21 @@ impl ServerConfig {
                  or allow it explicitly (--allow-dev-secret)",
                 self.listen_addr
             )));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), None) => {
+                return Err(ServiceError::Config(format!(
+                    "tls_cert {} is set without tls_key (--tls-key)",
+                    cert.display()
+                )))
+            }
+            (None, Some(key)) => {
+                return Err(ServiceError::Config(format!(
+                    "tls_key {} is set without tls_cert (--tls-cert)",
+                    key.display()
+                )))
+            }
+            _ => {}
         }
         let keepalive_ms = self.service.keepalive_interval_s.saturating_mul(1000);
         if self.http.idle_timeout_ms <= keepalive_ms {

@@ -60,6 +60,12 @@ struct ServeArgs {
     /// Allow the development secret on a non-loopback address (never in production).
     #[arg(long)]
     allow_dev_secret: bool,
+    /// A PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, env = "FERRY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "FERRY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -161,10 +167,17 @@ async fn main() -> anyhow::Result<()> {
             if args.allow_dev_secret {
                 config.auth.allow_dev_secret = true;
             }
+            if let Some(c) = args.tls_cert {
+                config.tls_cert = Some(c);
+            }
+            if let Some(k) = args.tls_key {
+                config.tls_key = Some(k);
+            }
             let server = ferry_server::run(config, shutdown_signal())
                 .await
                 .context("starting ferry-server")?;
-            println!("ferry-server listening on http://{}", server.addr);
+            let scheme = if server.tls { "https" } else { "http" };
+            println!("ferry-server listening on {scheme}://{}", server.addr);
             server.wait().await.context("serving")?;
             Ok(())
         }

@@ -26,6 +26,8 @@ pub struct BoundServer {
     pub addr: SocketAddr,
     /// The service behind the routes.
     pub service: SyncService,
+    /// Whether the server speaks HTTPS (`tls_cert` and `tls_key` set).
+    pub tls: bool,
     task: JoinHandle<std::io::Result<()>>,
     stop: oneshot::Sender<()>,
 }
@@ -82,9 +84,17 @@ impl TokenVerifier for SyncService {
 /// Refused before anything is opened ([`ServerConfig::check`]): the
 /// development secret on a non-loopback address unless
 /// `auth.allow_dev_secret`, an idle timeout at or below the keepalive
-/// interval, key files that do not load.
+/// interval, key files that do not load; a TLS certificate or key that
+/// cannot be read or does not load (the error names the file).
 pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<BoundServer> {
     config.check()?;
+    // Before anything is opened: a bad certificate or key stops the start.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(ferry_http::server_config_from_pem_files(cert, key).map_err(|e| ServiceError::Config(e.to_string()))?)
+        }
+        _ => None,
+    };
     let rules = match &config.rules_path {
         Some(p) => SyncRules::from_file(p)?,
         None => SyncRules::ticket_tracker()?,
@@ -140,11 +150,18 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         tracing::info!("shutting down");
         svc.shutdown();
     };
-    let task = tokio::spawn(ferry_http::serve_with_options(listener, router, http, shutdown));
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "ferry-server listening");
+    let is_tls = tls.is_some();
+    let task = match tls {
+        Some(tls) => tokio::spawn(ferry_http::serve_tls_with_options(
+            listener, router, http, tls, shutdown,
+        )),
+        None => tokio::spawn(ferry_http::serve_with_options(listener, router, http, shutdown)),
+    };
+    tracing::info!(%addr, tls = is_tls, data_dir = %config.data_dir.display(), "ferry-server listening");
     Ok(BoundServer {
         addr,
         service,
+        tls: is_tls,
         task,
         stop,
     })
