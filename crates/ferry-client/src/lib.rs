@@ -42,7 +42,7 @@ mod outcomes;
 mod sync;
 
 pub use conflicts::{conflicts_table, Conflict, Resolution, CONFLICTS_TABLE, STATUS_OPEN, STATUS_RESOLVED};
-pub use ferry_query::{self as query, Diff, Query, QueryResult};
+pub use ferry_query::{self as query, Diff, Explain, Query, QueryResult};
 pub use live::LiveQuery;
 pub use offline::{ChangeKind, OfflinePolicy, ProposedChange};
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 
-use ferry_query::{ChangeSet, Diff, Query, QueryEngine, QueryResult, SubscriptionId};
+use ferry_query::{ChangeSet, Diff, Explain, Query, QueryEngine, QueryResult, SubscriptionId};
 use parking_lot::Mutex;
 
 use crate::{ClientError, Inner, RowChange};
@@ -111,6 +111,19 @@ impl crate::Database {
         let mut live = self.inner.live.lock();
         live.ensure_loaded(&self.inner, query)?;
         Ok(live.engine.query(query)?)
+    }
+
+    /// Describe how `query` runs: for each collection, which of the
+    /// client schema's declared indexes (or the primary key, or a full
+    /// scan) finds its rows and over which range, and the state each
+    /// operator keeps. An error names an unknown table.
+    pub fn explain(&self, query: &Query) -> Result<Explain, ClientError> {
+        let schema = self.inner.local.schema();
+        for table in query.collections() {
+            schema.table(table).map_err(ferry_queue::QueueError::from)?;
+        }
+        let indexes = |table: &str| schema.table(table).map(|t| t.indexes.clone()).unwrap_or_default();
+        Ok(query.explain(&indexes))
     }
 
     /// Start a live query: returns its handle and initial result; `on_diff`

@@ -330,3 +330,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn explain_uses_the_client_schemas_indexes() {
+    let (_store, db) = open();
+    let plan = db.explain(&queries()[0]).expect("explain");
+    let scan = plan.access().index().expect("by_status serves it");
+    assert_eq!(scan.index, "by_status");
+    assert_eq!(scan.equal, [Value::from("pending")]);
+    assert!(!scan.serves_order, "by_status has no updated_at: {plan}");
+    assert_eq!(
+        db.explain(&queries()[1]).expect("explain").access(),
+        &ferry_query::Access::FullScan
+    );
+    let err = db.explain(&Query::from("nope")).expect_err("unknown table");
+    assert!(err.to_string().contains("nope"), "{err}");
+}

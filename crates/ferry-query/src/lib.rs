@@ -66,6 +66,7 @@
 
 mod engine;
 mod error;
+mod explain;
 mod expr;
 mod ops;
 mod plan;
@@ -77,6 +78,7 @@ mod source;
 
 pub use engine::{DiffCallback, EngineLimits, QueryEngine};
 pub use error::QueryError;
+pub use explain::{Access, Explain, IndexScan, Operator, SourcePlan};
 pub use expr::{
     avg, coalesce, col, concat, count, count_of, length, lit, lower, max, min, not, sum, upper, AggFn, ArithOp, CmpOp,
     Expr, Func,
