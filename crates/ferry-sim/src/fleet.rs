@@ -249,8 +249,10 @@ impl Device {
             ferry_client::Resolution::Local
         };
         let before = db.local().last_seq();
-        db.resolve_conflict(&c.id, choice)
-            .map_err(|e| SimError::Setup(e.to_string()))?;
+        // The app may be refused (the row is gone since): nothing written.
+        if db.resolve_conflict(&c.id, choice).is_err() {
+            return Ok(false);
+        }
         let after = db.local().last_seq();
         if after > before {
             let entries = db

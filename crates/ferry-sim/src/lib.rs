@@ -451,7 +451,7 @@ fn settled(devices: &[Device], server: &SimServer) -> bool {
 pub fn run_seeds(first: u64, count: u64, options: &SimOptions) -> Result<Totals, SimError> {
     let mut totals = Totals::default();
     for seed in first..first.saturating_add(count) {
-        let report = run_seed(seed, options)?;
+        let report = run_seed(seed, options).map_err(|e| SimError::Setup(format!("seed {seed}: {e}")))?;
         totals.seeds += 1;
         totals.writes += report.writes;
         totals.faults += report.faults.total();
