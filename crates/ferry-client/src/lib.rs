@@ -224,7 +224,7 @@ impl Inner {
     /// Every committed change of the visible state: live queries first
     /// (their callbacks run here), then the change broadcast.
     fn on_change(&self, source: ChangeSource, rows: &[RowChange]) {
-        if let Err(e) = self.live.lock().on_change(rows) {
+        if let Err(e) = self.live.lock().on_change(self.local.store().as_ref(), rows) {
             tracing::error!(error = %e, "live queries could not take a change");
         }
         // Copying the rows costs per row: only when someone listens.

@@ -3,19 +3,210 @@
 //! database: local writes, applied checkpoints and rolled-back rejections
 //! all flow in as row changes, one engine transaction per commit.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::{Arc, Weak};
 
-use ferry_query::{ChangeSet, Diff, Explain, Query, QueryEngine, QueryResult, SubscriptionId};
+use ferry_core::{codec, Index, RowData, Value};
+use ferry_query::{ChangeSet, Diff, DiffCallback, Explain, IndexScan, Query, QueryEngine, QueryResult, SubscriptionId};
+use ferry_store::Store;
 use parking_lot::Mutex;
 
 use crate::{ClientError, Inner, RowChange};
 
-/// The query engine of one database and the collections it has loaded.
+/// The query engine of one database and the collections it has loaded,
+/// and the live queries served from the store through an index.
 #[derive(Default)]
 pub(crate) struct LiveState {
     engine: QueryEngine,
     loaded: BTreeSet<String>,
+    windows: BTreeMap<u64, IndexWindow>,
+    next_window: u64,
+}
+
+/// Which live query a handle names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LiveId {
+    /// A query of the shared engine (whole collections in memory).
+    Engine(SubscriptionId),
+    /// A store-backed index window.
+    Window(u64),
+}
+
+/// A live query served from the store through an index range whose range
+/// is its filter and whose order is its order: it keeps only the rows of
+/// the range up to an edge (at least `offset + limit` plus a margin, whole
+/// ties included), in an engine of its own. A change to a row is kept when
+/// the row is in range and before the edge; when rows leave and fewer than
+/// `offset + limit` are kept, the range is read again (as it is when the
+/// kept rows grow past twice the target).
+struct IndexWindow {
+    table: String,
+    index: Index,
+    lower: Bound<Vec<Value>>,
+    upper: Bound<Vec<Value>>,
+    /// Encoded key range of the scan.
+    lo: Option<Vec<u8>>,
+    hi: Option<Vec<u8>>,
+    /// Descending order: the range is read from its end, and positions
+    /// are the indexed values only (ties are kept whole, since the query
+    /// breaks them by ascending id).
+    reverse: bool,
+    /// `offset + limit`: the rows the result needs.
+    need_rows: usize,
+    /// Rows read per (re)load.
+    keep_rows: usize,
+    /// Position of the last kept row in scan order; `None` when the whole
+    /// range is kept.
+    edge: Option<Vec<u8>>,
+    kept: BTreeSet<String>,
+    engine: QueryEngine,
+    sub: SubscriptionId,
+}
+
+impl IndexWindow {
+    fn new(table: &str, index: Index, scan: &IndexScan, query: &Query, rows: usize) -> Result<Self, ClientError> {
+        let (lower, upper) = scan.bounds();
+        let (lo, hi) = codec::index_key_range(&lower, &upper);
+        let mut engine = QueryEngine::new();
+        engine.create_collection(table)?;
+        let explain = query.explain(&|_| vec![index.clone()]);
+        let need_rows = match explain.operators.last() {
+            Some(ferry_query::Operator::Window { offset, limit, .. }) => offset.saturating_add(limit.unwrap_or(0)),
+            _ => rows,
+        };
+        Ok(IndexWindow {
+            table: table.to_owned(),
+            index,
+            lower,
+            upper,
+            lo,
+            hi,
+            reverse: scan.reverse,
+            need_rows,
+            keep_rows: rows.max(1),
+            edge: None,
+            kept: BTreeSet::new(),
+            engine,
+            sub: SubscriptionId(0),
+        })
+    }
+
+    fn in_range(&self, id: &str, data: &RowData) -> bool {
+        let key = ferry_store::index_key(&self.index, id, data);
+        self.lo.as_deref().is_none_or(|l| key.as_slice() >= l) && self.hi.as_deref().is_none_or(|h| key.as_slice() < h)
+    }
+
+    fn position(&self, id: &str, data: &RowData) -> Vec<u8> {
+        if self.reverse {
+            let values: Vec<Value> = self
+                .index
+                .columns
+                .iter()
+                .map(|c| data.get(c).cloned().unwrap_or(Value::Null))
+                .collect();
+            codec::encode_key_prefix(&values)
+        } else {
+            ferry_store::index_key(&self.index, id, data)
+        }
+    }
+
+    /// Whether a row in range falls before the edge.
+    fn before_edge(&self, id: &str, data: &RowData) -> bool {
+        match &self.edge {
+            None => true,
+            Some(edge) if self.reverse => self.position(id, data) >= *edge,
+            Some(edge) => self.position(id, data) <= *edge,
+        }
+    }
+
+    /// Read the range from the store and pick the rows to keep (setting
+    /// the edge): `keep_rows` in scan order, then the rest of the last
+    /// one's ties.
+    fn load(&mut self, store: &dyn Store) -> Result<Vec<(String, RowData, bool)>, ClientError> {
+        let mut rows =
+            store.scan_visible_index(&self.table, &self.index.name, self.lower.clone(), self.upper.clone())?;
+        let pending: BTreeSet<String> = store.scan_overlay(&self.table)?.into_iter().map(|(id, _)| id).collect();
+        if self.reverse {
+            rows.reverse();
+        }
+        let mut out = Vec::with_capacity(self.keep_rows.min(rows.len()));
+        let mut edge = None;
+        let total = rows.len();
+        for (i, (id, data)) in rows.into_iter().enumerate() {
+            if i >= self.keep_rows {
+                let pos = self.position(&id, &data);
+                if edge.as_ref() != Some(&pos) {
+                    break;
+                }
+            } else if i + 1 == self.keep_rows && total > self.keep_rows {
+                edge = Some(self.position(&id, &data));
+            }
+            let p = pending.contains(&id);
+            out.push((id, data, p));
+        }
+        self.edge = edge;
+        Ok(out)
+    }
+
+    fn start(&mut self, store: &dyn Store, query: &Query, callback: DiffCallback) -> Result<QueryResult, ClientError> {
+        let rows = self.load(store)?;
+        let mut cs = ChangeSet::new();
+        for (id, data, pending) in rows {
+            self.kept.insert(id.clone());
+            cs = cs.upsert(&self.table, id, data, pending);
+        }
+        self.engine.apply(cs)?;
+        let (sub, result) = self.engine.subscribe_with(query, callback)?;
+        self.sub = sub;
+        Ok(result)
+    }
+
+    /// Take a commit's changes: one engine transaction, one diff.
+    fn on_change(&mut self, store: &dyn Store, rows: &[RowChange]) -> Result<(), ClientError> {
+        let mut cs = ChangeSet::new();
+        let mut any = false;
+        for change in rows.iter().filter(|c| c.table == self.table) {
+            any = true;
+            let keep = change
+                .row
+                .as_ref()
+                .is_some_and(|data| self.in_range(&change.id, data) && self.before_edge(&change.id, data));
+            match &change.row {
+                Some(data) if keep => {
+                    self.kept.insert(change.id.clone());
+                    cs = cs.upsert(&self.table, change.id.clone(), data.clone(), change.pending);
+                }
+                _ => {
+                    if self.kept.remove(&change.id) {
+                        cs = cs.delete(&self.table, change.id.clone());
+                    }
+                }
+            }
+        }
+        if !any {
+            return Ok(());
+        }
+        let short = self.edge.is_some() && self.kept.len() < self.need_rows;
+        let grown = self.kept.len() > self.keep_rows.saturating_mul(2);
+        if short || grown {
+            // The store already holds this commit: the rows read are the
+            // rows after it, applied in the same transaction.
+            let fresh = self.load(store)?;
+            let now: BTreeSet<String> = fresh.iter().map(|(id, _, _)| id.clone()).collect();
+            for gone in self.kept.difference(&now) {
+                cs = cs.delete(&self.table, gone.clone());
+            }
+            for (id, data, pending) in fresh {
+                if !self.kept.contains(&id) {
+                    cs = cs.upsert(&self.table, id, data, pending);
+                }
+            }
+            self.kept = now;
+        }
+        self.engine.apply(cs)?;
+        Ok(())
+    }
 }
 
 /// Rows handed to the engine per change set while loading a collection.
@@ -49,10 +240,19 @@ impl LiveState {
         Ok(())
     }
 
-    /// Feed changed rows of loaded collections to the engine (subscribers'
-    /// callbacks run inside). The changes carry their new visible rows:
-    /// nothing is read from the store.
-    pub(crate) fn on_change(&mut self, rows: &[RowChange]) -> Result<Vec<Diff>, ClientError> {
+    /// Feed changed rows to the live queries (subscribers' callbacks run
+    /// inside). The changes carry their new visible rows: nothing is read
+    /// from the store, except by an index window refilling its rows.
+    pub(crate) fn on_change(&mut self, store: &dyn Store, rows: &[RowChange]) -> Result<Vec<Diff>, ClientError> {
+        for window in self.windows.values_mut() {
+            if let Err(e) = window.on_change(store, rows) {
+                tracing::error!(error = %e, table = %window.table, "an index window could not take a change");
+            }
+        }
+        self.on_change_engine(rows)
+    }
+
+    fn on_change_engine(&mut self, rows: &[RowChange]) -> Result<Vec<Diff>, ClientError> {
         let mut cs = ChangeSet::new();
         let mut any = false;
         for change in rows {
@@ -75,7 +275,7 @@ impl LiveState {
 /// A live query: its subscriber callback gets a [`Diff`] after every commit
 /// that changes its result. Dropping it ends the subscription.
 pub struct LiveQuery {
-    id: SubscriptionId,
+    id: LiveId,
     inner: Weak<Inner>,
 }
 
@@ -93,14 +293,28 @@ impl LiveQuery {
             .upgrade()
             .ok_or_else(|| ClientError::Task("the database is closed".into()))?;
         let live = inner.live.lock();
-        Ok(live.engine.current(self.id)?)
+        match self.id {
+            LiveId::Engine(id) => Ok(live.engine.current(id)?),
+            LiveId::Window(n) => match live.windows.get(&n) {
+                Some(w) => Ok(w.engine.current(w.sub)?),
+                None => Err(ClientError::Task(format!("live query {n} is gone"))),
+            },
+        }
     }
 }
 
 impl Drop for LiveQuery {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.upgrade() {
-            let _ = inner.live.lock().engine.unsubscribe(self.id);
+            let mut live = inner.live.lock();
+            match self.id {
+                LiveId::Engine(id) => {
+                    let _ = live.engine.unsubscribe(id);
+                }
+                LiveId::Window(n) => {
+                    live.windows.remove(&n);
+                }
+            }
         }
     }
 }
@@ -135,12 +349,41 @@ impl crate::Database {
     where
         F: FnMut(&Diff) + Send + 'static,
     {
+        let explain = self.explain(query)?;
         let mut live = self.inner.live.lock();
+        let window_rows = match explain.operators.first() {
+            Some(ferry_query::Operator::IndexWindow { rows, .. }) => Some(*rows),
+            _ => None,
+        };
+        if let (Some(scan), Some(rows)) = (explain.index_window(), window_rows) {
+            let table = query.collections().first().copied().unwrap_or_default().to_owned();
+            let index = self
+                .inner
+                .local
+                .schema()
+                .table(&table)
+                .map_err(ferry_queue::QueueError::from)?
+                .index_def(&scan.index)
+                .cloned()
+                .ok_or_else(|| ClientError::Task(format!("table {table:?} has no index {:?}", scan.index)))?;
+            let mut window = IndexWindow::new(&table, index, scan, query, rows)?;
+            let result = window.start(self.inner.local.store().as_ref(), query, Box::new(on_diff))?;
+            let n = live.next_window;
+            live.next_window += 1;
+            live.windows.insert(n, window);
+            return Ok((
+                LiveQuery {
+                    id: LiveId::Window(n),
+                    inner: Arc::downgrade(&self.inner),
+                },
+                result,
+            ));
+        }
         live.ensure_loaded(&self.inner, query)?;
         let (id, result) = live.engine.subscribe_with(query, Box::new(on_diff))?;
         Ok((
             LiveQuery {
-                id,
+                id: LiveId::Engine(id),
                 inner: Arc::downgrade(&self.inner),
             },
             result,

@@ -95,7 +95,8 @@ fn schema() -> Schema {
             .column("title", ColumnType::Text)
             .column("status", ColumnType::Text)
             .column("updated_at", ColumnType::Integer)
-            .index("by_status", &["status"]),
+            .index("by_status", &["status"])
+            .index("by_status_updated", &["status", "updated_at"]),
         Table::new("drafts").column("body", ColumnType::Text).local_only(),
     ])
     .expect("schema")
@@ -133,6 +134,17 @@ fn queries() -> Vec<Query> {
             .limit(3),
         Query::from("tickets").order_by(col("title"), Order::Asc),
         Query::from("drafts"),
+        Query::from("tickets")
+            .filter(col("status").eq("done"))
+            .select_cols(["id", "updated_at"])
+            .order_by(col("updated_at"), Order::Asc)
+            .offset(1)
+            .limit(2),
+        Query::from("tickets").filter(col("status").eq("pending")).limit(2),
+        Query::from("tickets")
+            .filter(col("status").eq("pending").and(col("updated_at").gte(10)))
+            .order_by(col("updated_at"), Order::Desc)
+            .limit(1),
     ]
 }
 
@@ -221,7 +233,7 @@ enum Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    let id = 0u8..8;
+    let id = 0u8..12;
     prop_oneof![
         (id.clone(), any::<bool>(), 0i64..50).prop_map(|(id, pending, at)| Step::Put { id, pending, at }),
         (id.clone(), 0i64..50).prop_map(|(id, at)| Step::Update { id, at }),
@@ -314,7 +326,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn live_results_equal_a_fresh_query(steps in proptest::collection::vec(step(), 1..40)) {
+    fn live_results_equal_a_fresh_query(steps in proptest::collection::vec(step(), 1..60)) {
         let (store, db) = open();
         let queries = queries();
         let lives: Vec<_> = queries
@@ -335,13 +347,22 @@ proptest! {
 fn explain_uses_the_client_schemas_indexes() {
     let (_store, db) = open();
     let plan = db.explain(&queries()[0]).expect("explain");
-    let scan = plan.access().index().expect("by_status serves it");
-    assert_eq!(scan.index, "by_status");
+    let scan = plan.access().index().expect("an index serves it");
+    assert_eq!(scan.index, "by_status_updated");
     assert_eq!(scan.equal, [Value::from("pending")]);
-    assert!(!scan.serves_order, "by_status has no updated_at: {plan}");
-    assert_eq!(
-        db.explain(&queries()[1]).expect("explain").access(),
-        &ferry_query::Access::FullScan
+    assert!(scan.serves_order && scan.reverse, "{plan}");
+    assert!(plan.index_window().is_some(), "{plan}");
+    assert!(plan.to_string().contains("index window on tickets, 6 rows"), "{plan}");
+    for (i, q) in queries().iter().enumerate() {
+        let windowed = db.explain(q).expect("explain").index_window().is_some();
+        assert_eq!(windowed, [true, false, false, true, true, true][i], "{q:?}");
+    }
+    let plan = db.explain(&queries()[1]).expect("explain");
+    assert_eq!(plan.access(), &ferry_query::Access::FullScan);
+    assert!(
+        plan.to_string()
+            .contains("source tickets: keeps every row of the collection"),
+        "{plan}"
     );
     let err = db.explain(&Query::from("nope")).expect_err("unknown table");
     assert!(err.to_string().contains("nope"), "{err}");

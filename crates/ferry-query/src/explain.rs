@@ -54,6 +54,10 @@ pub struct IndexScan {
     pub serves_order: bool,
     /// Whether the scan runs from the end of the range (descending order).
     pub reverse: bool,
+    /// Whether the scan's range is exactly the filter: every top-level AND
+    /// term of the filter fixes a column or bounds the range, so every row
+    /// in range passes the filter.
+    pub covers_filter: bool,
 }
 
 impl IndexScan {
@@ -89,6 +93,11 @@ pub struct SourcePlan {
     pub access: Access,
 }
 
+/// Most rows a store-backed window keeps beyond `offset + limit` (never
+/// more than `offset + limit` itself), so that rows leaving it rarely
+/// force a new scan.
+pub const WINDOW_MARGIN_ROWS: usize = 16;
+
 /// One operator of a live query, with the state it keeps.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Operator {
@@ -96,6 +105,18 @@ pub enum Operator {
     Source {
         /// The source's alias.
         alias: String,
+    },
+    /// The rows of a source read from the store through an index range,
+    /// only up to the window's edge: a live query served by an index
+    /// whose range is its filter and whose order is its order, with a
+    /// limit (see [`Explain::index_window`]).
+    IndexWindow {
+        /// The source's alias.
+        alias: String,
+        /// Rows read per scan: `offset + limit` plus a margin of as many
+        /// (at most [`WINDOW_MARGIN_ROWS`]), or the whole range when
+        /// smaller, plus ties at the edge.
+        rows: usize,
     },
     /// WHERE: keeps nothing.
     Filter,
@@ -131,6 +152,10 @@ impl Operator {
     pub fn state(&self) -> &'static str {
         match self {
             Operator::Source { .. } => "every row of the collection, in the engine (shared by the queries on it)",
+            Operator::IndexWindow { .. } => {
+                "the rows of the index range up to the window's edge (with a margin and whole ties), \
+                 refilled from the store when rows leave"
+            }
             Operator::Filter => "nothing",
             Operator::Join { .. } => "both sides' rows, hashed by the join key",
             Operator::Group { .. } => {
@@ -153,6 +178,18 @@ pub struct Explain {
 }
 
 impl Explain {
+    /// The index scan a live query reads its rows through when it runs as
+    /// a store-backed window: a single source without grouping or
+    /// distinct, an index whose range is exactly the filter and whose
+    /// order is the query's, and a limit. `None`: the query keeps whole
+    /// collections in memory.
+    pub fn index_window(&self) -> Option<&IndexScan> {
+        match self.operators.first() {
+            Some(Operator::IndexWindow { .. }) => self.access().index(),
+            _ => None,
+        }
+    }
+
     /// How the `from` collection's rows are found.
     pub fn access(&self) -> &Access {
         match self.sources.first() {
@@ -221,6 +258,7 @@ impl fmt::Display for Operator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Operator::Source { alias } => write!(f, "source {alias}")?,
+            Operator::IndexWindow { alias, rows } => write!(f, "index window on {alias}, {rows} rows")?,
             Operator::Filter => write!(f, "filter")?,
             Operator::Join { alias, kind, on } => {
                 let on: Vec<String> = on.iter().map(|(a, b)| format!("{a} = {b}")).collect();
@@ -362,6 +400,10 @@ fn order_column<'a>(q: &'a Query, e: &'a Expr) -> Option<&'a str> {
 }
 
 fn plan_index(q: &Query, index: &Index, terms: &[(&str, CmpOp, &Value)], is_from: bool) -> IndexScan {
+    let mut all_terms = Vec::new();
+    if let Some(f) = &q.filter {
+        conjuncts(f, &mut all_terms);
+    }
     let mut equal = Vec::new();
     for c in &index.columns {
         match terms.iter().find(|(t, op, _)| t == c && *op == CmpOp::Eq) {
@@ -370,6 +412,7 @@ fn plan_index(q: &Query, index: &Index, terms: &[(&str, CmpOp, &Value)], is_from
         }
     }
     let (mut lower, mut upper) = (Bound::Unbounded, Bound::Unbounded);
+    let mut bounds_used = 0;
     if let Some(next) = index.columns.get(equal.len()) {
         for (c, op, v) in terms {
             if c != next {
@@ -381,8 +424,9 @@ fn plan_index(q: &Query, index: &Index, terms: &[(&str, CmpOp, &Value)], is_from
                 CmpOp::Gte if matches!(lower, Bound::Unbounded) => lower = Bound::Included(v),
                 CmpOp::Lt if matches!(upper, Bound::Unbounded) => upper = Bound::Excluded(v),
                 CmpOp::Lte if matches!(upper, Bound::Unbounded) => upper = Bound::Included(v),
-                _ => {}
+                _ => continue,
             }
+            bounds_used += 1;
         }
     }
     // The order is served when, past the fixed columns, the sort keys are
@@ -416,11 +460,14 @@ fn plan_index(q: &Query, index: &Index, terms: &[(&str, CmpOp, &Value)], is_from
     IndexScan {
         index: index.name.clone(),
         columns: index.columns.clone(),
-        equal,
         lower,
         upper,
         serves_order,
         reverse: serves_order && reverse,
+        // Only when the terms are exactly one per fixed column and bound:
+        // then every term is one the scan applies.
+        covers_filter: is_from && all_terms.len() == fixed + bounds_used && terms.len() == all_terms.len(),
+        equal,
     }
 }
 
@@ -485,8 +532,30 @@ impl Query {
                 access: plan_source(self, &j.alias, false, &indexes(&j.collection)),
             });
         }
-        let mut operators = vec![Operator::Source {
-            alias: self.alias.clone(),
+        let first = sources.first().and_then(|s| s.access.index());
+        let window = match (first, self.limit) {
+            (Some(scan), Some(limit))
+                if scan.serves_order
+                    && scan.covers_filter
+                    && self.joins.is_empty()
+                    && self.group_by.is_empty()
+                    && self.having.is_none()
+                    && !self.distinct
+                    && !self.select.as_ref().is_some_and(|s| s.iter().any(|(_, e)| e.has_agg())) =>
+            {
+                let need = self.offset.saturating_add(limit);
+                Some(need.saturating_add(need.min(WINDOW_MARGIN_ROWS)))
+            }
+            _ => None,
+        };
+        let mut operators = vec![match window {
+            Some(rows) => Operator::IndexWindow {
+                alias: self.alias.clone(),
+                rows,
+            },
+            None => Operator::Source {
+                alias: self.alias.clone(),
+            },
         }];
         for j in &self.joins {
             operators.push(Operator::Source { alias: j.alias.clone() });

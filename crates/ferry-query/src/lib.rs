@@ -78,7 +78,7 @@ mod source;
 
 pub use engine::{DiffCallback, EngineLimits, QueryEngine};
 pub use error::QueryError;
-pub use explain::{Access, Explain, IndexScan, Operator, SourcePlan};
+pub use explain::{Access, Explain, IndexScan, Operator, SourcePlan, WINDOW_MARGIN_ROWS};
 pub use expr::{
     avg, coalesce, col, concat, count, count_of, length, lit, lower, max, min, not, sum, upper, AggFn, ArithOp, CmpOp,
     Expr, Func,
