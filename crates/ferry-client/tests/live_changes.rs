@@ -19,7 +19,7 @@ use proptest::prelude::*;
 /// A store that counts its row reads (synced and overlay rows, scans).
 #[derive(Debug)]
 struct CountingStore {
-    inner: MemoryStore,
+    inner: Box<dyn Store>,
     row_reads: AtomicU64,
 }
 
@@ -103,8 +103,12 @@ fn schema() -> Schema {
 }
 
 fn open() -> (Arc<CountingStore>, Database) {
+    open_on(Box::new(MemoryStore::new(schema())))
+}
+
+fn open_on(inner: Box<dyn Store>) -> (Arc<CountingStore>, Database) {
     let store = Arc::new(CountingStore {
-        inner: MemoryStore::new(schema()),
+        inner,
         row_reads: AtomicU64::new(0),
     });
     let options = ClientOptions {
@@ -326,8 +330,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn live_results_equal_a_fresh_query(steps in proptest::collection::vec(step(), 1..60)) {
-        let (store, db) = open();
+    fn live_results_equal_a_fresh_query(steps in proptest::collection::vec(step(), 1..60), sqlite in any::<bool>()) {
+        let (store, db) = if sqlite {
+            open_on(Box::new(ferry_sqlite::SqliteStore::open_in_memory(schema()).expect("sqlite")))
+        } else {
+            open()
+        };
         let queries = queries();
         let lives: Vec<_> = queries
             .iter()
