@@ -4,7 +4,8 @@
 //! write transaction with its own errors.
 
 pub use ferry_source::{
-    BucketState, CheckpointState, ClientProgress, NewOp, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
+    BucketState, CheckpointState, ClientProgress, CommitReceiver, NewOp, OpRange, SourceDb, SourceError, SourceTx,
+    StoredOutcome, StoredRow,
 };
 
 use crate::error::{Result, ServiceError};

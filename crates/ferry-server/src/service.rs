@@ -10,8 +10,8 @@ use ferry_core::{
     row_size_bytes, Clock, CrudEntry, CrudOp, HlcTimestamp, HybridClock, Limits, RowData, SystemClock, Table, Value,
 };
 use ferry_protocol::{
-    Checkpoint, CheckpointDiff, DataBatch, DataLineWriter, OpKind, OpOutcome, Outcome, ServerError,
-    StreamLine, StreamRequest, UploadRequest, UploadResponse,
+    Checkpoint, CheckpointDiff, DataLineWriter, OpKind, OpOutcome, Outcome, ServerError, StreamLine, StreamRequest,
+    UploadRequest, UploadResponse,
 };
 use ferry_transport::{blocking, ServerLine, ServerLineStream, ServerLines, SyncHandler};
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::auth::{AuthUser, Authenticator};
 use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution, SideWrite};
-use crate::db::{BucketState, CheckpointState, NewOp, SourceDb, SourceTx, StoredRow};
+use crate::db::{BucketState, CheckpointState, NewOp, OpRange, SourceDb, SourceTx, StoredRow};
 use crate::error::{Result, ServiceError};
 use crate::permissions::{self, WriteOp, WriteRequest, Writer};
 use crate::rules::SyncRules;
@@ -120,7 +120,6 @@ struct Inner {
     options: ServiceOptions,
     strategies: BTreeMap<String, Arc<dyn ConflictStrategy>>,
     default_strategy: Arc<dyn ConflictStrategy>,
-    commits: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     streams: Arc<Semaphore>,
     /// Uploads of one client id run one at a time; each client id has
@@ -261,7 +260,6 @@ impl SyncServiceBuilder {
                 options: self.options,
                 strategies: self.strategies,
                 default_strategy: self.default_strategy,
-                commits: watch::channel(0).0,
                 shutdown: watch::channel(false).0,
                 streams,
                 upload_locks: parking_lot::Mutex::new(HashMap::new()),
@@ -356,9 +354,6 @@ impl SyncService {
         let result = blocking::run(move || inner.process_upload(&user, &request))
             .await
             .map_err(blocking_error)?;
-        // Wake streams even after a partial failure: earlier transactions
-        // may have committed.
-        self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
         result
     }
 
@@ -381,7 +376,6 @@ impl SyncService {
         let result = blocking::run(move || inner.process_import(ops))
             .await
             .map_err(blocking_error)?;
-        self.inner.commits.send_modify(|c| *c = c.wrapping_add(1));
         result.map(|()| n)
     }
 
@@ -470,7 +464,6 @@ impl SyncService {
         let stats = blocking::run(move || compact_bucket(db.as_ref(), &bucket))
             .await
             .map_err(blocking_error)??;
-        self.inner.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(stats)
     }
 
@@ -1372,7 +1365,9 @@ async fn run_stream<L: StreamOut>(
     mut positions: BTreeMap<String, u64>,
     tx: &mpsc::Sender<L>,
 ) -> Result<()> {
-    let mut commits = inner.commits.subscribe();
+    // The database's commit notifications (of every server sharing it,
+    // where the database can tell); keepalives look again anyway.
+    let mut commits = inner.db.commits();
     let period = Duration::from_secs(inner.options.keepalive_interval_s.max(1));
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1456,27 +1451,27 @@ async fn run_stream<L: StreamOut>(
             }
             sent = Some(cp);
         }
-        // Wait for a commit, sending keepalives meanwhile.
-        loop {
-            tokio::select! {
-                biased;
-                () = tx.closed() => return Ok(()),
-                r = commits.changed() => {
-                    if r.is_err() {
-                        return Ok(());
-                    }
-                    break;
-                }
-                stop = out.stopped() => {
-                    out.end(stop);
+        // Wait for a commit or the next keepalive, then look again: a
+        // notification may have been lost (another server's commit, a
+        // dropped connection), so every keepalive is followed by a fresh
+        // checkpoint.
+        tokio::select! {
+            biased;
+            () = tx.closed() => return Ok(()),
+            r = commits.changed() => {
+                if r.is_err() {
                     return Ok(());
                 }
-                _ = keepalive.tick() => {
-                    let token_expires_in_s = user.exp_s.saturating_sub(inner.clock.now_ms() / 1000);
-                    if let Err(stop) = out.send(StreamLine::Keepalive { token_expires_in_s }.into()).await {
-                        out.end(stop);
-                        return Ok(());
-                    }
+            }
+            stop = out.stopped() => {
+                out.end(stop);
+                return Ok(());
+            }
+            _ = keepalive.tick() => {
+                let token_expires_in_s = user.exp_s.saturating_sub(inner.clock.now_ms() / 1000);
+                if let Err(stop) = out.send(StreamLine::Keepalive { token_expires_in_s }.into()).await {
+                    out.end(stop);
+                    return Ok(());
                 }
             }
         }
@@ -1484,50 +1479,24 @@ async fn run_stream<L: StreamOut>(
 }
 
 /// A stream's line type: typed lines ([`StreamLine`], for
-/// [`SyncService::open_stream`]) or lines for transports ([`ServerLine`],
-/// whose `data` lines are encoded straight from the stored rows).
+/// [`SyncService::open_stream`]) or lines for transports ([`ServerLine`]).
+/// Both come from one path: `data` lines are encoded straight from the
+/// stored rows ([`read_data_line`]); the typed stream decodes them.
 trait StreamOut: From<StreamLine> + LineBytes + Send + 'static {
-    /// The next `data` line of `bucket` after `after_op_id` through
-    /// `up_to_op_id`: the line, its entry count and its last op id; `None`
-    /// when there is no entry. `size_hint_bytes` carries the size of the
-    /// stream's last line to the next (lines of a stream tend to be alike).
-    fn read_data(
-        db: &dyn SourceDb,
-        bucket: &str,
-        after_op_id: u64,
-        up_to_op_id: u64,
-        max_ops: usize,
-        max_bytes: usize,
-        size_hint_bytes: &mut usize,
-    ) -> Result<Option<(Self, usize, u64)>>;
+    /// The line for an encoded `data` line (newline included).
+    fn from_data_line(line: Vec<u8>) -> Result<Self>;
 }
 
 impl StreamOut for StreamLine {
-    fn read_data(
-        db: &dyn SourceDb,
-        bucket: &str,
-        after_op_id: u64,
-        up_to_op_id: u64,
-        max_ops: usize,
-        max_bytes: usize,
-        _size_hint_bytes: &mut usize,
-    ) -> Result<Option<(Self, usize, u64)>> {
-        let mut ops = db.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
-        // Measure the encoding (what a transport writes for this line): keep
-        // the entries that fit in `max_bytes`, at least one. The rest come
-        // in the next line.
-        let mut measure = DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes);
-        let fit = ops.iter().take_while(|e| measure.push_entry(e)).count();
-        ops.truncate(fit);
-        let Some(last) = ops.last().map(|o| o.op_id) else {
-            return Ok(None);
-        };
-        let n = ops.len();
-        let line = StreamLine::Data(DataBatch {
-            bucket: bucket.to_owned(),
-            ops,
-        });
-        Ok(Some((line, n, last)))
+    fn from_data_line(line: Vec<u8>) -> Result<Self> {
+        ferry_protocol::decode_line(&line, usize::MAX)
+            .map_err(|e| ServiceError::Database(format!("a data line read from the op log does not decode: {e}")))
+    }
+}
+
+impl StreamOut for ServerLine {
+    fn from_data_line(line: Vec<u8>) -> Result<Self> {
+        Ok(ServerLine::Encoded(line))
     }
 }
 
@@ -1535,31 +1504,30 @@ impl StreamOut for StreamLine {
 /// the stream's previous line, plus some).
 const MAX_ENCODED_LINE_RESERVE_BYTES: usize = 16 * 1024 * 1024;
 
-impl StreamOut for ServerLine {
-    fn read_data(
-        db: &dyn SourceDb,
-        bucket: &str,
-        after_op_id: u64,
-        up_to_op_id: u64,
-        max_ops: usize,
-        max_bytes: usize,
-        size_hint_bytes: &mut usize,
-    ) -> Result<Option<(Self, usize, u64)>> {
-        let reserve = size_hint_bytes.saturating_add(*size_hint_bytes / 8);
-        let reserve = reserve.min(MAX_ENCODED_LINE_RESERVE_BYTES).min(max_bytes);
-        // The writer itself refuses entries past `max_bytes` of encoded
-        // line, whatever the database pushes, so the last op id is the
-        // writer's (the database's may name an entry it refused).
-        let mut line = DataLineWriter::new(bucket, reserve).with_max_line_bytes(max_bytes);
-        db.read_ops_into(bucket, after_op_id, up_to_op_id, max_ops, max_bytes, &mut line)?;
-        let Some(last) = line.last_op_id() else {
-            return Ok(None);
-        };
-        let n = line.ops();
-        let bytes = line.finish();
-        *size_hint_bytes = bytes.len();
-        Ok(Some((ServerLine::Encoded(bytes), n, last)))
-    }
+/// The next `data` line of `range`: the encoded line (within
+/// `range.max_line_bytes`, newline included, at least one entry), its
+/// entry count and its last op id; `None` when there is no entry.
+/// `size_hint_bytes` carries the size of the stream's last line to the
+/// next (lines of a stream tend to be alike).
+fn read_data_line(
+    db: &dyn SourceDb,
+    range: &OpRange<'_>,
+    size_hint_bytes: &mut usize,
+) -> Result<Option<(Vec<u8>, usize, u64)>> {
+    let reserve = size_hint_bytes.saturating_add(*size_hint_bytes / 8);
+    let reserve = reserve.min(MAX_ENCODED_LINE_RESERVE_BYTES).min(range.max_line_bytes);
+    // The writer itself refuses entries past `max_line_bytes` of encoded
+    // line, whatever the database pushes, so the last op id is the
+    // writer's (the database's may name an entry it refused).
+    let mut line = DataLineWriter::new(range.bucket, reserve).with_max_line_bytes(range.max_line_bytes);
+    db.read_ops_into(range, &mut line)?;
+    let Some(last) = line.last_op_id() else {
+        return Ok(None);
+    };
+    let n = line.ops();
+    let bytes = line.finish();
+    *size_hint_bytes = bytes.len();
+    Ok(Some((bytes, n, last)))
 }
 
 /// Sends the entries of each `(bucket, after_op_id)` up to `last_op_id`
@@ -1586,8 +1554,13 @@ async fn send_data<L: StreamOut>(
             let name = bucket.clone();
             let read = blocking::run(move || {
                 let mut hint = size_hint_bytes;
-                L::read_data(db.as_ref(), &name, pos, last_op_id, max_ops, max_bytes, &mut hint)
-                    .map(|line| (line, hint))
+                let range = OpRange::between(&name, pos, last_op_id).limited(max_ops, max_bytes);
+                let line = read_data_line(db.as_ref(), &range, &mut hint)?;
+                let line = match line {
+                    Some((bytes, n, last)) => Some((L::from_data_line(bytes)?, n, last)),
+                    None => None,
+                };
+                Ok::<_, ServiceError>((line, hint))
             })
             .await
             .map_err(blocking_error)??;

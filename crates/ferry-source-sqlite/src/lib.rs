@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use ferry_core::{HlcTimestamp, RowData, Schema, Table, Value};
 use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 use ferry_source::{
-    BucketState, CheckpointState, ClientProgress, NewOp, Result as SourceResult, SourceDb, SourceError, SourceTx,
-    StoredOutcome, StoredRow,
+    BucketState, CheckpointState, ClientProgress, NewOp, OpRange, Result as SourceResult, SourceDb, SourceError,
+    SourceTx, StoredOutcome, StoredRow,
 };
 use parking_lot::Mutex;
 use rusqlite::types::{Value as SqlValue, ValueRef};
@@ -579,7 +579,7 @@ impl SourceTx for SqliteTx<'_> {
     }
 
     fn bucket_ops(&mut self, bucket: &str) -> SourceResult<Vec<OplogEntry>> {
-        lift(|| read_ops_in(self.tx, bucket, 0, i64::MAX as u64, usize::MAX, usize::MAX))
+        lift(|| read_ops_in(self.tx, &OpRange::all(bucket)))
     }
 
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> SourceResult<()> {
@@ -612,27 +612,23 @@ impl SourceTx for SqliteTx<'_> {
     }
 }
 
-/// Visit a bucket's op log entries after `after_op_id` through
-/// `up_to_op_id` in op id order, at most `max_ops`, until `visit` returns
-/// `false` (it did not take the entry: the line is full). Columns: op_id,
-/// op, tbl, row_id, data, checksum.
+/// Visit the op log entries of `range` in op id order, at most
+/// `max_ops`, until `visit` returns `false` (it did not take the entry:
+/// the line is full). Columns: op_id, op, tbl, row_id, data, checksum.
 fn scan_ops(
     conn: &Connection,
-    bucket: &str,
-    after_op_id: u64,
-    up_to_op_id: u64,
-    max_ops: usize,
+    range: &OpRange<'_>,
     mut visit: impl FnMut(&rusqlite::Row<'_>) -> Result<bool>,
 ) -> Result<()> {
     let mut stmt = conn.prepare_cached(
         "SELECT op_id, op, tbl, row_id, data, checksum FROM ferry_oplog
          WHERE bucket = ?1 AND op_id > ?2 AND op_id <= ?3 ORDER BY op_id LIMIT ?4",
     )?;
-    let limit = i64::try_from(max_ops).unwrap_or(i64::MAX);
+    let limit = i64::try_from(range.max_ops).unwrap_or(i64::MAX);
     let mut rows = stmt.query(params![
-        bucket,
-        after_op_id as i64,
-        i64::try_from(up_to_op_id).unwrap_or(i64::MAX),
+        range.bucket,
+        i64::try_from(range.after_op_id).unwrap_or(i64::MAX),
+        i64::try_from(range.up_to_op_id).unwrap_or(i64::MAX),
         limit
     ])?;
     while let Some(r) = rows.next()? {
@@ -667,19 +663,14 @@ fn op_of(r: &rusqlite::Row<'_>) -> Result<OpKind> {
     }
 }
 
-fn read_ops_in(
-    conn: &Connection,
-    bucket: &str,
-    after_op_id: u64,
-    up_to_op_id: u64,
-    max_ops: usize,
-    max_bytes: usize,
-) -> Result<Vec<OplogEntry>> {
+fn read_ops_in(conn: &Connection, range: &OpRange<'_>) -> Result<Vec<OplogEntry>> {
     let mut out = Vec::new();
-    // `max_bytes` bounds the encoded `data` line of the entries, as for
-    // `read_ops_into_in`: measured (and dropped) when bounded.
-    let mut measure = (max_bytes < usize::MAX).then(|| DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes));
-    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, |r| {
+    // `max_line_bytes` bounds the encoded `data` line of the entries, as
+    // for `read_ops_into_in`: measured (and dropped) when bounded.
+    let max_bytes = range.max_line_bytes;
+    let mut measure =
+        (max_bytes < usize::MAX).then(|| DataLineWriter::new(range.bucket, 0).with_max_line_bytes(max_bytes));
+    scan_ops(conn, range, |r| {
         if let Some(line) = &mut measure {
             if !push_row(line, r)? {
                 return Ok(false);
@@ -712,21 +703,13 @@ fn opt_text<'a>(v: ValueRef<'a>, what: &str) -> Result<Option<&'a str>> {
 
 /// [`read_ops_in`] appending to an encoded line: the stored row JSON (what
 /// `serde_json` wrote for the row) is copied, never parsed. The line is cut
-/// before an entry that would take it past `max_bytes` encoded bytes
+/// before an entry that would take it past `max_line_bytes` encoded bytes
 /// (newline included; at least one entry per line), or past the line's own
 /// limit when that is lower.
-fn read_ops_into_in(
-    conn: &Connection,
-    bucket: &str,
-    after_op_id: u64,
-    up_to_op_id: u64,
-    max_ops: usize,
-    max_bytes: usize,
-    line: &mut DataLineWriter,
-) -> Result<Option<u64>> {
-    line.lower_max_line_bytes(max_bytes);
+fn read_ops_into_in(conn: &Connection, range: &OpRange<'_>, line: &mut DataLineWriter) -> Result<Option<u64>> {
+    line.lower_max_line_bytes(range.max_line_bytes);
     let mut last = None;
-    scan_ops(conn, bucket, after_op_id, up_to_op_id, max_ops, |r| {
+    scan_ops(conn, range, |r| {
         if !push_row(line, r)? {
             return Ok(false);
         }
@@ -844,29 +827,12 @@ impl SourceDb for SqliteSourceDb {
         })
     }
 
-    fn read_ops(
-        &self,
-        bucket: &str,
-        after_op_id: u64,
-        up_to_op_id: u64,
-        max_ops: usize,
-        max_bytes: usize,
-    ) -> SourceResult<Vec<OplogEntry>> {
-        lift(|| self.with_reader(|conn| read_ops_in(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes)))
+    fn read_ops(&self, range: &OpRange<'_>) -> SourceResult<Vec<OplogEntry>> {
+        lift(|| self.with_reader(|conn| read_ops_in(conn, range)))
     }
 
-    fn read_ops_into(
-        &self,
-        bucket: &str,
-        after_op_id: u64,
-        up_to_op_id: u64,
-        max_ops: usize,
-        max_bytes: usize,
-        line: &mut DataLineWriter,
-    ) -> SourceResult<Option<u64>> {
-        lift(|| {
-            self.with_reader(|conn| read_ops_into_in(conn, bucket, after_op_id, up_to_op_id, max_ops, max_bytes, line))
-        })
+    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> SourceResult<Option<u64>> {
+        lift(|| self.with_reader(|conn| read_ops_into_in(conn, range, line)))
     }
 
     fn bucket_names(&self) -> SourceResult<Vec<String>> {

@@ -178,6 +178,62 @@ pub struct BucketState {
     pub last_op_id: u64,
 }
 
+/// A range of one bucket's op log to read: the entries with
+/// `after_op_id < op_id <= up_to_op_id`, ascending, at most `max_ops`,
+/// and no more than fit in one encoded `data` line of `max_line_bytes`
+/// bytes, newline included (at least one entry when there is one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpRange<'a> {
+    /// The bucket instance.
+    pub bucket: &'a str,
+    /// Entries after this op id (exclusive).
+    pub after_op_id: u64,
+    /// Entries up to this op id (inclusive).
+    pub up_to_op_id: u64,
+    /// Most entries.
+    pub max_ops: usize,
+    /// Most bytes of the entries' encoded `data` line, newline included.
+    pub max_line_bytes: usize,
+}
+
+impl<'a> OpRange<'a> {
+    /// Every entry of `bucket`, without limits.
+    pub fn all(bucket: &'a str) -> Self {
+        OpRange {
+            bucket,
+            after_op_id: 0,
+            up_to_op_id: u64::MAX,
+            max_ops: usize::MAX,
+            max_line_bytes: usize::MAX,
+        }
+    }
+
+    /// The entries of `bucket` with `after_op_id < op_id <= up_to_op_id`,
+    /// without limits.
+    pub fn between(bucket: &'a str, after_op_id: u64, up_to_op_id: u64) -> Self {
+        OpRange {
+            after_op_id,
+            up_to_op_id,
+            ..OpRange::all(bucket)
+        }
+    }
+
+    /// The same range limited to `max_ops` entries of at most
+    /// `max_line_bytes` of encoded line.
+    pub fn limited(self, max_ops: usize, max_line_bytes: usize) -> Self {
+        OpRange {
+            max_ops,
+            max_line_bytes,
+            ..self
+        }
+    }
+
+    /// The same range starting after `after_op_id`.
+    pub fn after(self, after_op_id: u64) -> Self {
+        OpRange { after_op_id, ..self }
+    }
+}
+
 /// A consistent checkpoint for one client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointState {
@@ -274,36 +330,19 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     /// The checkpoint for a client over these buckets (in the order
     /// given), read in one consistent snapshot.
     fn checkpoint(&self, client_id: &str, buckets: &[String]) -> Result<CheckpointState>;
-    /// Entries of a bucket with `after_op_id < op_id <= up_to_op_id`,
-    /// ascending, at most `max_ops`, and no more than fit in one encoded
-    /// `data` line of `max_bytes` bytes, newline included (at least one
-    /// entry when there is one). The stream measures the encoding again,
-    /// so a database may return more; the rest is read again next line.
-    fn read_ops(
-        &self,
-        bucket: &str,
-        after_op_id: u64,
-        up_to_op_id: u64,
-        max_ops: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<OplogEntry>>;
+    /// The entries of `range` ([`OpRange`]). The stream measures the
+    /// encoding again, so a database may return more than fit in the
+    /// line; the rest is read again next line.
+    fn read_ops(&self, range: &OpRange<'_>) -> Result<Vec<OplogEntry>>;
     /// The same entries as [`SourceDb::read_ops`], appended to an encoded
     /// `data` line instead of returned typed, up to the line's size limit
     /// (the writer refuses entries past it). Returns the last op id added
     /// (`None` when there was none). The default encodes `read_ops`'s
     /// entries; a database that keeps rows as JSON text copies them as
     /// they are.
-    fn read_ops_into(
-        &self,
-        bucket: &str,
-        after_op_id: u64,
-        up_to_op_id: u64,
-        max_ops: usize,
-        max_bytes: usize,
-        line: &mut DataLineWriter,
-    ) -> Result<Option<u64>> {
-        let ops = self.read_ops(bucket, after_op_id, up_to_op_id, max_ops, max_bytes)?;
-        line.lower_max_line_bytes(max_bytes);
+    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> Result<Option<u64>> {
+        let ops = self.read_ops(range)?;
+        line.lower_max_line_bytes(range.max_line_bytes);
         for e in &ops {
             if !line.push_entry(e) {
                 break;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use ferry_core::{ColumnType, HlcTimestamp, RowData, Schema, Table, Value};
 use ferry_protocol::{op_checksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 
-use crate::{BucketState, ClientProgress, NewOp, Result, SourceDb, SourceError, SourceTx, StoredRow};
+use crate::{BucketState, ClientProgress, NewOp, OpRange, Result, SourceDb, SourceError, SourceTx, StoredRow};
 
 /// How the suite makes and reopens databases of one backend.
 pub trait SourceBackend: Sync {
@@ -163,8 +163,20 @@ fn write<T: Default>(db: &dyn SourceDb, mut work: impl FnMut(&mut dyn SourceTx) 
     out
 }
 
+/// The [`OpRange`] of `bucket` from `after_op_id` (exclusive) to
+/// `up_to_op_id`, at most `max_ops` entries in `max_line_bytes`.
+pub fn range(bucket: &str, after_op_id: u64, up_to_op_id: u64, max_ops: usize, max_line_bytes: usize) -> OpRange<'_> {
+    OpRange {
+        bucket,
+        after_op_id,
+        up_to_op_id,
+        max_ops,
+        max_line_bytes,
+    }
+}
+
 fn all_ops(db: &dyn SourceDb, bucket: &str) -> Vec<OplogEntry> {
-    db.read_ops(bucket, 0, u64::MAX, usize::MAX, usize::MAX)
+    db.read_ops(&range(bucket, 0, u64::MAX, usize::MAX, usize::MAX))
         .expect("read ops")
 }
 
@@ -585,7 +597,7 @@ pub fn read_ops_ranges_and_limits<B: SourceBackend>(b: &B) {
     let db = open(b, &loc);
     let ids = fill(db.as_ref(), 10);
     let read = |after, up_to, max_ops| -> Vec<u64> {
-        db.read_ops("a[]", after, up_to, max_ops, usize::MAX)
+        db.read_ops(&range("a[]", after, up_to, max_ops, usize::MAX))
             .expect("read ops")
             .iter()
             .map(|e| e.op_id)
@@ -607,7 +619,7 @@ pub fn read_ops_ranges_and_limits<B: SourceBackend>(b: &B) {
     assert!(read(ids[9], u64::MAX, 5).is_empty());
     assert!(read(ids[5], ids[5], 5).is_empty(), "an empty range");
     assert!(db
-        .read_ops("none[]", 0, u64::MAX, 10, usize::MAX)
+        .read_ops(&range("none[]", 0, u64::MAX, 10, usize::MAX))
         .expect("read ops")
         .is_empty());
 }
@@ -630,7 +642,7 @@ pub fn read_ops_line_limit<B: SourceBackend>(b: &B) {
     let mut seen = Vec::new();
     while seen.len() < ids.len() {
         let ops = db
-            .read_ops("a[]", after, u64::MAX, usize::MAX, max_bytes)
+            .read_ops(&range("a[]", after, u64::MAX, usize::MAX, max_bytes))
             .expect("read ops");
         assert!(!ops.is_empty(), "at least one entry while there are some");
         let mut line = DataLineWriter::new("a[]", 0).with_max_line_bytes(max_bytes);
@@ -647,7 +659,9 @@ pub fn read_ops_line_limit<B: SourceBackend>(b: &B) {
         after = ops[fit - 1].op_id;
     }
     assert_eq!(seen, ids);
-    let alone = db.read_ops("a[]", 0, u64::MAX, usize::MAX, 10).expect("read ops");
+    let alone = db
+        .read_ops(&range("a[]", 0, u64::MAX, usize::MAX, 10))
+        .expect("read ops");
     assert!(!alone.is_empty(), "one entry over the limit still comes");
     assert_eq!(alone[0].op_id, ids[0]);
 }
@@ -668,10 +682,12 @@ pub fn read_ops_into_matches_read_ops<B: SourceBackend>(b: &B) {
     ] {
         let mut line = DataLineWriter::new("a[]", 0);
         let last = db
-            .read_ops_into("a[]", after, up_to, max_ops, max_bytes, &mut line)
+            .read_ops_into(&range("a[]", after, up_to, max_ops, max_bytes), &mut line)
             .expect("read ops into");
         let mut typed = DataLineWriter::new("a[]", 0).with_max_line_bytes(max_bytes);
-        let ops = db.read_ops("a[]", after, up_to, max_ops, max_bytes).expect("read ops");
+        let ops = db
+            .read_ops(&range("a[]", after, up_to, max_ops, max_bytes))
+            .expect("read ops");
         for e in &ops {
             if !typed.push_entry(e) {
                 break;
@@ -926,7 +942,7 @@ pub fn op_ids_appear_in_commit_order<B: SourceBackend>(b: &B) {
                 cp.last_op_id
             );
             let ops = db
-                .read_ops("a[]", 0, cp.last_op_id, usize::MAX, usize::MAX)
+                .read_ops(&range("a[]", 0, cp.last_op_id, usize::MAX, usize::MAX))
                 .expect("read ops");
             for e in &ops {
                 if e.op_id <= high {
