@@ -1,0 +1,289 @@
+//! Download streams: a checkpoint, then a diff and `data` lines for every
+//! change, woken by the source database's commit notifications and
+//! looking again after every keepalive; `data` lines are encoded from the
+//! stored rows (one path; the typed stream decodes them) and sent within
+//! the stream's byte budget.
+
+use super::*;
+
+impl SyncService {
+    /// Open a stream for an authenticated user, typed.
+    pub fn open_stream(&self, user: AuthUser, request: StreamRequest) -> Result<ServerLines> {
+        self.open_stream_as(user, request)
+    }
+
+    /// Open a stream for an authenticated user, with `data` lines encoded
+    /// straight from the stored rows (what transports use: no typed rows
+    /// are built).
+    pub fn open_stream_lines(&self, user: AuthUser, request: StreamRequest) -> Result<ServerLineStream> {
+        self.open_stream_as(user, request)
+    }
+
+    fn open_stream_as<L: StreamOut>(&self, user: AuthUser, request: StreamRequest) -> Result<mpsc::Receiver<L>> {
+        let inner = &self.inner;
+        if *inner.shutdown.borrow() {
+            return Err(ServiceError::ShuttingDown);
+        }
+        check_client_id(&request.client_id, inner.options.max_client_id_bytes)?;
+        // A point read; a client id of another user is refused before
+        // anything of the stream is read.
+        inner.check_client_owner(&request.client_id, &user.user_id)?;
+        let permit = inner.streams.clone().try_acquire_owned().map_err(|_| {
+            ServiceError::Busy(format!(
+                "too many concurrent streams (limit {})",
+                inner.options.max_concurrent_streams
+            ))
+        })?;
+        let buckets = inner
+            .rules
+            .user_buckets(&user.claims, inner.options.max_buckets_per_user)?;
+        let requested: BTreeMap<&str, u64> = request
+            .buckets
+            .iter()
+            .map(|b| (b.name.as_str(), b.after_op_id))
+            .collect();
+        let positions: BTreeMap<String, u64> = buckets
+            .iter()
+            .map(|b| (b.clone(), requested.get(b.as_str()).copied().unwrap_or(0)))
+            .collect();
+        let (tx, rx) = mpsc::channel(inner.options.stream_buffer_lines.max(1));
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let client_id = request.client_id;
+            if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx).await {
+                tracing::warn!(client_id, error = %e, "stream failed");
+                // A client that does not read never gets it.
+                let _ = tx.try_send(StreamLine::Error(e.to_server_error()).into());
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// Runs one stream until the client leaves, the token expires or the
+/// server shuts down, whether or not the client reads (every send waits
+/// within [`ServiceOptions::max_stream_buffer_bytes`] and ends at either).
+async fn run_stream<L: StreamOut>(
+    inner: &Arc<Inner>,
+    user: &AuthUser,
+    client_id: &str,
+    buckets: Vec<String>,
+    mut positions: BTreeMap<String, u64>,
+    tx: &mpsc::Sender<L>,
+) -> Result<()> {
+    // The database's commit notifications (of every server sharing it,
+    // where the database can tell); keepalives look again anyway.
+    let mut commits = inner.db.commits();
+    let period = Duration::from_secs(inner.options.keepalive_interval_s.max(1));
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let expires_in_ms = (user.exp_s.saturating_mul(1000)).saturating_sub(inner.clock.now_ms());
+    // The transport's share of the budget: the line it is writing.
+    let channel_budget = inner
+        .options
+        .max_stream_buffer_bytes
+        .saturating_sub(inner.options.max_line_bytes);
+    let mut out = StreamSender::new(
+        tx,
+        channel_budget,
+        inner.shutdown.subscribe(),
+        Duration::from_millis(expires_in_ms),
+        user.exp_s,
+    );
+    let mut sent: Option<CheckpointState> = None;
+    loop {
+        commits.borrow_and_update();
+        let db = inner.db.clone();
+        let (cid, names) = (client_id.to_owned(), buckets.clone());
+        let cp = blocking::run(move || db.checkpoint(&cid, &names))
+            .await
+            .map_err(blocking_error)??;
+        if sent.as_ref() != Some(&cp) {
+            let changed: Vec<String> = match &sent {
+                None => {
+                    let line = StreamLine::Checkpoint(Checkpoint {
+                        hlc: Some(inner.hlc.now()),
+                        last_op_id: cp.last_op_id,
+                        write_checkpoint: cp.write_checkpoint,
+                        buckets: cp.buckets.clone(),
+                    });
+                    if let Err(stop) = out.send(line.into()).await {
+                        out.end(stop);
+                        return Ok(());
+                    }
+                    cp.buckets.iter().map(|b| b.bucket.clone()).collect()
+                }
+                Some(prev) => {
+                    let updated: Vec<_> = cp
+                        .buckets
+                        .iter()
+                        .filter(|b| !prev.buckets.contains(b))
+                        .cloned()
+                        .collect();
+                    let line = StreamLine::CheckpointDiff(CheckpointDiff {
+                        hlc: Some(inner.hlc.now()),
+                        last_op_id: cp.last_op_id,
+                        write_checkpoint: cp.write_checkpoint,
+                        updated_buckets: updated.clone(),
+                        removed_buckets: Vec::new(),
+                    });
+                    if let Err(stop) = out.send(line.into()).await {
+                        out.end(stop);
+                        return Ok(());
+                    }
+                    updated.into_iter().map(|b| b.bucket).collect()
+                }
+            };
+            let work: Vec<(String, u64)> = changed
+                .into_iter()
+                .filter_map(|b| {
+                    let pos = positions.get(&b).copied().unwrap_or(0);
+                    (pos < cp.last_op_id).then_some((b, pos))
+                })
+                .collect();
+            if let Err(stop) = send_data(inner, work, cp.last_op_id, &mut out).await? {
+                out.end(stop);
+                return Ok(());
+            }
+            for p in positions.values_mut() {
+                *p = (*p).max(cp.last_op_id);
+            }
+            let complete = StreamLine::CheckpointComplete {
+                last_op_id: cp.last_op_id,
+            };
+            if let Err(stop) = out.send(complete.into()).await {
+                out.end(stop);
+                return Ok(());
+            }
+            sent = Some(cp);
+        }
+        // Wait for a commit or the next keepalive, then look again: a
+        // notification may have been lost (another server's commit, a
+        // dropped connection), so every keepalive is followed by a fresh
+        // checkpoint.
+        tokio::select! {
+            biased;
+            () = tx.closed() => return Ok(()),
+            r = commits.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+            }
+            stop = out.stopped() => {
+                out.end(stop);
+                return Ok(());
+            }
+            _ = keepalive.tick() => {
+                let token_expires_in_s = user.exp_s.saturating_sub(inner.clock.now_ms() / 1000);
+                if let Err(stop) = out.send(StreamLine::Keepalive { token_expires_in_s }.into()).await {
+                    out.end(stop);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A stream's line type: typed lines ([`StreamLine`], for
+/// [`SyncService::open_stream`]) or lines for transports ([`ServerLine`]).
+/// Both come from one path: `data` lines are encoded straight from the
+/// stored rows ([`read_data_line`]); the typed stream decodes them.
+trait StreamOut: From<StreamLine> + LineBytes + Send + 'static {
+    /// The line for an encoded `data` line (newline included).
+    fn from_data_line(line: Vec<u8>) -> Result<Self>;
+}
+
+impl StreamOut for StreamLine {
+    fn from_data_line(line: Vec<u8>) -> Result<Self> {
+        ferry_protocol::decode_line(&line, usize::MAX)
+            .map_err(|e| ServiceError::Database(format!("a data line read from the op log does not decode: {e}")))
+    }
+}
+
+impl StreamOut for ServerLine {
+    fn from_data_line(line: Vec<u8>) -> Result<Self> {
+        Ok(ServerLine::Encoded(line))
+    }
+}
+
+/// Most bytes reserved up front for an encoded `data` line (the size of
+/// the stream's previous line, plus some).
+const MAX_ENCODED_LINE_RESERVE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The next `data` line of `range`: the encoded line (within
+/// `range.max_line_bytes`, newline included, at least one entry), its
+/// entry count and its last op id; `None` when there is no entry.
+/// `size_hint_bytes` carries the size of the stream's last line to the
+/// next (lines of a stream tend to be alike).
+fn read_data_line(
+    db: &dyn SourceDb,
+    range: &OpRange<'_>,
+    size_hint_bytes: &mut usize,
+) -> Result<Option<(Vec<u8>, usize, u64)>> {
+    let reserve = size_hint_bytes.saturating_add(*size_hint_bytes / 8);
+    let reserve = reserve.min(MAX_ENCODED_LINE_RESERVE_BYTES).min(range.max_line_bytes);
+    // The writer itself refuses entries past `max_line_bytes` of encoded
+    // line, whatever the database pushes, so the last op id is the
+    // writer's (the database's may name an entry it refused).
+    let mut line = DataLineWriter::new(range.bucket, reserve).with_max_line_bytes(range.max_line_bytes);
+    db.read_ops_into(range, &mut line)?;
+    let Some(last) = line.last_op_id() else {
+        return Ok(None);
+    };
+    let n = line.ops();
+    let bytes = line.finish();
+    *size_hint_bytes = bytes.len();
+    Ok(Some((bytes, n, last)))
+}
+
+/// Sends the entries of each `(bucket, after_op_id)` up to `last_op_id`
+/// in bounded lines, each read on a blocking thread once a whole line
+/// fits the stream's byte budget (so reading runs ahead of the client by
+/// at most that). `Ok(Err(stop))` when the stream must end.
+async fn send_data<L: StreamOut>(
+    inner: &Arc<Inner>,
+    work: Vec<(String, u64)>,
+    last_op_id: u64,
+    out: &mut StreamSender<'_, L>,
+) -> Result<std::result::Result<(), Stop>> {
+    let (max_ops, max_bytes) = (
+        inner.options.max_ops_per_line.max(1),
+        inner.options.max_line_bytes.max(1),
+    );
+    let mut size_hint_bytes = 0;
+    for (bucket, mut pos) in work {
+        loop {
+            if let Err(stop) = out.room_for(max_bytes).await {
+                return Ok(Err(stop));
+            }
+            let db = inner.db.clone();
+            let name = bucket.clone();
+            let read = blocking::run(move || {
+                let mut hint = size_hint_bytes;
+                let range = OpRange::between(&name, pos, last_op_id).limited(max_ops, max_bytes);
+                let line = read_data_line(db.as_ref(), &range, &mut hint)?;
+                let line = match line {
+                    Some((bytes, n, last)) => Some((L::from_data_line(bytes)?, n, last)),
+                    None => None,
+                };
+                Ok::<_, ServiceError>((line, hint))
+            })
+            .await
+            .map_err(blocking_error)??;
+            let (Some((line, n, last)), hint) = read else {
+                break;
+            };
+            size_hint_bytes = hint;
+            pos = last;
+            let full = n >= max_ops;
+            if let Err(stop) = out.send(line).await {
+                return Ok(Err(stop));
+            }
+            if !full && pos >= last_op_id {
+                break;
+            }
+        }
+    }
+    Ok(Ok(()))
+}
