@@ -1,0 +1,131 @@
+//! Live queries over a SQLite store with N synced tickets, through the
+//! public API: the first result and the update latency (one local write
+//! until the subscriber's diff arrives) of
+//! `status = 'pending' ORDER BY updated_at DESC LIMIT 50`, served by the
+//! index (status, updated_at) as a store-backed window, next to a query no
+//! index serves (`... ORDER BY title DESC LIMIT 50`, whole table in
+//! memory). Prints one JSON line per N and path.
+//!
+//! `cargo run --release -p ferry-client --example live_store_bench -- 100000`
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferry_client::query::{col, Order};
+use ferry_client::{ClientOptions, Database, Query};
+use ferry_core::{row_data, ColumnType, Schema, Table, Value};
+use ferry_queue::{LocalDbOptions, QueueError};
+use ferry_sqlite::SqliteStore;
+use ferry_store::WriteBatch;
+
+const UPDATES: usize = 200;
+const LOAD_CHUNK_ROWS: usize = 10_000;
+
+fn schema() -> Schema {
+    Schema::new([Table::new("tickets")
+        .column("title", ColumnType::Text)
+        .column("status", ColumnType::Text)
+        .column("updated_at", ColumnType::Integer)
+        .index("by_status_updated", &["status", "updated_at"])])
+    .expect("schema")
+}
+
+fn ticket(i: u64) -> ferry_core::RowData {
+    let status = if i.is_multiple_of(10) { "pending" } else { "done" };
+    row_data([
+        ("title", Value::from(format!("ticket {i}"))),
+        ("status", Value::from(status)),
+        ("updated_at", Value::Integer(i as i64)),
+    ])
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(0.0)
+}
+
+fn run(n: u64, path: &str, query: &Query) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SqliteStore::open(dir.path().join("client.db"), schema())?);
+    let options = ClientOptions {
+        local: LocalDbOptions {
+            client_id_seed: Some(1),
+            ..LocalDbOptions::default()
+        },
+        ..ClientOptions::default()
+    };
+    let db = Database::open(store, options)?;
+    let load_started = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let mut batch = WriteBatch::new();
+        for j in i..(i + LOAD_CHUNK_ROWS as u64).min(n) {
+            batch.put_synced("tickets", format!("t{j:08}"), ticket(j));
+        }
+        db.local().apply_server_changes(batch, None)?;
+        i += LOAD_CHUNK_ROWS as u64;
+    }
+    let load_ms = load_started.elapsed().as_secs_f64() * 1e3;
+    let explain = db.explain(query)?;
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    let (live, first) = db.live_query(query, move |d| {
+        let _ = tx.send(d.added.len());
+    })?;
+    let first_result_ms = started.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(first.rows.len(), 50);
+    let mut update_us = Vec::with_capacity(UPDATES);
+    for k in 0..UPDATES as u64 {
+        let id = format!("new{k:06}");
+        let data = row_data([
+            ("title", Value::from(format!("zz new {k}"))),
+            ("status", Value::from("pending")),
+            ("updated_at", Value::Integer((n + k) as i64)),
+        ]);
+        let t = Instant::now();
+        db.write(|w| w.put("tickets", &id, data))
+            .map_err(|e: QueueError| e.to_string())?;
+        rx.recv()?;
+        update_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    update_us.sort_by(f64::total_cmp);
+    println!(
+        "{{\"engine\":\"ferry\",\"path\":\"{path}\",\"N\":{n},\"first_result_ms\":{first_result_ms:.2},\"update_median_us\":{:.1},\"update_p99_us\":{:.1},\"rss_mb\":{:.1},\"index_window\":{},\"store_load_ms\":{load_ms:.0}}}",
+        percentile(&update_us, 0.5),
+        percentile(&update_us, 0.99),
+        rss_mb(),
+        explain.index_window().is_some(),
+    );
+    drop(live);
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let sizes: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![100_000] } else { sizes };
+    let indexed = Query::from("tickets")
+        .filter(col("status").eq("pending"))
+        .order_by(col("updated_at"), Order::Desc)
+        .limit(50);
+    let unindexed = Query::from("tickets")
+        .filter(col("status").eq("pending"))
+        .order_by(col("title"), Order::Desc)
+        .limit(50);
+    for n in sizes {
+        run(n, "index_window", &indexed)?;
+        run(n, "whole_collection", &unindexed)?;
+    }
+    Ok(())
+}
