@@ -63,12 +63,12 @@ fn written(op: &CrudOp, column: &str) -> Option<Option<Value>> {
 /// Monotonic reads and read-your-writes on one device, now.
 pub fn sample(device: &mut Device, server: &SimServer, columns: &[String]) -> Vec<Violation> {
     let mut out = Vec::new();
-    for (id, title) in std::mem::take(&mut device.screen.lock().flickers) {
+    for (id, title, shown) in std::mem::take(&mut device.screen.lock().flickers) {
         out.push(violation(
             "no flicker",
             Some(format!("tickets/{id}")),
             format!(
-                "device {} showed its own {title:?} on {id}, lost it, and showed it again",
+                "device {} showed its own {title:?} on {id}, lost it, and showed it again (screen: {shown})",
                 device.index
             ),
         ));

@@ -51,11 +51,15 @@ pub struct OwnWrite {
 pub struct ScreenWatch {
     current: BTreeMap<String, Value>,
     gone: BTreeMap<String, std::collections::BTreeSet<String>>,
-    /// Titles of this device's own writes.
-    pub own: std::collections::BTreeSet<String>,
-    /// Flickers seen: (ticket id, title).
-    pub flickers: Vec<(String, String)>,
+    /// Titles of this device's own writes, with the seq that wrote them.
+    pub own: BTreeMap<String, u64>,
+    /// Flickers seen: (ticket id, title, what the screen showed for it).
+    pub flickers: Vec<(String, String, String)>,
+    shown: BTreeMap<String, Vec<String>>,
 }
+
+/// Titles kept per ticket for a flicker's report.
+const SHOWN_TITLES_KEPT: usize = 12;
 
 impl ScreenWatch {
     fn show(&mut self, id: &str, title: Option<&Value>) {
@@ -67,12 +71,31 @@ impl ScreenWatch {
         if before.as_ref() == title {
             return;
         }
+        let shown = self.shown.entry(id.to_owned()).or_default();
+        if shown.len() == SHOWN_TITLES_KEPT {
+            shown.remove(0);
+        }
+        shown.push(match title {
+            Some(Value::Text(t)) => format!("{t} (seq {:?})", self.own.get(t)),
+            other => format!("{other:?}"),
+        });
         if let Some(Value::Text(b)) = &before {
-            self.gone.entry(id.to_owned()).or_default().insert(b.clone());
+            // Replaced by a newer write of this device is not a loss: if
+            // that write loses on the server, the old value is back by
+            // the rules.
+            let seq_of = |v: Option<&Value>| match v {
+                Some(Value::Text(t)) => self.own.get(t).copied(),
+                _ => None,
+            };
+            let superseded = matches!((seq_of(before.as_ref()), seq_of(title)), (Some(b), Some(n)) if n > b);
+            if !superseded {
+                self.gone.entry(id.to_owned()).or_default().insert(b.clone());
+            }
         }
         if let Some(Value::Text(t)) = title {
-            if self.own.contains(t) && self.gone.get(id).is_some_and(|g| g.contains(t)) {
-                self.flickers.push((id.to_owned(), t.clone()));
+            if self.own.contains_key(t) && self.gone.get(id).is_some_and(|g| g.contains(t)) {
+                let shown = self.shown.get(id).map(|v| v.join(" -> ")).unwrap_or_default();
+                self.flickers.push((id.to_owned(), t.clone(), shown));
             }
         }
     }
@@ -283,6 +306,13 @@ impl Device {
         // a flicker, never a new write of the same text.
         let title = Value::from(format!("title {:016x} by {}", rng.next_u64(), self.index));
         let status = Value::from(STATUSES[(rng.next_u64() % 3) as usize]);
+        // The screen hears of the write while it commits: name the title
+        // as this device's (with the seq it gets) first.
+        if kind == 0 {
+            if let Value::Text(t) = &title {
+                self.screen.lock().own.insert(t.clone(), db.local().last_seq() + 1);
+            }
+        }
         let result = db.write_with_receipt(|tx| -> Result<(), ferry_queue::QueueError> {
             match kind {
                 0 => tx.put("tickets", &id, row_data([("title", title), ("status", status)])),
@@ -348,7 +378,7 @@ impl Device {
         for e in entries {
             if let CrudOp::Put { data, .. } = &e.op {
                 if let Some(Value::Text(t)) = data.get("title") {
-                    self.screen.lock().own.insert(t.clone());
+                    self.screen.lock().own.insert(t.clone(), e.seq);
                 }
             }
             self.writes.insert(e.seq, OwnWrite { seq: e.seq, op: e.op });
