@@ -71,14 +71,26 @@ fn text_obj(doc: &AutoCommit) -> Result<ObjId> {
 /// Load a document (a `save()`, or a save followed by incremental
 /// chunks).
 pub fn load(bytes: &[u8]) -> Result<AutoCommit> {
-    AutoCommit::load(bytes).map_err(invalid)
+    guarded(|| AutoCommit::load(bytes).map_err(invalid))
+}
+
+/// Run automerge on bytes from outside. Some malformed documents make
+/// automerge 0.12 panic instead of returning an error (found by fuzzing:
+/// `fuzz/corpus/crdt/regression-automerge-panic`); a client must not be
+/// able to take a server worker down with a column value, so a panic here
+/// is the same refusal as any other invalid document.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(invalid("automerge failed on malformed bytes")))
 }
 
 /// The text of a text document.
 pub fn read_text(bytes: &[u8]) -> Result<String> {
-    let doc = load(bytes)?;
-    let obj = text_obj(&doc)?;
-    doc.text(&obj).map_err(invalid)
+    guarded(|| {
+        let doc = load(bytes)?;
+        let obj = text_obj(&doc)?;
+        doc.text(&obj).map_err(invalid)
+    })
 }
 
 /// Edits of a text document, inside [`edit_text`]. Positions count
@@ -149,6 +161,10 @@ impl TextEdit<'_> {
 /// two different edits by one actor from the same document clash when
 /// merged). Returns the document saved.
 pub fn edit_text(bytes: &[u8], actor_seed: &str, f: impl FnOnce(&mut TextEdit<'_>)) -> Result<Vec<u8>> {
+    guarded(|| edit_text_unguarded(bytes, actor_seed, f))
+}
+
+fn edit_text_unguarded(bytes: &[u8], actor_seed: &str, f: impl FnOnce(&mut TextEdit<'_>)) -> Result<Vec<u8>> {
     let mut doc = load(bytes)?.with_actor(actor_for(actor_seed.as_bytes()));
     let obj = text_obj(&doc)?;
     let mut edit = TextEdit {
@@ -168,9 +184,11 @@ pub fn edit_text(bytes: &[u8], actor_seed: &str, f: impl FnOnce(&mut TextEdit<'_
 /// saved compactly. Commutative in content: `merge(a, b)` and
 /// `merge(b, a)` hold the same changes and read the same.
 pub fn merge(a: &[u8], b: &[u8]) -> Result<Vec<u8>> {
-    let mut doc = load(a)?;
-    doc.load_incremental(b).map_err(invalid)?;
-    Ok(doc.save())
+    guarded(|| {
+        let mut doc = load(a)?;
+        doc.load_incremental(b).map_err(invalid)?;
+        Ok(doc.save())
+    })
 }
 
 /// The result of merging an incoming document into a stored one.
@@ -188,6 +206,10 @@ pub struct Merged {
 /// holding at least one change the stored document lacks; bytes that load
 /// as neither are refused.
 pub fn merge_into(stored: Option<&[u8]>, incoming: &[u8]) -> Result<Merged> {
+    guarded(|| merge_into_unguarded(stored, incoming))
+}
+
+fn merge_into_unguarded(stored: Option<&[u8]>, incoming: &[u8]) -> Result<Merged> {
     let mut doc = match stored {
         Some(s) => load(s)?,
         None => AutoCommit::new(),
