@@ -13,6 +13,7 @@ use ferry_transport::{blocking, Backoff, LineStream, Transport, TransportError};
 use tokio::sync::watch;
 
 use crate::apply::plan_checkpoint_owned;
+use crate::control::Control;
 use crate::outcomes::encode_stored;
 use crate::{ClientError, Credentials, Inner, UploadOutcome};
 
@@ -41,15 +42,8 @@ pub(crate) async fn download_loop(
     let mut control = inner.control.subscribe();
     let mut refresh = false;
     loop {
-        if *stop.borrow() {
+        if !unpaused(&mut stop, &mut control, |c| c.downloads_paused).await {
             return;
-        }
-        if control.borrow_and_update().downloads_paused {
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return,
-                _ = control.wait_for(|c| !c.downloads_paused) => continue,
-            }
         }
         let resync = control.borrow().resync;
         inner.update_status(|s| s.connecting = true);
@@ -88,6 +82,26 @@ pub(crate) async fn download_loop(
             }
         }
     }
+}
+
+/// Wait while the app keeps this loop paused; `false` once it stopped
+/// syncing (before or meanwhile).
+async fn unpaused(
+    stop: &mut watch::Receiver<bool>,
+    control: &mut watch::Receiver<Control>,
+    paused: fn(&Control) -> bool,
+) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    if paused(&control.borrow_and_update()) {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return false,
+            _ = control.wait_for(|c| !paused(c)) => {}
+        }
+    }
+    !*stop.borrow()
 }
 
 fn is_unauthorized(e: &ClientError) -> bool {
@@ -336,15 +350,8 @@ pub(crate) async fn upload_loop(
     let mut refresh = false;
     let mut alone = false;
     loop {
-        if *stop.borrow() {
+        if !unpaused(&mut stop, &mut control, |c| c.uploads_paused).await {
             return;
-        }
-        if control.borrow_and_update().uploads_paused {
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return,
-                _ = control.wait_for(|c| !c.uploads_paused) => continue,
-            }
         }
         // An upload in flight is not cut off by a stop: its answer is
         // stored first (disconnect bounds the wait).
