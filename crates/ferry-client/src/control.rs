@@ -104,7 +104,8 @@ impl Database {
     /// live queries) is gone.
     pub async fn close(self) -> Result<(), ClientError> {
         self.disconnect().await;
-        self.inner.local.set_observer(None);
+        // Dropping `self` lets go of the store once no other handle holds
+        // it (the change observer holds the database only weakly).
         Ok(())
     }
 
