@@ -192,9 +192,14 @@ async fn a_stream_whose_client_stalls_buffers_at_most_its_byte_budget() {
     // The client reads nothing for a while: the server reads ahead only
     // within the budget.
     tokio::time::sleep(Duration::from_millis(800)).await;
+    // What is queued now, counted without draining more: each line taken
+    // frees budget the server may refill at once, so only the lines queued
+    // at this moment are what the stalled stream buffered.
+    let queued = rx.len();
     let mut buffered = 0;
     let mut lines = Vec::new();
-    while let Ok(line) = rx.try_recv() {
+    for _ in 0..queued {
+        let Ok(line) = rx.try_recv() else { break };
         let bytes = line.into_bytes();
         buffered += bytes.len();
         lines.push(bytes);
