@@ -7,12 +7,14 @@
 
 mod common;
 
+use common::HttpServer;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{entry, put, upload_req};
 use ferry_http::HttpServerOptions;
-use ferry_server::{mint_token, BoundServer, ServerConfig, ServiceOptions};
+use ferry_server::{mint_token, ServerConfig, ServiceOptions};
 use serde_json::{json, Value as Json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,31 +23,6 @@ const SECRET: &str = "abuse-secret";
 
 fn token(user: &str) -> String {
     mint_token(SECRET, user, 3600, &serde_json::Map::new())
-}
-
-struct Server {
-    _dir: tempfile::TempDir,
-    server: BoundServer,
-}
-
-impl Server {
-    async fn start(http: HttpServerOptions, service: ServiceOptions) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = ServerConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen_addr: "127.0.0.1:0".parse().expect("addr"),
-            jwt_secret: Some(SECRET.into()),
-            http,
-            service,
-            ..ServerConfig::default()
-        };
-        let server = ferry_server::run(config, std::future::pending()).await.expect("start");
-        Server { _dir: dir, server }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.addr
-    }
 }
 
 /// A raw answer.
@@ -245,7 +222,7 @@ async fn others_are_served(addr: SocketAddr, n: u32) {
 
 #[tokio::test]
 async fn half_sent_headers_are_cut_off_while_others_are_served() {
-    let s = Server::start(quick_http(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, quick_http(), ServiceOptions::default()).await;
     let addr = s.addr();
     // 20 connections each sending half a header, then nothing.
     let mut slow = Vec::new();
@@ -271,7 +248,7 @@ async fn half_sent_headers_are_cut_off_while_others_are_served() {
 
 #[tokio::test]
 async fn a_header_sent_in_pieces_within_the_timeout_is_served() {
-    let s = Server::start(quick_http(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, quick_http(), ServiceOptions::default()).await;
     let mut tcp = TcpStream::connect(s.addr()).await.expect("connect");
     tcp.write_all(b"GET /health HTTP/1.1\r\nhost: te").await.expect("write");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -282,7 +259,7 @@ async fn a_header_sent_in_pieces_within_the_timeout_is_served() {
 
 #[tokio::test]
 async fn a_one_byte_per_second_body_is_cut_off_with_408() {
-    let s = Server::start(quick_http(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, quick_http(), ServiceOptions::default()).await;
     let addr = s.addr();
     let body = upload_body("slow-client", "s1");
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
@@ -325,7 +302,7 @@ async fn a_one_byte_per_second_body_is_cut_off_with_408() {
 
 #[tokio::test]
 async fn a_slow_body_within_the_timeout_is_read() {
-    let s = Server::start(quick_http(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, quick_http(), ServiceOptions::default()).await;
     let body = upload_body("slow-ok", "s2");
     let mut tcp = TcpStream::connect(s.addr()).await.expect("connect");
     let head = format!(
@@ -348,7 +325,7 @@ async fn a_slow_body_within_the_timeout_is_read() {
 
 #[tokio::test]
 async fn five_hundred_idle_sockets_do_not_stop_health_or_uploads() {
-    let s = Server::start(quick_http(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, quick_http(), ServiceOptions::default()).await;
     let addr = s.addr();
     let mut idle = Vec::new();
     for _ in 0..500 {
@@ -370,7 +347,7 @@ async fn connections_over_the_cap_get_503_and_the_cap_frees_up() {
         max_connections: 8,
         ..quick_http()
     };
-    let s = Server::start(http, ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, http, ServiceOptions::default()).await;
     let addr = s.addr();
     // At the limit: 7 idle sockets leave one connection for /health.
     let mut idle = Vec::new();
@@ -410,7 +387,7 @@ async fn connections_over_the_cap_get_503_and_the_cap_frees_up() {
 
 #[tokio::test]
 async fn a_garbage_token_with_a_large_body_is_refused_before_the_body_is_read() {
-    let s = Server::start(quick_http(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, quick_http(), ServiceOptions::default()).await;
     let addr = s.addr();
     let declared: usize = 30 * 1024 * 1024; // under max_body_bytes (32 MiB)
     for route in ["/sync/upload", "/sync/stream"] {
@@ -446,7 +423,7 @@ async fn a_garbage_token_with_a_large_body_is_refused_before_the_body_is_read() 
 
 #[tokio::test]
 async fn a_declared_body_over_the_limit_is_refused_unread() {
-    let s = Server::start(quick_http(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, quick_http(), ServiceOptions::default()).await;
     let mut tcp = TcpStream::connect(s.addr()).await.expect("connect");
     let declared = 33 * 1024 * 1024; // over the default 32 MiB
     let head = format!(
@@ -472,7 +449,7 @@ async fn too_many_streams_get_503_with_retry_after() {
         max_concurrent_streams: 2,
         ..ServiceOptions::default()
     };
-    let s = Server::start(quick_http(), service).await;
+    let s = HttpServer::start(SECRET, quick_http(), service).await;
     let addr = s.addr();
     // At the limit: two streams open.
     let (a1, _s1) = open_stream(addr, "u1", "c1").await;
@@ -494,7 +471,7 @@ async fn streams_per_user_are_capped_with_429() {
         max_streams_per_user: 2,
         ..quick_http()
     };
-    let s = Server::start(http, ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, http, ServiceOptions::default()).await;
     let addr = s.addr();
     let (a1, s1) = open_stream(addr, "u1", "c1").await;
     let (a2, _s2) = open_stream(addr, "u1", "c2").await;
@@ -528,7 +505,7 @@ async fn uploads_per_user_per_second_are_capped_with_429() {
         max_uploads_per_user_per_s: 3,
         ..quick_http()
     };
-    let s = Server::start(http, ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, http, ServiceOptions::default()).await;
     let addr = s.addr();
     // At the limit: 3 uploads in a burst.
     for i in 0..3 {

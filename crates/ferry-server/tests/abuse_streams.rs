@@ -7,12 +7,14 @@
 
 mod common;
 
+use common::HttpServer;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{entry, put, upload_txs};
 use ferry_http::HttpServerOptions;
-use ferry_server::{mint_token, BoundServer, ServerConfig, ServiceOptions};
+use ferry_server::{mint_token, ServerConfig, ServiceOptions};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,31 +23,6 @@ const SECRET: &str = "abuse-streams-secret";
 
 fn token(user: &str) -> String {
     mint_token(SECRET, user, 3600, &serde_json::Map::new())
-}
-
-struct Server {
-    _dir: tempfile::TempDir,
-    server: BoundServer,
-}
-
-impl Server {
-    async fn start(http: HttpServerOptions, service: ServiceOptions) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = ServerConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen_addr: "127.0.0.1:0".parse().expect("addr"),
-            jwt_secret: Some(SECRET.into()),
-            http,
-            service,
-            ..ServerConfig::default()
-        };
-        let server = ferry_server::run(config, std::future::pending()).await.expect("start");
-        Server { _dir: dir, server }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.addr
-    }
 }
 
 /// `n` tickets in `per_tx`-op transactions from `client_id`, as JSON.
@@ -88,7 +65,7 @@ async fn post_upload(http: &reqwest::Client, addr: SocketAddr, user: &str, body:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100k_op_upload_does_not_hold_up_other_clients_uploads() {
-    let s = Server::start(HttpServerOptions::default(), ServiceOptions::default()).await;
+    let s = HttpServer::start(SECRET, HttpServerOptions::default(), ServiceOptions::default()).await;
     let addr = s.addr();
     let http = reqwest::Client::new();
     let big = tickets_body("big", 1, 100_000, 100, 8);

@@ -213,3 +213,31 @@ pub fn upload_txs(client_id: &str, txs: Vec<(u64, Vec<CrudEntry>)>) -> UploadReq
             .collect(),
     }
 }
+
+/// `ferry_server::run` on a free loopback port over a temporary data dir,
+/// verifying tokens signed with `secret`.
+pub struct HttpServer {
+    _dir: tempfile::TempDir,
+    /// The running server.
+    pub server: ferry_server::BoundServer,
+}
+
+impl HttpServer {
+    pub async fn start(secret: &str, http: ferry_http::HttpServerOptions, service: ServiceOptions) -> HttpServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ferry_server::ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen_addr: "127.0.0.1:0".parse().expect("addr"),
+            jwt_secret: Some(secret.into()),
+            http,
+            service,
+            ..ferry_server::ServerConfig::default()
+        };
+        let server = ferry_server::run(config, std::future::pending()).await.expect("start");
+        HttpServer { _dir: dir, server }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr
+    }
+}
