@@ -13,7 +13,7 @@ use ferry_core::{HlcTimestamp, Schema, Table};
 use ferry_protocol::{DataLineWriter, OplogEntry, StreamLine, StreamRequest};
 use ferry_server::{
     CheckpointState, CommitReceiver, OpRange, ServiceOptions, SourceDb, SourceError, SourceTx, SqliteSourceDb,
-    StoredRow, SyncRules, SyncService,
+    StoredOutcome, StoredRow, SyncRules, SyncService,
 };
 
 /// SQLite whose commit notifications never come.
@@ -56,6 +56,9 @@ impl SourceDb for Silent {
     }
     fn client_owner(&self, client_id: &str) -> R<Option<String>> {
         self.inner.client_owner(client_id)
+    }
+    fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
+        self.inner.client_outcomes(client_id, after_seq, limit)
     }
     fn max_clock(&self) -> R<Option<HlcTimestamp>> {
         self.inner.max_clock()

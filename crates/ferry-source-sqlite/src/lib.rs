@@ -869,6 +869,40 @@ impl SourceDb for SqliteSourceDb {
         })
     }
 
+    fn client_outcomes(
+        &self,
+        client_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> SourceResult<Vec<(u64, StoredOutcome)>> {
+        lift(|| {
+            self.with_reader(|conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, outcome, fingerprint FROM ferry_outcomes
+                     WHERE client_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                // Seqs are stored as i64; one above i64::MAX matches none.
+                let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = stmt.query_map(params![client_id, after, limit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?))
+                })?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let (seq, s, fingerprint) = row?;
+                    out.push((
+                        seq as u64,
+                        StoredOutcome {
+                            outcome: serde_json::from_str(&s).map_err(|e| corrupt("outcome", e))?,
+                            fingerprint: fingerprint.map(|f| f as u64),
+                        },
+                    ));
+                }
+                Ok(out)
+            })
+        })
+    }
+
     fn max_clock(&self) -> SourceResult<Option<HlcTimestamp>> {
         lift(|| self.with_reader(|conn| read_max_clock(conn)))
     }

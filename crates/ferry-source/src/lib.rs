@@ -359,6 +359,11 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     /// The user a client id belongs to (the first user that uploaded with
     /// it), `None` for a client id never used for an upload.
     fn client_owner(&self, client_id: &str) -> Result<Option<String>>;
+    /// A client's stored outcomes with `seq > after_seq`, ascending by
+    /// seq, at most `limit` of them (for diagnostics: an operator pages
+    /// through them with the last seq seen). Empty for a client id with
+    /// no stored outcome.
+    fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> Result<Vec<(u64, StoredOutcome)>>;
     /// The clock high-water mark: at least every clock ever stored with a
     /// row or tombstone ([`SourceTx::write_row`], [`SourceTx::delete_row`]
     /// keep it in their transaction), `None` when none was stored. The

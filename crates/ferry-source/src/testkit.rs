@@ -39,6 +39,7 @@ macro_rules! source_conformance_tests {
             write_commits_whole,
             failed_work_changes_nothing,
             client_progress_and_outcomes,
+            client_outcomes_are_listed_in_pages,
             rows_clocks_and_tombstones,
             max_clock_is_raised_and_kept,
             bucket_membership,
@@ -336,6 +337,46 @@ pub fn client_progress_and_outcomes<B: SourceBackend>(b: &B) {
         );
         Ok(())
     });
+}
+
+/// A client's stored outcomes listed by seq: only that client's, after
+/// the seq given, at most the limit, a replaced outcome as replaced.
+pub fn client_outcomes_are_listed_in_pages<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    assert!(db.client_outcomes("c1", 0, 10).expect("outcomes").is_empty());
+    write(db.as_ref(), |tx| {
+        tx.set_client("c1", "u1", 5)?;
+        tx.set_client("c2", "u2", 1)?;
+        for seq in [5u64, 1, 3, 2, 4] {
+            tx.record_outcome("c1", seq, seq * 10, &Outcome::Applied)?;
+        }
+        tx.record_outcome("c1", 3, 33, &Outcome::Rejected { reason: "no".into() })?;
+        tx.record_outcome("c2", 1, 1, &Outcome::Applied)?;
+        Ok(())
+    });
+    let seqs = |v: &[(u64, crate::StoredOutcome)]| v.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+    let all = db.client_outcomes("c1", 0, 100).expect("outcomes");
+    assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5]);
+    assert_eq!(all[0].1.fingerprint, Some(10));
+    assert_eq!(
+        all[2].1,
+        crate::StoredOutcome {
+            outcome: Outcome::Rejected { reason: "no".into() },
+            fingerprint: Some(33),
+        }
+    );
+    assert_eq!(seqs(&db.client_outcomes("c1", 0, 2).expect("page 1")), vec![1, 2]);
+    assert_eq!(seqs(&db.client_outcomes("c1", 2, 2).expect("page 2")), vec![3, 4]);
+    assert_eq!(seqs(&db.client_outcomes("c1", 4, 2).expect("page 3")), vec![5]);
+    assert!(db.client_outcomes("c1", 5, 2).expect("past the end").is_empty());
+    assert!(db
+        .client_outcomes("c1", u64::MAX, 2)
+        .expect("far past the end")
+        .is_empty());
+    assert!(db.client_outcomes("c1", 0, 0).expect("limit 0").is_empty());
+    assert_eq!(seqs(&db.client_outcomes("c2", 0, 10).expect("c2")), vec![1]);
+    assert!(db.client_outcomes("nobody", 0, 10).expect("nobody").is_empty());
 }
 
 /// Rows: written whole with their clocks, read back inside and outside a
