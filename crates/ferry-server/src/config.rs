@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use ferry_http::HttpServerOptions;
 use serde::{Deserialize, Serialize};
 
+use crate::admin::AdminOptions;
 use crate::auth::AuthOptions;
 use crate::error::{Result, ServiceError};
 use crate::service::ServiceOptions;
@@ -28,8 +29,15 @@ pub const DEV_JWT_SECRET: &str = "ferry-dev-secret-do-not-use-in-production";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerConfig {
-    /// Where the source database lives.
+    /// Where the source database lives (the embedded SQLite default).
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL (`postgres://user@host/db`): the source of truth
+    /// is that database's tables instead of the SQLite file under
+    /// `data_dir` (see `[postgres]`).
+    pub database_url: Option<String>,
+    /// Where Ferry's tables live in PostgreSQL and whether it may create
+    /// the app's.
+    pub postgres: PostgresConfig,
     /// The address to listen on (port 0: any free port).
     pub listen_addr: SocketAddr,
     /// The HS256 secret for bearer tokens without a `kid`; `None` and no
@@ -48,15 +56,57 @@ pub struct ServerConfig {
     pub auth: AuthOptions,
     /// Connection timeouts, the connection cap and per-user limits.
     pub http: HttpServerOptions,
+    /// The admin token and who may read `/metrics`
+    /// (`docs/adr/0013-metrics-and-admin-api.md`).
+    pub admin: AdminOptions,
     /// Service tunables and limits.
     #[serde(flatten)]
     pub service: ServiceOptions,
+}
+
+/// The `[postgres]` section: used with [`ServerConfig::database_url`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PostgresConfig {
+    /// The schema Ferry keeps its own tables in (created if missing).
+    pub ferry_schema: String,
+    /// The schema of the app's tables the rules name.
+    pub app_schema: String,
+    /// Create missing tables and columns from the rules (a quick start;
+    /// off by default).
+    pub create_tables: bool,
+    /// Most pooled connections per server.
+    pub max_connections: usize,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            ferry_schema: "ferry".to_owned(),
+            app_schema: "public".to_owned(),
+            create_tables: false,
+            max_connections: ferry_postgres::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The source database options for `url`.
+    pub fn options(&self, url: &str) -> ferry_postgres::PgOptions {
+        ferry_postgres::PgOptions::new(url)
+            .ferry_schema(&self.ferry_schema)
+            .app_schema(&self.app_schema)
+            .create_tables(self.create_tables)
+            .max_connections(self.max_connections)
+    }
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             data_dir: PathBuf::from("./data/server"),
+            database_url: None,
+            postgres: PostgresConfig::default(),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             jwt_secret: None,
             rules_path: None,
@@ -65,6 +115,7 @@ impl Default for ServerConfig {
             max_body_bytes: ferry_http::DEFAULT_MAX_BODY_BYTES,
             auth: AuthOptions::default(),
             http: HttpServerOptions::default(),
+            admin: AdminOptions::default(),
             service: ServiceOptions::default(),
         }
     }
@@ -133,6 +184,7 @@ impl ServerConfig {
             }
             _ => {}
         }
+        self.admin.check()?;
         let keepalive_ms = self.service.keepalive_interval_s.saturating_mul(1000);
         if self.http.idle_timeout_ms <= keepalive_ms {
             return Err(ServiceError::Config(format!(

@@ -23,6 +23,11 @@ pub enum ServiceError {
     /// The source database failed.
     #[error("database error: {0}")]
     Database(String),
+    /// The source database refused one write (a value its column type
+    /// cannot hold, a constraint of the app's table): the op is rejected
+    /// with this reason.
+    #[error("the database refused the write: {0}")]
+    Refused(String),
     /// A data model check failed.
     #[error(transparent)]
     Core(#[from] CoreError),
@@ -54,6 +59,7 @@ impl ServiceError {
             | ServiceError::BadRequest(_)
             | ServiceError::TooLarge(_)
             | ServiceError::Config(_)
+            | ServiceError::Refused(_)
             | ServiceError::Core(_) => ErrorKind::Permanent,
         }
     }
@@ -62,7 +68,10 @@ impl ServiceError {
     pub fn to_server_error(&self) -> ServerError {
         let code = match self {
             ServiceError::Unauthorized(_) => ErrorCode::Unauthorized,
-            ServiceError::BadRequest(_) | ServiceError::Core(_) | ServiceError::Config(_) => ErrorCode::BadRequest,
+            ServiceError::BadRequest(_)
+            | ServiceError::Core(_)
+            | ServiceError::Config(_)
+            | ServiceError::Refused(_) => ErrorCode::BadRequest,
             ServiceError::TooLarge(_) => ErrorCode::TooLarge,
             ServiceError::ShuttingDown => ErrorCode::ShuttingDown,
             ServiceError::Busy(_) => ErrorCode::Busy,
@@ -86,6 +95,7 @@ impl From<SourceError> for ServiceError {
             Err(SourceError::Schema(m)) => ServiceError::Config(m),
             Err(SourceError::Io { path, message }) => ServiceError::Io { path, message },
             Err(SourceError::Database(m)) => ServiceError::Database(m),
+            Err(SourceError::Refused(m)) => ServiceError::Refused(m),
             Err(other) => ServiceError::Database(other.to_string()),
         }
     }

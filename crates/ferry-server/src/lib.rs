@@ -31,11 +31,14 @@
 //! - every stream, line, upload and bucket list is bounded by a limit of
 //!   [`ServiceOptions`].
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod conflict;
 pub mod db;
 pub mod error;
+pub mod inspect;
+pub mod metrics;
 pub mod permissions;
 pub mod rules;
 pub mod server;
@@ -43,8 +46,9 @@ pub mod service;
 pub mod sqlite;
 mod stream_out;
 
+pub use admin::AdminOptions;
 pub use auth::{mint_token, mint_token_at, AuthOptions, AuthUser, Authenticator, StaticKey};
-pub use config::{ServerConfig, DEV_JWT_SECRET};
+pub use config::{PostgresConfig, ServerConfig, DEV_JWT_SECRET};
 pub use conflict::{
     Audited, ConflictInput, ConflictStrategy, Crdt, CurrentRow, Decision, DomainRules, LastWriteWins, Manual,
     PerColumn, Resolution, RowLastWriteWins, Rule, SideWrite,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use ferry_server::inspect::Inspect;
 use ferry_server::{mint_token, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -20,9 +21,63 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a bearer token for the configured secret.
     DevToken(TokenArgs),
+    /// Print a running server's diagnostics (its admin api, with the admin token).
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The server's base url.
+    #[arg(long, env = "FERRY_SERVER_URL", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// The server's admin token.
+    #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// Print the server's json answer instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    what: InspectCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum InspectCommand {
+    /// Every bucket with its op count and checksum.
+    Buckets {
+        /// Buckets after this name (the next page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Most buckets (at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// The buckets the sync rules give a user, with op counts and checksums.
+    User {
+        /// The user id (the token's `sub`).
+        user_id: String,
+        /// Another claim the rules read, `key=value` (repeatable).
+        #[arg(long = "claim", value_parser = parse_claim)]
+        claims: Vec<(String, String)>,
+        /// Most buckets (at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// A client's owner, last seq and stored outcomes.
+    Client {
+        /// The client id.
+        client_id: String,
+        /// Outcomes after this seq (the next page).
+        #[arg(long)]
+        after_seq: Option<u64>,
+        /// Most outcomes (at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// The metrics, as /metrics serves them.
+    Metrics,
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -42,6 +97,19 @@ struct ServeArgs {
     /// Where the source database lives (default ./data/server).
     #[arg(long, env = "FERRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// A PostgreSQL URL (postgres://user@host/db): serve the app's tables in
+    /// that database instead of the embedded SQLite file.
+    #[arg(long = "database", env = "FERRY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// With --database: the schema Ferry keeps its own tables in (default ferry).
+    #[arg(long, env = "FERRY_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
+    /// With --database: the schema of the app's tables (default public).
+    #[arg(long, env = "FERRY_APP_SCHEMA")]
+    app_schema: Option<String>,
+    /// With --database: create the rules' missing tables and columns (never by default).
+    #[arg(long)]
+    create_tables: bool,
     /// Address to listen on (default 127.0.0.1:8080).
     #[arg(long, env = "FERRY_LISTEN")]
     listen: Option<SocketAddr>,
@@ -60,6 +128,12 @@ struct ServeArgs {
     /// Allow the development secret on a non-loopback address (never in production).
     #[arg(long)]
     allow_dev_secret: bool,
+    /// The admin api's bearer token (at least 16 bytes; none: the admin api answers 404).
+    #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Serve /metrics without the admin token.
+    #[arg(long)]
+    metrics_public: bool,
     /// A PEM certificate chain: serve HTTPS (with --tls-key).
     #[arg(long, env = "FERRY_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -130,7 +204,7 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    match cli.command.unwrap_or(Command::Serve(Box::default())) {
         Command::DevToken(args) => {
             let config = load_config(&args.common)?;
             let extra = args
@@ -141,6 +215,31 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", mint_token(&config.secret().0, &args.user, args.ttl_s, &extra));
             Ok(())
         }
+        Command::Inspect(args) => {
+            let what = match args.what {
+                InspectCommand::Buckets { after, limit } => Inspect::Buckets { after, limit },
+                InspectCommand::User { user_id, claims, limit } => Inspect::User { user_id, claims, limit },
+                InspectCommand::Client {
+                    client_id,
+                    after_seq,
+                    limit,
+                } => Inspect::Client {
+                    client_id,
+                    after_seq,
+                    limit,
+                },
+                InspectCommand::Metrics => Inspect::Metrics,
+            };
+            let body = ferry_server::inspect::fetch(&args.server, &args.admin_token, &what)
+                .await
+                .context("inspecting the server")?;
+            if args.json {
+                println!("{body}");
+            } else {
+                print!("{}", ferry_server::inspect::render(&what, &body)?);
+            }
+            Ok(())
+        }
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -148,6 +247,18 @@ async fn main() -> anyhow::Result<()> {
             let mut config = load_config(&args.common)?;
             if let Some(d) = args.data_dir {
                 config.data_dir = d;
+            }
+            if let Some(u) = args.database_url {
+                config.database_url = Some(u);
+            }
+            if let Some(s) = args.database_schema {
+                config.postgres.ferry_schema = s;
+            }
+            if let Some(s) = args.app_schema {
+                config.postgres.app_schema = s;
+            }
+            if args.create_tables {
+                config.postgres.create_tables = true;
             }
             if let Some(l) = args.listen {
                 config.listen_addr = l;
@@ -166,6 +277,12 @@ async fn main() -> anyhow::Result<()> {
             }
             if args.allow_dev_secret {
                 config.auth.allow_dev_secret = true;
+            }
+            if let Some(t) = args.admin_token {
+                config.admin.token = Some(t);
+            }
+            if args.metrics_public {
+                config.admin.metrics_public = true;
             }
             if let Some(c) = args.tls_cert {
                 config.tls_cert = Some(c);

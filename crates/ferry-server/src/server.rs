@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
 use crate::config::ServerConfig;
+use crate::db::SourceDb;
 use crate::error::{Result, ServiceError};
 use crate::rules::SyncRules;
 use crate::service::SyncService;
@@ -73,7 +74,8 @@ async fn join(addr: SocketAddr, task: JoinHandle<std::io::Result<()>>) -> Result
 #[async_trait]
 impl TokenVerifier for SyncService {
     async fn verify_token(&self, token: &str) -> std::result::Result<String, ServerError> {
-        Ok(self.authenticate_async(token).await?.user_id)
+        // A refused token is an `auth` error in the metrics.
+        Ok(self.counted(self.authenticate_async(token).await)?.user_id)
     }
 }
 
@@ -112,11 +114,8 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
             Err(e) => tracing::warn!("jwks not loaded at start: {e}"),
         }
     }
-    let data_dir = config.data_dir.clone();
-    let db = tokio::task::spawn_blocking(move || SqliteSourceDb::open_dir(&data_dir))
-        .await
-        .map_err(|e| ServiceError::Database(e.to_string()))??;
-    let service = SyncService::builder(Arc::new(db), rules, secret.as_deref().unwrap_or_default())
+    let db = open_source_db(&config).await?;
+    let service = SyncService::builder(db, rules, secret.as_deref().unwrap_or_default())
         .authenticator(auth)
         .options(config.service.clone())
         .build()?;
@@ -130,10 +129,18 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         path: config.listen_addr.to_string(),
         message: e.to_string(),
     })?;
+    // Changes made directly in the database (no-op on SQLite, which
+    // captures none); ends when the service shuts down.
+    let capture = service.clone();
+    tokio::spawn(async move { capture.run_capture().await });
     let handler: Arc<dyn SyncHandler> = Arc::new(service.clone());
     let mut http = config.http.clone();
     http.max_body_bytes = config.max_body_bytes;
-    let router = ferry_http::router_with_verifier(handler, Arc::new(service.clone()), http.clone());
+    let router = ferry_http::router_with_verifier(handler, Arc::new(service.clone()), http.clone())
+        .merge(crate::admin::router(service.clone(), &config.admin));
+    if config.admin.token.is_none() {
+        tracing::info!("no admin token configured: the admin api answers 404");
+    }
     let svc = service.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let shutdown = async move {
@@ -157,7 +164,10 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         )),
         None => tokio::spawn(ferry_http::serve_with_options(listener, router, http, shutdown)),
     };
-    tracing::info!(%addr, tls = is_tls, data_dir = %config.data_dir.display(), "ferry-server listening");
+    match &config.database_url {
+        Some(_) => tracing::info!(%addr, tls = is_tls, source = "postgresql", "ferry-server listening"),
+        None => tracing::info!(%addr, tls = is_tls, data_dir = %config.data_dir.display(), "ferry-server listening"),
+    }
     Ok(BoundServer {
         addr,
         service,
@@ -165,4 +175,33 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         task,
         stop,
     })
+}
+
+/// The source database the config names: PostgreSQL at `database_url`,
+/// or the embedded SQLite file under `data_dir`.
+async fn open_source_db(config: &ServerConfig) -> Result<Arc<dyn SourceDb>> {
+    let db: Arc<dyn SourceDb> = match &config.database_url {
+        Some(url) if ferry_postgres::is_postgres_url(url) => {
+            let options = config.postgres.options(url);
+            let db = tokio::task::spawn_blocking(move || ferry_postgres::PgSourceDb::connect(&options))
+                .await
+                .map_err(|e| ServiceError::Database(e.to_string()))?
+                .map_err(|e| ServiceError::Config(format!("source database: {e}")))?;
+            Arc::new(db)
+        }
+        Some(url) => {
+            return Err(ServiceError::Config(format!(
+                "database url {:?} is not a postgres:// url (leave it out for the embedded SQLite database)",
+                url.split('@').next_back().unwrap_or_default()
+            )))
+        }
+        None => {
+            let data_dir = config.data_dir.clone();
+            let db = tokio::task::spawn_blocking(move || SqliteSourceDb::open_dir(&data_dir))
+                .await
+                .map_err(|e| ServiceError::Database(e.to_string()))??;
+            Arc::new(db)
+        }
+    };
+    Ok(db)
 }

@@ -416,7 +416,7 @@ impl SourceTx for SqliteTx<'_> {
         id: &str,
         data: &RowData,
         clocks: &BTreeMap<String, HlcTimestamp>,
-    ) -> SourceResult<()> {
+    ) -> SourceResult<Option<RowData>> {
         lift(|| {
             let names: Vec<String> = table.columns.iter().map(|c| q(&c.name)).collect();
             let mut cols = vec!["id".to_owned()];
@@ -458,7 +458,8 @@ impl SourceTx for SqliteTx<'_> {
             self.tx
                 .prepare_cached("DELETE FROM ferry_tombstones WHERE tbl = ?1 AND id = ?2")?
                 .execute(params![table.name, id])?;
-            Ok(())
+            // SQLite keeps values as given.
+            Ok(None)
         })
     }
 
@@ -580,6 +581,22 @@ impl SourceTx for SqliteTx<'_> {
 
     fn bucket_ops(&mut self, bucket: &str) -> SourceResult<Vec<OplogEntry>> {
         lift(|| read_ops_in(self.tx, &OpRange::all(bucket)))
+    }
+
+    fn savepoint(&mut self) -> SourceResult<()> {
+        lift(|| Ok(self.tx.execute_batch("SAVEPOINT ferry_op")?))
+    }
+
+    fn rollback_to_savepoint(&mut self) -> SourceResult<()> {
+        lift(|| {
+            Ok(self
+                .tx
+                .execute_batch("ROLLBACK TO SAVEPOINT ferry_op; RELEASE SAVEPOINT ferry_op")?)
+        })
+    }
+
+    fn release_savepoint(&mut self) -> SourceResult<()> {
+        lift(|| Ok(self.tx.execute_batch("RELEASE SAVEPOINT ferry_op")?))
     }
 
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> SourceResult<()> {

@@ -65,6 +65,13 @@ pub enum SourceError {
     /// database reserves for itself, a type it lacks).
     #[error("schema refused by the source database: {0}")]
     Schema(String),
+    /// The database refused a value or a write: a value its column type
+    /// cannot hold, a constraint of the app's table (not null, unique,
+    /// foreign key, check). Retrying the same write cannot help; the
+    /// service rejects the op with this reason (after
+    /// [`SourceTx::rollback_to_savepoint`]).
+    #[error("the database refused the write: {0}")]
+    Refused(String),
     /// A file or directory of the database could not be used.
     #[error("i/o error on {path}: {message}")]
     Io {
@@ -85,7 +92,10 @@ impl SourceError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             SourceError::Unavailable(_) | SourceError::Database(_) | SourceError::Io { .. } => ErrorKind::Transient,
-            SourceError::Corrupt { .. } | SourceError::Schema(_) | SourceError::Aborted(_) => ErrorKind::Permanent,
+            SourceError::Corrupt { .. }
+            | SourceError::Schema(_)
+            | SourceError::Refused(_)
+            | SourceError::Aborted(_) => ErrorKind::Permanent,
         }
     }
 
@@ -262,6 +272,10 @@ pub trait SourceTx {
     /// Read a row or its tombstone.
     fn read_row(&mut self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
     /// Write a whole row (every column) and its clocks; clears a tombstone.
+    /// Returns the row as the database now holds it when it keeps values
+    /// in a form of its own (PostgreSQL: a numeric's scale, jsonb's
+    /// spacing, a timestamp's zone), so the ops carry what a later read
+    /// returns; `None` when it keeps them as given.
     ///
     /// Invariant: the clock high-water mark ([`SourceDb::max_clock`]) is
     /// raised to the greatest of `clocks` in this same transaction.
@@ -271,7 +285,7 @@ pub trait SourceTx {
         id: &str,
         data: &RowData,
         clocks: &BTreeMap<String, HlcTimestamp>,
-    ) -> Result<()>;
+    ) -> Result<Option<RowData>>;
     /// Delete a row, leaving a tombstone with the delete's clock (and no
     /// column clocks).
     ///
@@ -297,6 +311,22 @@ pub trait SourceTx {
     /// Replace a bucket's log with `entries` (compaction); the bucket's
     /// state is the caller's to update.
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> Result<()>;
+    /// Take up to `limit` captured changes, oldest first: rows the app's
+    /// backend (or anyone but Ferry) changed in the database. They are
+    /// gone once this transaction commits and back if it rolls back. A
+    /// database without capture has none (the default).
+    fn take_captured(&mut self, limit: usize) -> Result<Vec<CapturedChange>> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+    /// Mark the transaction's state before one op's writes (one savepoint
+    /// at a time: a new one replaces the last).
+    fn savepoint(&mut self) -> Result<()>;
+    /// Undo every write since [`SourceTx::savepoint`], keeping the
+    /// transaction usable (after a [`SourceError::Refused`] write, too).
+    fn rollback_to_savepoint(&mut self) -> Result<()>;
+    /// Keep the writes since [`SourceTx::savepoint`] and forget it.
+    fn release_savepoint(&mut self) -> Result<()>;
 }
 
 /// Commit notifications of a source database: the value changes (a
@@ -308,6 +338,42 @@ pub trait SourceTx {
 /// every keepalive.
 pub type CommitReceiver = tokio::sync::watch::Receiver<u64>;
 
+/// A row changed in the database by someone other than Ferry (see
+/// [`SourceTx::take_captured`]): its id only; the row is read again when
+/// the change is turned into ops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedChange {
+    /// The capture order.
+    pub seq: u64,
+    /// The synced table.
+    pub table: String,
+    /// The row id (the primary key as text).
+    pub id: String,
+}
+
+/// A job one server at a time does among those sharing a database
+/// ([`SourceDb::try_lead`]); held until dropped.
+pub trait Lease: Send + fmt::Debug {
+    /// Whether the lease still holds (a lost database connection ends it).
+    fn is_held(&self) -> bool;
+}
+
+/// The lease of a database only one process uses.
+#[derive(Debug)]
+pub struct SoleLease;
+
+impl Lease for SoleLease {
+    fn is_held(&self) -> bool {
+        true
+    }
+}
+
+/// A receiver that never fires (a database without capture).
+fn never_changes() -> CommitReceiver {
+    static NEVER: std::sync::OnceLock<tokio::sync::watch::Sender<u64>> = std::sync::OnceLock::new();
+    NEVER.get_or_init(|| tokio::sync::watch::channel(0).0).subscribe()
+}
+
 /// The source of truth. See the crate's invariants.
 pub trait SourceDb: Send + Sync + fmt::Debug {
     /// Subscribe to commit notifications: every write transaction that
@@ -315,6 +381,21 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     /// database can tell (PostgreSQL: LISTEN/NOTIFY), those of other
     /// servers sharing it. A rolled-back transaction notifies nothing.
     fn commits(&self) -> CommitReceiver;
+    /// Notifications of captured changes ([`SourceTx::take_captured`]):
+    /// the value changes when there may be new ones. Like commit
+    /// notifications they may merge or be lost; the capture job also
+    /// looks on a timer. The default never fires (no capture).
+    fn captures(&self) -> CommitReceiver {
+        never_changes()
+    }
+    /// Try to become the one server doing `job` (`"capture"`,
+    /// `"compact"`) among all servers sharing this database: `Some` lease
+    /// while no other holds it. The default, for a database one process
+    /// owns, always grants it.
+    fn try_lead(&self, job: &str) -> Result<Option<Box<dyn Lease>>> {
+        let _ = job;
+        Ok(Some(Box::new(SoleLease)))
+    }
     /// Create or extend the tables of the schema (new tables, new columns;
     /// existing rows keep their values, new columns read NULL). Which
     /// names are Ferry's own is the sync rules' business; a database

@@ -38,6 +38,7 @@ macro_rules! source_conformance_tests {
         $crate::source_conformance_tests!(@each $backend;
             write_commits_whole,
             failed_work_changes_nothing,
+            rollback_to_savepoint_undoes_one_op,
             client_progress_and_outcomes,
             client_outcomes_are_listed_in_pages,
             rows_clocks_and_tombstones,
@@ -269,6 +270,48 @@ pub fn failed_work_changes_nothing<B: SourceBackend>(b: &B) {
     let (next, _) = write(db.as_ref(), |tx| append(tx, "b[]", "keep", None));
     assert!(next > 1, "op id {next} after a rollback");
     assert_eq!(checkpoint_of(db.as_ref(), "b[]").2, 2);
+}
+
+/// Writes after a savepoint are undone by a rollback to it, the writes
+/// before it commit, and the transaction goes on (as the service does for
+/// one op the database refused).
+pub fn rollback_to_savepoint_undoes_one_op<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    let first = ticket("first", 1);
+    let second = ticket("second", 2);
+    let hlc = clock(10, "c");
+    write(db.as_ref(), |tx| {
+        tx.write_row(&t, "a", &first, &clocks_of(&first, &hlc))?;
+        append(tx, "b[]", "a", Some(&first))?;
+        tx.savepoint()?;
+        tx.write_row(&t, "b", &second, &clocks_of(&second, &hlc))?;
+        tx.delete_row(&t, "a", &clock(11, "c"))?;
+        append(tx, "b[]", "b", Some(&second))?;
+        tx.rollback_to_savepoint()?;
+        assert_eq!(
+            tx.read_row(&t, "b")?,
+            None,
+            "the rolled-back row is gone in the transaction"
+        );
+        tx.savepoint()?;
+        tx.set_client("c1", "u1", 2)?;
+        tx.release_savepoint()?;
+        Ok(())
+    });
+    let a = db.get_row(&t, "a").expect("get row").expect("row before the savepoint");
+    assert_eq!((a.data.as_ref(), a.deleted.as_ref()), (Some(&first), None));
+    assert_eq!(db.get_row(&t, "b").expect("get row"), None);
+    assert_eq!(
+        checkpoint_of(db.as_ref(), "b[]").2,
+        1,
+        "only the op before the savepoint"
+    );
+    assert_eq!(db.client_owner("c1").expect("owner").as_deref(), Some("u1"));
+    // The mark covers the committed clock (a database may keep a higher
+    // one it saw in the rolled-back writes: the mark is a bound).
+    assert!(db.max_clock().expect("max clock") >= Some(hlc));
 }
 
 /// Client progress: set, read, advanced (the owner stays); outcomes with

@@ -8,14 +8,18 @@
 //! - `stream`: download streams (checkpoints, diffs, `data` lines within
 //!   the stream's byte budget, keepalives), woken by the database's commit
 //!   notifications;
+//! - `capture`: changes made directly in the database turned into ops
+//!   (one server at a time);
 //! - here: the service itself, checkpoints, compaction and the
 //!   [`SyncHandler`] glue.
 
 mod builder;
+mod capture;
 mod stream;
 mod write;
 
 pub use builder::{ServiceOptions, SyncServiceBuilder};
+pub use capture::{CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS, MAX_CAPTURE_BATCH};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -37,6 +41,7 @@ use crate::auth::{AuthUser, Authenticator};
 use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution, SideWrite};
 use crate::db::{BucketState, CheckpointState, NewOp, OpRange, SourceDb, SourceTx, StoredRow};
 use crate::error::{Result, ServiceError};
+use crate::metrics::Metrics;
 use crate::permissions::{self, WriteOp, WriteRequest, Writer};
 use crate::rules::SyncRules;
 use crate::stream_out::{LineBytes, Stop, StreamSender};
@@ -64,6 +69,7 @@ struct Inner {
     /// Uploads of one client id run one at a time; each client id has
     /// its own lock, so one client's long upload never waits another's.
     upload_locks: parking_lot::Mutex<HashMap<String, Arc<parking_lot::Mutex<()>>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Client locks kept before the unused ones are dropped.
@@ -99,6 +105,11 @@ impl SyncService {
         &self.inner.rules
     }
 
+    /// The options it was built with.
+    pub fn options(&self) -> &ServiceOptions {
+        &self.inner.options
+    }
+
     /// Verify a bearer token with the keys at hand (no JWKS fetch; an
     /// HS256 secret and static keys are always at hand).
     pub fn authenticate(&self, token: &str) -> Result<AuthUser> {
@@ -109,6 +120,24 @@ impl SyncService {
     /// names an unknown key id (rate-bounded) or the keys are old.
     pub async fn authenticate_async(&self, token: &str) -> Result<AuthUser> {
         self.inner.auth.verify_async(token, self.inner.clock.as_ref()).await
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The metrics in the Prometheus text exposition format, with the op
+    /// log size and the newest op id read now (`GET /metrics`).
+    pub async fn render_metrics(&self) -> Result<String> {
+        let db = self.inner.db.clone();
+        let (last_op_id, oplog) = blocking::run(move || {
+            let last = db.checkpoint("", &[])?.last_op_id;
+            Ok::<_, ServiceError>((last, db.oplog_len()?))
+        })
+        .await
+        .map_err(blocking_error)??;
+        self.inner.metrics.render(last_op_id, oplog)
     }
 
     /// Ask every stream to end (with a `shutting_down` error line).
@@ -148,6 +177,9 @@ impl SyncService {
         let stats = blocking::run(move || compact_bucket(db.as_ref(), &bucket))
             .await
             .map_err(blocking_error)??;
+        self.inner
+            .metrics
+            .compacted(stats.entries_before.saturating_sub(stats.entries_after));
         Ok(stats)
     }
 
@@ -292,20 +324,30 @@ impl Inner {
     }
 }
 
+impl SyncService {
+    /// Count an error the service answers, and pass it on.
+    pub(crate) fn counted<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.inner.metrics.error(e);
+        }
+        r
+    }
+}
+
 #[async_trait]
 impl SyncHandler for SyncService {
     async fn stream(&self, token: &str, request: StreamRequest) -> Result<ServerLines, ServerError> {
-        let user = self.authenticate_async(token).await?;
-        Ok(self.open_stream(user, request)?)
+        let user = self.counted(self.authenticate_async(token).await)?;
+        Ok(self.counted(self.open_stream(user, request))?)
     }
 
     async fn stream_lines(&self, token: &str, request: StreamRequest) -> Result<ServerLineStream, ServerError> {
-        let user = self.authenticate_async(token).await?;
-        Ok(self.open_stream_lines(user, request)?)
+        let user = self.counted(self.authenticate_async(token).await)?;
+        Ok(self.counted(self.open_stream_lines(user, request))?)
     }
 
     async fn upload(&self, token: &str, request: UploadRequest) -> Result<UploadResponse, ServerError> {
-        let user = self.authenticate_async(token).await?;
-        Ok(SyncService::upload(self, &user, request).await?)
+        let user = self.counted(self.authenticate_async(token).await)?;
+        Ok(self.counted(SyncService::upload(self, &user, request).await)?)
     }
 }

@@ -21,6 +21,20 @@ impl SyncService {
     /// write (compared by a fingerprint of the op's content), all
     /// `bad_request`.
     pub async fn upload(&self, user: &AuthUser, request: UploadRequest) -> Result<UploadResponse> {
+        let started = std::time::Instant::now();
+        let result = self.upload_unmetered(user, request).await;
+        let seconds = started.elapsed().as_secs_f64();
+        match &result {
+            Ok(answer) => self
+                .inner
+                .metrics
+                .upload_answered(answer.outcomes.iter().map(|o| &o.outcome), seconds),
+            Err(_) => self.inner.metrics.upload_refused(seconds),
+        }
+        result
+    }
+
+    async fn upload_unmetered(&self, user: &AuthUser, request: UploadRequest) -> Result<UploadResponse> {
         let o = &self.inner.options;
         check_client_id(&request.client_id, o.max_client_id_bytes)?;
         let total: usize = request.transactions.iter().map(|t| t.ops.len()).sum();
@@ -406,7 +420,26 @@ impl Inner {
                 return Err(progress_moved(client_id));
             }
             for &(entry, fp) in fresh {
-                let outcome = self.apply_op(stx, client_id, user_id, Some(writer), entry)?;
+                // A write the database refuses (a type, a constraint of
+                // the app's table) rejects this op alone.
+                stx.savepoint()?;
+                let outcome = match self.apply_op(stx, client_id, user_id, Some(writer), entry) {
+                    Ok(outcome) => {
+                        stx.release_savepoint()?;
+                        outcome
+                    }
+                    Err(ServiceError::Refused(reason)) => {
+                        stx.rollback_to_savepoint()?;
+                        Outcome::Rejected {
+                            reason: format!(
+                                "the database refused the write to {}/{}: {reason}",
+                                entry.op.table(),
+                                entry.op.id()
+                            ),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                };
                 if let Outcome::Rejected { reason } = &outcome {
                     if !self.rules.per_op_outcomes(entry.op.table()) {
                         failed = Some((entry.seq, reason.clone()));
@@ -506,7 +539,7 @@ impl Inner {
 
     /// Refuse a row whose JSON (as stored in the op log and sent in `data`
     /// lines) is over `max_row_encoded_bytes`.
-    fn check_encoded_size(&self, table: &str, id: &str, row: &RowData) -> std::result::Result<(), String> {
+    pub(super) fn check_encoded_size(&self, table: &str, id: &str, row: &RowData) -> std::result::Result<(), String> {
         let max = self.options.max_row_encoded_bytes;
         let size = encoded_bytes(row);
         if size > max {
@@ -697,7 +730,9 @@ impl Inner {
                         table.name, limits.max_row_bytes
                     ));
                 }
-                stx.write_row(table, id, row, clocks)?;
+                // The row as the database keeps it, when it differs in form.
+                let stored = stx.write_row(table, id, row, clocks)?;
+                let row = stored.as_ref().unwrap_or(row);
                 if old_data != Some(row) {
                     self.emit_row(stx, &table.name, id, Some(row))?;
                 }
@@ -721,9 +756,10 @@ impl Inner {
             }
         };
         for s in side {
-            stx.write_row(s.table, s.id, &s.row, &s.clocks)?;
-            if s.old.as_ref() != Some(&s.row) {
-                self.emit_row(stx, &s.table.name, s.id, Some(&s.row))?;
+            let stored = stx.write_row(s.table, s.id, &s.row, &s.clocks)?;
+            let row = stored.as_ref().unwrap_or(&s.row);
+            if s.old.as_ref() != Some(row) {
+                self.emit_row(stx, &s.table.name, s.id, Some(row))?;
             }
         }
         Ok(redacted(match (decision.conflict_id, outcome) {
@@ -805,7 +841,7 @@ impl Inner {
 
     /// Append the row's change to the op log: PUT in every bucket it is in
     /// now, REMOVE from every bucket it left.
-    fn emit_row(&self, stx: &mut dyn SourceTx, table: &str, id: &str, row: Option<&RowData>) -> Result<()> {
+    pub(super) fn emit_row(&self, stx: &mut dyn SourceTx, table: &str, id: &str, row: Option<&RowData>) -> Result<()> {
         let new: BTreeSet<String> = row.map(|r| self.rules.row_buckets(table, id, r)).unwrap_or_default();
         let old = stx.row_buckets(table, id)?;
         for b in &new {

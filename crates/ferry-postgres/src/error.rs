@@ -1,0 +1,76 @@
+//! PostgreSQL's errors as [`SourceError`]s: never leaves the crate.
+
+use ferry_source::SourceError;
+
+/// Errors inside this crate: the driver's, or the seam's.
+#[derive(Debug)]
+pub(crate) enum Error {
+    Pg(tokio_postgres::Error),
+    Source(SourceError),
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Pg(e)
+    }
+}
+
+impl From<SourceError> for Error {
+    fn from(e: SourceError) -> Self {
+        Error::Source(e)
+    }
+}
+
+impl From<Error> for SourceError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Source(e) => e,
+            Error::Pg(e) => classify(&e),
+        }
+    }
+}
+
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Run `f`, its errors as [`SourceError`]s.
+pub(crate) fn lift<T>(f: impl FnOnce() -> Result<T>) -> ferry_source::Result<T> {
+    f().map_err(SourceError::from)
+}
+
+/// A database error's message with its SQLSTATE and detail.
+fn describe(db: &tokio_postgres::error::DbError) -> String {
+    let mut s = format!("{} (sqlstate {})", db.message(), db.code().code());
+    if let Some(detail) = db.detail() {
+        s.push_str(": ");
+        s.push_str(detail);
+    }
+    s
+}
+
+/// Data exceptions (22) and integrity constraints (23) refuse one write;
+/// serialization failures and deadlocks (40), resources (53), operator
+/// intervention (57) and connection errors (08) can pass; the rest is a
+/// database error. An error without a SQLSTATE is a lost connection or a
+/// protocol problem.
+pub(crate) fn classify(e: &tokio_postgres::Error) -> SourceError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let msg = describe(db);
+        return match code.get(..2) {
+            Some("22" | "23") => SourceError::Refused(msg),
+            Some("40" | "53" | "57" | "08") => SourceError::Unavailable(msg),
+            _ => SourceError::Database(msg),
+        };
+    }
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        SourceError::Unavailable(format!("postgresql connection lost: {e}"))
+    } else {
+        SourceError::Database(e.to_string())
+    }
+}
+
+/// Stored data that could not be read back.
+pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Source(SourceError::corrupt(what, e))
+}

@@ -1,0 +1,756 @@
+//! [`SourceDb`] on PostgreSQL: the app's own tables are the source of
+//! truth, Ferry keeps its bookkeeping (column clocks, tombstones, bucket
+//! membership, the op log, bucket state, client progress, outcomes,
+//! captured changes) in a schema of its own (`ferry` by default), and
+//! never alters the app's tables except to add capture triggers.
+//!
+//! - **Tables as they are.** The sync rules name existing tables and
+//!   columns; [`SourceDb::migrate`] checks them (a missing table or
+//!   column, an unsupported type, a table without a single-column primary
+//!   key is refused with a message naming it) and creates them only when
+//!   asked to ([`PgOptions::create_tables`]). Types: see the table in
+//!   `layout.rs` (text, varchar, uuid, integers, numeric, floats,
+//!   boolean, dates and times as ISO text, json/jsonb as text, bytea).
+//! - **Serial writes.** Every write transaction first locks Ferry's one
+//!   op-counter row (`SELECT ... FOR UPDATE`), so Ferry's write
+//!   transactions, from any number of servers, run one at a time:
+//!   serializable with respect to what they read, and op ids become
+//!   visible in commit order (the counter commits with the ops). Reads
+//!   (checkpoints, op ranges) never wait for it.
+//! - **Capture.** A trigger on each synced table records the id of every
+//!   row changed by anyone else (the app's backend, psql, a migration)
+//!   in `ferry.changes`; Ferry's own writes set `ferry.writing` for their
+//!   transaction and are not captured. The sync service turns captured
+//!   changes into ops ([`SourceDb::take_captured`] in a write
+//!   transaction), one service at a time ([`SourceDb::try_lead`]:
+//!   a PostgreSQL advisory lock).
+//! - **Notifications.** A commit sends `NOTIFY` on a channel named after
+//!   Ferry's schema; every server listening on the database wakes its
+//!   streams ([`SourceDb::commits`]).
+//! - **Blocking calls over an async driver** (tokio-postgres with a
+//!   deadpool pool, `docs/adr/0012-postgres-driver.md`): see `bridge.rs`.
+
+mod bridge;
+mod error;
+mod layout;
+mod listen;
+pub mod scratch;
+mod setup;
+mod tx;
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::{HlcTimestamp, RowData, Schema, Table};
+use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry};
+use ferry_source::{
+    CheckpointState, CommitReceiver, Lease, OpRange, Result as SourceResult, SourceDb, SourceError, StoredOutcome,
+    StoredRow,
+};
+use parking_lot::RwLock;
+use tokio_postgres::NoTls;
+
+use crate::bridge::{wait, Bridge};
+use crate::error::{corrupt, lift, Result};
+use crate::layout::{quote_ident, quote_literal, PgColumn, TableLayout};
+use crate::tx::{execute, query, PgTx};
+
+/// How to reach and lay out a PostgreSQL source database.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// `postgres://user[:password]@host[:port]/database[?options]`.
+    pub url: String,
+    /// The schema Ferry keeps its own tables in (created if missing).
+    pub ferry_schema: String,
+    /// The schema of the app's tables the rules name.
+    pub app_schema: String,
+    /// Most pooled connections (write transactions and reads).
+    pub max_connections: usize,
+    /// How long to wait for a connection (connecting, or a free one from a
+    /// full pool) before a call fails as unavailable.
+    pub connect_timeout_ms: u64,
+    /// Create the rules' tables and columns that are missing (a quick
+    /// start; never the default on PostgreSQL).
+    pub create_tables: bool,
+}
+
+/// The default [`PgOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+/// The default [`PgOptions::connect_timeout_ms`].
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+impl PgOptions {
+    /// Options for `url` with the defaults: schema `ferry` for Ferry's
+    /// tables, `public` for the app's, tables not created.
+    pub fn new(url: impl Into<String>) -> Self {
+        PgOptions {
+            url: url.into(),
+            ferry_schema: "ferry".to_owned(),
+            app_schema: "public".to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            create_tables: false,
+        }
+    }
+
+    /// Ferry's own schema.
+    pub fn ferry_schema(mut self, name: impl Into<String>) -> Self {
+        self.ferry_schema = name.into();
+        self
+    }
+
+    /// The app's schema.
+    pub fn app_schema(mut self, name: impl Into<String>) -> Self {
+        self.app_schema = name.into();
+        self
+    }
+
+    /// Create missing tables and columns from the rules.
+    pub fn create_tables(mut self, yes: bool) -> Self {
+        self.create_tables = yes;
+        self
+    }
+
+    /// Most pooled connections.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+}
+
+/// Whether a database URL names PostgreSQL.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Schema and channel names, quoted once.
+#[derive(Debug)]
+pub(crate) struct Names {
+    /// Ferry's schema, quoted.
+    pub ferry: String,
+    /// Ferry's schema as given.
+    pub ferry_raw: String,
+    /// The app's schema as given.
+    pub app_raw: String,
+    /// The app's schema, quoted.
+    pub app: String,
+    /// The commit notification channel.
+    pub commit_channel: String,
+    /// The capture notification channel.
+    pub capture_channel: String,
+}
+
+/// What the database and its background tasks share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub names: Names,
+    pool: deadpool_postgres::Pool,
+    layouts: RwLock<BTreeMap<String, Arc<TableLayout>>>,
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
+    captures: Arc<tokio::sync::watch::Sender<u64>>,
+    create_tables: bool,
+    /// Where the database is, for messages (`host:port/db as user`).
+    pub place: String,
+}
+
+impl Shared {
+    pub(crate) fn layout(&self, table: &str) -> Result<Arc<TableLayout>> {
+        self.layouts.read().get(table).cloned().ok_or_else(|| {
+            SourceError::Schema(format!(
+                "table {table:?} is not one of the synced tables (migrate first)"
+            ))
+            .into()
+        })
+    }
+}
+
+/// PostgreSQL source database.
+#[derive(Debug)]
+pub struct PgSourceDb {
+    shared: Arc<Shared>,
+    /// Declared last: dropped after everything that holds connections.
+    bridge: Bridge,
+}
+
+fn check_schema_name(what: &str, name: &str) -> SourceResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.starts_with("pg_");
+    if ok {
+        Ok(())
+    } else {
+        Err(SourceError::Schema(format!(
+            "{what} {name:?} is not a usable schema name (lowercase letters, digits and underscores, \
+             at most 63, not starting with a digit or pg_)"
+        )))
+    }
+}
+
+pub(crate) fn op_name(op: OpKind) -> &'static str {
+    match op {
+        OpKind::Put => "PUT",
+        OpKind::Remove => "REMOVE",
+        OpKind::Move => "MOVE",
+        OpKind::Clear => "CLEAR",
+    }
+}
+
+fn parse_op(s: &str) -> Result<OpKind> {
+    Ok(match s {
+        "PUT" => OpKind::Put,
+        "REMOVE" => OpKind::Remove,
+        "MOVE" => OpKind::Move,
+        "CLEAR" => OpKind::Clear,
+        other => return Err(corrupt("op log", format!("unknown op {other:?}"))),
+    })
+}
+
+/// The op log rows of `range`: op_id, op, tbl, row_id, data, checksum.
+fn scan_ops(db: &Shared, client: &deadpool_postgres::Client, range: &OpRange<'_>) -> Result<Vec<tokio_postgres::Row>> {
+    let sql = format!(
+        "SELECT op_id, op, tbl, row_id, data, checksum FROM {}.oplog \
+         WHERE bucket = $1 AND op_id > $2 AND op_id <= $3 ORDER BY op_id LIMIT $4",
+        db.names.ferry
+    );
+    let after = i64::try_from(range.after_op_id).unwrap_or(i64::MAX);
+    let up_to = i64::try_from(range.up_to_op_id).unwrap_or(i64::MAX);
+    let limit = i64::try_from(range.max_ops).unwrap_or(i64::MAX);
+    query(client, &sql, &[&range.bucket, &after, &up_to, &limit])
+}
+
+/// Add a [`scan_ops`] row to `line`, its stored JSON copied; false when
+/// it did not fit.
+fn push_row(line: &mut DataLineWriter, r: &tokio_postgres::Row) -> Result<bool> {
+    let op: String = r.try_get(1)?;
+    let table: Option<&str> = r.try_get(2)?;
+    let row_id: Option<&str> = r.try_get(3)?;
+    let data: Option<&str> = r.try_get(4)?;
+    Ok(line.push_raw(
+        r.try_get::<_, i64>(0)? as u64,
+        parse_op(&op)?,
+        table,
+        row_id,
+        data.map(str::as_bytes),
+        r.try_get::<_, i64>(5)? as u32,
+    ))
+}
+
+/// The typed entries of `range`, cut to its line limit.
+pub(crate) fn read_ops_on(
+    db: &Shared,
+    client: &deadpool_postgres::Client,
+    range: &OpRange<'_>,
+) -> Result<Vec<OplogEntry>> {
+    let rows = scan_ops(db, client, range)?;
+    let mut measure = (range.max_line_bytes < usize::MAX)
+        .then(|| DataLineWriter::new(range.bucket, 0).with_max_line_bytes(range.max_line_bytes));
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        if let Some(line) = &mut measure {
+            if !push_row(line, r)? {
+                break;
+            }
+        }
+        let op: String = r.try_get(1)?;
+        let data: Option<String> = r.try_get(4)?;
+        out.push(OplogEntry {
+            op_id: r.try_get::<_, i64>(0)? as u64,
+            op: parse_op(&op)?,
+            object_type: r.try_get(2)?,
+            object_id: r.try_get(3)?,
+            data: data
+                .map(|d| serde_json::from_str::<RowData>(&d).map_err(|e| corrupt("row data", e)))
+                .transpose()?,
+            checksum: r.try_get::<_, i64>(5)? as u32,
+        });
+    }
+    Ok(out)
+}
+
+impl PgSourceDb {
+    /// Connect (checking that the database answers), and create Ferry's
+    /// schema if missing. A URL that does not parse or a database that
+    /// does not answer is an error naming the host and why.
+    pub fn connect(options: &PgOptions) -> SourceResult<Self> {
+        check_schema_name("ferry schema", &options.ferry_schema)?;
+        check_schema_name("app schema", &options.app_schema)?;
+        let pg_config = tokio_postgres::Config::from_str(&options.url)
+            .map_err(|e| SourceError::Unavailable(format!("invalid postgresql url: {e}")))?;
+        let place = describe_place(&pg_config);
+        let bridge = Bridge::new()?;
+        let manager = deadpool_postgres::Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Duration::from_millis(options.connect_timeout_ms.max(1));
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .build()
+            .map_err(|e| SourceError::Unavailable(format!("cannot make a connection pool for {place}: {e}")))?;
+        let f = &options.ferry_schema;
+        let names = Names {
+            ferry: quote_ident(f),
+            ferry_raw: f.clone(),
+            app: quote_ident(&options.app_schema),
+            app_raw: options.app_schema.clone(),
+            commit_channel: format!("ferry_commits_{f}"),
+            capture_channel: format!("ferry_captures_{f}"),
+        };
+        let shared = Arc::new(Shared {
+            names,
+            pool,
+            layouts: RwLock::new(BTreeMap::new()),
+            commits: Arc::new(tokio::sync::watch::channel(0).0),
+            captures: Arc::new(tokio::sync::watch::channel(0).0),
+            create_tables: options.create_tables,
+            place,
+        });
+        let db = PgSourceDb { shared, bridge };
+        // The first connection tells whether the database is there.
+        let client = db.client()?;
+        lift(|| {
+            let sql = setup::schema_sql(&db.shared.names.ferry, &db.shared.names.capture_channel);
+            wait(client.batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(hashtext({})); {sql} COMMIT;",
+                quote_literal(&format!("ferry setup {f}"))
+            )))?;
+            Ok(())
+        })
+        .inspect_err(|_| {
+            // The connection may be inside the failed transaction.
+            drop(deadpool_postgres::Object::take(client));
+        })?;
+        listen::start(&db.bridge, pg_config, &db.shared)?;
+        Ok(db)
+    }
+
+    /// A pooled connection; the error names the database and why.
+    fn client(&self) -> SourceResult<deadpool_postgres::Client> {
+        let pool = self.shared.pool.clone();
+        self.bridge.run(async move { pool.get().await })?.map_err(|e| {
+            let why = match &e {
+                deadpool_postgres::PoolError::Backend(pg) => error::classify(pg).to_string(),
+                other => other.to_string(),
+            };
+            SourceError::Unavailable(format!("cannot connect to postgresql at {}: {why}", self.shared.place))
+        })
+    }
+
+    /// Run `f` on a pooled connection outside any transaction.
+    fn with_client<T>(&self, f: impl FnOnce(&deadpool_postgres::Client) -> Result<T>) -> SourceResult<T> {
+        let client = self.client()?;
+        lift(|| f(&client))
+    }
+
+    fn migrate_table(&self, client: &deadpool_postgres::Client, t: &Table) -> Result<TableLayout> {
+        let names = &self.shared.names;
+        let qualified = format!("{}.{}", names.app, quote_ident(&t.name));
+        let mut columns = introspect_columns(client, &names.app_raw, &t.name)?;
+        if self.shared.create_tables {
+            if columns.is_empty() {
+                let cols: Vec<String> = t
+                    .columns
+                    .iter()
+                    .map(|c| format!(", {} {}", quote_ident(&c.name), layout::created_type(c.ty)))
+                    .collect();
+                wait(client.batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {qualified}(id text PRIMARY KEY NOT NULL{})",
+                    cols.concat()
+                )))?;
+            }
+            columns = introspect_columns(client, &names.app_raw, &t.name)?;
+            for c in &t.columns {
+                if !columns.iter().any(|p| p.name == c.name) {
+                    wait(client.batch_execute(&format!(
+                        "ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS {} {}",
+                        quote_ident(&c.name),
+                        layout::created_type(c.ty)
+                    )))?;
+                }
+            }
+            columns = introspect_columns(client, &names.app_raw, &t.name)?;
+        }
+        if columns.is_empty() {
+            return Err(SourceError::Schema(format!(
+                "table {}.{} does not exist in {} (create it, or start with --create-tables to have ferry \
+                 create it from the rules)",
+                names.app_raw, t.name, self.shared.place
+            ))
+            .into());
+        }
+        let pk = introspect_pk(client, &names.app_raw, &t.name)?;
+        let layout = layout::layout(t, &names.app_raw, qualified, &columns, &pk)?;
+        let pk_raw = pk.first().cloned().unwrap_or_default();
+        wait(client.batch_execute(&setup::trigger_sql(&names.ferry, &names.ferry_raw, &layout, &pk_raw)))?;
+        Ok(layout)
+    }
+}
+
+fn describe_place(c: &tokio_postgres::Config) -> String {
+    let host = c
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let db = c.get_dbname().unwrap_or("(default database)");
+    let user = c.get_user().unwrap_or("(default user)");
+    format!("{host}:{port}/{db} as {user}")
+}
+
+fn introspect_columns(client: &deadpool_postgres::Client, schema: &str, table: &str) -> Result<Vec<PgColumn>> {
+    let rows = query(
+        client,
+        "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod) \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_type t ON t.oid = a.atttypid \
+         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
+         AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        &[&schema, &table],
+    )?;
+    rows.iter()
+        .map(|r| {
+            Ok(PgColumn {
+                name: r.try_get(0)?,
+                typname: r.try_get(1)?,
+                display: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+fn introspect_pk(client: &deadpool_postgres::Client, schema: &str, table: &str) -> Result<Vec<String>> {
+    let rows = query(
+        client,
+        "SELECT a.attname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) \
+         WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary ORDER BY a.attnum",
+        &[&schema, &table],
+    )?;
+    rows.iter().map(|r| Ok(r.try_get::<_, String>(0)?)).collect()
+}
+
+/// A statement on a connection out of the pool.
+fn query_raw(
+    client: &deadpool_postgres::ClientWrapper,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>> {
+    Ok(wait(client.query(sql, params))?)
+}
+
+/// A lead held by a session advisory lock.
+struct PgLease {
+    client: deadpool_postgres::ClientWrapper,
+}
+
+impl std::fmt::Debug for PgLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLease").field("held", &self.is_held()).finish()
+    }
+}
+
+impl Lease for PgLease {
+    fn is_held(&self) -> bool {
+        !self.client.is_closed()
+    }
+}
+
+/// End a transaction that failed: roll back, and drop the connection when
+/// even that fails (it may be broken or still inside the transaction).
+fn abandon(client: deadpool_postgres::Client) {
+    if wait(client.batch_execute("ROLLBACK")).is_err() {
+        drop(deadpool_postgres::Object::take(client));
+    }
+}
+
+impl SourceDb for PgSourceDb {
+    fn commits(&self) -> CommitReceiver {
+        self.shared.commits.subscribe()
+    }
+
+    fn captures(&self) -> CommitReceiver {
+        self.shared.captures.subscribe()
+    }
+
+    fn try_lead(&self, job: &str) -> SourceResult<Option<Box<dyn Lease>>> {
+        // A session advisory lock on a connection of its own (out of the
+        // pool): held while the connection lives, released by PostgreSQL
+        // when it closes (the server died, the lease was dropped).
+        let client = deadpool_postgres::Object::take(self.client()?);
+        let key = format!("ferry lead {} {job}", self.shared.names.ferry_raw);
+        let rows = lift(|| query_raw(&client, "SELECT pg_try_advisory_lock(hashtext($1))", &[&key]))?;
+        let held = rows
+            .first()
+            .map(|r| r.try_get::<_, bool>(0))
+            .transpose()
+            .map_err(|e| SourceError::from(error::Error::from(e)))?
+            .unwrap_or(false);
+        Ok(held.then(|| Box::new(PgLease { client }) as Box<dyn Lease>))
+    }
+
+    fn migrate(&self, schema: &Schema) -> SourceResult<()> {
+        let client = self.client()?;
+        let result = lift(|| {
+            wait(client.batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(hashtext({}));",
+                quote_literal(&format!("ferry migrate {}", self.shared.names.ferry_raw))
+            )))?;
+            let mut layouts = BTreeMap::new();
+            for t in schema.tables() {
+                if t.local_only {
+                    continue;
+                }
+                layouts.insert(t.name.clone(), Arc::new(self.migrate_table(&client, t)?));
+            }
+            wait(client.batch_execute("COMMIT"))?;
+            Ok(layouts)
+        });
+        match result {
+            Ok(layouts) => {
+                *self.shared.layouts.write() = layouts;
+                Ok(())
+            }
+            Err(e) => {
+                abandon(client);
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&self, work: &mut dyn FnMut(&mut dyn ferry_source::SourceTx) -> SourceResult<()>) -> SourceResult<()> {
+        let client = self.client()?;
+        let f = &self.shared.names.ferry;
+        let result = lift(|| {
+            wait(client.batch_execute("BEGIN"))?;
+            // Ferry's own writes are not captured; the counter row's lock
+            // makes Ferry's write transactions serial.
+            let rows = query(
+                &client,
+                &format!(
+                    "SELECT last_op_id, set_config('ferry.writing', 'on', true) FROM {f}.counter \
+                     WHERE id = 1 FOR UPDATE"
+                ),
+                &[],
+            )?;
+            let last: i64 = rows
+                .first()
+                .ok_or_else(|| corrupt("op counter", "missing"))?
+                .try_get(0)?;
+            let first = last as u64 + 1;
+            let mut tx = PgTx {
+                db: &self.shared,
+                client: &client,
+                next_op_id: first,
+                max_clock: None,
+            };
+            work(&mut tx)?;
+            let (next, max_clock) = (tx.next_op_id, tx.max_clock.take());
+            if next > first {
+                execute(
+                    &client,
+                    &format!("UPDATE {f}.counter SET last_op_id = $1 WHERE id = 1"),
+                    &[&((next - 1) as i64)],
+                )?;
+            }
+            if let Some(m) = max_clock {
+                // Clocks print with fixed-width wall and counter: their
+                // text orders as they do (byte order, "C").
+                execute(
+                    &client,
+                    &format!(
+                        "INSERT INTO {f}.meta(key, value) VALUES ('max_clock', $1) ON CONFLICT (key) DO UPDATE \
+                         SET value = GREATEST({f}.meta.value COLLATE \"C\", EXCLUDED.value COLLATE \"C\")"
+                    ),
+                    &[&m.to_string()],
+                )?;
+            }
+            let channel = self.shared.names.commit_channel.as_str();
+            execute(&client, "SELECT pg_notify($1, '')", &[&channel])?;
+            wait(client.batch_execute("COMMIT"))?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                drop(client);
+                self.shared.commits.send_modify(|n| *n = n.wrapping_add(1));
+                Ok(())
+            }
+            Err(e) => {
+                abandon(client);
+                Err(e)
+            }
+        }
+    }
+
+    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> SourceResult<CheckpointState> {
+        self.with_client(|client| {
+            let f = &self.shared.names.ferry;
+            // One statement: one snapshot.
+            let sql = format!(
+                "SELECT (SELECT last_op_id FROM {f}.counter WHERE id = 1), \
+                 (SELECT last_seq FROM {f}.clients WHERE client_id = $1), b.bucket, b.checksum, b.count \
+                 FROM (SELECT 1) AS one LEFT JOIN {f}.buckets b ON b.bucket = ANY($2::text[])"
+            );
+            let names: Vec<&str> = buckets.iter().map(String::as_str).collect();
+            let rows = query(client, &sql, &[&client_id, &names])?;
+            let mut last_op_id = 0u64;
+            let mut write_checkpoint = None;
+            let mut found: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+            for r in &rows {
+                last_op_id = r.try_get::<_, Option<i64>>(0)?.unwrap_or(0) as u64;
+                write_checkpoint = r.try_get::<_, Option<i64>>(1)?.map(|s| s as u64);
+                if let Some(b) = r.try_get::<_, Option<String>>(2)? {
+                    let sum = r.try_get::<_, Option<i64>>(3)?.unwrap_or(0) as u32;
+                    let count = r.try_get::<_, Option<i64>>(4)?.unwrap_or(0) as u64;
+                    found.insert(b, (sum, count));
+                }
+            }
+            Ok(CheckpointState {
+                last_op_id,
+                buckets: buckets
+                    .iter()
+                    .map(|b| {
+                        let (checksum, count) = found.get(b).copied().unwrap_or((0, 0));
+                        BucketChecksum {
+                            bucket: b.clone(),
+                            checksum,
+                            count,
+                        }
+                    })
+                    .collect(),
+                write_checkpoint,
+            })
+        })
+    }
+
+    fn read_ops(&self, range: &OpRange<'_>) -> SourceResult<Vec<OplogEntry>> {
+        self.with_client(|client| read_ops_on(&self.shared, client, range))
+    }
+
+    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> SourceResult<Option<u64>> {
+        self.with_client(|client| {
+            line.lower_max_line_bytes(range.max_line_bytes);
+            let mut last = None;
+            for r in &scan_ops(&self.shared, client, range)? {
+                if !push_row(line, r)? {
+                    break;
+                }
+                last = line.last_op_id();
+            }
+            Ok(last)
+        })
+    }
+
+    fn bucket_names(&self) -> SourceResult<Vec<String>> {
+        self.with_client(|client| {
+            let rows = query(
+                client,
+                &format!("SELECT bucket FROM {}.buckets ORDER BY bucket", self.shared.names.ferry),
+                &[],
+            )?;
+            rows.iter().map(|r| Ok(r.try_get::<_, String>(0)?)).collect()
+        })
+    }
+
+    fn oplog_len(&self) -> SourceResult<u64> {
+        self.with_client(|client| {
+            let rows = query(
+                client,
+                &format!("SELECT count(*) FROM {}.oplog", self.shared.names.ferry),
+                &[],
+            )?;
+            Ok(rows.first().map_or(Ok(0), |r| r.try_get::<_, i64>(0))? as u64)
+        })
+    }
+
+    fn get_row(&self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
+        self.with_client(|client| tx::read_row_on(&self.shared, client, table, id))
+    }
+
+    fn client_owner(&self, client_id: &str) -> SourceResult<Option<String>> {
+        self.with_client(|client| {
+            let rows = query(
+                client,
+                &format!(
+                    "SELECT user_id FROM {}.clients WHERE client_id = $1",
+                    self.shared.names.ferry
+                ),
+                &[&client_id],
+            )?;
+            rows.first().map(|r| Ok(r.try_get::<_, String>(0)?)).transpose()
+        })
+    }
+
+    fn client_outcomes(
+        &self,
+        client_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> SourceResult<Vec<(u64, StoredOutcome)>> {
+        self.with_client(|client| {
+            let rows = query(
+                client,
+                &format!(
+                    "SELECT seq, outcome, fingerprint FROM {}.outcomes WHERE client_id = $1 AND seq > $2 \
+                     ORDER BY seq LIMIT $3",
+                    self.shared.names.ferry
+                ),
+                &[
+                    &client_id,
+                    &i64::try_from(after_seq).unwrap_or(i64::MAX),
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    let text: String = r.try_get(1)?;
+                    let fingerprint: Option<i64> = r.try_get(2)?;
+                    Ok((
+                        r.try_get::<_, i64>(0)? as u64,
+                        StoredOutcome {
+                            outcome: serde_json::from_str(&text).map_err(|e| corrupt("outcome", e))?,
+                            fingerprint: fingerprint.map(|f| f as u64),
+                        },
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn max_clock(&self) -> SourceResult<Option<HlcTimestamp>> {
+        self.with_client(|client| {
+            let rows = query(
+                client,
+                &format!(
+                    "SELECT value FROM {}.meta WHERE key = 'max_clock'",
+                    self.shared.names.ferry
+                ),
+                &[],
+            )?;
+            rows.first()
+                .map(|r| {
+                    let s: String = r.try_get(0)?;
+                    s.parse::<HlcTimestamp>()
+                        .map_err(|e| corrupt("clock high-water mark", e))
+                })
+                .transpose()
+        })
+    }
+}

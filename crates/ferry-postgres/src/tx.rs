@@ -1,0 +1,511 @@
+//! A write transaction ([`SourceTx`]) on one pooled connection.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferry_core::{HlcTimestamp, RowData, Table};
+use ferry_protocol::{OplogEntry, Outcome};
+use ferry_source::{
+    BucketState, CapturedChange, ClientProgress, NewOp, Result as SourceResult, SourceTx, StoredOutcome, StoredRow,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::bridge::wait;
+use crate::error::{corrupt, lift, Result};
+use crate::layout::{PkParam, TableLayout};
+use crate::{op_name, read_ops_on, Shared};
+
+/// A statement on `client`, prepared once per connection.
+pub(crate) fn query(client: &deadpool_postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    wait(async {
+        let st = client.prepare_cached(sql).await?;
+        client.query(&st, params).await
+    })
+    .map_err(Into::into)
+}
+
+/// [`query`] for a statement without rows.
+pub(crate) fn execute(client: &deadpool_postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    wait(async {
+        let st = client.prepare_cached(sql).await?;
+        client.execute(&st, params).await
+    })
+    .map_err(Into::into)
+}
+
+pub(crate) struct PgTx<'a> {
+    pub(crate) db: &'a Shared,
+    pub(crate) client: &'a deadpool_postgres::Client,
+    /// The next op id to hand out (the counter row is locked).
+    pub(crate) next_op_id: u64,
+    /// The greatest clock written (row clocks, tombstones).
+    pub(crate) max_clock: Option<HlcTimestamp>,
+}
+
+fn raise(max: &mut Option<HlcTimestamp>, c: &HlcTimestamp) {
+    if max.as_ref().is_none_or(|m| c > m) {
+        *max = Some(c.clone());
+    }
+}
+
+/// Read a row with its clocks and tombstone in one statement.
+pub(crate) fn read_row_on(
+    db: &Shared,
+    client: &deadpool_postgres::Client,
+    table: &Table,
+    id: &str,
+) -> Result<Option<StoredRow>> {
+    let layout = db.layout(&table.name)?;
+    let f = &db.names.ferry;
+    let pk = layout.pk_param(id);
+    let int_param: Option<i64> = match pk {
+        Some(PkParam::Int(n)) => Some(n),
+        _ => None,
+    };
+    let row_part = if pk.is_some() {
+        let list = layout.select_list();
+        let sep = if list.is_empty() { "" } else { ", " };
+        format!(
+            "LEFT JOIN (SELECT true AS ferry_present{sep}{list} FROM {} WHERE {} = {}) AS r ON true",
+            layout.qualified,
+            layout.pk,
+            layout.pk_expr(2, 3)
+        )
+    } else {
+        // No row of this table can have the id: only Ferry's own state.
+        "LEFT JOIN (SELECT NULL::bool AS ferry_present) AS r ON true".to_owned()
+    };
+    let sql = format!(
+        "SELECT c.clocks, tb.hlc, r.* FROM (SELECT 1) AS one {row_part} \
+         LEFT JOIN {f}.clocks c ON c.tbl = $1 AND c.id = $2 \
+         LEFT JOIN {f}.tombstones tb ON tb.tbl = $1 AND tb.id = $2"
+    );
+    let name = table.name.as_str();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&name, &id];
+    if let Some(n) = &int_param {
+        params.push(n);
+    }
+    let rows = query(client, &sql, &params)?;
+    let Some(r) = rows.first() else {
+        return Ok(None);
+    };
+    let clocks: Option<String> = r.try_get(0)?;
+    let deleted: Option<String> = r.try_get(1)?;
+    let present: Option<bool> = r.try_get(2)?;
+    let data = if present == Some(true) {
+        let mut d = RowData::new();
+        for (i, c) in layout.cols.iter().enumerate() {
+            d.insert(c.name.clone(), c.read(r, 3 + i)?);
+        }
+        Some(d)
+    } else {
+        None
+    };
+    let clocks: BTreeMap<String, HlcTimestamp> = match clocks {
+        Some(s) => serde_json::from_str(&s).map_err(|e| corrupt("clocks", e))?,
+        None => BTreeMap::new(),
+    };
+    let deleted = match deleted {
+        Some(s) => Some(s.parse::<HlcTimestamp>().map_err(|e| corrupt("tombstone", e))?),
+        None => None,
+    };
+    if data.is_none() && deleted.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(StoredRow { data, clocks, deleted }))
+}
+
+fn write_row_on(
+    tx: &mut PgTx<'_>,
+    layout: &TableLayout,
+    id: &str,
+    data: &RowData,
+    clocks: &BTreeMap<String, HlcTimestamp>,
+) -> Result<Option<RowData>> {
+    let f = &tx.db.names.ferry;
+    let int_param: Option<i64> = match layout.pk_param(id) {
+        Some(PkParam::Int(n)) => Some(n),
+        Some(PkParam::Text) => None,
+        None => return Err(layout.bad_id(id).into()),
+    };
+    let clocks_text = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+    let name = layout.name.as_str();
+    let mut boxed: Vec<Box<dyn ToSql + Sync + Send>> = Vec::with_capacity(layout.cols.len());
+    for c in &layout.cols {
+        boxed.push(c.param(name, data.get(&c.name).unwrap_or(&ferry_core::Value::Null))?);
+    }
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&name, &id, &clocks_text];
+    if let Some(n) = &int_param {
+        params.push(n);
+    }
+    let mut cols = vec![layout.pk.clone()];
+    let mut values = vec![layout.pk_expr(2, 4)];
+    for (c, p) in layout.cols.iter().zip(&boxed) {
+        params.push(p.as_ref());
+        cols.push(c.quoted.clone());
+        values.push(c.param_expr(params.len()));
+    }
+    let update = if layout.cols.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!(
+            "UPDATE SET {}",
+            layout
+                .cols
+                .iter()
+                .map(|c| format!("{0} = EXCLUDED.{0}", c.quoted))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    // The row comes back as PostgreSQL keeps it (numeric scale, jsonb
+    // spacing, time zones): the ops carry what a later read returns.
+    let list = layout.select_list();
+    let returning = if list.is_empty() { "1".to_owned() } else { list };
+    let sql = format!(
+        "WITH a AS (INSERT INTO {t}({cols}) VALUES ({values}) ON CONFLICT ({pk}) DO {update} RETURNING {returning}), \
+         c AS (INSERT INTO {f}.clocks(tbl, id, clocks) VALUES ($1, $2, $3) \
+               ON CONFLICT (tbl, id) DO UPDATE SET clocks = EXCLUDED.clocks RETURNING 1), \
+         d AS (DELETE FROM {f}.tombstones WHERE tbl = $1 AND id = $2 RETURNING 1) \
+         SELECT (SELECT count(*) FROM c) + (SELECT count(*) FROM d), a.* FROM (SELECT 1) AS one LEFT JOIN a ON true",
+        t = layout.qualified,
+        cols = cols.join(", "),
+        values = values.join(", "),
+        pk = layout.pk,
+    );
+    let rows = query(tx.client, &sql, &params)?;
+    for c in clocks.values() {
+        raise(&mut tx.max_clock, c);
+    }
+    let Some(r) = rows.first() else {
+        return Ok(None);
+    };
+    if layout.cols.is_empty() {
+        return Ok(None);
+    }
+    let mut stored = RowData::new();
+    for (i, c) in layout.cols.iter().enumerate() {
+        stored.insert(c.name.clone(), c.read(r, 1 + i)?);
+    }
+    Ok((&stored != data).then_some(stored))
+}
+
+fn delete_row_on(tx: &mut PgTx<'_>, layout: &TableLayout, id: &str, hlc: &HlcTimestamp) -> Result<()> {
+    let f = &tx.db.names.ferry;
+    let pk = layout.pk_param(id);
+    let int_param: Option<i64> = match pk {
+        Some(PkParam::Int(n)) => Some(n),
+        _ => None,
+    };
+    let app = if pk.is_some() {
+        format!(
+            "a AS (DELETE FROM {} WHERE {} = {} RETURNING 1), ",
+            layout.qualified,
+            layout.pk,
+            layout.pk_expr(2, 4)
+        )
+    } else {
+        "a AS (SELECT 1 WHERE false), ".to_owned()
+    };
+    let sql = format!(
+        "WITH {app}c AS (DELETE FROM {f}.clocks WHERE tbl = $1 AND id = $2 RETURNING 1), \
+         t AS (INSERT INTO {f}.tombstones(tbl, id, hlc) VALUES ($1, $2, $3) \
+               ON CONFLICT (tbl, id) DO UPDATE SET hlc = EXCLUDED.hlc RETURNING 1) \
+         SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM c) + (SELECT count(*) FROM t)"
+    );
+    let name = layout.name.as_str();
+    let hlc_text = hlc.to_string();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&name, &id, &hlc_text];
+    if let Some(n) = &int_param {
+        params.push(n);
+    }
+    query(tx.client, &sql, &params)?;
+    raise(&mut tx.max_clock, hlc);
+    Ok(())
+}
+
+impl SourceTx for PgTx<'_> {
+    fn client(&mut self, client_id: &str) -> SourceResult<Option<ClientProgress>> {
+        lift(|| {
+            let sql = format!(
+                "SELECT user_id, last_seq FROM {}.clients WHERE client_id = $1",
+                self.db.names.ferry
+            );
+            let rows = query(self.client, &sql, &[&client_id])?;
+            rows.first()
+                .map(|r| {
+                    Ok(ClientProgress {
+                        user_id: r.try_get(0)?,
+                        last_seq: r.try_get::<_, i64>(1)? as u64,
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn set_client(&mut self, client_id: &str, user_id: &str, last_seq: u64) -> SourceResult<()> {
+        lift(|| {
+            let sql = format!(
+                "INSERT INTO {}.clients(client_id, user_id, last_seq) VALUES ($1, $2, $3) \
+                 ON CONFLICT (client_id) DO UPDATE SET last_seq = EXCLUDED.last_seq",
+                self.db.names.ferry
+            );
+            execute(self.client, &sql, &[&client_id, &user_id, &(last_seq as i64)])?;
+            Ok(())
+        })
+    }
+
+    fn outcome(&mut self, client_id: &str, seq: u64) -> SourceResult<Option<StoredOutcome>> {
+        lift(|| {
+            let sql = format!(
+                "SELECT outcome, fingerprint FROM {}.outcomes WHERE client_id = $1 AND seq = $2",
+                self.db.names.ferry
+            );
+            let rows = query(self.client, &sql, &[&client_id, &(seq as i64)])?;
+            rows.first()
+                .map(|r| {
+                    let text: String = r.try_get(0)?;
+                    let fingerprint: Option<i64> = r.try_get(1)?;
+                    Ok(StoredOutcome {
+                        outcome: serde_json::from_str(&text).map_err(|e| corrupt("outcome", e))?,
+                        // Stored as the i64 with the same bits.
+                        fingerprint: fingerprint.map(|f| f as u64),
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn record_outcome(&mut self, client_id: &str, seq: u64, fingerprint: u64, outcome: &Outcome) -> SourceResult<()> {
+        lift(|| {
+            let text = serde_json::to_string(outcome).map_err(|e| corrupt("outcome", e))?;
+            let sql = format!(
+                "INSERT INTO {}.outcomes(client_id, seq, outcome, fingerprint) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (client_id, seq) DO UPDATE SET outcome = EXCLUDED.outcome, fingerprint = EXCLUDED.fingerprint",
+                self.db.names.ferry
+            );
+            execute(
+                self.client,
+                &sql,
+                &[&client_id, &(seq as i64), &text, &(fingerprint as i64)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn read_row(&mut self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
+        lift(|| read_row_on(self.db, self.client, table, id))
+    }
+
+    fn write_row(
+        &mut self,
+        table: &Table,
+        id: &str,
+        data: &RowData,
+        clocks: &BTreeMap<String, HlcTimestamp>,
+    ) -> SourceResult<Option<RowData>> {
+        lift(|| {
+            let layout = self.db.layout(&table.name)?;
+            write_row_on(self, &layout, id, data, clocks)
+        })
+    }
+
+    fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> SourceResult<()> {
+        lift(|| {
+            let layout = self.db.layout(&table.name)?;
+            delete_row_on(self, &layout, id, hlc)
+        })
+    }
+
+    fn row_buckets(&mut self, table: &str, id: &str) -> SourceResult<BTreeSet<String>> {
+        lift(|| {
+            let sql = format!(
+                "SELECT bucket FROM {}.row_buckets WHERE tbl = $1 AND id = $2",
+                self.db.names.ferry
+            );
+            let rows = query(self.client, &sql, &[&table, &id])?;
+            rows.iter().map(|r| Ok(r.try_get::<_, String>(0)?)).collect()
+        })
+    }
+
+    fn set_row_buckets(&mut self, table: &str, id: &str, buckets: &BTreeSet<String>) -> SourceResult<()> {
+        lift(|| {
+            let f = &self.db.names.ferry;
+            let list: Vec<&str> = buckets.iter().map(String::as_str).collect();
+            let sql = format!(
+                "WITH d AS (DELETE FROM {f}.row_buckets WHERE tbl = $1 AND id = $2 AND NOT (bucket = ANY($3::text[]))) \
+                 INSERT INTO {f}.row_buckets(tbl, id, bucket) SELECT $1, $2, b FROM unnest($3::text[]) AS b \
+                 ON CONFLICT DO NOTHING"
+            );
+            execute(self.client, &sql, &[&table, &id, &list])?;
+            Ok(())
+        })
+    }
+
+    fn next_op_id(&mut self) -> SourceResult<u64> {
+        let id = self.next_op_id;
+        self.next_op_id += 1;
+        Ok(id)
+    }
+
+    fn append_op(&mut self, op: NewOp<'_>) -> SourceResult<()> {
+        lift(|| {
+            let data = op
+                .data
+                .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
+                .transpose()?;
+            let sql = format!(
+                "INSERT INTO {}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                self.db.names.ferry
+            );
+            execute(
+                self.client,
+                &sql,
+                &[
+                    &(op.op_id as i64),
+                    &op.bucket,
+                    &op_name(op.op),
+                    &op.table,
+                    &op.row_id,
+                    &data,
+                    &i64::from(op.checksum),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn bucket_state(&mut self, bucket: &str) -> SourceResult<Option<BucketState>> {
+        lift(|| {
+            let sql = format!(
+                "SELECT checksum, count, last_op_id FROM {}.buckets WHERE bucket = $1",
+                self.db.names.ferry
+            );
+            let rows = query(self.client, &sql, &[&bucket])?;
+            rows.first()
+                .map(|r| {
+                    Ok(BucketState {
+                        checksum: r.try_get::<_, i64>(0)? as u32,
+                        count: r.try_get::<_, i64>(1)? as u64,
+                        last_op_id: r.try_get::<_, i64>(2)? as u64,
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn set_bucket_state(&mut self, bucket: &str, state: &BucketState) -> SourceResult<()> {
+        lift(|| {
+            let sql = format!(
+                "INSERT INTO {}.buckets(bucket, checksum, count, last_op_id) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (bucket) DO UPDATE SET checksum = EXCLUDED.checksum, count = EXCLUDED.count, \
+                 last_op_id = EXCLUDED.last_op_id",
+                self.db.names.ferry
+            );
+            execute(
+                self.client,
+                &sql,
+                &[
+                    &bucket,
+                    &i64::from(state.checksum),
+                    &(state.count as i64),
+                    &(state.last_op_id as i64),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn bucket_ops(&mut self, bucket: &str) -> SourceResult<Vec<OplogEntry>> {
+        lift(|| read_ops_on(self.db, self.client, &ferry_source::OpRange::all(bucket)))
+    }
+
+    fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> SourceResult<()> {
+        lift(|| {
+            let f = &self.db.names.ferry;
+            execute(
+                self.client,
+                &format!("DELETE FROM {f}.oplog WHERE bucket = $1"),
+                &[&bucket],
+            )?;
+            let mut ids = Vec::with_capacity(entries.len());
+            let mut ops = Vec::with_capacity(entries.len());
+            let mut tables = Vec::with_capacity(entries.len());
+            let mut rows = Vec::with_capacity(entries.len());
+            let mut datas = Vec::with_capacity(entries.len());
+            let mut sums = Vec::with_capacity(entries.len());
+            for e in entries {
+                ids.push(e.op_id as i64);
+                ops.push(op_name(e.op));
+                tables.push(e.object_type.clone());
+                rows.push(e.object_id.clone());
+                datas.push(
+                    e.data
+                        .as_ref()
+                        .map(|d| serde_json::to_string(d).map_err(|err| corrupt("row", err)))
+                        .transpose()?,
+                );
+                sums.push(i64::from(e.checksum));
+            }
+            let sql = format!(
+                "INSERT INTO {f}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
+                 SELECT i, $1, o, t, r, d, s FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
+                 AS u(i, o, t, r, d, s)"
+            );
+            execute(self.client, &sql, &[&bucket, &ids, &ops, &tables, &rows, &datas, &sums])?;
+            Ok(())
+        })
+    }
+
+    fn take_captured(&mut self, limit: usize) -> SourceResult<Vec<CapturedChange>> {
+        lift(|| {
+            let f = &self.db.names.ferry;
+            // Deleted with this transaction; a change committed later with
+            // a lower seq is taken by a later call (it is not skipped:
+            // changes are taken by seq, not by range).
+            let sql = format!(
+                "DELETE FROM {f}.changes WHERE seq IN (SELECT seq FROM {f}.changes ORDER BY seq LIMIT $1) \
+                 RETURNING seq, tbl, id"
+            );
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = query(self.client, &sql, &[&limit])?;
+            let mut out: Vec<CapturedChange> = rows
+                .iter()
+                .map(|r| {
+                    Ok(CapturedChange {
+                        seq: r.try_get::<_, i64>(0)? as u64,
+                        table: r.try_get(1)?,
+                        id: r.try_get(2)?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            out.sort_by_key(|c| c.seq);
+            Ok(out)
+        })
+    }
+
+    fn savepoint(&mut self) -> SourceResult<()> {
+        lift(|| {
+            wait(self.client.batch_execute("SAVEPOINT ferry_op"))?;
+            Ok(())
+        })
+    }
+
+    fn rollback_to_savepoint(&mut self) -> SourceResult<()> {
+        lift(|| {
+            wait(
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT ferry_op; RELEASE SAVEPOINT ferry_op"),
+            )?;
+            Ok(())
+        })
+    }
+
+    fn release_savepoint(&mut self) -> SourceResult<()> {
+        lift(|| {
+            wait(self.client.batch_execute("RELEASE SAVEPOINT ferry_op"))?;
+            Ok(())
+        })
+    }
+}

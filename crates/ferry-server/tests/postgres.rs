@@ -1,0 +1,411 @@
+//! PostgreSQL as the source of truth, on the app's own tables: typed
+//! columns both ways, values the database refuses, writes made directly in
+//! SQL reaching clients, and bad setups refused with a message. Each test
+//! works in its own scratch schemas of the test database
+//! (`FERRY_TEST_DATABASE_URL`, default the machine's PostgreSQL) and drops
+//! them afterwards; a test fails, never skips, when PostgreSQL is down.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{delete, entry, put, token, upload_req, TestClient, SECRET};
+use ferry_core::Value;
+use ferry_postgres::scratch::ScratchSchemas;
+use ferry_postgres::{PgOptions, PgSourceDb};
+use ferry_protocol::Outcome;
+use ferry_server::{ServiceError, SourceDb, SyncRules, SyncService};
+use ferry_transport::SyncHandler;
+
+const RULES: &str = r#"
+[[tables]]
+name = "projects"
+per_op_outcomes = true
+columns = [
+  { name = "owner", type = "text" },
+  { name = "name", type = "text" },
+  { name = "budget", type = "text" },
+  { name = "rating", type = "real" },
+  { name = "active", type = "integer" },
+  { name = "due", type = "text" },
+  { name = "updated", type = "text" },
+  { name = "meta", type = "text" },
+  { name = "logo", type = "blob" },
+  { name = "seats", type = "integer" },
+]
+
+[[tables]]
+name = "tasks"
+columns = [
+  { name = "owner", type = "text" },
+  { name = "title", type = "text" },
+]
+
+[[buckets]]
+name = "mine"
+parameters = ["sub"]
+data = [
+  { table = "projects", where = { owner = "sub" } },
+  { table = "tasks", where = { owner = "sub" } },
+]
+
+[[permissions]]
+table = "projects"
+insert = "new.owner == auth.sub"
+update = "old.owner == auth.sub"
+delete = "old.owner == auth.sub"
+
+[[permissions]]
+table = "tasks"
+insert = "new.owner == auth.sub"
+update = "old.owner == auth.sub"
+delete = "old.owner == auth.sub"
+"#;
+
+/// The app's tables as a team would have them: a uuid key, types Ferry
+/// maps, constraints, and a column the rules leave alone.
+fn app_tables(s: &ScratchSchemas) {
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".projects (
+           id uuid PRIMARY KEY,
+           owner text NOT NULL,
+           name varchar(40) NOT NULL,
+           budget numeric(12,2),
+           rating double precision,
+           active boolean,
+           due date,
+           updated timestamptz,
+           meta jsonb,
+           logo bytea,
+           seats integer CHECK (seats >= 0),
+           internal_note text DEFAULT 'kept by the backend'
+         );
+         CREATE TABLE \"{a}\".tasks (id bigint PRIMARY KEY, owner text, title text);"
+    ))
+    .expect("app tables");
+}
+
+fn service(s: &ScratchSchemas) -> SyncService {
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    SyncService::builder(Arc::new(db), SyncRules::from_toml(RULES).expect("rules"), SECRET)
+        .build()
+        .expect("service")
+}
+
+const P1: &str = "123e4567-e89b-12d3-a456-426614174000";
+const P2: &str = "223e4567-e89b-12d3-a456-426614174000";
+
+fn project(owner: &str, name: &str, seats: i64) -> Vec<(&'static str, Value)> {
+    vec![
+        ("owner", Value::from(owner)),
+        ("name", Value::from(name)),
+        ("budget", Value::from("1250.5")),
+        ("rating", Value::Real(4.25)),
+        ("active", Value::Integer(1)),
+        ("due", Value::from("2026-12-24")),
+        ("updated", Value::from("2026-11-30T10:00:00+00:00")),
+        ("meta", Value::from("{\"tags\":[\"a\"]}")),
+        ("logo", Value::Blob(vec![0, 159, 255])),
+        ("seats", Value::Integer(seats)),
+    ]
+}
+
+async fn upload(svc: &SyncService, user: &str, client: &str, ops: Vec<ferry_core::CrudOp>) -> Vec<Outcome> {
+    let entries = ops
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| entry(i as u64 + 1, op, 1_000 + i as u64, client))
+        .collect();
+    let answer = SyncHandler::upload(svc, &token(user), upload_req(client, entries))
+        .await
+        .expect("upload answered");
+    answer.outcomes.into_iter().map(|o| o.outcome).collect()
+}
+
+#[tokio::test]
+async fn app_tables_keep_their_types_and_sync_both_ways() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let svc = service(&s);
+    let outcomes = upload(
+        &svc,
+        "ann",
+        "c-ann",
+        vec![put("projects", P1, &project("ann", "Roof", 3))],
+    )
+    .await;
+    assert_eq!(outcomes, vec![Outcome::Applied]);
+
+    // In PostgreSQL, typed, and the column the rules do not name keeps
+    // its default.
+    let rows = s
+        .query(&format!(
+            "SELECT name, budget::text, rating::text, active::text, due::text, meta::text, \
+             encode(logo, 'hex'), seats::text, internal_note FROM \"{}\".projects WHERE id = '{P1}'",
+            s.app
+        ))
+        .expect("select");
+    let got: Vec<Option<&str>> = rows[0].iter().map(|v| v.as_deref()).collect();
+    assert_eq!(
+        got,
+        vec![
+            Some("Roof"),
+            Some("1250.50"),
+            Some("4.25"),
+            Some("true"),
+            Some("2026-12-24"),
+            Some("{\"tags\": [\"a\"]}"),
+            Some("009fff"),
+            Some("3"),
+            Some("kept by the backend"),
+        ]
+    );
+
+    // A second device of the same user gets the row as PostgreSQL keeps
+    // it (the numeric's scale, jsonb's spacing), so it equals the source.
+    let mut other = TestClient::new("c-ann-2");
+    other.sync(&svc, &token("ann")).await;
+    let row = other
+        .rows()
+        .get(&("projects".to_owned(), P1.to_owned()))
+        .cloned()
+        .expect("the project reached the other device");
+    assert_eq!(row.get("budget"), Some(&Value::from("1250.50")));
+    assert_eq!(row.get("meta"), Some(&Value::from("{\"tags\": [\"a\"]}")));
+    assert_eq!(row.get("active"), Some(&Value::Integer(1)));
+    assert_eq!(row.get("logo"), Some(&Value::Blob(vec![0, 159, 255])));
+    assert_eq!(row.get("updated"), Some(&Value::from("2026-11-30T10:00:00+00:00")));
+    let table = svc.rules().schema().table("projects").expect("table").clone();
+    let stored = svc.db().get_row(&table, P1).expect("get row").expect("row");
+    assert_eq!(stored.data.as_ref(), Some(&row), "the device equals the source");
+
+    // Another user sees nothing of it.
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    assert!(bob.rows().is_empty());
+}
+
+#[tokio::test]
+async fn a_value_the_database_refuses_rejects_that_op_alone_and_writes_nothing_of_it() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let svc = service(&s);
+    let outcomes = upload(
+        &svc,
+        "ann",
+        "c-ann",
+        vec![
+            put("projects", P1, &project("ann", "Fine", 1)),
+            // The CHECK constraint refuses it.
+            put("projects", P2, &project("ann", "Negative seats", -1)),
+            // Not a uuid: no row of this table can have the id.
+            put("projects", "not-a-uuid", &project("ann", "Bad id", 1)),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes[0], Outcome::Applied);
+    for (o, needle) in outcomes[1..].iter().zip(["seats", "not-a-uuid"]) {
+        match o {
+            Outcome::Rejected { reason } => {
+                assert!(reason.contains("database refused"), "{reason}");
+                assert!(reason.contains(needle), "{reason} names {needle}");
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+    let count = s
+        .query(&format!("SELECT count(*)::text FROM \"{}\".projects", s.app))
+        .expect("count");
+    assert_eq!(count[0][0].as_deref(), Some("1"), "only the accepted row is written");
+    let mut other = TestClient::new("c-ann-2");
+    other.sync(&svc, &token("ann")).await;
+    assert_eq!(other.rows().len(), 1, "no op for a refused write");
+}
+
+#[tokio::test]
+async fn writes_made_in_sql_reach_the_devices_that_should_have_them() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let svc = service(&s);
+    let a = &s.app;
+    // Ferry's own writes are not captured.
+    upload(
+        &svc,
+        "ann",
+        "c-ann",
+        vec![put(
+            "tasks",
+            "1",
+            &[("owner", Value::from("ann")), ("title", Value::from("from the app"))],
+        )],
+    )
+    .await;
+    let captured = s
+        .query(&format!("SELECT count(*)::text FROM \"{}\".changes", s.ferry))
+        .expect("changes");
+    assert_eq!(captured[0][0].as_deref(), Some("0"), "an upload is not captured again");
+
+    // The backend writes in plain SQL.
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".tasks VALUES (2, 'ann', 'from the backend'), (3, 'bob', 'for bob');
+         UPDATE \"{a}\".tasks SET title = 'renamed in sql' WHERE id = 1;"
+    ))
+    .expect("backend writes");
+    assert_eq!(
+        svc.apply_captured(10).await.expect("capture"),
+        3,
+        "two inserts and an update"
+    );
+    let mut ann = TestClient::new("c-ann-2");
+    ann.sync(&svc, &token("ann")).await;
+    let titles: Vec<(String, Option<Value>)> = ann
+        .rows()
+        .into_iter()
+        .map(|((_, id), row)| (id, row.get("title").cloned()))
+        .collect();
+    assert_eq!(
+        titles,
+        vec![
+            ("1".to_owned(), Some(Value::from("renamed in sql"))),
+            ("2".to_owned(), Some(Value::from("from the backend"))),
+        ]
+    );
+
+    // A row moved to another owner leaves ann's bucket and reaches bob's;
+    // a deleted row leaves everywhere.
+    s.execute(&format!(
+        "UPDATE \"{a}\".tasks SET owner = 'bob' WHERE id = 2; DELETE FROM \"{a}\".tasks WHERE id = 1;"
+    ))
+    .expect("backend moves and deletes");
+    svc.apply_captured(10).await.expect("capture");
+    ann.sync(&svc, &token("ann")).await;
+    assert!(ann.rows().is_empty(), "{:?}", ann.rows());
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    let ids: Vec<String> = bob.rows().into_keys().map(|(_, id)| id).collect();
+    assert_eq!(ids, vec!["2".to_owned(), "3".to_owned()]);
+
+    // A later device write wins over the backend's earlier one, and the
+    // backend's later write wins over the device's.
+    s.execute(&format!("UPDATE \"{a}\".tasks SET title = 'backend' WHERE id = 3"))
+        .expect("update");
+    svc.apply_captured(10).await.expect("capture");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let answer = SyncHandler::upload(
+        &svc,
+        &token("bob"),
+        upload_req(
+            "c-bob",
+            vec![entry(
+                1,
+                common::patch("tasks", "3", &[("title", Value::from("device"))]),
+                now_ms + 1_000,
+                "c-bob",
+            )],
+        ),
+    )
+    .await
+    .expect("upload");
+    assert_eq!(answer.outcomes[0].outcome, Outcome::Applied);
+    let title = s
+        .query(&format!("SELECT title FROM \"{a}\".tasks WHERE id = 3"))
+        .expect("select");
+    assert_eq!(title[0][0].as_deref(), Some("device"));
+    bob.sync(&svc, &token("bob")).await;
+    assert_eq!(
+        bob.rows()
+            .get(&("tasks".to_owned(), "3".to_owned()))
+            .and_then(|r| r.get("title").cloned()),
+        Some(Value::from("device"))
+    );
+    let _ = delete("tasks", "3");
+}
+
+#[tokio::test]
+async fn bad_setups_are_refused_with_a_message_naming_what_is_wrong() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".no_key (id text, owner text);
+         CREATE TABLE \"{a}\".two_keys (a text, b text, owner text, PRIMARY KEY (a, b));
+         CREATE TABLE \"{a}\".odd_type (id text PRIMARY KEY, owner inet);
+         CREATE TABLE \"{a}\".wrong_type (id text PRIMARY KEY, owner integer);
+         CREATE TABLE \"{a}\".no_owner (id text PRIMARY KEY, name text);"
+    ))
+    .expect("tables");
+    let rules_for = |table: &str| {
+        format!(
+            "[[tables]]\nname = \"{table}\"\ncolumns = [{{ name = \"owner\", type = \"text\" }}]\n\
+             [[buckets]]\nname = \"all\"\ndata = [{{ table = \"{table}\" }}]\n"
+        )
+    };
+    let cases = [
+        ("missing", vec!["missing", "does not exist", "--create-tables"]),
+        ("no_key", vec!["no_key", "no primary key"]),
+        ("two_keys", vec!["two_keys", "2 columns"]),
+        ("odd_type", vec!["odd_type", "owner", "inet"]),
+        ("wrong_type", vec!["wrong_type", "owner", "integer"]),
+        ("no_owner", vec!["no_owner", "no column owner"]),
+    ];
+    for (table, needles) in cases {
+        let db = PgSourceDb::connect(&s.options()).expect("connect");
+        let rules = SyncRules::from_toml(&rules_for(table)).expect("rules");
+        let err = SyncService::builder(Arc::new(db), rules, SECRET)
+            .build()
+            .expect_err(table);
+        assert!(matches!(err, ServiceError::Config(_)), "{table}: {err}");
+        let msg = err.to_string();
+        for n in needles {
+            assert!(msg.contains(n), "{table}: {msg:?} names {n:?}");
+        }
+    }
+    // Nothing was created in the app's schema.
+    let tables = s
+        .query(&format!(
+            "SELECT count(*)::text FROM pg_tables WHERE schemaname = '{a}' AND tablename = 'missing'"
+        ))
+        .expect("pg_tables");
+    assert_eq!(tables[0][0].as_deref(), Some("0"));
+
+    // A database that does not answer: the message says where and why.
+    let err = PgSourceDb::connect(&PgOptions::new("postgres://postgres@127.0.0.1:1/test")).expect_err("no server");
+    let msg = err.to_string();
+    assert!(msg.contains("127.0.0.1:1"), "{msg}");
+    let err = PgSourceDb::connect(&PgOptions::new("postgres://postgres@127.0.0.1:5432/test").ferry_schema("Bad-Name"))
+        .expect_err("bad schema name");
+    assert!(err.to_string().contains("Bad-Name"), "{err}");
+}
+
+#[tokio::test]
+async fn create_tables_makes_the_rules_tables_when_asked() {
+    let s = ScratchSchemas::for_test();
+    let db = PgSourceDb::connect(&s.options().create_tables(true)).expect("connect");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::ticket_tracker().expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    let handler: &dyn SyncHandler = &svc;
+    let answer = handler
+        .upload(
+            &token("ann"),
+            upload_req(
+                "c1",
+                vec![entry(
+                    1,
+                    put("tickets", "t1", &[("title", Value::from("made"))]),
+                    1_000,
+                    "c1",
+                )],
+            ),
+        )
+        .await
+        .expect("upload");
+    assert_eq!(answer.outcomes[0].outcome, Outcome::Applied);
+    let rows = s
+        .query(&format!("SELECT title FROM \"{}\".tickets", s.app))
+        .expect("select");
+    assert_eq!(rows[0][0].as_deref(), Some("made"));
+}
