@@ -200,6 +200,7 @@ impl SyncServiceBuilder {
                 shutdown: watch::channel(false).0,
                 streams,
                 upload_locks: parking_lot::Mutex::new(HashMap::new()),
+                metrics: Arc::new(crate::metrics::Metrics::new()?),
             }),
         })
     }

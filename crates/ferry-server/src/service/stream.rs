@@ -5,6 +5,7 @@
 //! the stream's byte budget.
 
 use super::*;
+use crate::metrics::StreamGuard;
 
 impl SyncService {
     /// Open a stream for an authenticated user, typed.
@@ -48,10 +49,12 @@ impl SyncService {
             .collect();
         let (tx, rx) = mpsc::channel(inner.options.stream_buffer_lines.max(1));
         let inner = inner.clone();
+        let open = inner.metrics.stream_opened();
         tokio::spawn(async move {
             let _permit = permit;
             let client_id = request.client_id;
-            if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx).await {
+            if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx, &open).await {
+                inner.metrics.error(&e);
                 tracing::warn!(client_id, error = %e, "stream failed");
                 // A client that does not read never gets it.
                 let _ = tx.try_send(StreamLine::Error(e.to_server_error()).into());
@@ -71,6 +74,7 @@ async fn run_stream<L: StreamOut>(
     buckets: Vec<String>,
     mut positions: BTreeMap<String, u64>,
     tx: &mpsc::Sender<L>,
+    open: &StreamGuard,
 ) -> Result<()> {
     // The database's commit notifications (of every server sharing it,
     // where the database can tell); keepalives look again anyway.
@@ -156,6 +160,7 @@ async fn run_stream<L: StreamOut>(
                 out.end(stop);
                 return Ok(());
             }
+            open.checkpoint_sent(cp.last_op_id);
             sent = Some(cp);
         }
         // Wait for a commit or the next keepalive, then look again: a
