@@ -75,7 +75,39 @@ fn ci() -> Result<()> {
     test()
 }
 
+/// The PostgreSQL the tests use (`FERRY_TEST_DATABASE_URL`, default the
+/// machine's): fail at once, with a message, when it does not answer,
+/// rather than in the middle of the test run (the tests never skip).
+fn check_test_database() -> Result<()> {
+    let url = std::env::var("FERRY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    // postgres://user[:password]@host[:port]/db[?options]
+    let after_scheme = url.split("://").nth(1).unwrap_or_default();
+    let authority = after_scheme.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((h, p)) => (h.to_owned(), p.parse::<u16>().unwrap_or(5432)),
+        None => (host_port.to_owned(), 5432),
+    };
+    let host = if host.is_empty() { "127.0.0.1".to_owned() } else { host };
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    let reachable = addrs
+        .iter()
+        .any(|a| std::net::TcpStream::connect_timeout(a, std::time::Duration::from_secs(3)).is_ok());
+    if !reachable {
+        bail!(
+            "PostgreSQL is not reachable at {host}:{port}: the PostgreSQL tests need it (start it, or point \
+             FERRY_TEST_DATABASE_URL at one)"
+        );
+    }
+    eprintln!("postgresql: {host}:{port} answers");
+    Ok(())
+}
+
 fn test() -> Result<()> {
+    check_test_database()?;
     cargo(&["test", "--workspace", "--all-features"])?;
     // The fleet simulation: a few hundred seeds per run; the long runs
     // (`cargo xtask sim --seeds 10000 --release`) are commands, not CI.

@@ -115,7 +115,10 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         }
     }
     let db = open_source_db(&config).await?;
+    // Each process its own clock node: several servers may share the
+    // database (PostgreSQL), and two of their writes must never tie.
     let service = SyncService::builder(db, rules, secret.as_deref().unwrap_or_default())
+        .node_id(process_node_id())
         .authenticator(auth)
         .options(config.service.clone())
         .build()?;
@@ -204,4 +207,21 @@ async fn open_source_db(config: &ServerConfig) -> Result<Arc<dyn SourceDb>> {
         }
     };
     Ok(db)
+}
+
+/// `server-<16 hex digits>` from the OS's random source (time and process
+/// id if that fails).
+fn process_node_id() -> String {
+    let mut bytes = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = ((nanos as u64) ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
+    }
+    format!(
+        "server-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
 }

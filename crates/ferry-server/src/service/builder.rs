@@ -93,9 +93,26 @@ pub struct SyncServiceBuilder {
     clock: Arc<dyn Clock>,
     strategies: BTreeMap<String, Arc<dyn ConflictStrategy>>,
     default_strategy: Arc<dyn ConflictStrategy>,
+    node_id: String,
 }
 
+/// The node id of the server's hybrid logical clock unless set
+/// ([`SyncServiceBuilder::node_id`]).
+pub const DEFAULT_NODE_ID: &str = "server";
+
+/// Longest node id of a server's clock.
+pub const MAX_NODE_ID_BYTES: usize = 64;
+
 impl SyncServiceBuilder {
+    /// The node id of this server's hybrid logical clock (default
+    /// [`DEFAULT_NODE_ID`]). Servers sharing one database need distinct
+    /// ones, so two of their writes at the same instant never tie:
+    /// `ferry_server::run` gives each process `server-<random hex>`.
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = node_id.into();
+        self
+    }
+
     /// Set the options.
     pub fn options(mut self, options: ServiceOptions) -> Self {
         self.options = options;
@@ -178,9 +195,15 @@ impl SyncServiceBuilder {
         let ahead_ms = mark
             .as_ref()
             .map_or(0, |m| m.wall_ms.saturating_sub(self.clock.now_ms()));
+        if self.node_id.is_empty() || self.node_id.len() > MAX_NODE_ID_BYTES {
+            return Err(ServiceError::Config(format!(
+                "server node id {:?} must be 1 to {MAX_NODE_ID_BYTES} bytes",
+                self.node_id
+            )));
+        }
         let hlc = HybridClock::new(
             self.clock.clone(),
-            "server",
+            self.node_id.as_str(),
             self.options.max_clock_skew_ms.max(ahead_ms),
         );
         if let Some(m) = &mark {
@@ -219,6 +242,7 @@ impl SyncService {
             clock: Arc::new(SystemClock),
             strategies: BTreeMap::new(),
             default_strategy: Arc::new(LastWriteWins),
+            node_id: DEFAULT_NODE_ID.to_owned(),
         }
     }
 }
