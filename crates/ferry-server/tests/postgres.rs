@@ -14,7 +14,7 @@ use ferry_core::Value;
 use ferry_postgres::scratch::ScratchSchemas;
 use ferry_postgres::{PgOptions, PgSourceDb};
 use ferry_protocol::Outcome;
-use ferry_server::{ServiceError, SourceDb, SyncRules, SyncService};
+use ferry_server::{ServiceError, SyncRules, SyncService};
 use ferry_transport::SyncHandler;
 
 const RULES: &str = r#"
