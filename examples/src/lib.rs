@@ -34,6 +34,7 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 
 pub mod scenarios;
+pub mod tracker;
 
 /// Errors of the example apps.
 #[derive(Debug, Error)]
