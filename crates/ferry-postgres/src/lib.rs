@@ -734,6 +734,48 @@ impl SourceDb for PgSourceDb {
         })
     }
 
+    fn meta(&self, key: &str) -> SourceResult<Option<String>> {
+        self.with_client(|client| {
+            let rows = query(
+                client,
+                &format!("SELECT value FROM {}.meta WHERE key = $1", self.shared.names.ferry),
+                &[&key],
+            )?;
+            rows.first().map(|r| Ok(r.try_get::<_, String>(0)?)).transpose()
+        })
+    }
+
+    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> SourceResult<Vec<String>> {
+        self.with_client(|client| {
+            let layout = self.shared.layout(&table.name)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            // In the key's own order (an index scan), the cursor cast back
+            // to the key's type.
+            let (pk, t) = (&layout.pk, &layout.qualified);
+            let rows = match (after_id, &layout.pk_kind) {
+                (None, _) => query(
+                    client,
+                    &format!("SELECT {pk}::text AS ferry_row_id FROM {t} ORDER BY {pk} LIMIT $1"),
+                    &[&limit],
+                )?,
+                (Some(id), layout::PkKind::Int) => {
+                    let n: i64 = id.parse().map_err(|_| layout.bad_id(id))?;
+                    query(
+                        client,
+                        &format!("SELECT {pk}::text AS ferry_row_id FROM {t} WHERE {pk} > $1::int8 ORDER BY {pk} LIMIT $2"),
+                        &[&n, &limit],
+                    )?
+                }
+                (Some(id), layout::PkKind::Text { typname }) => query(
+                    client,
+                    &format!("SELECT {pk}::text AS ferry_row_id FROM {t} WHERE {pk} > $1::text::{typname} ORDER BY {pk} LIMIT $2"),
+                    &[&id, &limit],
+                )?,
+            };
+            rows.iter().map(|r| Ok(r.try_get::<_, String>(0)?)).collect()
+        })
+    }
+
     fn max_clock(&self) -> SourceResult<Option<HlcTimestamp>> {
         self.with_client(|client| {
             let rows = query(

@@ -458,6 +458,17 @@ impl SourceTx for PgTx<'_> {
         })
     }
 
+    fn set_meta(&mut self, key: &str, value: &str) -> SourceResult<()> {
+        lift(|| {
+            let sql = format!(
+                "INSERT INTO {}.meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                self.db.names.ferry
+            );
+            execute(self.client, &sql, &[&key, &value])?;
+            Ok(())
+        })
+    }
+
     fn take_captured(&mut self, limit: usize) -> SourceResult<Vec<CapturedChange>> {
         lift(|| {
             let f = &self.db.names.ferry;

@@ -136,6 +136,10 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
     // captures none); ends when the service shuts down.
     let capture = service.clone();
     tokio::spawn(async move { capture.run_capture().await });
+    // Rows that predate Ferry or rules whose buckets changed: membership
+    // computed again in the background while serving.
+    let rebucket = service.clone();
+    tokio::spawn(async move { rebucket.run_rebucket().await });
     let handler: Arc<dyn SyncHandler> = Arc::new(service.clone());
     let mut http = config.http.clone();
     http.max_body_bytes = config.max_body_bytes;

@@ -60,6 +60,12 @@ impl SourceDb for Silent {
     fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
         self.inner.client_outcomes(client_id, after_seq, limit)
     }
+    fn meta(&self, key: &str) -> R<Option<String>> {
+        self.inner.meta(key)
+    }
+    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> R<Vec<String>> {
+        self.inner.row_ids(table, after_id, limit)
+    }
     fn max_clock(&self) -> R<Option<HlcTimestamp>> {
         self.inner.max_clock()
     }

@@ -409,3 +409,35 @@ async fn create_tables_makes_the_rules_tables_when_asked() {
         .expect("select");
     assert_eq!(rows[0][0].as_deref(), Some("made"));
 }
+
+#[tokio::test]
+async fn rows_already_in_the_database_reach_devices_after_the_first_pass() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    // Rows the backend had before Ferry was ever started (no trigger yet).
+    s.execute(&format!(
+        "INSERT INTO \"{0}\".tasks SELECT g, CASE WHEN g % 2 = 0 THEN 'ann' ELSE 'bob' END, 'task ' || g \
+         FROM generate_series(1, 1200) AS g",
+        s.app
+    ))
+    .expect("existing rows");
+    let svc = service(&s);
+    assert!(svc.rebucket_due().await.expect("due"));
+    let n = svc.rebucket_all().await.expect("pass");
+    assert_eq!(n, 1200, "every existing row joined its bucket");
+    assert!(!svc.rebucket_due().await.expect("due"));
+    let mut ann = TestClient::new("c-ann");
+    ann.sync(&svc, &token("ann")).await;
+    assert_eq!(ann.rows().len(), 600);
+    let table = svc.rules().schema().table("tasks").expect("table").clone();
+    let stored = svc.db().get_row(&table, "2").expect("get").expect("row");
+    assert_eq!(
+        ann.rows().get(&("tasks".to_owned(), "2".to_owned())),
+        stored.data.as_ref()
+    );
+    assert_eq!(
+        svc.rebucket_all().await.expect("pass"),
+        0,
+        "a second pass changes nothing"
+    );
+}

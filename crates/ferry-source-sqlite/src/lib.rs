@@ -583,6 +583,15 @@ impl SourceTx for SqliteTx<'_> {
         lift(|| read_ops_in(self.tx, &OpRange::all(bucket)))
     }
 
+    fn set_meta(&mut self, key: &str, value: &str) -> SourceResult<()> {
+        lift(|| {
+            self.tx
+                .prepare_cached("INSERT OR REPLACE INTO ferry_meta(key, value) VALUES (?1, ?2)")?
+                .execute(params![key, value])?;
+            Ok(())
+        })
+    }
+
     fn savepoint(&mut self) -> SourceResult<()> {
         lift(|| Ok(self.tx.execute_batch("SAVEPOINT ferry_op")?))
     }
@@ -916,6 +925,32 @@ impl SourceDb for SqliteSourceDb {
                     ));
                 }
                 Ok(out)
+            })
+        })
+    }
+
+    fn meta(&self, key: &str) -> SourceResult<Option<String>> {
+        lift(|| {
+            self.with_reader(|conn| {
+                Ok(conn
+                    .prepare_cached("SELECT value FROM ferry_meta WHERE key = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?)
+            })
+        })
+    }
+
+    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> SourceResult<Vec<String>> {
+        lift(|| {
+            self.with_reader(|conn| {
+                let sql = format!(
+                    "SELECT id FROM {} WHERE ?1 IS NULL OR id > ?1 ORDER BY id LIMIT ?2",
+                    q(&table.name)
+                );
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = stmt.query_map(params![after_id, limit], |r| r.get::<_, String>(0))?;
+                Ok(rows.collect::<Result<_, _>>()?)
             })
         })
     }

@@ -311,6 +311,8 @@ pub trait SourceTx {
     /// Replace a bucket's log with `entries` (compaction); the bucket's
     /// state is the caller's to update.
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> Result<()>;
+    /// Set one of Ferry's own settings (`ferry.rules_fingerprint`, ...).
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<()>;
     /// Take up to `limit` captured changes, oldest first: rows the app's
     /// backend (or anyone but Ferry) changed in the database. They are
     /// gone once this transaction commits and back if it rolls back. A
@@ -445,6 +447,14 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     /// through them with the last seq seen). Empty for a client id with
     /// no stored outcome.
     fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> Result<Vec<(u64, StoredOutcome)>>;
+    /// One of Ferry's own settings ([`SourceTx::set_meta`]).
+    fn meta(&self, key: &str) -> Result<Option<String>>;
+    /// The ids of the table's rows (tombstones not included) after
+    /// `after_id` (exclusive; `None`: from the first), at most `limit`, in
+    /// the database's order of its key, so a scan in batches visits every
+    /// row that exists throughout it once. For background passes over
+    /// existing data (bucket membership).
+    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> Result<Vec<String>>;
     /// The clock high-water mark: at least every clock ever stored with a
     /// row or tombstone ([`SourceTx::write_row`], [`SourceTx::delete_row`]
     /// keep it in their transaction), `None` when none was stored. The

@@ -39,6 +39,7 @@ macro_rules! source_conformance_tests {
             write_commits_whole,
             failed_work_changes_nothing,
             rollback_to_savepoint_undoes_one_op,
+            meta_and_row_ids,
             client_progress_and_outcomes,
             client_outcomes_are_listed_in_pages,
             rows_clocks_and_tombstones,
@@ -312,6 +313,34 @@ pub fn rollback_to_savepoint_undoes_one_op<B: SourceBackend>(b: &B) {
     // The mark covers the committed clock (a database may keep a higher
     // one it saw in the rolled-back writes: the mark is a bound).
     assert!(db.max_clock().expect("max clock") >= Some(hlc));
+}
+
+/// Settings are kept (and replaced); row ids come in batches after a
+/// cursor, tombstones left out.
+pub fn meta_and_row_ids<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    assert_eq!(db.meta("ferry.test").expect("meta"), None);
+    write(db.as_ref(), |tx| {
+        tx.set_meta("ferry.test", "one")?;
+        tx.set_meta("ferry.test", "two")?;
+        for id in ["t1", "t2", "t3", "t4", "t5"] {
+            let row = ticket(id, 1);
+            tx.write_row(&t, id, &row, &clocks_of(&row, &clock(1, "c")))?;
+        }
+        tx.delete_row(&t, "t3", &clock(2, "c"))
+    });
+    assert_eq!(db.meta("ferry.test").expect("meta").as_deref(), Some("two"));
+    let first = db.row_ids(&t, None, 2).expect("row ids");
+    assert_eq!(first, vec!["t1".to_owned(), "t2".to_owned()]);
+    let rest = db.row_ids(&t, Some("t2"), 10).expect("row ids");
+    assert_eq!(
+        rest,
+        vec!["t4".to_owned(), "t5".to_owned()],
+        "the tombstone is not a row"
+    );
+    assert!(db.row_ids(&t, Some("t5"), 10).expect("row ids").is_empty());
 }
 
 /// Client progress: set, read, advanced (the owner stays); outcomes with

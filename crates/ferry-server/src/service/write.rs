@@ -100,7 +100,7 @@ fn client_progress(stx: &mut dyn SourceTx, client_id: &str, user_id: &str) -> Re
 /// Append one op log entry: a new op id, its checksum
 /// (`ferry_protocol::op_checksum`), and the bucket's state advanced (the
 /// checksum is the wrapping sum of its entries'). Returns the op id.
-fn append_op(
+pub(super) fn append_op(
     stx: &mut dyn SourceTx,
     bucket: &str,
     op: OpKind,

@@ -1,0 +1,200 @@
+//! Bucket membership of rows that are already there: pointed at a
+//! database that holds rows Ferry never wrote (an existing PostgreSQL
+//! database), or started with bucket definitions that changed, the service
+//! computes every row's buckets again in the background, in batches of at
+//! most [`MAX_REBUCKET_BATCH`] rows per write transaction, while serving.
+//!
+//! A row whose buckets differ from the stored membership gets PUT ops in
+//! the buckets it joins and REMOVE ops in those it leaves; a row Ferry
+//! never wrote (no column clocks) gets clocks at the server's time and
+//! PUTs. Clients converge through their normal streams, without
+//! reinstalling. The pass runs when the rules' fingerprint (bucket
+//! definitions and synced tables) differs from the one stored after the
+//! last complete pass, one server at a time ([`SourceDb::try_lead`]); a
+//! pass cut short (a crash) runs again from the start: it is idempotent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::time::Duration;
+
+use ferry_core::{HlcTimestamp, Table};
+use ferry_protocol::OpKind;
+use ferry_transport::blocking;
+
+use super::write::append_op;
+use super::{blocking_error, Fnv64, Inner, SyncService};
+use crate::db::SourceDb;
+use crate::error::Result;
+
+/// Most rows looked at in one write transaction.
+pub const MAX_REBUCKET_BATCH: usize = 500;
+/// The meta key of the fingerprint of the rules the last complete pass
+/// used.
+pub const META_RULES_FINGERPRINT: &str = "ferry.rules_fingerprint";
+/// How often a server that is not the leader asks again while a pass is
+/// due.
+const REBUCKET_LEAD_RETRY_MS: u64 = 2_000;
+
+impl Inner {
+    /// The fingerprint of what decides membership: the bucket definitions
+    /// and the synced tables with their columns.
+    pub(crate) fn rules_fingerprint(&self) -> String {
+        let mut h = Fnv64::new();
+        // Serializing plain data into a hasher cannot fail.
+        let _ = serde_json::to_writer(&mut h, self.rules.buckets());
+        for t in self.rules.schema().tables() {
+            let _ = write!(h, "|{}", t.name);
+            for c in &t.columns {
+                let _ = write!(h, ",{}:{}", c.name, c.ty.name());
+            }
+        }
+        format!("{:016x}", h.0)
+    }
+
+    /// Look at one batch of `table`'s rows after `after`; returns the last
+    /// id looked at (`None`: the table is done) and the rows changed.
+    fn rebucket_batch(&self, table: &Table, after: Option<&str>, limit: usize) -> Result<(Option<String>, usize)> {
+        let ids = self.db.row_ids(table, after, limit)?;
+        let mut changed = 0;
+        crate::db::write(self.db.as_ref(), |stx| {
+            changed = 0;
+            for id in &ids {
+                let Some(current) = stx.read_row(table, id)? else {
+                    continue;
+                };
+                let Some(data) = current.data.as_ref() else {
+                    continue;
+                };
+                let new = self.rules.row_buckets(&table.name, id, data);
+                let old = stx.row_buckets(&table.name, id)?;
+                let unsynced = current.clocks.is_empty() && !table.columns.is_empty();
+                // Nothing to do: the same buckets, and clocks already (or
+                // no bucket wants the row).
+                let needs_clocks = unsynced && !new.is_empty();
+                if new == old && !needs_clocks {
+                    continue;
+                }
+                let mut row = data.clone();
+                let joined: BTreeSet<&String> = if unsynced {
+                    let hlc: HlcTimestamp = self.hlc.now();
+                    let clocks: BTreeMap<String, HlcTimestamp> =
+                        table.columns.iter().map(|c| (c.name.clone(), hlc.clone())).collect();
+                    if let Some(stored) = stx.write_row(table, id, data, &clocks)? {
+                        row = stored;
+                    }
+                    new.iter().collect()
+                } else {
+                    new.difference(&old).collect()
+                };
+                if let Err(reason) = self.check_encoded_size(&table.name, id, &row) {
+                    tracing::warn!(table = %table.name, id, "a row is left out of its buckets: {reason}");
+                    continue;
+                }
+                for b in joined {
+                    append_op(stx, b, OpKind::Put, &table.name, id, Some(&row))?;
+                }
+                for b in old.difference(&new) {
+                    append_op(stx, b, OpKind::Remove, &table.name, id, None)?;
+                }
+                stx.set_row_buckets(&table.name, id, &new)?;
+                changed += 1;
+            }
+            Ok(())
+        })?;
+        let next = if ids.len() < limit { None } else { ids.last().cloned() };
+        Ok((next, changed))
+    }
+}
+
+impl SyncService {
+    /// One whole pass over every synced table (see the module), then the
+    /// rules' fingerprint stored. Returns the rows whose membership
+    /// changed.
+    pub async fn rebucket_all(&self) -> Result<usize> {
+        let mut changed = 0;
+        let tables: Vec<Table> = self
+            .inner
+            .rules
+            .schema()
+            .tables()
+            .filter(|t| !t.local_only)
+            .cloned()
+            .collect();
+        for table in tables {
+            let mut after: Option<String> = None;
+            loop {
+                let inner = self.inner.clone();
+                let t = table.clone();
+                let cursor = after.clone();
+                let (next, n) = blocking::run(move || inner.rebucket_batch(&t, cursor.as_deref(), MAX_REBUCKET_BATCH))
+                    .await
+                    .map_err(blocking_error)??;
+                changed += n;
+                match next {
+                    Some(id) => after = Some(id),
+                    None => break,
+                }
+                if *self.inner.shutdown.borrow() {
+                    return Ok(changed);
+                }
+            }
+        }
+        let inner = self.inner.clone();
+        blocking::run(move || {
+            let fp = inner.rules_fingerprint();
+            crate::db::write(inner.db.as_ref(), |stx| Ok(stx.set_meta(META_RULES_FINGERPRINT, &fp)?))
+        })
+        .await
+        .map_err(blocking_error)??;
+        Ok(changed)
+    }
+
+    /// Whether the stored fingerprint differs from the rules' (a pass is
+    /// due).
+    pub async fn rebucket_due(&self) -> Result<bool> {
+        let inner = self.inner.clone();
+        blocking::run(
+            move || Ok(inner.db.meta(META_RULES_FINGERPRINT)?.as_deref() != Some(&*inner.rules_fingerprint())),
+        )
+        .await
+        .map_err(blocking_error)?
+    }
+
+    /// At start: while a pass is due, become its leader and run it (one
+    /// server at a time); errors are logged and retried.
+    pub async fn run_rebucket(&self) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.rebucket_due().await {
+                Ok(false) => return,
+                Ok(true) => {}
+                Err(e) => tracing::warn!("bucket membership: {e}"),
+            }
+            let db = self.inner.db.clone();
+            let lease = blocking::run(move || SourceDb::try_lead(db.as_ref(), "rebucket"))
+                .await
+                .ok()
+                .and_then(std::result::Result::ok)
+                .flatten();
+            if let Some(lease) = lease {
+                // Another server may have finished a pass meanwhile.
+                if matches!(self.rebucket_due().await, Ok(true)) {
+                    tracing::info!("bucket membership: computing it again for every row");
+                    match self.rebucket_all().await {
+                        Ok(n) => tracing::info!(rows = n, "bucket membership: done"),
+                        Err(e) => tracing::warn!("bucket membership: {e}"),
+                    }
+                }
+                drop(lease);
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(REBUCKET_LEAD_RETRY_MS)) => {}
+            }
+        }
+    }
+}
