@@ -209,13 +209,6 @@ fn status_field(value: &str) -> ApiResult<String> {
     }
 }
 
-fn ticket_exists(tracker: &Tracker, id: &str) -> ApiResult<()> {
-    match tracker.db.local().get("tickets", id)? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::not_found(format!("no ticket {id:?}"))),
-    }
-}
-
 fn rows(tracker: &Tracker, query: &Query) -> ApiResult<Vec<JsonValue>> {
     Ok(tracker.db.query(query)?.rows.iter().map(row_json).collect())
 }
@@ -362,8 +355,13 @@ async fn edit_ticket(State(t): AppState, Path(id): Path<String>, body: Bytes) ->
     if changes.is_empty() {
         return Err(ApiError::bad("nothing to change: give a title, description or status"));
     }
-    ticket_exists(&t, &id)?;
-    let label = format!("edited {} of ticket {id}", what.join(", "));
+    let Some(current) = t.db.local().get("tickets", &id)? else {
+        return Err(ApiError::not_found(format!("no ticket {id:?}")));
+    };
+    let label = match current.get("title") {
+        Some(Value::Text(title)) => format!("edited {} of \u{201c}{title}\u{201d}", what.join(", ")),
+        _ => format!("edited {} of ticket {id}", what.join(", ")),
+    };
     t.write(&label, |tx| {
         if tx.get("tickets", &id)?.is_none() {
             return Err(ApiError::not_found(format!("no ticket {id:?}")));
@@ -384,7 +382,11 @@ async fn edit_ticket(State(t): AppState, Path(id): Path<String>, body: Bytes) ->
 }
 
 async fn delete_ticket(State(t): AppState, Path(id): Path<String>) -> ApiResult {
-    t.write(&format!("deleted ticket {id}"), |tx| {
+    let label = match t.db.local().get("tickets", &id)?.and_then(|mut r| r.remove("title")) {
+        Some(Value::Text(title)) => format!("deleted \u{201c}{title}\u{201d}"),
+        _ => format!("deleted ticket {id}"),
+    };
+    t.write(&label, |tx| {
         if tx.get("tickets", &id)?.is_none() {
             return Err(ApiError::not_found(format!("no ticket {id:?}")));
         }
