@@ -4,8 +4,8 @@
 //! - `ci`    fmt check, clippy with warnings denied, tidy, and every test
 //! - `test`  every test (what `ci` runs last)
 //! - `bench` the criterion benchmarks (`--quick` for a short run)
-//! - `demo`  the main job: the sync server on the embedded default, with
-//!   the quickstart client connecting to it
+//! - `demo`  the main job: the sync server on the embedded default and
+//!   two tracker devices (alice on :3001, bob on :3002), until Ctrl-C
 //! - `tidy`  repository rules that no compiler checks
 //! - `sim`   `cargo xtask sim [--seeds N] [--first S] [--seed S] [--release]
 //!   [--planted-bug] [--trace]`: the deterministic fleet simulation
@@ -108,10 +108,37 @@ fn check_test_database() -> Result<()> {
 
 fn test() -> Result<()> {
     check_test_database()?;
+    browser_test_packages()?;
     cargo(&["test", "--workspace", "--all-features"])?;
     // The fleet simulation: a few hundred seeds per run; the long runs
     // (`cargo xtask sim --seeds 10000 --release`) are commands, not CI.
     sim(&["--seeds".into(), "200".into()])
+}
+
+/// The npm packages of the browser tests (`examples/browser-tests`,
+/// puppeteer-core), installed from the lock file when absent. Chromium
+/// itself comes from the system (`.ci/run` installs Debian's); the test
+/// fails with a message when it is missing.
+fn browser_test_packages() -> Result<()> {
+    let dir = Path::new("examples").join("browser-tests");
+    if dir
+        .join("node_modules")
+        .join("puppeteer-core")
+        .join("package.json")
+        .exists()
+    {
+        return Ok(());
+    }
+    eprintln!("$ npm ci (in {})", dir.display());
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .status()
+        .context("running npm ci for the browser tests (Node 20 or newer is needed)")?;
+    if !status.success() {
+        bail!("npm ci in {} failed with {status}", dir.display());
+    }
+    Ok(())
 }
 
 /// `cargo xtask sim`: runs `ferry-sim` (debug build unless `--release`),
@@ -141,56 +168,102 @@ fn bench(args: &[String]) -> Result<()> {
 }
 
 /// The main job: the sync server on the embedded default (SQLite under
-/// `data/server`, 127.0.0.1:8080, the ticket-tracker rules), with the
-/// quickstart client connecting once to show a sync; then the server keeps
-/// serving until Ctrl-C. Extra arguments go to `ferry-server serve`.
+/// `data/server`, 127.0.0.1:8080, the ticket-tracker rules) and two
+/// tracker devices, alice on http://127.0.0.1:3001/ and bob on
+/// http://127.0.0.1:3002/ (data under `data/tracker-<user>`), until
+/// Ctrl-C. Extra arguments go to `ferry-server serve`.
 fn demo(args: &[String]) -> Result<()> {
     cargo(&["build", "-p", "ferry-server", "--bin", "ferry-server"])?;
-    cargo(&["build", "-p", "ferry-client", "--example", "sync_quickstart"])?;
+    cargo(&["build", "-p", "ferry-examples", "--bin", "tracker"])?;
     let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| PathBuf::from("target"), PathBuf::from);
     let server_bin = target.join("debug").join("ferry-server");
-    let example_bin = target.join("debug").join("examples").join("sync_quickstart");
-    let mut server = Command::new(&server_bin)
+    let tracker_bin = target.join("debug").join("tracker");
+    let server = Command::new(&server_bin)
         .arg("serve")
         .args(args)
         .spawn()
         .with_context(|| format!("starting {}", server_bin.display()))?;
-    let addr = "127.0.0.1:8080";
+    let mut children = vec![("ferry-server".to_owned(), server)];
+    let result = demo_run(&tracker_bin, &mut children);
+    // Ctrl-C reaches every process of the terminal's group; anything
+    // still running here (an error, another signal) is stopped.
+    for (_, child) in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+/// Wait for the server, start alice's and bob's trackers, print their
+/// URLs and keep everything running until one exits (Ctrl-C ends all).
+fn demo_run(tracker_bin: &Path, children: &mut Vec<(String, std::process::Child)>) -> Result<()> {
+    let server_url = "http://127.0.0.1:8080";
+    wait_for_port("ferry-server", "127.0.0.1:8080", children)?;
+    let mut urls = Vec::new();
+    for (user, port) in [("alice", 3001), ("bob", 3002)] {
+        let data_dir = Path::new("data").join(format!("tracker-{user}"));
+        let child = Command::new(tracker_bin)
+            .args([
+                "--server",
+                server_url,
+                "--user",
+                user,
+                "--port",
+                &port.to_string(),
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .spawn()
+            .with_context(|| format!("starting {}", tracker_bin.display()))?;
+        let name = format!("{user}'s tracker");
+        children.push((name.clone(), child));
+        wait_for_port(&name, &format!("127.0.0.1:{port}"), children)?;
+        urls.push((user, format!("http://127.0.0.1:{port}/")));
+    }
+    eprintln!("\nferry-server is serving on {server_url} (data in data/server), with two devices:");
+    for (user, url) in &urls {
+        eprintln!("  {user:<5}  {url}");
+    }
+    eprintln!(
+        "Open both in a browser, switch one offline, edit on both, switch it back. Without a browser:\n  \
+         curl {}api/tickets\n  \
+         curl -X POST -d '{{\"title\":\"Printer on fire\"}}' {}api/tickets\n\
+         Ctrl-C stops everything.",
+        urls[1].1, urls[0].1
+    );
+    loop {
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                // Ctrl-C: the server and the trackers stop cleanly.
+                if status.success() {
+                    eprintln!("{name} stopped; stopping the demo");
+                    return Ok(());
+                }
+                bail!("{name} exited with {status}");
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Wait until `addr` accepts connections, failing when one of the
+/// demo's processes exits first.
+fn wait_for_port(name: &str, addr: &str, children: &mut [(String, std::process::Child)]) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if std::net::TcpStream::connect(addr).is_ok() {
-            break;
+            return Ok(());
         }
-        if let Some(status) = server.try_wait()? {
-            bail!("ferry-server exited with {status} before listening on {addr}");
+        for (child_name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("{child_name} exited with {status} before {name} listened on {addr} (is the port in use?)");
+            }
         }
         if std::time::Instant::now() > deadline {
-            let _ = server.kill();
-            bail!("ferry-server did not listen on {addr} within 30 s");
+            bail!("{name} did not listen on {addr} within 30 s");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    eprintln!(
-        "\n$ {} (a client that writes offline, then syncs)",
-        example_bin.display()
-    );
-    let status = Command::new(&example_bin)
-        .env("FERRY_WATCH_S", "1")
-        .status()
-        .with_context(|| format!("running {}", example_bin.display()))?;
-    if !status.success() {
-        let _ = server.kill();
-        bail!("the quickstart client failed with {status}");
-    }
-    eprintln!(
-        "\nferry-server is serving on http://{addr} (data in data/server). Connect more clients with\n  \
-         cargo run -p ferry-client --example sync_quickstart -- http://{addr} <user>\nCtrl-C stops the server."
-    );
-    let status = server.wait()?;
-    if !status.success() {
-        bail!("ferry-server exited with {status}");
-    }
-    Ok(())
 }
 
 /// The `.rs` files of a crate's library: everything under `src/` except
