@@ -4,8 +4,9 @@
 //! drives Chromium with puppeteer-core through the scenarios of issue 12
 //! (live updates, last write wins after an offline edit, the server
 //! killed and restarted, bad form input) and saves a screenshot of each
-//! step under `target/browser-screenshots/` (logs of the three processes
-//! next to them).
+//! step under `target/browser-screenshots/<suite>/` (logs of the three processes
+//! next to them); a second script, `strategies.test.mjs`, runs the
+//! blog's other strategies against `examples/tracker-strategies.toml`.
 //!
 //! Needs Chromium (`/usr/bin/chromium`, or `FERRY_CHROMIUM`), Node and
 //! the npm packages of `examples/browser-tests` (`npm ci` there);
@@ -127,8 +128,47 @@ fn check_prerequisites(tests_dir: &Path) -> Result<PathBuf> {
     Ok(chromium)
 }
 
+/// One browser test script against a fresh server and two trackers.
+struct Suite {
+    /// Its folder under `target/browser-screenshots/`.
+    name: &'static str,
+    /// The script in `examples/browser-tests`.
+    script: &'static str,
+    /// A sync rules file (relative to the workspace) for `ferry-server`.
+    rules: Option<&'static str>,
+    /// Start bob's tracker with `--restricted`.
+    bob_restricted: bool,
+}
+
+/// The suites share the machine's two cores: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn tracker_in_chromium() -> Result<()> {
+    run_suite(&Suite {
+        name: "tracker",
+        script: "tracker.test.mjs",
+        rules: None,
+        bob_restricted: false,
+    })
+}
+
+/// The conflict strategies of the blog post: ferry-server on
+/// `examples/tracker-strategies.toml` (domain rule on status, manual
+/// resolution of descriptions, the audit log) and bob's tracker with the
+/// offline restrictions.
+#[test]
+fn tracker_strategies_in_chromium() -> Result<()> {
+    run_suite(&Suite {
+        name: "strategies",
+        script: "strategies.test.mjs",
+        rules: Some("examples/tracker-strategies.toml"),
+        bob_restricted: true,
+    })
+}
+
+fn run_suite(suite: &Suite) -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = workspace_root();
     let tests_dir = root.join("examples").join("browser-tests");
     let chromium = check_prerequisites(&tests_dir)?;
@@ -139,7 +179,7 @@ fn tracker_in_chromium() -> Result<()> {
         .parent()
         .and_then(Path::parent)
         .map_or_else(|| root.join("target"), Path::to_path_buf);
-    let out = target.join("browser-screenshots");
+    let out = target.join("browser-screenshots").join(suite.name);
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
@@ -147,13 +187,17 @@ fn tracker_in_chromium() -> Result<()> {
     let data = tempfile::tempdir()?;
 
     let server_port = free_port()?;
-    let server_args = vec![
+    let mut server_args = vec![
         "serve".to_owned(),
         "--data-dir".to_owned(),
         data.path().join("server").display().to_string(),
         "--listen".to_owned(),
         format!("127.0.0.1:{server_port}"),
     ];
+    if let Some(rules) = suite.rules {
+        server_args.push("--rules".to_owned());
+        server_args.push(root.join(rules).display().to_string());
+    }
     let start_server = || -> Result<Proc> {
         let mut p = spawn("ferry-server", &server_bin, &server_args, &out.join("ferry-server.log"))?;
         wait_for_port(&mut p, server_port)?;
@@ -164,7 +208,7 @@ fn tracker_in_chromium() -> Result<()> {
     let mut urls = Vec::new();
     for user in ["alice", "bob"] {
         let port = free_port()?;
-        let args = vec![
+        let mut args = vec![
             "--server".to_owned(),
             format!("http://127.0.0.1:{server_port}"),
             "--user".to_owned(),
@@ -174,6 +218,9 @@ fn tracker_in_chromium() -> Result<()> {
             "--data-dir".to_owned(),
             data.path().join(user).display().to_string(),
         ];
+        if user == "bob" && suite.bob_restricted {
+            args.push("--restricted".to_owned());
+        }
         let mut p = spawn(
             &format!("{user}'s tracker"),
             &tracker,
@@ -186,7 +233,7 @@ fn tracker_in_chromium() -> Result<()> {
     }
 
     let mut node = Command::new("node")
-        .arg("tracker.test.mjs")
+        .arg(suite.script)
         .current_dir(&tests_dir)
         .env("ALICE_URL", &urls[0])
         .env("BOB_URL", &urls[1])
@@ -222,7 +269,8 @@ fn tracker_in_chromium() -> Result<()> {
     println!("screenshots and process logs: {}", out.display());
     anyhow::ensure!(
         status.success() && failures.is_empty(),
-        "the browser tests failed ({status}): {failures:?}; screenshots and logs in {}",
+        "the browser tests of {} failed ({status}): {failures:?}; screenshots and logs in {}",
+        suite.script,
         out.display()
     );
     Ok(())

@@ -573,6 +573,15 @@ async fn resolve_conflict(State(t): AppState, Path(id): Path<String>, body: Byte
     let Some(conflict) = t.db.conflict(&id)? else {
         return Err(ApiError::not_found(format!("no conflict {id:?}")));
     };
+    if conflict.user_id != t.user {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "conflict {id:?} is {}'s to resolve: only the user whose change conflicted decides",
+                conflict.user_id
+            ),
+        });
+    }
     if !conflict.is_open() {
         return Err(ApiError {
             status: StatusCode::CONFLICT,

@@ -328,13 +328,16 @@ function refreshDetail(box, t) {
   renderRestrictions();
 }
 
+// What an activity row changed: the columns whose value differs between
+// its old and new row (not `updated_at`).
 function describeChange(a) {
-  const parse = (v) => { try { return JSON.parse(v); } catch (_) { return v; } };
-  const next = parse(a.new_value);
-  if (next && typeof next === "object") {
-    return Object.entries(next).filter(([k]) => k !== "updated_at").map(([k, v]) => `${k} \u2192 ${JSON.stringify(v)}`).join(", ");
-  }
-  return String(a.new_value ?? "");
+  const parse = (v) => { try { return JSON.parse(v); } catch (_) { return null; } };
+  const before = parse(a.old_value);
+  const after = parse(a.new_value);
+  if (!after || typeof after !== "object") return a.op === "DELETE" ? "deleted" : "";
+  if (!before || typeof before !== "object") return `created \u201c${after.title ?? ""}\u201d`;
+  const changed = Object.keys(after).filter((k) => k !== "updated_at" && JSON.stringify(after[k]) !== JSON.stringify(before[k]));
+  return changed.length ? changed.map((k) => `${k} \u2192 ${JSON.stringify(after[k])}`).join(", ") : "no change kept";
 }
 
 // Offline restrictions (`tracker --restricted`): the controls the policy
