@@ -293,6 +293,20 @@ impl SourceTx for PgTx<'_> {
         })
     }
 
+    fn prune_outcomes(&mut self, client_id: &str, below_seq: u64) -> SourceResult<u64> {
+        lift(|| {
+            let sql = format!(
+                "DELETE FROM {}.outcomes WHERE client_id = $1 AND seq < $2",
+                self.db.names.ferry
+            );
+            execute(
+                self.client,
+                &sql,
+                &[&client_id, &i64::try_from(below_seq).unwrap_or(i64::MAX)],
+            )
+        })
+    }
+
     fn read_row(&mut self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
         lift(|| read_row_on(self.db, self.client, table, id))
     }

@@ -38,6 +38,9 @@ pub struct ServerConfig {
     /// Where Ferry's tables live in PostgreSQL and whether it may create
     /// the app's.
     pub postgres: PostgresConfig,
+    /// Seconds between bucket compactions (one server at a time); `0`:
+    /// never.
+    pub compact_interval_s: u64,
     /// The address to listen on (port 0: any free port).
     pub listen_addr: SocketAddr,
     /// The HS256 secret for bearer tokens without a `kid`; `None` and no
@@ -107,6 +110,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data/server"),
             database_url: None,
             postgres: PostgresConfig::default(),
+            compact_interval_s: crate::service::DEFAULT_COMPACT_INTERVAL_S,
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             jwt_secret: None,
             rules_path: None,

@@ -110,6 +110,9 @@ struct ServeArgs {
     /// With --database: create the rules' missing tables and columns (never by default).
     #[arg(long)]
     create_tables: bool,
+    /// Seconds between bucket compactions, one server at a time (default 3600; 0: never).
+    #[arg(long, env = "FERRY_COMPACT_INTERVAL_S")]
+    compact_interval_s: Option<u64>,
     /// Address to listen on (default 127.0.0.1:8080).
     #[arg(long, env = "FERRY_LISTEN")]
     listen: Option<SocketAddr>,
@@ -259,6 +262,9 @@ async fn main() -> anyhow::Result<()> {
             }
             if args.create_tables {
                 config.postgres.create_tables = true;
+            }
+            if let Some(i) = args.compact_interval_s {
+                config.compact_interval_s = i;
             }
             if let Some(l) = args.listen {
                 config.listen_addr = l;

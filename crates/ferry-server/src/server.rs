@@ -140,6 +140,9 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
     // computed again in the background while serving.
     let rebucket = service.clone();
     tokio::spawn(async move { rebucket.run_rebucket().await });
+    let compaction = service.clone();
+    let interval_s = config.compact_interval_s;
+    tokio::spawn(async move { compaction.run_compaction(interval_s).await });
     let handler: Arc<dyn SyncHandler> = Arc::new(service.clone());
     let mut http = config.http.clone();
     http.max_body_bytes = config.max_body_bytes;

@@ -406,6 +406,16 @@ impl SourceTx for SqliteTx<'_> {
         })
     }
 
+    fn prune_outcomes(&mut self, client_id: &str, below_seq: u64) -> SourceResult<u64> {
+        lift(|| {
+            let n = self
+                .tx
+                .prepare_cached("DELETE FROM ferry_outcomes WHERE client_id = ?1 AND seq < ?2")?
+                .execute(params![client_id, i64::try_from(below_seq).unwrap_or(i64::MAX)])?;
+            Ok(n as u64)
+        })
+    }
+
     fn read_row(&mut self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
         lift(|| read_row_in(self.tx, table, id))
     }

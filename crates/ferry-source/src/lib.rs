@@ -269,6 +269,10 @@ pub trait SourceTx {
     /// content, so a replay of `(client_id, seq)` can be told from a
     /// different write.
     fn record_outcome(&mut self, client_id: &str, seq: u64, fingerprint: u64, outcome: &Outcome) -> Result<()>;
+    /// Delete the client's stored outcomes with `seq < below_seq` (the
+    /// client has them: it only uploads from `below_seq` once every write
+    /// before was answered). Returns how many were deleted.
+    fn prune_outcomes(&mut self, client_id: &str, below_seq: u64) -> Result<u64>;
     /// Read a row or its tombstone.
     fn read_row(&mut self, table: &Table, id: &str) -> Result<Option<StoredRow>>;
     /// Write a whole row (every column) and its clocks; clears a tombstone.

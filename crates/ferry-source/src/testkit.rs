@@ -40,6 +40,7 @@ macro_rules! source_conformance_tests {
             failed_work_changes_nothing,
             rollback_to_savepoint_undoes_one_op,
             meta_and_row_ids,
+            outcomes_are_pruned_below_a_seq,
             client_progress_and_outcomes,
             client_outcomes_are_listed_in_pages,
             rows_clocks_and_tombstones,
@@ -341,6 +342,33 @@ pub fn meta_and_row_ids<B: SourceBackend>(b: &B) {
         "the tombstone is not a row"
     );
     assert!(db.row_ids(&t, Some("t5"), 10).expect("row ids").is_empty());
+}
+
+/// Pruning deletes one client's outcomes below a seq and nothing else.
+pub fn outcomes_are_pruned_below_a_seq<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    write(db.as_ref(), |tx| {
+        for seq in 1..=5 {
+            tx.record_outcome("c1", seq, seq, &Outcome::Applied)?;
+            tx.record_outcome("c2", seq, seq, &Outcome::Applied)?;
+        }
+        Ok(())
+    });
+    let pruned = write(db.as_ref(), |tx| tx.prune_outcomes("c1", 4));
+    assert_eq!(pruned, 3);
+    let left: Vec<u64> = db
+        .client_outcomes("c1", 0, 100)
+        .expect("outcomes")
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(left, vec![4, 5]);
+    assert_eq!(
+        db.client_outcomes("c2", 0, 100).expect("outcomes").len(),
+        5,
+        "other clients keep theirs"
+    );
 }
 
 /// Client progress: set, read, advanced (the owner stays); outcomes with

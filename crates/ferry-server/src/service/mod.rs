@@ -10,6 +10,7 @@
 //!   notifications;
 //! - `capture`: changes made directly in the database turned into ops
 //!   (one server at a time);
+//! - `housekeeping`: compaction on a schedule (one server at a time);
 //! - `rebucket`: bucket membership of existing rows computed again when
 //!   the rules changed or the rows predate Ferry (in the background);
 //! - here: the service itself, checkpoints, compaction and the
@@ -17,12 +18,14 @@
 
 mod builder;
 mod capture;
+mod housekeeping;
 mod rebucket;
 mod stream;
 mod write;
 
 pub use builder::{ServiceOptions, SyncServiceBuilder};
 pub use capture::{CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS, MAX_CAPTURE_BATCH};
+pub use housekeeping::DEFAULT_COMPACT_INTERVAL_S;
 pub use rebucket::{MAX_REBUCKET_BATCH, META_RULES_FINGERPRINT};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -358,6 +358,15 @@ impl Inner {
             }
         }
 
+        // A client uploads from its oldest unanswered write: it has the
+        // outcomes of everything before and never asks for them again, so
+        // the first transaction that applies prunes them.
+        let mut prune_below = request
+            .transactions
+            .iter()
+            .flat_map(|t| t.ops.first())
+            .map(|e| e.seq)
+            .min();
         let mut outcomes = Vec::with_capacity(fingerprints.iter().map(Vec::len).sum());
         for (t, fps) in request.transactions.iter().zip(&fingerprints) {
             let fresh: Vec<(&CrudEntry, u64)> = t
@@ -369,7 +378,7 @@ impl Inner {
             let mut fresh_outcomes = if fresh.is_empty() {
                 Vec::new()
             } else {
-                let o = self.apply_transaction(client_id, &writer, t.tx_id, &fresh, last_seq)?;
+                let o = self.apply_transaction(client_id, &writer, t.tx_id, &fresh, last_seq, prune_below.take())?;
                 last_seq = fresh.last().map_or(last_seq, |(e, _)| e.seq);
                 o
             }
@@ -406,6 +415,7 @@ impl Inner {
         tx_id: u64,
         fresh: &[(&CrudEntry, u64)],
         last_seq: u64,
+        prune_below: Option<u64>,
     ) -> Result<Vec<Outcome>> {
         let Some(new_last) = fresh.last().map(|(e, _)| e.seq) else {
             return Ok(Vec::new());
@@ -418,6 +428,9 @@ impl Inner {
             failed = None;
             if client_progress(stx, client_id, user_id)? != last_seq {
                 return Err(progress_moved(client_id));
+            }
+            if let Some(below) = prune_below {
+                stx.prune_outcomes(client_id, below)?;
             }
             for &(entry, fp) in fresh {
                 // A write the database refuses (a type, a constraint of
