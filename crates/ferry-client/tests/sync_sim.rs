@@ -158,13 +158,30 @@ fn schema_of(client: usize, rules: &SyncRules) -> Schema {
     schema
 }
 
-async fn run(seed: u64, actions: Vec<Action>) -> Result<(), TestCaseError> {
+/// The server's source database.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Sqlite,
+    Postgres,
+}
+
+async fn run(seed: u64, actions: Vec<Action>, source: Source) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let (strategy_name, tickets_strategy) = strategy(seed);
     let rules = rules();
-    let db = SqliteSourceDb::open_dir(&dir.path().join("server")).expect("source db");
+    // Scratch schemas live (and are dropped) with the run.
+    let mut _scratch = None;
+    let db: Arc<dyn ferry_server::SourceDb> = match source {
+        Source::Sqlite => Arc::new(SqliteSourceDb::open_dir(&dir.path().join("server")).expect("source db")),
+        Source::Postgres => {
+            let s = ferry_postgres::scratch::ScratchSchemas::for_test();
+            let db = ferry_postgres::PgSourceDb::connect(&s.options().create_tables(true)).expect("source db");
+            _scratch = Some(s);
+            Arc::new(db)
+        }
+    };
     let svc = Arc::new(
-        SyncService::builder(Arc::new(db), rules.clone(), SECRET)
+        SyncService::builder(db, rules.clone(), SECRET)
             .strategy("tickets", tickets_strategy)
             .build()
             .expect("service"),
@@ -380,6 +397,25 @@ fn clients_converge_under_faults() {
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(run(seed, actions))
+        rt.block_on(run(seed, actions, Source::Sqlite))
     });
+}
+
+/// The same simulation with PostgreSQL as the source of truth (the
+/// machine's, in throwaway schemas).
+#[test]
+fn clients_converge_under_faults_on_postgres() {
+    ferry_core::testkit::check(
+        "clients_converge_under_faults_on_postgres",
+        6,
+        scenario(),
+        |(seed, actions)| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(run(seed, actions, Source::Postgres))
+        },
+    );
 }
