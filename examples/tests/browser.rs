@@ -134,7 +134,8 @@ struct Suite {
     name: &'static str,
     /// The script in `examples/browser-tests`.
     script: &'static str,
-    /// A sync rules file (relative to the workspace) for `ferry-server`.
+    /// A sync rules file (relative to the workspace) for `ferry-server`
+    /// and the trackers.
     rules: Option<&'static str>,
     /// Start bob's tracker with `--restricted`.
     bob_restricted: bool,
@@ -164,6 +165,19 @@ fn tracker_strategies_in_chromium() -> Result<()> {
         script: "strategies.test.mjs",
         rules: Some("examples/tracker-strategies.toml"),
         bob_restricted: true,
+    })
+}
+
+/// CRDT descriptions: ferry-server and both trackers on
+/// `examples/tracker-crdt.toml`; concurrent offline edits of a
+/// description both survive.
+#[test]
+fn tracker_crdt_in_chromium() -> Result<()> {
+    run_suite(&Suite {
+        name: "crdt",
+        script: "crdt.test.mjs",
+        rules: Some("examples/tracker-crdt.toml"),
+        bob_restricted: false,
     })
 }
 
@@ -218,6 +232,10 @@ fn run_suite(suite: &Suite) -> Result<()> {
             "--data-dir".to_owned(),
             data.path().join(user).display().to_string(),
         ];
+        if let Some(rules) = suite.rules {
+            args.push("--rules".to_owned());
+            args.push(root.join(rules).display().to_string());
+        }
         if user == "bob" && suite.bob_restricted {
             args.push("--restricted".to_owned());
         }

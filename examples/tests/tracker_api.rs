@@ -24,6 +24,7 @@ async fn start_tracker(server: SocketAddr, user: &str, dir: &std::path::Path) ->
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: dir.join(user),
         token: None,
+        rules: None,
         restricted: false,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

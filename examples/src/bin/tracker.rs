@@ -33,6 +33,10 @@ struct Cli {
     /// A bearer token instead of the development one.
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The sync rules file the server runs (default: the embedded ticket
+    /// tracker rules): the client schema is derived from it.
+    #[arg(long)]
+    rules: Option<PathBuf>,
     /// Offline restrictions: renaming and deleting tickets need the server.
     #[arg(long)]
     restricted: bool,
@@ -49,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
             .data_dir
             .unwrap_or_else(|| PathBuf::from("data").join(format!("tracker-{}", cli.user))),
         token: cli.token,
+        rules: cli.rules,
         restricted: cli.restricted,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)

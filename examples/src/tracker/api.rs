@@ -22,7 +22,8 @@ use serde::Deserialize;
 use serde_json::{json, Value as JsonValue};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{row_json, Event, Tracker};
+use super::{row_json, Event, Tracker, DESCRIPTION_DOC};
+use ferry_conflict::crdt;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_CSS: &str = include_str!("assets/app.css");
@@ -288,19 +289,19 @@ async fn create_ticket(State(t): AppState, body: Bytes) -> ApiResult<(StatusCode
     let status = status_field(new.status.as_deref().unwrap_or("pending"))?;
     let id = new_id()?;
     let now = now_text();
+    let mut row = row_data([
+        ("title", Value::from(title.as_str())),
+        ("description", Value::from(description.as_str())),
+        ("status", Value::from(status.as_str())),
+        ("created_at", Value::from(now.as_str())),
+        ("updated_at", Value::from(now.as_str())),
+        ("version", Value::from(0)),
+    ]);
+    if t.crdt_description {
+        row.insert(DESCRIPTION_DOC.into(), Value::Blob(crdt::new_text_doc(&description)));
+    }
     t.write(&format!("created ticket \u{201c}{title}\u{201d}"), |tx| {
-        tx.insert(
-            "tickets",
-            &id,
-            row_data([
-                ("title", Value::from(title.as_str())),
-                ("description", Value::from(description.as_str())),
-                ("status", Value::from(status.as_str())),
-                ("created_at", Value::from(now.as_str())),
-                ("updated_at", Value::from(now.as_str())),
-                ("version", Value::from(0)),
-            ]),
-        )
+        tx.insert("tickets", &id, row)
     })
     .map_err(ApiError::from)?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
@@ -369,6 +370,10 @@ async fn edit_ticket(State(t): AppState, Path(id): Path<String>, body: Bytes) ->
         // Only what differs is queued (`update` compares), so an unchanged
         // save queues nothing; `updated_at` moves only with a real change.
         let current = tx.get("tickets", &id)?.unwrap_or_default();
+        let mut changes = changes;
+        if t.crdt_description {
+            edit_description_doc(&t, &current, &mut changes)?;
+        }
         let real: RowData = changes.into_iter().filter(|(k, v)| current.get(k) != Some(v)).collect();
         if real.is_empty() {
             return Ok(());
@@ -379,6 +384,34 @@ async fn edit_ticket(State(t): AppState, Path(id): Path<String>, body: Bytes) ->
         Ok(())
     })?;
     Ok(Json(json!({ "id": id })))
+}
+
+/// CRDT descriptions: turn a new description into an edit of the ticket's
+/// automerge document (a minimal diff of its text, so a concurrent edit of
+/// another part survives the server's merge), or drop it when the
+/// document already reads so.
+fn edit_description_doc(t: &Tracker, current: &RowData, changes: &mut RowData) -> ApiResult<()> {
+    let Some(Value::Text(text)) = changes.get("description").cloned() else {
+        return Ok(());
+    };
+    let doc_error = |e: ferry_conflict::ConflictError| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("the description document: {e}"),
+    };
+    let doc = match current.get(DESCRIPTION_DOC) {
+        Some(Value::Blob(doc)) => doc.clone(),
+        _ => crdt::new_text_doc(current.get("description").and_then(Value::as_text).unwrap_or_default()),
+    };
+    if crdt::read_text(&doc).map_err(doc_error)? == text {
+        changes.remove("description");
+        return Ok(());
+    }
+    let edited = crdt::edit_text(&doc, t.db.client_id(), |e| {
+        e.replace(&text);
+    })
+    .map_err(doc_error)?;
+    changes.insert(DESCRIPTION_DOC.into(), Value::Blob(edited));
+    Ok(())
 }
 
 async fn delete_ticket(State(t): AppState, Path(id): Path<String>) -> ApiResult {

@@ -62,17 +62,24 @@ pub struct TrackerConfig {
     /// A bearer token; `None`: a development token minted with
     /// [`DEV_JWT_SECRET`].
     pub token: Option<String>,
+    /// The sync rules file the server runs (`None`: the embedded ticket
+    /// tracker rules); the client schema is derived from it.
+    pub rules: Option<PathBuf>,
     /// Install the offline restrictions of the blog's "restricted"
     /// strategy (no renames and no deletes of tickets while offline).
     pub restricted: bool,
 }
 
-/// The client schema: derived from the server's ticket tracker rules,
-/// with the previous values of ticket changes kept (the base that manual
-/// resolution and domain rules compare against) and an index on ticket
-/// status.
-pub fn client_schema() -> Result<Schema> {
-    let derived = SyncRules::ticket_tracker()?.client_schema();
+/// The client schema: derived from the server's ticket tracker rules
+/// (`rules`, or the embedded ones), with the previous values of ticket
+/// changes kept (the base that manual resolution and domain rules compare
+/// against) and an index on ticket status.
+pub fn client_schema(rules: Option<&std::path::Path>) -> Result<Schema> {
+    let rules = match rules {
+        Some(path) => SyncRules::from_file(path)?,
+        None => SyncRules::ticket_tracker()?,
+    };
+    let derived = rules.client_schema();
     Ok(Schema::new(derived.tables().cloned().map(|t| match t.name.as_str() {
         "tickets" => t.index("by_status", &["status"]).track_previous_values(),
         _ => t,
@@ -150,6 +157,9 @@ pub struct Tracker {
     outcomes: Mutex<VecDeque<OutcomeView>>,
     live: Mutex<Vec<(String, LiveQuery)>>,
     restricted: bool,
+    /// The rules give tickets a `description_doc` column: descriptions
+    /// are edited as automerge text documents the server merges.
+    pub crdt_description: bool,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -161,13 +171,23 @@ impl std::fmt::Debug for Tracker {
     }
 }
 
+/// The column holding a ticket's description as an automerge text
+/// document, when the rules declare it (the CRDT strategy).
+pub const DESCRIPTION_DOC: &str = "description_doc";
+
 /// A row as the page gets it: its columns (blobs left out), `id` and
-/// whether local writes to it are still pending.
+/// whether local writes to it are still pending. A ticket's description
+/// document, when it has one, gives its `description` (the merged text).
 pub fn row_json(row: &ResultRow) -> Json {
     let mut m = Map::new();
     for (k, v) in &row.data {
         if !matches!(v, Value::Blob(_)) {
             m.insert(k.clone(), serde_json::to_value(v).unwrap_or(Json::Null));
+        }
+    }
+    if let Some(Value::Blob(doc)) = row.data.get(DESCRIPTION_DOC) {
+        if let Ok(text) = ferry_conflict::crdt::read_text(doc) {
+            m.insert("description".into(), Json::from(text));
         }
     }
     m.insert("id".into(), Json::from(row.id().unwrap_or_default()));
@@ -202,7 +222,11 @@ impl Tracker {
     pub async fn open(config: &TrackerConfig) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
         let path = config.data_dir.join(format!("{}.db", config.user));
-        let store = SqliteStore::open(&path, client_schema()?).map_err(ferry_client::ClientError::from)?;
+        let schema = client_schema(config.rules.as_deref())?;
+        let crdt_description = schema
+            .table("tickets")
+            .is_ok_and(|t| t.column_def(DESCRIPTION_DOC).is_some());
+        let store = SqliteStore::open(&path, schema).map_err(ferry_client::ClientError::from)?;
         let options = ClientOptions {
             local: LocalDbOptions {
                 clock: Arc::new(SystemClock),
@@ -240,6 +264,7 @@ impl Tracker {
             outcomes: Mutex::new(VecDeque::new()),
             live: Mutex::new(Vec::new()),
             restricted: config.restricted,
+            crdt_description,
         });
         tracker.start_live_queries()?;
         tracker.spawn_feeds();
@@ -398,6 +423,7 @@ impl Tracker {
             "connecting": s.connecting,
             "offline_switch": self.offline.load(Ordering::SeqCst),
             "offline_policy": self.restricted,
+            "crdt_description": self.crdt_description,
             "restricted_while_offline": if self.restricted && !s.connected {
                 json!({ "tickets": { "delete": "deleting tickets needs the server", "title": "renaming tickets needs the server" } })
             } else { Json::Null },

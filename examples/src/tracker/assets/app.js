@@ -245,6 +245,7 @@ function buildDetail(box, ticket) {
     el("input", { name: "title", "data-testid": "edit-title", "aria-label": "Title", oninput: markDirty }),
     statusSelect,
     el("textarea", { name: "description", "data-testid": "edit-description", "aria-label": "Description", placeholder: "Description", oninput: markDirty }),
+    el("p", { class: "hint", "data-testid": "description-hint", hidden: true, text: "Concurrent edits of the description merge (CRDT): offline changes on two devices both survive." }),
     el("p", { class: "restricted", "data-testid": "restricted-reason", hidden: true }),
     el("div", { class: "actions" },
       el("button", { type: "submit", "data-testid": "save-ticket", text: "Save" }),
@@ -349,6 +350,7 @@ function renderRestrictions() {
   const r = state.status && state.status.restricted_while_offline && state.status.restricted_while_offline.tickets;
   form.elements.title.disabled = !!(r && r.title);
   $("[data-testid=delete-ticket]", box).disabled = !!(r && r.delete);
+  $("[data-testid=description-hint]", box).hidden = !(state.status && state.status.crdt_description);
   const reason = $("[data-testid=restricted-reason]", box);
   reason.hidden = !r;
   reason.textContent = r ? `While offline: ${r.title}; ${r.delete}.` : "";
