@@ -46,8 +46,8 @@ use std::time::Duration;
 use ferry_core::{HlcTimestamp, RowData, Schema, Table};
 use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry};
 use ferry_source::{
-    CheckpointState, CommitReceiver, Lease, OpRange, Result as SourceResult, SourceDb, SourceError, StoredOutcome,
-    StoredRow,
+    BucketState, ChangesSince, CheckpointState, CommitReceiver, Lease, OpRange, Result as SourceResult, SourceDb,
+    SourceError, StoredOutcome, StoredRow,
 };
 use parking_lot::RwLock;
 use tokio_postgres::NoTls;
@@ -637,6 +637,43 @@ impl SourceDb for PgSourceDb {
                     .collect(),
                 write_checkpoint,
             })
+        })
+    }
+
+    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> SourceResult<ChangesSince> {
+        self.with_client(|client| {
+            let f = &self.shared.names.ferry;
+            // One statement: one snapshot. The first row carries the last
+            // op id; bucket rows and client rows follow.
+            let sql = format!(
+                "SELECT 0 AS kind, NULL::text AS name, (SELECT last_op_id FROM {f}.counter WHERE id = 1) AS a, \
+                 NULL::int8 AS b, NULL::int8 AS c \
+                 UNION ALL SELECT 1, bucket, checksum, count, last_op_id FROM {f}.buckets WHERE last_op_id > $1 \
+                 UNION ALL SELECT 2, client_id, last_seq, NULL, NULL FROM {f}.clients WHERE client_id = ANY($2::text[])"
+            );
+            let after = i64::try_from(after_op_id).unwrap_or(i64::MAX);
+            let ids: Vec<&str> = clients.iter().map(String::as_str).collect();
+            let rows = query(client, &sql, &[&after, &ids])?;
+            let mut out = ChangesSince::default();
+            for r in &rows {
+                let kind: i32 = r.try_get(0)?;
+                let name: Option<String> = r.try_get(1)?;
+                let a: Option<i64> = r.try_get(2)?;
+                match (kind, name) {
+                    (0, _) => out.last_op_id = a.unwrap_or(0) as u64,
+                    (1, Some(bucket)) => out.buckets.push((
+                        bucket,
+                        BucketState {
+                            checksum: a.unwrap_or(0) as u32,
+                            count: r.try_get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                            last_op_id: r.try_get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+                        },
+                    )),
+                    (2, Some(id)) => out.clients.push((id, a.unwrap_or(0) as u64)),
+                    _ => {}
+                }
+            }
+            Ok(out)
         })
     }
 

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS {f}.buckets(
   count bigint NOT NULL,
   last_op_id bigint NOT NULL
 );
+CREATE INDEX IF NOT EXISTS buckets_last_op ON {f}.buckets(last_op_id);
 CREATE TABLE IF NOT EXISTS {f}.row_buckets(
   tbl text NOT NULL, id text NOT NULL, bucket text NOT NULL,
   PRIMARY KEY(tbl, id, bucket)

@@ -4,8 +4,8 @@
 //! write transaction with its own errors.
 
 pub use ferry_source::{
-    BucketState, CapturedChange, CheckpointState, ClientProgress, CommitReceiver, Lease, NewOp, OpRange, SourceDb,
-    SourceError, SourceTx, StoredOutcome, StoredRow,
+    BucketState, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease, NewOp, OpRange,
+    SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
 };
 
 use crate::error::{Result, ServiceError};

@@ -54,8 +54,8 @@ pub use conflict::{
     PerColumn, Resolution, RowLastWriteWins, Rule, SideWrite,
 };
 pub use db::{
-    BucketState, CheckpointState, ClientProgress, CommitReceiver, NewOp, OpRange, SourceDb, SourceError, SourceTx,
-    StoredOutcome, StoredRow,
+    BucketState, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease, NewOp, OpRange,
+    SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
 };
 pub use error::{Result, ServiceError};
 pub use permissions::{PermissionDef, WriteOp, MAX_CONDITION_BYTES, MAX_CONDITION_DEPTH_LEVELS};

@@ -60,6 +60,9 @@ impl SourceDb for Silent {
     fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
         self.inner.client_outcomes(client_id, after_seq, limit)
     }
+    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> R<ferry_server::ChangesSince> {
+        self.inner.changes_since(after_op_id, clients)
+    }
     fn meta(&self, key: &str) -> R<Option<String>> {
         self.inner.meta(key)
     }

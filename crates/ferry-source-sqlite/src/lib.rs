@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use ferry_core::{HlcTimestamp, RowData, Schema, Table, Value};
 use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 use ferry_source::{
-    BucketState, CheckpointState, ClientProgress, NewOp, OpRange, Result as SourceResult, SourceDb, SourceError,
-    SourceTx, StoredOutcome, StoredRow,
+    BucketState, ChangesSince, CheckpointState, ClientProgress, NewOp, OpRange, Result as SourceResult, SourceDb,
+    SourceError, SourceTx, StoredOutcome, StoredRow,
 };
 use parking_lot::Mutex;
 use rusqlite::types::{Value as SqlValue, ValueRef};
@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS ferry_buckets(
   count INTEGER NOT NULL,
   last_op_id INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ferry_buckets_last_op ON ferry_buckets(last_op_id);
 CREATE TABLE IF NOT EXISTS ferry_row_buckets(
   tbl TEXT NOT NULL, id TEXT NOT NULL, bucket TEXT NOT NULL,
   PRIMARY KEY(tbl, id, bucket)
@@ -603,19 +604,25 @@ impl SourceTx for SqliteTx<'_> {
     }
 
     fn savepoint(&mut self) -> SourceResult<()> {
-        lift(|| Ok(self.tx.execute_batch("SAVEPOINT ferry_op")?))
+        lift(|| {
+            self.tx.prepare_cached("SAVEPOINT ferry_op")?.execute([])?;
+            Ok(())
+        })
     }
 
     fn rollback_to_savepoint(&mut self) -> SourceResult<()> {
         lift(|| {
-            Ok(self
-                .tx
-                .execute_batch("ROLLBACK TO SAVEPOINT ferry_op; RELEASE SAVEPOINT ferry_op")?)
+            self.tx.prepare_cached("ROLLBACK TO SAVEPOINT ferry_op")?.execute([])?;
+            self.tx.prepare_cached("RELEASE SAVEPOINT ferry_op")?.execute([])?;
+            Ok(())
         })
     }
 
     fn release_savepoint(&mut self) -> SourceResult<()> {
-        lift(|| Ok(self.tx.execute_batch("RELEASE SAVEPOINT ferry_op")?))
+        lift(|| {
+            self.tx.prepare_cached("RELEASE SAVEPOINT ferry_op")?.execute([])?;
+            Ok(())
+        })
     }
 
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> SourceResult<()> {
@@ -859,6 +866,45 @@ impl SourceDb for SqliteSourceDb {
                     buckets: out,
                     write_checkpoint: write_checkpoint.map(|s| s as u64),
                 })
+            })
+        })
+    }
+
+    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> SourceResult<ChangesSince> {
+        lift(|| {
+            self.with_reader(|conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+                let last_op_id: i64 = tx
+                    .prepare_cached("SELECT COALESCE(MAX(op_id), 0) FROM ferry_oplog")?
+                    .query_row([], |r| r.get(0))?;
+                let mut out = ChangesSince {
+                    last_op_id: last_op_id as u64,
+                    ..ChangesSince::default()
+                };
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT bucket, checksum, count, last_op_id FROM ferry_buckets WHERE last_op_id > ?1",
+                    )?;
+                    let rows = stmt.query_map([i64::try_from(after_op_id).unwrap_or(i64::MAX)], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            BucketState {
+                                checksum: r.get::<_, i64>(1)? as u32,
+                                count: r.get::<_, i64>(2)? as u64,
+                                last_op_id: r.get::<_, i64>(3)? as u64,
+                            },
+                        ))
+                    })?;
+                    out.buckets = rows.collect::<Result<_, _>>()?;
+                    let mut stmt = tx.prepare_cached("SELECT last_seq FROM ferry_clients WHERE client_id = ?1")?;
+                    for c in clients {
+                        if let Some(seq) = stmt.query_row([c], |r| r.get::<_, i64>(0)).optional()? {
+                            out.clients.push((c.clone(), seq as u64));
+                        }
+                    }
+                }
+                tx.commit()?;
+                Ok(out)
             })
         })
     }

@@ -255,6 +255,19 @@ pub struct CheckpointState {
     pub write_checkpoint: Option<u64>,
 }
 
+/// What changed after an op id ([`SourceDb::changes_since`]), read in
+/// one consistent snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangesSince {
+    /// The global max op id.
+    pub last_op_id: u64,
+    /// Every bucket whose newest entry is above the op id asked for, with
+    /// its state, by name.
+    pub buckets: Vec<(String, BucketState)>,
+    /// The last seq of each client asked for that ever uploaded.
+    pub clients: Vec<(String, u64)>,
+}
+
 /// What a write transaction can do. Reads see the transaction's own
 /// writes.
 pub trait SourceTx {
@@ -417,6 +430,11 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     /// The checkpoint for a client over these buckets (in the order
     /// given), read in one consistent snapshot.
     fn checkpoint(&self, client_id: &str, buckets: &[String]) -> Result<CheckpointState>;
+    /// What changed after `after_op_id`, in one consistent snapshot: the
+    /// last op id, the buckets with an entry above it (their state), and
+    /// the progress of `clients`. The shared change feed of a server reads
+    /// this once per commit for all its streams.
+    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> Result<ChangesSince>;
     /// The entries of `range` ([`OpRange`]). The stream measures the
     /// encoding again, so a database may return more than fit in the
     /// line; the rest is read again next line.

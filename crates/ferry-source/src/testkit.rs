@@ -41,6 +41,7 @@ macro_rules! source_conformance_tests {
             rollback_to_savepoint_undoes_one_op,
             meta_and_row_ids,
             outcomes_are_pruned_below_a_seq,
+            changes_since_reads_changed_buckets_and_clients,
             client_progress_and_outcomes,
             client_outcomes_are_listed_in_pages,
             rows_clocks_and_tombstones,
@@ -369,6 +370,50 @@ pub fn outcomes_are_pruned_below_a_seq<B: SourceBackend>(b: &B) {
         5,
         "other clients keep theirs"
     );
+}
+
+/// The change feed's read: the buckets with an entry above an op id, and
+/// the progress of the clients asked for.
+pub fn changes_since_reads_changed_buckets_and_clients<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let row = ticket("a", 1);
+    let (first, _) = write(db.as_ref(), |tx| {
+        tx.set_client("c1", "u1", 4)?;
+        append(tx, "a[]", "t1", Some(&row))
+    });
+    let (second, sum_b) = write(db.as_ref(), |tx| append(tx, "b[]", "t2", Some(&row)));
+    let all = db
+        .changes_since(0, &["c1".to_owned(), "nobody".to_owned()])
+        .expect("changes");
+    assert_eq!(all.last_op_id, second);
+    let names: Vec<&str> = {
+        let mut n: Vec<&str> = all.buckets.iter().map(|(b, _)| b.as_str()).collect();
+        n.sort_unstable();
+        n
+    };
+    assert_eq!(names, vec!["a[]", "b[]"]);
+    assert_eq!(
+        all.clients,
+        vec![("c1".to_owned(), 4)],
+        "a client that never uploaded is left out"
+    );
+    let later = db.changes_since(first, &[]).expect("changes");
+    assert_eq!(later.last_op_id, second);
+    assert_eq!(
+        later.buckets,
+        vec![(
+            "b[]".to_owned(),
+            BucketState {
+                checksum: sum_b,
+                count: 1,
+                last_op_id: second
+            }
+        )]
+    );
+    assert!(later.clients.is_empty());
+    let none = db.changes_since(second, &[]).expect("changes");
+    assert_eq!((none.last_op_id, none.buckets.len()), (second, 0));
 }
 
 /// Client progress: set, read, advanced (the owner stays); outcomes with

@@ -224,6 +224,7 @@ impl SyncServiceBuilder {
                 streams,
                 upload_locks: parking_lot::Mutex::new(HashMap::new()),
                 metrics: Arc::new(crate::metrics::Metrics::new()?),
+                feed: super::feed::Feed::new(),
             }),
         })
     }

@@ -10,6 +10,8 @@
 //!   notifications;
 //! - `capture`: changes made directly in the database turned into ops
 //!   (one server at a time);
+//! - `feed`: the shared change feed (one read per commit for every
+//!   stream of this server);
 //! - `housekeeping`: compaction on a schedule (one server at a time);
 //! - `rebucket`: bucket membership of existing rows computed again when
 //!   the rules changed or the rows predate Ferry (in the background);
@@ -18,6 +20,7 @@
 
 mod builder;
 mod capture;
+mod feed;
 mod housekeeping;
 mod rebucket;
 mod stream;
@@ -25,6 +28,7 @@ mod write;
 
 pub use builder::{ServiceOptions, SyncServiceBuilder};
 pub use capture::{CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS, MAX_CAPTURE_BATCH};
+pub use feed::{FEED_CHANNEL_EVENTS, FEED_MAX_BUCKETS_WITH_ENTRIES, FEED_MAX_ENTRIES_PER_BUCKET, FEED_POLL_MS};
 pub use housekeeping::DEFAULT_COMPACT_INTERVAL_S;
 pub use rebucket::{MAX_REBUCKET_BATCH, META_RULES_FINGERPRINT};
 
@@ -77,6 +81,8 @@ struct Inner {
     /// its own lock, so one client's long upload never waits another's.
     upload_locks: parking_lot::Mutex<HashMap<String, Arc<parking_lot::Mutex<()>>>>,
     metrics: Arc<Metrics>,
+    /// The shared change feed of this server's streams.
+    feed: feed::Feed,
 }
 
 /// Client locks kept before the unused ones are dropped.

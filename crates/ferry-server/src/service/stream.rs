@@ -67,6 +67,12 @@ impl SyncService {
 /// Runs one stream until the client leaves, the token expires or the
 /// server shuts down, whether or not the client reads (every send waits
 /// within [`ServiceOptions::max_stream_buffer_bytes`] and ends at either).
+///
+/// The first checkpoint is read from the database; after that the
+/// server's change feed (`feed.rs`) hands every commit to the stream, and
+/// the stream reads the database again only after a keepalive (a commit a
+/// shared database did not notify), when it fell behind the feed, or for
+/// entries the feed did not carry.
 async fn run_stream<L: StreamOut>(
     inner: &Arc<Inner>,
     user: &AuthUser,
@@ -76,9 +82,8 @@ async fn run_stream<L: StreamOut>(
     tx: &mpsc::Sender<L>,
     open: &StreamGuard,
 ) -> Result<()> {
-    // The database's commit notifications (of every server sharing it,
-    // where the database can tell); keepalives look again anyway.
-    let mut commits = inner.db.commits();
+    // Subscribed before the first read: no commit after it is missed.
+    let mut sub = super::feed::subscribe(inner, client_id, &buckets);
     let period = Duration::from_secs(inner.options.keepalive_interval_s.max(1));
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -96,85 +101,44 @@ async fn run_stream<L: StreamOut>(
         user.exp_s,
     );
     let mut sent: Option<CheckpointState> = None;
+    let mut read_db = true;
     loop {
-        commits.borrow_and_update();
-        let db = inner.db.clone();
-        let (cid, names) = (client_id.to_owned(), buckets.clone());
-        let cp = blocking::run(move || db.checkpoint(&cid, &names))
-            .await
-            .map_err(blocking_error)??;
-        if sent.as_ref() != Some(&cp) {
-            let changed: Vec<String> = match &sent {
-                None => {
-                    let line = StreamLine::Checkpoint(Checkpoint {
-                        hlc: Some(inner.hlc.now()),
-                        last_op_id: cp.last_op_id,
-                        write_checkpoint: cp.write_checkpoint,
-                        buckets: cp.buckets.clone(),
-                    });
-                    if let Err(stop) = out.send(line.into()).await {
-                        out.end(stop);
-                        return Ok(());
-                    }
-                    cp.buckets.iter().map(|b| b.bucket.clone()).collect()
-                }
-                Some(prev) => {
-                    let updated: Vec<_> = cp
-                        .buckets
-                        .iter()
-                        .filter(|b| !prev.buckets.contains(b))
-                        .cloned()
-                        .collect();
-                    let line = StreamLine::CheckpointDiff(CheckpointDiff {
-                        hlc: Some(inner.hlc.now()),
-                        last_op_id: cp.last_op_id,
-                        write_checkpoint: cp.write_checkpoint,
-                        updated_buckets: updated.clone(),
-                        removed_buckets: Vec::new(),
-                    });
-                    if let Err(stop) = out.send(line.into()).await {
-                        out.end(stop);
-                        return Ok(());
-                    }
-                    updated.into_iter().map(|b| b.bucket).collect()
-                }
-            };
-            let work: Vec<(String, u64)> = changed
-                .into_iter()
-                .filter_map(|b| {
-                    let pos = positions.get(&b).copied().unwrap_or(0);
-                    (pos < cp.last_op_id).then_some((b, pos))
-                })
-                .collect();
-            if let Err(stop) = send_data(inner, work, cp.last_op_id, &mut out).await? {
+        if read_db {
+            read_db = false;
+            let db = inner.db.clone();
+            let (cid, names) = (client_id.to_owned(), buckets.clone());
+            let cp = blocking::run(move || db.checkpoint(&cid, &names))
+                .await
+                .map_err(blocking_error)??;
+            if let Err(stop) = send_checkpoint(inner, &mut sent, cp, &mut positions, &mut out, open, None).await? {
                 out.end(stop);
                 return Ok(());
             }
-            for p in positions.values_mut() {
-                *p = (*p).max(cp.last_op_id);
-            }
-            let complete = StreamLine::CheckpointComplete {
-                last_op_id: cp.last_op_id,
-            };
-            if let Err(stop) = out.send(complete.into()).await {
-                out.end(stop);
-                return Ok(());
-            }
-            open.checkpoint_sent(cp.last_op_id);
-            sent = Some(cp);
         }
-        // Wait for a commit or the next keepalive, then look again: a
-        // notification may have been lost (another server's commit, a
-        // dropped connection), so every keepalive is followed by a fresh
-        // checkpoint.
         tokio::select! {
             biased;
             () = tx.closed() => return Ok(()),
-            r = commits.changed() => {
-                if r.is_err() {
-                    return Ok(());
+            event = sub.events.recv() => match event {
+                Ok(event) => {
+                    let Some(prev) = &sent else {
+                        read_db = true;
+                        continue;
+                    };
+                    if event.from_op_id > prev.last_op_id {
+                        // A gap: commits this stream never saw.
+                        read_db = true;
+                        continue;
+                    }
+                    let cp = checkpoint_after(prev, &event, client_id);
+                    let sent_now = send_checkpoint(inner, &mut sent, cp, &mut positions, &mut out, open, Some(&event));
+                    if let Err(stop) = sent_now.await? {
+                        out.end(stop);
+                        return Ok(());
+                    }
                 }
-            }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => read_db = true,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
             stop = out.stopped() => {
                 out.end(stop);
                 return Ok(());
@@ -185,9 +149,157 @@ async fn run_stream<L: StreamOut>(
                     out.end(stop);
                     return Ok(());
                 }
+                // A commit the database did not notify (another server's,
+                // a lost connection) shows in a fresh checkpoint.
+                read_db = true;
             }
         }
     }
+}
+
+/// The checkpoint after `event` for a stream that sent `prev` (and has
+/// seen every commit up to it): the event's bucket states where it is
+/// newer, the client's progress where it moved.
+fn checkpoint_after(prev: &CheckpointState, event: &super::feed::FeedEvent, client_id: &str) -> CheckpointState {
+    let mut cp = prev.clone();
+    if event.last_op_id > prev.last_op_id {
+        cp.last_op_id = event.last_op_id;
+        for b in &mut cp.buckets {
+            if let Some(changed) = event.buckets.get(&b.bucket) {
+                b.checksum = changed.state.checksum;
+                b.count = changed.state.count;
+            }
+        }
+    }
+    if let Some(&seq) = event.clients.get(client_id) {
+        // Progress only moves forward.
+        cp.write_checkpoint = Some(cp.write_checkpoint.map_or(seq, |w| w.max(seq)));
+    }
+    cp
+}
+
+/// Send `cp` if it differs from what was sent: the checkpoint (first) or
+/// a diff, the `data` lines of the buckets that changed (from the feed's
+/// entries where the event carries them, else read from the database),
+/// and the checkpoint's end. `Ok(Err(stop))` when the stream must end.
+async fn send_checkpoint<L: StreamOut>(
+    inner: &Arc<Inner>,
+    sent: &mut Option<CheckpointState>,
+    cp: CheckpointState,
+    positions: &mut BTreeMap<String, u64>,
+    out: &mut StreamSender<'_, L>,
+    open: &StreamGuard,
+    event: Option<&super::feed::FeedEvent>,
+) -> Result<std::result::Result<(), Stop>> {
+    if sent.as_ref() == Some(&cp) {
+        return Ok(Ok(()));
+    }
+    let changed: Vec<String> = match &*sent {
+        None => {
+            let line = StreamLine::Checkpoint(Checkpoint {
+                hlc: Some(inner.hlc.now()),
+                last_op_id: cp.last_op_id,
+                write_checkpoint: cp.write_checkpoint,
+                buckets: cp.buckets.clone(),
+            });
+            if let Err(stop) = out.send(line.into()).await {
+                return Ok(Err(stop));
+            }
+            cp.buckets.iter().map(|b| b.bucket.clone()).collect()
+        }
+        Some(prev) => {
+            let updated: Vec<_> = cp
+                .buckets
+                .iter()
+                .filter(|b| !prev.buckets.contains(b))
+                .cloned()
+                .collect();
+            let line = StreamLine::CheckpointDiff(CheckpointDiff {
+                hlc: Some(inner.hlc.now()),
+                last_op_id: cp.last_op_id,
+                write_checkpoint: cp.write_checkpoint,
+                updated_buckets: updated.clone(),
+                removed_buckets: Vec::new(),
+            });
+            if let Err(stop) = out.send(line.into()).await {
+                return Ok(Err(stop));
+            }
+            updated.into_iter().map(|b| b.bucket).collect()
+        }
+    };
+    let mut from_db: Vec<(String, u64)> = Vec::new();
+    for b in changed {
+        let pos = positions.get(&b).copied().unwrap_or(0);
+        if pos >= cp.last_op_id {
+            continue;
+        }
+        let carried = event.and_then(|e| e.buckets.get(&b)).and_then(|fb| fb.entries.as_ref());
+        // The event's entries cover `(from_op_id, last_op_id]`: enough
+        // when the stream is at or past `from_op_id` in this bucket.
+        match carried.filter(|_| event.is_some_and(|e| pos >= e.from_op_id)) {
+            Some(entries) => {
+                let fresh: Vec<&ferry_protocol::OplogEntry> = entries
+                    .iter()
+                    .filter(|e| e.op_id > pos && e.op_id <= cp.last_op_id)
+                    .collect();
+                if let Err(stop) = send_entries(inner, &b, &fresh, out).await? {
+                    return Ok(Err(stop));
+                }
+            }
+            None => from_db.push((b, pos)),
+        }
+    }
+    if let Err(stop) = send_data(inner, from_db, cp.last_op_id, out).await? {
+        return Ok(Err(stop));
+    }
+    for p in positions.values_mut() {
+        *p = (*p).max(cp.last_op_id);
+    }
+    let complete = StreamLine::CheckpointComplete {
+        last_op_id: cp.last_op_id,
+    };
+    if let Err(stop) = out.send(complete.into()).await {
+        return Ok(Err(stop));
+    }
+    open.checkpoint_sent(cp.last_op_id);
+    *sent = Some(cp);
+    Ok(Ok(()))
+}
+
+/// Encode and send `entries` of `bucket` in lines within the stream's
+/// line limits (`max_ops_per_line`, `max_line_bytes`; at least one entry
+/// per line).
+async fn send_entries<L: StreamOut>(
+    inner: &Arc<Inner>,
+    bucket: &str,
+    entries: &[&ferry_protocol::OplogEntry],
+    out: &mut StreamSender<'_, L>,
+) -> Result<std::result::Result<(), Stop>> {
+    let (max_ops, max_bytes) = (
+        inner.options.max_ops_per_line.max(1),
+        inner.options.max_line_bytes.max(1),
+    );
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let mut line = DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes);
+        let mut taken = 0;
+        for e in rest {
+            if line.ops() >= max_ops || !line.push_entry(e) {
+                break;
+            }
+            taken += 1;
+        }
+        // The first entry always fits (a line holds at least one).
+        let taken = taken.max(1);
+        rest = &rest[taken.min(rest.len())..];
+        if let Err(stop) = out.room_for(line.finished_len_bytes()).await {
+            return Ok(Err(stop));
+        }
+        if let Err(stop) = out.send(L::from_data_line(line.finish())?).await {
+            return Ok(Err(stop));
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// A stream's line type: typed lines ([`StreamLine`], for

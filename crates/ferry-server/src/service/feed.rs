@@ -1,0 +1,254 @@
+//! The shared change feed of one server: after every commit (and on a
+//! timer, for notifications a shared database may lose) one task reads
+//! what changed once ([`SourceDb::changes_since`]: the buckets with new
+//! entries, their state, the progress of the clients streaming here) and
+//! the new entries of the buckets some stream here follows, and hands that
+//! to every stream as one shared [`FeedEvent`]. A stream computes its next
+//! checkpoint from the event and the checkpoint it sent, and encodes its
+//! `data` lines from the event's entries: no database read per stream per
+//! write. A stream reads the database itself only to start, after each
+//! keepalive, when it fell behind the feed (a gap or a lagged channel), or
+//! for a bucket whose new entries were too many to carry
+//! ([`FEED_MAX_ENTRIES_PER_BUCKET`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::OplogEntry;
+use ferry_transport::blocking;
+use tokio::sync::broadcast;
+
+use super::{blocking_error, Inner};
+use crate::db::{BucketState, OpRange};
+use crate::error::Result;
+
+/// Events a stream may fall behind by before it reads the database
+/// itself instead.
+pub const FEED_CHANNEL_EVENTS: usize = 256;
+/// Most new entries of one bucket an event carries; past it, streams read
+/// that bucket's entries themselves.
+pub const FEED_MAX_ENTRIES_PER_BUCKET: usize = 1_000;
+/// Most buckets whose entries an event carries (a commit touching more
+/// leaves the rest to the streams).
+pub const FEED_MAX_BUCKETS_WITH_ENTRIES: usize = 256;
+/// How often the feed looks without a notification.
+pub const FEED_POLL_MS: u64 = 1_000;
+
+/// What changed between two op ids, for every stream of this server.
+#[derive(Debug)]
+pub(crate) struct FeedEvent {
+    /// The op id the feed had read up to before.
+    pub from_op_id: u64,
+    /// The global max op id now.
+    pub last_op_id: u64,
+    /// Buckets with entries in `(from_op_id, last_op_id]`: their state as
+    /// of `last_op_id`, and those entries when carried.
+    pub buckets: HashMap<String, FeedBucket>,
+    /// Clients streaming here whose progress moved, with their last seq.
+    pub clients: HashMap<String, u64>,
+}
+
+/// One bucket's change.
+#[derive(Debug)]
+pub(crate) struct FeedBucket {
+    pub state: BucketState,
+    /// The entries in `(from_op_id, last_op_id]`, ascending; `None`: too
+    /// many to carry (read them from the database).
+    pub entries: Option<Vec<OplogEntry>>,
+}
+
+/// The feed's shared state.
+#[derive(Debug)]
+pub(crate) struct Feed {
+    events: broadcast::Sender<Arc<FeedEvent>>,
+    /// Streaming client ids here, with how many streams each has open.
+    clients: parking_lot::Mutex<HashMap<String, usize>>,
+    /// Buckets some stream here follows, with how many.
+    buckets: parking_lot::Mutex<HashMap<String, usize>>,
+    started: AtomicBool,
+}
+
+impl Feed {
+    pub(crate) fn new() -> Self {
+        Feed {
+            events: broadcast::channel(FEED_CHANNEL_EVENTS).0,
+            clients: parking_lot::Mutex::new(HashMap::new()),
+            buckets: parking_lot::Mutex::new(HashMap::new()),
+            started: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A stream's registration: its events, and its client and buckets known
+/// to the feed until dropped.
+pub(crate) struct Subscription {
+    inner: Arc<Inner>,
+    client_id: String,
+    buckets: Vec<String>,
+    pub events: broadcast::Receiver<Arc<FeedEvent>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let feed = &self.inner.feed;
+        {
+            let mut clients = feed.clients.lock();
+            if let Some(n) = clients.get_mut(&self.client_id) {
+                *n -= 1;
+                if *n == 0 {
+                    clients.remove(&self.client_id);
+                }
+            }
+        }
+        let mut buckets = feed.buckets.lock();
+        for b in &self.buckets {
+            if let Some(n) = buckets.get_mut(b) {
+                *n -= 1;
+                if *n == 0 {
+                    buckets.remove(b);
+                }
+            }
+        }
+    }
+}
+
+/// Subscribe a stream (before it reads its first checkpoint, so no event
+/// after that read is missed), starting the feed's task on first use.
+pub(crate) fn subscribe(inner: &Arc<Inner>, client_id: &str, buckets: &[String]) -> Subscription {
+    let feed = &inner.feed;
+    let events = feed.events.subscribe();
+    *feed.clients.lock().entry(client_id.to_owned()).or_insert(0) += 1;
+    {
+        let mut map = feed.buckets.lock();
+        for b in buckets {
+            *map.entry(b.clone()).or_insert(0) += 1;
+        }
+    }
+    if !feed.started.swap(true, Ordering::SeqCst) {
+        let inner = inner.clone();
+        tokio::spawn(async move { run_feed(inner).await });
+    }
+    Subscription {
+        inner: inner.clone(),
+        client_id: client_id.to_owned(),
+        buckets: buckets.to_vec(),
+        events,
+    }
+}
+
+/// The feed's task: until the service shuts down.
+async fn run_feed(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut commits = inner.db.commits();
+    let mut watermark: Option<u64> = None;
+    let mut progress: HashMap<String, u64> = HashMap::new();
+    loop {
+        commits.borrow_and_update();
+        match read_once(&inner, watermark, &mut progress).await {
+            Ok(Some(event)) => {
+                // The first event (the start) carries no change: a stream
+                // whose checkpoint is older sees a gap and reads the
+                // database, so a commit just before the start is not
+                // missed.
+                watermark = Some(event.last_op_id);
+                // No stream listening is no error.
+                let _ = inner.feed.events.send(Arc::new(event));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("change feed: {e}"),
+        }
+        if watermark.is_none() {
+            // The start failed: try again after a poll interval.
+            tokio::time::sleep(Duration::from_millis(FEED_POLL_MS)).await;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            r = commits.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(FEED_POLL_MS)) => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// Read what changed since `watermark` (at the start, only where the log
+/// is). `None`: nothing new for any stream.
+async fn read_once(
+    inner: &Arc<Inner>,
+    watermark: Option<u64>,
+    progress: &mut HashMap<String, u64>,
+) -> Result<Option<FeedEvent>> {
+    let clients: Vec<String> = inner.feed.clients.lock().keys().cloned().collect();
+    let followed: Vec<String> = inner.feed.buckets.lock().keys().cloned().collect();
+    let db = inner.db.clone();
+    let after = watermark.unwrap_or(u64::MAX);
+    let read = blocking::run(move || -> Result<_> {
+        let changes = db.changes_since(after, &clients)?;
+        let mut entries: HashMap<String, Vec<OplogEntry>> = HashMap::new();
+        if after != u64::MAX {
+            let followed: std::collections::HashSet<&String> = followed.iter().collect();
+            for (bucket, _) in changes
+                .buckets
+                .iter()
+                .filter(|(b, _)| followed.contains(b))
+                .take(FEED_MAX_BUCKETS_WITH_ENTRIES)
+            {
+                let range = OpRange::between(bucket, after, changes.last_op_id)
+                    .limited(FEED_MAX_ENTRIES_PER_BUCKET + 1, usize::MAX);
+                let ops = db.read_ops(&range)?;
+                if ops.len() <= FEED_MAX_ENTRIES_PER_BUCKET {
+                    entries.insert(bucket.clone(), ops);
+                }
+            }
+        }
+        Ok((changes, entries))
+    })
+    .await
+    .map_err(blocking_error)??;
+    let (changes, mut entries) = read;
+    let mut moved = HashMap::new();
+    for (client, seq) in changes.clients {
+        if progress.get(&client) != Some(&seq) {
+            progress.insert(client.clone(), seq);
+            moved.insert(client, seq);
+        }
+    }
+    // Forget clients no longer streaming here.
+    if progress.len() > 2 * inner.feed.clients.lock().len() + 64 {
+        let live = inner.feed.clients.lock();
+        progress.retain(|c, _| live.contains_key(c));
+    }
+    let Some(from) = watermark else {
+        // The start: where the log is, nothing to hand out.
+        return Ok(Some(FeedEvent {
+            from_op_id: changes.last_op_id,
+            last_op_id: changes.last_op_id,
+            buckets: HashMap::new(),
+            clients: HashMap::new(),
+        }));
+    };
+    if changes.last_op_id <= from && moved.is_empty() {
+        return Ok(None);
+    }
+    let buckets = changes
+        .buckets
+        .into_iter()
+        .map(|(name, state)| {
+            let e = entries.remove(&name);
+            (name, FeedBucket { state, entries: e })
+        })
+        .collect();
+    Ok(Some(FeedEvent {
+        from_op_id: from,
+        last_op_id: changes.last_op_id.max(from),
+        buckets,
+        clients: moved,
+    }))
+}
