@@ -184,7 +184,17 @@ fn demo(args: &[String]) -> Result<()> {
         .spawn()
         .with_context(|| format!("starting {}", server_bin.display()))?;
     let mut children = vec![("ferry-server".to_owned(), server)];
-    let result = demo_run(&tracker_bin, &mut children);
+    // The trackers derive their client schema from the rules the server
+    // runs (`--rules FILE` or `--rules=FILE`).
+    let rules = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--rules=") {
+            Some(file) => Some(file.to_owned()),
+            None if a == "--rules" => args.get(i + 1).cloned(),
+            None => None,
+        });
+    let result = demo_run(&tracker_bin, rules.as_deref(), &mut children);
     // Ctrl-C reaches every process of the terminal's group; anything
     // still running here (an error, another signal) is stopped.
     for (_, child) in &mut children {
@@ -196,13 +206,17 @@ fn demo(args: &[String]) -> Result<()> {
 
 /// Wait for the server, start alice's and bob's trackers, print their
 /// URLs and keep everything running until one exits (Ctrl-C ends all).
-fn demo_run(tracker_bin: &Path, children: &mut Vec<(String, std::process::Child)>) -> Result<()> {
+fn demo_run(tracker_bin: &Path, rules: Option<&str>, children: &mut Vec<(String, std::process::Child)>) -> Result<()> {
     let server_url = "http://127.0.0.1:8080";
     wait_for_port("ferry-server", "127.0.0.1:8080", children)?;
     let mut urls = Vec::new();
     for (user, port) in [("alice", 3001), ("bob", 3002)] {
         let data_dir = Path::new("data").join(format!("tracker-{user}"));
-        let child = Command::new(tracker_bin)
+        let mut cmd = Command::new(tracker_bin);
+        if let Some(rules) = rules {
+            cmd.args(["--rules", rules]);
+        }
+        let child = cmd
             .args([
                 "--server",
                 server_url,
