@@ -61,5 +61,9 @@ pub use error::{Result, ServiceError};
 pub use permissions::{PermissionDef, WriteOp, MAX_CONDITION_BYTES, MAX_CONDITION_DEPTH_LEVELS};
 pub use rules::{SyncRules, RESERVED_TABLE_PREFIX, TICKET_TRACKER_RULES};
 pub use server::{run, BoundServer};
-pub use service::{CompactStats, ServiceOptions, SyncService, SyncServiceBuilder};
+pub use service::{
+    CompactStats, ServiceOptions, SyncService, SyncServiceBuilder, CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS,
+    DEFAULT_COMPACT_INTERVAL_S, FEED_CHANNEL_EVENTS, FEED_MAX_BUCKETS_WITH_ENTRIES, FEED_MAX_ENTRIES_PER_BUCKET,
+    FEED_POLL_MS, MAX_CAPTURE_BATCH, MAX_REBUCKET_BATCH, META_RULES_FINGERPRINT,
+};
 pub use sqlite::SqliteSourceDb;
