@@ -433,6 +433,66 @@ fn sync_indexes(schema: &Schema, p: &mut Pending<'_>) -> StoreResult<()> {
     Ok(())
 }
 
+impl SledStore {
+    /// Up to `limit` synced rows of an index range, from its start (or
+    /// its end, walking back, when `reverse`): only the index entries
+    /// returned, and their rows, are read.
+    fn index_scan(
+        &self,
+        table: &str,
+        index: &str,
+        lower: &Bound<Vec<Value>>,
+        upper: &Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Rows> {
+        let IndexRange { lo, hi, .. } = match resolve_index_range(&self.schema, table, index, lower, upper)? {
+            range if range.is_empty() => return Ok(Vec::new()),
+            range => range,
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let prefix = keys::index_prefix(table, index);
+        let with_prefix = |k: &[u8]| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(k);
+            key
+        };
+        let start = with_prefix(lo.as_deref().unwrap_or_default());
+        let end = match &hi {
+            Some(h) => Some(with_prefix(h)),
+            None => prefix_end(&prefix),
+        };
+        let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let _snap = self.snapshot.read();
+        let mut out = Vec::new();
+        let entries = self.tree().range::<&[u8], _>((Bound::Included(&start[..]), upper));
+        let entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if reverse {
+            Box::new(entries.rev())
+        } else {
+            Box::new(entries)
+        };
+        for item in entries {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, id) = item.map_err(sled_err)?;
+            let id = keys::utf8(&id)?;
+            // Every index entry has its row (both are written in one batch);
+            // skip a missing one as the memory store does.
+            if let Some(row) = self
+                .tree()
+                .get(keys::row_key(keys::SYNCED, table, &id))
+                .map_err(sled_err)?
+            {
+                out.push((id, codec::decode_row(&row)?));
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Store for SledStore {
     fn schema(&self) -> &Schema {
         &self.schema
@@ -504,38 +564,19 @@ impl Store for SledStore {
         lower: Bound<Vec<Value>>,
         upper: Bound<Vec<Value>>,
     ) -> StoreResult<Rows> {
-        let IndexRange { lo, hi, .. } = match resolve_index_range(&self.schema, table, index, &lower, &upper)? {
-            range if range.is_empty() => return Ok(Vec::new()),
-            range => range,
-        };
-        let prefix = keys::index_prefix(table, index);
-        let with_prefix = |k: &[u8]| {
-            let mut key = prefix.clone();
-            key.extend_from_slice(k);
-            key
-        };
-        let start = with_prefix(lo.as_deref().unwrap_or_default());
-        let end = match &hi {
-            Some(h) => Some(with_prefix(h)),
-            None => prefix_end(&prefix),
-        };
-        let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let _snap = self.snapshot.read();
-        let mut out = Vec::new();
-        for item in self.tree().range::<&[u8], _>((Bound::Included(&start[..]), upper)) {
-            let (_, id) = item.map_err(sled_err)?;
-            let id = keys::utf8(&id)?;
-            // Every index entry has its row (both are written in one batch);
-            // skip a missing one as the memory store does.
-            if let Some(row) = self
-                .tree()
-                .get(keys::row_key(keys::SYNCED, table, &id))
-                .map_err(sled_err)?
-            {
-                out.push((id, codec::decode_row(&row)?));
-            }
-        }
-        Ok(out)
+        self.index_scan(table, index, &lower, &upper, false, usize::MAX)
+    }
+
+    fn scan_synced_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Rows> {
+        self.index_scan(table, index, &lower, &upper, reverse, limit)
     }
 
     fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {

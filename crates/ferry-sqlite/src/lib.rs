@@ -307,6 +307,21 @@ const SQL_SCAN_INDEX_TO: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS
 const SQL_SCAN_INDEX_FROM: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS JOIN ferry_rows AS r \
      ON r.tbl = i.tbl AND r.id = i.id \
      WHERE i.tbl = ?1 AND i.idx = ?2 AND i.key >= ?3 ORDER BY i.key";
+// Limited index scans, from either end of the range: the index table's
+// primary key `(tbl, idx, key)` is walked in order, so only `LIMIT`
+// entries (and their rows) are read.
+const SQL_SCAN_INDEX_TO_LIMIT: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS JOIN ferry_rows AS r \
+     ON r.tbl = i.tbl AND r.id = i.id \
+     WHERE i.tbl = ?1 AND i.idx = ?2 AND i.key >= ?3 AND i.key < ?4 ORDER BY i.key LIMIT ?5";
+const SQL_SCAN_INDEX_FROM_LIMIT: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS JOIN ferry_rows AS r \
+     ON r.tbl = i.tbl AND r.id = i.id \
+     WHERE i.tbl = ?1 AND i.idx = ?2 AND i.key >= ?3 ORDER BY i.key LIMIT ?4";
+const SQL_SCAN_INDEX_TO_LIMIT_DESC: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS JOIN ferry_rows AS r \
+     ON r.tbl = i.tbl AND r.id = i.id \
+     WHERE i.tbl = ?1 AND i.idx = ?2 AND i.key >= ?3 AND i.key < ?4 ORDER BY i.key DESC LIMIT ?5";
+const SQL_SCAN_INDEX_FROM_LIMIT_DESC: &str = "SELECT r.id, r.data FROM ferry_index AS i CROSS JOIN ferry_rows AS r \
+     ON r.tbl = i.tbl AND r.id = i.id \
+     WHERE i.tbl = ?1 AND i.idx = ?2 AND i.key >= ?3 ORDER BY i.key DESC LIMIT ?4";
 
 // ----- opening -----
 
@@ -967,6 +982,45 @@ impl Store for SqliteStore {
             Some(hi) if lo >= hi => Ok(Vec::new()),
             Some(hi) => collect(&conn, SQL_SCAN_INDEX_TO, params![table, index, lo, hi], map),
             None => collect(&conn, SQL_SCAN_INDEX_FROM, params![table, index, lo], map),
+        }
+    }
+
+    fn scan_synced_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Rows> {
+        let IndexRange { lo, hi, .. } = resolve_index_range(&self.schema, table, index, &lower, &upper)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // The empty blob sorts before every key.
+        let lo = lo.unwrap_or_default();
+        let n = limit_i64(limit);
+        let map = |r: &rusqlite::Row<'_>| Ok((text_col(r, 0)?, row_col(r, 1)?));
+        let conn = self.conn.lock();
+        match hi {
+            Some(hi) if lo >= hi => Ok(Vec::new()),
+            Some(hi) => {
+                let sql = if reverse {
+                    SQL_SCAN_INDEX_TO_LIMIT_DESC
+                } else {
+                    SQL_SCAN_INDEX_TO_LIMIT
+                };
+                collect(&conn, sql, params![table, index, lo, hi, n], map)
+            }
+            None => {
+                let sql = if reverse {
+                    SQL_SCAN_INDEX_FROM_LIMIT_DESC
+                } else {
+                    SQL_SCAN_INDEX_FROM_LIMIT
+                };
+                collect(&conn, sql, params![table, index, lo, n], map)
+            }
         }
     }
 

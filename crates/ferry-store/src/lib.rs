@@ -12,8 +12,9 @@
 //! - key-value metadata.
 //!
 //! The *visible* state (what apps read) is the overlay laid over the synced
-//! layer. The provided methods `get_visible`, `scan_visible` and
-//! `scan_visible_index` compute it the same way for every backend. They
+//! layer. The provided methods `get_visible`, `scan_visible`,
+//! `scan_visible_index` and `scan_visible_index_limited` compute it the
+//! same way for every backend. They
 //! read the overlay and the synced layer in separate calls, so callers
 //! that need a consistent view serialize them with writes (as
 //! `ferry-queue`'s `LocalDb` does).
@@ -345,6 +346,29 @@ pub trait Store: Send + Sync + fmt::Debug {
         upper: Bound<Vec<Value>>,
     ) -> StoreResult<Rows>;
 
+    /// Up to `limit` synced rows of an index range, read from the range's
+    /// start in index order, or from its end in reverse index order when
+    /// `reverse`: the first `limit` rows of [`Store::scan_synced_index`]
+    /// (reversed when `reverse`). Errors as `scan_synced_index`, whatever
+    /// the limit. The provided version reads the whole range; backends
+    /// read only the rows they return.
+    fn scan_synced_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Rows> {
+        let mut rows = self.scan_synced_index(table, index, lower, upper)?;
+        if reverse {
+            rows.reverse();
+        }
+        rows.truncate(limit);
+        Ok(rows)
+    }
+
     /// A row's overlay entry.
     fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>>;
 
@@ -430,6 +454,58 @@ pub trait Store: Send + Sync + fmt::Debug {
             }
         }
         keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(keyed.into_iter().map(|(_, id, data)| (id, data)).collect())
+    }
+
+    /// Up to `limit` visible rows of an index range, from its start (or
+    /// from its end, in reverse order, when `reverse`): the first `limit`
+    /// rows of [`Store::scan_visible_index`] (reversed when `reverse`).
+    /// Reads the overlay and `limit` plus as many synced rows as the
+    /// overlay has entries, never the whole range: overlay rows in range
+    /// take their place in order, and synced rows with an overlay entry
+    /// (deleted, changed, moved out of the range) are dropped.
+    fn scan_visible_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Rows> {
+        let range = resolve_index_range(self.schema(), table, index, &lower, &upper)?;
+        if limit == 0 || range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let overlay = self.scan_overlay(table)?;
+        let def = range.index;
+        // Every synced row among the first `limit` visible ones has at most
+        // `limit - 1` visible and `overlay.len()` overlaid rows before it.
+        let synced =
+            self.scan_synced_index_limited(table, index, lower, upper, reverse, limit.saturating_add(overlay.len()))?;
+        if overlay.is_empty() {
+            return Ok(synced);
+        }
+        let overlaid: std::collections::BTreeSet<&str> = overlay.iter().map(|(id, _)| id.as_str()).collect();
+        let mut keyed: Vec<(Vec<u8>, String, RowData)> = synced
+            .into_iter()
+            .filter(|(id, _)| !overlaid.contains(id.as_str()))
+            .map(|(id, data)| (index_key(def, &id, &data), id, data))
+            .collect();
+        for (id, entry) in overlay {
+            if let OverlayEntry::Row(data) = entry {
+                let key = index_key(def, &id, &data);
+                if range.contains(&key) {
+                    keyed.push((key, id, data));
+                }
+            }
+        }
+        if reverse {
+            keyed.sort_by(|a, b| b.0.cmp(&a.0));
+        } else {
+            keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        keyed.truncate(limit);
         Ok(keyed.into_iter().map(|(_, id, data)| (id, data)).collect())
     }
 }

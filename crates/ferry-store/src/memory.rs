@@ -202,6 +202,35 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn scan_synced_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Rows> {
+        let range = resolve_index_range(&self.schema, table, index, &lower, &upper)?;
+        if range.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let st = self.state.read();
+        let Some(entries) = st.indexes.get(table).and_then(|t| t.get(index)) else {
+            return Ok(Vec::new());
+        };
+        let lo = range.lo.map_or(Bound::Unbounded, Bound::Included);
+        let hi = range.hi.map_or(Bound::Unbounded, Bound::Excluded);
+        let rows = st.synced.get(table);
+        let row = |(_, id): (&Vec<u8>, &String)| rows.and_then(|r| r.get(id)).map(|d| (id.clone(), d.clone()));
+        let in_range = entries.range((lo, hi));
+        Ok(if reverse {
+            in_range.rev().filter_map(row).take(limit).collect()
+        } else {
+            in_range.filter_map(row).take(limit).collect()
+        })
+    }
+
     fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
         crate::table_def(&self.schema, table)?;
         Ok(self.state.read().overlay.get(table).and_then(|t| t.get(id)).cloned())

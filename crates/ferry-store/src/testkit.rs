@@ -40,6 +40,7 @@ macro_rules! conformance_tests {
             scans_are_ordered_by_id,
             index_scans_follow_value_order,
             index_entries_follow_updates_and_deletes,
+            limited_index_scans_match_full_scans,
             overlay_shapes_the_visible_state,
             queue_keeps_order_and_completes,
             queue_refuses_out_of_order_appends,
@@ -310,6 +311,120 @@ pub fn index_entries_follow_updates_and_deletes<B: Backend>(b: &B) {
         )
         .expect("scan");
     assert_eq!(ids(&hits), ["t02"]);
+}
+
+/// Check every limited index scan (synced and visible, both directions,
+/// limits from 0 to past the end) against the full scan cut to the limit.
+fn check_limited_index_cases(s: &dyn Store, phase: &str) {
+    for (index, range) in index_cases() {
+        let full_synced = s
+            .scan_synced_index("tickets", index, range.0.clone(), range.1.clone())
+            .expect("index scan");
+        let full_visible = s
+            .scan_visible_index("tickets", index, range.0.clone(), range.1.clone())
+            .expect("visible index scan");
+        let most = full_synced.len().max(full_visible.len());
+        let mut limits = vec![0, 1, 2, 3, 5, most.saturating_sub(1), most, most + 1, usize::MAX];
+        limits.sort_unstable();
+        limits.dedup();
+        for reverse in [false, true] {
+            for &limit in &limits {
+                let cut = |rows: &[(String, RowData)]| {
+                    let mut rows = rows.to_vec();
+                    if reverse {
+                        rows.reverse();
+                    }
+                    rows.truncate(limit);
+                    rows
+                };
+                let what = format!("{phase}: index {index} range {range:?} reverse {reverse} limit {limit}");
+                let got = s
+                    .scan_synced_index_limited("tickets", index, range.0.clone(), range.1.clone(), reverse, limit)
+                    .expect("limited index scan");
+                assert_eq!(ids(&got), ids(&cut(&full_synced)), "synced, {what}");
+                assert_eq!(got, cut(&full_synced), "synced, {what}");
+                let got = s
+                    .scan_visible_index_limited("tickets", index, range.0.clone(), range.1.clone(), reverse, limit)
+                    .expect("limited visible index scan");
+                assert_eq!(ids(&got), ids(&cut(&full_visible)), "visible, {what}");
+                assert_eq!(got, cut(&full_visible), "visible, {what}");
+            }
+        }
+    }
+}
+
+/// A limited index scan, from either end of the range, returns the first
+/// `limit` rows of the full scan (in reverse order from the end), on the
+/// synced layer and on the visible state: overlay rows inserted into the
+/// range or updated within it take their place, rows the overlay moved
+/// out of the range or deleted are hidden. Errors do not depend on the
+/// limit.
+pub fn limited_index_scans_match_full_scans<B: Backend>(b: &B) {
+    let loc = b.fresh();
+    let s = open(b, &loc);
+    check_limited_index_cases(&s, "empty");
+    load_index_fixture(&s);
+    check_limited_index_cases(&s, "synced only");
+
+    let mut batch = WriteBatch::new();
+    // Updated within their range, moved into and out of ranges.
+    batch
+        .put_overlay("tickets", "t00", OverlayEntry::Row(ticket("done", 4)))
+        .put_overlay("tickets", "t01", OverlayEntry::Row(ticket("done", -5)))
+        .put_overlay("tickets", "t02", OverlayEntry::Row(ticket("pending", 2)))
+        .put_overlay("tickets", "t04", OverlayEntry::Row(ticket("zzz", 100)))
+        .put_overlay("tickets", "t05", OverlayEntry::Row(ticket("in_progress", -100)))
+        .put_overlay("tickets", "null1", OverlayEntry::Row(ticket("pending", 0)));
+    // Deleted, including rows at either end of the ranges and one the
+    // synced layer does not have.
+    for id in ["t03", "t07", "t10", "t29", "t28", "nope"] {
+        batch.put_overlay("tickets", id, OverlayEntry::Deleted);
+    }
+    // New rows, at the ends of the ranges and between synced rows.
+    batch
+        .put_overlay("tickets", "new1", OverlayEntry::Row(ticket("pending", -5)))
+        .put_overlay("tickets", "new2", OverlayEntry::Row(ticket("pending", 5)))
+        .put_overlay("tickets", "new3", OverlayEntry::Row(ticket("done", 0)))
+        .put_overlay(
+            "tickets",
+            "new4",
+            OverlayEntry::Row(row_data([("title", Value::from("n"))])),
+        )
+        .put_overlay("tickets", "a", OverlayEntry::Row(ticket("aaa", -1000)));
+    apply(&s, &batch);
+    check_limited_index_cases(&s, "with overlay");
+
+    // Every synced row overlaid: the synced layer shows nothing visible.
+    let mut batch = WriteBatch::new();
+    for (id, _) in s.scan_synced("tickets").expect("scan") {
+        batch.put_overlay("tickets", id, OverlayEntry::Deleted);
+    }
+    apply(&s, &batch);
+    check_limited_index_cases(&s, "everything overlaid");
+
+    for reverse in [false, true] {
+        for limit in [0, 5] {
+            let err = s
+                .scan_visible_index_limited("tickets", "nope", Bound::Unbounded, Bound::Unbounded, reverse, limit)
+                .expect_err("unknown index");
+            assert!(matches!(err, StoreError::UnknownIndex { .. }), "{err}");
+            let err = s
+                .scan_synced_index_limited("nope", "by_status", Bound::Unbounded, Bound::Unbounded, reverse, limit)
+                .expect_err("unknown table");
+            assert!(matches!(err, StoreError::UnknownTable(_)), "{err}");
+            let err = s
+                .scan_synced_index_limited(
+                    "tickets",
+                    "by_status",
+                    Bound::Included(vec![Value::from("a"), Value::from("b")]),
+                    Bound::Unbounded,
+                    reverse,
+                    limit,
+                )
+                .expect_err("bound too long");
+            assert!(matches!(err, StoreError::BadRange { .. }), "{err}");
+        }
+    }
 }
 
 /// Overlay entries shadow synced rows in every visible read; a deletion
