@@ -36,10 +36,14 @@ enum LiveId {
 /// A live query served from the store through an index range whose range
 /// is its filter and whose order is its order: it keeps only the rows of
 /// the range up to an edge (at least `offset + limit` plus a margin, whole
-/// ties included), in an engine of its own. A change to a row is kept when
-/// the row is in range and before the edge; when rows leave and fewer than
-/// `offset + limit` are kept, the range is read again (as it is when the
-/// kept rows grow past twice the target).
+/// ties included), in an engine of its own, and reads only those from the
+/// store (`Store::scan_visible_index_limited`, from the end of the range
+/// the order starts at). A change to a row is kept when the row is in
+/// range and before the edge; when rows leave and fewer than
+/// `offset + limit` are kept, the rows after the edge are read (as many as
+/// the window lacks, limited), and when the kept rows grow past twice the
+/// target the window is read again. Every kept row is in range and before
+/// the edge, and every visible row in range before the edge is kept.
 struct IndexWindow {
     table: String,
     index: Index,
@@ -56,13 +60,24 @@ struct IndexWindow {
     need_rows: usize,
     /// Rows read per (re)load.
     keep_rows: usize,
-    /// Position of the last kept row in scan order; `None` when the whole
-    /// range is kept.
-    edge: Option<Vec<u8>>,
+    /// The last kept row in scan order; `None` when the whole range is
+    /// kept.
+    edge: Option<Edge>,
     kept: BTreeSet<String>,
     engine: QueryEngine,
     sub: SubscriptionId,
 }
+
+/// Where an index window's kept rows end.
+struct Edge {
+    /// The last kept row's position (see `IndexWindow::position`).
+    pos: Vec<u8>,
+    /// Its indexed values: the bound the rows after it are read from.
+    values: Vec<Value>,
+}
+
+/// Rows read from the store, with whether each is pending.
+type WindowRows = Vec<(String, RowData, bool)>;
 
 impl IndexWindow {
     fn new(table: &str, index: Index, scan: &IndexScan, query: &Query, rows: usize) -> Result<Self, ClientError> {
@@ -97,17 +112,35 @@ impl IndexWindow {
         self.lo.as_deref().is_none_or(|l| key.as_slice() >= l) && self.hi.as_deref().is_none_or(|h| key.as_slice() < h)
     }
 
+    fn values(&self, data: &RowData) -> Vec<Value> {
+        self.index
+            .columns
+            .iter()
+            .map(|c| data.get(c).cloned().unwrap_or(Value::Null))
+            .collect()
+    }
+
     fn position(&self, id: &str, data: &RowData) -> Vec<u8> {
         if self.reverse {
-            let values: Vec<Value> = self
-                .index
-                .columns
-                .iter()
-                .map(|c| data.get(c).cloned().unwrap_or(Value::Null))
-                .collect();
-            codec::encode_key_prefix(&values)
+            codec::encode_key_prefix(&self.values(data))
         } else {
             ferry_store::index_key(&self.index, id, data)
+        }
+    }
+
+    fn edge_of(&self, id: &str, data: &RowData) -> Edge {
+        Edge {
+            pos: self.position(id, data),
+            values: self.values(data),
+        }
+    }
+
+    /// Whether a position comes after another in scan order.
+    fn is_after(&self, pos: &[u8], other: &[u8]) -> bool {
+        if self.reverse {
+            pos < other
+        } else {
+            pos > other
         }
     }
 
@@ -115,38 +148,111 @@ impl IndexWindow {
     fn before_edge(&self, id: &str, data: &RowData) -> bool {
         match &self.edge {
             None => true,
-            Some(edge) if self.reverse => self.position(id, data) >= *edge,
-            Some(edge) => self.position(id, data) <= *edge,
+            Some(edge) => !self.is_after(&self.position(id, data), &edge.pos),
         }
     }
 
-    /// Read the range from the store and pick the rows to keep (setting
-    /// the edge): `keep_rows` in scan order, then the rest of the last
-    /// one's ties.
-    fn load(&mut self, store: &dyn Store) -> Result<Vec<(String, RowData, bool)>, ClientError> {
-        let mut rows =
-            store.scan_visible_index(&self.table, &self.index.name, self.lower.clone(), self.upper.clone())?;
-        let pending: BTreeSet<String> = store.scan_overlay(&self.table)?.into_iter().map(|(id, _)| id).collect();
-        if self.reverse {
-            rows.reverse();
-        }
-        let mut out = Vec::with_capacity(self.keep_rows.min(rows.len()));
-        let mut edge = None;
-        let total = rows.len();
-        for (i, (id, data)) in rows.into_iter().enumerate() {
-            if i >= self.keep_rows {
-                let pos = self.position(&id, &data);
-                if edge.as_ref() != Some(&pos) {
-                    break;
+    /// Read, in scan order, the first `n` (at least one) visible rows of a
+    /// range that come after the position `after` (all when `None`), then
+    /// the rest of the last one's ties; and whether they are all the rows
+    /// left there. Reads `n + 1` rows from the store, more only when rows
+    /// at or before `after`, or ties, fill them.
+    fn read(
+        &self,
+        store: &dyn Store,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        after: Option<&[u8]>,
+        n: usize,
+    ) -> Result<(Vec<(String, RowData)>, bool), ClientError> {
+        let n = n.max(1);
+        let mut limit = n.saturating_add(1);
+        loop {
+            let rows = store.scan_visible_index_limited(
+                &self.table,
+                &self.index.name,
+                lower.clone(),
+                upper.clone(),
+                self.reverse,
+                limit,
+            )?;
+            let complete = rows.len() < limit || limit == usize::MAX;
+            let rows: Vec<(Vec<u8>, String, RowData)> = rows
+                .into_iter()
+                .map(|(id, data)| (self.position(&id, &data), id, data))
+                .filter(|(pos, _, _)| after.is_none_or(|a| self.is_after(pos, a)))
+                .collect();
+            // Enough to cut: a row past the ties of the n-th one.
+            let cut = rows
+                .get(n - 1)
+                .is_some_and(|(nth, _, _)| rows.last().is_some_and(|(last, _, _)| last != nth));
+            if complete || cut {
+                let mut out = Vec::with_capacity(n);
+                let mut complete = complete;
+                let mut edge: Option<Vec<u8>> = None;
+                for (i, (pos, id, data)) in rows.into_iter().enumerate() {
+                    if i >= n && edge.as_ref() != Some(&pos) {
+                        complete = false;
+                        break;
+                    }
+                    if i + 1 == n {
+                        edge = Some(pos);
+                    }
+                    out.push((id, data));
                 }
-            } else if i + 1 == self.keep_rows && total > self.keep_rows {
-                edge = Some(self.position(&id, &data));
+                return Ok((out, complete));
             }
-            let p = pending.contains(&id);
-            out.push((id, data, p));
+            limit = limit.saturating_mul(2);
         }
-        self.edge = edge;
-        Ok(out)
+    }
+
+    /// The rows read, with whether each is pending.
+    fn with_pending(&self, store: &dyn Store, rows: Vec<(String, RowData)>) -> Result<WindowRows, ClientError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pending: BTreeSet<String> = store.scan_overlay(&self.table)?.into_iter().map(|(id, _)| id).collect();
+        Ok(rows
+            .into_iter()
+            .map(|(id, data)| {
+                let p = pending.contains(&id);
+                (id, data, p)
+            })
+            .collect())
+    }
+
+    /// Read the window from the store: its first `keep_rows` rows in scan
+    /// order, then the rest of the last one's ties (setting the edge).
+    fn load(&mut self, store: &dyn Store) -> Result<WindowRows, ClientError> {
+        let (rows, complete) = self.read(store, self.lower.clone(), self.upper.clone(), None, self.keep_rows)?;
+        self.edge = match rows.last() {
+            Some((id, data)) if !complete => Some(self.edge_of(id, data)),
+            _ => None,
+        };
+        self.with_pending(store, rows)
+    }
+
+    /// Read the rows after the edge the window lacks (moving the edge),
+    /// leaving out rows already kept.
+    fn refill(&mut self, store: &dyn Store) -> Result<WindowRows, ClientError> {
+        let Some(edge) = &self.edge else {
+            return Ok(Vec::new());
+        };
+        // Rows after the edge have indexed values at or past its values
+        // (strictly past them when ties are kept whole).
+        let (lower, upper) = if self.reverse {
+            (self.lower.clone(), Bound::Excluded(edge.values.clone()))
+        } else {
+            (Bound::Included(edge.values.clone()), self.upper.clone())
+        };
+        let n = self.keep_rows.saturating_sub(self.kept.len());
+        let (mut rows, complete) = self.read(store, lower, upper, Some(&edge.pos), n)?;
+        self.edge = match rows.last() {
+            Some((id, data)) if !complete => Some(self.edge_of(id, data)),
+            _ => None,
+        };
+        rows.retain(|(id, _)| !self.kept.contains(id));
+        self.with_pending(store, rows)
     }
 
     fn start(&mut self, store: &dyn Store, query: &Query, callback: DiffCallback) -> Result<QueryResult, ClientError> {
@@ -189,7 +295,14 @@ impl IndexWindow {
         }
         let short = self.edge.is_some() && self.kept.len() < self.need_rows;
         let grown = self.kept.len() > self.keep_rows.saturating_mul(2);
-        if short || grown {
+        if short {
+            // The store already holds this commit: the rows read are the
+            // rows after it, applied in the same transaction.
+            for (id, data, pending) in self.refill(store)? {
+                self.kept.insert(id.clone());
+                cs = cs.upsert(&self.table, id, data, pending);
+            }
+        } else if grown {
             // The store already holds this commit: the rows read are the
             // rows after it, applied in the same transaction.
             let fresh = self.load(store)?;

@@ -21,6 +21,8 @@ use proptest::prelude::*;
 struct CountingStore {
     inner: Box<dyn Store>,
     row_reads: AtomicU64,
+    /// Reads of a whole index range.
+    full_index_scans: AtomicU64,
 }
 
 impl CountingStore {
@@ -56,7 +58,21 @@ impl Store for CountingStore {
         upper: Bound<Vec<Value>>,
     ) -> StoreResult<Rows> {
         self.count();
+        self.full_index_scans.fetch_add(1, Ordering::SeqCst);
         self.inner.scan_synced_index(table, index, lower, upper)
+    }
+    fn scan_synced_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Rows> {
+        self.count();
+        self.inner
+            .scan_synced_index_limited(table, index, lower, upper, reverse, limit)
     }
     fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
         self.count();
@@ -110,6 +126,7 @@ fn open_on(inner: Box<dyn Store>) -> (Arc<CountingStore>, Database) {
     let store = Arc::new(CountingStore {
         inner,
         row_reads: AtomicU64::new(0),
+        full_index_scans: AtomicU64::new(0),
     });
     let options = ClientOptions {
         local: LocalDbOptions {
@@ -120,6 +137,17 @@ fn open_on(inner: Box<dyn Store>) -> (Arc<CountingStore>, Database) {
     };
     let db = Database::open(store.clone(), options).expect("open");
     (store, db)
+}
+
+/// A database on the memory (0), SQLite (1) or sled (2) store.
+fn open_backend(backend: u8) -> (Arc<CountingStore>, Database) {
+    match backend {
+        1 => open_on(Box::new(
+            ferry_sqlite::SqliteStore::open_in_memory(schema()).expect("sqlite"),
+        )),
+        2 => open_on(Box::new(ferry_sled::SledStore::temporary(schema()).expect("sled"))),
+        _ => open(),
+    }
 }
 
 fn ticket(status: &str, updated_at: i64) -> RowData {
@@ -330,12 +358,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn live_results_equal_a_fresh_query(steps in proptest::collection::vec(step(), 1..60), sqlite in any::<bool>()) {
-        let (store, db) = if sqlite {
-            open_on(Box::new(ferry_sqlite::SqliteStore::open_in_memory(schema()).expect("sqlite")))
-        } else {
-            open()
-        };
+    fn live_results_equal_a_fresh_query(steps in proptest::collection::vec(step(), 1..60), backend in 0u8..3) {
+        let (store, db) = open_backend(backend);
         let queries = queries();
         let lives: Vec<_> = queries
             .iter()
@@ -374,4 +398,110 @@ fn explain_uses_the_client_schemas_indexes() {
     );
     let err = db.explain(&Query::from("nope")).expect_err("unknown table");
     assert!(err.to_string().contains("nope"), "{err}");
+}
+
+/// Rows leave a limited store-backed window (deleted, moved out of the
+/// range, moved past its edge, by local writes and by checkpoints) until
+/// it must read the rows after its edge, and come back into it; the
+/// window's result equals a fresh query after every step, on every
+/// backend, and it never reads the whole range.
+#[test]
+fn rows_leave_and_reenter_a_limited_window() {
+    let windows = [
+        Query::from("tickets")
+            .filter(col("status").eq("pending"))
+            .order_by(col("updated_at"), Order::Desc)
+            .limit(3),
+        Query::from("tickets")
+            .filter(col("status").eq("pending"))
+            .order_by(col("updated_at"), Order::Asc)
+            .offset(1)
+            .limit(2),
+        Query::from("tickets")
+            .filter(col("status").eq("pending").and(col("updated_at").lt(30)))
+            .order_by(col("updated_at"), Order::Desc)
+            .limit(2),
+    ];
+    for backend in 0..3 {
+        let (store, db) = open_backend(backend);
+        let mut batch = WriteBatch::new();
+        // 40 pending rows, with ties on updated_at, and 40 done ones.
+        for i in 0..80i64 {
+            let status = if i % 2 == 0 { "pending" } else { "done" };
+            batch.put_synced("tickets", format!("s{i:02}"), ticket(status, i / 4));
+        }
+        db.local().apply_server_changes(batch, None).expect("checkpoint");
+        let lives: Vec<_> = windows
+            .iter()
+            .map(|q| {
+                assert!(db.explain(q).expect("explain").index_window().is_some(), "{q:?}");
+                db.live_query(q, |_| {}).expect("live").0
+            })
+            .collect();
+        let check = |what: &str| {
+            let expected = fresh(store.as_ref(), &windows);
+            for (i, (live, expected)) in lives.iter().zip(&expected).enumerate() {
+                assert_eq!(
+                    &live.current().expect("current"),
+                    expected,
+                    "backend {backend}, window {i}, after {what}"
+                );
+            }
+        };
+        check("the first result");
+        let ids: Vec<String> = (0..80).step_by(2).map(|i| format!("s{i:02}")).collect();
+        // Leave from both ends, by local deletes and moves out of range.
+        for (n, id) in ids.iter().rev().take(12).chain(ids.iter().take(6)).enumerate() {
+            db.write(|tx| {
+                if n % 3 == 0 {
+                    tx.delete("tickets", id)
+                } else if n % 3 == 1 {
+                    tx.update("tickets", id, row_data([("status", Value::from("done"))]))
+                } else {
+                    // Still pending, but in the middle of the range.
+                    tx.update("tickets", id, row_data([("updated_at", Value::Integer(10))]))
+                }
+            })
+            .expect("write");
+            check(&format!("{id} left"));
+        }
+        // Checkpoints remove rows too.
+        for id in ids.iter().rev().skip(12).take(6) {
+            let mut batch = WriteBatch::new();
+            batch.delete_synced("tickets", id.clone());
+            db.local().apply_server_changes(batch, None).expect("checkpoint");
+            check(&format!("{id} deleted by a checkpoint"));
+        }
+        // Come back: at the top, at the bottom, tied with kept rows.
+        for (n, id) in ids.iter().rev().take(18).enumerate() {
+            let at = [100, -1, 5, 17][n % 4];
+            db.write(|tx| tx.put("tickets", id, ticket("pending", at)))
+                .expect("write");
+            check(&format!("{id} came back at {at}"));
+        }
+        // Rejected writes roll back: the rows leave or come back again.
+        let local = db.local();
+        let from = local.completed_through() + 1;
+        let last = local.last_seq();
+        local
+            .answer(&Answer {
+                through_seq: last,
+                rejected: (from..=last)
+                    .step_by(3)
+                    .map(|seq| (seq, "refused".to_owned()))
+                    .collect(),
+                ..Answer::default()
+            })
+            .expect("answer");
+        check("rollbacks");
+        local
+            .apply_server_changes(WriteBatch::new(), Some(local.completed_through()))
+            .expect("confirm");
+        check("confirmation");
+        assert_eq!(
+            store.full_index_scans.load(Ordering::SeqCst),
+            0,
+            "backend {backend}: windows read limited index ranges only"
+        );
+    }
 }
