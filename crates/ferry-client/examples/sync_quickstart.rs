@@ -109,9 +109,35 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => ferry_server::mint_token(ferry_server::DEV_JWT_SECRET, &user, 3600, &serde_json::Map::new()),
     };
     let transport = HttpTransport::new(server.clone())?;
+    let before = db.status();
+    println!(
+        "upload queue before connecting: {} ops in {} transactions, the oldest waiting {} ms",
+        before.pending_ops,
+        before.pending_transactions,
+        before.oldest_pending_age_ms.unwrap_or(0)
+    );
+    // Download progress of the initial sync, as an app would show it.
+    let mut statuses = db.watch_status();
+    let progress = tokio::spawn(async move {
+        let mut shown = None;
+        while statuses.changed().await.is_ok() {
+            let status = statuses.borrow_and_update().clone();
+            if let Some(p) = status.download_progress {
+                if shown != Some((p.ops_received, p.ops_expected)) {
+                    println!("  downloading: {} of {} ops", p.ops_received, p.ops_expected);
+                    shown = Some((p.ops_received, p.ops_expected));
+                }
+            }
+            if status.has_synced {
+                break;
+            }
+        }
+    });
     db.connect(Arc::new(transport), Arc::new(StaticToken(token)));
     println!("connecting to {server} ...");
-    if !db.wait_until_settled(15_000).await {
+    let settled = db.wait_until_settled(15_000).await;
+    progress.abort();
+    if !settled {
         let status = db.status();
         anyhow::bail!(
             "could not sync with {server} (is `cargo xtask demo` running?): {}",

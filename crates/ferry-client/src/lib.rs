@@ -139,6 +139,18 @@ pub struct SyncStatus {
     /// The download stream is paused by the app
     /// ([`Database::pause_downloads`]).
     pub downloads_paused: bool,
+    /// The download of the checkpoint under way: ops received of ops
+    /// expected, per bucket and in total, from the counts the checkpoint
+    /// carries (`None` once it is applied, and before any checkpoint).
+    pub download_progress: Option<ferry_protocol::DownloadProgress>,
+    /// Local ops waiting for the server's answer (the upload queue).
+    /// The upload fields are read from the queue by [`Database::status`];
+    /// [`Database::watch_status`] leaves them at zero.
+    pub pending_ops: u64,
+    /// Local transactions waiting for the server's answer.
+    pub pending_transactions: u64,
+    /// How long the oldest waiting op has waited (client clock, ms).
+    pub oldest_pending_age_ms: Option<u64>,
 }
 
 /// What the server did with an uploaded write.
@@ -351,9 +363,29 @@ impl Database {
         Ok(r)
     }
 
-    /// The current sync status.
+    /// The current sync status, with the upload side read from the queue
+    /// (ops and transactions waiting for the server's answer, and how
+    /// long the oldest has waited; two reads of the queue's ends).
     pub fn status(&self) -> SyncStatus {
-        self.inner.status.borrow().clone()
+        let mut status = self.inner.status.borrow().clone();
+        let local = &self.inner.local;
+        status.pending_ops = local.upload_queue_len();
+        if status.pending_ops > 0 {
+            let store = local.store();
+            let first = store.queue_from(local.completed_through().saturating_add(1), 1);
+            let last = store.queue_from(local.last_seq(), 1);
+            if let (Ok(Some(first)), Ok(Some(last))) =
+                (first.map(|e| e.into_iter().next()), last.map(|e| e.into_iter().next()))
+            {
+                // Transaction ids are consecutive over the transactions that
+                // queued something, and the waiting ones are the newest.
+                status.pending_transactions = last.tx_id.saturating_sub(first.tx_id) + 1;
+                status.oldest_pending_age_ms = first
+                    .hlc
+                    .map(|hlc| self.inner.clock.now_ms().saturating_sub(hlc.wall_ms));
+            }
+        }
+        status
     }
 
     /// A receiver that sees every status change.

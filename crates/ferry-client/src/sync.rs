@@ -139,12 +139,24 @@ async fn stream_session(
             StreamLine::CheckpointDiff(d) => Some(d.last_op_id),
             _ => None,
         };
-        let step = inner.download.lock().handle(line)?;
+        let counts = matches!(
+            line,
+            StreamLine::Checkpoint(_) | StreamLine::CheckpointDiff(_) | StreamLine::Data(_)
+        );
+        let (step, progress) = {
+            let mut download = inner.download.lock();
+            let step = download.handle(line)?;
+            let progress = if counts { download.progress() } else { None };
+            (step, progress)
+        };
         if let Some(op_id) = announced {
             inner.update_status(|s| {
                 s.downloading = true;
                 s.server_op_id = Some(op_id);
             });
+        }
+        if counts {
+            inner.update_status(|s| s.download_progress = progress);
         }
         match step {
             Step::Continue => {}
@@ -184,6 +196,7 @@ async fn stream_session(
                 let now = inner.clock.now_ms();
                 inner.update_status(|s| {
                     s.downloading = false;
+                    s.download_progress = None;
                     s.has_synced = true;
                     s.last_synced_at_ms = Some(now);
                     s.last_applied_op_id = Some(last_op_id);

@@ -29,6 +29,41 @@ pub struct AppliedBucket {
     pub count: u64,
 }
 
+/// How far the download of the current checkpoint got, from the op
+/// counts the checkpoint carries: per bucket, the ops received since the
+/// last applied checkpoint of that bucket and the ops expected (the
+/// checkpoint's count less what the client applied, or what it received
+/// when more came, as after a compaction).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DownloadProgress {
+    /// The checkpoint being downloaded.
+    pub last_op_id: u64,
+    /// Ops received, over every bucket.
+    pub ops_received: u64,
+    /// Ops expected, over every bucket.
+    pub ops_expected: u64,
+    /// Each bucket of the checkpoint.
+    pub buckets: Vec<BucketProgress>,
+}
+
+/// One bucket's part of a [`DownloadProgress`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketProgress {
+    /// The bucket.
+    pub bucket: String,
+    /// Ops received for the checkpoint.
+    pub ops_received: u64,
+    /// Ops expected for the checkpoint.
+    pub ops_expected: u64,
+}
+
+impl DownloadProgress {
+    /// Whether every expected op arrived.
+    pub fn is_complete(&self) -> bool {
+        self.ops_received >= self.ops_expected
+    }
+}
+
 /// Limits of the download state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DownloadLimits {
@@ -160,6 +195,35 @@ impl Download {
     /// Ops received and not yet applied.
     pub fn staged_ops(&self) -> usize {
         self.staged_ops
+    }
+
+    /// The download of the current checkpoint so far (`None` before the
+    /// first checkpoint line). Received ops count until they are applied.
+    pub fn progress(&self) -> Option<DownloadProgress> {
+        let target = self.target.as_ref()?;
+        let mut progress = DownloadProgress {
+            last_op_id: target.last_op_id,
+            ..DownloadProgress::default()
+        };
+        for b in &target.buckets {
+            let base = if self.resetting.contains(&b.bucket) {
+                0
+            } else {
+                self.applied.get(&b.bucket).map_or(0, |a| a.count)
+            };
+            let staged = self.staged.get(&b.bucket).map_or(0, Vec::len);
+            let handed_out = self.handed_out.get(&b.bucket).map_or(0, |(_, n)| *n);
+            let received = u64::try_from(staged + handed_out).unwrap_or(u64::MAX);
+            let expected = b.count.saturating_sub(base).max(received);
+            progress.ops_received = progress.ops_received.saturating_add(received);
+            progress.ops_expected = progress.ops_expected.saturating_add(expected);
+            progress.buckets.push(BucketProgress {
+                bucket: b.bucket.clone(),
+                ops_received: received,
+                ops_expected: expected,
+            });
+        }
+        Some(progress)
     }
 
     /// The checkpoint being downloaded, if any.

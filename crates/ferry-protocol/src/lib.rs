@@ -18,7 +18,9 @@ pub mod messages;
 pub use checksum::op_checksum;
 pub use compact::compact;
 pub use data_line::DataLineWriter;
-pub use download::{AppliedBucket, BucketApply, CheckpointApply, Download, DownloadLimits, Step};
+pub use download::{
+    AppliedBucket, BucketApply, BucketProgress, CheckpointApply, Download, DownloadLimits, DownloadProgress, Step,
+};
 pub use error::ProtocolError;
 pub use lines::{decode_line, encode_line, LineSplitter, DEFAULT_MAX_LINE_BYTES};
 pub use messages::*;

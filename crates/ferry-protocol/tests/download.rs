@@ -113,6 +113,35 @@ fn synced() -> (Download, Vec<OplogEntry>, Vec<OplogEntry>) {
 // ---- table tests ----
 
 #[test]
+fn progress_counts_received_of_expected_ops_per_bucket() {
+    let (a, b) = two_buckets();
+    let mut d = Download::default();
+    assert_eq!(d.progress(), None, "no checkpoint yet");
+    feed(&mut d, vec![checkpoint(5, None, vec![bc("a", &a), bc("b", &b)])]);
+    let p = d.progress().expect("a checkpoint");
+    assert_eq!((p.last_op_id, p.ops_received, p.ops_expected), (5, 0, 5));
+    feed(&mut d, vec![data("a", &a[..2]), data("b", &b)]);
+    let p = d.progress().expect("a checkpoint");
+    assert_eq!((p.ops_received, p.ops_expected), (4, 5));
+    let per: Vec<(&str, u64, u64)> = p
+        .buckets
+        .iter()
+        .map(|b| (b.bucket.as_str(), b.ops_received, b.ops_expected))
+        .collect();
+    assert_eq!(per, vec![("a", 2, 3), ("b", 2, 2)]);
+    assert!(!p.is_complete());
+    let apply = expect_apply(feed(&mut d, vec![data("a", &a[2..]), complete(5)]));
+    assert!(d.progress().is_some_and(|p| p.is_complete() && p.ops_received == 5));
+    d.applied(&apply);
+    // Applied: the next checkpoint expects only what is new.
+    let more = vec![put(6, "todos", "t3", 4)];
+    let all: Vec<OplogEntry> = a.iter().chain(&more).cloned().collect();
+    feed(&mut d, vec![checkpoint(6, None, vec![bc("a", &all), bc("b", &b)])]);
+    let p = d.progress().expect("a checkpoint");
+    assert_eq!((p.ops_received, p.ops_expected), (0, 1));
+}
+
+#[test]
 fn fresh_client_gets_a_checkpoint_in_several_lines() {
     let (a, b) = two_buckets();
     let mut d = Download::default();
