@@ -192,23 +192,8 @@ fn check_schema_name(what: &str, name: &str) -> SourceResult<()> {
     }
 }
 
-pub(crate) fn op_name(op: OpKind) -> &'static str {
-    match op {
-        OpKind::Put => "PUT",
-        OpKind::Remove => "REMOVE",
-        OpKind::Move => "MOVE",
-        OpKind::Clear => "CLEAR",
-    }
-}
-
 fn parse_op(s: &str) -> Result<OpKind> {
-    Ok(match s {
-        "PUT" => OpKind::Put,
-        "REMOVE" => OpKind::Remove,
-        "MOVE" => OpKind::Move,
-        "CLEAR" => OpKind::Clear,
-        other => return Err(corrupt("op log", format!("unknown op {other:?}"))),
-    })
+    OpKind::from_name(s).ok_or_else(|| corrupt("op log", format!("unknown op {s:?}")))
 }
 
 /// The op log rows of `range`: op_id, op, tbl, row_id, data, checksum.

@@ -13,7 +13,7 @@ use tokio_postgres::Row;
 use crate::bridge::wait;
 use crate::error::{corrupt, lift, Result};
 use crate::layout::{PkParam, TableLayout};
-use crate::{op_name, read_ops_on, Shared};
+use crate::{read_ops_on, Shared};
 
 /// A statement on `client`, prepared once per connection.
 pub(crate) fn query(client: &deadpool_postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
@@ -379,7 +379,7 @@ impl SourceTx for PgTx<'_> {
                 &[
                     &(op.op_id as i64),
                     &op.bucket,
-                    &op_name(op.op),
+                    &op.op.as_str(),
                     &op.table,
                     &op.row_id,
                     &data,
@@ -451,7 +451,7 @@ impl SourceTx for PgTx<'_> {
             let mut sums = Vec::with_capacity(entries.len());
             for e in entries {
                 ids.push(e.op_id as i64);
-                ops.push(op_name(e.op));
+                ops.push(e.op.as_str());
                 tables.push(e.object_type.clone());
                 rows.push(e.object_id.clone());
                 datas.push(

@@ -27,15 +27,6 @@ pub struct DataLineWriter {
     full: bool,
 }
 
-fn op_name(op: OpKind) -> &'static str {
-    match op {
-        OpKind::Put => "PUT",
-        OpKind::Remove => "REMOVE",
-        OpKind::Move => "MOVE",
-        OpKind::Clear => "CLEAR",
-    }
-}
-
 fn push_json_str(buf: &mut Vec<u8>, s: &str) {
     // Writing a &str to a Vec does not fail; the fallback keeps this total.
     if serde_json::to_writer(&mut *buf, s).is_err() {
@@ -101,7 +92,7 @@ impl DataLineWriter {
             self.buf.push(b',');
         }
         // Writes to a Vec do not fail.
-        let _ = write!(self.buf, "{{\"op_id\":{op_id},\"op\":\"{}\"", op_name(op));
+        let _ = write!(self.buf, "{{\"op_id\":{op_id},\"op\":\"{}\"", op.as_str());
         if let Some(t) = object_type {
             self.buf.extend_from_slice(b",\"object_type\":");
             push_json_str(&mut self.buf, t);

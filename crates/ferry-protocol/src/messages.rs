@@ -89,6 +89,30 @@ pub enum OpKind {
     Clear,
 }
 
+impl OpKind {
+    /// The name on the wire and in stored logs (`PUT`, `REMOVE`, `MOVE`,
+    /// `CLEAR`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Put => "PUT",
+            OpKind::Remove => "REMOVE",
+            OpKind::Move => "MOVE",
+            OpKind::Clear => "CLEAR",
+        }
+    }
+
+    /// The kind named `s` ([`OpKind::as_str`]), `None` for another name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "PUT" => Some(OpKind::Put),
+            "REMOVE" => Some(OpKind::Remove),
+            "MOVE" => Some(OpKind::Move),
+            "CLEAR" => Some(OpKind::Clear),
+            _ => None,
+        }
+    }
+}
+
 /// One entry of a bucket's op log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OplogEntry {

@@ -163,23 +163,8 @@ fn from_sql(v: ValueRef<'_>) -> Value {
     }
 }
 
-fn op_name(op: OpKind) -> &'static str {
-    match op {
-        OpKind::Put => "PUT",
-        OpKind::Remove => "REMOVE",
-        OpKind::Move => "MOVE",
-        OpKind::Clear => "CLEAR",
-    }
-}
-
 fn parse_op(s: &str) -> Result<OpKind> {
-    Ok(match s {
-        "PUT" => OpKind::Put,
-        "REMOVE" => OpKind::Remove,
-        "MOVE" => OpKind::Move,
-        "CLEAR" => OpKind::Clear,
-        other => return Err(corrupt("op log", format!("unknown op {other:?}"))),
-    })
+    OpKind::from_name(s).ok_or_else(|| corrupt("op log", format!("unknown op {s:?}")))
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
@@ -548,7 +533,7 @@ impl SourceTx for SqliteTx<'_> {
                 .execute(params![
                     op.op_id as i64,
                     op.bucket,
-                    op_name(op.op),
+                    op.op.as_str(),
                     op.table,
                     op.row_id,
                     data,
@@ -643,7 +628,7 @@ impl SourceTx for SqliteTx<'_> {
                 ins.execute(params![
                     e.op_id as i64,
                     bucket,
-                    op_name(e.op),
+                    e.op.as_str(),
                     e.object_type,
                     e.object_id,
                     data,
