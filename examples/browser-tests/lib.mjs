@@ -26,10 +26,23 @@ mkdirSync(SHOTS, { recursive: true });
 // --- the harness ------------------------------------------------------
 
 const stdinLines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-export async function server(action) {
-  console.log(`@@server ${action}`);
+// Ask the harness (examples/tests/browser.rs) for something; returns the
+// rest of its `@@ok` answer.
+async function harness(command) {
+  console.log(`@@${command}`);
   const { value, done } = await stdinLines.next();
-  if (done || value.trim() !== "@@ok") throw new Error(`the harness did not ${action} the server: ${value}`);
+  if (done || !value.startsWith("@@ok")) throw new Error(`the harness did not do "${command}": ${value}`);
+  return value.slice("@@ok".length).trim();
+}
+
+// Stop or start ferry-server.
+export async function server(action) {
+  await harness(`server ${action}`);
+}
+
+// Start a further tracker process; returns its page's URL.
+export async function startTracker(user, ...flags) {
+  return harness(["tracker", "start", user, ...flags].join(" "));
 }
 
 // --- helpers ----------------------------------------------------------
@@ -145,7 +158,7 @@ export async function run(scenarios) {
     for (const { name, fn } of scenarios) {
       const started = Date.now();
       try {
-        await fn({ alice, bob });
+        await fn({ alice, bob, browser });
         passed += 1;
         console.log(`ok - ${name} (${Date.now() - started} ms)`);
       } catch (e) {

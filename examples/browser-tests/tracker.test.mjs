@@ -13,7 +13,7 @@
 // exits non-zero when one failed.
 
 import {
-  ALICE_URL, BOB_URL, api, assert, createTicket, editSelected, message, queueLen, run, selectTicket,
+  ALICE_URL, BOB_URL, api, assert, createTicket, editSelected, message, run, selectTicket,
   server, setOffline, setValue, shot, syncState, titlesOf, waitForTitle, waitSynced,
 } from "./lib.mjs";
 
@@ -47,7 +47,7 @@ scenario("bob offline, both edit the same ticket, last write wins on both pages"
   await editSelected(bob, { title: "Printer replaced (bob)" });
   await waitForTitle(bob, "Printer replaced (bob)");
   await bob.waitForSelector("[data-testid=ticket] [data-testid=pending-badge]");
-  assert((await queueLen(bob)) > 0, "bob's upload queue holds his edit");
+  await bob.waitForFunction(() => Number(document.querySelector("[data-testid=queue-len]").textContent) > 0);
   assert((await titlesOf(bob)).includes("Printer replaced (bob)") && !(await titlesOf(bob)).includes("Printer fixed (alice)"), "bob sees only his own edit while offline");
   await shot(alice, "alice-edited-online");
   await shot(bob, "bob-edited-offline-pending");
@@ -99,7 +99,11 @@ scenario("bad form input shows a clear message and writes nothing", async ({ ali
   const queueBefore = (await api(ALICE_URL, "/api/status")).upload_queue;
 
   await createTicket(alice, "   ");
-  await alice.waitForFunction(() => !document.querySelector("[data-testid=message]").hidden);
+  // The exact message (an earlier "Saved." may still be showing).
+  await alice.waitForFunction(() => {
+    const box = document.querySelector("[data-testid=message]");
+    return !box.hidden && box.dataset.kind === "error" && box.querySelector(".text").textContent === "the title must not be empty";
+  });
   assert((await message(alice)) === "the title must not be empty", `message: ${await message(alice)}`);
   await shot(alice, "empty-title-refused");
 

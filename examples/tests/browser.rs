@@ -6,7 +6,9 @@
 //! killed and restarted, bad form input) and saves a screenshot of each
 //! step under `target/browser-screenshots/<suite>/` (logs of the three processes
 //! next to them); a second script, `strategies.test.mjs`, runs the
-//! blog's other strategies against `examples/tracker-strategies.toml`.
+//! blog's other strategies against `examples/tracker-strategies.toml`,
+//! `crdt.test.mjs` the CRDT description and `initial-sync.test.mjs` the
+//! download progress of a third device's initial sync.
 //!
 //! Needs Chromium (`/usr/bin/chromium`, or `FERRY_CHROMIUM`), Node and
 //! the npm packages of `examples/browser-tests` (`npm ci` there);
@@ -139,6 +141,8 @@ struct Suite {
     rules: Option<&'static str>,
     /// Start bob's tracker with `--restricted`.
     bob_restricted: bool,
+    /// A `ferry-server` config file's text (`--config`).
+    server_config: Option<&'static str>,
 }
 
 /// The suites share the machine's two cores: one at a time.
@@ -151,6 +155,7 @@ fn tracker_in_chromium() -> Result<()> {
         script: "tracker.test.mjs",
         rules: None,
         bob_restricted: false,
+        server_config: None,
     })
 }
 
@@ -165,6 +170,7 @@ fn tracker_strategies_in_chromium() -> Result<()> {
         script: "strategies.test.mjs",
         rules: Some("examples/tracker-strategies.toml"),
         bob_restricted: true,
+        server_config: None,
     })
 }
 
@@ -178,6 +184,22 @@ fn tracker_crdt_in_chromium() -> Result<()> {
         script: "crdt.test.mjs",
         rules: Some("examples/tracker-crdt.toml"),
         bob_restricted: false,
+        server_config: None,
+    })
+}
+
+/// Initial sync progress: alice fills the server with tickets, then a
+/// third device, carol, starts offline and syncs from its page, which
+/// shows the download's progress; the server sends few ops per line so
+/// the download takes a while.
+#[test]
+fn tracker_initial_sync_in_chromium() -> Result<()> {
+    run_suite(&Suite {
+        name: "initial-sync",
+        script: "initial-sync.test.mjs",
+        rules: None,
+        bob_restricted: false,
+        server_config: Some("max_ops_per_line = 5\n"),
     })
 }
 
@@ -212,15 +234,19 @@ fn run_suite(suite: &Suite) -> Result<()> {
         server_args.push("--rules".to_owned());
         server_args.push(root.join(rules).display().to_string());
     }
+    if let Some(text) = suite.server_config {
+        let file = data.path().join("ferry-server.toml");
+        std::fs::write(&file, text)?;
+        server_args.push("--config".to_owned());
+        server_args.push(file.display().to_string());
+    }
     let start_server = || -> Result<Proc> {
         let mut p = spawn("ferry-server", &server_bin, &server_args, &out.join("ferry-server.log"))?;
         wait_for_port(&mut p, server_port)?;
         Ok(p)
     };
     let mut server = Some(start_server()?);
-    let mut trackers = Vec::new();
-    let mut urls = Vec::new();
-    for user in ["alice", "bob"] {
+    let start_tracker = |user: &str, extra: &[&str]| -> Result<(Proc, String)> {
         let port = free_port()?;
         let mut args = vec![
             "--server".to_owned(),
@@ -236,9 +262,7 @@ fn run_suite(suite: &Suite) -> Result<()> {
             args.push("--rules".to_owned());
             args.push(root.join(rules).display().to_string());
         }
-        if user == "bob" && suite.bob_restricted {
-            args.push("--restricted".to_owned());
-        }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let mut p = spawn(
             &format!("{user}'s tracker"),
             &tracker,
@@ -246,8 +270,19 @@ fn run_suite(suite: &Suite) -> Result<()> {
             &out.join(format!("{user}.log")),
         )?;
         wait_for_port(&mut p, port)?;
+        Ok((p, format!("http://127.0.0.1:{port}/")))
+    };
+    let mut trackers = Vec::new();
+    let mut urls = Vec::new();
+    for user in ["alice", "bob"] {
+        let extra: &[&str] = if user == "bob" && suite.bob_restricted {
+            &["--restricted"]
+        } else {
+            &[]
+        };
+        let (p, url) = start_tracker(user, extra)?;
         trackers.push(p);
-        urls.push(format!("http://127.0.0.1:{port}/"));
+        urls.push(url);
     }
 
     let mut node = Command::new("node")
@@ -276,6 +311,15 @@ fn run_suite(suite: &Suite) -> Result<()> {
             "@@server start" => {
                 server = Some(start_server()?);
                 writeln!(stdin, "@@ok")?;
+            }
+            l if l.starts_with("@@tracker start ") => {
+                // `@@tracker start <user> [flags]`: a further device.
+                let mut words = l.split_whitespace().skip(2);
+                let user = words.next().unwrap_or("carol").to_owned();
+                let flags: Vec<&str> = words.collect();
+                let (p, url) = start_tracker(&user, &flags)?;
+                trackers.push(p);
+                writeln!(stdin, "@@ok {url}")?;
             }
             l if l.starts_with("not ok") => failures.push(line.clone()),
             _ => {}

@@ -25,6 +25,7 @@ async fn start_tracker(server: SocketAddr, user: &str, dir: &std::path::Path) ->
         data_dir: dir.join(user),
         token: None,
         rules: None,
+        start_offline: false,
         restricted: false,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -249,6 +250,12 @@ async fn tracker_endpoints_sync_and_refuse_bad_input() -> Result<()> {
     }
     assert!(text.starts_with("event: snapshot\n"), "{text}");
     assert!(text.contains("Printer on fire"), "{text}");
+
+    // The status shows the upload side and the download progress.
+    let (_, status) = call(&http, "GET", &format!("{}/api/status", alice.url), None).await?;
+    assert_eq!(status["upload_queue"], 0, "{status}");
+    assert_eq!(status["pending_transactions"], 0, "{status}");
+    assert!(status.get("download_progress").is_some(), "{status}");
 
     // The offline switch.
     let (_, status) = call(

@@ -37,6 +37,10 @@ struct Cli {
     /// tracker rules): the client schema is derived from it.
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Start with the offline switch on: nothing syncs until the page
+    /// turns it off.
+    #[arg(long)]
+    offline: bool,
     /// Offline restrictions: renaming and deleting tickets need the server.
     #[arg(long)]
     restricted: bool,
@@ -54,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| PathBuf::from("data").join(format!("tracker-{}", cli.user))),
         token: cli.token,
         rules: cli.rules,
+        start_offline: cli.offline,
         restricted: cli.restricted,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)

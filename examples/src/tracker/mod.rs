@@ -65,6 +65,8 @@ pub struct TrackerConfig {
     /// The sync rules file the server runs (`None`: the embedded ticket
     /// tracker rules); the client schema is derived from it.
     pub rules: Option<PathBuf>,
+    /// Start with the offline switch on (no sync until it is turned off).
+    pub start_offline: bool,
     /// Install the offline restrictions of the blog's "restricted"
     /// strategy (no renames and no deletes of tickets while offline).
     pub restricted: bool,
@@ -257,7 +259,7 @@ impl Tracker {
             server_url: config.server_url.clone(),
             transport,
             credentials: Arc::new(StaticToken(token)),
-            offline: AtomicBool::new(false),
+            offline: AtomicBool::new(config.start_offline),
             events,
             status_wake: Arc::new(Notify::new()),
             labels: Mutex::new(BTreeMap::new()),
@@ -269,9 +271,11 @@ impl Tracker {
         tracker.start_live_queries()?;
         tracker.spawn_feeds();
         tracker.ensure_user_row()?;
-        tracker
-            .db
-            .connect(tracker.transport.clone(), tracker.credentials.clone());
+        if !config.start_offline {
+            tracker
+                .db
+                .connect(tracker.transport.clone(), tracker.credentials.clone());
+        }
         Ok(tracker)
     }
 
@@ -427,7 +431,10 @@ impl Tracker {
             "restricted_while_offline": if self.restricted && !s.connected {
                 json!({ "tickets": { "delete": "deleting tickets needs the server", "title": "renaming tickets needs the server" } })
             } else { Json::Null },
-            "upload_queue": local.upload_queue_len(),
+            "upload_queue": s.pending_ops,
+            "pending_transactions": s.pending_transactions,
+            "oldest_pending_age_ms": s.oldest_pending_age_ms,
+            "download_progress": s.download_progress,
             "unconfirmed": local.pending_len().unwrap_or(0),
             "last_synced_at_ms": s.last_synced_at_ms,
             "has_synced": s.has_synced,

@@ -165,6 +165,19 @@ function renderStatus() {
   st.title = s.last_download_error || s.server_url;
   $("#offline-switch").checked = !!s.offline_switch;
   $("#queue-len").textContent = s.upload_queue;
+  $("#queue-len").parentElement.title = s.upload_queue
+    ? `${s.pending_transactions} transaction(s) waiting, the oldest for ${Math.round((s.oldest_pending_age_ms || 0) / 1000)} s`
+    : "Nothing waiting for the server";
+  // The initial sync (or any large checkpoint): ops received of expected.
+  const p = s.download_progress;
+  const progress = $("#download-progress");
+  progress.hidden = !(p && p.ops_expected > 0 && p.ops_received < p.ops_expected);
+  if (!progress.hidden) {
+    // The largest download shown so far (the browser tests read it).
+    progress.dataset.shown = `${p.ops_received}/${p.ops_expected}`;
+    $("b", progress).textContent = `${p.ops_received.toLocaleString()} / ${p.ops_expected.toLocaleString()}`;
+    $(".bar span", progress).style.width = `${Math.floor((100 * p.ops_received) / p.ops_expected)}%`;
+  }
   $("#last-synced").textContent = formatTime(s.last_synced_at_ms);
   document.title = `${s.user} \u00b7 Ferry tracker`;
 }
