@@ -328,6 +328,7 @@ fn tidy() -> Result<()> {
         if !architecture.contains(&format!("`{name}`")) {
             problems.push(format!("ARCHITECTURE.md does not describe crate `{name}`"));
         }
+        problems.extend(layer_problems(&name, &manifest));
         for file in library_sources(&dir.join("src")) {
             let text = std::fs::read_to_string(&file)?;
             if text.contains("anyhow") {
@@ -347,6 +348,90 @@ fn tidy() -> Result<()> {
         }
         bail!("tidy found {} problem(s)", problems.len())
     }
+}
+
+/// Which workspace crates a crate may depend on (its `[dependencies]`;
+/// dev-dependencies are free): the layering ARCHITECTURE.md describes.
+/// Client-side crates never reach the server side or the other way round;
+/// storage backends depend on their seam, never on what uses it. Crates
+/// not listed (`ferry`, `ferry-sim`, `ferry-fuzz`: the umbrella and the
+/// harnesses) may depend on anything.
+const LAYERS: &[(&str, &[&str])] = &[
+    ("ferry-core", &[]),
+    ("ferry-store", &["ferry-core"]),
+    ("ferry-protocol", &["ferry-core"]),
+    ("ferry-query", &["ferry-core"]),
+    ("ferry-conflict", &["ferry-core"]),
+    ("ferry-sqlite", &["ferry-core", "ferry-store"]),
+    ("ferry-sled", &["ferry-core", "ferry-store"]),
+    ("ferry-queue", &["ferry-core", "ferry-store"]),
+    ("ferry-transport", &["ferry-core", "ferry-protocol"]),
+    ("ferry-http", &["ferry-core", "ferry-protocol", "ferry-transport"]),
+    ("ferry-source", &["ferry-core", "ferry-conflict", "ferry-protocol"]),
+    ("ferry-source-sqlite", &["ferry-core", "ferry-protocol", "ferry-source"]),
+    ("ferry-postgres", &["ferry-core", "ferry-protocol", "ferry-source"]),
+    (
+        "ferry-client",
+        &[
+            "ferry-core",
+            "ferry-store",
+            "ferry-queue",
+            "ferry-protocol",
+            "ferry-transport",
+            "ferry-query",
+        ],
+    ),
+    (
+        "ferry-server",
+        &[
+            "ferry-core",
+            "ferry-conflict",
+            "ferry-protocol",
+            "ferry-transport",
+            "ferry-http",
+            "ferry-source",
+            "ferry-source-sqlite",
+            "ferry-postgres",
+        ],
+    ),
+];
+
+/// The workspace crates a manifest's `[dependencies]` names.
+fn ferry_dependencies(manifest: &str) -> Vec<String> {
+    let mut in_deps = false;
+    let mut out = Vec::new();
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_deps = line == "[dependencies]";
+            continue;
+        }
+        if in_deps && line.starts_with("ferry") {
+            let name: String = line
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect();
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// A crate's dependencies outside its layer.
+fn layer_problems(name: &str, manifest: &str) -> Vec<String> {
+    let Some((_, allowed)) = LAYERS.iter().find(|(c, _)| *c == name) else {
+        return Vec::new();
+    };
+    ferry_dependencies(manifest)
+        .into_iter()
+        .filter(|d| !allowed.contains(&d.as_str()))
+        .map(|d| {
+            format!(
+                "crates/{name} depends on {d}, outside its layer (allowed: {})",
+                allowed.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// The fuzz targets: the files of `fuzz/fuzz_targets/`.
@@ -499,4 +584,20 @@ fn fuzz(args: &[String]) -> Result<()> {
         bail!("{crashed} fuzz target(s) crashed; inputs under fuzz/artifacts/");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::{ferry_dependencies, layer_problems};
+
+    #[test]
+    fn a_backend_that_depends_on_the_server_is_refused() {
+        let manifest = "[package]\nname = \"x\"\n[dependencies]\nferry-core.workspace = true\n\
+                        ferry-server = { workspace = true }\n[dev-dependencies]\nferry-client.workspace = true\n";
+        assert_eq!(ferry_dependencies(manifest), vec!["ferry-core", "ferry-server"]);
+        let problems = layer_problems("ferry-postgres", manifest);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("depends on ferry-server"), "{problems:?}");
+        assert!(layer_problems("ferry-sim", manifest).is_empty(), "harnesses are free");
+    }
 }
