@@ -21,7 +21,7 @@
 //!   row changed by anyone else (the app's backend, psql, a migration)
 //!   in `ferry.changes`; Ferry's own writes set `ferry.writing` for their
 //!   transaction and are not captured. The sync service turns captured
-//!   changes into ops ([`SourceDb::take_captured`] in a write
+//!   changes into ops ([`ferry_source::SourceTx::take_captured`] in a write
 //!   transaction), one service at a time ([`SourceDb::try_lead`]:
 //!   a PostgreSQL advisory lock).
 //! - **Notifications.** A commit sends `NOTIFY` on a channel named after

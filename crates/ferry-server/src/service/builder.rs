@@ -105,7 +105,7 @@ pub const MAX_NODE_ID_BYTES: usize = 64;
 
 impl SyncServiceBuilder {
     /// The node id of this server's hybrid logical clock (default
-    /// [`DEFAULT_NODE_ID`]). Servers sharing one database need distinct
+    /// `"server"`). Servers sharing one database need distinct
     /// ones, so two of their writes at the same instant never tie:
     /// `ferry_server::run` gives each process `server-<random hex>`.
     pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
