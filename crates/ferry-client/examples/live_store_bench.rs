@@ -4,9 +4,12 @@
 //! `status = 'pending' ORDER BY updated_at DESC LIMIT 50`, served by the
 //! index (status, updated_at) as a store-backed window, next to a query no
 //! index serves (`... ORDER BY title DESC LIMIT 50`, whole table in
-//! memory). Prints one JSON line per N and path.
+//! memory). Prints one JSON line per N and path, with the floor
+//! (`sqlite_txn_us`: a bare single-row rusqlite write transaction on the
+//! same file, right after the updates) and the bytes the live query keeps
+//! (`query_state_bytes`, from `LiveQuery::state_bytes`).
 //!
-//! `cargo run --release -p ferry-client --example live_store_bench -- 100000`
+//! `cargo run --release -p ferry-client --example live_store_bench -- 100000 1000000`
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -20,6 +23,8 @@ use ferry_sqlite::SqliteStore;
 use ferry_store::WriteBatch;
 
 const UPDATES: usize = 200;
+/// Bare SQLite transactions timed for the floor.
+const FLOOR_TXNS: usize = 200;
 /// How long an update waits for its diff before it counts as missed.
 const DIFF_WAIT_MS: u64 = 1_000;
 const LOAD_CHUNK_ROWS: usize = 10_000;
@@ -58,9 +63,39 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted.get(i).copied().unwrap_or(0.0)
 }
 
+/// The floor: the median of `FLOOR_TXNS` bare write transactions
+/// (`BEGIN IMMEDIATE`, as the store's writes; one single-row UPDATE;
+/// `COMMIT`) on the store's file, through a connection of its own, in
+/// microseconds. The connection uses the store's settings
+/// (`SqliteStore::open`, `SqliteOptions::default()`): `journal_mode=WAL`,
+/// `synchronous=NORMAL`. The row is in a one-row table of its own, so the
+/// store's tables are left alone.
+fn sqlite_txn_us(file: &std::path::Path) -> Result<f64, rusqlite::Error> {
+    let conn = rusqlite::Connection::open(file)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let _mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS bench_floor (id INTEGER PRIMARY KEY, v INTEGER NOT NULL);
+         INSERT OR IGNORE INTO bench_floor (id, v) VALUES (1, 0);",
+    )?;
+    let mut us = Vec::with_capacity(FLOOR_TXNS);
+    for k in 0..FLOOR_TXNS as i64 {
+        let t = Instant::now();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        conn.prepare_cached("UPDATE bench_floor SET v = ?1 WHERE id = 1")?
+            .execute([k])?;
+        conn.execute_batch("COMMIT")?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    us.sort_by(f64::total_cmp);
+    Ok(percentile(&us, 0.5))
+}
+
 fn run(n: u64, path: &str, query: &Query) -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(SqliteStore::open(dir.path().join("client.db"), schema())?);
+    let file = dir.path().join("client.db");
+    let store = Arc::new(SqliteStore::open(&file, schema())?);
     let options = ClientOptions {
         local: LocalDbOptions {
             client_id_seed: Some(1),
@@ -106,8 +141,10 @@ fn run(n: u64, path: &str, query: &Query) -> Result<(), Box<dyn std::error::Erro
         }
     }
     update_us.sort_by(f64::total_cmp);
+    let sqlite_txn_us = sqlite_txn_us(&file)?;
+    let query_state_bytes = live.state_bytes()?;
     println!(
-        "{{\"engine\":\"ferry\",\"path\":\"{path}\",\"N\":{n},\"first_result_ms\":{first_result_ms:.2},\"update_median_us\":{:.1},\"update_p99_us\":{:.1},\"rss_mb\":{:.1},\"index_window\":{},\"store_load_ms\":{load_ms:.0},\"missed_diffs\":{missed_diffs}}}",
+        "{{\"engine\":\"ferry\",\"path\":\"{path}\",\"N\":{n},\"first_result_ms\":{first_result_ms:.2},\"update_median_us\":{:.1},\"update_p99_us\":{:.1},\"sqlite_txn_us\":{sqlite_txn_us:.1},\"query_state_bytes\":{query_state_bytes},\"rss_mb\":{:.1},\"index_window\":{},\"store_load_ms\":{load_ms:.0},\"missed_diffs\":{missed_diffs}}}",
         percentile(&update_us, 0.5),
         percentile(&update_us, 0.99),
         rss_mb(),

@@ -320,6 +320,18 @@ impl IndexWindow {
         self.engine.apply(cs)?;
         Ok(())
     }
+
+    /// Bytes of what the window keeps: its rows (ids and encoded data, in
+    /// its engine), the set of their ids and its edge.
+    fn state_bytes(&self) -> Result<usize, ClientError> {
+        let rows = self.engine.collection_bytes(&self.table)?;
+        let ids: usize = self.kept.iter().map(String::len).sum();
+        let edge = self
+            .edge
+            .as_ref()
+            .map_or(0, |e| e.pos.len() + codec::encode_key_prefix(&e.values).len());
+        Ok(rows + ids + edge)
+    }
 }
 
 /// Rows handed to the engine per change set while loading a collection.
@@ -390,6 +402,8 @@ impl LiveState {
 pub struct LiveQuery {
     id: LiveId,
     inner: Weak<Inner>,
+    /// The collections the query reads.
+    collections: Vec<String>,
 }
 
 impl std::fmt::Debug for LiveQuery {
@@ -410,6 +424,34 @@ impl LiveQuery {
             LiveId::Engine(id) => Ok(live.engine.current(id)?),
             LiveId::Window(n) => match live.windows.get(&n) {
                 Some(w) => Ok(w.engine.current(w.sub)?),
+                None => Err(ClientError::Task(format!("live query {n} is gone"))),
+            },
+        }
+    }
+
+    /// Bytes of the rows this live query keeps in memory: each row's id
+    /// plus its data in the storage encoding (`ferry_core::codec::encode_row`),
+    /// not counting allocator overhead. A query served by an index window
+    /// keeps only the window's rows (plus their ids and its edge), so this
+    /// does not grow with the table; any other query reads whole
+    /// collections, shared with the other live queries over them, and
+    /// reports their size.
+    pub fn state_bytes(&self) -> Result<usize, ClientError> {
+        let inner = self
+            .inner
+            .upgrade()
+            .ok_or_else(|| ClientError::Task("the database is closed".into()))?;
+        let live = inner.live.lock();
+        match self.id {
+            LiveId::Engine(_) => {
+                let mut total = 0;
+                for table in &self.collections {
+                    total += live.engine.collection_bytes(table)?;
+                }
+                Ok(total)
+            }
+            LiveId::Window(n) => match live.windows.get(&n) {
+                Some(w) => w.state_bytes(),
                 None => Err(ClientError::Task(format!("live query {n} is gone"))),
             },
         }
@@ -488,6 +530,7 @@ impl crate::Database {
                 LiveQuery {
                     id: LiveId::Window(n),
                     inner: Arc::downgrade(&self.inner),
+                    collections: vec![table],
                 },
                 result,
             ));
@@ -498,6 +541,7 @@ impl crate::Database {
             LiveQuery {
                 id: LiveId::Engine(id),
                 inner: Arc::downgrade(&self.inner),
+                collections: query.collections().into_iter().map(str::to_owned).collect(),
             },
             result,
         ))

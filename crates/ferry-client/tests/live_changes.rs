@@ -505,3 +505,49 @@ fn rows_leave_and_reenter_a_limited_window() {
         );
     }
 }
+
+#[test]
+fn an_index_windows_state_does_not_grow_with_the_table() {
+    let window = Query::from("tickets")
+        .filter(col("status").eq("pending"))
+        .order_by(col("updated_at"), Order::Desc)
+        .limit(5);
+    let whole = Query::from("tickets")
+        .filter(col("status").eq("pending"))
+        .order_by(col("title"), Order::Desc)
+        .limit(5);
+    for backend in 0..3 {
+        let mut sizes = Vec::new();
+        for n in [200i64, 2_000] {
+            let (_store, db) = open_backend(backend);
+            let mut batch = WriteBatch::new();
+            // Ids, titles and timestamps of one length at every n, so the
+            // newest rows encode to the same sizes.
+            for i in 0..n {
+                let status = if i % 2 == 0 { "pending" } else { "done" };
+                batch.put_synced("tickets", format!("s{i:06}"), ticket(status, 1_000_000 + i));
+            }
+            db.local().apply_server_changes(batch, None).expect("checkpoint");
+            let (live, first) = db.live_query(&window, |_| {}).expect("live");
+            assert_eq!(first.rows.len(), 5);
+            let (all, _) = db.live_query(&whole, |_| {}).expect("live");
+            let bytes = live.state_bytes().expect("state bytes");
+            // The window keeps its rows (5 plus a margin of 5) and no more.
+            let row = format!("s{:06}", 0).len() + ferry_core::codec::encode_row(&ticket("pending", 1_000_000)).len();
+            assert!(
+                bytes >= 10 * row && bytes < 12 * row,
+                "backend {backend}, n {n}: {bytes}"
+            );
+            // A query no index serves keeps the whole table.
+            let done = format!("s{:06}", 0).len() + ferry_core::codec::encode_row(&ticket("done", 1_000_000)).len();
+            let n_half = n as usize / 2;
+            assert_eq!(
+                all.state_bytes().expect("state bytes"),
+                n_half * (row + done),
+                "backend {backend}"
+            );
+            sizes.push(bytes);
+        }
+        assert_eq!(sizes[0], sizes[1], "backend {backend}");
+    }
+}

@@ -194,6 +194,27 @@ impl QueryEngine {
             })
     }
 
+    /// Bytes of the rows a collection holds: for each row, its id plus its
+    /// data in the storage encoding (`ferry_core::codec::encode_row`).
+    /// Operators share these rows by reference, so this is the state a
+    /// live query over the collection keeps, measured without allocator
+    /// overhead.
+    pub fn collection_bytes(&self, collection: &str) -> Result<usize, QueryError> {
+        let coll = self
+            .collections
+            .get(collection)
+            .ok_or_else(|| QueryError::UnknownCollection {
+                collection: collection.to_owned(),
+            })?;
+        Ok(coll
+            .rows()
+            .map(|row| {
+                let data: ferry_core::RowData = row.columns().map(|(k, v)| (k.to_owned(), v.clone())).collect();
+                row.id.len() + ferry_core::codec::encode_row(&data).len()
+            })
+            .sum())
+    }
+
     /// Number of live subscriptions.
     pub fn subscription_count(&self) -> usize {
         self.subs.len()

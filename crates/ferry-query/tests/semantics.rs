@@ -397,3 +397,17 @@ fn errors_are_permanent_and_name_the_bad_value() {
     assert_eq!(db.len("t").expect("len"), 0, "nothing applied");
     assert!(db.create_collection("t").is_err());
 }
+
+#[test]
+fn collection_bytes_sums_ids_and_encoded_rows() {
+    let a = row_data([("n", Value::Integer(1)), ("s", Value::from("x"))]);
+    let b = row_data([("s", Value::from("longer text"))]);
+    let mut db = engine_with(&[("a", a.clone()), ("bb", b.clone())]);
+    let size = |d: &RowData| ferry_core::codec::encode_row(d).len();
+    assert_eq!(db.collection_bytes("t").expect("bytes"), 1 + size(&a) + 2 + size(&b));
+    // A replaced row counts once, with its new data; a deleted one not at all.
+    db.apply(ChangeSet::new().upsert("t", "a", b.clone(), true).delete("t", "bb"))
+        .expect("apply");
+    assert_eq!(db.collection_bytes("t").expect("bytes"), 1 + size(&b));
+    assert!(db.collection_bytes("missing").is_err());
+}
