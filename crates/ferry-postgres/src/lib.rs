@@ -55,7 +55,7 @@ use tokio_postgres::NoTls;
 use crate::bridge::{wait, Bridge};
 use crate::error::{corrupt, lift, Result};
 use crate::layout::{quote_ident, quote_literal, PgColumn, TableLayout};
-use crate::tx::{execute, query, PgTx};
+use crate::tx::{query, PgTx};
 
 /// How to reach and lay out a PostgreSQL source database.
 #[derive(Clone, Debug)]
@@ -539,35 +539,29 @@ impl SourceDb for PgSourceDb {
                 .ok_or_else(|| corrupt("op counter", "missing"))?
                 .try_get(0)?;
             let first = last as u64 + 1;
-            let mut tx = PgTx {
-                db: &self.shared,
-                client: &client,
-                next_op_id: first,
-                max_clock: None,
-            };
+            let mut tx = PgTx::new(&self.shared, &client, first);
             work(&mut tx)?;
             let (next, max_clock) = (tx.next_op_id, tx.max_clock.take());
             if next > first {
-                execute(
-                    &client,
-                    &format!("UPDATE {f}.counter SET last_op_id = $1 WHERE id = 1"),
-                    &[&((next - 1) as i64)],
-                )?;
+                tx.defer(
+                    format!("UPDATE {f}.counter SET last_op_id = $1 WHERE id = 1"),
+                    vec![Box::new((next - 1) as i64)],
+                );
             }
             if let Some(m) = max_clock {
                 // Clocks print with fixed-width wall and counter: their
                 // text orders as they do (byte order, "C").
-                execute(
-                    &client,
-                    &format!(
+                tx.defer(
+                    format!(
                         "INSERT INTO {f}.meta(key, value) VALUES ('max_clock', $1) ON CONFLICT (key) DO UPDATE \
                          SET value = GREATEST({f}.meta.value COLLATE \"C\", EXCLUDED.value COLLATE \"C\")"
                     ),
-                    &[&m.to_string()],
-                )?;
+                    vec![Box::new(m.to_string())],
+                );
             }
-            let channel = self.shared.names.commit_channel.as_str();
-            execute(&client, "SELECT pg_notify($1, '')", &[&channel])?;
+            let channel = self.shared.names.commit_channel.clone();
+            // Everything deferred, in one flight with the notification.
+            tx.q("SELECT pg_notify($1, '')", &[&channel])?;
             wait(client.batch_execute("COMMIT"))?;
             Ok(())
         });
@@ -703,7 +697,7 @@ impl SourceDb for PgSourceDb {
     }
 
     fn get_row(&self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
-        self.with_client(|client| tx::read_row_on(&self.shared, client, table, id))
+        self.with_client(|client| tx::read_row_on(&self.shared, table, id, |sql, params| query(client, sql, params)))
     }
 
     fn client_owner(&self, client_id: &str) -> SourceResult<Option<String>> {

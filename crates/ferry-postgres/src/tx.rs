@@ -24,15 +24,40 @@ pub(crate) fn query(client: &deadpool_postgres::Client, sql: &str, params: &[&(d
     .map_err(Into::into)
 }
 
-/// [`query`] for a statement without rows.
-pub(crate) fn execute(client: &deadpool_postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+/// A parameter a deferred statement owns.
+pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
+
+/// Run statements in order as one pipelined flight: every statement is
+/// prepared (the cached ones cost nothing), then all are sent before any
+/// answer is awaited. The rows of each, or the first error in order (a
+/// statement after a failed one fails too: the transaction is aborted).
+fn run_batch(client: &deadpool_postgres::Client, stmts: &[(&str, Vec<&(dyn ToSql + Sync)>)]) -> Result<Vec<Vec<Row>>> {
     wait(async {
-        let st = client.prepare_cached(sql).await?;
-        client.execute(&st, params).await
+        let prepared =
+            futures_util::future::try_join_all(stmts.iter().map(|(sql, _)| client.prepare_cached(sql))).await?;
+        let answers = futures_util::future::join_all(
+            prepared
+                .iter()
+                .zip(stmts)
+                .map(|(st, (_, params))| client.query(st, params)),
+        )
+        .await;
+        answers.into_iter().collect::<Result<Vec<_>, _>>()
     })
     .map_err(Into::into)
 }
 
+/// The savepoint statements (one savepoint at a time).
+const SAVEPOINT: &str = "SAVEPOINT ferry_op";
+const RELEASE: &str = "RELEASE SAVEPOINT ferry_op";
+
+/// A write transaction. Writes whose answer the service does not need
+/// (op log entries, bucket state, outcomes, progress, membership) are
+/// deferred and sent in one pipelined flight with the next statement that
+/// must answer, or when an op's savepoint is released (so a refused value
+/// is still the op's own); bucket states are cached. An op then costs a
+/// few round trips instead of one per statement, which matters because
+/// Ferry's writes are serial (the op-counter row lock).
 pub(crate) struct PgTx<'a> {
     pub(crate) db: &'a Shared,
     pub(crate) client: &'a deadpool_postgres::Client,
@@ -40,6 +65,64 @@ pub(crate) struct PgTx<'a> {
     pub(crate) next_op_id: u64,
     /// The greatest clock written (row clocks, tombstones).
     pub(crate) max_clock: Option<HlcTimestamp>,
+    /// Statements not sent yet, in order.
+    pub(crate) pending: Vec<(String, Vec<Param>)>,
+    /// Bucket states read or written in this transaction.
+    pub(crate) buckets: std::collections::HashMap<String, Option<BucketState>>,
+}
+
+impl PgTx<'_> {
+    pub(crate) fn new<'a>(db: &'a Shared, client: &'a deadpool_postgres::Client, next_op_id: u64) -> PgTx<'a> {
+        PgTx {
+            db,
+            client,
+            next_op_id,
+            max_clock: None,
+            pending: Vec::new(),
+            buckets: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Queue a statement whose answer is not needed.
+    pub(crate) fn defer(&mut self, sql: String, params: Vec<Param>) {
+        self.pending.push((sql, params));
+    }
+
+    /// Run `sql` after everything deferred, in one flight; its rows.
+    pub(crate) fn q(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
+            .iter()
+            .map(|(s, p)| {
+                (
+                    s.as_str(),
+                    p.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect(),
+                )
+            })
+            .collect();
+        stmts.push((sql, params.to_vec()));
+        let mut answers = run_batch(self.client, &stmts)?;
+        Ok(answers.pop().unwrap_or_default())
+    }
+
+    /// Send everything deferred.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
+            .iter()
+            .map(|(s, p)| {
+                (
+                    s.as_str(),
+                    p.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect(),
+                )
+            })
+            .collect();
+        run_batch(self.client, &stmts)?;
+        Ok(())
+    }
 }
 
 fn raise(max: &mut Option<HlcTimestamp>, c: &HlcTimestamp) {
@@ -51,9 +134,9 @@ fn raise(max: &mut Option<HlcTimestamp>, c: &HlcTimestamp) {
 /// Read a row with its clocks and tombstone in one statement.
 pub(crate) fn read_row_on(
     db: &Shared,
-    client: &deadpool_postgres::Client,
     table: &Table,
     id: &str,
+    run: impl FnOnce(&str, &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>>,
 ) -> Result<Option<StoredRow>> {
     let layout = db.layout(&table.name)?;
     let f = &db.names.ferry;
@@ -85,7 +168,7 @@ pub(crate) fn read_row_on(
     if let Some(n) = &int_param {
         params.push(n);
     }
-    let rows = query(client, &sql, &params)?;
+    let rows = run(&sql, &params)?;
     let Some(r) = rows.first() else {
         return Ok(None);
     };
@@ -173,7 +256,7 @@ fn write_row_on(
         values = values.join(", "),
         pk = layout.pk,
     );
-    let rows = query(tx.client, &sql, &params)?;
+    let rows = tx.q(&sql, &params)?;
     for c in clocks.values() {
         raise(&mut tx.max_clock, c);
     }
@@ -219,7 +302,7 @@ fn delete_row_on(tx: &mut PgTx<'_>, layout: &TableLayout, id: &str, hlc: &HlcTim
     if let Some(n) = &int_param {
         params.push(n);
     }
-    query(tx.client, &sql, &params)?;
+    tx.q(&sql, &params)?;
     raise(&mut tx.max_clock, hlc);
     Ok(())
 }
@@ -231,7 +314,7 @@ impl SourceTx for PgTx<'_> {
                 "SELECT user_id, last_seq FROM {}.clients WHERE client_id = $1",
                 self.db.names.ferry
             );
-            let rows = query(self.client, &sql, &[&client_id])?;
+            let rows = self.q(&sql, &[&client_id])?;
             rows.first()
                 .map(|r| {
                     Ok(ClientProgress {
@@ -244,15 +327,20 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_client(&mut self, client_id: &str, user_id: &str, last_seq: u64) -> SourceResult<()> {
-        lift(|| {
-            let sql = format!(
-                "INSERT INTO {}.clients(client_id, user_id, last_seq) VALUES ($1, $2, $3) \
-                 ON CONFLICT (client_id) DO UPDATE SET last_seq = EXCLUDED.last_seq",
-                self.db.names.ferry
-            );
-            execute(self.client, &sql, &[&client_id, &user_id, &(last_seq as i64)])?;
-            Ok(())
-        })
+        let sql = format!(
+            "INSERT INTO {}.clients(client_id, user_id, last_seq) VALUES ($1, $2, $3) \
+             ON CONFLICT (client_id) DO UPDATE SET last_seq = EXCLUDED.last_seq",
+            self.db.names.ferry
+        );
+        self.defer(
+            sql,
+            vec![
+                Box::new(client_id.to_owned()),
+                Box::new(user_id.to_owned()),
+                Box::new(last_seq as i64),
+            ],
+        );
+        Ok(())
     }
 
     fn outcome(&mut self, client_id: &str, seq: u64) -> SourceResult<Option<StoredOutcome>> {
@@ -261,7 +349,7 @@ impl SourceTx for PgTx<'_> {
                 "SELECT outcome, fingerprint FROM {}.outcomes WHERE client_id = $1 AND seq = $2",
                 self.db.names.ferry
             );
-            let rows = query(self.client, &sql, &[&client_id, &(seq as i64)])?;
+            let rows = self.q(&sql, &[&client_id, &(seq as i64)])?;
             rows.first()
                 .map(|r| {
                     let text: String = r.try_get(0)?;
@@ -284,11 +372,16 @@ impl SourceTx for PgTx<'_> {
                  ON CONFLICT (client_id, seq) DO UPDATE SET outcome = EXCLUDED.outcome, fingerprint = EXCLUDED.fingerprint",
                 self.db.names.ferry
             );
-            execute(
-                self.client,
-                &sql,
-                &[&client_id, &(seq as i64), &text, &(fingerprint as i64)],
-            )?;
+            self.defer(
+                sql,
+                vec![
+                    Box::new(client_id.to_owned()),
+                    Box::new(seq as i64),
+                    Box::new(text),
+                    // Stored as the i64 with the same bits.
+                    Box::new(fingerprint as i64),
+                ],
+            );
             Ok(())
         })
     }
@@ -296,19 +389,18 @@ impl SourceTx for PgTx<'_> {
     fn prune_outcomes(&mut self, client_id: &str, below_seq: u64) -> SourceResult<u64> {
         lift(|| {
             let sql = format!(
-                "DELETE FROM {}.outcomes WHERE client_id = $1 AND seq < $2",
+                "WITH d AS (DELETE FROM {}.outcomes WHERE client_id = $1 AND seq < $2 RETURNING 1) \
+                 SELECT count(*) FROM d",
                 self.db.names.ferry
             );
-            execute(
-                self.client,
-                &sql,
-                &[&client_id, &i64::try_from(below_seq).unwrap_or(i64::MAX)],
-            )
+            let rows = self.q(&sql, &[&client_id, &i64::try_from(below_seq).unwrap_or(i64::MAX)])?;
+            Ok(rows.first().map_or(Ok(0), |r| r.try_get::<_, i64>(0))? as u64)
         })
     }
 
     fn read_row(&mut self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
-        lift(|| read_row_on(self.db, self.client, table, id))
+        let db = self.db;
+        lift(|| read_row_on(db, table, id, |sql, params| self.q(sql, params)))
     }
 
     fn write_row(
@@ -337,23 +429,24 @@ impl SourceTx for PgTx<'_> {
                 "SELECT bucket FROM {}.row_buckets WHERE tbl = $1 AND id = $2",
                 self.db.names.ferry
             );
-            let rows = query(self.client, &sql, &[&table, &id])?;
+            let rows = self.q(&sql, &[&table, &id])?;
             rows.iter().map(|r| Ok(r.try_get::<_, String>(0)?)).collect()
         })
     }
 
     fn set_row_buckets(&mut self, table: &str, id: &str, buckets: &BTreeSet<String>) -> SourceResult<()> {
-        lift(|| {
-            let f = &self.db.names.ferry;
-            let list: Vec<&str> = buckets.iter().map(String::as_str).collect();
-            let sql = format!(
-                "WITH d AS (DELETE FROM {f}.row_buckets WHERE tbl = $1 AND id = $2 AND NOT (bucket = ANY($3::text[]))) \
-                 INSERT INTO {f}.row_buckets(tbl, id, bucket) SELECT $1, $2, b FROM unnest($3::text[]) AS b \
-                 ON CONFLICT DO NOTHING"
-            );
-            execute(self.client, &sql, &[&table, &id, &list])?;
-            Ok(())
-        })
+        let f = &self.db.names.ferry;
+        let list: Vec<String> = buckets.iter().cloned().collect();
+        let sql = format!(
+            "WITH d AS (DELETE FROM {f}.row_buckets WHERE tbl = $1 AND id = $2 AND NOT (bucket = ANY($3::text[]))) \
+             INSERT INTO {f}.row_buckets(tbl, id, bucket) SELECT $1, $2, b FROM unnest($3::text[]) AS b \
+             ON CONFLICT DO NOTHING"
+        );
+        self.defer(
+            sql,
+            vec![Box::new(table.to_owned()), Box::new(id.to_owned()), Box::new(list)],
+        );
+        Ok(())
     }
 
     fn next_op_id(&mut self) -> SourceResult<u64> {
@@ -373,76 +466,78 @@ impl SourceTx for PgTx<'_> {
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 self.db.names.ferry
             );
-            execute(
-                self.client,
-                &sql,
-                &[
-                    &(op.op_id as i64),
-                    &op.bucket,
-                    &op.op.as_str(),
-                    &op.table,
-                    &op.row_id,
-                    &data,
-                    &i64::from(op.checksum),
+            self.defer(
+                sql,
+                vec![
+                    Box::new(op.op_id as i64),
+                    Box::new(op.bucket.to_owned()),
+                    Box::new(op.op.as_str().to_owned()),
+                    Box::new(op.table.to_owned()),
+                    Box::new(op.row_id.to_owned()),
+                    Box::new(data),
+                    Box::new(i64::from(op.checksum)),
                 ],
-            )?;
+            );
             Ok(())
         })
     }
 
     fn bucket_state(&mut self, bucket: &str) -> SourceResult<Option<BucketState>> {
+        if let Some(state) = self.buckets.get(bucket) {
+            return Ok(*state);
+        }
         lift(|| {
             let sql = format!(
                 "SELECT checksum, count, last_op_id FROM {}.buckets WHERE bucket = $1",
                 self.db.names.ferry
             );
-            let rows = query(self.client, &sql, &[&bucket])?;
-            rows.first()
+            let rows = self.q(&sql, &[&bucket])?;
+            let state = rows
+                .first()
                 .map(|r| {
-                    Ok(BucketState {
+                    Ok::<_, crate::error::Error>(BucketState {
                         checksum: r.try_get::<_, i64>(0)? as u32,
                         count: r.try_get::<_, i64>(1)? as u64,
                         last_op_id: r.try_get::<_, i64>(2)? as u64,
                     })
                 })
-                .transpose()
+                .transpose()?;
+            self.buckets.insert(bucket.to_owned(), state);
+            Ok(state)
         })
     }
 
     fn set_bucket_state(&mut self, bucket: &str, state: &BucketState) -> SourceResult<()> {
-        lift(|| {
-            let sql = format!(
-                "INSERT INTO {}.buckets(bucket, checksum, count, last_op_id) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (bucket) DO UPDATE SET checksum = EXCLUDED.checksum, count = EXCLUDED.count, \
-                 last_op_id = EXCLUDED.last_op_id",
-                self.db.names.ferry
-            );
-            execute(
-                self.client,
-                &sql,
-                &[
-                    &bucket,
-                    &i64::from(state.checksum),
-                    &(state.count as i64),
-                    &(state.last_op_id as i64),
-                ],
-            )?;
-            Ok(())
-        })
+        let sql = format!(
+            "INSERT INTO {}.buckets(bucket, checksum, count, last_op_id) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (bucket) DO UPDATE SET checksum = EXCLUDED.checksum, count = EXCLUDED.count, \
+             last_op_id = EXCLUDED.last_op_id",
+            self.db.names.ferry
+        );
+        self.defer(
+            sql,
+            vec![
+                Box::new(bucket.to_owned()),
+                Box::new(i64::from(state.checksum)),
+                Box::new(state.count as i64),
+                Box::new(state.last_op_id as i64),
+            ],
+        );
+        self.buckets.insert(bucket.to_owned(), Some(*state));
+        Ok(())
     }
 
     fn bucket_ops(&mut self, bucket: &str) -> SourceResult<Vec<OplogEntry>> {
-        lift(|| read_ops_on(self.db, self.client, &ferry_source::OpRange::all(bucket)))
+        lift(|| {
+            self.flush()?;
+            read_ops_on(self.db, self.client, &ferry_source::OpRange::all(bucket))
+        })
     }
 
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> SourceResult<()> {
         lift(|| {
-            let f = &self.db.names.ferry;
-            execute(
-                self.client,
-                &format!("DELETE FROM {f}.oplog WHERE bucket = $1"),
-                &[&bucket],
-            )?;
+            let f = self.db.names.ferry.clone();
+            self.q(&format!("DELETE FROM {f}.oplog WHERE bucket = $1"), &[&bucket])?;
             let mut ids = Vec::with_capacity(entries.len());
             let mut ops = Vec::with_capacity(entries.len());
             let mut tables = Vec::with_capacity(entries.len());
@@ -467,20 +562,18 @@ impl SourceTx for PgTx<'_> {
                  SELECT i, $1, o, t, r, d, s FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
                  AS u(i, o, t, r, d, s)"
             );
-            execute(self.client, &sql, &[&bucket, &ids, &ops, &tables, &rows, &datas, &sums])?;
+            self.q(&sql, &[&bucket, &ids, &ops, &tables, &rows, &datas, &sums])?;
             Ok(())
         })
     }
 
     fn set_meta(&mut self, key: &str, value: &str) -> SourceResult<()> {
-        lift(|| {
-            let sql = format!(
-                "INSERT INTO {}.meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                self.db.names.ferry
-            );
-            execute(self.client, &sql, &[&key, &value])?;
-            Ok(())
-        })
+        let sql = format!(
+            "INSERT INTO {}.meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            self.db.names.ferry
+        );
+        self.defer(sql, vec![Box::new(key.to_owned()), Box::new(value.to_owned())]);
+        Ok(())
     }
 
     fn take_captured(&mut self, limit: usize) -> SourceResult<Vec<CapturedChange>> {
@@ -494,7 +587,7 @@ impl SourceTx for PgTx<'_> {
                  RETURNING seq, tbl, id"
             );
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = query(self.client, &sql, &[&limit])?;
+            let rows = self.q(&sql, &[&limit])?;
             let mut out: Vec<CapturedChange> = rows
                 .iter()
                 .map(|r| {
@@ -511,13 +604,20 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn savepoint(&mut self) -> SourceResult<()> {
-        lift(|| {
-            wait(self.client.batch_execute("SAVEPOINT ferry_op"))?;
-            Ok(())
-        })
+        // Sent with the op's first statement.
+        self.defer(SAVEPOINT.to_owned(), Vec::new());
+        Ok(())
     }
 
     fn rollback_to_savepoint(&mut self) -> SourceResult<()> {
+        // The op's unsent writes are dropped, and what it read is stale.
+        let unsent_savepoint = self.pending.iter().any(|(s, _)| s == SAVEPOINT);
+        self.pending.clear();
+        self.buckets.clear();
+        if unsent_savepoint {
+            // Nothing of the op reached the database.
+            return Ok(());
+        }
         lift(|| {
             wait(
                 self.client
@@ -528,9 +628,9 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn release_savepoint(&mut self) -> SourceResult<()> {
-        lift(|| {
-            wait(self.client.batch_execute("RELEASE SAVEPOINT ferry_op"))?;
-            Ok(())
-        })
+        // The op's deferred writes go now: a refused one is still this
+        // op's (the service rolls the savepoint back and rejects it).
+        self.defer(RELEASE.to_owned(), Vec::new());
+        lift(|| self.flush())
     }
 }

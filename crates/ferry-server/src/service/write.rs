@@ -435,12 +435,17 @@ impl Inner {
             for &(entry, fp) in fresh {
                 // A write the database refuses (a type, a constraint of
                 // the app's table) rejects this op alone.
+                // A database may send the op's writes only at the release,
+                // so a refusal may come from it too.
                 stx.savepoint()?;
-                let outcome = match self.apply_op(stx, client_id, user_id, Some(writer), entry) {
-                    Ok(outcome) => {
+                let applied = self
+                    .apply_op(stx, client_id, user_id, Some(writer), entry)
+                    .and_then(|outcome| {
                         stx.release_savepoint()?;
-                        outcome
-                    }
+                        Ok(outcome)
+                    });
+                let outcome = match applied {
+                    Ok(outcome) => outcome,
                     Err(ServiceError::Refused(reason)) => {
                         stx.rollback_to_savepoint()?;
                         Outcome::Rejected {
