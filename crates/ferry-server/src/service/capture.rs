@@ -109,19 +109,7 @@ impl SyncService {
             if *shutdown.borrow() {
                 return;
             }
-            let db = self.inner.db.clone();
-            let lease = match blocking::run(move || db.try_lead("capture")).await {
-                Ok(Ok(lease)) => lease,
-                Ok(Err(e)) => {
-                    tracing::warn!("capture: cannot ask for the lead: {e}");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!("capture: {e}");
-                    None
-                }
-            };
-            let Some(lease) = lease else {
+            let Some(lease) = self.lead("capture").await else {
                 tokio::select! {
                     _ = shutdown.changed() => {}
                     () = tokio::time::sleep(Duration::from_millis(CAPTURE_LEAD_RETRY_MS)) => {}

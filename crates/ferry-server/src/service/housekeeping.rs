@@ -11,12 +11,30 @@ use std::time::Duration;
 use ferry_transport::blocking;
 
 use super::SyncService;
-use crate::db::SourceDb;
+use crate::db::{Lease, SourceDb};
 
 /// The default interval between compactions (`compact_interval_s`).
 pub const DEFAULT_COMPACT_INTERVAL_S: u64 = 3_600;
 
 impl SyncService {
+    /// Ask to be the one server doing `job` ([`SourceDb::try_lead`], off
+    /// the async threads): the lease, or `None` while another server
+    /// holds it or when the database cannot be asked (logged).
+    pub(crate) async fn lead(&self, job: &'static str) -> Option<Box<dyn Lease>> {
+        let db = self.inner.db.clone();
+        match blocking::run(move || SourceDb::try_lead(db.as_ref(), job)).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(e)) => {
+                tracing::warn!("{job}: cannot ask for the lead: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("{job}: {e}");
+                None
+            }
+        }
+    }
+
     /// Every `interval_s` seconds until the service shuts down: when no
     /// other server is compacting, compact every bucket. `0`: never.
     /// Errors are logged; the next round tries again.
@@ -33,19 +51,7 @@ impl SyncService {
             if *shutdown.borrow() {
                 return;
             }
-            let db = self.inner.db.clone();
-            let lease = match blocking::run(move || SourceDb::try_lead(db.as_ref(), "compact")).await {
-                Ok(Ok(lease)) => lease,
-                Ok(Err(e)) => {
-                    tracing::warn!("compaction: cannot ask for the lead: {e}");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!("compaction: {e}");
-                    None
-                }
-            };
-            let Some(lease) = lease else {
+            let Some(lease) = self.lead("compact").await else {
                 tracing::debug!("compaction: another server compacts");
                 continue;
             };

@@ -10,7 +10,7 @@
 //! PUTs. Clients converge through their normal streams, without
 //! reinstalling. The pass runs when the rules' fingerprint (bucket
 //! definitions and synced tables) differs from the one stored after the
-//! last complete pass, one server at a time ([`SourceDb::try_lead`]); a
+//! last complete pass, one server at a time ([`crate::db::SourceDb::try_lead`]); a
 //! pass cut short (a crash) runs again from the start: it is idempotent.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,7 +23,6 @@ use ferry_transport::blocking;
 
 use super::write::append_op;
 use super::{blocking_error, Fnv64, Inner, SyncService};
-use crate::db::SourceDb;
 use crate::error::Result;
 
 /// Most rows looked at in one write transaction.
@@ -173,13 +172,7 @@ impl SyncService {
                 Ok(true) => {}
                 Err(e) => tracing::warn!("bucket membership: {e}"),
             }
-            let db = self.inner.db.clone();
-            let lease = blocking::run(move || SourceDb::try_lead(db.as_ref(), "rebucket"))
-                .await
-                .ok()
-                .and_then(std::result::Result::ok)
-                .flatten();
-            if let Some(lease) = lease {
+            if let Some(lease) = self.lead("rebucket").await {
                 // Another server may have finished a pass meanwhile.
                 if matches!(self.rebucket_due().await, Ok(true)) {
                     tracing::info!("bucket membership: computing it again for every row");
