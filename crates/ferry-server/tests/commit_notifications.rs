@@ -9,70 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ferry_core::{HlcTimestamp, Schema, Table};
-use ferry_protocol::{DataLineWriter, OplogEntry, StreamLine, StreamRequest};
-use ferry_server::{
-    CheckpointState, CommitReceiver, OpRange, ServiceOptions, SourceDb, SourceError, SourceTx, SqliteSourceDb,
-    StoredOutcome, StoredRow, SyncRules, SyncService,
-};
-
-/// SQLite whose commit notifications never come.
-#[derive(Debug)]
-struct Silent {
-    inner: SqliteSourceDb,
-    _never: tokio::sync::watch::Sender<u64>,
-    never: CommitReceiver,
-}
-
-type R<T> = Result<T, SourceError>;
-
-impl SourceDb for Silent {
-    fn commits(&self) -> CommitReceiver {
-        self.never.clone()
-    }
-    fn migrate(&self, schema: &Schema) -> R<()> {
-        self.inner.migrate(schema)
-    }
-    fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> R<()>) -> R<()> {
-        self.inner.write(work)
-    }
-    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> R<CheckpointState> {
-        self.inner.checkpoint(client_id, buckets)
-    }
-    fn read_ops(&self, range: &OpRange<'_>) -> R<Vec<OplogEntry>> {
-        self.inner.read_ops(range)
-    }
-    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> R<Option<u64>> {
-        self.inner.read_ops_into(range, line)
-    }
-    fn bucket_names(&self) -> R<Vec<String>> {
-        self.inner.bucket_names()
-    }
-    fn oplog_len(&self) -> R<u64> {
-        self.inner.oplog_len()
-    }
-    fn get_row(&self, table: &Table, id: &str) -> R<Option<StoredRow>> {
-        self.inner.get_row(table, id)
-    }
-    fn client_owner(&self, client_id: &str) -> R<Option<String>> {
-        self.inner.client_owner(client_id)
-    }
-    fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
-        self.inner.client_outcomes(client_id, after_seq, limit)
-    }
-    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> R<ferry_server::ChangesSince> {
-        self.inner.changes_since(after_op_id, clients)
-    }
-    fn meta(&self, key: &str) -> R<Option<String>> {
-        self.inner.meta(key)
-    }
-    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> R<Vec<String>> {
-        self.inner.row_ids(table, after_id, limit)
-    }
-    fn max_clock(&self) -> R<Option<HlcTimestamp>> {
-        self.inner.max_clock()
-    }
-}
+use ferry_protocol::{StreamLine, StreamRequest};
+use ferry_server::{ServiceOptions, SourceDb, SqliteSourceDb, SyncRules, SyncService};
 
 fn ticket(id: &str) -> ferry_core::CrudOp {
     put(
@@ -140,12 +78,7 @@ async fn a_commit_wakes_streams_through_the_database_notification() {
 #[tokio::test]
 async fn a_lost_notification_is_made_up_for_at_the_next_keepalive() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (never_tx, never) = tokio::sync::watch::channel(0);
-    let db = Arc::new(Silent {
-        inner: SqliteSourceDb::open_dir(dir.path()).expect("open db"),
-        _never: never_tx,
-        never,
-    });
+    let db = Arc::new(common::probe::ProbeDb::silent(dir.path()));
     let svc = service(db, 1);
     let user = svc.authenticate(&token("u1")).expect("token");
     let mut rx = svc

@@ -5,88 +5,19 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::probe::ProbeDb;
 use common::*;
-use ferry_core::{HlcTimestamp, Schema, Table, Value};
-use ferry_protocol::{DataLineWriter, OplogEntry, StreamLine};
-use ferry_server::{
-    ChangesSince, CheckpointState, CommitReceiver, OpRange, ServiceOptions, SourceDb, SourceError, SourceTx,
-    SqliteSourceDb, StoredOutcome, StoredRow, SyncRules, SyncService, FEED_CHANNEL_EVENTS,
-};
+use ferry_core::Value;
+use ferry_protocol::StreamLine;
+use ferry_server::{ServiceOptions, SyncRules, SyncService, FEED_CHANNEL_EVENTS};
 use ferry_transport::SyncHandler;
 
-/// SQLite that counts the reads streams make.
-#[derive(Debug)]
-struct Counting {
-    inner: SqliteSourceDb,
-    checkpoints: AtomicUsize,
-    op_reads: AtomicUsize,
-    feed_reads: AtomicUsize,
-}
-
-type R<T> = Result<T, SourceError>;
-
-impl SourceDb for Counting {
-    fn commits(&self) -> CommitReceiver {
-        self.inner.commits()
-    }
-    fn migrate(&self, schema: &Schema) -> R<()> {
-        self.inner.migrate(schema)
-    }
-    fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> R<()>) -> R<()> {
-        self.inner.write(work)
-    }
-    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> R<CheckpointState> {
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
-        self.inner.checkpoint(client_id, buckets)
-    }
-    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> R<ChangesSince> {
-        self.feed_reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.changes_since(after_op_id, clients)
-    }
-    fn read_ops(&self, range: &OpRange<'_>) -> R<Vec<OplogEntry>> {
-        self.inner.read_ops(range)
-    }
-    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> R<Option<u64>> {
-        self.op_reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.read_ops_into(range, line)
-    }
-    fn bucket_names(&self) -> R<Vec<String>> {
-        self.inner.bucket_names()
-    }
-    fn oplog_len(&self) -> R<u64> {
-        self.inner.oplog_len()
-    }
-    fn get_row(&self, table: &Table, id: &str) -> R<Option<StoredRow>> {
-        self.inner.get_row(table, id)
-    }
-    fn client_owner(&self, client_id: &str) -> R<Option<String>> {
-        self.inner.client_owner(client_id)
-    }
-    fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
-        self.inner.client_outcomes(client_id, after_seq, limit)
-    }
-    fn meta(&self, key: &str) -> R<Option<String>> {
-        self.inner.meta(key)
-    }
-    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> R<Vec<String>> {
-        self.inner.row_ids(table, after_id, limit)
-    }
-    fn max_clock(&self) -> R<Option<HlcTimestamp>> {
-        self.inner.max_clock()
-    }
-}
-
-fn service(dir: &std::path::Path) -> (SyncService, Arc<Counting>) {
-    let db = Arc::new(Counting {
-        inner: SqliteSourceDb::open_dir(dir).expect("db"),
-        checkpoints: AtomicUsize::new(0),
-        op_reads: AtomicUsize::new(0),
-        feed_reads: AtomicUsize::new(0),
-    });
+fn service(dir: &std::path::Path) -> (SyncService, Arc<ProbeDb>) {
+    let db = Arc::new(ProbeDb::open(dir));
     let svc = SyncService::builder(db.clone(), SyncRules::ticket_tracker().expect("rules"), SECRET)
         .options(ServiceOptions::default())
         .build()

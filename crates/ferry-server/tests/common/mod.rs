@@ -1,5 +1,7 @@
 #![allow(dead_code)]
 
+pub mod probe;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,104 @@
+//! SQLite with probes for stream tests: commit notifications that can be
+//! silenced (a shared database that loses them), and counts of the reads
+//! streams and the change feed make.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ferry_core::{HlcTimestamp, Schema, Table};
+use ferry_protocol::{DataLineWriter, OplogEntry};
+use ferry_server::{
+    ChangesSince, CheckpointState, CommitReceiver, OpRange, SourceDb, SourceError, SourceTx, SqliteSourceDb,
+    StoredOutcome, StoredRow,
+};
+
+/// The probed database.
+#[derive(Debug)]
+pub struct ProbeDb {
+    inner: SqliteSourceDb,
+    /// `Some`: commit notifications never come (the sender is kept so the
+    /// receiver never closes).
+    silent: Option<(tokio::sync::watch::Sender<u64>, CommitReceiver)>,
+    /// `checkpoint` calls.
+    pub checkpoints: AtomicUsize,
+    /// `read_ops_into` calls (the streams' own op reads).
+    pub op_reads: AtomicUsize,
+    /// `changes_since` calls (the change feed's reads).
+    pub feed_reads: AtomicUsize,
+}
+
+impl ProbeDb {
+    /// SQLite in `dir`, notifying commits as usual.
+    pub fn open(dir: &std::path::Path) -> Self {
+        ProbeDb {
+            inner: SqliteSourceDb::open_dir(dir).expect("open db"),
+            silent: None,
+            checkpoints: AtomicUsize::new(0),
+            op_reads: AtomicUsize::new(0),
+            feed_reads: AtomicUsize::new(0),
+        }
+    }
+
+    /// SQLite in `dir` whose commit notifications never come.
+    pub fn silent(dir: &std::path::Path) -> Self {
+        ProbeDb {
+            silent: Some(tokio::sync::watch::channel(0)),
+            ..Self::open(dir)
+        }
+    }
+}
+
+type R<T> = Result<T, SourceError>;
+
+impl SourceDb for ProbeDb {
+    fn commits(&self) -> CommitReceiver {
+        match &self.silent {
+            Some((_, never)) => never.clone(),
+            None => self.inner.commits(),
+        }
+    }
+    fn migrate(&self, schema: &Schema) -> R<()> {
+        self.inner.migrate(schema)
+    }
+    fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> R<()>) -> R<()> {
+        self.inner.write(work)
+    }
+    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> R<CheckpointState> {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.inner.checkpoint(client_id, buckets)
+    }
+    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> R<ChangesSince> {
+        self.feed_reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.changes_since(after_op_id, clients)
+    }
+    fn read_ops(&self, range: &OpRange<'_>) -> R<Vec<OplogEntry>> {
+        self.inner.read_ops(range)
+    }
+    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> R<Option<u64>> {
+        self.op_reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_ops_into(range, line)
+    }
+    fn bucket_names(&self) -> R<Vec<String>> {
+        self.inner.bucket_names()
+    }
+    fn oplog_len(&self) -> R<u64> {
+        self.inner.oplog_len()
+    }
+    fn get_row(&self, table: &Table, id: &str) -> R<Option<StoredRow>> {
+        self.inner.get_row(table, id)
+    }
+    fn client_owner(&self, client_id: &str) -> R<Option<String>> {
+        self.inner.client_owner(client_id)
+    }
+    fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
+        self.inner.client_outcomes(client_id, after_seq, limit)
+    }
+    fn meta(&self, key: &str) -> R<Option<String>> {
+        self.inner.meta(key)
+    }
+    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> R<Vec<String>> {
+        self.inner.row_ids(table, after_id, limit)
+    }
+    fn max_clock(&self) -> R<Option<HlcTimestamp>> {
+        self.inner.max_clock()
+    }
+}
