@@ -90,6 +90,20 @@ impl PgTx<'_> {
 
     /// Run `sql` after everything deferred, in one flight; its rows.
     pub(crate) fn q(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        Ok(self.send(Some((sql, params)))?.unwrap_or_default())
+    }
+
+    /// Send everything deferred.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            self.send(None)?;
+        }
+        Ok(())
+    }
+
+    /// Send everything deferred, then `last` if given, in one flight; the
+    /// rows of `last`.
+    fn send(&mut self, last: Option<(&str, &[&(dyn ToSql + Sync)])>) -> Result<Option<Vec<Row>>> {
         let pending = std::mem::take(&mut self.pending);
         let mut stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
             .iter()
@@ -100,28 +114,11 @@ impl PgTx<'_> {
                 )
             })
             .collect();
-        stmts.push((sql, params.to_vec()));
-        let mut answers = run_batch(self.client, &stmts)?;
-        Ok(answers.pop().unwrap_or_default())
-    }
-
-    /// Send everything deferred.
-    pub(crate) fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
+        if let Some((sql, params)) = last {
+            stmts.push((sql, params.to_vec()));
         }
-        let pending = std::mem::take(&mut self.pending);
-        let stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
-            .iter()
-            .map(|(s, p)| {
-                (
-                    s.as_str(),
-                    p.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect(),
-                )
-            })
-            .collect();
-        run_batch(self.client, &stmts)?;
-        Ok(())
+        let mut answers = run_batch(self.client, &stmts)?;
+        Ok(last.and_then(|_| answers.pop()))
     }
 }
 

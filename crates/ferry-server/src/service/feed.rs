@@ -213,18 +213,17 @@ async fn read_once(
     .await
     .map_err(blocking_error)??;
     let (changes, mut entries) = read;
+    // The progress of the clients streaming here now (those that left are
+    // forgotten); the ones that moved since the last read go out.
     let mut moved = HashMap::new();
+    let mut now = HashMap::with_capacity(changes.clients.len());
     for (client, seq) in changes.clients {
         if progress.get(&client) != Some(&seq) {
-            progress.insert(client.clone(), seq);
-            moved.insert(client, seq);
+            moved.insert(client.clone(), seq);
         }
+        now.insert(client, seq);
     }
-    // Forget clients no longer streaming here.
-    if progress.len() > 2 * inner.feed.clients.lock().len() + 64 {
-        let live = inner.feed.clients.lock();
-        progress.retain(|c, _| live.contains_key(c));
-    }
+    *progress = now;
     let Some(from) = watermark else {
         // The start: where the log is, nothing to hand out.
         return Ok(Some(FeedEvent {
