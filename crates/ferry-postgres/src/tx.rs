@@ -413,6 +413,26 @@ impl SourceTx for PgTx<'_> {
         })
     }
 
+    fn set_clocks(&mut self, table: &str, id: &str, clocks: &BTreeMap<String, HlcTimestamp>) -> SourceResult<()> {
+        lift(|| {
+            let text = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+            let f = &self.db.names.ferry;
+            let sql = format!(
+                "WITH c AS (INSERT INTO {f}.clocks(tbl, id, clocks) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tbl, id) DO UPDATE SET clocks = EXCLUDED.clocks RETURNING 1) \
+                 DELETE FROM {f}.tombstones WHERE tbl = $1 AND id = $2"
+            );
+            self.defer(
+                sql,
+                vec![Box::new(table.to_owned()), Box::new(id.to_owned()), Box::new(text)],
+            );
+            for c in clocks.values() {
+                raise(&mut self.max_clock, c);
+            }
+            Ok(())
+        })
+    }
+
     fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> SourceResult<()> {
         lift(|| {
             let layout = self.db.layout(&table.name)?;

@@ -459,6 +459,22 @@ impl SourceTx for SqliteTx<'_> {
         })
     }
 
+    fn set_clocks(&mut self, table: &str, id: &str, clocks: &BTreeMap<String, HlcTimestamp>) -> SourceResult<()> {
+        lift(|| {
+            for c in clocks.values() {
+                raise(&mut self.max_clock, c);
+            }
+            let clocks = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+            self.tx
+                .prepare_cached("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks) VALUES (?1, ?2, ?3)")?
+                .execute(params![table, id, clocks])?;
+            self.tx
+                .prepare_cached("DELETE FROM ferry_tombstones WHERE tbl = ?1 AND id = ?2")?
+                .execute(params![table, id])?;
+            Ok(())
+        })
+    }
+
     fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> SourceResult<()> {
         lift(|| {
             self.tx

@@ -303,6 +303,14 @@ pub trait SourceTx {
         data: &RowData,
         clocks: &BTreeMap<String, HlcTimestamp>,
     ) -> Result<Option<RowData>>;
+    /// Record the clocks of a row the database holds but Ferry did not
+    /// write (a change made directly in the database, a row older than
+    /// Ferry): replaces its clocks and clears its tombstone; its values are
+    /// left as they are (nothing is written to the row itself).
+    ///
+    /// Invariant: the clock high-water mark is raised to the greatest of
+    /// `clocks` in this same transaction.
+    fn set_clocks(&mut self, table: &str, id: &str, clocks: &BTreeMap<String, HlcTimestamp>) -> Result<()>;
     /// Delete a row, leaving a tombstone with the delete's clock (and no
     /// column clocks).
     ///

@@ -40,6 +40,7 @@ macro_rules! source_conformance_tests {
             failed_work_changes_nothing,
             rollback_to_savepoint_undoes_one_op,
             meta_and_row_ids,
+            set_clocks_keeps_the_row,
             outcomes_are_pruned_below_a_seq,
             changes_since_reads_changed_buckets_and_clients,
             client_progress_and_outcomes,
@@ -315,6 +316,25 @@ pub fn rollback_to_savepoint_undoes_one_op<B: SourceBackend>(b: &B) {
     // The mark covers the committed clock (a database may keep a higher
     // one it saw in the rolled-back writes: the mark is a bound).
     assert!(db.max_clock().expect("max clock") >= Some(hlc));
+}
+
+/// Clocks recorded for a row written by someone else replace the row's
+/// clocks, leave its values alone and raise the clock mark.
+pub fn set_clocks_keeps_the_row<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    let row = ticket("kept", 3);
+    write(db.as_ref(), |tx| {
+        tx.write_row(&t, "t1", &row, &clocks_of(&row, &clock(5, "c")))
+    });
+    let later = clocks_of(&row, &clock(70, "server"));
+    write(db.as_ref(), |tx| tx.set_clocks("tickets", "t1", &later));
+    let stored = db.get_row(&t, "t1").expect("get row").expect("row");
+    assert_eq!(stored.data.as_ref(), Some(&row), "the values are left alone");
+    assert_eq!(stored.clocks, later);
+    assert_eq!(stored.deleted, None);
+    assert_eq!(db.max_clock().expect("max clock"), Some(clock(70, "server")));
 }
 
 /// Settings are kept (and replaced); row ids come in batches after a

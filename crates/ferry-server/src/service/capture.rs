@@ -6,9 +6,10 @@
 //! ([`SourceTx::take_captured`]; PostgreSQL: triggers). One server at a
 //! time ([`SourceDb::try_lead`]) takes them in batches of at most
 //! [`MAX_CAPTURE_BATCH`] and, in the same write transaction, reads each
-//! row as it is now and writes it as a server write at the server's clock:
-//! every column's clock is the server's HLC, so the change wins over every
-//! write before it; a row that is gone gets a tombstone. The ops go to
+//! row as it is now and records it as a server write at the server's clock
+//! (`SourceTx::set_clocks`: the row itself is not written again, so the
+//! app's own triggers do not fire twice): every column's clock is the
+//! server's HLC, so the change wins over every write before it; a row that is gone gets a tombstone. The ops go to
 //! the buckets the row is in now (REMOVE from those it left), as for an
 //! upload. A row changed several times before it is taken is read once.
 //! A row too large for a line is left out, with a warning.
@@ -61,8 +62,10 @@ impl Inner {
                 }
                 let clocks: BTreeMap<String, HlcTimestamp> =
                     t.columns.iter().map(|c| (c.name.clone(), hlc.clone())).collect();
-                let stored = stx.write_row(t, id, &row, &clocks)?;
-                self.emit_row(stx, table, id, Some(stored.as_ref().unwrap_or(&row)))?;
+                // The row is the database's own: only its clocks are
+                // Ferry's to record.
+                stx.set_clocks(table, id, &clocks)?;
+                self.emit_row(stx, table, id, Some(&row))?;
             }
             None => {
                 if stx.row_buckets(table, id)?.is_empty() {

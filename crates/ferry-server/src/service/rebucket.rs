@@ -73,24 +73,23 @@ impl Inner {
                 if new == old && !needs_clocks {
                     continue;
                 }
-                let mut row = data.clone();
+                if let Err(reason) = self.check_encoded_size(&table.name, id, data) {
+                    tracing::warn!(table = %table.name, id, "a row is left out of its buckets: {reason}");
+                    continue;
+                }
                 let joined: BTreeSet<&String> = if unsynced {
+                    // The row is the database's own: only its clocks are
+                    // Ferry's to record.
                     let hlc: HlcTimestamp = self.hlc.now();
                     let clocks: BTreeMap<String, HlcTimestamp> =
                         table.columns.iter().map(|c| (c.name.clone(), hlc.clone())).collect();
-                    if let Some(stored) = stx.write_row(table, id, data, &clocks)? {
-                        row = stored;
-                    }
+                    stx.set_clocks(&table.name, id, &clocks)?;
                     new.iter().collect()
                 } else {
                     new.difference(&old).collect()
                 };
-                if let Err(reason) = self.check_encoded_size(&table.name, id, &row) {
-                    tracing::warn!(table = %table.name, id, "a row is left out of its buckets: {reason}");
-                    continue;
-                }
                 for b in joined {
-                    append_op(stx, b, OpKind::Put, &table.name, id, Some(&row))?;
+                    append_op(stx, b, OpKind::Put, &table.name, id, Some(data))?;
                 }
                 for b in old.difference(&new) {
                     append_op(stx, b, OpKind::Remove, &table.name, id, None)?;
