@@ -103,6 +103,14 @@ impl Store for CountingStore {
     fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         self.inner.get_meta(key)
     }
+
+    fn staged_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<ferry_store::StagedOp>> {
+        self.inner.staged_ops(bucket, after_op_id, limit)
+    }
+
+    fn staged_buckets(&self) -> StoreResult<Vec<String>> {
+        self.inner.staged_buckets()
+    }
 }
 
 fn schema() -> Schema {

@@ -11,6 +11,7 @@
 //! | bucket state   | `06` bucket                                          | see [`crate::values`]    |
 //! | metadata       | `07` key                                             | the value                |
 //! | index defs     | `08` table `00` index                                | columns, `00`-separated  |
+//! | staged ops     | `09` bucket `00` op id (big-endian u64)              | see [`crate::staging`]   |
 //!
 //! Table, index and column names never contain NUL (the schema allows only
 //! ASCII letters, digits and `_`), so `table 00` ends a table name
@@ -48,6 +49,8 @@ pub(crate) const BUCKET_STATE: u8 = 0x06;
 pub(crate) const META: u8 = 0x07;
 /// Declared index definitions, as of the last open.
 pub(crate) const INDEX_DEF: u8 = 0x08;
+/// Staged ops of checkpoints being downloaded (see `crate::staging`).
+pub(crate) const STAGED: u8 = 0x09;
 
 const SEP: u8 = 0x00;
 

@@ -75,12 +75,13 @@ use std::time::{Duration, Instant};
 use ferry_core::{codec, CrudEntry, RowData, Schema, Value};
 use ferry_store::{
     resolve_index_range, table_def, validate_batch, BatchOp, BucketEntry, BucketState, IndexRange, OverlayEntry, Rows,
-    Store, StoreError, StoreResult, WriteBatch,
+    StagedOp, Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::{Mutex, RwLock};
 
 mod keys;
 mod pending;
+mod staging;
 mod values;
 
 use keys::{prefix_end, suffix};
@@ -298,6 +299,15 @@ impl SledStore {
                 BatchOp::DeleteMeta { key } => {
                     p.remove(keys::meta_key(&key));
                 }
+                BatchOp::PutStaged { bucket, op } => {
+                    p.put(staging::key(&bucket, op.op_id), staging::encode(&op));
+                }
+                BatchOp::DeleteStaged { bucket, through_op_id } => staging::delete(p, &bucket, through_op_id)?,
+                BatchOp::SwitchInStaged {
+                    bucket,
+                    from_op_id,
+                    through_op_id,
+                } => staging::switch_in(p, &self.schema, &bucket, from_op_id, through_op_id)?,
             }
         }
         Ok(())
@@ -511,8 +521,13 @@ impl Store for SledStore {
                     keys::check_bucket(bucket)?;
                     keys::check_name("bucket entry table name", table)?;
                 }
-                BatchOp::PutBucketState { bucket, .. } | BatchOp::DeleteBucket { bucket } => {
-                    keys::check_bucket(bucket)?
+                BatchOp::PutBucketState { bucket, .. }
+                | BatchOp::DeleteBucket { bucket }
+                | BatchOp::DeleteStaged { bucket, .. }
+                | BatchOp::SwitchInStaged { bucket, .. } => keys::check_bucket(bucket)?,
+                BatchOp::PutStaged { bucket, op } => {
+                    keys::check_bucket(bucket)?;
+                    keys::check_name("staged op table name", &op.table)?;
                 }
                 _ => {}
             }
@@ -668,6 +683,17 @@ impl Store for SledStore {
     fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let v = self.tree().get(keys::meta_key(key)).map_err(sled_err)?;
         Ok(v.map(|v| v.to_vec()))
+    }
+
+    fn staged_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<StagedOp>> {
+        keys::check_bucket(bucket)?;
+        let _snap = self.snapshot.read();
+        staging::read(self.tree(), bucket, after_op_id, limit)
+    }
+
+    fn staged_buckets(&self) -> StoreResult<Vec<String>> {
+        let _snap = self.snapshot.read();
+        staging::buckets(self.tree())
     }
 }
 

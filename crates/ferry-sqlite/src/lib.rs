@@ -72,10 +72,12 @@ use std::time::Duration;
 use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
 use ferry_store::{
     index_key, resolve_index_range, table_def, validate_batch, BatchOp, BucketEntry, BucketState, IndexRange,
-    OverlayEntry, Rows, Store, StoreError, StoreResult, WriteBatch,
+    OverlayEntry, Rows, StagedOp, Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+
+mod staging;
 
 /// The storage format version kept in `PRAGMA user_version`.
 pub const FORMAT_VERSION: i64 = 2;
@@ -381,10 +383,12 @@ impl SqliteStore {
         match version {
             0 => {
                 tx.execute_batch(CREATE_TABLES).map_err(sql_err)?;
+                tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?;
                 tx.pragma_update(None, "user_version", FORMAT_VERSION)
                     .map_err(sql_err)?;
             }
-            FORMAT_VERSION => {}
+            // Stores made before the staging area get it now.
+            FORMAT_VERSION => tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?,
             1 => {
                 return Err(invalid(format!(
                     "database format version 1 (bucket op log) is not supported: this build reads version \
@@ -546,6 +550,8 @@ struct Writer<'c, 'b> {
     rows: Vec<(&'b str, &'b str, Vec<u8>)>,
     /// Bucket entries to insert, in batch order.
     entries: Vec<(&'b str, &'b BucketEntry, i64)>,
+    /// Staged ops to insert, in batch order.
+    staged: Vec<staging::StagedRow<'b>>,
 }
 
 const W_GET_ROW: usize = 0;
@@ -596,6 +602,7 @@ impl<'c, 'b> Writer<'c, 'b> {
             stmts: Default::default(),
             rows: Vec::new(),
             entries: Vec::new(),
+            staged: Vec::new(),
         }
     }
 
@@ -604,7 +611,8 @@ impl<'c, 'b> Writer<'c, 'b> {
     /// the batch's order is kept.
     fn flush(&mut self) -> StoreResult<()> {
         self.flush_rows()?;
-        self.flush_entries()
+        self.flush_entries()?;
+        self.flush_staged()
     }
 
     fn flush_rows(&mut self) -> StoreResult<()> {
@@ -759,6 +767,7 @@ impl<'c, 'b> Writer<'c, 'b> {
                 }
                 return Ok(());
             }
+            BatchOp::PutStaged { bucket, op } => return self.put_staged(bucket, op),
             _ => self.flush()?,
         }
         match op {
@@ -820,6 +829,13 @@ impl<'c, 'b> Writer<'c, 'b> {
             BatchOp::DeleteMeta { key } => {
                 self.stmt(W_DELETE_META)?.execute([key]).map_err(sql_err)?;
             }
+            BatchOp::PutStaged { bucket, op } => self.put_staged(bucket, op)?,
+            BatchOp::DeleteStaged { bucket, through_op_id } => self.delete_staged(bucket, *through_op_id)?,
+            BatchOp::SwitchInStaged {
+                bucket,
+                from_op_id,
+                through_op_id,
+            } => self.switch_in_staged(schema, bucket, *from_op_id, *through_op_id)?,
         }
         Ok(())
     }
@@ -1128,6 +1144,14 @@ impl Store for SqliteStore {
         conn.prepare_cached("SELECT value FROM ferry_meta WHERE key = ?1")
             .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
             .map_err(sql_err)
+    }
+
+    fn staged_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<StagedOp>> {
+        staging::staged_ops(&self.conn.lock(), bucket, after_op_id, limit)
+    }
+
+    fn staged_buckets(&self) -> StoreResult<Vec<String>> {
+        staging::staged_buckets(&self.conn.lock())
     }
 }
 

@@ -32,10 +32,12 @@ use ferry_core::{codec, CoreError, CrudEntry, ErrorKind, RowData, Schema, Table,
 use thiserror::Error;
 
 mod memory;
+mod staging;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use memory::MemoryStore;
+pub use staging::{staged_summary, switch_effect, StagedKind, StagedOp, StagedSummary, SwitchEffect};
 
 /// A row's entry in one bucket: the bucket's latest op for that row (a
 /// PUT: rows a bucket no longer holds have no entry). Keyed by
@@ -155,6 +157,39 @@ pub enum BatchOp {
     DeleteMeta {
         /// The key.
         key: String,
+    },
+    /// Stage an op of a checkpoint being downloaded, replacing a staged op
+    /// of the same bucket and op id. Reads never see staged ops.
+    PutStaged {
+        /// The op's bucket.
+        bucket: String,
+        /// The op.
+        op: StagedOp,
+    },
+    /// Drop the staged ops of `bucket` with op ids at or below
+    /// `through_op_id`.
+    DeleteStaged {
+        /// The bucket.
+        bucket: String,
+        /// The last op id dropped (`u64::MAX`: every one).
+        through_op_id: u64,
+    },
+    /// Apply the staged ops of `bucket` with op ids in
+    /// `[from_op_id, through_op_id]` to the synced layer, in op id order,
+    /// as [`switch_effect`] says: a PUT puts its bucket entry and its row
+    /// (when the schema declares the table); a REMOVE drops its bucket
+    /// entry and then the row, when no bucket (as the bucket states stand
+    /// at that point of the batch) holds it any more. The staged ops stay
+    /// (drop them with [`BatchOp::DeleteStaged`]). Put the batch's bucket
+    /// states before it, so the REMOVE check sees the buckets as they
+    /// will be.
+    SwitchInStaged {
+        /// The bucket.
+        bucket: String,
+        /// The first op id applied.
+        from_op_id: u64,
+        /// The last op id applied.
+        through_op_id: u64,
     },
 }
 
@@ -397,6 +432,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// A metadata value.
     fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
 
+    /// The ops `bucket` has staged with op ids above `after_op_id`, in op
+    /// id order, at most `limit`.
+    fn staged_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<StagedOp>>;
+
+    /// The buckets with staged ops, in order.
+    fn staged_buckets(&self) -> StoreResult<Vec<String>>;
+
     /// The visible row: its overlay entry if it has one, else its synced row.
     fn get_visible(&self, table: &str, id: &str) -> StoreResult<Option<RowData>> {
         match self.get_overlay(table, id)? {
@@ -622,8 +664,49 @@ pub fn validate_batch(schema: &Schema, batch: &WriteBatch, last_queued_seq: Opti
             | BatchOp::PutBucketState { .. }
             | BatchOp::DeleteBucket { .. }
             | BatchOp::PutMeta { .. }
-            | BatchOp::DeleteMeta { .. } => {}
+            | BatchOp::DeleteMeta { .. }
+            | BatchOp::DeleteStaged { .. } => {}
+            BatchOp::PutStaged { bucket, op } => validate_staged(schema, bucket, op)?,
+            BatchOp::SwitchInStaged {
+                bucket,
+                from_op_id,
+                through_op_id,
+            } => {
+                if from_op_id > through_op_id {
+                    return Err(StoreError::InvalidInput(format!(
+                        "switch-in of bucket {bucket:?} from op {from_op_id} through op {through_op_id} is an empty range"
+                    )));
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// A staged op must say what it does: a PUT or REMOVE names its row, a
+/// PUT of a declared table carries the row (only declared columns), and
+/// nothing else carries one.
+fn validate_staged(schema: &Schema, bucket: &str, op: &StagedOp) -> StoreResult<()> {
+    let bad = |reason: &str| {
+        Err(StoreError::InvalidInput(format!(
+            "staged op {} of bucket {bucket:?}: {reason}",
+            op.op_id
+        )))
+    };
+    match op.kind {
+        StagedKind::Put | StagedKind::Remove if op.table.is_empty() || op.row_id.is_empty() => {
+            bad("a put or remove needs a table and a row id")
+        }
+        StagedKind::Put => match (schema.table(&op.table), &op.data) {
+            (Ok(def), Some(data)) => match data.keys().find(|c| def.column_def(c).is_none()) {
+                Some(c) => bad(&format!("column {c:?} is not declared by table {:?}", op.table)),
+                None => Ok(()),
+            },
+            (Ok(_), None) => bad(&format!("a put of table {:?} needs its row", op.table)),
+            (Err(_), Some(_)) => bad(&format!("table {:?} is not declared: its rows are not kept", op.table)),
+            (Err(_), None) => Ok(()),
+        },
+        _ if op.data.is_some() => bad("only a put carries a row"),
+        _ => Ok(()),
+    }
 }

@@ -8,8 +8,8 @@ use ferry_core::{CrudEntry, RowData, Schema, Value};
 use parking_lot::RwLock;
 
 use crate::{
-    index_key, resolve_index_range, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry, Rows, Store,
-    StoreResult, WriteBatch,
+    index_key, resolve_index_range, switch_effect, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry,
+    Rows, StagedOp, Store, StoreResult, SwitchEffect, WriteBatch,
 };
 
 type TableRows = BTreeMap<String, RowData>;
@@ -25,6 +25,8 @@ struct State {
     bucket_entries: BTreeMap<String, BTreeMap<(String, String), BucketEntry>>,
     buckets: BTreeMap<String, BucketState>,
     meta: BTreeMap<String, Vec<u8>>,
+    /// bucket -> op id -> staged op
+    staged: BTreeMap<String, BTreeMap<u64, StagedOp>>,
 }
 
 /// A store that keeps everything in memory. Cloning gives another handle
@@ -85,6 +87,128 @@ impl MemoryStore {
             }
         }
     }
+
+    /// One op of a validated batch: it cannot fail.
+    fn apply_op(&self, st: &mut State, op: BatchOp) {
+        match op {
+            BatchOp::PutSynced { table, id, data } => {
+                self.unindex(st, &table, &id);
+                if let Ok(def) = self.schema.table(&table) {
+                    for index in &def.indexes {
+                        st.indexes
+                            .entry(table.clone())
+                            .or_default()
+                            .entry(index.name.clone())
+                            .or_default()
+                            .insert(index_key(index, &id, &data), id.clone());
+                    }
+                }
+                st.synced.entry(table).or_default().insert(id, data);
+            }
+            BatchOp::DeleteSynced { table, id } => {
+                self.unindex(st, &table, &id);
+                if let Some(t) = st.synced.get_mut(&table) {
+                    t.remove(&id);
+                }
+            }
+            BatchOp::PutOverlay { table, id, entry } => {
+                st.overlay.entry(table).or_default().insert(id, entry);
+            }
+            BatchOp::DeleteOverlay { table, id } => {
+                if let Some(t) = st.overlay.get_mut(&table) {
+                    t.remove(&id);
+                }
+            }
+            BatchOp::AppendQueue(e) => {
+                st.queue.insert(e.seq, e);
+            }
+            BatchOp::CompleteQueue { through_seq } => {
+                st.queue = st.queue.split_off(&through_seq.saturating_add(1));
+                if through_seq == u64::MAX {
+                    st.queue.clear();
+                }
+            }
+            BatchOp::PutBucketEntry { bucket, entry } => {
+                let key = (entry.table.clone(), entry.row_id.clone());
+                st.bucket_entries.entry(bucket).or_default().insert(key, entry);
+            }
+            BatchOp::DeleteBucketEntry { bucket, table, row_id } => {
+                if let Some(entries) = st.bucket_entries.get_mut(&bucket) {
+                    entries.remove(&(table, row_id));
+                }
+            }
+            BatchOp::PutBucketState { bucket, state } => {
+                st.buckets.insert(bucket, state);
+            }
+            BatchOp::DeleteBucket { bucket } => {
+                st.buckets.remove(&bucket);
+                st.bucket_entries.remove(&bucket);
+            }
+            BatchOp::PutMeta { key, value } => {
+                st.meta.insert(key, value);
+            }
+            BatchOp::DeleteMeta { key } => {
+                st.meta.remove(&key);
+            }
+            BatchOp::PutStaged { bucket, op } => {
+                st.staged.entry(bucket).or_default().insert(op.op_id, op);
+            }
+            BatchOp::DeleteStaged { bucket, through_op_id } => {
+                if let Some(ops) = st.staged.get_mut(&bucket) {
+                    *ops = ops.split_off(&through_op_id.saturating_add(1));
+                    if through_op_id == u64::MAX || ops.is_empty() {
+                        st.staged.remove(&bucket);
+                    }
+                }
+            }
+            BatchOp::SwitchInStaged {
+                bucket,
+                from_op_id,
+                through_op_id,
+            } => {
+                let ops: Vec<StagedOp> = st
+                    .staged
+                    .get(&bucket)
+                    .map(|ops| {
+                        ops.range(from_op_id..=through_op_id)
+                            .map(|(_, op)| op.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for op in ops {
+                    match switch_effect(op) {
+                        SwitchEffect::Put { table, id, data, entry } => {
+                            if let Some(data) = data {
+                                self.apply_op(st, BatchOp::PutSynced { table, id, data });
+                            }
+                            self.apply_op(
+                                st,
+                                BatchOp::PutBucketEntry {
+                                    bucket: bucket.clone(),
+                                    entry,
+                                },
+                            );
+                        }
+                        SwitchEffect::Remove { table, id } => {
+                            let key = (table, id);
+                            if let Some(entries) = st.bucket_entries.get_mut(&bucket) {
+                                entries.remove(&key);
+                            }
+                            let held = st
+                                .buckets
+                                .keys()
+                                .any(|b| st.bucket_entries.get(b).is_some_and(|e| e.contains_key(&key)));
+                            if !held && self.schema.table(&key.0).is_ok() {
+                                let (table, id) = key;
+                                self.apply_op(st, BatchOp::DeleteSynced { table, id });
+                            }
+                        }
+                        SwitchEffect::Nothing => {}
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Store for MemoryStore {
@@ -97,67 +221,7 @@ impl Store for MemoryStore {
         let last = st.queue.keys().next_back().copied();
         validate_batch(&self.schema, &batch, last)?;
         for op in batch.ops {
-            match op {
-                BatchOp::PutSynced { table, id, data } => {
-                    self.unindex(&mut st, &table, &id);
-                    if let Ok(def) = self.schema.table(&table) {
-                        for index in &def.indexes {
-                            st.indexes
-                                .entry(table.clone())
-                                .or_default()
-                                .entry(index.name.clone())
-                                .or_default()
-                                .insert(index_key(index, &id, &data), id.clone());
-                        }
-                    }
-                    st.synced.entry(table).or_default().insert(id, data);
-                }
-                BatchOp::DeleteSynced { table, id } => {
-                    self.unindex(&mut st, &table, &id);
-                    if let Some(t) = st.synced.get_mut(&table) {
-                        t.remove(&id);
-                    }
-                }
-                BatchOp::PutOverlay { table, id, entry } => {
-                    st.overlay.entry(table).or_default().insert(id, entry);
-                }
-                BatchOp::DeleteOverlay { table, id } => {
-                    if let Some(t) = st.overlay.get_mut(&table) {
-                        t.remove(&id);
-                    }
-                }
-                BatchOp::AppendQueue(e) => {
-                    st.queue.insert(e.seq, e);
-                }
-                BatchOp::CompleteQueue { through_seq } => {
-                    st.queue = st.queue.split_off(&through_seq.saturating_add(1));
-                    if through_seq == u64::MAX {
-                        st.queue.clear();
-                    }
-                }
-                BatchOp::PutBucketEntry { bucket, entry } => {
-                    let key = (entry.table.clone(), entry.row_id.clone());
-                    st.bucket_entries.entry(bucket).or_default().insert(key, entry);
-                }
-                BatchOp::DeleteBucketEntry { bucket, table, row_id } => {
-                    if let Some(entries) = st.bucket_entries.get_mut(&bucket) {
-                        entries.remove(&(table, row_id));
-                    }
-                }
-                BatchOp::PutBucketState { bucket, state } => {
-                    st.buckets.insert(bucket, state);
-                }
-                BatchOp::DeleteBucket { bucket } => {
-                    st.buckets.remove(&bucket);
-                    st.bucket_entries.remove(&bucket);
-                }
-                BatchOp::PutMeta { key, value } => {
-                    st.meta.insert(key, value);
-                }
-                BatchOp::DeleteMeta { key } => {
-                    st.meta.remove(&key);
-                }
-            }
+            self.apply_op(&mut st, op);
         }
         Ok(())
     }
@@ -298,5 +362,23 @@ impl Store for MemoryStore {
 
     fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         Ok(self.state.read().meta.get(key).cloned())
+    }
+
+    fn staged_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<StagedOp>> {
+        let st = self.state.read();
+        Ok(st
+            .staged
+            .get(bucket)
+            .map(|ops| {
+                ops.range(after_op_id.saturating_add(1)..)
+                    .take(limit)
+                    .map(|(_, op)| op.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn staged_buckets(&self) -> StoreResult<Vec<String>> {
+        Ok(self.state.read().staged.keys().cloned().collect())
     }
 }

@@ -17,6 +17,13 @@ use proptest::prelude::*;
 
 use crate::{BatchOp, BucketEntry, BucketState, MemoryStore, OverlayEntry, Store, StoreError, StoreResult, WriteBatch};
 
+#[path = "testkit_staging.rs"]
+mod staging;
+pub use staging::{
+    bad_staged_ops_are_refused, failed_switch_in_changes_nothing, large_switch_in_matches_memory_store,
+    staged_ops_are_discarded_and_survive_reopen, staged_ops_are_invisible_to_reads, switch_in_applies_the_staged_range,
+};
+
 /// How the suite makes and reopens stores of one backend.
 pub trait Backend {
     /// A place a store lives (a temporary directory, a shared handle). The
@@ -54,6 +61,12 @@ macro_rules! conformance_tests {
             matches_memory_store_on_mixed_batches,
             reads_with_limits_match_memory_store,
             index_ranges_match_memory_store,
+            staged_ops_are_invisible_to_reads,
+            switch_in_applies_the_staged_range,
+            failed_switch_in_changes_nothing,
+            bad_staged_ops_are_refused,
+            staged_ops_are_discarded_and_survive_reopen,
+            large_switch_in_matches_memory_store,
             model_test
         );
     };
@@ -1444,6 +1457,9 @@ impl Model {
                 }
                 BatchOp::DeleteMeta { key } => {
                     m.meta.remove(&key);
+                }
+                BatchOp::PutStaged { .. } | BatchOp::DeleteStaged { .. } | BatchOp::SwitchInStaged { .. } => {
+                    panic!("the model test does not generate staging ops (the staging tests cover them)")
                 }
             }
         }

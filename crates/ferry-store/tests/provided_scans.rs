@@ -62,6 +62,14 @@ impl Store for Plain {
     fn get_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         self.0.get_meta(key)
     }
+
+    fn staged_ops(&self, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<ferry_store::StagedOp>> {
+        self.0.staged_ops(bucket, after_op_id, limit)
+    }
+
+    fn staged_buckets(&self) -> StoreResult<Vec<String>> {
+        self.0.staged_buckets()
+    }
 }
 
 struct PlainBackend;

@@ -1,0 +1,250 @@
+//! The staging area in SQLite: `ferry_staged`, keyed by `(bucket, op_id)`,
+//! rows encoded as in `ferry_rows`, so a switch-in of rows of tables
+//! without indexes is one `INSERT … SELECT` inside the batch's
+//! transaction, and anything else goes op by op in pages.
+
+use ferry_core::{codec, Schema};
+use ferry_store::{switch_effect, StagedKind, StagedOp, StoreError, StoreResult, SwitchEffect};
+use rusqlite::{params, Connection};
+
+use crate::{
+    clamp_bound, from_ordered_key, multi_insert_sql, ordered_key, sql_err, Writer, INSERT_CHUNK_ROWS,
+    SQL_DELETE_BUCKET_ENTRY, SQL_GET_BUCKET_ENTRY,
+};
+
+pub(crate) const CREATE_STAGED: &str = "
+CREATE TABLE IF NOT EXISTS ferry_staged (
+    bucket TEXT NOT NULL,
+    op_id INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    tbl TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    data BLOB,
+    checksum INTEGER NOT NULL,
+    PRIMARY KEY (bucket, op_id)
+) WITHOUT ROWID;
+";
+
+const SQL_PUT_STAGED: &str = "INSERT OR REPLACE INTO ferry_staged (bucket, op_id, kind, tbl, row_id, data, checksum) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+const SQL_DELETE_STAGED: &str = "DELETE FROM ferry_staged WHERE bucket = ?1 AND op_id <= ?2";
+const SQL_STAGED_OPS: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id > ?2 ORDER BY op_id LIMIT ?3";
+const SQL_STAGED_RANGE: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id > ?2 AND op_id <= ?3 ORDER BY op_id LIMIT ?4";
+/// The buckets with staged ops, one index probe each (a skip scan).
+const SQL_STAGED_BUCKETS: &str = "WITH RECURSIVE b(name) AS ( \
+     SELECT min(bucket) FROM ferry_staged \
+     UNION ALL SELECT (SELECT min(bucket) FROM ferry_staged WHERE bucket > b.name) FROM b WHERE b.name IS NOT NULL) \
+     SELECT name FROM b WHERE name IS NOT NULL";
+const SQL_HAS_REMOVE: &str = "SELECT 1 FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 1 LIMIT 1";
+const SQL_HAS_TABLE: &str = "SELECT 1 FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 0 AND tbl = ?4 LIMIT 1";
+const SQL_SWITCH_ROWS: &str = "INSERT OR REPLACE INTO ferry_rows (tbl, id, data) \
+     SELECT tbl, row_id, data FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 0 AND data IS NOT NULL ORDER BY op_id";
+const SQL_SWITCH_ENTRIES: &str = "INSERT OR REPLACE INTO ferry_bucket_entries (bucket, tbl, row_id, op_id, checksum) \
+     SELECT bucket, tbl, row_id, op_id, checksum FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 0 ORDER BY op_id";
+const SQL_BUCKET_NAMES: &str = "SELECT name FROM ferry_buckets";
+
+/// Staged ops switched in at once on the op-by-op path.
+const SWITCH_PAGE_OPS: usize = 2_048;
+
+/// One staged op to insert: (bucket, op, op id as stored, encoded row).
+pub(crate) type StagedRow<'b> = (&'b str, &'b StagedOp, i64, Option<Vec<u8>>);
+
+impl<'c, 'b> Writer<'c, 'b> {
+    pub(crate) fn put_staged(&mut self, bucket: &'b str, op: &'b StagedOp) -> StoreResult<()> {
+        let op_id = ordered_key("staged op id", op.op_id)?;
+        self.staged
+            .push((bucket, op, op_id, op.data.as_ref().map(codec::encode_row)));
+        if self.staged.len() >= INSERT_CHUNK_ROWS * 16 {
+            self.flush_staged()?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush_staged(&mut self) -> StoreResult<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let mut chunks = staged.chunks_exact(INSERT_CHUNK_ROWS);
+        if chunks.len() > 0 {
+            let sql = multi_insert_sql(
+                "INSERT OR REPLACE INTO ferry_staged (bucket, op_id, kind, tbl, row_id, data, checksum)",
+                7,
+            );
+            let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
+            for chunk in chunks.by_ref() {
+                let kinds: Vec<u8> = chunk.iter().map(|(_, op, _, _)| op.kind.code()).collect();
+                let params = chunk.iter().zip(&kinds).flat_map(|((b, op, op_id, data), kind)| {
+                    [
+                        b as &dyn rusqlite::ToSql,
+                        op_id as &dyn rusqlite::ToSql,
+                        kind as &dyn rusqlite::ToSql,
+                        &op.table as &dyn rusqlite::ToSql,
+                        &op.row_id as &dyn rusqlite::ToSql,
+                        data as &dyn rusqlite::ToSql,
+                        &op.checksum as &dyn rusqlite::ToSql,
+                    ]
+                });
+                stmt.execute(rusqlite::params_from_iter(params)).map_err(sql_err)?;
+            }
+        }
+        let mut stmt = self.conn.prepare_cached(SQL_PUT_STAGED).map_err(sql_err)?;
+        for (bucket, op, op_id, data) in chunks.remainder() {
+            stmt.execute(params![
+                bucket,
+                op_id,
+                op.kind.code(),
+                op.table,
+                op.row_id,
+                data,
+                op.checksum
+            ])
+            .map_err(sql_err)?;
+        }
+        self.staged = staged;
+        self.staged.clear();
+        Ok(())
+    }
+
+    pub(crate) fn delete_staged(&mut self, bucket: &str, through_op_id: u64) -> StoreResult<()> {
+        self.conn
+            .prepare_cached(SQL_DELETE_STAGED)
+            .and_then(|mut s| s.execute(params![bucket, clamp_bound(through_op_id)]))
+            .map_err(sql_err)?;
+        Ok(())
+    }
+
+    /// `BatchOp::SwitchInStaged`: set-based when the range has no REMOVE
+    /// and no row of a table with indexes, op by op otherwise.
+    pub(crate) fn switch_in_staged(
+        &mut self,
+        schema: &Schema,
+        bucket: &str,
+        from: u64,
+        through: u64,
+    ) -> StoreResult<()> {
+        self.flush()?;
+        let (from, through) = (clamp_bound(from), clamp_bound(through));
+        let conn = self.conn;
+        let exists = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> StoreResult<bool> {
+            let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+            stmt.exists(p).map_err(sql_err)
+        };
+        let mut per_op = exists(SQL_HAS_REMOVE, &[&bucket, &from, &through])?;
+        for table in schema.tables().filter(|t| !t.indexes.is_empty()) {
+            if per_op {
+                break;
+            }
+            per_op = exists(SQL_HAS_TABLE, &[&bucket, &from, &through, &table.name])?;
+        }
+        if !per_op {
+            for sql in [SQL_SWITCH_ROWS, SQL_SWITCH_ENTRIES] {
+                conn.prepare_cached(sql)
+                    .and_then(|mut s| s.execute(params![bucket, from, through]))
+                    .map_err(sql_err)?;
+            }
+            return Ok(());
+        }
+        let buckets: Vec<String> = {
+            let mut stmt = conn.prepare_cached(SQL_BUCKET_NAMES).map_err(sql_err)?;
+            let names = stmt.query_map([], |r| r.get(0)).map_err(sql_err)?;
+            names.collect::<Result<_, _>>().map_err(sql_err)?
+        };
+        let mut after = from.saturating_sub(1);
+        loop {
+            let page = read_range(conn, bucket, after, through, SWITCH_PAGE_OPS)?;
+            let Some(last) = page.last() else { return Ok(()) };
+            after = ordered_key("staged op id", last.op_id)?;
+            let full = page.len() == SWITCH_PAGE_OPS;
+            for op in page {
+                match switch_effect(op) {
+                    SwitchEffect::Put { table, id, data, entry } => {
+                        if let Some(data) = data {
+                            self.put_synced(schema, &table, &id, &data)?;
+                        }
+                        let op_id = ordered_key("bucket entry op id", entry.op_id)?;
+                        conn.prepare_cached(crate::SQL_PUT_BUCKET_ENTRY)
+                            .and_then(|mut s| {
+                                s.execute(params![bucket, entry.table, entry.row_id, op_id, entry.checksum])
+                            })
+                            .map_err(sql_err)?;
+                    }
+                    SwitchEffect::Remove { table, id } => {
+                        conn.prepare_cached(SQL_DELETE_BUCKET_ENTRY)
+                            .and_then(|mut s| s.execute(params![bucket, table, id]))
+                            .map_err(sql_err)?;
+                        let mut held = false;
+                        for b in &buckets {
+                            held = exists(SQL_GET_BUCKET_ENTRY, &[b, &table, &id])?;
+                            if held {
+                                break;
+                            }
+                        }
+                        if !held && schema.table(&table).is_ok() {
+                            self.delete_synced(schema, &table, &id)?;
+                        }
+                    }
+                    SwitchEffect::Nothing => {}
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn staged_op(r: &rusqlite::Row<'_>) -> StoreResult<StagedOp> {
+    let op_id: i64 = r.get(0).map_err(sql_err)?;
+    let code: u8 = r.get(1).map_err(sql_err)?;
+    let kind = StagedKind::from_code(code).ok_or_else(|| StoreError::Corrupt(format!("staged op kind {code}")))?;
+    let data: Option<Vec<u8>> = r.get(4).map_err(sql_err)?;
+    Ok(StagedOp {
+        op_id: from_ordered_key("staged op id", op_id)?,
+        kind,
+        table: r.get(2).map_err(sql_err)?,
+        row_id: r.get(3).map_err(sql_err)?,
+        data: data.map(|d| codec::decode_row(&d)).transpose()?,
+        checksum: r.get(5).map_err(sql_err)?,
+    })
+}
+
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Staged ops of `bucket` in `(after, through]`, at most `limit`.
+fn read_range(conn: &Connection, bucket: &str, after: i64, through: i64, limit: usize) -> StoreResult<Vec<StagedOp>> {
+    crate::collect(
+        conn,
+        SQL_STAGED_RANGE,
+        params![bucket, after, through, limit_param(limit)],
+        staged_op,
+    )
+}
+
+/// `Store::staged_ops`.
+pub(crate) fn staged_ops(
+    conn: &Connection,
+    bucket: &str,
+    after_op_id: u64,
+    limit: usize,
+) -> StoreResult<Vec<StagedOp>> {
+    crate::collect(
+        conn,
+        SQL_STAGED_OPS,
+        params![bucket, clamp_bound(after_op_id), limit_param(limit)],
+        staged_op,
+    )
+}
+
+/// `Store::staged_buckets`.
+pub(crate) fn staged_buckets(conn: &Connection) -> StoreResult<Vec<String>> {
+    crate::collect(conn, SQL_STAGED_BUCKETS, [], |r| r.get(0).map_err(sql_err))
+}

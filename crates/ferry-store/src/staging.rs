@@ -1,0 +1,191 @@
+//! The staging area: ops of a checkpoint being downloaded, kept in the
+//! store as they arrive and switched into the synced layer at once when
+//! the checkpoint validated.
+//!
+//! Staged ops are keyed by `(bucket, op id)`: staging an op again (a line
+//! sent twice after a reconnect) replaces it. Reads of the synced, overlay
+//! and visible state never see them. [`BatchOp::SwitchInStaged`] applies a
+//! bucket's staged ops of an op id range to the synced layer inside the
+//! batch's transaction, reading them from the store itself, so a
+//! checkpoint of any size switches in without the client holding its rows
+//! in memory.
+//!
+//! [`BatchOp::SwitchInStaged`]: crate::BatchOp::SwitchInStaged
+
+use ferry_core::{RowData, Value};
+
+use crate::{BucketEntry, Store, StoreResult};
+
+/// What a staged op does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StagedKind {
+    /// Puts a row into the bucket.
+    Put,
+    /// Takes a row out of the bucket.
+    Remove,
+    /// Compacted away: nothing to apply, it only counts in checksums.
+    Move,
+    /// The bucket starts over here (compaction of a leading run).
+    Clear,
+}
+
+impl StagedKind {
+    /// The one-byte code backends store.
+    pub fn code(self) -> u8 {
+        match self {
+            StagedKind::Put => 0,
+            StagedKind::Remove => 1,
+            StagedKind::Move => 2,
+            StagedKind::Clear => 3,
+        }
+    }
+
+    /// The kind of a stored code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => StagedKind::Put,
+            1 => StagedKind::Remove,
+            2 => StagedKind::Move,
+            3 => StagedKind::Clear,
+            _ => return None,
+        })
+    }
+}
+
+/// One op of a bucket in the staging area.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagedOp {
+    /// The op's id (unique within its bucket).
+    pub op_id: u64,
+    /// What it does.
+    pub kind: StagedKind,
+    /// The row's table (empty for MOVE and CLEAR).
+    pub table: String,
+    /// The row's id (empty for MOVE and CLEAR).
+    pub row_id: String,
+    /// The row a PUT writes, with only the columns the client schema
+    /// declares; `None` for other kinds and for PUTs of tables the schema
+    /// does not declare (they are tracked in bucket entries only).
+    pub data: Option<RowData>,
+    /// The op's checksum.
+    pub checksum: u32,
+}
+
+impl StagedOp {
+    /// About how many bytes the op takes in memory, for budgets.
+    pub fn approx_bytes(&self) -> usize {
+        let data = self.data.as_ref().map_or(0, |d| {
+            d.iter()
+                .map(|(k, v)| {
+                    let value = match v {
+                        Value::Text(t) => t.len(),
+                        Value::Blob(b) => b.len(),
+                        _ => 8,
+                    };
+                    48 + k.len() + value
+                })
+                .sum::<usize>()
+        });
+        64 + self.table.len() + self.row_id.len() + data
+    }
+}
+
+/// What switching one staged op in does to the synced layer.
+#[derive(Debug, PartialEq)]
+pub enum SwitchEffect {
+    /// Put the bucket entry, and the row when the schema declares its table.
+    Put {
+        /// The row's table.
+        table: String,
+        /// The row's id.
+        id: String,
+        /// The row, `None` for a table the schema does not declare.
+        data: Option<RowData>,
+        /// The bucket entry.
+        entry: BucketEntry,
+    },
+    /// Drop the bucket entry; the row leaves the synced layer when no
+    /// bucket holds it any more.
+    Remove {
+        /// The row's table.
+        table: String,
+        /// The row's id.
+        id: String,
+    },
+    /// Nothing (MOVE, CLEAR).
+    Nothing,
+}
+
+/// The effect of switching `op` in: the same every backend applies.
+pub fn switch_effect(op: StagedOp) -> SwitchEffect {
+    match op.kind {
+        StagedKind::Put => SwitchEffect::Put {
+            entry: BucketEntry {
+                table: op.table.clone(),
+                row_id: op.row_id.clone(),
+                op_id: op.op_id,
+                checksum: op.checksum,
+            },
+            table: op.table,
+            id: op.row_id,
+            data: op.data,
+        },
+        StagedKind::Remove => SwitchEffect::Remove {
+            table: op.table,
+            id: op.row_id,
+        },
+        StagedKind::Move | StagedKind::Clear => SwitchEffect::Nothing,
+    }
+}
+
+/// What a bucket's staging area holds after some op id, summed up: enough
+/// to validate a checkpoint and resume a download without the ops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StagedSummary {
+    /// The last staged op id (0: none).
+    pub last_op_id: u64,
+    /// Ops staged.
+    pub count: u64,
+    /// The op id of the last CLEAR staged, if any.
+    pub clear_op_id: Option<u64>,
+    /// Wrapping sum of the checksums from the last CLEAR (included) on, or
+    /// of every op without a CLEAR.
+    pub checksum: u32,
+    /// Ops from the last CLEAR (included) on, or every op without one.
+    pub count_since_clear: u64,
+}
+
+impl StagedSummary {
+    /// Count one more op, staged after every op counted so far.
+    pub fn add(&mut self, op_id: u64, kind: StagedKind, checksum: u32) {
+        if kind == StagedKind::Clear {
+            self.clear_op_id = Some(op_id);
+            self.checksum = 0;
+            self.count_since_clear = 0;
+        }
+        self.checksum = self.checksum.wrapping_add(checksum);
+        self.count_since_clear += 1;
+        self.count += 1;
+        self.last_op_id = self.last_op_id.max(op_id);
+    }
+}
+
+/// Ops read at once when summing a bucket's staging area up.
+const SUMMARY_PAGE_OPS: usize = 4_096;
+
+/// Sum up the ops `bucket` has staged after `after_op_id`, reading them in
+/// pages (memory stays bounded whatever their number).
+pub fn staged_summary(store: &dyn Store, bucket: &str, after_op_id: u64) -> StoreResult<StagedSummary> {
+    let mut summary = StagedSummary::default();
+    let mut after = after_op_id;
+    loop {
+        let page = store.staged_ops(bucket, after, SUMMARY_PAGE_OPS)?;
+        for op in &page {
+            summary.add(op.op_id, op.kind, op.checksum);
+        }
+        match page.last() {
+            Some(last) if page.len() == SUMMARY_PAGE_OPS => after = last.op_id,
+            _ => return Ok(summary),
+        }
+    }
+}
