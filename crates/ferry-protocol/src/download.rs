@@ -11,6 +11,15 @@
 //! same `Download`, and [`Download::request`] resumes after them, so nothing
 //! already received is sent again. Duplicate or replayed data lines are
 //! ignored (an op id at or before the bucket's position is skipped).
+//!
+//! Staged ops live in the `Download` itself ([`Download::new`]) or, with
+//! [`Download::staging_out`], in the client's store: each `data` line's
+//! new ops are handed out ([`Step::Stage`]) for the client to write to
+//! its staging area, the `Download` keeps only their counts and checksum
+//! sums ([`StagedCount`]), and a validated checkpoint names the op id
+//! range of each bucket to switch in ([`BucketApply::staged`]). Buckets
+//! whose staged ops must go (a checksum failure, a bucket the checkpoint
+//! no longer names) are listed by [`Download::take_discards`].
 
 use std::collections::BTreeMap;
 
@@ -82,6 +91,48 @@ impl Default for DownloadLimits {
     }
 }
 
+/// A bucket's staged ops summed up: what validating a checkpoint and
+/// resuming a download need of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StagedCount {
+    /// The last staged op id (0: none).
+    pub last_op_id: u64,
+    /// Ops staged.
+    pub count: u64,
+    /// The op id of the last CLEAR staged, if any.
+    pub clear_op_id: Option<u64>,
+    /// Wrapping sum of the checksums from the last CLEAR (included) on, or
+    /// of every op without one.
+    pub checksum: u32,
+    /// Ops from the last CLEAR (included) on, or every op without one.
+    pub count_since_clear: u64,
+}
+
+impl StagedCount {
+    /// Count one more op, staged after every op counted so far.
+    pub fn add(&mut self, op: &OplogEntry) {
+        if op.op == OpKind::Clear {
+            self.clear_op_id = Some(op.op_id);
+            self.checksum = 0;
+            self.count_since_clear = 0;
+        }
+        self.checksum = self.checksum.wrapping_add(op.checksum);
+        self.count_since_clear += 1;
+        self.count += 1;
+        self.last_op_id = self.last_op_id.max(op.op_id);
+    }
+}
+
+/// The op ids of a bucket's staging area a checkpoint switches in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagedRange {
+    /// The first op id (the last CLEAR, or the first op after what the
+    /// client applied).
+    pub from_op_id: u64,
+    /// The last op id.
+    pub through_op_id: u64,
+}
+
 /// How one bucket changes when a checkpoint applies.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BucketApply {
@@ -91,8 +142,12 @@ pub struct BucketApply {
     /// again after a checksum mismatch): rows it held that `ops` do not put
     /// again leave it.
     pub reset: bool,
-    /// Entries to apply, in op id order (after the last CLEAR, if any).
+    /// Entries to apply, in op id order (after the last CLEAR, if any);
+    /// empty when the ops are staged in the store.
     pub ops: Vec<OplogEntry>,
+    /// With [`Download::staging_out`]: the staged ops to switch in (none
+    /// when nothing new arrived).
+    pub staged: Option<StagedRange>,
     /// The bucket's state once applied.
     pub state: AppliedBucket,
 }
@@ -128,6 +183,7 @@ impl CheckpointApply {
                     bucket: b.bucket.clone(),
                     reset: b.reset,
                     ops: Vec::new(),
+                    staged: b.staged,
                     state: b.state,
                 })
                 .collect(),
@@ -142,6 +198,14 @@ impl CheckpointApply {
 pub enum Step {
     /// Nothing yet.
     Continue,
+    /// With [`Download::staging_out`]: write these new ops of `bucket` to
+    /// the staging area (before any later step's writes).
+    Stage {
+        /// The bucket.
+        bucket: String,
+        /// Its new ops, in op id order.
+        ops: Vec<OplogEntry>,
+    },
     /// Apply this checkpoint, then call [`Download::applied`].
     Apply(CheckpointApply),
     /// These buckets failed their checksums: their staged data was dropped
@@ -167,7 +231,10 @@ pub struct Download {
     applied: BTreeMap<String, AppliedBucket>,
     /// Buckets to download from scratch (checksum mismatch).
     resetting: std::collections::BTreeSet<String>,
+    /// Staged ops kept here (without `staging_out`).
     staged: BTreeMap<String, Vec<OplogEntry>>,
+    /// Every bucket's staged ops, summed up.
+    counts: BTreeMap<String, StagedCount>,
     /// Ops handed out in a [`CheckpointApply`] and not yet confirmed, by
     /// bucket: (last op id, number of staged ops it took). They still count
     /// as staged.
@@ -175,6 +242,10 @@ pub struct Download {
     staged_ops: usize,
     target: Option<Checkpoint>,
     limits: DownloadLimits,
+    /// Staged ops live in the client's store.
+    external: bool,
+    /// Buckets whose staged ops in the store must be dropped.
+    discards: Vec<String>,
 }
 
 impl Download {
@@ -185,6 +256,49 @@ impl Download {
             limits,
             ..Download::default()
         }
+    }
+
+    /// Start from what the store holds, staging ops in the store: the
+    /// buckets being downloaded again from scratch and what each bucket
+    /// has staged beyond its applied state (or from 0 when resetting).
+    pub fn staging_out(
+        applied: impl IntoIterator<Item = (String, AppliedBucket)>,
+        resetting: impl IntoIterator<Item = String>,
+        staged: impl IntoIterator<Item = (String, StagedCount)>,
+        limits: DownloadLimits,
+    ) -> Self {
+        let counts: BTreeMap<String, StagedCount> = staged.into_iter().filter(|(_, c)| c.count > 0).collect();
+        let staged_ops = counts
+            .values()
+            .map(|c| usize::try_from(c.count).unwrap_or(usize::MAX))
+            .fold(0usize, usize::saturating_add);
+        Download {
+            applied: applied.into_iter().collect(),
+            resetting: resetting.into_iter().collect(),
+            counts,
+            staged_ops,
+            limits,
+            external: true,
+            ..Download::default()
+        }
+    }
+
+    /// Whether staged ops live in the client's store.
+    pub fn stages_out(&self) -> bool {
+        self.external
+    }
+
+    /// The buckets being downloaded again from scratch (after a checksum
+    /// failure), which a client staging out keeps with its staged ops.
+    pub fn resetting(&self) -> &std::collections::BTreeSet<String> {
+        &self.resetting
+    }
+
+    /// Buckets whose staged ops in the store must be dropped, in the order
+    /// the `Download` dropped them; the client drops them before it writes
+    /// any op a later step hands out.
+    pub fn take_discards(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.discards)
     }
 
     /// The applied state of every bucket.
@@ -211,9 +325,9 @@ impl Download {
             } else {
                 self.applied.get(&b.bucket).map_or(0, |a| a.count)
             };
-            let staged = self.staged.get(&b.bucket).map_or(0, Vec::len);
+            let staged = self.counts.get(&b.bucket).map_or(0, |c| c.count);
             let handed_out = self.handed_out.get(&b.bucket).map_or(0, |(_, n)| *n);
-            let received = u64::try_from(staged + handed_out).unwrap_or(u64::MAX);
+            let received = staged.saturating_add(u64::try_from(handed_out).unwrap_or(u64::MAX));
             let expected = b.count.saturating_sub(base).max(received);
             progress.ops_received = progress.ops_received.saturating_add(received);
             progress.ops_expected = progress.ops_expected.saturating_add(expected);
@@ -232,8 +346,8 @@ impl Download {
     }
 
     fn position(&self, bucket: &str) -> u64 {
-        if let Some(last) = self.staged.get(bucket).and_then(|ops| ops.last()) {
-            return last.op_id;
+        if let Some(c) = self.counts.get(bucket).filter(|c| c.count > 0) {
+            return c.last_op_id;
         }
         if let Some((last, _)) = self.handed_out.get(bucket) {
             return *last;
@@ -249,7 +363,7 @@ impl Download {
         let names: std::collections::BTreeSet<&String> = self
             .applied
             .keys()
-            .chain(self.staged.keys())
+            .chain(self.counts.keys())
             .chain(self.handed_out.keys())
             .collect();
         StreamRequest {
@@ -327,6 +441,19 @@ impl Download {
                     });
                 }
                 self.staged_ops += fresh.len();
+                let count = self.counts.entry(batch.bucket.clone()).or_default();
+                for op in &fresh {
+                    count.add(op);
+                }
+                if self.external {
+                    if fresh.is_empty() {
+                        return Ok(Step::Continue);
+                    }
+                    return Ok(Step::Stage {
+                        bucket: batch.bucket,
+                        ops: fresh,
+                    });
+                }
                 self.staged.entry(batch.bucket).or_default().extend(fresh);
                 Ok(Step::Continue)
             }
@@ -356,22 +483,16 @@ impl Download {
         }
         // Staged data of buckets no longer in the checkpoint is useless.
         let keep: std::collections::BTreeSet<&str> = cp.buckets.iter().map(|b| b.bucket.as_str()).collect();
-        let mut dropped = 0;
-        self.staged.retain(|name, ops| {
-            let k = keep.contains(name.as_str());
-            if !k {
-                dropped += ops.len();
-            }
-            k
-        });
-        self.handed_out.retain(|name, (_, n)| {
-            let k = keep.contains(name.as_str());
-            if !k {
-                dropped += *n;
-            }
-            k
-        });
-        self.staged_ops -= dropped;
+        let gone: Vec<String> = self
+            .counts
+            .keys()
+            .chain(self.handed_out.keys())
+            .filter(|name| !keep.contains(name.as_str()))
+            .cloned()
+            .collect();
+        for name in &gone {
+            self.drop_staged(name, true);
+        }
         self.target = Some(cp);
         Ok(())
     }
@@ -391,19 +512,20 @@ impl Download {
         // checksums tell whether anything is missing).
         let pending: Vec<String> = self.handed_out.keys().cloned().collect();
         for name in &pending {
-            self.drop_staged(name);
+            self.drop_staged(name, true);
         }
-        // Validate every bucket first, without touching the staged ops.
+        // Validate every bucket first, from the counts alone.
         struct Plan {
             reset: bool,
-            first: usize,
+            count: StagedCount,
+            from_op_id: u64,
             state: AppliedBucket,
         }
         let mut failed = Vec::new();
         let mut plans: Vec<(usize, Plan)> = Vec::new();
         for (i, b) in target.buckets.iter().enumerate() {
-            let staged = self.staged.get(&b.bucket).map(Vec::as_slice).unwrap_or_default();
-            if staged.iter().any(|op| op.op_id > target.last_op_id) {
+            let count = self.counts.get(&b.bucket).copied().unwrap_or_default();
+            if count.last_op_id > target.last_op_id {
                 return Err(ProtocolError::Unexpected("data beyond the checkpoint"));
             }
             let reset_by_resync = self.resetting.contains(&b.bucket);
@@ -412,34 +534,31 @@ impl Download {
             } else {
                 self.applied.get(&b.bucket).copied().unwrap_or_default()
             };
-            let last_clear = staged.iter().rposition(|op| op.op == OpKind::Clear);
-            let (mut state, first) = match last_clear {
-                Some(i) => (
-                    AppliedBucket {
-                        last_op_id: base.last_op_id,
-                        checksum: 0,
-                        count: 0,
-                    },
-                    i,
-                ),
-                None => (base, 0),
+            let state = if count.clear_op_id.is_some() {
+                AppliedBucket {
+                    last_op_id: base.last_op_id.max(count.last_op_id),
+                    checksum: count.checksum,
+                    count: count.count_since_clear,
+                }
+            } else {
+                AppliedBucket {
+                    last_op_id: base.last_op_id.max(count.last_op_id),
+                    checksum: base.checksum.wrapping_add(count.checksum),
+                    count: base.count + count.count,
+                }
             };
-            for op in &staged[first..] {
-                state.checksum = state.checksum.wrapping_add(op.checksum);
-                state.count += 1;
-                state.last_op_id = state.last_op_id.max(op.op_id);
-            }
             if state.checksum != b.checksum {
                 failed.push(b.bucket.clone());
                 continue;
             }
-            let changed = first < staged.len() || reset_by_resync || !self.applied.contains_key(&b.bucket);
+            let changed = count.count > 0 || reset_by_resync || !self.applied.contains_key(&b.bucket);
             if changed {
                 plans.push((
                     i,
                     Plan {
-                        reset: reset_by_resync || last_clear.is_some(),
-                        first,
+                        reset: reset_by_resync || count.clear_op_id.is_some(),
+                        count,
+                        from_op_id: count.clear_op_id.unwrap_or(base.last_op_id.saturating_add(1)),
                         state,
                     },
                 ));
@@ -447,28 +566,36 @@ impl Download {
         }
         if !failed.is_empty() {
             for name in &failed {
-                self.drop_staged(name);
+                self.drop_staged(name, true);
                 self.resetting.insert(name.clone());
             }
             return Ok(Step::Resync { buckets: failed });
         }
-        // Every bucket validated: hand the ops over by value.
+        // Every bucket validated: hand the ops (or their range) over.
         let mut buckets = Vec::with_capacity(plans.len());
         for (i, plan) in plans {
             let name = &target.buckets[i].bucket;
-            let staged = self.staged.get_mut(name).map(std::mem::take).unwrap_or_default();
-            if let Some(last) = staged.last() {
-                self.handed_out.insert(name.clone(), (last.op_id, staged.len()));
+            self.counts.remove(name);
+            if plan.count.count > 0 {
+                let n = usize::try_from(plan.count.count).unwrap_or(usize::MAX);
+                self.handed_out.insert(name.clone(), (plan.count.last_op_id, n));
             }
-            let ops = staged
+            let staged = (self.external && plan.count.count > 0).then_some(StagedRange {
+                from_op_id: plan.from_op_id,
+                through_op_id: plan.count.last_op_id,
+            });
+            let ops = self
+                .staged
+                .remove(name)
+                .unwrap_or_default()
                 .into_iter()
-                .skip(plan.first)
-                .filter(|op| op.op != OpKind::Clear)
+                .filter(|op| op.op_id >= plan.from_op_id && op.op != OpKind::Clear)
                 .collect();
             buckets.push(BucketApply {
                 bucket: name.clone(),
                 reset: plan.reset,
                 ops,
+                staged,
                 state: plan.state,
             });
         }
@@ -487,13 +614,26 @@ impl Download {
         }))
     }
 
-    /// Forget a bucket's staged and handed-out ops.
-    fn drop_staged(&mut self, name: &str) {
+    /// Forget a bucket's staged and handed-out ops; `discard`: the store's
+    /// copy must go too.
+    fn drop_staged(&mut self, name: &str, discard: bool) {
+        let mut had = false;
         if let Some(ops) = self.staged.remove(name) {
-            self.staged_ops -= ops.len();
+            had = true;
+            drop(ops);
+        }
+        if let Some(c) = self.counts.remove(name) {
+            had = true;
+            self.staged_ops = self
+                .staged_ops
+                .saturating_sub(usize::try_from(c.count).unwrap_or(usize::MAX));
         }
         if let Some((_, n)) = self.handed_out.remove(name) {
-            self.staged_ops -= n;
+            had = true;
+            self.staged_ops = self.staged_ops.saturating_sub(n);
+        }
+        if had && discard && self.external {
+            self.discards.push(name.to_owned());
         }
     }
 
@@ -503,21 +643,22 @@ impl Download {
     pub fn apply_failed(&mut self) {
         let pending: Vec<String> = self.handed_out.keys().cloned().collect();
         for name in &pending {
-            self.drop_staged(name);
+            self.drop_staged(name, true);
         }
     }
 
     /// The client applied `apply` to its store: move it from staged to
-    /// applied.
+    /// applied. (A client staging out drops the switched-in ops from its
+    /// store itself, by their range.)
     pub fn applied(&mut self, apply: &CheckpointApply) {
         for b in &apply.buckets {
-            self.drop_staged(&b.bucket);
+            self.drop_staged(&b.bucket, false);
             self.resetting.remove(&b.bucket);
             self.applied.insert(b.bucket.clone(), b.state);
         }
         for name in &apply.removed_buckets {
             self.applied.remove(name);
-            self.drop_staged(name);
+            self.drop_staged(name, true);
         }
     }
 }

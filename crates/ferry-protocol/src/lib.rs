@@ -19,7 +19,8 @@ pub use checksum::op_checksum;
 pub use compact::compact;
 pub use data_line::DataLineWriter;
 pub use download::{
-    AppliedBucket, BucketApply, BucketProgress, CheckpointApply, Download, DownloadLimits, DownloadProgress, Step,
+    AppliedBucket, BucketApply, BucketProgress, CheckpointApply, Download, DownloadLimits, DownloadProgress,
+    StagedCount, StagedRange, Step,
 };
 pub use error::ProtocolError;
 pub use lines::{decode_line, encode_line, LineSplitter, DEFAULT_MAX_LINE_BYTES};

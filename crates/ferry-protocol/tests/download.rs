@@ -9,7 +9,7 @@ use ferry_core::testkit::check;
 use ferry_protocol::download::checksum_of;
 use ferry_protocol::{
     AppliedBucket, BucketChecksum, BucketRequest, Checkpoint, CheckpointApply, CheckpointDiff, DataBatch, Download,
-    DownloadLimits, ErrorCode, OpKind, OplogEntry, ProtocolError, ServerError, Step, StreamLine,
+    DownloadLimits, ErrorCode, OpKind, OplogEntry, ProtocolError, ServerError, StagedCount, Step, StreamLine,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -840,6 +840,47 @@ struct Client {
     truth: BTreeMap<String, u32>,
     /// Buckets with a corrupted op staged.
     tainted: BTreeSet<String>,
+    /// With `Download::staging_out`: the client's staging area (bucket ->
+    /// op id -> op) and the resetting buckets it keeps.
+    store: Option<BTreeMap<String, BTreeMap<u64, OplogEntry>>>,
+}
+
+impl Client {
+    fn new(staging_out: bool) -> Self {
+        let mut c = Client::default();
+        if staging_out {
+            c.store = Some(BTreeMap::new());
+            c.download = Download::staging_out([], [], [], DownloadLimits::default());
+        }
+        c
+    }
+
+    /// A restart: the download state is rebuilt from what the store keeps.
+    fn restart(&mut self) {
+        let applied = self.download.applied_buckets().clone();
+        let Some(store) = &self.store else {
+            self.download = Download::new(applied, DownloadLimits::default());
+            self.tainted.clear();
+            return;
+        };
+        let resetting = self.download.resetting().clone();
+        let counts: Vec<(String, StagedCount)> = store
+            .iter()
+            .map(|(bucket, ops)| {
+                let base = if resetting.contains(bucket) {
+                    0
+                } else {
+                    applied.get(bucket).map_or(0, |a| a.last_op_id)
+                };
+                let mut count = StagedCount::default();
+                for op in ops.range(base + 1..).map(|(_, op)| op) {
+                    count.add(op);
+                }
+                (bucket.clone(), count)
+            })
+            .collect();
+        self.download = Download::staging_out(applied, resetting, counts, DownloadLimits::default());
+    }
 }
 
 fn non_empty(rows: &BTreeMap<String, Rows>) -> BTreeMap<String, Rows> {
@@ -936,6 +977,12 @@ fn deliver(client: &mut Client, sent: &Sent, first: bool) -> Result<bool, TestCa
         .download
         .handle(sent.line.clone())
         .map_err(|e| TestCaseError::fail(format!("line refused: {e}: {:?}", sent.line)))?;
+    let discards = client.download.take_discards();
+    if let Some(store) = &mut client.store {
+        for name in discards {
+            store.remove(&name);
+        }
+    }
     if let StreamLine::Data(batch) = &sent.line {
         if first {
             // Resume never sends again what the client already holds.
@@ -953,6 +1000,16 @@ fn deliver(client: &mut Client, sent: &Sent, first: bool) -> Result<bool, TestCa
     }
     match step {
         Step::Continue | Step::TokenExpiring { .. } => Ok(true),
+        Step::Stage { bucket, ops } => {
+            let Some(store) = &mut client.store else {
+                return Err(TestCaseError::fail("ops handed out to stage without staging_out"));
+            };
+            let staged = store.entry(bucket).or_default();
+            for op in ops {
+                staged.insert(op.op_id, op);
+            }
+            Ok(true)
+        }
         Step::Resync { buckets } => {
             let named: BTreeSet<String> = buckets.iter().cloned().collect();
             prop_assert!(
@@ -980,7 +1037,19 @@ fn deliver(client: &mut Client, sent: &Sent, first: bool) -> Result<bool, TestCa
                 if b.reset {
                     rows.clear();
                 }
-                for op in &b.ops {
+                let mut ops = b.ops.clone();
+                if let (Some(store), Some(range)) = (&mut client.store, b.staged) {
+                    prop_assert!(b.ops.is_empty(), "ops handed out while staging out");
+                    let staged = store.entry(b.bucket.clone()).or_default();
+                    ops = staged
+                        .range(range.from_op_id..=range.through_op_id)
+                        .map(|(_, op)| op.clone())
+                        .filter(|op| op.op != OpKind::Clear)
+                        .collect();
+                    // Switched in: the client drops them.
+                    *staged = staged.split_off(&(range.through_op_id + 1));
+                }
+                for op in &ops {
                     let key = (
                         op.object_type.clone().unwrap_or_default(),
                         op.object_id.clone().unwrap_or_default(),
@@ -1025,9 +1094,9 @@ fn connect(client: &Client, server: &Server, corrupt: Corrupt, chunk: usize) -> 
     conn
 }
 
-fn run_sync(acts: Vec<Act>) -> Result<(), TestCaseError> {
+fn run_sync(acts: Vec<Act>, staging_out: bool) -> Result<(), TestCaseError> {
     let mut server = Server::new();
-    let mut client = Client::default();
+    let mut client = Client::new(staging_out);
     let mut conn: Option<Conn> = None;
     for act in acts {
         match act {
@@ -1077,9 +1146,7 @@ fn run_sync(acts: Vec<Act>) -> Result<(), TestCaseError> {
             Act::Disconnect => conn = None,
             Act::Restart => {
                 conn = None;
-                let applied = client.download.applied_buckets().clone();
-                client.download = Download::new(applied, DownloadLimits::default());
-                client.tainted.clear();
+                client.restart();
             }
         }
     }
@@ -1115,6 +1182,19 @@ fn faulty_streams_converge_to_the_server() {
         "faulty_streams_converge_to_the_server",
         256,
         prop::collection::vec(act(), 0..60),
-        run_sync,
+        |acts| run_sync(acts, false),
+    );
+}
+
+/// The same with the staged ops kept in a (model) store: handed out as
+/// they arrive, switched in by range, discarded when the `Download` says,
+/// and kept across restarts, which resume from them.
+#[test]
+fn faulty_streams_converge_to_the_server_staging_out() {
+    check(
+        "faulty_streams_converge_to_the_server_staging_out",
+        256,
+        prop::collection::vec(act(), 0..60),
+        |acts| run_sync(acts, true),
     );
 }
