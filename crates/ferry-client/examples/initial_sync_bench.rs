@@ -1,24 +1,26 @@
 //! Initial sync benchmark: N ticket rows from a real server over HTTP into a
-//! fresh client on SQLite.
+//! fresh client on SQLite, server and client each in a process of its own.
 //!
-//! `cargo run --release -p ferry-client --example initial_sync_bench`
+//! `cargo run --release -p ferry-client --example initial_sync_bench [-- 100000 1000000]`
 //!
-//! Environment:
-//! - `N` rows (default 1,000,000);
-//! - `FERRY_BENCH_SERVER_DIR`: keep the server's data there and reuse it
-//!   when it already holds exactly N ops (loading is not measured, but it
-//!   takes a while);
-//! - `FERRY_BENCH_RULES`: a sync rules file instead of the embedded ticket
-//!   tracker rules (which the benchmark's rows follow);
-//! - `BREAKDOWN=1`: also time each stage on its own (server read+encode,
-//!   HTTP transport, client parse, download state machine, plan, store
-//!   apply), printed to stderr.
+//! For each N (default 100,000 and 1,000,000) it starts this program again
+//! as the server (`FERRY_BENCH_ROLE=server`: an embedded `ferry-server` in a
+//! temporary directory, loaded with N rows through `SyncService::import`
+//! while it serves), then again as the client (`FERRY_BENCH_ROLE=client`:
+//! connect, wait for the checkpoint holding every row, count them, report
+//! its own peak resident memory), and measures the floor: a plain rusqlite
+//! bulk insert of the same rows into a fresh file. It prints one JSON line
+//! per N:
+//! `{"engine":"ferry","N":..,"sync_s":..,"rows_per_s":..,"floor_s":..,"client_peak_rss_mb":..,"server_load_rows_per_s":..}`
+//! where `sync_s` runs from `connect` until the checkpoint is applied
+//! (committed, so queryable).
 //!
-//! Prints one JSON line: `{"engine":"ferry","N":..,"sync_s":..,"rows_per_s":..}`
-//! where `sync_s` runs from `connect` until the checkpoint holding every row
-//! is applied (committed, so queryable); the row count is asserted after.
+//! `FERRY_BENCH_RULES`: a sync rules file instead of the embedded ticket
+//! tracker rules (which the benchmark's rows follow).
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,18 +28,16 @@ use anyhow::{bail, Context};
 use ferry_client::StaticToken;
 use ferry_core::{CrudOp, RowData, Value};
 use ferry_http::HttpTransport;
-use ferry_protocol::{decode_line, Download, DownloadLimits, Step, StreamLine, StreamRequest};
-use ferry_queue::LocalDb;
-use ferry_server::{mint_token, SyncRules, SyncService};
-use ferry_sqlite::SqliteStore;
-use ferry_transport::{SyncHandler, Transport};
+use ferry_server::mint_token;
+use ferry_transport::Transport;
 
 mod bench_common;
 
 use bench_common::{open_client, BenchServer, SECRET};
 
 const LOAD_CHUNK_ROWS: u64 = 50_000;
-const SYNC_TIMEOUT_MS: u64 = 600_000;
+const SYNC_TIMEOUT_MS: u64 = 900_000;
+const ROLE: &str = "FERRY_BENCH_ROLE";
 
 fn ticket(i: u64) -> (String, RowData) {
     let id = format!("ticket-{i:010}");
@@ -65,18 +65,26 @@ fn ticket(i: u64) -> (String, RowData) {
     (id, d)
 }
 
-async fn load(service: &SyncService, n: u64) -> anyhow::Result<()> {
-    let have = {
-        let db = service.db().clone();
-        tokio::task::spawn_blocking(move || db.oplog_len()).await??
-    };
-    if have == n {
-        eprintln!("server already holds {n} ops: not loading");
-        return Ok(());
-    }
-    if have != 0 {
-        bail!("server data dir holds {have} ops, not {n}: use an empty directory");
-    }
+/// The peak resident memory of this process so far, in MB (`VmHWM`).
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The server role: load N rows, print `url load_s`, serve until stdin
+/// closes.
+async fn serve(n: u64) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let bench = BenchServer::start(tmp.path().join("server")).await?;
+    let service = &bench.server.service;
     let t = Instant::now();
     let mut next = 1;
     while next <= n {
@@ -94,170 +102,162 @@ async fn load(service: &SyncService, n: u64) -> anyhow::Result<()> {
         service.import(ops).await?;
         next = end + 1;
     }
-    eprintln!("loaded {n} rows in {:.1} s", t.elapsed().as_secs_f64());
+    println!("{} {}", bench.base_url, t.elapsed().as_secs_f64());
+    // Serve until the parent closes stdin.
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    })
+    .await?;
+    bench.stop().await;
     Ok(())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
-    let n: u64 = std::env::var("N")
-        .ok()
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
-    let breakdown = std::env::var("BREAKDOWN").is_ok_and(|v| v == "1");
+/// The client role: sync N rows from `url`, print `sync_s peak_rss_mb`.
+async fn client(n: u64, url: String) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    let server_dir = match std::env::var("FERRY_BENCH_SERVER_DIR") {
-        Ok(d) => PathBuf::from(d),
-        Err(_) => tmp.path().join("server"),
+    let rules = match std::env::var("FERRY_BENCH_RULES") {
+        Ok(p) => ferry_server::SyncRules::from_file(Path::new(&p))?,
+        Err(_) => ferry_server::SyncRules::ticket_tracker()?,
     };
-    let bench = BenchServer::start(server_dir).await?;
-    let (server, rules) = (&bench.server, &bench.rules);
-    load(&server.service, n).await?;
-
     let token = mint_token(SECRET, "bench-user", 3600, &serde_json::Map::new());
-    let user = server.service.authenticate(&token)?;
-    let target = server.service.checkpoint(&user, "bench-client").await?.last_op_id;
-    let base_url = bench.base_url.clone();
-
-    // The measured run: connect, wait for the checkpoint, count.
-    let client_dir = tmp.path().join("client");
-    std::fs::create_dir_all(&client_dir)?;
-    let db = open_client(&client_dir, rules)?;
-    let transport: Arc<dyn Transport> = Arc::new(HttpTransport::new(base_url.clone())?);
+    let db = open_client(&tmp.path().join("client"), &rules)?;
+    let transport: Arc<dyn Transport> = Arc::new(HttpTransport::new(url)?);
     let t0 = Instant::now();
-    db.connect(transport, Arc::new(StaticToken(token.clone())));
+    db.connect(transport, Arc::new(StaticToken(token)));
+    // The server loaded every row before it answered: the first checkpoint
+    // holds them all.
     let done = db
-        .wait_for_status(SYNC_TIMEOUT_MS, |s| s.last_applied_op_id.is_some_and(|id| id >= target))
+        .wait_for_status(SYNC_TIMEOUT_MS, |s| {
+            s.last_applied_op_id.is_some() && s.has_synced && !s.downloading
+        })
         .await;
     let sync_s = t0.elapsed().as_secs_f64();
     if !done {
         bail!("sync did not finish within {SYNC_TIMEOUT_MS} ms: {:?}", db.status());
     }
     db.disconnect().await;
-    let t_count = Instant::now();
-    let count = db.local().scan("tickets")?.len() as u64;
-    eprintln!(
-        "counted {count} rows in {:.2} s (after the timer)",
-        t_count.elapsed().as_secs_f64()
-    );
+    let rss = peak_rss_mb();
+    let count = db.local().store().scan_synced("tickets")?.len() as u64;
     if count != n {
         bail!("client holds {count} tickets, expected {n}");
     }
-    drop(db);
-
-    if breakdown {
-        stage_breakdown(&server.service, &base_url, &token, &tmp.path().join("stages"), rules, n).await?;
-    }
-
-    println!(
-        "{}",
-        serde_json::json!({
-            "engine": "ferry",
-            "N": n,
-            "sync_s": (sync_s * 1000.0).round() / 1000.0,
-            "rows_per_s": (n as f64 / sync_s).round(),
-        })
-    );
-    bench.stop().await;
+    println!("{sync_s} {rss}");
     Ok(())
 }
 
-fn is_complete(line: &[u8]) -> bool {
-    line.starts_with(b"{\"checkpoint_complete\"")
+/// A plain rusqlite bulk insert of the same rows into a fresh file.
+fn floor(n: u64, dir: &Path) -> anyhow::Result<f64> {
+    let path = dir.join("floor.db");
+    let _ = std::fs::remove_file(&path);
+    let t = Instant::now();
+    let mut conn = rusqlite::Connection::open(&path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         CREATE TABLE tickets (id TEXT PRIMARY KEY, title TEXT, description TEXT, status TEXT,
+             deleted_at TEXT, created_at TEXT, updated_at TEXT, version INTEGER) WITHOUT ROWID;",
+    )?;
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare("INSERT INTO tickets VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
+        for i in 1..=n {
+            let (id, d) = ticket(i);
+            let text = |c: &str| match d.get(c) {
+                Some(Value::Text(t)) => Some(t.clone()),
+                _ => None,
+            };
+            stmt.execute(rusqlite::params![
+                id,
+                text("title"),
+                text("description"),
+                text("status"),
+                text("deleted_at"),
+                text("created_at"),
+                text("updated_at"),
+                1i64
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
-/// Each stage of the pipeline on its own, in sequence.
-async fn stage_breakdown(
-    service: &SyncService,
-    base_url: &str,
-    token: &str,
-    dir: &std::path::Path,
-    rules: &SyncRules,
-    n: u64,
-) -> anyhow::Result<()> {
-    let request = StreamRequest {
-        client_id: "stages".into(),
-        buckets: Vec::new(),
+fn run_one(n: u64, dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let mut server = Command::new(&exe)
+        .env(ROLE, "server")
+        .env("N", n.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the server process")?;
+    let mut first = String::new();
+    BufReader::new(server.stdout.take().context("server stdout")?).read_line(&mut first)?;
+    let mut parts = first.split_whitespace();
+    let (Some(url), Some(load_s)) = (parts.next(), parts.next()) else {
+        let _ = server.kill();
+        bail!("the server process printed {first:?}");
     };
-    // 1. Server: read + encode, through the SyncHandler, as the HTTP route
-    //    would (no socket).
-    let t = Instant::now();
-    let mut rx = SyncHandler::stream_lines(service, token, request.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut bytes = 0usize;
-    while let Some(line) = rx.recv().await {
-        let encoded = line.into_bytes();
-        bytes += encoded.len();
-        if is_complete(&encoded) {
-            break;
-        }
+    let load_s: f64 = load_s.parse()?;
+    let out = Command::new(&exe)
+        .env(ROLE, "client")
+        .env("N", n.to_string())
+        .env("URL", url)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run the client process")?;
+    drop(server.stdin.take());
+    let _ = server.wait();
+    if !out.status.success() {
+        bail!("the client process failed: {}", out.status);
     }
-    drop(rx);
-    eprintln!(
-        "stage server read+encode: {:.2} s ({} MB)",
-        t.elapsed().as_secs_f64(),
-        bytes / 1_000_000
-    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let (Some(sync_s), Some(rss)) = (parts.next(), parts.next()) else {
+        bail!("the client process printed {text:?}");
+    };
+    let (sync_s, rss): (f64, f64) = (sync_s.parse()?, rss.parse()?);
+    let floor_s = floor(n, dir)?;
+    Ok(serde_json::json!({
+        "engine": "ferry",
+        "N": n,
+        "sync_s": round3(sync_s),
+        "rows_per_s": (n as f64 / sync_s).round(),
+        "floor_s": round3(floor_s),
+        "client_peak_rss_mb": rss.round(),
+        "server_load_rows_per_s": (n as f64 / load_s).round(),
+    }))
+}
 
-    // 2. The same plus HTTP to the client's line splitter.
-    let transport = HttpTransport::new(base_url)?;
-    let t = Instant::now();
-    let mut stream = transport.open_stream(token, serde_json::to_vec(&request)?).await?;
-    let mut lines = Vec::new();
-    while let Some(line) = stream.next_line().await? {
-        let complete = is_complete(&line);
-        lines.push(line);
-        if complete {
-            break;
+fn main() -> anyhow::Result<()> {
+    let n_env = || -> anyhow::Result<u64> { Ok(std::env::var("N")?.parse()?) };
+    match std::env::var(ROLE).as_deref() {
+        Ok("server") => {
+            let n = n_env()?;
+            return tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(serve(n));
         }
-    }
-    drop(stream);
-    eprintln!(
-        "stage server+http (lines in hand): {:.2} s ({} lines)",
-        t.elapsed().as_secs_f64(),
-        lines.len()
-    );
-
-    // 3. Client parse.
-    let t = Instant::now();
-    let parsed: Vec<StreamLine> = lines
-        .iter()
-        .map(|l| decode_line(l, ferry_protocol::DEFAULT_MAX_LINE_BYTES))
-        .collect::<Result<_, _>>()?;
-    drop(lines);
-    eprintln!("stage client parse: {:.2} s", t.elapsed().as_secs_f64());
-
-    // 4. Download state machine (staging, checksums).
-    let t = Instant::now();
-    let mut download = Download::new(Vec::new(), DownloadLimits::default());
-    let mut apply = None;
-    for line in parsed {
-        if let Step::Apply(a) = download.handle(line)? {
-            apply = Some(a);
+        Ok("client") => {
+            let (n, url) = (n_env()?, std::env::var("URL")?);
+            return tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(client(n, url));
         }
+        _ => {}
     }
-    let apply = apply.context("no checkpoint to apply")?;
-    eprintln!("stage download handle: {:.2} s", t.elapsed().as_secs_f64());
-
-    // 5. Plan and 6. store apply.
-    std::fs::create_dir_all(dir)?;
-    let store = SqliteStore::open(dir.join("client.db"), rules.schema().clone())?;
-    let local = LocalDb::open(Arc::new(store))?;
-    let t = Instant::now();
-    let batch = ferry_client::apply::plan_checkpoint_owned(local.store().as_ref(), apply)?;
-    eprintln!(
-        "stage plan_checkpoint: {:.2} s ({} batch ops)",
-        t.elapsed().as_secs_f64(),
-        batch.len()
-    );
-    let t = Instant::now();
-    local.apply_server_changes(batch, None)?;
-    eprintln!("stage apply_server_changes: {:.2} s", t.elapsed().as_secs_f64());
-    let count = local.scan("tickets")?.len() as u64;
-    if count != n {
-        bail!("stage client holds {count} tickets, expected {n}");
+    let ns: Vec<u64> = match std::env::args().skip(1).collect::<Vec<_>>() {
+        args if args.is_empty() => vec![100_000, 1_000_000],
+        args => args.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+    };
+    let tmp = tempfile::tempdir()?;
+    let dir: PathBuf = tmp.path().to_path_buf();
+    for n in ns {
+        println!("{}", run_one(n, &dir)?);
     }
     Ok(())
 }

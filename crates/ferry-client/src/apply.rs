@@ -173,3 +173,71 @@ pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> Store
     }
     Ok(batch)
 }
+
+/// The batch that applies a checkpoint whose ops are staged in the store
+/// (`Download::staging_out`), and the ranges it switches in, in the order
+/// it switches them: buckets reset or removed are emptied and their rows
+/// that no bucket holds any more leave first, then every bucket state is
+/// written, then each bucket's staged range switches in (the store puts
+/// and removes the rows, so none is held here).
+pub fn plan_staged_checkpoint(
+    store: &dyn Store,
+    apply: &CheckpointApply,
+) -> StoreResult<(WriteBatch, Vec<ferry_queue::StagedSwitch>)> {
+    let schema = store.schema();
+    let mut batch = WriteBatch::new();
+    let mut candidates: TouchedRows = BTreeSet::new();
+    let mut emptied: BTreeSet<&str> = BTreeSet::new();
+    let mut buckets_after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
+    buckets_after.extend(apply.buckets.iter().map(|b| b.bucket.clone()));
+    for name in &apply.removed_buckets {
+        buckets_after.remove(name);
+    }
+    let emptying = apply
+        .buckets
+        .iter()
+        .filter(|b| b.reset)
+        .map(|b| &b.bucket)
+        .chain(&apply.removed_buckets);
+    for name in emptying {
+        for e in all_entries(store, name)? {
+            candidates.insert((e.table, e.row_id));
+        }
+        batch.push(BatchOp::DeleteBucket { bucket: name.clone() });
+        emptied.insert(name);
+    }
+    for (table, id) in candidates {
+        let mut held = false;
+        for bucket in buckets_after.iter().filter(|b| !emptied.contains(b.as_str())) {
+            if store.bucket_entry(bucket, &table, &id)?.is_some() {
+                held = true;
+                break;
+            }
+        }
+        if !held && schema.table(&table).is_ok() {
+            batch.delete_synced(table, id);
+        }
+    }
+    for b in &apply.buckets {
+        batch.push(BatchOp::PutBucketState {
+            bucket: b.bucket.clone(),
+            state: to_store_state(b.state),
+        });
+    }
+    let mut switches = Vec::new();
+    for b in &apply.buckets {
+        if let Some(range) = b.staged {
+            batch.push(BatchOp::SwitchInStaged {
+                bucket: b.bucket.clone(),
+                from_op_id: range.from_op_id,
+                through_op_id: range.through_op_id,
+            });
+            switches.push(ferry_queue::StagedSwitch {
+                bucket: b.bucket.clone(),
+                from_op_id: range.from_op_id,
+                through_op_id: range.through_op_id,
+            });
+        }
+    }
+    Ok((batch, switches))
+}

@@ -39,7 +39,10 @@ mod control;
 mod live;
 mod offline;
 mod outcomes;
+mod stager;
 mod sync;
+
+pub use stager::{MAX_STAGE_BATCH_OPS, META_RESETTING};
 
 pub use conflicts::{conflicts_table, Conflict, Resolution, CONFLICTS_TABLE, STATUS_OPEN, STATUS_RESOLVED};
 pub use ferry_query::{self as query, Diff, Explain, Query, QueryResult};
@@ -195,6 +198,11 @@ pub struct ClientOptions {
     /// How long [`Database::disconnect`] waits for the loops to stop
     /// gracefully (an upload in flight to be answered) before aborting.
     pub stop_timeout_ms: u64,
+    /// Most bytes of downloaded ops held in memory on their way to the
+    /// store's staging area (received, not yet written): past it the
+    /// download waits for the disk. Memory for a first sync stays about
+    /// this, however many rows it brings.
+    pub staging_memory_bytes: usize,
 }
 
 impl Default for ClientOptions {
@@ -209,6 +217,7 @@ impl Default for ClientOptions {
             max_line_bytes: ferry_protocol::DEFAULT_MAX_LINE_BYTES,
             upload_poll_interval_ms: 1_000,
             stop_timeout_ms: 5_000,
+            staging_memory_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -273,11 +282,9 @@ impl Database {
     /// Open over a store (its schema is the client schema).
     pub fn open(store: Arc<dyn Store>, options: ClientOptions) -> Result<Self, ClientError> {
         let clock = options.local.clock.clone();
-        let applied = store
-            .buckets()?
-            .into_iter()
-            .map(|(name, state)| (name, apply::from_store_state(state)));
-        let download = Download::new(applied, options.download_limits.clone());
+        // Download data is staged in the store as it arrives: resume from
+        // what an earlier run staged.
+        let download = stager::restore_download(store.as_ref(), options.download_limits.clone())?;
         let local = LocalDb::open_with(store, options.local.clone())?;
         let (status, _) = watch::channel(SyncStatus::default());
         let (outcomes, _) = broadcast::channel(CHANNEL_CAPACITY);

@@ -12,9 +12,10 @@ use ferry_queue::Answer;
 use ferry_transport::{blocking, Backoff, LineStream, Transport, TransportError};
 use tokio::sync::watch;
 
-use crate::apply::plan_checkpoint_owned;
+use crate::apply::{plan_checkpoint_owned, plan_staged_checkpoint};
 use crate::control::Control;
 use crate::outcomes::encode_stored;
+use crate::stager::{resetting_meta, Stager};
 use crate::{ClientError, Credentials, Inner, UploadOutcome};
 
 /// How one stream session ended.
@@ -41,9 +42,14 @@ pub(crate) async fn download_loop(
     let mut backoff = Backoff::new(o.retry_initial_delay_ms, o.retry_max_delay_ms, o.jitter_seed);
     let mut control = inner.control.subscribe();
     let mut refresh = false;
+    let mut stager = Stager::start(inner.local.store().clone(), o.staging_memory_bytes);
     loop {
         if !unpaused(&mut stop, &mut control, |c| c.downloads_paused).await {
+            stager.close().await;
             return;
+        }
+        if stager_failed(&inner, &mut stager).await {
+            refresh = false;
         }
         let resync = control.borrow().resync;
         inner.update_status(|s| s.connecting = true);
@@ -52,7 +58,7 @@ pub(crate) async fn download_loop(
         // runs on a blocking thread).
         let ended = tokio::select! {
             biased;
-            r = stream_session(&inner, transport.as_ref(), creds.as_ref(), refresh, &mut backoff) => match r {
+            r = stream_session(&inner, transport.as_ref(), creds.as_ref(), refresh, &mut backoff, &stager) => match r {
                 Ok(ended) => ended,
                 Err(e) => {
                     let unauthorized = is_unauthorized(&e);
@@ -70,14 +76,21 @@ pub(crate) async fn download_loop(
             s.downloading = false;
         });
         match ended {
-            Ended::Stopped => return,
+            Ended::Stopped => {
+                stager.close().await;
+                return;
+            }
             Ended::Reconnect { refresh: r } => refresh = r,
             Ended::Failed { refresh: r } => {
                 refresh = r;
-                tokio::select! {
+                let stopped = tokio::select! {
                     biased;
-                    () = sleep_ms(backoff.next_delay_ms()) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                    () = sleep_ms(backoff.next_delay_ms()) => false,
+                    _ = stop.wait_for(|s| *s) => true,
+                };
+                if stopped {
+                    stager.close().await;
+                    return;
                 }
             }
         }
@@ -112,12 +125,38 @@ fn is_unauthorized(e: &ClientError) -> bool {
     }
 }
 
+/// After a staging write failed, what the download state says was staged
+/// may not be in the store: start a new writer and take the state again
+/// from the store (what it staged, it keeps). Returns whether it did.
+async fn stager_failed(inner: &Arc<Inner>, stager: &mut Stager) -> bool {
+    if stager.flush().await.is_ok() {
+        return false;
+    }
+    let fresh = Stager::start(inner.local.store().clone(), inner.options.staging_memory_bytes);
+    std::mem::replace(stager, fresh).close().await;
+    let task_inner = inner.clone();
+    let restored = blocking::run(move || {
+        crate::stager::restore_download(
+            task_inner.local.store().as_ref(),
+            task_inner.options.download_limits.clone(),
+        )
+    })
+    .await;
+    match restored {
+        Ok(Ok(download)) => *inner.download.lock() = download,
+        Ok(Err(e)) => tracing::warn!(error = %e, "reading the staging area back failed"),
+        Err(e) => tracing::warn!(error = %e, "reading the staging area back failed"),
+    }
+    true
+}
+
 async fn stream_session(
     inner: &Arc<Inner>,
     transport: &dyn Transport,
     creds: &dyn Credentials,
     refresh: bool,
     backoff: &mut Backoff,
+    stager: &Stager,
 ) -> Result<Ended, ClientError> {
     let token = creds.token(refresh).await?;
     let request = inner.download.lock().request(inner.local.client_id());
@@ -143,12 +182,15 @@ async fn stream_session(
             line,
             StreamLine::Checkpoint(_) | StreamLine::CheckpointDiff(_) | StreamLine::Data(_)
         );
-        let (step, progress) = {
+        let (step, progress, discards) = {
             let mut download = inner.download.lock();
             let step = download.handle(line)?;
             let progress = if counts { download.progress() } else { None };
-            (step, progress)
+            (step, progress, download.take_discards())
         };
+        for bucket in discards {
+            stager.discard(bucket)?;
+        }
         if let Some(op_id) = announced {
             inner.update_status(|s| {
                 s.downloading = true;
@@ -160,7 +202,18 @@ async fn stream_session(
         }
         match step {
             Step::Continue => {}
+            Step::Stage { bucket, ops } => stager.stage(bucket, ops).await?,
             Step::Apply(apply) => {
+                let staging_out = inner.download.lock().stages_out();
+                if staging_out {
+                    // Every staged op is in the store before it switches in.
+                    stager.flush().await?;
+                }
+                let switched: Vec<(String, u64)> = apply
+                    .buckets
+                    .iter()
+                    .filter_map(|b| b.staged.map(|r| (b.bucket.clone(), r.through_op_id)))
+                    .collect();
                 let task_inner = inner.clone();
                 // Applying touches the store: off the async threads. The
                 // observer reports the changed rows. The rows move from the
@@ -173,11 +226,31 @@ async fn stream_session(
                         task_inner.local.observe_server(hlc);
                     }
                     let receipt = apply.receipt();
-                    let applied = plan_checkpoint_owned(task_inner.local.store().as_ref(), apply)
-                        .map_err(ClientError::from)
-                        .and_then(|batch| {
-                            Ok(task_inner.local.apply_server_changes(batch, receipt.write_checkpoint)?)
-                        });
+                    let store = task_inner.local.store().clone();
+                    let applied = if staging_out {
+                        // The buckets still downloading from scratch are
+                        // kept with the checkpoint that ends the others'.
+                        let mut resetting = task_inner.download.lock().resetting().clone();
+                        for b in &apply.buckets {
+                            resetting.remove(&b.bucket);
+                        }
+                        plan_staged_checkpoint(store.as_ref(), &apply)
+                            .map_err(ClientError::from)
+                            .and_then(|(mut batch, switches)| {
+                                batch.push(resetting_meta(&resetting));
+                                Ok(task_inner.local.apply_staged_checkpoint(
+                                    batch,
+                                    &switches,
+                                    receipt.write_checkpoint,
+                                )?)
+                            })
+                    } else {
+                        plan_checkpoint_owned(store.as_ref(), apply)
+                            .map_err(ClientError::from)
+                            .and_then(|batch| {
+                                Ok(task_inner.local.apply_server_changes(batch, receipt.write_checkpoint)?)
+                            })
+                    };
                     let mut download = task_inner.download.lock();
                     match applied {
                         Ok(()) => {
@@ -192,6 +265,12 @@ async fn stream_session(
                 })
                 .await
                 .map_err(|e| ClientError::Task(e.to_string()))??;
+                // Switched in: the staged ops can go (a crash before this
+                // leaves them below the applied op ids, where the next
+                // open drops them).
+                for (bucket, through) in switched {
+                    stager.delete_through(bucket, through)?;
+                }
                 backoff.reset();
                 let now = inner.clock.now_ms();
                 inner.update_status(|s| {
@@ -208,6 +287,10 @@ async fn stream_session(
             }
             Step::Resync { buckets } => {
                 tracing::warn!(?buckets, "bucket checksum mismatch: downloading again");
+                if inner.download.lock().stages_out() {
+                    let resetting = inner.download.lock().resetting().clone();
+                    stager.keep_resetting(&resetting)?;
+                }
                 inner.update_status(|s| {
                     s.last_download_error = Some(format!("checksum mismatch in buckets {buckets:?}"))
                 });

@@ -41,6 +41,7 @@ fn bucket(name: &str, reset: bool, ops: Vec<OplogEntry>) -> BucketApply {
     BucketApply {
         bucket: name.into(),
         reset,
+        staged: None,
         state: AppliedBucket {
             last_op_id: last,
             checksum: ops.iter().fold(0u32, |a, o| a.wrapping_add(o.checksum)),

@@ -133,7 +133,14 @@ impl LocalDb {
         // checkpoint arrived before this answer): confirm them now, in the
         // same batch, or nothing would ever drop them.
         let wc = counters.server_write_checkpoint.min(through);
-        let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut marks, rolled_back.clone())?;
+        let (changed, confirmed) = self.confirm_into(
+            &mut batch,
+            wc,
+            &entries,
+            &mut marks,
+            rolled_back.clone(),
+            std::collections::BTreeMap::new(),
+        )?;
         let changes = self.visible_changes(&batch, &changed)?;
         self.store.apply(batch)?;
         counters.completed_through = through;

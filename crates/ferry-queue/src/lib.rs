@@ -38,9 +38,11 @@ mod os_random;
 #[cfg(feature = "planted-bugs")]
 pub mod planted;
 mod record;
+mod staged;
 
 pub use answer::{Answer, WriteReceipt, META_OUTCOME_PREFIX};
 pub use record::{record_from_row, record_to_row, Record};
+pub use staged::StagedSwitch;
 
 /// Metadata key holding the next client sequence number.
 pub const META_NEXT_SEQ: &str = "ferry.queue.next_seq";
@@ -640,7 +642,30 @@ impl LocalDb {
     /// write checkpoint covers, and rebasing every row that has pending
     /// entries left (synced row after this batch, pending entries
     /// replayed) or had confirmed ones. Serialized with local writes.
-    pub fn apply_server_changes(&self, mut batch: WriteBatch, write_checkpoint: Option<u64>) -> QueueResult<()> {
+    pub fn apply_server_changes(&self, batch: WriteBatch, write_checkpoint: Option<u64>) -> QueueResult<()> {
+        self.apply_checkpoint(batch, &[], write_checkpoint)
+    }
+
+    /// [`LocalDb::apply_server_changes`] with staged ranges switched in by
+    /// the same batch (each a `BatchOp::SwitchInStaged` the batch already
+    /// holds): rows of pending writes they touch are rebased on what the
+    /// switch-in leaves, and observers hear of every row they changed,
+    /// in pages read back from the staging area after the commit.
+    pub fn apply_staged_checkpoint(
+        &self,
+        batch: WriteBatch,
+        switches: &[StagedSwitch],
+        write_checkpoint: Option<u64>,
+    ) -> QueueResult<()> {
+        self.apply_checkpoint(batch, switches, write_checkpoint)
+    }
+
+    fn apply_checkpoint(
+        &self,
+        mut batch: WriteBatch,
+        switches: &[StagedSwitch],
+        write_checkpoint: Option<u64>,
+    ) -> QueueResult<()> {
         let counters = self.counters.lock();
         let last_seq = counters.next_seq.saturating_sub(1);
         if let Some(wc) = write_checkpoint {
@@ -667,17 +692,30 @@ impl LocalDb {
             wc
         };
         let entries = self.store.queue_from(0, usize::MAX)?;
+        let queued: ChangedRows = entries
+            .iter()
+            .map(|e| (e.op.table().to_owned(), e.op.id().to_owned()))
+            .collect();
+        let staged_after = self.staged_rows_after(&batch, switches, &queued)?;
         let mut marks = self.marks()?;
-        let (changed, confirmed) = self.confirm_into(&mut batch, wc, &entries, &mut marks, BTreeSet::new())?;
+        let (changed, confirmed) = self.confirm_into(
+            &mut batch,
+            wc,
+            &entries,
+            &mut marks,
+            BTreeSet::new(),
+            staged_after.clone(),
+        )?;
         if batch.is_empty() {
             return Ok(());
         }
         // The server's clock was observed before this batch: keep it.
         batch.put_meta(META_HLC, self.hlc.high_water().to_string().into_bytes());
-        let changes = self.visible_changes(&batch, &changed)?;
+        let changes = self.visible_changes_staged(&batch, &changed, &staged_after)?;
         self.store.apply(batch)?;
         counters.stored_len -= confirmed;
         self.notify(ChangeSource::Server, &changes);
+        self.notify_switched(switches, &queued)?;
         drop(counters);
         drop_in_background(changed);
         drop_in_background(changes);
@@ -699,6 +737,7 @@ impl LocalDb {
         entries: &[CrudEntry],
         marks: &mut Marks,
         mut touched: ChangedRows,
+        staged_after: BTreeMap<(String, String), Option<RowData>>,
     ) -> QueueResult<(ChangedRows, u64)> {
         // Entries the server never saw follow the confirmed ones at once.
         let from = wc;
@@ -733,6 +772,12 @@ impl LocalDb {
             changed_synced.push((table.clone(), id.clone()));
         }
         drop(queued);
+        // Rows of pending writes that staged ops switched in by this batch
+        // change (see `staged.rs`).
+        for (key, row) in staged_after {
+            changed_synced.push(key.clone());
+            synced_after.insert(key, row);
+        }
         let changed_synced: ChangedRows = changed_synced.into_iter().collect();
         for e in entries {
             let key = (e.op.table().to_owned(), e.op.id().to_owned());
@@ -848,6 +893,30 @@ impl LocalDb {
     /// row whose overlay the batch leaves alone has none). Rows of `rows`
     /// the batch does not touch are read from the store.
     fn visible_changes(&self, batch: &WriteBatch, rows: &ChangedRows) -> QueueResult<Vec<RowChange>> {
+        self.visible_changes_staged(batch, rows, &BTreeMap::new())
+    }
+
+    /// A row's synced value after a batch that does not list it.
+    fn synced_after(
+        &self,
+        table: &str,
+        id: &str,
+        staged_after: &BTreeMap<(String, String), Option<RowData>>,
+    ) -> QueueResult<Option<RowData>> {
+        match staged_after.get(&(table.to_owned(), id.to_owned())) {
+            Some(row) => Ok(row.clone()),
+            None => Ok(self.store.get_synced(table, id)?),
+        }
+    }
+
+    /// [`LocalDb::visible_changes`] where `staged_after` holds the synced
+    /// rows the batch's switch-ins leave (rows the batch does not list).
+    fn visible_changes_staged(
+        &self,
+        batch: &WriteBatch,
+        rows: &ChangedRows,
+        staged_after: &BTreeMap<(String, String), Option<RowData>>,
+    ) -> QueueResult<Vec<RowChange>> {
         let mut after: BTreeMap<(&str, &str), RowAfter<'_>> = BTreeMap::new();
         for op in &batch.ops {
             match op {
@@ -880,11 +949,11 @@ impl LocalDb {
                 Some(RowAfter {
                     synced: Some(synced), ..
                 }) => (synced.cloned(), false),
-                Some(RowAfter { synced: None, .. }) => (self.store.get_synced(table, id)?, false),
+                Some(RowAfter { synced: None, .. }) => (self.synced_after(table, id, staged_after)?, false),
                 None => match self.store.get_overlay(table, id)? {
                     Some(OverlayEntry::Row(data)) => (Some(data), true),
                     Some(OverlayEntry::Deleted) => (None, true),
-                    None => (self.store.get_synced(table, id)?, false),
+                    None => (self.synced_after(table, id, staged_after)?, false),
                 },
             };
             out.push(RowChange {

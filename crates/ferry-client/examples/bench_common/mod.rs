@@ -20,6 +20,8 @@ pub struct BenchServer {
     /// The server (address and service).
     pub server: BoundServer,
     /// Its sync rules.
+    // Not every example reads it (each compiles this module on its own).
+    #[allow(dead_code)]
     pub rules: SyncRules,
     /// `http://<addr>`.
     pub base_url: String,

@@ -1,0 +1,303 @@
+//! Writing a checkpoint's ops to the store's staging area as they arrive,
+//! on a task of its own, so receiving, decoding and writing overlap.
+//!
+//! The download loop hands each `data` line's new ops to the [`Stager`];
+//! its writer task gathers whatever is waiting into one store batch (at
+//! most [`MAX_STAGE_BATCH_OPS`] ops) and applies it off the async
+//! threads. What is handed over and not yet written is bounded by
+//! `ClientOptions::staging_memory_bytes`: past it, handing over waits for
+//! the writer. Messages are written in the order they were sent, so a
+//! discard, a deletion or a flush orders after every op sent before it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ferry_core::Schema;
+use ferry_protocol::{Download, DownloadLimits, OpKind, OplogEntry, StagedCount};
+use ferry_store::{staged_summary, BatchOp, StagedKind, StagedOp, Store, StoreError, WriteBatch};
+use ferry_transport::blocking;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::apply::from_store_state;
+use crate::ClientError;
+
+/// Most staged ops the writer puts in one store batch.
+pub const MAX_STAGE_BATCH_OPS: usize = 16_384;
+
+/// Metadata key of the buckets being downloaded again from scratch (JSON
+/// array of names), kept with the staging area so a restart resumes them
+/// from 0.
+pub const META_RESETTING: &str = "ferry.staging.resetting";
+
+/// Budget granularity: permits count KiB.
+const KIB: usize = 1024;
+
+enum Msg {
+    Ops {
+        bucket: String,
+        ops: Vec<StagedOp>,
+        _permit: OwnedSemaphorePermit,
+    },
+    Op(BatchOp),
+    Flush(oneshot::Sender<Result<(), String>>),
+}
+
+/// The staging writer of one download loop.
+pub(crate) struct Stager {
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+    budget: Arc<Semaphore>,
+    budget_kib: usize,
+    task: Option<tokio::task::JoinHandle<()>>,
+    schema: Schema,
+}
+
+impl Stager {
+    /// Start the writer over `store`, with at most `memory_bytes` of ops
+    /// handed over and not yet written.
+    pub(crate) fn start(store: Arc<dyn Store>, memory_bytes: usize) -> Self {
+        let budget_kib = (memory_bytes / KIB).clamp(1, Semaphore::MAX_PERMITS);
+        let budget = Arc::new(Semaphore::new(budget_kib));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let schema = store.schema().clone();
+        let task = tokio::spawn(write_loop(store, rx));
+        Stager {
+            tx: Some(tx),
+            budget,
+            budget_kib,
+            task: Some(task),
+            schema,
+        }
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), ClientError> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(msg).ok())
+            .ok_or_else(|| ClientError::Task("the staging writer stopped".into()))
+    }
+
+    /// Hand over a bucket's new ops (waiting while the budget is spent).
+    pub(crate) async fn stage(&self, bucket: String, ops: Vec<OplogEntry>) -> Result<(), ClientError> {
+        let ops: Vec<StagedOp> = ops.into_iter().map(|op| to_staged(&self.schema, op)).collect();
+        let bytes: usize = ops.iter().map(StagedOp::approx_bytes).sum();
+        let kib = (bytes / KIB).clamp(1, self.budget_kib);
+        let n = u32::try_from(kib).unwrap_or(u32::MAX);
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| ClientError::Task("the staging budget closed".into()))?;
+        self.send(Msg::Ops {
+            bucket,
+            ops,
+            _permit: permit,
+        })
+    }
+
+    /// Drop every staged op of `bucket`.
+    pub(crate) fn discard(&self, bucket: String) -> Result<(), ClientError> {
+        self.send(Msg::Op(BatchOp::DeleteStaged {
+            bucket,
+            through_op_id: u64::MAX,
+        }))
+    }
+
+    /// Drop `bucket`'s staged ops through `through_op_id` (switched in).
+    pub(crate) fn delete_through(&self, bucket: String, through_op_id: u64) -> Result<(), ClientError> {
+        self.send(Msg::Op(BatchOp::DeleteStaged { bucket, through_op_id }))
+    }
+
+    /// Keep the buckets being downloaded from scratch.
+    pub(crate) fn keep_resetting(&self, resetting: &BTreeSet<String>) -> Result<(), ClientError> {
+        self.send(Msg::Op(resetting_meta(resetting)))
+    }
+
+    /// Wait until everything handed over is written.
+    pub(crate) async fn flush(&self) -> Result<(), ClientError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Msg::Flush(reply))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ClientError::Task(format!("staging failed: {e}"))),
+            Err(_) => Err(ClientError::Task("the staging writer stopped".into())),
+        }
+    }
+
+    /// Write what is left and stop the writer.
+    pub(crate) async fn close(mut self) {
+        self.tx = None;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Stager {
+    fn drop(&mut self) {
+        // Dropping the sender lets the writer finish what it has; nothing
+        // to wait for here.
+        self.tx = None;
+    }
+}
+
+/// The metadata op keeping `resetting`.
+pub(crate) fn resetting_meta(resetting: &BTreeSet<String>) -> BatchOp {
+    BatchOp::PutMeta {
+        key: META_RESETTING.into(),
+        value: serde_json::to_vec(resetting).unwrap_or_default(),
+    }
+}
+
+/// A protocol op as the store stages it: only the columns the schema
+/// declares, and no row for tables it does not declare.
+fn to_staged(schema: &Schema, op: OplogEntry) -> StagedOp {
+    let kind = match op.op {
+        OpKind::Put => StagedKind::Put,
+        OpKind::Remove => StagedKind::Remove,
+        OpKind::Move => StagedKind::Move,
+        OpKind::Clear => StagedKind::Clear,
+    };
+    let table = op.object_type.unwrap_or_default();
+    let data = match (kind, schema.table(&table), op.data) {
+        (StagedKind::Put, Ok(def), Some(mut data)) => {
+            // A server may have columns this app version does not declare
+            // (added after it shipped): the client keeps only its own.
+            if data.keys().any(|c| def.column_def(c).is_none()) {
+                data.retain(|c, _| def.column_def(c).is_some());
+            }
+            Some(data)
+        }
+        _ => None,
+    };
+    StagedOp {
+        op_id: op.op_id,
+        kind,
+        table: if matches!(kind, StagedKind::Put | StagedKind::Remove) {
+            table
+        } else {
+            String::new()
+        },
+        row_id: op.object_id.unwrap_or_default(),
+        data,
+        checksum: op.checksum,
+    }
+}
+
+async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut batch = WriteBatch::new();
+    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+    let mut failed: Option<String> = None;
+    loop {
+        let msg = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            match rx.try_recv() {
+                Ok(msg) => Some(msg),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Idle: write what was gathered.
+                    write(&store, &mut batch, &mut permits, &mut failed).await;
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some(msg) = msg else {
+            write(&store, &mut batch, &mut permits, &mut failed).await;
+            return;
+        };
+        match msg {
+            Msg::Ops { bucket, ops, _permit } => {
+                for op in ops {
+                    batch.push(BatchOp::PutStaged {
+                        bucket: bucket.clone(),
+                        op,
+                    });
+                }
+                permits.push(_permit);
+            }
+            Msg::Op(op) => {
+                batch.push(op);
+            }
+            Msg::Flush(reply) => {
+                write(&store, &mut batch, &mut permits, &mut failed).await;
+                let _ = reply.send(failed.clone().map_or(Ok(()), Err));
+            }
+        }
+        if batch.len() >= MAX_STAGE_BATCH_OPS {
+            write(&store, &mut batch, &mut permits, &mut failed).await;
+        }
+    }
+}
+
+/// Apply the gathered batch (after a failure, drop it: the download
+/// starts over from what the store holds).
+async fn write(
+    store: &Arc<dyn Store>,
+    batch: &mut WriteBatch,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+    failed: &mut Option<String>,
+) {
+    let b = std::mem::take(batch);
+    if !b.is_empty() && failed.is_none() {
+        let store = store.clone();
+        let result = blocking::run(move || store.apply(b)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "staging download data failed");
+                *failed = Some(e.to_string());
+            }
+            Err(e) => *failed = Some(e.to_string()),
+        }
+    }
+    permits.clear();
+}
+
+/// The download state a store's staging area resumes: applied buckets,
+/// the buckets being downloaded from scratch and what each bucket staged
+/// beyond them. Staged ops a crash left behind at or below a bucket's
+/// applied op id (switched in already) are dropped first.
+pub(crate) fn restore_download(store: &dyn Store, limits: DownloadLimits) -> Result<Download, ClientError> {
+    let applied: Vec<(String, ferry_protocol::AppliedBucket)> = store
+        .buckets()?
+        .into_iter()
+        .map(|(name, state)| (name, from_store_state(state)))
+        .collect();
+    let resetting: BTreeSet<String> = match store.get_meta(META_RESETTING)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("metadata {META_RESETTING}: {e}")))?,
+        None => BTreeSet::new(),
+    };
+    let mut cleanup = WriteBatch::new();
+    let mut counts = Vec::new();
+    for bucket in store.staged_buckets()? {
+        let base = if resetting.contains(&bucket) {
+            0
+        } else {
+            applied
+                .iter()
+                .find(|(name, _)| *name == bucket)
+                .map_or(0, |(_, a)| a.last_op_id)
+        };
+        if base > 0 {
+            cleanup.push(BatchOp::DeleteStaged {
+                bucket: bucket.clone(),
+                through_op_id: base,
+            });
+        }
+        let s = staged_summary(store, &bucket, base)?;
+        counts.push((
+            bucket,
+            StagedCount {
+                last_op_id: s.last_op_id,
+                count: s.count,
+                clear_op_id: s.clear_op_id,
+                checksum: s.checksum,
+                count_since_clear: s.count_since_clear,
+            },
+        ));
+    }
+    store.apply(cleanup)?;
+    Ok(Download::staging_out(applied, resetting, counts, limits))
+}
