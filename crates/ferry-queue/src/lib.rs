@@ -715,7 +715,7 @@ impl LocalDb {
         self.store.apply(batch)?;
         counters.stored_len -= confirmed;
         self.notify(ChangeSource::Server, &changes);
-        self.notify_switched(switches, &queued)?;
+        self.notify_switched(switches, &staged_after, &queued)?;
         drop(counters);
         drop_in_background(changed);
         drop_in_background(changes);
@@ -934,6 +934,11 @@ impl LocalDb {
                 }
                 _ => {}
             }
+        }
+        // Switch-ins come after every synced-layer op of the batch: what
+        // they leave is the row's final synced value.
+        for ((table, id), row) in staged_after {
+            after.entry((table, id)).or_default().synced = Some(row.as_ref());
         }
         let mut out = Vec::with_capacity(rows.len());
         for (table, id) in rows {

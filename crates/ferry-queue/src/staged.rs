@@ -48,10 +48,12 @@ impl LocalDb {
         }
     }
 
-    /// The synced row each row of `queued` has after `batch` (whose
-    /// switch-ins are `switches`), for the rows a switch-in touches: the
-    /// store applies the same effects (`ferry_store::switch_effect`), so
-    /// replaying them on those rows alone gives what it will hold.
+    /// The synced row each row of `queued`, and each row `batch` deletes
+    /// before its switch-ins (`switches`), has after the batch, for the
+    /// rows a switch-in touches: the store applies the same effects
+    /// (`ferry_store::switch_effect`), so replaying them on those rows
+    /// alone gives what it will hold. These rows are reported with the
+    /// batch; [`LocalDb::notify_switched`] leaves them out.
     pub(crate) fn staged_rows_after(
         &self,
         batch: &WriteBatch,
@@ -59,7 +61,7 @@ impl LocalDb {
         queued: &ChangedRows,
     ) -> QueueResult<BTreeMap<(String, String), Option<RowData>>> {
         let mut out = BTreeMap::new();
-        if switches.is_empty() || queued.is_empty() {
+        if switches.is_empty() {
             return Ok(out);
         }
         // The buckets after the batch, and which it empties; rows the
@@ -88,7 +90,7 @@ impl LocalDb {
             self.for_each_staged(switch, |page| {
                 for op in page {
                     let key = (op.table.clone(), op.row_id.clone());
-                    if !queued.contains(&key) {
+                    if !queued.contains(&key) && !deleted.contains(&key) {
                         continue;
                     }
                     if !rows.contains_key(&key) {
@@ -137,8 +139,15 @@ impl LocalDb {
 
     /// After the commit of a batch with `switches`: tell observers of every
     /// row they changed, a page at a time, in the order the store applied
-    /// them (rows with pending writes were reported with the batch).
-    pub(crate) fn notify_switched(&self, switches: &[StagedSwitch], queued: &ChangedRows) -> QueueResult<()> {
+    /// them; rows in `reported` (those with pending writes, and those the
+    /// batch deleted first, see [`LocalDb::staged_rows_after`]) were
+    /// reported with the batch.
+    pub(crate) fn notify_switched(
+        &self,
+        switches: &[StagedSwitch],
+        reported: &BTreeMap<(String, String), Option<RowData>>,
+        queued: &ChangedRows,
+    ) -> QueueResult<()> {
         if switches.is_empty() || self.observer.read().is_none() {
             return Ok(());
         }
@@ -147,7 +156,10 @@ impl LocalDb {
                 let mut changes: BTreeMap<(String, String), RowChange> = BTreeMap::new();
                 for op in page {
                     let key = (op.table.clone(), op.row_id.clone());
-                    if queued.contains(&key) || self.store.schema().table(&key.0).is_err() {
+                    if queued.contains(&key)
+                        || reported.contains_key(&key)
+                        || self.store.schema().table(&key.0).is_err()
+                    {
                         continue;
                     }
                     let row = match switch_effect(op) {
