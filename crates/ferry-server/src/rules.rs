@@ -100,7 +100,10 @@ impl RulesFile {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
-            Self::from_toml(&text).map_err(|e| ServiceError::Config(format!("{}: {e}", path.display())))
+            Self::from_toml(&text).map_err(|e| match e {
+                ServiceError::Config(m) => ServiceError::Config(format!("{}: {m}", path.display())),
+                other => other,
+            })
         };
         let mut file = read(path)?;
         let mut current = path.to_path_buf();
@@ -648,6 +651,7 @@ columns = ["doc"]
     fn bad_extends_and_added_columns_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), "base.toml", BASE);
+        write(dir.path(), "unknown_field.toml", "[[nope]]\n");
         let refused = |name: &str, text: &str, wanted: &str| {
             let path = write(dir.path(), name, text);
             let e = SyncRules::from_file(&path).expect_err(text).to_string();
@@ -675,6 +679,11 @@ columns = ["doc"]
         );
         refused("missing.toml", "extends = \"nowhere.toml\"\n", "extended by");
         refused("cycle.toml", "extends = \"cycle.toml\"\n", "more than 8 files");
+        refused(
+            "bad_base.toml",
+            "extends = \"unknown_field.toml\"\n",
+            "unknown_field.toml: sync rules: unknown field",
+        );
         // No directory to resolve `extends` in.
         let e = SyncRules::from_toml("extends = \"base.toml\"\n").expect_err("from_toml");
         assert!(e.to_string().contains("SyncRules::from_file"), "{e}");
