@@ -1,6 +1,8 @@
 //! The ticket tracker shared by Ferry's example apps (one per conflict
-//! strategy, in `examples/`): its client schema and server rules, an
-//! embedded sync server started in-process on a temporary directory with
+//! strategy, in `examples/`): its server rules ([`TrackerRules`]: the
+//! ticket tracker rules of ferry-server and the per-strategy files that
+//! extend them), the client schema derived from them ([`client_schema`]),
+//! an embedded sync server started in-process on a temporary directory with
 //! the chosen strategy, two clients — `alice`, who stays online, and
 //! `bob`, who goes offline — and helpers that print what each client sees
 //! and what the server did with each upload.
@@ -26,7 +28,10 @@ pub use ferry_protocol::Outcome;
 
 use ferry_core::{row_data, Clock, CoreError, RowData, Schema, SystemClock, Value};
 use ferry_queue::{LocalDbOptions, QueueError, WriteTx};
-use ferry_server::{mint_token, ServiceError, SourceError, SqliteSourceDb, SyncRules, SyncService, SyncServiceBuilder};
+use ferry_server::{
+    mint_token, RulesFile, ServiceError, SourceError, SqliteSourceDb, SyncRules, SyncService, SyncServiceBuilder,
+    TICKET_TRACKER_RULES,
+};
 use ferry_sqlite::SqliteStore;
 use ferry_transport::{MemoryTransport, Transport};
 use parking_lot::Mutex;
@@ -76,127 +81,73 @@ pub type Result<T, E = ExampleError> = std::result::Result<T, E>;
 /// The JWT secret of the embedded server.
 pub const SECRET: &str = "ferry-examples-secret";
 
-/// The ticket tracker's server schema and sync rules: every table in one
-/// global bucket, so both users see everything (conflict records and the
-/// activity log included). Write permissions: anyone creates, edits and
-/// deletes tickets and assignments and adds attachments; a comment is
-/// written, changed and deleted by its author only; a user writes their
-/// own `users` row. Conflict records are closed by their own user and
-/// the activity log is the server's (built in).
-pub const RULES: &str = r#"
-[[tables]]
-name = "users"
-columns = [{ name = "name", type = "text" }]
+/// The ticket tracker's sync rules, one variant per rules file. There is
+/// one source for the tracker's tables, buckets and permissions: the
+/// ticket tracker rules of ferry-server
+/// (`crates/ferry-server/examples/ticket-tracker.toml`, embedded as
+/// [`TICKET_TRACKER_RULES`]). The other variants are files that extend it
+/// (`extends = ...`), adding only their conflict strategies and, for the
+/// CRDT one, the document column. The server (`ferry-server serve --rules
+/// FILE`), the client schema ([`client_schema`]), the examples and the
+/// tracker app all load them from here or from the files themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackerRules {
+    /// The ticket tracker rules themselves: no strategy in the file
+    /// (column-level last write wins, unless the server is given one in
+    /// code, as the domain, manual and audit-log examples are).
+    Base,
+    /// `examples/tracker-strategies.toml`: a domain rule on ticket status,
+    /// manual resolution of descriptions, the activity log.
+    Strategies,
+    /// `examples/tracker-crdt.toml`: `tickets.description_doc`, an
+    /// automerge text document the server merges (the CRDT strategy).
+    Crdt,
+}
 
-[[tables]]
-name = "tickets"
-columns = [
-  { name = "title", type = "text" },
-  { name = "description", type = "text" },
-  { name = "description_doc", type = "blob" },
-  { name = "status", type = "text" },
-  { name = "deleted_at", type = "text" },
-  { name = "created_at", type = "text" },
-  { name = "updated_at", type = "text" },
-  { name = "version", type = "integer" },
-]
+impl TrackerRules {
+    /// Every variant.
+    pub const ALL: [TrackerRules; 3] = [TrackerRules::Base, TrackerRules::Strategies, TrackerRules::Crdt];
 
-[[tables]]
-name = "assignments"
-columns = [
-  { name = "ticket_id", type = "text" },
-  { name = "user_id", type = "text" },
-  { name = "deleted_at", type = "text" },
-  { name = "created_at", type = "text" },
-]
+    /// The rules file, relative to the workspace root (what `ferry-server
+    /// serve --rules` and `tracker --rules` are given).
+    pub fn path(self) -> &'static str {
+        match self {
+            TrackerRules::Base => "crates/ferry-server/examples/ticket-tracker.toml",
+            TrackerRules::Strategies => "examples/tracker-strategies.toml",
+            TrackerRules::Crdt => "examples/tracker-crdt.toml",
+        }
+    }
 
-[[tables]]
-name = "comments"
-columns = [
-  { name = "ticket_id", type = "text" },
-  { name = "user_id", type = "text" },
-  { name = "body", type = "text" },
-  { name = "created_at", type = "text" },
-]
+    /// The file's text (embedded at build time).
+    pub fn text(self) -> &'static str {
+        match self {
+            TrackerRules::Base => TICKET_TRACKER_RULES,
+            TrackerRules::Strategies => include_str!("../tracker-strategies.toml"),
+            TrackerRules::Crdt => include_str!("../tracker-crdt.toml"),
+        }
+    }
 
-[[tables]]
-name = "attachments"
-columns = [
-  { name = "ticket_id", type = "text" },
-  { name = "url", type = "text" },
-  { name = "created_at", type = "text" },
-]
-
-[[tables]]
-name = "ferry_conflicts"
-columns = [
-  { name = "table_name", type = "text" },
-  { name = "row_id", type = "text" },
-  { name = "field", type = "text" },
-  { name = "local_value", type = "text" },
-  { name = "server_value", type = "text" },
-  { name = "base_value", type = "text" },
-  { name = "user_id", type = "text" },
-  { name = "client_id", type = "text" },
-  { name = "created_at", type = "text" },
-  { name = "status", type = "text" },
-  { name = "resolution", type = "text" },
-]
-
-[[tables]]
-name = "activity"
-columns = [
-  { name = "table_name", type = "text" },
-  { name = "row_id", type = "text" },
-  { name = "user_id", type = "text" },
-  { name = "client_id", type = "text" },
-  { name = "op", type = "text" },
-  { name = "old_value", type = "text" },
-  { name = "new_value", type = "text" },
-  { name = "outcome", type = "text" },
-  { name = "created_at", type = "text" },
-]
-
-[[buckets]]
-name = "global"
-data = [
-  { table = "users" },
-  { table = "tickets" },
-  { table = "assignments" },
-  { table = "comments" },
-  { table = "attachments" },
-  { table = "ferry_conflicts" },
-  { table = "activity" },
-]
-
-[[permissions]]
-table = "users"
-insert = "new.id == auth.sub"
-update = "old.id == auth.sub"
-
-[[permissions]]
-table = "tickets"
-insert = "true"
-update = "true"
-delete = "true"
-
-[[permissions]]
-table = "assignments"
-insert = "true"
-update = "true"
-delete = "true"
-
-[[permissions]]
-table = "comments"
-insert = "new.user_id == auth.sub"
-update = "old.user_id == auth.sub and new.user_id == auth.sub"
-delete = "old.user_id == auth.sub"
-
-[[permissions]]
-table = "attachments"
-insert = "true"
-delete = "true"
-"#;
+    /// The validated rules: the file on top of the base rules it extends
+    /// (as [`SyncRules::from_file`] would load them from the workspace,
+    /// without reading it).
+    pub fn load(self) -> Result<SyncRules> {
+        let file = RulesFile::from_toml(self.text())?;
+        let Some(base) = &file.extends else {
+            return Ok(SyncRules::new(file)?);
+        };
+        // The variants live in `examples/` and extend the base only.
+        let expected = format!("../{}", TrackerRules::Base.path());
+        if *base != expected {
+            return Err(ExampleError::Unexpected(format!(
+                "{} extends {base:?}, not the ticket tracker rules ({expected:?})",
+                self.path()
+            )));
+        }
+        Ok(SyncRules::new(
+            file.extending(RulesFile::from_toml(TICKET_TRACKER_RULES)?),
+        )?)
+    }
+}
 
 /// Ticket statuses.
 pub const PENDING: &str = "pending";
@@ -205,13 +156,15 @@ pub const IN_PROGRESS: &str = "in_progress";
 /// Ticket statuses.
 pub const DONE: &str = "done";
 
-/// The client schema: the tables [`RULES`] syncs, derived from the rules
-/// (`SyncRules::client_schema`, not a copy), plus what only the client
-/// has: indexes on ticket status, on a ticket's assignments and on
-/// conflict status, and the previous values of ticket changes (the base
-/// manual resolution and domain rules compare against).
-pub fn client_schema() -> Result<Schema> {
-    let derived = SyncRules::from_toml(RULES)?.client_schema();
+/// The client schema of the ticket tracker under `rules` (one of
+/// [`TrackerRules`], or a rules file the tracker is given): the tables the
+/// rules sync, derived from them (`SyncRules::client_schema`, not a copy),
+/// plus what only the client has: indexes on ticket status, on a ticket's
+/// assignments and on conflict status, and the previous values of ticket
+/// changes (the base manual resolution and domain rules compare against).
+/// The examples and the tracker app both open their stores with it.
+pub fn client_schema(rules: &SyncRules) -> Result<Schema> {
+    let derived = rules.client_schema();
     Ok(Schema::new(derived.tables().cloned().map(|t| {
         match t.name.as_str() {
             "tickets" => t
@@ -264,9 +217,9 @@ impl Drop for Client {
 pub const SYNC_TIMEOUT_MS: u64 = 15_000;
 
 impl Client {
-    fn open(name: &str, dir: &std::path::Path, service: &Arc<SyncService>, seed: u64) -> Result<Self> {
+    fn open(name: &str, dir: &std::path::Path, service: &Arc<SyncService>, schema: Schema, seed: u64) -> Result<Self> {
         let path = dir.join(format!("{name}.db"));
-        let store = SqliteStore::open(&path, client_schema()?).map_err(ClientError::from)?;
+        let store = SqliteStore::open(&path, schema).map_err(ClientError::from)?;
         let options = ClientOptions {
             local: LocalDbOptions {
                 clock: Arc::new(SystemClock),
@@ -595,17 +548,23 @@ impl std::fmt::Debug for Demo {
 }
 
 impl Demo {
-    /// Start a sync server on SQLite in a temporary directory, configured
-    /// by `configure` (strategies per table), and connect alice and bob.
-    pub async fn start(configure: impl FnOnce(SyncServiceBuilder) -> SyncServiceBuilder) -> Result<Self> {
+    /// Start a sync server on SQLite in a temporary directory with the
+    /// ticket tracker's `rules`, configured further by `configure`
+    /// (strategies per table, which override the rules file's), and
+    /// connect alice and bob, whose schema is derived from the same rules.
+    pub async fn start(
+        rules: TrackerRules,
+        configure: impl FnOnce(SyncServiceBuilder) -> SyncServiceBuilder,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let server_dir = dir.path().join("server");
         std::fs::create_dir_all(&server_dir)?;
         let source = SqliteSourceDb::open_dir(&server_dir)?;
-        let rules = SyncRules::from_toml(RULES)?;
+        let rules = rules.load()?;
+        let schema = client_schema(&rules)?;
         let service = Arc::new(configure(SyncService::builder(Arc::new(source), rules, SECRET)).build()?);
-        let alice = Client::open("alice", dir.path(), &service, 1)?;
-        let bob = Client::open("bob", dir.path(), &service, 2)?;
+        let alice = Client::open("alice", dir.path(), &service, schema.clone(), 1)?;
+        let bob = Client::open("bob", dir.path(), &service, schema, 2)?;
         alice.go_online();
         bob.go_online();
         let demo = Demo {

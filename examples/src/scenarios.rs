@@ -5,22 +5,23 @@
 use std::sync::Arc;
 
 use ferry_client::{OfflinePolicy, Resolution};
-use ferry_conflict::{crdt, Audited, Crdt, DomainRules, LastWriteWins, Manual, PerColumn, ACTIVITY_TABLE};
+use ferry_conflict::{crdt, Audited, DomainRules, LastWriteWins, Manual, PerColumn, ACTIVITY_TABLE};
 use ferry_core::{row_data, Value};
 
-use crate::{tick, Client, Demo, ExampleError, Result, DONE, IN_PROGRESS, PENDING};
+use crate::{tick, Client, Demo, ExampleError, Result, TrackerRules, DONE, IN_PROGRESS, PENDING};
 
 /// The ticket every story is about.
 pub const TICKET: &str = "t-1";
 
-/// Start the demo with `configure`, create the ticket with `extra`
-/// columns, sync both clients and take bob offline.
+/// Start the demo on `rules` with `configure`, create the ticket with
+/// `extra` columns, sync both clients and take bob offline.
 async fn setup(
     title: &str,
+    rules: TrackerRules,
     configure: impl FnOnce(ferry_server::SyncServiceBuilder) -> ferry_server::SyncServiceBuilder,
     extra: ferry_core::RowData,
 ) -> Result<Demo> {
-    let demo = Demo::start(configure).await?;
+    let demo = Demo::start(rules, configure).await?;
     demo.step(&format!(
         "alice creates ticket {TICKET} {title:?} ({PENDING}); both clients sync"
     ));
@@ -45,7 +46,7 @@ async fn reconnect(demo: &Demo) -> Result<()> {
 /// online; bob sets C offline, later; after reconnecting both see C.
 pub async fn last_write_wins() -> Result<Demo> {
     println!("== last write wins: the default ==");
-    let demo = setup("A", |b| b, Default::default()).await?;
+    let demo = setup("A", TrackerRules::Base, |b| b, Default::default()).await?;
     demo.step("alice (online) sets title = \"B\"");
     demo.alice
         .update_ticket(TICKET, row_data([("title", Value::from("B"))]))?;
@@ -70,7 +71,7 @@ pub async fn disjoint_changes(
     configure: impl FnOnce(ferry_server::SyncServiceBuilder) -> ferry_server::SyncServiceBuilder,
 ) -> Result<Demo> {
     println!("== disjoint changes ==");
-    let demo = setup("A", configure, Default::default()).await?;
+    let demo = setup("A", TrackerRules::Base, configure, Default::default()).await?;
     demo.step("alice (online) sets title = \"B\"; bob (offline) sets the description and creates t-2");
     demo.alice
         .update_ticket(TICKET, row_data([("title", Value::from("B"))]))?;
@@ -101,7 +102,7 @@ pub struct Refusals(pub Vec<String>);
 /// assignment and an attachment, which sync once he is back.
 pub async fn restricted() -> Result<(Demo, Refusals)> {
     println!("== offline restrictions: destructive changes wait for a connection ==");
-    let demo = setup("A", |b| b, Default::default()).await?;
+    let demo = setup("A", TrackerRules::Base, |b| b, Default::default()).await?;
     demo.bob.db.set_offline_policy(Some(restricted_policy()));
     demo.step("alice (online) sets title = \"B\"");
     demo.alice
@@ -165,7 +166,13 @@ pub fn domain_strategy(b: ferry_server::SyncServiceBuilder) -> ferry_server::Syn
 /// with the rule's reason.
 pub async fn domain_resolution() -> Result<Demo> {
     println!("== domain-specific resolution: done stays done ==");
-    let demo = setup("Printer on fire", domain_strategy, Default::default()).await?;
+    let demo = setup(
+        "Printer on fire",
+        TrackerRules::Base,
+        domain_strategy,
+        Default::default(),
+    )
+    .await?;
     demo.step("alice (online) sets status = \"done\"");
     demo.alice
         .update_ticket(TICKET, row_data([("status", Value::from(DONE))]))?;
@@ -226,7 +233,7 @@ pub async fn manual_resolution() -> Result<Demo> {
 /// seeing the open conflict.
 pub async fn manual_conflict() -> Result<Demo> {
     println!("== manual resolution: a person decides ==");
-    let demo = setup("A", manual_strategy, Default::default()).await?;
+    let demo = setup("A", TrackerRules::Base, manual_strategy, Default::default()).await?;
     demo.step("alice (online) sets title = \"B\"");
     demo.alice
         .update_ticket(TICKET, row_data([("title", Value::from("B"))]))?;
@@ -238,12 +245,6 @@ pub async fn manual_conflict() -> Result<Demo> {
     demo.print_views()?;
     reconnect(&demo).await?;
     Ok(demo)
-}
-
-/// The server configuration of the CRDT example: `description_doc` holds
-/// an automerge text document merged on the server.
-pub fn crdt_strategy(b: ferry_server::SyncServiceBuilder) -> ferry_server::SyncServiceBuilder {
-    b.strategy("tickets", Arc::new(Crdt::new(["description_doc"])))
 }
 
 /// The text of a client's ticket description document.
@@ -276,9 +277,12 @@ fn edit_description(client: &Client, f: impl FnOnce(&mut crdt::TextEdit<'_>)) ->
 pub async fn crdt_text() -> Result<Demo> {
     println!("== CRDT: concurrent text edits merge ==");
     let doc = crdt::new_text_doc("Printer is broken.");
+    // The CRDT rules (`examples/tracker-crdt.toml`) add the document
+    // column to tickets and merge it with the Crdt strategy.
     let demo = setup(
         "Printer",
-        crdt_strategy,
+        TrackerRules::Crdt,
+        |b| b,
         row_data([("description_doc", Value::Blob(doc))]),
     )
     .await?;
@@ -342,7 +346,7 @@ pub fn describe_activity(row: &ferry_core::RowData) -> String {
 /// by bob's offline "C".
 pub async fn audit_log() -> Result<Demo> {
     println!("== audit log: last write wins, with the history visible ==");
-    let demo = setup("A", audit_strategy, Default::default()).await?;
+    let demo = setup("A", TrackerRules::Base, audit_strategy, Default::default()).await?;
     demo.step("alice (online) sets title = \"B\"");
     demo.alice
         .update_ticket(TICKET, row_data([("title", Value::from("B"))]))?;

@@ -307,6 +307,15 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         "strategies".to_owned(),
         RULES_WITH_STRATEGIES.as_bytes().to_vec(),
     ));
+    // Columns added to a declared table, as the tracker's CRDT rules do.
+    out.push((
+        "sync_rules",
+        "add-columns".to_owned(),
+        format!(
+            "{TICKET_TRACKER_RULES}\n[[add_columns]]\ntable = \"tickets\"\ncolumns = [{{ name = \"description_doc\", type = \"blob\" }}]\n\n[[strategies]]\ntable = \"tickets\"\nkind = \"crdt\"\ncolumns = [\"description_doc\"]\n"
+        )
+        .into_bytes(),
+    ));
 
     let doc = new_text_doc("hello");
     let alice = edit_text(&doc, "alice", |e| {

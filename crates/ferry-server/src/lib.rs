@@ -59,7 +59,7 @@ pub use db::{
 };
 pub use error::{Result, ServiceError};
 pub use permissions::{PermissionDef, WriteOp, MAX_CONDITION_BYTES, MAX_CONDITION_DEPTH_LEVELS};
-pub use rules::{SyncRules, RESERVED_TABLE_PREFIX, TICKET_TRACKER_RULES};
+pub use rules::{AddColumns, RulesFile, SyncRules, MAX_EXTENDS_DEPTH, RESERVED_TABLE_PREFIX, TICKET_TRACKER_RULES};
 pub use server::{run, BoundServer};
 pub use service::{
     CompactStats, ServiceOptions, SyncService, SyncServiceBuilder, CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS,

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use ferry_conflict::TableStrategy;
-use ferry_core::{RowData, Schema, Table, Value};
+use ferry_core::{Column, RowData, Schema, Table, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ServiceError};
@@ -22,13 +22,30 @@ use crate::permissions::{PermissionDef, PermissionsError, TablePermissions, Writ
 /// [`SyncRules::is_reserved_table_name`]).
 pub const RESERVED_TABLE_PREFIX: &str = "ferry_";
 
-/// The ticket tracker rules, used when no rules file is configured.
+/// The ticket tracker rules, used when no rules file is configured. The
+/// tracker's rules for other conflict strategies (`examples/tracker-*.toml`
+/// in the workspace) extend this file.
 pub const TICKET_TRACKER_RULES: &str = include_str!("../examples/ticket-tracker.toml");
+
+/// How many files a chain of `extends` may have on top of the first one
+/// (a longer chain is refused: most likely a cycle).
+pub const MAX_EXTENDS_DEPTH: usize = 8;
 
 /// The rules file as written.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesFile {
+    /// A rules file these rules build on (`extends = "base.toml"`, relative
+    /// to the directory of the file that names it). Its tables, buckets,
+    /// strategies, permissions and added columns come first and this
+    /// file's are added to them: a table, bucket, strategy or permission
+    /// declared in both is refused as a duplicate, and a column is added
+    /// to a table of the base with [`RulesFile::add_columns`].
+    /// [`SyncRules::from_file`] follows it (up to [`MAX_EXTENDS_DEPTH`]
+    /// files); [`SyncRules::from_toml`] has no directory to resolve it in
+    /// and refuses it (merge with [`RulesFile::extending`] instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extends: Option<String>,
     /// The server schema, with server-side table options.
     #[serde(default)]
     pub tables: Vec<TableDef>,
@@ -47,6 +64,92 @@ pub struct RulesFile {
     /// without a rule, refuses client writes.
     #[serde(default)]
     pub permissions: Vec<PermissionDef>,
+    /// Columns added to a table declared elsewhere, typically in the file
+    /// this one extends (`[[add_columns]] table = "tickets" columns =
+    /// [{ name = "description_doc", type = "blob" }]`). They come after
+    /// the table's own columns; an unknown table or a column the table
+    /// already has is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add_columns: Vec<AddColumns>,
+}
+
+/// Columns added to a table declared elsewhere (see
+/// [`RulesFile::add_columns`]).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddColumns {
+    /// The table.
+    pub table: String,
+    /// The columns, added after the table's own.
+    pub columns: Vec<Column>,
+}
+
+impl RulesFile {
+    /// Parse a rules file from TOML text, without validating it or
+    /// following its `extends`.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| ServiceError::Config(format!("sync rules: {}", e.message())))
+    }
+
+    /// Read a rules file and the files it extends, merged into one (its
+    /// `extends` is then `None`). Each `extends` is relative to the
+    /// directory of the file naming it.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let read = |path: &Path| {
+            let text = std::fs::read_to_string(path).map_err(|e| ServiceError::Io {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            Self::from_toml(&text).map_err(|e| match e {
+                ServiceError::Config(m) => ServiceError::Config(format!("{}: {m}", path.display())),
+                other => other,
+            })
+        };
+        let mut file = read(path)?;
+        let mut current = path.to_path_buf();
+        let mut depth = 0;
+        while let Some(base) = file.extends.take() {
+            depth += 1;
+            if depth > MAX_EXTENDS_DEPTH {
+                return Err(ServiceError::Config(format!(
+                    "sync rules {}: more than {MAX_EXTENDS_DEPTH} files extend one another (a cycle?)",
+                    path.display()
+                )));
+            }
+            let base_path = current.parent().unwrap_or_else(|| Path::new("")).join(&base);
+            let base_file = read(&base_path).map_err(|e| match e {
+                ServiceError::Io { path: p, message } => ServiceError::Io {
+                    path: p,
+                    message: format!("{message} (extended by {})", current.display()),
+                },
+                other => other,
+            })?;
+            file = file.extending(base_file);
+            current = base_path;
+        }
+        Ok(file)
+    }
+
+    /// These rules on top of `base`: `base`'s tables, buckets, strategies,
+    /// permissions and added columns first, then these. The result extends
+    /// what `base` extends; this file's own `extends` is dropped (the
+    /// caller resolved it to `base`). Duplicates are refused when the
+    /// result is validated ([`SyncRules::new`]).
+    #[must_use]
+    pub fn extending(self, base: RulesFile) -> RulesFile {
+        fn cat<T>(mut first: Vec<T>, then: Vec<T>) -> Vec<T> {
+            first.extend(then);
+            first
+        }
+        RulesFile {
+            extends: base.extends,
+            tables: cat(base.tables, self.tables),
+            buckets: cat(base.buckets, self.buckets),
+            strategies: cat(base.strategies, self.strategies),
+            permissions: cat(base.permissions, self.permissions),
+            add_columns: cat(base.add_columns, self.add_columns),
+        }
+    }
 }
 
 /// A table of the rules file: the schema table plus server-side options.
@@ -123,20 +226,16 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl SyncRules {
-    /// Parse and validate rules from TOML text.
+    /// Parse and validate rules from TOML text (rules that `extends`
+    /// another file are refused: see [`SyncRules::from_file`]).
     pub fn from_toml(text: &str) -> Result<Self> {
-        let file: RulesFile =
-            toml::from_str(text).map_err(|e| ServiceError::Config(format!("sync rules: {}", e.message())))?;
-        Self::new(file)
+        Self::new(RulesFile::from_toml(text)?)
     }
 
-    /// Load rules from a TOML file.
+    /// Load rules from a TOML file, following its `extends`
+    /// ([`RulesFile::from_file`]).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ServiceError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Self::from_toml(&text)
+        Self::new(RulesFile::from_file(path)?)
     }
 
     /// The embedded ticket tracker rules.
@@ -144,8 +243,25 @@ impl SyncRules {
         Self::from_toml(TICKET_TRACKER_RULES)
     }
 
-    /// Validate a parsed rules file.
-    pub fn new(file: RulesFile) -> Result<Self> {
+    /// Validate a parsed rules file (its `extends` resolved: see
+    /// [`RulesFile::from_file`] and [`RulesFile::extending`]).
+    pub fn new(mut file: RulesFile) -> Result<Self> {
+        if let Some(base) = &file.extends {
+            return Err(ServiceError::Config(format!(
+                "sync rules: `extends = {base:?}` names a file, which only a rules file on disk can \
+                 resolve (SyncRules::from_file, or RulesFile::extending)"
+            )));
+        }
+        for add in std::mem::take(&mut file.add_columns) {
+            let Some(t) = file.tables.iter_mut().find(|t| t.table.name == add.table) else {
+                return Err(ServiceError::Config(format!(
+                    "add_columns names unknown table {:?}",
+                    add.table
+                )));
+            };
+            // A column the table already has is refused by Schema::new.
+            t.table.columns.extend(add.columns);
+        }
         let per_op_outcomes = file
             .tables
             .iter()
@@ -449,5 +565,127 @@ mod tests {
         for c in cases {
             assert!(SyncRules::from_toml(c).is_err(), "{c}");
         }
+    }
+
+    const BASE: &str = r#"
+[[tables]]
+name = "notes"
+columns = [{ name = "body", type = "text" }]
+
+[[buckets]]
+name = "global"
+data = [{ table = "notes" }]
+
+[[permissions]]
+table = "notes"
+insert = "true"
+"#;
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&path, text).expect("write rules");
+        path
+    }
+
+    #[test]
+    fn a_rules_file_extends_a_base_relative_to_itself_and_adds_columns_and_strategies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "base/notes.toml", BASE);
+        let variant = write(
+            dir.path(),
+            "variants/crdt.toml",
+            r#"
+extends = "../base/notes.toml"
+
+[[add_columns]]
+table = "notes"
+columns = [{ name = "doc", type = "blob" }]
+
+[[strategies]]
+table = "notes"
+kind = "crdt"
+columns = ["doc"]
+"#,
+        );
+        let rules = SyncRules::from_file(&variant).expect("variant rules");
+        let notes = rules.client_schema().table("notes").expect("notes").clone();
+        let columns: Vec<&str> = notes.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(columns, ["body", "doc"]);
+        assert_eq!(rules.strategies().len(), 1);
+        assert!(rules.permissions("notes").is_some(), "the base's permissions apply");
+        assert_eq!(rules.buckets().len(), 1);
+        // A chain: a file extending the variant gets both.
+        let chained = write(
+            dir.path(),
+            "variants/more/audit.toml",
+            "extends = \"../crdt.toml\"\n[[tables]]\nname = \"extra\"\ncolumns = []\n",
+        );
+        let rules = SyncRules::from_file(&chained).expect("chained rules");
+        assert!(rules.schema().table("extra").is_ok());
+        assert!(rules
+            .schema()
+            .table("notes")
+            .expect("notes")
+            .column_def("doc")
+            .is_some());
+        // The same merge in memory.
+        let merged = RulesFile::from_toml(
+            "extends = \"x\"\n[[add_columns]]\ntable = \"notes\"\ncolumns = [{ name = \"doc\", type = \"blob\" }]\n",
+        )
+        .expect("parse")
+        .extending(RulesFile::from_toml(BASE).expect("base"));
+        assert!(merged.extends.is_none());
+        let rules = SyncRules::new(merged).expect("merged rules");
+        assert!(rules
+            .client_schema()
+            .table("notes")
+            .expect("notes")
+            .column_def("doc")
+            .is_some());
+    }
+
+    #[test]
+    fn bad_extends_and_added_columns_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "base.toml", BASE);
+        write(dir.path(), "unknown_field.toml", "[[nope]]\n");
+        let refused = |name: &str, text: &str, wanted: &str| {
+            let path = write(dir.path(), name, text);
+            let e = SyncRules::from_file(&path).expect_err(text).to_string();
+            assert!(e.contains(wanted), "{text}: {e}");
+        };
+        refused(
+            "unknown_table.toml",
+            "extends = \"base.toml\"\n[[add_columns]]\ntable = \"nope\"\ncolumns = []\n",
+            "add_columns names unknown table \"nope\"",
+        );
+        refused(
+            "twice.toml",
+            "extends = \"base.toml\"\n[[add_columns]]\ntable = \"notes\"\ncolumns = [{ name = \"body\", type = \"text\" }]\n",
+            "duplicate column \"body\"",
+        );
+        refused(
+            "table_again.toml",
+            "extends = \"base.toml\"\n[[tables]]\nname = \"notes\"\ncolumns = []\n",
+            "duplicate table \"notes\"",
+        );
+        refused(
+            "permission_again.toml",
+            "extends = \"base.toml\"\n[[permissions]]\ntable = \"notes\"\ninsert = \"false\"\n",
+            "notes",
+        );
+        refused("missing.toml", "extends = \"nowhere.toml\"\n", "extended by");
+        refused("cycle.toml", "extends = \"cycle.toml\"\n", "more than 8 files");
+        refused(
+            "bad_base.toml",
+            "extends = \"unknown_field.toml\"\n",
+            "unknown_field.toml: sync rules: unknown field",
+        );
+        // No directory to resolve `extends` in.
+        let e = SyncRules::from_toml("extends = \"base.toml\"\n").expect_err("from_toml");
+        assert!(e.to_string().contains("SyncRules::from_file"), "{e}");
     }
 }

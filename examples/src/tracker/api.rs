@@ -456,6 +456,7 @@ async fn add_assignment(
             row_data([
                 ("ticket_id", Value::from(ticket.as_str())),
                 ("user_id", Value::from(user.as_str())),
+                ("created_at", Value::from(now_text())),
             ]),
         )?;
         Ok(())
@@ -525,6 +526,7 @@ async fn add_attachment(
             row_data([
                 ("ticket_id", Value::from(ticket.as_str())),
                 ("url", Value::from(url.as_str())),
+                ("created_at", Value::from(now_text())),
             ]),
         )?;
         Ok(())

@@ -8,8 +8,12 @@
 //! page fully usable: writes queue up and sync when the server is back.
 //!
 //! The schema is the server's: [`client_schema`] derives it from the
-//! embedded ticket tracker rules (`SyncRules::ticket_tracker`), adding
-//! only what the client keeps for itself.
+//! rules file the server runs (`--rules`, one of [`crate::TrackerRules`]'s
+//! files) or the embedded ticket tracker rules (`SyncRules::ticket_tracker`),
+//! adding only what the client keeps for itself ([`crate::client_schema`],
+//! the examples' too). Rules that give tickets a `description_doc` column
+//! (`examples/tracker-crdt.toml`) switch description edits to the CRDT
+//! document.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -72,20 +76,15 @@ pub struct TrackerConfig {
     pub restricted: bool,
 }
 
-/// The client schema: derived from the server's ticket tracker rules
-/// (`rules`, or the embedded ones), with the previous values of ticket
-/// changes kept (the base that manual resolution and domain rules compare
-/// against) and an index on ticket status.
+/// The client schema: [`crate::client_schema`] of the server's ticket
+/// tracker rules (the file `rules`, following its `extends`, or the
+/// embedded ones).
 pub fn client_schema(rules: Option<&std::path::Path>) -> Result<Schema> {
     let rules = match rules {
         Some(path) => SyncRules::from_file(path)?,
         None => SyncRules::ticket_tracker()?,
     };
-    let derived = rules.client_schema();
-    Ok(Schema::new(derived.tables().cloned().map(|t| match t.name.as_str() {
-        "tickets" => t.index("by_status", &["status"]).track_previous_values(),
-        _ => t,
-    }))?)
+    crate::client_schema(&rules)
 }
 
 /// The offline restrictions of `--restricted`: renaming and deleting
@@ -177,6 +176,15 @@ impl std::fmt::Debug for Tracker {
 /// document, when the rules declare it (the CRDT strategy).
 pub const DESCRIPTION_DOC: &str = "description_doc";
 
+/// Whether descriptions are edited as automerge documents under this
+/// client schema: its tickets have [`DESCRIPTION_DOC`] (the CRDT rules,
+/// `examples/tracker-crdt.toml`, add it; the other rules do not).
+pub fn crdt_description(schema: &Schema) -> bool {
+    schema
+        .table("tickets")
+        .is_ok_and(|t| t.column_def(DESCRIPTION_DOC).is_some())
+}
+
 /// A row as the page gets it: its columns (blobs left out), `id` and
 /// whether local writes to it are still pending. A ticket's description
 /// document, when it has one, gives its `description` (the merged text).
@@ -225,9 +233,7 @@ impl Tracker {
         std::fs::create_dir_all(&config.data_dir)?;
         let path = config.data_dir.join(format!("{}.db", config.user));
         let schema = client_schema(config.rules.as_deref())?;
-        let crdt_description = schema
-            .table("tickets")
-            .is_ok_and(|t| t.column_def(DESCRIPTION_DOC).is_some());
+        let crdt_description = crdt_description(&schema);
         let store = SqliteStore::open(&path, schema).map_err(ferry_client::ClientError::from)?;
         let options = ClientOptions {
             local: LocalDbOptions {
