@@ -312,6 +312,13 @@ impl Database {
                     inner.on_change(source, rows);
                 }
             })));
+        // A first sync's rows are read back for live queries and change
+        // subscribers only when there are some.
+        let weak = Arc::downgrade(&inner);
+        inner.local.set_observer_interest(Some(Arc::new(move || {
+            weak.upgrade()
+                .is_some_and(|inner| inner.changes.receiver_count() > 0 || inner.live.lock().wants_changes())
+        })));
         Ok(Database {
             inner,
             tasks: Arc::new(Mutex::new(None)),

@@ -24,6 +24,13 @@ pub(crate) struct LiveState {
     next_window: u64,
 }
 
+impl LiveState {
+    /// Whether any live query takes row changes.
+    pub(crate) fn wants_changes(&self) -> bool {
+        !self.loaded.is_empty() || !self.windows.is_empty()
+    }
+}
+
 /// Which live query a handle names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LiveId {

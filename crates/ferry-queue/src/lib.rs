@@ -210,6 +210,9 @@ pub struct LocalDb {
     hlc: HybridClock<Arc<dyn Clock>>,
     counters: Mutex<Counters>,
     observer: RwLock<Option<Observer>>,
+    /// Whether the observer wants the rows a staged checkpoint switched in
+    /// (see [`LocalDb::set_observer_interest`]).
+    interest: RwLock<Option<Interest>>,
 }
 
 impl std::fmt::Debug for LocalDb {
@@ -256,6 +259,10 @@ pub struct RowChange {
 /// each changed row's new visible value (ordered by table and id, one
 /// change per row).
 pub type Observer = Arc<dyn Fn(ChangeSource, &[RowChange]) + Send + Sync>;
+
+/// Asked before the rows of a staged checkpoint are read back for the
+/// observer: `false` when nobody would look at them.
+pub type Interest = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How one batch leaves a row: its synced row and overlay entry, each
 /// `None` when the batch does not touch it (`Some(None)`: removed).
@@ -375,6 +382,7 @@ impl LocalDb {
             client_id,
             hlc,
             observer: RwLock::new(None),
+            interest: RwLock::new(None),
             counters: Mutex::new(Counters {
                 next_seq,
                 next_tx_id,
@@ -832,6 +840,14 @@ impl LocalDb {
     /// back: keep the observer quick (queue the work, don't do it).
     pub fn set_observer(&self, observer: Option<Observer>) {
         *self.observer.write() = observer;
+    }
+
+    /// Ask `interest` before reading a staged checkpoint's rows back for
+    /// the observer (a pass over every row it brought): when it answers
+    /// `false`, the observer hears only of the rows the batch itself
+    /// changed. `None` (the default): always read them.
+    pub fn set_observer_interest(&self, interest: Option<Interest>) {
+        *self.interest.write() = interest;
     }
 
     fn notify(&self, source: ChangeSource, rows: &[RowChange]) {

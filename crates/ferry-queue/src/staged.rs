@@ -151,6 +151,9 @@ impl LocalDb {
         if switches.is_empty() || self.observer.read().is_none() {
             return Ok(());
         }
+        if self.interest.read().as_ref().is_some_and(|wants| !wants()) {
+            return Ok(());
+        }
         for switch in switches {
             self.for_each_staged(switch, |page| {
                 let mut changes: BTreeMap<(String, String), RowChange> = BTreeMap::new();

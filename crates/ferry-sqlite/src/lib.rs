@@ -939,7 +939,10 @@ impl Store for SqliteStore {
         // A large batch commits without the automatic WAL checkpoint, which
         // would copy every page it wrote into the database file before
         // `apply` returns; a helper connection checkpoints instead.
-        let large = batch.len() >= BACKGROUND_CHECKPOINT_MIN_OPS && self.path.is_some();
+        // A switch-in of staged ops writes as much as the ops it moves.
+        let large = (batch.len() >= BACKGROUND_CHECKPOINT_MIN_OPS
+            || batch.ops.iter().any(|op| matches!(op, BatchOp::SwitchInStaged { .. })))
+            && self.path.is_some();
         if large {
             tx.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         }

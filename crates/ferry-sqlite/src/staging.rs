@@ -5,7 +5,7 @@
 
 use ferry_core::{codec, Schema};
 use ferry_store::{switch_effect, StagedKind, StagedOp, StoreError, StoreResult, SwitchEffect};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{
     clamp_bound, from_ordered_key, multi_insert_sql, ordered_key, sql_err, Writer, INSERT_CHUNK_ROWS,
@@ -27,7 +27,6 @@ CREATE TABLE IF NOT EXISTS ferry_staged (
 
 const SQL_PUT_STAGED: &str = "INSERT OR REPLACE INTO ferry_staged (bucket, op_id, kind, tbl, row_id, data, checksum) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-const SQL_DELETE_STAGED: &str = "DELETE FROM ferry_staged WHERE bucket = ?1 AND op_id <= ?2";
 const SQL_STAGED_OPS: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FROM ferry_staged \
      WHERE bucket = ?1 AND op_id > ?2 ORDER BY op_id LIMIT ?3";
 const SQL_STAGED_RANGE: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FROM ferry_staged \
@@ -47,6 +46,17 @@ const SQL_SWITCH_ROWS: &str = "INSERT OR REPLACE INTO ferry_rows (tbl, id, data)
 const SQL_SWITCH_ENTRIES: &str = "INSERT OR REPLACE INTO ferry_bucket_entries (bucket, tbl, row_id, op_id, checksum) \
      SELECT bucket, tbl, row_id, op_id, checksum FROM ferry_staged \
      WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 0 ORDER BY op_id";
+/// The op id `SET_STATEMENT_OPS` ops into a range (its last one, if
+/// shorter).
+const SQL_CHUNK_END: &str = "SELECT op_id FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 ORDER BY op_id LIMIT 1 OFFSET ?4";
+const SQL_DELETE_STAGED_CHUNK: &str = "DELETE FROM ferry_staged WHERE bucket = ?1 AND op_id IN \
+     (SELECT op_id FROM ferry_staged WHERE bucket = ?1 AND op_id <= ?2 ORDER BY op_id LIMIT ?3)";
+
+/// Ops one set-based statement moves or deletes: SQLite keeps a statement
+/// journal of the pages a statement changes (in memory, `temp_store =
+/// MEMORY`), so statements stay this small however large the checkpoint.
+const SET_STATEMENT_OPS: i64 = 8_192;
 const SQL_BUCKET_NAMES: &str = "SELECT name FROM ferry_buckets";
 
 /// Staged ops switched in at once on the op-by-op path.
@@ -112,12 +122,17 @@ impl<'c, 'b> Writer<'c, 'b> {
         Ok(())
     }
 
+    /// Drop staged ops in statements of [`SET_STATEMENT_OPS`].
     pub(crate) fn delete_staged(&mut self, bucket: &str, through_op_id: u64) -> StoreResult<()> {
-        self.conn
-            .prepare_cached(SQL_DELETE_STAGED)
-            .and_then(|mut s| s.execute(params![bucket, clamp_bound(through_op_id)]))
-            .map_err(sql_err)?;
-        Ok(())
+        let mut stmt = self.conn.prepare_cached(SQL_DELETE_STAGED_CHUNK).map_err(sql_err)?;
+        loop {
+            let n = stmt
+                .execute(params![bucket, clamp_bound(through_op_id), SET_STATEMENT_OPS])
+                .map_err(sql_err)?;
+            if (n as i64) < SET_STATEMENT_OPS {
+                return Ok(());
+            }
+        }
     }
 
     /// `BatchOp::SwitchInStaged`: set-based when the range has no REMOVE
@@ -144,12 +159,27 @@ impl<'c, 'b> Writer<'c, 'b> {
             per_op = exists(SQL_HAS_TABLE, &[&bucket, &from, &through, &table.name])?;
         }
         if !per_op {
-            for sql in [SQL_SWITCH_ROWS, SQL_SWITCH_ENTRIES] {
-                conn.prepare_cached(sql)
-                    .and_then(|mut s| s.execute(params![bucket, from, through]))
+            // In statements of SET_STATEMENT_OPS ops, in op id order.
+            let mut start = from;
+            loop {
+                let end: Option<i64> = conn
+                    .prepare_cached(SQL_CHUNK_END)
+                    .and_then(|mut s| {
+                        s.query_row(params![bucket, start, through, SET_STATEMENT_OPS - 1], |r| r.get(0))
+                            .optional()
+                    })
                     .map_err(sql_err)?;
+                let end = end.unwrap_or(through);
+                for sql in [SQL_SWITCH_ROWS, SQL_SWITCH_ENTRIES] {
+                    conn.prepare_cached(sql)
+                        .and_then(|mut s| s.execute(params![bucket, start, end]))
+                        .map_err(sql_err)?;
+                }
+                if end >= through {
+                    return Ok(());
+                }
+                start = end + 1;
             }
-            return Ok(());
         }
         let buckets: Vec<String> = {
             let mut stmt = conn.prepare_cached(SQL_BUCKET_NAMES).map_err(sql_err)?;

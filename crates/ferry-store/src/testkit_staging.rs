@@ -339,8 +339,10 @@ pub fn staged_ops_are_discarded_and_survive_reopen<B: Backend>(b: &B) {
 pub fn large_switch_in_matches_memory_store<B: Backend>(b: &B) {
     let loc = b.fresh();
     let n = 5_000u64;
-    let notes: Vec<StagedOp> = (1..=n)
-        .map(|i| put(i, "notes", &format!("n{:05}", i % 3_000), Some(note(&format!("v{i}")))))
+    // More notes than one SQLite set-based statement moves.
+    let n_notes = 20_000u64;
+    let notes: Vec<StagedOp> = (1..=n_notes)
+        .map(|i| put(i, "notes", &format!("n{:05}", i % 12_000), Some(note(&format!("v{i}")))))
         .collect();
     let tickets: Vec<StagedOp> = (1..=n)
         .map(|i| {
@@ -357,11 +359,13 @@ pub fn large_switch_in_matches_memory_store<B: Backend>(b: &B) {
         })
         .collect();
     let mut go = WriteBatch::new();
-    go.push(state("notes", n))
+    go.push(state("notes", n_notes))
         .push(state("tickets", n))
-        .push(switch("notes", 1, n))
+        .push(switch("notes", 1, n_notes))
         .push(switch("tickets", 1, n));
     let (s, _) = both(b, &loc, &[stage("notes", &notes), stage("tickets", &tickets), go]);
-    assert_eq!(s.scan_synced("notes").expect("scan").len(), 3_000);
+    assert_eq!(s.scan_synced("notes").expect("scan").len(), 12_000);
+    let body = s.get_synced("notes", "n00005").expect("get").expect("note");
+    assert_eq!(body, note("v12005"), "the last PUT of a row wins across statements");
     assert_eq!(s.scan_synced("tickets").expect("scan").len() as u64, n - 2 * (n / 10));
 }
