@@ -82,6 +82,9 @@ use parking_lot::{Mutex, RwLock};
 mod keys;
 mod pending;
 mod staging;
+mod switch;
+
+pub use switch::MAX_SWITCH_CHUNK_OPS;
 mod values;
 
 use keys::{prefix_end, suffix};
@@ -197,7 +200,7 @@ impl SledStore {
             item.map_err(sled_err)?;
             queue_len += 1;
         }
-        Ok(SledStore {
+        let store = SledStore {
             db,
             schema,
             options,
@@ -205,7 +208,12 @@ impl SledStore {
             writer: Mutex::new(()),
             snapshot: RwLock::new(()),
             queue_len: AtomicU64::new(queue_len),
-        })
+        };
+        store.recover_switch()?;
+        if options.flush_on_apply {
+            store.db.flush().map_err(sled_err)?;
+        }
+        Ok(store)
     }
 
     /// The options the store was opened with.
@@ -240,6 +248,24 @@ impl SledStore {
     }
 
     /// Turn a batch into key writes. Runs under the writer lock.
+    /// Apply pending writes as one sled batch and keep the queue length
+    /// (the caller holds the snapshot lock for writing).
+    pub(crate) fn commit_pending(&self, p: Pending<'_>) -> StoreResult<()> {
+        if p.is_empty() {
+            return Ok(());
+        }
+        let queue_delta = p.count_delta(keys::QUEUE)?;
+        self.tree().apply_batch(p.into_batch()).map_err(sled_err)?;
+        let len = self.queue_len.load(Ordering::Relaxed);
+        let len = if queue_delta >= 0 {
+            len.saturating_add(queue_delta.unsigned_abs())
+        } else {
+            len.saturating_sub(queue_delta.unsigned_abs())
+        };
+        self.queue_len.store(len, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn stage(&self, batch: WriteBatch, p: &mut Pending<'_>) -> StoreResult<()> {
         for op in batch.ops {
             match op {
@@ -532,23 +558,16 @@ impl Store for SledStore {
                 _ => {}
             }
         }
-        let mut p = Pending::new(self.tree());
-        self.stage(batch, &mut p)?;
-        if p.is_empty() {
-            return Ok(());
-        }
-        let queue_delta = p.count_delta(keys::QUEUE)?;
-        let sled_batch = p.into_batch();
-        {
+        if switch::chunked(self, &batch)? {
+            self.apply_chunked(batch)?;
+        } else {
+            let mut p = Pending::new(self.tree());
+            self.stage(batch, &mut p)?;
+            if p.is_empty() {
+                return Ok(());
+            }
             let _snap = self.snapshot.write();
-            self.tree().apply_batch(sled_batch).map_err(sled_err)?;
-            let len = self.queue_len.load(Ordering::Relaxed);
-            let len = if queue_delta >= 0 {
-                len.saturating_add(queue_delta.unsigned_abs())
-            } else {
-                len.saturating_sub(queue_delta.unsigned_abs())
-            };
-            self.queue_len.store(len, Ordering::Relaxed);
+            self.commit_pending(p)?;
         }
         if self.options.flush_on_apply {
             self.db.flush().map_err(sled_err)?;
