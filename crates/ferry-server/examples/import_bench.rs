@@ -6,7 +6,11 @@
 //! Environment:
 //! - `N` rows (default 1,000,000);
 //! - `CHUNK` rows per `import` call (default 50,000, as
-//!   `ferry-client`'s `initial_sync_bench` loads them).
+//!   `ferry-client`'s `initial_sync_bench` loads them);
+//! - `PIPELINE` (default 1): make the next chunk's rows on another thread
+//!   while a chunk imports, as a loader streaming rows in would, so the
+//!   figure is the server's; `PIPELINE=0` makes them in between, as
+//!   `initial_sync_bench` does.
 //!
 //! The rows, the rules (the embedded ticket tracker rules: every ticket is
 //! in the `global` bucket) and the chunks are those of `initial_sync_bench`.
@@ -72,6 +76,20 @@ fn ticket(i: u64) -> (String, RowData) {
     (id, d)
 }
 
+/// The ticket PUTs of ids `first..=last`.
+fn tickets(first: u64, last: u64) -> Vec<CrudOp> {
+    (first..=last)
+        .map(|i| {
+            let (id, data) = ticket(i);
+            CrudOp::Put {
+                table: "tickets".into(),
+                id,
+                data,
+            }
+        })
+        .collect()
+}
+
 fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
     match std::env::var(name) {
         Ok(s) => s.parse().with_context(|| format!("{name}={s:?} is not a number")),
@@ -83,6 +101,7 @@ fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
 async fn main() -> anyhow::Result<()> {
     let n = env_u64("N", 1_000_000)?;
     let chunk = env_u64("CHUNK", DEFAULT_CHUNK_ROWS)?.max(1);
+    let pipeline = env_u64("PIPELINE", 1)? != 0;
     let tmp = tempfile::tempdir()?;
     let db = Arc::new(SqliteSourceDb::open_dir(tmp.path())?);
     let options = ServiceOptions {
@@ -95,21 +114,19 @@ async fn main() -> anyhow::Result<()> {
 
     let t = Instant::now();
     let cpu_start = cpu_s();
-    let mut next = 1;
-    while next <= n {
-        let end = (next + chunk - 1).min(n);
-        let ops = (next..=end)
-            .map(|i| {
-                let (id, data) = ticket(i);
-                CrudOp::Put {
-                    table: "tickets".into(),
-                    id,
-                    data,
-                }
-            })
-            .collect();
+    // Chunks of `chunk` rows, ids from 1.
+    let mut ranges = (0..n.div_ceil(chunk)).map(|k| (k * chunk + 1, ((k + 1) * chunk).min(n)));
+    let make = |(first, last): (u64, u64)| tokio::task::spawn_blocking(move || tickets(first, last));
+    let mut making = ranges.next().map(make);
+    while let Some(ops) = making.take() {
+        let ops = ops.await?;
+        if pipeline {
+            making = ranges.next().map(make);
+        }
         service.import(ops).await?;
-        next = end + 1;
+        if !pipeline {
+            making = ranges.next().map(make);
+        }
     }
     let load_s = t.elapsed().as_secs_f64();
     let cpu = cpu_s() - cpu_start;

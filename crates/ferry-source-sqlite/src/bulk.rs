@@ -2,9 +2,10 @@
 //! entries and memberships with few statements (multi-row `INSERT`s of at
 //! most [`MAX_ROWS_PER_INSERT`] rows, ids looked up through one
 //! `json_each` array of at most [`MAX_IDS_PER_LOOKUP`]), each with the
-//! effect of the one-row methods called in order.
+//! effect of the one-row methods called in order; and the encoding of
+//! column clocks every write shares.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ferry_core::{HlcTimestamp, Table, Value};
 use ferry_source::{NewOp, RowWrite};
@@ -74,6 +75,37 @@ fn insert_many<T>(
     Ok(())
 }
 
+/// Clocks as stored: the JSON object `serde_json` writes for them, each
+/// distinct clock formatted once (a row's columns mostly share one).
+pub(crate) fn encode_clocks(clocks: &BTreeMap<String, HlcTimestamp>) -> Result<String> {
+    let mut out = String::with_capacity(2 + clocks.len() * 48);
+    out.push('{');
+    let mut last: Option<(&HlcTimestamp, String)> = None;
+    for (i, (column, hlc)) in clocks.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if column.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            out.push('"');
+            out.push_str(column);
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::to_string(column).map_err(|e| corrupt("clocks", e))?);
+        }
+        out.push(':');
+        match &last {
+            Some((h, encoded)) if *h == hlc => out.push_str(encoded),
+            _ => {
+                let encoded = serde_json::to_string(hlc).map_err(|e| corrupt("clocks", e))?;
+                out.push_str(&encoded);
+                last = Some((hlc, encoded));
+            }
+        }
+    }
+    out.push('}');
+    Ok(out)
+}
+
 /// The ids as one JSON array (for `json_each`).
 fn id_array(ids: &[&str]) -> Result<String> {
     serde_json::to_string(ids).map_err(|e| corrupt("row ids", e))
@@ -112,7 +144,7 @@ pub(crate) fn write_rows(
             for c in r.clocks.values() {
                 raise(max_clock, c);
             }
-            Ok((r.id, serde_json::to_string(r.clocks).map_err(|e| corrupt("clocks", e))?))
+            Ok((r.id, encode_clocks(r.clocks)?))
         })
         .collect::<Result<_>>()?;
     insert_many(
@@ -221,4 +253,44 @@ pub(crate) fn append_ops(conn: &Connection, ops: &[NewOp<'_>]) -> Result<()> {
             Ok(())
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ferry_core::HlcTimestamp;
+
+    use super::encode_clocks;
+
+    fn hlc(wall_ms: u64, node: &str) -> HlcTimestamp {
+        HlcTimestamp {
+            wall_ms,
+            counter: 3,
+            node: node.to_owned(),
+        }
+    }
+
+    #[test]
+    fn clocks_encode_as_serde_json_does() {
+        let maps: Vec<BTreeMap<String, HlcTimestamp>> = vec![
+            BTreeMap::new(),
+            [("title".to_owned(), hlc(1, "server"))].into_iter().collect(),
+            [
+                ("a".to_owned(), hlc(1, "server")),
+                ("b".to_owned(), hlc(1, "server")),
+                ("c".to_owned(), hlc(2, "client \"x\"")),
+                ("d\"e".to_owned(), hlc(1, "server")),
+                ("é".to_owned(), hlc(2, "client \"x\"")),
+            ]
+            .into_iter()
+            .collect(),
+        ];
+        for m in maps {
+            assert_eq!(
+                encode_clocks(&m).expect("encode"),
+                serde_json::to_string(&m).expect("encode")
+            );
+        }
+    }
 }

@@ -449,7 +449,7 @@ impl SourceTx for SqliteTx<'_> {
             for c in clocks.values() {
                 raise(&mut self.max_clock, c);
             }
-            let clocks = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+            let clocks = bulk::encode_clocks(clocks)?;
             self.tx
                 .prepare_cached("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks) VALUES (?1, ?2, ?3)")?
                 .execute(params![table.name, id, clocks])?;
@@ -466,7 +466,7 @@ impl SourceTx for SqliteTx<'_> {
             for c in clocks.values() {
                 raise(&mut self.max_clock, c);
             }
-            let clocks = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+            let clocks = bulk::encode_clocks(clocks)?;
             self.tx
                 .prepare_cached("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks) VALUES (?1, ?2, ?3)")?
                 .execute(params![table, id, clocks])?;

@@ -19,7 +19,7 @@
 //! rows before it were flushed, so op ids, checksums, bucket states and
 //! rows are those the per-op path gives the same ops.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ferry_core::{CrudEntry, CrudOp, HlcTimestamp, RowData, Table};
 use ferry_protocol::{OpKind, Outcome};
@@ -203,7 +203,7 @@ impl Inner {
         // What the database holds of the batch's rows, as the batch
         // starts; once an op went the per-op way (its side writes may
         // write any row), each op asks for its own row.
-        let mut known: HashSet<(&str, String)> = HashSet::new();
+        let mut known: HashMap<&str, BTreeSet<String>> = HashMap::new();
         let mut distinct: Vec<&Table> = Vec::new();
         for t in tables {
             if !distinct.iter().any(|k| k.name == t.name) {
@@ -217,7 +217,7 @@ impl Inner {
                 .filter(|(_, k)| k.name == t.name)
                 .map(|(e, _)| e.op.id())
                 .collect();
-            known.extend(stx.known_rows(t, &ids)?.into_iter().map(|id| (t.name.as_str(), id)));
+            known.insert(t.name.as_str(), stx.known_rows(t, &ids)?);
         }
         let mut exact = true;
         // Rows written (or waiting to be) the bulk way in this batch.
@@ -230,7 +230,7 @@ impl Inner {
             let fresh = !matches!(op, CrudOp::Delete { .. })
                 && !touched.contains(&key)
                 && if exact {
-                    !known.contains(&(key.0, id.to_owned()))
+                    !known.get(key.0).is_some_and(|k| k.contains(id))
                 } else {
                     stx.known_rows(table, &[id])?.is_empty()
                 };
