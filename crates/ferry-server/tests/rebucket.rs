@@ -128,7 +128,7 @@ async fn a_pass_over_several_batches_moves_every_row_with_matching_checksums() {
     let svc = service(dir.path(), MINE);
     svc.rebucket_all().await.expect("first pass");
     let rows = 2 * ferry_server::MAX_REBUCKET_BATCH + 7;
-    let owner = |i: usize| if i % 2 == 0 { "ann" } else { "bob" };
+    let owner = |i: usize| if i.is_multiple_of(2) { "ann" } else { "bob" };
     let tasks = (0..rows)
         .map(|i| {
             put(
