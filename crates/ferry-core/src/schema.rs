@@ -155,35 +155,34 @@ impl Table {
     /// Check values against the column types, coercing integers given for
     /// real columns. `id` is not a column and must not appear in `data`.
     /// Returns the data as it will be stored.
-    pub fn check_data(&self, data: RowData) -> Result<RowData, CoreError> {
-        let mut out = RowData::new();
-        for (name, value) in data {
-            let Some(col) = self.column_def(&name) else {
+    pub fn check_data(&self, mut data: RowData) -> Result<RowData, CoreError> {
+        // Checked in place: a row is moved through, never rebuilt.
+        for (name, value) in data.iter_mut() {
+            let Some(col) = self.column_def(name) else {
                 return Err(CoreError::UnknownColumn {
                     table: self.name.clone(),
-                    column: name,
+                    column: name.clone(),
                 });
             };
-            let value = match (col.ty, value) {
-                (_, Value::Null) => Value::Null,
-                (ColumnType::Integer, v @ Value::Integer(_)) => v,
-                (ColumnType::Real, v @ Value::Real(_)) => v,
-                (ColumnType::Real, Value::Integer(i)) => Value::Real(i as f64),
-                (ColumnType::Text, v @ Value::Text(_)) => v,
-                (ColumnType::Blob, v @ Value::Blob(_)) => v,
+            match (col.ty, &*value) {
+                (_, Value::Null)
+                | (ColumnType::Integer, Value::Integer(_))
+                | (ColumnType::Real, Value::Real(_))
+                | (ColumnType::Text, Value::Text(_))
+                | (ColumnType::Blob, Value::Blob(_)) => {}
+                (ColumnType::Real, Value::Integer(i)) => *value = Value::Real(*i as f64),
                 (ty, v) => {
                     return Err(CoreError::WrongType {
                         table: self.name.clone(),
-                        column: name,
+                        column: name.clone(),
                         expected: ty.name(),
                         actual: v.type_name(),
                         value: truncate_for_message(v.to_string()),
                     })
                 }
-            };
-            out.insert(name, value);
+            }
         }
-        Ok(out)
+        Ok(data)
     }
 
     /// Check a whole row: id, column types and size. Returns the stored data.

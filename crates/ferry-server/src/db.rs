@@ -5,7 +5,7 @@
 
 pub use ferry_source::{
     BucketState, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease, NewOp, OpRange,
-    SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
+    RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
 };
 
 use crate::error::{Result, ServiceError};

@@ -121,3 +121,38 @@ async fn changed_bucket_rules_move_existing_rows_and_devices_follow_without_rein
     ann.sync(&svc, &token("ann")).await;
     assert_eq!(ids(&ann), vec!["notes/n1", "tasks/a1"], "the owner keeps it");
 }
+
+#[tokio::test]
+async fn a_pass_over_several_batches_moves_every_row_with_matching_checksums() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service(dir.path(), MINE);
+    svc.rebucket_all().await.expect("first pass");
+    let rows = 2 * ferry_server::MAX_REBUCKET_BATCH + 7;
+    let owner = |i: usize| if i.is_multiple_of(2) { "ann" } else { "bob" };
+    let tasks = (0..rows)
+        .map(|i| {
+            put(
+                "tasks",
+                &format!("t{i:05}"),
+                &[("owner", Value::from(owner(i))), ("title", Value::from("x"))],
+            )
+        })
+        .collect();
+    svc.import(tasks).await.expect("import");
+    drop(svc);
+
+    // Every task joins the global bucket; bob, keeping his device, gets
+    // them all (his client checks every bucket's checksum).
+    let mut bob = TestClient::new("c-bob");
+    let svc = service(dir.path(), SHARED);
+    assert_eq!(svc.rebucket_all().await.expect("pass"), rows, "every row joins");
+    bob.sync(&svc, &token("bob")).await;
+    assert_eq!(bob.rows().len(), rows);
+    drop(svc);
+
+    // And back: they leave it again (a REMOVE each), bob keeps his own.
+    let svc = service(dir.path(), MINE);
+    assert_eq!(svc.rebucket_all().await.expect("pass"), rows, "every row leaves");
+    bob.sync(&svc, &token("bob")).await;
+    assert_eq!(bob.rows().len(), rows / 2, "bob's own tasks");
+}

@@ -11,14 +11,16 @@
 //! process owns the file). Calls block: the service runs them off its
 //! async threads.
 
+mod bulk;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ferry_core::{HlcTimestamp, RowData, Schema, Table, Value};
 use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 use ferry_source::{
-    BucketState, ChangesSince, CheckpointState, ClientProgress, NewOp, OpRange, Result as SourceResult, SourceDb,
-    SourceError, SourceTx, StoredOutcome, StoredRow,
+    BucketState, ChangesSince, CheckpointState, ClientProgress, NewOp, OpRange, Result as SourceResult, RowWrite,
+    SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
 };
 use parking_lot::Mutex;
 use rusqlite::types::{Value as SqlValue, ValueRef};
@@ -447,7 +449,7 @@ impl SourceTx for SqliteTx<'_> {
             for c in clocks.values() {
                 raise(&mut self.max_clock, c);
             }
-            let clocks = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+            let clocks = bulk::encode_clocks(clocks)?;
             self.tx
                 .prepare_cached("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks) VALUES (?1, ?2, ?3)")?
                 .execute(params![table.name, id, clocks])?;
@@ -464,7 +466,7 @@ impl SourceTx for SqliteTx<'_> {
             for c in clocks.values() {
                 raise(&mut self.max_clock, c);
             }
-            let clocks = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+            let clocks = bulk::encode_clocks(clocks)?;
             self.tx
                 .prepare_cached("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks) VALUES (?1, ?2, ?3)")?
                 .execute(params![table, id, clocks])?;
@@ -514,6 +516,26 @@ impl SourceTx for SqliteTx<'_> {
             }
             Ok(())
         })
+    }
+
+    fn write_rows(&mut self, table: &Table, rows: &[RowWrite<'_>]) -> SourceResult<Vec<Option<RowData>>> {
+        lift(|| {
+            bulk::write_rows(self.tx, table, rows, &mut self.max_clock)?;
+            // SQLite keeps values as given.
+            Ok(vec![None; rows.len()])
+        })
+    }
+
+    fn known_rows(&mut self, table: &Table, ids: &[&str]) -> SourceResult<BTreeSet<String>> {
+        lift(|| bulk::known_rows(self.tx, table, ids))
+    }
+
+    fn set_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> SourceResult<()> {
+        lift(|| bulk::set_rows_buckets(self.tx, table, rows))
+    }
+
+    fn append_ops(&mut self, ops: &[NewOp<'_>]) -> SourceResult<()> {
+        lift(|| bulk::append_ops(self.tx, ops))
     }
 
     fn next_op_id(&mut self) -> SourceResult<u64> {

@@ -175,6 +175,18 @@ pub struct NewOp<'a> {
     pub checksum: u32,
 }
 
+/// One row of a bulk write ([`SourceTx::write_rows`]): what
+/// [`SourceTx::write_row`] takes for one row.
+#[derive(Clone, Copy, Debug)]
+pub struct RowWrite<'a> {
+    /// The row id.
+    pub id: &'a str,
+    /// Every column's value.
+    pub data: &'a RowData,
+    /// The columns' clocks.
+    pub clocks: &'a BTreeMap<String, HlcTimestamp>,
+}
+
 /// A bucket's state as the service keeps it: the wrapping sum of its
 /// entries' checksums, its number of entries, and its newest op id.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -321,12 +333,55 @@ pub trait SourceTx {
     fn row_buckets(&mut self, table: &str, id: &str) -> Result<BTreeSet<String>>;
     /// Replace the row's bucket membership.
     fn set_row_buckets(&mut self, table: &str, id: &str, buckets: &BTreeSet<String>) -> Result<()>;
+    /// Write many rows of one table, each as [`SourceTx::write_row`]
+    /// writes it, in order (a later row of the same id wins). Returns, row
+    /// by row, what `write_row` returns. The default calls `write_row` for
+    /// each; a database may write them with fewer statements.
+    fn write_rows(&mut self, table: &Table, rows: &[RowWrite<'_>]) -> Result<Vec<Option<RowData>>> {
+        rows.iter()
+            .map(|r| self.write_row(table, r.id, r.data, r.clocks))
+            .collect()
+    }
+    /// The ids among `ids` that the database holds anything of that a
+    /// write must look at first: a row ([`SourceTx::read_row`] finds its
+    /// values or its tombstone) or bucket membership
+    /// ([`SourceTx::row_buckets`] is not empty). An id not returned reads
+    /// as no row in no bucket. The default asks `read_row` and
+    /// `row_buckets` for each id.
+    fn known_rows(&mut self, table: &Table, ids: &[&str]) -> Result<BTreeSet<String>> {
+        let mut known = BTreeSet::new();
+        for &id in ids {
+            if self.read_row(table, id)?.is_some() || !self.row_buckets(&table.name, id)?.is_empty() {
+                known.insert(id.to_owned());
+            }
+        }
+        Ok(known)
+    }
+    /// Replace the bucket membership of many rows of one table, each as
+    /// [`SourceTx::set_row_buckets`] does, in order. The default calls it
+    /// for each.
+    fn set_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> Result<()> {
+        for (id, buckets) in rows {
+            self.set_row_buckets(table, id, buckets)?;
+        }
+        Ok(())
+    }
     /// Allocate the next global op id: above every op id ever committed
     /// and every id allocated before in this transaction. Ids become
     /// visible in commit order (see the crate's invariants).
     fn next_op_id(&mut self) -> Result<u64>;
     /// Store an op log entry as given (id and checksum included).
     fn append_op(&mut self, op: NewOp<'_>) -> Result<()>;
+    /// Store many op log entries as given, each as
+    /// [`SourceTx::append_op`] stores it, in order. The default calls
+    /// `append_op` for each; a database may store them with fewer
+    /// statements.
+    fn append_ops(&mut self, ops: &[NewOp<'_>]) -> Result<()> {
+        for op in ops {
+            self.append_op(*op)?;
+        }
+        Ok(())
+    }
     /// A bucket's state (`None`: the bucket never had an entry).
     fn bucket_state(&mut self, bucket: &str) -> Result<Option<BucketState>>;
     /// Store a bucket's state.

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use ferry_core::{ColumnType, HlcTimestamp, RowData, Schema, Table, Value};
 use ferry_protocol::{op_checksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 
-use crate::{BucketState, ClientProgress, NewOp, OpRange, Result, SourceDb, SourceError, SourceTx, StoredRow};
+use crate::{
+    BucketState, ClientProgress, NewOp, OpRange, Result, RowWrite, SourceDb, SourceError, SourceTx, StoredRow,
+};
 
 /// How the suite makes and reopens databases of one backend.
 pub trait SourceBackend: Sync {
@@ -48,6 +50,7 @@ macro_rules! source_conformance_tests {
             rows_clocks_and_tombstones,
             max_clock_is_raised_and_kept,
             bucket_membership,
+            bulk_writes_match_one_by_one,
             append_op_allocates_increasing_ids_and_bucket_state,
             checkpoint_reads_client_and_buckets,
             checkpoint_is_consistent_under_writes,
@@ -654,6 +657,139 @@ pub fn bucket_membership<B: SourceBackend>(b: &B) {
         assert!(tx.row_buckets("tickets", "none")?.is_empty());
         Ok(())
     });
+}
+
+/// The bulk writes (`write_rows`, `append_ops`, `set_rows_buckets`)
+/// leave what the one-row methods called in order leave (a repeated id:
+/// the later entry wins; a tombstone is cleared; memberships replaced),
+/// and `known_rows` finds the ids with a row, a tombstone or membership.
+pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
+    let t = table("tickets");
+    let set = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<String>>();
+    let rows: Vec<(String, RowData, BTreeMap<String, HlcTimestamp>)> = (0..150)
+        .map(|i| {
+            let row = ticket(&format!("title {i}"), i);
+            let clocks = clocks_of(&row, &clock(1_000 + i as u64, "s"));
+            // Ids 0..=9 come twice (the second write wins).
+            (format!("t{}", i % 140), row, clocks)
+        })
+        .collect();
+    let members: Vec<(String, BTreeSet<String>)> = (0..150)
+        .map(|i| {
+            let buckets = match i % 3 {
+                0 => set(&["a[]"]),
+                1 => set(&["a[]", "b[\"u1\"]"]),
+                _ => BTreeSet::new(),
+            };
+            (format!("t{}", i % 140), buckets)
+        })
+        .collect();
+    let setup = |tx: &mut dyn SourceTx| -> Result<()> {
+        // A tombstone and an old membership the writes replace.
+        tx.delete_row(&t, "t3", &clock(10, "s"))?;
+        tx.set_row_buckets("tickets", "t4", &set(&["old[]"]))?;
+        tx.set_row_buckets("tickets", "t20", &set(&["old[]"]))?;
+        tx.set_row_buckets("tickets", "t145", &set(&["old[]"]))?;
+        Ok(())
+    };
+    let mut dbs = Vec::new();
+    for bulk in [false, true] {
+        let loc = b.fresh();
+        let db = open(b, &loc);
+        write(db.as_ref(), |tx| {
+            setup(tx)?;
+            if bulk {
+                let ids: Vec<&str> = ["t3", "t4", "t145", "t146", "t0"].to_vec();
+                assert_eq!(
+                    tx.known_rows(&t, &ids)?,
+                    set(&["t3", "t4", "t145"]),
+                    "a tombstone and memberships are known, the rest not"
+                );
+                let writes: Vec<RowWrite<'_>> = rows
+                    .iter()
+                    .map(|(id, data, clocks)| RowWrite { id, data, clocks })
+                    .collect();
+                let stored = tx.write_rows(&t, &writes)?;
+                assert_eq!(stored.len(), rows.len(), "one answer per row");
+                let mut ops = Vec::new();
+                for (id, data, _) in &rows {
+                    let op_id = tx.next_op_id()?;
+                    ops.push((op_id, id, data));
+                }
+                let new_ops: Vec<NewOp<'_>> = ops
+                    .iter()
+                    .map(|(op_id, id, data)| NewOp {
+                        op_id: *op_id,
+                        bucket: "a[]",
+                        op: OpKind::Put,
+                        table: "tickets",
+                        row_id: id,
+                        data: Some(data),
+                        checksum: op_checksum(*op_id, OpKind::Put, "tickets", id, Some(data)),
+                    })
+                    .collect();
+                tx.append_ops(&new_ops)?;
+                let m: Vec<(&str, &BTreeSet<String>)> = members.iter().map(|(id, bs)| (id.as_str(), bs)).collect();
+                tx.set_rows_buckets("tickets", &m)?;
+                assert_eq!(
+                    tx.known_rows(&t, &["t0", "t139", "t140", "t3"])?,
+                    set(&["t0", "t139", "t3"]),
+                    "written rows are known in the transaction"
+                );
+            } else {
+                for (id, data, clocks) in &rows {
+                    tx.write_row(&t, id, data, clocks)?;
+                }
+                for (id, data, _) in &rows {
+                    let op_id = tx.next_op_id()?;
+                    tx.append_op(NewOp {
+                        op_id,
+                        bucket: "a[]",
+                        op: OpKind::Put,
+                        table: "tickets",
+                        row_id: id,
+                        data: Some(data),
+                        checksum: op_checksum(op_id, OpKind::Put, "tickets", id, Some(data)),
+                    })?;
+                }
+                for (id, bs) in &members {
+                    tx.set_row_buckets("tickets", id, bs)?;
+                }
+            }
+            Ok(())
+        });
+        dbs.push((loc, db));
+    }
+    let (one, bulk) = (&dbs[0].1, &dbs[1].1);
+    assert_eq!(
+        all_ops(bulk.as_ref(), "a[]"),
+        all_ops(one.as_ref(), "a[]"),
+        "same op log"
+    );
+    assert_eq!(all_ops(bulk.as_ref(), "a[]").len(), rows.len());
+    assert_eq!(
+        bulk.max_clock().expect("max clock"),
+        one.max_clock().expect("max clock")
+    );
+    for i in 0..150 {
+        let id = format!("t{i}");
+        assert_eq!(
+            bulk.get_row(&t, &id).expect("read"),
+            one.get_row(&t, &id).expect("read"),
+            "row {id}"
+        );
+        let buckets = |db: &Arc<dyn SourceDb>| write(db.as_ref(), |tx| tx.row_buckets("tickets", &id));
+        assert_eq!(buckets(bulk), buckets(one), "membership of {id}");
+    }
+    let t0 = bulk.get_row(&t, "t0").expect("read").expect("t0 is there");
+    assert_eq!(t0.data, Some(ticket("title 140", 140)), "the later write of an id wins");
+    let t3 = bulk.get_row(&t, "t3").expect("read").expect("t3 is there");
+    assert_eq!(t3.deleted, None, "the tombstone is cleared");
+    let m = |id: &str| write(bulk.as_ref(), |tx| tx.row_buckets("tickets", id));
+    assert_eq!(m("t0"), BTreeSet::new(), "the later membership of an id wins");
+    assert_eq!(m("t4"), set(&["a[]"]), "memberships are replaced");
+    assert_eq!(m("t20"), BTreeSet::new(), "memberships are emptied");
+    assert_eq!(m("t145"), set(&["old[]"]), "other rows keep theirs");
 }
 
 /// `next_op_id` allocates increasing op ids across and within

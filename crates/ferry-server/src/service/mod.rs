@@ -2,9 +2,11 @@
 //! compaction over a [`SourceDb`] and [`SyncRules`]. By job:
 //! - `builder`: [`ServiceOptions`] and [`SyncServiceBuilder`] (checked
 //!   options, migration, strategies, the clock's start);
-//! - `write`: uploads and imports, each client transaction in one write
-//!   transaction (replays, seq checks, permissions, conflict strategies,
-//!   side writes, op log and bucket state);
+//! - `write`: uploads, each client transaction in one write transaction
+//!   (replays, seq checks, permissions, conflict strategies, side writes,
+//!   op log and bucket state);
+//! - `import`: the server's own bulk loading, in bounded batches, rows
+//!   Ferry knows nothing of written in bulk;
 //! - `stream`: download streams (checkpoints, diffs, `data` lines within
 //!   the stream's byte budget, keepalives), woken by the database's commit
 //!   notifications;
@@ -22,6 +24,7 @@ mod builder;
 mod capture;
 mod feed;
 mod housekeeping;
+mod import;
 mod rebucket;
 mod stream;
 mod write;
@@ -30,6 +33,7 @@ pub use builder::{ServiceOptions, SyncServiceBuilder};
 pub use capture::{CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS, MAX_CAPTURE_BATCH};
 pub use feed::{FEED_CHANNEL_EVENTS, FEED_MAX_BUCKETS_WITH_ENTRIES, FEED_MAX_ENTRIES_PER_BUCKET, FEED_POLL_MS};
 pub use housekeeping::DEFAULT_COMPACT_INTERVAL_S;
+pub use import::MAX_IMPORT_BATCH_OPS;
 pub use rebucket::{MAX_REBUCKET_BATCH, META_RULES_FINGERPRINT};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -7,7 +7,9 @@
 //! A row whose buckets differ from the stored membership gets PUT ops in
 //! the buckets it joins and REMOVE ops in those it leaves; a row Ferry
 //! never wrote (no column clocks) gets clocks at the server's time and
-//! PUTs. Clients converge through their normal streams, without
+//! PUTs. A batch's ops are appended together and each bucket's state is
+//! advanced once per batch, with the op ids and checksums one op at a
+//! time would give. Clients converge through their normal streams, without
 //! reinstalling. The pass runs when the rules' fingerprint (bucket
 //! definitions and synced tables) differs from the one stored after the
 //! last complete pass, one server at a time ([`crate::db::SourceDb::try_lead`]); a
@@ -17,12 +19,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::Duration;
 
-use ferry_core::{HlcTimestamp, Table};
+use ferry_core::{HlcTimestamp, RowData, Table};
 use ferry_protocol::OpKind;
 use ferry_transport::blocking;
 
-use super::write::append_op;
 use super::{blocking_error, Fnv64, Inner, SyncService};
+use crate::db::{BucketState, NewOp, SourceTx};
 use crate::error::Result;
 
 /// Most rows looked at in one write transaction.
@@ -51,57 +53,119 @@ impl Inner {
     }
 
     /// Look at one batch of `table`'s rows after `after`; returns the last
-    /// id looked at (`None`: the table is done) and the rows changed.
+    /// id looked at (`None`: the table is done) and the rows changed. The
+    /// batch's ops are appended together ([`SourceTx::append_ops`]), in
+    /// the order (and with the ids and checksums) one op at a time would
+    /// give them, and each bucket's state is advanced once.
     fn rebucket_batch(&self, table: &Table, after: Option<&str>, limit: usize) -> Result<(Option<String>, usize)> {
         let ids = self.db.row_ids(table, after, limit)?;
         let mut changed = 0;
         crate::db::write(self.db.as_ref(), |stx| {
-            changed = 0;
-            for id in &ids {
-                let Some(current) = stx.read_row(table, id)? else {
-                    continue;
-                };
-                let Some(data) = current.data.as_ref() else {
-                    continue;
-                };
-                let new = self.rules.row_buckets(&table.name, id, data);
-                let old = stx.row_buckets(&table.name, id)?;
-                let unsynced = current.clocks.is_empty() && !table.columns.is_empty();
-                // Nothing to do: the same buckets, and clocks already (or
-                // no bucket wants the row).
-                let needs_clocks = unsynced && !new.is_empty();
-                if new == old && !needs_clocks {
-                    continue;
+            let moves = self.rebucket_moves(stx, table, &ids)?;
+            changed = moves.len();
+            let mut ops: Vec<NewOp<'_>> = Vec::new();
+            let mut added: BTreeMap<&str, BucketState> = BTreeMap::new();
+            for m in &moves {
+                let puts = m.joined.iter().map(|b| (b, OpKind::Put, Some(&m.data)));
+                let removes = m.left.iter().map(|b| (b, OpKind::Remove, None));
+                for (bucket, op, data) in puts.chain(removes) {
+                    let op_id = stx.next_op_id()?;
+                    let checksum = ferry_protocol::op_checksum(op_id, op, &table.name, &m.id, data);
+                    ops.push(NewOp {
+                        op_id,
+                        bucket,
+                        op,
+                        table: &table.name,
+                        row_id: &m.id,
+                        data,
+                        checksum,
+                    });
+                    let s = added.entry(bucket).or_default();
+                    s.checksum = s.checksum.wrapping_add(checksum);
+                    s.count = s.count.saturating_add(1);
+                    s.last_op_id = op_id;
                 }
-                if let Err(reason) = self.check_encoded_size(&table.name, id, data) {
-                    tracing::warn!(table = %table.name, id, "a row is left out of its buckets: {reason}");
-                    continue;
-                }
-                let joined: BTreeSet<&String> = if unsynced {
-                    // The row is the database's own: only its clocks are
-                    // Ferry's to record.
-                    let hlc: HlcTimestamp = self.hlc.now();
-                    let clocks: BTreeMap<String, HlcTimestamp> =
-                        table.columns.iter().map(|c| (c.name.clone(), hlc.clone())).collect();
-                    stx.set_clocks(&table.name, id, &clocks)?;
-                    new.iter().collect()
-                } else {
-                    new.difference(&old).collect()
-                };
-                for b in joined {
-                    append_op(stx, b, OpKind::Put, &table.name, id, Some(data))?;
-                }
-                for b in old.difference(&new) {
-                    append_op(stx, b, OpKind::Remove, &table.name, id, None)?;
-                }
-                stx.set_row_buckets(&table.name, id, &new)?;
-                changed += 1;
+            }
+            stx.append_ops(&ops)?;
+            let members: Vec<(&str, &BTreeSet<String>)> = moves.iter().map(|m| (m.id.as_str(), &m.new)).collect();
+            stx.set_rows_buckets(&table.name, &members)?;
+            for (bucket, add) in added {
+                let state = stx.bucket_state(bucket)?.unwrap_or_default();
+                stx.set_bucket_state(
+                    bucket,
+                    &BucketState {
+                        checksum: state.checksum.wrapping_add(add.checksum),
+                        count: state.count.saturating_add(add.count),
+                        last_op_id: add.last_op_id,
+                    },
+                )?;
             }
             Ok(())
         })?;
         let next = if ids.len() < limit { None } else { ids.last().cloned() };
         Ok((next, changed))
     }
+
+    /// The rows of `ids` whose membership changes (or that get their
+    /// first clocks, recorded here), in order, with the buckets they join
+    /// and leave.
+    fn rebucket_moves(&self, stx: &mut dyn SourceTx, table: &Table, ids: &[String]) -> Result<Vec<Move>> {
+        let mut moves = Vec::new();
+        for id in ids {
+            let Some(current) = stx.read_row(table, id)? else {
+                continue;
+            };
+            let Some(data) = current.data else {
+                continue;
+            };
+            let new = self.rules.row_buckets(&table.name, id, &data);
+            let old = stx.row_buckets(&table.name, id)?;
+            let unsynced = current.clocks.is_empty() && !table.columns.is_empty();
+            // Nothing to do: the same buckets, and clocks already (or
+            // no bucket wants the row).
+            let needs_clocks = unsynced && !new.is_empty();
+            if new == old && !needs_clocks {
+                continue;
+            }
+            if let Err(reason) = self.check_encoded_size(&table.name, id, &data) {
+                tracing::warn!(table = %table.name, id, "a row is left out of its buckets: {reason}");
+                continue;
+            }
+            let joined: Vec<String> = if unsynced {
+                // The row is the database's own: only its clocks are
+                // Ferry's to record.
+                let hlc: HlcTimestamp = self.hlc.now();
+                let clocks: BTreeMap<String, HlcTimestamp> =
+                    table.columns.iter().map(|c| (c.name.clone(), hlc.clone())).collect();
+                stx.set_clocks(&table.name, id, &clocks)?;
+                new.iter().cloned().collect()
+            } else {
+                new.difference(&old).cloned().collect()
+            };
+            let left: Vec<String> = old.difference(&new).cloned().collect();
+            moves.push(Move {
+                id: id.clone(),
+                data,
+                joined,
+                left,
+                new,
+            });
+        }
+        Ok(moves)
+    }
+}
+
+/// One row's change of membership in a rebucket batch.
+struct Move {
+    id: String,
+    /// The row's values (its PUTs carry them).
+    data: RowData,
+    /// Buckets it gets a PUT in.
+    joined: Vec<String>,
+    /// Buckets it gets a REMOVE in.
+    left: Vec<String>,
+    /// Its membership after.
+    new: BTreeSet<String>,
 }
 
 impl SyncService {

@@ -1,4 +1,6 @@
-//! The write path: uploads and imports. Each client transaction runs in
+//! The write path of uploads, and the per-op steps imports share
+//! (`import`): checking an op, the conflict strategy, writing the row
+//! and its ops. Each client transaction runs in
 //! one write transaction of the source database (replay and seq checks,
 //! write permissions, the conflict strategy, side writes, rows, bucket
 //! placement, op log entries with their checksums and bucket state,
@@ -63,28 +65,6 @@ impl SyncService {
             .map_err(blocking_error)?;
         result
     }
-
-    /// Import rows as the server itself (bulk loading, migrations): every
-    /// op goes through the upload path (validation, conflict strategy, row
-    /// write, bucket placement, op log and bucket state) in ONE database
-    /// transaction, with server clocks and no client (no outcomes, no write
-    /// checkpoint). Any rejected op rolls the whole import back. Returns the
-    /// number of ops applied.
-    pub async fn import(&self, ops: Vec<CrudOp>) -> Result<usize> {
-        let limit = self.inner.options.max_upload_ops;
-        if ops.len() > limit {
-            return Err(ServiceError::TooLarge(format!(
-                "import of {} ops exceeds the limit of {limit} ops",
-                ops.len()
-            )));
-        }
-        let inner = self.inner.clone();
-        let n = ops.len();
-        let result = blocking::run(move || inner.process_import(ops))
-            .await
-            .map_err(blocking_error)?;
-        result.map(|()| n)
-    }
 }
 
 /// The client's last seq (0 for a client that never uploaded), refusing a
@@ -135,6 +115,20 @@ fn progress_moved(client_id: &str) -> ServiceError {
     ServiceError::Busy(format!(
         "the progress of client {client_id:?} changed during the upload; retry"
     ))
+}
+
+/// A strategy's decision on one op, with what it was made over.
+pub(super) struct Resolved<'a> {
+    /// The op's table.
+    pub(super) table: &'a Table,
+    /// The row id.
+    pub(super) id: &'a str,
+    /// The stored row the decision saw.
+    pub(super) current: Option<&'a StoredRow>,
+    /// The op's clock.
+    pub(super) hlc: &'a HlcTimestamp,
+    /// The decision.
+    pub(super) decision: crate::conflict::Decision,
 }
 
 /// A checked side write merged over the row it writes, ready to write.
@@ -497,38 +491,12 @@ impl Inner {
         Ok(outcomes)
     }
 
-    fn process_import(&self, ops: Vec<CrudOp>) -> Result<()> {
-        let entries: Vec<CrudEntry> = ops
-            .into_iter()
-            .map(|op| CrudEntry {
-                seq: 0,
-                tx_id: 0,
-                op,
-                previous: None,
-                metadata: None,
-                hlc: None,
-            })
-            .collect();
-        crate::db::write(self.db.as_ref(), |stx| {
-            for entry in &entries {
-                if let Outcome::Rejected { reason } = self.apply_op(stx, "", "", None, entry)? {
-                    return Err(ServiceError::BadRequest(format!(
-                        "import of {}/{} rejected: {reason}",
-                        entry.op.table(),
-                        entry.op.id()
-                    )));
-                }
-            }
-            Ok(())
-        })
-    }
-
     /// The op's clock: the client's HLC with the uploading client's id as
     /// its node (a client never stamps another node's id, and the node's
     /// length is the client id's), its wall time clamped to server time +
     /// max skew; a server timestamp when the client sent none. The
     /// server's HLC observes it (`docs/adr/0006-client-clocks.md`).
-    fn op_clock(&self, client_id: &str, entry: &CrudEntry) -> HlcTimestamp {
+    pub(super) fn op_clock(&self, client_id: &str, entry: &CrudEntry) -> HlcTimestamp {
         match &entry.hlc {
             Some(h) => {
                 let max_wall = self.clock.now_ms().saturating_add(self.options.max_clock_skew_ms);
@@ -582,72 +550,131 @@ impl Inner {
         writer: Option<&Writer<'_>>,
         entry: &CrudEntry,
     ) -> Result<Outcome> {
-        let viewer: Option<&Viewer> = writer.map(|w| w.buckets);
-        let rejected = |reason: String| Ok(Outcome::Rejected { reason });
-        let table = match self.rules.schema().table(entry.op.table()) {
-            Ok(t) => t,
-            Err(e) => return rejected(e.to_string()),
-        };
+        match self.check_op(entry.op.clone()) {
+            Ok((table, op)) => self.apply_checked(stx, client_id, user_id, writer, entry, (table, &op)),
+            Err(reason) => Ok(Outcome::Rejected { reason }),
+        }
+    }
+
+    /// Check an op against the schema and the row limits, without the
+    /// database: its table (synced), id and values. Returns the table and
+    /// the validated op (a PUT carries every column, absent ones NULL);
+    /// `Err` is the reason it is rejected.
+    pub(super) fn check_op(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), String> {
+        let table = self.rules.schema().table(sent.table()).map_err(|e| e.to_string())?;
         if table.local_only {
-            return rejected(format!("table {:?} is local-only", table.name));
+            return Err(format!("table {:?} is local-only", table.name));
         }
         let limits = &self.options.limits;
-        let id = entry.op.id();
-        let op = match &entry.op {
-            CrudOp::Put { data, .. } => {
-                let mut full: RowData = table.columns.iter().map(|c| (c.name.clone(), Value::Null)).collect();
-                match table.check_row(id, data.clone(), limits) {
-                    Ok(d) => full.extend(d),
-                    Err(e) => return rejected(e.to_string()),
+        let op = match sent {
+            CrudOp::Put { id, data, .. } => {
+                let mut full = table.check_row(&id, data, limits).map_err(|e| e.to_string())?;
+                for c in &table.columns {
+                    if !full.contains_key(&c.name) {
+                        full.insert(c.name.clone(), Value::Null);
+                    }
                 }
                 CrudOp::Put {
                     table: table.name.clone(),
-                    id: id.to_owned(),
+                    id,
                     data: full,
                 }
             }
-            CrudOp::Patch { data, .. } => {
-                if let Err(e) = table.check_id(id, limits) {
-                    return rejected(e.to_string());
-                }
-                match table.check_data(data.clone()) {
-                    Ok(d) => CrudOp::Patch {
-                        table: table.name.clone(),
-                        id: id.to_owned(),
-                        data: d,
-                    },
-                    Err(e) => return rejected(e.to_string()),
+            CrudOp::Patch { id, data, .. } => {
+                table.check_id(&id, limits).map_err(|e| e.to_string())?;
+                CrudOp::Patch {
+                    table: table.name.clone(),
+                    data: table.check_data(data).map_err(|e| e.to_string())?,
+                    id,
                 }
             }
-            CrudOp::Delete { .. } => {
-                if let Err(e) = table.check_id(id, limits) {
-                    return rejected(e.to_string());
-                }
-                entry.op.clone()
+            delete @ CrudOp::Delete { .. } => {
+                table.check_id(delete.id(), limits).map_err(|e| e.to_string())?;
+                delete
             }
         };
-        let current = stx.read_row(table, id)?;
-        if let Some(w) = writer {
-            let old = current.as_ref().and_then(|c| c.data.as_ref());
-            if let Err(reason) = self.check_permission(table, &entry.op, &op, old, w) {
-                return rejected(reason);
-            }
-        }
-        let hlc = self.op_clock(client_id, entry);
+        Ok((table, op))
+    }
+
+    /// The conflict strategy's decision on a checked op over the stored
+    /// row `current`, at clock `hlc`.
+    pub(super) fn resolve_op(
+        &self,
+        (table, op): (&Table, &CrudOp),
+        entry: &CrudEntry,
+        hlc: &HlcTimestamp,
+        (client_id, user_id): (&str, &str),
+        current: Option<&StoredRow>,
+    ) -> crate::conflict::Decision {
         let strategy = self.strategies.get(&table.name).unwrap_or(&self.default_strategy);
-        let decision = strategy.resolve(&ConflictInput {
+        strategy.resolve(&ConflictInput {
             table,
-            id,
-            op: &op,
-            hlc: &hlc,
+            id: op.id(),
+            op,
+            hlc,
             base: entry.previous.as_ref(),
             client_id,
             user_id,
             seq: entry.seq,
             now_ms: self.clock.now_ms(),
-            current: current.as_ref(),
-        });
-        let old_data = current.as_ref().and_then(|c| c.data.as_ref());
+            current,
+        })
+    }
+
+    /// [`Inner::apply_op`] of an op [`Inner::check_op`] accepted.
+    pub(super) fn apply_checked(
+        &self,
+        stx: &mut dyn SourceTx,
+        client_id: &str,
+        user_id: &str,
+        writer: Option<&Writer<'_>>,
+        entry: &CrudEntry,
+        (table, op): (&Table, &CrudOp),
+    ) -> Result<Outcome> {
+        let id = entry.op.id();
+        let current = stx.read_row(table, id)?;
+        if let Some(w) = writer {
+            let old = current.as_ref().and_then(|c| c.data.as_ref());
+            if let Err(reason) = self.check_permission(table, &entry.op, op, old, w) {
+                return Ok(Outcome::Rejected { reason });
+            }
+        }
+        let hlc = self.op_clock(client_id, entry);
+        let decision = self.resolve_op((table, op), entry, &hlc, (client_id, user_id), current.as_ref());
+        self.apply_decision(
+            stx,
+            writer.map(|w| w.buckets),
+            Resolved {
+                table,
+                id,
+                current: current.as_ref(),
+                hlc: &hlc,
+                decision,
+            },
+        )
+    }
+
+    /// Carry out a strategy's decision: check the row's size, merge and
+    /// check the side writes, write the row (or delete it) and the side
+    /// writes, and append their ops. `viewer` is the uploading user's
+    /// buckets (`None` for imports): what they cannot read is redacted
+    /// from the outcome.
+    pub(super) fn apply_decision(
+        &self,
+        stx: &mut dyn SourceTx,
+        viewer: Option<&Viewer>,
+        resolved: Resolved<'_>,
+    ) -> Result<Outcome> {
+        let Resolved {
+            table,
+            id,
+            current,
+            hlc,
+            decision,
+        } = resolved;
+        let limits = &self.options.limits;
+        let rejected = |reason: String| Ok(Outcome::Rejected { reason });
+        let old_data = current.and_then(|c| c.data.as_ref());
         // The user cannot read the stored row: a strategy's reason may
         // quote its values, so it is replaced.
         let hidden = viewer.is_some_and(|v| old_data.is_some_and(|d| !self.readable(v, &table.name, id, d)));
@@ -719,7 +746,7 @@ impl Inner {
                     _ => None,
                 },
             };
-            let (row, clocks) = merge_side_write(side_table, w, base.clone(), &hlc);
+            let (row, clocks) = merge_side_write(side_table, w, base.clone(), hlc);
             if let Err(reason) = self.check_encoded_size(&w.table, &w.id, &row) {
                 return Ok(redacted(Outcome::Rejected {
                     reason: format!("side write {}/{}: {reason}", w.table, w.id),

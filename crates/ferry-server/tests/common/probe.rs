@@ -1,8 +1,11 @@
 //! SQLite with probes for stream tests: commit notifications that can be
-//! silenced (a shared database that loses them), and counts of the reads
-//! streams and the change feed make.
+//! silenced (a shared database that loses them), counts of the reads
+//! streams and the change feed make, and a write transaction held before
+//! it starts (a long job caught between two of its transactions).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Mutex;
 
 use ferry_core::{HlcTimestamp, Schema, Table};
 use ferry_protocol::{DataLineWriter, OplogEntry};
@@ -24,6 +27,19 @@ pub struct ProbeDb {
     pub op_reads: AtomicUsize,
     /// `changes_since` calls (the change feed's reads).
     pub feed_reads: AtomicUsize,
+    /// The write transaction to hold ([`ProbeDb::hold_write`]).
+    hold: Mutex<Option<WriteHold>>,
+}
+
+/// One write transaction held before it starts (the writer free).
+#[derive(Debug)]
+struct WriteHold {
+    /// Write transactions still let through before the held one.
+    let_through: usize,
+    /// Told when the held write waits.
+    held: mpsc::Sender<()>,
+    /// The held write goes on when this sends (or closes).
+    release: mpsc::Receiver<()>,
 }
 
 impl ProbeDb {
@@ -35,7 +51,22 @@ impl ProbeDb {
             checkpoints: AtomicUsize::new(0),
             op_reads: AtomicUsize::new(0),
             feed_reads: AtomicUsize::new(0),
+            hold: Mutex::new(None),
         }
+    }
+
+    /// Hold the write transaction that comes after `let_through` more:
+    /// before it starts, it tells the first receiver and waits until the
+    /// sender sends (or is dropped).
+    pub fn hold_write(&self, let_through: usize) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (held_tx, held_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        *self.hold.lock().expect("hold lock") = Some(WriteHold {
+            let_through,
+            held: held_tx,
+            release: release_rx,
+        });
+        (held_rx, release_tx)
     }
 
     /// SQLite in `dir` whose commit notifications never come.
@@ -60,6 +91,21 @@ impl SourceDb for ProbeDb {
         self.inner.migrate(schema)
     }
     fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> R<()>) -> R<()> {
+        let held = {
+            let mut hold = self.hold.lock().expect("hold lock");
+            match hold.as_mut() {
+                Some(h) if h.let_through > 0 => {
+                    h.let_through -= 1;
+                    None
+                }
+                Some(_) => hold.take(),
+                None => None,
+            }
+        };
+        if let Some(h) = held {
+            let _ = h.held.send(());
+            let _ = h.release.recv();
+        }
         self.inner.write(work)
     }
     fn checkpoint(&self, client_id: &str, buckets: &[String]) -> R<CheckpointState> {

@@ -1,0 +1,549 @@
+//! Imports: rows the server itself loads (bulk loading, migrations),
+//! through the write path's steps (validation, conflict strategy, row
+//! write, bucket placement, op log and bucket state) with server clocks and
+//! no client.
+//!
+//! Every op is checked against the schema and the row limits before
+//! anything is written; then the import commits in batches of at most
+//! [`MAX_IMPORT_BATCH_OPS`] ops, one write transaction each, so it holds
+//! the writer one batch at a time (uploads and other writers take turns,
+//! streams see the rows batch by batch).
+//!
+//! Inside a batch, the rows the database knows nothing of (no row, no
+//! tombstone, no bucket membership: [`SourceTx::known_rows`], asked once
+//! per batch) whose strategy decision is a plain write go the bulk way:
+//! written together ([`SourceTx::write_rows`]), their op log entries
+//! appended together ([`SourceTx::append_ops`]), each bucket's state
+//! updated once per flush. Every other op (a stored row, a delete, side
+//! writes, an id seen before in the batch) goes the per-op way after the
+//! rows before it were flushed, so op ids, checksums, bucket states and
+//! rows are those the per-op path gives the same ops.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use ferry_core::{CrudEntry, CrudOp, HlcTimestamp, RowData, Table};
+use ferry_protocol::{OpKind, Outcome};
+use ferry_transport::blocking;
+
+use super::write::Resolved;
+use super::{blocking_error, Inner, SyncService};
+use crate::conflict::{Decision, Resolution};
+use crate::db::{BucketState, NewOp, RowWrite, SourceTx};
+use crate::error::{Result, ServiceError};
+
+/// Most ops of an import written in one database transaction.
+pub const MAX_IMPORT_BATCH_OPS: usize = 2_000;
+
+/// How a batch is written: the bulk way (the service's), or every op
+/// through the upload path's per-op steps (the reference the bulk way is
+/// tested against).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ImportPath {
+    Bulk,
+    #[cfg_attr(not(test), allow(dead_code))]
+    PerOp,
+}
+
+impl SyncService {
+    /// Import rows as the server itself (bulk loading, migrations): at most
+    /// `max_upload_ops` ops, each through the write path (validation,
+    /// conflict strategy, row write, bucket placement, op log and bucket
+    /// state) with server clocks and no client (no outcomes, no write
+    /// checkpoint). Returns the number of ops applied.
+    ///
+    /// Every op is checked first against the schema and the row limits
+    /// (table, id, column names and types, row size): one that fails
+    /// refuses the whole import (`bad_request` naming it) before anything
+    /// is written. The ops then commit in order, in batches of at most
+    /// [`MAX_IMPORT_BATCH_OPS`] ops, one database transaction each. An op
+    /// refused on what the database holds (its conflict strategy rejects
+    /// it, the merged row is over a limit, the database refuses the write)
+    /// rolls back its batch and stops the import: the batches before it
+    /// stay committed, and the error says how many ops they hold. Importing
+    /// the same rows again is harmless (a row with the same values gets
+    /// no new op), so a stopped import can be run again whole.
+    pub async fn import(&self, ops: Vec<CrudOp>) -> Result<usize> {
+        let limit = self.inner.options.max_upload_ops;
+        if ops.len() > limit {
+            return Err(ServiceError::TooLarge(format!(
+                "import of {} ops exceeds the limit of {limit} ops",
+                ops.len()
+            )));
+        }
+        let inner = self.inner.clone();
+        let n = ops.len();
+        let result = blocking::run(move || inner.process_import(ops, ImportPath::Bulk))
+            .await
+            .map_err(blocking_error)?;
+        result.map(|()| n)
+    }
+}
+
+/// Rows of one table waiting to be written the bulk way.
+#[derive(Default)]
+struct Pending<'a> {
+    table: Option<&'a Table>,
+    rows: Vec<PendingRow<'a>>,
+}
+
+struct PendingRow<'a> {
+    id: &'a str,
+    row: RowData,
+    clocks: BTreeMap<String, HlcTimestamp>,
+}
+
+/// The error of an op the import refused.
+fn refused(entry: &CrudEntry, reason: &str) -> ServiceError {
+    ServiceError::BadRequest(format!(
+        "import of {}/{} rejected: {reason}",
+        entry.op.table(),
+        entry.op.id()
+    ))
+}
+
+/// `e` with what the import committed before it.
+fn after_committed(e: ServiceError, committed_ops: usize) -> ServiceError {
+    if committed_ops == 0 {
+        return e;
+    }
+    let note =
+        |m: String| format!("{m} (the import stopped there; its first {committed_ops} ops were imported, none after)");
+    match e {
+        ServiceError::BadRequest(m) => ServiceError::BadRequest(note(m)),
+        ServiceError::Refused(m) => ServiceError::Refused(note(m)),
+        ServiceError::TooLarge(m) => ServiceError::TooLarge(note(m)),
+        ServiceError::Database(m) => ServiceError::Database(note(m)),
+        ServiceError::Busy(m) => ServiceError::Busy(note(m)),
+        other => other,
+    }
+}
+
+impl Inner {
+    /// Process an import (see [`SyncService::import`]).
+    pub(super) fn process_import(&self, ops: Vec<CrudOp>, path: ImportPath) -> Result<()> {
+        let n = ops.len();
+        // Each op checked and validated (its entry carries the validated
+        // op), with its table.
+        let mut entries: Vec<CrudEntry> = Vec::with_capacity(n);
+        let mut tables: Vec<&Table> = Vec::with_capacity(n);
+        for (i, op) in ops.into_iter().enumerate() {
+            let (table, id) = (op.table().to_owned(), op.id().to_owned());
+            let (t, op) = self.check_import_op(op).map_err(|reason| {
+                ServiceError::BadRequest(format!(
+                    "import of {table}/{id} (op {i} of {n}) rejected: {reason}; nothing was imported"
+                ))
+            })?;
+            tables.push(t);
+            entries.push(CrudEntry {
+                seq: 0,
+                tx_id: 0,
+                op,
+                previous: None,
+                metadata: None,
+                hlc: None,
+            });
+        }
+        let mut committed = 0;
+        for (batch, tables) in entries
+            .chunks(MAX_IMPORT_BATCH_OPS)
+            .zip(tables.chunks(MAX_IMPORT_BATCH_OPS))
+        {
+            crate::db::write(self.db.as_ref(), |stx| match path {
+                ImportPath::Bulk => self.import_batch(stx, batch, tables),
+                ImportPath::PerOp => self.import_batch_per_op(stx, batch, tables),
+            })
+            .map_err(|e| after_committed(e, committed))?;
+            committed += batch.len();
+        }
+        Ok(())
+    }
+
+    /// [`Inner::check_op`], and for a PUT the size of the row it writes
+    /// over no stored row (every column, absent ones NULL).
+    fn check_import_op(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), String> {
+        let (table, op) = self.check_op(sent)?;
+        if let CrudOp::Put { id, data, .. } = &op {
+            self.check_row_size(table, id, data)?;
+        }
+        Ok((table, op))
+    }
+
+    /// Refuse a row over `max_row_encoded_bytes` of JSON or
+    /// `max_row_bytes` (the limits a written row must keep).
+    fn check_row_size(&self, table: &Table, id: &str, row: &RowData) -> std::result::Result<(), String> {
+        self.check_encoded_size(&table.name, id, row)?;
+        let max = self.options.limits.max_row_bytes;
+        let size_bytes = ferry_core::row_size_bytes(id, row);
+        if size_bytes > max {
+            return Err(format!(
+                "row {}/{id} would be {size_bytes} bytes, over the limit of {max} bytes",
+                table.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// One batch the per-op way: every op through the upload path's steps.
+    fn import_batch_per_op(&self, stx: &mut dyn SourceTx, entries: &[CrudEntry], tables: &[&Table]) -> Result<()> {
+        for (entry, table) in entries.iter().zip(tables) {
+            if let Outcome::Rejected { reason } = self.apply_checked(stx, "", "", None, entry, (table, &entry.op))? {
+                return Err(refused(entry, &reason));
+            }
+        }
+        Ok(())
+    }
+
+    /// One batch the bulk way (see the module).
+    fn import_batch<'a>(
+        &self,
+        stx: &mut dyn SourceTx,
+        entries: &'a [CrudEntry],
+        tables: &'a [&'a Table],
+    ) -> Result<()> {
+        // What the database holds of the batch's rows, as the batch
+        // starts; once an op went the per-op way (its side writes may
+        // write any row), each op asks for its own row.
+        let mut known: HashMap<&str, BTreeSet<String>> = HashMap::new();
+        let mut distinct: Vec<&Table> = Vec::new();
+        for t in tables {
+            if !distinct.iter().any(|k| k.name == t.name) {
+                distinct.push(t);
+            }
+        }
+        for t in distinct {
+            let ids: Vec<&str> = entries
+                .iter()
+                .zip(tables)
+                .filter(|(_, k)| k.name == t.name)
+                .map(|(e, _)| e.op.id())
+                .collect();
+            known.insert(t.name.as_str(), stx.known_rows(t, &ids)?);
+        }
+        let mut exact = true;
+        // Rows written (or waiting to be) the bulk way in this batch.
+        let mut touched: HashSet<(&str, &str)> = HashSet::new();
+        let mut pending = Pending::default();
+        for (entry, &table) in entries.iter().zip(tables) {
+            let op = &entry.op;
+            let id = op.id();
+            let key = (table.name.as_str(), id);
+            let fresh = !matches!(op, CrudOp::Delete { .. })
+                && !touched.contains(&key)
+                && if exact {
+                    !known.get(key.0).is_some_and(|k| k.contains(id))
+                } else {
+                    stx.known_rows(table, &[id])?.is_empty()
+                };
+            if !fresh {
+                self.flush(stx, &mut pending)?;
+                exact = false;
+                if let Outcome::Rejected { reason } = self.apply_checked(stx, "", "", None, entry, (table, op))? {
+                    return Err(refused(entry, &reason));
+                }
+                continue;
+            }
+            let hlc = self.op_clock("", entry);
+            let Decision {
+                resolution,
+                reason,
+                conflict_id,
+                side_writes,
+            } = self.resolve_op((table, op), entry, &hlc, ("", ""), None);
+            let resolution = match resolution {
+                Resolution::Write { row, clocks, .. } if side_writes.is_empty() => {
+                    let checked_already = matches!(op, CrudOp::Put { data, .. } if *data == row);
+                    if !checked_already {
+                        self.check_row_size(table, id, &row)
+                            .map_err(|reason| refused(entry, &reason))?;
+                    }
+                    if pending.table.is_some_and(|t| t.name != table.name) {
+                        self.flush(stx, &mut pending)?;
+                    }
+                    pending.table = Some(table);
+                    pending.rows.push(PendingRow { id, row, clocks });
+                    touched.insert(key);
+                    continue;
+                }
+                Resolution::Keep { .. } if side_writes.is_empty() => continue,
+                Resolution::Reject { reason } => return Err(refused(entry, &reason)),
+                other => other,
+            };
+            // A delete or side writes: the per-op way, after the rows
+            // before it.
+            self.flush(stx, &mut pending)?;
+            exact = false;
+            let outcome = self.apply_decision(
+                stx,
+                None,
+                Resolved {
+                    table,
+                    id,
+                    current: None,
+                    hlc: &hlc,
+                    decision: Decision {
+                        resolution,
+                        reason,
+                        conflict_id,
+                        side_writes,
+                    },
+                },
+            )?;
+            if let Outcome::Rejected { reason } = outcome {
+                return Err(refused(entry, &reason));
+            }
+        }
+        self.flush(stx, &mut pending)
+    }
+
+    /// Write the pending rows, append their PUTs in the buckets they are
+    /// in (op ids in row order, each row's buckets in order, as
+    /// `emit_row` appends them), record their membership, and advance
+    /// each bucket's state once.
+    fn flush(&self, stx: &mut dyn SourceTx, pending: &mut Pending<'_>) -> Result<()> {
+        let Some(table) = pending.table.take() else {
+            return Ok(());
+        };
+        let rows = std::mem::take(&mut pending.rows);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let writes: Vec<RowWrite<'_>> = rows
+            .iter()
+            .map(|r| RowWrite {
+                id: r.id,
+                data: &r.row,
+                clocks: &r.clocks,
+            })
+            .collect();
+        let stored = stx.write_rows(table, &writes)?;
+        if stored.len() != rows.len() {
+            return Err(ServiceError::Database(format!(
+                "the database answered {} rows for a bulk write of {}",
+                stored.len(),
+                rows.len()
+            )));
+        }
+        // The rows as the database keeps them.
+        let written: Vec<(&str, &RowData)> = rows
+            .iter()
+            .zip(&stored)
+            .map(|(r, s)| (r.id, s.as_ref().unwrap_or(&r.row)))
+            .collect();
+        let buckets: Vec<_> = written
+            .iter()
+            .map(|(id, row)| self.rules.row_buckets(&table.name, id, row))
+            .collect();
+        let mut ops: Vec<NewOp<'_>> = Vec::with_capacity(written.len());
+        // Each bucket's entries in this flush: checksum sum, count, last.
+        let mut added: BTreeMap<&str, BucketState> = BTreeMap::new();
+        for ((id, row), bs) in written.iter().zip(&buckets) {
+            for b in bs {
+                let op_id = stx.next_op_id()?;
+                let checksum = ferry_protocol::op_checksum(op_id, OpKind::Put, &table.name, id, Some(row));
+                ops.push(NewOp {
+                    op_id,
+                    bucket: b,
+                    op: OpKind::Put,
+                    table: &table.name,
+                    row_id: id,
+                    data: Some(row),
+                    checksum,
+                });
+                let s = added.entry(b).or_default();
+                s.checksum = s.checksum.wrapping_add(checksum);
+                s.count = s.count.saturating_add(1);
+                s.last_op_id = op_id;
+            }
+        }
+        stx.append_ops(&ops)?;
+        let members: Vec<(&str, &BTreeSet<String>)> = written
+            .iter()
+            .zip(&buckets)
+            .filter(|(_, bs)| !bs.is_empty())
+            .map(|((id, _), bs)| (*id, bs))
+            .collect();
+        stx.set_rows_buckets(&table.name, &members)?;
+        for (bucket, add) in added {
+            let state = stx.bucket_state(bucket)?.unwrap_or_default();
+            stx.set_bucket_state(
+                bucket,
+                &BucketState {
+                    checksum: state.checksum.wrapping_add(add.checksum),
+                    count: state.count.saturating_add(add.count),
+                    last_op_id: add.last_op_id,
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ferry_core::{CrudOp, RowData, Value};
+
+    use super::{ImportPath, MAX_IMPORT_BATCH_OPS};
+    use crate::db::{OpRange, SourceDb};
+    use crate::sqlite::SqliteSourceDb;
+    use crate::{SyncRules, SyncService};
+
+    fn service(dir: &std::path::Path) -> SyncService {
+        let db = SqliteSourceDb::open_dir(dir).expect("open db");
+        SyncService::builder(Arc::new(db), SyncRules::ticket_tracker().expect("rules"), "secret")
+            .build()
+            .expect("build")
+    }
+
+    fn ticket(i: usize, status: &str) -> CrudOp {
+        let data: RowData = [
+            ("title".to_owned(), Value::Text(format!("ticket {i}"))),
+            ("status".to_owned(), Value::Text(status.to_owned())),
+            ("version".to_owned(), Value::Integer(1)),
+        ]
+        .into_iter()
+        .collect();
+        CrudOp::Put {
+            table: "tickets".into(),
+            id: format!("t{i}"),
+            data,
+        }
+    }
+
+    fn assignment(i: usize) -> CrudOp {
+        let data: RowData = [
+            ("ticket_id".to_owned(), Value::Text(format!("t{i}"))),
+            ("user_id".to_owned(), Value::Text(format!("u{}", i % 7))),
+        ]
+        .into_iter()
+        .collect();
+        CrudOp::Put {
+            table: "assignments".into(),
+            id: format!("a{i}"),
+            data,
+        }
+    }
+
+    /// Imports whose ops take every way through a batch: new rows (more
+    /// than a batch of them, in two tables, rows in one and in two
+    /// buckets), an id twice in a batch, a PATCH, deletes of
+    /// a row and of an unknown one, a row written again after its delete,
+    /// and a second import over stored rows (same values: no op; new
+    /// values: PUTs; a membership that changes: a REMOVE).
+    fn imports() -> Vec<Vec<CrudOp>> {
+        let mut first: Vec<CrudOp> = (0..MAX_IMPORT_BATCH_OPS + 300).map(|i| ticket(i, "open")).collect();
+        first.extend((0..50).map(assignment));
+        first.push(ticket(5, "done"));
+        first.push(CrudOp::Patch {
+            table: "tickets".into(),
+            id: "t9".into(),
+            data: [("title".to_owned(), Value::Text("only a title".into()))]
+                .into_iter()
+                .collect(),
+        });
+        first.push(CrudOp::Delete {
+            table: "tickets".into(),
+            id: "t7".into(),
+        });
+        first.push(CrudOp::Delete {
+            table: "tickets".into(),
+            id: "never".into(),
+        });
+        first.push(ticket(7, "reopened"));
+        first.extend((0..40).map(|i| ticket(i, "open")));
+        let mut second: Vec<CrudOp> = (10..30).map(|i| ticket(i, "open")).collect();
+        second.extend((30..40).map(|i| ticket(i, "done")));
+        second.push(CrudOp::Patch {
+            table: "assignments".into(),
+            id: "a3".into(),
+            data: [("user_id".to_owned(), Value::Text("u9".into()))].into_iter().collect(),
+        });
+        second.extend((MAX_IMPORT_BATCH_OPS..MAX_IMPORT_BATCH_OPS + 10).map(|i| ticket(i + 1_000, "new")));
+        vec![first, second]
+    }
+
+    /// Everything a client can see of the op log: every bucket's entries
+    /// and state, and the last op id.
+    fn op_log(db: &dyn SourceDb) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in db.bucket_names().expect("bucket names") {
+            for e in db.read_ops(&OpRange::all(&b)).expect("read ops") {
+                out.push(format!("{b} {e:?}"));
+            }
+        }
+        let changes = db.changes_since(0, &[]).expect("changes");
+        out.push(format!("{changes:?}"));
+        out
+    }
+
+    #[test]
+    fn bulk_import_writes_what_the_per_op_path_writes() {
+        let (d1, d2) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let (per_op, bulk) = (service(d1.path()), service(d2.path()));
+        for ops in imports() {
+            per_op
+                .inner
+                .process_import(ops.clone(), ImportPath::PerOp)
+                .expect("per-op import");
+            bulk.inner.process_import(ops, ImportPath::Bulk).expect("bulk import");
+        }
+        let (a, b) = (op_log(per_op.db().as_ref()), op_log(bulk.db().as_ref()));
+        assert!(a.len() > MAX_IMPORT_BATCH_OPS + 300, "{} entries", a.len());
+        assert!(a.iter().any(|l| l.contains("Remove")), "a membership changed");
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x, y);
+        }
+        let schema = SyncRules::ticket_tracker().expect("rules").schema().clone();
+        for (t, ids) in [
+            ("tickets", vec!["t0", "t5", "t7", "t9", "t35", "never", "t3000"]),
+            ("assignments", vec!["a3"]),
+        ] {
+            let table = schema.table(t).expect("table");
+            for id in ids {
+                let (x, y) = (
+                    per_op.db().get_row(table, id).expect("read"),
+                    bulk.db().get_row(table, id).expect("read"),
+                );
+                assert_eq!(x.as_ref().map(|r| &r.data), y.as_ref().map(|r| &r.data), "{t}/{id}");
+                assert_eq!(
+                    x.as_ref().map(|r| r.deleted.is_some()),
+                    y.as_ref().map(|r| r.deleted.is_some()),
+                    "{t}/{id}"
+                );
+                assert_eq!(
+                    x.map(|r| r.clocks.keys().cloned().collect::<Vec<_>>()),
+                    y.map(|r| r.clocks.keys().cloned().collect::<Vec<_>>()),
+                    "{t}/{id}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn both_paths_refuse_a_patch_of_a_missing_row_alike() {
+        let (d1, d2) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let (per_op, bulk) = (service(d1.path()), service(d2.path()));
+        let ops = vec![
+            ticket(1, "open"),
+            CrudOp::Patch {
+                table: "tickets".into(),
+                id: "missing".into(),
+                data: [("title".to_owned(), Value::Text("x".into()))].into_iter().collect(),
+            },
+        ];
+        let a = per_op.inner.process_import(ops.clone(), ImportPath::PerOp);
+        let b = bulk.inner.process_import(ops, ImportPath::Bulk);
+        let (a, b) = (a.expect_err("refused"), b.expect_err("refused"));
+        assert_eq!(a.to_string(), b.to_string());
+        assert!(a.to_string().contains("tickets/missing"), "{a}");
+        assert_eq!(bulk.db().oplog_len().expect("len"), 0, "the batch is rolled back");
+    }
+}

@@ -1,0 +1,296 @@
+//! The bulk writes of [`SqliteTx`](crate::SqliteTx): many rows, op log
+//! entries and memberships with few statements (multi-row `INSERT`s of at
+//! most [`MAX_ROWS_PER_INSERT`] rows, ids looked up through one
+//! `json_each` array of at most [`MAX_IDS_PER_LOOKUP`]), each with the
+//! effect of the one-row methods called in order; and the encoding of
+//! column clocks every write shares.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ferry_core::{HlcTimestamp, Table, Value};
+use ferry_source::{NewOp, RowWrite};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, Statement, ToSql};
+
+use crate::{corrupt, q, raise, Result};
+
+/// Most rows in one multi-row `INSERT`.
+pub(crate) const MAX_ROWS_PER_INSERT: usize = 64;
+/// Most parameters bound to one statement (SQLite's default limit is
+/// 32,766).
+const MAX_PARAMS_PER_STATEMENT: usize = 8_192;
+/// Most ids in one lookup or delete (one JSON array parameter).
+pub(crate) const MAX_IDS_PER_LOOKUP: usize = 1_000;
+
+/// A value bound without a copy.
+struct Borrowed<'a>(&'a Value);
+
+impl ToSql for Borrowed<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(r) => ValueRef::Real(*r),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+/// `INSERT ... VALUES (?, ..), (?, ..) ...` for `rows` rows of `width`
+/// parameters, then `tail`.
+fn insert_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
+    let one = format!("({})", vec!["?"; width].join(", "));
+    format!("{head} VALUES {} {tail}", vec![one; rows].join(", "))
+}
+
+/// Insert `items` with multi-row statements of `head`/`tail` (see
+/// [`insert_sql`]); `bind` binds one item's `width` parameters from the
+/// given (1-based) index.
+fn insert_many<T>(
+    conn: &Connection,
+    (head, width, tail): (&str, usize, &str),
+    items: &[T],
+    mut bind: impl FnMut(&mut Statement<'_>, usize, &T) -> Result<()>,
+) -> Result<()> {
+    let per = (MAX_PARAMS_PER_STATEMENT / width.max(1)).clamp(1, MAX_ROWS_PER_INSERT);
+    let full = insert_sql(head, width, per, tail);
+    let single = insert_sql(head, width, 1, tail);
+    for chunk in items.chunks(per) {
+        // A partial chunk goes row by row: one cached statement per size.
+        if chunk.len() == per {
+            let mut stmt = conn.prepare_cached(&full)?;
+            for (i, item) in chunk.iter().enumerate() {
+                bind(&mut stmt, 1 + i * width, item)?;
+            }
+            stmt.raw_execute()?;
+        } else {
+            let mut stmt = conn.prepare_cached(&single)?;
+            for item in chunk {
+                bind(&mut stmt, 1, item)?;
+                stmt.raw_execute()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Clocks as stored: the JSON object `serde_json` writes for them, each
+/// distinct clock formatted once (a row's columns mostly share one).
+pub(crate) fn encode_clocks(clocks: &BTreeMap<String, HlcTimestamp>) -> Result<String> {
+    let mut out = String::with_capacity(2 + clocks.len() * 48);
+    out.push('{');
+    let mut last: Option<(&HlcTimestamp, String)> = None;
+    for (i, (column, hlc)) in clocks.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if column.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            out.push('"');
+            out.push_str(column);
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::to_string(column).map_err(|e| corrupt("clocks", e))?);
+        }
+        out.push(':');
+        match &last {
+            Some((h, encoded)) if *h == hlc => out.push_str(encoded),
+            _ => {
+                let encoded = serde_json::to_string(hlc).map_err(|e| corrupt("clocks", e))?;
+                out.push_str(&encoded);
+                last = Some((hlc, encoded));
+            }
+        }
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// The ids as one JSON array (for `json_each`).
+fn id_array(ids: &[&str]) -> Result<String> {
+    serde_json::to_string(ids).map_err(|e| corrupt("row ids", e))
+}
+
+/// [`ferry_source::SourceTx::write_rows`]: the rows (an upsert each, in
+/// order), their clocks, their tombstones cleared; raises `max_clock`.
+pub(crate) fn write_rows(
+    conn: &Connection,
+    table: &Table,
+    rows: &[RowWrite<'_>],
+    max_clock: &mut Option<HlcTimestamp>,
+) -> Result<()> {
+    let names: Vec<String> = table.columns.iter().map(|c| q(&c.name)).collect();
+    let mut cols = vec!["id".to_owned()];
+    cols.extend(names.iter().cloned());
+    let update = if names.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        let sets: Vec<String> = names.iter().map(|n| format!("{n} = excluded.{n}")).collect();
+        format!("UPDATE SET {}", sets.join(", "))
+    };
+    let head = format!("INSERT INTO {}({})", q(&table.name), cols.join(", "));
+    let tail = format!("ON CONFLICT(id) DO {update}");
+    let null = Value::Null;
+    insert_many(conn, (&head, cols.len(), &tail), rows, |stmt, at, r| {
+        stmt.raw_bind_parameter(at, r.id)?;
+        for (i, c) in table.columns.iter().enumerate() {
+            stmt.raw_bind_parameter(at + 1 + i, Borrowed(r.data.get(&c.name).unwrap_or(&null)))?;
+        }
+        Ok(())
+    })?;
+    let clocks: Vec<(&str, String)> = rows
+        .iter()
+        .map(|r| {
+            for c in r.clocks.values() {
+                raise(max_clock, c);
+            }
+            Ok((r.id, encode_clocks(r.clocks)?))
+        })
+        .collect::<Result<_>>()?;
+    insert_many(
+        conn,
+        ("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks)", 3, ""),
+        &clocks,
+        |stmt, at, (id, c)| {
+            stmt.raw_bind_parameter(at, &table.name)?;
+            stmt.raw_bind_parameter(at + 1, *id)?;
+            stmt.raw_bind_parameter(at + 2, c)?;
+            Ok(())
+        },
+    )?;
+    let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
+    for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
+        conn.prepare_cached("DELETE FROM ferry_tombstones WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))")?
+            .execute([table.name.as_str(), id_array(chunk)?.as_str()])?;
+    }
+    Ok(())
+}
+
+/// [`ferry_source::SourceTx::known_rows`]: ids with a row, a tombstone or
+/// bucket membership.
+pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Result<BTreeSet<String>> {
+    let sql = format!(
+        "SELECT id FROM {} WHERE id IN (SELECT value FROM json_each(?1))
+         UNION SELECT id FROM ferry_tombstones WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))
+         UNION SELECT id FROM ferry_row_buckets WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))",
+        q(&table.name)
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut known = BTreeSet::new();
+    for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
+        let array = id_array(chunk)?;
+        let rows = stmt.query_map([array.as_str(), table.name.as_str()], |r| r.get::<_, String>(0))?;
+        for id in rows {
+            known.insert(id?);
+        }
+    }
+    Ok(known)
+}
+
+/// [`ferry_source::SourceTx::set_rows_buckets`]: each row's membership
+/// replaced (the last entry of an id wins, as in order).
+pub(crate) fn set_rows_buckets(conn: &Connection, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> Result<()> {
+    let last: HashMap<&str, usize> = rows.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
+    let ids: Vec<&str> = rows
+        .iter()
+        .enumerate()
+        .filter(|(i, (id, _))| last.get(id) == Some(i))
+        .map(|(_, (id, _))| *id)
+        .collect();
+    for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
+        conn.prepare_cached(
+            "DELETE FROM ferry_row_buckets WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))",
+        )?
+        .execute([table, id_array(chunk)?.as_str()])?;
+    }
+    let pairs: Vec<(&str, &str)> = rows
+        .iter()
+        .enumerate()
+        .filter(|(i, (id, _))| last.get(id) == Some(i))
+        .flat_map(|(_, (id, buckets))| buckets.iter().map(move |b| (*id, b.as_str())))
+        .collect();
+    insert_many(
+        conn,
+        ("INSERT INTO ferry_row_buckets(tbl, id, bucket)", 3, ""),
+        &pairs,
+        |stmt, at, (id, b)| {
+            stmt.raw_bind_parameter(at, table)?;
+            stmt.raw_bind_parameter(at + 1, *id)?;
+            stmt.raw_bind_parameter(at + 2, *b)?;
+            Ok(())
+        },
+    )
+}
+
+/// [`ferry_source::SourceTx::append_ops`]: the entries as given, rows as
+/// their JSON text.
+pub(crate) fn append_ops(conn: &Connection, ops: &[NewOp<'_>]) -> Result<()> {
+    let data: Vec<Option<String>> = ops
+        .iter()
+        .map(|op| {
+            op.data
+                .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let items: Vec<(&NewOp<'_>, &Option<String>)> = ops.iter().zip(&data).collect();
+    insert_many(
+        conn,
+        (
+            "INSERT INTO ferry_oplog(op_id, bucket, op, tbl, row_id, data, checksum)",
+            7,
+            "",
+        ),
+        &items,
+        |stmt, at, (op, data)| {
+            stmt.raw_bind_parameter(at, op.op_id as i64)?;
+            stmt.raw_bind_parameter(at + 1, op.bucket)?;
+            stmt.raw_bind_parameter(at + 2, op.op.as_str())?;
+            stmt.raw_bind_parameter(at + 3, op.table)?;
+            stmt.raw_bind_parameter(at + 4, op.row_id)?;
+            stmt.raw_bind_parameter(at + 5, data.as_deref())?;
+            stmt.raw_bind_parameter(at + 6, i64::from(op.checksum))?;
+            Ok(())
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ferry_core::HlcTimestamp;
+
+    use super::encode_clocks;
+
+    fn hlc(wall_ms: u64, node: &str) -> HlcTimestamp {
+        HlcTimestamp {
+            wall_ms,
+            counter: 3,
+            node: node.to_owned(),
+        }
+    }
+
+    #[test]
+    fn clocks_encode_as_serde_json_does() {
+        let maps: Vec<BTreeMap<String, HlcTimestamp>> = vec![
+            BTreeMap::new(),
+            [("title".to_owned(), hlc(1, "server"))].into_iter().collect(),
+            [
+                ("a".to_owned(), hlc(1, "server")),
+                ("b".to_owned(), hlc(1, "server")),
+                ("c".to_owned(), hlc(2, "client \"x\"")),
+                ("d\"e".to_owned(), hlc(1, "server")),
+                ("é".to_owned(), hlc(2, "client \"x\"")),
+            ]
+            .into_iter()
+            .collect(),
+        ];
+        for m in maps {
+            assert_eq!(
+                encode_clocks(&m).expect("encode"),
+                serde_json::to_string(&m).expect("encode")
+            );
+        }
+    }
+}
