@@ -313,7 +313,7 @@ enum Parse {
 }
 
 /// Lines whose decoding may run ahead of the one being handled.
-const MAX_PARSES_AHEAD: usize = 4;
+const MAX_PARSES_AHEAD: usize = 2;
 
 /// Lines shorter than this are decoded on the reader task: a thread hop
 /// would cost more than it saves (and add latency to small changes).

@@ -111,25 +111,31 @@ pub(crate) fn chunked(store: &SledStore, batch: &WriteBatch) -> StoreResult<bool
     Ok(false)
 }
 
+/// A batch's switch-ins apart from its other ops.
+fn split(batch: WriteBatch) -> (WriteBatch, Vec<Range>) {
+    let mut ranges = Vec::new();
+    let mut rest = WriteBatch::new();
+    for op in batch.ops {
+        match op {
+            BatchOp::SwitchInStaged {
+                bucket,
+                from_op_id,
+                through_op_id,
+            } => ranges.push((bucket, from_op_id, through_op_id)),
+            other => {
+                rest.push(other);
+            }
+        }
+    }
+    (rest, ranges)
+}
+
 impl SledStore {
     /// Apply a batch [`chunked`] said goes in chunks (the writer lock is
     /// held by the caller).
     pub(crate) fn apply_chunked(&self, batch: WriteBatch) -> StoreResult<()> {
         let _snap = self.snapshot.write();
-        let mut ranges = Vec::new();
-        let mut rest = WriteBatch::new();
-        for op in batch.ops {
-            match op {
-                BatchOp::SwitchInStaged {
-                    bucket,
-                    from_op_id,
-                    through_op_id,
-                } => ranges.push((bucket, from_op_id, through_op_id)),
-                other => {
-                    rest.push(other);
-                }
-            }
-        }
+        let (rest, ranges) = split(batch);
         let mut p = Pending::new(self.tree());
         self.stage(rest, &mut p)?;
         p.put(journal_key(), encode(&ranges));
@@ -290,20 +296,7 @@ mod tests {
             let batch = switch(n);
             assert!(chunked(&s, &batch).expect("chunked?"));
             // Step 1 only, as apply_chunked does it.
-            let mut rest = WriteBatch::new();
-            let mut ranges = Vec::new();
-            for op in batch.ops {
-                match op {
-                    BatchOp::SwitchInStaged {
-                        bucket,
-                        from_op_id,
-                        through_op_id,
-                    } => ranges.push((bucket, from_op_id, through_op_id)),
-                    other => {
-                        rest.push(other);
-                    }
-                }
-            }
+            let (rest, ranges) = split(batch);
             let mut p = Pending::new(s.tree());
             s.stage(rest, &mut p).expect("stage rest");
             p.put(journal_key(), encode(&ranges));

@@ -64,16 +64,24 @@ impl BenchServer {
     }
 }
 
-/// A client on SQLite in `dir` (created if missing) with the rules' schema.
+/// A client on SQLite in `dir` (created if missing) with the rules' schema;
+/// `FERRY_BENCH_STAGING_MB` sets its staging budget (default: the
+/// client's).
 pub fn open_client(dir: &Path, rules: &SyncRules) -> anyhow::Result<Database> {
     std::fs::create_dir_all(dir)?;
     let store = SqliteStore::open(dir.join("client.db"), rules.schema().clone())?;
+    let defaults = ClientOptions::default();
+    let staging_memory_bytes = match std::env::var("FERRY_BENCH_STAGING_MB") {
+        Ok(mb) => mb.parse::<usize>()? * 1024 * 1024,
+        Err(_) => defaults.staging_memory_bytes,
+    };
     let options = ClientOptions {
         local: LocalDbOptions {
             clock: Arc::new(SystemClock),
             ..LocalDbOptions::default()
         },
-        ..ClientOptions::default()
+        staging_memory_bytes,
+        ..defaults
     };
     Ok(Database::open(Arc::new(store), options)?)
 }
