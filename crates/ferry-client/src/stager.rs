@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ferry_core::Schema;
-use ferry_protocol::{Download, DownloadLimits, OpKind, OplogEntry, StagedCount};
+use ferry_protocol::{Download, DownloadLimits, OpKind, OplogEntry};
 use ferry_store::{staged_summary, BatchOp, StagedKind, StagedOp, Store, StoreError, WriteBatch};
 use ferry_transport::blocking;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -286,17 +286,8 @@ pub(crate) fn restore_download(store: &dyn Store, limits: DownloadLimits) -> Res
                 through_op_id: base,
             });
         }
-        let s = staged_summary(store, &bucket, base)?;
-        counts.push((
-            bucket,
-            StagedCount {
-                last_op_id: s.last_op_id,
-                count: s.count,
-                clear_op_id: s.clear_op_id,
-                checksum: s.checksum,
-                count_since_clear: s.count_since_clear,
-            },
-        ));
+        let summary = staged_summary(store, &bucket, base)?;
+        counts.push((bucket, summary));
     }
     store.apply(cleanup)?;
     Ok(Download::staging_out(applied, resetting, counts, limits))

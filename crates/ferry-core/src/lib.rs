@@ -12,6 +12,7 @@ pub mod limits;
 pub mod op;
 pub mod random;
 pub mod schema;
+pub mod staged;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod value;
@@ -22,4 +23,5 @@ pub use limits::Limits;
 pub use op::{CrudEntry, CrudOp};
 pub use random::{RandomSource, SeededRandom};
 pub use schema::{Column, ColumnType, Index, Schema, Table};
+pub use staged::StagedSummary;
 pub use value::{row_data, row_size_bytes, Row, RowData, Value};

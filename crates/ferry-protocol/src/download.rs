@@ -16,12 +16,14 @@
 //! [`Download::staging_out`], in the client's store: each `data` line's
 //! new ops are handed out ([`Step::Stage`]) for the client to write to
 //! its staging area, the `Download` keeps only their counts and checksum
-//! sums ([`StagedCount`]), and a validated checkpoint names the op id
+//! sums ([`StagedSummary`]), and a validated checkpoint names the op id
 //! range of each bucket to switch in ([`BucketApply::staged`]). Buckets
 //! whose staged ops must go (a checksum failure, a bucket the checkpoint
 //! no longer names) are listed by [`Download::take_discards`].
 
 use std::collections::BTreeMap;
+
+use ferry_core::StagedSummary;
 
 use crate::checksum;
 use crate::error::ProtocolError;
@@ -88,38 +90,6 @@ impl Default for DownloadLimits {
             max_staged_ops: 20_000_000,
             max_buckets: 10_000,
         }
-    }
-}
-
-/// A bucket's staged ops summed up: what validating a checkpoint and
-/// resuming a download need of them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StagedCount {
-    /// The last staged op id (0: none).
-    pub last_op_id: u64,
-    /// Ops staged.
-    pub count: u64,
-    /// The op id of the last CLEAR staged, if any.
-    pub clear_op_id: Option<u64>,
-    /// Wrapping sum of the checksums from the last CLEAR (included) on, or
-    /// of every op without one.
-    pub checksum: u32,
-    /// Ops from the last CLEAR (included) on, or every op without one.
-    pub count_since_clear: u64,
-}
-
-impl StagedCount {
-    /// Count one more op, staged after every op counted so far.
-    pub fn add(&mut self, op: &OplogEntry) {
-        if op.op == OpKind::Clear {
-            self.clear_op_id = Some(op.op_id);
-            self.checksum = 0;
-            self.count_since_clear = 0;
-        }
-        self.checksum = self.checksum.wrapping_add(op.checksum);
-        self.count_since_clear += 1;
-        self.count += 1;
-        self.last_op_id = self.last_op_id.max(op.op_id);
     }
 }
 
@@ -234,7 +204,7 @@ pub struct Download {
     /// Staged ops kept here (without `staging_out`).
     staged: BTreeMap<String, Vec<OplogEntry>>,
     /// Every bucket's staged ops, summed up.
-    counts: BTreeMap<String, StagedCount>,
+    counts: BTreeMap<String, StagedSummary>,
     /// Ops handed out in a [`CheckpointApply`] and not yet confirmed, by
     /// bucket: (last op id, number of staged ops it took). They still count
     /// as staged.
@@ -264,10 +234,10 @@ impl Download {
     pub fn staging_out(
         applied: impl IntoIterator<Item = (String, AppliedBucket)>,
         resetting: impl IntoIterator<Item = String>,
-        staged: impl IntoIterator<Item = (String, StagedCount)>,
+        staged: impl IntoIterator<Item = (String, StagedSummary)>,
         limits: DownloadLimits,
     ) -> Self {
-        let counts: BTreeMap<String, StagedCount> = staged.into_iter().filter(|(_, c)| c.count > 0).collect();
+        let counts: BTreeMap<String, StagedSummary> = staged.into_iter().filter(|(_, c)| c.count > 0).collect();
         let staged_ops = counts
             .values()
             .map(|c| usize::try_from(c.count).unwrap_or(usize::MAX))
@@ -443,7 +413,7 @@ impl Download {
                 self.staged_ops += fresh.len();
                 let count = self.counts.entry(batch.bucket.clone()).or_default();
                 for op in &fresh {
-                    count.add(op);
+                    count.add(op.op_id, op.op == OpKind::Clear, op.checksum);
                 }
                 if self.external {
                     if fresh.is_empty() {
@@ -517,7 +487,7 @@ impl Download {
         // Validate every bucket first, from the counts alone.
         struct Plan {
             reset: bool,
-            count: StagedCount,
+            count: StagedSummary,
             from_op_id: u64,
             state: AppliedBucket,
         }

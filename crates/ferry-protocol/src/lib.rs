@@ -20,8 +20,9 @@ pub use compact::compact;
 pub use data_line::DataLineWriter;
 pub use download::{
     AppliedBucket, BucketApply, BucketProgress, CheckpointApply, Download, DownloadLimits, DownloadProgress,
-    StagedCount, StagedRange, Step,
+    StagedRange, Step,
 };
 pub use error::ProtocolError;
+pub use ferry_core::StagedSummary;
 pub use lines::{decode_line, encode_line, LineSplitter, DEFAULT_MAX_LINE_BYTES};
 pub use messages::*;

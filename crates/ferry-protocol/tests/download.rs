@@ -9,7 +9,7 @@ use ferry_core::testkit::check;
 use ferry_protocol::download::checksum_of;
 use ferry_protocol::{
     AppliedBucket, BucketChecksum, BucketRequest, Checkpoint, CheckpointApply, CheckpointDiff, DataBatch, Download,
-    DownloadLimits, ErrorCode, OpKind, OplogEntry, ProtocolError, ServerError, StagedCount, Step, StreamLine,
+    DownloadLimits, ErrorCode, OpKind, OplogEntry, ProtocolError, ServerError, StagedSummary, Step, StreamLine,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -864,7 +864,7 @@ impl Client {
             return;
         };
         let resetting = self.download.resetting().clone();
-        let counts: Vec<(String, StagedCount)> = store
+        let counts: Vec<(String, StagedSummary)> = store
             .iter()
             .map(|(bucket, ops)| {
                 let base = if resetting.contains(bucket) {
@@ -872,9 +872,9 @@ impl Client {
                 } else {
                     applied.get(bucket).map_or(0, |a| a.last_op_id)
                 };
-                let mut count = StagedCount::default();
+                let mut count = StagedSummary::default();
                 for op in ops.range(base + 1..).map(|(_, op)| op) {
-                    count.add(op);
+                    count.add(op.op_id, op.op == OpKind::Clear, op.checksum);
                 }
                 (bucket.clone(), count)
             })

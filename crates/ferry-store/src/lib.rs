@@ -36,8 +36,9 @@ mod staging;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use ferry_core::StagedSummary;
 pub use memory::MemoryStore;
-pub use staging::{staged_summary, switch_effect, StagedKind, StagedOp, StagedSummary, SwitchEffect};
+pub use staging::{staged_summary, switch_effect, StagedKind, StagedOp, SwitchEffect};
 
 /// A row's entry in one bucket: the bucket's latest op for that row (a
 /// PUT: rows a bucket no longer holds have no entry). Keyed by

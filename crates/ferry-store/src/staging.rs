@@ -12,7 +12,7 @@
 //!
 //! [`BatchOp::SwitchInStaged`]: crate::BatchOp::SwitchInStaged
 
-use ferry_core::{RowData, Value};
+use ferry_core::{RowData, StagedSummary, Value};
 
 use crate::{BucketEntry, Store, StoreResult};
 
@@ -148,38 +148,6 @@ pub fn switch_effect(op: StagedOp) -> SwitchEffect {
     }
 }
 
-/// What a bucket's staging area holds after some op id, summed up: enough
-/// to validate a checkpoint and resume a download without the ops.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StagedSummary {
-    /// The last staged op id (0: none).
-    pub last_op_id: u64,
-    /// Ops staged.
-    pub count: u64,
-    /// The op id of the last CLEAR staged, if any.
-    pub clear_op_id: Option<u64>,
-    /// Wrapping sum of the checksums from the last CLEAR (included) on, or
-    /// of every op without a CLEAR.
-    pub checksum: u32,
-    /// Ops from the last CLEAR (included) on, or every op without one.
-    pub count_since_clear: u64,
-}
-
-impl StagedSummary {
-    /// Count one more op, staged after every op counted so far.
-    pub fn add(&mut self, op_id: u64, kind: StagedKind, checksum: u32) {
-        if kind == StagedKind::Clear {
-            self.clear_op_id = Some(op_id);
-            self.checksum = 0;
-            self.count_since_clear = 0;
-        }
-        self.checksum = self.checksum.wrapping_add(checksum);
-        self.count_since_clear += 1;
-        self.count += 1;
-        self.last_op_id = self.last_op_id.max(op_id);
-    }
-}
-
 /// Ops read at once when summing a bucket's staging area up.
 const SUMMARY_PAGE_OPS: usize = 4_096;
 
@@ -191,7 +159,7 @@ pub fn staged_summary(store: &dyn Store, bucket: &str, after_op_id: u64) -> Stor
     loop {
         let page = store.staged_ops(bucket, after, SUMMARY_PAGE_OPS)?;
         for op in &page {
-            summary.add(op.op_id, op.kind, op.checksum);
+            summary.add(op.op_id, op.kind == StagedKind::Clear, op.checksum);
         }
         match page.last() {
             Some(last) if page.len() == SUMMARY_PAGE_OPS => after = last.op_id,
