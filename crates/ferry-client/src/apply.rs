@@ -26,6 +26,30 @@ pub fn from_store_state(s: BucketState) -> AppliedBucket {
     }
 }
 
+/// A server may have columns this app version does not declare (added
+/// after it shipped): the client keeps only its own, so its writes stay
+/// valid.
+pub(crate) fn keep_declared_columns(def: &ferry_core::Table, data: &mut ferry_core::RowData) {
+    if data.keys().any(|c| def.column_def(c).is_none()) {
+        data.retain(|c, _| def.column_def(c).is_some());
+    }
+}
+
+/// The buckets the client holds once a checkpoint applied: those it held
+/// and those the checkpoint changes, less those it removes.
+fn buckets_after<'a>(
+    store: &dyn Store,
+    changed: impl Iterator<Item = &'a String>,
+    removed: &[String],
+) -> StoreResult<BTreeSet<String>> {
+    let mut after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
+    after.extend(changed.cloned());
+    for name in removed {
+        after.remove(name);
+    }
+    Ok(after)
+}
+
 /// Page size when listing a bucket's entries.
 const ENTRY_PAGE: usize = 10_000;
 
@@ -82,11 +106,7 @@ pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> Store
     let mut membership: BTreeMap<(String, String, String), bool> = BTreeMap::new();
     let mut candidates: TouchedRows = BTreeSet::new();
     let mut emptied: BTreeSet<String> = BTreeSet::new();
-    let mut buckets_after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
-    buckets_after.extend(apply.buckets.iter().map(|b| b.bucket.clone()));
-    for name in &apply.removed_buckets {
-        buckets_after.remove(name);
-    }
+    let buckets_after = buckets_after(store, apply.buckets.iter().map(|b| &b.bucket), &apply.removed_buckets)?;
 
     for b in apply.buckets {
         if b.reset {
@@ -115,12 +135,7 @@ pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> Store
                         checksum: op.checksum,
                     };
                     if let (Ok(def), Some(mut data)) = (schema.table(&table), op.data) {
-                        // A server may have columns this app version does
-                        // not declare (added after it shipped): the client
-                        // keeps only its own, so its writes stay valid.
-                        if data.keys().any(|c| def.column_def(c).is_none()) {
-                            data.retain(|c, _| def.column_def(c).is_some());
-                        }
+                        keep_declared_columns(def, &mut data);
                         batch.put_synced(table, id, data);
                     }
                     batch.push(BatchOp::PutBucketEntry {
@@ -188,11 +203,7 @@ pub fn plan_staged_checkpoint(
     let mut batch = WriteBatch::new();
     let mut candidates: TouchedRows = BTreeSet::new();
     let mut emptied: BTreeSet<&str> = BTreeSet::new();
-    let mut buckets_after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
-    buckets_after.extend(apply.buckets.iter().map(|b| b.bucket.clone()));
-    for name in &apply.removed_buckets {
-        buckets_after.remove(name);
-    }
+    let buckets_after = buckets_after(store, apply.buckets.iter().map(|b| &b.bucket), &apply.removed_buckets)?;
     let emptying = apply
         .buckets
         .iter()

@@ -18,7 +18,7 @@ use ferry_store::{staged_summary, BatchOp, StagedKind, StagedOp, Store, StoreErr
 use ferry_transport::blocking;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::apply::from_store_state;
+use crate::apply::{from_store_state, keep_declared_columns};
 use crate::ClientError;
 
 /// Most staged ops the writer puts in one store batch.
@@ -161,11 +161,7 @@ fn to_staged(schema: &Schema, op: OplogEntry) -> StagedOp {
     let table = op.object_type.unwrap_or_default();
     let data = match (kind, schema.table(&table), op.data) {
         (StagedKind::Put, Ok(def), Some(mut data)) => {
-            // A server may have columns this app version does not declare
-            // (added after it shipped): the client keeps only its own.
-            if data.keys().any(|c| def.column_def(c).is_none()) {
-                data.retain(|c, _| def.column_def(c).is_some());
-            }
+            keep_declared_columns(def, &mut data);
             Some(data)
         }
         _ => None,
