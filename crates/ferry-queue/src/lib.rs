@@ -700,10 +700,15 @@ impl LocalDb {
             wc
         };
         let entries = self.store.queue_from(0, usize::MAX)?;
-        let queued: ChangedRows = entries
-            .iter()
-            .map(|e| (e.op.table().to_owned(), e.op.id().to_owned()))
-            .collect();
+        // Rows of pending writes: only switch-ins need them apart.
+        let queued: ChangedRows = if switches.is_empty() {
+            ChangedRows::new()
+        } else {
+            entries
+                .iter()
+                .map(|e| (e.op.table().to_owned(), e.op.id().to_owned()))
+                .collect()
+        };
         let staged_after = self.staged_rows_after(&batch, switches, &queued)?;
         let mut marks = self.marks()?;
         let (changed, confirmed) = self.confirm_into(
