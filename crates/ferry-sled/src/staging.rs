@@ -188,6 +188,31 @@ pub(crate) fn read(tree: &sled::Tree, bucket: &str, after_op_id: u64, limit: usi
     Ok(out)
 }
 
+/// The op ids `bucket` has staged after `after_op_id`, at most `limit`,
+/// read from the keys alone (no op decoded).
+pub(crate) fn op_ids(tree: &sled::Tree, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<u64>> {
+    let pre = prefix(bucket);
+    let Some(first) = after_op_id.checked_add(1) else {
+        return Ok(Vec::new());
+    };
+    let end = prefix_end(&pre);
+    let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut out = Vec::new();
+    for k in tree
+        .range((Bound::Included(key(bucket, first)), upper))
+        .keys()
+        .take(limit)
+    {
+        let k = k.map_err(sled_err)?;
+        out.push(
+            k.get(pre.len()..)
+                .and_then(be_u64)
+                .ok_or_else(|| corrupt("bad staged op key"))?,
+        );
+    }
+    Ok(out)
+}
+
 /// `Store::staged_buckets`: one seek per bucket.
 pub(crate) fn buckets(tree: &sled::Tree) -> StoreResult<Vec<String>> {
     let mut out = Vec::new();

@@ -101,8 +101,8 @@ pub(crate) fn chunked(store: &SledStore, batch: &WriteBatch) -> StoreResult<bool
         } = op
         {
             let after = from_op_id.saturating_sub(1);
-            let page = staging::read(store.tree(), bucket, after, MAX_SWITCH_CHUNK_OPS + 1)?;
-            ops += page.iter().filter(|o| o.op_id <= *through_op_id).count();
+            let ids = staging::op_ids(store.tree(), bucket, after, MAX_SWITCH_CHUNK_OPS + 1)?;
+            ops += ids.iter().filter(|id| **id <= *through_op_id).count();
             if ops > MAX_SWITCH_CHUNK_OPS {
                 return Ok(true);
             }
@@ -147,11 +147,11 @@ impl SledStore {
     /// then drop the journal.
     fn finish_switch(&self, mut ranges: Vec<Range>) -> StoreResult<()> {
         while let Some((bucket, from, through)) = ranges.first().cloned() {
-            let page = staging::read(self.tree(), &bucket, from.saturating_sub(1), MAX_SWITCH_CHUNK_OPS)?;
-            let end = page.iter().map(|op| op.op_id).rfind(|id| *id <= through);
+            let ids = staging::op_ids(self.tree(), &bucket, from.saturating_sub(1), MAX_SWITCH_CHUNK_OPS)?;
+            let end = ids.iter().copied().rfind(|id| *id <= through);
             let mut p = Pending::new(self.tree());
             match end {
-                Some(end) if end < through && page.len() == MAX_SWITCH_CHUNK_OPS => {
+                Some(end) if end < through && ids.len() == MAX_SWITCH_CHUNK_OPS => {
                     staging::switch_in(&mut p, &self.schema, &bucket, from, end)?;
                     ranges[0].1 = end + 1;
                 }
