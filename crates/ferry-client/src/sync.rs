@@ -287,8 +287,11 @@ async fn stream_session(
             }
             Step::Resync { buckets } => {
                 tracing::warn!(?buckets, "bucket checksum mismatch: downloading again");
-                if inner.download.lock().stages_out() {
-                    let resetting = inner.download.lock().resetting().clone();
+                let resetting = {
+                    let download = inner.download.lock();
+                    download.stages_out().then(|| download.resetting().clone())
+                };
+                if let Some(resetting) = resetting {
                     stager.keep_resetting(&resetting)?;
                 }
                 inner.update_status(|s| {

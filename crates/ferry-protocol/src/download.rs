@@ -587,11 +587,7 @@ impl Download {
     /// Forget a bucket's staged and handed-out ops; `discard`: the store's
     /// copy must go too.
     fn drop_staged(&mut self, name: &str, discard: bool) {
-        let mut had = false;
-        if let Some(ops) = self.staged.remove(name) {
-            had = true;
-            drop(ops);
-        }
+        let mut had = self.staged.remove(name).is_some();
         if let Some(c) = self.counts.remove(name) {
             had = true;
             self.staged_ops = self

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{
     clamp_bound, from_ordered_key, multi_insert_sql, ordered_key, sql_err, Writer, INSERT_CHUNK_ROWS,
-    SQL_DELETE_BUCKET_ENTRY, SQL_GET_BUCKET_ENTRY,
+    SQL_GET_BUCKET_ENTRY, W_DELETE_BUCKET_ENTRY, W_PUT_BUCKET_ENTRY,
 };
 
 pub(crate) const CREATE_STAGED: &str = "
@@ -199,15 +199,13 @@ impl<'c, 'b> Writer<'c, 'b> {
                             self.put_synced(schema, &table, &id, &data)?;
                         }
                         let op_id = ordered_key("bucket entry op id", entry.op_id)?;
-                        conn.prepare_cached(crate::SQL_PUT_BUCKET_ENTRY)
-                            .and_then(|mut s| {
-                                s.execute(params![bucket, entry.table, entry.row_id, op_id, entry.checksum])
-                            })
+                        self.stmt(W_PUT_BUCKET_ENTRY)?
+                            .execute(params![bucket, entry.table, entry.row_id, op_id, entry.checksum])
                             .map_err(sql_err)?;
                     }
                     SwitchEffect::Remove { table, id } => {
-                        conn.prepare_cached(SQL_DELETE_BUCKET_ENTRY)
-                            .and_then(|mut s| s.execute(params![bucket, table, id]))
+                        self.stmt(W_DELETE_BUCKET_ENTRY)?
+                            .execute(params![bucket, table, id])
                             .map_err(sql_err)?;
                         let mut held = false;
                         for b in &buckets {
