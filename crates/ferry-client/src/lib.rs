@@ -36,6 +36,7 @@ use tokio::sync::{broadcast, watch, Notify};
 pub mod apply;
 mod conflicts;
 mod control;
+mod lines;
 mod live;
 mod offline;
 mod outcomes;

@@ -1,10 +1,11 @@
 //! Writing a checkpoint's ops to the store's staging area as they arrive,
-//! on a task of its own, so receiving, decoding and writing overlap.
+//! on a thread of its own, so receiving, decoding and writing overlap.
 //!
 //! The download loop hands each `data` line's new ops to the [`Stager`];
-//! its writer task gathers whatever is waiting into one store batch (at
-//! most [`MAX_STAGE_BATCH_OPS`] ops) and applies it off the async
-//! threads. What is handed over and not yet written is bounded by
+//! its writer thread gathers whatever is waiting into one store batch (at
+//! most [`MAX_STAGE_BATCH_OPS`] ops) and applies it. One thread for the
+//! whole download, rather than a pool thread per batch, keeps the store's
+//! allocations in one allocator arena. What is handed over and not yet written is bounded by
 //! `ClientOptions::staging_memory_bytes`: past it, handing over waits for
 //! the writer. Messages are written in the order they were sent, so a
 //! discard, a deletion or a flush orders after every op sent before it.
@@ -16,6 +17,7 @@ use ferry_core::Schema;
 use ferry_protocol::{Download, DownloadLimits, OpKind, OplogEntry};
 use ferry_store::{staged_summary, BatchOp, StagedKind, StagedOp, Store, StoreError, WriteBatch};
 use ferry_transport::blocking;
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::apply::{from_store_state, keep_declared_columns};
@@ -42,12 +44,25 @@ enum Msg {
     Flush(oneshot::Sender<Result<(), String>>),
 }
 
+/// Where handed-over ops go.
+enum Sink {
+    /// The writer thread of this download loop.
+    Thread {
+        tx: Option<mpsc::UnboundedSender<Msg>>,
+        /// Closed when the thread ends.
+        done: Option<oneshot::Receiver<()>>,
+    },
+    /// Written on the calling thread at once (a deterministic simulation
+    /// runs blocking work inline, and a second thread would be a race; or
+    /// the system refused a thread).
+    Inline(Mutex<Writer>),
+}
+
 /// The staging writer of one download loop.
 pub(crate) struct Stager {
-    tx: Option<mpsc::UnboundedSender<Msg>>,
+    sink: Sink,
     budget: Arc<Semaphore>,
     budget_kib: usize,
-    task: Option<tokio::task::JoinHandle<()>>,
     schema: Schema,
 }
 
@@ -57,23 +72,35 @@ impl Stager {
     pub(crate) fn start(store: Arc<dyn Store>, memory_bytes: usize) -> Self {
         let budget_kib = (memory_bytes / KIB).clamp(1, Semaphore::MAX_PERMITS);
         let budget = Arc::new(Semaphore::new(budget_kib));
-        let (tx, rx) = mpsc::unbounded_channel();
         let schema = store.schema().clone();
-        let task = tokio::spawn(write_loop(store, rx));
+        let sink = if blocking::is_inline() {
+            Sink::Inline(Mutex::new(Writer::new(store)))
+        } else {
+            spawn_writer(store)
+        };
         Stager {
-            tx: Some(tx),
+            sink,
             budget,
             budget_kib,
-            task: Some(task),
             schema,
         }
     }
 
     fn send(&self, msg: Msg) -> Result<(), ClientError> {
-        self.tx
-            .as_ref()
-            .and_then(|tx| tx.send(msg).ok())
-            .ok_or_else(|| ClientError::Task("the staging writer stopped".into()))
+        match &self.sink {
+            Sink::Thread { tx, .. } => tx
+                .as_ref()
+                .and_then(|tx| tx.send(msg).ok())
+                .ok_or_else(|| ClientError::Task("the staging writer stopped".into())),
+            Sink::Inline(writer) => {
+                let mut w = writer.lock();
+                w.take(msg);
+                // Nothing waits for an idle moment here: write now, which
+                // also returns the budget at once.
+                w.write();
+                Ok(())
+            }
+        }
     }
 
     /// Hand over a bucket's new ops (waiting while the budget is spent).
@@ -126,9 +153,11 @@ impl Stager {
 
     /// Write what is left and stop the writer.
     pub(crate) async fn close(mut self) {
-        self.tx = None;
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Sink::Thread { tx, done } = &mut self.sink {
+            *tx = None;
+            if let Some(done) = done.take() {
+                let _ = done.await;
+            }
         }
     }
 }
@@ -137,7 +166,32 @@ impl Drop for Stager {
     fn drop(&mut self) {
         // Dropping the sender lets the writer finish what it has; nothing
         // to wait for here.
-        self.tx = None;
+        if let Sink::Thread { tx, .. } = &mut self.sink {
+            *tx = None;
+        }
+    }
+}
+
+/// Start the writer thread (one per download loop, so the rows it frees
+/// and the store's allocations stay in one allocator arena), or write
+/// inline if the system refuses a thread.
+fn spawn_writer(store: Arc<dyn Store>) -> Sink {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ended, done) = oneshot::channel::<()>();
+    let writer = Writer::new(store.clone());
+    let spawned = std::thread::Builder::new().name("ferry-stage".into()).spawn(move || {
+        write_thread(writer, rx);
+        drop(ended);
+    });
+    match spawned {
+        Ok(_) => Sink::Thread {
+            tx: Some(tx),
+            done: Some(done),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "starting the staging writer thread failed: writing inline");
+            Sink::Inline(Mutex::new(Writer::new(store)))
+        }
     }
 }
 
@@ -180,74 +234,85 @@ fn to_staged(schema: &Schema, op: OplogEntry) -> StagedOp {
     }
 }
 
-async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Msg>) {
-    let mut batch = WriteBatch::new();
-    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
-    let mut failed: Option<String> = None;
+/// The writer's state: the batch being gathered, the budget it holds and
+/// the first failure (after which everything is dropped: the download
+/// starts over from what the store holds).
+struct Writer {
+    store: Arc<dyn Store>,
+    batch: WriteBatch,
+    permits: Vec<OwnedSemaphorePermit>,
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn new(store: Arc<dyn Store>) -> Self {
+        Writer {
+            store,
+            batch: WriteBatch::new(),
+            permits: Vec::new(),
+            failed: None,
+        }
+    }
+
+    /// Take one message (writing when it asks or the batch is full).
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Ops { bucket, ops, _permit } => {
+                for op in ops {
+                    self.batch.push(BatchOp::PutStaged {
+                        bucket: bucket.clone(),
+                        op,
+                    });
+                }
+                self.permits.push(_permit);
+            }
+            Msg::Op(op) => {
+                self.batch.push(op);
+            }
+            Msg::Flush(reply) => {
+                self.write();
+                let _ = reply.send(self.failed.clone().map_or(Ok(()), Err));
+            }
+        }
+        if self.batch.len() >= MAX_STAGE_BATCH_OPS {
+            self.write();
+        }
+    }
+
+    /// Apply the gathered batch, on this thread.
+    fn write(&mut self) {
+        let b = std::mem::take(&mut self.batch);
+        if !b.is_empty() && self.failed.is_none() {
+            if let Err(e) = self.store.apply(b) {
+                tracing::warn!(error = %e, "staging download data failed");
+                self.failed = Some(e.to_string());
+            }
+        }
+        self.permits.clear();
+    }
+}
+
+/// The writer thread's loop: gather what is waiting, write when idle.
+fn write_thread(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Msg>) {
     loop {
-        let msg = if batch.is_empty() {
-            rx.recv().await
+        let msg = if w.batch.is_empty() {
+            rx.blocking_recv()
         } else {
             match rx.try_recv() {
                 Ok(msg) => Some(msg),
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    // Idle: write what was gathered.
-                    write(&store, &mut batch, &mut permits, &mut failed).await;
+                    w.write();
                     continue;
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             }
         };
         let Some(msg) = msg else {
-            write(&store, &mut batch, &mut permits, &mut failed).await;
+            w.write();
             return;
         };
-        match msg {
-            Msg::Ops { bucket, ops, _permit } => {
-                for op in ops {
-                    batch.push(BatchOp::PutStaged {
-                        bucket: bucket.clone(),
-                        op,
-                    });
-                }
-                permits.push(_permit);
-            }
-            Msg::Op(op) => {
-                batch.push(op);
-            }
-            Msg::Flush(reply) => {
-                write(&store, &mut batch, &mut permits, &mut failed).await;
-                let _ = reply.send(failed.clone().map_or(Ok(()), Err));
-            }
-        }
-        if batch.len() >= MAX_STAGE_BATCH_OPS {
-            write(&store, &mut batch, &mut permits, &mut failed).await;
-        }
+        w.take(msg);
     }
-}
-
-/// Apply the gathered batch (after a failure, drop it: the download
-/// starts over from what the store holds).
-async fn write(
-    store: &Arc<dyn Store>,
-    batch: &mut WriteBatch,
-    permits: &mut Vec<OwnedSemaphorePermit>,
-    failed: &mut Option<String>,
-) {
-    let b = std::mem::take(batch);
-    if !b.is_empty() && failed.is_none() {
-        let store = store.clone();
-        let result = blocking::run(move || store.apply(b)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "staging download data failed");
-                *failed = Some(e.to_string());
-            }
-            Err(e) => *failed = Some(e.to_string()),
-        }
-    }
-    permits.clear();
 }
 
 /// The download state a store's staging area resumes: applied buckets,

@@ -9,11 +9,12 @@ use ferry_protocol::{
     decode_line, OpOutcome, Outcome, ProtocolError, Step, StreamLine, UploadRequest, UploadResponse, UploadTransaction,
 };
 use ferry_queue::Answer;
-use ferry_transport::{blocking, Backoff, LineStream, Transport, TransportError};
+use ferry_transport::{blocking, Backoff, Transport, TransportError};
 use tokio::sync::watch;
 
 use crate::apply::{plan_checkpoint_owned, plan_staged_checkpoint};
 use crate::control::Control;
+use crate::lines::ParsedLines;
 use crate::outcomes::encode_stored;
 use crate::stager::{resetting_meta, Stager};
 use crate::{ClientError, Credentials, Inner, UploadOutcome};
@@ -304,74 +305,6 @@ async fn stream_session(
                 return Ok(Ended::Reconnect { refresh: true });
             }
         }
-    }
-}
-
-/// A received line, decoded or being decoded.
-enum Parse {
-    /// Decoded on the reader task (a short line).
-    Ready(Result<StreamLine, ProtocolError>),
-    /// Being decoded on a blocking thread (a long line).
-    Pending(tokio::task::JoinHandle<Result<StreamLine, ProtocolError>>),
-}
-
-/// Lines whose decoding may run ahead of the one being handled.
-const MAX_PARSES_AHEAD: usize = 2;
-
-/// Lines shorter than this are decoded on the reader task: a thread hop
-/// would cost more than it saves (and add latency to small changes).
-const MAX_INLINE_DECODE_BYTES: usize = 64 * 1024;
-
-/// The lines of a stream, decoded off the handling task: a reader task
-/// receives each line and starts decoding a long one on a blocking thread
-/// at once, so receiving, decoding (large `data` lines take milliseconds)
-/// and handling overlap. Lines come out in stream order. Dropping this
-/// stops the reader, which drops the stream.
-struct ParsedLines {
-    parses: tokio::sync::mpsc::Receiver<Result<Parse, TransportError>>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl ParsedLines {
-    fn start(mut stream: Box<dyn LineStream>, max_line_bytes: usize) -> Self {
-        let (tx, parses) = tokio::sync::mpsc::channel(MAX_PARSES_AHEAD);
-        let reader = tokio::spawn(async move {
-            loop {
-                let next = match stream.next_line().await {
-                    Ok(Some(line)) if line.len() < MAX_INLINE_DECODE_BYTES || blocking::is_inline() => {
-                        Ok(Parse::Ready(decode_line::<StreamLine>(&line, max_line_bytes)))
-                    }
-                    Ok(Some(line)) => Ok(Parse::Pending(tokio::task::spawn_blocking(move || {
-                        decode_line::<StreamLine>(&line, max_line_bytes)
-                    }))),
-                    Ok(None) => return,
-                    Err(e) => Err(e),
-                };
-                let failed = next.is_err();
-                if tx.send(next).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        ParsedLines { parses, reader }
-    }
-
-    /// The next line, `None` when the server ended the stream.
-    async fn next(&mut self) -> Result<Option<StreamLine>, ClientError> {
-        let Some(parse) = self.parses.recv().await else {
-            return Ok(None);
-        };
-        let line = match parse? {
-            Parse::Ready(line) => line?,
-            Parse::Pending(task) => task.await.map_err(|e| ClientError::Task(e.to_string()))??,
-        };
-        Ok(Some(line))
-    }
-}
-
-impl Drop for ParsedLines {
-    fn drop(&mut self) {
-        self.reader.abort();
     }
 }
 

@@ -64,11 +64,23 @@ impl LocalDb {
         if switches.is_empty() {
             return Ok(out);
         }
-        // The buckets after the batch, and which it empties; rows the
-        // batch deletes before its switch-ins.
+        // Rows the batch deletes before its switch-ins.
+        let deleted: BTreeSet<(String, String)> = batch
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                BatchOp::DeleteSynced { table, id } => Some((table.clone(), id.clone())),
+                _ => None,
+            })
+            .collect();
+        if queued.is_empty() && deleted.is_empty() {
+            // No row to follow (an initial sync): the staged ops need not
+            // be read at all.
+            return Ok(out);
+        }
+        // The buckets after the batch, and which it empties.
         let mut buckets: BTreeSet<String> = self.store.buckets()?.into_iter().map(|(n, _)| n).collect();
         let mut emptied = BTreeSet::new();
-        let mut deleted = BTreeSet::new();
         for op in &batch.ops {
             match op {
                 BatchOp::PutBucketState { bucket, .. } => {
@@ -77,9 +89,6 @@ impl LocalDb {
                 BatchOp::DeleteBucket { bucket } => {
                     buckets.remove(bucket);
                     emptied.insert(bucket.clone());
-                }
-                BatchOp::DeleteSynced { table, id } => {
-                    deleted.insert((table.clone(), id.clone()));
                 }
                 _ => {}
             }

@@ -77,6 +77,7 @@ use ferry_store::{
 use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
+mod checkpoint;
 mod staging;
 
 /// The storage format version kept in `PRAGMA user_version`.
@@ -141,6 +142,8 @@ pub struct SqliteStore {
     schema: Schema,
     path: Option<PathBuf>,
     conn: Mutex<Connection>,
+    /// Checkpoints large commits off the writer's path (file databases).
+    checkpointer: Option<checkpoint::Checkpointer>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -404,10 +407,12 @@ impl SqliteStore {
         sync_indexes(&tx, &schema)?;
         tx.commit().map_err(sql_err)?;
 
+        let checkpointer = path.clone().map(checkpoint::Checkpointer::new);
         Ok(SqliteStore {
             schema,
             path,
             conn: Mutex::new(conn),
+            checkpointer,
         })
     }
 }
@@ -518,25 +523,6 @@ const BACKGROUND_CHECKPOINT_MIN_OPS: usize = 100_000;
 
 /// SQLite's default automatic checkpoint threshold, in WAL pages.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 1000;
-
-/// Checkpoint the WAL of the database at `path` from a helper connection.
-/// Best effort: PASSIVE never blocks the store's connection, and whatever
-/// it leaves the next automatic checkpoint takes. It never creates a
-/// database (the store may be gone by then).
-fn checkpoint_in_background(path: PathBuf) {
-    let _ = std::thread::Builder::new()
-        .name("ferry-sqlite-checkpoint".into())
-        .spawn(move || {
-            let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-            if let Ok(conn) = Connection::open_with_flags(&path, flags) {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    // Nothing to report to: the next automatic checkpoint
-                    // covers what this one could not do.
-                    let _ = e;
-                }
-            }
-        });
-}
 
 fn multi_insert_sql(head: &str, params_per_row: usize) -> String {
     let row = format!("({})", vec!["?"; params_per_row].join(", "));
@@ -938,11 +924,16 @@ impl Store for SqliteStore {
         }
         // A large batch commits without the automatic WAL checkpoint, which
         // would copy every page it wrote into the database file before
-        // `apply` returns; a helper connection checkpoints instead.
-        // A switch-in of staged ops writes as much as the ops it moves.
+        // `apply` returns; a helper connection checkpoints instead. So do
+        // a switch-in of staged ops (it writes as much as the ops it
+        // moves) and the batches of a download being staged (one after
+        // another, each would wait for the last one's pages to be copied).
         let large = (batch.len() >= BACKGROUND_CHECKPOINT_MIN_OPS
-            || batch.ops.iter().any(|op| matches!(op, BatchOp::SwitchInStaged { .. })))
-            && self.path.is_some();
+            || batch
+                .ops
+                .iter()
+                .any(|op| matches!(op, BatchOp::SwitchInStaged { .. } | BatchOp::PutStaged { .. })))
+            && self.checkpointer.is_some();
         if large {
             tx.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         }
@@ -953,8 +944,8 @@ impl Store for SqliteStore {
                 .map_err(sql_err);
             committed?;
             restored?;
-            if let Some(path) = &self.path {
-                checkpoint_in_background(path.clone());
+            if let Some(checkpointer) = &self.checkpointer {
+                checkpointer.request();
             }
         } else {
             committed?;

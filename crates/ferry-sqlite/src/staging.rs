@@ -53,6 +53,14 @@ const SQL_CHUNK_END: &str = "SELECT op_id FROM ferry_staged \
 const SQL_DELETE_STAGED_CHUNK: &str = "DELETE FROM ferry_staged WHERE bucket = ?1 AND op_id IN \
      (SELECT op_id FROM ferry_staged WHERE bucket = ?1 AND op_id <= ?2 ORDER BY op_id LIMIT ?3)";
 
+/// Whether anything is staged besides `bucket`'s ops through `?2`: three
+/// seeks of the primary key.
+const SQL_STAGED_BEYOND: &str = "SELECT EXISTS (SELECT 1 FROM ferry_staged WHERE bucket < ?1) \
+     OR EXISTS (SELECT 1 FROM ferry_staged WHERE bucket > ?1) \
+     OR EXISTS (SELECT 1 FROM ferry_staged WHERE bucket = ?1 AND op_id > ?2)";
+/// Empty the staging area (no `WHERE`: SQLite's truncate optimization).
+const SQL_EMPTY_STAGED: &str = "DELETE FROM ferry_staged";
+
 /// Ops one set-based statement moves or deletes: SQLite keeps a statement
 /// journal of the pages a statement changes (in memory, `temp_store =
 /// MEMORY`), so statements stay this small however large the checkpoint.
@@ -122,8 +130,20 @@ impl<'c, 'b> Writer<'c, 'b> {
         Ok(())
     }
 
-    /// Drop staged ops in statements of [`SET_STATEMENT_OPS`].
+    /// Drop staged ops: when they are all the staging area holds (the end
+    /// of an initial sync), by emptying the table at once (SQLite frees
+    /// its pages without visiting the rows); otherwise in statements of
+    /// [`SET_STATEMENT_OPS`].
     pub(crate) fn delete_staged(&mut self, bucket: &str, through_op_id: u64) -> StoreResult<()> {
+        let others = self
+            .conn
+            .prepare_cached(SQL_STAGED_BEYOND)
+            .and_then(|mut s| s.query_row(params![bucket, clamp_bound(through_op_id)], |r| r.get::<_, bool>(0)))
+            .map_err(sql_err)?;
+        if !others {
+            self.conn.execute(SQL_EMPTY_STAGED, []).map_err(sql_err)?;
+            return Ok(());
+        }
         let mut stmt = self.conn.prepare_cached(SQL_DELETE_STAGED_CHUNK).map_err(sql_err)?;
         loop {
             let n = stmt

@@ -20,8 +20,9 @@ use crate::{BatchOp, BucketEntry, BucketState, MemoryStore, OverlayEntry, Store,
 #[path = "testkit_staging.rs"]
 mod staging;
 pub use staging::{
-    bad_staged_ops_are_refused, failed_switch_in_changes_nothing, large_switch_in_matches_memory_store,
-    staged_ops_are_discarded_and_survive_reopen, staged_ops_are_invisible_to_reads, switch_in_applies_the_staged_range,
+    bad_staged_ops_are_refused, deleting_staged_ops_keeps_every_other_op, failed_switch_in_changes_nothing,
+    large_switch_in_matches_memory_store, staged_ops_are_discarded_and_survive_reopen,
+    staged_ops_are_invisible_to_reads, switch_in_applies_the_staged_range,
 };
 
 /// How the suite makes and reopens stores of one backend.
@@ -66,6 +67,7 @@ macro_rules! conformance_tests {
             failed_switch_in_changes_nothing,
             bad_staged_ops_are_refused,
             staged_ops_are_discarded_and_survive_reopen,
+            deleting_staged_ops_keeps_every_other_op,
             large_switch_in_matches_memory_store,
             model_test
         );

@@ -334,6 +334,53 @@ pub fn staged_ops_are_discarded_and_survive_reopen<B: Backend>(b: &B) {
     assert_eq!(visible(&s), visible(&MemoryStore::new(super::test_schema())));
 }
 
+/// Deleting staged ops empties the staging area exactly when nothing else
+/// is staged: ops of buckets ordered before and after the one deleted,
+/// and its own ops past the op id, all stay.
+pub fn deleting_staged_ops_keeps_every_other_op<B: Backend>(b: &B) {
+    let loc = b.fresh();
+    let s = open(b, &loc);
+    let ops: Vec<StagedOp> = (1..=6)
+        .map(|i| put(i, "notes", &format!("n{i}"), Some(note(&format!("body {i}")))))
+        .collect();
+    for bucket in ["a", "m", "z"] {
+        s.apply(stage(bucket, &ops)).expect("stage");
+    }
+    let delete = |bucket: &str, through_op_id: u64| {
+        let mut batch = WriteBatch::new();
+        batch.push(BatchOp::DeleteStaged {
+            bucket: bucket.into(),
+            through_op_id,
+        });
+        s.apply(batch).expect("delete staged");
+    };
+    let left = |bucket: &str| s.staged_ops(bucket, 0, usize::MAX).expect("staged");
+    // The middle bucket, whole: the others before and after it stay.
+    delete("m", u64::MAX);
+    assert_eq!(left("m"), Vec::<StagedOp>::new());
+    assert_eq!(left("a"), ops);
+    assert_eq!(left("z"), ops);
+    // The first bucket, whole: the last stays; then the last one's ops
+    // through 4: its ops 5 and 6 stay.
+    delete("a", 6);
+    assert_eq!(left("a"), Vec::<StagedOp>::new());
+    assert_eq!(left("z"), ops);
+    delete("z", 4);
+    assert_eq!(left("z"), ops[4..].to_vec());
+    // A bucket with nothing staged: nothing changes.
+    delete("q", u64::MAX);
+    assert_eq!(left("z"), ops[4..].to_vec());
+    // The rest: the staging area is empty, and takes new ops again.
+    delete("z", 6);
+    assert_eq!(s.staged_buckets().expect("buckets"), Vec::<String>::new());
+    s.apply(stage("z", &ops[..2])).expect("stage again");
+    drop(s);
+    let s = open(b, &loc);
+    assert_eq!(s.staged_buckets().expect("buckets"), vec!["z".to_string()]);
+    assert_eq!(s.staged_ops("z", 0, usize::MAX).expect("staged"), ops[..2].to_vec());
+    assert_eq!(visible(&s), visible(&MemoryStore::new(super::test_schema())));
+}
+
 /// Many staged rows of a table without indexes and of one with indexes
 /// switch in as the memory store switches them in.
 pub fn large_switch_in_matches_memory_store<B: Backend>(b: &B) {
