@@ -99,7 +99,8 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         let conn = Connection::open(&path).expect("open");
         conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
-        conn.pragma_update(None, "wal_autocheckpoint", 0).expect("no autocheckpoint");
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("no autocheckpoint");
         conn.execute_batch("CREATE TABLE t (v BLOB)").expect("create");
         let main_len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let checkpointer = Checkpointer::new(path.clone());

@@ -72,7 +72,7 @@ use std::time::Duration;
 use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
 use ferry_store::{
     index_key, resolve_index_range, table_def, validate_batch, BatchOp, BucketEntry, BucketState, IndexRange,
-    OverlayEntry, Rows, StagedOp, Store, StoreError, StoreResult, WriteBatch,
+    OverlayEntry, Rows, StagedOp, StagedSummary, Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -1146,6 +1146,10 @@ impl Store for SqliteStore {
 
     fn staged_buckets(&self) -> StoreResult<Vec<String>> {
         staging::staged_buckets(&self.conn.lock())
+    }
+
+    fn staged_summary(&self, bucket: &str, after_op_id: u64) -> StoreResult<StagedSummary> {
+        staging::staged_summary(&self.conn.lock(), bucket, after_op_id)
     }
 }
 

@@ -4,7 +4,7 @@
 //! transaction, and anything else goes op by op in pages.
 
 use ferry_core::{codec, Schema};
-use ferry_store::{switch_effect, StagedKind, StagedOp, StoreError, StoreResult, SwitchEffect};
+use ferry_store::{switch_effect, StagedKind, StagedOp, StagedSummary, StoreError, StoreResult, SwitchEffect};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{
@@ -31,6 +31,13 @@ const SQL_STAGED_OPS: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FR
      WHERE bucket = ?1 AND op_id > ?2 ORDER BY op_id LIMIT ?3";
 const SQL_STAGED_RANGE: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FROM ferry_staged \
      WHERE bucket = ?1 AND op_id > ?2 AND op_id <= ?3 ORDER BY op_id LIMIT ?4";
+/// A bucket's staged ops after `?2`: the last op id, how many, and the
+/// last CLEAR's op id (kind `?3`).
+const SQL_SUMMARY: &str = "SELECT max(op_id), count(*), max(CASE WHEN kind = ?3 THEN op_id END) \
+     FROM ferry_staged WHERE bucket = ?1 AND op_id > ?2";
+/// The checksum sum and count of a bucket's staged ops from `?2` on.
+const SQL_SUMMARY_SINCE: &str = "SELECT coalesce(sum(checksum), 0), count(*) FROM ferry_staged \
+     WHERE bucket = ?1 AND op_id >= ?2";
 /// The buckets with staged ops, one index probe each (a skip scan).
 const SQL_STAGED_BUCKETS: &str = "WITH RECURSIVE b(name) AS ( \
      SELECT min(bucket) FROM ferry_staged \
@@ -290,6 +297,40 @@ pub(crate) fn staged_ops(
         params![bucket, clamp_bound(after_op_id), limit_param(limit)],
         staged_op,
     )
+}
+
+/// `Store::staged_summary`, in two aggregate queries over the primary
+/// key range (no op is decoded). Checksums sum exactly in SQLite's 64-bit
+/// integers up to 2^32 ops, far beyond any staging area.
+pub(crate) fn staged_summary(conn: &Connection, bucket: &str, after_op_id: u64) -> StoreResult<StagedSummary> {
+    let after = clamp_bound(after_op_id);
+    let (last, count, clear): (Option<i64>, i64, Option<i64>) = conn
+        .prepare_cached(SQL_SUMMARY)
+        .and_then(|mut s| {
+            s.query_row(params![bucket, after, StagedKind::Clear.code()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+        })
+        .map_err(sql_err)?;
+    let Some(last) = last else {
+        return Ok(StagedSummary::default());
+    };
+    let since = clear.unwrap_or(after.saturating_add(1));
+    let (sum, count_since): (i64, i64) = conn
+        .prepare_cached(SQL_SUMMARY_SINCE)
+        .and_then(|mut s| s.query_row(params![bucket, since], |r| Ok((r.get(0)?, r.get(1)?))))
+        .map_err(sql_err)?;
+    let count = u64::try_from(count).map_err(|_| StoreError::Corrupt(format!("staged op count {count}")))?;
+    Ok(StagedSummary {
+        last_op_id: from_ordered_key("staged op id", last)?,
+        count,
+        clear_op_id: clear.map(|c| from_ordered_key("staged op id", c)).transpose()?,
+        // Wrapping, as the sum of the ops' u32 checksums one by one.
+        checksum: u32::try_from(sum.rem_euclid(1 << 32))
+            .map_err(|_| StoreError::Corrupt(format!("staged checksum sum {sum}")))?,
+        count_since_clear: u64::try_from(count_since)
+            .map_err(|_| StoreError::Corrupt(format!("staged op count {count_since}")))?,
+    })
 }
 
 /// `Store::staged_buckets`.

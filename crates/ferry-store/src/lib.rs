@@ -38,7 +38,7 @@ pub mod testkit;
 
 pub use ferry_core::StagedSummary;
 pub use memory::MemoryStore;
-pub use staging::{staged_summary, switch_effect, StagedKind, StagedOp, SwitchEffect};
+pub use staging::{staged_summary, staged_summary_by_pages, switch_effect, StagedKind, StagedOp, SwitchEffect};
 
 /// A row's entry in one bucket: the bucket's latest op for that row (a
 /// PUT: rows a bucket no longer holds have no entry). Keyed by
@@ -439,6 +439,13 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// The buckets with staged ops, in order.
     fn staged_buckets(&self) -> StoreResult<Vec<String>>;
+
+    /// The ops `bucket` has staged with op ids above `after_op_id`, summed
+    /// up (what resuming a download needs of them). The default reads
+    /// them back in pages ([`staging::staged_summary_by_pages`]).
+    fn staged_summary(&self, bucket: &str, after_op_id: u64) -> StoreResult<StagedSummary> {
+        staging::staged_summary_by_pages(self, bucket, after_op_id)
+    }
 
     /// The visible row: its overlay entry if it has one, else its synced row.
     fn get_visible(&self, table: &str, id: &str) -> StoreResult<Option<RowData>> {

@@ -151,9 +151,21 @@ pub fn switch_effect(op: StagedOp) -> SwitchEffect {
 /// Ops read at once when summing a bucket's staging area up.
 const SUMMARY_PAGE_OPS: usize = 4_096;
 
-/// Sum up the ops `bucket` has staged after `after_op_id`, reading them in
-/// pages (memory stays bounded whatever their number).
+/// Sum up the ops `bucket` has staged after `after_op_id` (the store's
+/// [`Store::staged_summary`], which a backend may compute without reading
+/// the ops back).
 pub fn staged_summary(store: &dyn Store, bucket: &str, after_op_id: u64) -> StoreResult<StagedSummary> {
+    store.staged_summary(bucket, after_op_id)
+}
+
+/// [`Store::staged_summary`] by reading the staged ops back in pages
+/// (memory stays bounded whatever their number): the default, and the
+/// reference a backend's own computation must match.
+pub fn staged_summary_by_pages<S: Store + ?Sized>(
+    store: &S,
+    bucket: &str,
+    after_op_id: u64,
+) -> StoreResult<StagedSummary> {
     let mut summary = StagedSummary::default();
     let mut after = after_op_id;
     loop {

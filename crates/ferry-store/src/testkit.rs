@@ -22,7 +22,7 @@ mod staging;
 pub use staging::{
     bad_staged_ops_are_refused, deleting_staged_ops_keeps_every_other_op, failed_switch_in_changes_nothing,
     large_switch_in_matches_memory_store, staged_ops_are_discarded_and_survive_reopen,
-    staged_ops_are_invisible_to_reads, switch_in_applies_the_staged_range,
+    staged_ops_are_invisible_to_reads, staged_summaries_match_the_ops, switch_in_applies_the_staged_range,
 };
 
 /// How the suite makes and reopens stores of one backend.
@@ -68,6 +68,7 @@ macro_rules! conformance_tests {
             bad_staged_ops_are_refused,
             staged_ops_are_discarded_and_survive_reopen,
             deleting_staged_ops_keeps_every_other_op,
+            staged_summaries_match_the_ops,
             large_switch_in_matches_memory_store,
             model_test
         );

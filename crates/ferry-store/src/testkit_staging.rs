@@ -381,6 +381,43 @@ pub fn deleting_staged_ops_keeps_every_other_op<B: Backend>(b: &B) {
     assert_eq!(visible(&s), visible(&MemoryStore::new(super::test_schema())));
 }
 
+/// A store's own summary of a bucket's staged ops equals the one read op
+/// by op: counts, the last CLEAR, and checksums summed with wrapping.
+pub fn staged_summaries_match_the_ops<B: Backend>(b: &B) {
+    let loc = b.fresh();
+    let s = open(b, &loc);
+    // Op ids with gaps, checksums near u32::MAX (sums wrap), CLEARs.
+    let ops: Vec<StagedOp> = (1..=40u64)
+        .map(|i| {
+            let mut op = match i {
+                9 | 30 => bare(i * 3, StagedKind::Clear),
+                17 => bare(i * 3, StagedKind::Move),
+                21 => remove(i * 3, "notes", "n03"),
+                _ => put(i * 3, "notes", &format!("n{:02}", i % 7), Some(note(&format!("v{i}")))),
+            };
+            op.checksum = u32::MAX - (i as u32) * 1_000;
+            op
+        })
+        .collect();
+    s.apply(stage("b1", &ops)).expect("stage");
+    s.apply(stage("b2", &ops[..8])).expect("stage");
+    for bucket in ["b1", "b2", "b3"] {
+        for after in [0, 1, 26, 27, 28, 89, 90, 91, 119, 120, 121, u64::MAX] {
+            let expected = crate::staged_summary_by_pages(&s, bucket, after).expect("by pages");
+            assert_eq!(
+                s.staged_summary(bucket, after).expect("summary"),
+                expected,
+                "{bucket} after {after}"
+            );
+        }
+    }
+    let whole = s.staged_summary("b1", 0).expect("summary");
+    assert_eq!((whole.count, whole.last_op_id, whole.clear_op_id), (40, 120, Some(90)));
+    assert_eq!(whole.count_since_clear, 11);
+    let wrapped = ops[29..].iter().fold(0u32, |a, o| a.wrapping_add(o.checksum));
+    assert_eq!(whole.checksum, wrapped);
+}
+
 /// Many staged rows of a table without indexes and of one with indexes
 /// switch in as the memory store switches them in.
 pub fn large_switch_in_matches_memory_store<B: Backend>(b: &B) {
