@@ -124,6 +124,11 @@ pub struct SqliteOptions {
     /// How long a call waits for a lock held by another connection before
     /// failing with a retryable error. Default: 5000 ms.
     pub busy_timeout_ms: u64,
+    /// Size the WAL file is cut back to once a checkpoint copied it all
+    /// (`PRAGMA journal_size_limit`): a large batch (a first sync's
+    /// switch-in) grows the WAL to about its size, which would otherwise
+    /// stay on disk. Default: 64 MiB.
+    pub wal_size_limit_bytes: u64,
 }
 
 impl Default for SqliteOptions {
@@ -132,6 +137,7 @@ impl Default for SqliteOptions {
             synchronous: Synchronous::Normal,
             cache_size_kib: 8 * 1024,
             busy_timeout_ms: 5_000,
+            wal_size_limit_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -376,6 +382,12 @@ impl SqliteStore {
         conn.pragma_update(None, "temp_store", "MEMORY").map_err(sql_err)?;
         conn.pragma_update(None, "cache_size", -i64::from(options.cache_size_kib))
             .map_err(sql_err)?;
+        conn.pragma_update(
+            None,
+            "journal_size_limit",
+            i64::try_from(options.wal_size_limit_bytes).unwrap_or(i64::MAX),
+        )
+        .map_err(sql_err)?;
 
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)

@@ -189,6 +189,7 @@ fn options_are_accepted_and_data_is_durable_across_reopen() {
         synchronous: Synchronous::Full,
         cache_size_kib: 1024,
         busy_timeout_ms: 100,
+        wal_size_limit_bytes: 1024 * 1024,
     };
     {
         let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
@@ -260,4 +261,45 @@ fn format_version_1_databases_are_refused() {
         .expect("version");
     assert_eq!(version, ferry_sqlite::FORMAT_VERSION);
     assert_eq!(version, 2);
+}
+
+/// A large batch grows the WAL to about its size; once it is checkpointed
+/// (here by the store's helper thread) the next write cuts the file back
+/// to `wal_size_limit_bytes`.
+#[test]
+fn the_wal_is_cut_back_to_its_limit_after_a_large_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let limit: u64 = 256 * 1024;
+    let options = SqliteOptions {
+        wal_size_limit_bytes: limit,
+        ..SqliteOptions::default()
+    };
+    let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
+    let wal = dir.path().join("ferry.db-wal");
+    let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let mut big = WriteBatch::new();
+    // More ops than `apply` commits in place, so its helper checkpoints.
+    for i in 0..100_000u32 {
+        big.put_meta(format!("k{i:06}"), vec![7u8; 16]);
+    }
+    s.apply(big).expect("large batch");
+    assert!(
+        wal_len() > 4 * limit,
+        "the large batch left a WAL of {} bytes",
+        wal_len()
+    );
+    // Each small write after the helper's checkpoint restarts the WAL,
+    // and SQLite cuts the file to the limit then.
+    let mut cut = false;
+    for i in 0..500u32 {
+        s.apply(WriteBatch::new().put_meta("small", i.to_be_bytes().to_vec()).clone())
+            .expect("small write");
+        if wal_len() <= limit {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(cut, "the WAL stayed at {} bytes, over the limit of {limit}", wal_len());
 }
