@@ -5,9 +5,9 @@
 //! its writer thread gathers whatever is waiting into one store batch (at
 //! most [`MAX_STAGE_BATCH_OPS`] ops) and applies it. One thread for the
 //! whole download, rather than a pool thread per batch, keeps the store's
-//! allocations in one allocator arena. What is handed over and not yet written is bounded by
-//! `ClientOptions::staging_memory_bytes`: past it, handing over waits for
-//! the writer. Messages are written in the order they were sent, so a
+//! allocations in one allocator arena. What is handed over and not yet
+//! written is bounded by `ClientOptions::staging_memory_bytes`: past it,
+//! handing over waits for the writer. Messages are written in the order they were sent, so a
 //! discard, a deletion or a flush orders after every op sent before it.
 
 use std::collections::BTreeSet;
