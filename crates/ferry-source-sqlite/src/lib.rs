@@ -599,10 +599,7 @@ impl SourceTx for SqliteTx<'_> {
 
     fn append_op(&mut self, op: NewOp<'_>) -> SourceResult<()> {
         lift(|| {
-            let data = op
-                .data
-                .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
-                .transpose()?;
+            let data = bulk::op_json(&op)?;
             self.tx
                 .prepare_cached(
                     "INSERT INTO ferry_oplog(op_id, bucket, op, tbl, row_id, data, checksum)
@@ -614,7 +611,7 @@ impl SourceTx for SqliteTx<'_> {
                     op.op.as_str(),
                     op.table,
                     op.row_id,
-                    data,
+                    data.as_deref(),
                     i64::from(op.checksum)
                 ])?;
             Ok(())

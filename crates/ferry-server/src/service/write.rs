@@ -97,6 +97,7 @@ pub(super) fn append_op(
         table,
         row_id,
         data,
+        data_json: None,
         checksum,
     })?;
     let state = stx.bucket_state(bucket)?.unwrap_or_default();
