@@ -138,6 +138,14 @@ pub(crate) fn write_rows(
             Ok(())
         },
     )?;
+    // A table without tombstones (an import of new rows) has none to
+    // clear: one probe instead of a lookup of every id.
+    let any_tombstone: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_tombstones WHERE tbl = ?1)")?
+        .query_row([table.name.as_str()], |r| r.get(0))?;
+    if !any_tombstone {
+        return Ok(());
+    }
     let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
     for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
         conn.prepare_cached("DELETE FROM ferry_tombstones WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))")?
@@ -167,21 +175,30 @@ pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Resu
     Ok(known)
 }
 
-/// [`ferry_source::SourceTx::set_rows_buckets`]: each row's membership
-/// replaced (the last entry of an id wins, as in order).
-pub(crate) fn set_rows_buckets(conn: &Connection, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> Result<()> {
+/// [`ferry_source::SourceTx::set_rows_buckets`] (`clear`: each row's
+/// membership replaced) and [`ferry_source::SourceTx::add_rows_buckets`]
+/// (rows without membership: nothing to clear). The last entry of an id
+/// wins, as in order.
+pub(crate) fn set_rows_buckets(
+    conn: &Connection,
+    table: &str,
+    rows: &[(&str, &BTreeSet<String>)],
+    clear: bool,
+) -> Result<()> {
     let last: HashMap<&str, usize> = rows.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
-    let ids: Vec<&str> = rows
-        .iter()
-        .enumerate()
-        .filter(|(i, (id, _))| last.get(id) == Some(i))
-        .map(|(_, (id, _))| *id)
-        .collect();
-    for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
-        conn.prepare_cached(
-            "DELETE FROM ferry_row_buckets WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))",
-        )?
-        .execute([table, id_array(chunk)?.as_str()])?;
+    if clear {
+        let ids: Vec<&str> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, (id, _))| last.get(id) == Some(i))
+            .map(|(_, (id, _))| *id)
+            .collect();
+        for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
+            conn.prepare_cached(
+                "DELETE FROM ferry_row_buckets WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))",
+            )?
+            .execute([table, id_array(chunk)?.as_str()])?;
+        }
     }
     let pairs: Vec<(&str, &str)> = rows
         .iter()

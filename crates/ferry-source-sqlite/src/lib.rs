@@ -571,7 +571,11 @@ impl SourceTx for SqliteTx<'_> {
     }
 
     fn set_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> SourceResult<()> {
-        lift(|| bulk::set_rows_buckets(self.tx, table, rows))
+        lift(|| bulk::set_rows_buckets(self.tx, table, rows, true))
+    }
+
+    fn add_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> SourceResult<()> {
+        lift(|| bulk::set_rows_buckets(self.tx, table, rows, false))
     }
 
     fn append_ops(&mut self, ops: &[NewOp<'_>]) -> SourceResult<()> {

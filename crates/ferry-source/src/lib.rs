@@ -376,6 +376,14 @@ pub trait SourceTx {
         }
         Ok(())
     }
+    /// Record the bucket membership of rows that have none, as
+    /// [`SourceTx::set_rows_buckets`] does: for rows [`SourceTx::known_rows`]
+    /// did not return in this transaction and that nothing gave
+    /// membership since (a bulk import's new rows), so a database need
+    /// not clear what is not there. The default calls `set_rows_buckets`.
+    fn add_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> Result<()> {
+        self.set_rows_buckets(table, rows)
+    }
     /// Allocate the next global op id: above every op id ever committed
     /// and every id allocated before in this transaction. Ids become
     /// visible in commit order (see the crate's invariants).

@@ -660,7 +660,8 @@ pub fn bucket_membership<B: SourceBackend>(b: &B) {
     });
 }
 
-/// The bulk writes (`write_rows`, `append_ops`, `set_rows_buckets`)
+/// The bulk writes (`write_rows`, `append_ops`, `set_rows_buckets`,
+/// `add_rows_buckets`, rows and clocks handed over encoded or not)
 /// leave what the one-row methods called in order leave (a repeated id:
 /// the later entry wins; a tombstone is cleared; memberships replaced),
 /// and `known_rows` finds the ids with a row, a tombstone or membership.
@@ -749,7 +750,11 @@ pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
                     .collect();
                 tx.append_ops(&new_ops)?;
                 let m: Vec<(&str, &BTreeSet<String>)> = members.iter().map(|(id, bs)| (id.as_str(), bs)).collect();
-                tx.set_rows_buckets("tickets", &m)?;
+                // Rows with a membership get it replaced, the others
+                // (no membership to clear) added.
+                let (replaced, added): (Vec<_>, Vec<_>) = m.into_iter().partition(|(id, _)| ["t4", "t20"].contains(id));
+                tx.set_rows_buckets("tickets", &replaced)?;
+                tx.add_rows_buckets("tickets", &added)?;
                 assert_eq!(
                     tx.known_rows(&t, &["t0", "t139", "t140", "t3"])?,
                     set(&["t0", "t139", "t3"]),

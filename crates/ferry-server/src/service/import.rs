@@ -200,6 +200,9 @@ impl Inner {
             // The first batch's ops worked out before anything is written.
             let mut ahead: Option<Vec<Option<FreshRow>>> =
                 batches.first().map(|(batch, tables)| self.prepare_batch(batch, tables));
+            // The last written batch's worked-out ops, for the next helper
+            // to free.
+            let mut spent: Option<Vec<Option<FreshRow>>> = None;
             for (k, (batch, tables)) in batches.iter().enumerate() {
                 let current = ahead.take();
                 let next = batches.get(k + 1);
@@ -207,10 +210,18 @@ impl Inner {
                 // written (only after a batch of worked-out ops: an
                 // import of stored rows gains nothing from it).
                 let helper = match (next, &current) {
-                    (Some(&(next_batch, next_tables)), Some(_)) => std::thread::Builder::new()
-                        .name("ferry-import-prepare".into())
-                        .spawn_scoped(scope, move || self.prepare_batch(next_batch, next_tables))
-                        .ok(),
+                    (Some(&(next_batch, next_tables)), Some(_)) => {
+                        // The batch before's worked-out ops are freed there
+                        // too: many small allocations, off the writer.
+                        let spent = spent.take();
+                        std::thread::Builder::new()
+                            .name("ferry-import-prepare".into())
+                            .spawn_scoped(scope, move || {
+                                drop(spent);
+                                self.prepare_batch(next_batch, next_tables)
+                            })
+                            .ok()
+                    }
                     _ => None,
                 };
                 let mut clocks = BatchClocks::Ahead;
@@ -232,6 +243,7 @@ impl Inner {
                     }
                     BatchClocks::Writer { fell_back: true } => None,
                 };
+                spent = current;
             }
             Ok(())
         })
@@ -486,7 +498,8 @@ impl Inner {
             .filter(|(_, _, fresh)| !fresh.buckets.is_empty())
             .map(|(id, _, fresh)| (*id, &fresh.buckets))
             .collect();
-        stx.set_rows_buckets(&table.name, &members)?;
+        // Rows the bulk way are new: no membership to replace.
+        stx.add_rows_buckets(&table.name, &members)?;
         for (bucket, add) in added {
             let state = stx.bucket_state(bucket)?.unwrap_or_default();
             stx.set_bucket_state(
