@@ -40,7 +40,7 @@ use ferry_protocol::{OpKind, Outcome};
 use ferry_transport::blocking;
 
 use self::prepare::FreshRow;
-use super::write::Resolved;
+use super::write::{Refusal, Resolved};
 use super::{blocking_error, Inner, SyncService};
 use crate::conflict::{Decision, Resolution};
 use crate::db::{BucketState, NewOp, RowWrite, SourceTx};
@@ -158,8 +158,7 @@ impl Inner {
         let mut entries: Vec<CrudEntry> = Vec::with_capacity(n);
         let mut tables: Vec<&Table> = Vec::with_capacity(n);
         for (i, op) in ops.into_iter().enumerate() {
-            let (table, id) = (op.table().to_owned(), op.id().to_owned());
-            let (t, op) = self.check_import_op(op).map_err(|reason| {
+            let (t, op) = self.check_import_op(op).map_err(|Refusal { reason, table, id }| {
                 ServiceError::BadRequest(format!(
                     "import of {table}/{id} (op {i} of {n}) rejected: {reason}; nothing was imported"
                 ))
@@ -251,10 +250,12 @@ impl Inner {
 
     /// [`Inner::check_op`], and for a PUT the size of the row it writes
     /// over no stored row (every column, absent ones NULL).
-    fn check_import_op(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), String> {
-        let (table, op) = self.check_op(sent)?;
+    fn check_import_op(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), Refusal> {
+        let (table, op) = self.check_op_named(sent)?;
         if let CrudOp::Put { id, data, .. } = &op {
-            self.check_row_size(table, id, data)?;
+            if let Err(reason) = self.check_row_size(table, id, data) {
+                return Err(Refusal::of(reason, op));
+            }
         }
         Ok((table, op))
     }
