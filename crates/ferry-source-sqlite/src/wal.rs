@@ -16,7 +16,9 @@
 //!   up and the next write transaction starts the WAL again from its
 //!   beginning. Writes that follow each other closely never leave the
 //!   background checkpointer a moment to catch up, so this is what bounds
-//!   the WAL: at most `max_wal_pages` plus one transaction's pages.
+//!   the WAL: at most `max_wal_pages` plus one transaction's pages (while
+//!   no reader holds a snapshot older than the WAL's start: a `PASSIVE`
+//!   checkpoint never waits for one, so the WAL grows until it ends).
 //!
 //! Dropping the [`Checkpointer`] stops its thread and closes its
 //! connection; the last connection closed checkpoints the rest and
