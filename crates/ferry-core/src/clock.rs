@@ -4,6 +4,7 @@
 //! [`Clock`]. [`SystemClock`] is the one adaptor that reads real time;
 //! [`ManualClock`] is moved by hand in tests and simulations.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,6 +210,38 @@ fn bump(t: (u64, u32)) -> (u64, u32) {
         Some(c) => (t.0, c),
         None => (t.0 + 1, 0),
     }
+}
+
+/// Column clocks as JSON text: the object `serde_json::to_string` writes
+/// for the map, each distinct clock formatted once (a row's columns
+/// mostly share one).
+pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Result<String> {
+    let mut out = String::with_capacity(2 + clocks.len() * 48);
+    out.push('{');
+    let mut last: Option<(&HlcTimestamp, String)> = None;
+    for (i, (column, hlc)) in clocks.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if column.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            out.push('"');
+            out.push_str(column);
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::to_string(column)?);
+        }
+        out.push(':');
+        match &last {
+            Some((h, encoded)) if *h == hlc => out.push_str(encoded),
+            _ => {
+                let encoded = serde_json::to_string(hlc)?;
+                out.push_str(&encoded);
+                last = Some((hlc, encoded));
+            }
+        }
+    }
+    out.push('}');
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ pub mod error;
 pub mod lines;
 pub mod messages;
 
-pub use checksum::op_checksum;
+pub use checksum::{op_checksum, op_checksum_encoded};
 pub use compact::compact;
 pub use data_line::DataLineWriter;
 pub use download::{

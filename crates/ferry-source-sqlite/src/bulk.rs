@@ -5,6 +5,7 @@
 //! effect of the one-row methods called in order; and the encoding of
 //! column clocks every write shares.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ferry_core::{HlcTimestamp, Table, Value};
@@ -75,35 +76,10 @@ fn insert_many<T>(
     Ok(())
 }
 
-/// Clocks as stored: the JSON object `serde_json` writes for them, each
-/// distinct clock formatted once (a row's columns mostly share one).
+/// Clocks as stored: the JSON object `serde_json` writes for them
+/// ([`ferry_core::clock::clocks_json`]).
 pub(crate) fn encode_clocks(clocks: &BTreeMap<String, HlcTimestamp>) -> Result<String> {
-    let mut out = String::with_capacity(2 + clocks.len() * 48);
-    out.push('{');
-    let mut last: Option<(&HlcTimestamp, String)> = None;
-    for (i, (column, hlc)) in clocks.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        if column.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            out.push('"');
-            out.push_str(column);
-            out.push('"');
-        } else {
-            out.push_str(&serde_json::to_string(column).map_err(|e| corrupt("clocks", e))?);
-        }
-        out.push(':');
-        match &last {
-            Some((h, encoded)) if *h == hlc => out.push_str(encoded),
-            _ => {
-                let encoded = serde_json::to_string(hlc).map_err(|e| corrupt("clocks", e))?;
-                out.push_str(&encoded);
-                last = Some((hlc, encoded));
-            }
-        }
-    }
-    out.push('}');
-    Ok(out)
+    ferry_core::clock::clocks_json(clocks).map_err(|e| corrupt("clocks", e))
 }
 
 /// The ids as one JSON array (for `json_each`).
@@ -138,13 +114,17 @@ pub(crate) fn write_rows(
         }
         Ok(())
     })?;
-    let clocks: Vec<(&str, String)> = rows
+    let clocks: Vec<(&str, Cow<'_, str>)> = rows
         .iter()
         .map(|r| {
             for c in r.clocks.values() {
                 raise(max_clock, c);
             }
-            Ok((r.id, encode_clocks(r.clocks)?))
+            let encoded = match r.clocks_json {
+                Some(json) => std::borrow::Cow::Borrowed(json),
+                None => std::borrow::Cow::Owned(encode_clocks(r.clocks)?),
+            };
+            Ok((r.id, encoded))
         })
         .collect::<Result<_>>()?;
     insert_many(
@@ -154,10 +134,18 @@ pub(crate) fn write_rows(
         |stmt, at, (id, c)| {
             stmt.raw_bind_parameter(at, &table.name)?;
             stmt.raw_bind_parameter(at + 1, *id)?;
-            stmt.raw_bind_parameter(at + 2, c)?;
+            stmt.raw_bind_parameter(at + 2, c.as_ref())?;
             Ok(())
         },
     )?;
+    // A table without tombstones (an import of new rows) has none to
+    // clear: one probe instead of a lookup of every id.
+    let any_tombstone: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_tombstones WHERE tbl = ?1)")?
+        .query_row([table.name.as_str()], |r| r.get(0))?;
+    if !any_tombstone {
+        return Ok(());
+    }
     let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
     for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
         conn.prepare_cached("DELETE FROM ferry_tombstones WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))")?
@@ -187,21 +175,30 @@ pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Resu
     Ok(known)
 }
 
-/// [`ferry_source::SourceTx::set_rows_buckets`]: each row's membership
-/// replaced (the last entry of an id wins, as in order).
-pub(crate) fn set_rows_buckets(conn: &Connection, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> Result<()> {
+/// [`ferry_source::SourceTx::set_rows_buckets`] (`clear`: each row's
+/// membership replaced) and [`ferry_source::SourceTx::add_rows_buckets`]
+/// (rows without membership: nothing to clear). The last entry of an id
+/// wins, as in order.
+pub(crate) fn set_rows_buckets(
+    conn: &Connection,
+    table: &str,
+    rows: &[(&str, &BTreeSet<String>)],
+    clear: bool,
+) -> Result<()> {
     let last: HashMap<&str, usize> = rows.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
-    let ids: Vec<&str> = rows
-        .iter()
-        .enumerate()
-        .filter(|(i, (id, _))| last.get(id) == Some(i))
-        .map(|(_, (id, _))| *id)
-        .collect();
-    for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
-        conn.prepare_cached(
-            "DELETE FROM ferry_row_buckets WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))",
-        )?
-        .execute([table, id_array(chunk)?.as_str()])?;
+    if clear {
+        let ids: Vec<&str> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, (id, _))| last.get(id) == Some(i))
+            .map(|(_, (id, _))| *id)
+            .collect();
+        for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
+            conn.prepare_cached(
+                "DELETE FROM ferry_row_buckets WHERE tbl = ?1 AND id IN (SELECT value FROM json_each(?2))",
+            )?
+            .execute([table, id_array(chunk)?.as_str()])?;
+        }
     }
     let pairs: Vec<(&str, &str)> = rows
         .iter()
@@ -222,18 +219,22 @@ pub(crate) fn set_rows_buckets(conn: &Connection, table: &str, rows: &[(&str, &B
     )
 }
 
+/// An op's row as its JSON text: the text the caller gave, else `data`
+/// encoded.
+pub(crate) fn op_json<'a>(op: &NewOp<'a>) -> Result<Option<Cow<'a, str>>> {
+    if let Some(json) = op.data_json {
+        return Ok(Some(Cow::Borrowed(json)));
+    }
+    op.data
+        .map(|d| serde_json::to_string(d).map(Cow::Owned).map_err(|e| corrupt("row", e)))
+        .transpose()
+}
+
 /// [`ferry_source::SourceTx::append_ops`]: the entries as given, rows as
 /// their JSON text.
 pub(crate) fn append_ops(conn: &Connection, ops: &[NewOp<'_>]) -> Result<()> {
-    let data: Vec<Option<String>> = ops
-        .iter()
-        .map(|op| {
-            op.data
-                .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
-                .transpose()
-        })
-        .collect::<Result<_>>()?;
-    let items: Vec<(&NewOp<'_>, &Option<String>)> = ops.iter().zip(&data).collect();
+    let data: Vec<Option<Cow<'_, str>>> = ops.iter().map(op_json).collect::<Result<_>>()?;
+    let items: Vec<(&NewOp<'_>, &Option<Cow<'_, str>>)> = ops.iter().zip(&data).collect();
     insert_many(
         conn,
         (

@@ -1,6 +1,8 @@
 //! [`SourceDb`] on SQLite, the server's embedded default: one file, WAL,
 //! one writer connection behind a mutex, a small pool of read connections
-//! for streams.
+//! for streams, and a background thread that checkpoints the WAL (the
+//! writer only does when the WAL is over [`WalLimits::max_wal_pages`]:
+//! `wal.rs`).
 //!
 //! Invariants: every write transaction is one `BEGIN IMMEDIATE` SQLite
 //! transaction on the one writer connection, so write transactions are
@@ -12,6 +14,9 @@
 //! async threads.
 
 mod bulk;
+mod wal;
+
+pub use wal::{WalLimits, DEFAULT_BACKGROUND_CHECKPOINT_PAGES, DEFAULT_MAX_WAL_PAGES};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -126,6 +131,10 @@ pub struct SqliteSourceDb {
     path: PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Checkpoints the WAL after commits, off the writer's commit path
+    /// (`wal.rs`).
+    checkpointer: wal::Checkpointer,
+    limits: WalLimits,
     /// Bumped after every committed write transaction (in-process
     /// notifications: one process owns the file).
     commits: tokio::sync::watch::Sender<u64>,
@@ -185,17 +194,48 @@ impl SqliteSourceDb {
 
     /// Open (creating) the database file at `path`.
     pub fn open(path: &Path) -> SourceResult<Self> {
+        Self::open_with_wal_limits(path, WalLimits::default())
+    }
+
+    /// [`SqliteSourceDb::open`] with the WAL checkpointed at `limits`
+    /// (see [`WalLimits`]).
+    pub fn open_with_wal_limits(path: &Path, limits: WalLimits) -> SourceResult<Self> {
         lift(|| {
             let mut conn = open_conn(path)?;
+            wal::hook_writer(&conn);
             conn.execute_batch(SETUP_SQL)?;
             upgrade(&mut conn)?;
+            wal::take_wal_pages();
             Ok(SqliteSourceDb {
                 path: path.to_owned(),
                 writer: Mutex::new(conn),
                 readers: Mutex::new(Vec::new()),
+                checkpointer: wal::Checkpointer::start(path)?,
+                limits,
                 commits: tokio::sync::watch::channel(0).0,
             })
         })
+    }
+
+    /// Checkpoints the background checkpointer has run (for tests).
+    #[doc(hidden)]
+    pub fn background_checkpoints(&self) -> u64 {
+        self.checkpointer.runs()
+    }
+
+    /// After a commit on the writer `conn` (still held): checkpoint the
+    /// WAL now if it is over the limit, else wake the background
+    /// checkpointer once it is big enough.
+    fn after_commit(&self, conn: &Connection) -> Result<()> {
+        let Some(pages) = wal::take_wal_pages() else {
+            return Ok(());
+        };
+        if wal::writer_checkpoints(pages, self.limits.max_wal_pages) {
+            wal::checkpoint_passive(conn)?;
+        } else if pages >= self.limits.background_checkpoint_pages {
+            self.checkpointer.wake();
+        }
+        Ok(())
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -531,7 +571,11 @@ impl SourceTx for SqliteTx<'_> {
     }
 
     fn set_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> SourceResult<()> {
-        lift(|| bulk::set_rows_buckets(self.tx, table, rows))
+        lift(|| bulk::set_rows_buckets(self.tx, table, rows, true))
+    }
+
+    fn add_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> SourceResult<()> {
+        lift(|| bulk::set_rows_buckets(self.tx, table, rows, false))
     }
 
     fn append_ops(&mut self, ops: &[NewOp<'_>]) -> SourceResult<()> {
@@ -559,10 +603,7 @@ impl SourceTx for SqliteTx<'_> {
 
     fn append_op(&mut self, op: NewOp<'_>) -> SourceResult<()> {
         lift(|| {
-            let data = op
-                .data
-                .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
-                .transpose()?;
+            let data = bulk::op_json(&op)?;
             self.tx
                 .prepare_cached(
                     "INSERT INTO ferry_oplog(op_id, bucket, op, tbl, row_id, data, checksum)
@@ -574,7 +615,7 @@ impl SourceTx for SqliteTx<'_> {
                     op.op.as_str(),
                     op.table,
                     op.row_id,
-                    data,
+                    data.as_deref(),
                     i64::from(op.checksum)
                 ])?;
             Ok(())
@@ -851,8 +892,11 @@ impl SourceDb for SqliteSourceDb {
                     }
                 }
             }
+            wal::take_wal_pages();
             tx.commit()?;
             self.commits.send_modify(|n| *n = n.wrapping_add(1));
+            // The write is committed whatever the checkpoint does.
+            let _ = self.after_commit(&conn);
             Ok(())
         })
     }

@@ -171,6 +171,11 @@ pub struct NewOp<'a> {
     pub row_id: &'a str,
     /// The row (PUT).
     pub data: Option<&'a RowData>,
+    /// `data` as `serde_json::to_string` writes it, when the caller has
+    /// it already (a bulk import encodes rows off the writer): a database
+    /// that keeps rows as JSON text stores this instead of encoding
+    /// `data` again. `None`: the database encodes `data` itself.
+    pub data_json: Option<&'a str>,
     /// The entry's checksum.
     pub checksum: u32,
 }
@@ -185,6 +190,11 @@ pub struct RowWrite<'a> {
     pub data: &'a RowData,
     /// The columns' clocks.
     pub clocks: &'a BTreeMap<String, HlcTimestamp>,
+    /// `clocks` as `serde_json::to_string` writes them, when the caller
+    /// has them already: a database that keeps clocks as JSON text stores
+    /// this instead of encoding `clocks` again. `None`: the database
+    /// encodes `clocks` itself.
+    pub clocks_json: Option<&'a str>,
 }
 
 /// A bucket's state as the service keeps it: the wrapping sum of its
@@ -365,6 +375,14 @@ pub trait SourceTx {
             self.set_row_buckets(table, id, buckets)?;
         }
         Ok(())
+    }
+    /// Record the bucket membership of rows that have none, as
+    /// [`SourceTx::set_rows_buckets`] does: for rows [`SourceTx::known_rows`]
+    /// did not return in this transaction and that nothing gave
+    /// membership since (a bulk import's new rows), so a database need
+    /// not clear what is not there. The default calls `set_rows_buckets`.
+    fn add_rows_buckets(&mut self, table: &str, rows: &[(&str, &BTreeSet<String>)]) -> Result<()> {
+        self.set_rows_buckets(table, rows)
     }
     /// Allocate the next global op id: above every op id ever committed
     /// and every id allocated before in this transaction. Ids become

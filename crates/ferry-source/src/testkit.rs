@@ -143,6 +143,7 @@ pub fn append(tx: &mut dyn SourceTx, bucket: &str, id: &str, data: Option<&RowDa
         table: "tickets",
         row_id: id,
         data,
+        data_json: None,
         checksum,
     })?;
     let state = tx.bucket_state(bucket)?.unwrap_or_default();
@@ -659,7 +660,8 @@ pub fn bucket_membership<B: SourceBackend>(b: &B) {
     });
 }
 
-/// The bulk writes (`write_rows`, `append_ops`, `set_rows_buckets`)
+/// The bulk writes (`write_rows`, `append_ops`, `set_rows_buckets`,
+/// `add_rows_buckets`, rows and clocks handed over encoded or not)
 /// leave what the one-row methods called in order leave (a repeated id:
 /// the later entry wins; a tombstone is cleared; memberships replaced),
 /// and `known_rows` finds the ids with a row, a tombstone or membership.
@@ -705,9 +707,25 @@ pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
                     set(&["t3", "t4", "t145"]),
                     "a tombstone and memberships are known, the rest not"
                 );
+                // Rows and clocks handed over encoded, as the service's
+                // bulk import hands them.
+                let clocks_json: Vec<String> = rows
+                    .iter()
+                    .map(|(_, _, c)| serde_json::to_string(c).expect("encode clocks"))
+                    .collect();
+                let data_json: Vec<String> = rows
+                    .iter()
+                    .map(|(_, d, _)| serde_json::to_string(d).expect("encode row"))
+                    .collect();
                 let writes: Vec<RowWrite<'_>> = rows
                     .iter()
-                    .map(|(id, data, clocks)| RowWrite { id, data, clocks })
+                    .zip(&clocks_json)
+                    .map(|((id, data, clocks), json)| RowWrite {
+                        id,
+                        data,
+                        clocks,
+                        clocks_json: Some(json),
+                    })
                     .collect();
                 let stored = tx.write_rows(&t, &writes)?;
                 assert_eq!(stored.len(), rows.len(), "one answer per row");
@@ -718,19 +736,25 @@ pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
                 }
                 let new_ops: Vec<NewOp<'_>> = ops
                     .iter()
-                    .map(|(op_id, id, data)| NewOp {
+                    .zip(&data_json)
+                    .map(|((op_id, id, data), json)| NewOp {
                         op_id: *op_id,
                         bucket: "a[]",
                         op: OpKind::Put,
                         table: "tickets",
                         row_id: id,
                         data: Some(data),
+                        data_json: Some(json),
                         checksum: op_checksum(*op_id, OpKind::Put, "tickets", id, Some(data)),
                     })
                     .collect();
                 tx.append_ops(&new_ops)?;
                 let m: Vec<(&str, &BTreeSet<String>)> = members.iter().map(|(id, bs)| (id.as_str(), bs)).collect();
-                tx.set_rows_buckets("tickets", &m)?;
+                // Rows with a membership get it replaced, the others
+                // (no membership to clear) added.
+                let (replaced, added): (Vec<_>, Vec<_>) = m.into_iter().partition(|(id, _)| ["t4", "t20"].contains(id));
+                tx.set_rows_buckets("tickets", &replaced)?;
+                tx.add_rows_buckets("tickets", &added)?;
                 assert_eq!(
                     tx.known_rows(&t, &["t0", "t139", "t140", "t3"])?,
                     set(&["t0", "t139", "t3"]),
@@ -749,6 +773,7 @@ pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
                         table: "tickets",
                         row_id: id,
                         data: Some(data),
+                        data_json: None,
                         checksum: op_checksum(op_id, OpKind::Put, "tickets", id, Some(data)),
                     })?;
                 }

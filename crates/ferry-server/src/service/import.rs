@@ -18,14 +18,29 @@
 //! writes, an id seen before in the batch) goes the per-op way after the
 //! rows before it were flushed, so op ids, checksums, bucket states and
 //! rows are those the per-op path gives the same ops.
+//!
+//! What a batch needs no database for (each op's clock, the strategy's
+//! decision over no stored row, and for a plain write its size check,
+//! buckets, JSON and checksum encoding: `import/prepare.rs`) is worked out
+//! for the next batch on a helper thread while the writer writes the
+//! current one. Clocks stay in op order: the writer uses a worked-out op
+//! only while every op of its batch before it was worked out too (the
+//! first op it works out itself, a row it finds stored, a delete, ends
+//! that for the batch), and the next batch's are used only when the
+//! current batch used nothing but worked-out ops (else the writer works
+//! the next batch out itself, after).
 
+mod prepare;
+
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use ferry_core::{CrudEntry, CrudOp, HlcTimestamp, RowData, Table};
+use ferry_core::{codec, CrudEntry, CrudOp, RowData, Table};
 use ferry_protocol::{OpKind, Outcome};
 use ferry_transport::blocking;
 
-use super::write::Resolved;
+use self::prepare::FreshRow;
+use super::write::{Refusal, Resolved};
 use super::{blocking_error, Inner, SyncService};
 use crate::conflict::{Decision, Resolution};
 use crate::db::{BucketState, NewOp, RowWrite, SourceTx};
@@ -87,9 +102,25 @@ struct Pending<'a> {
 }
 
 struct PendingRow<'a> {
-    id: &'a str,
-    row: RowData,
-    clocks: BTreeMap<String, HlcTimestamp>,
+    op: &'a CrudOp,
+    fresh: Cow<'a, FreshRow>,
+}
+
+impl PendingRow<'_> {
+    fn data(&self) -> &RowData {
+        prepare::fresh_data(&self.fresh.row, self.op)
+    }
+}
+
+/// Where the clocks of a written batch came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BatchClocks {
+    /// Every op was worked out ahead: the next batch's worked-out ops,
+    /// whose clocks were drawn after these, may be used.
+    Ahead,
+    /// The writer drew clocks (`fell_back`: some op went the per-op way,
+    /// a row was stored already or a delete).
+    Writer { fell_back: bool },
 }
 
 /// The error of an op the import refused.
@@ -127,8 +158,7 @@ impl Inner {
         let mut entries: Vec<CrudEntry> = Vec::with_capacity(n);
         let mut tables: Vec<&Table> = Vec::with_capacity(n);
         for (i, op) in ops.into_iter().enumerate() {
-            let (table, id) = (op.table().to_owned(), op.id().to_owned());
-            let (t, op) = self.check_import_op(op).map_err(|reason| {
+            let (t, op) = self.check_import_op(op).map_err(|Refusal { reason, table, id }| {
                 ServiceError::BadRequest(format!(
                     "import of {table}/{id} (op {i} of {n}) rejected: {reason}; nothing was imported"
                 ))
@@ -143,27 +173,89 @@ impl Inner {
                 hlc: None,
             });
         }
-        let mut committed = 0;
-        for (batch, tables) in entries
+        let batches: Vec<(&[CrudEntry], &[&Table])> = entries
             .chunks(MAX_IMPORT_BATCH_OPS)
             .zip(tables.chunks(MAX_IMPORT_BATCH_OPS))
-        {
-            crate::db::write(self.db.as_ref(), |stx| match path {
-                ImportPath::Bulk => self.import_batch(stx, batch, tables),
-                ImportPath::PerOp => self.import_batch_per_op(stx, batch, tables),
-            })
-            .map_err(|e| after_committed(e, committed))?;
-            committed += batch.len();
+            .collect();
+        match path {
+            ImportPath::Bulk => self.import_batches(&batches),
+            ImportPath::PerOp => {
+                let mut committed = 0;
+                for (batch, tables) in batches {
+                    crate::db::write(self.db.as_ref(), |stx| self.import_batch_per_op(stx, batch, tables))
+                        .map_err(|e| after_committed(e, committed))?;
+                    committed += batch.len();
+                }
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    /// The batches the bulk way, one write transaction each, the next
+    /// batch worked out on a helper thread meanwhile (see the module).
+    fn import_batches(&self, batches: &[(&[CrudEntry], &[&Table])]) -> Result<()> {
+        std::thread::scope(|scope| {
+            let mut committed = 0;
+            // The first batch's ops worked out before anything is written.
+            let mut ahead: Option<Vec<Option<FreshRow>>> =
+                batches.first().map(|(batch, tables)| self.prepare_batch(batch, tables));
+            // The last written batch's worked-out ops, for the next helper
+            // to free.
+            let mut spent: Option<Vec<Option<FreshRow>>> = None;
+            for (k, (batch, tables)) in batches.iter().enumerate() {
+                let current = ahead.take();
+                let next = batches.get(k + 1);
+                // The helper works the next batch out while this one is
+                // written (only after a batch of worked-out ops: an
+                // import of stored rows gains nothing from it).
+                let helper = match (next, &current) {
+                    (Some(&(next_batch, next_tables)), Some(_)) => {
+                        // The batch before's worked-out ops are freed there
+                        // too: many small allocations, off the writer.
+                        let spent = spent.take();
+                        std::thread::Builder::new()
+                            .name("ferry-import-prepare".into())
+                            .spawn_scoped(scope, move || {
+                                drop(spent);
+                                self.prepare_batch(next_batch, next_tables)
+                            })
+                            .ok()
+                    }
+                    _ => None,
+                };
+                let mut clocks = BatchClocks::Ahead;
+                crate::db::write(self.db.as_ref(), |stx| {
+                    clocks = self.import_batch(stx, batch, tables, current.as_deref())?;
+                    Ok(())
+                })
+                .map_err(|e| after_committed(e, committed))?;
+                committed += batch.len();
+                // A helper that panicked worked nothing out.
+                let worked_out = helper.and_then(|h| h.join().ok());
+                ahead = match clocks {
+                    BatchClocks::Ahead => worked_out,
+                    // The writer drew clocks while the helper did: the
+                    // next batch's would come before them. Worked out
+                    // again, after, unless this batch went the per-op way.
+                    BatchClocks::Writer { fell_back: false } => {
+                        next.map(|(next_batch, next_tables)| self.prepare_batch(next_batch, next_tables))
+                    }
+                    BatchClocks::Writer { fell_back: true } => None,
+                };
+                spent = current;
+            }
+            Ok(())
+        })
     }
 
     /// [`Inner::check_op`], and for a PUT the size of the row it writes
     /// over no stored row (every column, absent ones NULL).
-    fn check_import_op(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), String> {
-        let (table, op) = self.check_op(sent)?;
+    fn check_import_op(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), Refusal> {
+        let (table, op) = self.check_op_named(sent)?;
         if let CrudOp::Put { id, data, .. } = &op {
-            self.check_row_size(table, id, data)?;
+            if let Err(reason) = self.check_row_size(table, id, data) {
+                return Err(Refusal::of(reason, op));
+            }
         }
         Ok((table, op))
     }
@@ -193,13 +285,16 @@ impl Inner {
         Ok(())
     }
 
-    /// One batch the bulk way (see the module).
+    /// One batch the bulk way (see the module), with its ops worked out
+    /// ahead (`ahead`, one per op) if they were. Returns where its clocks
+    /// came from.
     fn import_batch<'a>(
         &self,
         stx: &mut dyn SourceTx,
         entries: &'a [CrudEntry],
         tables: &'a [&'a Table],
-    ) -> Result<()> {
+        ahead: Option<&'a [Option<FreshRow>]>,
+    ) -> Result<BatchClocks> {
         // What the database holds of the batch's rows, as the batch
         // starts; once an op went the per-op way (its side writes may
         // write any row), each op asks for its own row.
@@ -220,10 +315,13 @@ impl Inner {
             known.insert(t.name.as_str(), stx.known_rows(t, &ids)?);
         }
         let mut exact = true;
+        // Worked-out ops are used while every op before was one.
+        let mut ahead = ahead.filter(|a| a.len() == entries.len());
+        let mut fell_back = false;
         // Rows written (or waiting to be) the bulk way in this batch.
         let mut touched: HashSet<(&str, &str)> = HashSet::new();
         let mut pending = Pending::default();
-        for (entry, &table) in entries.iter().zip(tables) {
+        for (i, (entry, &table)) in entries.iter().zip(tables).enumerate() {
             let op = &entry.op;
             let id = op.id();
             let key = (table.name.as_str(), id);
@@ -237,11 +335,19 @@ impl Inner {
             if !fresh {
                 self.flush(stx, &mut pending)?;
                 exact = false;
+                (ahead, fell_back) = (None, true);
                 if let Outcome::Rejected { reason } = self.apply_checked(stx, "", "", None, entry, (table, op))? {
                     return Err(refused(entry, &reason));
                 }
                 continue;
             }
+            if let Some(Some(worked_out)) = ahead.map(|a| &a[i]) {
+                worked_out.size.clone().map_err(|reason| refused(entry, &reason))?;
+                self.push_pending(stx, &mut pending, table, op, Cow::Borrowed(worked_out))?;
+                touched.insert(key);
+                continue;
+            }
+            ahead = None;
             let hlc = self.op_clock("", entry);
             let Decision {
                 resolution,
@@ -251,16 +357,9 @@ impl Inner {
             } = self.resolve_op((table, op), entry, &hlc, ("", ""), None);
             let resolution = match resolution {
                 Resolution::Write { row, clocks, .. } if side_writes.is_empty() => {
-                    let checked_already = matches!(op, CrudOp::Put { data, .. } if *data == row);
-                    if !checked_already {
-                        self.check_row_size(table, id, &row)
-                            .map_err(|reason| refused(entry, &reason))?;
-                    }
-                    if pending.table.is_some_and(|t| t.name != table.name) {
-                        self.flush(stx, &mut pending)?;
-                    }
-                    pending.table = Some(table);
-                    pending.rows.push(PendingRow { id, row, clocks });
+                    let worked_out = self.fresh_row(table, op, row, clocks);
+                    worked_out.size.clone().map_err(|reason| refused(entry, &reason))?;
+                    self.push_pending(stx, &mut pending, table, op, Cow::Owned(worked_out))?;
                     touched.insert(key);
                     continue;
                 }
@@ -272,6 +371,7 @@ impl Inner {
             // before it.
             self.flush(stx, &mut pending)?;
             exact = false;
+            fell_back = true;
             let outcome = self.apply_decision(
                 stx,
                 None,
@@ -292,7 +392,29 @@ impl Inner {
                 return Err(refused(entry, &reason));
             }
         }
-        self.flush(stx, &mut pending)
+        self.flush(stx, &mut pending)?;
+        Ok(match ahead {
+            Some(_) => BatchClocks::Ahead,
+            None => BatchClocks::Writer { fell_back },
+        })
+    }
+
+    /// Queue a new row for the bulk way (the rows of another table
+    /// flushed first).
+    fn push_pending<'a>(
+        &self,
+        stx: &mut dyn SourceTx,
+        pending: &mut Pending<'a>,
+        table: &'a Table,
+        op: &'a CrudOp,
+        fresh: Cow<'a, FreshRow>,
+    ) -> Result<()> {
+        if pending.table.is_some_and(|t| t.name != table.name) {
+            self.flush(stx, pending)?;
+        }
+        pending.table = Some(table);
+        pending.rows.push(PendingRow { op, fresh });
+        Ok(())
     }
 
     /// Write the pending rows, append their PUTs in the buckets they are
@@ -310,9 +432,10 @@ impl Inner {
         let writes: Vec<RowWrite<'_>> = rows
             .iter()
             .map(|r| RowWrite {
-                id: r.id,
-                data: &r.row,
-                clocks: &r.clocks,
+                id: r.op.id(),
+                data: r.data(),
+                clocks: &r.fresh.clocks,
+                clocks_json: r.fresh.clocks_json.as_deref(),
             })
             .collect();
         let stored = stx.write_rows(table, &writes)?;
@@ -323,23 +446,37 @@ impl Inner {
                 rows.len()
             )));
         }
-        // The rows as the database keeps them.
-        let written: Vec<(&str, &RowData)> = rows
+        // The rows as the database keeps them: a row it changed is
+        // worked out again.
+        let written: Vec<(&str, &RowData, Cow<'_, FreshRow>)> = rows
             .iter()
-            .zip(&stored)
-            .map(|(r, s)| (r.id, s.as_ref().unwrap_or(&r.row)))
-            .collect();
-        let buckets: Vec<_> = written
-            .iter()
-            .map(|(id, row)| self.rules.row_buckets(&table.name, id, row))
+            .zip(stored)
+            .map(|(r, s)| match s {
+                None => (r.op.id(), r.data(), Cow::Borrowed(r.fresh.as_ref())),
+                Some(row) => (
+                    r.op.id(),
+                    r.data(),
+                    Cow::Owned(FreshRow {
+                        buckets: self.rules.row_buckets(&table.name, r.op.id(), &row),
+                        data_json: None,
+                        clocks_json: None,
+                        encoded: codec::encode_row(&row),
+                        size: Ok(()),
+                        row: Some(row),
+                        clocks: r.fresh.clocks.clone(),
+                    }),
+                ),
+            })
             .collect();
         let mut ops: Vec<NewOp<'_>> = Vec::with_capacity(written.len());
         // Each bucket's entries in this flush: checksum sum, count, last.
         let mut added: BTreeMap<&str, BucketState> = BTreeMap::new();
-        for ((id, row), bs) in written.iter().zip(&buckets) {
-            for b in bs {
+        for (id, sent, fresh) in &written {
+            let row = fresh.row.as_ref().unwrap_or(sent);
+            for b in &fresh.buckets {
                 let op_id = stx.next_op_id()?;
-                let checksum = ferry_protocol::op_checksum(op_id, OpKind::Put, &table.name, id, Some(row));
+                let checksum =
+                    ferry_protocol::op_checksum_encoded(op_id, OpKind::Put, &table.name, id, Some(&fresh.encoded));
                 ops.push(NewOp {
                     op_id,
                     bucket: b,
@@ -347,6 +484,7 @@ impl Inner {
                     table: &table.name,
                     row_id: id,
                     data: Some(row),
+                    data_json: fresh.data_json.as_deref(),
                     checksum,
                 });
                 let s = added.entry(b).or_default();
@@ -358,11 +496,11 @@ impl Inner {
         stx.append_ops(&ops)?;
         let members: Vec<(&str, &BTreeSet<String>)> = written
             .iter()
-            .zip(&buckets)
-            .filter(|(_, bs)| !bs.is_empty())
-            .map(|((id, _), bs)| (*id, bs))
+            .filter(|(_, _, fresh)| !fresh.buckets.is_empty())
+            .map(|(id, _, fresh)| (*id, &fresh.buckets))
             .collect();
-        stx.set_rows_buckets(&table.name, &members)?;
+        // Rows the bulk way are new: no membership to replace.
+        stx.add_rows_buckets(&table.name, &members)?;
         for (bucket, add) in added {
             let state = stx.bucket_state(bucket)?.unwrap_or_default();
             stx.set_bucket_state(
@@ -545,5 +683,52 @@ mod tests {
         assert_eq!(a.to_string(), b.to_string());
         assert!(a.to_string().contains("tickets/missing"), "{a}");
         assert_eq!(bulk.db().oplog_len().expect("len"), 0, "the batch is rolled back");
+    }
+
+    /// Clocks follow the ops' order across batches worked out ahead, a
+    /// batch that went the per-op way (a stored row first), the batch
+    /// after it, and deletes: each new row's clock is later than every
+    /// clock of the ops before it.
+    #[test]
+    fn clocks_follow_the_ops_across_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bulk = service(dir.path());
+        let b = MAX_IMPORT_BATCH_OPS;
+        // Batch 0: new rows; batch 1: new rows worked out ahead, a delete
+        // in their middle; batch 2: a stored row first (the per-op way),
+        // then new rows; batches 3 and 4: new rows again.
+        let mut ops: Vec<CrudOp> = (0..b + 100).map(|i| ticket(i, "open")).collect();
+        ops.push(CrudOp::Delete {
+            table: "tickets".into(),
+            id: "t1".into(),
+        });
+        ops.extend((b + 100..2 * b - 1).map(|i| ticket(i, "open")));
+        ops.push(ticket(3, "done"));
+        ops.extend((2 * b - 1..4 * b + 48).map(|i| ticket(i, "open")));
+        assert_eq!(ops.len(), 4 * b + 50);
+        bulk.inner
+            .process_import(ops.clone(), ImportPath::Bulk)
+            .expect("import");
+        let schema = SyncRules::ticket_tracker().expect("rules").schema().clone();
+        let table = schema.table("tickets").expect("table");
+        let mut last = None;
+        for op in &ops {
+            let id = op.id();
+            let row = bulk.db().get_row(table, id).expect("read").expect("stored");
+            let clock = match op {
+                CrudOp::Delete { .. } => row.deleted.clone().expect("a tombstone"),
+                _ if id == "t3" || id == "t1" => continue,
+                _ => {
+                    let mut clocks: Vec<_> = row.clocks.values().cloned().collect();
+                    clocks.dedup();
+                    assert_eq!(clocks.len(), 1, "{id}: one clock for every column");
+                    clocks.remove(0)
+                }
+            };
+            if let Some(prev) = &last {
+                assert!(clock > *prev, "{id} at {clock} is not after {prev}");
+            }
+            last = Some(clock);
+        }
     }
 }

@@ -78,6 +78,7 @@ impl Inner {
                         table: &table.name,
                         row_id: &m.id,
                         data,
+                        data_json: None,
                         checksum,
                     });
                     let s = added.entry(bucket).or_default();

@@ -97,6 +97,7 @@ pub(super) fn append_op(
         table,
         row_id,
         data,
+        data_json: None,
         checksum,
     })?;
     let state = stx.bucket_state(bucket)?.unwrap_or_default();
@@ -561,37 +562,55 @@ impl Inner {
     /// the validated op (a PUT carries every column, absent ones NULL);
     /// `Err` is the reason it is rejected.
     pub(super) fn check_op(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), String> {
-        let table = self.rules.schema().table(sent.table()).map_err(|e| e.to_string())?;
-        if table.local_only {
-            return Err(format!("table {:?} is local-only", table.name));
-        }
+        self.check_op_named(sent).map_err(|r| r.reason)
+    }
+
+    /// [`Inner::check_op`], a refusal naming the op's table and id (taken
+    /// from the op, so a caller need not copy them before).
+    pub(super) fn check_op_named(&self, sent: CrudOp) -> std::result::Result<(&Table, CrudOp), Refusal> {
+        let table = match self.rules.schema().table(sent.table()) {
+            Ok(t) if !t.local_only => t,
+            Ok(t) => return Err(Refusal::of(format!("table {:?} is local-only", t.name), sent)),
+            Err(e) => return Err(Refusal::of(e.to_string(), sent)),
+        };
         let limits = &self.options.limits;
+        let refusal = |reason: String, id: String| Refusal {
+            reason,
+            table: table.name.clone(),
+            id,
+        };
+        // The op's own table name is the schema table's (found by it).
         let op = match sent {
-            CrudOp::Put { id, data, .. } => {
-                let mut full = table.check_row(&id, data, limits).map_err(|e| e.to_string())?;
+            CrudOp::Put { table: name, id, data } => {
+                let mut full = match table.check_row(&id, data, limits) {
+                    Ok(full) => full,
+                    Err(e) => return Err(refusal(e.to_string(), id)),
+                };
                 for c in &table.columns {
                     if !full.contains_key(&c.name) {
                         full.insert(c.name.clone(), Value::Null);
                     }
                 }
                 CrudOp::Put {
-                    table: table.name.clone(),
+                    table: name,
                     id,
                     data: full,
                 }
             }
-            CrudOp::Patch { id, data, .. } => {
-                table.check_id(&id, limits).map_err(|e| e.to_string())?;
-                CrudOp::Patch {
-                    table: table.name.clone(),
-                    data: table.check_data(data).map_err(|e| e.to_string())?,
-                    id,
+            CrudOp::Patch { table: name, id, data } => {
+                if let Err(e) = table.check_id(&id, limits) {
+                    return Err(refusal(e.to_string(), id));
                 }
+                let data = match table.check_data(data) {
+                    Ok(data) => data,
+                    Err(e) => return Err(refusal(e.to_string(), id)),
+                };
+                CrudOp::Patch { table: name, data, id }
             }
-            delete @ CrudOp::Delete { .. } => {
-                table.check_id(delete.id(), limits).map_err(|e| e.to_string())?;
-                delete
-            }
+            delete @ CrudOp::Delete { .. } => match table.check_id(delete.id(), limits) {
+                Ok(()) => delete,
+                Err(e) => return Err(Refusal::of(e.to_string(), delete)),
+            },
         };
         Ok((table, op))
     }
@@ -899,5 +918,26 @@ impl Inner {
             stx.set_row_buckets(table, id, &new)?;
         }
         Ok(())
+    }
+}
+
+/// An op [`Inner::check_op_named`] refused: why, and the table and id the
+/// op names.
+#[derive(Debug)]
+pub(super) struct Refusal {
+    pub(super) reason: String,
+    pub(super) table: String,
+    pub(super) id: String,
+}
+
+impl Refusal {
+    /// `reason`, naming `op`'s table and id.
+    pub(super) fn of(reason: String, op: CrudOp) -> Refusal {
+        let (table, id) = match op {
+            CrudOp::Put { table, id, .. } | CrudOp::Patch { table, id, .. } | CrudOp::Delete { table, id, .. } => {
+                (table, id)
+            }
+        };
+        Refusal { reason, table, id }
     }
 }
