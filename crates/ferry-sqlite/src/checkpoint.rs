@@ -7,9 +7,16 @@
 //! it never blocks the store's connection) from a connection of its own.
 //! At most one such thread runs per store: commits made while it works
 //! mark the WAL dirty, and it goes round again until nothing is left.
+//!
+//! A `PASSIVE` checkpoint copies pages but never makes the writer start
+//! the WAL over while writes keep following each other (a large download
+//! being staged), so the WAL would grow with the download. Each pass
+//! records the WAL's length; once it passes its limit the writer restarts
+//! it itself ([`Checkpointer::wal_pages`], `SqliteStore::apply`), which
+//! costs it only what the helper has not copied yet.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rusqlite::Connection;
@@ -27,6 +34,8 @@ struct State {
     running: AtomicBool,
     /// Commits since the running thread's last pass began.
     dirty: AtomicBool,
+    /// The WAL's length in pages as the last pass found it.
+    wal_pages: AtomicU64,
 }
 
 impl Checkpointer {
@@ -35,6 +44,17 @@ impl Checkpointer {
             path,
             state: Arc::new(State::default()),
         }
+    }
+
+    /// The WAL's length in pages as the helper's last pass found it (0
+    /// before any, and after [`Checkpointer::restarted`]).
+    pub(crate) fn wal_pages(&self) -> u64 {
+        self.state.wal_pages.load(Ordering::SeqCst)
+    }
+
+    /// The writer restarted the WAL.
+    pub(crate) fn restarted(&self) {
+        self.state.wal_pages.store(0, Ordering::SeqCst);
     }
 
     /// Ask for a checkpoint of what has been committed so far (a pass
@@ -65,9 +85,13 @@ fn run(path: &PathBuf, state: &State) {
     loop {
         while state.dirty.swap(false, Ordering::SeqCst) {
             if let Some(conn) = &conn {
-                // Nothing to report to: the next automatic checkpoint
-                // covers what this one could not do.
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                // A failure has nothing to report to: the next pass or
+                // automatic checkpoint covers what this one could not do.
+                if let Ok(pages) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                    state
+                        .wal_pages
+                        .store(u64::try_from(pages).unwrap_or(0), Ordering::SeqCst);
+                }
             }
         }
         state.running.store(false, Ordering::SeqCst);

@@ -150,6 +150,8 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Checkpoints large commits off the writer's path (file databases).
     checkpointer: Option<checkpoint::Checkpointer>,
+    /// `SqliteOptions::wal_size_limit_bytes` in pages of this database.
+    wal_limit_pages: u64,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -419,12 +421,17 @@ impl SqliteStore {
         sync_indexes(&tx, &schema)?;
         tx.commit().map_err(sql_err)?;
 
+        let page_size: u64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(sql_err)?;
+        let wal_limit_pages = options.wal_size_limit_bytes / page_size.max(1);
         let checkpointer = path.clone().map(checkpoint::Checkpointer::new);
         Ok(SqliteStore {
             schema,
             path,
             conn: Mutex::new(conn),
             checkpointer,
+            wal_limit_pages,
         })
     }
 }
@@ -940,23 +947,31 @@ impl Store for SqliteStore {
         // a switch-in of staged ops (it writes as much as the ops it
         // moves) and the batches of a download being staged (one after
         // another, each would wait for the last one's pages to be copied).
-        let large = (batch.len() >= BACKGROUND_CHECKPOINT_MIN_OPS
-            || batch
-                .ops
-                .iter()
-                .any(|op| matches!(op, BatchOp::SwitchInStaged { .. } | BatchOp::PutStaged { .. })))
-            && self.checkpointer.is_some();
-        if large {
+        let deferred = self.checkpointer.is_some()
+            && (batch.len() >= BACKGROUND_CHECKPOINT_MIN_OPS
+                || batch
+                    .ops
+                    .iter()
+                    .any(|op| matches!(op, BatchOp::SwitchInStaged { .. } | BatchOp::PutStaged { .. })));
+        if deferred {
             tx.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         }
         let committed = tx.commit().map_err(sql_err);
-        if large {
+        if deferred {
             let restored = conn
                 .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
                 .map_err(sql_err);
             committed?;
             restored?;
             if let Some(checkpointer) = &self.checkpointer {
+                // Past its limit the WAL starts over here: the helper's
+                // checkpoints never let it while writes keep coming (see
+                // `checkpoint.rs`). Best effort, like any checkpoint.
+                if checkpointer.wal_pages() > self.wal_limit_pages
+                    && conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())).is_ok()
+                {
+                    checkpointer.restarted();
+                }
                 checkpointer.request();
             }
         } else {

@@ -303,3 +303,56 @@ fn the_wal_is_cut_back_to_its_limit_after_a_large_batch() {
     }
     assert!(cut, "the WAL stayed at {} bytes, over the limit of {limit}", wal_len());
 }
+
+/// A download staged batch after batch leaves the copying of the WAL
+/// into the database file to the store's helper thread, but the WAL stays
+/// within about `wal_size_limit_bytes` plus a few batches however much is
+/// staged.
+#[test]
+fn staging_batch_after_batch_keeps_the_wal_near_its_limit() {
+    use ferry_store::{StagedKind, StagedOp};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let limit: u64 = 4 * 1024 * 1024;
+    let options = SqliteOptions {
+        wal_size_limit_bytes: limit,
+        ..SqliteOptions::default()
+    };
+    let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
+    let wal = dir.path().join("ferry.db-wal");
+    let body = "x".repeat(200);
+    let (batches, per_batch) = (100u64, 2_000u64);
+    let (mut largest, mut grown) = (0, 0);
+    for b in 0..batches {
+        let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let mut batch = WriteBatch::new();
+        for i in 0..per_batch {
+            let op_id = 1 + b * per_batch + i;
+            batch.push(BatchOp::PutStaged {
+                bucket: "global".into(),
+                op: StagedOp {
+                    op_id,
+                    kind: StagedKind::Put,
+                    table: "notes".into(),
+                    row_id: format!("n{op_id:07}"),
+                    data: Some(row_data([("body", Value::from(body.as_str()))])),
+                    checksum: 1,
+                },
+            });
+        }
+        s.apply(batch).expect("stage");
+        let after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        largest = largest.max(after);
+        grown = grown.max(after.saturating_sub(before));
+    }
+    let staged_bytes = batches * per_batch * 200;
+    assert!(staged_bytes > 8 * limit);
+    assert!(
+        largest <= limit + 4 * grown,
+        "staging {staged_bytes} bytes grew the WAL to {largest} bytes (limit {limit}, one batch {grown})"
+    );
+    assert_eq!(
+        s.staged_summary("global", 0).expect("summary").count,
+        batches * per_batch
+    );
+}
