@@ -12,7 +12,7 @@
 //! the WAL over while writes keep following each other (a large download
 //! being staged), so the WAL would grow with the download. Each pass
 //! records the WAL's length; once it passes its limit the writer restarts
-//! it itself ([`Checkpointer::wal_pages`], `SqliteStore::apply`), which
+//! it itself ([`Checkpointer::restart_due`], `SqliteStore::apply`), which
 //! costs it only what the helper has not copied yet.
 
 use std::path::PathBuf;
@@ -36,6 +36,9 @@ struct State {
     dirty: AtomicBool,
     /// The WAL's length in pages as the last pass found it.
     wal_pages: AtomicU64,
+    /// WAL length in pages below which no restart is tried (0: the limit
+    /// alone decides), raised after a failed one.
+    retry_over_pages: AtomicU64,
 }
 
 impl Checkpointer {
@@ -46,15 +49,27 @@ impl Checkpointer {
         }
     }
 
-    /// The WAL's length in pages as the helper's last pass found it (0
-    /// before any, and after [`Checkpointer::restarted`]).
-    pub(crate) fn wal_pages(&self) -> u64 {
-        self.state.wal_pages.load(Ordering::SeqCst)
+    /// Whether the writer should restart the WAL: the helper's last pass
+    /// found it past `limit_pages` (and past where a failed restart left
+    /// the next try).
+    pub(crate) fn restart_due(&self, limit_pages: u64) -> bool {
+        let pages = self.state.wal_pages.load(Ordering::SeqCst);
+        pages > limit_pages && pages > self.state.retry_over_pages.load(Ordering::SeqCst)
     }
 
-    /// The writer restarted the WAL.
-    pub(crate) fn restarted(&self) {
-        self.state.wal_pages.store(0, Ordering::SeqCst);
+    /// The writer tried a restart: done, the WAL starts over; failed (a
+    /// reader holds it), try again once it grew by `limit_pages` more.
+    pub(crate) fn restart_tried(&self, done: bool, limit_pages: u64) {
+        let (pages, retry) = (&self.state.wal_pages, &self.state.retry_over_pages);
+        if done {
+            pages.store(0, Ordering::SeqCst);
+            retry.store(0, Ordering::SeqCst);
+        } else {
+            retry.store(
+                pages.load(Ordering::SeqCst).saturating_add(limit_pages),
+                Ordering::SeqCst,
+            );
+        }
     }
 
     /// Ask for a checkpoint of what has been committed so far (a pass

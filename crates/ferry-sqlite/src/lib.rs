@@ -152,6 +152,8 @@ pub struct SqliteStore {
     checkpointer: Option<checkpoint::Checkpointer>,
     /// `SqliteOptions::wal_size_limit_bytes` in pages of this database.
     wal_limit_pages: u64,
+    /// `SqliteOptions::busy_timeout_ms`.
+    busy_timeout_ms: u64,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -432,6 +434,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             checkpointer,
             wal_limit_pages,
+            busy_timeout_ms: options.busy_timeout_ms,
         })
     }
 }
@@ -539,6 +542,10 @@ fn drop_in_background(batch: WriteBatch) {
 /// Batches with at least this many ops are checkpointed into the database
 /// file by a helper thread after their commit (see [`Store::apply`] here).
 const BACKGROUND_CHECKPOINT_MIN_OPS: usize = 100_000;
+
+/// Longest wait of a writer restarting the WAL for the checkpoint helper's
+/// pass or another process's reader to finish with it.
+const RESTART_WAIT_MS: u64 = 200;
 
 /// SQLite's default automatic checkpoint threshold, in WAL pages.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 1000;
@@ -966,11 +973,22 @@ impl Store for SqliteStore {
             if let Some(checkpointer) = &self.checkpointer {
                 // Past its limit the WAL starts over here: the helper's
                 // checkpoints never let it while writes keep coming (see
-                // `checkpoint.rs`). Best effort, like any checkpoint.
-                if checkpointer.wal_pages() > self.wal_limit_pages
-                    && conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())).is_ok()
-                {
-                    checkpointer.restarted();
+                // `checkpoint.rs`). Best effort, like any checkpoint: a
+                // reader in another process may hold the WAL, so the wait
+                // is short, and after a failure the next try waits until
+                // the WAL grew by another limit's worth.
+                if checkpointer.restart_due(self.wal_limit_pages) {
+                    let short = Duration::from_millis(RESTART_WAIT_MS.min(self.busy_timeout_ms));
+                    let mut done = false;
+                    if conn.busy_timeout(short).is_ok() {
+                        // (busy, WAL pages, pages copied): busy 0 is done.
+                        done = conn
+                            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+                            .is_ok_and(|busy| busy == 0);
+                        conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
+                            .map_err(sql_err)?;
+                    }
+                    checkpointer.restart_tried(done, self.wal_limit_pages);
                 }
                 checkpointer.request();
             }

@@ -310,7 +310,6 @@ fn the_wal_is_cut_back_to_its_limit_after_a_large_batch() {
 /// staged.
 #[test]
 fn staging_batch_after_batch_keeps_the_wal_near_its_limit() {
-    use ferry_store::{StagedKind, StagedOp};
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ferry.db");
     let limit: u64 = 4 * 1024 * 1024;
@@ -319,12 +318,56 @@ fn staging_batch_after_batch_keeps_the_wal_near_its_limit() {
         ..SqliteOptions::default()
     };
     let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
-    let wal = dir.path().join("ferry.db-wal");
+    let (largest, grown) = stage_notes(&s, &dir.path().join("ferry.db-wal"), 100, 2_000);
+    let staged_bytes: u64 = 100 * 2_000 * 200;
+    assert!(staged_bytes > 8 * limit);
+    assert!(
+        largest <= limit + 4 * grown,
+        "staging {staged_bytes} bytes grew the WAL to {largest} bytes (limit {limit}, one batch {grown})"
+    );
+}
+
+/// A reader in another process holding an old snapshot keeps the WAL from
+/// starting over: staging goes on (the WAL grows instead) and every op
+/// is staged.
+#[test]
+fn staging_goes_on_while_a_reader_holds_the_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let options = SqliteOptions {
+        wal_size_limit_bytes: 1024 * 1024,
+        ..SqliteOptions::default()
+    };
+    let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
+    s.apply(WriteBatch::new().put_meta("k", vec![1]).clone())
+        .expect("first write");
+    let reader = rusqlite_connection(&path);
+    reader.execute_batch("BEGIN").expect("begin");
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM ferry_meta", [], |r| r.get(0))
+        .expect("read");
+    let (largest, _) = stage_notes(&s, &dir.path().join("ferry.db-wal"), 30, 2_000);
+    assert!(
+        largest > 4 * 1024 * 1024,
+        "the WAL could not start over, yet stayed at {largest} bytes"
+    );
+    // The reader still sees its snapshot, then lets go.
+    let again: i64 = reader
+        .query_row("SELECT count(*) FROM ferry_meta", [], |r| r.get(0))
+        .expect("read again");
+    assert_eq!(n, again);
+    reader.execute_batch("COMMIT").expect("end");
+}
+
+/// Stage `batches` batches of `per_batch` notes of 200 bytes into bucket
+/// `global`, checking they are all staged; returns the largest WAL file
+/// seen and the most one batch grew it, in bytes.
+fn stage_notes(s: &SqliteStore, wal: &std::path::Path, batches: u64, per_batch: u64) -> (u64, u64) {
+    use ferry_store::{StagedKind, StagedOp};
     let body = "x".repeat(200);
-    let (batches, per_batch) = (100u64, 2_000u64);
     let (mut largest, mut grown) = (0, 0);
     for b in 0..batches {
-        let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let before = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
         let mut batch = WriteBatch::new();
         for i in 0..per_batch {
             let op_id = 1 + b * per_batch + i;
@@ -341,18 +384,13 @@ fn staging_batch_after_batch_keeps_the_wal_near_its_limit() {
             });
         }
         s.apply(batch).expect("stage");
-        let after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let after = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
         largest = largest.max(after);
         grown = grown.max(after.saturating_sub(before));
     }
-    let staged_bytes = batches * per_batch * 200;
-    assert!(staged_bytes > 8 * limit);
-    assert!(
-        largest <= limit + 4 * grown,
-        "staging {staged_bytes} bytes grew the WAL to {largest} bytes (limit {limit}, one batch {grown})"
-    );
     assert_eq!(
         s.staged_summary("global", 0).expect("summary").count,
         batches * per_batch
     );
+    (largest, grown)
 }
