@@ -466,8 +466,10 @@ $("#new-ticket").addEventListener("submit", async (e) => {
   const created = await attempt("POST", "/api/tickets", { title: input.value });
   if (created) {
     input.value = "";
+    // Show the new ticket. Its detail is built when the selection moves
+    // to it; if the user already opened it (the list shows it before this
+    // answer comes), it stays as it is, with any edit in progress.
     state.selected = created.id;
-    detailFor = null;
     scheduleRender();
   }
 });
