@@ -124,12 +124,14 @@ pub struct SqliteOptions {
     /// How long a call waits for a lock held by another connection before
     /// failing with a retryable error. Default: 5000 ms.
     pub busy_timeout_ms: u64,
-    /// Size the WAL file is cut back to once a checkpoint copied it all
-    /// (`PRAGMA journal_size_limit`): a large batch (a first sync's
-    /// switch-in) grows the WAL to about its size, which would otherwise
-    /// stay on disk. Default: 64 MiB.
-    pub wal_size_limit_bytes: u64,
 }
+
+/// The WAL size a store keeps to ([`SqliteStore::open_with_wal_limit`]):
+/// a download being staged restarts the WAL past it, and once a
+/// checkpoint copied the WAL the file is cut back to it (`PRAGMA
+/// journal_size_limit`; a large batch, such as a first sync's switch-in,
+/// grows the WAL to about its size, which would otherwise stay on disk).
+pub const DEFAULT_WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for SqliteOptions {
     fn default() -> Self {
@@ -137,7 +139,6 @@ impl Default for SqliteOptions {
             synchronous: Synchronous::Normal,
             cache_size_kib: 8 * 1024,
             busy_timeout_ms: 5_000,
-            wal_size_limit_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -150,7 +151,7 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Checkpoints large commits off the writer's path (file databases).
     checkpointer: Option<checkpoint::Checkpointer>,
-    /// `SqliteOptions::wal_size_limit_bytes` in pages of this database.
+    /// The store's WAL size limit in pages of this database.
     wal_limit_pages: u64,
     /// `SqliteOptions::busy_timeout_ms`.
     busy_timeout_ms: u64,
@@ -351,16 +352,33 @@ impl SqliteStore {
     /// Index entries are rebuilt if the schema's indexes changed since the
     /// last open.
     pub fn open_with(path: impl AsRef<Path>, schema: Schema, options: SqliteOptions) -> StoreResult<Self> {
+        Self::open_with_wal_limit(path, schema, options, DEFAULT_WAL_SIZE_LIMIT_BYTES)
+    }
+
+    /// [`SqliteStore::open_with`], keeping the WAL to `wal_size_limit_bytes`
+    /// instead of [`DEFAULT_WAL_SIZE_LIMIT_BYTES`].
+    pub fn open_with_wal_limit(
+        path: impl AsRef<Path>,
+        schema: Schema,
+        options: SqliteOptions,
+        wal_size_limit_bytes: u64,
+    ) -> StoreResult<Self> {
         let path = path.as_ref();
         let conn = Connection::open(path).map_err(sql_err)?;
-        Self::init(conn, Some(path.to_owned()), schema, options)
+        Self::init(conn, Some(path.to_owned()), schema, options, wal_size_limit_bytes)
     }
 
     /// A store in a private in-memory database, gone when dropped. Useful
     /// for tests; nothing is durable.
     pub fn open_in_memory(schema: Schema) -> StoreResult<Self> {
         let conn = Connection::open_in_memory().map_err(sql_err)?;
-        Self::init(conn, None, schema, SqliteOptions::default())
+        Self::init(
+            conn,
+            None,
+            schema,
+            SqliteOptions::default(),
+            DEFAULT_WAL_SIZE_LIMIT_BYTES,
+        )
     }
 
     /// The database file, or `None` for an in-memory store.
@@ -368,7 +386,13 @@ impl SqliteStore {
         self.path.as_deref()
     }
 
-    fn init(mut conn: Connection, path: Option<PathBuf>, schema: Schema, options: SqliteOptions) -> StoreResult<Self> {
+    fn init(
+        mut conn: Connection,
+        path: Option<PathBuf>,
+        schema: Schema,
+        options: SqliteOptions,
+        wal_size_limit_bytes: u64,
+    ) -> StoreResult<Self> {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
             .map_err(sql_err)?;
@@ -389,7 +413,7 @@ impl SqliteStore {
         conn.pragma_update(
             None,
             "journal_size_limit",
-            i64::try_from(options.wal_size_limit_bytes).unwrap_or(i64::MAX),
+            i64::try_from(wal_size_limit_bytes).unwrap_or(i64::MAX),
         )
         .map_err(sql_err)?;
 
@@ -426,7 +450,7 @@ impl SqliteStore {
         let page_size: u64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(sql_err)?;
-        let wal_limit_pages = options.wal_size_limit_bytes / page_size.max(1);
+        let wal_limit_pages = wal_size_limit_bytes / page_size.max(1);
         let checkpointer = path.clone().map(checkpoint::Checkpointer::new);
         Ok(SqliteStore {
             schema,

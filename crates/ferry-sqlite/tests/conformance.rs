@@ -189,7 +189,6 @@ fn options_are_accepted_and_data_is_durable_across_reopen() {
         synchronous: Synchronous::Full,
         cache_size_kib: 1024,
         busy_timeout_ms: 100,
-        wal_size_limit_bytes: 1024 * 1024,
     };
     {
         let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
@@ -265,17 +264,13 @@ fn format_version_1_databases_are_refused() {
 
 /// A large batch grows the WAL to about its size; once it is checkpointed
 /// (here by the store's helper thread) the next write cuts the file back
-/// to `wal_size_limit_bytes`.
+/// to the store's WAL size limit.
 #[test]
 fn the_wal_is_cut_back_to_its_limit_after_a_large_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ferry.db");
     let limit: u64 = 256 * 1024;
-    let options = SqliteOptions {
-        wal_size_limit_bytes: limit,
-        ..SqliteOptions::default()
-    };
-    let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
+    let s = SqliteStore::open_with_wal_limit(&path, test_schema(), SqliteOptions::default(), limit).expect("open");
     let wal = dir.path().join("ferry.db-wal");
     let wal_len = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     let mut big = WriteBatch::new();
@@ -306,18 +301,14 @@ fn the_wal_is_cut_back_to_its_limit_after_a_large_batch() {
 
 /// A download staged batch after batch leaves the copying of the WAL
 /// into the database file to the store's helper thread, but the WAL stays
-/// within about `wal_size_limit_bytes` plus a few batches however much is
+/// within about its size limit plus a few batches however much is
 /// staged.
 #[test]
 fn staging_batch_after_batch_keeps_the_wal_near_its_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ferry.db");
     let limit: u64 = 4 * 1024 * 1024;
-    let options = SqliteOptions {
-        wal_size_limit_bytes: limit,
-        ..SqliteOptions::default()
-    };
-    let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
+    let s = SqliteStore::open_with_wal_limit(&path, test_schema(), SqliteOptions::default(), limit).expect("open");
     let (largest, grown) = stage_notes(&s, &dir.path().join("ferry.db-wal"), 100, 2_000);
     let staged_bytes: u64 = 100 * 2_000 * 200;
     assert!(staged_bytes > 8 * limit);
@@ -334,11 +325,8 @@ fn staging_batch_after_batch_keeps_the_wal_near_its_limit() {
 fn staging_goes_on_while_a_reader_holds_the_wal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ferry.db");
-    let options = SqliteOptions {
-        wal_size_limit_bytes: 1024 * 1024,
-        ..SqliteOptions::default()
-    };
-    let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
+    let s =
+        SqliteStore::open_with_wal_limit(&path, test_schema(), SqliteOptions::default(), 1024 * 1024).expect("open");
     s.apply(WriteBatch::new().put_meta("k", vec![1]).clone())
         .expect("first write");
     let reader = rusqlite_connection(&path);
