@@ -33,17 +33,18 @@
 mod prepare;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use ferry_core::{codec, CrudEntry, CrudOp, RowData, Table};
 use ferry_protocol::{OpKind, Outcome};
 use ferry_transport::blocking;
 
 use self::prepare::FreshRow;
+use super::bucket_adds::BucketAdds;
 use super::write::{Refusal, Resolved};
 use super::{blocking_error, Inner, SyncService};
 use crate::conflict::{Decision, Resolution};
-use crate::db::{BucketState, NewOp, RowWrite, SourceTx};
+use crate::db::{NewOp, RowWrite, SourceTx};
 use crate::error::{Result, ServiceError};
 
 /// Most ops of an import written in one database transaction.
@@ -470,7 +471,7 @@ impl Inner {
             .collect();
         let mut ops: Vec<NewOp<'_>> = Vec::with_capacity(written.len());
         // Each bucket's entries in this flush: checksum sum, count, last.
-        let mut added: BTreeMap<&str, BucketState> = BTreeMap::new();
+        let mut added = BucketAdds::default();
         for (id, sent, fresh) in &written {
             let row = fresh.row.as_ref().unwrap_or(sent);
             for b in &fresh.buckets {
@@ -487,10 +488,7 @@ impl Inner {
                     data_json: fresh.data_json.as_deref(),
                     checksum,
                 });
-                let s = added.entry(b).or_default();
-                s.checksum = s.checksum.wrapping_add(checksum);
-                s.count = s.count.saturating_add(1);
-                s.last_op_id = op_id;
+                added.add(b, op_id, checksum);
             }
         }
         stx.append_ops(&ops)?;
@@ -501,17 +499,7 @@ impl Inner {
             .collect();
         // Rows the bulk way are new: no membership to replace.
         stx.add_rows_buckets(&table.name, &members)?;
-        for (bucket, add) in added {
-            let state = stx.bucket_state(bucket)?.unwrap_or_default();
-            stx.set_bucket_state(
-                bucket,
-                &BucketState {
-                    checksum: state.checksum.wrapping_add(add.checksum),
-                    count: state.count.saturating_add(add.count),
-                    last_op_id: add.last_op_id,
-                },
-            )?;
-        }
+        added.apply(stx)?;
         Ok(())
     }
 }

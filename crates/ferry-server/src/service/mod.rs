@@ -20,6 +20,7 @@
 //! - here: the service itself, checkpoints, compaction and the
 //!   [`SyncHandler`] glue.
 
+mod bucket_adds;
 mod builder;
 mod capture;
 mod feed;

@@ -23,8 +23,9 @@ use ferry_core::{HlcTimestamp, RowData, Table};
 use ferry_protocol::OpKind;
 use ferry_transport::blocking;
 
+use super::bucket_adds::BucketAdds;
 use super::{blocking_error, Fnv64, Inner, SyncService};
-use crate::db::{BucketState, NewOp, SourceTx};
+use crate::db::{NewOp, SourceTx};
 use crate::error::Result;
 
 /// Most rows looked at in one write transaction.
@@ -64,7 +65,7 @@ impl Inner {
             let moves = self.rebucket_moves(stx, table, &ids)?;
             changed = moves.len();
             let mut ops: Vec<NewOp<'_>> = Vec::new();
-            let mut added: BTreeMap<&str, BucketState> = BTreeMap::new();
+            let mut added = BucketAdds::default();
             for m in &moves {
                 let puts = m.joined.iter().map(|b| (b, OpKind::Put, Some(&m.data)));
                 let removes = m.left.iter().map(|b| (b, OpKind::Remove, None));
@@ -81,26 +82,13 @@ impl Inner {
                         data_json: None,
                         checksum,
                     });
-                    let s = added.entry(bucket).or_default();
-                    s.checksum = s.checksum.wrapping_add(checksum);
-                    s.count = s.count.saturating_add(1);
-                    s.last_op_id = op_id;
+                    added.add(bucket, op_id, checksum);
                 }
             }
             stx.append_ops(&ops)?;
             let members: Vec<(&str, &BTreeSet<String>)> = moves.iter().map(|m| (m.id.as_str(), &m.new)).collect();
             stx.set_rows_buckets(&table.name, &members)?;
-            for (bucket, add) in added {
-                let state = stx.bucket_state(bucket)?.unwrap_or_default();
-                stx.set_bucket_state(
-                    bucket,
-                    &BucketState {
-                        checksum: state.checksum.wrapping_add(add.checksum),
-                        count: state.count.saturating_add(add.count),
-                        last_op_id: add.last_op_id,
-                    },
-                )?;
-            }
+            added.apply(stx)?;
             Ok(())
         })?;
         let next = if ids.len() < limit { None } else { ids.last().cloned() };
