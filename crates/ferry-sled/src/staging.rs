@@ -169,21 +169,24 @@ pub(crate) fn switch_in(
     Ok(())
 }
 
+/// The staged entries of `bucket` after `after_op_id`, in op id order,
+/// with the length of the bucket's key prefix (`None`: none can follow).
+fn after(tree: &sled::Tree, bucket: &str, after_op_id: u64) -> Option<(usize, sled::Iter)> {
+    let first = after_op_id.checked_add(1)?;
+    let pre = prefix(bucket);
+    let upper = prefix_end(&pre).map_or(Bound::Unbounded, Bound::Excluded);
+    Some((pre.len(), tree.range((Bound::Included(key(bucket, first)), upper))))
+}
+
 /// `Store::staged_ops`.
 pub(crate) fn read(tree: &sled::Tree, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<StagedOp>> {
-    let pre = prefix(bucket);
-    let Some(first) = after_op_id.checked_add(1) else {
+    let Some((pre_len, entries)) = after(tree, bucket, after_op_id) else {
         return Ok(Vec::new());
     };
-    let end = prefix_end(&pre);
-    let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
     let mut out = Vec::new();
-    for item in tree.range((Bound::Included(key(bucket, first)), upper)) {
-        if out.len() >= limit {
-            break;
-        }
+    for item in entries.take(limit) {
         let (k, v) = item.map_err(sled_err)?;
-        out.push(decode(&k, pre.len(), &v)?);
+        out.push(decode(&k, pre_len, &v)?);
     }
     Ok(out)
 }
@@ -191,21 +194,14 @@ pub(crate) fn read(tree: &sled::Tree, bucket: &str, after_op_id: u64, limit: usi
 /// The op ids `bucket` has staged after `after_op_id`, at most `limit`,
 /// read from the keys alone (no op decoded).
 pub(crate) fn op_ids(tree: &sled::Tree, bucket: &str, after_op_id: u64, limit: usize) -> StoreResult<Vec<u64>> {
-    let pre = prefix(bucket);
-    let Some(first) = after_op_id.checked_add(1) else {
+    let Some((pre_len, entries)) = after(tree, bucket, after_op_id) else {
         return Ok(Vec::new());
     };
-    let end = prefix_end(&pre);
-    let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
     let mut out = Vec::new();
-    for k in tree
-        .range((Bound::Included(key(bucket, first)), upper))
-        .keys()
-        .take(limit)
-    {
+    for k in entries.keys().take(limit) {
         let k = k.map_err(sled_err)?;
         out.push(
-            k.get(pre.len()..)
+            k.get(pre_len..)
                 .and_then(be_u64)
                 .ok_or_else(|| corrupt("bad staged op key"))?,
         );
