@@ -66,6 +66,7 @@
 //! a few seconds for the lock; a database still held after that (by another
 //! process) fails with a retryable [`StoreError::Backend`].
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -502,30 +503,59 @@ impl SledStore {
         };
         let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
         let _snap = self.snapshot.read();
-        let mut out = Vec::new();
-        let entries = self.tree().range::<&[u8], _>((Bound::Included(&start[..]), upper));
-        let entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if reverse {
-            Box::new(entries.rev())
-        } else {
-            Box::new(entries)
-        };
-        for item in entries {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, id) = item.map_err(sled_err)?;
-            let id = keys::utf8(&id)?;
-            // Every index entry has its row (both are written in one batch);
-            // skip a missing one as the memory store does.
-            if let Some(row) = self
+        // Every index entry has its row (both are written in one batch);
+        // a missing one is skipped as the memory store does.
+        let row_of = |id: &sled::IVec| -> StoreResult<Option<(String, RowData)>> {
+            let id = keys::utf8(id)?;
+            match self
                 .tree()
                 .get(keys::row_key(keys::SYNCED, table, &id))
                 .map_err(sled_err)?
             {
-                out.push((id, codec::decode_row(&row)?));
+                Some(row) => Ok(Some((id, codec::decode_row(&row)?))),
+                None => Ok(None),
+            }
+        };
+        let mut out = Vec::new();
+        if !reverse {
+            for item in self.tree().range::<&[u8], _>((Bound::Included(&start[..]), upper)) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, id) = item.map_err(sled_err)?;
+                out.extend(row_of(&id)?);
+            }
+            return Ok(out);
+        }
+        // Not `range(..).rev()`: sled 0.34's reverse iteration panics
+        // ("fucked up tree traversal") when it steps back over a node whose
+        // first key ends in a long run of 0xFF bytes, which the
+        // order-preserving encodings of numbers produce. The range is read
+        // forwards, keeping its last entries; again before the first kept
+        // one in the (corrupt) case where rows were missing.
+        let mut hi: Bound<Vec<u8>> = upper.map(<[u8]>::to_vec);
+        loop {
+            let want = limit - out.len();
+            let mut last: VecDeque<(sled::IVec, sled::IVec)> = VecDeque::new();
+            for item in self
+                .tree()
+                .range::<&[u8], _>((Bound::Included(&start[..]), hi.as_ref().map(Vec::as_slice)))
+            {
+                if last.len() == want {
+                    last.pop_front();
+                }
+                last.push_back(item.map_err(sled_err)?);
+            }
+            let full = last.len() == want;
+            let first = last.front().map(|(k, _)| k.to_vec());
+            for (_, id) in last.iter().rev() {
+                out.extend(row_of(id)?);
+            }
+            match first {
+                Some(first) if full && out.len() < limit => hi = Bound::Excluded(first),
+                _ => return Ok(out),
             }
         }
-        Ok(out)
     }
 }
 
