@@ -128,7 +128,7 @@ fn run(n: u64, path: &str, query: &Query) -> Result<(), Box<dyn std::error::Erro
     for k in 0..UPDATES as u64 {
         let id = format!("new{k:06}");
         let data = row_data([
-            ("title", Value::from(format!("zz new {k}"))),
+            ("title", Value::from(format!("zz new {k:06}"))),
             ("status", Value::from("pending")),
             ("updated_at", Value::Integer((n + k) as i64)),
         ]);

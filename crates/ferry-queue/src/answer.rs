@@ -141,11 +141,17 @@ impl LocalDb {
             rolled_back.clone(),
             std::collections::BTreeMap::new(),
         )?;
+        if confirmed > 0 {
+            self.persist_counters(&mut batch, &counters, confirmed);
+        }
         let changes = self.visible_changes(&batch, &changed)?;
         self.store.apply(batch)?;
         counters.completed_through = through;
         counters.upload_len -= removed;
         counters.stored_len -= confirmed;
+        let ticket = counters.tickets.take();
+        drop(counters);
+        let _turn = self.turns.wait(ticket);
         let (rolled, others): (Vec<RowChange>, Vec<RowChange>) = if rolled_back.is_empty() {
             (Vec::new(), changes)
         } else {

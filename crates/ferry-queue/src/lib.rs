@@ -39,6 +39,7 @@ mod os_random;
 pub mod planted;
 mod record;
 mod staged;
+mod turns;
 
 pub use answer::{Answer, WriteReceipt, META_OUTCOME_PREFIX};
 pub use record::{record_from_row, record_to_row, Record};
@@ -198,6 +199,8 @@ struct Counters {
     stored_len: u64,
     /// The highest write checkpoint of an applied server checkpoint.
     server_write_checkpoint: u64,
+    /// Tickets for the observer's turns, taken by each commit.
+    tickets: turns::TicketRoll,
 }
 
 /// A local database: reads of the visible state and transactional writes
@@ -213,6 +216,9 @@ pub struct LocalDb {
     /// Whether the observer wants the rows a staged checkpoint switched in
     /// (see [`LocalDb::set_observer_interest`]).
     interest: RwLock<Option<Interest>>,
+    /// Commit-ordered turns for calling the observer outside the write
+    /// lock.
+    turns: turns::Turns,
 }
 
 impl std::fmt::Debug for LocalDb {
@@ -358,11 +364,20 @@ impl LocalDb {
                 .ok_or_else(|| StoreError::Corrupt(format!("metadata {META_HLC} is not a clock")))?;
             hlc.advance_to(&stored);
         }
-        let last_queued = last_queued_seq(store.as_ref())?;
+        // A local write stores only its queue entries and rows: the next
+        // seq and tx id and the clock it reached are those of the newest
+        // entry, and the metadata keeps them only from the moment entries
+        // leave the queue (see `persist_counters`).
+        let last_queued = last_queued_entry(store.as_ref())?;
+        if let Some(stamp) = last_queued.as_ref().and_then(|e| e.hlc.as_ref()) {
+            hlc.advance_to(stamp);
+        }
         let next_seq = read_u64_meta(store.as_ref(), META_NEXT_SEQ)?
             .unwrap_or(1)
-            .max(last_queued.map_or(1, |s| s + 1));
-        let next_tx_id = read_u64_meta(store.as_ref(), META_NEXT_TX)?.unwrap_or(1);
+            .max(last_queued.as_ref().map_or(1, |e| e.seq + 1));
+        let next_tx_id = read_u64_meta(store.as_ref(), META_NEXT_TX)?
+            .unwrap_or(1)
+            .max(last_queued.as_ref().map_or(1, |e| e.tx_id + 1));
         let completed_through = read_u64_meta(store.as_ref(), META_COMPLETED_THROUGH)?.unwrap_or(0);
         let stored_len = store.queue_len()?;
         let mut upload_len = 0;
@@ -390,7 +405,9 @@ impl LocalDb {
                 upload_len,
                 stored_len,
                 server_write_checkpoint: 0,
+                tickets: turns::TicketRoll::default(),
             }),
+            turns: turns::Turns::default(),
         })
     }
 
@@ -526,11 +543,6 @@ impl LocalDb {
             });
             seq += 1;
         }
-        if n_ops > 0 {
-            batch.put_meta(META_NEXT_SEQ, seq.to_be_bytes().to_vec());
-            batch.put_meta(META_NEXT_TX, (tx_id + 1).to_be_bytes().to_vec());
-            batch.put_meta(META_HLC, self.hlc.high_water().to_string().into_bytes());
-        }
         if batch.is_empty() {
             return Ok((value, None));
         }
@@ -547,6 +559,9 @@ impl LocalDb {
             counters.upload_len += n_ops as u64;
             counters.stored_len += n_ops as u64;
         }
+        let ticket = counters.tickets.take();
+        drop(counters);
+        let _turn = self.turns.wait(ticket);
         self.notify(ChangeSource::LocalWrite, &changes);
         Ok((value, receipt))
     }
@@ -723,16 +738,31 @@ impl LocalDb {
             return Ok(());
         }
         // The server's clock was observed before this batch: keep it.
-        batch.put_meta(META_HLC, self.hlc.high_water().to_string().into_bytes());
+        self.persist_counters(&mut batch, &counters, confirmed);
         let changes = self.visible_changes_staged(&batch, &changed, &staged_after)?;
         self.store.apply(batch)?;
         counters.stored_len -= confirmed;
+        let ticket = counters.tickets.take();
+        drop(counters);
+        let turn = self.turns.wait(ticket);
         self.notify(ChangeSource::Server, &changes);
         self.notify_switched(switches, &staged_after, &queued)?;
-        drop(counters);
+        drop(turn);
         drop_in_background(changed);
         drop_in_background(changes);
         Ok(())
+    }
+
+    /// Keep the clock's high-water mark with `batch`, and, when the batch
+    /// drops queue entries (`confirmed` > 0), the next seq and tx id: a
+    /// local write keeps them only in its queue entries, so they must be
+    /// in the metadata before the entries go.
+    fn persist_counters(&self, batch: &mut WriteBatch, counters: &Counters, confirmed: u64) {
+        batch.put_meta(META_HLC, self.hlc.high_water().to_string().into_bytes());
+        if confirmed > 0 {
+            batch.put_meta(META_NEXT_SEQ, counters.next_seq.to_be_bytes().to_vec());
+            batch.put_meta(META_NEXT_TX, counters.next_tx_id.to_be_bytes().to_vec());
+        }
     }
 
     /// Add to `batch` (which may hold synced-layer changes): dropping
@@ -841,8 +871,13 @@ impl LocalDb {
 
     /// Call `observer` after every committed change of the visible state,
     /// with the rows whose visible value may have changed. Calls are made
-    /// in commit order, on the committing thread, while writes are held
-    /// back: keep the observer quick (queue the work, don't do it).
+    /// on the committing thread, once per commit, in commit order, after
+    /// the write lock is released: the next write commits while the
+    /// observer runs, and waits only to take its own turn after it. An
+    /// observer that reads the store may see a later commit's rows a turn
+    /// early; that commit's own call follows. The observer must not write
+    /// through this database (its commit would wait for the turn the
+    /// observer holds).
     pub fn set_observer(&self, observer: Option<Observer>) {
         *self.observer.write() = observer;
     }
@@ -1069,16 +1104,17 @@ impl<T> Collection for Vec<T> {
     }
 }
 
-fn last_queued_seq(store: &dyn Store) -> QueueResult<Option<u64>> {
+/// The newest stored queue entry.
+fn last_queued_entry(store: &dyn Store) -> QueueResult<Option<CrudEntry>> {
     // The queue is ordered; page through to its end.
     let mut from = 0;
     let mut last = None;
     loop {
-        let page = store.queue_from(from, PAGE_ENTRIES)?;
+        let mut page = store.queue_from(from, PAGE_ENTRIES)?;
         let full = page.len() == PAGE_ENTRIES;
-        if let Some(e) = page.last() {
-            last = Some(e.seq);
+        if let Some(e) = page.pop() {
             from = e.seq + 1;
+            last = Some(e);
         }
         if !full {
             return Ok(last);

@@ -628,3 +628,59 @@ fn a_pre_commit_check_can_refuse_the_whole_transaction() {
         assert!(db.get("tickets", "t3").expect("get").is_some(), "{backend}");
     });
 }
+
+/// A local write keeps its clock only in its queue entries (no metadata
+/// row per write): a restart with a clock far behind still stamps later
+/// writes after every earlier one, with entries pending, answered, or all
+/// confirmed and gone.
+#[test]
+fn a_restart_with_a_lagging_clock_never_stamps_a_write_before_an_earlier_one() {
+    use ferry_core::ManualClock;
+    use std::sync::Arc;
+    each_backend(|backend, _| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open_at = |now_ms: u64| {
+            LocalDb::open_with(
+                open(backend, dir.path()),
+                LocalDbOptions {
+                    clock: Arc::new(ManualClock::new(now_ms)),
+                    ..LocalDbOptions::default()
+                },
+            )
+            .expect("open")
+        };
+        let last_stamp = |db: &LocalDb| {
+            db.next_batch(usize::MAX)
+                .expect("batch")
+                .last()
+                .and_then(|e| e.hlc.clone())
+                .expect("a stamped entry")
+        };
+        let db = open_at(1_000_000);
+        for i in 0..3 {
+            db.write(|tx| tx.insert("tickets", &format!("a{i}"), title("a")))
+                .expect("write");
+        }
+        let before = last_stamp(&db);
+        drop(db);
+
+        // Pending entries only.
+        let db = open_at(5);
+        db.write(|tx| tx.insert("tickets", "b", title("b"))).expect("write");
+        let after = last_stamp(&db);
+        assert!(after > before, "{backend}: {after:?} after {before:?}");
+        assert_eq!(db.last_seq(), 4, "{backend}");
+
+        // Every entry answered and confirmed: the queue is empty.
+        db.complete(4).expect("complete");
+        db.confirm_through(4).expect("confirm");
+        assert_eq!(db.pending_len().expect("len"), 0, "{backend}");
+        drop(db);
+        let db = open_at(5);
+        db.write(|tx| tx.insert("tickets", "c", title("c"))).expect("write");
+        let latest = last_stamp(&db);
+        assert!(latest > after, "{backend}: {latest:?} after {after:?}");
+        let e = db.next_transaction().expect("tx").expect("some");
+        assert_eq!((e.tx_id, e.entries[0].seq), (5, 5), "{backend}");
+    });
+}
