@@ -213,6 +213,15 @@ impl TableLayout {
         }
     }
 
+    /// The key for a text expression holding an id that passed
+    /// [`TableLayout::pk_param`].
+    pub(crate) fn pk_from_text(&self, expr: &str) -> String {
+        match &self.pk_kind {
+            PkKind::Int => format!("{expr}::int8"),
+            PkKind::Text { typname } => format!("{expr}::text::{typname}"),
+        }
+    }
+
     /// Why an id cannot be a row id of this table.
     pub(crate) fn bad_id(&self, id: &str) -> SourceError {
         let what = match &self.pk_kind {

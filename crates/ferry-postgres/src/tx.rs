@@ -1,6 +1,6 @@
 //! A write transaction ([`SourceTx`]) on one pooled connection.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ferry_core::{HlcTimestamp, RowData, Table};
 use ferry_protocol::{OplogEntry, Outcome};
@@ -69,6 +69,18 @@ pub(crate) struct PgTx<'a> {
     pub(crate) pending: Vec<(String, Vec<Param>)>,
     /// Bucket states read or written in this transaction.
     pub(crate) buckets: std::collections::HashMap<String, Option<BucketState>>,
+    /// Rows read ahead ([`SourceTx::prefetch_rows`]), by table and id;
+    /// an entry goes when the transaction writes the row.
+    pub(crate) rows_ahead: HashMap<String, HashMap<String, Option<StoredRow>>>,
+    /// Bucket memberships read ahead, by table and id; an entry goes when
+    /// the transaction sets the row's membership.
+    pub(crate) buckets_ahead: HashMap<String, HashMap<String, BTreeSet<String>>>,
+    /// [`SourceTx::defer_op_writes`]: savepoints are not sent, and an op's
+    /// writes wait for the next flight.
+    pub(crate) defer_ops: bool,
+    /// With `defer_ops`: where the current op's statements start in
+    /// `pending`, while none of them was sent.
+    pub(crate) op_start: Option<usize>,
 }
 
 impl PgTx<'_> {
@@ -80,7 +92,24 @@ impl PgTx<'_> {
             max_clock: None,
             pending: Vec::new(),
             buckets: std::collections::HashMap::new(),
+            rows_ahead: HashMap::new(),
+            buckets_ahead: HashMap::new(),
+            defer_ops: false,
+            op_start: None,
         }
+    }
+
+    /// Forget what was read ahead of one row (the transaction writes it).
+    fn forget_row(&mut self, table: &str, id: &str) {
+        if let Some(rows) = self.rows_ahead.get_mut(table) {
+            rows.remove(id);
+        }
+    }
+
+    /// Forget everything read ahead (a rollback undid writes).
+    fn forget_ahead(&mut self) {
+        self.rows_ahead.clear();
+        self.buckets_ahead.clear();
     }
 
     /// Queue a statement whose answer is not needed.
@@ -104,7 +133,17 @@ impl PgTx<'_> {
     /// Send everything deferred, then `last` if given, in one flight; the
     /// rows of `last`.
     fn send(&mut self, last: Option<(&str, &[&(dyn ToSql + Sync)])>) -> Result<Option<Vec<Row>>> {
+        let mut answers = self.send_all(last.as_slice())?;
+        Ok(last.and_then(|_| answers.pop()))
+    }
+
+    /// Send everything deferred, then each of `queries`, in one flight;
+    /// the rows of each query.
+    fn send_all(&mut self, queries: &[(&str, &[&(dyn ToSql + Sync)])]) -> Result<Vec<Vec<Row>>> {
+        // The current op's writes go now: past rolling back by dropping.
+        self.op_start = None;
         let pending = std::mem::take(&mut self.pending);
+        let sent = pending.len();
         let mut stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
             .iter()
             .map(|(s, p)| {
@@ -114,11 +153,11 @@ impl PgTx<'_> {
                 )
             })
             .collect();
-        if let Some((sql, params)) = last {
+        for (sql, params) in queries {
             stmts.push((sql, params.to_vec()));
         }
         let mut answers = run_batch(self.client, &stmts)?;
-        Ok(last.and_then(|_| answers.pop()))
+        Ok(answers.split_off(sent))
     }
 }
 
@@ -166,16 +205,23 @@ pub(crate) fn read_row_on(
         params.push(n);
     }
     let rows = run(&sql, &params)?;
-    let Some(r) = rows.first() else {
-        return Ok(None);
-    };
-    let clocks: Option<String> = r.try_get(0)?;
-    let deleted: Option<String> = r.try_get(1)?;
-    let present: Option<bool> = r.try_get(2)?;
+    match rows.first() {
+        Some(r) => stored_row_at(r, &layout, 0),
+        None => Ok(None),
+    }
+}
+
+/// A row read with its clocks and tombstone: the clocks' column at
+/// `base`, then the tombstone's, whether the app's row is there, and its
+/// columns in the layout's order.
+fn stored_row_at(r: &Row, layout: &TableLayout, base: usize) -> Result<Option<StoredRow>> {
+    let clocks: Option<String> = r.try_get(base)?;
+    let deleted: Option<String> = r.try_get(base + 1)?;
+    let present: Option<bool> = r.try_get(base + 2)?;
     let data = if present == Some(true) {
         let mut d = RowData::new();
         for (i, c) in layout.cols.iter().enumerate() {
-            d.insert(c.name.clone(), c.read(r, 3 + i)?);
+            d.insert(c.name.clone(), c.read(r, base + 3 + i)?);
         }
         Some(d)
     } else {
@@ -193,6 +239,67 @@ pub(crate) fn read_row_on(
         return Ok(None);
     }
     Ok(Some(StoredRow { data, clocks, deleted }))
+}
+
+/// Most ids read ahead by one statement ([`SourceTx::prefetch_rows`]).
+pub(crate) const MAX_PREFETCH_IDS_PER_QUERY: usize = 1_000;
+
+/// [`SourceTx::prefetch_rows`]: the rows with their clocks and tombstones,
+/// and their bucket memberships, of ids not read ahead yet, two
+/// statements per [`MAX_PREFETCH_IDS_PER_QUERY`] ids in one flight (with
+/// everything deferred before them). Ids no row of the table can have are
+/// left to `read_row`.
+fn prefetch_rows_on(tx: &mut PgTx<'_>, table: &Table, ids: &[&str]) -> Result<()> {
+    let layout = tx.db.layout(&table.name)?;
+    let known = tx.rows_ahead.get(&table.name);
+    let mut wanted: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| layout.pk_param(id).is_some() && known.is_none_or(|k| !k.contains_key(*id)))
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let f = &tx.db.names.ferry;
+    let list = layout.select_list();
+    let sep = if list.is_empty() { "" } else { ", " };
+    // Ids pass `pk_param`: each casts to the key's type.
+    let rows_sql = format!(
+        "SELECT i.id, c.clocks, tb.hlc, r.* FROM unnest($2::text[]) AS i(id) \
+         LEFT JOIN LATERAL (SELECT true AS ferry_present{sep}{list} FROM {t} WHERE {pk} = {key}) AS r ON true \
+         LEFT JOIN {f}.clocks c ON c.tbl = $1 AND c.id = i.id \
+         LEFT JOIN {f}.tombstones tb ON tb.tbl = $1 AND tb.id = i.id",
+        t = layout.qualified,
+        pk = layout.pk,
+        key = layout.pk_from_text("i.id"),
+    );
+    let buckets_sql = format!("SELECT id, bucket FROM {f}.row_buckets WHERE tbl = $1 AND id = ANY($2::text[])");
+    let name = table.name.as_str();
+    for chunk in wanted.chunks(MAX_PREFETCH_IDS_PER_QUERY) {
+        let params: [&(dyn ToSql + Sync); 2] = [&name, &chunk];
+        let mut answers = tx.send_all(&[(&rows_sql, &params), (&buckets_sql, &params)])?;
+        let (Some(memberships), Some(rows)) = (answers.pop(), answers.pop()) else {
+            return Err(corrupt("prefetched rows", "an answer is missing"));
+        };
+        let mut found: HashMap<String, Option<StoredRow>> = HashMap::with_capacity(chunk.len());
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            let stored = stored_row_at(r, &layout, 1)?;
+            found.insert(id, stored);
+        }
+        let mut buckets: HashMap<String, BTreeSet<String>> =
+            chunk.iter().map(|id| ((*id).to_owned(), BTreeSet::new())).collect();
+        for r in &memberships {
+            let id: String = r.try_get(0)?;
+            let bucket: String = r.try_get(1)?;
+            buckets.entry(id).or_default().insert(bucket);
+        }
+        tx.rows_ahead.entry(table.name.clone()).or_default().extend(found);
+        tx.buckets_ahead.entry(table.name.clone()).or_default().extend(buckets);
+    }
+    Ok(())
 }
 
 fn write_row_on(
@@ -396,6 +503,9 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn read_row(&mut self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
+        if let Some(ahead) = self.rows_ahead.get(&table.name).and_then(|rows| rows.get(id)) {
+            return Ok(ahead.clone());
+        }
         let db = self.db;
         lift(|| read_row_on(db, table, id, |sql, params| self.q(sql, params)))
     }
@@ -407,6 +517,7 @@ impl SourceTx for PgTx<'_> {
         data: &RowData,
         clocks: &BTreeMap<String, HlcTimestamp>,
     ) -> SourceResult<Option<RowData>> {
+        self.forget_row(&table.name, id);
         lift(|| {
             let layout = self.db.layout(&table.name)?;
             write_row_on(self, &layout, id, data, clocks)
@@ -414,6 +525,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_clocks(&mut self, table: &str, id: &str, clocks: &BTreeMap<String, HlcTimestamp>) -> SourceResult<()> {
+        self.forget_row(table, id);
         lift(|| {
             let text = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
             let f = &self.db.names.ferry;
@@ -434,6 +546,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> SourceResult<()> {
+        self.forget_row(&table.name, id);
         lift(|| {
             let layout = self.db.layout(&table.name)?;
             delete_row_on(self, &layout, id, hlc)
@@ -441,6 +554,9 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn row_buckets(&mut self, table: &str, id: &str) -> SourceResult<BTreeSet<String>> {
+        if let Some(ahead) = self.buckets_ahead.get(table).and_then(|rows| rows.get(id)) {
+            return Ok(ahead.clone());
+        }
         lift(|| {
             let sql = format!(
                 "SELECT bucket FROM {}.row_buckets WHERE tbl = $1 AND id = $2",
@@ -452,6 +568,9 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_row_buckets(&mut self, table: &str, id: &str, buckets: &BTreeSet<String>) -> SourceResult<()> {
+        if let Some(rows) = self.buckets_ahead.get_mut(table) {
+            rows.remove(id);
+        }
         let f = &self.db.names.ferry;
         let list: Vec<String> = buckets.iter().cloned().collect();
         let sql = format!(
@@ -621,16 +740,36 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn savepoint(&mut self) -> SourceResult<()> {
+        if self.defer_ops {
+            // No savepoint is sent: the op's statements are dropped while
+            // unsent, and a refusal fails the transaction.
+            self.op_start = Some(self.pending.len());
+            return Ok(());
+        }
         // Sent with the op's first statement.
         self.defer(SAVEPOINT.to_owned(), Vec::new());
         Ok(())
     }
 
     fn rollback_to_savepoint(&mut self) -> SourceResult<()> {
-        // The op's unsent writes are dropped, and what it read is stale.
+        // What the transaction read is stale.
+        self.buckets.clear();
+        self.forget_ahead();
+        if self.defer_ops {
+            return match self.op_start.take() {
+                Some(start) => {
+                    // Nothing of the op reached the database.
+                    self.pending.truncate(start);
+                    Ok(())
+                }
+                None => Err(ferry_source::SourceError::Refused(
+                    "an op whose writes were sent with others cannot be undone alone".to_owned(),
+                )),
+            };
+        }
+        // The op's unsent writes are dropped.
         let unsent_savepoint = self.pending.iter().any(|(s, _)| s == SAVEPOINT);
         self.pending.clear();
-        self.buckets.clear();
         if unsent_savepoint {
             // Nothing of the op reached the database.
             return Ok(());
@@ -645,9 +784,24 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn release_savepoint(&mut self) -> SourceResult<()> {
+        if self.defer_ops {
+            // The op's writes go with the next flight.
+            self.op_start = None;
+            return Ok(());
+        }
         // The op's deferred writes go now: a refused one is still this
         // op's (the service rolls the savepoint back and rejects it).
         self.defer(RELEASE.to_owned(), Vec::new());
         lift(|| self.flush())
+    }
+
+    fn prefetch_rows(&mut self, table: &Table, ids: &[&str]) -> SourceResult<()> {
+        lift(|| prefetch_rows_on(self, table, ids))
+    }
+
+    fn defer_op_writes(&mut self, on: bool) -> bool {
+        self.defer_ops = on;
+        self.op_start = None;
+        on
     }
 }

@@ -427,6 +427,30 @@ pub trait SourceTx {
     fn rollback_to_savepoint(&mut self) -> Result<()>;
     /// Keep the writes since [`SourceTx::savepoint`] and forget it.
     fn release_savepoint(&mut self) -> Result<()>;
+    /// Read ahead what [`SourceTx::read_row`] and
+    /// [`SourceTx::row_buckets`] are about to be asked for these rows (an
+    /// upload's rows), so a database across a network answers them in one
+    /// round trip instead of one per row. Reads still see the
+    /// transaction's own writes and what a rollback undid, as without it.
+    /// The default does nothing (an embedded database reads a row as fast
+    /// either way).
+    fn prefetch_rows(&mut self, table: &Table, ids: &[&str]) -> Result<()> {
+        let _ = (table, ids);
+        Ok(())
+    }
+    /// When `on`, an op's writes may reach the database after
+    /// [`SourceTx::release_savepoint`] returned (with the next read or the
+    /// commit), so a transaction of many ops takes few round trips. A
+    /// write the database refuses then fails the whole transaction (an
+    /// error of kind refused), not its op, and
+    /// [`SourceTx::rollback_to_savepoint`] may fail once an op's writes
+    /// were sent: the caller runs the transaction again with it off to
+    /// find the op. Off until called. Returns whether it is on: a
+    /// database that writes at once (the default) never defers.
+    fn defer_op_writes(&mut self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
 }
 
 /// Commit notifications of a source database: the value changes (a

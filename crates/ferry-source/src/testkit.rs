@@ -50,6 +50,8 @@ macro_rules! source_conformance_tests {
             rows_clocks_and_tombstones,
             max_clock_is_raised_and_kept,
             bucket_membership,
+            prefetched_reads_follow_the_transactions_writes,
+            deferred_op_writes_apply_in_order,
             bulk_writes_match_one_by_one,
             append_op_allocates_increasing_ids_and_bucket_state,
             checkpoint_reads_client_and_buckets,
@@ -658,6 +660,101 @@ pub fn bucket_membership<B: SourceBackend>(b: &B) {
         assert!(tx.row_buckets("tickets", "none")?.is_empty());
         Ok(())
     });
+}
+
+/// Rows read ahead (`prefetch_rows`) read as they would without it: as
+/// committed before, then with the transaction's own writes, deletes and
+/// membership changes, and without what a savepoint rollback undid.
+pub fn prefetched_reads_follow_the_transactions_writes<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    let set = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<String>>();
+    let (first, second, third) = (ticket("first", 1), ticket("second", 2), ticket("third", 3));
+    let hlc = clock(10, "c");
+    write(db.as_ref(), |tx| {
+        tx.write_row(&t, "a", &first, &clocks_of(&first, &hlc))?;
+        tx.set_row_buckets("tickets", "a", &set(&["x[]"]))?;
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        tx.prefetch_rows(&t, &["a", "b", "a", "never"])?;
+        let a = tx.read_row(&t, "a")?.expect("row a");
+        assert_eq!((a.data.as_ref(), a.deleted.as_ref()), (Some(&first), None));
+        assert_eq!(a.clocks, clocks_of(&first, &hlc));
+        assert_eq!(tx.read_row(&t, "b")?, None);
+        assert_eq!(tx.read_row(&t, "never")?, None);
+        assert_eq!(tx.row_buckets("tickets", "a")?, set(&["x[]"]));
+        assert!(tx.row_buckets("tickets", "b")?.is_empty());
+
+        tx.write_row(&t, "b", &second, &clocks_of(&second, &hlc))?;
+        tx.set_row_buckets("tickets", "b", &set(&["y[]"]))?;
+        assert_eq!(tx.read_row(&t, "b")?.and_then(|r| r.data), Some(second.clone()));
+        assert_eq!(tx.row_buckets("tickets", "b")?, set(&["y[]"]));
+        tx.delete_row(&t, "a", &clock(11, "c"))?;
+        let a = tx.read_row(&t, "a")?.expect("tombstone of a");
+        assert_eq!((a.data, a.deleted), (None, Some(clock(11, "c"))));
+
+        tx.savepoint()?;
+        tx.set_row_buckets("tickets", "b", &set(&["z[]"]))?;
+        tx.write_row(&t, "b", &third, &clocks_of(&third, &hlc))?;
+        tx.rollback_to_savepoint()?;
+        assert_eq!(
+            tx.read_row(&t, "b")?.and_then(|r| r.data),
+            Some(second.clone()),
+            "the rolled-back write is not read"
+        );
+        assert_eq!(tx.row_buckets("tickets", "b")?, set(&["y[]"]));
+        Ok(())
+    });
+    assert_eq!(db.get_row(&t, "b").expect("get").and_then(|r| r.data), Some(second));
+    assert_eq!(db.get_row(&t, "a").expect("get").and_then(|r| r.data), None);
+}
+
+/// With `defer_op_writes` on, ops still apply in order: each reads what
+/// the ones before it wrote, and the commit keeps them all. An op that
+/// only deferred writes is undone alone by its savepoint's rollback.
+pub fn deferred_op_writes_apply_in_order<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    let set = |names: &[&str]| names.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<String>>();
+    let hlc = clock(10, "c");
+    write(db.as_ref(), |tx| {
+        tx.defer_op_writes(true);
+        for i in 0..5_i64 {
+            let id = format!("t{i}");
+            let row = ticket(&format!("ticket {i}"), i);
+            tx.savepoint()?;
+            if i > 0 {
+                let before = tx.read_row(&t, &format!("t{}", i - 1))?.and_then(|r| r.data);
+                assert_eq!(before, Some(ticket(&format!("ticket {}", i - 1), i - 1)));
+            }
+            tx.write_row(&t, &id, &row, &clocks_of(&row, &hlc))?;
+            tx.set_row_buckets("tickets", &id, &set(&["d[]"]))?;
+            append(tx, "d[]", &id, Some(&row))?;
+            tx.release_savepoint()?;
+        }
+        tx.savepoint()?;
+        tx.set_row_buckets("tickets", "t0", &set(&["gone[]"]))?;
+        tx.rollback_to_savepoint()?;
+        tx.set_client("c1", "u1", 5)?;
+        Ok(())
+    });
+    for i in 0..5_i64 {
+        let row = db.get_row(&t, &format!("t{i}")).expect("get").and_then(|r| r.data);
+        assert_eq!(row, Some(ticket(&format!("ticket {i}"), i)));
+    }
+    assert_eq!(checkpoint_of(db.as_ref(), "d[]").2, 5, "every op's log entry");
+    write(db.as_ref(), |tx| {
+        assert_eq!(
+            tx.row_buckets("tickets", "t0")?,
+            set(&["d[]"]),
+            "the undone op changed nothing"
+        );
+        Ok(())
+    });
+    assert_eq!(db.client_owner("c1").expect("owner").as_deref(), Some("u1"));
 }
 
 /// The bulk writes (`write_rows`, `append_ops`, `set_rows_buckets`,

@@ -416,55 +416,84 @@ impl Inner {
             return Ok(Vec::new());
         };
         let user_id = writer.user_id;
+        // The rows the ops name, by table, read ahead in one go.
+        let mut named: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (entry, _) in fresh {
+            named.entry(entry.op.table()).or_default().insert(entry.op.id());
+        }
         let mut outcomes = Vec::with_capacity(fresh.len());
         let mut failed: Option<(u64, String)> = None;
-        let result = crate::db::write(self.db.as_ref(), |stx| {
-            outcomes.clear();
-            failed = None;
-            if client_progress(stx, client_id, user_id)? != last_seq {
-                return Err(progress_moved(client_id));
-            }
-            if let Some(below) = prune_below {
-                stx.prune_outcomes(client_id, below)?;
-            }
-            for &(entry, fp) in fresh {
-                // A write the database refuses (a type, a constraint of
-                // the app's table) rejects this op alone.
-                // A database may send the op's writes only at the release,
-                // so a refusal may come from it too.
-                stx.savepoint()?;
-                let applied = self
-                    .apply_op(stx, client_id, user_id, Some(writer), entry)
-                    .and_then(|outcome| {
-                        stx.release_savepoint()?;
-                        Ok(outcome)
-                    });
-                let outcome = match applied {
-                    Ok(outcome) => outcome,
-                    Err(ServiceError::Refused(reason)) => {
-                        stx.rollback_to_savepoint()?;
-                        Outcome::Rejected {
-                            reason: format!(
-                                "the database refused the write to {}/{}: {reason}",
-                                entry.op.table(),
-                                entry.op.id()
-                            ),
-                        }
-                    }
-                    Err(e) => return Err(e),
-                };
-                if let Outcome::Rejected { reason } = &outcome {
-                    if !self.rules.per_op_outcomes(entry.op.table()) {
-                        failed = Some((entry.seq, reason.clone()));
-                        // Rolls the database transaction back.
-                        return Err(ServiceError::BadRequest(format!("transaction {tx_id} rolled back")));
+        // First with the ops' writes sent together (few round trips to a
+        // database across a network); a write the database refuses then
+        // fails that whole attempt, and a second one, op by op, finds the
+        // op and rejects it alone.
+        let mut together = true;
+        let mut sent_together = false;
+        let result = loop {
+            let attempt = crate::db::write(self.db.as_ref(), |stx| {
+                outcomes.clear();
+                failed = None;
+                sent_together = stx.defer_op_writes(together);
+                if client_progress(stx, client_id, user_id)? != last_seq {
+                    return Err(progress_moved(client_id));
+                }
+                if let Some(below) = prune_below {
+                    stx.prune_outcomes(client_id, below)?;
+                }
+                for (table, ids) in &named {
+                    if let Ok(t) = self.rules.schema().table(table) {
+                        let ids: Vec<&str> = ids.iter().copied().collect();
+                        stx.prefetch_rows(t, &ids)?;
                     }
                 }
-                stx.record_outcome(client_id, entry.seq, fp, &outcome)?;
-                outcomes.push(outcome);
+                for &(entry, fp) in fresh {
+                    // A write the database refuses (a type, a constraint
+                    // of the app's table) rejects this op alone. A
+                    // database may send the op's writes only at the
+                    // release, so a refusal may come from it too.
+                    stx.savepoint()?;
+                    let applied = self
+                        .apply_op(stx, client_id, user_id, Some(writer), entry)
+                        .and_then(|outcome| {
+                            stx.release_savepoint()?;
+                            Ok(outcome)
+                        });
+                    let outcome = match applied {
+                        Ok(outcome) => outcome,
+                        // Sent together, the refused write may be another
+                        // op's: the attempt op by op tells.
+                        Err(ServiceError::Refused(reason)) if sent_together => {
+                            return Err(ServiceError::Refused(reason))
+                        }
+                        Err(ServiceError::Refused(reason)) => {
+                            stx.rollback_to_savepoint()?;
+                            Outcome::Rejected {
+                                reason: format!(
+                                    "the database refused the write to {}/{}: {reason}",
+                                    entry.op.table(),
+                                    entry.op.id()
+                                ),
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if let Outcome::Rejected { reason } = &outcome {
+                        if !self.rules.per_op_outcomes(entry.op.table()) {
+                            failed = Some((entry.seq, reason.clone()));
+                            // Rolls the database transaction back.
+                            return Err(ServiceError::BadRequest(format!("transaction {tx_id} rolled back")));
+                        }
+                    }
+                    stx.record_outcome(client_id, entry.seq, fp, &outcome)?;
+                    outcomes.push(outcome);
+                }
+                Ok(stx.set_client(client_id, user_id, new_last)?)
+            });
+            match attempt {
+                Err(ServiceError::Refused(_)) if sent_together => together = false,
+                attempt => break attempt,
             }
-            Ok(stx.set_client(client_id, user_id, new_last)?)
-        });
+        };
         let (failed_seq, reason) = match (result, failed) {
             (Ok(()), _) => return Ok(outcomes),
             (Err(_), Some(f)) => f,
