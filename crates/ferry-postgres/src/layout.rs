@@ -73,6 +73,20 @@ impl ColLayout {
         }
     }
 
+    /// Whether the column stores `v` so that reading it back gives `v`
+    /// (a value it refuses fails the write instead): no cast, rounding,
+    /// padding or normalization on the way.
+    pub(crate) fn keeps_exactly(&self, v: &Value) -> bool {
+        match (self.kind, self.typname.as_str(), v) {
+            (_, _, Value::Null) => true,
+            (Kind::Int, _, Value::Integer(_)) => true,
+            (Kind::Float, "float8", Value::Real(r)) => r.is_finite(),
+            (Kind::Text, "text" | "varchar", Value::Text(_)) => true,
+            (Kind::Bytea, _, Value::Blob(_)) => true,
+            _ => false,
+        }
+    }
+
     /// Read the column at `idx` of `row` as a Ferry value.
     pub(crate) fn read(&self, row: &tokio_postgres::Row, idx: usize) -> Result<Value, tokio_postgres::Error> {
         Ok(match self.kind {
@@ -178,6 +192,10 @@ pub(crate) struct TableLayout {
     pub pk_kind: PkKind,
     /// The rules' columns, in the rules' order.
     pub cols: Vec<ColLayout>,
+    /// Whether PostgreSQL keeps a row as written, as far as the table
+    /// goes: no `BEFORE` row trigger or rewrite rule of the app may change
+    /// it (see [`ColLayout::keeps_exactly`] for the values).
+    pub keeps_rows: bool,
 }
 
 /// A row id as the parameter of the primary key.
@@ -270,6 +288,7 @@ pub(crate) fn layout(
     qualified: String,
     columns: &[PgColumn],
     pk: &[String],
+    rewrites_rows: bool,
 ) -> Result<TableLayout, SourceError> {
     let name = &table.name;
     let pk_name = match pk {
@@ -341,6 +360,7 @@ pub(crate) fn layout(
         pk: quote_ident(&pk_name),
         pk_kind,
         cols,
+        keeps_rows: !rewrites_rows,
     })
 }
 

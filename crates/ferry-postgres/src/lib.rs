@@ -376,7 +376,8 @@ impl PgSourceDb {
             .into());
         }
         let pk = introspect_pk(client, &names.app_raw, &t.name)?;
-        let layout = layout::layout(t, &names.app_raw, qualified, &columns, &pk)?;
+        let rewrites = introspect_rewrites(client, &names.app_raw, &t.name)?;
+        let layout = layout::layout(t, &names.app_raw, qualified, &columns, &pk, rewrites)?;
         let pk_raw = pk.first().cloned().unwrap_or_default();
         wait(client.batch_execute(&setup::trigger_sql(&names.ferry, &names.ferry_raw, &layout, &pk_raw)))?;
         Ok(layout)
@@ -429,6 +430,27 @@ fn introspect_pk(client: &deadpool_postgres::Client, schema: &str, table: &str) 
         &[&schema, &table],
     )?;
     rows.iter().map(|r| Ok(r.try_get::<_, String>(0)?)).collect()
+}
+
+/// Whether the app's table has a `BEFORE` row trigger on insert or update
+/// (it may change the row Ferry writes) or a rewrite rule. Ferry's own
+/// capture trigger runs after the row is written.
+fn introspect_rewrites(client: &deadpool_postgres::Client, schema: &str, table: &str) -> Result<bool> {
+    // tgtype bits: 1 row, 2 before, 4 insert, 16 update.
+    let rows = query(
+        client,
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2 AND NOT tg.tgisinternal \
+         AND (tg.tgtype & 3) = 3 AND (tg.tgtype & 20) <> 0) \
+         OR EXISTS (SELECT 1 FROM pg_rules WHERE schemaname = $1 AND tablename = $2)",
+        &[&schema, &table],
+    )?;
+    let rewrites: Option<bool> = match rows.first() {
+        Some(r) => r.try_get(0)?,
+        None => None,
+    };
+    Ok(rewrites.unwrap_or(true))
 }
 
 /// A statement on a connection out of the pool.

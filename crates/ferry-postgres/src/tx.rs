@@ -360,10 +360,31 @@ fn write_row_on(
         values = values.join(", "),
         pk = layout.pk,
     );
-    let rows = tx.q(&sql, &params)?;
     for c in clocks.values() {
         raise(&mut tx.max_clock, c);
     }
+    if tx.defer_ops
+        && layout.keeps_rows
+        && layout
+            .cols
+            .iter()
+            .all(|c| c.keeps_exactly(data.get(&c.name).unwrap_or(&ferry_core::Value::Null)))
+    {
+        // PostgreSQL keeps the row as written: nothing to read back, so
+        // the write waits for the next flight with the others.
+        let mut owned: Vec<Param> = vec![
+            Box::new(name.to_owned()),
+            Box::new(id.to_owned()),
+            Box::new(clocks_text.clone()),
+        ];
+        if let Some(n) = int_param {
+            owned.push(Box::new(n));
+        }
+        owned.extend(boxed);
+        tx.defer(sql, owned);
+        return Ok(None);
+    }
+    let rows = tx.q(&sql, &params)?;
     let Some(r) = rows.first() else {
         return Ok(None);
     };

@@ -441,3 +441,66 @@ async fn rows_already_in_the_database_reach_devices_after_the_first_pass() {
         "a second pass changes nothing"
     );
 }
+
+/// An upload's writes go to PostgreSQL together, yet each op still gets
+/// the row as PostgreSQL keeps it: a `BEFORE` trigger of the app that
+/// changes the row reaches the devices, and ops after a refused one in
+/// the same upload apply (the refused one alone is rejected).
+#[tokio::test]
+async fn rows_an_app_trigger_changes_reach_devices_and_a_refusal_stays_the_ops_own() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE FUNCTION \"{a}\".shout() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.title := upper(NEW.title); RETURN NEW; END $$;
+         CREATE TRIGGER shout BEFORE INSERT OR UPDATE ON \"{a}\".tasks
+           FOR EACH ROW EXECUTE FUNCTION \"{a}\".shout();"
+    ))
+    .expect("app trigger");
+    let svc = service(&s);
+    let task = |title: &str| vec![("owner", Value::from("ann")), ("title", Value::from(title))];
+    // Nothing refused: the ops' writes go together.
+    let ops = (1..=10)
+        .map(|i| put("tasks", &i.to_string(), &task(&format!("task {i}"))))
+        .collect();
+    let outcomes = upload(&svc, "ann", "c-ann", ops).await;
+    assert_eq!(outcomes, vec![Outcome::Applied; 10]);
+    // A refusal in the middle of the next upload.
+    let mut ops: Vec<ferry_core::CrudOp> = (11..=20)
+        .map(|i| put("tasks", &i.to_string(), &task(&format!("task {i}"))))
+        .collect();
+    // Refused by the CHECK constraint.
+    ops.insert(5, put("projects", P2, &project("ann", "Negative seats", -1)));
+    ops.push(put("projects", P1, &project("ann", "Fine", 2)));
+    let outcomes = upload(&svc, "ann", "c-ann-b", ops).await;
+    assert_eq!(outcomes.len(), 12);
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 5 {
+            assert!(
+                matches!(o, Outcome::Rejected { reason } if reason.contains("seats")),
+                "op {i}: {o:?}"
+            );
+        } else {
+            assert_eq!(o, &Outcome::Applied, "op {i}");
+        }
+    }
+    let mut other = TestClient::new("c-ann-2");
+    other.sync(&svc, &token("ann")).await;
+    for i in 1..=20 {
+        let row = other
+            .rows()
+            .get(&("tasks".to_owned(), i.to_string()))
+            .cloned()
+            .unwrap_or_else(|| panic!("task {i} reached the other device"));
+        assert_eq!(row.get("title"), Some(&Value::from(format!("TASK {i}"))), "task {i}");
+    }
+    assert!(other.rows().contains_key(&("projects".to_owned(), P1.to_owned())));
+    assert!(!other.rows().contains_key(&("projects".to_owned(), P2.to_owned())));
+    let count = s
+        .query(&format!(
+            "SELECT count(*)::text FROM \"{a}\".tasks WHERE title LIKE 'TASK %'"
+        ))
+        .expect("count");
+    assert_eq!(count[0][0].as_deref(), Some("20"));
+}
