@@ -563,7 +563,7 @@ async fn truncate_in_sql_removes_the_rows_from_devices_and_keeps_the_rows_writte
 #[tokio::test]
 async fn truncate_of_a_table_larger_than_one_transaction_is_handled_in_several() {
     const ROWS: usize = 1_200;
-    assert!(ROWS > 2 * ferry_server::MAX_TRUNCATE_ROWS_PER_TX);
+    const { assert!(ROWS > 2 * ferry_server::MAX_TRUNCATE_ROWS_PER_TX) };
     let s = ScratchSchemas::for_test();
     app_tables(&s);
     let a = &s.app;
