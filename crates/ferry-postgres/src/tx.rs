@@ -665,8 +665,10 @@ impl SourceTx for PgTx<'_> {
             let f = &self.db.names.ferry;
             // The next `limit` ids of either list, each read in its key's
             // order (an index scan that stops at the limit), then whether
-            // the app's table holds each (its key's index; an id no row
-            // can have casts to NULL and is not held).
+            // the app's table holds each: a lookup in its key's index per
+            // id (LATERAL with LIMIT: an EXISTS becomes a hashed subplan
+            // that reads the whole table for every step). An id no row can
+            // have casts to NULL and is not held.
             let after = if after_id.is_some() {
                 "AND id > $2"
             } else {
@@ -678,7 +680,9 @@ impl SourceTx for PgTx<'_> {
                    UNION \
                    (SELECT DISTINCT id FROM {f}.row_buckets WHERE tbl = $1 {after} ORDER BY id LIMIT $3) \
                  ) AS u ORDER BY id LIMIT $3) \
-                 SELECT k.id, EXISTS (SELECT 1 FROM {t} WHERE {pk} = {cast}) FROM k ORDER BY k.id",
+                 SELECT k.id, h.held IS NOT NULL FROM k \
+                 LEFT JOIN LATERAL (SELECT true AS held FROM {t} WHERE {pk} = {cast} LIMIT 1) AS h ON true \
+                 ORDER BY k.id",
                 t = layout.qualified,
                 pk = layout.pk,
                 cast = layout.pk_from_text("k.id"),
