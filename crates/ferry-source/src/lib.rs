@@ -480,10 +480,9 @@ pub struct CapturedChange {
 }
 
 /// What a [`CapturedChange`] is.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CaptureKind {
     /// The row was inserted, updated or deleted.
-    #[default]
     Row,
     /// The table was truncated: every row Ferry knew of before it and the
     /// table does not hold now is gone ([`SourceTx::vanished_rows`]).
