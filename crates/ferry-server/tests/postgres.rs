@@ -604,7 +604,16 @@ async fn truncate_of_a_table_larger_than_one_transaction_is_handled_in_several()
         left > 1 && left < ROWS / 2 + 10,
         "{left} rows left after one transaction"
     );
-    // The rest, then the insert after it.
+    // Its progress is in the database, so another server (a new capture
+    // leader) goes on where it stopped: the rest, then the insert after it.
+    let progress = s
+        .query(&format!(
+            "SELECT truncate_after FROM \"{}\".changes WHERE truncated",
+            s.ferry
+        ))
+        .expect("progress");
+    assert!(matches!(progress.as_slice(), [row] if row[0].is_some()), "{progress:?}");
+    let svc = service(&s);
     assert_eq!(
         svc.apply_captured(100).await.expect("the rest"),
         2,
