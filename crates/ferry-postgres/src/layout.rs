@@ -231,11 +231,20 @@ impl TableLayout {
         }
     }
 
-    /// The key for a text expression holding an id that passed
-    /// [`TableLayout::pk_param`].
+    /// The SQL expression turning the text id `expr` into the key's
+    /// type, NULL (never an error) for an id no row of this table can
+    /// have: what [`TableLayout::pk_param`] accepts, in SQL.
     pub(crate) fn pk_from_text(&self, expr: &str) -> String {
         match &self.pk_kind {
-            PkKind::Int => format!("{expr}::int8"),
+            // Nested: the inner CASE is evaluated only for digits.
+            PkKind::Int => format!(
+                "CASE WHEN {expr} ~ '^-?[0-9]{{1,19}}$' THEN CASE WHEN {expr}::numeric \
+                 BETWEEN -9223372036854775808 AND 9223372036854775807 THEN {expr}::int8 END END"
+            ),
+            PkKind::Text { typname } if typname == "uuid" => format!(
+                "CASE WHEN {expr} ~ '^[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$' \
+                 THEN {expr}::uuid END"
+            ),
             PkKind::Text { typname } => format!("{expr}::text::{typname}"),
         }
     }

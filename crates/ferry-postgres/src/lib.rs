@@ -19,8 +19,11 @@
 //!   (checkpoints, op ranges) never wait for it.
 //! - **Capture.** A trigger on each synced table records the id of every
 //!   row changed by anyone else (the app's backend, psql, a migration)
-//!   in `ferry.changes`; Ferry's own writes set `ferry.writing` for their
-//!   transaction and are not captured. The sync service turns captured
+//!   in `ferry.changes`, and a statement trigger records a `TRUNCATE` of
+//!   the table as one change (the service deletes the rows Ferry knew of
+//!   that are gone: [`ferry_source::SourceTx::vanished_rows`]); Ferry's own
+//!   writes set `ferry.writing` for their transaction and are not
+//!   captured. The sync service turns captured
 //!   changes into ops ([`ferry_source::SourceTx::take_captured`] in a write
 //!   transaction), one service at a time ([`SourceDb::try_lead`]:
 //!   a PostgreSQL advisory lock).

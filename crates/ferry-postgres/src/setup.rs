@@ -59,10 +59,20 @@ CREATE TABLE IF NOT EXISTS {f}.changes(
   tbl text NOT NULL,
   id text NOT NULL
 );
+-- Added after the first release: a database an earlier Ferry made gets
+-- them here (existing changes are row changes).
+ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncated boolean NOT NULL DEFAULT false;
+ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncate_after text;
+CREATE INDEX IF NOT EXISTS changes_truncated ON {f}.changes(seq) WHERE truncated;
 CREATE OR REPLACE FUNCTION {f}.capture() RETURNS trigger LANGUAGE plpgsql AS $ferry$
 BEGIN
   IF current_setting('ferry.writing', true) = 'on' THEN
     RETURN NULL;
+  END IF;
+  IF TG_OP = 'TRUNCATE' THEN
+    -- Statement level: the rows are not known here; the capture leader
+    -- deletes those Ferry knew of and the table no longer holds.
+    INSERT INTO {f}.changes(tbl, id, truncated) VALUES (TG_ARGV[0], '', true);
   END IF;
   IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' THEN
     INSERT INTO {f}.changes(tbl, id) VALUES (TG_ARGV[0], to_jsonb(OLD) ->> TG_ARGV[1]);
@@ -79,16 +89,23 @@ $ferry$;
     )
 }
 
-/// The capture trigger of one synced table: named after Ferry's schema,
-/// so two Ferry schemas over one database do not replace each other's.
+/// The capture triggers of one synced table: one per row for inserts,
+/// updates and deletes, one per statement for `TRUNCATE` (which fires no
+/// row trigger). Named after Ferry's schema, so two Ferry schemas over
+/// one database do not replace each other's.
 pub(crate) fn trigger_sql(f: &str, ferry_schema_raw: &str, t: &TableLayout, pk_raw: &str) -> String {
-    let name: String = format!("ferry_capture_{ferry_schema_raw}").chars().take(63).collect();
+    let name = |prefix: &str| -> String {
+        let n: String = format!("{prefix}_{ferry_schema_raw}").chars().take(63).collect();
+        quote_ident(&n)
+    };
+    let args = format!("{}, {}", quote_literal(&t.name), quote_literal(pk_raw));
     format!(
-        "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} \
-         FOR EACH ROW EXECUTE FUNCTION {f}.capture({}, {})",
-        quote_ident(&name),
-        t.qualified,
-        quote_literal(&t.name),
-        quote_literal(pk_raw)
+        "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table} \
+         FOR EACH ROW EXECUTE FUNCTION {f}.capture({args}); \
+         CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {table} \
+         FOR EACH STATEMENT EXECUTE FUNCTION {f}.capture({args});",
+        name("ferry_capture"),
+        name("ferry_truncate"),
+        table = t.qualified,
     )
 }

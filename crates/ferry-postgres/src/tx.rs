@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ferry_core::{HlcTimestamp, RowData, Table};
 use ferry_protocol::{OplogEntry, Outcome};
 use ferry_source::{
-    BucketState, CapturedChange, ClientProgress, NewOp, Result as SourceResult, SourceTx, StoredOutcome, StoredRow,
+    BucketState, CaptureKind, CapturedChange, ClientProgress, NewOp, Result as SourceResult, SourceTx, StoredOutcome,
+    StoredRow, VanishedRows,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -738,24 +739,109 @@ impl SourceTx for PgTx<'_> {
             let f = &self.db.names.ferry;
             // Deleted with this transaction; a change committed later with
             // a lower seq is taken by a later call (it is not skipped:
-            // changes are taken by seq, not by range).
+            // changes are taken by seq, not by range). The oldest truncate
+            // ends the batch (the partial index finds it).
             let sql = format!(
-                "DELETE FROM {f}.changes WHERE seq IN (SELECT seq FROM {f}.changes ORDER BY seq LIMIT $1) \
-                 RETURNING seq, tbl, id"
+                "DELETE FROM {f}.changes WHERE seq IN (SELECT seq FROM {f}.changes \
+                 WHERE seq <= COALESCE((SELECT min(seq) FROM {f}.changes WHERE truncated), {max}) \
+                 ORDER BY seq LIMIT $1) \
+                 RETURNING seq, tbl, id, truncated, truncate_after",
+                max = i64::MAX
             );
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = self.q(&sql, &[&limit])?;
             let mut out: Vec<CapturedChange> = rows
                 .iter()
                 .map(|r| {
+                    let kind = if r.try_get::<_, bool>(3)? {
+                        CaptureKind::Truncate {
+                            after_id: r.try_get(4)?,
+                        }
+                    } else {
+                        CaptureKind::Row
+                    };
                     Ok(CapturedChange {
                         seq: r.try_get::<_, i64>(0)? as u64,
                         table: r.try_get(1)?,
                         id: r.try_get(2)?,
+                        kind,
                     })
                 })
                 .collect::<Result<_>>()?;
             out.sort_by_key(|c| c.seq);
+            Ok(out)
+        })
+    }
+
+    fn put_back_captured(&mut self, change: &CapturedChange) -> SourceResult<()> {
+        let (truncated, after_id) = match &change.kind {
+            CaptureKind::Row => (false, None),
+            CaptureKind::Truncate { after_id } => (true, after_id.clone()),
+        };
+        // Its own seq (taken in this transaction, so free): the next take
+        // finds it at its place.
+        let sql = format!(
+            "INSERT INTO {}.changes(seq, tbl, id, truncated, truncate_after) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (seq) DO UPDATE SET tbl = EXCLUDED.tbl, id = EXCLUDED.id, \
+             truncated = EXCLUDED.truncated, truncate_after = EXCLUDED.truncate_after",
+            self.db.names.ferry
+        );
+        self.defer(
+            sql,
+            vec![
+                Box::new(i64::try_from(change.seq).unwrap_or(i64::MAX)),
+                Box::new(change.table.clone()),
+                Box::new(change.id.clone()),
+                Box::new(truncated),
+                Box::new(after_id),
+            ],
+        );
+        Ok(())
+    }
+
+    fn vanished_rows(&mut self, table: &Table, after_id: Option<&str>, limit: usize) -> SourceResult<VanishedRows> {
+        lift(|| {
+            let layout = self.db.layout(&table.name)?;
+            let f = &self.db.names.ferry;
+            // The next `limit` ids of either list, each read in its key's
+            // order (an index scan that stops at the limit), then whether
+            // the app's table holds each: a lookup in its key's index per
+            // id (LATERAL with LIMIT: an EXISTS becomes a hashed subplan
+            // that reads the whole table for every step). An id no row can
+            // have casts to NULL and is not held.
+            let after = if after_id.is_some() {
+                "AND id > $2"
+            } else {
+                "AND $2::text IS NULL"
+            };
+            let sql = format!(
+                "WITH k AS (SELECT id FROM ( \
+                   (SELECT id FROM {f}.clocks WHERE tbl = $1 {after} ORDER BY id LIMIT $3) \
+                   UNION \
+                   (SELECT DISTINCT id FROM {f}.row_buckets WHERE tbl = $1 {after} ORDER BY id LIMIT $3) \
+                 ) AS u ORDER BY id LIMIT $3) \
+                 SELECT k.id, h.held IS NOT NULL FROM k \
+                 LEFT JOIN LATERAL (SELECT true AS held FROM {t} WHERE {pk} = {cast} LIMIT 1) AS h ON true \
+                 ORDER BY k.id",
+                t = layout.qualified,
+                pk = layout.pk,
+                cast = layout.pk_from_text("k.id"),
+            );
+            let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
+            let name = table.name.as_str();
+            let rows = self.q(&sql, &[&name, &after_id, &limit_param])?;
+            let mut out = VanishedRows::default();
+            let mut last = None;
+            for r in &rows {
+                let id: String = r.try_get(0)?;
+                if !r.try_get::<_, bool>(1)? {
+                    out.ids.push(id.clone());
+                }
+                last = Some(id);
+            }
+            if limit > 0 && rows.len() >= limit {
+                out.next_after = last;
+            }
             Ok(out)
         })
     }

@@ -4,8 +4,8 @@
 //! write transaction with its own errors.
 
 pub use ferry_source::{
-    BucketState, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease, NewOp, OpRange,
-    RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
+    BucketState, CaptureKind, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease,
+    NewOp, OpRange, RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow, VanishedRows,
 };
 
 use crate::error::{Result, ServiceError};

@@ -54,8 +54,8 @@ pub use conflict::{
     PerColumn, Resolution, RowLastWriteWins, Rule, SideWrite,
 };
 pub use db::{
-    BucketState, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease, NewOp, OpRange,
-    RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow,
+    BucketState, CaptureKind, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease,
+    NewOp, OpRange, RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow, VanishedRows,
 };
 pub use error::{Result, ServiceError};
 pub use permissions::{PermissionDef, WriteOp, MAX_CONDITION_BYTES, MAX_CONDITION_DEPTH_LEVELS};
@@ -64,6 +64,7 @@ pub use server::{run, BoundServer};
 pub use service::{
     CompactStats, ServiceOptions, SyncService, SyncServiceBuilder, CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS,
     DEFAULT_COMPACT_INTERVAL_S, FEED_CHANNEL_EVENTS, FEED_MAX_BUCKETS_WITH_ENTRIES, FEED_MAX_ENTRIES_PER_BUCKET,
-    FEED_POLL_MS, MAX_CAPTURE_BATCH, MAX_IMPORT_BATCH_OPS, MAX_REBUCKET_BATCH, META_RULES_FINGERPRINT,
+    FEED_POLL_MS, MAX_CAPTURE_BATCH, MAX_IMPORT_BATCH_OPS, MAX_REBUCKET_BATCH, MAX_TRUNCATE_ROWS_PER_TX,
+    META_RULES_FINGERPRINT,
 };
 pub use sqlite::SqliteSourceDb;

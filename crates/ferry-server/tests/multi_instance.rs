@@ -381,3 +381,97 @@ async fn three_instances_one_database_devices_switching_backend_writing_one_kill
         db.close().await.expect("close");
     }
 }
+
+/// Wait until every device holds exactly the database's tickets.
+async fn converge(
+    devices: &[Database],
+    s: &ScratchSchemas,
+    what: &str,
+) -> BTreeMap<String, (Option<String>, Option<String>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let source = source_tickets(s);
+        if devices.iter().all(|db| device_tickets(db) == source) {
+            return source;
+        }
+        if tokio::time::Instant::now() > deadline {
+            for (d, db) in devices.iter().enumerate() {
+                let mine = device_tickets(db);
+                let missing = source.keys().filter(|k| !mine.contains_key(*k)).count();
+                let extra: Vec<_> = mine.keys().filter(|k| !source.contains_key(*k)).take(10).collect();
+                eprintln!("device {d}: {missing} missing, extra (first 10) {extra:?}");
+            }
+            panic!("{what}: devices did not converge on the database");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A `TRUNCATE` of a synced table made in plain SQL, with rows inserted
+/// again in its transaction and after it, reaches devices over HTTP on
+/// either of two instances through the capture job alone (more rows than
+/// one capture transaction deletes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_in_sql_reaches_every_device() {
+    const ROWS: usize = 700;
+    const { assert!(ROWS > ferry_server::MAX_TRUNCATE_ROWS_PER_TX) };
+    let s = ScratchSchemas::for_test();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut instances: Vec<Instance> = (0..2)
+        .map(|n| {
+            let port = free_port();
+            Instance {
+                child: Some(Instance::spawn(&s, port, dir.path(), n)),
+                port,
+                dir: dir.path().to_path_buf(),
+            }
+        })
+        .collect();
+    for (n, i) in instances.iter_mut().enumerate() {
+        i.wait_healthy(n).await;
+    }
+    let devices: Vec<Database> = (0..2).map(|n| open_device(dir.path(), n)).collect();
+    for (d, db) in devices.iter().enumerate() {
+        connect(db, &instances[d].url(), &format!("user-{d}"));
+    }
+    devices[0]
+        .write(|tx| {
+            tx.insert(
+                "tickets",
+                "from-a-device",
+                row_data([("title", Value::from("device")), ("version", Value::Integer(1))]),
+            )
+        })
+        .expect("device write");
+    s.execute(&format!(
+        "INSERT INTO \"{}\".tickets(id, title, version) SELECT 'sql-' || g, 'from the backend', g \
+         FROM generate_series(1, {ROWS}) AS g",
+        s.app
+    ))
+    .expect("backend rows");
+    assert!(
+        devices[0].wait_until_settled(WAIT_MS).await,
+        "{:?}",
+        devices[0].status()
+    );
+    let before = converge(&devices, &s, "before the truncate").await;
+    assert_eq!(before.len(), ROWS + 1);
+
+    let a = &s.app;
+    s.execute(&format!(
+        "BEGIN; TRUNCATE \"{a}\".tickets; \
+         INSERT INTO \"{a}\".tickets(id, title, version) VALUES ('sql-1', 'again, same transaction', 1); COMMIT;"
+    ))
+    .expect("truncate");
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".tickets(id, title, version) VALUES ('after', 'later transaction', 2)"
+    ))
+    .expect("insert after");
+    let after = converge(&devices, &s, "after the truncate").await;
+    let ids: Vec<&str> = after.keys().map(String::as_str).collect();
+    assert_eq!(ids, vec!["after", "sql-1"]);
+    assert_eq!(after["sql-1"].0.as_deref(), Some("again, same transaction"));
+    for db in devices {
+        db.close().await.expect("close");
+    }
+}

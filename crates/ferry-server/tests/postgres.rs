@@ -442,6 +442,231 @@ async fn rows_already_in_the_database_reach_devices_after_the_first_pass() {
     );
 }
 
+/// A count of Ferry's bookkeeping rows of `table` (clocks, bucket
+/// membership) and of captured changes waiting.
+fn bookkeeping(s: &ScratchSchemas, table: &str) -> (String, String, String) {
+    let f = &s.ferry;
+    let rows = s
+        .query(&format!(
+            "SELECT (SELECT count(*) FROM \"{f}\".clocks WHERE tbl = '{table}')::text, \
+             (SELECT count(DISTINCT id) FROM \"{f}\".row_buckets WHERE tbl = '{table}')::text, \
+             (SELECT count(*) FROM \"{f}\".changes)::text"
+        ))
+        .expect("bookkeeping");
+    let v = |i: usize| rows[0][i].clone().unwrap_or_default();
+    (v(0), v(1), v(2))
+}
+
+fn ids_of(client: &TestClient, table: &str) -> Vec<String> {
+    client
+        .rows()
+        .into_keys()
+        .filter(|(t, _)| t == table)
+        .map(|(_, id)| id)
+        .collect()
+}
+
+#[tokio::test]
+async fn truncate_in_sql_removes_the_rows_from_devices_and_keeps_the_rows_written_after_it() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let svc = service(&s);
+    let a = &s.app;
+    let task = |title: &str| vec![("owner", Value::from("ann")), ("title", Value::from(title))];
+    upload(&svc, "ann", "c-ann", vec![put("tasks", "1", &task("from a device"))]).await;
+    upload(
+        &svc,
+        "ann",
+        "c-ann-p",
+        vec![put("projects", P1, &project("ann", "Roof", 3))],
+    )
+    .await;
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".tasks VALUES (2, 'ann', 'from the backend'), (3, 'bob', 'for bob')"
+    ))
+    .expect("backend inserts");
+    svc.apply_captured(10).await.expect("capture");
+    let mut ann = TestClient::new("c-ann-2");
+    ann.sync(&svc, &token("ann")).await;
+    assert_eq!(ids_of(&ann, "tasks"), vec!["1", "2"]);
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    assert_eq!(ids_of(&bob, "tasks"), vec!["3"]);
+
+    // A change captured before the truncate and not taken yet; the
+    // truncate with a row inserted again in its own transaction; a row
+    // inserted in a later transaction; a row a device writes after it.
+    s.execute(&format!("UPDATE \"{a}\".tasks SET title = 'renamed' WHERE id = 3"))
+        .expect("update");
+    s.execute(&format!(
+        "BEGIN; TRUNCATE \"{a}\".tasks; INSERT INTO \"{a}\".tasks VALUES (2, 'ann', 'again, same transaction'); COMMIT;"
+    ))
+    .expect("truncate");
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".tasks VALUES (4, 'ann', 'later transaction')"
+    ))
+    .expect("later insert");
+    upload(&svc, "ann", "c-ann-5", vec![put("tasks", "5", &task("device, after"))]).await;
+    let waiting = s
+        .query(&format!(
+            "SELECT count(*)::text FROM \"{}\".changes WHERE truncated",
+            s.ferry
+        ))
+        .expect("changes");
+    assert_eq!(waiting[0][0].as_deref(), Some("1"), "one truncate captured");
+    assert_eq!(
+        svc.apply_captured(10).await.expect("capture"),
+        4,
+        "the update, the truncate, two inserts"
+    );
+
+    ann.sync(&svc, &token("ann")).await;
+    let titles: Vec<(String, Option<Value>)> = ann
+        .rows()
+        .into_iter()
+        .filter(|((t, _), _)| t == "tasks")
+        .map(|((_, id), row)| (id, row.get("title").cloned()))
+        .collect();
+    assert_eq!(
+        titles,
+        vec![
+            ("2".to_owned(), Some(Value::from("again, same transaction"))),
+            ("4".to_owned(), Some(Value::from("later transaction"))),
+            ("5".to_owned(), Some(Value::from("device, after"))),
+        ]
+    );
+    assert_eq!(ids_of(&ann, "projects"), vec![P1], "another table is untouched");
+    bob.sync(&svc, &token("bob")).await;
+    assert!(bob.rows().is_empty(), "{:?}", bob.rows());
+    // A device that starts afresh gets the same.
+    let mut fresh = TestClient::new("c-ann-3");
+    fresh.sync(&svc, &token("ann")).await;
+    assert_eq!(fresh.rows(), ann.rows());
+
+    // Ferry's bookkeeping lists only the rows there are; the truncated
+    // rows are tombstones.
+    assert_eq!(
+        bookkeeping(&s, "tasks"),
+        ("3".to_owned(), "3".to_owned(), "0".to_owned())
+    );
+    let table = svc.rules().schema().table("tasks").expect("table").clone();
+    for id in ["1", "3"] {
+        let gone = svc.db().get_row(&table, id).expect("get").expect("tombstone");
+        assert!(gone.data.is_none() && gone.deleted.is_some(), "{id}: {gone:?}");
+    }
+    let project = s
+        .query(&format!("SELECT count(*)::text FROM \"{a}\".projects"))
+        .expect("projects");
+    assert_eq!(project[0][0].as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn truncate_of_a_table_larger_than_one_transaction_is_handled_in_several() {
+    const ROWS: usize = 1_200;
+    const { assert!(ROWS > 2 * ferry_server::MAX_TRUNCATE_ROWS_PER_TX) };
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let a = &s.app;
+    // Rows the backend had before Ferry started, and some it writes after.
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".tasks SELECT g, CASE WHEN g % 2 = 0 THEN 'ann' ELSE 'bob' END, 'task ' || g \
+         FROM generate_series(1, {ROWS}) AS g"
+    ))
+    .expect("existing rows");
+    let svc = service(&s);
+    assert_eq!(svc.rebucket_all().await.expect("pass"), ROWS);
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".tasks SELECT g, 'ann', 'captured ' || g FROM generate_series(5001, 5010) AS g"
+    ))
+    .expect("captured rows");
+    svc.apply_captured(10).await.expect("capture");
+    upload(
+        &svc,
+        "ann",
+        "c-ann-p",
+        vec![put("projects", P1, &project("ann", "Roof", 3))],
+    )
+    .await;
+    let mut ann = TestClient::new("c-ann");
+    ann.sync(&svc, &token("ann")).await;
+    assert_eq!(ids_of(&ann, "tasks").len(), ROWS / 2 + 10);
+
+    s.execute(&format!("TRUNCATE \"{a}\".tasks")).expect("truncate");
+    // Inserted again after the truncate, in a later transaction: an id
+    // Ferry knew of before it.
+    s.execute(&format!("INSERT INTO \"{a}\".tasks VALUES (8, 'ann', 'back')"))
+        .expect("insert after");
+    // One transaction deletes part of the rows, not all.
+    assert_eq!(svc.apply_captured(1).await.expect("one step"), 0);
+    ann.sync(&svc, &token("ann")).await;
+    let left = ids_of(&ann, "tasks").len();
+    assert!(
+        left > 1 && left < ROWS / 2 + 10,
+        "{left} rows left after one transaction"
+    );
+    // Its progress is in the database, so another server (a new capture
+    // leader) goes on where it stopped: the rest, then the insert after it.
+    let progress = s
+        .query(&format!(
+            "SELECT truncate_after FROM \"{}\".changes WHERE truncated",
+            s.ferry
+        ))
+        .expect("progress");
+    assert!(matches!(progress.as_slice(), [row] if row[0].is_some()), "{progress:?}");
+    let svc = service(&s);
+    assert_eq!(
+        svc.apply_captured(100).await.expect("the rest"),
+        2,
+        "the truncate and the insert"
+    );
+    ann.sync(&svc, &token("ann")).await;
+    assert_eq!(ids_of(&ann, "tasks"), vec!["8"]);
+    assert_eq!(ids_of(&ann, "projects"), vec![P1], "another table is untouched");
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    assert!(bob.rows().is_empty());
+    assert_eq!(
+        bookkeeping(&s, "tasks"),
+        ("1".to_owned(), "1".to_owned(), "0".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn truncate_of_an_unsynced_table_changes_nothing() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".audit (id bigint PRIMARY KEY, note text);
+         INSERT INTO \"{a}\".audit VALUES (1, 'kept by the backend'), (2, 'also');"
+    ))
+    .expect("an unsynced table");
+    let svc = service(&s);
+    upload(
+        &svc,
+        "ann",
+        "c-ann",
+        vec![put(
+            "tasks",
+            "1",
+            &[("owner", Value::from("ann")), ("title", Value::from("t"))],
+        )],
+    )
+    .await;
+    let ops = svc.db().oplog_len().expect("op log");
+    s.execute(&format!("TRUNCATE \"{a}\".audit")).expect("truncate");
+    assert_eq!(bookkeeping(&s, "tasks").2, "0", "nothing captured");
+    assert_eq!(svc.apply_captured(10).await.expect("capture"), 0);
+    assert_eq!(svc.db().oplog_len().expect("op log"), ops);
+    // A synced table Ferry knows no row of: captured, nothing to delete.
+    s.execute(&format!("TRUNCATE \"{a}\".projects")).expect("truncate");
+    assert_eq!(svc.apply_captured(10).await.expect("capture"), 1);
+    assert_eq!(svc.db().oplog_len().expect("op log"), ops);
+    let mut ann = TestClient::new("c-ann-2");
+    ann.sync(&svc, &token("ann")).await;
+    assert_eq!(ids_of(&ann, "tasks"), vec!["1"]);
+}
+
 /// An upload's writes go to PostgreSQL together, yet each op still gets
 /// the row as PostgreSQL keeps it: a `BEFORE` trigger of the app that
 /// changes the row reaches the devices, and ops after a refused one in

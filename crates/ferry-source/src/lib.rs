@@ -412,12 +412,38 @@ pub trait SourceTx {
     /// Set one of Ferry's own settings (`ferry.rules_fingerprint`, ...).
     fn set_meta(&mut self, key: &str, value: &str) -> Result<()>;
     /// Take up to `limit` captured changes, oldest first: rows the app's
-    /// backend (or anyone but Ferry) changed in the database. They are
-    /// gone once this transaction commits and back if it rolls back. A
-    /// database without capture has none (the default).
+    /// backend (or anyone but Ferry) changed in the database, and tables
+    /// it truncated. They are gone once this transaction commits and back
+    /// if it rolls back. A truncate ([`CaptureKind::Truncate`]) is the
+    /// last change of the answer: the changes captured after it are left
+    /// for a later call, so it is handled before them. A database without
+    /// capture has none (the default).
     fn take_captured(&mut self, limit: usize) -> Result<Vec<CapturedChange>> {
         let _ = limit;
         Ok(Vec::new())
+    }
+    /// Put back a change taken in this transaction
+    /// ([`SourceTx::take_captured`]), as given (a truncate with the
+    /// progress of its handling), at its place in the capture order: the
+    /// next call takes it first again. For a truncate whose rows take
+    /// more than one transaction. A database without capture never hands
+    /// out a change, so has none to put back (the default does nothing).
+    fn put_back_captured(&mut self, change: &CapturedChange) -> Result<()> {
+        let _ = change;
+        Ok(())
+    }
+    /// One step of a walk over the ids of `table` that Ferry keeps
+    /// bookkeeping for (column clocks or bucket membership; tombstones
+    /// not included): the next at most `limit` of them after `after_id`
+    /// (exclusive; `None`: from the first), in the database's order of
+    /// ids. Returns those whose row the table does not hold now (rows that
+    /// went without Ferry: a truncate), and where the walk goes on
+    /// ([`VanishedRows::next_after`], `None` once it looked at the last
+    /// id). A database whose rows only Ferry writes has no such row: the
+    /// default answers none and ends the walk.
+    fn vanished_rows(&mut self, table: &Table, after_id: Option<&str>, limit: usize) -> Result<VanishedRows> {
+        let _ = (table, after_id, limit);
+        Ok(VanishedRows::default())
     }
     /// Mark the transaction's state before one op's writes (one savepoint
     /// at a time: a new one replaces the last).
@@ -462,17 +488,44 @@ pub trait SourceTx {
 /// every keepalive.
 pub type CommitReceiver = tokio::sync::watch::Receiver<u64>;
 
-/// A row changed in the database by someone other than Ferry (see
-/// [`SourceTx::take_captured`]): its id only; the row is read again when
-/// the change is turned into ops.
+/// A change made in the database by someone other than Ferry (see
+/// [`SourceTx::take_captured`]): a row's id only (the row is read again
+/// when the change is turned into ops), or a truncate of a table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CapturedChange {
     /// The capture order.
     pub seq: u64,
     /// The synced table.
     pub table: String,
-    /// The row id (the primary key as text).
+    /// The row id (the primary key as text); empty for a truncate.
     pub id: String,
+    /// What changed.
+    pub kind: CaptureKind,
+}
+
+/// What a [`CapturedChange`] is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaptureKind {
+    /// The row was inserted, updated or deleted.
+    Row,
+    /// The table was truncated: every row Ferry knew of before it and the
+    /// table does not hold now is gone ([`SourceTx::vanished_rows`]).
+    Truncate {
+        /// Where the walk over the table's known ids stopped in an
+        /// earlier transaction (the change was put back with
+        /// [`SourceTx::put_back_captured`]); `None`: not started.
+        after_id: Option<String>,
+    },
+}
+
+/// One step of [`SourceTx::vanished_rows`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VanishedRows {
+    /// The ids looked at whose row the table does not hold, ascending.
+    pub ids: Vec<String>,
+    /// The last id looked at, to go on after; `None` when the walk is
+    /// done.
+    pub next_after: Option<String>,
 }
 
 /// A job one server at a time does among those sharing a database

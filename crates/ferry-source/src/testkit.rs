@@ -52,6 +52,7 @@ macro_rules! source_conformance_tests {
             bucket_membership,
             prefetched_reads_follow_the_transactions_writes,
             deferred_op_writes_apply_in_order,
+            ferry_s_own_writes_leave_nothing_to_capture,
             bulk_writes_match_one_by_one,
             append_op_allocates_increasing_ids_and_bucket_state,
             checkpoint_reads_client_and_buckets,
@@ -755,6 +756,48 @@ pub fn deferred_op_writes_apply_in_order<B: SourceBackend>(b: &B) {
         Ok(())
     });
     assert_eq!(db.client_owner("c1").expect("owner").as_deref(), Some("u1"));
+}
+
+/// Ferry's own writes are not captured changes
+/// ([`SourceTx::take_captured`] finds none), and leave no row Ferry keeps
+/// bookkeeping for that the table does not hold: a walk with
+/// [`SourceTx::vanished_rows`] over rows written, deleted (a tombstone,
+/// membership cleared) and written again lists none, and ends.
+pub fn ferry_s_own_writes_leave_nothing_to_capture<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    let bucket: BTreeSet<String> = ["a[]".to_owned()].into_iter().collect();
+    let row = ticket("t", 1);
+    write(db.as_ref(), |tx| {
+        for id in ["t1", "t2", "t3", "t4"] {
+            tx.write_row(&t, id, &row, &clocks_of(&row, &clock(10, "a")))?;
+            tx.set_row_buckets("tickets", id, &bucket)?;
+        }
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        for id in ["t2", "t3"] {
+            tx.delete_row(&t, id, &clock(20, "a"))?;
+            tx.set_row_buckets("tickets", id, &BTreeSet::new())?;
+        }
+        tx.write_row(&t, "t3", &row, &clocks_of(&row, &clock(30, "a")))?;
+        tx.set_row_buckets("tickets", "t3", &bucket)?;
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        assert_eq!(tx.take_captured(100)?, Vec::new(), "Ferry's writes are not captured");
+        let mut after: Option<String> = None;
+        for _ in 0..10 {
+            let step = tx.vanished_rows(&t, after.as_deref(), 1)?;
+            assert_eq!(step.ids, Vec::<String>::new(), "no row vanished");
+            after = step.next_after;
+            if after.is_none() {
+                return Ok(());
+            }
+        }
+        panic!("a walk over four rows one at a time did not end");
+    });
 }
 
 /// The bulk writes (`write_rows`, `append_ops`, `set_rows_buckets`,

@@ -13,39 +13,84 @@
 //! the buckets the row is in now (REMOVE from those it left), as for an
 //! upload. A row changed several times before it is taken is read once.
 //! A row too large for a line is left out, with a warning.
+//!
+//! A `TRUNCATE` of a synced table is captured as one change of the table
+//! ([`CaptureKind::Truncate`]), which ends its batch: the changes captured
+//! after it wait until it is handled. Handling it walks the ids Ferry
+//! knows of in that table (clocks, bucket membership:
+//! [`SourceTx::vanished_rows`]), at most [`MAX_TRUNCATE_ROWS_PER_TX`] per
+//! write transaction, the change put back with its progress between them
+//! ([`SourceTx::put_back_captured`]), and deletes each row the table does
+//! not hold now as a captured DELETE would. Rows the table holds again
+//! (inserted after the truncate, in its transaction or a later one) are
+//! left to their own captured changes, so they survive.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use ferry_core::HlcTimestamp;
+use ferry_core::{HlcTimestamp, Table};
 use ferry_transport::blocking;
 
 use super::{blocking_error, Inner, SyncService};
-use crate::db::SourceTx;
+use crate::db::{CaptureKind, CapturedChange, SourceTx};
 use crate::error::Result;
 
 /// Most captured changes taken in one write transaction.
 pub const MAX_CAPTURE_BATCH: usize = 500;
+/// Most rows a truncate's handling looks at, and so deletes, in one write
+/// transaction ([`SourceTx::vanished_rows`]); a larger table takes
+/// several, one after the other.
+pub const MAX_TRUNCATE_ROWS_PER_TX: usize = 500;
 /// How often the capture job looks without a notification.
 pub const CAPTURE_POLL_MS: u64 = 1_000;
 /// How often a server that is not the capture leader tries to become it.
 pub const CAPTURE_LEAD_RETRY_MS: u64 = 2_000;
 
+/// What one capture transaction did.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CaptureStep {
+    /// Changes taken and done (a truncate counts once, when its last rows
+    /// are handled).
+    pub(crate) done: usize,
+    /// Whether more may be waiting right away: a full batch, or a
+    /// truncate (unfinished, or finished with the changes after it left
+    /// for the next batch).
+    pub(crate) more: bool,
+}
+
 impl Inner {
-    /// Take one batch of captured changes and write their ops. Returns the
-    /// number of changes taken.
-    pub(crate) fn apply_captured(&self, limit: usize) -> Result<usize> {
-        let mut taken = 0;
+    /// Take one batch of captured changes and write their ops.
+    pub(crate) fn apply_captured(&self, limit: usize) -> Result<CaptureStep> {
+        let mut step = CaptureStep::default();
         crate::db::write(self.db.as_ref(), |stx| {
+            step = CaptureStep::default();
             let changes = stx.take_captured(limit)?;
-            taken = changes.len();
-            let rows: BTreeSet<(String, String)> = changes.into_iter().map(|c| (c.table, c.id)).collect();
+            step.more = changes.len() >= limit;
+            let mut rows: BTreeSet<(String, String)> = BTreeSet::new();
+            let mut truncate = None;
+            for c in changes {
+                match c.kind {
+                    CaptureKind::Row => {
+                        rows.insert((c.table, c.id));
+                        step.done += 1;
+                    }
+                    // The last change taken (the database leaves the
+                    // later ones for the next batch).
+                    CaptureKind::Truncate { .. } => truncate = Some(c),
+                }
+            }
             for (table, id) in &rows {
                 self.apply_captured_row(stx, table, id)?;
             }
+            if let Some(c) = truncate {
+                step.more = true;
+                if self.apply_truncate(stx, c)? {
+                    step.done += 1;
+                }
+            }
             Ok(())
         })?;
-        Ok(taken)
+        Ok(step)
     }
 
     fn apply_captured_row(&self, stx: &mut dyn SourceTx, table: &str, id: &str) -> Result<()> {
@@ -79,26 +124,79 @@ impl Inner {
         }
         Ok(())
     }
+
+    /// One transaction's share of a truncate of a table: the next
+    /// [`MAX_TRUNCATE_ROWS_PER_TX`] ids Ferry knows of in that table, of
+    /// which those the table does not hold now are deleted as a captured
+    /// DELETE deletes a row (a tombstone, REMOVE from their buckets). A
+    /// row the table holds now was written after the truncate: by the
+    /// app (its own captured change puts it, after this one) or by Ferry
+    /// (already right), so it is left alone, not written again. Returns
+    /// whether the truncate is done; if not, it is put back with its
+    /// progress for the next transaction.
+    fn apply_truncate(&self, stx: &mut dyn SourceTx, change: CapturedChange) -> Result<bool> {
+        let Ok(t) = self.rules.schema().table(&change.table) else {
+            // No longer synced: nothing of it is on any device.
+            return Ok(true);
+        };
+        let after_id = match &change.kind {
+            CaptureKind::Truncate { after_id } => after_id.clone(),
+            CaptureKind::Row => None,
+        };
+        let step = stx.vanished_rows(t, after_id.as_deref(), MAX_TRUNCATE_ROWS_PER_TX)?;
+        for id in &step.ids {
+            self.apply_vanished_row(stx, t, id)?;
+        }
+        match step.next_after {
+            Some(next) => {
+                stx.put_back_captured(&CapturedChange {
+                    kind: CaptureKind::Truncate { after_id: Some(next) },
+                    ..change
+                })?;
+                Ok(false)
+            }
+            None => Ok(true),
+        }
+    }
+
+    /// Delete a row Ferry knew of that the table no longer holds: a
+    /// tombstone in place of its clocks (also for a row in no bucket, so
+    /// Ferry's bookkeeping no longer lists it), REMOVE from its buckets.
+    fn apply_vanished_row(&self, stx: &mut dyn SourceTx, t: &Table, id: &str) -> Result<()> {
+        if stx.read_row(t, id)?.is_some_and(|r| r.data.is_some()) {
+            // Back since the walk looked: its own captured change puts it.
+            return Ok(());
+        }
+        let hlc: HlcTimestamp = self.hlc.now();
+        stx.delete_row(t, id, &hlc)?;
+        self.emit_row(stx, &t.name, id, None)
+    }
 }
 
 impl SyncService {
     /// Take and apply captured changes until none are left (at most
-    /// `max_batches` batches). Returns the number of changes taken. The
-    /// capture job ([`SyncService::run_capture`]) calls it; tests and
-    /// tools may call it directly.
+    /// `max_batches` write transactions). Returns the number of changes
+    /// done (a truncate counts once, when all its rows are handled). The
+    /// capture job ([`SyncService::run_capture`]) does the same; tests
+    /// and tools may call it directly.
     pub async fn apply_captured(&self, max_batches: usize) -> Result<usize> {
         let mut total = 0;
         for _ in 0..max_batches {
-            let inner = self.inner.clone();
-            let n = blocking::run(move || inner.apply_captured(MAX_CAPTURE_BATCH))
-                .await
-                .map_err(blocking_error)??;
-            total += n;
-            if n < MAX_CAPTURE_BATCH {
+            let step = self.capture_step().await?;
+            total += step.done;
+            if !step.more {
                 break;
             }
         }
         Ok(total)
+    }
+
+    /// One capture transaction, off the async threads.
+    async fn capture_step(&self) -> Result<CaptureStep> {
+        let inner = self.inner.clone();
+        blocking::run(move || inner.apply_captured(MAX_CAPTURE_BATCH))
+            .await
+            .map_err(blocking_error)?
     }
 
     /// The capture job: until the service shuts down, become the capture
@@ -122,8 +220,8 @@ impl SyncService {
             tracing::info!("capture: this server applies changes made in the database");
             while lease.is_held() && !*shutdown.borrow() {
                 captures.borrow_and_update();
-                match self.apply_captured(1).await {
-                    Ok(n) if n >= MAX_CAPTURE_BATCH => continue,
+                match self.capture_step().await {
+                    Ok(step) if step.more => continue,
                     Ok(_) => {}
                     Err(e) => tracing::warn!("capture: {e}"),
                 }

@@ -31,7 +31,7 @@ mod stream;
 mod write;
 
 pub use builder::{ServiceOptions, SyncServiceBuilder};
-pub use capture::{CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS, MAX_CAPTURE_BATCH};
+pub use capture::{CAPTURE_LEAD_RETRY_MS, CAPTURE_POLL_MS, MAX_CAPTURE_BATCH, MAX_TRUNCATE_ROWS_PER_TX};
 pub use feed::{FEED_CHANNEL_EVENTS, FEED_MAX_BUCKETS_WITH_ENTRIES, FEED_MAX_ENTRIES_PER_BUCKET, FEED_POLL_MS};
 pub use housekeeping::DEFAULT_COMPACT_INTERVAL_S;
 pub use import::MAX_IMPORT_BATCH_OPS;
