@@ -43,7 +43,8 @@ mod outcomes;
 mod stager;
 mod sync;
 
-pub use stager::{MAX_STAGE_BATCH_OPS, META_RESETTING};
+pub use ferry_queue::META_RESETTING;
+pub use stager::MAX_STAGE_BATCH_OPS;
 
 pub use conflicts::{conflicts_table, Conflict, Resolution, CONFLICTS_TABLE, STATUS_OPEN, STATUS_RESOLVED};
 pub use ferry_query::{self as query, Diff, Explain, Query, QueryResult};
@@ -249,7 +250,7 @@ impl Inner {
     /// Every committed change of the visible state: live queries first
     /// (their callbacks run here), then the change broadcast.
     fn on_change(&self, source: ChangeSource, rows: &[RowChange]) {
-        if let Err(e) = self.live.lock().on_change(self.local.store().as_ref(), rows) {
+        if let Err(e) = self.live.lock().on_change(&self.local, rows) {
             tracing::error!(error = %e, "live queries could not take a change");
         }
         // Copying the rows costs per row: only when someone listens.
@@ -288,8 +289,8 @@ impl Database {
         let clock = options.local.clock.clone();
         // Download data is staged in the store as it arrives: resume from
         // what an earlier run staged.
-        let download = stager::restore_download(store.as_ref(), options.download_limits.clone())?;
         let local = LocalDb::open_with(store, options.local.clone())?;
+        let download = stager::restore_download(&local, options.download_limits.clone())?;
         let (status, _) = watch::channel(SyncStatus::default());
         let (outcomes, _) = broadcast::channel(CHANNEL_CAPACITY);
         let (changes, _) = broadcast::channel::<Change>(CHANNEL_CAPACITY);
@@ -389,12 +390,7 @@ impl Database {
         let local = &self.inner.local;
         status.pending_ops = local.upload_queue_len();
         if status.pending_ops > 0 {
-            let store = local.store();
-            let first = store.queue_from(local.completed_through().saturating_add(1), 1);
-            let last = store.queue_from(local.last_seq(), 1);
-            if let (Ok(Some(first)), Ok(Some(last))) =
-                (first.map(|e| e.into_iter().next()), last.map(|e| e.into_iter().next()))
-            {
+            if let Ok(Some((first, last))) = local.upload_queue_ends() {
                 // Transaction ids are consecutive over the transactions that
                 // queued something, and the waiting ones are the newest.
                 status.pending_transactions = last.tx_id.saturating_sub(first.tx_id) + 1;
