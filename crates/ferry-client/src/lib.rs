@@ -8,9 +8,11 @@
 //!   the download loop feeds stream lines to the protocol's
 //!   [`Download`](ferry_protocol::Download) state machine and applies each
 //!   validated checkpoint to the synced layer in one batch, rebasing
-//!   pending writes; the upload loop sends whole queued transactions in
-//!   order, retries with backoff, completes entries only after the server
-//!   answered, rolls rejected writes back and reports every outcome.
+//!   pending writes (planned as typed [`ferry_queue::ServerChanges`] that
+//!   [`LocalDb::apply_server_changes`] commits); the upload loop sends
+//!   whole queued transactions in order, retries with backoff, completes
+//!   entries only after the server answered, rolls rejected writes back
+//!   and reports every outcome.
 //! - [`Credentials`] is the app's callback for bearer tokens; it is asked
 //!   again (with `refresh = true`) when the server refuses a token or the
 //!   stream says it expires soon.
@@ -18,7 +20,9 @@
 //! Invariants: a checkpoint is applied only after every bucket checksum
 //! validated, atomically with the queue confirmation and the rebase; an
 //! upload batch holds whole transactions in queue order; no write the app
-//! saw succeed is dropped without an outcome.
+//! saw succeed is dropped without an outcome; this crate reaches the store
+//! only through [`LocalDb`] (its reads, its staging area and
+//! `apply_server_changes`), never through `LocalDb::store()`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -18,9 +18,16 @@
 //!   and rebases the rows they touched: the overlay becomes the synced row
 //!   with the remaining pending entries replayed, or goes away.
 //!
+//! Server data comes in as typed [`ServerChanges`] (a validated
+//! checkpoint's rows, bucket bookkeeping and staged switch-ins):
+//! [`LocalDb::apply_server_changes`] turns them into the store batch
+//! itself, with the confirmation and rebase. Downloads are staged through
+//! [`LocalDb::staging_area`]. A client needs no other way to the store.
+//!
 //! Invariants: seqs are strictly increasing and never reused, even after
 //! the queue empties or the process restarts; entries of one transaction
-//! are contiguous; one `write` is one store batch.
+//! are contiguous; one `write` is one store batch; one checkpoint is one
+//! store batch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
