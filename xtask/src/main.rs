@@ -304,7 +304,8 @@ fn library_sources(src: &Path) -> Vec<PathBuf> {
 
 /// Rules: every crate inherits the workspace lints and is in the code map
 /// of ARCHITECTURE.md; no crate outside binaries, xtask and tests uses
-/// anyhow.
+/// anyhow; `ferry-client`'s library code reaches the store only through
+/// `LocalDb` (see [`STORE_THROUGH_LOCALDB`]).
 fn tidy() -> Result<()> {
     let architecture = std::fs::read_to_string("ARCHITECTURE.md").context("reading ARCHITECTURE.md")?;
     let mut problems = Vec::new();
@@ -337,6 +338,12 @@ fn tidy() -> Result<()> {
                     file.display()
                 ));
             }
+            if STORE_THROUGH_LOCALDB.contains(&name.as_str()) && text.contains(".store()") {
+                problems.push(format!(
+                    "{} calls .store(): ferry-client reaches the store only through LocalDb's own methods",
+                    file.display()
+                ));
+            }
         }
     }
     if problems.is_empty() {
@@ -349,6 +356,11 @@ fn tidy() -> Result<()> {
         bail!("tidy found {} problem(s)", problems.len())
     }
 }
+
+/// Crates whose library code reaches the store only through `LocalDb`
+/// (its reads, `staging_area` and `apply_server_changes`), never through
+/// `LocalDb::store()`: a text check for `.store()`.
+const STORE_THROUGH_LOCALDB: &[&str] = &["ferry-client"];
 
 /// Which workspace crates a crate may depend on (its `[dependencies]`;
 /// dev-dependencies are free): the layering ARCHITECTURE.md describes.

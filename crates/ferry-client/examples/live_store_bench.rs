@@ -18,9 +18,8 @@ use std::time::{Duration, Instant};
 use ferry_client::query::{col, Order};
 use ferry_client::{ClientOptions, Database, Query};
 use ferry_core::{row_data, ColumnType, Schema, Table, Value};
-use ferry_queue::{LocalDbOptions, QueueError};
+use ferry_queue::{LocalDbOptions, QueueError, ServerChanges};
 use ferry_sqlite::SqliteStore;
-use ferry_store::WriteBatch;
 
 const UPDATES: usize = 200;
 /// Bare SQLite transactions timed for the floor.
@@ -107,11 +106,11 @@ fn run(n: u64, path: &str, query: &Query) -> Result<(), Box<dyn std::error::Erro
     let load_started = Instant::now();
     let mut i = 0;
     while i < n {
-        let mut batch = WriteBatch::new();
+        let mut changes = ServerChanges::new();
         for j in i..(i + LOAD_CHUNK_ROWS as u64).min(n) {
-            batch.put_synced("tickets", format!("t{j:08}"), ticket(j));
+            changes.put_row("tickets", format!("t{j:08}"), ticket(j));
         }
-        db.local().apply_server_changes(batch, None)?;
+        db.local().apply_server_changes(changes, None)?;
         i += LOAD_CHUNK_ROWS as u64;
     }
     let load_ms = load_started.elapsed().as_secs_f64() * 1e3;

@@ -1,9 +1,13 @@
-//! Turning a validated checkpoint into one store batch.
+//! Turning a validated checkpoint into the typed changes
+//! ([`ServerChanges`]) that `LocalDb::apply_server_changes` commits as one
+//! store batch. The buckets and entries held are read through the
+//! `LocalDb`, never from the store.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_protocol::{AppliedBucket, CheckpointApply, OpKind};
-use ferry_store::{BatchOp, BucketEntry, BucketState, Store, StoreResult, WriteBatch};
+use ferry_queue::{LocalDb, QueueResult, ServerChanges, StagedSwitch};
+use ferry_store::{BucketEntry, BucketState};
 
 /// Rows touched by a checkpoint, by table.
 pub type TouchedRows = BTreeSet<(String, String)>;
@@ -38,11 +42,11 @@ pub(crate) fn keep_declared_columns(def: &ferry_core::Table, data: &mut ferry_co
 /// The buckets the client holds once a checkpoint applied: those it held
 /// and those the checkpoint changes, less those it removes.
 fn buckets_after<'a>(
-    store: &dyn Store,
+    local: &LocalDb,
     changed: impl Iterator<Item = &'a String>,
     removed: &[String],
-) -> StoreResult<BTreeSet<String>> {
-    let mut after: BTreeSet<String> = store.buckets()?.into_iter().map(|(n, _)| n).collect();
+) -> QueueResult<BTreeSet<String>> {
+    let mut after: BTreeSet<String> = local.buckets()?.into_iter().map(|(n, _)| n).collect();
     after.extend(changed.cloned());
     for name in removed {
         after.remove(name);
@@ -53,11 +57,11 @@ fn buckets_after<'a>(
 /// Page size when listing a bucket's entries.
 const ENTRY_PAGE: usize = 10_000;
 
-fn all_entries(store: &dyn Store, bucket: &str) -> StoreResult<Vec<BucketEntry>> {
+fn all_entries(local: &LocalDb, bucket: &str) -> QueueResult<Vec<BucketEntry>> {
     let mut out: Vec<BucketEntry> = Vec::new();
     loop {
         let after = out.last().map(|e| (e.table.as_str(), e.row_id.as_str()));
-        let page = store.bucket_entries(bucket, after, ENTRY_PAGE)?;
+        let page = local.bucket_entries(bucket, after, ENTRY_PAGE)?;
         let full = page.len() == ENTRY_PAGE;
         out.extend(page);
         if !full {
@@ -66,35 +70,29 @@ fn all_entries(store: &dyn Store, bucket: &str) -> StoreResult<Vec<BucketEntry>>
     }
 }
 
-/// Build the batch that applies `apply` to the synced layer: rows put by
+/// The changes that apply `apply` to the synced layer: rows put by
 /// PUTs, rows removed when no bucket holds them any more, bucket entries
 /// and states. Rows of tables the client schema does not declare are
 /// tracked in bucket entries but not stored; columns it does not declare
-/// are left out of the rows stored.
+/// are left out of the rows stored. Also returns the rows put or deleted.
 ///
 /// Clones every row; [`plan_checkpoint_owned`] moves them instead.
-pub fn plan_checkpoint(store: &dyn Store, apply: &CheckpointApply) -> StoreResult<(WriteBatch, TouchedRows)> {
-    let batch = plan_checkpoint_owned(store, apply.clone())?;
-    let touched = batch
-        .ops
-        .iter()
-        .filter_map(|op| match op {
-            BatchOp::PutSynced { table, id, .. } | BatchOp::DeleteSynced { table, id } => {
-                Some((table.clone(), id.clone()))
-            }
-            _ => None,
-        })
+pub fn plan_checkpoint(local: &LocalDb, apply: &CheckpointApply) -> QueueResult<(ServerChanges, TouchedRows)> {
+    let changes = plan_checkpoint_owned(local, apply.clone())?;
+    let touched = changes
+        .rows()
+        .map(|(table, id)| (table.to_owned(), id.to_owned()))
         .collect();
-    Ok((batch, touched))
+    Ok((changes, touched))
 }
 
-/// [`plan_checkpoint`] consuming `apply`: rows move into the batch. The
-/// rows touched are the batch's `PutSynced` and `DeleteSynced` ops.
-pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> StoreResult<WriteBatch> {
-    let schema = store.schema();
+/// [`plan_checkpoint`] consuming `apply`: rows move into the changes. The
+/// rows touched are [`ServerChanges::rows`].
+pub fn plan_checkpoint_owned(local: &LocalDb, apply: CheckpointApply) -> QueueResult<ServerChanges> {
+    let schema = local.schema();
     let known = |table: &str| schema.table(table).is_ok();
     let n_ops: usize = apply.buckets.iter().map(|b| b.ops.len()).sum();
-    let mut batch = WriteBatch::with_capacity(2 * n_ops + 2 * apply.buckets.len() + 8);
+    let mut changes = ServerChanges::with_capacity(2 * n_ops + 2 * apply.buckets.len() + 8);
     // Rows can only leave the synced layer through a REMOVE, a reset or a
     // removed bucket; without any, bucket membership need not be tracked.
     let may_remove = !apply.removed_buckets.is_empty()
@@ -102,21 +100,19 @@ pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> Store
             .buckets
             .iter()
             .any(|b| b.reset || b.ops.iter().any(|op| op.op == OpKind::Remove));
-    // (bucket, table, id) -> whether the bucket holds the row after this batch
+    // (bucket, table, id) -> whether the bucket holds the row after these changes
     let mut membership: BTreeMap<(String, String, String), bool> = BTreeMap::new();
     let mut candidates: TouchedRows = BTreeSet::new();
     let mut emptied: BTreeSet<String> = BTreeSet::new();
-    let buckets_after = buckets_after(store, apply.buckets.iter().map(|b| &b.bucket), &apply.removed_buckets)?;
+    let buckets_after = buckets_after(local, apply.buckets.iter().map(|b| &b.bucket), &apply.removed_buckets)?;
 
     for b in apply.buckets {
         if b.reset {
-            for e in all_entries(store, &b.bucket)? {
+            for e in all_entries(local, &b.bucket)? {
                 membership.insert((b.bucket.clone(), e.table.clone(), e.row_id.clone()), false);
                 candidates.insert((e.table, e.row_id));
             }
-            batch.push(BatchOp::DeleteBucket {
-                bucket: b.bucket.clone(),
-            });
+            changes.delete_bucket(b.bucket.clone());
             emptied.insert(b.bucket.clone());
         }
         for op in b.ops {
@@ -136,36 +132,26 @@ pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> Store
                     };
                     if let (Ok(def), Some(mut data)) = (schema.table(&table), op.data) {
                         keep_declared_columns(def, &mut data);
-                        batch.put_synced(table, id, data);
+                        changes.put_row(table, id, data);
                     }
-                    batch.push(BatchOp::PutBucketEntry {
-                        bucket: b.bucket.clone(),
-                        entry,
-                    });
+                    changes.put_bucket_entry(b.bucket.clone(), entry);
                 }
                 OpKind::Remove => {
-                    batch.push(BatchOp::DeleteBucketEntry {
-                        bucket: b.bucket.clone(),
-                        table: table.clone(),
-                        row_id: id.clone(),
-                    });
+                    changes.delete_bucket_entry(b.bucket.clone(), table.clone(), id.clone());
                     membership.insert((b.bucket.clone(), table.clone(), id.clone()), false);
                     candidates.insert((table, id));
                 }
                 OpKind::Move | OpKind::Clear => {}
             }
         }
-        batch.push(BatchOp::PutBucketState {
-            bucket: b.bucket,
-            state: to_store_state(b.state),
-        });
+        changes.set_bucket_state(b.bucket, to_store_state(b.state));
     }
     for name in &apply.removed_buckets {
-        for e in all_entries(store, name)? {
+        for e in all_entries(local, name)? {
             membership.insert((name.clone(), e.table.clone(), e.row_id.clone()), false);
             candidates.insert((e.table, e.row_id));
         }
-        batch.push(BatchOp::DeleteBucket { bucket: name.clone() });
+        changes.delete_bucket(name.clone());
         emptied.insert(name.clone());
     }
 
@@ -176,34 +162,31 @@ pub fn plan_checkpoint_owned(store: &dyn Store, apply: CheckpointApply) -> Store
             held = match membership.get(&(bucket.clone(), table.clone(), id.clone())) {
                 Some(present) => *present,
                 None if emptied.contains(bucket.as_str()) => false,
-                None => store.bucket_entry(bucket, &table, &id)?.is_some(),
+                None => local.bucket_entry(bucket, &table, &id)?.is_some(),
             };
             if held {
                 break;
             }
         }
         if !held && known(&table) {
-            batch.delete_synced(table, id);
+            changes.delete_row(table, id);
         }
     }
-    Ok(batch)
+    Ok(changes)
 }
 
-/// The batch that applies a checkpoint whose ops are staged in the store
-/// (`Download::staging_out`), and the ranges it switches in, in the order
-/// it switches them: buckets reset or removed are emptied and their rows
-/// that no bucket holds any more leave first, then every bucket state is
-/// written, then each bucket's staged range switches in (the store puts
+/// The changes that apply a checkpoint whose ops are staged in the store
+/// (`Download::staging_out`), with the ranges it switches in, in the
+/// order it switches them: buckets reset or removed are emptied and their
+/// rows that no bucket holds any more leave first, then every bucket state
+/// is written, then each bucket's staged range switches in (the store puts
 /// and removes the rows, so none is held here).
-pub fn plan_staged_checkpoint(
-    store: &dyn Store,
-    apply: &CheckpointApply,
-) -> StoreResult<(WriteBatch, Vec<ferry_queue::StagedSwitch>)> {
-    let schema = store.schema();
-    let mut batch = WriteBatch::new();
+pub fn plan_staged_checkpoint(local: &LocalDb, apply: &CheckpointApply) -> QueueResult<ServerChanges> {
+    let schema = local.schema();
+    let mut changes = ServerChanges::new();
     let mut candidates: TouchedRows = BTreeSet::new();
     let mut emptied: BTreeSet<&str> = BTreeSet::new();
-    let buckets_after = buckets_after(store, apply.buckets.iter().map(|b| &b.bucket), &apply.removed_buckets)?;
+    let buckets_after = buckets_after(local, apply.buckets.iter().map(|b| &b.bucket), &apply.removed_buckets)?;
     let emptying = apply
         .buckets
         .iter()
@@ -211,44 +194,35 @@ pub fn plan_staged_checkpoint(
         .map(|b| &b.bucket)
         .chain(&apply.removed_buckets);
     for name in emptying {
-        for e in all_entries(store, name)? {
+        for e in all_entries(local, name)? {
             candidates.insert((e.table, e.row_id));
         }
-        batch.push(BatchOp::DeleteBucket { bucket: name.clone() });
+        changes.delete_bucket(name.clone());
         emptied.insert(name);
     }
     for (table, id) in candidates {
         let mut held = false;
         for bucket in buckets_after.iter().filter(|b| !emptied.contains(b.as_str())) {
-            if store.bucket_entry(bucket, &table, &id)?.is_some() {
+            if local.bucket_entry(bucket, &table, &id)?.is_some() {
                 held = true;
                 break;
             }
         }
         if !held && schema.table(&table).is_ok() {
-            batch.delete_synced(table, id);
+            changes.delete_row(table, id);
         }
     }
     for b in &apply.buckets {
-        batch.push(BatchOp::PutBucketState {
-            bucket: b.bucket.clone(),
-            state: to_store_state(b.state),
-        });
+        changes.set_bucket_state(b.bucket.clone(), to_store_state(b.state));
     }
-    let mut switches = Vec::new();
     for b in &apply.buckets {
         if let Some(range) = b.staged {
-            batch.push(BatchOp::SwitchInStaged {
-                bucket: b.bucket.clone(),
-                from_op_id: range.from_op_id,
-                through_op_id: range.through_op_id,
-            });
-            switches.push(ferry_queue::StagedSwitch {
+            changes.switch_in(StagedSwitch {
                 bucket: b.bucket.clone(),
                 from_op_id: range.from_op_id,
                 through_op_id: range.through_op_id,
             });
         }
     }
-    Ok((batch, switches))
+    Ok(changes)
 }

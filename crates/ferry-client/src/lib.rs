@@ -8,9 +8,11 @@
 //!   the download loop feeds stream lines to the protocol's
 //!   [`Download`](ferry_protocol::Download) state machine and applies each
 //!   validated checkpoint to the synced layer in one batch, rebasing
-//!   pending writes; the upload loop sends whole queued transactions in
-//!   order, retries with backoff, completes entries only after the server
-//!   answered, rolls rejected writes back and reports every outcome.
+//!   pending writes (planned as typed [`ferry_queue::ServerChanges`] that
+//!   [`LocalDb::apply_server_changes`] commits); the upload loop sends
+//!   whole queued transactions in order, retries with backoff, completes
+//!   entries only after the server answered, rolls rejected writes back
+//!   and reports every outcome.
 //! - [`Credentials`] is the app's callback for bearer tokens; it is asked
 //!   again (with `refresh = true`) when the server refuses a token or the
 //!   stream says it expires soon.
@@ -18,7 +20,9 @@
 //! Invariants: a checkpoint is applied only after every bucket checksum
 //! validated, atomically with the queue confirmation and the rebase; an
 //! upload batch holds whole transactions in queue order; no write the app
-//! saw succeed is dropped without an outcome.
+//! saw succeed is dropped without an outcome; this crate reaches the store
+//! only through [`LocalDb`] (its reads, its staging area and
+//! `apply_server_changes`), never through `LocalDb::store()`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +47,8 @@ mod outcomes;
 mod stager;
 mod sync;
 
-pub use stager::{MAX_STAGE_BATCH_OPS, META_RESETTING};
+pub use ferry_queue::META_RESETTING;
+pub use stager::MAX_STAGE_BATCH_OPS;
 
 pub use conflicts::{conflicts_table, Conflict, Resolution, CONFLICTS_TABLE, STATUS_OPEN, STATUS_RESOLVED};
 pub use ferry_query::{self as query, Diff, Explain, Query, QueryResult};
@@ -249,7 +254,7 @@ impl Inner {
     /// Every committed change of the visible state: live queries first
     /// (their callbacks run here), then the change broadcast.
     fn on_change(&self, source: ChangeSource, rows: &[RowChange]) {
-        if let Err(e) = self.live.lock().on_change(self.local.store().as_ref(), rows) {
+        if let Err(e) = self.live.lock().on_change(&self.local, rows) {
             tracing::error!(error = %e, "live queries could not take a change");
         }
         // Copying the rows costs per row: only when someone listens.
@@ -288,8 +293,8 @@ impl Database {
         let clock = options.local.clock.clone();
         // Download data is staged in the store as it arrives: resume from
         // what an earlier run staged.
-        let download = stager::restore_download(store.as_ref(), options.download_limits.clone())?;
         let local = LocalDb::open_with(store, options.local.clone())?;
+        let download = stager::restore_download(&local, options.download_limits.clone())?;
         let (status, _) = watch::channel(SyncStatus::default());
         let (outcomes, _) = broadcast::channel(CHANNEL_CAPACITY);
         let (changes, _) = broadcast::channel::<Change>(CHANNEL_CAPACITY);
@@ -389,12 +394,7 @@ impl Database {
         let local = &self.inner.local;
         status.pending_ops = local.upload_queue_len();
         if status.pending_ops > 0 {
-            let store = local.store();
-            let first = store.queue_from(local.completed_through().saturating_add(1), 1);
-            let last = store.queue_from(local.last_seq(), 1);
-            if let (Ok(Some(first)), Ok(Some(last))) =
-                (first.map(|e| e.into_iter().next()), last.map(|e| e.into_iter().next()))
-            {
+            if let Ok(Some((first, last))) = local.upload_queue_ends() {
                 // Transaction ids are consecutive over the transactions that
                 // queued something, and the waiting ones are the newest.
                 status.pending_transactions = last.tx_id.saturating_sub(first.tx_id) + 1;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 
 use ferry_core::{codec, Index, RowData, Value};
 use ferry_query::{ChangeSet, Diff, DiffCallback, Explain, IndexScan, Query, QueryEngine, QueryResult, SubscriptionId};
-use ferry_store::Store;
+use ferry_queue::LocalDb;
 use parking_lot::Mutex;
 
 use crate::{ClientError, Inner, RowChange};
@@ -44,7 +44,7 @@ enum LiveId {
 /// is its filter and whose order is its order: it keeps only the rows of
 /// the range up to an edge (at least `offset + limit` plus a margin, whole
 /// ties included), in an engine of its own, and reads only those from the
-/// store (`Store::scan_visible_index_limited`, from the end of the range
+/// store (`LocalDb::scan_index_limited`, from the end of the range
 /// the order starts at). A change to a row is kept when the row is in
 /// range and before the edge; when rows leave and fewer than
 /// `offset + limit` are kept, the rows after the edge are read (as many as
@@ -166,7 +166,7 @@ impl IndexWindow {
     /// at or before `after`, or ties, fill them.
     fn read(
         &self,
-        store: &dyn Store,
+        local: &LocalDb,
         lower: Bound<Vec<Value>>,
         upper: Bound<Vec<Value>>,
         after: Option<&[u8]>,
@@ -175,7 +175,7 @@ impl IndexWindow {
         let n = n.max(1);
         let mut limit = n.saturating_add(1);
         loop {
-            let rows = store.scan_visible_index_limited(
+            let rows = local.scan_index_limited(
                 &self.table,
                 &self.index.name,
                 lower.clone(),
@@ -214,11 +214,11 @@ impl IndexWindow {
     }
 
     /// The rows read, with whether each is pending.
-    fn with_pending(&self, store: &dyn Store, rows: Vec<(String, RowData)>) -> Result<WindowRows, ClientError> {
+    fn with_pending(&self, local: &LocalDb, rows: Vec<(String, RowData)>) -> Result<WindowRows, ClientError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let pending: BTreeSet<String> = store.scan_overlay(&self.table)?.into_iter().map(|(id, _)| id).collect();
+        let pending = local.pending_ids(&self.table)?;
         Ok(rows
             .into_iter()
             .map(|(id, data)| {
@@ -230,18 +230,18 @@ impl IndexWindow {
 
     /// Read the window from the store: its first `keep_rows` rows in scan
     /// order, then the rest of the last one's ties (setting the edge).
-    fn load(&mut self, store: &dyn Store) -> Result<WindowRows, ClientError> {
-        let (rows, complete) = self.read(store, self.lower.clone(), self.upper.clone(), None, self.keep_rows)?;
+    fn load(&mut self, local: &LocalDb) -> Result<WindowRows, ClientError> {
+        let (rows, complete) = self.read(local, self.lower.clone(), self.upper.clone(), None, self.keep_rows)?;
         self.edge = match rows.last() {
             Some((id, data)) if !complete => Some(self.edge_of(id, data)),
             _ => None,
         };
-        self.with_pending(store, rows)
+        self.with_pending(local, rows)
     }
 
     /// Read the rows after the edge the window lacks (moving the edge),
     /// leaving out rows already kept.
-    fn refill(&mut self, store: &dyn Store) -> Result<WindowRows, ClientError> {
+    fn refill(&mut self, local: &LocalDb) -> Result<WindowRows, ClientError> {
         let Some(edge) = &self.edge else {
             return Ok(Vec::new());
         };
@@ -253,17 +253,17 @@ impl IndexWindow {
             (Bound::Included(edge.values.clone()), self.upper.clone())
         };
         let n = self.keep_rows.saturating_sub(self.kept.len());
-        let (mut rows, complete) = self.read(store, lower, upper, Some(&edge.pos), n)?;
+        let (mut rows, complete) = self.read(local, lower, upper, Some(&edge.pos), n)?;
         self.edge = match rows.last() {
             Some((id, data)) if !complete => Some(self.edge_of(id, data)),
             _ => None,
         };
         rows.retain(|(id, _)| !self.kept.contains(id));
-        self.with_pending(store, rows)
+        self.with_pending(local, rows)
     }
 
-    fn start(&mut self, store: &dyn Store, query: &Query, callback: DiffCallback) -> Result<QueryResult, ClientError> {
-        let rows = self.load(store)?;
+    fn start(&mut self, local: &LocalDb, query: &Query, callback: DiffCallback) -> Result<QueryResult, ClientError> {
+        let rows = self.load(local)?;
         let mut cs = ChangeSet::new();
         for (id, data, pending) in rows {
             self.kept.insert(id.clone());
@@ -276,7 +276,7 @@ impl IndexWindow {
     }
 
     /// Take a commit's changes: one engine transaction, one diff.
-    fn on_change(&mut self, store: &dyn Store, rows: &[RowChange]) -> Result<(), ClientError> {
+    fn on_change(&mut self, local: &LocalDb, rows: &[RowChange]) -> Result<(), ClientError> {
         let mut cs = ChangeSet::new();
         let mut any = false;
         for change in rows.iter().filter(|c| c.table == self.table) {
@@ -305,14 +305,14 @@ impl IndexWindow {
         if short {
             // The store already holds this commit: the rows read are the
             // rows after it, applied in the same transaction.
-            for (id, data, pending) in self.refill(store)? {
+            for (id, data, pending) in self.refill(local)? {
                 self.kept.insert(id.clone());
                 cs = cs.upsert(&self.table, id, data, pending);
             }
         } else if grown {
             // The store already holds this commit: the rows read are the
             // rows after it, applied in the same transaction.
-            let fresh = self.load(store)?;
+            let fresh = self.load(local)?;
             let now: BTreeSet<String> = fresh.iter().map(|(id, _, _)| id.clone()).collect();
             for gone in self.kept.difference(&now) {
                 cs = cs.delete(&self.table, gone.clone());
@@ -357,9 +357,8 @@ impl LiveState {
                 .table(table)
                 .map_err(ferry_queue::QueueError::from)?;
             self.engine.create_collection(table)?;
-            let store = inner.local.store();
-            let pending: BTreeSet<String> = store.scan_overlay(table)?.into_iter().map(|(id, _)| id).collect();
-            let rows = store.scan_visible(table)?;
+            let pending = inner.local.pending_ids(table)?;
+            let rows = inner.local.scan(table)?;
             for chunk in rows.chunks(LOAD_CHUNK_ROWS) {
                 let mut cs = ChangeSet::new();
                 for (id, data) in chunk {
@@ -375,9 +374,9 @@ impl LiveState {
     /// Feed changed rows to the live queries (subscribers' callbacks run
     /// inside). The changes carry their new visible rows: nothing is read
     /// from the store, except by an index window refilling its rows.
-    pub(crate) fn on_change(&mut self, store: &dyn Store, rows: &[RowChange]) -> Result<Vec<Diff>, ClientError> {
+    pub(crate) fn on_change(&mut self, local: &LocalDb, rows: &[RowChange]) -> Result<Vec<Diff>, ClientError> {
         for window in self.windows.values_mut() {
-            if let Err(e) = window.on_change(store, rows) {
+            if let Err(e) = window.on_change(local, rows) {
                 tracing::error!(error = %e, table = %window.table, "an index window could not take a change");
             }
         }
@@ -529,7 +528,7 @@ impl crate::Database {
                 .cloned()
                 .ok_or_else(|| ClientError::Task(format!("table {table:?} has no index {:?}", scan.index)))?;
             let mut window = IndexWindow::new(&table, index, scan, query, rows)?;
-            let result = window.start(self.inner.local.store().as_ref(), query, Box::new(on_diff))?;
+            let result = window.start(&self.inner.local, query, Box::new(on_diff))?;
             let n = live.next_window;
             live.next_window += 1;
             live.windows.insert(n, window);

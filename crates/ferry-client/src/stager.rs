@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use ferry_core::Schema;
 use ferry_protocol::{Download, DownloadLimits, OpKind, OplogEntry};
-use ferry_store::{staged_summary, BatchOp, StagedKind, StagedOp, Store, StoreError, WriteBatch};
+use ferry_queue::{LocalDb, StagingArea, StagingBatch};
+use ferry_store::{StagedKind, StagedOp};
 use ferry_transport::blocking;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -26,11 +27,6 @@ use crate::ClientError;
 /// Most staged ops the writer puts in one store batch.
 pub const MAX_STAGE_BATCH_OPS: usize = 16_384;
 
-/// Metadata key of the buckets being downloaded again from scratch (JSON
-/// array of names), kept with the staging area so a restart resumes them
-/// from 0.
-pub const META_RESETTING: &str = "ferry.staging.resetting";
-
 /// Budget granularity: permits count KiB.
 const KIB: usize = 1024;
 
@@ -40,7 +36,7 @@ enum Msg {
         ops: Vec<StagedOp>,
         _permit: OwnedSemaphorePermit,
     },
-    Op(BatchOp),
+    Writes(StagingBatch),
     Flush(oneshot::Sender<Result<(), String>>),
 }
 
@@ -67,16 +63,16 @@ pub(crate) struct Stager {
 }
 
 impl Stager {
-    /// Start the writer over `store`, with at most `memory_bytes` of ops
+    /// Start the writer over `staging`, with at most `memory_bytes` of ops
     /// handed over and not yet written.
-    pub(crate) fn start(store: Arc<dyn Store>, memory_bytes: usize) -> Self {
+    pub(crate) fn start(staging: StagingArea, memory_bytes: usize) -> Self {
         let budget_kib = (memory_bytes / KIB).clamp(1, Semaphore::MAX_PERMITS);
         let budget = Arc::new(Semaphore::new(budget_kib));
-        let schema = store.schema().clone();
+        let schema = staging.schema().clone();
         let sink = if blocking::is_inline() {
-            Sink::Inline(Mutex::new(Writer::new(store)))
+            Sink::Inline(Mutex::new(Writer::new(staging)))
         } else {
-            spawn_writer(store)
+            spawn_writer(staging)
         };
         Stager {
             sink,
@@ -124,20 +120,23 @@ impl Stager {
 
     /// Drop every staged op of `bucket`.
     pub(crate) fn discard(&self, bucket: String) -> Result<(), ClientError> {
-        self.send(Msg::Op(BatchOp::DeleteStaged {
-            bucket,
-            through_op_id: u64::MAX,
-        }))
+        let mut writes = StagingBatch::new();
+        writes.delete_through(bucket, u64::MAX);
+        self.send(Msg::Writes(writes))
     }
 
     /// Drop `bucket`'s staged ops through `through_op_id` (switched in).
     pub(crate) fn delete_through(&self, bucket: String, through_op_id: u64) -> Result<(), ClientError> {
-        self.send(Msg::Op(BatchOp::DeleteStaged { bucket, through_op_id }))
+        let mut writes = StagingBatch::new();
+        writes.delete_through(bucket, through_op_id);
+        self.send(Msg::Writes(writes))
     }
 
     /// Keep the buckets being downloaded from scratch.
     pub(crate) fn keep_resetting(&self, resetting: &BTreeSet<String>) -> Result<(), ClientError> {
-        self.send(Msg::Op(resetting_meta(resetting)))
+        let mut writes = StagingBatch::new();
+        writes.keep_resetting(resetting);
+        self.send(Msg::Writes(writes))
     }
 
     /// Wait until everything handed over is written.
@@ -175,10 +174,10 @@ impl Drop for Stager {
 /// Start the writer thread (one per download loop, so the rows it frees
 /// and the store's allocations stay in one allocator arena), or write
 /// inline if the system refuses a thread.
-fn spawn_writer(store: Arc<dyn Store>) -> Sink {
+fn spawn_writer(staging: StagingArea) -> Sink {
     let (tx, rx) = mpsc::unbounded_channel();
     let (ended, done) = oneshot::channel::<()>();
-    let writer = Writer::new(store.clone());
+    let writer = Writer::new(staging.clone());
     let spawned = std::thread::Builder::new().name("ferry-stage".into()).spawn(move || {
         write_thread(writer, rx);
         drop(ended);
@@ -190,16 +189,8 @@ fn spawn_writer(store: Arc<dyn Store>) -> Sink {
         },
         Err(e) => {
             tracing::warn!(error = %e, "starting the staging writer thread failed: writing inline");
-            Sink::Inline(Mutex::new(Writer::new(store)))
+            Sink::Inline(Mutex::new(Writer::new(staging)))
         }
-    }
-}
-
-/// The metadata op keeping `resetting`.
-pub(crate) fn resetting_meta(resetting: &BTreeSet<String>) -> BatchOp {
-    BatchOp::PutMeta {
-        key: META_RESETTING.into(),
-        value: serde_json::to_vec(resetting).unwrap_or_default(),
     }
 }
 
@@ -238,17 +229,17 @@ fn to_staged(schema: &Schema, op: OplogEntry) -> StagedOp {
 /// the first failure (after which everything is dropped: the download
 /// starts over from what the store holds).
 struct Writer {
-    store: Arc<dyn Store>,
-    batch: WriteBatch,
+    staging: StagingArea,
+    batch: StagingBatch,
     permits: Vec<OwnedSemaphorePermit>,
     failed: Option<String>,
 }
 
 impl Writer {
-    fn new(store: Arc<dyn Store>) -> Self {
+    fn new(staging: StagingArea) -> Self {
         Writer {
-            store,
-            batch: WriteBatch::new(),
+            staging,
+            batch: StagingBatch::new(),
             permits: Vec::new(),
             failed: None,
         }
@@ -259,15 +250,12 @@ impl Writer {
         match msg {
             Msg::Ops { bucket, ops, _permit } => {
                 for op in ops {
-                    self.batch.push(BatchOp::PutStaged {
-                        bucket: bucket.clone(),
-                        op,
-                    });
+                    self.batch.stage(bucket.clone(), op);
                 }
                 self.permits.push(_permit);
             }
-            Msg::Op(op) => {
-                self.batch.push(op);
+            Msg::Writes(writes) => {
+                self.batch.append(writes);
             }
             Msg::Flush(reply) => {
                 self.write();
@@ -283,7 +271,7 @@ impl Writer {
     fn write(&mut self) {
         let b = std::mem::take(&mut self.batch);
         if !b.is_empty() && self.failed.is_none() {
-            if let Err(e) = self.store.apply(b) {
+            if let Err(e) = self.staging.apply(b) {
                 tracing::warn!(error = %e, "staging download data failed");
                 self.failed = Some(e.to_string());
             }
@@ -315,24 +303,21 @@ fn write_thread(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Msg>) {
     }
 }
 
-/// The download state a store's staging area resumes: applied buckets,
-/// the buckets being downloaded from scratch and what each bucket staged
-/// beyond them. Staged ops a crash left behind at or below a bucket's
-/// applied op id (switched in already) are dropped first.
-pub(crate) fn restore_download(store: &dyn Store, limits: DownloadLimits) -> Result<Download, ClientError> {
-    let applied: Vec<(String, ferry_protocol::AppliedBucket)> = store
+/// The download state a database's staging area resumes: applied
+/// buckets, the buckets being downloaded from scratch and what each bucket
+/// staged beyond them. Staged ops a crash left behind at or below a
+/// bucket's applied op id (switched in already) are dropped first.
+pub(crate) fn restore_download(local: &LocalDb, limits: DownloadLimits) -> Result<Download, ClientError> {
+    let applied: Vec<(String, ferry_protocol::AppliedBucket)> = local
         .buckets()?
         .into_iter()
         .map(|(name, state)| (name, from_store_state(state)))
         .collect();
-    let resetting: BTreeSet<String> = match store.get_meta(META_RESETTING)? {
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::Corrupt(format!("metadata {META_RESETTING}: {e}")))?,
-        None => BTreeSet::new(),
-    };
-    let mut cleanup = WriteBatch::new();
+    let staging = local.staging_area();
+    let resetting = staging.resetting()?;
+    let mut cleanup = StagingBatch::new();
     let mut counts = Vec::new();
-    for bucket in store.staged_buckets()? {
+    for bucket in staging.staged_buckets()? {
         let base = if resetting.contains(&bucket) {
             0
         } else {
@@ -342,14 +327,11 @@ pub(crate) fn restore_download(store: &dyn Store, limits: DownloadLimits) -> Res
                 .map_or(0, |(_, a)| a.last_op_id)
         };
         if base > 0 {
-            cleanup.push(BatchOp::DeleteStaged {
-                bucket: bucket.clone(),
-                through_op_id: base,
-            });
+            cleanup.delete_through(bucket.clone(), base);
         }
-        let summary = staged_summary(store, &bucket, base)?;
+        let summary = staging.staged_summary(&bucket, base)?;
         counts.push((bucket, summary));
     }
-    store.apply(cleanup)?;
+    staging.apply(cleanup)?;
     Ok(Download::staging_out(applied, resetting, counts, limits))
 }

@@ -16,7 +16,7 @@ use crate::apply::{plan_checkpoint_owned, plan_staged_checkpoint};
 use crate::control::Control;
 use crate::lines::ParsedLines;
 use crate::outcomes::encode_stored;
-use crate::stager::{resetting_meta, Stager};
+use crate::stager::Stager;
 use crate::{ClientError, Credentials, Inner, UploadOutcome};
 
 /// How one stream session ended.
@@ -43,7 +43,7 @@ pub(crate) async fn download_loop(
     let mut backoff = Backoff::new(o.retry_initial_delay_ms, o.retry_max_delay_ms, o.jitter_seed);
     let mut control = inner.control.subscribe();
     let mut refresh = false;
-    let mut stager = Stager::start(inner.local.store().clone(), o.staging_memory_bytes);
+    let mut stager = Stager::start(inner.local.staging_area(), o.staging_memory_bytes);
     loop {
         if !unpaused(&mut stop, &mut control, |c| c.downloads_paused).await {
             stager.close().await;
@@ -133,14 +133,11 @@ async fn stager_failed(inner: &Arc<Inner>, stager: &mut Stager) -> bool {
     if stager.flush().await.is_ok() {
         return false;
     }
-    let fresh = Stager::start(inner.local.store().clone(), inner.options.staging_memory_bytes);
+    let fresh = Stager::start(inner.local.staging_area(), inner.options.staging_memory_bytes);
     std::mem::replace(stager, fresh).close().await;
     let task_inner = inner.clone();
     let restored = blocking::run(move || {
-        crate::stager::restore_download(
-            task_inner.local.store().as_ref(),
-            task_inner.options.download_limits.clone(),
-        )
+        crate::stager::restore_download(&task_inner.local, task_inner.options.download_limits.clone())
     })
     .await;
     match restored {
@@ -227,31 +224,24 @@ async fn stream_session(
                         task_inner.local.observe_server(hlc);
                     }
                     let receipt = apply.receipt();
-                    let store = task_inner.local.store().clone();
-                    let applied = if staging_out {
+                    let local = &task_inner.local;
+                    let planned = if staging_out {
                         // The buckets still downloading from scratch are
                         // kept with the checkpoint that ends the others'.
                         let mut resetting = task_inner.download.lock().resetting().clone();
                         for b in &apply.buckets {
                             resetting.remove(&b.bucket);
                         }
-                        plan_staged_checkpoint(store.as_ref(), &apply)
-                            .map_err(ClientError::from)
-                            .and_then(|(mut batch, switches)| {
-                                batch.push(resetting_meta(&resetting));
-                                Ok(task_inner.local.apply_staged_checkpoint(
-                                    batch,
-                                    &switches,
-                                    receipt.write_checkpoint,
-                                )?)
-                            })
+                        plan_staged_checkpoint(local, &apply).map(|mut changes| {
+                            changes.keep_resetting(&resetting);
+                            changes
+                        })
                     } else {
-                        plan_checkpoint_owned(store.as_ref(), apply)
-                            .map_err(ClientError::from)
-                            .and_then(|batch| {
-                                Ok(task_inner.local.apply_server_changes(batch, receipt.write_checkpoint)?)
-                            })
+                        plan_checkpoint_owned(local, apply)
                     };
+                    let applied = planned
+                        .and_then(|changes| local.apply_server_changes(changes, receipt.write_checkpoint))
+                        .map_err(ClientError::from);
                     let mut download = task_inner.download.lock();
                     match applied {
                         Ok(()) => {

@@ -1,16 +1,17 @@
-//! Applying validated checkpoints to the store: which rows appear, change
-//! and leave, across buckets, resets and removed buckets.
+//! Applying validated checkpoints through `LocalDb`: which rows appear,
+//! change and leave, across buckets, resets and removed buckets.
 
 use std::sync::Arc;
 
 use ferry_client::apply::plan_checkpoint;
 use ferry_core::{row_data, ColumnType, Schema, Table, Value};
 use ferry_protocol::{op_checksum, AppliedBucket, BucketApply, CheckpointApply, OpKind, OplogEntry};
-use ferry_store::{MemoryStore, Store};
+use ferry_queue::LocalDb;
+use ferry_store::MemoryStore;
 
-fn store() -> Arc<MemoryStore> {
+fn store() -> LocalDb {
     let schema = Schema::new([Table::new("tickets").column("title", ColumnType::Text)]).expect("schema");
-    Arc::new(MemoryStore::new(schema))
+    LocalDb::open(Arc::new(MemoryStore::new(schema))).expect("open")
 }
 
 fn put(op_id: u64, id: &str, title: &str) -> OplogEntry {
@@ -51,7 +52,7 @@ fn bucket(name: &str, reset: bool, ops: Vec<OplogEntry>) -> BucketApply {
     }
 }
 
-fn apply(s: &dyn Store, buckets: Vec<BucketApply>, removed: Vec<&str>) {
+fn apply(s: &LocalDb, buckets: Vec<BucketApply>, removed: Vec<&str>) {
     let last_op_id = buckets.iter().map(|b| b.state.last_op_id).max().unwrap_or(0);
     let cp = CheckpointApply {
         last_op_id,
@@ -60,12 +61,18 @@ fn apply(s: &dyn Store, buckets: Vec<BucketApply>, removed: Vec<&str>) {
         removed_buckets: removed.into_iter().map(str::to_owned).collect(),
         hlc: None,
     };
-    let (batch, _touched) = plan_checkpoint(s, &cp).expect("plan");
-    s.apply(batch).expect("apply");
+    let (changes, touched) = plan_checkpoint(s, &cp).expect("plan");
+    assert_eq!(
+        touched,
+        changes.rows().map(|(t, id)| (t.to_owned(), id.to_owned())).collect(),
+        "the rows touched are the rows put or deleted"
+    );
+    s.apply_server_changes(changes, None).expect("apply");
 }
 
-fn ids(s: &dyn Store) -> Vec<String> {
-    s.scan_synced("tickets")
+fn ids(s: &LocalDb) -> Vec<String> {
+    s.store()
+        .scan_synced("tickets")
         .expect("scan")
         .into_iter()
         .map(|(id, _)| id)
@@ -76,24 +83,24 @@ fn ids(s: &dyn Store) -> Vec<String> {
 fn puts_and_removes_across_buckets() {
     let s = store();
     apply(
-        s.as_ref(),
+        &s,
         vec![
             bucket("global", false, vec![put(1, "a", "A"), put(2, "b", "B")]),
             bucket("mine", false, vec![put(3, "b", "B"), put(4, "c", "C")]),
         ],
         vec![],
     );
-    assert_eq!(ids(s.as_ref()), ["a", "b", "c"]);
+    assert_eq!(ids(&s), ["a", "b", "c"]);
     // b leaves global but mine still holds it; a leaves its only bucket.
     apply(
-        s.as_ref(),
+        &s,
         vec![bucket("global", false, vec![remove(5, "b"), remove(6, "a")])],
         vec![],
     );
-    assert_eq!(ids(s.as_ref()), ["b", "c"]);
+    assert_eq!(ids(&s), ["b", "c"]);
     // Removing the bucket "mine" drops what only it held.
-    apply(s.as_ref(), vec![], vec!["mine"]);
-    assert!(ids(s.as_ref()).is_empty());
+    apply(&s, vec![], vec!["mine"]);
+    assert!(ids(&s).is_empty());
     assert_eq!(s.bucket_state("mine").expect("state"), None);
 }
 
@@ -101,7 +108,7 @@ fn puts_and_removes_across_buckets() {
 fn a_reset_bucket_keeps_only_what_it_puts_again() {
     let s = store();
     apply(
-        s.as_ref(),
+        &s,
         vec![bucket(
             "global",
             false,
@@ -110,13 +117,13 @@ fn a_reset_bucket_keeps_only_what_it_puts_again() {
         vec![],
     );
     apply(
-        s.as_ref(),
+        &s,
         vec![bucket("global", true, vec![put(7, "b", "B2"), put(8, "d", "D")])],
         vec![],
     );
-    assert_eq!(ids(s.as_ref()), ["b", "d"]);
+    assert_eq!(ids(&s), ["b", "d"]);
     assert_eq!(
-        s.get_synced("tickets", "b").expect("get"),
+        s.store().get_synced("tickets", "b").expect("get"),
         Some(row_data([("title", Value::from("B2"))]))
     );
     let entries = s.bucket_entries("global", None, 10).expect("entries");
@@ -129,18 +136,14 @@ fn a_reset_bucket_keeps_only_what_it_puts_again() {
 #[test]
 fn a_remove_then_put_in_one_checkpoint_keeps_the_row() {
     let s = store();
+    apply(&s, vec![bucket("global", false, vec![put(1, "a", "A")])], vec![]);
     apply(
-        s.as_ref(),
-        vec![bucket("global", false, vec![put(1, "a", "A")])],
-        vec![],
-    );
-    apply(
-        s.as_ref(),
+        &s,
         vec![bucket("global", false, vec![remove(2, "a"), put(3, "a", "A3")])],
         vec![],
     );
     assert_eq!(
-        s.get_synced("tickets", "a").expect("get"),
+        s.store().get_synced("tickets", "a").expect("get"),
         Some(row_data([("title", Value::from("A3"))]))
     );
 }
@@ -150,7 +153,7 @@ fn rows_of_unknown_tables_are_tracked_but_not_stored() {
     let s = store();
     let mut op = put(1, "x", "X");
     op.object_type = Some("not_in_client_schema".into());
-    apply(s.as_ref(), vec![bucket("global", false, vec![op])], vec![]);
-    assert!(ids(s.as_ref()).is_empty());
+    apply(&s, vec![bucket("global", false, vec![op])], vec![]);
+    assert!(ids(&s).is_empty());
     assert_eq!(s.bucket_entries("global", None, 10).expect("entries").len(), 1);
 }

@@ -12,7 +12,7 @@ use ferry_client::query::{col, Order};
 use ferry_client::{ClientOptions, Database, Query};
 use ferry_core::{row_data, ColumnType, CrudEntry, RowData, Schema, Table, Value};
 use ferry_query::QueryEngine;
-use ferry_queue::{Answer, LocalDbOptions};
+use ferry_queue::{Answer, LocalDbOptions, ServerChanges};
 use ferry_store::{BucketEntry, BucketState, MemoryStore, OverlayEntry, Rows, Store, StoreResult, WriteBatch};
 use proptest::prelude::*;
 
@@ -212,9 +212,9 @@ fn fresh(store: &dyn Store, queries: &[Query]) -> Vec<ferry_query::QueryResult> 
 #[test]
 fn commits_hand_live_queries_their_rows_without_reading_the_store() {
     let (store, db) = open();
-    let mut batch = WriteBatch::new();
-    batch.put_synced("tickets", "s1", ticket("pending", 1));
-    db.local().apply_server_changes(batch, None).expect("checkpoint");
+    let mut changes = ServerChanges::new();
+    changes.put_row("tickets", "s1", ticket("pending", 1));
+    db.local().apply_server_changes(changes, None).expect("checkpoint");
     let (live, first) = db.live_query(&queries()[0], |_| {}).expect("live");
     assert_eq!(first.rows.len(), 1);
 
@@ -225,10 +225,10 @@ fn commits_hand_live_queries_their_rows_without_reading_the_store() {
     })
     .expect("write");
     assert_eq!(store.reads(), before, "a local write reads no rows");
-    let mut batch = WriteBatch::new();
-    batch.put_synced("tickets", "s2", ticket("pending", 3));
-    batch.delete_synced("tickets", "s1");
-    db.local().apply_server_changes(batch, None).expect("checkpoint");
+    let mut changes = ServerChanges::new();
+    changes.put_row("tickets", "s2", ticket("pending", 3));
+    changes.delete_row("tickets", "s1");
+    db.local().apply_server_changes(changes, None).expect("checkpoint");
     assert_eq!(
         store.reads(),
         before,
@@ -327,13 +327,13 @@ fn run(db: &Database, step: &Step) {
             at,
             delete,
         } => {
-            let mut batch = WriteBatch::new();
+            let mut changes = ServerChanges::new();
             if *delete {
-                batch.delete_synced("tickets", format!("r{id}"));
+                changes.delete_row("tickets", format!("r{id}"));
             } else {
-                batch.put_synced("tickets", format!("r{id}"), ticket(status(*pending), *at));
+                changes.put_row("tickets", format!("r{id}"), ticket(status(*pending), *at));
             }
-            local.apply_server_changes(batch, None).expect("checkpoint");
+            local.apply_server_changes(changes, None).expect("checkpoint");
         }
         Step::Answer { reject } => {
             let from = local.completed_through() + 1;
@@ -356,7 +356,7 @@ fn run(db: &Database, step: &Step) {
         }
         Step::Confirm => {
             local
-                .apply_server_changes(WriteBatch::new(), Some(local.completed_through()))
+                .apply_server_changes(ServerChanges::new(), Some(local.completed_through()))
                 .expect("confirm");
         }
     }
@@ -432,13 +432,13 @@ fn rows_leave_and_reenter_a_limited_window() {
     ];
     for backend in 0..3 {
         let (store, db) = open_backend(backend);
-        let mut batch = WriteBatch::new();
+        let mut changes = ServerChanges::new();
         // 40 pending rows, with ties on updated_at, and 40 done ones.
         for i in 0..80i64 {
             let status = if i % 2 == 0 { "pending" } else { "done" };
-            batch.put_synced("tickets", format!("s{i:02}"), ticket(status, i / 4));
+            changes.put_row("tickets", format!("s{i:02}"), ticket(status, i / 4));
         }
-        db.local().apply_server_changes(batch, None).expect("checkpoint");
+        db.local().apply_server_changes(changes, None).expect("checkpoint");
         let lives: Vec<_> = windows
             .iter()
             .map(|q| {
@@ -475,9 +475,9 @@ fn rows_leave_and_reenter_a_limited_window() {
         }
         // Checkpoints remove rows too.
         for id in ids.iter().rev().skip(12).take(6) {
-            let mut batch = WriteBatch::new();
-            batch.delete_synced("tickets", id.clone());
-            db.local().apply_server_changes(batch, None).expect("checkpoint");
+            let mut changes = ServerChanges::new();
+            changes.delete_row("tickets", id.clone());
+            db.local().apply_server_changes(changes, None).expect("checkpoint");
             check(&format!("{id} deleted by a checkpoint"));
         }
         // Come back: at the top, at the bottom, tied with kept rows.
@@ -503,7 +503,7 @@ fn rows_leave_and_reenter_a_limited_window() {
             .expect("answer");
         check("rollbacks");
         local
-            .apply_server_changes(WriteBatch::new(), Some(local.completed_through()))
+            .apply_server_changes(ServerChanges::new(), Some(local.completed_through()))
             .expect("confirm");
         check("confirmation");
         assert_eq!(
@@ -528,14 +528,14 @@ fn an_index_windows_state_does_not_grow_with_the_table() {
         let mut sizes = Vec::new();
         for n in [200i64, 2_000] {
             let (_store, db) = open_backend(backend);
-            let mut batch = WriteBatch::new();
+            let mut changes = ServerChanges::new();
             // Ids, titles and timestamps of one length at every n, so the
             // newest rows encode to the same sizes.
             for i in 0..n {
                 let status = if i % 2 == 0 { "pending" } else { "done" };
-                batch.put_synced("tickets", format!("s{i:06}"), ticket(status, 1_000_000 + i));
+                changes.put_row("tickets", format!("s{i:06}"), ticket(status, 1_000_000 + i));
             }
-            db.local().apply_server_changes(batch, None).expect("checkpoint");
+            db.local().apply_server_changes(changes, None).expect("checkpoint");
             let (live, first) = db.live_query(&window, |_| {}).expect("live");
             assert_eq!(first.rows.len(), 5);
             let (all, _) = db.live_query(&whole, |_| {}).expect("live");

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use ferry_client::{conflicts_table, ClientError, Database, Resolution, CONFLICTS_TABLE};
 use ferry_core::{row_data, ColumnType, CrudOp, Schema, Table, Value};
-use ferry_store::{MemoryStore, WriteBatch};
+use ferry_queue::ServerChanges;
+use ferry_store::MemoryStore;
 
 fn db() -> Database {
     let schema = Schema::new([
@@ -21,13 +22,13 @@ fn db() -> Database {
 
 /// Server data: the ticket as the server has it and one open conflict.
 fn seed(db: &Database) {
-    let mut batch = WriteBatch::new();
-    batch.put_synced(
+    let mut changes = ServerChanges::new();
+    changes.put_row(
         "tickets",
         "t1",
         row_data([("title", Value::from("B")), ("status", Value::from("pending"))]),
     );
-    batch.put_synced(
+    changes.put_row(
         CONFLICTS_TABLE,
         "bob-client:3:title",
         row_data([
@@ -43,7 +44,7 @@ fn seed(db: &Database) {
             ("status", Value::from("open")),
         ]),
     );
-    batch.put_synced(
+    changes.put_row(
         CONFLICTS_TABLE,
         "bob-client:1:status",
         row_data([
@@ -58,7 +59,7 @@ fn seed(db: &Database) {
             ("resolution", Value::from("\"done\"")),
         ]),
     );
-    db.local().apply_server_changes(batch, None).expect("seed");
+    db.local().apply_server_changes(changes, None).expect("seed");
 }
 
 #[test]

@@ -18,11 +18,19 @@
 //!   and rebases the rows they touched: the overlay becomes the synced row
 //!   with the remaining pending entries replayed, or goes away.
 //!
+//! Server data comes in as typed [`ServerChanges`] (a validated
+//! checkpoint's rows, bucket bookkeeping and staged switch-ins):
+//! [`LocalDb::apply_server_changes`] turns them into the store batch
+//! itself, with the confirmation and rebase. Downloads are staged through
+//! [`LocalDb::staging_area`]. A client needs no other way to the store.
+//!
 //! Invariants: seqs are strictly increasing and never reused, even after
 //! the queue empties or the process restarts; entries of one transaction
-//! are contiguous; one `write` is one store batch.
+//! are contiguous; one `write` is one store batch; one checkpoint is one
+//! store batch.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use ferry_core::{
@@ -38,12 +46,16 @@ mod os_random;
 #[cfg(feature = "planted-bugs")]
 pub mod planted;
 mod record;
+mod server_changes;
 mod staged;
+mod staging;
 mod turns;
 
 pub use answer::{Answer, WriteReceipt, META_OUTCOME_PREFIX};
 pub use record::{record_from_row, record_to_row, Record};
+pub use server_changes::ServerChanges;
 pub use staged::StagedSwitch;
+pub use staging::{StagingArea, StagingBatch, META_RESETTING};
 
 /// Metadata key holding the next client sequence number.
 pub const META_NEXT_SEQ: &str = "ferry.queue.next_seq";
@@ -411,7 +423,10 @@ impl LocalDb {
         })
     }
 
-    /// The store underneath.
+    /// The store underneath, for tests, benchmarks and tools that look
+    /// at it directly. `ferry-client` never uses it: it reaches the store
+    /// only through this type's own reads, [`LocalDb::staging_area`] and
+    /// [`LocalDb::apply_server_changes`] (`cargo xtask tidy` checks).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -455,6 +470,30 @@ impl LocalDb {
     pub fn scan(&self, table: &str) -> QueueResult<Vec<(String, RowData)>> {
         self.schema().table(table)?;
         Ok(self.store.scan_visible(table)?)
+    }
+
+    /// The first `limit` visible rows of an index range, ordered by index
+    /// key then id, from the range's end in reverse order when `reverse`
+    /// (what `Store::scan_visible_index_limited` returns: only those rows
+    /// and the overlay are read).
+    pub fn scan_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: Bound<Vec<Value>>,
+        upper: Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> QueueResult<Vec<(String, RowData)>> {
+        Ok(self
+            .store
+            .scan_visible_index_limited(table, index, lower, upper, reverse, limit)?)
+    }
+
+    /// The ids of a table's rows that pending local writes shape (those
+    /// with an overlay entry, deleted ones included).
+    pub fn pending_ids(&self, table: &str) -> QueueResult<BTreeSet<String>> {
+        Ok(self.store.scan_overlay(table)?.into_iter().map(|(id, _)| id).collect())
     }
 
     /// A visible row as a record.
@@ -594,6 +633,17 @@ impl LocalDb {
         Ok(self.counters.lock().stored_len)
     }
 
+    /// The first entry waiting for upload and the last entry queued
+    /// (`None` when nothing waits): two reads of the queue's ends.
+    pub fn upload_queue_ends(&self) -> QueueResult<Option<(CrudEntry, CrudEntry)>> {
+        if self.upload_queue_len() == 0 {
+            return Ok(None);
+        }
+        let first = self.store.queue_from(self.completed_through().saturating_add(1), 1)?;
+        let last = self.store.queue_from(self.last_seq(), 1)?;
+        Ok(first.into_iter().next().zip(last.into_iter().next()))
+    }
+
     /// The last seq handed out (0 before the first queued write).
     pub fn last_seq(&self) -> u64 {
         self.counters.lock().next_seq.saturating_sub(1)
@@ -656,31 +706,21 @@ impl LocalDb {
     /// Only completed entries are dropped: one whose upload answer never
     /// arrived stays until a re-upload brings its outcome back.
     pub fn confirm_through(&self, through_seq: u64) -> QueueResult<()> {
-        self.apply_server_changes(WriteBatch::new(), Some(through_seq))
+        self.apply_server_changes(ServerChanges::new(), Some(through_seq))
     }
 
-    /// Apply server changes to the synced layer (a validated checkpoint:
-    /// `PutSynced`/`DeleteSynced` and bucket bookkeeping in `batch`) in one
-    /// store batch together with: dropping the completed queue entries the
-    /// write checkpoint covers, and rebasing every row that has pending
-    /// entries left (synced row after this batch, pending entries
-    /// replayed) or had confirmed ones. Serialized with local writes.
-    pub fn apply_server_changes(&self, batch: WriteBatch, write_checkpoint: Option<u64>) -> QueueResult<()> {
-        self.apply_checkpoint(batch, &[], write_checkpoint)
-    }
-
-    /// [`LocalDb::apply_server_changes`] with staged ranges switched in by
-    /// the same batch (each a `BatchOp::SwitchInStaged` the batch already
-    /// holds): rows of pending writes they touch are rebased on what the
-    /// switch-in leaves, and observers hear of every row they changed,
-    /// in pages read back from the staging area after the commit.
-    pub fn apply_staged_checkpoint(
-        &self,
-        batch: WriteBatch,
-        switches: &[StagedSwitch],
-        write_checkpoint: Option<u64>,
-    ) -> QueueResult<()> {
-        self.apply_checkpoint(batch, switches, write_checkpoint)
+    /// Apply a validated checkpoint's `changes` (synced rows, bucket
+    /// bookkeeping, staged ranges switched in) in one store batch together
+    /// with: dropping the completed queue entries the write checkpoint
+    /// covers, and rebasing every row that has pending entries left
+    /// (synced row after this batch, pending entries replayed) or had
+    /// confirmed ones. Rows of pending writes that a switch-in touches are
+    /// rebased on what it leaves, and observers hear of every row it
+    /// changed, in pages read back from the staging area after the commit.
+    /// Serialized with local writes.
+    pub fn apply_server_changes(&self, changes: ServerChanges, write_checkpoint: Option<u64>) -> QueueResult<()> {
+        let (batch, switches) = changes.into_parts();
+        self.apply_checkpoint(batch, &switches, write_checkpoint)
     }
 
     fn apply_checkpoint(

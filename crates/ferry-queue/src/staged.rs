@@ -11,8 +11,8 @@ use ferry_store::{switch_effect, BatchOp, StagedOp, SwitchEffect, WriteBatch};
 
 use crate::{ChangeSource, ChangedRows, LocalDb, QueueResult, RowChange};
 
-/// One bucket's staged op range a checkpoint switches in (the batch holds
-/// the matching `BatchOp::SwitchInStaged`).
+/// One bucket's staged op range a checkpoint switches in
+/// ([`crate::ServerChanges::switch_in`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StagedSwitch {
     /// The bucket.

@@ -4,7 +4,7 @@ mod common;
 
 use common::{open, ticket, Ticket, BACKENDS};
 use ferry_core::{row_data, CrudOp, ErrorKind, Limits, RowData, Value};
-use ferry_queue::{LocalDb, LocalDbOptions, QueueError};
+use ferry_queue::{LocalDb, LocalDbOptions, QueueError, ServerChanges};
 use ferry_store::WriteBatch;
 
 fn each_backend(test: impl Fn(&str, &dyn Fn() -> LocalDb)) {
@@ -485,8 +485,8 @@ fn limits_bound_transactions_and_the_queue() {
 fn rejected_writes_roll_back_at_once_and_are_logged() {
     each_backend(|backend, reopen| {
         let db = reopen();
-        let mut server = WriteBatch::new();
-        server.put_synced("tickets", "t1", title("synced"));
+        let mut server = ServerChanges::new();
+        server.put_row("tickets", "t1", title("synced"));
         db.apply_server_changes(server, None).expect("sync");
         db.write(|tx| tx.update("tickets", "t1", row_data([("title", Value::from("mine"))])))
             .expect("write");
@@ -518,8 +518,8 @@ fn rejected_writes_roll_back_at_once_and_are_logged() {
         drop(db);
         let db = reopen();
         assert_eq!(db.rejections().expect("log").len(), 2, "{backend}");
-        let mut server = WriteBatch::new();
-        server.put_synced(
+        let mut server = ServerChanges::new();
+        server.put_row(
             "tickets",
             "t1",
             row_data([("title", Value::from("synced")), ("status", Value::from("done"))]),
@@ -542,8 +542,8 @@ fn checkpoints_rebase_pending_writes_without_flicker() {
         // A checkpoint that does not yet include our writes (write
         // checkpoint absent) but changes the row on the server: pending
         // writes replay on top, so the UI keeps showing them.
-        let mut server = WriteBatch::new();
-        server.put_synced(
+        let mut server = ServerChanges::new();
+        server.put_row(
             "tickets",
             "t1",
             row_data([("title", Value::from("server")), ("version", Value::from(7))]),
@@ -561,8 +561,8 @@ fn checkpoints_rebase_pending_writes_without_flicker() {
         // answered: seq 2 stays pending (its outcome has not reached the
         // app) and still replays.
         db.complete(1).expect("complete");
-        let mut server = WriteBatch::new();
-        server.put_synced(
+        let mut server = ServerChanges::new();
+        server.put_row(
             "tickets",
             "t1",
             row_data([("title", Value::from("mine")), ("status", Value::from("pending"))]),
