@@ -33,6 +33,7 @@
 //! - **Blocking calls over an async driver** (tokio-postgres with a
 //!   deadpool pool, `docs/adr/0012-postgres-driver.md`): see `bridge.rs`.
 
+mod batched;
 mod bridge;
 mod error;
 mod layout;
@@ -518,9 +519,12 @@ impl SourceDb for PgSourceDb {
     fn migrate(&self, schema: &Schema) -> SourceResult<()> {
         let client = self.client()?;
         let result = lift(|| {
+            // The same lock as the setup of Ferry's schema: another
+            // instance starting at the same time may be replacing the
+            // capture function the triggers name.
             wait(client.batch_execute(&format!(
                 "BEGIN; SELECT pg_advisory_xact_lock(hashtext({}));",
-                quote_literal(&format!("ferry migrate {}", self.shared.names.ferry_raw))
+                quote_literal(&format!("ferry setup {}", self.shared.names.ferry_raw))
             )))?;
             let mut layouts = BTreeMap::new();
             for t in schema.tables() {

@@ -11,6 +11,7 @@ use ferry_source::{
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use crate::batched::{Batched, Mark};
 use crate::bridge::wait;
 use crate::error::{corrupt, lift, Result};
 use crate::layout::{PkParam, TableLayout};
@@ -80,8 +81,11 @@ pub(crate) struct PgTx<'a> {
     /// writes wait for the next flight.
     pub(crate) defer_ops: bool,
     /// With `defer_ops`: where the current op's statements start in
-    /// `pending`, while none of them was sent.
-    pub(crate) op_start: Option<usize>,
+    /// `pending` and in `batched`, while none of them was sent.
+    pub(crate) op_start: Option<(usize, Mark)>,
+    /// With `defer_ops`: rows of Ferry's own tables written with one
+    /// statement per table at the next flight.
+    pub(crate) batched: Batched,
 }
 
 impl PgTx<'_> {
@@ -97,6 +101,16 @@ impl PgTx<'_> {
             buckets_ahead: HashMap::new(),
             defer_ops: false,
             op_start: None,
+            batched: Batched::default(),
+        }
+    }
+
+    /// Turn the rows gathered for Ferry's own tables into statements after
+    /// everything deferred.
+    fn seal(&mut self) {
+        if !self.batched.is_empty() {
+            let statements = self.batched.take_statements(&self.db.names.ferry);
+            self.pending.extend(statements);
         }
     }
 
@@ -125,7 +139,7 @@ impl PgTx<'_> {
 
     /// Send everything deferred.
     pub(crate) fn flush(&mut self) -> Result<()> {
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || !self.batched.is_empty() {
             self.send(None)?;
         }
         Ok(())
@@ -143,6 +157,7 @@ impl PgTx<'_> {
     fn send_all(&mut self, queries: &[(&str, &[&(dyn ToSql + Sync)])]) -> Result<Vec<Vec<Row>>> {
         // The current op's writes go now: past rolling back by dropping.
         self.op_start = None;
+        self.seal();
         let pending = std::mem::take(&mut self.pending);
         let sent = pending.len();
         let mut stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
@@ -493,6 +508,12 @@ impl SourceTx for PgTx<'_> {
     fn record_outcome(&mut self, client_id: &str, seq: u64, fingerprint: u64, outcome: &Outcome) -> SourceResult<()> {
         lift(|| {
             let text = serde_json::to_string(outcome).map_err(|e| corrupt("outcome", e))?;
+            if self.defer_ops {
+                self.batched
+                    .outcomes
+                    .push((client_id.to_owned(), seq as i64, text, fingerprint as i64));
+                return Ok(());
+            }
             let sql = format!(
                 "INSERT INTO {}.outcomes(client_id, seq, outcome, fingerprint) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (client_id, seq) DO UPDATE SET outcome = EXCLUDED.outcome, fingerprint = EXCLUDED.fingerprint",
@@ -593,8 +614,12 @@ impl SourceTx for PgTx<'_> {
         if let Some(rows) = self.buckets_ahead.get_mut(table) {
             rows.remove(id);
         }
-        let f = &self.db.names.ferry;
         let list: Vec<String> = buckets.iter().cloned().collect();
+        if self.defer_ops {
+            self.batched.memberships.push((table.to_owned(), id.to_owned(), list));
+            return Ok(());
+        }
+        let f = &self.db.names.ferry;
         let sql = format!(
             "WITH d AS (DELETE FROM {f}.row_buckets WHERE tbl = $1 AND id = $2 AND NOT (bucket = ANY($3::text[]))) \
              INSERT INTO {f}.row_buckets(tbl, id, bucket) SELECT $1, $2, b FROM unnest($3::text[]) AS b \
@@ -619,6 +644,18 @@ impl SourceTx for PgTx<'_> {
                 .data
                 .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
                 .transpose()?;
+            if self.defer_ops {
+                self.batched.oplog.push((
+                    op.op_id as i64,
+                    op.bucket.to_owned(),
+                    op.op.as_str().to_owned(),
+                    op.table.to_owned(),
+                    op.row_id.to_owned(),
+                    data,
+                    i64::from(op.checksum),
+                ));
+                return Ok(());
+            }
             let sql = format!(
                 "INSERT INTO {}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -666,6 +703,11 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_bucket_state(&mut self, bucket: &str, state: &BucketState) -> SourceResult<()> {
+        self.buckets.insert(bucket.to_owned(), Some(*state));
+        if self.defer_ops {
+            self.batched.buckets.insert(bucket.to_owned(), *state);
+            return Ok(());
+        }
         let sql = format!(
             "INSERT INTO {}.buckets(bucket, checksum, count, last_op_id) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (bucket) DO UPDATE SET checksum = EXCLUDED.checksum, count = EXCLUDED.count, \
@@ -681,7 +723,6 @@ impl SourceTx for PgTx<'_> {
                 Box::new(state.last_op_id as i64),
             ],
         );
-        self.buckets.insert(bucket.to_owned(), Some(*state));
         Ok(())
     }
 
@@ -850,7 +891,7 @@ impl SourceTx for PgTx<'_> {
         if self.defer_ops {
             // No savepoint is sent: the op's statements are dropped while
             // unsent, and a refusal fails the transaction.
-            self.op_start = Some(self.pending.len());
+            self.op_start = Some((self.pending.len(), self.batched.mark()));
             return Ok(());
         }
         // Sent with the op's first statement.
@@ -864,9 +905,10 @@ impl SourceTx for PgTx<'_> {
         self.forget_ahead();
         if self.defer_ops {
             return match self.op_start.take() {
-                Some(start) => {
+                Some((start, mark)) => {
                     // Nothing of the op reached the database.
                     self.pending.truncate(start);
+                    self.batched.back_to(mark);
                     Ok(())
                 }
                 None => Err(ferry_source::SourceError::Refused(
@@ -907,6 +949,8 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn defer_op_writes(&mut self, on: bool) -> bool {
+        // Rows gathered so far are written in order with the rest.
+        self.seal();
         self.defer_ops = on;
         self.op_start = None;
         on

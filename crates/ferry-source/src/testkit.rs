@@ -736,23 +736,49 @@ pub fn deferred_op_writes_apply_in_order<B: SourceBackend>(b: &B) {
             append(tx, "d[]", &id, Some(&row))?;
             tx.release_savepoint()?;
         }
+        for seq in 1..=5 {
+            tx.record_outcome("c1", seq, seq, &Outcome::Applied)?;
+        }
+        // Memberships replaced twice, and emptied, before anything is sent.
+        tx.set_row_buckets("tickets", "t1", &set(&["e[]", "f[]"]))?;
+        tx.set_row_buckets("tickets", "t1", &set(&["e[]"]))?;
+        tx.set_row_buckets("tickets", "t2", &BTreeSet::new())?;
         tx.savepoint()?;
         tx.set_row_buckets("tickets", "t0", &set(&["gone[]"]))?;
+        append(tx, "d[]", "t0", Some(&ticket("undone", 0)))?;
+        tx.record_outcome("c1", 6, 6, &Outcome::Applied)?;
         tx.rollback_to_savepoint()?;
         tx.set_client("c1", "u1", 5)?;
+        Ok(())
+    });
+    write(db.as_ref(), |tx| {
+        assert!(tx.outcome("c1", 5)?.is_some(), "the ops' outcomes are kept");
+        assert_eq!(tx.outcome("c1", 6)?, None, "the undone op's outcome is not");
         Ok(())
     });
     for i in 0..5_i64 {
         let row = db.get_row(&t, &format!("t{i}")).expect("get").and_then(|r| r.data);
         assert_eq!(row, Some(ticket(&format!("ticket {i}"), i)));
     }
-    assert_eq!(checkpoint_of(db.as_ref(), "d[]").2, 5, "every op's log entry");
+    assert_eq!(
+        checkpoint_of(db.as_ref(), "d[]").2,
+        5,
+        "every op's log entry, none of the undone op's"
+    );
+    assert_eq!(all_ops(db.as_ref(), "d[]").len(), 5);
     write(db.as_ref(), |tx| {
         assert_eq!(
             tx.row_buckets("tickets", "t0")?,
             set(&["d[]"]),
             "the undone op changed nothing"
         );
+        assert_eq!(
+            tx.row_buckets("tickets", "t1")?,
+            set(&["e[]"]),
+            "the last membership set"
+        );
+        assert!(tx.row_buckets("tickets", "t2")?.is_empty());
+        assert_eq!(tx.row_buckets("tickets", "t3")?, set(&["d[]"]));
         Ok(())
     });
     assert_eq!(db.client_owner("c1").expect("owner").as_deref(), Some("u1"));

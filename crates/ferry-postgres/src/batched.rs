@@ -1,0 +1,196 @@
+//! Rows of Ferry's own tables that a transaction sending its ops' writes
+//! together ([`SourceTx::defer_op_writes`](ferry_source::SourceTx::defer_op_writes))
+//! gathers and writes with one multi-row statement per table at the next
+//! flight, instead of one statement per row: op log entries, outcomes,
+//! bucket states and rows' bucket memberships. Nothing else in a write transaction reads or writes
+//! these tables between flights (reads of them go through a flight, and
+//! bucket states are cached), so writing them at the flight keeps every
+//! read as it would be.
+
+use std::collections::BTreeMap;
+
+use ferry_source::BucketState;
+
+use crate::tx::Param;
+
+/// Most rows in one multi-row statement (its arrays stay bounded).
+pub(crate) const MAX_ROWS_PER_STATEMENT: usize = 1_000;
+
+/// One op log entry: op id, bucket, op, table, row id, data (JSON),
+/// checksum.
+pub(crate) type OplogRow = (i64, String, String, String, String, Option<String>, i64);
+
+/// One outcome: client id, seq, outcome (JSON), fingerprint.
+pub(crate) type OutcomeRow = (String, i64, String, i64);
+
+/// What is gathered since the last flight.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Batched {
+    pub(crate) oplog: Vec<OplogRow>,
+    pub(crate) outcomes: Vec<OutcomeRow>,
+    /// The last state set of each bucket.
+    pub(crate) buckets: BTreeMap<String, BucketState>,
+    /// Memberships set, in order: table, row id, buckets (a later one of
+    /// the same row replaces an earlier one).
+    pub(crate) memberships: Vec<(String, String, Vec<String>)>,
+}
+
+/// Where an op's gathered rows start, to drop them when it rolls back.
+#[derive(Clone, Debug)]
+pub(crate) struct Mark {
+    oplog: usize,
+    outcomes: usize,
+    buckets: BTreeMap<String, BucketState>,
+    memberships: usize,
+}
+
+impl Batched {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.oplog.is_empty() && self.outcomes.is_empty() && self.buckets.is_empty() && self.memberships.is_empty()
+    }
+
+    pub(crate) fn mark(&self) -> Mark {
+        Mark {
+            oplog: self.oplog.len(),
+            outcomes: self.outcomes.len(),
+            buckets: self.buckets.clone(),
+            memberships: self.memberships.len(),
+        }
+    }
+
+    /// Drop what was gathered since `mark`.
+    pub(crate) fn back_to(&mut self, mark: Mark) {
+        self.oplog.truncate(mark.oplog);
+        self.outcomes.truncate(mark.outcomes);
+        self.buckets = mark.buckets;
+        self.memberships.truncate(mark.memberships);
+    }
+
+    /// The statements writing everything gathered, which is then empty.
+    /// `f` is Ferry's quoted schema.
+    pub(crate) fn take_statements(&mut self, f: &str) -> Vec<(String, Vec<Param>)> {
+        let mut out = Vec::new();
+        for chunk in std::mem::take(&mut self.oplog).chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut cols: (
+                Vec<i64>,
+                Vec<String>,
+                Vec<String>,
+                Vec<String>,
+                Vec<String>,
+                Vec<Option<String>>,
+                Vec<i64>,
+            ) = Default::default();
+            for (id, bucket, op, tbl, row_id, data, checksum) in chunk.iter().cloned() {
+                cols.0.push(id);
+                cols.1.push(bucket);
+                cols.2.push(op);
+                cols.3.push(tbl);
+                cols.4.push(row_id);
+                cols.5.push(data);
+                cols.6.push(checksum);
+            }
+            out.push((
+                format!(
+                    "INSERT INTO {f}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
+                     SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::int8[])"
+                ),
+                vec![
+                    Box::new(cols.0) as Param,
+                    Box::new(cols.1),
+                    Box::new(cols.2),
+                    Box::new(cols.3),
+                    Box::new(cols.4),
+                    Box::new(cols.5),
+                    Box::new(cols.6),
+                ],
+            ));
+        }
+        // One row per key in a statement (an upsert may not touch a row
+        // twice): the last one set wins, as statement by statement.
+        let mut outcomes: BTreeMap<(String, i64), (String, i64)> = BTreeMap::new();
+        for (client, seq, outcome, fingerprint) in std::mem::take(&mut self.outcomes) {
+            outcomes.insert((client, seq), (outcome, fingerprint));
+        }
+        let outcomes: Vec<_> = outcomes.into_iter().collect();
+        for chunk in outcomes.chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut cols: (Vec<String>, Vec<i64>, Vec<String>, Vec<i64>) = Default::default();
+            for ((client, seq), (outcome, fingerprint)) in chunk.iter().cloned() {
+                cols.0.push(client);
+                cols.1.push(seq);
+                cols.2.push(outcome);
+                cols.3.push(fingerprint);
+            }
+            out.push((
+                format!(
+                    "INSERT INTO {f}.outcomes(client_id, seq, outcome, fingerprint) \
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[]) \
+                     ON CONFLICT (client_id, seq) DO UPDATE SET outcome = EXCLUDED.outcome, \
+                     fingerprint = EXCLUDED.fingerprint"
+                ),
+                vec![
+                    Box::new(cols.0) as Param,
+                    Box::new(cols.1),
+                    Box::new(cols.2),
+                    Box::new(cols.3),
+                ],
+            ));
+        }
+        // The last membership set of each row, by table.
+        let mut memberships: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+        for (table, id, buckets) in std::mem::take(&mut self.memberships) {
+            memberships.entry(table).or_default().insert(id, buckets);
+        }
+        for (table, rows) in memberships {
+            let rows: Vec<(String, Vec<String>)> = rows.into_iter().collect();
+            for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+                let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
+                let (want_ids, want_buckets): (Vec<String>, Vec<String>) = chunk
+                    .iter()
+                    .flat_map(|(id, buckets)| buckets.iter().map(move |b| (id.clone(), b.clone())))
+                    .unzip();
+                out.push((
+                    format!(
+                        "WITH r AS (SELECT * FROM unnest($2::text[]) AS r(id)), \
+                         w AS (SELECT * FROM unnest($3::text[], $4::text[]) AS w(id, bucket)), \
+                         d AS (DELETE FROM {f}.row_buckets rb USING r WHERE rb.tbl = $1 AND rb.id = r.id \
+                               AND NOT EXISTS (SELECT 1 FROM w WHERE w.id = rb.id AND w.bucket = rb.bucket)) \
+                         INSERT INTO {f}.row_buckets(tbl, id, bucket) SELECT $1, id, bucket FROM w \
+                         ON CONFLICT DO NOTHING"
+                    ),
+                    vec![
+                        Box::new(table.clone()) as Param,
+                        Box::new(ids),
+                        Box::new(want_ids),
+                        Box::new(want_buckets),
+                    ],
+                ));
+            }
+        }
+        let buckets: Vec<(String, BucketState)> = std::mem::take(&mut self.buckets).into_iter().collect();
+        for chunk in buckets.chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut cols: (Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+            for (bucket, state) in chunk.iter().cloned() {
+                cols.0.push(bucket);
+                cols.1.push(i64::from(state.checksum));
+                cols.2.push(state.count as i64);
+                cols.3.push(state.last_op_id as i64);
+            }
+            out.push((
+                format!(
+                    "INSERT INTO {f}.buckets(bucket, checksum, count, last_op_id) \
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+                     ON CONFLICT (bucket) DO UPDATE SET checksum = EXCLUDED.checksum, \
+                     count = EXCLUDED.count, last_op_id = EXCLUDED.last_op_id"
+                ),
+                vec![
+                    Box::new(cols.0) as Param,
+                    Box::new(cols.1),
+                    Box::new(cols.2),
+                    Box::new(cols.3),
+                ],
+            ));
+        }
+        out
+    }
+}
