@@ -71,24 +71,13 @@ impl Batched {
     pub(crate) fn take_statements(&mut self, f: &str) -> Vec<(String, Vec<Param>)> {
         let mut out = Vec::new();
         for chunk in std::mem::take(&mut self.oplog).chunks(MAX_ROWS_PER_STATEMENT) {
-            let mut cols: (
-                Vec<i64>,
-                Vec<String>,
-                Vec<String>,
-                Vec<String>,
-                Vec<String>,
-                Vec<Option<String>>,
-                Vec<i64>,
-            ) = Default::default();
-            for (id, bucket, op, tbl, row_id, data, checksum) in chunk.iter().cloned() {
-                cols.0.push(id);
-                cols.1.push(bucket);
-                cols.2.push(op);
-                cols.3.push(tbl);
-                cols.4.push(row_id);
-                cols.5.push(data);
-                cols.6.push(checksum);
-            }
+            let ids: Vec<i64> = chunk.iter().map(|r| r.0).collect();
+            let buckets: Vec<String> = chunk.iter().map(|r| r.1.clone()).collect();
+            let ops: Vec<String> = chunk.iter().map(|r| r.2.clone()).collect();
+            let tables: Vec<String> = chunk.iter().map(|r| r.3.clone()).collect();
+            let row_ids: Vec<String> = chunk.iter().map(|r| r.4.clone()).collect();
+            let datas: Vec<Option<String>> = chunk.iter().map(|r| r.5.clone()).collect();
+            let checksums: Vec<i64> = chunk.iter().map(|r| r.6).collect();
             out.push((
                 format!(
                     "INSERT INTO {f}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
@@ -96,13 +85,13 @@ impl Batched {
                      $6::text[], $7::int8[])"
                 ),
                 vec![
-                    Box::new(cols.0) as Param,
-                    Box::new(cols.1),
-                    Box::new(cols.2),
-                    Box::new(cols.3),
-                    Box::new(cols.4),
-                    Box::new(cols.5),
-                    Box::new(cols.6),
+                    Box::new(ids) as Param,
+                    Box::new(buckets),
+                    Box::new(ops),
+                    Box::new(tables),
+                    Box::new(row_ids),
+                    Box::new(datas),
+                    Box::new(checksums),
                 ],
             ));
         }
