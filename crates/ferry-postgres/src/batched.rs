@@ -58,6 +58,14 @@ impl Batched {
         }
     }
 
+    /// Whether anything was gathered since `mark`.
+    pub(crate) fn grew_since(&self, mark: &Mark) -> bool {
+        self.oplog.len() > mark.oplog
+            || self.outcomes.len() > mark.outcomes
+            || self.memberships.len() > mark.memberships
+            || self.buckets != mark.buckets
+    }
+
     /// Drop what was gathered since `mark`.
     pub(crate) fn back_to(&mut self, mark: Mark) {
         self.oplog.truncate(mark.oplog);

@@ -155,10 +155,15 @@ impl PgTx<'_> {
     /// Send everything deferred, then each of `queries`, in one flight;
     /// the rows of each query.
     fn send_all(&mut self, queries: &[(&str, &[&(dyn ToSql + Sync)])]) -> Result<Vec<Vec<Row>>> {
-        // The current op's writes go now: past rolling back by dropping.
-        self.op_start = None;
+        // The current op's writes, if any, go now: past rolling back by
+        // dropping. An op that wrote nothing yet starts again after them.
+        let op_unsent = self
+            .op_start
+            .as_ref()
+            .is_some_and(|(start, mark)| self.pending.len() == *start && !self.batched.grew_since(mark));
         self.seal();
         let pending = std::mem::take(&mut self.pending);
+        self.op_start = op_unsent.then(|| (0, self.batched.mark()));
         let sent = pending.len();
         let mut stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
             .iter()

@@ -744,6 +744,9 @@ pub fn deferred_op_writes_apply_in_order<B: SourceBackend>(b: &B) {
         tx.set_row_buckets("tickets", "t1", &set(&["e[]"]))?;
         tx.set_row_buckets("tickets", "t2", &BTreeSet::new())?;
         tx.savepoint()?;
+        // A read first sends what the ops before wrote; this op wrote
+        // nothing yet, so it can still be undone alone.
+        assert!(tx.read_row(&t, "t4")?.is_some());
         tx.set_row_buckets("tickets", "t0", &set(&["gone[]"]))?;
         append(tx, "d[]", "t0", Some(&ticket("undone", 0)))?;
         tx.record_outcome("c1", 6, 6, &Outcome::Applied)?;
