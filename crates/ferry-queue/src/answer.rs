@@ -149,9 +149,6 @@ impl LocalDb {
         counters.completed_through = through;
         counters.upload_len -= removed;
         counters.stored_len -= confirmed;
-        let ticket = counters.tickets.take();
-        drop(counters);
-        let _turn = self.turns.wait(ticket);
         let (rolled, others): (Vec<RowChange>, Vec<RowChange>) = if rolled_back.is_empty() {
             (Vec::new(), changes)
         } else {

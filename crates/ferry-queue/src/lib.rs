@@ -49,7 +49,6 @@ mod record;
 mod server_changes;
 mod staged;
 mod staging;
-mod turns;
 
 pub use answer::{Answer, WriteReceipt, META_OUTCOME_PREFIX};
 pub use record::{record_from_row, record_to_row, Record};
@@ -211,8 +210,6 @@ struct Counters {
     stored_len: u64,
     /// The highest write checkpoint of an applied server checkpoint.
     server_write_checkpoint: u64,
-    /// Tickets for the observer's turns, taken by each commit.
-    tickets: turns::TicketRoll,
 }
 
 /// A local database: reads of the visible state and transactional writes
@@ -228,9 +225,6 @@ pub struct LocalDb {
     /// Whether the observer wants the rows a staged checkpoint switched in
     /// (see [`LocalDb::set_observer_interest`]).
     interest: RwLock<Option<Interest>>,
-    /// Commit-ordered turns for calling the observer outside the write
-    /// lock.
-    turns: turns::Turns,
 }
 
 impl std::fmt::Debug for LocalDb {
@@ -417,9 +411,7 @@ impl LocalDb {
                 upload_len,
                 stored_len,
                 server_write_checkpoint: 0,
-                tickets: turns::TicketRoll::default(),
             }),
-            turns: turns::Turns::default(),
         })
     }
 
@@ -598,9 +590,6 @@ impl LocalDb {
             counters.upload_len += n_ops as u64;
             counters.stored_len += n_ops as u64;
         }
-        let ticket = counters.tickets.take();
-        drop(counters);
-        let _turn = self.turns.wait(ticket);
         self.notify(ChangeSource::LocalWrite, &changes);
         Ok((value, receipt))
     }
@@ -782,12 +771,9 @@ impl LocalDb {
         let changes = self.visible_changes_staged(&batch, &changed, &staged_after)?;
         self.store.apply(batch)?;
         counters.stored_len -= confirmed;
-        let ticket = counters.tickets.take();
-        drop(counters);
-        let turn = self.turns.wait(ticket);
         self.notify(ChangeSource::Server, &changes);
         self.notify_switched(switches, &staged_after, &queued)?;
-        drop(turn);
+        drop(counters);
         drop_in_background(changed);
         drop_in_background(changes);
         Ok(())
@@ -911,13 +897,11 @@ impl LocalDb {
 
     /// Call `observer` after every committed change of the visible state,
     /// with the rows whose visible value may have changed. Calls are made
-    /// on the committing thread, once per commit, in commit order, after
-    /// the write lock is released: the next write commits while the
-    /// observer runs, and waits only to take its own turn after it. An
-    /// observer that reads the store may see a later commit's rows a turn
-    /// early; that commit's own call follows. The observer must not write
-    /// through this database (its commit would wait for the turn the
-    /// observer holds).
+    /// on the committing thread, once per commit, in commit order, while
+    /// writes are held back (so the upload loop cannot send, and the
+    /// server cannot answer, a write before its own call is done): keep
+    /// the observer quick. The observer must not write through this
+    /// database.
     pub fn set_observer(&self, observer: Option<Observer>) {
         *self.observer.write() = observer;
     }
