@@ -16,9 +16,9 @@ use crate::tx::Param;
 /// Most rows in one multi-row statement (its arrays stay bounded).
 pub(crate) const MAX_ROWS_PER_STATEMENT: usize = 1_000;
 
-/// One op log entry: op id, bucket, op, table, row id, data (JSON),
-/// checksum.
-pub(crate) type OplogRow = (i64, String, String, String, String, Option<String>, i64);
+/// One op log entry: op id, bucket, op, table, row id (none for a
+/// CLEAR), data (JSON), checksum.
+pub(crate) type OplogRow = (i64, String, String, Option<String>, Option<String>, Option<String>, i64);
 
 /// One outcome: client id, seq, outcome (JSON), fingerprint.
 pub(crate) type OutcomeRow = (String, i64, String, i64);
@@ -77,32 +77,7 @@ impl Batched {
     /// The statements writing everything gathered, which is then empty.
     /// `f` is Ferry's quoted schema.
     pub(crate) fn take_statements(&mut self, f: &str) -> Vec<(String, Vec<Param>)> {
-        let mut out = Vec::new();
-        for chunk in std::mem::take(&mut self.oplog).chunks(MAX_ROWS_PER_STATEMENT) {
-            let ids: Vec<i64> = chunk.iter().map(|r| r.0).collect();
-            let buckets: Vec<String> = chunk.iter().map(|r| r.1.clone()).collect();
-            let ops: Vec<String> = chunk.iter().map(|r| r.2.clone()).collect();
-            let tables: Vec<String> = chunk.iter().map(|r| r.3.clone()).collect();
-            let row_ids: Vec<String> = chunk.iter().map(|r| r.4.clone()).collect();
-            let datas: Vec<Option<String>> = chunk.iter().map(|r| r.5.clone()).collect();
-            let checksums: Vec<i64> = chunk.iter().map(|r| r.6).collect();
-            out.push((
-                format!(
-                    "INSERT INTO {f}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
-                     SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                     $6::text[], $7::int8[])"
-                ),
-                vec![
-                    Box::new(ids) as Param,
-                    Box::new(buckets),
-                    Box::new(ops),
-                    Box::new(tables),
-                    Box::new(row_ids),
-                    Box::new(datas),
-                    Box::new(checksums),
-                ],
-            ));
-        }
+        let mut out = oplog_inserts(f, &std::mem::take(&mut self.oplog));
         // One row per key in a statement (an upsert may not touch a row
         // twice): the last one set wins, as statement by statement.
         let mut outcomes: BTreeMap<(String, i64), (String, i64)> = BTreeMap::new();
@@ -190,4 +165,36 @@ impl Batched {
         }
         out
     }
+}
+
+/// Multi-row `INSERT`s of op log entries, at most
+/// [`MAX_ROWS_PER_STATEMENT`] rows each. `f` is Ferry's quoted schema.
+pub(crate) fn oplog_inserts(f: &str, rows: &[OplogRow]) -> Vec<(String, Vec<Param>)> {
+    rows.chunks(MAX_ROWS_PER_STATEMENT)
+        .map(|chunk| {
+            let ids: Vec<i64> = chunk.iter().map(|r| r.0).collect();
+            let buckets: Vec<String> = chunk.iter().map(|r| r.1.clone()).collect();
+            let ops: Vec<String> = chunk.iter().map(|r| r.2.clone()).collect();
+            let tables: Vec<Option<String>> = chunk.iter().map(|r| r.3.clone()).collect();
+            let row_ids: Vec<Option<String>> = chunk.iter().map(|r| r.4.clone()).collect();
+            let datas: Vec<Option<String>> = chunk.iter().map(|r| r.5.clone()).collect();
+            let checksums: Vec<i64> = chunk.iter().map(|r| r.6).collect();
+            (
+                format!(
+                    "INSERT INTO {f}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
+                     SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::int8[])"
+                ),
+                vec![
+                    Box::new(ids) as Param,
+                    Box::new(buckets),
+                    Box::new(ops),
+                    Box::new(tables),
+                    Box::new(row_ids),
+                    Box::new(datas),
+                    Box::new(checksums),
+                ],
+            )
+        })
+        .collect()
 }

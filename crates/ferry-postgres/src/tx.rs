@@ -11,7 +11,7 @@ use ferry_source::{
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use crate::batched::{Batched, Mark};
+use crate::batched::{oplog_inserts, Batched, Mark, OplogRow};
 use crate::bridge::wait;
 use crate::error::{corrupt, lift, Result};
 use crate::layout::{PkParam, TableLayout};
@@ -654,8 +654,8 @@ impl SourceTx for PgTx<'_> {
                     op.op_id as i64,
                     op.bucket.to_owned(),
                     op.op.as_str().to_owned(),
-                    op.table.to_owned(),
-                    op.row_id.to_owned(),
+                    Some(op.table.to_owned()),
+                    Some(op.row_id.to_owned()),
                     data,
                     i64::from(op.checksum),
                 ));
@@ -742,31 +742,29 @@ impl SourceTx for PgTx<'_> {
         lift(|| {
             let f = self.db.names.ferry.clone();
             self.q(&format!("DELETE FROM {f}.oplog WHERE bucket = $1"), &[&bucket])?;
-            let mut ids = Vec::with_capacity(entries.len());
-            let mut ops = Vec::with_capacity(entries.len());
-            let mut tables = Vec::with_capacity(entries.len());
-            let mut rows = Vec::with_capacity(entries.len());
-            let mut datas = Vec::with_capacity(entries.len());
-            let mut sums = Vec::with_capacity(entries.len());
-            for e in entries {
-                ids.push(e.op_id as i64);
-                ops.push(e.op.as_str());
-                tables.push(e.object_type.clone());
-                rows.push(e.object_id.clone());
-                datas.push(
-                    e.data
+            let rows = entries
+                .iter()
+                .map(|e| {
+                    let data = e
+                        .data
                         .as_ref()
                         .map(|d| serde_json::to_string(d).map_err(|err| corrupt("row", err)))
-                        .transpose()?,
-                );
-                sums.push(i64::from(e.checksum));
+                        .transpose()?;
+                    Ok((
+                        e.op_id as i64,
+                        bucket.to_owned(),
+                        e.op.as_str().to_owned(),
+                        e.object_type.clone(),
+                        e.object_id.clone(),
+                        data,
+                        i64::from(e.checksum),
+                    ))
+                })
+                .collect::<Result<Vec<OplogRow>>>()?;
+            for (sql, params) in oplog_inserts(&f, &rows) {
+                self.defer(sql, params);
             }
-            let sql = format!(
-                "INSERT INTO {f}.oplog(op_id, bucket, op, tbl, row_id, data, checksum) \
-                 SELECT i, $1, o, t, r, d, s FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[]) \
-                 AS u(i, o, t, r, d, s)"
-            );
-            self.q(&sql, &[&bucket, &ids, &ops, &tables, &rows, &datas, &sums])?;
+            self.flush()?;
             Ok(())
         })
     }
