@@ -133,6 +133,24 @@ impl Drop for Instance {
     }
 }
 
+/// `n` instances on one database, each on a free port, all healthy.
+async fn start_instances(s: &ScratchSchemas, dir: &Path, n: usize) -> Vec<Instance> {
+    let mut instances: Vec<Instance> = (0..n)
+        .map(|k| {
+            let port = free_port();
+            Instance {
+                child: Some(Instance::spawn(s, port, dir, k)),
+                port,
+                dir: dir.to_path_buf(),
+            }
+        })
+        .collect();
+    for (k, i) in instances.iter_mut().enumerate() {
+        i.wait_healthy(k).await;
+    }
+    instances
+}
+
 fn token(user: &str) -> String {
     ferry_server::mint_token(SECRET, user, 3600, &serde_json::Map::new())
 }
@@ -203,19 +221,7 @@ async fn three_instances_one_database_devices_switching_backend_writing_one_kill
     let s = ScratchSchemas::for_test();
     let dir = tempfile::tempdir().expect("tempdir");
 
-    let mut instances: Vec<Instance> = (0..INSTANCES)
-        .map(|n| {
-            let port = free_port();
-            Instance {
-                child: Some(Instance::spawn(&s, port, dir.path(), n)),
-                port,
-                dir: dir.path().to_path_buf(),
-            }
-        })
-        .collect();
-    for (n, i) in instances.iter_mut().enumerate() {
-        i.wait_healthy(n).await;
-    }
+    let mut instances = start_instances(&s, dir.path(), INSTANCES).await;
 
     let devices: Vec<Database> = (0..DEVICES).map(|n| open_device(dir.path(), n)).collect();
     let users: Vec<String> = (0..DEVICES).map(|n| format!("user-{n}")).collect();
@@ -417,19 +423,7 @@ async fn a_truncate_in_sql_reaches_every_device() {
     const { assert!(ROWS > ferry_server::MAX_TRUNCATE_ROWS_PER_TX) };
     let s = ScratchSchemas::for_test();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut instances: Vec<Instance> = (0..2)
-        .map(|n| {
-            let port = free_port();
-            Instance {
-                child: Some(Instance::spawn(&s, port, dir.path(), n)),
-                port,
-                dir: dir.path().to_path_buf(),
-            }
-        })
-        .collect();
-    for (n, i) in instances.iter_mut().enumerate() {
-        i.wait_healthy(n).await;
-    }
+    let instances = start_instances(&s, dir.path(), 2).await;
     let devices: Vec<Database> = (0..2).map(|n| open_device(dir.path(), n)).collect();
     for (d, db) in devices.iter().enumerate() {
         connect(db, &instances[d].url(), &format!("user-{d}"));
