@@ -14,14 +14,19 @@
 //! | `ferry_buckets`        | `name`                 | bucket state                                    |
 //! | `ferry_meta`           | `key`                  | metadata                                        |
 //! | `ferry_index_defs`     | `(tbl, idx)`           | the index definitions the entries were built for |
+//! | `ferry_staged`         | `(bucket, op_id)`      | the staging area's ops; a PUT's row inline, or in `ferry_staged_rows` (`side`) |
+//! | `ferry_staged_rows`    | `(tbl, id)`            | staged rows, laid out as `ferry_rows` (see `staged_rows.rs`) |
+//! | `ferry_staged_state`   | `name`                 | whether `ferry_staged_rows` may hold rows no staged op puts |
 //!
 //! The storage format version lives in `PRAGMA user_version` and is
-//! [`FORMAT_VERSION`] (2). Version 2 replaced version 1's per-bucket op log
-//! (`ferry_bucket_ops`) with `ferry_bucket_entries`. No version 1 database
-//! was ever shipped, so there is no migration: opening a version 1 (or any
-//! other unknown version) database fails with a non-retryable
-//! [`StoreError::Backend`] error naming both versions, leaving the data in
-//! the file untouched.
+//! [`FORMAT_VERSION`] (3). Version 2 replaced version 1's per-bucket op log
+//! (`ferry_bucket_ops`) with `ferry_bucket_entries`; version 3 keeps staged
+//! rows apart (`ferry_staged_rows`), and a version 2 database is migrated
+//! when opened (its staged ops keep their rows inline). No version 1
+//! database was ever shipped, so there is no migration from it: opening a
+//! version 1 (or any other unknown version) database fails with a
+//! non-retryable [`StoreError::Backend`] error naming both versions,
+//! leaving the data in the file untouched.
 //!
 //! # Invariants
 //!
@@ -78,10 +83,11 @@ use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 mod checkpoint;
+mod staged_rows;
 mod staging;
 
 /// The storage format version kept in `PRAGMA user_version`.
-pub const FORMAT_VERSION: i64 = 2;
+pub const FORMAT_VERSION: i64 = 3;
 
 const BACKEND: &str = "sqlite";
 
@@ -427,11 +433,36 @@ impl SqliteStore {
             0 => {
                 tx.execute_batch(CREATE_TABLES).map_err(sql_err)?;
                 tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?;
+                tx.execute_batch(staged_rows::CREATE_STAGED_ROWS).map_err(sql_err)?;
                 tx.pragma_update(None, "user_version", FORMAT_VERSION)
                     .map_err(sql_err)?;
             }
-            // Stores made before the staging area get it now.
-            FORMAT_VERSION => tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?,
+            // Version 2 stores (some made before the staging area) get the
+            // staging area as version 3 keeps it: ops may keep their rows
+            // in `ferry_staged_rows` (`side`). Old staged ops keep theirs
+            // inline.
+            2 => {
+                tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?;
+                let has_side: bool = tx
+                    .query_row(
+                        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('ferry_staged') WHERE name = 'side')",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql_err)?;
+                if !has_side {
+                    tx.execute_batch("ALTER TABLE ferry_staged ADD COLUMN side INTEGER NOT NULL DEFAULT 0")
+                        .map_err(sql_err)?;
+                }
+                tx.execute_batch(staged_rows::CREATE_STAGED_ROWS).map_err(sql_err)?;
+                staged_rows::inline_ops_staged(&tx)?;
+                tx.pragma_update(None, "user_version", FORMAT_VERSION)
+                    .map_err(sql_err)?;
+            }
+            FORMAT_VERSION => {
+                tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?;
+                tx.execute_batch(staged_rows::CREATE_STAGED_ROWS).map_err(sql_err)?;
+            }
             1 => {
                 return Err(invalid(format!(
                     "database format version 1 (bucket op log) is not supported: this build reads version \
@@ -552,15 +583,43 @@ const INSERT_CHUNK_ROWS: usize = 64;
 /// second that the caller need not wait for.
 const BACKGROUND_DROP_MIN_OPS: usize = 100_000;
 
+/// Batches of a download being staged (one after another on the staging
+/// writer, each of thousands of rows) are freed on a helper thread from
+/// this many ops on: about a third of the writer's time went to freeing
+/// rows it had written.
+const BACKGROUND_DROP_MIN_STAGED_OPS: usize = 1_024;
+
+/// Most batches being freed on helper threads at once; past it the caller
+/// frees its batch itself, so a writer faster than the helpers never
+/// holds more than this many written batches in memory.
+const MAX_BACKGROUND_DROPS: usize = 1;
+
+static BACKGROUND_DROPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn drop_in_background(batch: WriteBatch) {
-    if batch.len() < BACKGROUND_DROP_MIN_OPS {
+    use std::sync::atomic::Ordering;
+    if batch.len() < BACKGROUND_DROP_MIN_STAGED_OPS {
         return;
     }
-    // When no thread can be started the batch comes back in the error and
-    // is dropped here, as it would have been anyway.
-    let _ = std::thread::Builder::new()
+    let staged = batch.ops.iter().any(|op| matches!(op, BatchOp::PutStaged { .. }));
+    if !staged && batch.len() < BACKGROUND_DROP_MIN_OPS {
+        return;
+    }
+    if BACKGROUND_DROPS.fetch_add(1, Ordering::SeqCst) >= MAX_BACKGROUND_DROPS {
+        BACKGROUND_DROPS.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let spawned = std::thread::Builder::new()
         .name("ferry-sqlite-free".into())
-        .spawn(move || drop(batch));
+        .spawn(move || {
+            drop(batch);
+            BACKGROUND_DROPS.fetch_sub(1, Ordering::SeqCst);
+        });
+    // When no thread could be started the batch was dropped with the
+    // error, as it would have been anyway.
+    if spawned.is_err() {
+        BACKGROUND_DROPS.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Batches with at least this many ops are checkpointed into the database
@@ -588,6 +647,20 @@ struct Writer<'c, 'b> {
     entries: Vec<(&'b str, &'b BucketEntry, i64)>,
     /// Staged ops to insert, in batch order.
     staged: Vec<staging::StagedRow<'b>>,
+    /// The switch-ins that end the batch (none when an op that touches
+    /// what they do follows the first of them): they may go together, by
+    /// a rename.
+    switch_tail: Vec<staged_rows::SwitchRange<'b>>,
+    /// Whether the first of `switch_tail` was reached, and if so whether
+    /// the rename applied them all.
+    tail: TailState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TailState {
+    NotReached,
+    Renamed,
+    OneByOne,
 }
 
 const W_GET_ROW: usize = 0;
@@ -639,7 +712,67 @@ impl<'c, 'b> Writer<'c, 'b> {
             rows: Vec::new(),
             entries: Vec::new(),
             staged: Vec::new(),
+            switch_tail: Vec::new(),
+            tail: TailState::NotReached,
         }
+    }
+
+    /// Note the batch's closing run of switch-ins (see `switch_tail`).
+    fn set_switch_tail(&mut self, ops: &'b [BatchOp]) {
+        let first = ops.iter().position(|op| matches!(op, BatchOp::SwitchInStaged { .. }));
+        let Some(first) = first else { return };
+        let mut tail = Vec::new();
+        for op in &ops[first..] {
+            match op {
+                BatchOp::SwitchInStaged {
+                    bucket,
+                    from_op_id,
+                    through_op_id,
+                } => tail.push((bucket.as_str(), clamp_bound(*from_op_id), clamp_bound(*through_op_id))),
+                // Writes that neither read nor write synced rows, bucket
+                // entries or states, or the staging area: they may follow
+                // (the client's checkpoint ends with its metadata and the
+                // pending writes' rebase).
+                BatchOp::PutOverlay { .. }
+                | BatchOp::DeleteOverlay { .. }
+                | BatchOp::AppendQueue { .. }
+                | BatchOp::CompleteQueue { .. }
+                | BatchOp::PutMeta { .. }
+                | BatchOp::DeleteMeta { .. } => {}
+                BatchOp::PutSynced { .. }
+                | BatchOp::DeleteSynced { .. }
+                | BatchOp::PutBucketEntry { .. }
+                | BatchOp::DeleteBucketEntry { .. }
+                | BatchOp::PutBucketState { .. }
+                | BatchOp::DeleteBucket { .. }
+                | BatchOp::PutStaged { .. }
+                | BatchOp::DeleteStaged { .. } => return,
+            }
+        }
+        self.switch_tail = tail;
+    }
+
+    /// `BatchOp::SwitchInStaged`: the closing run at once by a rename when
+    /// it can go so, else this range.
+    fn switch_in(&mut self, schema: &Schema, bucket: &str, from: u64, through: u64) -> StoreResult<()> {
+        match self.tail {
+            TailState::Renamed => return Ok(()),
+            TailState::NotReached if !self.switch_tail.is_empty() => {
+                self.flush()?;
+                let tail = std::mem::take(&mut self.switch_tail);
+                let renamed = self.switch_in_by_rename(schema, &tail)?;
+                self.tail = if renamed {
+                    TailState::Renamed
+                } else {
+                    TailState::OneByOne
+                };
+                if renamed {
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        self.switch_in_staged(schema, bucket, from, through)
     }
 
     /// Write the buffered rows and bucket entries. Buffered writes of the
@@ -871,7 +1004,7 @@ impl<'c, 'b> Writer<'c, 'b> {
                 bucket,
                 from_op_id,
                 through_op_id,
-            } => self.switch_in_staged(schema, bucket, *from_op_id, *through_op_id)?,
+            } => self.switch_in(schema, bucket, *from_op_id, *through_op_id)?,
         }
         Ok(())
     }
@@ -967,6 +1100,7 @@ impl Store for SqliteStore {
             let last = last.map(|s| from_ordered_key("queue seq", s)).transpose()?;
             validate_batch(&self.schema, &batch, last)?;
             let mut writer = Writer::new(&tx);
+            writer.set_switch_tail(&batch.ops);
             for op in &batch.ops {
                 writer.op(&self.schema, op)?;
             }
@@ -1019,6 +1153,8 @@ impl Store for SqliteStore {
         } else {
             committed?;
         }
+        // Freed with the connection free for other callers.
+        drop(conn);
         drop_in_background(batch);
         Ok(())
     }

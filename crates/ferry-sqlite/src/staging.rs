@@ -1,12 +1,15 @@
 //! The staging area in SQLite: `ferry_staged`, keyed by `(bucket, op_id)`,
-//! rows encoded as in `ferry_rows`, so a switch-in of rows of tables
-//! without indexes is one `INSERT … SELECT` inside the batch's
-//! transaction, and anything else goes op by op in pages.
+//! rows encoded as in `ferry_rows`, each in `ferry_staged_rows` (`side`)
+//! or in the op itself (see `staged_rows.rs`), so a switch-in of rows of
+//! tables without indexes is one `INSERT … SELECT` inside the batch's
+//! transaction (or, for a first sync, a table rename), and anything else
+//! goes op by op in pages.
 
 use ferry_core::{codec, Schema};
 use ferry_store::{switch_effect, StagedKind, StagedOp, StagedSummary, StoreError, StoreResult, SwitchEffect};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::staged_rows;
 use crate::{
     clamp_bound, from_ordered_key, multi_insert_sql, ordered_key, sql_err, Writer, INSERT_CHUNK_ROWS,
     SQL_GET_BUCKET_ENTRY, W_DELETE_BUCKET_ENTRY, W_PUT_BUCKET_ENTRY,
@@ -21,16 +24,35 @@ CREATE TABLE IF NOT EXISTS ferry_staged (
     row_id TEXT NOT NULL,
     data BLOB,
     checksum INTEGER NOT NULL,
+    side INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (bucket, op_id)
 ) WITHOUT ROWID;
 ";
 
-const SQL_PUT_STAGED: &str = "INSERT OR REPLACE INTO ferry_staged (bucket, op_id, kind, tbl, row_id, data, checksum) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-const SQL_STAGED_OPS: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FROM ferry_staged \
-     WHERE bucket = ?1 AND op_id > ?2 ORDER BY op_id LIMIT ?3";
-const SQL_STAGED_RANGE: &str = "SELECT op_id, kind, tbl, row_id, data, checksum FROM ferry_staged \
-     WHERE bucket = ?1 AND op_id > ?2 AND op_id <= ?3 ORDER BY op_id LIMIT ?4";
+/// A staged op's row (`s` is `ferry_staged`): its own, or its `(tbl,
+/// id)`'s in `ferry_staged_rows`.
+macro_rules! staged_data {
+    () => {
+        "CASE WHEN s.side THEN (SELECT r.data FROM ferry_staged_rows r \
+         WHERE r.tbl = s.tbl AND r.id = s.row_id) ELSE s.data END"
+    };
+}
+
+const SQL_PUT_STAGED: &str =
+    "INSERT OR REPLACE INTO ferry_staged (bucket, op_id, kind, tbl, row_id, data, checksum, side) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const SQL_STAGED_OPS: &str = concat!(
+    "SELECT s.op_id, s.kind, s.tbl, s.row_id, ",
+    staged_data!(),
+    ", s.checksum FROM ferry_staged s WHERE s.bucket = ?1 AND s.op_id > ?2 ORDER BY s.op_id LIMIT ?3"
+);
+const SQL_STAGED_RANGE: &str = concat!(
+    "SELECT s.op_id, s.kind, s.tbl, s.row_id, ",
+    staged_data!(),
+    ", s.checksum FROM ferry_staged s \
+     WHERE s.bucket = ?1 AND s.op_id > ?2 AND s.op_id <= ?3 ORDER BY s.op_id LIMIT ?4"
+);
+const SQL_LAST_STAGED: &str = "SELECT max(op_id) FROM ferry_staged WHERE bucket = ?1";
 /// A bucket's staged ops after `?2`: the last op id, how many, and the
 /// last CLEAR's op id (kind `?3`).
 const SQL_SUMMARY: &str = "SELECT max(op_id), count(*), max(CASE WHEN kind = ?3 THEN op_id END) \
@@ -47,9 +69,12 @@ const SQL_HAS_REMOVE: &str = "SELECT 1 FROM ferry_staged \
      WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 1 LIMIT 1";
 const SQL_HAS_TABLE: &str = "SELECT 1 FROM ferry_staged \
      WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 0 AND tbl = ?4 LIMIT 1";
-const SQL_SWITCH_ROWS: &str = "INSERT OR REPLACE INTO ferry_rows (tbl, id, data) \
-     SELECT tbl, row_id, data FROM ferry_staged \
-     WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 0 AND data IS NOT NULL ORDER BY op_id";
+const SQL_SWITCH_ROWS: &str = concat!(
+    "INSERT OR REPLACE INTO ferry_rows (tbl, id, data) SELECT s.tbl, s.row_id, ",
+    staged_data!(),
+    " FROM ferry_staged s WHERE s.bucket = ?1 AND s.op_id >= ?2 AND s.op_id <= ?3 AND s.kind = 0 \
+     AND (s.data IS NOT NULL OR s.side) ORDER BY s.op_id"
+);
 const SQL_SWITCH_ENTRIES: &str = "INSERT OR REPLACE INTO ferry_bucket_entries (bucket, tbl, row_id, op_id, checksum) \
      SELECT bucket, tbl, row_id, op_id, checksum FROM ferry_staged \
      WHERE bucket = ?1 AND op_id >= ?2 AND op_id <= ?3 AND kind = 0 ORDER BY op_id";
@@ -80,6 +105,37 @@ const SWITCH_PAGE_OPS: usize = 2_048;
 /// One staged op to insert: (bucket, op, op id as stored, encoded row).
 pub(crate) type StagedRow<'b> = (&'b str, &'b StagedOp, i64, Option<Vec<u8>>);
 
+/// Whether staging `staged` may replace a staged op: some op id is not
+/// above every op id its bucket had staged before it (ops normally come in
+/// op id order, and a bucket's last staged op id is one seek).
+fn replaces_ops(conn: &Connection, staged: &[StagedRow<'_>]) -> StoreResult<bool> {
+    let mut last: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for (bucket, _, op_id, _) in staged {
+        let before = match last.get(bucket) {
+            Some(&l) => l,
+            None => conn
+                .prepare_cached(SQL_LAST_STAGED)
+                .and_then(|mut s| s.query_row(params![bucket], |r| r.get::<_, Option<i64>>(0)))
+                .map_err(sql_err)?
+                .unwrap_or(-1),
+        };
+        if *op_id <= before {
+            return Ok(true);
+        }
+        last.insert(bucket, *op_id);
+    }
+    Ok(false)
+}
+
+/// An op's row as `ferry_staged` keeps it: none when it is on the side.
+fn inline(data: &Option<Vec<u8>>, side: bool) -> Option<&[u8]> {
+    if side {
+        None
+    } else {
+        data.as_deref()
+    }
+}
+
 impl<'c, 'b> Writer<'c, 'b> {
     pub(crate) fn put_staged(&mut self, bucket: &'b str, op: &'b StagedOp) -> StoreResult<()> {
         let op_id = ordered_key("staged op id", op.op_id)?;
@@ -96,39 +152,59 @@ impl<'c, 'b> Writer<'c, 'b> {
             return Ok(());
         }
         let staged = std::mem::take(&mut self.staged);
+        if replaces_ops(self.conn, &staged)? {
+            // A replaced op's row may stay on the side, unused.
+            staged_rows::set_inexact(self.conn)?;
+        }
+        // The rows first, on the side where they can go.
+        let rows: Vec<(&str, &str, &[u8])> = staged
+            .iter()
+            .filter_map(|(_, op, _, data)| data.as_deref().map(|d| (op.table.as_str(), op.row_id.as_str(), d)))
+            .collect();
+        let mut placed = staged_rows::place(self.conn, &rows)?.into_iter();
+        let sides: Vec<bool> = staged
+            .iter()
+            .map(|(_, _, _, data)| data.is_some() && placed.next().is_some_and(|p| p.side))
+            .collect();
         let mut chunks = staged.chunks_exact(INSERT_CHUNK_ROWS);
+        let mut side_chunks = sides.chunks_exact(INSERT_CHUNK_ROWS);
         if chunks.len() > 0 {
             let sql = multi_insert_sql(
-                "INSERT OR REPLACE INTO ferry_staged (bucket, op_id, kind, tbl, row_id, data, checksum)",
-                7,
+                "INSERT OR REPLACE INTO ferry_staged (bucket, op_id, kind, tbl, row_id, data, checksum, side)",
+                8,
             );
             let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
-            for chunk in chunks.by_ref() {
+            for (chunk, sides) in chunks.by_ref().zip(side_chunks.by_ref()) {
                 let kinds: Vec<u8> = chunk.iter().map(|(_, op, _, _)| op.kind.code()).collect();
-                let params = chunk.iter().zip(&kinds).flat_map(|((b, op, op_id, data), kind)| {
-                    [
-                        b as &dyn rusqlite::ToSql,
-                        op_id as &dyn rusqlite::ToSql,
-                        kind as &dyn rusqlite::ToSql,
-                        &op.table as &dyn rusqlite::ToSql,
-                        &op.row_id as &dyn rusqlite::ToSql,
-                        data as &dyn rusqlite::ToSql,
-                        &op.checksum as &dyn rusqlite::ToSql,
-                    ]
-                });
+                let inline: Vec<Option<&[u8]>> = chunk.iter().zip(sides).map(|(r, &side)| inline(&r.3, side)).collect();
+                let params = chunk.iter().zip(&kinds).zip(&inline).zip(sides).flat_map(
+                    |((((b, op, op_id, _), kind), data), side)| {
+                        [
+                            b as &dyn rusqlite::ToSql,
+                            op_id as &dyn rusqlite::ToSql,
+                            kind as &dyn rusqlite::ToSql,
+                            &op.table as &dyn rusqlite::ToSql,
+                            &op.row_id as &dyn rusqlite::ToSql,
+                            data as &dyn rusqlite::ToSql,
+                            &op.checksum as &dyn rusqlite::ToSql,
+                            side as &dyn rusqlite::ToSql,
+                        ]
+                    },
+                );
                 stmt.execute(rusqlite::params_from_iter(params)).map_err(sql_err)?;
             }
         }
         let mut stmt = self.conn.prepare_cached(SQL_PUT_STAGED).map_err(sql_err)?;
-        for (bucket, op, op_id, data) in chunks.remainder() {
+        for ((bucket, op, op_id, data), &side) in chunks.remainder().iter().zip(side_chunks.remainder()) {
             stmt.execute(params![
                 bucket,
                 op_id,
                 op.kind.code(),
                 op.table,
                 op.row_id,
-                data,
-                op.checksum
+                inline(data, side),
+                op.checksum,
+                side
             ])
             .map_err(sql_err)?;
         }
@@ -138,9 +214,10 @@ impl<'c, 'b> Writer<'c, 'b> {
     }
 
     /// Drop staged ops: when they are all the staging area holds (the end
-    /// of an initial sync), by emptying the table at once (SQLite frees
-    /// its pages without visiting the rows); otherwise in statements of
-    /// [`SET_STATEMENT_OPS`].
+    /// of an initial sync), by emptying the tables at once (SQLite frees
+    /// their pages without visiting the rows); otherwise in statements of
+    /// [`SET_STATEMENT_OPS`], leaving their rows in `ferry_staged_rows`
+    /// (which is then inexact, see `staged_rows.rs`).
     pub(crate) fn delete_staged(&mut self, bucket: &str, through_op_id: u64) -> StoreResult<()> {
         let others = self
             .conn
@@ -148,18 +225,23 @@ impl<'c, 'b> Writer<'c, 'b> {
             .and_then(|mut s| s.query_row(params![bucket, clamp_bound(through_op_id)], |r| r.get::<_, bool>(0)))
             .map_err(sql_err)?;
         if !others {
-            self.conn.execute(SQL_EMPTY_STAGED, []).map_err(sql_err)?;
-            return Ok(());
+            return empty_staging_area(self.conn);
         }
         let mut stmt = self.conn.prepare_cached(SQL_DELETE_STAGED_CHUNK).map_err(sql_err)?;
+        let mut any = false;
         loop {
             let n = stmt
                 .execute(params![bucket, clamp_bound(through_op_id), SET_STATEMENT_OPS])
                 .map_err(sql_err)?;
+            any |= n > 0;
             if (n as i64) < SET_STATEMENT_OPS {
-                return Ok(());
+                break;
             }
         }
+        if any {
+            staged_rows::set_inexact(self.conn)?;
+        }
+        Ok(())
     }
 
     /// `BatchOp::SwitchInStaged`: set-based when the range has no REMOVE
@@ -174,40 +256,13 @@ impl<'c, 'b> Writer<'c, 'b> {
         self.flush()?;
         let (from, through) = (clamp_bound(from), clamp_bound(through));
         let conn = self.conn;
+        if !has_remove_or_indexed(conn, schema, bucket, from, through)? {
+            return self.switch_in_set_based(bucket, from, through, true);
+        }
         let exists = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> StoreResult<bool> {
             let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
             stmt.exists(p).map_err(sql_err)
         };
-        let mut per_op = exists(SQL_HAS_REMOVE, &[&bucket, &from, &through])?;
-        for table in schema.tables().filter(|t| !t.indexes.is_empty()) {
-            if per_op {
-                break;
-            }
-            per_op = exists(SQL_HAS_TABLE, &[&bucket, &from, &through, &table.name])?;
-        }
-        if !per_op {
-            // In statements of SET_STATEMENT_OPS ops, in op id order.
-            let mut start = from;
-            loop {
-                let end: Option<i64> = conn
-                    .prepare_cached(SQL_CHUNK_END)
-                    .and_then(|mut s| {
-                        s.query_row(params![bucket, start, through, SET_STATEMENT_OPS - 1], |r| r.get(0))
-                            .optional()
-                    })
-                    .map_err(sql_err)?;
-                let end = end.unwrap_or(through);
-                for sql in [SQL_SWITCH_ROWS, SQL_SWITCH_ENTRIES] {
-                    conn.prepare_cached(sql)
-                        .and_then(|mut s| s.execute(params![bucket, start, end]))
-                        .map_err(sql_err)?;
-                }
-                if end >= through {
-                    return Ok(());
-                }
-                start = end + 1;
-            }
-        }
         let buckets: Vec<String> = {
             let mut stmt = conn.prepare_cached(SQL_BUCKET_NAMES).map_err(sql_err)?;
             let names = stmt.query_map([], |r| r.get(0)).map_err(sql_err)?;
@@ -253,6 +308,68 @@ impl<'c, 'b> Writer<'c, 'b> {
             }
         }
     }
+
+    /// A range of no REMOVE and no row of a table with indexes, in
+    /// statements of [`SET_STATEMENT_OPS`] ops, in op id order: the rows
+    /// (with `rows`) and the bucket entries.
+    pub(crate) fn switch_in_set_based(&mut self, bucket: &str, from: i64, through: i64, rows: bool) -> StoreResult<()> {
+        let conn = self.conn;
+        let statements: &[&str] = if rows {
+            &[SQL_SWITCH_ROWS, SQL_SWITCH_ENTRIES]
+        } else {
+            &[SQL_SWITCH_ENTRIES]
+        };
+        let mut start = from;
+        loop {
+            let end: Option<i64> = conn
+                .prepare_cached(SQL_CHUNK_END)
+                .and_then(|mut s| {
+                    s.query_row(params![bucket, start, through, SET_STATEMENT_OPS - 1], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(sql_err)?;
+            let end = end.unwrap_or(through);
+            for sql in statements {
+                conn.prepare_cached(sql)
+                    .and_then(|mut s| s.execute(params![bucket, start, end]))
+                    .map_err(sql_err)?;
+            }
+            if end >= through {
+                return Ok(());
+            }
+            start = end + 1;
+        }
+    }
+}
+
+/// Whether `bucket`'s staged ops in `[from, through]` hold a REMOVE or a
+/// row of a table with declared indexes (the op-by-op switch-in's cases).
+pub(crate) fn has_remove_or_indexed(
+    conn: &Connection,
+    schema: &Schema,
+    bucket: &str,
+    from: i64,
+    through: i64,
+) -> StoreResult<bool> {
+    let exists = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> StoreResult<bool> {
+        let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+        stmt.exists(p).map_err(sql_err)
+    };
+    if exists(SQL_HAS_REMOVE, &[&bucket, &from, &through])? {
+        return Ok(true);
+    }
+    for table in schema.tables().filter(|t| !t.indexes.is_empty()) {
+        if exists(SQL_HAS_TABLE, &[&bucket, &from, &through, &table.name])? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Empty the staging area: its ops and `ferry_staged_rows`.
+pub(crate) fn empty_staging_area(conn: &Connection) -> StoreResult<()> {
+    conn.execute(SQL_EMPTY_STAGED, []).map_err(sql_err)?;
+    staged_rows::empty(conn)
 }
 
 fn staged_op(r: &rusqlite::Row<'_>) -> StoreResult<StagedOp> {
