@@ -76,8 +76,8 @@ use std::time::Duration;
 
 use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
 use ferry_store::{
-    index_key, resolve_index_range, table_def, validate_batch, BatchOp, BucketEntry, BucketState, IndexRange,
-    OverlayEntry, Rows, StagedOp, StagedSummary, Store, StoreError, StoreResult, WriteBatch,
+    index_key, resolve_index_range, table_def, validate_batch_but_staged, BatchOp, BucketEntry, BucketState,
+    IndexRange, OverlayEntry, Rows, StagedCheck, StagedOp, StagedSummary, Store, StoreError, StoreResult, WriteBatch,
 };
 use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -647,6 +647,8 @@ struct Writer<'c, 'b> {
     entries: Vec<(&'b str, &'b BucketEntry, i64)>,
     /// Staged ops to insert, in batch order.
     staged: Vec<staging::StagedRow<'b>>,
+    /// Checks each staged op as it is written (`validate_batch_but_staged`).
+    staged_check: StagedCheck<'b>,
     /// The switch-ins that end the batch (none when an op that touches
     /// what they do follows the first of them): they may go together, by
     /// a rename.
@@ -712,6 +714,7 @@ impl<'c, 'b> Writer<'c, 'b> {
             rows: Vec::new(),
             entries: Vec::new(),
             staged: Vec::new(),
+            staged_check: StagedCheck::default(),
             switch_tail: Vec::new(),
             tail: TailState::NotReached,
         }
@@ -936,7 +939,7 @@ impl<'c, 'b> Writer<'c, 'b> {
                 }
                 return Ok(());
             }
-            BatchOp::PutStaged { bucket, op } => return self.put_staged(bucket, op),
+            BatchOp::PutStaged { bucket, op } => return self.put_staged(schema, bucket, op),
             _ => self.flush()?,
         }
         match op {
@@ -998,7 +1001,7 @@ impl<'c, 'b> Writer<'c, 'b> {
             BatchOp::DeleteMeta { key } => {
                 self.stmt(W_DELETE_META)?.execute([key]).map_err(sql_err)?;
             }
-            BatchOp::PutStaged { bucket, op } => self.put_staged(bucket, op)?,
+            BatchOp::PutStaged { bucket, op } => self.put_staged(schema, bucket, op)?,
             BatchOp::DeleteStaged { bucket, through_op_id } => self.delete_staged(bucket, *through_op_id)?,
             BatchOp::SwitchInStaged {
                 bucket,
@@ -1098,7 +1101,7 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(sql_err)?;
             let last = last.map(|s| from_ordered_key("queue seq", s)).transpose()?;
-            validate_batch(&self.schema, &batch, last)?;
+            validate_batch_but_staged(&self.schema, &batch, last)?;
             let mut writer = Writer::new(&tx);
             writer.set_switch_tail(&batch.ops);
             for op in &batch.ops {

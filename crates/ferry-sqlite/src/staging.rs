@@ -137,7 +137,8 @@ fn inline(data: &Option<Vec<u8>>, side: bool) -> Option<&[u8]> {
 }
 
 impl<'c, 'b> Writer<'c, 'b> {
-    pub(crate) fn put_staged(&mut self, bucket: &'b str, op: &'b StagedOp) -> StoreResult<()> {
+    pub(crate) fn put_staged(&mut self, schema: &Schema, bucket: &'b str, op: &'b StagedOp) -> StoreResult<()> {
+        self.staged_check.check(schema, bucket, op)?;
         let op_id = ordered_key("staged op id", op.op_id)?;
         self.staged
             .push((bucket, op, op_id, op.data.as_ref().map(codec::encode_row)));

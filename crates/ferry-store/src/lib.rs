@@ -652,7 +652,19 @@ pub fn index_key(index: &ferry_core::Index, id: &str, data: &RowData) -> Vec<u8>
 /// changes nothing: every table named exists, and queue appends are in
 /// ascending seq order after `last_queued_seq`.
 pub fn validate_batch(schema: &Schema, batch: &WriteBatch, last_queued_seq: Option<u64>) -> StoreResult<()> {
+    validate_ops(schema, batch, last_queued_seq, true)
+}
+
+/// [`validate_batch`] but for the [`BatchOp::PutStaged`] ops, which the
+/// caller checks with a [`StagedCheck`] as it writes them, inside the
+/// batch's transaction (so a bad one still changes nothing).
+pub fn validate_batch_but_staged(schema: &Schema, batch: &WriteBatch, last_queued_seq: Option<u64>) -> StoreResult<()> {
+    validate_ops(schema, batch, last_queued_seq, false)
+}
+
+fn validate_ops(schema: &Schema, batch: &WriteBatch, last_queued_seq: Option<u64>, staged: bool) -> StoreResult<()> {
     let mut last = last_queued_seq;
+    let mut checked = StagedCheck::default();
     for op in &batch.ops {
         match op {
             BatchOp::PutSynced { table, .. }
@@ -677,7 +689,8 @@ pub fn validate_batch(schema: &Schema, batch: &WriteBatch, last_queued_seq: Opti
             | BatchOp::PutMeta { .. }
             | BatchOp::DeleteMeta { .. }
             | BatchOp::DeleteStaged { .. } => {}
-            BatchOp::PutStaged { bucket, op } => validate_staged(schema, bucket, op)?,
+            BatchOp::PutStaged { bucket, op } if staged => validate_staged(schema, bucket, op, &mut checked)?,
+            BatchOp::PutStaged { .. } => {}
             BatchOp::SwitchInStaged {
                 bucket,
                 from_op_id,
@@ -694,10 +707,37 @@ pub fn validate_batch(schema: &Schema, batch: &WriteBatch, last_queued_seq: Opti
     Ok(())
 }
 
-/// A staged op must say what it does: a PUT or REMOVE names its row, a
-/// PUT of a declared table carries the row (only declared columns), and
-/// nothing else carries one.
-fn validate_staged(schema: &Schema, bucket: &str, op: &StagedOp) -> StoreResult<()> {
+/// Checks staged ops ([`BatchOp::PutStaged`]) one by one, remembering
+/// the columns of the last row found declared, and its table: a
+/// download's rows mostly have the same columns as the row before, which
+/// then need no lookup in the table's declaration. A backend may check a
+/// batch's staged ops with it as it writes them (see
+/// [`validate_batch_but_staged`]), touching each row once.
+#[derive(Debug, Default)]
+pub struct StagedCheck<'b> {
+    table: &'b str,
+    columns: Vec<&'b str>,
+}
+
+impl<'b> StagedCheck<'b> {
+    fn same(&self, table: &str, data: &RowData) -> bool {
+        self.table == table && data.len() == self.columns.len() && data.keys().zip(&self.columns).all(|(k, c)| k == c)
+    }
+
+    /// A staged op must say what it does: a PUT or REMOVE names its row,
+    /// a PUT of a declared table carries the row (only declared columns),
+    /// and nothing else carries one.
+    pub fn check(&mut self, schema: &Schema, bucket: &str, op: &'b StagedOp) -> StoreResult<()> {
+        validate_staged(schema, bucket, op, self)
+    }
+}
+
+fn validate_staged<'b>(
+    schema: &Schema,
+    bucket: &str,
+    op: &'b StagedOp,
+    checked: &mut StagedCheck<'b>,
+) -> StoreResult<()> {
     let bad = |reason: &str| {
         Err(StoreError::InvalidInput(format!(
             "staged op {} of bucket {bucket:?}: {reason}",
@@ -709,9 +749,14 @@ fn validate_staged(schema: &Schema, bucket: &str, op: &StagedOp) -> StoreResult<
             bad("a put or remove needs a table and a row id")
         }
         StagedKind::Put => match (schema.table(&op.table), &op.data) {
+            (Ok(_), Some(data)) if checked.same(&op.table, data) => Ok(()),
             (Ok(def), Some(data)) => match data.keys().find(|c| def.column_def(c).is_none()) {
                 Some(c) => bad(&format!("column {c:?} is not declared by table {:?}", op.table)),
-                None => Ok(()),
+                None => {
+                    checked.table = &op.table;
+                    checked.columns = data.keys().map(String::as_str).collect();
+                    Ok(())
+                }
             },
             (Ok(_), None) => bad(&format!("a put of table {:?} needs its row", op.table)),
             (Err(_), Some(_)) => bad(&format!("table {:?} is not declared: its rows are not kept", op.table)),
