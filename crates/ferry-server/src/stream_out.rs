@@ -109,8 +109,14 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
                 return Ok(());
             }
             // Wait for the transport to take one line: one slot more free
-            // than now. The permits are given back at once.
+            // than now. The permits are given back at once. The transport
+            // may have taken every line since `queued` looked: then there
+            // is nothing to wait for (and asking for more permits than the
+            // channel has would fail as if the client had left).
             let free = self.tx.capacity();
+            if free >= self.tx.max_capacity() {
+                continue;
+            }
             let tx = self.tx;
             tokio::select! {
                 biased;
@@ -155,5 +161,46 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
             },
         };
         let _ = self.tx.try_send(StreamLine::Error(error).into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines sent within a budget of about one line, while the transport
+    /// takes them as fast as it can on another thread, all arrive: the
+    /// transport emptying the channel while a send waits for room is not
+    /// the client leaving.
+    #[test]
+    fn a_transport_that_empties_the_channel_mid_wait_gets_every_line() {
+        const LINES: usize = 100_000;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (tx, mut rx) = mpsc::channel::<StreamLine>(4);
+            let (_shutdown_tx, shutdown) = watch::channel(false);
+            let reader = tokio::spawn(async move {
+                let mut n = 0usize;
+                while rx.recv().await.is_some() {
+                    n += 1;
+                }
+                n
+            });
+            let line = || StreamLine::Keepalive { token_expires_in_s: 60 };
+            let budget = line().line_bytes() + 1;
+            let mut out = StreamSender::new(&tx, budget, shutdown, Duration::from_secs(600), 0);
+            for i in 0..LINES {
+                if let Err(stop) = out.send(line()).await {
+                    panic!("line {i} of {LINES} was not sent: {stop:?}");
+                }
+            }
+            drop(out);
+            drop(tx);
+            assert_eq!(reader.await.expect("reader"), LINES);
+        });
     }
 }

@@ -56,13 +56,19 @@ impl SyncService {
             if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx, &open).await {
                 inner.metrics.error(&e);
                 tracing::warn!(client_id, error = %e, "stream failed");
-                // A client that does not read never gets it.
-                let _ = tx.try_send(StreamLine::Error(e.to_server_error()).into());
+                // A client reading behind a full channel gets it too; one
+                // that does not read never does.
+                let line = StreamLine::Error(e.to_server_error()).into();
+                let _ = tokio::time::timeout(Duration::from_millis(ERROR_LINE_WAIT_MS), tx.send(line)).await;
             }
         });
         Ok(rx)
     }
 }
+
+/// Longest wait for room in a failed stream's channel for the line that
+/// says why it failed.
+const ERROR_LINE_WAIT_MS: u64 = 5_000;
 
 /// Runs one stream until the client leaves, the token expires or the
 /// server shuts down, whether or not the client reads (every send waits
