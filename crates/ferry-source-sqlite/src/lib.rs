@@ -1066,14 +1066,25 @@ impl SourceDb for SqliteSourceDb {
     fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> SourceResult<Vec<String>> {
         lift(|| {
             self.with_reader(|conn| {
-                let sql = format!(
-                    "SELECT id FROM {} WHERE ?1 IS NULL OR id > ?1 ORDER BY id LIMIT ?2",
-                    q(&table.name)
-                );
-                let mut stmt = conn.prepare_cached(&sql)?;
+                // Two statements, so each is one range of the primary key's
+                // index (`?1 IS NULL OR id > ?1` would scan it from the
+                // start every time: a whole pass quadratic in the rows).
                 let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-                let rows = stmt.query_map(params![after_id, limit], |r| r.get::<_, String>(0))?;
-                Ok(rows.collect::<Result<_, _>>()?)
+                let t = q(&table.name);
+                let rows: Vec<String> = match after_id {
+                    None => {
+                        let mut stmt = conn.prepare_cached(&format!("SELECT id FROM {t} ORDER BY id LIMIT ?1"))?;
+                        let rows = stmt.query_map(params![limit], |r| r.get::<_, String>(0))?;
+                        rows.collect::<Result<_, _>>()?
+                    }
+                    Some(after) => {
+                        let mut stmt =
+                            conn.prepare_cached(&format!("SELECT id FROM {t} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+                        let rows = stmt.query_map(params![after, limit], |r| r.get::<_, String>(0))?;
+                        rows.collect::<Result<_, _>>()?
+                    }
+                };
+                Ok(rows)
             })
         })
     }
