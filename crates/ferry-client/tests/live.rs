@@ -122,3 +122,55 @@ async fn live_queries_follow_writes_checkpoints_and_rollbacks() {
     a.disconnect().await;
     b.disconnect().await;
 }
+
+/// A live query open before a client's first sync sees every row the sync
+/// brings (on SQLite the first sync's rows are renamed in at once rather
+/// than copied: the query must hear of them all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_query_open_during_the_first_sync_sees_every_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service(&dir.path().join("server"));
+    let handler: Arc<dyn SyncHandler> = svc.clone();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a_dir).expect("dir");
+    std::fs::create_dir_all(&b_dir).expect("dir");
+    let a = client(&a_dir, 1, Arc::new(SystemClock));
+    a.write(|tx| {
+        for i in 0..300 {
+            tx.insert(
+                "tickets",
+                &format!("t{i:03}"),
+                ticket(
+                    &format!("ticket {i}"),
+                    "pending",
+                    &format!("2026-01-01T00:{:02}:{:02}", i / 60, i % 60),
+                ),
+            )?;
+        }
+        Ok::<_, QueueError>(())
+    })
+    .expect("write");
+    connect(&a, handler.clone(), FaultConfig::default(), 1, "ann");
+    assert!(wait_caught_up(&a, &svc, 10_000).await, "a uploads");
+
+    // Without indexes on tickets, so the first sync's rows are renamed in.
+    let b = client_with_schema(&b_dir, 2, Arc::new(SystemClock), schema_with_ticket_index(false));
+    let diffs: Arc<Mutex<Vec<Diff>>> = Arc::default();
+    let sink = diffs.clone();
+    let (live, initial) = b
+        .live_query(&pending_by_update(), move |d| {
+            sink.lock().expect("diffs").push(d.clone())
+        })
+        .expect("live query");
+    assert!(initial.rows.is_empty());
+    let everything = Query::from("tickets");
+    let (all, _) = b.live_query(&everything, |_| {}).expect("live query");
+    connect(&b, handler, FaultConfig::default(), 2, "bob");
+    assert!(wait_caught_up(&b, &svc, 10_000).await, "b syncs");
+    assert_eq!(ids(&live.current().expect("current")), ["t299", "t298"]);
+    assert!(!diffs.lock().expect("diffs").is_empty());
+    assert_eq!(all.current().expect("current").rows.len(), 300);
+    drop((live, all));
+    a.disconnect().await;
+    b.disconnect().await;
+}

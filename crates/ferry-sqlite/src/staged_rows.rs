@@ -3,10 +3,14 @@
 //!
 //! A staged PUT's row goes to `ferry_staged_rows` (defined exactly as
 //! `ferry_rows`) when that table holds no row of the same `(tbl, id)` or
-//! holds the very same bytes; the op in `ferry_staged` then has `side = 1`
-//! and no data of its own. Otherwise (another op of the row staged other
-//! bytes) the row stays inline in the op, as before. So a side op's row is
-//! always the `ferry_staged_rows` row of its `(tbl, id)`.
+//! holds the very same bytes; the op in `ferry_staged` then has no data of
+//! its own and `side` = the side table's generation (1 until a rename).
+//! Otherwise (another op of the row staged other bytes) the row stays
+//! inline in the op (`side = 0`), as before. So an op of the current
+//! generation finds its row in `ferry_staged_rows`, and an op of an
+//! earlier generation (staged before a rename, not deleted yet) in
+//! `ferry_rows`, where the rename put it: there it reads the synced row,
+//! which is its own until a later write changes the synced row.
 //!
 //! Rows of `ferry_staged_rows` are only ever dropped all at once: when the
 //! staging area is emptied, and by the rename. Dropping some staged ops
@@ -20,9 +24,11 @@
 //! row of a table with declared indexes, the side table is exact and
 //! `ferry_rows` is empty (a first sync): then putting every staged row in
 //! op order leaves `ferry_rows` equal to `ferry_staged_rows` (every `(tbl,
-//! id)` has one row there), so the table is renamed, the bucket entries
-//! are put as the set-based switch-in puts them, and the staging area,
-//! whose ops all applied, is emptied in the same transaction.
+//! id)` has one row there), so the bucket entries are put as the
+//! set-based switch-in puts them, the table is renamed, an empty one takes
+//! its place and the generation goes up. The staged ops stay, as after any
+//! switch-in, until the client deletes them (it reads them back first to
+//! tell its observers which rows arrived).
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -47,6 +53,8 @@ CREATE TABLE IF NOT EXISTS ferry_staged_state (
 
 const SQL_PUT_SIDE: &str = "INSERT OR IGNORE INTO ferry_staged_rows (tbl, id, data) VALUES (?1, ?2, ?3)";
 const SQL_SIDE_SAME: &str = "SELECT data = ?3 FROM ferry_staged_rows WHERE tbl = ?1 AND id = ?2";
+const SQL_GENERATION: &str = "SELECT coalesce((SELECT value FROM ferry_staged_state WHERE name = 'generation'), 1)";
+const SQL_SET_GENERATION: &str = "INSERT OR REPLACE INTO ferry_staged_state (name, value) VALUES ('generation', ?1)";
 const SQL_SET_INEXACT: &str = "INSERT OR REPLACE INTO ferry_staged_state (name, value) VALUES ('inexact', 1)";
 const SQL_IS_INEXACT: &str = "SELECT EXISTS (SELECT 1 FROM ferry_staged_state WHERE name = 'inexact' AND value <> 0)";
 const SQL_EMPTY_SIDE: &str = "DELETE FROM ferry_staged_rows";
@@ -116,6 +124,14 @@ fn same_as_side(conn: &Connection, (table, id, data): &(&str, &str, &[u8])) -> S
     Ok(same == Some(true))
 }
 
+/// The side table's generation: what `side` a staged op whose row is in
+/// `ferry_staged_rows` has.
+pub(crate) fn generation(conn: &Connection) -> StoreResult<i64> {
+    conn.prepare_cached(SQL_GENERATION)
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(sql_err)
+}
+
 /// Mark `ferry_staged_rows` as possibly holding rows no staged op puts.
 pub(crate) fn set_inexact(conn: &Connection) -> StoreResult<()> {
     conn.prepare_cached(SQL_SET_INEXACT)
@@ -133,7 +149,8 @@ pub(crate) fn inline_ops_staged(conn: &Connection) -> StoreResult<()> {
     Ok(())
 }
 
-/// Empty `ferry_staged_rows` (with the staging area), exact again.
+/// Empty `ferry_staged_rows` (with the staging area): exact again, at
+/// generation 1.
 pub(crate) fn empty(conn: &Connection) -> StoreResult<()> {
     conn.execute(SQL_EMPTY_SIDE, []).map_err(sql_err)?;
     conn.execute(SQL_EMPTY_STATE, []).map_err(sql_err)?;
@@ -185,7 +202,12 @@ impl Writer<'_, '_> {
         )
         .map_err(sql_err)?;
         conn.execute_batch(CREATE_STAGED_ROWS).map_err(sql_err)?;
-        crate::staging::empty_staging_area(conn)?;
+        let next = generation(conn)?.saturating_add(1);
+        conn.prepare_cached(SQL_SET_GENERATION)
+            .and_then(|mut s| s.execute([next]))
+            .map_err(sql_err)?;
+        // The ops left staged have no row in the new side table.
+        set_inexact(conn)?;
         Ok(true)
     }
 }

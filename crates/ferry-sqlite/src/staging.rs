@@ -29,12 +29,15 @@ CREATE TABLE IF NOT EXISTS ferry_staged (
 ) WITHOUT ROWID;
 ";
 
-/// A staged op's row (`s` is `ferry_staged`): its own, or its `(tbl,
-/// id)`'s in `ferry_staged_rows`.
+/// A staged op's row (`s` is `ferry_staged`): its own, its `(tbl, id)`'s
+/// in `ferry_staged_rows` (current generation) or, renamed in since, in
+/// `ferry_rows` (see `staged_rows.rs`).
 macro_rules! staged_data {
     () => {
-        "CASE WHEN s.side THEN (SELECT r.data FROM ferry_staged_rows r \
-         WHERE r.tbl = s.tbl AND r.id = s.row_id) ELSE s.data END"
+        "CASE WHEN s.side = 0 THEN s.data \
+         WHEN s.side = coalesce((SELECT value FROM ferry_staged_state WHERE name = 'generation'), 1) \
+         THEN (SELECT r.data FROM ferry_staged_rows r WHERE r.tbl = s.tbl AND r.id = s.row_id) \
+         ELSE (SELECT f.data FROM ferry_rows f WHERE f.tbl = s.tbl AND f.id = s.row_id) END"
     };
 }
 
@@ -163,9 +166,17 @@ impl<'c, 'b> Writer<'c, 'b> {
             .filter_map(|(_, op, _, data)| data.as_deref().map(|d| (op.table.as_str(), op.row_id.as_str(), d)))
             .collect();
         let mut placed = staged_rows::place(self.conn, &rows)?.into_iter();
-        let sides: Vec<bool> = staged
+        let generation = staged_rows::generation(self.conn)?;
+        // Each op's `side`: the generation when its row is on the side.
+        let sides: Vec<i64> = staged
             .iter()
-            .map(|(_, _, _, data)| data.is_some() && placed.next().is_some_and(|p| p.side))
+            .map(|(_, _, _, data)| {
+                if data.is_some() && placed.next().is_some_and(|p| p.side) {
+                    generation
+                } else {
+                    0
+                }
+            })
             .collect();
         let mut chunks = staged.chunks_exact(INSERT_CHUNK_ROWS);
         let mut side_chunks = sides.chunks_exact(INSERT_CHUNK_ROWS);
@@ -177,7 +188,11 @@ impl<'c, 'b> Writer<'c, 'b> {
             let mut stmt = self.conn.prepare_cached(&sql).map_err(sql_err)?;
             for (chunk, sides) in chunks.by_ref().zip(side_chunks.by_ref()) {
                 let kinds: Vec<u8> = chunk.iter().map(|(_, op, _, _)| op.kind.code()).collect();
-                let inline: Vec<Option<&[u8]>> = chunk.iter().zip(sides).map(|(r, &side)| inline(&r.3, side)).collect();
+                let inline: Vec<Option<&[u8]>> = chunk
+                    .iter()
+                    .zip(sides)
+                    .map(|(r, &side)| inline(&r.3, side != 0))
+                    .collect();
                 let params = chunk.iter().zip(&kinds).zip(&inline).zip(sides).flat_map(
                     |((((b, op, op_id, _), kind), data), side)| {
                         [
@@ -203,7 +218,7 @@ impl<'c, 'b> Writer<'c, 'b> {
                 op.kind.code(),
                 op.table,
                 op.row_id,
-                inline(data, side),
+                inline(data, side != 0),
                 op.checksum,
                 side
             ])

@@ -100,6 +100,12 @@ fn both(batches: &[WriteBatch]) -> (SqliteStore, tempfile::TempDir) {
     (s, dir)
 }
 
+fn side_rows(dir: &tempfile::TempDir) -> i64 {
+    let c = rusqlite::Connection::open(dir.path().join("ferry.db")).expect("second connection");
+    c.query_row("SELECT count(*) FROM ferry_staged_rows", [], |r| r.get(0))
+        .expect("count")
+}
+
 fn staged_count(dir: &tempfile::TempDir) -> i64 {
     let c = rusqlite::Connection::open(dir.path().join("ferry.db")).expect("second connection");
     c.query_row("SELECT count(*) FROM ferry_staged", [], |r| r.get(0))
@@ -121,7 +127,23 @@ fn a_first_sync_over_two_buckets_switches_in_by_rename() {
     );
     let (s, dir) = both(&[a, b, switch(&[("a", 1, 300), ("b", 1, 80)])]);
     assert_eq!(s.scan_synced("notes").expect("scan").len(), 330);
-    assert_eq!(staged_count(&dir), 0, "the rename consumed the staging area");
+    assert_eq!(side_rows(&dir), 0, "the side table was renamed in");
+    // The staged ops stay, with their rows, until deleted.
+    assert_eq!(staged_count(&dir), 380);
+    let ops = s.staged_ops("b", 0, usize::MAX).expect("ops");
+    assert_eq!(ops.len(), 80);
+    assert_eq!(ops[0].data, Some(note("body 1")));
+    assert_eq!(ops[79].data, Some(note("b's own")));
+    // Ops staged after the rename, before the old ones are deleted, keep
+    // their own rows apart from the old ones'.
+    s.apply(stage("a", [put(400, "n0002", "staged after")]))
+        .expect("stage after rename");
+    let old = s.staged_ops("a", 0, 2).expect("ops");
+    assert_eq!(old[1].data, Some(note("body 2")));
+    let new = s.staged_ops("a", 300, usize::MAX).expect("ops");
+    assert_eq!(new[0].data, Some(note("staged after")));
+    s.apply(delete("a", 400)).expect("delete a");
+    s.apply(delete("b", 80)).expect("delete b");
     assert!(s.staged_buckets().expect("staged").is_empty());
     // The store goes on as usual: another download staged and switched in
     // over the rows now there, synced writes, a reopen.
@@ -182,18 +204,18 @@ fn rows_of_dropped_or_replaced_ops_never_reach_the_synced_rows() {
     meta_after.put_meta("after", vec![1]);
     let (s, dir) = both(&[stage("a", [put(1, "p", "p"), put(2, "q", "q")]), meta_after]);
     assert_eq!(s.scan_synced("notes").expect("scan").len(), 2);
-    assert_eq!(staged_count(&dir), 0, "renamed");
+    assert_eq!(side_rows(&dir), 0, "renamed");
     let mut row_after = switch(&[("a", 1, 2)]);
     row_after.put_synced("notes", "z", note("z"));
     let (s, dir) = both(&[stage("a", [put(1, "p", "p"), put(2, "q", "q")]), row_after]);
     assert_eq!(s.scan_synced("notes").expect("scan").len(), 3);
-    assert_eq!(staged_count(&dir), 2, "the staged ops stay until deleted");
+    assert_eq!(side_rows(&dir), 2, "not renamed");
     let (s, dir) = both(&[
         stage("a", [put(1, "p", "p"), put(2, "q", "q"), put(3, "r", "r")]),
         switch(&[("a", 1, 2)]),
     ]);
     assert_eq!(s.get_synced("notes", "r").expect("get"), None);
-    assert_eq!(staged_count(&dir), 3);
+    assert_eq!(side_rows(&dir), 3, "not renamed");
 }
 
 #[test]

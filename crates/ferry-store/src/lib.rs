@@ -181,12 +181,12 @@ pub enum BatchOp {
     /// (when the schema declares the table); a REMOVE drops its bucket
     /// entry and then the row, when no bucket (as the bucket states stand
     /// at that point of the batch) holds it any more. The staged ops stay
-    /// (drop them with [`BatchOp::DeleteStaged`]), except that a backend
-    /// may drop them in the same batch when the batch ends with switch-ins
-    /// that apply every op the staging area holds (SQLite does, when it
-    /// moves a first sync's rows in with a table rename); dropping ops
-    /// that are gone does nothing. Put the batch's bucket states before
-    /// it, so the REMOVE check sees the buckets as they will be.
+    /// (drop them with [`BatchOp::DeleteStaged`]); a backend may then read
+    /// a switched-in PUT's row back from the synced layer (SQLite does
+    /// after moving a first sync's rows in with a table rename), so read
+    /// them back before the synced rows change. Put the batch's bucket
+    /// states before it, so the REMOVE check sees the buckets as they will
+    /// be.
     SwitchInStaged {
         /// The bucket.
         bucket: String,

@@ -19,14 +19,24 @@ pub const SECRET: &str = "test-secret";
 /// client syncs (derived from the rules, not re-listed), plus what only the
 /// client has.
 pub fn client_schema() -> Schema {
+    schema_with_ticket_index(true)
+}
+
+/// [`client_schema`], with or without its index on tickets.
+pub fn schema_with_ticket_index(indexed: bool) -> Schema {
     let rules = SyncRules::ticket_tracker().expect("rules");
     let server = rules.schema();
     let table = |name: &str| server.table(name).expect("the rules declare the table").clone();
+    let tickets = table("tickets")
+        // Not in the server's schema: writes of it are rejected there.
+        .column("local_note", ColumnType::Text);
+    let tickets = if indexed {
+        tickets.index("by_status", &["status"])
+    } else {
+        tickets
+    };
     Schema::new([
-        table("tickets")
-            // Not in the server's schema: writes of it are rejected there.
-            .column("local_note", ColumnType::Text)
-            .index("by_status", &["status"])
+        tickets
             // Uploads carry the base values strategies such as manual
             // resolution and domain rules compare against.
             .track_previous_values(),
@@ -61,7 +71,12 @@ pub fn token(user: &str) -> String {
 
 /// A client on SQLite in `dir`.
 pub fn client(dir: &std::path::Path, seed: u64, clock: Arc<dyn Clock>) -> Database {
-    let store = SqliteStore::open(dir.join("client.db"), client_schema()).expect("client store");
+    client_with_schema(dir, seed, clock, client_schema())
+}
+
+/// A client on SQLite in `dir`, with `schema`.
+pub fn client_with_schema(dir: &std::path::Path, seed: u64, clock: Arc<dyn Clock>, schema: Schema) -> Database {
+    let store = SqliteStore::open(dir.join("client.db"), schema).expect("client store");
     let options = ClientOptions {
         local: LocalDbOptions {
             clock,
