@@ -76,10 +76,17 @@ fn insert_many<T>(
     Ok(())
 }
 
-/// Clocks as stored: the JSON object `serde_json` writes for them
-/// ([`ferry_core::clock::clocks_json`]).
+/// Clocks as stored: [`ferry_core::clock::clocks_json`]'s text (one
+/// clock and the columns when they share it, else the JSON object
+/// `serde_json` writes for them).
 pub(crate) fn encode_clocks(clocks: &BTreeMap<String, HlcTimestamp>) -> Result<String> {
     ferry_core::clock::clocks_json(clocks).map_err(|e| corrupt("clocks", e))
+}
+
+/// Stored clocks read back: either form of [`encode_clocks`] (rows
+/// written before the shared-clock form keep their objects).
+pub(crate) fn decode_clocks(text: &str) -> Result<BTreeMap<String, HlcTimestamp>> {
+    ferry_core::clock::parse_clocks_json(text).map_err(|e| corrupt("clocks", e))
 }
 
 /// The ids as one JSON array (for `json_each`).
@@ -262,7 +269,7 @@ mod tests {
 
     use ferry_core::HlcTimestamp;
 
-    use super::encode_clocks;
+    use super::{decode_clocks, encode_clocks};
 
     fn hlc(wall_ms: u64, node: &str) -> HlcTimestamp {
         HlcTimestamp {
@@ -273,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn clocks_encode_as_serde_json_does() {
+    fn clocks_read_back_in_both_forms() {
         let maps: Vec<BTreeMap<String, HlcTimestamp>> = vec![
             BTreeMap::new(),
             [("title".to_owned(), hlc(1, "server"))].into_iter().collect(),
@@ -288,10 +295,11 @@ mod tests {
             .collect(),
         ];
         for m in maps {
-            assert_eq!(
-                encode_clocks(&m).expect("encode"),
-                serde_json::to_string(&m).expect("encode")
-            );
+            assert_eq!(decode_clocks(&encode_clocks(&m).expect("encode")).expect("decode"), m);
+            // As databases written before the shared-clock form hold them.
+            let object = serde_json::to_string(&m).expect("encode");
+            assert_eq!(decode_clocks(&object).expect("decode"), m);
         }
+        assert!(decode_clocks("[\"not a clock\",\"a\"]").is_err());
     }
 }

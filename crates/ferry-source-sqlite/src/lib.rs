@@ -285,8 +285,7 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
                 let text: String = r.get(0)?;
-                let clocks: BTreeMap<String, HlcTimestamp> =
-                    serde_json::from_str(&text).map_err(|e| corrupt("clocks", e))?;
+                let clocks = bulk::decode_clocks(&text)?;
                 for c in clocks.values() {
                     raise(&mut max, c);
                 }
@@ -359,7 +358,7 @@ fn read_row_in(conn: &Connection, table: &Table, id: &str) -> Result<Option<Stor
         .query_row([&table.name, id], |r| r.get(0))
         .optional()?;
     let clocks: BTreeMap<String, HlcTimestamp> = match clocks {
-        Some(s) => serde_json::from_str(&s).map_err(|e| corrupt("clocks", e))?,
+        Some(s) => bulk::decode_clocks(&s)?,
         None => BTreeMap::new(),
     };
     let deleted: Option<String> = conn
