@@ -47,7 +47,8 @@ fn insert_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
 
 /// Insert `items` with multi-row statements of `head`/`tail` (see
 /// [`insert_sql`]); `bind` binds one item's `width` parameters from the
-/// given (1-based) index.
+/// given (1-based) index. Each statement is looked up in the cache once
+/// per call, not once per chunk.
 fn insert_many<T>(
     conn: &Connection,
     (head, width, tail): (&str, usize, &str),
@@ -55,22 +56,23 @@ fn insert_many<T>(
     mut bind: impl FnMut(&mut Statement<'_>, usize, &T) -> Result<()>,
 ) -> Result<()> {
     let per = (MAX_PARAMS_PER_STATEMENT / width.max(1)).clamp(1, MAX_ROWS_PER_INSERT);
-    let full = insert_sql(head, width, per, tail);
-    let single = insert_sql(head, width, 1, tail);
-    for chunk in items.chunks(per) {
-        // A partial chunk goes row by row: one cached statement per size.
-        if chunk.len() == per {
-            let mut stmt = conn.prepare_cached(&full)?;
+    let mut chunks = items.chunks_exact(per);
+    if chunks.len() > 0 {
+        let mut stmt = conn.prepare_cached(&insert_sql(head, width, per, tail))?;
+        for chunk in chunks.by_ref() {
             for (i, item) in chunk.iter().enumerate() {
                 bind(&mut stmt, 1 + i * width, item)?;
             }
             stmt.raw_execute()?;
-        } else {
-            let mut stmt = conn.prepare_cached(&single)?;
-            for item in chunk {
-                bind(&mut stmt, 1, item)?;
-                stmt.raw_execute()?;
-            }
+        }
+    }
+    // A partial chunk goes row by row: one cached statement per size.
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut stmt = conn.prepare_cached(&insert_sql(head, width, 1, tail))?;
+        for item in rest {
+            bind(&mut stmt, 1, item)?;
+            stmt.raw_execute()?;
         }
     }
     Ok(())
@@ -147,10 +149,7 @@ pub(crate) fn write_rows(
     )?;
     // A table without tombstones (an import of new rows) has none to
     // clear: one probe instead of a lookup of every id.
-    let any_tombstone: bool = conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_tombstones WHERE tbl = ?1)")?
-        .query_row([table.name.as_str()], |r| r.get(0))?;
-    if !any_tombstone {
+    if !any_tombstone(conn, &table.name)? {
         return Ok(());
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
@@ -161,22 +160,39 @@ pub(crate) fn write_rows(
     Ok(())
 }
 
+/// Whether any row of `table` has a tombstone.
+fn any_tombstone(conn: &Connection, table: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_tombstones WHERE tbl = ?1)")?
+        .query_row([table], |r| r.get(0))?)
+}
+
 /// [`ferry_source::SourceTx::known_rows`]: ids with a row, a tombstone or
-/// bucket membership.
+/// bucket membership (the tombstones only looked up in a table that has
+/// some; duplicates fall away in the set).
 pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Result<BTreeSet<String>> {
+    let tombstones = if any_tombstone(conn, &table.name)? {
+        " UNION ALL SELECT id FROM ferry_tombstones WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))"
+    } else {
+        ""
+    };
     let sql = format!(
         "SELECT id FROM {} WHERE id IN (SELECT value FROM json_each(?1))
-         UNION SELECT id FROM ferry_tombstones WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))
-         UNION SELECT id FROM ferry_row_buckets WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))",
+         UNION ALL SELECT id FROM ferry_row_buckets WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1)){tombstones}",
         q(&table.name)
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let mut known = BTreeSet::new();
     for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
         let array = id_array(chunk)?;
-        let rows = stmt.query_map([array.as_str(), table.name.as_str()], |r| r.get::<_, String>(0))?;
-        for id in rows {
-            known.insert(id?);
+        let mut rows = stmt.query([array.as_str(), table.name.as_str()])?;
+        while let Some(r) = rows.next()? {
+            if let ValueRef::Text(id) = r.get_ref(0)? {
+                let id = String::from_utf8_lossy(id);
+                if !known.contains(id.as_ref()) {
+                    known.insert(id.into_owned());
+                }
+            }
         }
     }
     Ok(known)
