@@ -225,7 +225,11 @@ pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Resul
         Some(first) if values.all(|c| c == first) => Some(first),
         _ => None,
     };
-    let mut out = String::with_capacity(2 + clocks.len() * if shared.is_some() { 16 } else { 48 });
+    let names: usize = clocks.keys().map(|k| k.len() + 4).sum();
+    let mut out = String::with_capacity(match shared {
+        Some(hlc) => 32 + hlc.node.len() + names,
+        None => 2 + names + clocks.len() * 48,
+    });
     if let Some(hlc) = shared {
         out.push_str("[\"");
         // The string form has no character JSON escapes but the node's.

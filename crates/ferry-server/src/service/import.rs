@@ -88,9 +88,12 @@ impl SyncService {
         }
         let inner = self.inner.clone();
         let n = ops.len();
-        let result = blocking::run(move || inner.process_import(ops, ImportPath::Bulk))
+        let (result, spent) = blocking::run(move || inner.import_ops(ops, ImportPath::Bulk))
             .await
             .map_err(blocking_error)?;
+        // The ops' many small allocations are freed while the caller goes
+        // on (making the next ops, for a loader).
+        blocking::release(spent);
         result.map(|()| n)
     }
 }
@@ -152,11 +155,24 @@ fn after_committed(e: ServiceError, committed_ops: usize) -> ServiceError {
 
 impl Inner {
     /// Process an import (see [`SyncService::import`]).
+    #[cfg(test)]
     pub(super) fn process_import(&self, ops: Vec<CrudOp>, path: ImportPath) -> Result<()> {
+        self.import_ops(ops, path).0
+    }
+
+    /// Process an import (see [`SyncService::import`]), handing the ops
+    /// back (checked, as entries) for the caller to free.
+    fn import_ops(&self, ops: Vec<CrudOp>, path: ImportPath) -> (Result<()>, Vec<CrudEntry>) {
+        let mut entries: Vec<CrudEntry> = Vec::with_capacity(ops.len());
+        let result = self.import_into(ops, path, &mut entries);
+        (result, entries)
+    }
+
+    /// [`Inner::import_ops`], the checked ops kept in `entries`.
+    fn import_into(&self, ops: Vec<CrudOp>, path: ImportPath, entries: &mut Vec<CrudEntry>) -> Result<()> {
         let n = ops.len();
         // Each op checked and validated (its entry carries the validated
         // op), with its table.
-        let mut entries: Vec<CrudEntry> = Vec::with_capacity(n);
         let mut tables: Vec<&Table> = Vec::with_capacity(n);
         for (i, op) in ops.into_iter().enumerate() {
             let (t, op) = self.check_import_op(op).map_err(|Refusal { reason, table, id }| {
@@ -358,7 +374,7 @@ impl Inner {
             } = self.resolve_op((table, op), entry, &hlc, ("", ""), None);
             let resolution = match resolution {
                 Resolution::Write { row, clocks, .. } if side_writes.is_empty() => {
-                    let worked_out = self.fresh_row(table, op, row, clocks);
+                    let worked_out = self.fresh_row(table, op, Some(row), clocks);
                     worked_out.size.clone().map_err(|reason| refused(entry, &reason))?;
                     self.push_pending(stx, &mut pending, table, op, Cow::Owned(worked_out))?;
                     touched.insert(key);
