@@ -38,27 +38,52 @@ impl ToSql for Borrowed<'_> {
     }
 }
 
-/// `INSERT ... VALUES (?, ..), (?, ..) ...` for `rows` rows of `width`
-/// parameters, then `tail`.
-fn insert_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
-    let one = format!("({})", vec!["?"; width].join(", "));
-    format!("{head} VALUES {} {tail}", vec![one; rows].join(", "))
+/// One row of a multi-row `INSERT`: its `VALUES` tuple (`?` for each of
+/// its `width` parameters, constants written in), between `head` and
+/// `tail`.
+struct InsertShape<'a> {
+    head: &'a str,
+    row: &'a str,
+    width: usize,
+    tail: &'a str,
 }
 
-/// Insert `items` with multi-row statements of `head`/`tail` (see
-/// [`insert_sql`]); `bind` binds one item's `width` parameters from the
-/// given (1-based) index. Each statement is looked up in the cache once
-/// per call, not once per chunk.
+/// `(?, ?, ..)`: a tuple of `width` parameters.
+fn params_tuple(width: usize) -> String {
+    format!("({})", vec!["?"; width].join(", "))
+}
+
+/// `text` as an SQL string literal (a constant written into a statement
+/// instead of bound to each row of it).
+fn text_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `INSERT ... VALUES (..), (..) ...` of `rows` rows of `shape`.
+fn insert_sql(shape: &InsertShape<'_>, rows: usize) -> String {
+    format!(
+        "{} VALUES {} {}",
+        shape.head,
+        vec![shape.row; rows].join(", "),
+        shape.tail
+    )
+}
+
+/// Insert `items` with multi-row statements of `shape`; `bind` binds one
+/// item's `width` parameters from the given (1-based) index. Each
+/// statement is looked up in the cache once per call, not once per
+/// chunk.
 fn insert_many<T>(
     conn: &Connection,
-    (head, width, tail): (&str, usize, &str),
+    shape: &InsertShape<'_>,
     items: &[T],
     mut bind: impl FnMut(&mut Statement<'_>, usize, &T) -> Result<()>,
 ) -> Result<()> {
+    let width = shape.width;
     let per = (MAX_PARAMS_PER_STATEMENT / width.max(1)).clamp(1, MAX_ROWS_PER_INSERT);
     let mut chunks = items.chunks_exact(per);
     if chunks.len() > 0 {
-        let mut stmt = conn.prepare_cached(&insert_sql(head, width, per, tail))?;
+        let mut stmt = conn.prepare_cached(&insert_sql(shape, per))?;
         for chunk in chunks.by_ref() {
             for (i, item) in chunk.iter().enumerate() {
                 bind(&mut stmt, 1 + i * width, item)?;
@@ -69,7 +94,7 @@ fn insert_many<T>(
     // A partial chunk goes row by row: one cached statement per size.
     let rest = chunks.remainder();
     if !rest.is_empty() {
-        let mut stmt = conn.prepare_cached(&insert_sql(head, width, 1, tail))?;
+        let mut stmt = conn.prepare_cached(&insert_sql(shape, 1))?;
         for item in rest {
             bind(&mut stmt, 1, item)?;
             stmt.raw_execute()?;
@@ -125,7 +150,13 @@ pub(crate) fn write_rows(
         .collect();
     by_name.sort_unstable();
     let null = Value::Null;
-    insert_many(conn, (&head, cols.len(), &tail), rows, |stmt, at, r| {
+    let shape = InsertShape {
+        head: &head,
+        row: &params_tuple(cols.len()),
+        width: cols.len(),
+        tail: &tail,
+    };
+    insert_many(conn, &shape, rows, |stmt, at, r| {
         stmt.raw_bind_parameter(at, r.id)?;
         let mut values = r.data.iter().peekable();
         for &(name, i) in &by_name {
@@ -159,17 +190,18 @@ pub(crate) fn write_rows(
             Ok((r.id, encoded))
         })
         .collect::<Result<_>>()?;
-    insert_many(
-        conn,
-        ("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks)", 3, ""),
-        &clocks,
-        |stmt, at, (id, c)| {
-            stmt.raw_bind_parameter(at, &table.name)?;
-            stmt.raw_bind_parameter(at + 1, *id)?;
-            stmt.raw_bind_parameter(at + 2, c.as_ref())?;
-            Ok(())
-        },
-    )?;
+    // The table's name written into the statement, not bound per row.
+    let shape = InsertShape {
+        head: "INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks)",
+        row: &format!("({}, ?, ?)", text_literal(&table.name)),
+        width: 2,
+        tail: "",
+    };
+    insert_many(conn, &shape, &clocks, |stmt, at, (id, c)| {
+        stmt.raw_bind_parameter(at, *id)?;
+        stmt.raw_bind_parameter(at + 1, c.as_ref())?;
+        Ok(())
+    })?;
     // A table without tombstones (an import of new rows) has none to
     // clear: one probe instead of a lookup of every id.
     if !any_tombstone(conn, &table.name)? {
@@ -266,17 +298,17 @@ pub(crate) fn set_rows_buckets(
         .filter(|(i, (id, _))| last.get(id) == Some(i))
         .flat_map(|(_, (id, buckets))| buckets.iter().map(move |b| (*id, b.as_str())))
         .collect();
-    insert_many(
-        conn,
-        ("INSERT INTO ferry_row_buckets(tbl, id, bucket)", 3, ""),
-        &pairs,
-        |stmt, at, (id, b)| {
-            stmt.raw_bind_parameter(at, table)?;
-            stmt.raw_bind_parameter(at + 1, *id)?;
-            stmt.raw_bind_parameter(at + 2, *b)?;
-            Ok(())
-        },
-    )
+    let shape = InsertShape {
+        head: "INSERT INTO ferry_row_buckets(tbl, id, bucket)",
+        row: &format!("({}, ?, ?)", text_literal(table)),
+        width: 2,
+        tail: "",
+    };
+    insert_many(conn, &shape, &pairs, |stmt, at, (id, b)| {
+        stmt.raw_bind_parameter(at, *id)?;
+        stmt.raw_bind_parameter(at + 1, *b)?;
+        Ok(())
+    })
 }
 
 /// An op's row as its JSON text: the text the caller gave, else `data`
@@ -291,29 +323,52 @@ pub(crate) fn op_json<'a>(op: &NewOp<'a>) -> Result<Option<Cow<'a, str>>> {
 }
 
 /// [`ferry_source::SourceTx::append_ops`]: the entries as given, rows as
-/// their JSON text.
+/// their JSON text. When every entry has the same kind and table (an
+/// import's PUTs of one table), those are written into the statement
+/// instead of bound to each row.
 pub(crate) fn append_ops(conn: &Connection, ops: &[NewOp<'_>]) -> Result<()> {
     let data: Vec<Option<Cow<'_, str>>> = ops.iter().map(op_json).collect::<Result<_>>()?;
     let items: Vec<(&NewOp<'_>, &Option<Cow<'_, str>>)> = ops.iter().zip(&data).collect();
-    insert_many(
-        conn,
-        (
-            "INSERT INTO ferry_oplog(op_id, bucket, op, tbl, row_id, data, checksum)",
-            7,
-            "",
-        ),
-        &items,
-        |stmt, at, (op, data)| {
+    let head = "INSERT INTO ferry_oplog(op_id, bucket, op, tbl, row_id, data, checksum)";
+    let shared = ops
+        .first()
+        .filter(|first| ops.iter().all(|o| o.op == first.op && o.table == first.table));
+    if let Some(first) = shared {
+        let shape = InsertShape {
+            head,
+            row: &format!(
+                "(?, ?, {}, {}, ?, ?, ?)",
+                text_literal(first.op.as_str()),
+                text_literal(first.table)
+            ),
+            width: 5,
+            tail: "",
+        };
+        return insert_many(conn, &shape, &items, |stmt, at, (op, data)| {
             stmt.raw_bind_parameter(at, op.op_id as i64)?;
             stmt.raw_bind_parameter(at + 1, op.bucket)?;
-            stmt.raw_bind_parameter(at + 2, op.op.as_str())?;
-            stmt.raw_bind_parameter(at + 3, op.table)?;
-            stmt.raw_bind_parameter(at + 4, op.row_id)?;
-            stmt.raw_bind_parameter(at + 5, data.as_deref())?;
-            stmt.raw_bind_parameter(at + 6, i64::from(op.checksum))?;
+            stmt.raw_bind_parameter(at + 2, op.row_id)?;
+            stmt.raw_bind_parameter(at + 3, data.as_deref())?;
+            stmt.raw_bind_parameter(at + 4, i64::from(op.checksum))?;
             Ok(())
-        },
-    )
+        });
+    }
+    let shape = InsertShape {
+        head,
+        row: &params_tuple(7),
+        width: 7,
+        tail: "",
+    };
+    insert_many(conn, &shape, &items, |stmt, at, (op, data)| {
+        stmt.raw_bind_parameter(at, op.op_id as i64)?;
+        stmt.raw_bind_parameter(at + 1, op.bucket)?;
+        stmt.raw_bind_parameter(at + 2, op.op.as_str())?;
+        stmt.raw_bind_parameter(at + 3, op.table)?;
+        stmt.raw_bind_parameter(at + 4, op.row_id)?;
+        stmt.raw_bind_parameter(at + 5, data.as_deref())?;
+        stmt.raw_bind_parameter(at + 6, i64::from(op.checksum))?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]
