@@ -238,16 +238,17 @@ fn any_tombstone(conn: &Connection, table: &str) -> Result<bool> {
 
 /// [`ferry_source::SourceTx::known_rows`]: ids with a row, a tombstone or
 /// bucket membership (the tombstones only looked up in a table that has
-/// some; duplicates fall away in the set).
+/// some). The id list is read once and each id probes the tables' keys.
 pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Result<BTreeSet<String>> {
     let tombstones = if any_tombstone(conn, &table.name)? {
-        " UNION ALL SELECT id FROM ferry_tombstones WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))"
+        " OR EXISTS (SELECT 1 FROM ferry_tombstones t WHERE t.tbl = ?2 AND t.id = ids.value)"
     } else {
         ""
     };
     let sql = format!(
-        "SELECT id FROM {} WHERE id IN (SELECT value FROM json_each(?1))
-         UNION ALL SELECT id FROM ferry_row_buckets WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1)){tombstones}",
+        "SELECT ids.value FROM json_each(?1) AS ids
+         WHERE EXISTS (SELECT 1 FROM {} r WHERE r.id = ids.value)
+         OR EXISTS (SELECT 1 FROM ferry_row_buckets b WHERE b.tbl = ?2 AND b.id = ids.value){tombstones}",
         q(&table.name)
     );
     let mut stmt = conn.prepare_cached(&sql)?;
