@@ -5,7 +5,8 @@
 //!
 //! For each N (default 100,000 and 1,000,000) it starts this program again
 //! as the server (`FERRY_BENCH_ROLE=server`: an embedded `ferry-server` in a
-//! temporary directory, loaded with N rows through `SyncService::import`
+//! temporary directory, loaded with N rows through `SyncService::import`,
+//! in chunks of 50,000 rows, each made while the one before imports,
 //! while it serves), then again as the client (`FERRY_BENCH_ROLE=client`:
 //! connect, wait for the checkpoint holding every row, count them, report
 //! its own peak resident memory), and measures the floor: a plain rusqlite
@@ -65,6 +66,20 @@ fn ticket(i: u64) -> (String, RowData) {
     (id, d)
 }
 
+/// The ticket PUTs of ids `first..=last`.
+fn tickets(first: u64, last: u64) -> Vec<CrudOp> {
+    (first..=last)
+        .map(|i| {
+            let (id, data) = ticket(i);
+            CrudOp::Put {
+                table: "tickets".into(),
+                id,
+                data,
+            }
+        })
+        .collect()
+}
+
 /// The peak resident memory of this process so far, in MB (`VmHWM`).
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -79,28 +94,25 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// The server role: load N rows, print `url load_s`, serve until stdin
+/// The server role: load N rows (in chunks of [`LOAD_CHUNK_ROWS`], the
+/// next made while one imports), print `url load_s`, serve until stdin
 /// closes.
 async fn serve(n: u64) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let bench = BenchServer::start(tmp.path().join("server")).await?;
     let service = &bench.server.service;
     let t = Instant::now();
-    let mut next = 1;
-    while next <= n {
-        let end = (next + LOAD_CHUNK_ROWS - 1).min(n);
-        let ops = (next..=end)
-            .map(|i| {
-                let (id, data) = ticket(i);
-                CrudOp::Put {
-                    table: "tickets".into(),
-                    id,
-                    data,
-                }
-            })
-            .collect();
+    // Chunks of LOAD_CHUNK_ROWS rows, ids from 1; the next chunk's rows are
+    // made on another thread while a chunk imports, as a loader streaming
+    // rows in would.
+    let mut ranges =
+        (0..n.div_ceil(LOAD_CHUNK_ROWS)).map(|k| (k * LOAD_CHUNK_ROWS + 1, ((k + 1) * LOAD_CHUNK_ROWS).min(n)));
+    let make = |(first, last): (u64, u64)| tokio::task::spawn_blocking(move || tickets(first, last));
+    let mut making = ranges.next().map(make);
+    while let Some(ops) = making.take() {
+        let ops = ops.await?;
+        making = ranges.next().map(make);
         service.import(ops).await?;
-        next = end + 1;
     }
     println!("{} {}", bench.base_url, t.elapsed().as_secs_f64());
     // Serve until the parent closes stdin.

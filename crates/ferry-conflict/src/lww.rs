@@ -40,6 +40,11 @@ impl ConflictStrategy for LastWriteWins {
     fn resolve(&self, input: &ConflictInput<'_>) -> Decision {
         lww(input, false).into()
     }
+
+    /// A PUT over no stored row: [`fresh`].
+    fn writes_new_puts_as_sent(&self) -> bool {
+        true
+    }
 }
 
 /// Row-level last-write-wins: on a live row the op wins iff its clock is
@@ -53,6 +58,11 @@ pub struct RowLastWriteWins;
 impl ConflictStrategy for RowLastWriteWins {
     fn resolve(&self, input: &ConflictInput<'_>) -> Decision {
         lww(input, true).into()
+    }
+
+    /// A PUT over no stored row: [`fresh`].
+    fn writes_new_puts_as_sent(&self) -> bool {
+        true
     }
 }
 

@@ -275,17 +275,36 @@ impl Decision {
 pub trait ConflictStrategy: Send + Sync + fmt::Debug {
     /// Decide one op.
     fn resolve(&self, input: &ConflictInput<'_>) -> Decision;
+
+    /// Whether every PUT of a row that is not stored (no row, no
+    /// tombstone) is decided as [`LastWriteWins`](crate::LastWriteWins)
+    /// decides it: written as sent, every column at the op's clock,
+    /// nothing lost, no side writes, whatever the rest of the input. A
+    /// caller may then skip [`ConflictStrategy::resolve`] for such a PUT
+    /// (a bulk import of new rows does). `false` unless a strategy says
+    /// so.
+    fn writes_new_puts_as_sent(&self) -> bool {
+        false
+    }
 }
 
 impl<S: ConflictStrategy + ?Sized> ConflictStrategy for Arc<S> {
     fn resolve(&self, input: &ConflictInput<'_>) -> Decision {
         (**self).resolve(input)
     }
+
+    fn writes_new_puts_as_sent(&self) -> bool {
+        (**self).writes_new_puts_as_sent()
+    }
 }
 
 impl<S: ConflictStrategy + ?Sized> ConflictStrategy for Box<S> {
     fn resolve(&self, input: &ConflictInput<'_>) -> Decision {
         (**self).resolve(input)
+    }
+
+    fn writes_new_puts_as_sent(&self) -> bool {
+        (**self).writes_new_puts_as_sent()
     }
 }
 

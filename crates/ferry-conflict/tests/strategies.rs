@@ -773,3 +773,49 @@ fn patch_of_a_row_that_never_existed_is_still_rejected() {
         assert!(sim.row("t9").is_none(), "{name}");
     }
 }
+
+/// A strategy that says it writes new PUTs as sent decides every PUT over
+/// no stored row so, whatever its clock, client, base and time; the
+/// others keep the default (no claim).
+#[test]
+fn strategies_that_write_new_puts_as_sent_do() {
+    let claims: Vec<(Arc<dyn ConflictStrategy>, bool)> = vec![
+        (Arc::new(LastWriteWins), true),
+        (Arc::new(RowLastWriteWins), true),
+        (Arc::new(Box::new(LastWriteWins) as Box<dyn ConflictStrategy>), true),
+        (Arc::new(DomainRules::ticket_status()), false),
+        (Arc::new(Manual), false),
+        (Arc::new(Audited::new(LastWriteWins)), false),
+    ];
+    for (strategy, says) in claims {
+        assert_eq!(strategy.writes_new_puts_as_sent(), says, "{strategy:?}");
+        if !says {
+            continue;
+        }
+        for (wall_ms, client, base) in [(1_000, "c1", &[][..]), (99_000, "", &[("title", Value::from("x"))][..])] {
+            let mut sim = Sim::new();
+            let o = op(
+                put(&sim.table, "t9", &[("title", "A".into()), ("status", "open".into())]),
+                wall_ms,
+                client,
+                7,
+                base,
+            );
+            let d = sim.apply(strategy.as_ref(), &o);
+            assert!(d.side_writes.is_empty(), "{strategy:?}");
+            let ferry_core::CrudOp::Put { data, .. } = &o.op else {
+                unreachable!("a put")
+            };
+            match d.resolution {
+                Resolution::Write { row, clocks, lost } => {
+                    assert_eq!(&row, data, "{strategy:?}");
+                    assert!(lost.is_empty(), "{strategy:?}");
+                    let expected: std::collections::BTreeMap<String, ferry_core::HlcTimestamp> =
+                        data.keys().map(|k| (k.clone(), o.hlc.clone())).collect();
+                    assert_eq!(clocks, expected, "{strategy:?}");
+                }
+                other => panic!("{strategy:?}: {other:?}"),
+            }
+        }
+    }
+}

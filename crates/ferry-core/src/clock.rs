@@ -212,25 +212,46 @@ fn bump(t: (u64, u32)) -> (u64, u32) {
     }
 }
 
-/// Column clocks as JSON text: the object `serde_json::to_string` writes
-/// for the map, each distinct clock formatted once (a row's columns
-/// mostly share one).
+/// Column clocks as stored JSON text. When every column has the same
+/// clock (every fresh row: one op wrote them all), the array
+/// `["<clock>","<column>",...]` (the clock in its string form, then the
+/// columns in order): a third of the object's size. Otherwise the object
+/// `serde_json::to_string` writes for the map, each distinct clock
+/// formatted once. [`parse_clocks_json`] reads both (texts written as
+/// objects before the array form existed included).
 pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Result<String> {
-    let mut out = String::with_capacity(2 + clocks.len() * 48);
+    let mut values = clocks.values();
+    let shared = match values.next() {
+        Some(first) if values.all(|c| c == first) => Some(first),
+        _ => None,
+    };
+    let names: usize = clocks.keys().map(|k| k.len() + 4).sum();
+    let mut out = String::with_capacity(match shared {
+        Some(hlc) => 32 + hlc.node.len() + names,
+        None => 2 + names + clocks.len() * 48,
+    });
+    if let Some(hlc) = shared {
+        out.push_str("[\"");
+        // The string form has no character JSON escapes but the node's.
+        push_json_str(&mut out, &hlc.to_string())?;
+        out.push('"');
+        for column in clocks.keys() {
+            out.push_str(",\"");
+            push_json_str(&mut out, column)?;
+            out.push('"');
+        }
+        out.push(']');
+        return Ok(out);
+    }
     out.push('{');
     let mut last: Option<(&HlcTimestamp, String)> = None;
     for (i, (column, hlc)) in clocks.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        if column.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            out.push('"');
-            out.push_str(column);
-            out.push('"');
-        } else {
-            out.push_str(&serde_json::to_string(column)?);
-        }
-        out.push(':');
+        out.push('"');
+        push_json_str(&mut out, column)?;
+        out.push_str("\":");
         match &last {
             Some((h, encoded)) if *h == hlc => out.push_str(encoded),
             _ => {
@@ -242,6 +263,44 @@ pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Resul
     }
     out.push('}');
     Ok(out)
+}
+
+/// `s` as the inside of a JSON string (no quotes): plain names as they
+/// are, anything else escaped as `serde_json` escapes it.
+fn push_json_str(out: &mut String, s: &str) -> serde_json::Result<()> {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    {
+        out.push_str(s);
+    } else {
+        let quoted = serde_json::to_string(s)?;
+        out.push_str(&quoted[1..quoted.len() - 1]);
+    }
+    Ok(())
+}
+
+/// Why stored clock text could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ClocksTextError {
+    /// Not JSON of either form.
+    #[error("clocks are not JSON of a known form: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The array form without its clock.
+    #[error("clocks array without a clock")]
+    NoClock,
+    /// The array form's clock does not parse.
+    #[error(transparent)]
+    Clock(#[from] CoreError),
+}
+
+/// Column clocks from the text [`clocks_json`] writes (either form).
+pub fn parse_clocks_json(s: &str) -> Result<BTreeMap<String, HlcTimestamp>, ClocksTextError> {
+    if !s.trim_start().starts_with('[') {
+        return Ok(serde_json::from_str(s)?);
+    }
+    let mut parts = serde_json::from_str::<Vec<String>>(s)?.into_iter();
+    let hlc: HlcTimestamp = parts.next().ok_or(ClocksTextError::NoClock)?.parse()?;
+    Ok(parts.map(|column| (column, hlc.clone())).collect())
 }
 
 #[cfg(test)]
@@ -298,5 +357,63 @@ mod tests {
         assert!(sa < sb);
         assert_eq!(sa.parse::<HlcTimestamp>().expect("parse"), a);
         assert!("nope".parse::<HlcTimestamp>().is_err());
+    }
+
+    fn at(wall_ms: u64, node: &str) -> HlcTimestamp {
+        HlcTimestamp {
+            wall_ms,
+            counter: 3,
+            node: node.to_owned(),
+        }
+    }
+
+    #[test]
+    fn clocks_text_round_trips_in_both_forms() {
+        let maps: Vec<BTreeMap<String, HlcTimestamp>> = vec![
+            BTreeMap::new(),
+            [("title".to_owned(), at(1, "server"))].into_iter().collect(),
+            [
+                ("a".to_owned(), at(1, "n \"q\" é")),
+                ("b c".to_owned(), at(1, "n \"q\" é")),
+            ]
+            .into_iter()
+            .collect(),
+            [
+                ("a".to_owned(), at(1, "server")),
+                ("b".to_owned(), at(1, "server")),
+                ("c".to_owned(), at(2, "client \"x\"")),
+                ("d\"e".to_owned(), at(1, "server")),
+                ("é".to_owned(), at(2, "client \"x\"")),
+            ]
+            .into_iter()
+            .collect(),
+        ];
+        for m in maps {
+            let text = clocks_json(&m).expect("encode");
+            assert_eq!(parse_clocks_json(&text).expect("parse"), m, "{text}");
+            let shared = m.values().next().is_some_and(|f| m.values().all(|c| c == f));
+            if shared {
+                assert!(text.starts_with('['), "{text}");
+                assert_eq!(
+                    serde_json::from_str::<Vec<String>>(&text).expect("an array").len(),
+                    m.len() + 1
+                );
+            } else {
+                // The object form is what serde_json writes.
+                assert_eq!(text, serde_json::to_string(&m).expect("encode"));
+            }
+        }
+    }
+
+    #[test]
+    fn clocks_text_reads_objects_and_refuses_bad_arrays() {
+        let m: BTreeMap<String, HlcTimestamp> = [("a".to_owned(), at(1, "s")), ("b".to_owned(), at(1, "s"))]
+            .into_iter()
+            .collect();
+        let object = serde_json::to_string(&m).expect("encode");
+        assert_eq!(parse_clocks_json(&object).expect("parse"), m);
+        assert!(parse_clocks_json("[]").is_err());
+        assert!(parse_clocks_json("[\"nope\",\"a\"]").is_err());
+        assert!(parse_clocks_json("[1]").is_err());
     }
 }

@@ -38,48 +38,82 @@ impl ToSql for Borrowed<'_> {
     }
 }
 
-/// `INSERT ... VALUES (?, ..), (?, ..) ...` for `rows` rows of `width`
-/// parameters, then `tail`.
-fn insert_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
-    let one = format!("({})", vec!["?"; width].join(", "));
-    format!("{head} VALUES {} {tail}", vec![one; rows].join(", "))
+/// One row of a multi-row `INSERT`: its `VALUES` tuple (`?` for each of
+/// its `width` parameters, constants written in), between `head` and
+/// `tail`.
+struct InsertShape<'a> {
+    head: &'a str,
+    row: &'a str,
+    width: usize,
+    tail: &'a str,
 }
 
-/// Insert `items` with multi-row statements of `head`/`tail` (see
-/// [`insert_sql`]); `bind` binds one item's `width` parameters from the
-/// given (1-based) index.
+/// `(?, ?, ..)`: a tuple of `width` parameters.
+fn params_tuple(width: usize) -> String {
+    format!("({})", vec!["?"; width].join(", "))
+}
+
+/// `text` as an SQL string literal (a constant written into a statement
+/// instead of bound to each row of it).
+fn text_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `INSERT ... VALUES (..), (..) ...` of `rows` rows of `shape`.
+fn insert_sql(shape: &InsertShape<'_>, rows: usize) -> String {
+    format!(
+        "{} VALUES {} {}",
+        shape.head,
+        vec![shape.row; rows].join(", "),
+        shape.tail
+    )
+}
+
+/// Insert `items` with multi-row statements of `shape`; `bind` binds one
+/// item's `width` parameters from the given (1-based) index. Each
+/// statement is looked up in the cache once per call, not once per
+/// chunk.
 fn insert_many<T>(
     conn: &Connection,
-    (head, width, tail): (&str, usize, &str),
+    shape: &InsertShape<'_>,
     items: &[T],
     mut bind: impl FnMut(&mut Statement<'_>, usize, &T) -> Result<()>,
 ) -> Result<()> {
+    let width = shape.width;
     let per = (MAX_PARAMS_PER_STATEMENT / width.max(1)).clamp(1, MAX_ROWS_PER_INSERT);
-    let full = insert_sql(head, width, per, tail);
-    let single = insert_sql(head, width, 1, tail);
-    for chunk in items.chunks(per) {
-        // A partial chunk goes row by row: one cached statement per size.
-        if chunk.len() == per {
-            let mut stmt = conn.prepare_cached(&full)?;
+    let mut chunks = items.chunks_exact(per);
+    if chunks.len() > 0 {
+        let mut stmt = conn.prepare_cached(&insert_sql(shape, per))?;
+        for chunk in chunks.by_ref() {
             for (i, item) in chunk.iter().enumerate() {
                 bind(&mut stmt, 1 + i * width, item)?;
             }
             stmt.raw_execute()?;
-        } else {
-            let mut stmt = conn.prepare_cached(&single)?;
-            for item in chunk {
-                bind(&mut stmt, 1, item)?;
-                stmt.raw_execute()?;
-            }
+        }
+    }
+    // A partial chunk goes row by row: one cached statement per size.
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut stmt = conn.prepare_cached(&insert_sql(shape, 1))?;
+        for item in rest {
+            bind(&mut stmt, 1, item)?;
+            stmt.raw_execute()?;
         }
     }
     Ok(())
 }
 
-/// Clocks as stored: the JSON object `serde_json` writes for them
-/// ([`ferry_core::clock::clocks_json`]).
+/// Clocks as stored: [`ferry_core::clock::clocks_json`]'s text (one
+/// clock and the columns when they share it, else the JSON object
+/// `serde_json` writes for them).
 pub(crate) fn encode_clocks(clocks: &BTreeMap<String, HlcTimestamp>) -> Result<String> {
     ferry_core::clock::clocks_json(clocks).map_err(|e| corrupt("clocks", e))
+}
+
+/// Stored clocks read back: either form of [`encode_clocks`] (rows
+/// written before the shared-clock form keep their objects).
+pub(crate) fn decode_clocks(text: &str) -> Result<BTreeMap<String, HlcTimestamp>> {
+    ferry_core::clock::parse_clocks_json(text).map_err(|e| corrupt("clocks", e))
 }
 
 /// The ids as one JSON array (for `json_each`).
@@ -106,44 +140,71 @@ pub(crate) fn write_rows(
     };
     let head = format!("INSERT INTO {}({})", q(&table.name), cols.join(", "));
     let tail = format!("ON CONFLICT(id) DO {update}");
+    // The columns by name, with their parameter: a row's values (a map
+    // by name) are matched to them in one walk.
+    let mut by_name: Vec<(&str, usize)> = table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.as_str(), i))
+        .collect();
+    by_name.sort_unstable();
     let null = Value::Null;
-    insert_many(conn, (&head, cols.len(), &tail), rows, |stmt, at, r| {
+    let shape = InsertShape {
+        head: &head,
+        row: &params_tuple(cols.len()),
+        width: cols.len(),
+        tail: &tail,
+    };
+    insert_many(conn, &shape, rows, |stmt, at, r| {
         stmt.raw_bind_parameter(at, r.id)?;
-        for (i, c) in table.columns.iter().enumerate() {
-            stmt.raw_bind_parameter(at + 1 + i, Borrowed(r.data.get(&c.name).unwrap_or(&null)))?;
+        let mut values = r.data.iter().peekable();
+        for &(name, i) in &by_name {
+            let mut value = &null;
+            while let Some((k, v)) = values.peek() {
+                match k.as_str().cmp(name) {
+                    // Not a column of the table.
+                    std::cmp::Ordering::Less => {
+                        values.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        value = v;
+                        values.next();
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            stmt.raw_bind_parameter(at + 1 + i, Borrowed(value))?;
         }
         Ok(())
     })?;
     let clocks: Vec<(&str, Cow<'_, str>)> = rows
         .iter()
         .map(|r| {
-            for c in r.clocks.values() {
-                raise(max_clock, c);
-            }
             let encoded = match r.clocks_json {
-                Some(json) => std::borrow::Cow::Borrowed(json),
-                None => std::borrow::Cow::Owned(encode_clocks(r.clocks)?),
+                Some(json) => Cow::Borrowed(json),
+                None => Cow::Owned(encode_clocks(r.clocks)?),
             };
+            raise_to_row(max_clock, r.clocks, &encoded);
             Ok((r.id, encoded))
         })
         .collect::<Result<_>>()?;
-    insert_many(
-        conn,
-        ("INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks)", 3, ""),
-        &clocks,
-        |stmt, at, (id, c)| {
-            stmt.raw_bind_parameter(at, &table.name)?;
-            stmt.raw_bind_parameter(at + 1, *id)?;
-            stmt.raw_bind_parameter(at + 2, c.as_ref())?;
-            Ok(())
-        },
-    )?;
+    // The table's name written into the statement, not bound per row.
+    let shape = InsertShape {
+        head: "INSERT OR REPLACE INTO ferry_clocks(tbl, id, clocks)",
+        row: &format!("({}, ?, ?)", text_literal(&table.name)),
+        width: 2,
+        tail: "",
+    };
+    insert_many(conn, &shape, &clocks, |stmt, at, (id, c)| {
+        stmt.raw_bind_parameter(at, *id)?;
+        stmt.raw_bind_parameter(at + 1, c.as_ref())?;
+        Ok(())
+    })?;
     // A table without tombstones (an import of new rows) has none to
     // clear: one probe instead of a lookup of every id.
-    let any_tombstone: bool = conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_tombstones WHERE tbl = ?1)")?
-        .query_row([table.name.as_str()], |r| r.get(0))?;
-    if !any_tombstone {
+    if !any_tombstone(conn, &table.name)? {
         return Ok(());
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
@@ -154,22 +215,54 @@ pub(crate) fn write_rows(
     Ok(())
 }
 
+/// `*max` raised to the greatest of a row's `clocks`, `encoded` (as
+/// stored): one comparison when the text says they share one clock.
+fn raise_to_row(max: &mut Option<HlcTimestamp>, clocks: &BTreeMap<String, HlcTimestamp>, encoded: &str) {
+    if encoded.starts_with('[') {
+        if let Some(c) = clocks.values().next() {
+            raise(max, c);
+        }
+        return;
+    }
+    for c in clocks.values() {
+        raise(max, c);
+    }
+}
+
+/// Whether any row of `table` has a tombstone.
+fn any_tombstone(conn: &Connection, table: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM ferry_tombstones WHERE tbl = ?1)")?
+        .query_row([table], |r| r.get(0))?)
+}
+
 /// [`ferry_source::SourceTx::known_rows`]: ids with a row, a tombstone or
-/// bucket membership.
+/// bucket membership (the tombstones only looked up in a table that has
+/// some). The id list is read once and each id probes the tables' keys.
 pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Result<BTreeSet<String>> {
+    let tombstones = if any_tombstone(conn, &table.name)? {
+        " OR EXISTS (SELECT 1 FROM ferry_tombstones t WHERE t.tbl = ?2 AND t.id = ids.value)"
+    } else {
+        ""
+    };
     let sql = format!(
-        "SELECT id FROM {} WHERE id IN (SELECT value FROM json_each(?1))
-         UNION SELECT id FROM ferry_tombstones WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))
-         UNION SELECT id FROM ferry_row_buckets WHERE tbl = ?2 AND id IN (SELECT value FROM json_each(?1))",
+        "SELECT ids.value FROM json_each(?1) AS ids
+         WHERE EXISTS (SELECT 1 FROM {} r WHERE r.id = ids.value)
+         OR EXISTS (SELECT 1 FROM ferry_row_buckets b WHERE b.tbl = ?2 AND b.id = ids.value){tombstones}",
         q(&table.name)
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let mut known = BTreeSet::new();
     for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
         let array = id_array(chunk)?;
-        let rows = stmt.query_map([array.as_str(), table.name.as_str()], |r| r.get::<_, String>(0))?;
-        for id in rows {
-            known.insert(id?);
+        let mut rows = stmt.query([array.as_str(), table.name.as_str()])?;
+        while let Some(r) = rows.next()? {
+            if let ValueRef::Text(id) = r.get_ref(0)? {
+                let id = String::from_utf8_lossy(id);
+                if !known.contains(id.as_ref()) {
+                    known.insert(id.into_owned());
+                }
+            }
         }
     }
     Ok(known)
@@ -206,17 +299,17 @@ pub(crate) fn set_rows_buckets(
         .filter(|(i, (id, _))| last.get(id) == Some(i))
         .flat_map(|(_, (id, buckets))| buckets.iter().map(move |b| (*id, b.as_str())))
         .collect();
-    insert_many(
-        conn,
-        ("INSERT INTO ferry_row_buckets(tbl, id, bucket)", 3, ""),
-        &pairs,
-        |stmt, at, (id, b)| {
-            stmt.raw_bind_parameter(at, table)?;
-            stmt.raw_bind_parameter(at + 1, *id)?;
-            stmt.raw_bind_parameter(at + 2, *b)?;
-            Ok(())
-        },
-    )
+    let shape = InsertShape {
+        head: "INSERT INTO ferry_row_buckets(tbl, id, bucket)",
+        row: &format!("({}, ?, ?)", text_literal(table)),
+        width: 2,
+        tail: "",
+    };
+    insert_many(conn, &shape, &pairs, |stmt, at, (id, b)| {
+        stmt.raw_bind_parameter(at, *id)?;
+        stmt.raw_bind_parameter(at + 1, *b)?;
+        Ok(())
+    })
 }
 
 /// An op's row as its JSON text: the text the caller gave, else `data`
@@ -231,29 +324,52 @@ pub(crate) fn op_json<'a>(op: &NewOp<'a>) -> Result<Option<Cow<'a, str>>> {
 }
 
 /// [`ferry_source::SourceTx::append_ops`]: the entries as given, rows as
-/// their JSON text.
+/// their JSON text. When every entry has the same kind and table (an
+/// import's PUTs of one table), those are written into the statement
+/// instead of bound to each row.
 pub(crate) fn append_ops(conn: &Connection, ops: &[NewOp<'_>]) -> Result<()> {
     let data: Vec<Option<Cow<'_, str>>> = ops.iter().map(op_json).collect::<Result<_>>()?;
     let items: Vec<(&NewOp<'_>, &Option<Cow<'_, str>>)> = ops.iter().zip(&data).collect();
-    insert_many(
-        conn,
-        (
-            "INSERT INTO ferry_oplog(op_id, bucket, op, tbl, row_id, data, checksum)",
-            7,
-            "",
-        ),
-        &items,
-        |stmt, at, (op, data)| {
+    let head = "INSERT INTO ferry_oplog(op_id, bucket, op, tbl, row_id, data, checksum)";
+    let shared = ops
+        .first()
+        .filter(|first| ops.iter().all(|o| o.op == first.op && o.table == first.table));
+    if let Some(first) = shared {
+        let shape = InsertShape {
+            head,
+            row: &format!(
+                "(?, ?, {}, {}, ?, ?, ?)",
+                text_literal(first.op.as_str()),
+                text_literal(first.table)
+            ),
+            width: 5,
+            tail: "",
+        };
+        return insert_many(conn, &shape, &items, |stmt, at, (op, data)| {
             stmt.raw_bind_parameter(at, op.op_id as i64)?;
             stmt.raw_bind_parameter(at + 1, op.bucket)?;
-            stmt.raw_bind_parameter(at + 2, op.op.as_str())?;
-            stmt.raw_bind_parameter(at + 3, op.table)?;
-            stmt.raw_bind_parameter(at + 4, op.row_id)?;
-            stmt.raw_bind_parameter(at + 5, data.as_deref())?;
-            stmt.raw_bind_parameter(at + 6, i64::from(op.checksum))?;
+            stmt.raw_bind_parameter(at + 2, op.row_id)?;
+            stmt.raw_bind_parameter(at + 3, data.as_deref())?;
+            stmt.raw_bind_parameter(at + 4, i64::from(op.checksum))?;
             Ok(())
-        },
-    )
+        });
+    }
+    let shape = InsertShape {
+        head,
+        row: &params_tuple(7),
+        width: 7,
+        tail: "",
+    };
+    insert_many(conn, &shape, &items, |stmt, at, (op, data)| {
+        stmt.raw_bind_parameter(at, op.op_id as i64)?;
+        stmt.raw_bind_parameter(at + 1, op.bucket)?;
+        stmt.raw_bind_parameter(at + 2, op.op.as_str())?;
+        stmt.raw_bind_parameter(at + 3, op.table)?;
+        stmt.raw_bind_parameter(at + 4, op.row_id)?;
+        stmt.raw_bind_parameter(at + 5, data.as_deref())?;
+        stmt.raw_bind_parameter(at + 6, i64::from(op.checksum))?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -262,7 +378,7 @@ mod tests {
 
     use ferry_core::HlcTimestamp;
 
-    use super::encode_clocks;
+    use super::{decode_clocks, encode_clocks};
 
     fn hlc(wall_ms: u64, node: &str) -> HlcTimestamp {
         HlcTimestamp {
@@ -273,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn clocks_encode_as_serde_json_does() {
+    fn clocks_read_back_in_both_forms() {
         let maps: Vec<BTreeMap<String, HlcTimestamp>> = vec![
             BTreeMap::new(),
             [("title".to_owned(), hlc(1, "server"))].into_iter().collect(),
@@ -288,10 +404,11 @@ mod tests {
             .collect(),
         ];
         for m in maps {
-            assert_eq!(
-                encode_clocks(&m).expect("encode"),
-                serde_json::to_string(&m).expect("encode")
-            );
+            assert_eq!(decode_clocks(&encode_clocks(&m).expect("encode")).expect("decode"), m);
+            // As databases written before the shared-clock form hold them.
+            let object = serde_json::to_string(&m).expect("encode");
+            assert_eq!(decode_clocks(&object).expect("decode"), m);
         }
+        assert!(decode_clocks("[\"not a clock\",\"a\"]").is_err());
     }
 }

@@ -122,6 +122,12 @@ CREATE TABLE IF NOT EXISTS ferry_meta(
 /// The `ferry_meta` key of the clock high-water mark (an HLC string).
 const META_MAX_CLOCK: &str = "max_clock";
 
+/// The writer connection's page cache, in KiB: a write transaction of
+/// an import batch (a few MiB of pages) stays in memory until its commit
+/// instead of spilling pages into the WAL midway (SQLite's default is
+/// 2 MiB).
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
+
 /// Most idle read connections kept.
 const MAX_IDLE_READERS: usize = 8;
 
@@ -203,6 +209,7 @@ impl SqliteSourceDb {
         lift(|| {
             let mut conn = open_conn(path)?;
             wal::hook_writer(&conn);
+            conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
             conn.execute_batch(SETUP_SQL)?;
             upgrade(&mut conn)?;
             wal::take_wal_pages();
@@ -285,8 +292,7 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
                 let text: String = r.get(0)?;
-                let clocks: BTreeMap<String, HlcTimestamp> =
-                    serde_json::from_str(&text).map_err(|e| corrupt("clocks", e))?;
+                let clocks = bulk::decode_clocks(&text)?;
                 for c in clocks.values() {
                     raise(&mut max, c);
                 }
@@ -359,7 +365,7 @@ fn read_row_in(conn: &Connection, table: &Table, id: &str) -> Result<Option<Stor
         .query_row([&table.name, id], |r| r.get(0))
         .optional()?;
     let clocks: BTreeMap<String, HlcTimestamp> = match clocks {
-        Some(s) => serde_json::from_str(&s).map_err(|e| corrupt("clocks", e))?,
+        Some(s) => bulk::decode_clocks(&s)?,
         None => BTreeMap::new(),
     };
     let deleted: Option<String> = conn

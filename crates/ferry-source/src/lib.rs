@@ -190,7 +190,9 @@ pub struct RowWrite<'a> {
     pub data: &'a RowData,
     /// The columns' clocks.
     pub clocks: &'a BTreeMap<String, HlcTimestamp>,
-    /// `clocks` as `serde_json::to_string` writes them, when the caller
+    /// `clocks` as [`ferry_core::clock::clocks_json`] writes them (or as
+    /// the object `serde_json::to_string` writes: both are text
+    /// [`ferry_core::clock::parse_clocks_json`] reads), when the caller
     /// has them already: a database that keeps clocks as JSON text stores
     /// this instead of encoding `clocks` again. `None`: the database
     /// encodes `clocks` itself.

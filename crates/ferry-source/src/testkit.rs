@@ -880,7 +880,7 @@ pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
                 // bulk import hands them.
                 let clocks_json: Vec<String> = rows
                     .iter()
-                    .map(|(_, _, c)| serde_json::to_string(c).expect("encode clocks"))
+                    .map(|(_, _, c)| ferry_core::clock::clocks_json(c).expect("encode clocks"))
                     .collect();
                 let data_json: Vec<String> = rows
                     .iter()

@@ -48,3 +48,18 @@ where
         .await
         .map_err(|e| BlockingError(e.to_string()))
 }
+
+/// Drop `value` off the async threads and off the caller's path, without
+/// waiting for it (freeing many small allocations takes a while): on
+/// tokio's blocking pool, or here when blocking work runs inline (see
+/// [`set_inline_on_this_thread`]) or no runtime is running.
+pub fn release<T: Send + 'static>(value: T) {
+    if is_inline() {
+        return drop(value);
+    }
+    match tokio::runtime::Handle::try_current() {
+        // The task's handle is not needed: it only drops.
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
+    }
+}

@@ -30,6 +30,7 @@
 //! current batch used nothing but worked-out ops (else the writer works
 //! the next batch out itself, after).
 
+mod check;
 mod prepare;
 
 use std::borrow::Cow;
@@ -88,9 +89,12 @@ impl SyncService {
         }
         let inner = self.inner.clone();
         let n = ops.len();
-        let result = blocking::run(move || inner.process_import(ops, ImportPath::Bulk))
+        let (result, spent) = blocking::run(move || inner.import_ops(ops, ImportPath::Bulk))
             .await
             .map_err(blocking_error)?;
+        // The ops' many small allocations are freed while the caller goes
+        // on (making the next ops, for a loader).
+        blocking::release(spent);
         result.map(|()| n)
     }
 }
@@ -152,28 +156,22 @@ fn after_committed(e: ServiceError, committed_ops: usize) -> ServiceError {
 
 impl Inner {
     /// Process an import (see [`SyncService::import`]).
+    #[cfg(test)]
     pub(super) fn process_import(&self, ops: Vec<CrudOp>, path: ImportPath) -> Result<()> {
-        let n = ops.len();
-        // Each op checked and validated (its entry carries the validated
-        // op), with its table.
-        let mut entries: Vec<CrudEntry> = Vec::with_capacity(n);
-        let mut tables: Vec<&Table> = Vec::with_capacity(n);
-        for (i, op) in ops.into_iter().enumerate() {
-            let (t, op) = self.check_import_op(op).map_err(|Refusal { reason, table, id }| {
-                ServiceError::BadRequest(format!(
-                    "import of {table}/{id} (op {i} of {n}) rejected: {reason}; nothing was imported"
-                ))
-            })?;
-            tables.push(t);
-            entries.push(CrudEntry {
-                seq: 0,
-                tx_id: 0,
-                op,
-                previous: None,
-                metadata: None,
-                hlc: None,
-            });
-        }
+        self.import_ops(ops, path).0
+    }
+
+    /// Process an import (see [`SyncService::import`]), handing the ops
+    /// back (checked, as entries) for the caller to free.
+    fn import_ops(&self, ops: Vec<CrudOp>, path: ImportPath) -> (Result<()>, Vec<CrudEntry>) {
+        let mut entries: Vec<CrudEntry> = Vec::with_capacity(ops.len());
+        let result = self.import_into(ops, path, &mut entries);
+        (result, entries)
+    }
+
+    /// [`Inner::import_ops`], the checked ops kept in `entries`.
+    fn import_into(&self, ops: Vec<CrudOp>, path: ImportPath, entries: &mut Vec<CrudEntry>) -> Result<()> {
+        let tables = self.check_import(ops, entries)?;
         let batches: Vec<(&[CrudEntry], &[&Table])> = entries
             .chunks(MAX_IMPORT_BATCH_OPS)
             .zip(tables.chunks(MAX_IMPORT_BATCH_OPS))
@@ -358,7 +356,7 @@ impl Inner {
             } = self.resolve_op((table, op), entry, &hlc, ("", ""), None);
             let resolution = match resolution {
                 Resolution::Write { row, clocks, .. } if side_writes.is_empty() => {
-                    let worked_out = self.fresh_row(table, op, row, clocks);
+                    let worked_out = self.fresh_row(table, op, Some(row), clocks);
                     worked_out.size.clone().map_err(|reason| refused(entry, &reason))?;
                     self.push_pending(stx, &mut pending, table, op, Cow::Owned(worked_out))?;
                     touched.insert(key);
@@ -671,6 +669,31 @@ mod tests {
         assert_eq!(a.to_string(), b.to_string());
         assert!(a.to_string().contains("tickets/missing"), "{a}");
         assert_eq!(bulk.db().oplog_len().expect("len"), 0, "the batch is rolled back");
+    }
+
+    /// A large import is checked on two threads: the refusal is still
+    /// its first bad op's, in either half, and nothing is imported.
+    #[test]
+    fn a_large_import_is_refused_at_its_first_bad_op() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bulk = service(dir.path());
+        let n = 4 * MAX_IMPORT_BATCH_OPS + 10;
+        let bad = || CrudOp::Put {
+            table: "no_such_table".into(),
+            id: "x".into(),
+            data: RowData::new(),
+        };
+        let mut ops: Vec<CrudOp> = (0..n).map(|i| ticket(i, "open")).collect();
+        ops[n - 5] = bad();
+        let e = bulk
+            .inner
+            .process_import(ops.clone(), ImportPath::Bulk)
+            .expect_err("refused");
+        assert!(e.to_string().contains(&format!("(op {} of {n})", n - 5)), "{e}");
+        ops[3] = bad();
+        let e = bulk.inner.process_import(ops, ImportPath::Bulk).expect_err("refused");
+        assert!(e.to_string().contains(&format!("(op 3 of {n})")), "{e}");
+        assert_eq!(bulk.db().oplog_len().expect("len"), 0, "nothing imported");
     }
 
     /// Clocks follow the ops' order across batches worked out ahead, a

@@ -644,6 +644,14 @@ impl Inner {
         Ok((table, op))
     }
 
+    /// The conflict strategy of `table`.
+    pub(super) fn strategy(&self, table: &Table) -> &dyn ConflictStrategy {
+        self.strategies
+            .get(&table.name)
+            .unwrap_or(&self.default_strategy)
+            .as_ref()
+    }
+
     /// The conflict strategy's decision on a checked op over the stored
     /// row `current`, at clock `hlc`.
     pub(super) fn resolve_op(
@@ -654,8 +662,7 @@ impl Inner {
         (client_id, user_id): (&str, &str),
         current: Option<&StoredRow>,
     ) -> crate::conflict::Decision {
-        let strategy = self.strategies.get(&table.name).unwrap_or(&self.default_strategy);
-        strategy.resolve(&ConflictInput {
+        self.strategy(table).resolve(&ConflictInput {
             table,
             id: op.id(),
             op,

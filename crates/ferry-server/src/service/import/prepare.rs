@@ -49,47 +49,70 @@ impl Inner {
                     return None;
                 }
                 let hlc = self.op_clock("", entry);
+                // The strategy's decision known without it: no copy of
+                // the row made and compared.
+                if let CrudOp::Put { data, .. } = &entry.op {
+                    if self.strategy(table).writes_new_puts_as_sent() {
+                        let clocks = data.keys().map(|k| (k.clone(), hlc.clone())).collect();
+                        return Some(self.fresh_row(table, &entry.op, None, clocks));
+                    }
+                }
                 let decision = self.resolve_op((table, &entry.op), entry, &hlc, ("", ""), None);
                 match decision {
                     Decision {
                         resolution: Resolution::Write { row, clocks, .. },
                         side_writes,
                         ..
-                    } if side_writes.is_empty() => Some(self.fresh_row(table, &entry.op, row, clocks)),
+                    } if side_writes.is_empty() => Some(self.fresh_row(table, &entry.op, Some(row), clocks)),
                     _ => None,
                 }
             })
             .collect()
     }
 
-    /// A plain write of `op`'s row as `row` with `clocks`, worked out.
+    /// A plain write of `op`'s row as `row` (`None`: a PUT's row as sent)
+    /// with `clocks`, worked out.
     pub(super) fn fresh_row(
         &self,
         table: &Table,
         op: &CrudOp,
-        row: RowData,
+        row: Option<RowData>,
         clocks: BTreeMap<String, HlcTimestamp>,
     ) -> FreshRow {
         let id = op.id();
-        // A row equal to the op's was checked with the op.
-        let (row, size) = match op {
-            CrudOp::Put { data, .. } if *data == row => (None, Ok(())),
-            _ => {
+        // A PUT's row as sent was checked with the op.
+        let (row, size) = match (op, row) {
+            (CrudOp::Put { .. }, None) => (None, Ok(())),
+            (CrudOp::Put { data, .. }, Some(row)) if *data == row => (None, Ok(())),
+            (_, Some(row)) => {
                 let size = self.check_row_size(table, id, &row);
                 (Some(row), size)
             }
+            // Not a PUT: the op's own data, checked.
+            (_, None) => (None, self.check_row_size(table, id, fresh_data(&None, op))),
         };
         let data = fresh_data(&row, op);
+        let encoded = codec::encode_row(data);
         FreshRow {
             buckets: self.rules.row_buckets(&table.name, id, data),
-            data_json: serde_json::to_string(data).ok(),
+            data_json: json_text(data, encoded.len()),
             clocks_json: ferry_core::clock::clocks_json(&clocks).ok(),
-            encoded: codec::encode_row(data),
+            encoded,
             size,
             row,
             clocks,
         }
     }
+}
+
+/// `data` as `serde_json::to_string` writes it (`None`: it does not
+/// encode), written into room for it: about `encoded_len` (its
+/// `codec::encode_row` length) and a half.
+fn json_text(data: &RowData, encoded_len: usize) -> Option<String> {
+    let mut out = Vec::with_capacity(encoded_len.saturating_mul(3) / 2 + 64);
+    serde_json::to_writer(&mut out, data).ok()?;
+    // serde_json writes UTF-8.
+    String::from_utf8(out).ok()
 }
 
 /// No columns (what [`fresh_data`] answers for a delete, which has no
