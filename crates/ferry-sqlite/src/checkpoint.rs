@@ -11,9 +11,11 @@
 //! A `PASSIVE` checkpoint copies pages but never makes the writer start
 //! the WAL over while writes keep following each other (a large download
 //! being staged), so the WAL would grow with the download. Each pass
-//! records the WAL's length; once it passes its limit the writer restarts
-//! it itself ([`Checkpointer::restart_due`], `SqliteStore::apply`), which
-//! costs it only what the helper has not copied yet.
+//! records the WAL's length, and the writer looks at the WAL file's; once
+//! either passes its limit the writer restarts it itself
+//! ([`Checkpointer::restart_due`], `SqliteStore::apply`), which costs it
+//! only what the helper has not copied yet (all of it when the helper is
+//! starved of CPU: the writer then waits, and the WAL stays bounded).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +27,8 @@ use rusqlite::Connection;
 #[derive(Debug)]
 pub(crate) struct Checkpointer {
     path: PathBuf,
+    /// The database's WAL file (`<path>-wal`).
+    wal_path: PathBuf,
     state: Arc<State>,
 }
 
@@ -43,32 +47,41 @@ struct State {
 
 impl Checkpointer {
     pub(crate) fn new(path: PathBuf) -> Self {
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
         Checkpointer {
             path,
+            wal_path: PathBuf::from(wal),
             state: Arc::new(State::default()),
         }
     }
 
-    /// Whether the writer should restart the WAL: the helper's last pass
-    /// found it past `limit_pages` (and past where a failed restart left
-    /// the next try).
-    pub(crate) fn restart_due(&self, limit_pages: u64) -> bool {
-        let pages = self.state.wal_pages.load(Ordering::SeqCst);
-        pages > limit_pages && pages > self.state.retry_over_pages.load(Ordering::SeqCst)
+    /// The WAL's length in pages (of `page_size` bytes) if the writer
+    /// should restart it now: past `limit_pages` (and past where a failed
+    /// restart left the next try), as the helper's last pass found it or
+    /// as the WAL file's length shows. The file counts because a helper
+    /// starved of CPU reports late: the WAL would grow by what the writer
+    /// commits meanwhile. (The file's length is the WAL's since it last
+    /// started over: the first commit after that cuts the file back to
+    /// the store's WAL size limit.)
+    pub(crate) fn restart_due(&self, limit_pages: u64, page_size: u64) -> Option<u64> {
+        let reported = self.state.wal_pages.load(Ordering::SeqCst);
+        let file = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len() / page_size.max(1));
+        let pages = reported.max(file);
+        (pages > limit_pages && pages > self.state.retry_over_pages.load(Ordering::SeqCst)).then_some(pages)
     }
 
-    /// The writer tried a restart: done, the WAL starts over; failed (a
-    /// reader holds it), try again once it grew by `limit_pages` more.
-    pub(crate) fn restart_tried(&self, done: bool, limit_pages: u64) {
-        let (pages, retry) = (&self.state.wal_pages, &self.state.retry_over_pages);
+    /// The writer tried a restart of a WAL of `pages` pages: done, the WAL
+    /// starts over; failed (a reader holds it, or the helper's pass did
+    /// not end within the wait), try again once it grew by a quarter of
+    /// `limit_pages` more.
+    pub(crate) fn restart_tried(&self, done: bool, pages: u64, limit_pages: u64) {
+        let (reported, retry) = (&self.state.wal_pages, &self.state.retry_over_pages);
         if done {
-            pages.store(0, Ordering::SeqCst);
+            reported.store(0, Ordering::SeqCst);
             retry.store(0, Ordering::SeqCst);
         } else {
-            retry.store(
-                pages.load(Ordering::SeqCst).saturating_add(limit_pages),
-                Ordering::SeqCst,
-            );
+            retry.store(pages.saturating_add((limit_pages / 4).max(1)), Ordering::SeqCst);
         }
     }
 

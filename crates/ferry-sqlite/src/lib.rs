@@ -159,6 +159,8 @@ pub struct SqliteStore {
     checkpointer: Option<checkpoint::Checkpointer>,
     /// The store's WAL size limit in pages of this database.
     wal_limit_pages: u64,
+    /// The database's page size in bytes.
+    page_size: u64,
     /// `SqliteOptions::busy_timeout_ms`.
     busy_timeout_ms: u64,
 }
@@ -489,6 +491,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             checkpointer,
             wal_limit_pages,
+            page_size,
             busy_timeout_ms: options.busy_timeout_ms,
         })
     }
@@ -1137,8 +1140,8 @@ impl Store for SqliteStore {
                 // `checkpoint.rs`). Best effort, like any checkpoint: a
                 // reader in another process may hold the WAL, so the wait
                 // is short, and after a failure the next try waits until
-                // the WAL grew by another limit's worth.
-                if checkpointer.restart_due(self.wal_limit_pages) {
+                // the WAL grew by another quarter of the limit.
+                if let Some(pages) = checkpointer.restart_due(self.wal_limit_pages, self.page_size) {
                     let short = Duration::from_millis(RESTART_WAIT_MS.min(self.busy_timeout_ms));
                     let mut done = false;
                     if conn.busy_timeout(short).is_ok() {
@@ -1149,7 +1152,7 @@ impl Store for SqliteStore {
                         conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
                             .map_err(sql_err)?;
                     }
-                    checkpointer.restart_tried(done, self.wal_limit_pages);
+                    checkpointer.restart_tried(done, pages, self.wal_limit_pages);
                 }
                 checkpointer.request();
             }
