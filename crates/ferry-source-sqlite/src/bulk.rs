@@ -117,7 +117,7 @@ pub(crate) fn decode_clocks(text: &str) -> Result<BTreeMap<String, HlcTimestamp>
 }
 
 /// The ids as one JSON array (for `json_each`).
-fn id_array(ids: &[&str]) -> Result<String> {
+pub(crate) fn id_array(ids: &[&str]) -> Result<String> {
     serde_json::to_string(ids).map_err(|e| corrupt("row ids", e))
 }
 

@@ -14,6 +14,7 @@
 //! async threads.
 
 mod bulk;
+mod existing;
 mod wal;
 
 pub use wal::{WalLimits, DEFAULT_BACKGROUND_CHECKPOINT_PAGES, DEFAULT_MAX_WAL_PAGES};
@@ -570,6 +571,18 @@ impl SourceTx for SqliteTx<'_> {
             // SQLite keeps values as given.
             Ok(vec![None; rows.len()])
         })
+    }
+
+    fn read_rows_with_buckets(
+        &mut self,
+        table: &Table,
+        ids: &[&str],
+    ) -> SourceResult<Vec<(Option<StoredRow>, BTreeSet<String>)>> {
+        lift(|| existing::read_rows_with_buckets(self.tx, table, ids))
+    }
+
+    fn set_many_clocks(&mut self, table: &str, rows: &[(&str, &BTreeMap<String, HlcTimestamp>)]) -> SourceResult<()> {
+        lift(|| existing::set_many_clocks(self.tx, table, rows, &mut self.max_clock))
     }
 
     fn known_rows(&mut self, table: &Table, ids: &[&str]) -> SourceResult<BTreeSet<String>> {

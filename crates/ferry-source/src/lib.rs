@@ -369,6 +369,30 @@ pub trait SourceTx {
         }
         Ok(known)
     }
+    /// For each of `ids`, in order, what [`SourceTx::read_row`] and
+    /// [`SourceTx::row_buckets`] answer (a pass over rows that are already
+    /// there). The default reads them ahead ([`SourceTx::prefetch_rows`])
+    /// and then asks for each; a database may answer them all with a few
+    /// statements.
+    fn read_rows_with_buckets(
+        &mut self,
+        table: &Table,
+        ids: &[&str],
+    ) -> Result<Vec<(Option<StoredRow>, BTreeSet<String>)>> {
+        self.prefetch_rows(table, ids)?;
+        ids.iter()
+            .map(|id| Ok((self.read_row(table, id)?, self.row_buckets(&table.name, id)?)))
+            .collect()
+    }
+    /// Set the column clocks of many rows of one table, each as
+    /// [`SourceTx::set_clocks`] does, in order. The default calls it for
+    /// each.
+    fn set_many_clocks(&mut self, table: &str, rows: &[(&str, &BTreeMap<String, HlcTimestamp>)]) -> Result<()> {
+        for (id, clocks) in rows {
+            self.set_clocks(table, id, clocks)?;
+        }
+        Ok(())
+    }
     /// Replace the bucket membership of many rows of one table, each as
     /// [`SourceTx::set_row_buckets`] does, in order. The default calls it
     /// for each.

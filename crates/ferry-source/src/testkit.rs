@@ -43,6 +43,7 @@ macro_rules! source_conformance_tests {
             rollback_to_savepoint_undoes_one_op,
             meta_and_row_ids,
             set_clocks_keeps_the_row,
+            many_rows_read_and_clocked_as_one_by_one,
             outcomes_are_pruned_below_a_seq,
             changes_since_reads_changed_buckets_and_clients,
             client_progress_and_outcomes,
@@ -342,6 +343,60 @@ pub fn set_clocks_keeps_the_row<B: SourceBackend>(b: &B) {
     assert_eq!(stored.clocks, later);
     assert_eq!(stored.deleted, None);
     assert_eq!(db.max_clock().expect("max clock"), Some(clock(70, "server")));
+}
+
+/// Many rows read together answer what each read alone does (rows with
+/// and without buckets, a tombstone, ids the database never saw, an id
+/// twice), and clocks set together are those set one by one.
+pub fn many_rows_read_and_clocked_as_one_by_one<B: SourceBackend>(b: &B) {
+    let loc = b.fresh();
+    let db = open(b, &loc);
+    let t = table("tickets");
+    write(db.as_ref(), |tx| {
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            let row = ticket(id, i as i64);
+            tx.write_row(&t, id, &row, &clocks_of(&row, &clock(10 + i as u64, "c")))?;
+        }
+        tx.set_row_buckets(
+            "tickets",
+            "a",
+            &["b1".to_owned(), "b2".to_owned()].into_iter().collect(),
+        )?;
+        tx.set_row_buckets("tickets", "gone", &["b1".to_owned()].into_iter().collect())?;
+        tx.delete_row(&t, "c", &clock(40, "c"))
+    });
+    let ids = ["a", "b", "c", "d", "gone", "never", "a"];
+    let (together, alone) = write(db.as_ref(), |tx| {
+        let together = tx.read_rows_with_buckets(&t, &ids)?;
+        let mut alone = Vec::new();
+        for id in ids {
+            alone.push((tx.read_row(&t, id)?, tx.row_buckets("tickets", id)?));
+        }
+        Ok((together, alone))
+    });
+    assert_eq!(together.len(), ids.len());
+    assert_eq!(together, alone);
+    assert!(
+        together[2].0.as_ref().is_some_and(|r| r.deleted.is_some()),
+        "c's tombstone"
+    );
+    assert!(together[5].0.is_none() && together[5].1.is_empty(), "an id never seen");
+
+    let later = |i: u64| clocks_of(&ticket("x", 0), &clock(100 + i, "server"));
+    let (one, two) = (later(1), later(2));
+    write(db.as_ref(), |tx| {
+        tx.set_many_clocks("tickets", &[("b", &one), ("c", &two), ("d", &one)])
+    });
+    let b_row = db.get_row(&t, "b").expect("get").expect("row");
+    assert_eq!(b_row.clocks, one);
+    assert_eq!(b_row.data, Some(ticket("b", 1)), "the values are left alone");
+    let c_row = db.get_row(&t, "c").expect("get");
+    assert!(
+        c_row.as_ref().is_none_or(|r| r.deleted.is_none()),
+        "the tombstone is cleared"
+    );
+    assert_eq!(db.get_row(&t, "d").expect("get").expect("row").clocks, one);
+    assert_eq!(db.max_clock().expect("max clock"), Some(clock(102, "server")));
 }
 
 /// Settings are kept (and replaced); row ids come in batches after a

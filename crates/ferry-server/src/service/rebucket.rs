@@ -100,15 +100,19 @@ impl Inner {
     /// and leave.
     fn rebucket_moves(&self, stx: &mut dyn SourceTx, table: &Table, ids: &[String]) -> Result<Vec<Move>> {
         let mut moves = Vec::new();
-        for id in ids {
-            let Some(current) = stx.read_row(table, id)? else {
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let states = stx.read_rows_with_buckets(table, &id_refs)?;
+        // The first clocks of rows the database wrote without Ferry, set
+        // together after.
+        let mut first_clocks: Vec<(&str, BTreeMap<String, HlcTimestamp>)> = Vec::new();
+        for (id, (current, old)) in ids.iter().zip(states) {
+            let Some(current) = current else {
                 continue;
             };
             let Some(data) = current.data else {
                 continue;
             };
             let new = self.rules.row_buckets(&table.name, id, &data);
-            let old = stx.row_buckets(&table.name, id)?;
             let unsynced = current.clocks.is_empty() && !table.columns.is_empty();
             // Nothing to do: the same buckets, and clocks already (or
             // no bucket wants the row).
@@ -126,7 +130,7 @@ impl Inner {
                 let hlc: HlcTimestamp = self.hlc.now();
                 let clocks: BTreeMap<String, HlcTimestamp> =
                     table.columns.iter().map(|c| (c.name.clone(), hlc.clone())).collect();
-                stx.set_clocks(&table.name, id, &clocks)?;
+                first_clocks.push((id, clocks));
                 new.iter().cloned().collect()
             } else {
                 new.difference(&old).cloned().collect()
@@ -140,6 +144,9 @@ impl Inner {
                 new,
             });
         }
+        let first_clocks: Vec<(&str, &BTreeMap<String, HlcTimestamp>)> =
+            first_clocks.iter().map(|(id, clocks)| (*id, clocks)).collect();
+        stx.set_many_clocks(&table.name, &first_clocks)?;
         Ok(moves)
     }
 }
