@@ -16,7 +16,7 @@
 //! | `ferry_index_defs`     | `(tbl, idx)`           | the index definitions the entries were built for |
 //! | `ferry_staged`         | `(bucket, op_id)`      | the staging area's ops; a PUT's row inline, or in `ferry_staged_rows` (`side`) |
 //! | `ferry_staged_rows`    | `(tbl, id)`            | staged rows, laid out as `ferry_rows` (see `staged_rows.rs`) |
-//! | `ferry_staged_state`   | `name`                 | whether `ferry_staged_rows` may hold rows no staged op puts |
+//! | `ferry_staged_state`   | `name`                 | whether `ferry_staged_rows` may hold rows no staged op puts; its generation |
 //!
 //! The storage format version lives in `PRAGMA user_version` and is
 //! [`FORMAT_VERSION`] (3). Version 2 replaced version 1's per-bucket op log
