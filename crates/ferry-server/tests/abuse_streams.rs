@@ -109,9 +109,13 @@ async fn a_100k_op_upload_does_not_hold_up_other_clients_uploads() {
         "only {} small uploads ran during the big one ({big_took:?})",
         latencies.len()
     );
+    // Held up for a fifth of the big upload at most, not for all of it: a
+    // bound relative to the big upload's own time, since a machine busy
+    // writing back a build's files stalls any commit for hundreds of ms
+    // (CI saw 965 ms; alone the slowest takes about 50 ms).
     assert!(
-        max < Duration::from_millis(500),
-        "a small upload took {max:?} while a 100,000-op upload was processed"
+        max < big_took / 5,
+        "a small upload took {max:?} while a 100,000-op upload was processed in {big_took:?}"
     );
 }
 
