@@ -76,20 +76,7 @@ pub(crate) fn chunked(store: &SledStore, batch: &WriteBatch) -> StoreResult<bool
     else {
         return Ok(false);
     };
-    let later_conflict = batch.ops[first..].iter().any(|op| {
-        matches!(
-            op,
-            BatchOp::PutSynced { .. }
-                | BatchOp::DeleteSynced { .. }
-                | BatchOp::PutBucketEntry { .. }
-                | BatchOp::DeleteBucketEntry { .. }
-                | BatchOp::PutBucketState { .. }
-                | BatchOp::DeleteBucket { .. }
-                | BatchOp::PutStaged { .. }
-                | BatchOp::DeleteStaged { .. }
-        )
-    });
-    if later_conflict {
+    if batch.ops[first..].iter().any(BatchOp::touches_switched_state) {
         return Ok(false);
     }
     let mut ops = 0usize;

@@ -247,13 +247,29 @@ fn index_columns(index: &Index) -> String {
 
 // ----- schema of the database -----
 
-const CREATE_TABLES: &str = "
-CREATE TABLE IF NOT EXISTS ferry_rows (
+/// A table of synced rows named `$name`: `ferry_rows`, and
+/// `ferry_staged_rows`, which a first sync's switch-in renames to
+/// `ferry_rows` (so the two must be defined alike).
+macro_rules! rows_table_sql {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE IF NOT EXISTS ",
+            $name,
+            " (
     tbl TEXT NOT NULL,
     id TEXT NOT NULL,
     data BLOB NOT NULL,
     PRIMARY KEY (tbl, id)
 ) WITHOUT ROWID;
+"
+        )
+    };
+}
+pub(crate) use rows_table_sql;
+
+const CREATE_TABLES: &str = concat!(
+    rows_table_sql!("ferry_rows"),
+    "
 CREATE TABLE IF NOT EXISTS ferry_index (
     tbl TEXT NOT NULL,
     idx TEXT NOT NULL,
@@ -295,7 +311,8 @@ CREATE TABLE IF NOT EXISTS ferry_index_defs (
     columns TEXT NOT NULL,
     PRIMARY KEY (tbl, idx)
 ) WITHOUT ROWID;
-";
+"
+);
 
 const SQL_GET_ROW: &str = "SELECT data FROM ferry_rows WHERE tbl = ?1 AND id = ?2";
 const SQL_PUT_ROW: &str = "INSERT OR REPLACE INTO ferry_rows (tbl, id, data) VALUES (?1, ?2, ?3)";
@@ -727,34 +744,23 @@ impl<'c, 'b> Writer<'c, 'b> {
     fn set_switch_tail(&mut self, ops: &'b [BatchOp]) {
         let first = ops.iter().position(|op| matches!(op, BatchOp::SwitchInStaged { .. }));
         let Some(first) = first else { return };
-        let mut tail = Vec::new();
-        for op in &ops[first..] {
-            match op {
+        // Only writes apart from what switch-ins touch may follow (the
+        // client's checkpoint ends with its metadata and the pending
+        // writes' rebase).
+        if ops[first..].iter().any(BatchOp::touches_switched_state) {
+            return;
+        }
+        let tail = ops[first..]
+            .iter()
+            .filter_map(|op| match op {
                 BatchOp::SwitchInStaged {
                     bucket,
                     from_op_id,
                     through_op_id,
-                } => tail.push((bucket.as_str(), clamp_bound(*from_op_id), clamp_bound(*through_op_id))),
-                // Writes that neither read nor write synced rows, bucket
-                // entries or states, or the staging area: they may follow
-                // (the client's checkpoint ends with its metadata and the
-                // pending writes' rebase).
-                BatchOp::PutOverlay { .. }
-                | BatchOp::DeleteOverlay { .. }
-                | BatchOp::AppendQueue { .. }
-                | BatchOp::CompleteQueue { .. }
-                | BatchOp::PutMeta { .. }
-                | BatchOp::DeleteMeta { .. } => {}
-                BatchOp::PutSynced { .. }
-                | BatchOp::DeleteSynced { .. }
-                | BatchOp::PutBucketEntry { .. }
-                | BatchOp::DeleteBucketEntry { .. }
-                | BatchOp::PutBucketState { .. }
-                | BatchOp::DeleteBucket { .. }
-                | BatchOp::PutStaged { .. }
-                | BatchOp::DeleteStaged { .. } => return,
-            }
-        }
+                } => Some((bucket.as_str(), clamp_bound(*from_op_id), clamp_bound(*through_op_id))),
+                _ => None,
+            })
+            .collect();
         self.switch_tail = tail;
     }
 

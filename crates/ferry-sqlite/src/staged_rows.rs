@@ -36,20 +36,16 @@ use crate::{multi_insert_sql, sql_err, Writer, INSERT_CHUNK_ROWS};
 use ferry_core::Schema;
 use ferry_store::StoreResult;
 
-/// `ferry_staged_rows` (the layout of `ferry_rows`, see `CREATE_TABLES`)
-/// and the staging area's flags.
-pub(crate) const CREATE_STAGED_ROWS: &str = "
-CREATE TABLE IF NOT EXISTS ferry_staged_rows (
-    tbl TEXT NOT NULL,
-    id TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (tbl, id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS ferry_staged_state (
+/// `ferry_staged_rows` (defined as `ferry_rows`) and the staging area's
+/// flags.
+pub(crate) const CREATE_STAGED_ROWS: &str = concat!(
+    crate::rows_table_sql!("ferry_staged_rows"),
+    "CREATE TABLE IF NOT EXISTS ferry_staged_state (
     name TEXT PRIMARY KEY NOT NULL,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
-";
+"
+);
 
 const SQL_PUT_SIDE: &str = "INSERT OR IGNORE INTO ferry_staged_rows (tbl, id, data) VALUES (?1, ?2, ?3)";
 const SQL_SIDE_SAME: &str = "SELECT data = ?3 FROM ferry_staged_rows WHERE tbl = ?1 AND id = ?2";

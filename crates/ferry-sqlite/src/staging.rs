@@ -275,10 +275,6 @@ impl<'c, 'b> Writer<'c, 'b> {
         if !has_remove_or_indexed(conn, schema, bucket, from, through)? {
             return self.switch_in_set_based(bucket, from, through, true);
         }
-        let exists = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> StoreResult<bool> {
-            let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
-            stmt.exists(p).map_err(sql_err)
-        };
         let buckets: Vec<String> = {
             let mut stmt = conn.prepare_cached(SQL_BUCKET_NAMES).map_err(sql_err)?;
             let names = stmt.query_map([], |r| r.get(0)).map_err(sql_err)?;
@@ -307,7 +303,7 @@ impl<'c, 'b> Writer<'c, 'b> {
                             .map_err(sql_err)?;
                         let mut held = false;
                         for b in &buckets {
-                            held = exists(SQL_GET_BUCKET_ENTRY, &[b, &table, &id])?;
+                            held = returns_rows(conn, SQL_GET_BUCKET_ENTRY, &[b, &table, &id])?;
                             if held {
                                 break;
                             }
@@ -367,19 +363,21 @@ pub(crate) fn has_remove_or_indexed(
     from: i64,
     through: i64,
 ) -> StoreResult<bool> {
-    let exists = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> StoreResult<bool> {
-        let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
-        stmt.exists(p).map_err(sql_err)
-    };
-    if exists(SQL_HAS_REMOVE, &[&bucket, &from, &through])? {
+    if returns_rows(conn, SQL_HAS_REMOVE, &[&bucket, &from, &through])? {
         return Ok(true);
     }
     for table in schema.tables().filter(|t| !t.indexes.is_empty()) {
-        if exists(SQL_HAS_TABLE, &[&bucket, &from, &through, &table.name])? {
+        if returns_rows(conn, SQL_HAS_TABLE, &[&bucket, &from, &through, &table.name])? {
             return Ok(true);
         }
     }
     Ok(false)
+}
+
+/// Whether `sql` returns a row.
+fn returns_rows(conn: &Connection, sql: &str, p: &[&dyn rusqlite::ToSql]) -> StoreResult<bool> {
+    let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+    stmt.exists(p).map_err(sql_err)
 }
 
 /// Empty the staging area: its ops and `ferry_staged_rows`.

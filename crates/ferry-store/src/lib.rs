@@ -197,6 +197,33 @@ pub enum BatchOp {
     },
 }
 
+impl BatchOp {
+    /// Whether this write reads or writes what a switch-in does (synced
+    /// rows, bucket entries or states, the staging area), so a switch-in
+    /// earlier in its batch must be applied before it. A backend that
+    /// applies a batch's closing switch-ins another way (sled in chunks,
+    /// SQLite by a rename) does so only when none follows them.
+    pub fn touches_switched_state(&self) -> bool {
+        match self {
+            BatchOp::PutSynced { .. }
+            | BatchOp::DeleteSynced { .. }
+            | BatchOp::PutBucketEntry { .. }
+            | BatchOp::DeleteBucketEntry { .. }
+            | BatchOp::PutBucketState { .. }
+            | BatchOp::DeleteBucket { .. }
+            | BatchOp::PutStaged { .. }
+            | BatchOp::DeleteStaged { .. } => true,
+            BatchOp::PutOverlay { .. }
+            | BatchOp::DeleteOverlay { .. }
+            | BatchOp::AppendQueue(_)
+            | BatchOp::CompleteQueue { .. }
+            | BatchOp::PutMeta { .. }
+            | BatchOp::DeleteMeta { .. }
+            | BatchOp::SwitchInStaged { .. } => false,
+        }
+    }
+}
+
 /// A set of writes applied atomically by [`Store::apply`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WriteBatch {
