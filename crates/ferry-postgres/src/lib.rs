@@ -58,7 +58,7 @@ use tokio_postgres::NoTls;
 
 use crate::bridge::{wait, Bridge};
 use crate::error::{corrupt, lift, Result};
-use crate::layout::{quote_ident, quote_literal, PgColumn, TableLayout};
+use crate::layout::{quote_ident, PgColumn, TableLayout};
 use crate::tx::{query, PgTx};
 
 /// How to reach and lay out a PostgreSQL source database.
@@ -309,15 +309,7 @@ impl PgSourceDb {
         let db = PgSourceDb { shared, bridge };
         // The first connection tells whether the database is there.
         let client = db.client()?;
-        lift(|| {
-            let sql = setup::schema_sql(&db.shared.names.ferry, &db.shared.names.capture_channel);
-            wait(client.batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(hashtext({})); {sql} COMMIT;",
-                quote_literal(&format!("ferry setup {f}"))
-            )))?;
-            Ok(())
-        })
-        .inspect_err(|_| {
+        lift(|| setup::install(&client, &db.shared.names)).inspect_err(|_| {
             // The connection may be inside the failed transaction.
             drop(deadpool_postgres::Object::take(client));
         })?;
@@ -383,7 +375,9 @@ impl PgSourceDb {
         let rewrites = introspect_rewrites(client, &names.app_raw, &t.name)?;
         let layout = layout::layout(t, &names.app_raw, qualified, &columns, &pk, rewrites)?;
         let pk_raw = pk.first().cloned().unwrap_or_default();
-        wait(client.batch_execute(&setup::trigger_sql(&names.ferry, &names.ferry_raw, &layout, &pk_raw)))?;
+        if !setup::triggers_current(client, &names.ferry_raw, &layout, &pk_raw)? {
+            wait(client.batch_execute(&setup::trigger_sql(&names.ferry, &names.ferry_raw, &layout, &pk_raw)))?;
+        }
         Ok(layout)
     }
 }
@@ -519,22 +513,22 @@ impl SourceDb for PgSourceDb {
     fn migrate(&self, schema: &Schema) -> SourceResult<()> {
         let client = self.client()?;
         let result = lift(|| {
-            // The same lock as the setup of Ferry's schema: another
-            // instance starting at the same time may be replacing the
-            // capture function the triggers name.
-            wait(client.batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(hashtext({}));",
-                quote_literal(&format!("ferry setup {}", self.shared.names.ferry_raw))
-            )))?;
-            let mut layouts = BTreeMap::new();
-            for t in schema.tables() {
-                if t.local_only {
-                    continue;
+            setup::retrying(&client, || {
+                // The same lock as the setup of Ferry's schema: another
+                // instance starting at the same time may be replacing the
+                // capture function the triggers name.
+                let lock = setup::lock_sql(&self.shared.names.ferry_raw);
+                wait(client.batch_execute(&format!("BEGIN; {lock}")))?;
+                let mut layouts = BTreeMap::new();
+                for t in schema.tables() {
+                    if t.local_only {
+                        continue;
+                    }
+                    layouts.insert(t.name.clone(), Arc::new(self.migrate_table(&client, t)?));
                 }
-                layouts.insert(t.name.clone(), Arc::new(self.migrate_table(&client, t)?));
-            }
-            wait(client.batch_execute("COMMIT"))?;
-            Ok(layouts)
+                wait(client.batch_execute("COMMIT"))?;
+                Ok(layouts)
+            })
         });
         match result {
             Ok(layouts) => {

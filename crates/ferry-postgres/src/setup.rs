@@ -1,10 +1,121 @@
 //! Ferry's own schema in PostgreSQL, and the capture triggers on the
 //! app's synced tables.
 
+use std::time::Duration;
+
+use crate::bridge::wait;
+use crate::error::{Error, Result};
 use crate::layout::{quote_ident, quote_literal, TableLayout};
+use crate::tx::query;
+use crate::Names;
+
+/// How many times a setup transaction that lost a deadlock or a lock wait
+/// to live traffic is run in all.
+pub(crate) const MAX_SETUP_ATTEMPTS: u32 = 5;
+/// The wait before the next attempt, times the number of attempts made.
+pub(crate) const SETUP_RETRY_DELAY_MS: u64 = 100;
+/// The key in `meta` holding the fingerprint of the schema statements last
+/// run: an instance restarting on a database set up by the same Ferry runs
+/// no DDL (which would take table locks live writes wait behind).
+const SETUP_KEY: &str = "setup_fingerprint";
+
+/// Create or bring up to date Ferry's schema, under the setup lock, unless
+/// the same statements already ran. Retried when it loses a deadlock to
+/// other instances' writes.
+pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Result<()> {
+    let sql = schema_sql(&names.ferry, &names.capture_channel);
+    let fingerprint = format!("{:016x}", fnv1a(sql.as_bytes()));
+    let f = &names.ferry;
+    retrying(client, || {
+        wait(client.batch_execute(&format!("BEGIN; {}", lock_sql(&names.ferry_raw))))?;
+        let meta = format!("{f}.meta");
+        let done: Option<String> = match query(client, "SELECT to_regclass($1)::text", &[&meta])?.first() {
+            Some(r) if r.try_get::<_, Option<String>>(0)?.is_some() => query(
+                client,
+                &format!("SELECT value FROM {f}.meta WHERE key = $1"),
+                &[&SETUP_KEY],
+            )?
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()?,
+            _ => None,
+        };
+        if done.as_deref() != Some(fingerprint.as_str()) {
+            wait(client.batch_execute(&sql))?;
+            query(
+                client,
+                &format!(
+                    "INSERT INTO {f}.meta(key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                ),
+                &[&SETUP_KEY, &fingerprint],
+            )?;
+        }
+        wait(client.batch_execute("COMMIT"))?;
+        Ok(())
+    })
+}
+
+/// The statement taking the setup lock for the rest of the transaction:
+/// the schema's setup and the triggers' migration run one at a time.
+pub(crate) fn lock_sql(ferry_schema_raw: &str) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext({}));",
+        quote_literal(&format!("ferry setup {ferry_schema_raw}"))
+    )
+}
+
+/// Run the transaction `attempt` opens and commits, again (after a rollback
+/// and a wait) while it fails on a deadlock, a serialization failure or a
+/// lock it could not get, at most [`MAX_SETUP_ATTEMPTS`] times.
+pub(crate) fn retrying<T>(client: &deadpool_postgres::Client, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut made = 0;
+    loop {
+        made += 1;
+        match attempt() {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                // The connection is inside the failed transaction; a
+                // rollback that fails leaves the first error to report.
+                if wait(client.batch_execute("ROLLBACK")).is_err() || made >= MAX_SETUP_ATTEMPTS || !lost_to_others(&e)
+                {
+                    return Err(e);
+                }
+                tracing::info!(
+                    attempt = made,
+                    "ferry setup lost a lock to other writes; trying again: {e:?}"
+                );
+                std::thread::sleep(Duration::from_millis(SETUP_RETRY_DELAY_MS * u64::from(made)));
+            }
+        }
+    }
+}
+
+/// A deadlock, a serialization failure or a lock not available: the same
+/// transaction can pass when run again.
+fn lost_to_others(e: &Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e {
+        Error::Pg(pg) => pg.code().is_some_and(|c| {
+            *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::LOCK_NOT_AVAILABLE
+        }),
+        Error::Source(_) => false,
+    }
+}
+
+/// 64-bit FNV-1a: a fingerprint of the setup statements that stays the same
+/// across builds (unlike the standard library's hasher, which may change).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
 
 /// The statements that create Ferry's schema (idempotent; run under an
-/// advisory lock so instances starting together do not race).
+/// advisory lock so instances starting together do not race; skipped when
+/// they already ran, see [`install`]).
 pub(crate) fn schema_sql(f: &str, capture_channel: &str) -> String {
     let ch = quote_literal(capture_channel);
     format!(
@@ -89,15 +200,61 @@ $ferry$;
     )
 }
 
+/// Whether the table already has both capture triggers this Ferry makes,
+/// calling Ferry's capture function with these arguments: then no `CREATE
+/// TRIGGER` (a lock that conflicts with every write to the app's table) is
+/// needed.
+pub(crate) fn triggers_current(
+    client: &deadpool_postgres::Client,
+    ferry_schema_raw: &str,
+    t: &TableLayout,
+    pk_raw: &str,
+) -> Result<bool> {
+    // tgtype bits: 1 row, 4 insert, 8 delete, 16 update, 32 truncate.
+    let mut args = Vec::with_capacity(t.name.len() + pk_raw.len() + 2);
+    for a in [t.name.as_bytes(), pk_raw.as_bytes()] {
+        args.extend_from_slice(a);
+        args.push(0);
+    }
+    let rows = query(
+        client,
+        "SELECT count(*) FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid \
+         JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE tg.tgrelid = $1::text::regclass AND n.nspname = $2 AND p.proname = 'capture' \
+         AND tg.tgargs = $3 AND ((tg.tgname = $4 AND tg.tgtype = 29) OR (tg.tgname = $5 AND tg.tgtype = 32))",
+        &[
+            &t.qualified,
+            &ferry_schema_raw,
+            &args,
+            &trigger_name("ferry_capture", ferry_schema_raw),
+            &trigger_name("ferry_truncate", ferry_schema_raw),
+        ],
+    )?;
+    let n: i64 = match rows.first() {
+        Some(r) => r.try_get(0)?,
+        None => 0,
+    };
+    Ok(n == 2)
+}
+
+/// A trigger's name: the prefix and Ferry's schema, cut to PostgreSQL's
+/// 63 bytes.
+fn trigger_name(prefix: &str, ferry_schema_raw: &str) -> String {
+    let mut n = format!("{prefix}_{ferry_schema_raw}");
+    let mut end = n.len().min(63);
+    while !n.is_char_boundary(end) {
+        end -= 1;
+    }
+    n.truncate(end);
+    n
+}
+
 /// The capture triggers of one synced table: one per row for inserts,
 /// updates and deletes, one per statement for `TRUNCATE` (which fires no
 /// row trigger). Named after Ferry's schema, so two Ferry schemas over
 /// one database do not replace each other's.
 pub(crate) fn trigger_sql(f: &str, ferry_schema_raw: &str, t: &TableLayout, pk_raw: &str) -> String {
-    let name = |prefix: &str| -> String {
-        let n: String = format!("{prefix}_{ferry_schema_raw}").chars().take(63).collect();
-        quote_ident(&n)
-    };
+    let name = |prefix: &str| quote_ident(&trigger_name(prefix, ferry_schema_raw));
     let args = format!("{}, {}", quote_literal(&t.name), quote_literal(pk_raw));
     format!(
         "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table} \
