@@ -2,7 +2,8 @@
 //! together ([`SourceTx::defer_op_writes`](ferry_source::SourceTx::defer_op_writes))
 //! gathers and writes with one multi-row statement per table at the next
 //! flight, instead of one statement per row: op log entries, outcomes,
-//! bucket states and rows' bucket memberships. Nothing else in a write transaction reads or writes
+//! bucket states, rows' bucket memberships and rows' clocks (clearing
+//! their tombstones). Nothing else in a write transaction reads or writes
 //! these tables between flights (reads of them go through a flight, and
 //! bucket states are cached), so writing them at the flight keeps every
 //! read as it would be.
@@ -11,7 +12,7 @@ use std::collections::BTreeMap;
 
 use ferry_source::BucketState;
 
-use crate::tx::Param;
+use crate::tx::{Param, PLANNED_EACH_TIME};
 
 /// Most rows in one multi-row statement (its arrays stay bounded).
 pub(crate) const MAX_ROWS_PER_STATEMENT: usize = 1_000;
@@ -33,6 +34,9 @@ pub(crate) struct Batched {
     /// Memberships set, in order: table, row id, buckets (a later one of
     /// the same row replaces an earlier one).
     pub(crate) memberships: Vec<(String, String, Vec<String>)>,
+    /// Rows' clocks set, in order: table, row id, clocks (JSON); each
+    /// also clears the row's tombstone.
+    pub(crate) clocks: Vec<(String, String, String)>,
 }
 
 /// Where an op's gathered rows start, to drop them when it rolls back.
@@ -42,11 +46,16 @@ pub(crate) struct Mark {
     outcomes: usize,
     buckets: BTreeMap<String, BucketState>,
     memberships: usize,
+    clocks: usize,
 }
 
 impl Batched {
     pub(crate) fn is_empty(&self) -> bool {
-        self.oplog.is_empty() && self.outcomes.is_empty() && self.buckets.is_empty() && self.memberships.is_empty()
+        self.oplog.is_empty()
+            && self.outcomes.is_empty()
+            && self.buckets.is_empty()
+            && self.memberships.is_empty()
+            && self.clocks.is_empty()
     }
 
     pub(crate) fn mark(&self) -> Mark {
@@ -55,6 +64,7 @@ impl Batched {
             outcomes: self.outcomes.len(),
             buckets: self.buckets.clone(),
             memberships: self.memberships.len(),
+            clocks: self.clocks.len(),
         }
     }
 
@@ -63,6 +73,7 @@ impl Batched {
         self.oplog.len() > mark.oplog
             || self.outcomes.len() > mark.outcomes
             || self.memberships.len() > mark.memberships
+            || self.clocks.len() > mark.clocks
             || self.buckets != mark.buckets
     }
 
@@ -72,6 +83,7 @@ impl Batched {
         self.outcomes.truncate(mark.outcomes);
         self.buckets = mark.buckets;
         self.memberships.truncate(mark.memberships);
+        self.clocks.truncate(mark.clocks);
     }
 
     /// The statements writing everything gathered, which is then empty.
@@ -123,10 +135,13 @@ impl Batched {
                     .unzip();
                 out.push((
                     format!(
-                        "WITH r AS (SELECT * FROM unnest($2::text[]) AS r(id)), \
-                         w AS (SELECT * FROM unnest($3::text[], $4::text[]) AS w(id, bucket)), \
-                         d AS (DELETE FROM {f}.row_buckets rb USING r WHERE rb.tbl = $1 AND rb.id = r.id \
-                               AND NOT EXISTS (SELECT 1 FROM w WHERE w.id = rb.id AND w.bucket = rb.bucket)) \
+                        "{PLANNED_EACH_TIME}WITH w AS (SELECT * FROM unnest($3::text[], $4::text[]) AS w(id, bucket)), \
+                         g AS (SELECT r.id, x.bucket FROM unnest($2::text[]) AS r(id) \
+                               JOIN LATERAL (SELECT bucket FROM {f}.row_buckets \
+                                             WHERE tbl = $1 AND id = r.id OFFSET 0) AS x ON true \
+                               WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.id = r.id AND w.bucket = x.bucket)), \
+                         d AS (DELETE FROM {f}.row_buckets rb USING g \
+                               WHERE rb.tbl = $1 AND rb.id = g.id AND rb.bucket = g.bucket) \
                          INSERT INTO {f}.row_buckets(tbl, id, bucket) SELECT $1, id, bucket FROM w \
                          ON CONFLICT DO NOTHING"
                     ),
@@ -138,6 +153,43 @@ impl Batched {
                     ],
                 ));
             }
+        }
+        // The last clocks set of each row.
+        let mut clocks: BTreeMap<(String, String), String> = BTreeMap::new();
+        for (table, id, c) in std::mem::take(&mut self.clocks) {
+            clocks.insert((table, id), c);
+        }
+        let clocks: Vec<_> = clocks.into_iter().collect();
+        for chunk in clocks.chunks(MAX_ROWS_PER_STATEMENT) {
+            let mut cols: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
+            for ((table, id), c) in chunk.iter().cloned() {
+                cols.0.push(table);
+                cols.1.push(id);
+                cols.2.push(c);
+            }
+            out.push((
+                format!(
+                    "INSERT INTO {f}.clocks(tbl, id, clocks) \
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
+                     ON CONFLICT (tbl, id) DO UPDATE SET clocks = EXCLUDED.clocks"
+                ),
+                vec![
+                    Box::new(cols.0.clone()) as Param,
+                    Box::new(cols.1.clone()),
+                    Box::new(cols.2),
+                ],
+            ));
+            // Tombstones are few: a probe per row finds them.
+            out.push((
+                format!(
+                    "{PLANNED_EACH_TIME}DELETE FROM {f}.tombstones t USING \
+                     (SELECT u.tbl, u.id FROM unnest($1::text[], $2::text[]) AS u(tbl, id) \
+                      JOIN LATERAL (SELECT 1 FROM {f}.tombstones WHERE tbl = u.tbl AND id = u.id OFFSET 0) AS x \
+                      ON true) AS g \
+                     WHERE t.tbl = g.tbl AND t.id = g.id"
+                ),
+                vec![Box::new(cols.0) as Param, Box::new(cols.1)],
+            ));
         }
         let buckets: Vec<(String, BucketState)> = std::mem::take(&mut self.buckets).into_iter().collect();
         for chunk in buckets.chunks(MAX_ROWS_PER_STATEMENT) {

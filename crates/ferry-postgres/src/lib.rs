@@ -27,6 +27,14 @@
 //!   changes into ops ([`ferry_source::SourceTx::take_captured`] in a write
 //!   transaction), one service at a time ([`SourceDb::try_lead`]:
 //!   a PostgreSQL advisory lock).
+//! - **Lookups by many keys** join `unnest` of the keys to a `LATERAL`
+//!   subquery the planner may not flatten (`OFFSET 0`): a probe per key,
+//!   never a join that scans the table. They are planned each time they
+//!   run (`tx::PLANNED_EACH_TIME`), for the table's size then. (`key =
+//!   ANY($1)`, or a flattened join, over a table not analyzed yet was
+//!   planned as a scan of every row of the table, and a prepared statement
+//!   kept that plan while the table grew: each upload scanned every
+//!   membership of its table, and uploads slowed as rows accumulated.)
 //! - **Notifications.** A commit sends `NOTIFY` on a channel named after
 //!   Ferry's schema; every server listening on the database wakes its
 //!   streams ([`SourceDb::commits`]).
@@ -38,6 +46,7 @@ mod bridge;
 mod error;
 mod layout;
 mod listen;
+mod rows;
 pub mod scratch;
 mod setup;
 mod tx;
@@ -59,7 +68,7 @@ use tokio_postgres::NoTls;
 use crate::bridge::{wait, Bridge};
 use crate::error::{corrupt, lift, Result};
 use crate::layout::{quote_ident, PgColumn, TableLayout};
-use crate::tx::{query, PgTx};
+use crate::tx::{query, PgTx, PLANNED_EACH_TIME};
 
 /// How to reach and lay out a PostgreSQL source database.
 #[derive(Clone, Debug)]
@@ -604,11 +613,15 @@ impl SourceDb for PgSourceDb {
     fn checkpoint(&self, client_id: &str, buckets: &[String]) -> SourceResult<CheckpointState> {
         self.with_client(|client| {
             let f = &self.shared.names.ferry;
-            // One statement: one snapshot.
+            // One statement: one snapshot. One index probe per bucket (see
+            // the module on lookups by many keys).
             let sql = format!(
-                "SELECT (SELECT last_op_id FROM {f}.counter WHERE id = 1), \
+                "{PLANNED_EACH_TIME}SELECT (SELECT last_op_id FROM {f}.counter WHERE id = 1), \
                  (SELECT last_seq FROM {f}.clients WHERE client_id = $1), b.bucket, b.checksum, b.count \
-                 FROM (SELECT 1) AS one LEFT JOIN {f}.buckets b ON b.bucket = ANY($2::text[])"
+                 FROM (SELECT 1) AS one LEFT JOIN (SELECT n.bucket, x.checksum, x.count \
+                 FROM unnest($2::text[]) AS n(bucket) \
+                 JOIN LATERAL (SELECT checksum, count FROM {f}.buckets WHERE bucket = n.bucket OFFSET 0) AS x \
+                 ON true) AS b ON true"
             );
             let names: Vec<&str> = buckets.iter().map(String::as_str).collect();
             let rows = query(client, &sql, &[&client_id, &names])?;
@@ -648,10 +661,12 @@ impl SourceDb for PgSourceDb {
             // One statement: one snapshot. The first row carries the last
             // op id; bucket rows and client rows follow.
             let sql = format!(
-                "SELECT 0 AS kind, NULL::text AS name, (SELECT last_op_id FROM {f}.counter WHERE id = 1) AS a, \
+                "{PLANNED_EACH_TIME}SELECT 0 AS kind, NULL::text AS name, \
+                 (SELECT last_op_id FROM {f}.counter WHERE id = 1) AS a, \
                  NULL::int8 AS b, NULL::int8 AS c \
                  UNION ALL SELECT 1, bucket, checksum, count, last_op_id FROM {f}.buckets WHERE last_op_id > $1 \
-                 UNION ALL SELECT 2, client_id, last_seq, NULL, NULL FROM {f}.clients WHERE client_id = ANY($2::text[])"
+                 UNION ALL SELECT 2, n.id, c.last_seq, NULL, NULL FROM unnest($2::text[]) AS n(id) \
+                 JOIN LATERAL (SELECT last_seq FROM {f}.clients WHERE client_id = n.id OFFSET 0) AS c ON true"
             );
             let after = i64::try_from(after_op_id).unwrap_or(i64::MAX);
             let ids: Vec<&str> = clients.iter().map(String::as_str).collect();

@@ -1,6 +1,7 @@
 //! A write transaction ([`SourceTx`]) on one pooled connection.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use ferry_core::{HlcTimestamp, RowData, Table};
 use ferry_protocol::{OplogEntry, Outcome};
@@ -15,12 +16,33 @@ use crate::batched::{oplog_inserts, Batched, Mark, OplogRow};
 use crate::bridge::wait;
 use crate::error::{corrupt, lift, Result};
 use crate::layout::{PkParam, TableLayout};
+use crate::rows::RowGroup;
 use crate::{read_ops_on, Shared};
 
-/// A statement on `client`, prepared once per connection.
+/// The start of a statement planned for the tables as they are each time
+/// it runs (prepared anew, never cached): a lookup by many keys, whose
+/// plan a prepared statement would keep from when Ferry's tables were
+/// nearly empty (see the crate on lookups by many keys).
+pub(crate) const PLANNED_EACH_TIME: &str = "/* ferry: planned each time */ ";
+
+/// `sql` prepared on `client`: once per connection, unless it starts with
+/// [`PLANNED_EACH_TIME`].
+async fn prepare(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    if sql.starts_with(PLANNED_EACH_TIME) {
+        client.prepare(sql).await
+    } else {
+        client.prepare_cached(sql).await
+    }
+}
+
+/// A statement on `client`, prepared once per connection (unless it is
+/// [`PLANNED_EACH_TIME`]).
 pub(crate) fn query(client: &deadpool_postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
     wait(async {
-        let st = client.prepare_cached(sql).await?;
+        let st = prepare(client, sql).await?;
         client.query(&st, params).await
     })
     .map_err(Into::into)
@@ -35,8 +57,7 @@ pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
 /// statement after a failed one fails too: the transaction is aborted).
 fn run_batch(client: &deadpool_postgres::Client, stmts: &[(&str, Vec<&(dyn ToSql + Sync)>)]) -> Result<Vec<Vec<Row>>> {
     wait(async {
-        let prepared =
-            futures_util::future::try_join_all(stmts.iter().map(|(sql, _)| client.prepare_cached(sql))).await?;
+        let prepared = futures_util::future::try_join_all(stmts.iter().map(|(sql, _)| prepare(client, sql))).await?;
         let answers = futures_util::future::join_all(
             prepared
                 .iter()
@@ -80,12 +101,24 @@ pub(crate) struct PgTx<'a> {
     /// [`SourceTx::defer_op_writes`]: savepoints are not sent, and an op's
     /// writes wait for the next flight.
     pub(crate) defer_ops: bool,
-    /// With `defer_ops`: where the current op's statements start in
-    /// `pending` and in `batched`, while none of them was sent.
-    pub(crate) op_start: Option<(usize, Mark)>,
+    /// With `defer_ops`: where the current op's writes start, while none
+    /// of them was sent.
+    pub(crate) op_start: Option<OpStart>,
     /// With `defer_ops`: rows of Ferry's own tables written with one
     /// statement per table at the next flight.
     pub(crate) batched: Batched,
+    /// With `defer_ops`: the app's rows written with one statement at the
+    /// next flight, or before the next statement queued.
+    pub(crate) rows: Option<RowGroup>,
+}
+
+/// Where an op's writes start: in `pending`, in the open row group, and in
+/// `batched`.
+#[derive(Clone, Debug)]
+pub(crate) struct OpStart {
+    pending: usize,
+    group_rows: usize,
+    batched: Mark,
 }
 
 impl PgTx<'_> {
@@ -102,6 +135,54 @@ impl PgTx<'_> {
             defer_ops: false,
             op_start: None,
             batched: Batched::default(),
+            rows: None,
+        }
+    }
+
+    /// Queue the open row group's statement (two when the current op's
+    /// rows are in it with earlier ones: the op's alone can still be
+    /// dropped).
+    fn close_rows(&mut self) {
+        let Some(group) = self.rows.take() else {
+            return;
+        };
+        let split = self.op_start.as_ref().map_or(0, |s| s.group_rows.min(group.len()));
+        if split > 0 {
+            self.pending.push(group.statement(0, split));
+            if let Some(s) = &mut self.op_start {
+                // Nothing was queued since the op started (that would have
+                // closed the group): its writes start here now.
+                s.pending = self.pending.len();
+                s.group_rows = 0;
+            }
+        }
+        if split < group.len() {
+            self.pending.push(group.statement(split, group.len()));
+        }
+    }
+
+    /// Add the app's row to the open row group (closing it first when it
+    /// is another table's, holds the id or is full); `false` when the row
+    /// must be written on its own.
+    fn group_row(&mut self, layout: &Arc<TableLayout>, id: &str, pk: &PkParam, data: &RowData) -> bool {
+        if self
+            .rows
+            .as_ref()
+            .is_some_and(|g| g.table() != layout.name || !g.has_room_for(id))
+        {
+            self.close_rows();
+        }
+        self.rows
+            .get_or_insert_with(|| RowGroup::new(layout.clone()))
+            .push(id, pk, data)
+    }
+
+    /// Where the current op's writes start.
+    fn op_mark(&self) -> OpStart {
+        OpStart {
+            pending: self.pending.len(),
+            group_rows: self.rows.as_ref().map_or(0, RowGroup::len),
+            batched: self.batched.mark(),
         }
     }
 
@@ -127,8 +208,10 @@ impl PgTx<'_> {
         self.buckets_ahead.clear();
     }
 
-    /// Queue a statement whose answer is not needed.
+    /// Queue a statement whose answer is not needed (after the open row
+    /// group's).
     pub(crate) fn defer(&mut self, sql: String, params: Vec<Param>) {
+        self.close_rows();
         self.pending.push((sql, params));
     }
 
@@ -139,7 +222,7 @@ impl PgTx<'_> {
 
     /// Send everything deferred.
     pub(crate) fn flush(&mut self) -> Result<()> {
-        if !self.pending.is_empty() || !self.batched.is_empty() {
+        if !self.pending.is_empty() || !self.batched.is_empty() || self.rows.is_some() {
             self.send(None)?;
         }
         Ok(())
@@ -157,13 +240,15 @@ impl PgTx<'_> {
     fn send_all(&mut self, queries: &[(&str, &[&(dyn ToSql + Sync)])]) -> Result<Vec<Vec<Row>>> {
         // The current op's writes, if any, go now: past rolling back by
         // dropping. An op that wrote nothing yet starts again after them.
-        let op_unsent = self
-            .op_start
-            .as_ref()
-            .is_some_and(|(start, mark)| self.pending.len() == *start && !self.batched.grew_since(mark));
+        let op_unsent = self.op_start.as_ref().is_some_and(|s| {
+            self.pending.len() == s.pending
+                && self.rows.as_ref().map_or(0, RowGroup::len) == s.group_rows
+                && !self.batched.grew_since(&s.batched)
+        });
+        self.close_rows();
         self.seal();
         let pending = std::mem::take(&mut self.pending);
-        self.op_start = op_unsent.then(|| (0, self.batched.mark()));
+        self.op_start = op_unsent.then(|| self.op_mark());
         let sent = pending.len();
         let mut stmts: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = pending
             .iter()
@@ -288,15 +373,20 @@ fn prefetch_rows_on(tx: &mut PgTx<'_>, table: &Table, ids: &[&str]) -> Result<()
     let sep = if list.is_empty() { "" } else { ", " };
     // Ids pass `pk_param`: each casts to the key's type.
     let rows_sql = format!(
-        "SELECT i.id, c.clocks, tb.hlc, r.* FROM unnest($2::text[]) AS i(id) \
-         LEFT JOIN LATERAL (SELECT true AS ferry_present{sep}{list} FROM {t} WHERE {pk} = {key}) AS r ON true \
-         LEFT JOIN {f}.clocks c ON c.tbl = $1 AND c.id = i.id \
-         LEFT JOIN {f}.tombstones tb ON tb.tbl = $1 AND tb.id = i.id",
+        "{PLANNED_EACH_TIME}SELECT i.id, c.clocks, tb.hlc, r.* FROM unnest($2::text[]) AS i(id) \
+         LEFT JOIN LATERAL (SELECT true AS ferry_present{sep}{list} FROM {t} WHERE {pk} = {key} OFFSET 0) AS r \
+         ON true \
+         LEFT JOIN LATERAL (SELECT clocks FROM {f}.clocks WHERE tbl = $1 AND id = i.id OFFSET 0) AS c ON true \
+         LEFT JOIN LATERAL (SELECT hlc FROM {f}.tombstones WHERE tbl = $1 AND id = i.id OFFSET 0) AS tb ON true",
         t = layout.qualified,
         pk = layout.pk,
         key = layout.pk_from_text("i.id"),
     );
-    let buckets_sql = format!("SELECT id, bucket FROM {f}.row_buckets WHERE tbl = $1 AND id = ANY($2::text[])");
+    // One index probe per id (see the crate on lookups by many keys).
+    let buckets_sql = format!(
+        "{PLANNED_EACH_TIME}SELECT i.id, rb.bucket FROM unnest($2::text[]) AS i(id) \
+         JOIN LATERAL (SELECT bucket FROM {f}.row_buckets WHERE tbl = $1 AND id = i.id OFFSET 0) AS rb ON true"
+    );
     let name = table.name.as_str();
     for chunk in wanted.chunks(MAX_PREFETCH_IDS_PER_QUERY) {
         let params: [&(dyn ToSql + Sync); 2] = [&name, &chunk];
@@ -325,7 +415,7 @@ fn prefetch_rows_on(tx: &mut PgTx<'_>, table: &Table, ids: &[&str]) -> Result<()
 
 fn write_row_on(
     tx: &mut PgTx<'_>,
-    layout: &TableLayout,
+    layout: &Arc<TableLayout>,
     id: &str,
     data: &RowData,
     clocks: &BTreeMap<String, HlcTimestamp>,
@@ -392,7 +482,16 @@ fn write_row_on(
             .all(|c| c.keeps_exactly(data.get(&c.name).unwrap_or(&ferry_core::Value::Null)))
     {
         // PostgreSQL keeps the row as written: nothing to read back, so
-        // the write waits for the next flight with the others.
+        // the write waits for the next flight with the others, in one
+        // statement with the table's rows around it.
+        let pk = match int_param {
+            Some(n) => PkParam::Int(n),
+            None => PkParam::Text,
+        };
+        if tx.group_row(layout, id, &pk, data) {
+            tx.batched.clocks.push((name.to_owned(), id.to_owned(), clocks_text));
+            return Ok(None);
+        }
         let mut owned: Vec<Param> = vec![
             Box::new(name.to_owned()),
             Box::new(id.to_owned()),
@@ -576,6 +675,13 @@ impl SourceTx for PgTx<'_> {
         self.forget_row(table, id);
         lift(|| {
             let text = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
+            for c in clocks.values() {
+                raise(&mut self.max_clock, c);
+            }
+            if self.defer_ops {
+                self.batched.clocks.push((table.to_owned(), id.to_owned(), text));
+                return Ok(());
+            }
             let f = &self.db.names.ferry;
             let sql = format!(
                 "WITH c AS (INSERT INTO {f}.clocks(tbl, id, clocks) VALUES ($1, $2, $3) \
@@ -586,9 +692,6 @@ impl SourceTx for PgTx<'_> {
                 sql,
                 vec![Box::new(table.to_owned()), Box::new(id.to_owned()), Box::new(text)],
             );
-            for c in clocks.values() {
-                raise(&mut self.max_clock, c);
-            }
             Ok(())
         })
     }
@@ -894,7 +997,7 @@ impl SourceTx for PgTx<'_> {
         if self.defer_ops {
             // No savepoint is sent: the op's statements are dropped while
             // unsent, and a refusal fails the transaction.
-            self.op_start = Some((self.pending.len(), self.batched.mark()));
+            self.op_start = Some(self.op_mark());
             return Ok(());
         }
         // Sent with the op's first statement.
@@ -908,10 +1011,15 @@ impl SourceTx for PgTx<'_> {
         self.forget_ahead();
         if self.defer_ops {
             return match self.op_start.take() {
-                Some((start, mark)) => {
+                Some(start) => {
                     // Nothing of the op reached the database.
-                    self.pending.truncate(start);
-                    self.batched.back_to(mark);
+                    self.pending.truncate(start.pending);
+                    if start.group_rows == 0 {
+                        self.rows = None;
+                    } else if let Some(group) = &mut self.rows {
+                        group.truncate(start.group_rows);
+                    }
+                    self.batched.back_to(start.batched);
                     Ok(())
                 }
                 None => Err(ferry_source::SourceError::Refused(
@@ -953,6 +1061,7 @@ impl SourceTx for PgTx<'_> {
 
     fn defer_op_writes(&mut self, on: bool) -> bool {
         // Rows gathered so far are written in order with the rest.
+        self.close_rows();
         self.seal();
         self.defer_ops = on;
         self.op_start = None;

@@ -186,6 +186,94 @@ async fn app_tables_keep_their_types_and_sync_both_ways() {
     assert!(bob.rows().is_empty());
 }
 
+/// One upload whose ops write one table's rows (written together), a row
+/// twice, another table's row between them (written on its own), a delete
+/// and a row written again after its delete: PostgreSQL ends with every
+/// row as the last op wrote it, and a device syncs the same.
+#[tokio::test]
+async fn an_upload_mixing_tables_rewrites_and_deletes_leaves_each_row_as_its_last_op_wrote_it() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let svc = service(&s);
+    let task = |title: &str| vec![("owner", Value::from("ann")), ("title", Value::from(title))];
+    let outcomes = upload(
+        &svc,
+        "ann",
+        "c-ann",
+        vec![
+            put("tasks", "1", &task("first")),
+            put("tasks", "5", &task("fifth")),
+            put("tasks", "6", &task("sixth")),
+            put("tasks", "2", &task("second")),
+            put("tasks", "1", &task("first, again")),
+            put("projects", P1, &project("ann", "Between", 2)),
+            put("tasks", "4", &task("fourth")),
+            delete("tasks", "2"),
+            put("tasks", "2", &task("second, back")),
+            put("tasks", "3", &task("third")),
+            delete("tasks", "4"),
+        ],
+    )
+    .await;
+    assert!(outcomes.iter().all(|o| *o == Outcome::Applied), "{outcomes:?}");
+    let (a, f) = (&s.app, &s.ferry);
+    let tasks = s
+        .query(&format!("SELECT id::text, title FROM \"{a}\".tasks ORDER BY id"))
+        .expect("tasks");
+    let want = |pairs: &[(&str, &str)]| -> Vec<Vec<Option<String>>> {
+        pairs
+            .iter()
+            .map(|(id, t)| vec![Some((*id).to_owned()), Some((*t).to_owned())])
+            .collect()
+    };
+    assert_eq!(
+        tasks,
+        want(&[
+            ("1", "first, again"),
+            ("2", "second, back"),
+            ("3", "third"),
+            ("5", "fifth"),
+            ("6", "sixth")
+        ])
+    );
+    let tombstones = s
+        .query(&format!(
+            "SELECT id FROM \"{f}\".tombstones WHERE tbl = 'tasks' ORDER BY id"
+        ))
+        .expect("tombstones");
+    assert_eq!(
+        tombstones,
+        vec![vec![Some("4".to_owned())]],
+        "only the row deleted last"
+    );
+    let clocks = s
+        .query(&format!(
+            "SELECT id FROM \"{f}\".clocks WHERE tbl = 'tasks' ORDER BY id"
+        ))
+        .expect("clocks");
+    assert_eq!(clocks.len(), 5, "a clock for each row there is: {clocks:?}");
+
+    let mut other = TestClient::new("c-ann-2");
+    other.sync(&svc, &token("ann")).await;
+    let titles: Vec<(String, Value)> = other
+        .rows()
+        .into_iter()
+        .filter(|((t, _), _)| t == "tasks")
+        .map(|((_, id), row)| (id, row.get("title").cloned().unwrap_or(Value::Null)))
+        .collect();
+    assert_eq!(
+        titles,
+        vec![
+            ("1".to_owned(), Value::from("first, again")),
+            ("2".to_owned(), Value::from("second, back")),
+            ("3".to_owned(), Value::from("third")),
+            ("5".to_owned(), Value::from("fifth")),
+            ("6".to_owned(), Value::from("sixth")),
+        ]
+    );
+    assert_eq!(other.rows().len(), 6, "the five tasks and the project");
+}
+
 #[tokio::test]
 async fn a_value_the_database_refuses_rejects_that_op_alone_and_writes_nothing_of_it() {
     let s = ScratchSchemas::for_test();
