@@ -136,12 +136,11 @@ impl Batched {
                 out.push((
                     format!(
                         "{PLANNED_EACH_TIME}WITH w AS (SELECT * FROM unnest($3::text[], $4::text[]) AS w(id, bucket)), \
-                         g AS (SELECT r.id, x.bucket FROM unnest($2::text[]) AS r(id) \
-                               JOIN LATERAL (SELECT bucket FROM {f}.row_buckets \
+                         g AS (SELECT x.ctid FROM unnest($2::text[]) AS r(id) \
+                               JOIN LATERAL (SELECT ctid, bucket FROM {f}.row_buckets \
                                              WHERE tbl = $1 AND id = r.id OFFSET 0) AS x ON true \
                                WHERE NOT EXISTS (SELECT 1 FROM w WHERE w.id = r.id AND w.bucket = x.bucket)), \
-                         d AS (DELETE FROM {f}.row_buckets rb USING g \
-                               WHERE rb.tbl = $1 AND rb.id = g.id AND rb.bucket = g.bucket) \
+                         d AS (DELETE FROM {f}.row_buckets WHERE ctid = ANY(ARRAY(SELECT ctid FROM g))) \
                          INSERT INTO {f}.row_buckets(tbl, id, bucket) SELECT $1, id, bucket FROM w \
                          ON CONFLICT DO NOTHING"
                     ),
@@ -182,11 +181,10 @@ impl Batched {
             // Tombstones are few: a probe per row finds them.
             out.push((
                 format!(
-                    "{PLANNED_EACH_TIME}DELETE FROM {f}.tombstones t USING \
-                     (SELECT u.tbl, u.id FROM unnest($1::text[], $2::text[]) AS u(tbl, id) \
-                      JOIN LATERAL (SELECT 1 FROM {f}.tombstones WHERE tbl = u.tbl AND id = u.id OFFSET 0) AS x \
-                      ON true) AS g \
-                     WHERE t.tbl = g.tbl AND t.id = g.id"
+                    "{PLANNED_EACH_TIME}DELETE FROM {f}.tombstones WHERE ctid = ANY(ARRAY( \
+                     SELECT x.ctid FROM unnest($1::text[], $2::text[]) AS u(tbl, id) \
+                     JOIN LATERAL (SELECT ctid FROM {f}.tombstones WHERE tbl = u.tbl AND id = u.id OFFSET 0) AS x \
+                     ON true))"
                 ),
                 vec![Box::new(cols.0) as Param, Box::new(cols.1)],
             ));

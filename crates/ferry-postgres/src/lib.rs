@@ -29,7 +29,8 @@
 //!   a PostgreSQL advisory lock).
 //! - **Lookups by many keys** join `unnest` of the keys to a `LATERAL`
 //!   subquery the planner may not flatten (`OFFSET 0`): a probe per key,
-//!   never a join that scans the table. They are planned each time they
+//!   never a join that scans the table; a delete by many keys deletes the
+//!   probed rows by `ctid` (a TID scan). They are planned each time they
 //!   run (`tx::PLANNED_EACH_TIME`), for the table's size then. (`key =
 //!   ANY($1)`, or a flattened join, over a table not analyzed yet was
 //!   planned as a scan of every row of the table, and a prepared statement

@@ -212,6 +212,12 @@ async fn an_upload_mixing_tables_rewrites_and_deletes_leaves_each_row_as_its_las
             put("tasks", "2", &task("second, back")),
             put("tasks", "3", &task("third")),
             delete("tasks", "4"),
+            // Given away: it leaves ann's bucket for bob's.
+            put(
+                "tasks",
+                "6",
+                &[("owner", Value::from("bob")), ("title", Value::from("sixth"))],
+            ),
         ],
     )
     .await;
@@ -252,6 +258,15 @@ async fn an_upload_mixing_tables_rewrites_and_deletes_leaves_each_row_as_its_las
         ))
         .expect("clocks");
     assert_eq!(clocks.len(), 5, "a clock for each row there is: {clocks:?}");
+    let memberships = s
+        .query(&format!(
+            "SELECT id, bucket FROM \"{f}\".row_buckets WHERE tbl = 'tasks' ORDER BY id, bucket"
+        ))
+        .expect("memberships");
+    let ids: Vec<&str> = memberships.iter().filter_map(|r| r[0].as_deref()).collect();
+    assert_eq!(ids, vec!["1", "2", "3", "5", "6"], "one bucket each: {memberships:?}");
+    let sixth = memberships[4][1].as_deref().unwrap_or_default();
+    assert!(sixth.contains("bob"), "task 6 is in bob's bucket only: {memberships:?}");
 
     let mut other = TestClient::new("c-ann-2");
     other.sync(&svc, &token("ann")).await;
@@ -268,10 +283,9 @@ async fn an_upload_mixing_tables_rewrites_and_deletes_leaves_each_row_as_its_las
             ("2".to_owned(), Value::from("second, back")),
             ("3".to_owned(), Value::from("third")),
             ("5".to_owned(), Value::from("fifth")),
-            ("6".to_owned(), Value::from("sixth")),
         ]
     );
-    assert_eq!(other.rows().len(), 6, "the five tasks and the project");
+    assert_eq!(other.rows().len(), 5, "ann's four tasks and the project");
 }
 
 #[tokio::test]
