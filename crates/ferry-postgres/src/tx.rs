@@ -428,6 +428,30 @@ fn write_row_on(
     };
     let clocks_text = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
     let name = layout.name.as_str();
+    for c in clocks.values() {
+        raise(&mut tx.max_clock, c);
+    }
+    if tx.defer_ops
+        && layout.keeps_rows
+        && layout
+            .cols
+            .iter()
+            .all(|c| c.keeps_exactly(data.get(&c.name).unwrap_or(&ferry_core::Value::Null)))
+    {
+        // PostgreSQL keeps the row as written: nothing to read back, so
+        // the write waits for the next flight with the others, in one
+        // statement with the table's rows around it (its clocks with
+        // Ferry's tables). A row the group does not take is written now,
+        // after everything queued.
+        let pk = match int_param {
+            Some(n) => PkParam::Int(n),
+            None => PkParam::Text,
+        };
+        if tx.group_row(layout, id, &pk, data) {
+            tx.batched.clocks.push((name.to_owned(), id.to_owned(), clocks_text));
+            return Ok(None);
+        }
+    }
     let mut boxed: Vec<Box<dyn ToSql + Sync + Send>> = Vec::with_capacity(layout.cols.len());
     for c in &layout.cols {
         boxed.push(c.param(name, data.get(&c.name).unwrap_or(&ferry_core::Value::Null))?);
@@ -471,39 +495,6 @@ fn write_row_on(
         values = values.join(", "),
         pk = layout.pk,
     );
-    for c in clocks.values() {
-        raise(&mut tx.max_clock, c);
-    }
-    if tx.defer_ops
-        && layout.keeps_rows
-        && layout
-            .cols
-            .iter()
-            .all(|c| c.keeps_exactly(data.get(&c.name).unwrap_or(&ferry_core::Value::Null)))
-    {
-        // PostgreSQL keeps the row as written: nothing to read back, so
-        // the write waits for the next flight with the others, in one
-        // statement with the table's rows around it.
-        let pk = match int_param {
-            Some(n) => PkParam::Int(n),
-            None => PkParam::Text,
-        };
-        if tx.group_row(layout, id, &pk, data) {
-            tx.batched.clocks.push((name.to_owned(), id.to_owned(), clocks_text));
-            return Ok(None);
-        }
-        let mut owned: Vec<Param> = vec![
-            Box::new(name.to_owned()),
-            Box::new(id.to_owned()),
-            Box::new(clocks_text.clone()),
-        ];
-        if let Some(n) = int_param {
-            owned.push(Box::new(n));
-        }
-        owned.extend(boxed);
-        tx.defer(sql, owned);
-        return Ok(None);
-    }
     let rows = tx.q(&sql, &params)?;
     let Some(r) = rows.first() else {
         return Ok(None);
