@@ -28,6 +28,9 @@
 //!    triggers) by C tokio-postgres connections at once, B rows per
 //!    multi-row INSERT.
 //!
+//! Both sides use plain TCP (the servers' URL gets `sslmode=disable`
+//! unless `FERRY_TEST_DATABASE_URL` names an `sslmode`).
+//!
 //! One JSON line per N on stdout:
 //! `{"engine":"ferry-postgres","instances":N,"upload_ops_per_s":..,"propagation_p50_ms":..,
 //! "propagation_p99_ms":..,"floor_ops_per_s":..,"streams":S,..}`.
@@ -215,11 +218,26 @@ async fn run_config(n: usize, p: Params) -> Result<String> {
     result
 }
 
+/// The servers' URL: plain TCP unless the URL names an `sslmode`, as the
+/// floor's connections (`NoTls`) are; Ferry's default (`prefer`) would
+/// use TLS where the server offers it, and the two would not compare.
+fn same_transport_as_floor(url: &str) -> String {
+    if url.contains("sslmode=") {
+        url.to_owned()
+    } else if !url.starts_with("postgres") {
+        format!("{url} sslmode=disable")
+    } else if url.contains('?') {
+        format!("{url}&sslmode=disable")
+    } else {
+        format!("{url}?sslmode=disable")
+    }
+}
+
 async fn bench(n: usize, p: Params, scratch: &ScratchSchemas, secret: &str) -> Result<String> {
     let mut servers: Vec<BoundServer> = Vec::new();
     for _ in 0..n {
         let config = ServerConfig {
-            database_url: Some(scratch.url.clone()),
+            database_url: Some(same_transport_as_floor(&scratch.url)),
             postgres: PostgresConfig {
                 ferry_schema: scratch.ferry.clone(),
                 app_schema: scratch.app.clone(),

@@ -50,10 +50,10 @@ mod listen;
 mod rows;
 pub mod scratch;
 mod setup;
+mod tls;
 mod tx;
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,7 +64,6 @@ use ferry_source::{
     SourceError, StoredOutcome, StoredRow,
 };
 use parking_lot::RwLock;
-use tokio_postgres::NoTls;
 
 use crate::bridge::{wait, Bridge};
 use crate::error::{corrupt, lift, Result};
@@ -279,13 +278,12 @@ impl PgSourceDb {
     pub fn connect(options: &PgOptions) -> SourceResult<Self> {
         check_schema_name("ferry schema", &options.ferry_schema)?;
         check_schema_name("app schema", &options.app_schema)?;
-        let pg_config = tokio_postgres::Config::from_str(&options.url)
-            .map_err(|e| SourceError::Unavailable(format!("invalid postgresql url: {e}")))?;
+        let tls::Connect { config: pg_config, tls } = tls::parse(&options.url)?;
         let place = describe_place(&pg_config);
         let bridge = Bridge::new()?;
         let manager = deadpool_postgres::Manager::from_config(
             pg_config.clone(),
-            NoTls,
+            tls.clone(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -323,7 +321,7 @@ impl PgSourceDb {
             // The connection may be inside the failed transaction.
             drop(deadpool_postgres::Object::take(client));
         })?;
-        listen::start(&db.bridge, pg_config, &db.shared)?;
+        listen::start(&db.bridge, pg_config, tls, &db.shared)?;
         Ok(db)
     }
 
@@ -332,7 +330,10 @@ impl PgSourceDb {
         let pool = self.shared.pool.clone();
         self.bridge.run(async move { pool.get().await })?.map_err(|e| {
             let why = match &e {
-                deadpool_postgres::PoolError::Backend(pg) => error::classify(pg).to_string(),
+                deadpool_postgres::PoolError::Backend(pg) => match error::classify(pg) {
+                    SourceError::Unavailable(m) | SourceError::Database(m) | SourceError::Refused(m) => m,
+                    other => other.to_string(),
+                },
                 other => other.to_string(),
             };
             SourceError::Unavailable(format!("cannot connect to postgresql at {}: {why}", self.shared.place))

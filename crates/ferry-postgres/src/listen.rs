@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::bridge::Bridge;
 use crate::layout::quote_ident;
@@ -18,7 +19,12 @@ use crate::Shared;
 /// How long to wait before connecting again.
 const RECONNECT_DELAY_MS: u64 = 1_000;
 
-pub(crate) fn start(bridge: &Bridge, config: tokio_postgres::Config, shared: &Arc<Shared>) -> ferry_source::Result<()> {
+pub(crate) fn start(
+    bridge: &Bridge,
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    shared: &Arc<Shared>,
+) -> ferry_source::Result<()> {
     let commit_channel = shared.names.commit_channel.clone();
     let capture_channel = shared.names.capture_channel.clone();
     let commits = shared.commits.clone();
@@ -26,7 +32,7 @@ pub(crate) fn start(bridge: &Bridge, config: tokio_postgres::Config, shared: &Ar
     bridge.spawn(async move {
         loop {
             // Ends with the bridge's runtime, when the database is dropped.
-            listen_once(&config, &commit_channel, &capture_channel, &commits, &captures).await;
+            listen_once(&config, &tls, &commit_channel, &capture_channel, &commits, &captures).await;
             tokio::time::sleep(Duration::from_millis(RECONNECT_DELAY_MS)).await;
         }
     })
@@ -38,12 +44,13 @@ fn bump(tx: &watch::Sender<u64>) {
 
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
     commit_channel: &str,
     capture_channel: &str,
     commits: &watch::Sender<u64>,
     captures: &watch::Sender<u64>,
 ) {
-    let Ok((client, mut connection)) = config.connect(NoTls).await else {
+    let Ok((client, mut connection)) = config.connect(tls.clone()).await else {
         return;
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();

@@ -5,8 +5,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio_postgres::NoTls;
-
 use crate::layout::quote_ident;
 use crate::PgOptions;
 
@@ -45,7 +43,10 @@ fn query_sql(url: &str, sql: &str) -> Result<TextRows, String> {
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&url, NoTls)
+            let connect = crate::tls::parse(&url).map_err(|e| e.to_string())?;
+            let (client, connection) = connect
+                .config
+                .connect(connect.tls)
                 .await
                 .map_err(|e| format!("cannot connect to postgresql at {url}: {e}"))?;
             let driver = tokio::spawn(connection);

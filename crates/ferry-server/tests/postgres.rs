@@ -477,6 +477,9 @@ async fn bad_setups_are_refused_with_a_message_naming_what_is_wrong() {
     let err = PgSourceDb::connect(&PgOptions::new("postgres://postgres@127.0.0.1:1/test")).expect_err("no server");
     let msg = err.to_string();
     assert!(msg.contains("127.0.0.1:1"), "{msg}");
+    // ... and why: the driver's own message ("error connecting to server")
+    // leaves out the reason, which its causes carry.
+    assert!(msg.to_lowercase().contains("refused"), "{msg}");
     let err = PgSourceDb::connect(&PgOptions::new("postgres://postgres@127.0.0.1:5432/test").ferry_schema("Bad-Name"))
         .expect_err("bad schema name");
     assert!(err.to_string().contains("Bad-Name"), "{err}");
