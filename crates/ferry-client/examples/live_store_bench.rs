@@ -21,7 +21,7 @@ use ferry_core::{row_data, ColumnType, Schema, Table, Value};
 use ferry_queue::{LocalDbOptions, QueueError, ServerChanges};
 use ferry_sqlite::SqliteStore;
 
-const UPDATES: usize = 30000;
+const UPDATES: usize = 200;
 /// Bare SQLite transactions timed for the floor.
 const FLOOR_TXNS: usize = 200;
 /// How long an update waits for its diff before it counts as missed.
