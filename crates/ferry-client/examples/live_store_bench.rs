@@ -10,6 +10,7 @@
 //! (`query_state_bytes`, from `LiveQuery::state_bytes`).
 //!
 //! `cargo run --release -p ferry-client --example live_store_bench -- 100000 1000000`
+//! (`UPDATES=30000` for more updates than the default 200).
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -21,6 +22,9 @@ use ferry_core::{row_data, ColumnType, Schema, Table, Value};
 use ferry_queue::{LocalDbOptions, QueueError, ServerChanges};
 use ferry_sqlite::SqliteStore;
 
+/// Updates timed per run, unless `UPDATES` says otherwise (each stays
+/// pending: no server, so a large count measures a window over many
+/// pending writes).
 const UPDATES: usize = 200;
 /// Bare SQLite transactions timed for the floor.
 const FLOOR_TXNS: usize = 200;
@@ -122,9 +126,13 @@ fn run(n: u64, path: &str, query: &Query) -> Result<(), Box<dyn std::error::Erro
     })?;
     let first_result_ms = started.elapsed().as_secs_f64() * 1e3;
     assert_eq!(first.rows.len(), 50);
-    let mut update_us = Vec::with_capacity(UPDATES);
+    let updates = std::env::var("UPDATES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(UPDATES);
+    let mut update_us = Vec::with_capacity(updates);
     let mut missed_diffs = 0usize;
-    for k in 0..UPDATES as u64 {
+    for k in 0..updates as u64 {
         let id = format!("new{k:06}");
         let data = row_data([
             ("title", Value::from(format!("zz new {k:06}"))),

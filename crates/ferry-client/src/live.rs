@@ -218,13 +218,11 @@ impl IndexWindow {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let pending = local.pending_ids(&self.table)?;
+        let pending = local.pending_among(&self.table, rows.iter().map(|(id, _)| id.as_str()))?;
         Ok(rows
             .into_iter()
-            .map(|(id, data)| {
-                let p = pending.contains(&id);
-                (id, data, p)
-            })
+            .zip(pending)
+            .map(|((id, data), p)| (id, data, p))
             .collect())
     }
 

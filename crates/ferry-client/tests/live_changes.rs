@@ -23,6 +23,8 @@ struct CountingStore {
     row_reads: AtomicU64,
     /// Reads of a whole index range.
     full_index_scans: AtomicU64,
+    /// Overlay rows read (by id, or in a scan of the overlay).
+    overlay_rows: AtomicU64,
 }
 
 impl CountingStore {
@@ -76,11 +78,14 @@ impl Store for CountingStore {
     }
     fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
         self.count();
+        self.overlay_rows.fetch_add(1, Ordering::SeqCst);
         self.inner.get_overlay(table, id)
     }
     fn scan_overlay(&self, table: &str) -> StoreResult<Vec<(String, OverlayEntry)>> {
         self.count();
-        self.inner.scan_overlay(table)
+        let rows = self.inner.scan_overlay(table)?;
+        self.overlay_rows.fetch_add(rows.len() as u64, Ordering::SeqCst);
+        Ok(rows)
     }
     fn queue_from(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<CrudEntry>> {
         self.inner.queue_from(from_seq, limit)
@@ -135,6 +140,7 @@ fn open_on(inner: Box<dyn Store>) -> (Arc<CountingStore>, Database) {
         inner,
         row_reads: AtomicU64::new(0),
         full_index_scans: AtomicU64::new(0),
+        overlay_rows: AtomicU64::new(0),
     });
     let options = ClientOptions {
         local: LocalDbOptions {
@@ -239,6 +245,44 @@ fn commits_hand_live_queries_their_rows_without_reading_the_store() {
     let ids: Vec<&str> = now.rows.iter().filter_map(|r| r.id()).collect();
     assert_eq!(ids, ["l1", "s2"]);
     assert_eq!(now.rows.iter().map(|r| r.pending).collect::<Vec<_>>(), [true, false]);
+}
+
+#[test]
+fn a_window_over_many_pending_writes_reads_only_the_overlay_rows_it_needs() {
+    const PENDING_ELSEWHERE: i64 = 400;
+    for backend in 0..3 {
+        let (store, db) = open_backend(backend);
+        // Pending writes outside the window's range (never uploaded).
+        for i in 0..PENDING_ELSEWHERE {
+            db.write(|tx| tx.put("tickets", &format!("d{i:03}"), ticket("done", i)))
+                .expect("put");
+        }
+        let (live, first) = db.live_query(&queries()[0], |_| {}).expect("live");
+        assert!(first.rows.is_empty());
+        store.overlay_rows.store(0, Ordering::SeqCst);
+        // Rows entering the window (each pushes one out, and the window
+        // reloads as its kept rows grow), then deletes of the rows it
+        // shows (it refills from the store each time).
+        for k in 0..40 {
+            db.write(|tx| tx.put("tickets", &format!("p{k:02}"), ticket("pending", 100 + k)))
+                .expect("put");
+        }
+        for k in (30..40).rev() {
+            db.write(|tx| tx.delete("tickets", &format!("p{k:02}")))
+                .expect("delete");
+        }
+        let now = live.current().expect("current");
+        let ids: Vec<&str> = now.rows.iter().filter_map(|r| r.id()).collect();
+        assert_eq!(ids, ["p29", "p28", "p27"], "backend {backend}");
+        assert!(now.rows.iter().all(|r| r.pending), "backend {backend}");
+        // A reload or refill that read the whole overlay would read the
+        // 400 rows elsewhere each time.
+        let read = store.overlay_rows.load(Ordering::SeqCst);
+        assert!(
+            read < PENDING_ELSEWHERE as u64,
+            "backend {backend}: {read} overlay rows read for 50 writes"
+        );
+    }
 }
 
 #[derive(Clone, Debug)]

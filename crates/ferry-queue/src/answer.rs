@@ -145,7 +145,7 @@ impl LocalDb {
             self.persist_counters(&mut batch, &counters, confirmed);
         }
         let changes = self.visible_changes(&batch, &changed)?;
-        self.store.apply(batch)?;
+        self.apply_batch(batch)?;
         counters.completed_through = through;
         counters.upload_len -= removed;
         counters.stored_len -= confirmed;

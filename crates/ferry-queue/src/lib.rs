@@ -43,6 +43,7 @@ use thiserror::Error;
 
 mod answer;
 mod os_random;
+mod overlay_index;
 #[cfg(feature = "planted-bugs")]
 pub mod planted;
 mod record;
@@ -225,6 +226,9 @@ pub struct LocalDb {
     /// Whether the observer wants the rows a staged checkpoint switched in
     /// (see [`LocalDb::set_observer_interest`]).
     interest: RwLock<Option<Interest>>,
+    /// The overlay's ids and index keys (loaded tables), kept in step by
+    /// every batch this type applies.
+    overlay: overlay_index::OverlayIndex,
 }
 
 impl std::fmt::Debug for LocalDb {
@@ -404,6 +408,7 @@ impl LocalDb {
             hlc,
             observer: RwLock::new(None),
             interest: RwLock::new(None),
+            overlay: overlay_index::OverlayIndex::default(),
             counters: Mutex::new(Counters {
                 next_seq,
                 next_tx_id,
@@ -419,6 +424,8 @@ impl LocalDb {
     /// at it directly. `ferry-client` never uses it: it reaches the store
     /// only through this type's own reads, [`LocalDb::staging_area`] and
     /// [`LocalDb::apply_server_changes`] (`cargo xtask tidy` checks).
+    /// Overlay entries written through it directly are not seen by this
+    /// type's index scans (its overlay index is kept by its own writes).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -466,8 +473,11 @@ impl LocalDb {
 
     /// The first `limit` visible rows of an index range, ordered by index
     /// key then id, from the range's end in reverse order when `reverse`
-    /// (what `Store::scan_visible_index_limited` returns: only those rows
-    /// and the overlay are read).
+    /// (what `Store::scan_visible_index_limited` returns). Reads the
+    /// overlay rows among the range's first `limit` keys by id, and the
+    /// synced rows up to them that no pending write shadows: never the
+    /// whole overlay, which this type keeps indexed in memory (ids and
+    /// keys, bounded by the pending writes).
     pub fn scan_index_limited(
         &self,
         table: &str,
@@ -478,14 +488,27 @@ impl LocalDb {
         limit: usize,
     ) -> QueueResult<Vec<(String, RowData)>> {
         Ok(self
-            .store
-            .scan_visible_index_limited(table, index, lower, upper, reverse, limit)?)
+            .overlay
+            .scan_limited(self.store.as_ref(), table, index, lower, upper, reverse, limit)?)
     }
 
     /// The ids of a table's rows that pending local writes shape (those
     /// with an overlay entry, deleted ones included).
     pub fn pending_ids(&self, table: &str) -> QueueResult<BTreeSet<String>> {
         Ok(self.store.scan_overlay(table)?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// For each of `ids`, whether pending local writes shape it (an
+    /// overlay entry, deleted ones included): no store read once the
+    /// table's overlay is indexed.
+    pub fn pending_among<'a>(&self, table: &str, ids: impl IntoIterator<Item = &'a str>) -> QueueResult<Vec<bool>> {
+        Ok(self.overlay.pending_among(self.store.as_ref(), table, ids)?)
+    }
+
+    /// Apply a batch to the store, the overlay index in step (every batch
+    /// this type writes goes through here).
+    fn apply_batch(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.overlay.apply(self.store.as_ref(), batch)
     }
 
     /// A visible row as a record.
@@ -578,7 +601,7 @@ impl LocalDb {
             return Ok((value, None));
         }
         let changes = self.visible_changes(&batch, &changed)?;
-        self.store.apply(batch).map_err(QueueError::from)?;
+        self.apply_batch(batch).map_err(QueueError::from)?;
         let receipt = (n_ops > 0).then(|| WriteReceipt {
             tx_id,
             first_seq: counters.next_seq,
@@ -769,7 +792,7 @@ impl LocalDb {
         // The server's clock was observed before this batch: keep it.
         self.persist_counters(&mut batch, &counters, confirmed);
         let changes = self.visible_changes_staged(&batch, &changed, &staged_after)?;
-        self.store.apply(batch)?;
+        self.apply_batch(batch)?;
         counters.stored_len -= confirmed;
         self.notify(ChangeSource::Server, &changes);
         self.notify_switched(switches, &staged_after, &queued)?;
@@ -940,7 +963,7 @@ impl LocalDb {
         batch.push(BatchOp::DeleteMeta {
             key: META_REJECTIONS.into(),
         });
-        Ok(self.store.apply(batch)?)
+        Ok(self.apply_batch(batch)?)
     }
 
     fn seq_set(&self, key: &str) -> QueueResult<BTreeSet<u64>> {
