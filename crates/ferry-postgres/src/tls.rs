@@ -123,6 +123,12 @@ fn take_tls_params(url: &str) -> Result<(String, Option<String>, Option<String>)
                 }
             }
         }
+    } else if !url
+        .split_whitespace()
+        .any(|t| t.starts_with("sslmode=") || t.starts_with("sslrootcert="))
+    {
+        // Left exactly as written (quoted values keep their spacing).
+        url.to_owned()
     } else {
         let mut kept = Vec::new();
         for token in url.split_whitespace() {
@@ -344,6 +350,8 @@ mod tests {
             ("host=h user=u dbname=d", Some("require"))
         );
         assert!(take_tls_params("host=h sslrootcert='/a b'").is_err());
+        let (rest, mode, _) = take_tls_params("host=h password='a  b'").expect("kv without tls parameters");
+        assert_eq!((rest.as_str(), mode), ("host=h password='a  b'", None));
         assert!(take_tls_params("postgres://h/db?sslrootcert=%zz").is_err());
     }
 

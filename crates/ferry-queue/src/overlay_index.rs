@@ -172,7 +172,8 @@ impl OverlayIndex {
         } else {
             in_range.take(limit).collect()
         };
-        let mut keyed: Vec<(Vec<u8>, String, RowData)> = Vec::with_capacity(limit.saturating_mul(2));
+        // (`limit` may be `usize::MAX`: sized by what was picked.)
+        let mut keyed: Vec<(Vec<u8>, String, RowData)> = Vec::with_capacity(picked.len());
         for (key, id) in picked {
             match store.get_overlay(table, id)? {
                 Some(OverlayEntry::Row(data)) => keyed.push((key.clone(), id.clone(), data)),

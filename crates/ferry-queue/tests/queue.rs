@@ -684,3 +684,96 @@ fn a_restart_with_a_lagging_clock_never_stamps_a_write_before_an_earlier_one() {
         assert_eq!((e.tx_id, e.entries[0].seq), (5, 5), "{backend}");
     });
 }
+
+#[test]
+fn index_scans_equal_the_stores_own_through_writes_checkpoints_and_reopens() {
+    use std::ops::Bound;
+    each_backend(|backend, reopen| {
+        let status = |s: &str| row_data([("title", Value::from("x")), ("status", Value::from(s))]);
+        // Synced rows, then pending writes over some of them and new ones.
+        let mut changes = ServerChanges::new();
+        for i in 0..20 {
+            changes.put_row("tickets", format!("t{i:02}"), status(["a", "b", "c"][i % 3]));
+        }
+        let db = reopen();
+        db.apply_server_changes(changes, None).expect("checkpoint");
+        let check = |db: &LocalDb, when: &str| {
+            for (lower, upper) in [
+                (Bound::Unbounded, Bound::Unbounded),
+                (
+                    Bound::Included(vec![Value::from("b")]),
+                    Bound::Included(vec![Value::from("b")]),
+                ),
+                (Bound::Excluded(vec![Value::from("a")]), Bound::Unbounded),
+            ] {
+                for reverse in [false, true] {
+                    for limit in [0, 1, 2, 5, 40, usize::MAX] {
+                        let ours = db
+                            .scan_index_limited("tickets", "by_status", lower.clone(), upper.clone(), reverse, limit)
+                            .expect("scan");
+                        let stores = db
+                            .store()
+                            .scan_visible_index_limited(
+                                "tickets",
+                                "by_status",
+                                lower.clone(),
+                                upper.clone(),
+                                reverse,
+                                limit,
+                            )
+                            .expect("store scan");
+                        assert_eq!(
+                            ours, stores,
+                            "{backend} {when}: {lower:?}..{upper:?} reverse {reverse} limit {limit}"
+                        );
+                    }
+                }
+            }
+            let ids = ["t00", "t05", "n1", "nope"];
+            let pending = db.pending_among("tickets", ids).expect("pending");
+            let overlay: Vec<bool> = ids
+                .iter()
+                .map(|id| db.store().get_overlay("tickets", id).expect("overlay").is_some())
+                .collect();
+            assert_eq!(pending, overlay, "{backend} {when}");
+        };
+        check(&db, "synced only");
+        db.write(|tx| {
+            tx.update("tickets", "t00", status("b"))?;
+            tx.update("tickets", "t04", status("a"))?;
+            tx.delete("tickets", "t05")?;
+            tx.insert("tickets", "n1", status("b"))?;
+            tx.insert("tickets", "n2", status("c"))
+        })
+        .expect("write");
+        check(&db, "pending writes");
+        db.write(|tx| {
+            tx.update("tickets", "n1", status("c"))?;
+            tx.update("tickets", "t00", status("a"))
+        })
+        .expect("write again");
+        check(&db, "pending rewritten");
+        // The server confirms some writes and moves rows under the others.
+        let mut changes = ServerChanges::new();
+        changes.put_row("tickets", "t04", status("c"));
+        changes.delete_row("tickets", "t06");
+        db.apply_server_changes(changes, None).expect("checkpoint");
+        check(&db, "after a checkpoint");
+        // The upload's answer rejects the first write (rolled back at
+        // once), then a checkpoint confirms the rest.
+        let first = db.completed_through() + 1;
+        db.answer(&ferry_queue::Answer {
+            through_seq: db.last_seq(),
+            rejected: vec![(first, "refused".to_owned())],
+            ..ferry_queue::Answer::default()
+        })
+        .expect("answer");
+        check(&db, "after a rejection");
+        db.apply_server_changes(ServerChanges::new(), Some(db.completed_through()))
+            .expect("confirm");
+        check(&db, "after confirmation");
+        drop(db);
+        let db = reopen();
+        check(&db, "reopened");
+    });
+}
