@@ -15,13 +15,22 @@
 //! either passes its limit the writer restarts it itself
 //! ([`Checkpointer::restart_due`], `SqliteStore::apply`), which costs it
 //! only what the helper has not copied yet (all of it when the helper is
-//! starved of CPU: the writer then waits, and the WAL stays bounded).
+//! starved of CPU: the writer then waits, and the WAL stays bounded). A
+//! restart cannot run while the helper's pass holds the checkpoint lock
+//! (SQLite then answers at once, waiting for nobody), so the writer first
+//! waits for the pass under way ([`Checkpointer::wait_for_pass`]): on a
+//! slow disk the pass's sync took longer than the restart's own short
+//! wait, every restart failed, and the WAL grew to several times its
+//! limit during a download.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rusqlite::Connection;
+
+/// How often a writer waiting for the helper's pass looks again.
+const PASS_POLL_MS: u64 = 2;
 
 /// The background checkpointer of one database file.
 #[derive(Debug)]
@@ -43,6 +52,10 @@ struct State {
     /// WAL length in pages below which no restart is tried (0: the limit
     /// alone decides), raised after a failed one.
     retry_over_pages: AtomicU64,
+    /// A pass is copying pages now.
+    in_pass: AtomicBool,
+    /// Passes ended since the helper was made.
+    passes: AtomicU64,
 }
 
 impl Checkpointer {
@@ -69,6 +82,27 @@ impl Checkpointer {
         let file = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len() / page_size.max(1));
         let pages = reported.max(file);
         (pages > limit_pages && pages > self.state.retry_over_pages.load(Ordering::SeqCst)).then_some(pages)
+    }
+
+    /// Wait until the pass copying pages now (if any) ended, at most
+    /// `max`: a restart must wait for it anyway, and the wait for a pass
+    /// is bounded by the pages it copies (a reader in another process, the
+    /// other thing a restart waits for, may hold the WAL for any time, so
+    /// the restart's own wait stays short). On a slow disk the pass's sync
+    /// can outlast the restart's short wait every time, and the WAL grew
+    /// a quarter of its limit per failed try while writes kept coming.
+    pub(crate) fn wait_for_pass(&self, max: std::time::Duration) {
+        if !self.state.in_pass.load(Ordering::SeqCst) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let pass = self.state.passes.load(Ordering::SeqCst);
+        while self.state.in_pass.load(Ordering::SeqCst)
+            && self.state.passes.load(Ordering::SeqCst) == pass
+            && started.elapsed() < max
+        {
+            std::thread::sleep(std::time::Duration::from_millis(PASS_POLL_MS));
+        }
     }
 
     /// The writer tried a restart of a WAL of `pages` pages: done, the WAL
@@ -115,7 +149,11 @@ fn run(path: &PathBuf, state: &State) {
             if let Some(conn) = &conn {
                 // A failure has nothing to report to: the next pass or
                 // automatic checkpoint covers what this one could not do.
-                if let Ok(pages) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                state.in_pass.store(true, Ordering::SeqCst);
+                let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+                state.in_pass.store(false, Ordering::SeqCst);
+                state.passes.fetch_add(1, Ordering::SeqCst);
+                if let Ok(pages) = pass {
                     state
                         .wal_pages
                         .store(u64::try_from(pages).unwrap_or(0), Ordering::SeqCst);

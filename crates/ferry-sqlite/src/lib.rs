@@ -72,7 +72,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_core::{codec, CrudEntry, Index, RowData, Schema, Value};
 use ferry_store::{
@@ -367,6 +367,36 @@ const SQL_SCAN_INDEX_FROM_LIMIT_DESC: &str = "SELECT r.id, r.data FROM ferry_ind
 // ----- opening -----
 
 impl SqliteStore {
+    /// Start the WAL over (see `apply`), and say whether it did. The
+    /// helper's pass under way is waited for first, and again whenever a
+    /// try finds a pass copying (SQLite answers at once, with -1 frames,
+    /// when another connection holds the checkpoint lock: it waits for
+    /// nobody), until `busy_timeout_ms` passed. A try that ran but could
+    /// not start the WAL over (a reader in another process holds it,
+    /// after `RESTART_WAIT_MS`) ends there.
+    fn restart_wal(&self, conn: &Connection, checkpointer: &checkpoint::Checkpointer) -> StoreResult<bool> {
+        let deadline = Instant::now() + Duration::from_millis(self.busy_timeout_ms);
+        conn.busy_timeout(Duration::from_millis(RESTART_WAIT_MS.min(self.busy_timeout_ms)))
+            .map_err(sql_err)?;
+        let done = loop {
+            checkpointer.wait_for_pass(deadline.saturating_duration_since(Instant::now()));
+            // (busy, WAL frames or -1 when it could not run, frames copied)
+            let answer = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            });
+            match answer {
+                Ok((0, _)) => break true,
+                Ok((_, -1)) if Instant::now() < deadline => {
+                    // Another process's checkpoint, if not the helper's.
+                    std::thread::sleep(Duration::from_millis(RESTART_RETRY_MS));
+                }
+                _ => break false,
+            }
+        };
+        conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
+            .map_err(sql_err)?;
+        Ok(done)
+    }
     /// Open (creating if needed) the store in the database file at `path`
     /// with default [`SqliteOptions`].
     pub fn open(path: impl AsRef<Path>, schema: Schema) -> StoreResult<Self> {
@@ -646,9 +676,14 @@ fn drop_in_background(batch: WriteBatch) {
 /// file by a helper thread after their commit (see [`Store::apply`] here).
 const BACKGROUND_CHECKPOINT_MIN_OPS: usize = 100_000;
 
-/// Longest wait of a writer restarting the WAL for the checkpoint helper's
-/// pass or another process's reader to finish with it.
+/// Longest wait of a writer restarting the WAL for another process's
+/// reader (or a pass of the checkpoint helper that began after it waited
+/// for the one under way: `Checkpointer::wait_for_pass`) to finish with it.
 const RESTART_WAIT_MS: u64 = 200;
+
+/// Pause before a writer tries a restart again that found the checkpoint
+/// lock taken.
+const RESTART_RETRY_MS: u64 = 2;
 
 /// SQLite's default automatic checkpoint threshold, in WAL pages.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 1000;
@@ -1148,16 +1183,7 @@ impl Store for SqliteStore {
                 // is short, and after a failure the next try waits until
                 // the WAL grew by another quarter of the limit.
                 if let Some(pages) = checkpointer.restart_due(self.wal_limit_pages, self.page_size) {
-                    let short = Duration::from_millis(RESTART_WAIT_MS.min(self.busy_timeout_ms));
-                    let mut done = false;
-                    if conn.busy_timeout(short).is_ok() {
-                        // (busy, WAL pages, pages copied): busy 0 is done.
-                        done = conn
-                            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
-                            .is_ok_and(|busy| busy == 0);
-                        conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
-                            .map_err(sql_err)?;
-                    }
+                    let done = self.restart_wal(&conn, checkpointer)?;
                     checkpointer.restart_tried(done, pages, self.wal_limit_pages);
                 }
                 checkpointer.request();
