@@ -107,7 +107,17 @@ impl OverlayIndex {
                 _ => {}
             }
         }
-        store.apply(batch)?;
+        if let Err(e) = store.apply(batch) {
+            // A failed batch applied nothing (the store's promise); should
+            // a store break it (one that applies a large batch in steps),
+            // the tables the batch names are read again on their next
+            // scan rather than trusted.
+            for change in &changes {
+                let (Change::Put { table, .. } | Change::Remove { table, .. }) = change;
+                tables.remove(table);
+            }
+            return Err(e);
+        }
         for change in changes {
             match change {
                 Change::Put { table, id, keys } => {

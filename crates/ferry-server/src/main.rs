@@ -98,7 +98,9 @@ struct ServeArgs {
     #[arg(long, env = "FERRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// A PostgreSQL URL (postgres://user@host/db): serve the app's tables in
-    /// that database instead of the embedded SQLite file.
+    /// that database instead of the embedded SQLite file. TLS as with psql:
+    /// ?sslmode=disable|prefer (default)|require|verify-ca|verify-full and
+    /// &sslrootcert=/path/to/ca.pem.
     #[arg(long = "database", env = "FERRY_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// With --database: the schema Ferry keeps its own tables in (default ferry).
