@@ -17,7 +17,8 @@ use std::ops::Bound;
 
 use ferry_core::{RowData, Schema, Table, Value};
 use ferry_store::{
-    index_key, resolve_index_range, table_def, BatchOp, OverlayEntry, Rows, Store, StoreError, StoreResult, WriteBatch,
+    first_by_key, index_key, resolve_index_range, table_def, BatchOp, OverlayEntry, Rows, Store, StoreError,
+    StoreResult, WriteBatch,
 };
 use parking_lot::Mutex;
 
@@ -168,14 +169,8 @@ impl OverlayIndex {
         let mut tables = self.tables.lock();
         let t = Self::loaded(&mut tables, store, schema, table)?;
         // The overlay rows among the range's first `limit` keys.
-        let lo = range
-            .lo
-            .as_ref()
-            .map_or(Bound::Unbounded, |l| Bound::Included(l.clone()));
-        let hi = range
-            .hi
-            .as_ref()
-            .map_or(Bound::Unbounded, |h| Bound::Excluded(h.clone()));
+        let lo = range.lo.map_or(Bound::Unbounded, Bound::Included);
+        let hi = range.hi.map_or(Bound::Unbounded, Bound::Excluded);
         let in_range = t.keys[position].range((lo, hi));
         let picked: Vec<(&Vec<u8>, &String)> = if reverse {
             in_range.rev().take(limit).collect()
@@ -211,13 +206,7 @@ impl OverlayIndex {
             }
             n = n.saturating_mul(2);
         }
-        if reverse {
-            keyed.sort_by(|a, b| b.0.cmp(&a.0));
-        } else {
-            keyed.sort_by(|a, b| a.0.cmp(&b.0));
-        }
-        keyed.truncate(limit);
-        Ok(keyed.into_iter().map(|(_, id, data)| (id, data)).collect())
+        Ok(first_by_key(keyed, reverse, limit))
     }
 
     /// Which of `ids` have an overlay entry (pending local writes shape

@@ -367,36 +367,6 @@ const SQL_SCAN_INDEX_FROM_LIMIT_DESC: &str = "SELECT r.id, r.data FROM ferry_ind
 // ----- opening -----
 
 impl SqliteStore {
-    /// Start the WAL over (see `apply`), and say whether it did. The
-    /// helper's pass under way is waited for first, and again whenever a
-    /// try finds a pass copying (SQLite answers at once, with -1 frames,
-    /// when another connection holds the checkpoint lock: it waits for
-    /// nobody), until `busy_timeout_ms` passed. A try that ran but could
-    /// not start the WAL over (a reader in another process holds it,
-    /// after `RESTART_WAIT_MS`) ends there.
-    fn restart_wal(&self, conn: &Connection, checkpointer: &checkpoint::Checkpointer) -> StoreResult<bool> {
-        let deadline = Instant::now() + Duration::from_millis(self.busy_timeout_ms);
-        conn.busy_timeout(Duration::from_millis(RESTART_WAIT_MS.min(self.busy_timeout_ms)))
-            .map_err(sql_err)?;
-        let done = loop {
-            checkpointer.wait_for_pass(deadline.saturating_duration_since(Instant::now()));
-            // (busy, WAL frames or -1 when it could not run, frames copied)
-            let answer = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            });
-            match answer {
-                Ok((0, _)) => break true,
-                Ok((_, -1)) if Instant::now() < deadline => {
-                    // Another process's checkpoint, if not the helper's.
-                    std::thread::sleep(Duration::from_millis(RESTART_RETRY_MS));
-                }
-                _ => break false,
-            }
-        };
-        conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
-            .map_err(sql_err)?;
-        Ok(done)
-    }
     /// Open (creating if needed) the store in the database file at `path`
     /// with default [`SqliteOptions`].
     pub fn open(path: impl AsRef<Path>, schema: Schema) -> StoreResult<Self> {
@@ -541,6 +511,37 @@ impl SqliteStore {
             page_size,
             busy_timeout_ms: options.busy_timeout_ms,
         })
+    }
+
+    /// Start the WAL over (see `apply`), and say whether it did. The
+    /// helper's pass under way is waited for first, and again whenever a
+    /// try finds a pass copying (SQLite answers at once, with -1 frames,
+    /// when another connection holds the checkpoint lock: it waits for
+    /// nobody), until `busy_timeout_ms` passed. A try that ran but could
+    /// not start the WAL over (a reader in another process holds it,
+    /// after `RESTART_WAIT_MS`) ends there.
+    fn restart_wal(&self, conn: &Connection, checkpointer: &checkpoint::Checkpointer) -> StoreResult<bool> {
+        let deadline = Instant::now() + Duration::from_millis(self.busy_timeout_ms);
+        conn.busy_timeout(Duration::from_millis(RESTART_WAIT_MS.min(self.busy_timeout_ms)))
+            .map_err(sql_err)?;
+        let done = loop {
+            checkpointer.wait_for_pass(deadline.saturating_duration_since(Instant::now()));
+            // (busy, WAL frames or -1 when it could not run, frames copied)
+            let answer = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            });
+            match answer {
+                Ok((0, _)) => break true,
+                Ok((_, -1)) if Instant::now() < deadline => {
+                    // Another process's checkpoint, if not the helper's.
+                    std::thread::sleep(Duration::from_millis(RESTART_RETRY_MS));
+                }
+                _ => break false,
+            }
+        };
+        conn.busy_timeout(Duration::from_millis(self.busy_timeout_ms))
+            .map_err(sql_err)?;
+        Ok(done)
     }
 }
 

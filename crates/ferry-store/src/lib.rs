@@ -580,14 +580,22 @@ pub trait Store: Send + Sync + fmt::Debug {
                 }
             }
         }
-        if reverse {
-            keyed.sort_by(|a, b| b.0.cmp(&a.0));
-        } else {
-            keyed.sort_by(|a, b| a.0.cmp(&b.0));
-        }
-        keyed.truncate(limit);
-        Ok(keyed.into_iter().map(|(_, id, data)| (id, data)).collect())
+        Ok(first_by_key(keyed, reverse, limit))
     }
+}
+
+/// The first `limit` of rows keyed by their index keys, in key order (from
+/// the greatest key when `reverse`), without their keys: the merge of
+/// overlay and synced rows every limited scan of the visible state ends
+/// with.
+pub fn first_by_key(mut keyed: Vec<(Vec<u8>, String, RowData)>, reverse: bool, limit: usize) -> Rows {
+    if reverse {
+        keyed.sort_by(|a, b| b.0.cmp(&a.0));
+    } else {
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    keyed.truncate(limit);
+    keyed.into_iter().map(|(_, id, data)| (id, data)).collect()
 }
 
 /// The table of a schema, or [`StoreError::UnknownTable`].
