@@ -20,8 +20,8 @@ pub(crate) const SETUP_RETRY_DELAY_MS: u64 = 100;
 const SETUP_KEY: &str = "setup_fingerprint";
 
 /// Create or bring up to date Ferry's schema, under the setup lock, unless
-/// the same statements already ran. Retried when it loses a deadlock to
-/// other instances' writes.
+/// the same statements already ran and everything they make is still
+/// there. Retried when it loses a deadlock to other instances' writes.
 pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Result<()> {
     let sql = schema_sql(&names.ferry, &names.capture_channel);
     let fingerprint = format!("{:016x}", fnv1a(sql.as_bytes()));
@@ -40,7 +40,10 @@ pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Resu
             .transpose()?,
             _ => None,
         };
-        if done.as_deref() != Some(fingerprint.as_str()) {
+        // The same statements ran, but an object they make may have been
+        // dropped by hand since (an index: every lookup of a table would
+        // then scan it): then they run again.
+        if done.as_deref() != Some(fingerprint.as_str()) || !objects_present(client, &names.ferry_raw)? {
             wait(client.batch_execute(&sql))?;
             query(
                 client,
@@ -54,6 +57,43 @@ pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Resu
         wait(client.batch_execute("COMMIT"))?;
         Ok(())
     })
+}
+
+/// The tables and indexes [`schema_sql`] makes, by name in Ferry's schema.
+const SCHEMA_RELATIONS: [&str; 13] = [
+    "oplog",
+    "oplog_bucket",
+    "buckets",
+    "buckets_last_op",
+    "row_buckets",
+    "clocks",
+    "tombstones",
+    "clients",
+    "outcomes",
+    "meta",
+    "counter",
+    "changes",
+    "changes_truncated",
+];
+
+/// Whether every table and index [`schema_sql`] makes, and its capture
+/// function, are in Ferry's schema (one catalog query).
+fn objects_present(client: &deadpool_postgres::Client, ferry_schema_raw: &str) -> Result<bool> {
+    let names: Vec<&str> = SCHEMA_RELATIONS.to_vec();
+    let rows = query(
+        client,
+        "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = ANY($2)), \
+         EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname = 'capture')",
+        &[&ferry_schema_raw, &names],
+    )?;
+    let Some(r) = rows.first() else {
+        return Ok(false);
+    };
+    let relations: i64 = r.try_get(0)?;
+    let capture: bool = r.try_get(1)?;
+    Ok(relations == SCHEMA_RELATIONS.len() as i64 && capture)
 }
 
 /// The statement taking the setup lock for the rest of the transaction:

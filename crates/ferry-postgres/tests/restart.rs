@@ -140,3 +140,26 @@ fn a_start_puts_back_a_dropped_trigger_and_a_changed_setup() {
         "the insert and the truncate are both captured"
     );
 }
+
+#[test]
+fn a_start_puts_back_an_index_dropped_by_hand_under_the_same_setup() {
+    let s = ScratchSchemas::for_test();
+    let (a, f) = (&s.app, &s.ferry);
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".items (id bigint PRIMARY KEY, name text)"
+    ))
+    .expect("app table");
+    drop(start(&s.options()).expect("first start"));
+
+    // The setup on record is this Ferry's, but the op log's bucket index
+    // (every stream's read) was dropped by hand.
+    s.execute(&format!("DROP INDEX \"{f}\".oplog_bucket;"))
+        .expect("damage");
+    drop(start(&s.options()).expect("second start"));
+    let back = s
+        .query(&format!(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = '{f}' AND indexname = 'oplog_bucket'"
+        ))
+        .expect("index query");
+    assert_eq!(back, vec![vec![Some("1".to_owned())]], "the index is made again");
+}
