@@ -3,7 +3,7 @@
 //! database: local writes, applied checkpoints and rolled-back rejections
 //! all flow in as row changes, one engine transaction per commit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, Weak};
 
@@ -49,8 +49,9 @@ enum LiveId {
 /// range and before the edge; when rows leave and fewer than
 /// `offset + limit` are kept, the rows after the edge are read (as many as
 /// the window lacks, limited), and when the kept rows grow past twice the
-/// target the window is read again. Every kept row is in range and before
-/// the edge, and every visible row in range before the edge is kept.
+/// target the window drops the rows past the target in memory (no read).
+/// Every kept row is in range and before the edge, and every visible row
+/// in range before the edge is kept.
 struct IndexWindow {
     table: String,
     index: Index,
@@ -308,8 +309,24 @@ impl IndexWindow {
                 cs = cs.upsert(&self.table, id, data, pending);
             }
         } else if grown {
-            // The store already holds this commit: the rows read are the
-            // rows after it, applied in the same transaction.
+            // The rows past the target go: read from the engine, or from
+            // this commit for the rows it changed.
+            let changed: HashMap<&str, &RowData> = rows
+                .iter()
+                .filter(|c| c.table == self.table)
+                .filter_map(|c| c.row.as_ref().map(|data| (c.id.as_str(), data)))
+                .collect();
+            if let Some(dropped) = self.trim(&changed)? {
+                for id in dropped {
+                    cs = cs.delete(&self.table, id);
+                }
+                self.engine.apply(cs)?;
+                return Ok(());
+            }
+            // A kept row the engine lacks (never, while the window keeps
+            // its invariant): the window is read again. The store already
+            // holds this commit: the rows read are the rows after it,
+            // applied in the same transaction.
             let fresh = self.load(local)?;
             let now: BTreeSet<String> = fresh.iter().map(|(id, _, _)| id.clone()).collect();
             for gone in self.kept.difference(&now) {
@@ -324,6 +341,42 @@ impl IndexWindow {
         }
         self.engine.apply(cs)?;
         Ok(())
+    }
+
+    /// Keep the first `keep_rows` kept rows in scan order, and the rest of
+    /// the last one's ties; drop the others and move the edge to the last
+    /// one kept. A kept row's data is `changed`'s (this commit's) or the
+    /// engine's; `None` when neither has it. Returns the ids dropped.
+    fn trim(&mut self, changed: &HashMap<&str, &RowData>) -> Result<Option<Vec<String>>, ClientError> {
+        let mut rows: Vec<(Vec<u8>, String, RowData)> = Vec::with_capacity(self.kept.len());
+        for id in &self.kept {
+            let data = match changed.get(id.as_str()) {
+                Some(data) => (*data).clone(),
+                None => match self.engine.row(&self.table, id)? {
+                    Some(data) => data,
+                    None => return Ok(None),
+                },
+            };
+            rows.push((self.position(id, &data), id.clone(), data));
+        }
+        if self.reverse {
+            rows.sort_by(|a, b| b.0.cmp(&a.0));
+        } else {
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let Some(last) = rows.get(self.keep_rows.saturating_sub(1)).map(|r| r.0.clone()) else {
+            return Ok(Some(Vec::new()));
+        };
+        let cut = self.keep_rows + rows[self.keep_rows..].iter().take_while(|r| r.0 == last).count();
+        if cut == rows.len() {
+            return Ok(Some(Vec::new()));
+        }
+        let dropped: Vec<String> = rows.drain(cut..).map(|(_, id, _)| id).collect();
+        for id in &dropped {
+            self.kept.remove(id);
+        }
+        self.edge = rows.last().map(|(_, id, data)| self.edge_of(id, data));
+        Ok(Some(dropped))
     }
 
     /// Bytes of what the window keeps: its rows (ids and encoded data, in

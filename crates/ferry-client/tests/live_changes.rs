@@ -248,6 +248,79 @@ fn commits_hand_live_queries_their_rows_without_reading_the_store() {
 }
 
 #[test]
+fn a_window_that_new_rows_keep_entering_shrinks_without_reading_the_store() {
+    // Newest first, 3 rows: the window keeps 6 and shrinks past 12.
+    let newest = &queries()[0];
+    // Ascending, 2 rows after 1: ties on updated_at at its edge.
+    let oldest = Query::from("tickets")
+        .filter(col("status").eq("pending"))
+        .order_by(col("updated_at"), Order::Asc)
+        .offset(1)
+        .limit(2);
+    for backend in 0..3 {
+        let (store, db) = open_backend(backend);
+        let mut changes = ServerChanges::new();
+        for i in 0..40i64 {
+            changes.put_row("tickets", format!("s{i:02}"), ticket("pending", 100 + i / 3));
+        }
+        db.local().apply_server_changes(changes, None).expect("checkpoint");
+        let diffs = Arc::new(AtomicU64::new(0));
+        let seen = diffs.clone();
+        let (live, _) = db
+            .live_query(newest, move |_| {
+                seen.fetch_add(1, Ordering::SeqCst);
+            })
+            .expect("live");
+        let (low, _) = db.live_query(&oldest, |_| {}).expect("live");
+        // Rows read by the writes (the checks read the store too).
+        let mut reads = 0;
+        // 30 rows enter at the top of the newest-first window, two per
+        // commit, some tied with each other; as many at the bottom of the
+        // other.
+        for k in 0..30i64 {
+            let before = store.reads();
+            db.write(|tx| {
+                tx.put("tickets", &format!("top{k:02}"), ticket("pending", 200 + k / 2))?;
+                tx.put("tickets", &format!("low{k:02}"), ticket("pending", 99 - k / 2))
+            })
+            .expect("write");
+            reads += store.reads() - before;
+            let expected = fresh(store.as_ref(), &[newest.clone(), oldest.clone()]);
+            assert_eq!(
+                live.current().expect("current"),
+                expected[0],
+                "backend {backend}, write {k}"
+            );
+            assert_eq!(
+                low.current().expect("current"),
+                expected[1],
+                "backend {backend}, write {k}"
+            );
+        }
+        assert_eq!(
+            reads, 0,
+            "backend {backend}: the windows shrank in memory, reading nothing"
+        );
+        assert_eq!(
+            diffs.load(Ordering::SeqCst),
+            30,
+            "backend {backend}: one diff per commit"
+        );
+        // Rows leaving now refill from the store past the new edge.
+        for k in (0..30i64).rev() {
+            db.write(|tx| tx.delete("tickets", &format!("top{k:02}")))
+                .expect("delete");
+            let expected = fresh(store.as_ref(), &[newest.clone(), oldest.clone()]);
+            assert_eq!(
+                live.current().expect("current"),
+                expected[0],
+                "backend {backend}, delete {k}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_window_over_many_pending_writes_reads_only_the_overlay_rows_it_needs() {
     const PENDING_ELSEWHERE: i64 = 400;
     for backend in 0..3 {

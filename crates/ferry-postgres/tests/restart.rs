@@ -153,8 +153,7 @@ fn a_start_puts_back_an_index_dropped_by_hand_under_the_same_setup() {
 
     // The setup on record is this Ferry's, but the op log's bucket index
     // (every stream's read) was dropped by hand.
-    s.execute(&format!("DROP INDEX \"{f}\".oplog_bucket;"))
-        .expect("damage");
+    s.execute(&format!("DROP INDEX \"{f}\".oplog_bucket;")).expect("damage");
     drop(start(&s.options()).expect("second start"));
     let back = s
         .query(&format!(

@@ -215,6 +215,20 @@ impl QueryEngine {
             .sum())
     }
 
+    /// A row of a collection, as the engine holds it (`None` when it holds
+    /// no row with that id).
+    pub fn row(&self, collection: &str, id: &str) -> Result<Option<ferry_core::RowData>, QueryError> {
+        let coll = self
+            .collections
+            .get(collection)
+            .ok_or_else(|| QueryError::UnknownCollection {
+                collection: collection.to_owned(),
+            })?;
+        Ok(coll
+            .get(id)
+            .map(|row| row.columns().map(|(k, v)| (k.to_owned(), v.clone())).collect()))
+    }
+
     /// Number of live subscriptions.
     pub fn subscription_count(&self) -> usize {
         self.subs.len()
