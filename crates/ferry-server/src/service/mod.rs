@@ -252,6 +252,12 @@ fn check_client_id(client_id: &str, max: usize) -> Result<()> {
             client_id.len()
         )));
     }
+    // Like a row id: PostgreSQL cannot store one, so no backend takes it.
+    if client_id.contains('\0') {
+        return Err(ServiceError::BadRequest(format!(
+            "client id {client_id:?} contains a NUL byte"
+        )));
+    }
     Ok(())
 }
 
