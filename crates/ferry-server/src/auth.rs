@@ -26,6 +26,10 @@ use serde_json::{Map, Value as Json};
 
 use crate::error::{Result, ServiceError};
 
+/// Longest user id (a token's `sub`) taken, in bytes: identity providers'
+/// ids and e-mail addresses are far shorter.
+pub const MAX_USER_ID_BYTES: usize = 1_024;
+
 /// A verified token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuthUser {
@@ -664,6 +668,18 @@ impl Authenticator {
             Some(Json::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(unauthorized("token has no sub claim".into())),
         };
+        // The user id is stored (client ownership) and named in bucket
+        // parameters: one no backend can store is refused here, not by
+        // the database on every request.
+        if user_id.contains('\0') {
+            return Err(unauthorized(format!("token sub claim {user_id:?} contains a NUL byte")));
+        }
+        if user_id.len() > MAX_USER_ID_BYTES {
+            return Err(unauthorized(format!(
+                "token sub claim of {} bytes is over the limit of {MAX_USER_ID_BYTES} bytes",
+                user_id.len()
+            )));
+        }
         let exp_s = claims
             .get("exp")
             .and_then(Json::as_u64)

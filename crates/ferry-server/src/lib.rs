@@ -47,7 +47,7 @@ pub mod sqlite;
 mod stream_out;
 
 pub use admin::AdminOptions;
-pub use auth::{mint_token, mint_token_at, AuthOptions, AuthUser, Authenticator, StaticKey};
+pub use auth::{mint_token, mint_token_at, AuthOptions, AuthUser, Authenticator, StaticKey, MAX_USER_ID_BYTES};
 pub use config::{PostgresConfig, ServerConfig, DEV_JWT_SECRET};
 pub use conflict::{
     Audited, ConflictInput, ConflictStrategy, Crdt, CurrentRow, Decision, DomainRules, LastWriteWins, Manual,

@@ -47,3 +47,47 @@ async fn a_client_id_with_a_nul_byte_is_refused_naming_it_and_writes_nothing() {
     assert_eq!(err.code, ErrorCode::BadRequest, "{err:?}");
     assert!(err.message.contains(r#"client id "dev\0ice""#), "{}", err.message);
 }
+
+/// A token whose `sub` holds a NUL byte was taken on SQLite and answered,
+/// on PostgreSQL, with the database's unclear 400 on every request; a
+/// `sub` of any length was taken. Both are refused as unauthorized,
+/// naming the claim, before anything is read or written.
+#[tokio::test]
+async fn a_token_whose_user_id_has_a_nul_byte_or_is_too_long_is_refused() {
+    let e = env();
+    let oplog = e.svc.db().oplog_len().expect("len");
+    let long = "u".repeat(ferry_server::MAX_USER_ID_BYTES + 1);
+    for (user, says) in [("u\0ser", "NUL byte"), (long.as_str(), "over the limit")] {
+        let request = TestClient::new("dev1").dl.request("dev1");
+        let err = SyncHandler::stream(&e.svc, &token(user), request)
+            .await
+            .expect_err("stream with a bad sub");
+        assert_eq!(err.code, ErrorCode::Unauthorized, "{err:?}");
+        assert!(err.message.contains(says), "{}", err.message);
+        let err = try_upload(
+            &e.svc,
+            user,
+            upload_req(
+                "dev1",
+                vec![entry(
+                    1,
+                    put("tickets", "t1", &[("title", Value::from("a"))]),
+                    1000,
+                    "dev1",
+                )],
+            ),
+        )
+        .await
+        .expect_err("upload with a bad sub");
+        assert_eq!(err.code, ErrorCode::Unauthorized, "{err:?}");
+        assert!(err.message.contains(says), "{}", err.message);
+    }
+    assert_eq!(e.svc.db().oplog_len().expect("len"), oplog);
+    assert_eq!(e.svc.db().client_owner("dev1").expect("owner"), None);
+    // At the limit, the user id is taken.
+    let at_limit = "u".repeat(ferry_server::MAX_USER_ID_BYTES);
+    let request = TestClient::new("dev2").dl.request("dev2");
+    SyncHandler::stream(&e.svc, &token(&at_limit), request)
+        .await
+        .expect("a user id at the limit");
+}

@@ -55,7 +55,7 @@ impl SyncService {
             let client_id = request.client_id;
             if let Err(e) = run_stream(&inner, &user, &client_id, buckets, positions, &tx, &open).await {
                 inner.metrics.error(&e);
-                tracing::warn!(client_id, error = %e, "stream failed");
+                tracing::warn!(client_id = ?client_id, error = %e, "stream failed");
                 // A client reading behind a full channel gets it too; one
                 // that does not read never does.
                 let line = StreamLine::Error(e.to_server_error()).into();
