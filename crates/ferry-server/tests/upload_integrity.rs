@@ -670,6 +670,104 @@ async fn outcomes_do_not_carry_rows_the_user_cannot_read() {
     }
 }
 
+/// A strategy's side writes (the audit log's `old_value`, a manual
+/// conflict's `server_value`) copy the stored row into rows of their own
+/// tables, placed by their own buckets: here each user reads the
+/// `activity` and `ferry_conflicts` rows of their own writes. A write to a
+/// row its writer cannot read that would put such a row where the writer
+/// reads it is refused, with the reason withheld, and writes nothing.
+#[tokio::test]
+async fn side_writes_do_not_copy_rows_the_writer_cannot_read_to_where_the_writer_reads() {
+    const SECRET_BODY: &str = "alice-secret-body";
+    for strategy in ["kind = \"lww\"\naudit = true", "kind = \"manual\""] {
+        let rules = notes_rules().replace(
+            "kind = \"domain\"\nrules = [{ kind = \"immutable\", column = \"body\" }]",
+            strategy,
+        );
+        assert_ne!(rules, notes_rules(), "the strategy was replaced");
+        let global_side = "  { table = \"ferry_conflicts\" },\n  { table = \"activity\" },\n";
+        assert!(rules.contains(global_side), "the side tables are global in the base");
+        let rules = rules.replace(global_side, "")
+            + "
+[[buckets]]
+name = \"my_side_rows\"
+parameters = [\"sub\"]
+data = [
+  { table = \"ferry_conflicts\", where = { user_id = \"sub\" } },
+  { table = \"activity\", where = { user_id = \"sub\" } },
+]
+";
+        let e = env_with_rules(&rules, ServiceOptions::default());
+        let note = |owner: &str, body: &str| {
+            put(
+                "notes",
+                "n1",
+                &[
+                    ("owner", owner.into()),
+                    ("body", body.into()),
+                    ("status", "open".into()),
+                ],
+            )
+        };
+        let r = try_upload(
+            &e.svc,
+            "alice",
+            upload_req("ca", vec![entry(1, note("alice", SECRET_BODY), 5000, "ca")]),
+        )
+        .await
+        .expect("alice's note");
+        assert_eq!(outcomes(&r), [Outcome::Applied], "{strategy}");
+        let oplog = e.svc.db().oplog_len().expect("len");
+
+        // Bob edits the note he cannot read, from a base that is not the
+        // stored value (a conflict for `manual`).
+        let mut edit = entry(1, patch("notes", "n1", &[("body", "bob's".into())]), 9000, "cb");
+        edit.previous = Some([("body".to_owned(), Value::from("a guess"))].into_iter().collect());
+        let r = try_upload(&e.svc, "bob", upload_txs("cb", vec![(1, vec![edit])]))
+            .await
+            .expect("bob's upload");
+        for o in &r.outcomes {
+            assert!(
+                matches!(&o.outcome, Outcome::Rejected { reason } if reason.contains("withheld")),
+                "{strategy}: seq {}: {:?}",
+                o.seq,
+                o.outcome
+            );
+        }
+        assert_eq!(
+            e.svc.db().oplog_len().expect("len"),
+            oplog,
+            "{strategy}: nothing written"
+        );
+        let mut bob = TestClient::new("cb");
+        let lines = bob.sync(&e.svc, &token("bob")).await;
+        for line in &lines {
+            let text = serde_json::to_string(line).expect("encode");
+            assert!(
+                !text.contains(SECRET_BODY),
+                "{strategy}: bob's stream carries alice's note: {text}"
+            );
+        }
+
+        // Alice's own edits of her note still write their side rows.
+        let r = try_upload(
+            &e.svc,
+            "alice",
+            upload_req(
+                "ca",
+                vec![entry(2, patch("notes", "n1", &[("status", "done".into())]), 9500, "ca")],
+            ),
+        )
+        .await
+        .expect("alice's edit");
+        assert!(
+            !matches!(r.outcomes[0].outcome, Outcome::Rejected { .. }),
+            "{strategy}: {:?}",
+            r.outcomes[0].outcome
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 7. The server's clock is sent to clients and survives restarts
 // ---------------------------------------------------------------------------

@@ -815,6 +815,17 @@ impl Inner {
                 clocks,
             });
         }
+        // Side writes made while the stored row is hidden from the writer
+        // may copy it (the audit log's old value, a conflict's server
+        // value): one the writer could read refuses the op, its reason
+        // withheld.
+        if let Some(v) = viewer.filter(|_| hidden) {
+            if let Some(s) = side.iter().find(|s| self.readable(v, &s.table.name, s.id, &s.row)) {
+                return Ok(redacted(Outcome::Rejected {
+                    reason: format!("side write {}/{} would show the stored row", s.table.name, s.id),
+                }));
+            }
+        }
         let reason = decision.outcome_reason();
         let outcome = match &decision.resolution {
             Resolution::Reject { reason } => Outcome::Rejected { reason: reason.clone() },
