@@ -112,3 +112,61 @@ pub(crate) fn truncate_for_message(s: String) -> String {
         t
     }
 }
+
+/// Most causes of an error named by [`error_chain`].
+pub const MAX_ERROR_CAUSES: usize = 8;
+
+/// An error's message followed by its causes' (at most
+/// [`MAX_ERROR_CAUSES`]), `": "` between them; a cause whose message the
+/// text already ends with is left out (many errors repeat their source's).
+/// Drivers' own messages often leave the cause out ("error performing TLS
+/// handshake", "error sending request"), not why.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    for _ in 0..MAX_ERROR_CAUSES {
+        let Some(c) = cause else { break };
+        let m = c.to_string();
+        if !s.ends_with(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cause = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::error_chain;
+
+    #[derive(Debug)]
+    struct Link(&'static str, Option<Box<Link>>);
+
+    impl std::fmt::Display for Link {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Link {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn names_the_causes_once_and_at_most_the_limit() {
+        let e = Link(
+            "connect failed",
+            Some(Box::new(Link("tls", Some(Box::new(Link("tls", None)))))),
+        );
+        assert_eq!(error_chain(&e), "connect failed: tls");
+        let mut deep = Link("end", None);
+        for _ in 0..20 {
+            deep = Link("x", Some(Box::new(Link("y", Some(Box::new(deep))))));
+        }
+        let text = error_chain(&deep);
+        assert_eq!(text.matches(": ").count(), super::MAX_ERROR_CAUSES, "{text}");
+    }
+}

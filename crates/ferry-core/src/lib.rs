@@ -18,7 +18,7 @@ pub mod testkit;
 pub mod value;
 
 pub use clock::{Clock, HlcTimestamp, HybridClock, ManualClock, SystemClock};
-pub use error::{CoreError, ErrorKind};
+pub use error::{error_chain, CoreError, ErrorKind, MAX_ERROR_CAUSES};
 pub use limits::Limits;
 pub use op::{CrudEntry, CrudOp};
 pub use random::{RandomSource, SeededRandom};

@@ -145,7 +145,7 @@ fn request_error(what: &str, e: &reqwest::Error) -> TransportError {
     if e.is_builder() {
         // A token or body that cannot go on the wire: sending it again
         // fails again.
-        TransportError::Refused(format!("{what} could not be built: {}", error_chain(e)))
+        TransportError::Refused(format!("{what} could not be built: {}", ferry_core::error_chain(e)))
     } else if let Some(tls) = tls_error(e) {
         // Transient: the server's certificate may be fixed, and a client
         // must never drop its writes over it.
@@ -154,9 +154,9 @@ fn request_error(what: &str, e: &reqwest::Error) -> TransportError {
              a private ca goes in HttpClientOptions::tls_ca_pem)"
         ))
     } else if e.is_timeout() {
-        TransportError::Connection(format!("{what} timed out: {}", error_chain(e)))
+        TransportError::Connection(format!("{what} timed out: {}", ferry_core::error_chain(e)))
     } else {
-        TransportError::Connection(format!("{what} failed: {}", error_chain(e)))
+        TransportError::Connection(format!("{what} failed: {}", ferry_core::error_chain(e)))
     }
 }
 
@@ -186,19 +186,6 @@ fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     }
     let last = last.to_lowercase();
     (last.contains("peer certificate") || last.contains("tls handshake")).then_some(last)
-}
-
-/// An error with its sources, which carry the useful detail (refused
-/// connection, reset, ...).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Read at most `limit` bytes of a body; `None` if it is longer.

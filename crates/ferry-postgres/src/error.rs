@@ -63,7 +63,8 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> SourceError {
         };
     }
     let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
-    let why = with_causes(e);
+    // The driver's own message leaves the causes out.
+    let why = ferry_core::error_chain(e);
     if e.is_closed() {
         SourceError::Unavailable(format!("postgresql connection lost: {why}"))
     } else if io {
@@ -73,26 +74,6 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> SourceError {
     } else {
         SourceError::Database(why)
     }
-}
-
-/// Most causes of an error named in its message.
-const MAX_CAUSES: usize = 8;
-
-/// An error's message followed by its causes' (the driver's own message
-/// leaves them out: "error performing TLS handshake", not why).
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    for _ in 0..MAX_CAUSES {
-        let Some(c) = cause else { break };
-        let m = c.to_string();
-        if !s.ends_with(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cause = c.source();
-    }
-    s
 }
 
 /// Stored data that could not be read back.
