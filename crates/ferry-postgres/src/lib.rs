@@ -278,12 +278,15 @@ impl PgSourceDb {
     pub fn connect(options: &PgOptions) -> SourceResult<Self> {
         check_schema_name("ferry schema", &options.ferry_schema)?;
         check_schema_name("app schema", &options.app_schema)?;
-        let tls::Connect { config: pg_config, tls } = tls::parse(&options.url)?;
+        let tls::Connect {
+            config: pg_config,
+            connector,
+        } = tls::parse(&options.url)?;
         let place = describe_place(&pg_config);
         let bridge = Bridge::new()?;
-        let manager = deadpool_postgres::Manager::from_config(
+        let manager = deadpool_postgres::Manager::from_connect(
             pg_config.clone(),
-            tls.clone(),
+            connector.clone(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
@@ -321,7 +324,7 @@ impl PgSourceDb {
             // The connection may be inside the failed transaction.
             drop(deadpool_postgres::Object::take(client));
         })?;
-        listen::start(&db.bridge, pg_config, tls, &db.shared)?;
+        listen::start(&db.bridge, pg_config, connector, &db.shared)?;
         Ok(db)
     }
 

@@ -44,12 +44,11 @@ fn query_sql(url: &str, sql: &str) -> Result<TextRows, String> {
             .map_err(|e| e.to_string())?;
         rt.block_on(async {
             let connect = crate::tls::parse(&url).map_err(|e| e.to_string())?;
-            let (client, connection) = connect
-                .config
-                .connect(connect.tls)
+            let (client, driver) = connect
+                .connector
+                .open_driven(&connect.config)
                 .await
                 .map_err(|e| format!("cannot connect to postgresql at {url}: {e}"))?;
-            let driver = tokio::spawn(connection);
             let out = client
                 .simple_query(&sql)
                 .await

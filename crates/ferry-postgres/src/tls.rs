@@ -21,6 +21,12 @@
 //! driver reads the rest (`tokio-postgres` knows only `disable`,
 //! `prefer` and `require`, and not `sslrootcert`). In the key=value form,
 //! their values must not be quoted.
+//!
+//! Under `prefer`, a TLS handshake that fails (the server offered TLS, but
+//! with a key or protocol rustls refuses, an RSA key under 2,048 bits for
+//! one) is followed by a connection without TLS, as libpq does; the failed
+//! handshake is logged. Under `require` and the `verify-*` modes it is the
+//! error.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -70,10 +76,98 @@ impl SslMode {
     }
 }
 
-/// A connection string split: the driver's config and the TLS connector.
+/// A connection string split: the driver's config and the connector.
 pub(crate) struct Connect {
     pub config: tokio_postgres::Config,
-    pub tls: MakeRustlsConnect,
+    pub connector: Connector,
+}
+
+/// Opens connections with TLS as the `sslmode` says (see the module).
+#[derive(Clone)]
+pub(crate) struct Connector {
+    tls: MakeRustlsConnect,
+    /// `sslmode=prefer`: a failed handshake is followed by a connection
+    /// without TLS.
+    prefer: bool,
+}
+
+/// The stream of a connection with TLS.
+type TlsStream = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream;
+
+/// A connection just opened, with TLS or (under `prefer`) without (both
+/// boxed: a connection is hundreds of bytes).
+pub(crate) enum Opened {
+    Tls(
+        tokio_postgres::Client,
+        Box<tokio_postgres::Connection<tokio_postgres::Socket, TlsStream>>,
+    ),
+    Plain(
+        tokio_postgres::Client,
+        Box<tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>>,
+    ),
+}
+
+impl Connector {
+    /// Open a connection (see the module on `prefer`).
+    pub(crate) async fn open(&self, config: &tokio_postgres::Config) -> Result<Opened, tokio_postgres::Error> {
+        match config.connect(self.tls.clone()).await {
+            Ok((client, connection)) => Ok(Opened::Tls(client, Box::new(connection))),
+            Err(e) if self.prefer && is_handshake_failure(&e) => {
+                tracing::warn!(
+                    error = %ferry_core::error_chain(&e),
+                    "the tls handshake with postgresql failed under sslmode=prefer: connecting without tls, as libpq \
+                     does (set sslmode=require to refuse, sslmode=disable to skip the handshake)"
+                );
+                let mut plain = config.clone();
+                plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, connection) = plain.connect(tokio_postgres::NoTls).await?;
+                Ok(Opened::Plain(client, Box::new(connection)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Open a connection, driven by a task of its own.
+    pub(crate) async fn open_driven(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        Ok(match self.open(config).await? {
+            Opened::Tls(client, connection) => (client, drive(*connection)),
+            Opened::Plain(client, connection) => (client, drive(*connection)),
+        })
+    }
+}
+
+/// A task driving a connection until it ends.
+fn drive<T>(connection: tokio_postgres::Connection<tokio_postgres::Socket, T>) -> tokio::task::JoinHandle<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "a postgresql connection ended");
+        }
+    })
+}
+
+impl deadpool_postgres::Connect for Connector {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let config = pg_config.clone();
+        Box::pin(async move { self.open_driven(&config).await })
+    }
+}
+
+/// The driver's error for a TLS handshake that failed (the server answered
+/// the TLS request with yes; under `prefer` that is the only TLS error).
+fn is_handshake_failure(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_none() && e.to_string().starts_with("error performing TLS handshake")
 }
 
 /// Parse a connection string (URL or key=value form) with its TLS
@@ -90,7 +184,13 @@ pub(crate) fn parse(url: &str) -> Result<Connect, SourceError> {
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
     });
     let tls = connector(mode, rootcert.as_deref())?;
-    Ok(Connect { config, tls })
+    Ok(Connect {
+        config,
+        connector: Connector {
+            tls,
+            prefer: mode == SslMode::Prefer,
+        },
+    })
 }
 
 /// `url` without `sslmode` and `sslrootcert`, and their values.

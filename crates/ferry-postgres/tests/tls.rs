@@ -278,3 +278,103 @@ fn verify_ca_and_verify_full_check_the_server_certificate() {
         assert!(e.contains("certificate"), "{e}");
     }
 }
+
+/// A TCP proxy to the test database that answers every TLS request with
+/// yes and then bytes that are no TLS (as a server whose key or protocol
+/// rustls refuses fails the handshake), and passes every other connection
+/// through. Counts both.
+struct HandshakeBreaker {
+    port: u16,
+    broken: Arc<std::sync::atomic::AtomicUsize>,
+    passed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The first 8 bytes of a TLS request (length 8, code 80877103).
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+impl HandshakeBreaker {
+    fn start(upstream: (String, u16)) -> HandshakeBreaker {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let broken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let passed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (b, p) = (broken.clone(), passed.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut client) = conn else { continue };
+                let (b, p, upstream) = (b.clone(), p.clone(), upstream.clone());
+                std::thread::spawn(move || {
+                    let mut first = [0u8; 8];
+                    if client.read_exact(&mut first).is_err() {
+                        return;
+                    }
+                    if first == SSL_REQUEST {
+                        b.fetch_add(1, Ordering::SeqCst);
+                        let _ = client.write_all(b"Sthis is not a tls server hello at all\n");
+                        return;
+                    }
+                    p.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut server) = std::net::TcpStream::connect((upstream.0.as_str(), upstream.1)) else {
+                        return;
+                    };
+                    if server.write_all(&first).is_err() {
+                        return;
+                    }
+                    let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone()) else {
+                        return;
+                    };
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut client_r, &mut server_w);
+                        let _ = server_w.shutdown(std::net::Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut server, &mut client);
+                    let _ = client.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        HandshakeBreaker { port, broken, passed }
+    }
+}
+
+/// A server that offers TLS but whose handshake fails: under `prefer`
+/// (the default) every connection Ferry makes falls back to one without
+/// TLS, as libpq's does; under `require` the failed handshake is the
+/// error, naming the host.
+#[test]
+fn a_failed_handshake_under_prefer_connects_without_tls_and_under_require_is_refused() {
+    use std::sync::atomic::Ordering;
+    let s = ScratchSchemas::for_test();
+    let p = place();
+    let proxy = HandshakeBreaker::start((p.host.clone(), p.port));
+    let via_proxy = Place {
+        host: "127.0.0.1".to_owned(),
+        port: proxy.port,
+        user: p.user.clone(),
+        dbname: p.dbname.clone(),
+        password: p.password.clone(),
+    };
+
+    let name = app_name("prefer");
+    let db = use_database(
+        &s,
+        conninfo(&via_proxy, "127.0.0.1", &format!("application_name={name}")),
+    );
+    let (all, encrypted) = connections(&s, &name);
+    assert!(all >= 2, "the pool's and the listener's connections: {all}");
+    assert_eq!(encrypted, 0, "the fallback connections are plain");
+    assert!(
+        proxy.broken.load(Ordering::SeqCst) >= 2 && proxy.passed.load(Ordering::SeqCst) >= 2,
+        "each connection tried TLS first: {} broken, {} passed",
+        proxy.broken.load(Ordering::SeqCst),
+        proxy.passed.load(Ordering::SeqCst)
+    );
+    drop(db);
+
+    let Err(e) = PgSourceDb::connect(&options(&s, conninfo(&via_proxy, "127.0.0.1", "sslmode=require"))) else {
+        panic!("sslmode=require refuses a failed handshake");
+    };
+    let e = e.to_string();
+    assert!(e.contains("TLS handshake") && e.contains("127.0.0.1"), "{e}");
+}
