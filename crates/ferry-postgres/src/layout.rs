@@ -21,6 +21,11 @@ use ferry_core::{ColumnType, Table, Value};
 use ferry_source::SourceError;
 use tokio_postgres::types::ToSql;
 
+/// The alias of an app table in Ferry's statements: an alias hides the
+/// table's own name, which could be a name the statement gives something
+/// else (the `i` of its ids, `excluded` of `ON CONFLICT`).
+pub(crate) const APP_ROW: &str = "ferry_app_row";
+
 /// How a column's values travel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {

@@ -15,7 +15,7 @@ use tokio_postgres::Row;
 use crate::batched::{oplog_inserts, Batched, Mark, OplogRow};
 use crate::bridge::wait;
 use crate::error::{corrupt, lift, Result};
-use crate::layout::{PkParam, TableLayout};
+use crate::layout::{PkParam, TableLayout, APP_ROW};
 use crate::rows::RowGroup;
 use crate::{read_ops_on, Shared};
 
@@ -374,7 +374,7 @@ fn prefetch_rows_on(tx: &mut PgTx<'_>, table: &Table, ids: &[&str]) -> Result<()
     // Ids pass `pk_param`: each casts to the key's type.
     let rows_sql = format!(
         "{PLANNED_EACH_TIME}SELECT i.id, c.clocks, tb.hlc, r.* FROM unnest($2::text[]) AS i(id) \
-         LEFT JOIN LATERAL (SELECT true AS ferry_present{sep}{list} FROM {t} WHERE {pk} = {key} OFFSET 0) AS r \
+         LEFT JOIN LATERAL (SELECT true AS ferry_present{sep}{list} FROM {t} AS {APP_ROW} WHERE {pk} = {key} OFFSET 0) AS r \
          ON true \
          LEFT JOIN LATERAL (SELECT clocks FROM {f}.clocks WHERE tbl = $1 AND id = i.id OFFSET 0) AS c ON true \
          LEFT JOIN LATERAL (SELECT hlc FROM {f}.tombstones WHERE tbl = $1 AND id = i.id OFFSET 0) AS tb ON true",
@@ -485,7 +485,7 @@ fn write_row_on(
     let list = layout.select_list();
     let returning = if list.is_empty() { "1".to_owned() } else { list };
     let sql = format!(
-        "WITH a AS (INSERT INTO {t}({cols}) VALUES ({values}) ON CONFLICT ({pk}) DO {update} RETURNING {returning}), \
+        "WITH a AS (INSERT INTO {t} AS {APP_ROW}({cols}) VALUES ({values}) ON CONFLICT ({pk}) DO {update} RETURNING {returning}), \
          c AS (INSERT INTO {f}.clocks(tbl, id, clocks) VALUES ($1, $2, $3) \
                ON CONFLICT (tbl, id) DO UPDATE SET clocks = EXCLUDED.clocks RETURNING 1), \
          d AS (DELETE FROM {f}.tombstones WHERE tbl = $1 AND id = $2 RETURNING 1) \
@@ -959,7 +959,7 @@ impl SourceTx for PgTx<'_> {
                    (SELECT DISTINCT id FROM {f}.row_buckets WHERE tbl = $1 {after} ORDER BY id LIMIT $3) \
                  ) AS u ORDER BY id LIMIT $3) \
                  SELECT k.id, h.held IS NOT NULL FROM k \
-                 LEFT JOIN LATERAL (SELECT true AS held FROM {t} WHERE {pk} = {cast} LIMIT 1) AS h ON true \
+                 LEFT JOIN LATERAL (SELECT true AS held FROM {t} AS {APP_ROW} WHERE {pk} = {cast} LIMIT 1) AS h ON true \
                  ORDER BY k.id",
                 t = layout.qualified,
                 pk = layout.pk,

@@ -834,3 +834,85 @@ async fn rows_an_app_trigger_changes_reach_devices_and_a_refusal_stays_the_ops_o
         .expect("count");
     assert_eq!(count[0][0].as_deref(), Some("20"));
 }
+
+/// Rules for one table `name` (columns `t`, `o`) in one bucket, writable
+/// by anyone.
+fn one_table_rules(name: &str, columns: &str) -> String {
+    format!(
+        "[[tables]]\nname = \"{name}\"\ncolumns = [{columns}]\n\
+         [[buckets]]\nname = \"all\"\ndata = [{{ table = \"{name}\" }}]\n\
+         [[permissions]]\ntable = \"{name}\"\ninsert = \"true\"\nupdate = \"true\"\ndelete = \"true\"\n"
+    )
+}
+
+#[tokio::test]
+async fn tables_named_like_the_words_of_ferry_s_own_statements_sync_like_any_other() {
+    // `i` and `k` name the ids in Ferry's lookups, `excluded` the row an
+    // ON CONFLICT update takes: a table of that name took their place
+    // (every row read as another's, truncated rows kept, uploads failed).
+    for name in ["i", "k", "excluded"] {
+        let s = ScratchSchemas::for_test();
+        let a = &s.app;
+        s.execute(&format!(
+            "CREATE TABLE \"{a}\".\"{name}\" (id text PRIMARY KEY, t text, o text);
+             INSERT INTO \"{a}\".\"{name}\" VALUES ('a', 'ta', 'oa'), ('b', 'tb', 'ob');"
+        ))
+        .expect("app table");
+        let db = PgSourceDb::connect(&s.options()).expect("connect");
+        let rules = one_table_rules(
+            name,
+            "{ name = \"t\", type = \"text\" }, { name = \"o\", type = \"text\" }",
+        );
+        let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
+            .build()
+            .expect("service");
+        svc.rebucket_all().await.expect("pass");
+        // After the pass's clocks of the existing rows.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        let ops = [
+            common::patch(name, "b", &[("t", Value::from("patched"))]),
+            put(name, "c", &[("t", Value::from("tc")), ("o", Value::from("oc"))]),
+        ];
+        let entries = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| entry(i as u64 + 1, op, now_ms + 1_000 + i as u64, "c-ann"))
+            .collect();
+        let answer = SyncHandler::upload(&svc, &token("ann"), upload_req("c-ann", entries))
+            .await
+            .expect("upload answered");
+        let outcomes: Vec<Outcome> = answer.outcomes.into_iter().map(|o| o.outcome).collect();
+        assert_eq!(outcomes, vec![Outcome::Applied, Outcome::Applied], "{name}");
+        let mut ann = TestClient::new("c-ann-2");
+        ann.sync(&svc, &token("ann")).await;
+        let rows: Vec<(String, Option<Value>, Option<Value>)> = ann
+            .rows()
+            .into_iter()
+            .map(|((_, id), row)| (id, row.get("t").cloned(), row.get("o").cloned()))
+            .collect();
+        let row = |id: &str, t: &str, o: &str| (id.to_owned(), Some(Value::from(t)), Some(Value::from(o)));
+        assert_eq!(
+            rows,
+            vec![row("a", "ta", "oa"), row("b", "patched", "ob"), row("c", "tc", "oc")],
+            "{name}"
+        );
+        let stored = s
+            .query(&format!("SELECT id, t, o FROM \"{a}\".\"{name}\" ORDER BY id"))
+            .expect("select");
+        assert_eq!(stored.len(), 3, "{name}: {stored:?}");
+        assert_eq!(stored[1][1].as_deref(), Some("patched"), "{name}: {stored:?}");
+
+        // A truncate and a reload: only the reloaded row stays.
+        s.execute(&format!(
+            "TRUNCATE \"{a}\".\"{name}\"; INSERT INTO \"{a}\".\"{name}\" VALUES ('z', 'tz', 'oz');"
+        ))
+        .expect("truncate");
+        svc.apply_captured(10).await.expect("capture");
+        ann.sync(&svc, &token("ann")).await;
+        let ids: Vec<String> = ann.rows().into_keys().map(|(_, id)| id).collect();
+        assert_eq!(ids, vec!["z".to_owned()], "{name}");
+    }
+}
