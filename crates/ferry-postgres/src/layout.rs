@@ -26,6 +26,11 @@ use tokio_postgres::types::ToSql;
 /// else (the `i` of its ids, `excluded` of `ON CONFLICT`).
 pub(crate) const APP_ROW: &str = "ferry_app_row";
 
+/// Ferry's inserts into an app table give the row id (and the rules'
+/// columns) themselves, also to an identity column `GENERATED ALWAYS`,
+/// which refuses a value otherwise (no effect on other columns).
+pub(crate) const OVERRIDING: &str = "OVERRIDING SYSTEM VALUE";
+
 /// How a column's values travel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -293,6 +298,9 @@ pub(crate) struct PgColumn {
     pub typname: String,
     /// `format_type`'s name, for messages.
     pub display: String,
+    /// A generated column (`GENERATED ALWAYS AS (..) STORED`): PostgreSQL
+    /// computes it and refuses any value written to it.
+    pub generated: bool,
 }
 
 /// Match a rules table against what PostgreSQL holds.
@@ -352,6 +360,13 @@ pub(crate) fn layout(
                 c.name
             )));
         };
+        if pg.generated {
+            return Err(SourceError::Schema(format!(
+                "table {schema}.{name} column {} is a generated column, which ferry cannot write (ferry writes \
+                 every column the sync rules name: leave it out of them)",
+                c.name
+            )));
+        }
         let Some(kind) = kind_of(c.ty, &pg.typname) else {
             return Err(SourceError::Schema(format!(
                 "table {schema}.{name} column {} has type {}, which ferry cannot sync as {} (use {})",

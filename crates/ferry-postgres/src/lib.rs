@@ -414,7 +414,7 @@ fn describe_place(c: &tokio_postgres::Config) -> String {
 fn introspect_columns(client: &deadpool_postgres::Client, schema: &str, table: &str) -> Result<Vec<PgColumn>> {
     let rows = query(
         client,
-        "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod) \
+        "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '' \
          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
          JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_type t ON t.oid = a.atttypid \
          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
@@ -427,6 +427,7 @@ fn introspect_columns(client: &deadpool_postgres::Client, schema: &str, table: &
                 name: r.try_get(0)?,
                 typname: r.try_get(1)?,
                 display: r.try_get(2)?,
+                generated: r.try_get(3)?,
             })
         })
         .collect()

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use ferry_core::{RowData, Value};
 
-use crate::layout::{Kind, PkKind, PkParam, TableLayout, APP_ROW};
+use crate::layout::{Kind, PkKind, PkParam, TableLayout, APP_ROW, OVERRIDING};
 use crate::tx::Param;
 
 /// Most rows in one group (one statement, its arrays bounded).
@@ -204,7 +204,7 @@ impl RowGroup {
             format!("UPDATE SET {}", sets.join(", "))
         };
         let sql = format!(
-            "INSERT INTO {t} AS {APP_ROW}({names}) SELECT {exprs} FROM unnest({arrays}) AS u({aliases}) \
+            "INSERT INTO {t} AS {APP_ROW}({names}) {OVERRIDING} SELECT {exprs} FROM unnest({arrays}) AS u({aliases}) \
              ON CONFLICT ({pk}) DO {update}",
             t = layout.qualified,
             names = names.join(", "),

@@ -15,7 +15,7 @@ use tokio_postgres::Row;
 use crate::batched::{oplog_inserts, Batched, Mark, OplogRow};
 use crate::bridge::wait;
 use crate::error::{corrupt, lift, Result};
-use crate::layout::{PkParam, TableLayout, APP_ROW};
+use crate::layout::{PkParam, TableLayout, APP_ROW, OVERRIDING};
 use crate::rows::RowGroup;
 use crate::{read_ops_on, Shared};
 
@@ -485,7 +485,7 @@ fn write_row_on(
     let list = layout.select_list();
     let returning = if list.is_empty() { "1".to_owned() } else { list };
     let sql = format!(
-        "WITH a AS (INSERT INTO {t} AS {APP_ROW}({cols}) VALUES ({values}) ON CONFLICT ({pk}) DO {update} RETURNING {returning}), \
+        "WITH a AS (INSERT INTO {t} AS {APP_ROW}({cols}) {OVERRIDING} VALUES ({values}) ON CONFLICT ({pk}) DO {update} RETURNING {returning}), \
          c AS (INSERT INTO {f}.clocks(tbl, id, clocks) VALUES ($1, $2, $3) \
                ON CONFLICT (tbl, id) DO UPDATE SET clocks = EXCLUDED.clocks RETURNING 1), \
          d AS (DELETE FROM {f}.tombstones WHERE tbl = $1 AND id = $2 RETURNING 1) \

@@ -916,3 +916,74 @@ async fn tables_named_like_the_words_of_ferry_s_own_statements_sync_like_any_oth
         assert_eq!(ids, vec!["z".to_owned()], "{name}");
     }
 }
+
+#[tokio::test]
+async fn generated_columns_are_refused_at_start_and_an_identity_key_takes_the_devices_ids() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".lines (id text PRIMARY KEY, n bigint, twice bigint GENERATED ALWAYS AS (n * 2) STORED);
+         CREATE TABLE \"{a}\".orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, t text);"
+    ))
+    .expect("app tables");
+    // Ferry writes every column the rules name: a generated one would
+    // fail every write to its table (a 500 the device retries forever).
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let rules = one_table_rules(
+        "lines",
+        "{ name = \"n\", type = \"integer\" }, { name = \"twice\", type = \"integer\" }",
+    );
+    let Err(err) = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET).build()
+    else {
+        panic!("a generated column in the rules was taken");
+    };
+    assert!(matches!(err, ServiceError::Config(_)), "{err}");
+    let msg = err.to_string();
+    for needle in ["lines", "twice", "generated"] {
+        assert!(msg.contains(needle), "{msg:?} names {needle:?}");
+    }
+
+    // An identity key takes the ids devices give, and rows the backend
+    // made can be changed by devices.
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let rules = one_table_rules("orders", "{ name = \"t\", type = \"text\" }");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    s.execute(&format!("INSERT INTO \"{a}\".orders(t) VALUES ('from the backend')"))
+        .expect("backend insert");
+    svc.apply_captured(10).await.expect("capture");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let entries = vec![
+        entry(
+            1,
+            common::patch("orders", "1", &[("t", Value::from("patched"))]),
+            now_ms + 1_000,
+            "c-ann",
+        ),
+        entry(
+            2,
+            put("orders", "1000", &[("t", Value::from("from a device"))]),
+            now_ms + 1_001,
+            "c-ann",
+        ),
+    ];
+    let answer = SyncHandler::upload(&svc, &token("ann"), upload_req("c-ann", entries))
+        .await
+        .expect("upload answered");
+    let outcomes: Vec<Outcome> = answer.outcomes.into_iter().map(|o| o.outcome).collect();
+    assert_eq!(outcomes, vec![Outcome::Applied, Outcome::Applied]);
+    let rows = s
+        .query(&format!("SELECT id::text, t FROM \"{a}\".orders ORDER BY id"))
+        .expect("select");
+    assert_eq!(
+        rows,
+        vec![
+            vec![Some("1".to_owned()), Some("patched".to_owned())],
+            vec![Some("1000".to_owned()), Some("from a device".to_owned())],
+        ]
+    );
+}
