@@ -228,7 +228,22 @@ impl TableLayout {
                 (n.to_string() == id).then_some(PkParam::Int(n))
             }
             PkKind::Text { typname } if typname == "uuid" => is_canonical_uuid(id).then_some(PkParam::Text),
+            // A char(n) key ignores trailing spaces: "a " is the row "a".
+            PkKind::Text { typname } if typname == "bpchar" => (!id.ends_with(' ')).then_some(PkParam::Text),
             PkKind::Text { .. } => Some(PkParam::Text),
+        }
+    }
+
+    /// The row id of a key as its JSON text (what the capture trigger
+    /// records): a char(n) key's padding is not part of the id, as with
+    /// the key's text (`::text`) that [`TableLayout::pk_from_text`] and
+    /// reads of the keys give.
+    pub(crate) fn id_of_key_text(&self, key: String) -> String {
+        match &self.pk_kind {
+            PkKind::Text { typname } if typname == "bpchar" && key.ends_with(' ') => {
+                key.trim_end_matches(' ').to_owned()
+            }
+            _ => key,
         }
     }
 
@@ -255,6 +270,9 @@ impl TableLayout {
                 "CASE WHEN {expr} ~ '^[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$' \
                  THEN {expr}::uuid END"
             ),
+            PkKind::Text { typname } if typname == "bpchar" => {
+                format!("CASE WHEN {expr} !~ ' $' THEN {expr}::text::bpchar END")
+            }
             PkKind::Text { typname } => format!("{expr}::text::{typname}"),
         }
     }
@@ -263,6 +281,7 @@ impl TableLayout {
     pub(crate) fn bad_id(&self, id: &str) -> SourceError {
         let what = match &self.pk_kind {
             PkKind::Int => "a decimal integer".to_owned(),
+            PkKind::Text { typname } if typname == "bpchar" => "a char(n) key without trailing spaces".to_owned(),
             PkKind::Text { typname } => format!("a canonical {typname}"),
         };
         SourceError::Refused(format!(

@@ -898,10 +898,18 @@ impl SourceTx for PgTx<'_> {
                     } else {
                         CaptureKind::Row
                     };
+                    let table: String = r.try_get(1)?;
+                    let id: String = r.try_get(2)?;
+                    // The trigger's id is the key as JSON has it; a char(n)
+                    // key is padded there, not as the row id (its text).
+                    let id = match self.db.layout(&table) {
+                        Ok(layout) => layout.id_of_key_text(id),
+                        Err(_) => id,
+                    };
                     Ok(CapturedChange {
                         seq: r.try_get::<_, i64>(0)? as u64,
-                        table: r.try_get(1)?,
-                        id: r.try_get(2)?,
+                        table,
+                        id,
                         kind,
                     })
                 })

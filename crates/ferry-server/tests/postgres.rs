@@ -987,3 +987,65 @@ async fn generated_columns_are_refused_at_start_and_an_identity_key_takes_the_de
         ]
     );
 }
+
+#[tokio::test]
+async fn a_char_key_row_changed_in_sql_stays_one_row_on_devices() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!("CREATE TABLE \"{a}\".codes (id char(5) PRIMARY KEY, t text)"))
+        .expect("app table");
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let rules = one_table_rules("codes", "{ name = \"t\", type = \"text\" }");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    let outcomes = upload(
+        &svc,
+        "ann",
+        "c-ann",
+        vec![put("codes", "ab", &[("t", Value::from("from a device"))])],
+    )
+    .await;
+    assert_eq!(outcomes, vec![Outcome::Applied]);
+    // The same row to PostgreSQL (char(n) ignores trailing spaces):
+    // refused, not a second row id for it.
+    let outcomes = upload(
+        &svc,
+        "ann",
+        "c-ann-3",
+        vec![put("codes", "ab ", &[("t", Value::from("padded"))])],
+    )
+    .await;
+    match &outcomes[0] {
+        Outcome::Rejected { reason } => assert!(reason.contains("\"ab \""), "{reason}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // The backend changes the row and adds one: the trigger sees the keys
+    // padded ("ab   "), devices keep the ids they know.
+    s.execute(&format!(
+        "UPDATE \"{a}\".codes SET t = 'from the backend'; INSERT INTO \"{a}\".codes VALUES ('cd', 'new')"
+    ))
+    .expect("backend writes");
+    svc.apply_captured(10).await.expect("capture");
+    let mut ann = TestClient::new("c-ann-2");
+    ann.sync(&svc, &token("ann")).await;
+    let rows: Vec<(String, Option<Value>)> = ann
+        .rows()
+        .into_iter()
+        .map(|((_, id), row)| (id, row.get("t").cloned()))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("ab".to_owned(), Some(Value::from("from the backend"))),
+            ("cd".to_owned(), Some(Value::from("new"))),
+        ]
+    );
+    // A delete in SQL removes it.
+    s.execute(&format!("DELETE FROM \"{a}\".codes WHERE id = 'ab'"))
+        .expect("delete");
+    svc.apply_captured(10).await.expect("capture");
+    ann.sync(&svc, &token("ann")).await;
+    let ids: Vec<String> = ann.rows().into_keys().map(|(_, id)| id).collect();
+    assert_eq!(ids, vec!["cd".to_owned()]);
+}
