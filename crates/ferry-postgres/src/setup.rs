@@ -217,7 +217,10 @@ ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncate_after text;
 CREATE INDEX IF NOT EXISTS changes_truncated ON {f}.changes(seq) WHERE truncated;
 CREATE OR REPLACE FUNCTION {f}.capture() RETURNS trigger LANGUAGE plpgsql AS $ferry$
 BEGIN
-  IF current_setting('ferry.writing', true) = 'on' THEN
+  -- Ferry's own statements fire this at depth 1; a row they change in
+  -- turn (a foreign key's ON DELETE CASCADE or SET NULL, an app's
+  -- trigger) fires it deeper and is captured like any other change.
+  IF current_setting('ferry.writing', true) = 'on' AND pg_trigger_depth() = 1 THEN
     RETURN NULL;
   END IF;
   IF TG_OP = 'TRUNCATE' THEN

@@ -1049,3 +1049,67 @@ async fn a_char_key_row_changed_in_sql_stays_one_row_on_devices() {
     let ids: Vec<String> = ann.rows().into_keys().map(|(_, id)| id).collect();
     assert_eq!(ids, vec!["cd".to_owned()]);
 }
+
+#[tokio::test]
+async fn rows_an_app_trigger_changes_on_a_device_write_reach_devices() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".lists (id text PRIMARY KEY, summary text);
+         CREATE TABLE \"{a}\".items (id text PRIMARY KEY, list text);
+         CREATE FUNCTION \"{a}\".summarize() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           UPDATE \"{a}\".lists SET summary = (SELECT count(*) FROM \"{a}\".items WHERE list = NEW.list) || ' items'
+             WHERE id = NEW.list;
+           RETURN NULL; END $$;
+         CREATE TRIGGER summarize AFTER INSERT ON \"{a}\".items
+           FOR EACH ROW EXECUTE FUNCTION \"{a}\".summarize();"
+    ))
+    .expect("app tables");
+    let rules = "[[tables]]\nname = \"lists\"\ncolumns = [{ name = \"summary\", type = \"text\" }]\n\
+        [[tables]]\nname = \"items\"\ncolumns = [{ name = \"list\", type = \"text\" }]\n\
+        [[buckets]]\nname = \"all\"\ndata = [{ table = \"lists\" }, { table = \"items\" }]\n"
+        .to_owned()
+        + &["lists", "items"]
+            .map(|t| {
+                format!("[[permissions]]\ntable = \"{t}\"\ninsert = \"true\"\nupdate = \"true\"\ndelete = \"true\"\n")
+            })
+            .concat();
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let list = |v: &str| vec![("list", Value::from(v))];
+    let entries = vec![
+        entry(
+            1,
+            put("lists", "l1", &[("summary", Value::from("new"))]),
+            now_ms,
+            "c-ann",
+        ),
+        entry(2, put("items", "i1", &list("l1")), now_ms + 1, "c-ann"),
+    ];
+    let answer = SyncHandler::upload(&svc, &token("ann"), upload_req("c-ann", entries))
+        .await
+        .expect("upload answered");
+    assert!(
+        answer.outcomes.iter().all(|o| o.outcome == Outcome::Applied),
+        "{answer:?}"
+    );
+    svc.apply_captured(10).await.expect("capture");
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    // The app's trigger summarized the list as the item came (a change
+    // made in Ferry's transaction, but not by Ferry).
+    assert_eq!(
+        bob.rows()
+            .get(&("lists".to_owned(), "l1".to_owned()))
+            .and_then(|r| r.get("summary").cloned()),
+        Some(Value::from("1 items")),
+        "{:?}",
+        bob.rows()
+    );
+}
