@@ -218,6 +218,19 @@ pub(crate) enum PkParam {
 }
 
 impl TableLayout {
+    /// A one-row relation that, joined into Ferry's statement writing this
+    /// table, sets `ferry.writing` to the table's name for the rest of the
+    /// transaction: the capture trigger then skips the rows of this table
+    /// the statement writes (at trigger depth 1), and captures the rows
+    /// of other tables it changes in turn (a foreign key's `ON DELETE
+    /// CASCADE` or `SET NULL`, whose triggers also fire at depth 1).
+    pub(crate) fn writing_marker(&self) -> String {
+        format!(
+            "(SELECT set_config('ferry.writing', {}, true) AS ferry_writing_table) AS ferry_writing",
+            quote_literal(&self.name)
+        )
+    }
+
     /// The row id as its primary key's parameter; `None` for an id no row
     /// of this table can have (not an integer for an integer key, not a
     /// canonical uuid for a uuid key).

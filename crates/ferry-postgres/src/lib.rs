@@ -562,12 +562,15 @@ impl SourceDb for PgSourceDb {
         let f = &self.shared.names.ferry;
         let result = lift(|| {
             wait(client.batch_execute("BEGIN"))?;
-            // Ferry's own writes are not captured; the counter row's lock
-            // makes Ferry's write transactions serial.
+            // The counter row's lock makes Ferry's write transactions
+            // serial. Each of Ferry's statements writing an app table
+            // names the table in `ferry.writing`, so the capture trigger
+            // skips its rows (`TableLayout::writing_marker`); cleared here
+            // (an earlier Ferry set `on`, which skips every row).
             let rows = query(
                 &client,
                 &format!(
-                    "SELECT last_op_id, set_config('ferry.writing', 'on', true) FROM {f}.counter \
+                    "SELECT last_op_id, set_config('ferry.writing', '', true) FROM {f}.counter \
                      WHERE id = 1 FOR UPDATE"
                 ),
                 &[],

@@ -205,7 +205,8 @@ impl RowGroup {
         };
         let sql = format!(
             "INSERT INTO {t} AS {APP_ROW}({names}) {OVERRIDING} SELECT {exprs} FROM unnest({arrays}) AS u({aliases}) \
-             ON CONFLICT ({pk}) DO {update}",
+             CROSS JOIN {marker} ON CONFLICT ({pk}) DO {update}",
+            marker = layout.writing_marker(),
             t = layout.qualified,
             names = names.join(", "),
             exprs = exprs.join(", "),

@@ -217,10 +217,12 @@ ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncate_after text;
 CREATE INDEX IF NOT EXISTS changes_truncated ON {f}.changes(seq) WHERE truncated;
 CREATE OR REPLACE FUNCTION {f}.capture() RETURNS trigger LANGUAGE plpgsql AS $ferry$
 BEGIN
-  -- Ferry's own statements fire this at depth 1; a row they change in
-  -- turn (a foreign key's ON DELETE CASCADE or SET NULL, an app's
-  -- trigger) fires it deeper and is captured like any other change.
-  IF current_setting('ferry.writing', true) = 'on' AND pg_trigger_depth() = 1 THEN
+  -- Ferry's statement writing a table names it in ferry.writing, and its
+  -- rows fire this at depth 1: skipped. A row it changes in turn is
+  -- captured like any other change: an app trigger's fires this deeper,
+  -- a foreign key action's (ON DELETE CASCADE, SET NULL) at depth 1 but
+  -- in another table. ('on': an earlier Ferry, which skipped every row.)
+  IF current_setting('ferry.writing', true) IN ('on', TG_ARGV[0]) AND pg_trigger_depth() = 1 THEN
     RETURN NULL;
   END IF;
   IF TG_OP = 'TRUNCATE' THEN

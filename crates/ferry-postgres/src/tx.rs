@@ -485,7 +485,7 @@ fn write_row_on(
     let list = layout.select_list();
     let returning = if list.is_empty() { "1".to_owned() } else { list };
     let sql = format!(
-        "WITH a AS (INSERT INTO {t} AS {APP_ROW}({cols}) {OVERRIDING} VALUES ({values}) ON CONFLICT ({pk}) DO {update} RETURNING {returning}), \
+        "WITH a AS (INSERT INTO {t} AS {APP_ROW}({cols}) {OVERRIDING} SELECT {values} FROM {marker} ON CONFLICT ({pk}) DO {update} RETURNING {returning}), \
          c AS (INSERT INTO {f}.clocks(tbl, id, clocks) VALUES ($1, $2, $3) \
                ON CONFLICT (tbl, id) DO UPDATE SET clocks = EXCLUDED.clocks RETURNING 1), \
          d AS (DELETE FROM {f}.tombstones WHERE tbl = $1 AND id = $2 RETURNING 1) \
@@ -494,6 +494,7 @@ fn write_row_on(
         cols = cols.join(", "),
         values = values.join(", "),
         pk = layout.pk,
+        marker = layout.writing_marker(),
     );
     let rows = tx.q(&sql, &params)?;
     let Some(r) = rows.first() else {
@@ -518,8 +519,9 @@ fn delete_row_on(tx: &mut PgTx<'_>, layout: &TableLayout, id: &str, hlc: &HlcTim
     };
     let app = if pk.is_some() {
         format!(
-            "a AS (DELETE FROM {} WHERE {} = {} RETURNING 1), ",
+            "a AS (DELETE FROM {} USING {} WHERE {} = {} RETURNING 1), ",
             layout.qualified,
+            layout.writing_marker(),
             layout.pk,
             layout.pk_expr(2, 4)
         )

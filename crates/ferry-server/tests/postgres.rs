@@ -1113,3 +1113,91 @@ async fn rows_an_app_trigger_changes_on_a_device_write_reach_devices() {
         bob.rows()
     );
 }
+
+/// A device deletes a row other rows reference through foreign keys with
+/// actions: PostgreSQL deletes the referencing rows (`ON DELETE CASCADE`,
+/// two levels deep) and clears a reference (`ON DELETE SET NULL`) in the
+/// device's write. Those rows change in the database, not by Ferry's
+/// statements: they reach devices as any change made in the database.
+#[tokio::test]
+async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".lists (id text PRIMARY KEY, title text);
+         CREATE TABLE \"{a}\".items (id text PRIMARY KEY, list text REFERENCES \"{a}\".lists(id) ON DELETE CASCADE);
+         CREATE TABLE \"{a}\".marks (id text PRIMARY KEY, item text REFERENCES \"{a}\".items(id) ON DELETE CASCADE);
+         CREATE TABLE \"{a}\".notes (id text PRIMARY KEY, list text REFERENCES \"{a}\".lists(id) ON DELETE SET NULL);"
+    ))
+    .expect("app tables");
+    let table = |name: &str, column: &str| {
+        format!(
+            "[[tables]]\nname = \"{name}\"\ncolumns = [{{ name = \"{column}\", type = \"text\" }}]\n\
+             [[permissions]]\ntable = \"{name}\"\ninsert = \"true\"\nupdate = \"true\"\ndelete = \"true\"\n"
+        )
+    };
+    let rules = [
+        table("lists", "title"),
+        table("items", "list"),
+        table("marks", "item"),
+        table("notes", "list"),
+        "[[buckets]]\nname = \"all\"\ndata = [{ table = \"lists\" }, { table = \"items\" }, { table = \"marks\" }, \
+         { table = \"notes\" }]\n"
+            .to_owned(),
+    ]
+    .concat();
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    fn col<'a>(name: &'a str, v: &str) -> Vec<(&'a str, Value)> {
+        vec![(name, Value::from(v))]
+    }
+    let entries = vec![
+        entry(1, put("lists", "l1", &col("title", "groceries")), now_ms, "c-ann"),
+        entry(2, put("lists", "l2", &col("title", "chores")), now_ms + 1, "c-ann"),
+        entry(3, put("items", "i1", &col("list", "l1")), now_ms + 2, "c-ann"),
+        entry(4, put("items", "i2", &col("list", "l2")), now_ms + 3, "c-ann"),
+        entry(5, put("marks", "m1", &col("item", "i1")), now_ms + 4, "c-ann"),
+        entry(6, put("notes", "n1", &col("list", "l1")), now_ms + 5, "c-ann"),
+    ];
+    let answer = SyncHandler::upload(&svc, &token("ann"), upload_req("c-ann", entries))
+        .await
+        .expect("upload answered");
+    assert!(
+        answer.outcomes.iter().all(|o| o.outcome == Outcome::Applied),
+        "{answer:?}"
+    );
+    svc.apply_captured(10).await.expect("capture");
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    assert_eq!(bob.rows().len(), 6, "{:?}", bob.rows());
+
+    let answer = SyncHandler::upload(
+        &svc,
+        &token("ann"),
+        upload_req("c-ann", vec![entry(7, delete("lists", "l1"), now_ms + 6, "c-ann")]),
+    )
+    .await
+    .expect("delete answered");
+    assert_eq!(answer.outcomes[0].outcome, Outcome::Applied, "{answer:?}");
+    svc.apply_captured(10).await.expect("capture");
+    bob.sync(&svc, &token("bob")).await;
+    let mut ids: Vec<(String, String)> = bob.rows().into_keys().collect();
+    ids.sort();
+    let key = |t: &str, id: &str| (t.to_owned(), id.to_owned());
+    assert_eq!(
+        ids,
+        vec![key("items", "i2"), key("lists", "l2"), key("notes", "n1")],
+        "the list's items and their marks are gone on devices too"
+    );
+    assert_eq!(
+        bob.rows().get(&key("notes", "n1")).and_then(|r| r.get("list").cloned()),
+        Some(Value::Null),
+        "the note's reference is cleared on devices too"
+    );
+}
