@@ -47,15 +47,21 @@ fn describe(db: &tokio_postgres::error::DbError) -> String {
     s
 }
 
-/// Data exceptions (22) and integrity constraints (23) refuse one write;
-/// serialization failures and deadlocks (40), resources (53), operator
-/// intervention (57) and connection errors (08) can pass; the rest is a
-/// database error. An error without a SQLSTATE is a lost connection or a
-/// protocol problem.
+/// Data exceptions (22) and integrity constraints (23) refuse one write,
+/// as does a row-level security policy of the app's table (42501 with
+/// PostgreSQL's "row-level security" message; another 42501, a privilege
+/// Ferry's role lacks, is a database error the write waits out, not a
+/// refusal that would lose it); serialization failures and deadlocks
+/// (40), resources (53), operator intervention (57) and connection errors
+/// (08) can pass; the rest is a database error. An error without a
+/// SQLSTATE is a lost connection or a protocol problem.
 pub(crate) fn classify(e: &tokio_postgres::Error) -> SourceError {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
         let msg = describe(db);
+        if code == "42501" && db.message().contains("row-level security") {
+            return SourceError::Refused(msg);
+        }
         return match code.get(..2) {
             Some("22" | "23") => SourceError::Refused(msg),
             Some("40" | "53" | "57" | "08") => SourceError::Unavailable(msg),

@@ -44,6 +44,17 @@ pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Resu
         // dropped by hand since (an index: every lookup of a table would
         // then scan it): then they run again.
         if done.as_deref() != Some(fingerprint.as_str()) || !objects_present(client, &names.ferry_raw)? {
+            // Only when missing: `CREATE SCHEMA IF NOT EXISTS` needs the
+            // CREATE privilege on the database even for a schema that is
+            // there (made for a role that has rights in it alone).
+            let schema_exists: bool = query(client, "SELECT to_regnamespace($1) IS NOT NULL", &[f])?
+                .first()
+                .map(|r| r.try_get(0))
+                .transpose()?
+                .unwrap_or(false);
+            if !schema_exists {
+                wait(client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {f};")))?;
+            }
             wait(client.batch_execute(&sql))?;
             query(
                 client,
@@ -153,14 +164,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The statements that create Ferry's schema (idempotent; run under an
-/// advisory lock so instances starting together do not race; skipped when
-/// they already ran, see [`install`]).
+/// The statements that create Ferry's tables and capture function in its
+/// schema, made first (idempotent; run under an advisory lock so
+/// instances starting together do not race; skipped when they already
+/// ran, see [`install`]).
 pub(crate) fn schema_sql(f: &str, capture_channel: &str) -> String {
     let ch = quote_literal(capture_channel);
     format!(
         "
-CREATE SCHEMA IF NOT EXISTS {f};
 CREATE TABLE IF NOT EXISTS {f}.oplog(
   op_id bigint PRIMARY KEY,
   bucket text NOT NULL,
