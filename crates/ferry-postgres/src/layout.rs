@@ -224,9 +224,26 @@ impl TableLayout {
     /// the statement writes (at trigger depth 1), and captures the rows
     /// of other tables it changes in turn (a foreign key's `ON DELETE
     /// CASCADE` or `SET NULL`, whose triggers also fire at depth 1).
+    ///
+    /// For Ferry's upserts (`ferry.writing_id` empty): every row of this
+    /// table inserted or updated at depth 1 is the statement's.
     pub(crate) fn writing_marker(&self) -> String {
         format!(
-            "(SELECT set_config('ferry.writing', {}, true) AS ferry_writing_table) AS ferry_writing",
+            "(SELECT set_config('ferry.writing', {}, true) AS ferry_writing_table, \
+             set_config('ferry.writing_id', '', true) AS ferry_writing_id) AS ferry_writing",
+            quote_literal(&self.name)
+        )
+    }
+
+    /// [`TableLayout::writing_marker`] for Ferry's delete of the row whose
+    /// id is the text parameter `$id_param`: only that row's delete is the
+    /// statement's, so rows of this same table a foreign key's action
+    /// deletes or updates in turn (a self-referencing `ON DELETE
+    /// CASCADE`) are captured.
+    pub(crate) fn deleting_marker(&self, id_param: usize) -> String {
+        format!(
+            "(SELECT set_config('ferry.writing', {}, true) AS ferry_writing_table, \
+             set_config('ferry.writing_id', ${id_param}::text, true) AS ferry_writing_id) AS ferry_writing",
             quote_literal(&self.name)
         )
     }

@@ -228,12 +228,19 @@ ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncate_after text;
 CREATE INDEX IF NOT EXISTS changes_truncated ON {f}.changes(seq) WHERE truncated;
 CREATE OR REPLACE FUNCTION {f}.capture() RETURNS trigger LANGUAGE plpgsql AS $ferry$
 BEGIN
-  -- Ferry's statement writing a table names it in ferry.writing, and its
-  -- rows fire this at depth 1: skipped. A row it changes in turn is
-  -- captured like any other change: an app trigger's fires this deeper,
-  -- a foreign key action's (ON DELETE CASCADE, SET NULL) at depth 1 but
-  -- in another table. ('on': an earlier Ferry, which skipped every row.)
-  IF current_setting('ferry.writing', true) IN ('on', TG_ARGV[0]) AND pg_trigger_depth() = 1 THEN
+  -- Ferry's statement writing a table names it in ferry.writing (and for
+  -- a delete, the row's id in ferry.writing_id), and its rows fire this
+  -- at depth 1: skipped. A row it changes in turn is captured like any
+  -- other change: an app trigger's fires this deeper, a foreign key
+  -- action's (ON DELETE CASCADE, SET NULL) at depth 1 but in another
+  -- table, or in the same table under a delete of another id. ('on': an
+  -- earlier Ferry, which skipped every row.)
+  IF pg_trigger_depth() = 1 AND (current_setting('ferry.writing', true) = 'on'
+      OR (current_setting('ferry.writing', true) = TG_ARGV[0]
+          AND CASE WHEN coalesce(current_setting('ferry.writing_id', true), '') = ''
+                   THEN TG_OP <> 'DELETE'
+                   ELSE TG_OP = 'DELETE' AND current_setting('ferry.writing_id', true) = to_jsonb(OLD) ->> TG_ARGV[1]
+              END)) THEN
     RETURN NULL;
   END IF;
   IF TG_OP = 'TRUNCATE' THEN

@@ -521,7 +521,7 @@ fn delete_row_on(tx: &mut PgTx<'_>, layout: &TableLayout, id: &str, hlc: &HlcTim
         format!(
             "a AS (DELETE FROM {} USING {} WHERE {} = {} RETURNING 1), ",
             layout.qualified,
-            layout.writing_marker(),
+            layout.deleting_marker(2),
             layout.pk,
             layout.pk_expr(2, 4)
         )

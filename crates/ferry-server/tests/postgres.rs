@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{delete, entry, put, token, upload_req, TestClient, SECRET};
+use common::{delete, entry, put, token, upload_req, upload_txs, TestClient, SECRET};
 use ferry_core::Value;
 use ferry_postgres::scratch::ScratchSchemas;
 use ferry_postgres::{PgOptions, PgSourceDb};
@@ -1116,8 +1116,8 @@ async fn rows_an_app_trigger_changes_on_a_device_write_reach_devices() {
 
 /// A device deletes a row other rows reference through foreign keys with
 /// actions: PostgreSQL deletes the referencing rows (`ON DELETE CASCADE`,
-/// two levels deep) and clears a reference (`ON DELETE SET NULL`) in the
-/// device's write. Those rows change in the database, not by Ferry's
+/// two levels deep, and down a tree of rows of the same table) and clears
+/// a reference (`ON DELETE SET NULL`) in the device's write. Those rows change in the database, not by Ferry's
 /// statements: they reach devices as any change made in the database.
 #[tokio::test]
 async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
@@ -1127,7 +1127,8 @@ async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
         "CREATE TABLE \"{a}\".lists (id text PRIMARY KEY, title text);
          CREATE TABLE \"{a}\".items (id text PRIMARY KEY, list text REFERENCES \"{a}\".lists(id) ON DELETE CASCADE);
          CREATE TABLE \"{a}\".marks (id text PRIMARY KEY, item text REFERENCES \"{a}\".items(id) ON DELETE CASCADE);
-         CREATE TABLE \"{a}\".notes (id text PRIMARY KEY, list text REFERENCES \"{a}\".lists(id) ON DELETE SET NULL);"
+         CREATE TABLE \"{a}\".notes (id text PRIMARY KEY, list text REFERENCES \"{a}\".lists(id) ON DELETE SET NULL);
+         CREATE TABLE \"{a}\".folders (id text PRIMARY KEY, parent text REFERENCES \"{a}\".folders(id) ON DELETE CASCADE);"
     ))
     .expect("app tables");
     let table = |name: &str, column: &str| {
@@ -1141,8 +1142,9 @@ async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
         table("items", "list"),
         table("marks", "item"),
         table("notes", "list"),
+        table("folders", "parent"),
         "[[buckets]]\nname = \"all\"\ndata = [{ table = \"lists\" }, { table = \"items\" }, { table = \"marks\" }, \
-         { table = \"notes\" }]\n"
+         { table = \"notes\" }, { table = \"folders\" }]\n"
             .to_owned(),
     ]
     .concat();
@@ -1164,6 +1166,10 @@ async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
         entry(4, put("items", "i2", &col("list", "l2")), now_ms + 3, "c-ann"),
         entry(5, put("marks", "m1", &col("item", "i1")), now_ms + 4, "c-ann"),
         entry(6, put("notes", "n1", &col("list", "l1")), now_ms + 5, "c-ann"),
+        entry(7, put("folders", "f1", &[]), now_ms + 6, "c-ann"),
+        entry(8, put("folders", "f2", &col("parent", "f1")), now_ms + 7, "c-ann"),
+        entry(9, put("folders", "f3", &col("parent", "f2")), now_ms + 8, "c-ann"),
+        entry(10, put("folders", "f4", &[]), now_ms + 9, "c-ann"),
     ];
     let answer = SyncHandler::upload(&svc, &token("ann"), upload_req("c-ann", entries))
         .await
@@ -1175,16 +1181,37 @@ async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
     svc.apply_captured(10).await.expect("capture");
     let mut bob = TestClient::new("c-bob");
     bob.sync(&svc, &token("bob")).await;
-    assert_eq!(bob.rows().len(), 6, "{:?}", bob.rows());
+    assert_eq!(bob.rows().len(), 10, "{:?}", bob.rows());
 
     let answer = SyncHandler::upload(
         &svc,
         &token("ann"),
-        upload_req("c-ann", vec![entry(7, delete("lists", "l1"), now_ms + 6, "c-ann")]),
+        upload_txs(
+            "c-ann",
+            vec![
+                (11, vec![entry(11, delete("lists", "l1"), now_ms + 10, "c-ann")]),
+                (12, vec![entry(12, delete("folders", "f1"), now_ms + 11, "c-ann")]),
+            ],
+        ),
     )
     .await
     .expect("delete answered");
-    assert_eq!(answer.outcomes[0].outcome, Outcome::Applied, "{answer:?}");
+    assert!(
+        answer.outcomes.iter().all(|o| o.outcome == Outcome::Applied),
+        "{answer:?}"
+    );
+    // Captured: the rows the actions changed, not the rows Ferry deleted.
+    let captured = s
+        .query(&format!(
+            "SELECT tbl || '/' || id FROM \"{}\".changes ORDER BY tbl, id",
+            s.ferry
+        ))
+        .expect("changes");
+    let captured: Vec<&str> = captured.iter().filter_map(|r| r[0].as_deref()).collect();
+    assert_eq!(
+        captured,
+        ["folders/f2", "folders/f3", "items/i1", "marks/m1", "notes/n1"]
+    );
     svc.apply_captured(10).await.expect("capture");
     bob.sync(&svc, &token("bob")).await;
     let mut ids: Vec<(String, String)> = bob.rows().into_keys().collect();
@@ -1192,8 +1219,13 @@ async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
     let key = |t: &str, id: &str| (t.to_owned(), id.to_owned());
     assert_eq!(
         ids,
-        vec![key("items", "i2"), key("lists", "l2"), key("notes", "n1")],
-        "the list's items and their marks are gone on devices too"
+        vec![
+            key("folders", "f4"),
+            key("items", "i2"),
+            key("lists", "l2"),
+            key("notes", "n1")
+        ],
+        "the list's items and their marks, the folder's subfolders, are gone on devices too"
     );
     assert_eq!(
         bob.rows().get(&key("notes", "n1")).and_then(|r| r.get("list").cloned()),
