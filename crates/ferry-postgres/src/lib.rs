@@ -392,6 +392,18 @@ impl PgSourceDb {
         if !setup::triggers_current(client, &names.ferry_raw, &layout, &pk_raw)? {
             wait(client.batch_execute(&setup::trigger_sql(&names.ferry, &names.ferry_raw, &layout, &pk_raw)))?;
         }
+        // Row triggers reach a partitioned table's partitions; a truncate
+        // trigger does not (a partition attached later gets it at the
+        // next start).
+        for partition in setup::partitions_without_truncate_trigger(client, &names.ferry_raw, &layout)? {
+            wait(client.batch_execute(&setup::partition_truncate_sql(
+                &names.ferry,
+                &names.ferry_raw,
+                &layout,
+                &pk_raw,
+                &partition,
+            )))?;
+        }
         Ok(layout)
     }
 }

@@ -312,6 +312,44 @@ fn trigger_name(prefix: &str, ferry_schema_raw: &str) -> String {
     n
 }
 
+/// The partitions (at any level) of a partitioned synced table that lack
+/// the truncate capture trigger, as `regclass` text: `TRUNCATE` of one
+/// partition fires no trigger of its parent. Empty for another table.
+pub(crate) fn partitions_without_truncate_trigger(
+    client: &deadpool_postgres::Client,
+    ferry_schema_raw: &str,
+    t: &TableLayout,
+) -> Result<Vec<String>> {
+    let rows = query(
+        client,
+        "SELECT p.relid::regclass::text FROM pg_partition_tree($1::text::regclass) AS p \
+         WHERE p.relid <> $1::text::regclass \
+         AND NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = p.relid AND tg.tgname = $2)",
+        &[&t.qualified, &trigger_name("ferry_truncate", ferry_schema_raw)],
+    )?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// The truncate capture trigger of one partition of a synced table: a
+/// truncate of the partition is one truncate change of the table (the
+/// capture leader then deletes the rows Ferry knew of that the table no
+/// longer holds).
+pub(crate) fn partition_truncate_sql(
+    f: &str,
+    ferry_schema_raw: &str,
+    t: &TableLayout,
+    pk_raw: &str,
+    partition: &str,
+) -> String {
+    format!(
+        "CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {partition} \
+         FOR EACH STATEMENT EXECUTE FUNCTION {f}.capture({}, {});",
+        quote_ident(&trigger_name("ferry_truncate", ferry_schema_raw)),
+        quote_literal(&t.name),
+        quote_literal(pk_raw),
+    )
+}
+
 /// The capture triggers of one synced table: one per row for inserts,
 /// updates and deletes, one per statement for `TRUNCATE` (which fires no
 /// row trigger). Named after Ferry's schema, so two Ferry schemas over

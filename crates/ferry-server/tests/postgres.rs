@@ -1233,3 +1233,44 @@ async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
         "the note's reference is cleared on devices too"
     );
 }
+
+/// A partitioned synced table: rows inserted into it reach devices
+/// (row triggers reach its partitions), and a `TRUNCATE` of one partition
+/// (which fires no trigger of the parent) removes that partition's rows
+/// from devices and keeps the others.
+#[tokio::test]
+async fn truncate_of_one_partition_removes_its_rows_from_devices() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".events (id text PRIMARY KEY, name text) PARTITION BY RANGE (id);
+         CREATE TABLE \"{a}\".events_early PARTITION OF \"{a}\".events FOR VALUES FROM ('a') TO ('m');
+         CREATE TABLE \"{a}\".events_late PARTITION OF \"{a}\".events FOR VALUES FROM ('m') TO ('zzzz');"
+    ))
+    .expect("partitioned table");
+    let rules = "[[tables]]\nname = \"events\"\ncolumns = [{ name = \"name\", type = \"text\" }]\n\
+        [[buckets]]\nname = \"all\"\ndata = [{ table = \"events\" }]\n";
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".events VALUES ('b1', 'early'), ('c1', 'early'), ('n1', 'late')"
+    ))
+    .expect("backend inserts");
+    svc.apply_captured(10).await.expect("capture");
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    let ids = |c: &TestClient| {
+        let mut ids: Vec<String> = c.rows().into_keys().map(|(_, id)| id).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&bob), ["b1", "c1", "n1"]);
+
+    s.execute(&format!("TRUNCATE \"{a}\".events_early"))
+        .expect("truncate a partition");
+    svc.apply_captured(10).await.expect("capture");
+    bob.sync(&svc, &token("bob")).await;
+    assert_eq!(ids(&bob), ["n1"], "the truncated partition's rows are gone on devices");
+}
