@@ -378,6 +378,13 @@ impl PgSourceDb {
             columns = introspect_columns(client, &names.app_raw, &t.name)?;
         }
         if columns.is_empty() {
+            if let Some(kind) = relation_kind(client, &names.app_raw, &t.name)? {
+                return Err(SourceError::Schema(format!(
+                    "{}.{} in {} is a {kind}, not a table: ferry syncs tables (with a primary key) only",
+                    names.app_raw, t.name, self.shared.place
+                ))
+                .into());
+            }
             return Err(SourceError::Schema(format!(
                 "table {}.{} does not exist in {} (create it, or start with --create-tables to have ferry \
                  create it from the rules)",
@@ -421,6 +428,21 @@ fn describe_place(c: &tokio_postgres::Config) -> String {
     let db = c.get_dbname().unwrap_or("(default database)");
     let user = c.get_user().unwrap_or("(default user)");
     format!("{host}:{port}/{db} as {user}")
+}
+
+/// What a relation of the schema that is not a table is (a view, a
+/// materialized view, ...), `None` when there is none by that name.
+fn relation_kind(client: &deadpool_postgres::Client, schema: &str, name: &str) -> Result<Option<String>> {
+    let rows = query(
+        client,
+        "SELECT CASE c.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' \
+         WHEN 'f' THEN 'foreign table' WHEN 'S' THEN 'sequence' WHEN 'i' THEN 'index' \
+         WHEN 'I' THEN 'index' WHEN 'c' THEN 'composite type' ELSE 'relation of kind ' || c.relkind::text END \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind NOT IN ('r', 'p')",
+        &[&schema, &name],
+    )?;
+    rows.first().map(|r| r.try_get(0)).transpose().map_err(Into::into)
 }
 
 fn introspect_columns(client: &deadpool_postgres::Client, schema: &str, table: &str) -> Result<Vec<PgColumn>> {

@@ -436,7 +436,8 @@ async fn bad_setups_are_refused_with_a_message_naming_what_is_wrong() {
          CREATE TABLE \"{a}\".two_keys (a text, b text, owner text, PRIMARY KEY (a, b));
          CREATE TABLE \"{a}\".odd_type (id text PRIMARY KEY, owner inet);
          CREATE TABLE \"{a}\".wrong_type (id text PRIMARY KEY, owner integer);
-         CREATE TABLE \"{a}\".no_owner (id text PRIMARY KEY, name text);"
+         CREATE TABLE \"{a}\".no_owner (id text PRIMARY KEY, name text);
+         CREATE VIEW \"{a}\".a_view AS SELECT id, name AS owner FROM \"{a}\".no_owner;"
     ))
     .expect("tables");
     let rules_for = |table: &str| {
@@ -452,6 +453,7 @@ async fn bad_setups_are_refused_with_a_message_naming_what_is_wrong() {
         ("odd_type", vec!["odd_type", "owner", "inet"]),
         ("wrong_type", vec!["wrong_type", "owner", "integer"]),
         ("no_owner", vec!["no_owner", "no column owner"]),
+        ("a_view", vec!["a_view", "is a view, not a table"]),
     ];
     for (table, needles) in cases {
         let db = PgSourceDb::connect(&s.options()).expect("connect");
