@@ -75,9 +75,12 @@ use crate::tx::{query, PgTx, PLANNED_EACH_TIME};
 pub struct PgOptions {
     /// `postgres://user[:password]@host[:port]/database[?options]`.
     pub url: String,
-    /// The schema Ferry keeps its own tables in (created if missing).
+    /// The schema Ferry keeps its own tables in (created if missing):
+    /// lowercase letters, digits and underscores (it names notification
+    /// channels and triggers).
     pub ferry_schema: String,
-    /// The schema of the app's tables the rules name.
+    /// The schema of the app's tables the rules name: any name PostgreSQL
+    /// takes (quoted in every statement).
     pub app_schema: String,
     /// Most pooled connections (write transactions and reads).
     pub max_connections: usize,
@@ -205,6 +208,18 @@ fn check_schema_name(what: &str, name: &str) -> SourceResult<()> {
     }
 }
 
+/// The app's schema may have any name PostgreSQL takes (it is quoted in
+/// every statement; mixed case, spaces): not empty, at most 63 bytes, no
+/// NUL.
+fn check_app_schema_name(name: &str) -> SourceResult<()> {
+    if name.is_empty() || name.len() > 63 || name.contains('\0') {
+        return Err(SourceError::Schema(format!(
+            "app schema {name:?} is not a usable schema name (1 to 63 bytes, no NUL)"
+        )));
+    }
+    Ok(())
+}
+
 fn parse_op(s: &str) -> Result<OpKind> {
     OpKind::from_name(s).ok_or_else(|| corrupt("op log", format!("unknown op {s:?}")))
 }
@@ -277,7 +292,7 @@ impl PgSourceDb {
     /// does not answer is an error naming the host and why.
     pub fn connect(options: &PgOptions) -> SourceResult<Self> {
         check_schema_name("ferry schema", &options.ferry_schema)?;
-        check_schema_name("app schema", &options.app_schema)?;
+        check_app_schema_name(&options.app_schema)?;
         let tls::Connect {
             config: pg_config,
             connector,

@@ -1276,3 +1276,67 @@ async fn truncate_of_one_partition_removes_its_rows_from_devices() {
     bob.sync(&svc, &token("bob")).await;
     assert_eq!(ids(&bob), ["n1"], "the truncated partition's rows are gone on devices");
 }
+
+/// The app's tables in a schema whose name needs quoting (mixed case, a
+/// space): Ferry starts on it, and rows sync both ways. A schema name no
+/// PostgreSQL schema can have is refused, naming it.
+#[tokio::test]
+async fn an_app_schema_with_a_name_that_needs_quoting_syncs() {
+    let s = ScratchSchemas::for_test();
+    let schema = format!("My App {}", s.app);
+    s.execute(&format!(
+        "CREATE SCHEMA \"{schema}\"; CREATE TABLE \"{schema}\".\"Notes\" (id text PRIMARY KEY, body text);"
+    ))
+    .expect("app schema");
+    struct DropSchema<'a>(&'a ScratchSchemas, String);
+    impl Drop for DropSchema<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.1));
+        }
+    }
+    let _cleanup = DropSchema(&s, schema.clone());
+    let rules = "[[tables]]\nname = \"Notes\"\ncolumns = [{ name = \"body\", type = \"text\" }]\n\
+        [[buckets]]\nname = \"all\"\ndata = [{ table = \"Notes\" }]\n\
+        [[permissions]]\ntable = \"Notes\"\ninsert = \"true\"\nupdate = \"true\"\ndelete = \"true\"\n";
+    let db = PgSourceDb::connect(&s.options().app_schema(&schema)).expect("connect");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let answer = SyncHandler::upload(
+        &svc,
+        &token("ann"),
+        upload_req(
+            "c-ann",
+            vec![entry(
+                1,
+                put("Notes", "n1", &[("body", Value::from("from a device"))]),
+                now_ms,
+                "c-ann",
+            )],
+        ),
+    )
+    .await
+    .expect("upload");
+    assert_eq!(answer.outcomes[0].outcome, Outcome::Applied, "{answer:?}");
+    s.execute(&format!(
+        "INSERT INTO \"{schema}\".\"Notes\" VALUES ('n2', 'from the backend')"
+    ))
+    .expect("backend insert");
+    svc.apply_captured(10).await.expect("capture");
+    let mut bob = TestClient::new("c-bob");
+    bob.sync(&svc, &token("bob")).await;
+    let mut ids: Vec<String> = bob.rows().into_keys().map(|(_, id)| id).collect();
+    ids.sort();
+    assert_eq!(ids, ["n1", "n2"]);
+
+    for bad in ["", "nul\0byte", &"x".repeat(64)] {
+        let Err(e) = PgSourceDb::connect(&s.options().app_schema(bad)) else {
+            panic!("app schema {bad:?} taken");
+        };
+        assert!(e.to_string().contains("not a usable schema name"), "{e}");
+    }
+}
