@@ -91,3 +91,54 @@ async fn a_token_whose_user_id_has_a_nul_byte_or_is_too_long_is_refused() {
         .await
         .expect("a user id at the limit");
 }
+
+/// A stream may open on a client id no one owns yet. When another user's
+/// upload then claims the id, that user's progress (the write checkpoint)
+/// was sent to the first stream; now the stream ends, unauthorized,
+/// before it would show it.
+#[tokio::test]
+async fn a_stream_on_a_client_id_another_user_claims_ends_before_showing_its_progress() {
+    let e = env();
+    let user = e.svc.authenticate(&token("u1")).expect("token");
+    let request = TestClient::new("shared").dl.request("shared");
+    let mut rx = e.svc.open_stream_lines(user, request).expect("stream");
+    let mut lines = Vec::new();
+    // The first checkpoint, without progress.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("first line in time")
+        .expect("stream open");
+    lines.push(String::from_utf8_lossy(&first.into_bytes()).into_owned());
+    try_upload(
+        &e.svc,
+        "u2",
+        upload_req(
+            "shared",
+            vec![entry(
+                1,
+                put("tickets", "t1", &[("title", Value::from("b's"))]),
+                1000,
+                "shared",
+            )],
+        ),
+    )
+    .await
+    .expect("u2 claims the client id");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(line)) => lines.push(String::from_utf8_lossy(&line.into_bytes()).into_owned()),
+            Ok(None) => break,
+            Err(_) => panic!("the stream went on: {lines:?}"),
+        }
+    }
+    assert!(
+        lines.iter().all(|l| !l.contains("\"write_checkpoint\":1")),
+        "u2's progress reached u1's stream: {lines:?}"
+    );
+    assert!(
+        lines.last().is_some_and(|l| l.contains("belongs to another user")),
+        "{lines:?}"
+    );
+}

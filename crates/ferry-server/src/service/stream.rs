@@ -108,6 +108,9 @@ async fn run_stream<L: StreamOut>(
     );
     let mut sent: Option<CheckpointState> = None;
     let mut read_db = true;
+    // Whether the client's owner was found to be this user (the client id
+    // may have had no owner when the stream opened).
+    let mut owner_checked = false;
     loop {
         if read_db {
             read_db = false;
@@ -116,6 +119,7 @@ async fn run_stream<L: StreamOut>(
             let cp = blocking::run(move || db.checkpoint(&cid, &names))
                 .await
                 .map_err(blocking_error)??;
+            check_progress_owner(inner, user, client_id, &cp, &mut owner_checked).await?;
             if let Err(stop) = send_checkpoint(inner, &mut sent, cp, &mut positions, &mut out, open, None).await? {
                 out.end(stop);
                 return Ok(());
@@ -136,6 +140,7 @@ async fn run_stream<L: StreamOut>(
                         continue;
                     }
                     let cp = checkpoint_after(prev, &event, client_id);
+                    check_progress_owner(inner, user, client_id, &cp, &mut owner_checked).await?;
                     let sent_now = send_checkpoint(inner, &mut sent, cp, &mut positions, &mut out, open, Some(&event));
                     if let Err(stop) = sent_now.await? {
                         out.end(stop);
@@ -161,6 +166,30 @@ async fn run_stream<L: StreamOut>(
             }
         }
     }
+}
+
+/// Before a stream first sends its client's progress (a write checkpoint):
+/// the client must be this user's. A stream may open on a client id no
+/// one owns yet; once another user's upload claims it, that user's
+/// progress is not this stream's to see, and the stream ends
+/// (unauthorized). One point read per stream.
+async fn check_progress_owner(
+    inner: &Arc<Inner>,
+    user: &AuthUser,
+    client_id: &str,
+    cp: &CheckpointState,
+    checked: &mut bool,
+) -> Result<()> {
+    if *checked || cp.write_checkpoint.is_none() {
+        return Ok(());
+    }
+    let i = inner.clone();
+    let (cid, uid) = (client_id.to_owned(), user.user_id.clone());
+    blocking::run(move || i.check_client_owner(&cid, &uid))
+        .await
+        .map_err(blocking_error)??;
+    *checked = true;
+    Ok(())
 }
 
 /// The checkpoint after `event` for a stream that sent `prev` (and has
