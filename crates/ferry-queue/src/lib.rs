@@ -894,6 +894,10 @@ impl LocalDb {
                 batch.put_meta(META_UNSEEN_SEQS, encode_seqs(&marks.unseen));
             }
         }
+        // Rows of a table an earlier app version wrote to and this schema
+        // no longer declares: the store keeps no layer of it to rebase or
+        // read (its entries still upload and are confirmed).
+        touched.retain(|(table, _)| self.schema().table(table).is_ok());
         self.rebase_into(batch, &touched, &remaining, &synced_after)?;
         if touched.is_empty() {
             return Ok((changed_synced, confirmed));
@@ -1316,6 +1320,10 @@ impl<'a> WriteTx<'a> {
             return Ok(false);
         }
         let mut next = current;
+        // Columns an earlier app version wrote that this schema no longer
+        // declares go, as a download leaves them out: else no row written
+        // before could ever be updated.
+        next.retain(|col, _| def.column_def(col).is_some());
         next.extend(changed.clone());
         let next = def.check_row(id, next, &self.db.limits)?;
         let op = CrudOp::Patch {

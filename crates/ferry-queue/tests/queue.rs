@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{open, ticket, Ticket, BACKENDS};
-use ferry_core::{row_data, CrudOp, ErrorKind, Limits, RowData, Value};
+use common::{open, open_with_schema, ticket, Ticket, BACKENDS};
+use ferry_core::{row_data, ColumnType, CrudOp, ErrorKind, Limits, RowData, Schema, Table, Value};
 use ferry_queue::{LocalDb, LocalDbOptions, QueueError, ServerChanges};
 use ferry_store::WriteBatch;
 
@@ -384,6 +384,48 @@ fn queue_reads_transactions_and_batches_and_survives_restarts() {
         let e = db.next_transaction().expect("tx").expect("some");
         assert_eq!((e.tx_id, e.entries[0].seq), (5, 13), "{backend}");
     });
+}
+
+/// A later app version whose schema drops a column and a table, opened
+/// on the store of the earlier one: rows written with the dropped column
+/// can still be updated, and writes to the dropped table still pending
+/// are answered and confirmed instead of wedging the queue.
+#[test]
+fn a_later_app_version_without_a_column_or_a_table_keeps_working() {
+    let later = Schema::new([Table::new("tickets")
+        .column("title", ColumnType::Text)
+        .column("status", ColumnType::Text)
+        .column("version", ColumnType::Integer)
+        .column("score", ColumnType::Real)
+        .index("by_status", &["status"])])
+    .expect("schema");
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = LocalDb::open(open(backend, dir.path())).expect("open");
+            db.write(|tx| {
+                tx.insert(
+                    "tickets",
+                    "t1",
+                    row_data([("title", Value::from("a")), ("description", Value::from("old"))]),
+                )?;
+                tx.insert("comments", "c1", row_data([("body", Value::from("hi"))]))
+            })
+            .expect("write");
+        }
+        let db = LocalDb::open(open_with_schema(backend, dir.path(), later.clone())).expect("reopen");
+        let updated = db.write(|tx| tx.update("tickets", "t1", row_data([("title", Value::from("b"))])));
+        assert!(matches!(updated, Ok(true)), "{backend}: {updated:?}");
+        assert_eq!(
+            db.get("tickets", "t1").expect("get"),
+            Some(row_data([("title", Value::from("b"))])),
+            "{backend}"
+        );
+        let last = db.last_seq();
+        db.complete(last).expect("complete");
+        db.confirm_through(last).expect("confirm");
+        assert_eq!(db.pending_len().expect("len"), 0, "{backend}");
+    }
 }
 
 #[test]

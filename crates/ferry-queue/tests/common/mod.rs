@@ -35,6 +35,11 @@ pub fn schema() -> Schema {
 /// A store of the named backend at `dir`. Memory stores are kept per
 /// directory in a registry so "reopening" finds the same data.
 pub fn open(backend: &str, dir: &Path) -> Arc<dyn Store> {
+    open_with_schema(backend, dir, schema())
+}
+
+/// [`open`] with another schema (a later app version's).
+pub fn open_with_schema(backend: &str, dir: &Path, schema_now: Schema) -> Arc<dyn Store> {
     match backend {
         "memory" => {
             use std::collections::HashMap;
@@ -45,11 +50,11 @@ pub fn open(backend: &str, dir: &Path) -> Arc<dyn Store> {
             let store = map
                 .entry(dir.to_path_buf())
                 .or_insert_with(|| MemoryStore::new(schema()))
-                .reopen(schema());
+                .reopen(schema_now);
             Arc::new(store)
         }
-        "sqlite" => Arc::new(SqliteStore::open(dir.join("ferry.db"), schema()).expect("open sqlite")),
-        "sled" => Arc::new(SledStore::open(dir.join("ferry.sled"), schema()).expect("open sled")),
+        "sqlite" => Arc::new(SqliteStore::open(dir.join("ferry.db"), schema_now).expect("open sqlite")),
+        "sled" => Arc::new(SledStore::open(dir.join("ferry.sled"), schema_now).expect("open sled")),
         other => panic!("unknown backend {other}"),
     }
 }
