@@ -52,6 +52,17 @@ pub enum CoreError {
         /// The value given, rendered as SQL (truncated).
         value: String,
     },
+    /// A real value that is NaN or infinite: JSON has no such number, so
+    /// it would reach the server and every device as NULL.
+    #[error("column {table}.{column} takes finite numbers only, got {value}")]
+    NonFinite {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The value given (`NaN`, `inf`, `-inf`).
+        value: String,
+    },
     /// The row id is empty or too long.
     #[error("invalid row id {id:?} for table {table:?}: {reason}")]
     InvalidId {

@@ -165,6 +165,13 @@ impl Table {
                 });
             };
             match (col.ty, &*value) {
+                (ColumnType::Real, Value::Real(r)) if !r.is_finite() => {
+                    return Err(CoreError::NonFinite {
+                        table: self.name.clone(),
+                        column: name.clone(),
+                        value: r.to_string(),
+                    })
+                }
                 (_, Value::Null)
                 | (ColumnType::Integer, Value::Integer(_))
                 | (ColumnType::Real, Value::Real(_))
@@ -317,6 +324,15 @@ mod tests {
             (
                 row_data([("version", 1.5.into())]),
                 Err("column tickets.version is integer, got real value 1.5"),
+            ),
+            // JSON has no NaN or infinity: sent, they would become NULL.
+            (
+                row_data([("score", Value::Real(f64::NAN))]),
+                Err("column tickets.score takes finite numbers only, got NaN"),
+            ),
+            (
+                row_data([("score", Value::Real(f64::NEG_INFINITY))]),
+                Err("column tickets.score takes finite numbers only, got -inf"),
             ),
         ];
         for (data, expected) in cases {
