@@ -244,6 +244,9 @@ pub(crate) struct Inner {
     pub(crate) offline_policy: parking_lot::RwLock<Option<Arc<offline::OfflinePolicy>>>,
     /// Which loops the app paused, and requests for a fresh stream.
     pub(crate) control: watch::Sender<control::Control>,
+    /// Live queries dropped inside a write of this database (in their
+    /// callbacks), ended after the callbacks.
+    pub(crate) live_dropped: Mutex<Vec<live::LiveId>>,
 }
 
 impl Inner {
@@ -254,15 +257,30 @@ impl Inner {
     /// Every committed change of the visible state: live queries first
     /// (their callbacks run here), then the change broadcast.
     fn on_change(&self, source: ChangeSource, rows: &[RowChange]) {
+        self.end_dropped_live_queries();
         if let Err(e) = self.live.lock().on_change(&self.local, rows) {
             tracing::error!(error = %e, "live queries could not take a change");
         }
+        self.end_dropped_live_queries();
         // Copying the rows costs per row: only when someone listens.
         if self.changes.receiver_count() > 0 {
             let _ = self.changes.send(Change {
                 source,
                 rows: Arc::new(rows.iter().map(|c| (c.table.clone(), c.id.clone())).collect()),
             });
+        }
+    }
+}
+
+impl Inner {
+    /// End the live queries dropped inside a write (see `LiveQuery`'s drop).
+    fn end_dropped_live_queries(&self) {
+        let dropped = std::mem::take(&mut *self.live_dropped.lock());
+        if !dropped.is_empty() {
+            let mut live = self.live.lock();
+            for id in dropped {
+                live.remove(id);
+            }
         }
     }
 }
@@ -310,6 +328,7 @@ impl Database {
             live: Mutex::new(live::LiveState::default()),
             offline_policy: parking_lot::RwLock::new(None),
             control: watch::channel(control::Control::default()).0,
+            live_dropped: Mutex::new(Vec::new()),
         });
         // The observer holds the database weakly: the local database it is
         // set on lives inside `Inner`.

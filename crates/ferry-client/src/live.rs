@@ -33,7 +33,7 @@ impl LiveState {
 
 /// Which live query a handle names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum LiveId {
+pub(crate) enum LiveId {
     /// A query of the shared engine (whole collections in memory).
     Engine(SubscriptionId),
     /// A store-backed index window.
@@ -515,18 +515,31 @@ impl LiveQuery {
     }
 }
 
+impl LiveState {
+    /// End a live query.
+    pub(crate) fn remove(&mut self, id: LiveId) {
+        match id {
+            LiveId::Engine(id) => {
+                let _ = self.engine.unsubscribe(id);
+            }
+            LiveId::Window(n) => {
+                self.windows.remove(&n);
+            }
+        }
+    }
+}
+
 impl Drop for LiveQuery {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.upgrade() {
-            let mut live = inner.live.lock();
-            match self.id {
-                LiveId::Engine(id) => {
-                    let _ = live.engine.unsubscribe(id);
-                }
-                LiveId::Window(n) => {
-                    live.windows.remove(&n);
-                }
+            // Dropped inside a write of this database (a callback, which
+            // runs with live queries locked): ended once the callbacks
+            // are done, not waiting for a lock this thread holds.
+            if inner.local.writing_on_this_thread() {
+                inner.live_dropped.lock().push(self.id);
+                return;
             }
+            inner.live.lock().remove(self.id);
         }
     }
 }
@@ -556,7 +569,9 @@ impl crate::Database {
     /// then gets one diff per commit that changes the result (local
     /// writes, applied checkpoints, rollbacks). Keep `on_diff` quick: it
     /// runs on the committing thread while live queries are locked, so it
-    /// must not call back into this database (send the diff on a channel).
+    /// must not call back into this database (send the diff on a channel):
+    /// a write from it is refused ([`ferry_queue::QueueError::Reentrant`]),
+    /// and a live query dropped in it ends once the callbacks are done.
     pub fn live_query<F>(&self, query: &Query, on_diff: F) -> Result<(LiveQuery, QueryResult), ClientError>
     where
         F: FnMut(&Diff) + Send + 'static,

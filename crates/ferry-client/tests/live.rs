@@ -182,3 +182,74 @@ async fn a_live_query_open_during_the_first_sync_sees_every_row() {
     a.disconnect().await;
     b.disconnect().await;
 }
+
+/// Run `f` on a thread of its own: `None` when it has not returned within
+/// five seconds (it deadlocked).
+fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5)).ok()
+}
+
+/// Calling back into the database from a live query's callback, or from a
+/// write's closure, is not allowed: a write there is refused with an error
+/// saying why instead of deadlocking every later write, and a live query
+/// dropped in its own callback ends without deadlocking.
+#[test]
+fn writes_from_callbacks_are_refused_and_a_query_may_drop_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = client(dir.path(), 1, Arc::new(SystemClock));
+
+    let inside: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (writer, seen) = (db.clone(), inside.clone());
+    let (live, _) = db
+        .live_query(&Query::from("tickets"), move |_| {
+            let r = writer.write(|tx| tx.insert("comments", "c1", row_data([("body", Value::from("x"))])));
+            seen.lock().expect("seen").push(format!("{r:?}"));
+        })
+        .expect("live query");
+    let db2 = db.clone();
+    let r = within_5s(move || db2.write(|tx| tx.insert("tickets", "t1", ticket("a", "pending", "1"))))
+        .expect("a write whose live query callback writes returns");
+    r.expect("the outer write commits");
+    let inside = inside.lock().expect("seen").clone();
+    assert_eq!(inside.len(), 1, "{inside:?}");
+    assert!(inside[0].contains("Reentrant"), "{inside:?}");
+    assert_eq!(db.local().get("comments", "c1").expect("get"), None);
+    drop(live);
+
+    // A write from inside a write's closure.
+    let db2 = db.clone();
+    let nested = within_5s(move || {
+        let inner = db2.clone();
+        db2.write(|_tx| inner.write(|tx| tx.insert("tickets", "t2", ticket("b", "pending", "2"))))
+    })
+    .expect("a nested write returns");
+    assert!(matches!(nested, Err(QueueError::Reentrant)), "{nested:?}");
+    assert_eq!(db.local().get("tickets", "t2").expect("get"), None);
+
+    // A live query that drops itself on its first diff.
+    let slot: Arc<Mutex<Option<ferry_client::LiveQuery>>> = Arc::default();
+    let calls = Arc::new(Mutex::new(0));
+    let (own, count) = (slot.clone(), calls.clone());
+    let (live, _) = db
+        .live_query(&Query::from("tickets"), move |_| {
+            *count.lock().expect("count") += 1;
+            drop(own.lock().expect("slot").take());
+        })
+        .expect("live query");
+    *slot.lock().expect("slot") = Some(live);
+    for i in 3..5 {
+        let db2 = db.clone();
+        within_5s(move || db2.write(|tx| tx.insert("tickets", &format!("t{i}"), ticket("c", "pending", "3"))))
+            .expect("a write whose live query drops itself returns")
+            .expect("write");
+    }
+    assert_eq!(
+        *calls.lock().expect("count"),
+        1,
+        "the dropped query got no diff after it"
+    );
+}

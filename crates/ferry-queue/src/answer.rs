@@ -59,7 +59,7 @@ impl LocalDb {
     /// `through_seq` leave the upload queue, and those a checkpoint
     /// already covered are confirmed.
     pub fn answer(&self, answer: &Answer) -> QueueResult<()> {
-        let mut counters = self.counters.lock();
+        let mut counters = self.lock_writes()?;
         if answer.through_seq >= counters.next_seq {
             return Err(QueueError::InvalidSeq {
                 seq: answer.through_seq,

@@ -143,6 +143,11 @@ pub enum QueueError {
         /// Why, naming the refused change.
         reason: String,
     },
+    /// A write from inside a write of the same database (its closure, or a
+    /// change observer or live query callback it runs), which would wait
+    /// for itself forever.
+    #[error("a write to this database from inside one of its writes or change callbacks (it would deadlock): write after it returns, or send the change on a channel")]
+    Reentrant,
     /// The operating system's random source failed (client id generation).
     #[error("no random bytes from the operating system: {0}")]
     Random(String),
@@ -211,6 +216,42 @@ struct Counters {
     stored_len: u64,
     /// The highest write checkpoint of an applied server checkpoint.
     server_write_checkpoint: u64,
+}
+
+std::thread_local! {
+    /// The databases whose write lock this thread holds (their addresses).
+    static WRITING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A database's write lock (its counters), held by this thread: a second
+/// write on the same thread is refused instead of waiting for itself.
+struct WriteLock<'a> {
+    db: usize,
+    counters: parking_lot::MutexGuard<'a, Counters>,
+}
+
+impl std::ops::Deref for WriteLock<'_> {
+    type Target = Counters;
+    fn deref(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+impl std::ops::DerefMut for WriteLock<'_> {
+    fn deref_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+}
+
+impl Drop for WriteLock<'_> {
+    fn drop(&mut self) {
+        WRITING.with(|w| {
+            let mut w = w.borrow_mut();
+            if let Some(i) = w.iter().rposition(|db| *db == self.db) {
+                w.remove(i);
+            }
+        });
+    }
 }
 
 /// A local database: reads of the visible state and transactional writes
@@ -505,6 +546,25 @@ impl LocalDb {
         Ok(self.overlay.pending_among(self.store.as_ref(), table, ids)?)
     }
 
+    /// Whether this thread is inside a write of this database (its
+    /// closure, or the change observer it calls).
+    pub fn writing_on_this_thread(&self) -> bool {
+        let db = std::ptr::from_ref(self) as usize;
+        WRITING.with(|w| w.borrow().contains(&db))
+    }
+
+    /// Take the write lock; [`QueueError::Reentrant`] when this thread
+    /// holds it already (a write from inside a write or its callbacks).
+    fn lock_writes(&self) -> QueueResult<WriteLock<'_>> {
+        if self.writing_on_this_thread() {
+            return Err(QueueError::Reentrant);
+        }
+        let db = std::ptr::from_ref(self) as usize;
+        let counters = self.counters.lock();
+        WRITING.with(|w| w.borrow_mut().push(db));
+        Ok(WriteLock { db, counters })
+    }
+
     /// Apply a batch to the store, the overlay index in step (every batch
     /// this type writes goes through here).
     fn apply_batch(&self, batch: WriteBatch) -> Result<(), StoreError> {
@@ -544,7 +604,7 @@ impl LocalDb {
         F: FnOnce(&mut WriteTx<'_>) -> Result<R, E>,
         E: From<QueueError>,
     {
-        let mut counters = self.counters.lock();
+        let mut counters = self.lock_writes()?;
         let mut tx = WriteTx {
             db: self,
             rows: BTreeMap::new(),
@@ -741,7 +801,7 @@ impl LocalDb {
         switches: &[StagedSwitch],
         write_checkpoint: Option<u64>,
     ) -> QueueResult<()> {
-        let counters = self.counters.lock();
+        let counters = self.lock_writes()?;
         let last_seq = counters.next_seq.saturating_sub(1);
         if let Some(wc) = write_checkpoint {
             if wc > last_seq {
@@ -928,7 +988,7 @@ impl LocalDb {
     /// writes are held back (so the upload loop cannot send, and the
     /// server cannot answer, a write before its own call is done): keep
     /// the observer quick. The observer must not write through this
-    /// database.
+    /// database: such a write is refused with [`QueueError::Reentrant`].
     pub fn set_observer(&self, observer: Option<Observer>) {
         *self.observer.write() = observer;
     }
@@ -962,7 +1022,7 @@ impl LocalDb {
 
     /// Empty the rejections log (after the app showed it).
     pub fn clear_rejections(&self) -> QueueResult<()> {
-        let _counters = self.counters.lock();
+        let _counters = self.lock_writes()?;
         let mut batch = WriteBatch::new();
         batch.push(BatchOp::DeleteMeta {
             key: META_REJECTIONS.into(),
