@@ -569,9 +569,12 @@ impl crate::Database {
     /// then gets one diff per commit that changes the result (local
     /// writes, applied checkpoints, rollbacks). Keep `on_diff` quick: it
     /// runs on the committing thread while live queries are locked, so it
-    /// must not call back into this database (send the diff on a channel):
-    /// a write from it is refused ([`ferry_queue::QueueError::Reentrant`]),
-    /// and a live query dropped in it ends once the callbacks are done.
+    /// must not write to this database or start a live query (send the
+    /// diff on a channel): a write from it is refused
+    /// ([`ferry_queue::QueueError::Reentrant`]), and a live query dropped
+    /// in it ends once the callbacks are done. It may read the status and
+    /// the queue's counters (`status`, `LocalDb::pending_len`, `last_seq`,
+    /// `completed_through`), which show the commit it is called for.
     pub fn live_query<F>(&self, query: &Query, on_diff: F) -> Result<(LiveQuery, QueryResult), ClientError>
     where
         F: FnMut(&Diff) + Send + 'static,

@@ -197,6 +197,38 @@ fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Optio
 /// write's closure, is not allowed: a write there is refused with an error
 /// saying why instead of deadlocking every later write, and a live query
 /// dropped in its own callback ends without deadlocking.
+/// A live query callback (which runs inside the write) reads the
+/// database's status and queue counters without waiting for itself, and
+/// sees the write it was called for.
+#[test]
+fn a_callback_reads_the_status_and_queue_of_the_write_it_sees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = client(dir.path(), 1, Arc::new(SystemClock));
+    // (status pending ops, pending_len, last_seq, completed_through)
+    type Seen = Vec<(u64, u64, u64, u64)>;
+    let inside: Arc<Mutex<Seen>> = Arc::default();
+    let (reader, seen) = (db.clone(), inside.clone());
+    let (_live, _) = db
+        .live_query(&Query::from("tickets"), move |_| {
+            let local = reader.local();
+            let status = reader.status();
+            seen.lock().expect("seen").push((
+                status.pending_ops,
+                local.pending_len().expect("pending"),
+                local.last_seq(),
+                local.completed_through(),
+            ));
+        })
+        .expect("live query");
+    for i in 1..=2 {
+        let db2 = db.clone();
+        within_5s(move || db2.write(|tx| tx.insert("tickets", &format!("t{i}"), ticket("a", "pending", "1"))))
+            .expect("a write whose live query callback reads the status returns")
+            .expect("write");
+    }
+    assert_eq!(*inside.lock().expect("seen"), [(1, 1, 1, 0), (2, 2, 2, 0)]);
+}
+
 #[test]
 fn writes_from_callbacks_are_refused_and_a_query_may_drop_itself() {
     let dir = tempfile::tempdir().expect("tempdir");

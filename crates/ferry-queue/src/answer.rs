@@ -156,6 +156,7 @@ impl LocalDb {
                 .into_iter()
                 .partition(|c| rolled_back.contains(&(c.table.clone(), c.id.clone())))
         };
+        self.view.publish(&counters);
         self.notify(ChangeSource::Rollback, &rolled);
         self.notify(ChangeSource::Server, &others);
         Ok(())

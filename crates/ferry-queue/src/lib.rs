@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferry_core::{
@@ -218,6 +219,27 @@ struct Counters {
     server_write_checkpoint: u64,
 }
 
+/// The counters as of the last commit, read without the write lock: a
+/// reader never waits for a write, and a change observer or live query
+/// callback (which run with the write lock held) reads them without
+/// waiting for itself.
+#[derive(Debug, Default)]
+struct CounterView {
+    last_seq: AtomicU64,
+    completed_through: AtomicU64,
+    upload_len: AtomicU64,
+    stored_len: AtomicU64,
+}
+
+impl CounterView {
+    fn publish(&self, c: &Counters) {
+        self.last_seq.store(c.next_seq.saturating_sub(1), Ordering::Release);
+        self.completed_through.store(c.completed_through, Ordering::Release);
+        self.upload_len.store(c.upload_len, Ordering::Release);
+        self.stored_len.store(c.stored_len, Ordering::Release);
+    }
+}
+
 std::thread_local! {
     /// The databases whose write lock this thread holds (their addresses).
     static WRITING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -228,6 +250,8 @@ std::thread_local! {
 struct WriteLock<'a> {
     db: usize,
     counters: parking_lot::MutexGuard<'a, Counters>,
+    /// Published again when the lock is let go.
+    view: &'a CounterView,
 }
 
 impl std::ops::Deref for WriteLock<'_> {
@@ -245,6 +269,7 @@ impl std::ops::DerefMut for WriteLock<'_> {
 
 impl Drop for WriteLock<'_> {
     fn drop(&mut self) {
+        self.view.publish(&self.counters);
         WRITING.with(|w| {
             let mut w = w.borrow_mut();
             if let Some(i) = w.iter().rposition(|db| *db == self.db) {
@@ -263,6 +288,8 @@ pub struct LocalDb {
     client_id: String,
     hlc: HybridClock<Arc<dyn Clock>>,
     counters: Mutex<Counters>,
+    /// The counters as of the last commit (see [`CounterView`]).
+    view: CounterView,
     observer: RwLock<Option<Observer>>,
     /// Whether the observer wants the rows a staged checkpoint switched in
     /// (see [`LocalDb::set_observer_interest`]).
@@ -277,7 +304,7 @@ impl std::fmt::Debug for LocalDb {
         f.debug_struct("LocalDb")
             .field("client_id", &self.client_id)
             .field("store", &self.store)
-            .field("counters", &*self.counters.lock())
+            .field("counters", &self.view)
             .finish_non_exhaustive()
     }
 }
@@ -441,6 +468,16 @@ impl LocalDb {
                 _ => break,
             }
         }
+        let counters = Counters {
+            next_seq,
+            next_tx_id,
+            completed_through,
+            upload_len,
+            stored_len,
+            server_write_checkpoint: 0,
+        };
+        let view = CounterView::default();
+        view.publish(&counters);
         Ok(LocalDb {
             store,
             limits,
@@ -450,14 +487,8 @@ impl LocalDb {
             observer: RwLock::new(None),
             interest: RwLock::new(None),
             overlay: overlay_index::OverlayIndex::default(),
-            counters: Mutex::new(Counters {
-                next_seq,
-                next_tx_id,
-                completed_through,
-                upload_len,
-                stored_len,
-                server_write_checkpoint: 0,
-            }),
+            counters: Mutex::new(counters),
+            view,
         })
     }
 
@@ -562,7 +593,11 @@ impl LocalDb {
         let db = std::ptr::from_ref(self) as usize;
         let counters = self.counters.lock();
         WRITING.with(|w| w.borrow_mut().push(db));
-        Ok(WriteLock { db, counters })
+        Ok(WriteLock {
+            db,
+            counters,
+            view: &self.view,
+        })
     }
 
     /// Apply a batch to the store, the overlay index in step (every batch
@@ -673,6 +708,7 @@ impl LocalDb {
             counters.upload_len += n_ops as u64;
             counters.stored_len += n_ops as u64;
         }
+        self.view.publish(&counters);
         self.notify(ChangeSource::LocalWrite, &changes);
         Ok((value, receipt))
     }
@@ -694,15 +730,17 @@ impl LocalDb {
         })
     }
 
-    /// Number of entries waiting for upload (not yet completed).
+    /// Number of entries waiting for upload (not yet completed), as of the
+    /// last commit (never waits for a write: callable from a change
+    /// observer or live query callback).
     pub fn upload_queue_len(&self) -> u64 {
-        self.counters.lock().upload_len
+        self.view.upload_len.load(Ordering::Acquire)
     }
 
     /// Number of entries stored: waiting for upload, or uploaded and not
-    /// yet confirmed by a checkpoint.
+    /// yet confirmed by a checkpoint (as of the last commit).
     pub fn pending_len(&self) -> QueueResult<u64> {
-        Ok(self.counters.lock().stored_len)
+        Ok(self.view.stored_len.load(Ordering::Acquire))
     }
 
     /// The first entry waiting for upload and the last entry queued
@@ -716,14 +754,16 @@ impl LocalDb {
         Ok(first.into_iter().next().zip(last.into_iter().next()))
     }
 
-    /// The last seq handed out (0 before the first queued write).
+    /// The last seq handed out (0 before the first queued write), as of
+    /// the last commit.
     pub fn last_seq(&self) -> u64 {
-        self.counters.lock().next_seq.saturating_sub(1)
+        self.view.last_seq.load(Ordering::Acquire)
     }
 
-    /// The last seq the server answered for (0 when none).
+    /// The last seq the server answered for (0 when none), as of the last
+    /// commit.
     pub fn completed_through(&self) -> u64 {
-        self.counters.lock().completed_through
+        self.view.completed_through.load(Ordering::Acquire)
     }
 
     /// Up to `max_entries` entries waiting for upload, in order (capped by
@@ -854,6 +894,7 @@ impl LocalDb {
         let changes = self.visible_changes_staged(&batch, &changed, &staged_after)?;
         self.apply_batch(batch)?;
         counters.stored_len -= confirmed;
+        self.view.publish(&counters);
         self.notify(ChangeSource::Server, &changes);
         self.notify_switched(switches, &staged_after, &queued)?;
         drop(counters);
