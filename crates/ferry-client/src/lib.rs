@@ -81,6 +81,10 @@ pub enum ClientError {
     /// A background task failed to run.
     #[error("background task failed: {0}")]
     Task(String),
+    /// A query or live query call from inside a live query callback of
+    /// the same database, which would wait for itself.
+    #[error("{0} from inside a live query callback of this database (it would deadlock): keep the diff, or send it on a channel and call after the callback returns")]
+    Reentrant(String),
 }
 
 impl ClientError {
@@ -93,6 +97,7 @@ impl ClientError {
             ClientError::Protocol(e) => e.kind(),
             ClientError::Query(e) => e.kind(),
             ClientError::Credentials(_) | ClientError::Task(_) => ErrorKind::Transient,
+            ClientError::Reentrant(_) => ErrorKind::Permanent,
         }
     }
 }
@@ -258,8 +263,11 @@ impl Inner {
     /// (their callbacks run here), then the change broadcast.
     fn on_change(&self, source: ChangeSource, rows: &[RowChange]) {
         self.end_dropped_live_queries();
-        if let Err(e) = self.live.lock().on_change(&self.local, rows) {
-            tracing::error!(error = %e, "live queries could not take a change");
+        {
+            let _calling = live::CallingBack::enter(self);
+            if let Err(e) = self.live.lock().on_change(&self.local, rows) {
+                tracing::error!(error = %e, "live queries could not take a change");
+            }
         }
         self.end_dropped_live_queries();
         // Copying the rows costs per row: only when someone listens.

@@ -469,6 +469,47 @@ impl std::fmt::Debug for LiveQuery {
     }
 }
 
+std::thread_local! {
+    /// The databases whose live query callbacks run on this thread now
+    /// (their `Inner`s' addresses).
+    static CALLING_BACK: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Live query callbacks of a database running on this thread (they run
+/// with its live queries locked).
+pub(crate) struct CallingBack(usize);
+
+impl CallingBack {
+    pub(crate) fn enter(inner: &Inner) -> CallingBack {
+        let at = std::ptr::from_ref(inner) as usize;
+        CALLING_BACK.with(|c| c.borrow_mut().push(at));
+        CallingBack(at)
+    }
+}
+
+impl Drop for CallingBack {
+    fn drop(&mut self) {
+        CALLING_BACK.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some(i) = c.iter().rposition(|at| *at == self.0) {
+                c.remove(i);
+            }
+        });
+    }
+}
+
+impl Inner {
+    /// The live queries, locked; [`ClientError::Reentrant`] (naming
+    /// `what`) from inside one of their callbacks, which hold the lock.
+    pub(crate) fn lock_live(&self, what: &str) -> Result<parking_lot::MutexGuard<'_, LiveState>, ClientError> {
+        let at = std::ptr::from_ref(self) as usize;
+        if CALLING_BACK.with(|c| c.borrow().contains(&at)) {
+            return Err(ClientError::Reentrant(what.to_owned()));
+        }
+        Ok(self.live.lock())
+    }
+}
+
 impl LiveQuery {
     /// The current result.
     pub fn current(&self) -> Result<QueryResult, ClientError> {
@@ -476,7 +517,7 @@ impl LiveQuery {
             .inner
             .upgrade()
             .ok_or_else(|| ClientError::Task("the database is closed".into()))?;
-        let live = inner.live.lock();
+        let live = inner.lock_live("LiveQuery::current")?;
         match self.id {
             LiveId::Engine(id) => Ok(live.engine.current(id)?),
             LiveId::Window(n) => match live.windows.get(&n) {
@@ -498,7 +539,7 @@ impl LiveQuery {
             .inner
             .upgrade()
             .ok_or_else(|| ClientError::Task("the database is closed".into()))?;
-        let live = inner.live.lock();
+        let live = inner.lock_live("LiveQuery::state_bytes")?;
         match self.id {
             LiveId::Engine(_) => {
                 let mut total = 0;
@@ -547,7 +588,7 @@ impl Drop for LiveQuery {
 impl crate::Database {
     /// Run `query` once over the visible state.
     pub fn query(&self, query: &Query) -> Result<QueryResult, ClientError> {
-        let mut live = self.inner.live.lock();
+        let mut live = self.inner.lock_live("Database::query")?;
         live.ensure_loaded(&self.inner, query)?;
         Ok(live.engine.query(query)?)
     }
@@ -580,7 +621,7 @@ impl crate::Database {
         F: FnMut(&Diff) + Send + 'static,
     {
         let explain = self.explain(query)?;
-        let mut live = self.inner.live.lock();
+        let mut live = self.inner.lock_live("Database::live_query")?;
         let window_rows = match explain.operators.first() {
             Some(ferry_query::Operator::IndexWindow { rows, .. }) => Some(*rows),
             _ => None,

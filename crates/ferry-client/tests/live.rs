@@ -227,6 +227,26 @@ fn a_callback_reads_the_status_and_queue_of_the_write_it_sees() {
             .expect("write");
     }
     assert_eq!(*inside.lock().expect("seen"), [(1, 1, 1, 0), (2, 2, 2, 0)]);
+
+    // A query, a live query or a live query's result from inside the
+    // callback (which holds the live queries) is refused, not a deadlock.
+    let answers: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (reader, seen) = (db.clone(), answers.clone());
+    let (_live2, _) = db
+        .live_query(&Query::from("tickets"), move |_| {
+            let q = reader.query(&Query::from("tickets")).map(|r| r.rows.len());
+            let l = reader.live_query(&Query::from("tickets"), |_| {}).map(|_| ());
+            seen.lock().expect("seen").push(format!("{q:?} {l:?}"));
+        })
+        .expect("live query");
+    let db2 = db.clone();
+    within_5s(move || db2.write(|tx| tx.insert("tickets", "t3", ticket("a", "pending", "1"))))
+        .expect("a write whose live query callback queries returns")
+        .expect("write");
+    let answers = answers.lock().expect("seen").clone();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0].matches("Reentrant").count(), 2, "{answers:?}");
+    assert_eq!(db.query(&Query::from("tickets")).expect("query after").rows.len(), 3);
 }
 
 #[test]
