@@ -184,14 +184,16 @@ impl QueryEngine {
         self.add_collection(name, Some(columns.into_iter().map(Into::into).collect()))
     }
 
+    /// A collection by name; unknown is an error naming it.
+    fn collection(&self, name: &str) -> Result<&Collection, QueryError> {
+        self.collections.get(name).ok_or_else(|| QueryError::UnknownCollection {
+            collection: name.to_owned(),
+        })
+    }
+
     /// Number of rows in a collection.
     pub fn len(&self, collection: &str) -> Result<usize, QueryError> {
-        self.collections
-            .get(collection)
-            .map(Collection::len)
-            .ok_or_else(|| QueryError::UnknownCollection {
-                collection: collection.to_owned(),
-            })
+        Ok(self.collection(collection)?.len())
     }
 
     /// Bytes of the rows a collection holds: for each row, its id plus its
@@ -200,33 +202,17 @@ impl QueryEngine {
     /// live query over the collection keeps, measured without allocator
     /// overhead.
     pub fn collection_bytes(&self, collection: &str) -> Result<usize, QueryError> {
-        let coll = self
-            .collections
-            .get(collection)
-            .ok_or_else(|| QueryError::UnknownCollection {
-                collection: collection.to_owned(),
-            })?;
-        Ok(coll
+        Ok(self
+            .collection(collection)?
             .rows()
-            .map(|row| {
-                let data: ferry_core::RowData = row.columns().map(|(k, v)| (k.to_owned(), v.clone())).collect();
-                row.id.len() + ferry_core::codec::encode_row(&data).len()
-            })
+            .map(|row| row.id.len() + ferry_core::codec::encode_row(&row.data()).len())
             .sum())
     }
 
     /// A row of a collection, as the engine holds it (`None` when it holds
     /// no row with that id).
     pub fn row(&self, collection: &str, id: &str) -> Result<Option<ferry_core::RowData>, QueryError> {
-        let coll = self
-            .collections
-            .get(collection)
-            .ok_or_else(|| QueryError::UnknownCollection {
-                collection: collection.to_owned(),
-            })?;
-        Ok(coll
-            .get(id)
-            .map(|row| row.columns().map(|(k, v)| (k.to_owned(), v.clone())).collect()))
+        Ok(self.collection(collection)?.get(id).map(|row| row.data()))
     }
 
     /// Number of live subscriptions.

@@ -82,6 +82,11 @@ impl SrcRow {
     pub(crate) fn columns(&self) -> impl Iterator<Item = (&str, &Value)> {
         self.shape.names.iter().map(String::as_str).zip(&self.vals)
     }
+
+    /// The row's data, copied out.
+    pub(crate) fn data(&self) -> ferry_core::RowData {
+        self.columns().map(|(k, v)| (k.to_owned(), v.clone())).collect()
+    }
 }
 
 /// One change to one collection.
