@@ -225,25 +225,18 @@ impl TableLayout {
     /// of other tables it changes in turn (a foreign key's `ON DELETE
     /// CASCADE` or `SET NULL`, whose triggers also fire at depth 1).
     ///
-    /// For Ferry's upserts (`ferry.writing_id` empty): every row of this
-    /// table inserted or updated at depth 1 is the statement's.
-    pub(crate) fn writing_marker(&self) -> String {
+    /// `deleted_id`: for Ferry's delete of one row, the number of the text
+    /// parameter holding its id, set as `ferry.writing_id`: only that row's
+    /// delete is the statement's, so rows of this same table a foreign
+    /// key's action deletes or updates in turn (a self-referencing `ON
+    /// DELETE CASCADE`) are captured. `None` (an upsert): `ferry.writing_id`
+    /// is empty, and every row of this table inserted or updated at depth
+    /// 1 is the statement's.
+    pub(crate) fn writing_marker(&self, deleted_id: Option<usize>) -> String {
+        let id = deleted_id.map_or_else(|| "''".to_owned(), |n| format!("${n}::text"));
         format!(
             "(SELECT set_config('ferry.writing', {}, true) AS ferry_writing_table, \
-             set_config('ferry.writing_id', '', true) AS ferry_writing_id) AS ferry_writing",
-            quote_literal(&self.name)
-        )
-    }
-
-    /// [`TableLayout::writing_marker`] for Ferry's delete of the row whose
-    /// id is the text parameter `$id_param`: only that row's delete is the
-    /// statement's, so rows of this same table a foreign key's action
-    /// deletes or updates in turn (a self-referencing `ON DELETE
-    /// CASCADE`) are captured.
-    pub(crate) fn deleting_marker(&self, id_param: usize) -> String {
-        format!(
-            "(SELECT set_config('ferry.writing', {}, true) AS ferry_writing_table, \
-             set_config('ferry.writing_id', ${id_param}::text, true) AS ferry_writing_id) AS ferry_writing",
+             set_config('ferry.writing_id', {id}, true) AS ferry_writing_id) AS ferry_writing",
             quote_literal(&self.name)
         )
     }

@@ -206,7 +206,7 @@ impl RowGroup {
         let sql = format!(
             "INSERT INTO {t} AS {APP_ROW}({names}) {OVERRIDING} SELECT {exprs} FROM unnest({arrays}) AS u({aliases}) \
              CROSS JOIN {marker} ON CONFLICT ({pk}) DO {update}",
-            marker = layout.writing_marker(),
+            marker = layout.writing_marker(None),
             t = layout.qualified,
             names = names.join(", "),
             exprs = exprs.join(", "),

@@ -494,7 +494,7 @@ fn write_row_on(
         cols = cols.join(", "),
         values = values.join(", "),
         pk = layout.pk,
-        marker = layout.writing_marker(),
+        marker = layout.writing_marker(None),
     );
     let rows = tx.q(&sql, &params)?;
     let Some(r) = rows.first() else {
@@ -521,7 +521,7 @@ fn delete_row_on(tx: &mut PgTx<'_>, layout: &TableLayout, id: &str, hlc: &HlcTim
         format!(
             "a AS (DELETE FROM {} USING {} WHERE {} = {} RETURNING 1), ",
             layout.qualified,
-            layout.deleting_marker(2),
+            layout.writing_marker(Some(2)),
             layout.pk,
             layout.pk_expr(2, 4)
         )
