@@ -264,7 +264,7 @@ impl Inner {
     fn on_change(&self, source: ChangeSource, rows: &[RowChange]) {
         self.end_dropped_live_queries();
         {
-            let _calling = live::CallingBack::enter(self);
+            let _calling = ferry_core::inside::Inside::enter(&live::CALLING_BACK, self);
             if let Err(e) = self.live.lock().on_change(&self.local, rows) {
                 tracing::error!(error = %e, "live queries could not take a change");
             }

@@ -471,39 +471,15 @@ impl std::fmt::Debug for LiveQuery {
 
 std::thread_local! {
     /// The databases whose live query callbacks run on this thread now
-    /// (their `Inner`s' addresses).
-    static CALLING_BACK: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Live query callbacks of a database running on this thread (they run
-/// with its live queries locked).
-pub(crate) struct CallingBack(usize);
-
-impl CallingBack {
-    pub(crate) fn enter(inner: &Inner) -> CallingBack {
-        let at = std::ptr::from_ref(inner) as usize;
-        CALLING_BACK.with(|c| c.borrow_mut().push(at));
-        CallingBack(at)
-    }
-}
-
-impl Drop for CallingBack {
-    fn drop(&mut self) {
-        CALLING_BACK.with(|c| {
-            let mut c = c.borrow_mut();
-            if let Some(i) = c.iter().rposition(|at| *at == self.0) {
-                c.remove(i);
-            }
-        });
-    }
+    /// (they run with its live queries locked).
+    pub(crate) static CALLING_BACK: ferry_core::inside::Marks = ferry_core::inside::Marks::default();
 }
 
 impl Inner {
     /// The live queries, locked; [`ClientError::Reentrant`] (naming
     /// `what`) from inside one of their callbacks, which hold the lock.
     pub(crate) fn lock_live(&self, what: &str) -> Result<parking_lot::MutexGuard<'_, LiveState>, ClientError> {
-        let at = std::ptr::from_ref(self) as usize;
-        if CALLING_BACK.with(|c| c.borrow().contains(&at)) {
+        if ferry_core::inside::is_inside(&CALLING_BACK, self) {
             return Err(ClientError::Reentrant(what.to_owned()));
         }
         Ok(self.live.lock())

@@ -241,14 +241,14 @@ impl CounterView {
 }
 
 std::thread_local! {
-    /// The databases whose write lock this thread holds (their addresses).
-    static WRITING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The databases whose write lock this thread holds.
+    static WRITING: ferry_core::inside::Marks = ferry_core::inside::Marks::default();
 }
 
 /// A database's write lock (its counters), held by this thread: a second
 /// write on the same thread is refused instead of waiting for itself.
 struct WriteLock<'a> {
-    db: usize,
+    _writing: ferry_core::inside::Inside,
     counters: parking_lot::MutexGuard<'a, Counters>,
     /// Published again when the lock is let go.
     view: &'a CounterView,
@@ -270,12 +270,6 @@ impl std::ops::DerefMut for WriteLock<'_> {
 impl Drop for WriteLock<'_> {
     fn drop(&mut self) {
         self.view.publish(&self.counters);
-        WRITING.with(|w| {
-            let mut w = w.borrow_mut();
-            if let Some(i) = w.iter().rposition(|db| *db == self.db) {
-                w.remove(i);
-            }
-        });
     }
 }
 
@@ -580,8 +574,7 @@ impl LocalDb {
     /// Whether this thread is inside a write of this database (its
     /// closure, or the change observer it calls).
     pub fn writing_on_this_thread(&self) -> bool {
-        let db = std::ptr::from_ref(self) as usize;
-        WRITING.with(|w| w.borrow().contains(&db))
+        ferry_core::inside::is_inside(&WRITING, self)
     }
 
     /// Take the write lock; [`QueueError::Reentrant`] when this thread
@@ -590,11 +583,9 @@ impl LocalDb {
         if self.writing_on_this_thread() {
             return Err(QueueError::Reentrant);
         }
-        let db = std::ptr::from_ref(self) as usize;
         let counters = self.counters.lock();
-        WRITING.with(|w| w.borrow_mut().push(db));
         Ok(WriteLock {
-            db,
+            _writing: ferry_core::inside::Inside::enter(&WRITING, self),
             counters,
             view: &self.view,
         })
