@@ -87,10 +87,23 @@ fn app_tables(s: &ScratchSchemas) {
 }
 
 fn service(s: &ScratchSchemas) -> SyncService {
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
-    SyncService::builder(Arc::new(db), SyncRules::from_toml(RULES).expect("rules"), SECRET)
+    service_with(s.options(), RULES)
+}
+
+/// A service on PostgreSQL with `options` and the rules in `rules`.
+fn service_with(options: PgOptions, rules: &str) -> SyncService {
+    let db = PgSourceDb::connect(&options).expect("connect");
+    SyncService::builder(Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
         .build()
         .expect("service")
+}
+
+/// The wall clock in milliseconds (for the clocks of ops uploaded).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
 }
 
 const P1: &str = "123e4567-e89b-12d3-a456-426614174000";
@@ -393,10 +406,7 @@ async fn writes_made_in_sql_reach_the_devices_that_should_have_them() {
     s.execute(&format!("UPDATE \"{a}\".tasks SET title = 'backend' WHERE id = 3"))
         .expect("update");
     svc.apply_captured(10).await.expect("capture");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
+    let now_ms = wall_ms();
     let answer = SyncHandler::upload(
         &svc,
         &token("bob"),
@@ -860,20 +870,14 @@ async fn tables_named_like_the_words_of_ferry_s_own_statements_sync_like_any_oth
              INSERT INTO \"{a}\".\"{name}\" VALUES ('a', 'ta', 'oa'), ('b', 'tb', 'ob');"
         ))
         .expect("app table");
-        let db = PgSourceDb::connect(&s.options()).expect("connect");
         let rules = one_table_rules(
             name,
             "{ name = \"t\", type = \"text\" }, { name = \"o\", type = \"text\" }",
         );
-        let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
-            .build()
-            .expect("service");
+        let svc = service_with(s.options(), &rules);
         svc.rebucket_all().await.expect("pass");
         // After the pass's clocks of the existing rows.
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis() as u64;
+        let now_ms = wall_ms();
         let ops = [
             common::patch(name, "b", &[("t", Value::from("patched"))]),
             put(name, "c", &[("t", Value::from("tc")), ("o", Value::from("oc"))]),
@@ -947,18 +951,12 @@ async fn generated_columns_are_refused_at_start_and_an_identity_key_takes_the_de
 
     // An identity key takes the ids devices give, and rows the backend
     // made can be changed by devices.
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
     let rules = one_table_rules("orders", "{ name = \"t\", type = \"text\" }");
-    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
-        .build()
-        .expect("service");
+    let svc = service_with(s.options(), &rules);
     s.execute(&format!("INSERT INTO \"{a}\".orders(t) VALUES ('from the backend')"))
         .expect("backend insert");
     svc.apply_captured(10).await.expect("capture");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
+    let now_ms = wall_ms();
     let entries = vec![
         entry(
             1,
@@ -996,11 +994,8 @@ async fn a_char_key_row_changed_in_sql_stays_one_row_on_devices() {
     let a = &s.app;
     s.execute(&format!("CREATE TABLE \"{a}\".codes (id char(5) PRIMARY KEY, t text)"))
         .expect("app table");
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
     let rules = one_table_rules("codes", "{ name = \"t\", type = \"text\" }");
-    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
-        .build()
-        .expect("service");
+    let svc = service_with(s.options(), &rules);
     let outcomes = upload(
         &svc,
         "ann",
@@ -1076,14 +1071,8 @@ async fn rows_an_app_trigger_changes_on_a_device_write_reach_devices() {
                 format!("[[permissions]]\ntable = \"{t}\"\ninsert = \"true\"\nupdate = \"true\"\ndelete = \"true\"\n")
             })
             .concat();
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
-    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
-        .build()
-        .expect("service");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
+    let svc = service_with(s.options(), &rules);
+    let now_ms = wall_ms();
     let list = |v: &str| vec![("list", Value::from(v))];
     let entries = vec![
         entry(
@@ -1150,14 +1139,8 @@ async fn rows_a_foreign_key_action_changes_on_a_device_delete_reach_devices() {
             .to_owned(),
     ]
     .concat();
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
-    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(&rules).expect("rules"), SECRET)
-        .build()
-        .expect("service");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
+    let svc = service_with(s.options(), &rules);
+    let now_ms = wall_ms();
     fn col<'a>(name: &'a str, v: &str) -> Vec<(&'a str, Value)> {
         vec![(name, Value::from(v))]
     }
@@ -1252,10 +1235,7 @@ async fn truncate_of_one_partition_removes_its_rows_from_devices() {
     .expect("partitioned table");
     let rules = "[[tables]]\nname = \"events\"\ncolumns = [{ name = \"name\", type = \"text\" }]\n\
         [[buckets]]\nname = \"all\"\ndata = [{ table = \"events\" }]\n";
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
-    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
-        .build()
-        .expect("service");
+    let svc = service_with(s.options(), rules);
     s.execute(&format!(
         "INSERT INTO \"{a}\".events VALUES ('b1', 'early'), ('c1', 'early'), ('n1', 'late')"
     ))
@@ -1298,14 +1278,8 @@ async fn an_app_schema_with_a_name_that_needs_quoting_syncs() {
     let rules = "[[tables]]\nname = \"Notes\"\ncolumns = [{ name = \"body\", type = \"text\" }]\n\
         [[buckets]]\nname = \"all\"\ndata = [{ table = \"Notes\" }]\n\
         [[permissions]]\ntable = \"Notes\"\ninsert = \"true\"\nupdate = \"true\"\ndelete = \"true\"\n";
-    let db = PgSourceDb::connect(&s.options().app_schema(&schema)).expect("connect");
-    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
-        .build()
-        .expect("service");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
+    let svc = service_with(s.options().app_schema(&schema), rules);
+    let now_ms = wall_ms();
     let answer = SyncHandler::upload(
         &svc,
         &token("ann"),
