@@ -576,6 +576,19 @@ rules = [{{ kind = \"immutable\", column = \"body\" }}]
     )
 }
 
+/// A PUT of note `n1`, open, with its owner and body.
+fn note(owner: &str, body: &str) -> ferry_core::CrudOp {
+    put(
+        "notes",
+        "n1",
+        &[
+            ("owner", owner.into()),
+            ("body", body.into()),
+            ("status", "open".into()),
+        ],
+    )
+}
+
 fn mentions(outcome: &Outcome, secret: &str) -> bool {
     serde_json::to_string(outcome).expect("encode").contains(secret)
 }
@@ -584,17 +597,6 @@ fn mentions(outcome: &Outcome, secret: &str) -> bool {
 async fn outcomes_do_not_carry_rows_the_user_cannot_read() {
     let e = env_with_rules(&notes_rules(), ServiceOptions::default());
     const SECRET_BODY: &str = "alice-secret-body";
-    let note = |owner: &str, body: &str| {
-        put(
-            "notes",
-            "n1",
-            &[
-                ("owner", owner.into()),
-                ("body", body.into()),
-                ("status", "open".into()),
-            ],
-        )
-    };
     let r = try_upload(
         &e.svc,
         "alice",
@@ -698,17 +700,6 @@ data = [
 ]
 ";
         let e = env_with_rules(&rules, ServiceOptions::default());
-        let note = |owner: &str, body: &str| {
-            put(
-                "notes",
-                "n1",
-                &[
-                    ("owner", owner.into()),
-                    ("body", body.into()),
-                    ("status", "open".into()),
-                ],
-            )
-        };
         let r = try_upload(
             &e.svc,
             "alice",
