@@ -100,15 +100,32 @@ fn an_instance_starts_while_an_app_transaction_holds_its_tables() {
     assert_eq!(changes[0].kind, CaptureKind::Row);
 }
 
+/// The app's `items` table, and a first start on it.
+fn started_once(s: &ScratchSchemas) {
+    s.execute(&format!(
+        "CREATE TABLE \"{}\".items (id bigint PRIMARY KEY, name text)",
+        s.app
+    ))
+    .expect("app table");
+    drop(start(&s.options()).expect("first start"));
+}
+
+/// Whether Ferry's schema has the index `name`.
+fn has_index(s: &ScratchSchemas, name: &str) -> bool {
+    let n = s
+        .query(&format!(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = '{}' AND indexname = '{name}'",
+            s.ferry
+        ))
+        .expect("index query");
+    n == vec![vec![Some("1".to_owned())]]
+}
+
 #[test]
 fn a_start_puts_back_a_dropped_trigger_and_a_changed_setup() {
     let s = ScratchSchemas::for_test();
     let (a, f) = (&s.app, &s.ferry);
-    s.execute(&format!(
-        "CREATE TABLE \"{a}\".items (id bigint PRIMARY KEY, name text)"
-    ))
-    .expect("app table");
-    drop(start(&s.options()).expect("first start"));
+    started_once(&s);
 
     // Somebody dropped the truncate trigger and the change table's index
     // for truncates, and the setup on record is another Ferry's.
@@ -119,12 +136,7 @@ fn a_start_puts_back_a_dropped_trigger_and_a_changed_setup() {
     ))
     .expect("damage");
     let db = start(&s.options()).expect("second start");
-    let back = s
-        .query(&format!(
-            "SELECT count(*) FROM pg_indexes WHERE schemaname = '{f}' AND indexname = 'changes_truncated'"
-        ))
-        .expect("index query");
-    assert_eq!(back, vec![vec![Some("1".to_owned())]], "the index is made again");
+    assert!(has_index(&s, "changes_truncated"), "the index is made again");
 
     s.execute(&format!(
         "INSERT INTO \"{a}\".items VALUES (1, 'one'); TRUNCATE \"{a}\".items;"
@@ -144,21 +156,12 @@ fn a_start_puts_back_a_dropped_trigger_and_a_changed_setup() {
 #[test]
 fn a_start_puts_back_an_index_dropped_by_hand_under_the_same_setup() {
     let s = ScratchSchemas::for_test();
-    let (a, f) = (&s.app, &s.ferry);
-    s.execute(&format!(
-        "CREATE TABLE \"{a}\".items (id bigint PRIMARY KEY, name text)"
-    ))
-    .expect("app table");
-    drop(start(&s.options()).expect("first start"));
+    let f = &s.ferry;
+    started_once(&s);
 
     // The setup on record is this Ferry's, but the op log's bucket index
     // (every stream's read) was dropped by hand.
     s.execute(&format!("DROP INDEX \"{f}\".oplog_bucket;")).expect("damage");
     drop(start(&s.options()).expect("second start"));
-    let back = s
-        .query(&format!(
-            "SELECT count(*) FROM pg_indexes WHERE schemaname = '{f}' AND indexname = 'oplog_bucket'"
-        ))
-        .expect("index query");
-    assert_eq!(back, vec![vec![Some("1".to_owned())]], "the index is made again");
+    assert!(has_index(&s, "oplog_bucket"), "the index is made again");
 }
