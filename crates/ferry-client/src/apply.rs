@@ -115,6 +115,28 @@ pub fn plan_checkpoint_owned(local: &LocalDb, apply: CheckpointApply) -> QueueRe
             changes.delete_bucket(b.bucket.clone());
             emptied.insert(b.bucket.clone());
         }
+        // A row's PUT followed by its REMOVE in this bucket: the row left
+        // the bucket, and a bucket it stayed in holds newer values (a
+        // later op), so the PUT's values are not written.
+        let last_remove: BTreeMap<(&str, &str), u64> = b
+            .ops
+            .iter()
+            .filter(|op| op.op == OpKind::Remove)
+            .filter_map(|op| Some(((op.object_type.as_deref()?, op.object_id.as_deref()?), op.op_id)))
+            .collect();
+        let removed_later: BTreeSet<u64> = b
+            .ops
+            .iter()
+            .filter(|op| op.op == OpKind::Put)
+            .filter(|op| {
+                let key = (
+                    op.object_type.as_deref().unwrap_or(""),
+                    op.object_id.as_deref().unwrap_or(""),
+                );
+                last_remove.get(&key).is_some_and(|&removed| removed > op.op_id)
+            })
+            .map(|op| op.op_id)
+            .collect();
         for op in b.ops {
             let (Some(table), Some(id)) = (op.object_type, op.object_id) else {
                 continue; // MOVE and CLEAR carry no row
@@ -130,7 +152,8 @@ pub fn plan_checkpoint_owned(local: &LocalDb, apply: CheckpointApply) -> QueueRe
                         op_id: op.op_id,
                         checksum: op.checksum,
                     };
-                    if let (Ok(def), Some(mut data)) = (schema.table(&table), op.data) {
+                    let data = op.data.filter(|_| !removed_later.contains(&op.op_id));
+                    if let (Ok(def), Some(mut data)) = (schema.table(&table), data) {
                         keep_declared_columns(def, &mut data);
                         changes.put_row(table, id, data);
                     }

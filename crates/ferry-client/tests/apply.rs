@@ -157,3 +157,37 @@ fn rows_of_unknown_tables_are_tracked_but_not_stored() {
     assert!(ids(&s).is_empty());
     assert_eq!(s.bucket_entries("global", None, 10).expect("entries").len(), 1);
 }
+
+/// A row in two buckets leaves one of them: that bucket's older PUT, then
+/// its REMOVE, come in the same checkpoint as the other bucket's newer PUT.
+/// The newer values stay whatever order the buckets come in, and when the
+/// other bucket's newer PUT was applied in an earlier checkpoint.
+#[test]
+fn a_row_that_leaves_one_bucket_keeps_the_newer_values_of_the_other() {
+    let title = |s: &LocalDb| {
+        s.store()
+            .get_synced("tickets", "r")
+            .expect("get")
+            .and_then(|row| row.get("title").cloned())
+    };
+    for all_first in [true, false] {
+        let s = store();
+        let all = bucket("all", false, vec![put(1, "r", "v1"), put(3, "r", "v3")]);
+        let mine = bucket("mine", false, vec![put(2, "r", "v2"), remove(4, "r")]);
+        let buckets = if all_first { vec![all, mine] } else { vec![mine, all] };
+        apply(&s, buckets, vec![]);
+        assert_eq!(title(&s), Some(Value::from("v3")), "all first: {all_first}");
+    }
+    let s = store();
+    apply(
+        &s,
+        vec![bucket("all", false, vec![put(1, "r", "v1"), put(3, "r", "v3")])],
+        vec![],
+    );
+    apply(
+        &s,
+        vec![bucket("mine", true, vec![put(2, "r", "v2"), remove(4, "r")])],
+        vec![],
+    );
+    assert_eq!(title(&s), Some(Value::from("v3")), "a bucket downloaded again");
+}

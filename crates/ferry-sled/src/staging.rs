@@ -130,7 +130,20 @@ pub(crate) fn switch_in(
         let Some(v) = p.get(&k)? else { continue };
         match switch_effect(decode(&k, pre.len(), &v)?) {
             SwitchEffect::Put { table, id, data, entry } => {
-                if let Some(data) = data {
+                // Another bucket holding the row with a later op holds
+                // newer values: this bucket's PUT is followed by a REMOVE
+                // (the row left this bucket and stayed in that one).
+                let mut newer = false;
+                for b in buckets.iter().filter(|b| b.as_str() != bucket) {
+                    if let Some(v) = p.get(&keys::bucket_entry_key(b, &table, &id))? {
+                        let held = v.get(..8).and_then(be_u64).ok_or_else(|| corrupt("bad bucket entry"))?;
+                        if held > entry.op_id {
+                            newer = true;
+                            break;
+                        }
+                    }
+                }
+                if let Some(data) = data.filter(|_| !newer) {
                     let def = table_def(schema, &table)?;
                     let row_key = keys::row_key(keys::SYNCED, &table, &id);
                     unindex(p, def, &row_key, &id)?;

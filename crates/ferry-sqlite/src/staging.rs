@@ -101,6 +101,10 @@ const SQL_EMPTY_STAGED: &str = "DELETE FROM ferry_staged";
 /// MEMORY`), so statements stay this small however large the checkpoint.
 const SET_STATEMENT_OPS: i64 = 8_192;
 const SQL_BUCKET_NAMES: &str = "SELECT name FROM ferry_buckets";
+/// Whether a bucket other than ?1 holds row ?2/?3 with a later op than ?4.
+const SQL_NEWER_ENTRY: &str = "SELECT 1 FROM ferry_bucket_entries \
+     WHERE bucket IN (SELECT name FROM ferry_buckets) AND bucket <> ?1 AND tbl = ?2 AND row_id = ?3 AND op_id > ?4 \
+     LIMIT 1";
 
 /// Staged ops switched in at once on the op-by-op path.
 const SWITCH_PAGE_OPS: usize = 2_048;
@@ -275,6 +279,10 @@ impl<'c, 'b> Writer<'c, 'b> {
         if !has_remove_or_indexed(conn, schema, bucket, from, through)? {
             return self.switch_in_set_based(bucket, from, through, true);
         }
+        // A PUT followed by a REMOVE of its row in this range may be older
+        // than the values another bucket holds (the row left this bucket
+        // and stayed in that one): only then are the other buckets asked.
+        let removes = returns_rows(conn, SQL_HAS_REMOVE, &[&bucket, &from, &through])?;
         let buckets: Vec<String> = {
             let mut stmt = conn.prepare_cached(SQL_BUCKET_NAMES).map_err(sql_err)?;
             let names = stmt.query_map([], |r| r.get(0)).map_err(sql_err)?;
@@ -289,10 +297,14 @@ impl<'c, 'b> Writer<'c, 'b> {
             for op in page {
                 match switch_effect(op) {
                     SwitchEffect::Put { table, id, data, entry } => {
-                        if let Some(data) = data {
-                            self.put_synced(schema, &table, &id, &data)?;
-                        }
                         let op_id = ordered_key("bucket entry op id", entry.op_id)?;
+                        if let Some(data) = data {
+                            let newer =
+                                removes && returns_rows(conn, SQL_NEWER_ENTRY, &[&bucket, &table, &id, &op_id])?;
+                            if !newer {
+                                self.put_synced(schema, &table, &id, &data)?;
+                            }
+                        }
                         self.stmt(W_PUT_BUCKET_ENTRY)?
                             .execute(params![bucket, entry.table, entry.row_id, op_id, entry.checksum])
                             .map_err(sql_err)?;

@@ -9,7 +9,7 @@ use parking_lot::RwLock;
 
 use crate::{
     index_key, resolve_index_range, switch_effect, validate_batch, BatchOp, BucketEntry, BucketState, OverlayEntry,
-    Rows, StagedOp, Store, StoreResult, SwitchEffect, WriteBatch,
+    Rows, StagedKind, StagedOp, Store, StoreResult, SwitchEffect, WriteBatch,
 };
 
 type TableRows = BTreeMap<String, RowData>;
@@ -175,10 +175,22 @@ impl MemoryStore {
                             .collect()
                     })
                     .unwrap_or_default();
+                // A PUT followed by a REMOVE of its row in this range may be
+                // older than the values another bucket holds (the row left
+                // this bucket and stayed in that one).
+                let removes = ops.iter().any(|op| op.kind == StagedKind::Remove);
                 for op in ops {
                     match switch_effect(op) {
                         SwitchEffect::Put { table, id, data, entry } => {
-                            if let Some(data) = data {
+                            let key = (table, id);
+                            let newer = removes
+                                && st.bucket_entries.iter().any(|(b, entries)| {
+                                    *b != bucket
+                                        && st.buckets.contains_key(b)
+                                        && entries.get(&key).is_some_and(|e| e.op_id > entry.op_id)
+                                });
+                            let (table, id) = key;
+                            if let Some(data) = data.filter(|_| !newer) {
                                 self.apply_op(st, BatchOp::PutSynced { table, id, data });
                             }
                             self.apply_op(

@@ -23,6 +23,7 @@ pub use staging::{
     bad_staged_ops_are_refused, deleting_staged_ops_keeps_every_other_op, failed_switch_in_changes_nothing,
     large_switch_in_matches_memory_store, staged_ops_are_discarded_and_survive_reopen,
     staged_ops_are_invisible_to_reads, staged_summaries_match_the_ops, switch_in_applies_the_staged_range,
+    switch_in_keeps_newer_values_of_a_row_another_bucket_holds,
 };
 
 /// How the suite makes and reopens stores of one backend.
@@ -64,6 +65,7 @@ macro_rules! conformance_tests {
             index_ranges_match_memory_store,
             staged_ops_are_invisible_to_reads,
             switch_in_applies_the_staged_range,
+            switch_in_keeps_newer_values_of_a_row_another_bucket_holds,
             failed_switch_in_changes_nothing,
             bad_staged_ops_are_refused,
             staged_ops_are_discarded_and_survive_reopen,

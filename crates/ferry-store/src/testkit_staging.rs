@@ -233,6 +233,64 @@ pub fn switch_in_applies_the_staged_range<B: Backend>(b: &B) {
     assert_eq!(s.staged_ops("b1", 0, usize::MAX).expect("staged").len(), 12);
 }
 
+/// A row in two buckets that leaves one of them: that bucket's PUT of the
+/// row is followed by a REMOVE, and the other bucket holds newer values
+/// (a later op). Switching both buckets in, in either order, or only the
+/// one that lost the row while the other's entry is already held, keeps
+/// the newer values.
+pub fn switch_in_keeps_newer_values_of_a_row_another_bucket_holds<B: Backend>(b: &B) {
+    for table in ["tickets", "notes"] {
+        let row = |n: i64| match table {
+            "tickets" => ticket("open", n),
+            _ => note(&format!("v{n}")),
+        };
+        // Both buckets in one checkpoint, in both orders.
+        for order in [["all", "mine"], ["mine", "all"]] {
+            let loc = b.fresh();
+            let staged_all = stage(
+                "all",
+                &[put(1, table, "r", Some(row(1))), put(3, table, "r", Some(row(3)))],
+            );
+            let staged_mine = stage("mine", &[put(2, table, "r", Some(row(2))), remove(4, table, "r")]);
+            let mut go = WriteBatch::new();
+            go.push(state("all", 3)).push(state("mine", 4));
+            for bucket in order {
+                go.push(switch(bucket, 1, 4));
+            }
+            let (s, _) = both(b, &loc, &[staged_all, staged_mine, go]);
+            assert_eq!(
+                s.get_visible(table, "r").expect("get"),
+                Some(row(3)),
+                "{table}, buckets switched in as {order:?}: the newest values stay"
+            );
+            assert!(s.bucket_entry("mine", table, "r").expect("entry").is_none());
+        }
+        // The newer values were applied before; the bucket that lost the
+        // row downloads from scratch.
+        let loc = b.fresh();
+        let mut setup = WriteBatch::new();
+        setup.put_synced(table, "r", row(3)).push(BatchOp::PutBucketEntry {
+            bucket: "all".into(),
+            entry: BucketEntry {
+                table: table.into(),
+                row_id: "r".into(),
+                op_id: 3,
+                checksum: 21,
+            },
+        });
+        setup.push(state("all", 3));
+        let staged_mine = stage("mine", &[put(2, table, "r", Some(row(2))), remove(4, table, "r")]);
+        let mut go = WriteBatch::new();
+        go.push(state("mine", 4)).push(switch("mine", 1, 4));
+        let (s, _) = both(b, &loc, &[setup, staged_mine, go]);
+        assert_eq!(
+            s.get_visible(table, "r").expect("get"),
+            Some(row(3)),
+            "{table}: a bucket downloaded again keeps another bucket's newer values"
+        );
+    }
+}
+
 /// A switch-in in a batch that fails changes nothing, and the staged ops
 /// are still there to switch in later; an empty range is refused.
 pub fn failed_switch_in_changes_nothing<B: Backend>(b: &B) {
