@@ -351,6 +351,9 @@ pub struct WriteRequest<'a> {
     pub sent: Option<&'a RowData>,
     /// The bucket instances the new row belongs to.
     pub new_buckets: &'a BTreeSet<String>,
+    /// The stored row is one the writer cannot read: a reason names no
+    /// bucket its values place the row in.
+    pub old_hidden: bool,
 }
 
 /// Decide a client write against the table's permissions (`None`: the
@@ -390,14 +393,30 @@ pub fn check(perms: Option<&TablePermissions>, w: &WriteRequest<'_>, who: &Write
     if !env.eval(&rule.cond) {
         return denied(format!("rule `{}` is not met", shortened(&rule.source)));
     }
-    if perms.new_in_my_buckets && w.op != WriteOp::Delete {
-        if let Some(b) = w.new_buckets.iter().find(|b| !who.buckets.contains(*b)) {
-            return denied(format!(
-                "the row would be in bucket {b:?}, which this user does not read (new_in_my_buckets)"
-            ));
-        }
+    if let Some(why) = escaped_bucket(perms, w, w.new_buckets, who) {
+        return denied(why);
     }
     Ok(())
+}
+
+/// Under `new_in_my_buckets`, why a row in `buckets` escapes the buckets
+/// the user reads (naming the bucket unless the stored row is hidden
+/// from the user: its values may place it there); `None` when it does not.
+fn escaped_bucket(
+    perms: &TablePermissions,
+    w: &WriteRequest<'_>,
+    buckets: &BTreeSet<String>,
+    who: &Writer<'_>,
+) -> Option<String> {
+    if !perms.new_in_my_buckets || w.op == WriteOp::Delete {
+        return None;
+    }
+    let b = buckets.iter().find(|b| !who.buckets.contains(*b))?;
+    Some(if w.old_hidden {
+        "the row would be in a bucket this user does not read (new_in_my_buckets)".to_owned()
+    } else {
+        format!("the row would be in bucket {b:?}, which this user does not read (new_in_my_buckets)")
+    })
 }
 
 /// The one client write of a conflict record: its user closes it.

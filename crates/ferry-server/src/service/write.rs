@@ -688,8 +688,8 @@ impl Inner {
     ) -> Result<Outcome> {
         let id = entry.op.id();
         let current = stx.read_row(table, id)?;
+        let old = current.as_ref().and_then(|c| c.data.as_ref());
         if let Some(w) = writer {
-            let old = current.as_ref().and_then(|c| c.data.as_ref());
             if let Err(reason) = self.check_permission(table, &entry.op, op, old, w) {
                 return Ok(Outcome::Rejected { reason });
             }
@@ -893,11 +893,6 @@ impl Inner {
         old: Option<&RowData>,
         writer: &Writer<'_>,
     ) -> std::result::Result<(), String> {
-        let kind = match (op, old) {
-            (CrudOp::Delete { .. }, _) => WriteOp::Delete,
-            (_, None) => WriteOp::Insert,
-            (_, Some(_)) => WriteOp::Update,
-        };
         let new: Option<RowData> = match op {
             CrudOp::Put { data, .. } => Some(data.clone()),
             CrudOp::Patch { data, .. } => {
@@ -909,27 +904,50 @@ impl Inner {
             }
             CrudOp::Delete { .. } => None,
         };
-        let sent = match sent {
-            CrudOp::Put { data, .. } | CrudOp::Patch { data, .. } => Some(data),
-            CrudOp::Delete { .. } => None,
-        };
         let new_buckets = new
             .as_ref()
             .map(|r| self.rules.row_buckets(&table.name, op.id(), r))
             .unwrap_or_default();
         permissions::check(
             self.rules.permissions(&table.name),
-            &WriteRequest {
-                table: &table.name,
-                id: op.id(),
-                op: kind,
-                old,
-                new: new.as_ref(),
-                sent,
-                new_buckets: &new_buckets,
-            },
+            &self.write_request(table, sent, op, old, new.as_ref(), &new_buckets, writer),
             writer,
         )
+    }
+
+    /// A client write as the permissions see it: a PUT or PATCH of a row
+    /// without stored values is an insert, of one with stored values an
+    /// update; a DELETE is a delete.
+    #[allow(clippy::too_many_arguments)]
+    fn write_request<'a>(
+        &self,
+        table: &'a Table,
+        sent: &'a CrudOp,
+        op: &'a CrudOp,
+        old: Option<&'a RowData>,
+        new: Option<&'a RowData>,
+        new_buckets: &'a BTreeSet<String>,
+        writer: &Writer<'_>,
+    ) -> WriteRequest<'a> {
+        let kind = match (op, old) {
+            (CrudOp::Delete { .. }, _) => WriteOp::Delete,
+            (_, None) => WriteOp::Insert,
+            (_, Some(_)) => WriteOp::Update,
+        };
+        let sent = match sent {
+            CrudOp::Put { data, .. } | CrudOp::Patch { data, .. } => Some(data),
+            CrudOp::Delete { .. } => None,
+        };
+        WriteRequest {
+            table: &table.name,
+            id: op.id(),
+            op: kind,
+            old,
+            new,
+            sent,
+            new_buckets,
+            old_hidden: old.is_some_and(|d| !self.readable(writer.buckets, &table.name, op.id(), d)),
+        }
     }
 
     /// Check a strategy's side write against the schema: its table, id,
