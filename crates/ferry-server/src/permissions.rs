@@ -399,6 +399,27 @@ pub fn check(perms: Option<&TablePermissions>, w: &WriteRequest<'_>, who: &Write
     Ok(())
 }
 
+/// After the conflict strategy: under `new_in_my_buckets`, the row a
+/// client insert or update leaves (in `written_buckets`) must be only in
+/// buckets the user reads, like the row as sent ([`check`]). A strategy
+/// may keep stored values over sent ones (last-write-wins keeps a stored
+/// column with a newer clock), so the row written can be in a bucket the
+/// row as sent was not in. `Err` is the outcome's reason.
+pub fn check_written(
+    perms: Option<&TablePermissions>,
+    w: &WriteRequest<'_>,
+    written_buckets: &BTreeSet<String>,
+    who: &Writer<'_>,
+) -> Result<(), String> {
+    match perms.and_then(|p| escaped_bucket(p, w, written_buckets, who)) {
+        Some(why) => Err(format!(
+            "permission denied: {} on {}/{}: as merged, {why}",
+            w.op, w.table, w.id
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Under `new_in_my_buckets`, why a row in `buckets` escapes the buckets
 /// the user reads (naming the bucket unless the stored row is hidden
 /// from the user: its values may place it there); `None` when it does not.

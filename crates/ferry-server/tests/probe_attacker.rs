@@ -73,6 +73,49 @@ async fn bobs_task(e: &Env) {
     assert_eq!(taken.outcomes[0].outcome, Outcome::Applied);
 }
 
+/// With `new_in_my_buckets`, mallory may not edit bob's task: a PATCH of
+/// its title alone is refused. Naming herself as assignee, with a clock
+/// between the title's and the assignee's, passed the check (the row "as
+/// sent" was in her bucket) while last-write-wins kept bob as assignee
+/// and took her title: the task stayed in bob's bucket with her edit. The
+/// row a write leaves must be in buckets the writer reads, after the
+/// conflict strategy too.
+#[tokio::test]
+async fn new_in_my_buckets_holds_for_the_row_last_write_wins_leaves() {
+    let e = env_with_rules(TASK_RULES, ServiceOptions::default());
+    bobs_task(&e).await;
+    let answer = try_upload(
+        &e.svc,
+        "mal",
+        upload_req(
+            "mal-dev",
+            vec![entry(
+                1,
+                patch("tasks", "t1", &[("assignee", text("mal")), ("title", text("pwned"))]),
+                T0_MS + 10_000,
+                "mal-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("mallory's upload");
+    match &answer.outcomes[0].outcome {
+        Outcome::Rejected { reason } => {
+            assert!(reason.contains("permission denied"), "{reason}");
+            assert!(!reason.contains("bob"), "names the hidden row's assignee: {reason}");
+        }
+        other => panic!("mallory's edit of bob's task was not refused: {other:?}"),
+    }
+    let mut bob = TestClient::new("bob-dev");
+    bob.sync(&e.svc, &token("bob")).await;
+    let row = bob
+        .rows()
+        .remove(&("tasks".to_owned(), "t1".to_owned()))
+        .expect("bob's task");
+    assert_eq!(row.get("title"), Some(&text("orig")), "{row:?}");
+    assert_eq!(row.get("assignee"), Some(&text("bob")), "{row:?}");
+}
+
 /// A write refused by `new_in_my_buckets` named the bucket the row would
 /// be in. For a PATCH of a row the writer cannot read, that bucket comes
 /// from the stored row: the reason told mallory who bob's task belongs to

@@ -696,6 +696,11 @@ impl Inner {
         }
         let hlc = self.op_clock(client_id, entry);
         let decision = self.resolve_op((table, op), entry, &hlc, (client_id, user_id), current.as_ref());
+        if let (Some(w), Resolution::Write { row, .. }) = (writer, &decision.resolution) {
+            if let Err(reason) = self.check_written(table, &entry.op, op, old, row, w) {
+                return Ok(Outcome::Rejected { reason });
+            }
+        }
         self.apply_decision(
             stx,
             writer.map(|w| w.buckets),
@@ -911,6 +916,26 @@ impl Inner {
         permissions::check(
             self.rules.permissions(&table.name),
             &self.write_request(table, sent, op, old, new.as_ref(), &new_buckets, writer),
+            writer,
+        )
+    }
+
+    /// After the conflict strategy: a client write's resulting `row` must
+    /// meet `new_in_my_buckets` too (see [`permissions::check_written`]).
+    fn check_written(
+        &self,
+        table: &Table,
+        sent: &CrudOp,
+        op: &CrudOp,
+        old: Option<&RowData>,
+        row: &RowData,
+        writer: &Writer<'_>,
+    ) -> std::result::Result<(), String> {
+        let buckets = self.rules.row_buckets(&table.name, op.id(), row);
+        permissions::check_written(
+            self.rules.permissions(&table.name),
+            &self.write_request(table, sent, op, old, Some(row), &buckets, writer),
+            &buckets,
             writer,
         )
     }
