@@ -172,3 +172,91 @@ async fn a_refusal_by_new_in_my_buckets_does_not_show_the_hidden_rows_bucket() {
         other => panic!("insert into zed's bucket not refused: {other:?}"),
     }
 }
+
+/// Pages are private to their owner, but anyone may edit any page (an
+/// app whose rule is its own business).
+const PAGE_RULES: &str = r#"
+[[tables]]
+name = "pages"
+columns = [{ name = "owner", type = "text" }, { name = "body", type = "text" }, { name = "note", type = "text" }]
+
+[[buckets]]
+name = "my_pages"
+parameters = ["sub"]
+data = [{ table = "pages", where = { owner = "sub" } }]
+
+[[permissions]]
+table = "pages"
+insert = "new.owner == auth.sub"
+update = "true"
+"#;
+
+/// A PATCH whose merged row is over `max_row_bytes` is rejected naming
+/// the merged row's size. For a stored row the writer cannot read, that
+/// told them its size to the byte (the other refusals and merges of such
+/// a row withhold their details): the reason is withheld too.
+#[tokio::test]
+async fn an_oversized_merge_of_a_hidden_row_does_not_tell_its_size() {
+    let mut options = ServiceOptions::default();
+    options.limits.max_row_bytes = 300;
+    let e = env_with_rules(PAGE_RULES, options);
+    let secret = "s".repeat(123);
+    let stored = try_upload(
+        &e.svc,
+        "bob",
+        upload_req(
+            "bob-dev",
+            vec![entry(
+                1,
+                put("pages", "p1", &[("owner", text("bob")), ("body", text(&secret))]),
+                T0_MS,
+                "bob-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("bob's upload");
+    assert_eq!(stored.outcomes[0].outcome, Outcome::Applied);
+    let answer = try_upload(
+        &e.svc,
+        "mal",
+        upload_req(
+            "mal-dev",
+            vec![entry(
+                1,
+                patch("pages", "p1", &[("note", text(&"n".repeat(200)))]),
+                T0_MS + 1_000,
+                "mal-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("mallory's upload");
+    match &answer.outcomes[0].outcome {
+        Outcome::Rejected { reason } => {
+            assert!(!reason.contains("bytes"), "tells the hidden row's size: {reason}");
+            assert!(reason.contains("pages/p1"), "{reason}");
+        }
+        other => panic!("oversized merge not refused: {other:?}"),
+    }
+    // Bob's own oversized edit is still told the size.
+    let own = try_upload(
+        &e.svc,
+        "bob",
+        upload_req(
+            "bob-dev",
+            vec![entry(
+                2,
+                patch("pages", "p1", &[("note", text(&"n".repeat(200)))]),
+                T0_MS + 2_000,
+                "bob-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("bob's second upload");
+    match &own.outcomes[0].outcome {
+        Outcome::Rejected { reason } => assert!(reason.contains("over the limit of 300 bytes"), "{reason}"),
+        other => panic!("bob's oversized merge not refused: {other:?}"),
+    }
+}

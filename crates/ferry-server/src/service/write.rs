@@ -733,7 +733,6 @@ impl Inner {
             decision,
         } = resolved;
         let limits = &self.options.limits;
-        let rejected = |reason: String| Ok(Outcome::Rejected { reason });
         let old_data = current.and_then(|c| c.data.as_ref());
         // The user cannot read the stored row: a strategy's reason may
         // quote its values, so it is replaced.
@@ -841,10 +840,14 @@ impl Inner {
             Resolution::Write { row, clocks, .. } => {
                 let size_bytes = row_size_bytes(id, row);
                 if size_bytes > limits.max_row_bytes {
-                    return rejected(format!(
-                        "row {}/{id} would be {size_bytes} bytes, over the limit of {} bytes",
-                        table.name, limits.max_row_bytes
-                    ));
+                    // Its size is the stored row's too: withheld when
+                    // the user cannot read that row.
+                    return Ok(redacted(Outcome::Rejected {
+                        reason: format!(
+                            "row {}/{id} would be {size_bytes} bytes, over the limit of {} bytes",
+                            table.name, limits.max_row_bytes
+                        ),
+                    }));
                 }
                 // The row as the database keeps it, when it differs in form.
                 let stored = stx.write_row(table, id, row, clocks)?;
