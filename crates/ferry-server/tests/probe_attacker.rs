@@ -260,3 +260,110 @@ async fn an_oversized_merge_of_a_hidden_row_does_not_tell_its_size() {
         other => panic!("bob's oversized merge not refused: {other:?}"),
     }
 }
+
+/// A PostgreSQL `numeric` column synced as text keeps a value in its own
+/// form: `1e20000` (7 bytes as sent) is stored and read back as 20,001
+/// digits. The size limits were checked on the row as sent only, so a
+/// row far over `max_row_encoded_bytes` (and `max_row_bytes`) was
+/// written and sent to every device of its bucket (enough such columns
+/// make a `data` line no client reads). The row as the database keeps it
+/// is held to the limits too: over them, the write is rejected and
+/// nothing of it is written.
+#[tokio::test]
+async fn a_row_the_database_grows_past_the_size_limits_is_rejected_and_not_written() {
+    use ferry_postgres::scratch::ScratchSchemas;
+    use ferry_postgres::PgSourceDb;
+    use ferry_server::{SyncRules, SyncService};
+
+    let s = ScratchSchemas::for_test();
+    s.execute(&format!(
+        "CREATE TABLE \"{}\".ledger (id text PRIMARY KEY, owner text, amount numeric)",
+        s.app
+    ))
+    .expect("app table");
+    let rules = r#"
+[[tables]]
+name = "ledger"
+columns = [{ name = "owner", type = "text" }, { name = "amount", type = "text" }]
+
+[[buckets]]
+name = "all"
+data = [{ table = "ledger" }]
+
+[[permissions]]
+table = "ledger"
+insert = "new.owner == auth.sub"
+"#;
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let options = ServiceOptions {
+        max_row_encoded_bytes: 10_000,
+        ..ServiceOptions::default()
+    };
+    let svc = SyncService::builder(
+        std::sync::Arc::new(db),
+        SyncRules::from_toml(rules).expect("rules"),
+        SECRET,
+    )
+    .options(options)
+    .build()
+    .expect("service");
+    let answer = try_upload(
+        &svc,
+        "ann",
+        upload_req(
+            "ann-dev",
+            vec![
+                entry(
+                    1,
+                    put("ledger", "small", &[("owner", text("ann")), ("amount", text("1e3"))]),
+                    T0_MS,
+                    "ann-dev",
+                ),
+                entry(
+                    2,
+                    put("ledger", "huge", &[("owner", text("ann")), ("amount", text("1e20000"))]),
+                    T0_MS,
+                    "ann-dev",
+                ),
+            ],
+        ),
+    )
+    .await
+    .expect("upload answered");
+    match &answer.outcomes[1].outcome {
+        Outcome::Rejected { reason } => {
+            assert!(reason.contains("ledger/huge"), "{reason}");
+            assert!(reason.contains("max_row_encoded_bytes"), "{reason}");
+        }
+        other => panic!("a row stored over the limit was taken: {other:?}"),
+    }
+    let count = s
+        .query(&format!("SELECT count(*)::text FROM \"{}\".ledger", s.app))
+        .expect("count");
+    assert_eq!(count[0][0].as_deref(), Some("0"), "the transaction wrote nothing");
+    let mut device = TestClient::new("ann-dev-2");
+    device.sync(&svc, &token("ann")).await;
+    assert!(device.rows().is_empty(), "{:?}", device.rows());
+
+    // Alone in its transaction, the small row is taken in its stored form.
+    let answer = try_upload(
+        &svc,
+        "ann",
+        upload_req(
+            "ann-dev",
+            vec![entry(
+                3,
+                put("ledger", "small", &[("owner", text("ann")), ("amount", text("1e3"))]),
+                T0_MS,
+                "ann-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("upload answered");
+    assert!(
+        matches!(answer.outcomes[0].outcome, Outcome::Applied | Outcome::Merged { .. }),
+        "{:?}",
+        answer.outcomes[0]
+    );
+}

@@ -567,6 +567,24 @@ impl Inner {
         Ok(())
     }
 
+    /// Hold the row as the database keeps it (when its form differs from
+    /// the row written: a `numeric` column read back in full) to the row
+    /// limits, like the row as sent: over them, the database's write is
+    /// refused (`Refused`: the op's writes are rolled back and it is
+    /// rejected with the reason).
+    fn check_stored_size(&self, table: &Table, id: &str, stored: &RowData) -> Result<()> {
+        let max_bytes = self.options.limits.max_row_bytes;
+        let size_bytes = row_size_bytes(id, stored);
+        if size_bytes > max_bytes {
+            return Err(ServiceError::Refused(format!(
+                "as stored, row {}/{id} would be {size_bytes} bytes, over the limit of {max_bytes} bytes",
+                table.name
+            )));
+        }
+        self.check_encoded_size(&table.name, id, stored)
+            .map_err(|reason| ServiceError::Refused(format!("as stored, {reason}")))
+    }
+
     /// Apply one op. `writer` is the uploading user (`None` for the
     /// server's own imports): the write must pass the table's write
     /// permissions, checked before the conflict strategy runs; a `merged`
@@ -851,6 +869,9 @@ impl Inner {
                 }
                 // The row as the database keeps it, when it differs in form.
                 let stored = stx.write_row(table, id, row, clocks)?;
+                if let Some(stored) = &stored {
+                    self.check_stored_size(table, id, stored)?;
+                }
                 let row = stored.as_ref().unwrap_or(row);
                 if old_data != Some(row) {
                     self.emit_row(stx, &table.name, id, Some(row))?;
