@@ -37,10 +37,16 @@ pub(crate) fn lift<T>(f: impl FnOnce() -> Result<T>) -> ferry_source::Result<T> 
     f().map_err(SourceError::from)
 }
 
-/// A database error's message with its SQLSTATE and detail.
+/// A database error's message with its SQLSTATE and detail. The detail
+/// of an integrity constraint violation (class 23) is left out: it shows
+/// rows (a CHECK or NOT NULL violation's whole failing row, with the
+/// columns the rules do not sync and the stored values a PATCH kept; an
+/// exclusion constraint's conflicting row), and a refusal's reason goes
+/// to the device that wrote. The message names the constraint.
 fn describe(db: &tokio_postgres::error::DbError) -> String {
-    let mut s = format!("{} (sqlstate {})", db.message(), db.code().code());
-    if let Some(detail) = db.detail() {
+    let code = db.code().code();
+    let mut s = format!("{} (sqlstate {code})", db.message());
+    if let Some(detail) = db.detail().filter(|_| !code.starts_with("23")) {
         s.push_str(": ");
         s.push_str(detail);
     }

@@ -367,3 +367,120 @@ insert = "new.owner == auth.sub"
         answer.outcomes[0]
     );
 }
+
+/// A write PostgreSQL refuses is rejected with the database's reason.
+/// For a CHECK or NOT NULL violation, PostgreSQL's detail is the whole
+/// failing row: every column of the app's table, those the rules do not
+/// sync (an API key the backend keeps) and, for a PATCH of a row the
+/// writer cannot read, its stored values. The reason names the
+/// constraint, without the row.
+#[tokio::test]
+async fn a_constraint_the_database_enforces_does_not_show_the_failing_row() {
+    use ferry_postgres::scratch::ScratchSchemas;
+    use ferry_postgres::PgSourceDb;
+    use ferry_server::{SyncRules, SyncService};
+
+    let s = ScratchSchemas::for_test();
+    s.execute(&format!(
+        "CREATE TABLE \"{}\".accounts (id text PRIMARY KEY, owner text NOT NULL, plan text, \
+         credits integer CONSTRAINT credits_not_negative CHECK (credits >= 0), \
+         api_key text DEFAULT 'sk-backend-only')",
+        s.app
+    ))
+    .expect("app table");
+    // Accounts are private to their owner; anyone may top up any
+    // account (an app's rule).
+    let rules = r#"
+[[tables]]
+name = "accounts"
+columns = [{ name = "owner", type = "text" }, { name = "plan", type = "text" }, { name = "credits", type = "integer" }]
+
+[[buckets]]
+name = "mine"
+parameters = ["sub"]
+data = [{ table = "accounts", where = { owner = "sub" } }]
+
+[[permissions]]
+table = "accounts"
+insert = "new.owner == auth.sub"
+update = "true"
+"#;
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let svc = SyncService::builder(std::sync::Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    let stored = try_upload(
+        &svc,
+        "bob",
+        upload_req(
+            "bob-dev",
+            vec![entry(
+                1,
+                put(
+                    "accounts",
+                    "a1",
+                    &[
+                        ("owner", text("bob")),
+                        ("plan", text("gold-plan-of-bob")),
+                        ("credits", Value::Integer(5)),
+                    ],
+                ),
+                T0_MS,
+                "bob-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("bob's upload");
+    assert_eq!(stored.outcomes[0].outcome, Outcome::Applied);
+    let answer = try_upload(
+        &svc,
+        "mal",
+        upload_req(
+            "mal-dev",
+            vec![entry(
+                1,
+                patch("accounts", "a1", &[("credits", Value::Integer(-1))]),
+                T0_MS + 1_000,
+                "mal-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("mallory's upload");
+    match &answer.outcomes[0].outcome {
+        Outcome::Rejected { reason } => {
+            assert!(!reason.contains("gold-plan-of-bob"), "shows bob's row: {reason}");
+            assert!(!reason.contains("sk-backend-only"), "shows a column not synced: {reason}");
+            assert!(
+                reason.contains("credits_not_negative") || reason.contains("details withheld"),
+                "{reason}"
+            );
+        }
+        other => panic!("a negative balance was taken: {other:?}"),
+    }
+    // The owner's own violation: the constraint is named, the column the
+    // rules do not sync is not shown.
+    let own = try_upload(
+        &svc,
+        "bob",
+        upload_req(
+            "bob-dev",
+            vec![entry(
+                2,
+                patch("accounts", "a1", &[("credits", Value::Integer(-2))]),
+                T0_MS + 2_000,
+                "bob-dev",
+            )],
+        ),
+    )
+    .await
+    .expect("bob's second upload");
+    match &own.outcomes[0].outcome {
+        Outcome::Rejected { reason } => {
+            assert!(reason.contains("credits_not_negative"), "{reason}");
+            assert!(!reason.contains("sk-backend-only"), "shows a column not synced: {reason}");
+        }
+        other => panic!("a negative balance was taken: {other:?}"),
+    }
+}
