@@ -54,10 +54,12 @@ fn describe(db: &tokio_postgres::error::DbError) -> String {
 }
 
 /// Data exceptions (22) and integrity constraints (23) refuse one write,
-/// as does a row-level security policy of the app's table (42501 with
-/// PostgreSQL's "row-level security" message; another 42501, a privilege
-/// Ferry's role lacks, is a database error the write waits out, not a
-/// refusal that would lose it); serialization failures and deadlocks
+/// as do the app's own checks: a trigger's `RAISE EXCEPTION` without an
+/// error code (P0001, `raise_exception`) or failed `ASSERT` (P0004,
+/// `assert_failure`), and a row-level security policy of the app's table
+/// (42501 with PostgreSQL's "row-level security" message; another 42501,
+/// a privilege Ferry's role lacks, is a database error the write waits
+/// out, not a refusal that would lose it); serialization failures and deadlocks
 /// (40), resources (53), operator intervention (57) and connection errors
 /// (08) can pass; the rest is a database error. An error without a
 /// SQLSTATE is a lost connection or a protocol problem.
@@ -66,6 +68,9 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> SourceError {
         let code = db.code().code();
         let msg = describe(db);
         if code == "42501" && db.message().contains("row-level security") {
+            return SourceError::Refused(msg);
+        }
+        if matches!(code, "P0001" | "P0004") {
             return SourceError::Refused(msg);
         }
         return match code.get(..2) {

@@ -406,9 +406,13 @@ insert = "new.owner == auth.sub"
 update = "true"
 "#;
     let db = PgSourceDb::connect(&s.options()).expect("connect");
-    let svc = SyncService::builder(std::sync::Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
-        .build()
-        .expect("service");
+    let svc = SyncService::builder(
+        std::sync::Arc::new(db),
+        SyncRules::from_toml(rules).expect("rules"),
+        SECRET,
+    )
+    .build()
+    .expect("service");
     let stored = try_upload(
         &svc,
         "bob",
@@ -451,7 +455,10 @@ update = "true"
     match &answer.outcomes[0].outcome {
         Outcome::Rejected { reason } => {
             assert!(!reason.contains("gold-plan-of-bob"), "shows bob's row: {reason}");
-            assert!(!reason.contains("sk-backend-only"), "shows a column not synced: {reason}");
+            assert!(
+                !reason.contains("sk-backend-only"),
+                "shows a column not synced: {reason}"
+            );
             assert!(
                 reason.contains("credits_not_negative") || reason.contains("details withheld"),
                 "{reason}"
@@ -479,8 +486,94 @@ update = "true"
     match &own.outcomes[0].outcome {
         Outcome::Rejected { reason } => {
             assert!(reason.contains("credits_not_negative"), "{reason}");
-            assert!(!reason.contains("sk-backend-only"), "shows a column not synced: {reason}");
+            assert!(
+                !reason.contains("sk-backend-only"),
+                "shows a column not synced: {reason}"
+            );
         }
         other => panic!("a negative balance was taken: {other:?}"),
     }
+}
+
+/// An app's trigger that refuses a row with `RAISE EXCEPTION` (SQLSTATE
+/// P0001, the way PostgreSQL apps validate) failed the whole upload with
+/// a 500 (`internal`), on every retry: the device's queue stopped there
+/// for good and the write never got an outcome. It is a refusal: the
+/// write is rejected with the trigger's message, and the upload goes on.
+#[tokio::test]
+async fn a_trigger_that_raises_rejects_the_write_instead_of_failing_the_upload() {
+    use ferry_postgres::scratch::ScratchSchemas;
+    use ferry_postgres::PgSourceDb;
+    use ferry_server::{SyncRules, SyncService};
+
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".items (id text PRIMARY KEY, owner text, name text);
+         CREATE FUNCTION \"{a}\".check_item() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+           IF NEW.name = 'bad' THEN RAISE EXCEPTION 'item name % is not allowed', NEW.name; END IF;
+           ASSERT NEW.name <> 'worse', 'item name worse fails an assertion';
+           RETURN NEW;
+         END $f$;
+         CREATE TRIGGER check_item BEFORE INSERT OR UPDATE ON \"{a}\".items
+           FOR EACH ROW EXECUTE FUNCTION \"{a}\".check_item();"
+    ))
+    .expect("app table");
+    let rules = r#"
+[[tables]]
+name = "items"
+columns = [{ name = "owner", type = "text" }, { name = "name", type = "text" }]
+
+[[buckets]]
+name = "all"
+data = [{ table = "items" }]
+
+[[permissions]]
+table = "items"
+insert = "new.owner == auth.sub"
+"#;
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let svc = SyncService::builder(
+        std::sync::Arc::new(db),
+        SyncRules::from_toml(rules).expect("rules"),
+        SECRET,
+    )
+    .build()
+    .expect("service");
+    let item = |seq: u64, id: &str, name: &str| {
+        (
+            seq,
+            vec![entry(
+                seq,
+                put("items", id, &[("owner", text("ann")), ("name", text(name))]),
+                T0_MS + seq,
+                "ann-dev",
+            )],
+        )
+    };
+    let answer = try_upload(
+        &svc,
+        "ann",
+        upload_txs(
+            "ann-dev",
+            vec![item(1, "i1", "bad"), item(2, "i2", "worse"), item(3, "i3", "fine")],
+        ),
+    )
+    .await
+    .expect("the upload is answered");
+    for (i, says) in [
+        (0, "item name bad is not allowed"),
+        (1, "item name worse fails an assertion"),
+    ] {
+        match &answer.outcomes[i].outcome {
+            Outcome::Rejected { reason } => assert!(reason.contains(says), "{reason}"),
+            other => panic!("op {i}: {other:?}"),
+        }
+    }
+    assert_eq!(answer.outcomes[2].outcome, Outcome::Applied);
+    let mut device = TestClient::new("ann-dev-2");
+    device.sync(&svc, &token("ann")).await;
+    let ids: Vec<String> = device.rows().into_keys().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["i3"]);
 }
