@@ -53,8 +53,10 @@ fn describe(db: &tokio_postgres::error::DbError) -> String {
     s
 }
 
-/// Data exceptions (22) and integrity constraints (23) refuse one write,
-/// as do the app's own checks: a trigger's `RAISE EXCEPTION` without an
+/// Data exceptions (22), integrity constraints (23) and program limits
+/// (54: a value too long for an index row, of the app's table or of
+/// Ferry's own, which names buckets by their parameter values; a retry
+/// never fits it) refuse one write, as do the app's own checks: a trigger's `RAISE EXCEPTION` without an
 /// error code (P0001, `raise_exception`) or failed `ASSERT` (P0004,
 /// `assert_failure`), and a row-level security policy of the app's table
 /// (42501 with PostgreSQL's "row-level security" message; another 42501,
@@ -74,7 +76,7 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> SourceError {
             return SourceError::Refused(msg);
         }
         return match code.get(..2) {
-            Some("22" | "23") => SourceError::Refused(msg),
+            Some("22" | "23" | "54") => SourceError::Refused(msg),
             Some("40" | "53" | "57" | "08") => SourceError::Unavailable(msg),
             _ => SourceError::Database(msg),
         };

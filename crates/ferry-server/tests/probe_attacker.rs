@@ -5,8 +5,10 @@ mod common;
 
 use common::*;
 use ferry_core::Value;
+use ferry_postgres::scratch::ScratchSchemas;
+use ferry_postgres::PgSourceDb;
 use ferry_protocol::Outcome;
-use ferry_server::ServiceOptions;
+use ferry_server::{ServiceOptions, SyncRules, SyncService};
 
 /// Tasks land in the bucket of their assignee; anyone may create,
 /// reassign and edit tasks, but only so that the task ends up in buckets
@@ -34,6 +36,19 @@ const T0_MS: u64 = 1_700_000_000_000;
 
 fn text(s: &str) -> Value {
     Value::from(s)
+}
+
+/// A service on PostgreSQL, in `s`'s scratch schemas, over `rules`.
+fn pg_service(s: &ScratchSchemas, rules: &str, options: ServiceOptions) -> SyncService {
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    SyncService::builder(
+        std::sync::Arc::new(db),
+        SyncRules::from_toml(rules).expect("rules"),
+        SECRET,
+    )
+    .options(options)
+    .build()
+    .expect("service")
 }
 
 /// carl creates task t1 (at T0), bob takes it (PATCH of its assignee
@@ -271,10 +286,6 @@ async fn an_oversized_merge_of_a_hidden_row_does_not_tell_its_size() {
 /// nothing of it is written.
 #[tokio::test]
 async fn a_row_the_database_grows_past_the_size_limits_is_rejected_and_not_written() {
-    use ferry_postgres::scratch::ScratchSchemas;
-    use ferry_postgres::PgSourceDb;
-    use ferry_server::{SyncRules, SyncService};
-
     let s = ScratchSchemas::for_test();
     s.execute(&format!(
         "CREATE TABLE \"{}\".ledger (id text PRIMARY KEY, owner text, amount numeric)",
@@ -294,19 +305,11 @@ data = [{ table = "ledger" }]
 table = "ledger"
 insert = "new.owner == auth.sub"
 "#;
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
     let options = ServiceOptions {
         max_row_encoded_bytes: 10_000,
         ..ServiceOptions::default()
     };
-    let svc = SyncService::builder(
-        std::sync::Arc::new(db),
-        SyncRules::from_toml(rules).expect("rules"),
-        SECRET,
-    )
-    .options(options)
-    .build()
-    .expect("service");
+    let svc = pg_service(&s, rules, options);
     let answer = try_upload(
         &svc,
         "ann",
@@ -376,10 +379,6 @@ insert = "new.owner == auth.sub"
 /// constraint, without the row.
 #[tokio::test]
 async fn a_constraint_the_database_enforces_does_not_show_the_failing_row() {
-    use ferry_postgres::scratch::ScratchSchemas;
-    use ferry_postgres::PgSourceDb;
-    use ferry_server::{SyncRules, SyncService};
-
     let s = ScratchSchemas::for_test();
     s.execute(&format!(
         "CREATE TABLE \"{}\".accounts (id text PRIMARY KEY, owner text NOT NULL, plan text, \
@@ -405,14 +404,7 @@ table = "accounts"
 insert = "new.owner == auth.sub"
 update = "true"
 "#;
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
-    let svc = SyncService::builder(
-        std::sync::Arc::new(db),
-        SyncRules::from_toml(rules).expect("rules"),
-        SECRET,
-    )
-    .build()
-    .expect("service");
+    let svc = pg_service(&s, rules, ServiceOptions::default());
     let stored = try_upload(
         &svc,
         "bob",
@@ -502,10 +494,6 @@ update = "true"
 /// write is rejected with the trigger's message, and the upload goes on.
 #[tokio::test]
 async fn a_trigger_that_raises_rejects_the_write_instead_of_failing_the_upload() {
-    use ferry_postgres::scratch::ScratchSchemas;
-    use ferry_postgres::PgSourceDb;
-    use ferry_server::{SyncRules, SyncService};
-
     let s = ScratchSchemas::for_test();
     let a = &s.app;
     s.execute(&format!(
@@ -533,14 +521,7 @@ data = [{ table = "items" }]
 table = "items"
 insert = "new.owner == auth.sub"
 "#;
-    let db = PgSourceDb::connect(&s.options()).expect("connect");
-    let svc = SyncService::builder(
-        std::sync::Arc::new(db),
-        SyncRules::from_toml(rules).expect("rules"),
-        SECRET,
-    )
-    .build()
-    .expect("service");
+    let svc = pg_service(&s, rules, ServiceOptions::default());
     let item = |seq: u64, id: &str, name: &str| {
         (
             seq,
@@ -576,4 +557,81 @@ insert = "new.owner == auth.sub"
     device.sync(&svc, &token("ann")).await;
     let ids: Vec<String> = device.rows().into_keys().map(|(_, id)| id).collect();
     assert_eq!(ids, ["i3"]);
+}
+
+/// A long value in a column PostgreSQL indexes (an index of the app's
+/// table, or a bucket parameter: the bucket's name is in Ferry's own
+/// indexes) passes the index's row size limit (SQLSTATE 54000). That
+/// failed the whole upload with a 500 on every retry: the device's queue
+/// stopped there for good. It is the write's own value: the write is
+/// rejected, naming the limit, and the upload goes on.
+#[tokio::test]
+async fn a_value_too_long_for_an_index_rejects_the_write_instead_of_failing_the_upload() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".posts (id text PRIMARY KEY, owner text, team text, title text);
+         CREATE INDEX posts_title ON \"{a}\".posts(title);"
+    ))
+    .expect("app table");
+    let rules = r#"
+[[tables]]
+name = "posts"
+columns = [{ name = "owner", type = "text" }, { name = "team", type = "text" }, { name = "title", type = "text" }]
+
+[[buckets]]
+name = "mine"
+parameters = ["sub"]
+data = [{ table = "posts", where = { owner = "sub" } }]
+
+[[buckets]]
+name = "team"
+parameters = ["team"]
+data = [{ table = "posts", where = { team = "team" } }]
+
+[[permissions]]
+table = "posts"
+insert = "new.owner == auth.sub"
+"#;
+    let svc = pg_service(&s, rules, ServiceOptions::default());
+    // Incompressible text, longer than an index row may be.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let long: String = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let post = |seq: u64, id: &str, data: &[(&str, Value)]| {
+        let mut row = vec![("owner", text("ann"))];
+        row.extend(data.iter().cloned());
+        (seq, vec![entry(seq, put("posts", id, &row), T0_MS + seq, "ann-dev")])
+    };
+    let answer = try_upload(
+        &svc,
+        "ann",
+        upload_txs(
+            "ann-dev",
+            vec![
+                post(1, "p1", &[("title", text(&long))]),
+                post(2, "p2", &[("team", text(&long))]),
+                post(3, "p3", &[("title", text("fine"))]),
+            ],
+        ),
+    )
+    .await
+    .expect("the upload is answered");
+    for i in 0..2 {
+        match &answer.outcomes[i].outcome {
+            Outcome::Rejected { reason } => assert!(reason.contains("sqlstate 54000"), "{reason}"),
+            other => panic!("op {i}: {other:?}"),
+        }
+    }
+    assert_eq!(answer.outcomes[2].outcome, Outcome::Applied);
+    let mut device = TestClient::new("ann-dev-2");
+    device.sync(&svc, &token("ann")).await;
+    let ids: Vec<String> = device.rows().into_keys().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["p3"]);
 }
