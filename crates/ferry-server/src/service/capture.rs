@@ -33,7 +33,7 @@ use ferry_transport::blocking;
 
 use super::{blocking_error, Inner, SyncService};
 use crate::db::{CaptureKind, CapturedChange, SourceTx};
-use crate::error::Result;
+use crate::error::{Result, ServiceError};
 
 /// Most captured changes taken in one write transaction.
 pub const MAX_CAPTURE_BATCH: usize = 500;
@@ -59,8 +59,20 @@ pub(crate) struct CaptureStep {
 }
 
 impl Inner {
-    /// Take one batch of captured changes and write their ops.
+    /// Take one batch of captured changes and write their ops. A row
+    /// whose bookkeeping the database refuses (a bucket parameter too long
+    /// for Ferry's indexes) fails the batch; it is then applied again row
+    /// by row, and that row is left out (logged) so the capture goes on.
     pub(crate) fn apply_captured(&self, limit: usize) -> Result<CaptureStep> {
+        match self.apply_captured_batch(limit, false) {
+            Err(ServiceError::Refused(_)) => self.apply_captured_batch(limit, true),
+            step => step,
+        }
+    }
+
+    /// [`Inner::apply_captured`], each row in a savepoint of its own when
+    /// `row_by_row` (a refused row is left out).
+    fn apply_captured_batch(&self, limit: usize, row_by_row: bool) -> Result<CaptureStep> {
         let mut step = CaptureStep::default();
         crate::db::write(self.db.as_ref(), |stx| {
             step = CaptureStep::default();
@@ -80,7 +92,26 @@ impl Inner {
                 }
             }
             for (table, id) in &rows {
-                self.apply_captured_row(stx, table, id)?;
+                if !row_by_row {
+                    self.apply_captured_row(stx, table, id)?;
+                    continue;
+                }
+                stx.savepoint()?;
+                let applied = self
+                    .apply_captured_row(stx, table, id)
+                    .and_then(|()| Ok(stx.release_savepoint()?));
+                match applied {
+                    Ok(()) => {}
+                    Err(ServiceError::Refused(reason)) => {
+                        stx.rollback_to_savepoint()?;
+                        tracing::warn!(
+                            table = table.as_str(),
+                            id = id.as_str(),
+                            "a row changed in the database is not synced: the database refused it: {reason}"
+                        );
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             if let Some(c) = truncate {
                 step.more = true;
