@@ -26,7 +26,7 @@ use ferry_transport::blocking;
 use super::bucket_adds::BucketAdds;
 use super::{blocking_error, Fnv64, Inner, SyncService};
 use crate::db::{NewOp, SourceTx};
-use crate::error::Result;
+use crate::error::{Result, ServiceError};
 
 /// Most rows looked at in one write transaction.
 pub const MAX_REBUCKET_BATCH: usize = 500;
@@ -58,11 +58,40 @@ impl Inner {
     /// batch's ops are appended together ([`SourceTx::append_ops`]), in
     /// the order (and with the ids and checksums) one op at a time would
     /// give them, and each bucket's state is advanced once.
+    ///
+    /// A batch the database refuses (a row whose bucket name is too long
+    /// for Ferry's indexes) is looked at again row by row, and a refused
+    /// row is left out of its buckets (logged), so the pass goes on.
     fn rebucket_batch(&self, table: &Table, after: Option<&str>, limit: usize) -> Result<(Option<String>, usize)> {
         let ids = self.db.row_ids(table, after, limit)?;
+        let changed = match self.rebucket_rows(table, &ids) {
+            Err(ServiceError::Refused(_)) => {
+                let mut changed = 0;
+                for id in &ids {
+                    match self.rebucket_rows(table, std::slice::from_ref(id)) {
+                        Ok(n) => changed += n,
+                        Err(ServiceError::Refused(reason)) => tracing::warn!(
+                            table = %table.name,
+                            id = id.as_str(),
+                            "a row is left out of its buckets: the database refused it: {reason}"
+                        ),
+                        Err(e) => return Err(e),
+                    }
+                }
+                changed
+            }
+            changed => changed?,
+        };
+        let next = if ids.len() < limit { None } else { ids.last().cloned() };
+        Ok((next, changed))
+    }
+
+    /// Place the rows of `ids` in one write transaction; returns the rows
+    /// changed.
+    fn rebucket_rows(&self, table: &Table, ids: &[String]) -> Result<usize> {
         let mut changed = 0;
         crate::db::write(self.db.as_ref(), |stx| {
-            let moves = self.rebucket_moves(stx, table, &ids)?;
+            let moves = self.rebucket_moves(stx, table, ids)?;
             changed = moves.len();
             let mut ops: Vec<NewOp<'_>> = Vec::new();
             let mut added = BucketAdds::default();
@@ -91,8 +120,7 @@ impl Inner {
             added.apply(stx)?;
             Ok(())
         })?;
-        let next = if ids.len() < limit { None } else { ids.last().cloned() };
-        Ok((next, changed))
+        Ok(changed)
     }
 
     /// The rows of `ids` whose membership changes (or that get their
