@@ -727,3 +727,30 @@ data = [{ table = "posts", where = { team = "team" } }]
     ids.sort();
     assert_eq!(ids, ["a", "c"]);
 }
+
+/// The membership pass retried a failed pass at once, without a pause:
+/// a database error that lasts (a privilege missing, a row it refuses)
+/// made it start over in a hot loop, hundreds of passes a second, each
+/// reading the tables from the start and logging a warning. A failed
+/// pass is retried after a pause.
+#[tokio::test]
+async fn a_failing_membership_pass_is_retried_after_a_pause_not_in_a_hot_loop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = std::sync::Arc::new(common::probe::ProbeDb::open(dir.path()));
+    let svc = SyncService::builder(db.clone(), SyncRules::from_toml(TASK_RULES).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    assert!(svc.rebucket_due().await.expect("due"), "a new database's pass is due");
+    db.failing_writes.store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = db.writes.load(std::sync::atomic::Ordering::Relaxed);
+    let job = {
+        let svc = svc.clone();
+        tokio::spawn(async move { svc.run_rebucket().await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let tries = db.writes.load(std::sync::atomic::Ordering::Relaxed) - before;
+    svc.shutdown();
+    job.abort();
+    assert!(tries >= 1, "the pass ran");
+    assert!(tries <= 3, "{tries} passes in 1.5 s");
+}

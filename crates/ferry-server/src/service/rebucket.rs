@@ -34,7 +34,7 @@ pub const MAX_REBUCKET_BATCH: usize = 500;
 /// used.
 pub const META_RULES_FINGERPRINT: &str = "ferry.rules_fingerprint";
 /// How often a server that is not the leader asks again while a pass is
-/// due.
+/// due, and how long a failed pass waits before it starts over.
 const REBUCKET_LEAD_RETRY_MS: u64 = 2_000;
 
 impl Inner {
@@ -247,33 +247,56 @@ impl SyncService {
     }
 
     /// At start: while a pass is due, become its leader and run it (one
-    /// server at a time); errors are logged and retried.
+    /// server at a time); errors are logged and retried after
+    /// [`REBUCKET_LEAD_RETRY_MS`] (a lasting one would otherwise start the
+    /// pass over in a hot loop).
     pub async fn run_rebucket(&self) {
         let mut shutdown = self.inner.shutdown.subscribe();
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            match self.rebucket_due().await {
+            let wait = match self.rebucket_due().await {
                 Ok(false) => return,
-                Ok(true) => {}
-                Err(e) => tracing::warn!("bucket membership: {e}"),
-            }
-            if let Some(lease) = self.lead("rebucket").await {
-                // Another server may have finished a pass meanwhile.
-                if matches!(self.rebucket_due().await, Ok(true)) {
-                    tracing::info!("bucket membership: computing it again for every row");
-                    match self.rebucket_all().await {
-                        Ok(n) => tracing::info!(rows = n, "bucket membership: done"),
-                        Err(e) => tracing::warn!("bucket membership: {e}"),
+                Ok(true) => match self.lead("rebucket").await {
+                    Some(lease) => {
+                        // Another server may have finished a pass meanwhile.
+                        let failed = match self.rebucket_due().await {
+                            Ok(true) => {
+                                tracing::info!("bucket membership: computing it again for every row");
+                                match self.rebucket_all().await {
+                                    Ok(n) => {
+                                        tracing::info!(rows = n, "bucket membership: done");
+                                        false
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!("bucket membership: {e}");
+                                        true
+                                    }
+                                }
+                            }
+                            Ok(false) => false,
+                            Err(e) => {
+                                tracing::warn!("bucket membership: {e}");
+                                true
+                            }
+                        };
+                        drop(lease);
+                        failed
                     }
+                    // Another server leads.
+                    None => true,
+                },
+                Err(e) => {
+                    tracing::warn!("bucket membership: {e}");
+                    true
                 }
-                drop(lease);
-                continue;
-            }
-            tokio::select! {
-                _ = shutdown.changed() => {}
-                () = tokio::time::sleep(Duration::from_millis(REBUCKET_LEAD_RETRY_MS)) => {}
+            };
+            if wait {
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(REBUCKET_LEAD_RETRY_MS)) => {}
+                }
             }
         }
     }

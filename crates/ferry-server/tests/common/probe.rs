@@ -1,9 +1,10 @@
 //! SQLite with probes for stream tests: commit notifications that can be
 //! silenced (a shared database that loses them), counts of the reads
-//! streams and the change feed make, and a write transaction held before
-//! it starts (a long job caught between two of its transactions).
+//! streams and the change feed make, a write transaction held before
+//! it starts (a long job caught between two of its transactions), and
+//! writes that fail (counted).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 
@@ -29,6 +30,10 @@ pub struct ProbeDb {
     pub feed_reads: AtomicUsize,
     /// The write transaction to hold ([`ProbeDb::hold_write`]).
     hold: Mutex<Option<WriteHold>>,
+    /// `write` calls.
+    pub writes: AtomicUsize,
+    /// While true, every write transaction fails (a database error).
+    pub failing_writes: AtomicBool,
 }
 
 /// One write transaction held before it starts (the writer free).
@@ -52,6 +57,8 @@ impl ProbeDb {
             op_reads: AtomicUsize::new(0),
             feed_reads: AtomicUsize::new(0),
             hold: Mutex::new(None),
+            writes: AtomicUsize::new(0),
+            failing_writes: AtomicBool::new(false),
         }
     }
 
@@ -91,6 +98,10 @@ impl SourceDb for ProbeDb {
         self.inner.migrate(schema)
     }
     fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> R<()>) -> R<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        if self.failing_writes.load(Ordering::Relaxed) {
+            return Err(SourceError::Database("probe: the database fails every write".into()));
+        }
         let held = {
             let mut hold = self.hold.lock().expect("hold lock");
             match hold.as_mut() {
