@@ -793,7 +793,9 @@ impl SourceDb for PgSourceDb {
     }
 
     fn get_row(&self, table: &Table, id: &str) -> SourceResult<Option<StoredRow>> {
-        self.with_client(|client| tx::read_row_on(&self.shared, table, id, |sql, params| query(client, sql, params)))
+        self.with_client(|client| {
+            tx::read_row_on(&self.shared, table, id, false, |sql, params| query(client, sql, params))
+        })
     }
 
     fn client_owner(&self, client_id: &str) -> SourceResult<Option<String>> {

@@ -273,11 +273,23 @@ fn raise(max: &mut Option<HlcTimestamp>, c: &HlcTimestamp) {
     }
 }
 
-/// Read a row with its clocks and tombstone in one statement.
+/// What a write transaction's reads of the app's rows add: the row is
+/// locked until the transaction ends, and read as the app's transaction
+/// that held it committed it. Ferry writes back every column of a row it
+/// read (the op's columns merged into the rest), so a column the app's
+/// SQL changed between that read and the write would be overwritten with
+/// the value read before; the lock makes the app's change come first and
+/// be read, or wait for Ferry's. `NO KEY`: Ferry's upserts change no key,
+/// so the app's inserts of rows referencing it are not held up.
+pub(crate) const LOCK_READ: &str = " FOR NO KEY UPDATE";
+
+/// Read a row with its clocks and tombstone in one statement; `lock`
+/// (in a write transaction): with [`LOCK_READ`].
 pub(crate) fn read_row_on(
     db: &Shared,
     table: &Table,
     id: &str,
+    lock: bool,
     run: impl FnOnce(&str, &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>>,
 ) -> Result<Option<StoredRow>> {
     let layout = db.layout(&table.name)?;
@@ -291,10 +303,11 @@ pub(crate) fn read_row_on(
         let list = layout.select_list();
         let sep = if list.is_empty() { "" } else { ", " };
         format!(
-            "LEFT JOIN (SELECT true AS ferry_present{sep}{list} FROM {} WHERE {} = {}) AS r ON true",
+            "LEFT JOIN (SELECT true AS ferry_present{sep}{list} FROM {} WHERE {} = {}{}) AS r ON true",
             layout.qualified,
             layout.pk,
-            layout.pk_expr(2, 3)
+            layout.pk_expr(2, 3),
+            if lock { LOCK_READ } else { "" }
         )
     } else {
         // No row of this table can have the id: only Ferry's own state.
@@ -374,7 +387,7 @@ fn prefetch_rows_on(tx: &mut PgTx<'_>, table: &Table, ids: &[&str]) -> Result<()
     // Ids pass `pk_param`: each casts to the key's type.
     let rows_sql = format!(
         "{PLANNED_EACH_TIME}SELECT i.id, c.clocks, tb.hlc, r.* FROM unnest($2::text[]) AS i(id) \
-         LEFT JOIN LATERAL (SELECT true AS ferry_present{sep}{list} FROM {t} AS {APP_ROW} WHERE {pk} = {key} OFFSET 0) AS r \
+         LEFT JOIN LATERAL (SELECT true AS ferry_present{sep}{list} FROM {t} AS {APP_ROW} WHERE {pk} = {key} OFFSET 0{LOCK_READ}) AS r \
          ON true \
          LEFT JOIN LATERAL (SELECT clocks FROM {f}.clocks WHERE tbl = $1 AND id = i.id OFFSET 0) AS c ON true \
          LEFT JOIN LATERAL (SELECT hlc FROM {f}.tombstones WHERE tbl = $1 AND id = i.id OFFSET 0) AS tb ON true",
@@ -647,7 +660,7 @@ impl SourceTx for PgTx<'_> {
             return Ok(ahead.clone());
         }
         let db = self.db;
-        lift(|| read_row_on(db, table, id, |sql, params| self.q(sql, params)))
+        lift(|| read_row_on(db, table, id, true, |sql, params| self.q(sql, params)))
     }
 
     fn write_row(
