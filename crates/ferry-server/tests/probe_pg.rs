@@ -246,3 +246,53 @@ async fn long_sql_transaction_is_not_skipped() {
     ann.sync(&svc, &token("ann")).await;
     assert_eq!(ann.rows().len(), 2);
 }
+
+/// A `numeric` column synced as `real` that SQL sets beyond `float8`'s
+/// range cannot be read as a Ferry value: that row is left out (with a
+/// warning), and the changes captured with and after it still reach
+/// devices. (The refusal failed every capture batch, so nothing changed
+/// in SQL reached any device again.)
+#[tokio::test]
+async fn a_row_capture_cannot_read_does_not_stop_capture() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".readings (id bigint PRIMARY KEY, owner text, value numeric);"
+    ))
+    .expect("table");
+    let rules = r#"
+[[tables]]
+name = "readings"
+columns = [{ name = "owner", type = "text" }, { name = "value", type = "real" }]
+
+[[buckets]]
+name = "mine"
+parameters = ["sub"]
+data = [{ table = "readings", where = { owner = "sub" } }]
+"#;
+    let db = PgSourceDb::connect(&s.options()).expect("connect");
+    let svc = SyncService::builder(Arc::new(db), SyncRules::from_toml(rules).expect("rules"), SECRET)
+        .build()
+        .expect("service");
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".readings VALUES (1, 'ann', 1.5), (2, 'ann', 1e400), (3, 'ann', 2.5);"
+    ))
+    .expect("sql");
+    assert_eq!(svc.apply_captured(10).await.expect("capture"), 3);
+    let mut dev = TestClient::new("c1");
+    dev.sync(&svc, &token("ann")).await;
+    let ids: Vec<String> = dev.rows().keys().map(|k| k.1.clone()).collect();
+    assert_eq!(ids, vec!["1".to_owned(), "3".to_owned()]);
+    // Later changes, the row back in range among them, keep coming.
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".readings VALUES (4, 'ann', 4); UPDATE \"{a}\".readings SET value = 2 WHERE id = 2;"
+    ))
+    .expect("sql");
+    svc.apply_captured(10).await.expect("capture");
+    dev.sync(&svc, &token("ann")).await;
+    let ids: Vec<String> = dev.rows().keys().map(|k| k.1.clone()).collect();
+    assert_eq!(
+        ids,
+        vec!["1".to_owned(), "2".to_owned(), "3".to_owned(), "4".to_owned()]
+    );
+}

@@ -59,20 +59,24 @@ pub(crate) struct CaptureStep {
 }
 
 impl Inner {
-    /// Take one batch of captured changes and write their ops. A row
-    /// whose bookkeeping the database refuses (a bucket parameter too long
-    /// for Ferry's indexes) fails the batch; it is then applied again row
-    /// by row, and that row is left out (logged) so the capture goes on.
+    /// Take one batch of captured changes and write their ops. A row the
+    /// database refuses to read (a value out of range for its Ferry type,
+    /// a `numeric` too large for `real`) fails the batch; the batch is
+    /// then taken again with each row in a savepoint, and such rows left
+    /// out with a warning, so one row cannot stop every later change.
     pub(crate) fn apply_captured(&self, limit: usize) -> Result<CaptureStep> {
         match self.apply_captured_batch(limit, false) {
-            Err(ServiceError::Refused(_)) => self.apply_captured_batch(limit, true),
-            step => step,
+            Err(ServiceError::Refused(reason)) => {
+                tracing::info!("capture: a row was refused ({reason}); taking the batch again row by row");
+                self.apply_captured_batch(limit, true)
+            }
+            r => r,
         }
     }
 
-    /// [`Inner::apply_captured`], each row in a savepoint of its own when
-    /// `row_by_row` (a refused row is left out).
-    fn apply_captured_batch(&self, limit: usize, row_by_row: bool) -> Result<CaptureStep> {
+    /// [`Inner::apply_captured`]'s one write transaction; `one_by_one`:
+    /// each row in a savepoint, a refused one left out.
+    fn apply_captured_batch(&self, limit: usize, one_by_one: bool) -> Result<CaptureStep> {
         let mut step = CaptureStep::default();
         crate::db::write(self.db.as_ref(), |stx| {
             step = CaptureStep::default();
@@ -92,36 +96,42 @@ impl Inner {
                 }
             }
             for (table, id) in &rows {
-                if !row_by_row {
+                if one_by_one {
+                    self.unless_refused(stx, table, id, |stx| self.apply_captured_row(stx, table, id))?;
+                } else {
                     self.apply_captured_row(stx, table, id)?;
-                    continue;
-                }
-                stx.savepoint()?;
-                let applied = self
-                    .apply_captured_row(stx, table, id)
-                    .and_then(|()| Ok(stx.release_savepoint()?));
-                match applied {
-                    Ok(()) => {}
-                    Err(ServiceError::Refused(reason)) => {
-                        stx.rollback_to_savepoint()?;
-                        tracing::warn!(
-                            table = table.as_str(),
-                            id = id.as_str(),
-                            "a row changed in the database is not synced: the database refused it: {reason}"
-                        );
-                    }
-                    Err(e) => return Err(e),
                 }
             }
             if let Some(c) = truncate {
                 step.more = true;
-                if self.apply_truncate(stx, c)? {
+                if self.apply_truncate(stx, c, one_by_one)? {
                     step.done += 1;
                 }
             }
             Ok(())
         })?;
         Ok(step)
+    }
+
+    /// Run `work` for one row in a savepoint; a refusal rolls it back and
+    /// leaves the row out with a warning (it stays on devices as it was).
+    fn unless_refused(
+        &self,
+        stx: &mut dyn SourceTx,
+        table: &str,
+        id: &str,
+        work: impl FnOnce(&mut dyn SourceTx) -> Result<()>,
+    ) -> Result<()> {
+        stx.savepoint()?;
+        match work(stx) {
+            Ok(()) => Ok(stx.release_savepoint()?),
+            Err(ServiceError::Refused(reason)) => {
+                stx.rollback_to_savepoint()?;
+                tracing::warn!(table, id, "a row changed in the database is not synced: {reason}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn apply_captured_row(&self, stx: &mut dyn SourceTx, table: &str, id: &str) -> Result<()> {
@@ -165,7 +175,7 @@ impl Inner {
     /// (already right), so it is left alone, not written again. Returns
     /// whether the truncate is done; if not, it is put back with its
     /// progress for the next transaction.
-    fn apply_truncate(&self, stx: &mut dyn SourceTx, change: CapturedChange) -> Result<bool> {
+    fn apply_truncate(&self, stx: &mut dyn SourceTx, change: CapturedChange, one_by_one: bool) -> Result<bool> {
         let Ok(t) = self.rules.schema().table(&change.table) else {
             // No longer synced: nothing of it is on any device.
             return Ok(true);
@@ -176,7 +186,11 @@ impl Inner {
         };
         let step = stx.vanished_rows(t, after_id.as_deref(), MAX_TRUNCATE_ROWS_PER_TX)?;
         for id in &step.ids {
-            self.apply_vanished_row(stx, t, id)?;
+            if one_by_one {
+                self.unless_refused(stx, &t.name, id, |stx| self.apply_vanished_row(stx, t, id))?;
+            } else {
+                self.apply_vanished_row(stx, t, id)?;
+            }
         }
         match step.next_after {
             Some(next) => {
