@@ -296,3 +296,29 @@ data = [{ table = "readings", where = { owner = "sub" } }]
         vec!["1".to_owned(), "2".to_owned(), "3".to_owned(), "4".to_owned()]
     );
 }
+
+/// One SQL transaction inserting thousands of rows for two users, then
+/// one moving all of them to one user: each device ends with exactly its
+/// rows.
+#[tokio::test]
+async fn large_sql_transaction_moves_rows_between_users() {
+    let (s, svc) = setup();
+    let n = 5_000;
+    s.execute(&format!(
+        "INSERT INTO \"{}\".items SELECT 'r' || g, CASE WHEN g % 2 = 0 THEN 'ann' ELSE 'bob' END, 't', 's' FROM generate_series(1, {n}) g",
+        s.app
+    ))
+    .expect("sql");
+    assert_eq!(svc.apply_captured(1000).await.expect("capture"), n);
+    let mut ann = TestClient::new("c2");
+    ann.sync(&svc, &token("ann")).await;
+    assert_eq!(ann.rows().len(), n / 2);
+    s.execute(&format!("UPDATE \"{}\".items SET owner = 'bob'", s.app))
+        .expect("sql");
+    assert_eq!(svc.apply_captured(1000).await.expect("capture"), n);
+    ann.sync(&svc, &token("ann")).await;
+    assert_eq!(ann.rows().len(), 0);
+    let mut bob = TestClient::new("c3");
+    bob.sync(&svc, &token("bob")).await;
+    assert_eq!(bob.rows().len(), n);
+}

@@ -95,6 +95,20 @@ impl Inner {
                     CaptureKind::Truncate { .. } => truncate = Some(c),
                 }
             }
+            if !one_by_one {
+                // The rows and their memberships in one flight per table,
+                // not a read per row (a refused read fails the flight; row
+                // by row reads each alone).
+                let mut by_table: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+                for (table, id) in &rows {
+                    by_table.entry(table).or_default().push(id);
+                }
+                for (table, ids) in by_table {
+                    if let Ok(t) = self.rules.schema().table(table) {
+                        stx.prefetch_rows(t, &ids)?;
+                    }
+                }
+            }
             for (table, id) in &rows {
                 if one_by_one {
                     self.unless_refused(stx, table, id, |stx| self.apply_captured_row(stx, table, id))?;
