@@ -322,3 +322,43 @@ async fn large_sql_transaction_moves_rows_between_users() {
     bob.sync(&svc, &token("bob")).await;
     assert_eq!(bob.rows().len(), n);
 }
+
+/// An app trigger that refuses a row with `RAISE EXCEPTION` (validation
+/// in the database) rejects that device write with the trigger's
+/// message, as a constraint does; the device's later writes go through.
+/// (It was a server error: the device retried the write forever and its
+/// queue behind it never reached the server.)
+#[tokio::test]
+async fn app_trigger_raise_exception_rejects_the_write() {
+    let (s, svc) = setup();
+    s.execute(&format!(
+        "CREATE FUNCTION \"{a}\".check_title() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.title = '' THEN RAISE EXCEPTION 'an item needs a title'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER check_title BEFORE INSERT OR UPDATE ON \"{a}\".items FOR EACH ROW EXECUTE FUNCTION \"{a}\".check_title();",
+        a = s.app
+    ))
+    .expect("sql");
+    let entries = vec![entry(1, put("items", "x", &item("ann", "", "open")), wall_ms(), "c1")];
+    let answer = SyncHandler::upload(&svc, &token("ann"), upload_req("c1", entries)).await;
+    let outcomes: Vec<Outcome> = answer
+        .expect("upload answered")
+        .outcomes
+        .into_iter()
+        .map(|o| o.outcome)
+        .collect();
+    match &outcomes[..] {
+        [Outcome::Rejected { reason }] => assert!(reason.contains("an item needs a title"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        upload(
+            &svc,
+            "ann",
+            "c1",
+            2,
+            vec![put("items", "y", &item("ann", "fine", "open"))]
+        )
+        .await,
+        vec![Outcome::Applied]
+    );
+}
