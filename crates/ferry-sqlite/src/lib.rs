@@ -64,17 +64,9 @@
 //! # Concurrency
 //!
 //! A [`SqliteStore`] owns one connection behind a mutex: calls on one store
-//! are serialized. A file is one store's at a time: while a store is open,
-//! opening another on the same file (in this process or another) waits up
-//! to [`SqliteOptions::busy_timeout_ms`] for it to close, then fails with
-//! a retryable [`StoreError::Backend`] naming the file, having changed
-//! nothing (two stores on one file would hand out the same queue seqs, and
-//! neither would see the other's writes). The lock is an advisory lock on
-//! a file beside the database, `<file>-lock`, let go when the store is
-//! dropped or its process ends. Other programs may still read (or write)
-//! the database with SQLite; while they hold a write lock, calls wait up
-//! to [`SqliteOptions::busy_timeout_ms`] and then fail with a retryable
-//! error.
+//! are serialized. Other processes may open the same file; while they hold
+//! a write lock, calls wait up to [`SqliteOptions::busy_timeout_ms`] and
+//! then fail with a retryable error.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -91,7 +83,6 @@ use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 mod checkpoint;
-mod open_lock;
 mod staged_rows;
 mod staging;
 
@@ -172,10 +163,6 @@ pub struct SqliteStore {
     page_size: u64,
     /// `SqliteOptions::busy_timeout_ms`.
     busy_timeout_ms: u64,
-    /// The file's open lock (file databases), held while the store lives
-    /// (see `open_lock.rs`). Last, so it is let go after the connection
-    /// closed.
-    _open_lock: Option<open_lock::OpenLock>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -402,13 +389,8 @@ impl SqliteStore {
         wal_size_limit_bytes: u64,
     ) -> StoreResult<Self> {
         let path = path.as_ref();
-        // Taken before the database is opened, so a refused open changes
-        // nothing in it.
-        let lock = open_lock::take(path, Duration::from_millis(options.busy_timeout_ms))?;
         let conn = Connection::open(path).map_err(sql_err)?;
-        let mut store = Self::init(conn, Some(path.to_owned()), schema, options, wal_size_limit_bytes)?;
-        store._open_lock = Some(lock);
-        Ok(store)
+        Self::init(conn, Some(path.to_owned()), schema, options, wal_size_limit_bytes)
     }
 
     /// A store in a private in-memory database, gone when dropped. Useful
@@ -528,7 +510,6 @@ impl SqliteStore {
             wal_limit_pages,
             page_size,
             busy_timeout_ms: options.busy_timeout_ms,
-            _open_lock: None,
         })
     }
 
