@@ -25,6 +25,13 @@ pub const DOC_COLUMN: &str = "notes_doc";
 /// `max_upload_ops`, see `server::MAX_UPLOAD_OPS`).
 pub const BIG_TX_OPS: usize = 40;
 const STATUSES: [&str; 3] = ["pending", "in_progress", "done"];
+/// Users of the fleet (two devices each).
+pub const USERS: u64 = 2;
+
+/// The name of user `u`.
+pub fn user_name(u: usize) -> String {
+    format!("user{u}")
+}
 
 /// How a device keeps its data.
 #[derive(Clone, Debug)]
@@ -348,6 +355,18 @@ impl Device {
                     tx.update("tickets", &id, row_data([(DOC_COLUMN, Value::Blob(edited))]))?;
                     self.doc_markers.push((id.clone(), marker, 0));
                     Ok(())
+                }
+                6 => {
+                    // The ticket's assignment, to either user: a row in
+                    // `global` and in its user's `my_assignments`, so a
+                    // reassignment takes it out of the other user's bucket
+                    // while `global` keeps it.
+                    let user = user_name((rng.next_u64() % USERS) as usize);
+                    tx.put(
+                        "assignments",
+                        &format!("a{ticket}"),
+                        row_data([("ticket_id", Value::from(id.as_str())), ("user_id", Value::from(user))]),
+                    )
                 }
                 _ => {
                     // More ops in one transaction than the server takes in

@@ -8,7 +8,9 @@
 //! device crashes (the store reopened, everything in memory gone), server
 //! crashes (the source file survives), and device clocks seconds slow,
 //! seconds fast and ten minutes ahead. The workload writes tickets (puts,
-//! patches, deletes and writes the server rejects) under one conflict
+//! patches, deletes and writes the server rejects) and reassigns tickets
+//! between users (an assignment is in the shared bucket and in its user's
+//! own, so a reassignment leaves one user's bucket) under one conflict
 //! strategy per seed.
 //!
 //! It all runs on one thread: a current-thread tokio runtime with paused
@@ -178,6 +180,9 @@ fn strategy(seed: u64) -> (&'static str, Arc<dyn ConflictStrategy>) {
     }
 }
 
+/// Devices per user: devices `2u` and `2u + 1` are user `u`'s.
+const DEVICES_PER_USER: usize = 2;
+
 /// Device clock skews, ms: on time, seconds slow, ten minutes ahead
 /// (clamped by the server), seconds fast.
 const CLOCK_OFFSETS_MS: [i64; 4] = [0, -3_000, 600_000, 2_000];
@@ -231,7 +236,7 @@ async fn run(seed: u64, options: &SimOptions) -> Result<SimReport, SimError> {
         let device_seed = seed.wrapping_mul(31).wrapping_add(i as u64 + 1);
         devices.push(Device::new(
             i,
-            format!("user{}", i / 2),
+            fleet::user_name(i / DEVICES_PER_USER),
             store,
             SimClock::new(start, offset_ms),
             &server,
@@ -252,13 +257,14 @@ async fn run(seed: u64, options: &SimOptions) -> Result<SimReport, SimError> {
         match roll {
             0..=44 => {
                 let ticket = (rng.next_u64() % TICKETS as u64) as usize;
-                let kind = match rng.next_u64() % 40 {
+                let kind = match rng.next_u64() % 43 {
                     0..=13 => 0,  // put
                     14..=25 => 1, // patch
                     26..=30 => 2, // delete
                     31..=33 => 3, // a write the server rejects
                     34..=37 => 4, // a CRDT edit
                     38 => 5,      // a transaction refused whole
+                    39..=41 => 6, // an assignment (re)given to a user
                     _ => {
                         if devices[d].resolve_conflict(&mut rng)? {
                             writes += 1;
