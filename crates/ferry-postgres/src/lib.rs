@@ -412,7 +412,13 @@ impl PgSourceDb {
         let layout = layout::layout(t, &names.app_raw, qualified, &columns, &pk, rewrites)?;
         let pk_raw = pk.first().cloned().unwrap_or_default();
         if !setup::triggers_current(client, &names.ferry_raw, &layout, &pk_raw)? {
-            wait(client.batch_execute(&setup::trigger_sql(&names.ferry, &names.ferry_raw, &layout, &pk_raw)))?;
+            wait(client.batch_execute(&setup::trigger_sql(
+                &names.ferry,
+                &names.ferry_raw,
+                &names.capture_channel,
+                &layout,
+                &pk_raw,
+            )))?;
         }
         // Row triggers reach a partitioned table's partitions; a truncate
         // trigger does not (a partition attached later gets it at the

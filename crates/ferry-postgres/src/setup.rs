@@ -169,7 +169,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// instances starting together do not race; skipped when they already
 /// ran, see [`install`]).
 pub(crate) fn schema_sql(f: &str, capture_channel: &str) -> String {
-    let ch = quote_literal(capture_channel);
+    let capture = capture_function_sql(f, capture_channel, "capture", None);
     format!(
         "
 CREATE TABLE IF NOT EXISTS {f}.oplog(
@@ -226,7 +226,35 @@ CREATE TABLE IF NOT EXISTS {f}.changes(
 ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncated boolean NOT NULL DEFAULT false;
 ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncate_after text;
 CREATE INDEX IF NOT EXISTS changes_truncated ON {f}.changes(seq) WHERE truncated;
-CREATE OR REPLACE FUNCTION {f}.capture() RETURNS trigger LANGUAGE plpgsql AS $ferry$
+{capture}"
+    )
+}
+
+/// The capture function `{f}.{name}()`, which its triggers call with the
+/// table's name in the rules and its key column (`TG_ARGV`). With `pk`
+/// (the key column, quoted), the function of one table: it reads the
+/// key column alone (`to_jsonb(NEW.pk) #>> '{}'`, the same text as the
+/// column's field of `to_jsonb(NEW)`). Without, the function of any
+/// table (`capture`: the truncate triggers', and the row triggers' of an
+/// earlier Ferry), which turns the whole row into `jsonb` to read the key
+/// by name: that fails on values `jsonb` cannot hold (a `json` column's
+/// `"\u0000"` or `1e1000000`, in columns the rules need not even name),
+/// and a row trigger failing fails the app's own write.
+fn capture_function_sql(f: &str, capture_channel: &str, name: &str, pk: Option<&str>) -> String {
+    let ch = quote_literal(capture_channel);
+    let (old_key, new_key) = match pk {
+        Some(pk) => (
+            format!("to_jsonb(OLD.{pk}) #>> '{{}}'"),
+            format!("to_jsonb(NEW.{pk}) #>> '{{}}'"),
+        ),
+        None => (
+            "to_jsonb(OLD) ->> TG_ARGV[1]".to_owned(),
+            "to_jsonb(NEW) ->> TG_ARGV[1]".to_owned(),
+        ),
+    };
+    format!(
+        "
+CREATE OR REPLACE FUNCTION {f}.{name}() RETURNS trigger LANGUAGE plpgsql AS $ferry$
 BEGIN
   -- Ferry's statement writing a table names it in ferry.writing (and for
   -- a delete, the row's id in ferry.writing_id), and its rows fire this
@@ -239,7 +267,7 @@ BEGIN
       OR (current_setting('ferry.writing', true) = TG_ARGV[0]
           AND CASE WHEN coalesce(current_setting('ferry.writing_id', true), '') = ''
                    THEN TG_OP <> 'DELETE'
-                   ELSE TG_OP = 'DELETE' AND current_setting('ferry.writing_id', true) = to_jsonb(OLD) ->> TG_ARGV[1]
+                   ELSE TG_OP = 'DELETE' AND current_setting('ferry.writing_id', true) = {old_key}
               END)) THEN
     RETURN NULL;
   END IF;
@@ -249,11 +277,11 @@ BEGIN
     INSERT INTO {f}.changes(tbl, id, truncated) VALUES (TG_ARGV[0], '', true);
   END IF;
   IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' THEN
-    INSERT INTO {f}.changes(tbl, id) VALUES (TG_ARGV[0], to_jsonb(OLD) ->> TG_ARGV[1]);
+    INSERT INTO {f}.changes(tbl, id) VALUES (TG_ARGV[0], {old_key});
   END IF;
   IF TG_OP = 'INSERT'
-     OR (TG_OP = 'UPDATE' AND (to_jsonb(NEW) ->> TG_ARGV[1]) IS DISTINCT FROM (to_jsonb(OLD) ->> TG_ARGV[1])) THEN
-    INSERT INTO {f}.changes(tbl, id) VALUES (TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[1]);
+     OR (TG_OP = 'UPDATE' AND ({new_key}) IS DISTINCT FROM ({old_key})) THEN
+    INSERT INTO {f}.changes(tbl, id) VALUES (TG_ARGV[0], {new_key});
   END IF;
   PERFORM pg_notify({ch}, '');
   RETURN NULL;
@@ -263,10 +291,19 @@ $ferry$;
     )
 }
 
+/// The name of one table's row capture function in Ferry's schema (see
+/// [`capture_function_sql`]): `capture_row_` and a hash of the table's
+/// name in the rules (which may be up to 63 bytes, as the function's).
+pub(crate) fn row_capture_function(t: &TableLayout) -> String {
+    format!("capture_row_{:016x}", fnv1a(t.name.as_bytes()))
+}
+
 /// Whether the table already has both capture triggers this Ferry makes,
-/// calling Ferry's capture function with these arguments: then no `CREATE
+/// calling Ferry's capture functions (the table's own for rows,
+/// `capture` for `TRUNCATE`) with these arguments: then no `CREATE
 /// TRIGGER` (a lock that conflicts with every write to the app's table) is
-/// needed.
+/// needed. (A row trigger of an earlier Ferry, calling `capture`, is made
+/// again.)
 pub(crate) fn triggers_current(
     client: &deadpool_postgres::Client,
     ferry_schema_raw: &str,
@@ -283,14 +320,16 @@ pub(crate) fn triggers_current(
         client,
         "SELECT count(*) FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid \
          JOIN pg_namespace n ON n.oid = p.pronamespace \
-         WHERE tg.tgrelid = $1::text::regclass AND n.nspname = $2 AND p.proname = 'capture' \
-         AND tg.tgargs = $3 AND ((tg.tgname = $4 AND tg.tgtype = 29) OR (tg.tgname = $5 AND tg.tgtype = 32))",
+         WHERE tg.tgrelid = $1::text::regclass AND n.nspname = $2 AND tg.tgargs = $3 \
+         AND ((tg.tgname = $4 AND tg.tgtype = 29 AND p.proname = $6) \
+           OR (tg.tgname = $5 AND tg.tgtype = 32 AND p.proname = 'capture'))",
         &[
             &t.qualified,
             &ferry_schema_raw,
             &args,
             &trigger_name("ferry_capture", ferry_schema_raw),
             &trigger_name("ferry_truncate", ferry_schema_raw),
+            &row_capture_function(t),
         ],
     )?;
     let n: i64 = match rows.first() {
@@ -354,16 +393,25 @@ pub(crate) fn partition_truncate_sql(
 /// updates and deletes, one per statement for `TRUNCATE` (which fires no
 /// row trigger). Named after Ferry's schema, so two Ferry schemas over
 /// one database do not replace each other's.
-pub(crate) fn trigger_sql(f: &str, ferry_schema_raw: &str, t: &TableLayout, pk_raw: &str) -> String {
+pub(crate) fn trigger_sql(
+    f: &str,
+    ferry_schema_raw: &str,
+    capture_channel: &str,
+    t: &TableLayout,
+    pk_raw: &str,
+) -> String {
     let name = |prefix: &str| quote_ident(&trigger_name(prefix, ferry_schema_raw));
     let args = format!("{}, {}", quote_literal(&t.name), quote_literal(pk_raw));
+    let row_fn = row_capture_function(t);
     format!(
-        "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table} \
-         FOR EACH ROW EXECUTE FUNCTION {f}.capture({args}); \
+        "{function} \
+         CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {table} \
+         FOR EACH ROW EXECUTE FUNCTION {f}.{row_fn}({args}); \
          CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {table} \
          FOR EACH STATEMENT EXECUTE FUNCTION {f}.capture({args});",
         name("ferry_capture"),
         name("ferry_truncate"),
+        function = capture_function_sql(f, capture_channel, &row_fn, Some(&quote_ident(pk_raw))),
         table = t.qualified,
     )
 }

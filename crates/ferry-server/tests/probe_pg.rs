@@ -362,3 +362,50 @@ async fn app_trigger_raise_exception_rejects_the_write() {
         vec![Outcome::Applied]
     );
 }
+
+/// Values `jsonb` cannot hold, in a column the rules do not name (a
+/// `json` column's `"\u0000"` and `1e1000000`), do not fail the app's own
+/// inserts, updates and deletes in SQL, and those rows still reach
+/// devices. (The capture trigger read the key from the whole row turned
+/// into `jsonb`, so the app's write failed: "unsupported Unicode escape
+/// sequence", "value overflows numeric format".)
+#[tokio::test]
+async fn values_jsonb_cannot_hold_do_not_fail_the_apps_writes() {
+    let (s, svc) = setup();
+    let a = &s.app;
+    s.execute(&format!("ALTER TABLE \"{a}\".items ADD COLUMN extra json"))
+        .expect("column");
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".items VALUES ('n', 'ann', 'nul', 'open', '\"\\u0000\"'), \
+         ('h', 'ann', 'huge', 'open', '1e1000000'), ('gone', 'ann', 'x', 'open', '\"\\u0000\"')"
+    ))
+    .expect("the app's insert");
+    s.execute(&format!(
+        "UPDATE \"{a}\".items SET status = 'done' WHERE id IN ('n', 'h')"
+    ))
+    .expect("the app's update");
+    s.execute(&format!("DELETE FROM \"{a}\".items WHERE id = 'gone'"))
+        .expect("the app's delete");
+    svc.apply_captured(100).await.expect("capture");
+    let mut dev = TestClient::new("c1");
+    dev.sync(&svc, &token("ann")).await;
+    let status = |id: &str| {
+        dev.rows()
+            .get(&("items".to_owned(), id.to_owned()))
+            .and_then(|r| r.get("status").cloned())
+    };
+    assert_eq!(status("n"), Some(Value::from("done")));
+    assert_eq!(status("h"), Some(Value::from("done")));
+    assert_eq!(status("gone"), None);
+    // A device's write to such a row goes through too.
+    let outcomes = upload(
+        &svc,
+        "ann",
+        "c2",
+        1,
+        vec![patch("items", "n", &[("title", Value::from("edited"))])],
+    )
+    .await;
+    assert_eq!(outcomes, vec![Outcome::Applied]);
+    assert_eq!(db_row(&s, "n")[1].as_deref(), Some("edited"));
+}
