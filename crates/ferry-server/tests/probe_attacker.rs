@@ -51,6 +51,23 @@ fn too_long_for_an_index() -> String {
         .collect()
 }
 
+/// The ids of the rows a new device of `user` syncs, in order.
+async fn synced_ids(svc: &SyncService, user: &str, client: &str) -> Vec<String> {
+    let mut device = TestClient::new(client);
+    device.sync(svc, &token(user)).await;
+    let mut ids: Vec<String> = device.rows().into_keys().map(|(_, id)| id).collect();
+    ids.sort();
+    ids
+}
+
+/// Op `i` of `answer` was rejected with a reason that says `says`.
+fn assert_rejected(answer: &ferry_protocol::UploadResponse, i: usize, says: &str) {
+    match &answer.outcomes[i].outcome {
+        Outcome::Rejected { reason } => assert!(reason.contains(says), "{reason}"),
+        other => panic!("op {i}: {other:?}"),
+    }
+}
+
 /// A service on PostgreSQL, in `s`'s scratch schemas, over `rules`.
 fn pg_service(s: &ScratchSchemas, rules: &str, options: ServiceOptions) -> SyncService {
     let db = PgSourceDb::connect(&s.options()).expect("connect");
@@ -283,10 +300,7 @@ async fn an_oversized_merge_of_a_hidden_row_does_not_tell_its_size() {
     )
     .await
     .expect("bob's second upload");
-    match &own.outcomes[0].outcome {
-        Outcome::Rejected { reason } => assert!(reason.contains("over the limit of 300 bytes"), "{reason}"),
-        other => panic!("bob's oversized merge not refused: {other:?}"),
-    }
+    assert_rejected(&own, 0, "over the limit of 300 bytes");
 }
 
 /// A PostgreSQL `numeric` column synced as text keeps a value in its own
@@ -556,20 +570,10 @@ insert = "new.owner == auth.sub"
     )
     .await
     .expect("the upload is answered");
-    for (i, says) in [
-        (0, "item name bad is not allowed"),
-        (1, "item name worse fails an assertion"),
-    ] {
-        match &answer.outcomes[i].outcome {
-            Outcome::Rejected { reason } => assert!(reason.contains(says), "{reason}"),
-            other => panic!("op {i}: {other:?}"),
-        }
-    }
+    assert_rejected(&answer, 0, "item name bad is not allowed");
+    assert_rejected(&answer, 1, "item name worse fails an assertion");
     assert_eq!(answer.outcomes[2].outcome, Outcome::Applied);
-    let mut device = TestClient::new("ann-dev-2");
-    device.sync(&svc, &token("ann")).await;
-    let ids: Vec<String> = device.rows().into_keys().map(|(_, id)| id).collect();
-    assert_eq!(ids, ["i3"]);
+    assert_eq!(synced_ids(&svc, "ann", "ann-dev-2").await, ["i3"]);
 }
 
 /// A long value in a column PostgreSQL indexes (an index of the app's
@@ -628,16 +632,10 @@ insert = "new.owner == auth.sub"
     .await
     .expect("the upload is answered");
     for i in 0..2 {
-        match &answer.outcomes[i].outcome {
-            Outcome::Rejected { reason } => assert!(reason.contains("sqlstate 54000"), "{reason}"),
-            other => panic!("op {i}: {other:?}"),
-        }
+        assert_rejected(&answer, i, "sqlstate 54000");
     }
     assert_eq!(answer.outcomes[2].outcome, Outcome::Applied);
-    let mut device = TestClient::new("ann-dev-2");
-    device.sync(&svc, &token("ann")).await;
-    let ids: Vec<String> = device.rows().into_keys().map(|(_, id)| id).collect();
-    assert_eq!(ids, ["p3"]);
+    assert_eq!(synced_ids(&svc, "ann", "ann-dev-2").await, ["p3"]);
 }
 
 /// A row the app writes in SQL whose bucket parameter is too long for
@@ -680,11 +678,7 @@ data = [{ table = "posts", where = { team = "team" } }]
     s.execute(&format!("INSERT INTO \"{a}\".posts VALUES ('later', 'ann', NULL)"))
         .expect("a later backend write");
     svc.apply_captured(10).await.expect("the capture goes on");
-    let mut ann = TestClient::new("ann-dev");
-    ann.sync(&svc, &token("ann")).await;
-    let mut ids: Vec<String> = ann.rows().into_keys().map(|(_, id)| id).collect();
-    ids.sort();
-    assert_eq!(ids, ["after", "before", "later"]);
+    assert_eq!(synced_ids(&svc, "ann", "ann-dev").await, ["after", "before", "later"]);
 }
 
 /// The bucket membership pass (at start, for rows already in the
@@ -721,11 +715,7 @@ data = [{ table = "posts", where = { team = "team" } }]
     assert!(svc.rebucket_due().await.expect("due"));
     svc.rebucket_all().await.expect("the pass completes");
     assert!(!svc.rebucket_due().await.expect("due"), "the pass is recorded as done");
-    let mut ann = TestClient::new("ann-dev");
-    ann.sync(&svc, &token("ann")).await;
-    let mut ids: Vec<String> = ann.rows().into_keys().map(|(_, id)| id).collect();
-    ids.sort();
-    assert_eq!(ids, ["a", "c"]);
+    assert_eq!(synced_ids(&svc, "ann", "ann-dev").await, ["a", "c"]);
 }
 
 /// The membership pass retried a failed pass at once, without a pause:
