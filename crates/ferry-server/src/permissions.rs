@@ -264,6 +264,12 @@ pub struct TablePermissions {
 }
 
 impl TablePermissions {
+    /// Whether a client's writes must leave the row only in buckets the
+    /// client reads (`new_in_my_buckets`).
+    pub fn new_in_my_buckets(&self) -> bool {
+        self.new_in_my_buckets
+    }
+
     /// Parse a `[[permissions]]` entry against its table.
     pub fn new(def: &PermissionDef, table: &Table) -> Result<Self, PermissionsError> {
         let mut rules = BTreeMap::new();

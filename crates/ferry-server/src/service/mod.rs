@@ -58,7 +58,7 @@ use crate::conflict::{ConflictInput, ConflictStrategy, LastWriteWins, Resolution
 use crate::db::{BucketState, CheckpointState, NewOp, OpRange, SourceDb, SourceTx, StoredRow};
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
-use crate::permissions::{self, WriteOp, WriteRequest, Writer};
+use crate::permissions::{self, TablePermissions, WriteOp, WriteRequest, Writer};
 use crate::rules::SyncRules;
 use crate::stream_out::{LineBytes, Stop, StreamSender};
 
