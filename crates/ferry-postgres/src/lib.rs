@@ -167,6 +167,9 @@ pub(crate) struct Shared {
     commits: Arc<tokio::sync::watch::Sender<u64>>,
     captures: Arc<tokio::sync::watch::Sender<u64>>,
     create_tables: bool,
+    /// This process made Ferry's schema when it connected: a start
+    /// refused for its rules drops it again ([`setup::drop_if_unused`]).
+    made_schema: std::sync::atomic::AtomicBool,
     /// Where the database is, for messages (`host:port/db as user`).
     pub place: String,
 }
@@ -330,15 +333,17 @@ impl PgSourceDb {
             commits: Arc::new(tokio::sync::watch::channel(0).0),
             captures: Arc::new(tokio::sync::watch::channel(0).0),
             create_tables: options.create_tables,
+            made_schema: std::sync::atomic::AtomicBool::new(false),
             place,
         });
         let db = PgSourceDb { shared, bridge };
         // The first connection tells whether the database is there.
         let client = db.client()?;
-        lift(|| setup::install(&client, &db.shared.names)).inspect_err(|_| {
+        let made = lift(|| setup::install(&client, &db.shared.names)).inspect_err(|_| {
             // The connection may be inside the failed transaction.
             drop(deadpool_postgres::Object::take(client));
         })?;
+        db.shared.made_schema.store(made, std::sync::atomic::Ordering::Relaxed);
         listen::start(&db.bridge, pg_config, connector, &db.shared)?;
         Ok(db)
     }
@@ -603,10 +608,29 @@ impl SourceDb for PgSourceDb {
         match result {
             Ok(layouts) => {
                 *self.shared.layouts.write() = layouts;
+                self.shared
+                    .made_schema
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
                 abandon(client);
+                // Refused for its rules (a table or column missing, a
+                // type Ferry cannot sync): the schema this start made
+                // goes again, so a bad setup leaves nothing behind.
+                if matches!(e, SourceError::Schema(_))
+                    && self
+                        .shared
+                        .made_schema
+                        .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
+                    let dropped = self
+                        .client()
+                        .and_then(|c| lift(|| setup::drop_if_unused(&c, &self.shared.names)));
+                    if let Err(d) = dropped {
+                        tracing::warn!("cannot drop ferry's schema after a refused start: {d}");
+                    }
+                }
                 Err(e)
             }
         }

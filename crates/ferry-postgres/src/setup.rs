@@ -22,12 +22,15 @@ const SETUP_KEY: &str = "setup_fingerprint";
 /// Create or bring up to date Ferry's schema, under the setup lock, unless
 /// the same statements already ran and everything they make is still
 /// there. Retried when it loses a deadlock to other instances' writes.
-pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Result<()> {
+///
+/// Returns whether it made Ferry's schema (it was not there).
+pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Result<bool> {
     let sql = schema_sql(&names.ferry, &names.capture_channel);
     let fingerprint = format!("{:016x}", fnv1a(sql.as_bytes()));
     let f = &names.ferry;
     retrying(client, || {
         wait(client.batch_execute(&format!("BEGIN; {}", lock_sql(&names.ferry_raw))))?;
+        let mut made = false;
         let meta = format!("{f}.meta");
         let done: Option<String> = match query(client, "SELECT to_regclass($1)::text", &[&meta])?.first() {
             Some(r) if r.try_get::<_, Option<String>>(0)?.is_some() => query(
@@ -54,6 +57,7 @@ pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Resu
                 .unwrap_or(false);
             if !schema_exists {
                 wait(client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {f};")))?;
+                made = true;
             }
             wait(client.batch_execute(&sql))?;
             query(
@@ -66,7 +70,39 @@ pub(crate) fn install(client: &deadpool_postgres::Client, names: &Names) -> Resu
             )?;
         }
         wait(client.batch_execute("COMMIT"))?;
-        Ok(())
+        Ok(made)
+    })
+}
+
+/// Drop Ferry's schema if nothing was ever synced through it: no op, no
+/// client, no captured change, no outcome (under the setup lock, so an
+/// instance starting meanwhile waits, then makes it again). For a start
+/// refused for its rules, which made the schema a moment before: a bad
+/// setup leaves nothing behind. `CASCADE` drops only Ferry's own
+/// objects: no app table has a trigger calling a function of a schema
+/// just made (the refused start's were rolled back). Returns whether it
+/// dropped it.
+pub(crate) fn drop_if_unused(client: &deadpool_postgres::Client, names: &Names) -> Result<bool> {
+    let f = &names.ferry;
+    retrying(client, || {
+        wait(client.batch_execute(&format!("BEGIN; {}", lock_sql(&names.ferry_raw))))?;
+        let unused: bool = query(
+            client,
+            &format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM {f}.oplog) AND NOT EXISTS (SELECT 1 FROM {f}.clients) \
+                 AND NOT EXISTS (SELECT 1 FROM {f}.changes) AND NOT EXISTS (SELECT 1 FROM {f}.outcomes)"
+            ),
+            &[],
+        )?
+        .first()
+        .map(|r| r.try_get(0))
+        .transpose()?
+        .unwrap_or(false);
+        if unused {
+            wait(client.batch_execute(&format!("DROP SCHEMA {f} CASCADE")))?;
+        }
+        wait(client.batch_execute("COMMIT"))?;
+        Ok(unused)
     })
 }
 

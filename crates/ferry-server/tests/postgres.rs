@@ -477,13 +477,29 @@ async fn bad_setups_are_refused_with_a_message_naming_what_is_wrong() {
             assert!(msg.contains(n), "{table}: {msg:?} names {n:?}");
         }
     }
-    // Nothing was created in the app's schema.
+    // Nothing was created in the app's schema, no trigger added to its
+    // tables, and Ferry's own schema, which each refused start made when
+    // it connected, is gone again.
     let tables = s
         .query(&format!(
             "SELECT count(*)::text FROM pg_tables WHERE schemaname = '{a}' AND tablename = 'missing'"
         ))
         .expect("pg_tables");
     assert_eq!(tables[0][0].as_deref(), Some("0"));
+    let triggers = s
+        .query(&format!(
+            "SELECT count(*)::text FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '{a}' AND NOT tg.tgisinternal"
+        ))
+        .expect("pg_trigger");
+    assert_eq!(triggers[0][0].as_deref(), Some("0"));
+    let ferry = s
+        .query(&format!(
+            "SELECT count(*)::text FROM pg_namespace WHERE nspname = '{}'",
+            s.ferry
+        ))
+        .expect("pg_namespace");
+    assert_eq!(ferry[0][0].as_deref(), Some("0"), "ferry's schema is left behind");
 
     // A database that does not answer: the message says where and why.
     let err = PgSourceDb::connect(&PgOptions::new("postgres://postgres@127.0.0.1:1/test")).expect_err("no server");
