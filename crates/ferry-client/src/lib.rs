@@ -252,6 +252,9 @@ pub(crate) struct Inner {
     /// Live queries dropped inside a write of this database (in their
     /// callbacks), ended after the callbacks.
     pub(crate) live_dropped: Mutex<Vec<live::LiveId>>,
+    /// Held while a checkpoint applies (on its blocking thread); a stream
+    /// session waits for it before it reads the download state.
+    pub(crate) applying: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Inner {
@@ -337,6 +340,7 @@ impl Database {
             offline_policy: parking_lot::RwLock::new(None),
             control: watch::channel(control::Control::default()).0,
             live_dropped: Mutex::new(Vec::new()),
+            applying: Arc::new(tokio::sync::Mutex::new(())),
         });
         // The observer holds the database weakly: the local database it is
         // set on lives inside `Inner`.

@@ -33,6 +33,35 @@ async fn sleep_ms(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// What ends a stream session early: the app stopping, pausing downloads
+/// or asking for a fresh stream. Only waits on the network are cut short
+/// (the token, the stream's opening, the next line): a session cut while
+/// it applied a checkpoint would leave that apply running on its blocking
+/// thread while the next session reads the download state it is about to
+/// change, and the next checkpoint could discard the staged ops the apply
+/// was switching in (a bucket's state advanced without its rows).
+struct Interrupt {
+    stop: watch::Receiver<bool>,
+    control: watch::Receiver<Control>,
+    resync: u64,
+}
+
+impl Interrupt {
+    /// Run `fut` unless the session is interrupted first (`Err` says how
+    /// the session ends).
+    async fn guard<T>(&mut self, fut: impl std::future::Future<Output = T>) -> Result<T, Ended> {
+        let resync = self.resync;
+        tokio::select! {
+            biased;
+            _ = self.stop.wait_for(|s| *s) => Err(Ended::Stopped),
+            _ = self.control.wait_for(|c| c.downloads_paused || c.resync != resync) => {
+                Err(Ended::Reconnect { refresh: false })
+            }
+            out = fut => Ok(out),
+        }
+    }
+}
+
 pub(crate) async fn download_loop(
     inner: Arc<Inner>,
     transport: Arc<dyn Transport>,
@@ -55,21 +84,30 @@ pub(crate) async fn download_loop(
         let resync = control.borrow().resync;
         inner.update_status(|s| s.connecting = true);
         // A stream ends when the app stops or pauses it or asks for a
-        // fresh one; a checkpoint being applied finishes regardless (it
-        // runs on a blocking thread).
-        let ended = tokio::select! {
-            biased;
-            r = stream_session(&inner, transport.as_ref(), creds.as_ref(), refresh, &mut backoff, &stager) => match r {
-                Ok(ended) => ended,
-                Err(e) => {
-                    let unauthorized = is_unauthorized(&e);
-                    tracing::debug!(error = %e, "download stream failed");
-                    inner.update_status(|s| s.last_download_error = Some(e.to_string()));
-                    Ended::Failed { refresh: unauthorized }
-                }
-            },
-            _ = stop.wait_for(|s| *s) => Ended::Stopped,
-            _ = control.wait_for(|c| c.downloads_paused || c.resync != resync) => Ended::Reconnect { refresh: false },
+        // fresh one, but only while it waits for the network: a checkpoint
+        // being staged or applied is never cut in half (see `Interrupt`).
+        let mut interrupt = Interrupt {
+            stop: stop.clone(),
+            control: control.clone(),
+            resync,
+        };
+        let session = stream_session(
+            &inner,
+            transport.as_ref(),
+            creds.as_ref(),
+            refresh,
+            &mut backoff,
+            &stager,
+            &mut interrupt,
+        );
+        let ended = match session.await {
+            Ok(ended) => ended,
+            Err(e) => {
+                let unauthorized = is_unauthorized(&e);
+                tracing::debug!(error = %e, "download stream failed");
+                inner.update_status(|s| s.last_download_error = Some(e.to_string()));
+                Ended::Failed { refresh: unauthorized }
+            }
         };
         inner.update_status(|s| {
             s.connected = false;
@@ -155,11 +193,21 @@ async fn stream_session(
     refresh: bool,
     backoff: &mut Backoff,
     stager: &Stager,
+    interrupt: &mut Interrupt,
 ) -> Result<Ended, ClientError> {
-    let token = creds.token(refresh).await?;
+    let token = match interrupt.guard(creds.token(refresh)).await {
+        Ok(token) => token?,
+        Err(ended) => return Ok(ended),
+    };
+    // An apply an earlier session left running (its connection aborted)
+    // finishes before this one reads the download state.
+    drop(inner.applying.lock().await);
     let request = inner.download.lock().request(inner.local.client_id());
     let body = serde_json::to_vec(&request).map_err(|e| ClientError::Task(e.to_string()))?;
-    let stream = transport.open_stream(&token, body).await?;
+    let stream = match interrupt.guard(transport.open_stream(&token, body)).await {
+        Ok(stream) => stream?,
+        Err(ended) => return Ok(ended),
+    };
     inner.update_status(|s| {
         s.connected = true;
         s.connecting = false;
@@ -168,7 +216,11 @@ async fn stream_session(
     });
     let mut lines = ParsedLines::start(stream, inner.options.max_line_bytes);
     loop {
-        let Some(line) = lines.next().await? else {
+        let next = match interrupt.guard(lines.next()).await {
+            Ok(next) => next?,
+            Err(ended) => return Ok(ended),
+        };
+        let Some(line) = next else {
             return Ok(Ended::Failed { refresh: false });
         };
         let announced = match &line {
@@ -213,11 +265,15 @@ async fn stream_session(
                     .filter_map(|b| b.staged.map(|r| (b.bucket.clone(), r.through_op_id)))
                     .collect();
                 let task_inner = inner.clone();
+                // Held until the apply ends, even if this session is
+                // dropped meanwhile (an aborted connection).
+                let applying = inner.applying.clone().lock_owned().await;
                 // Applying touches the store: off the async threads. The
                 // observer reports the changed rows. The rows move from the
                 // download state into the batch; the download keeps their
                 // positions until told the outcome.
                 let last_op_id = blocking::run(move || -> Result<u64, ClientError> {
+                    let _applying = applying;
                     // Local writes from now on order after every clock of
                     // this data (the server's clock covers them).
                     if let Some(hlc) = &apply.hlc {

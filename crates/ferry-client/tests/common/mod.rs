@@ -77,7 +77,12 @@ pub fn client(dir: &std::path::Path, seed: u64, clock: Arc<dyn Clock>) -> Databa
 /// A client on SQLite in `dir`, with `schema`.
 pub fn client_with_schema(dir: &std::path::Path, seed: u64, clock: Arc<dyn Clock>, schema: Schema) -> Database {
     let store = SqliteStore::open(dir.join("client.db"), schema).expect("client store");
-    let options = ClientOptions {
+    Database::open(Arc::new(store), client_options(seed, clock)).expect("open client")
+}
+
+/// The fixtures' client options: quick retries, a seeded client id.
+pub fn client_options(seed: u64, clock: Arc<dyn Clock>) -> ClientOptions {
+    ClientOptions {
         local: LocalDbOptions {
             clock,
             client_id_seed: Some(seed),
@@ -88,8 +93,7 @@ pub fn client_with_schema(dir: &std::path::Path, seed: u64, clock: Arc<dyn Clock
         jitter_seed: seed,
         upload_poll_interval_ms: 20,
         ..ClientOptions::default()
-    };
-    Database::open(Arc::new(store), options).expect("open client")
+    }
 }
 
 /// Connect a client through a fault-injecting in-memory transport.
