@@ -85,6 +85,18 @@ pub enum ClientError {
     /// the same database, which would wait for itself.
     #[error("{0} from inside a live query callback of this database (it would deadlock): keep the diff, or send it on a channel and call after the callback returns")]
     Reentrant(String),
+    /// The staging area does not hold the ops a validated checkpoint
+    /// counted for a bucket: the checkpoint is not applied, and the
+    /// bucket's ops are downloaded again.
+    #[error("staged ops of bucket {bucket:?} differ from the checkpoint ({found} staged, {expected} validated): downloading them again")]
+    StagingMismatch {
+        /// The bucket.
+        bucket: String,
+        /// Ops the checkpoint validated.
+        expected: u64,
+        /// Ops the staging area holds.
+        found: u64,
+    },
 }
 
 impl ClientError {
@@ -96,7 +108,9 @@ impl ClientError {
             ClientError::Transport(e) => e.kind(),
             ClientError::Protocol(e) => e.kind(),
             ClientError::Query(e) => e.kind(),
-            ClientError::Credentials(_) | ClientError::Task(_) => ErrorKind::Transient,
+            ClientError::Credentials(_) | ClientError::Task(_) | ClientError::StagingMismatch { .. } => {
+                ErrorKind::Transient
+            }
             ClientError::Reentrant(_) => ErrorKind::Permanent,
         }
     }

@@ -281,6 +281,12 @@ async fn stream_session(
                     }
                     let receipt = apply.receipt();
                     let local = &task_inner.local;
+                    if staging_out {
+                        if let Err(e) = check_staged(local, &apply) {
+                            task_inner.download.lock().apply_failed();
+                            return Err(e);
+                        }
+                    }
                     let planned = if staging_out {
                         // The buckets still downloading from scratch are
                         // kept with the checkpoint that ends the others'.
@@ -352,6 +358,28 @@ async fn stream_session(
             }
         }
     }
+}
+
+/// Before a checkpoint switches staged ops in: the staging area holds
+/// exactly the ops the checkpoint validated (their count, last op id and
+/// checksum sum), so a bucket's state never advances without its rows. A
+/// mismatch fails the apply: its buckets' staged ops are discarded and
+/// downloaded again.
+fn check_staged(local: &ferry_queue::LocalDb, apply: &ferry_protocol::CheckpointApply) -> Result<(), ClientError> {
+    let staging = local.staging_area();
+    for b in &apply.buckets {
+        let Some(range) = b.staged else { continue };
+        let found = staging.staged_summary(&b.bucket, range.after_op_id)?;
+        if found != range.summary {
+            tracing::warn!(bucket = %b.bucket, expected = ?range.summary, ?found, "staged ops differ from the validated checkpoint");
+            return Err(ClientError::StagingMismatch {
+                bucket: b.bucket.clone(),
+                expected: range.summary.count,
+                found: found.count,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Group queue entries into whole transactions, in order.

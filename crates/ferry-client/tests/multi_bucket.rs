@@ -58,7 +58,7 @@ async fn a_fresh_device_gets_the_newest_values_of_a_row_that_left_one_of_its_buc
     std::fs::create_dir_all(&alice_dir).expect("dir");
     let alice = reassign(&svc, &alice_dir).await;
     // The writer's own device (once in about a hundred runs it lost its
-    // write: see `resync_during_apply.rs`).
+    // write: see `staged_download.rs`).
     assert_eq!(assignee(&alice, "a1"), Some(text("alice")));
 
     let bob_dir = dir.path().join("bob");

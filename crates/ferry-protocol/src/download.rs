@@ -101,6 +101,13 @@ pub struct StagedRange {
     pub from_op_id: u64,
     /// The last op id.
     pub through_op_id: u64,
+    /// The staged ops the checkpoint validated: those after this op id
+    /// (the bucket's applied op id, or 0 when it downloads from scratch)...
+    pub after_op_id: u64,
+    /// ...summed up. The staging area must hold exactly these (the client
+    /// checks before it switches them in: ops counted and never written,
+    /// or written and not counted, would apply a state without its rows).
+    pub summary: StagedSummary,
 }
 
 /// How one bucket changes when a checkpoint applies.
@@ -489,6 +496,7 @@ impl Download {
             reset: bool,
             count: StagedSummary,
             from_op_id: u64,
+            after_op_id: u64,
             state: AppliedBucket,
         }
         let mut failed = Vec::new();
@@ -529,6 +537,7 @@ impl Download {
                         reset: reset_by_resync || count.clear_op_id.is_some(),
                         count,
                         from_op_id: count.clear_op_id.unwrap_or(base.last_op_id.saturating_add(1)),
+                        after_op_id: base.last_op_id,
                         state,
                     },
                 ));
@@ -553,6 +562,8 @@ impl Download {
             let staged = (self.external && plan.count.count > 0).then_some(StagedRange {
                 from_op_id: plan.from_op_id,
                 through_op_id: plan.count.last_op_id,
+                after_op_id: plan.after_op_id,
+                summary: plan.count,
             });
             let ops = self
                 .staged

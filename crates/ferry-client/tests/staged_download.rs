@@ -30,11 +30,13 @@ use ferry_store::{BatchOp, BucketEntry, BucketState, OverlayEntry, Rows, Store, 
 use ferry_transport::{MemoryTransport, SyncHandler, Transport};
 
 /// A store whose staging batches wait `hold_ms` before they apply, while
-/// `holding` is set.
+/// `holding` is set, or are lost (acknowledged, not written) while
+/// `losing` is set.
 #[derive(Debug)]
 struct SlowStaging {
     inner: SqliteStore,
     holding: AtomicBool,
+    losing: AtomicBool,
     hold_ms: u64,
     /// Staging batches that started applying.
     started: AtomicU64,
@@ -50,6 +52,9 @@ impl Store for SlowStaging {
             self.started.fetch_add(1, Ordering::SeqCst);
             if self.holding.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(self.hold_ms));
+            }
+            if self.losing.swap(false, Ordering::SeqCst) {
+                return Ok(());
             }
         }
         self.inner.apply(batch)
@@ -140,13 +145,13 @@ async fn started(store: &SlowStaging, n: u64) {
     panic!("nothing was staged within 5 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fresh_stream_asked_for_while_a_checkpoint_downloads_loses_nothing_of_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let svc = service(&dir.path().join("server"));
+/// Alice's device on a [`SlowStaging`] store with a 1 KiB staging budget,
+/// connected, after assigning a1 to bob.
+async fn alice_after_first_assignment(dir: &std::path::Path, svc: &Arc<SyncService>) -> (Arc<SlowStaging>, Database) {
     let store = Arc::new(SlowStaging {
-        inner: SqliteStore::open(dir.path().join("client.db"), client_schema()).expect("client store"),
+        inner: SqliteStore::open(dir.join("client.db"), client_schema()).expect("client store"),
         holding: AtomicBool::new(false),
+        losing: AtomicBool::new(false),
         hold_ms: 300,
         started: AtomicU64::new(0),
     });
@@ -155,7 +160,7 @@ async fn a_fresh_stream_asked_for_while_a_checkpoint_downloads_loses_nothing_of_
         ..client_options(1, Arc::new(SystemClock))
     };
     let alice = Database::open(store.clone(), options).expect("open client");
-    connect(&alice, &svc, "alice");
+    connect(&alice, svc, "alice");
     alice
         .write(|tx| {
             tx.insert(
@@ -166,42 +171,79 @@ async fn a_fresh_stream_asked_for_while_a_checkpoint_downloads_loses_nothing_of_
         })
         .expect("assign to bob");
     assert!(alice.sync_now(10_000).await, "alice synced the first assignment");
+    (store, alice)
+}
 
+fn reassign(alice: &Database, user: &str) {
+    alice
+        .write(|tx| tx.update("assignments", "a1", row_data([("user_id", text(user))])))
+        .expect("reassign");
+}
+
+/// The writer's device shows a1 assigned to `user`, and each bucket holds
+/// the row exactly when the server's does: always in `global`, in alice's
+/// assignments only while it is hers; and at the op its state says.
+fn check(alice: &Database, user: &str, round: usize) {
+    assert_eq!(
+        assignee(alice),
+        Some(text(user)),
+        "round {round}: the writer's device shows its own acknowledged write"
+    );
+    let local = alice.local();
+    for (bucket, state) in local.store().buckets().expect("buckets") {
+        let entries = local.store().bucket_entries(&bucket, None, 100).expect("entries");
+        let holds = bucket == "global[]" || (bucket == "my_assignments[\"alice\"]" && user == "alice");
+        assert_eq!(
+            entries.len(),
+            usize::from(holds),
+            "round {round}: {bucket} (state {state:?}) holds {entries:?}"
+        );
+        if bucket == "global[]" {
+            assert_eq!(
+                entries[0].op_id, state.last_op_id,
+                "round {round}: {bucket}'s entry is its last op"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_stream_asked_for_while_a_checkpoint_downloads_loses_nothing_of_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service(&dir.path().join("server"));
+    let (store, alice) = alice_after_first_assignment(dir.path(), &svc).await;
     for (round, user) in ["alice", "carol", "bob", "alice"].into_iter().enumerate() {
         let before = store.started.load(Ordering::SeqCst);
         store.holding.store(true, Ordering::SeqCst);
-        alice
-            .write(|tx| tx.update("assignments", "a1", row_data([("user_id", text(user))])))
-            .expect("reassign");
+        reassign(&alice, user);
         // The checkpoint with this write is being staged: ask for a fresh
         // stream now.
         started(&store, before + 1).await;
         assert!(alice.sync_now(10_000).await, "round {round}: caught up");
         store.holding.store(false, Ordering::SeqCst);
-        assert_eq!(
-            assignee(&alice),
-            Some(text(user)),
-            "round {round}: the writer's device shows its own acknowledged write"
+        check(&alice, user, round);
+    }
+    alice.close().await.expect("close");
+}
+
+/// Defence in depth: whatever loses a staged op (here a store that drops
+/// a staging batch it acknowledged), the checkpoint is not switched in
+/// without it: the client finds the staging area short of what the
+/// checkpoint validated, discards it and downloads the ops again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_staged_ops_went_missing_is_downloaded_again_not_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service(&dir.path().join("server"));
+    let (store, alice) = alice_after_first_assignment(dir.path(), &svc).await;
+    for (round, user) in ["alice", "carol", "alice"].into_iter().enumerate() {
+        store.losing.store(true, Ordering::SeqCst);
+        reassign(&alice, user);
+        assert!(alice.sync_now(10_000).await, "round {round}: caught up");
+        assert!(
+            !store.losing.load(Ordering::SeqCst),
+            "round {round}: a staging batch was lost"
         );
-        // Each bucket holds the row exactly when the server's does: always
-        // in `global`, in alice's assignments only while it is hers; and
-        // at the op its state says.
-        let local = alice.local();
-        for (bucket, state) in local.store().buckets().expect("buckets") {
-            let entries = local.store().bucket_entries(&bucket, None, 100).expect("entries");
-            let holds = bucket == "global[]" || (bucket == "my_assignments[\"alice\"]" && user == "alice");
-            assert_eq!(
-                entries.len(),
-                usize::from(holds),
-                "round {round}: {bucket} (state {state:?}) holds {entries:?}"
-            );
-            if bucket == "global[]" {
-                assert_eq!(
-                    entries[0].op_id, state.last_op_id,
-                    "round {round}: {bucket}'s entry is its last op"
-                );
-            }
-        }
+        check(&alice, user, round);
     }
     alice.close().await.expect("close");
 }
