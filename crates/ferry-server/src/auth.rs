@@ -612,6 +612,11 @@ impl Authenticator {
         }
         let header = decode_header(token)
             .map_err(|e| unauthorized(format!("malformed token: {}", e.to_string().to_lowercase())))?;
+        if let Some(crit) = critical_extensions(token) {
+            return Err(unauthorized(format!(
+                "token header names critical extensions {crit} that ferry does not understand"
+            )));
+        }
         let kid = header.kid.as_deref();
         let jwks_keys = self.inner.jwks.as_ref().map(Jwks::keys);
         let named: Vec<&VerifyKey> = self
@@ -725,6 +730,17 @@ impl Authenticator {
         }
         Ok(AuthUser { user_id, exp_s, claims })
     }
+}
+
+/// The header's `crit` list (RFC 7515 4.1.11), if it has one: a token
+/// whose header names extensions the recipient must understand is
+/// refused, as Ferry understands none (`jsonwebtoken` ignores the member).
+fn critical_extensions(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded).ok()?;
+    let header: Map<String, Json> = serde_json::from_slice(&bytes).ok()?;
+    header.get("crit").map(|crit| crit.to_string())
 }
 
 fn bare_token(token: &str) -> &str {

@@ -135,6 +135,17 @@ fn sign_as(key: &TestKey, kid: Option<&str>, alg: Algorithm, user: &str, extra: 
     encode(&header, &claims(user, extra), &key.signing).expect("sign")
 }
 
+/// A token with an arbitrary header, signed by `key`.
+fn sign_raw_header(key: &TestKey, header: Json, claims: &Map<String, Json>) -> String {
+    let message = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(Json::Object(claims.clone()).to_string().as_bytes())
+    );
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key.signing, key.alg).expect("sign");
+    format!("{message}.{signature}")
+}
+
 /// A token with an arbitrary header and no valid signature.
 fn raw_token(header: Json, claims: &Map<String, Json>, signature: &str) -> String {
     format!(
@@ -462,6 +473,17 @@ async fn bad_tokens_are_refused_with_401_and_read_nothing() {
             "alg none without kid",
             raw_token(json!({"alg": "none"}), &good_claims, ""),
             "malformed token",
+        ),
+        (
+            // RFC 7515 4.1.11: extensions the recipient does not
+            // understand must be refused; Ferry understands none.
+            "crit header extension",
+            sign_raw_header(
+                &k1,
+                json!({"alg": "RS256", "typ": "JWT", "kid": "k1", "b64": false, "crit": ["b64"]}),
+                &good_claims,
+            ),
+            "token header names critical extensions [\"b64\"]",
         ),
         (
             "hs256 signed with the rsa public key (algorithm confusion)",
