@@ -493,7 +493,7 @@ fn audit_writes_an_activity_row_per_op_with_its_outcome() {
         .collect();
     assert_eq!(outcomes, ["applied", "applied", "merged", "rejected"]);
     let (id, r) = rows[1];
-    assert_eq!(id.as_str(), "c1:1:000000000002000-00000-c1");
+    assert_eq!(id.as_str(), "c1:1:000000000002000-00000");
     assert_eq!(r["op"], Value::from("PATCH"));
     assert!(r["old_value"].as_text().unwrap_or_default().contains("\"title\":\"A\""));
     assert!(r["new_value"].as_text().unwrap_or_default().contains("\"title\":\"B\""));

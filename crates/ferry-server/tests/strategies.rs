@@ -390,6 +390,32 @@ async fn audit_writes_activity_rows_in_the_same_transaction() {
     assert!(new_value.contains("\"title\":\"B\""), "{new_value}");
 }
 
+/// A client id as long as the server accepts (256 bytes) still gets its
+/// audited writes applied, each with its own activity row naming it.
+#[tokio::test]
+async fn audited_writes_of_a_client_id_at_the_length_limit_apply() {
+    let e = env_with_strategy("tickets", Arc::new(Audited::new(LastWriteWins)));
+    let long_a = "a".repeat(256);
+    let long_b = format!("{}b", "a".repeat(255));
+    for (n, client) in [&long_a, &long_b].into_iter().enumerate() {
+        let row = put("tickets", &format!("t{n}"), &[("title", "A".into())]);
+        assert_eq!(
+            up(&e.svc, "u1", client, vec![entry(1, row, 1000, client)]).await,
+            [Outcome::Applied],
+            "client id of {} bytes",
+            client.len()
+        );
+    }
+    let rows = synced(&e.svc).await;
+    let mut clients: Vec<&str> = rows
+        .iter()
+        .filter(|((t, _), _)| t == "activity")
+        .filter_map(|(_, r)| r.get("client_id").and_then(|v| v.as_text()))
+        .collect();
+    clients.sort_unstable();
+    assert_eq!(clients, [long_a.as_str(), long_b.as_str()]);
+}
+
 #[tokio::test]
 async fn disjoint_changes_never_conflict_through_the_server() {
     let strategies: Vec<Arc<dyn ConflictStrategy>> = vec![
