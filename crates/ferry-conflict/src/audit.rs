@@ -65,35 +65,12 @@ impl<S: ConflictStrategy> ConflictStrategy for Audited<S> {
     }
 }
 
-/// Longest client id an activity row's id carries as it is; a longer one
-/// is replaced by a digest, so the id stays within the row id limit
-/// (client ids may be up to 256 bytes; the row's `client_id` column keeps
-/// the whole id).
-const MAX_CLIENT_ID_IN_ID_BYTES: usize = 64;
-
-/// An activity row's id: the client, its write's seq and the write's time
-/// (its node is the client, already named). At most 107 bytes.
+/// An activity row's id: the client ([`crate::side_id::client_key`]), its
+/// write's seq and the write's time (its node is the client, already
+/// named). At most 107 bytes.
 fn activity_id(client_id: &str, seq: u64, hlc: &ferry_core::HlcTimestamp) -> String {
-    let client = if client_id.len() <= MAX_CLIENT_ID_IN_ID_BYTES {
-        client_id.to_owned()
-    } else {
-        format!(
-            "{:016x}{:016x}",
-            fnv1a64(client_id.as_bytes(), 0),
-            fnv1a64(client_id.as_bytes(), 1)
-        )
-    };
+    let client = crate::side_id::client_key(client_id);
     format!("{client}:{seq}:{:015}-{:05}", hlc.wall_ms, hlc.counter)
-}
-
-/// FNV-1a over `bytes`, seeded (two seeds give a 128-bit digest).
-fn fnv1a64(bytes: &[u8], seed: u8) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(seed);
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]

@@ -58,6 +58,7 @@ pub mod error;
 pub mod lww;
 pub mod manual;
 pub mod per_column;
+pub mod side_id;
 pub mod strategy;
 
 pub use audit::{Audited, ACTIVITY_TABLE};

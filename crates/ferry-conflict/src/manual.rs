@@ -9,9 +9,12 @@ use crate::strategy::{json_text, ConflictInput, ConflictStrategy, Decision, Reso
 pub const CONFLICTS_TABLE: &str = "ferry_conflicts";
 
 /// The deterministic id of the conflict record for `column` of the op
-/// `(client_id, seq)`: `"{client_id}:{seq}:{column}"`.
+/// `(client_id, seq)`: `"{client}:{seq}:{column}"`, where `client` is the
+/// client id, or its digest when longer than 64 bytes
+/// ([`crate::side_id::client_key`]).
 pub fn conflict_id(client_id: &str, seq: u64, column: &str) -> String {
-    format!("{client_id}:{seq}:{column}")
+    let client = crate::side_id::client_key(client_id);
+    format!("{client}:{seq}:{column}")
 }
 
 /// Manual resolution.

@@ -391,10 +391,11 @@ async fn audit_writes_activity_rows_in_the_same_transaction() {
 }
 
 /// A client id as long as the server accepts (256 bytes) still gets its
-/// audited writes applied, each with its own activity row naming it.
+/// audited writes applied, each with its own activity row naming it, and
+/// its conflicts recorded for review.
 #[tokio::test]
 async fn audited_writes_of_a_client_id_at_the_length_limit_apply() {
-    let e = env_with_strategy("tickets", Arc::new(Audited::new(LastWriteWins)));
+    let e = env_with_strategy("tickets", Arc::new(Audited::new(Manual)));
     let long_a = "a".repeat(256);
     let long_b = format!("{}b", "a".repeat(255));
     for (n, client) in [&long_a, &long_b].into_iter().enumerate() {
@@ -414,6 +415,26 @@ async fn audited_writes_of_a_client_id_at_the_length_limit_apply() {
         .collect();
     clients.sort_unstable();
     assert_eq!(clients, [long_a.as_str(), long_b.as_str()]);
+
+    // long_b edits t0's title offline from "A" after u0 changed it.
+    let online = based(
+        entry(1, patch("tickets", "t0", &[("title", "B".into())]), 2000, "c1"),
+        &[("title", "A".into())],
+    );
+    assert_eq!(up(&e.svc, "u1", "c1", vec![online]).await, [Outcome::Applied]);
+    let offline = based(
+        entry(2, patch("tickets", "t0", &[("title", "C".into())]), 3000, &long_b),
+        &[("title", "A".into())],
+    );
+    let out = up(&e.svc, "u1", &long_b, vec![offline]).await;
+    let [Outcome::NeedsReview { conflict_id }] = out.as_slice() else {
+        panic!("a conflict for review: {out:?}");
+    };
+    let rows = synced(&e.svc).await;
+    assert_eq!(
+        value(&rows, "ferry_conflicts", conflict_id, "local_value"),
+        Value::from("\"C\"")
+    );
 }
 
 #[tokio::test]
