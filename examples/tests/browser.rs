@@ -7,8 +7,10 @@
 //! step under `target/browser-screenshots/<suite>/` (logs of the three processes
 //! next to them); a second script, `strategies.test.mjs`, runs the
 //! blog's other strategies against `examples/tracker-strategies.toml`,
-//! `crdt.test.mjs` the CRDT description and `initial-sync.test.mjs` the
-//! download progress of a third device's initial sync.
+//! `crdt.test.mjs` the CRDT description, `initial-sync.test.mjs` the
+//! download progress of a third device's initial sync and
+//! `untrusted.test.mjs` rows another user wrote straight to the sync API
+//! (the script gets `SERVER_URL` and a token of that user, `MALLORY_TOKEN`).
 //!
 //! Needs Chromium (`/usr/bin/chromium`, or `FERRY_CHROMIUM`), Node and
 //! the npm packages of `examples/browser-tests` (`npm ci` there);
@@ -203,6 +205,27 @@ fn tracker_initial_sync_in_chromium() -> Result<()> {
     })
 }
 
+/// Rows other users wrote are untrusted on the page: mallory writes
+/// attachments straight to ferry-server's sync API (a `javascript:` url)
+/// and alice's page must not turn them into something that runs.
+#[test]
+fn tracker_untrusted_rows_in_chromium() -> Result<()> {
+    run_suite(&Suite {
+        name: "untrusted",
+        script: "untrusted.test.mjs",
+        rules: None,
+        bob_restricted: false,
+        server_config: None,
+    })
+}
+
+/// A dev token of `user` from the `ferry-server` binary.
+fn dev_token(server_bin: &Path, user: &str) -> Result<String> {
+    let out = Command::new(server_bin).args(["dev-token", "--user", user]).output()?;
+    anyhow::ensure!(out.status.success(), "ferry-server dev-token failed: {out:?}");
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
 fn run_suite(suite: &Suite) -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = workspace_root();
@@ -290,6 +313,8 @@ fn run_suite(suite: &Suite) -> Result<()> {
         .current_dir(&tests_dir)
         .env("ALICE_URL", &urls[0])
         .env("BOB_URL", &urls[1])
+        .env("SERVER_URL", format!("http://127.0.0.1:{server_port}"))
+        .env("MALLORY_TOKEN", dev_token(&server_bin, "mallory")?)
         .env("CHROMIUM", &chromium)
         .env("SCREENSHOT_DIR", &out)
         .stdin(Stdio::piped())

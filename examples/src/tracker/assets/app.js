@@ -182,6 +182,18 @@ function renderStatus() {
   document.title = `${s.user} \u00b7 Ferry tracker`;
 }
 
+// Rows come from every user, past any form's checks: an attachment's url
+// is a link only when it is an http(s) address (a "javascript:" one would
+// run in this page when clicked); anything else is shown as text.
+function isWebAddress(url) {
+  try {
+    const u = new URL(String(url));
+    return u.protocol === "http:" || u.protocol === "https:";
+  } catch (_) {
+    return false;
+  }
+}
+
 function statusPill(status) {
   return el("span", { class: `pill ${status || ""}`, "data-testid": "status-pill", text: STATUS_LABELS[status] || status || "?" });
 }
@@ -330,7 +342,9 @@ function refreshDetail(box, t) {
 
   $("[data-testid=attachments]", box).replaceChildren(...childrenOf("attachments", t.id).map((a) =>
     el("li", { "data-testid": "attachment" },
-      el("a", { class: "grow", href: a.url, target: "_blank", rel: "noopener noreferrer", text: a.url }),
+      isWebAddress(a.url)
+        ? el("a", { class: "grow", href: a.url, target: "_blank", rel: "noopener noreferrer", text: a.url })
+        : el("span", { class: "grow", text: a.url }),
       pendingBadge(a),
       el("button", { type: "button", class: "link", title: "Remove", text: "\u00d7", onclick: () => attempt("DELETE", `/api/attachments/${a.id}`) }))));
 
