@@ -67,4 +67,25 @@ scenario("an attachment whose url is javascript: is not rendered as a link", asy
   assert((await alice.evaluate(() => document.body.dataset.pwned)) === undefined, "the javascript: url ran");
 });
 
+scenario("removing an attachment whose id is a path removes that attachment, not another row", async ({ alice }) => {
+  await createTicket(alice, "Must survive");
+  await waitForTitle(alice, "Must survive");
+  const victim = await ticketId("Must survive");
+  const target = await ticketId("Target of the links");
+  const sly = `../tickets/${victim}`;
+  await malloryPuts([["attachments", sly, { ticket_id: target, url: "https://example.com/innocent", created_at: "4" }]]);
+  await selectTicket(alice, "Target of the links");
+  await alice.waitForFunction(() => [...document.querySelectorAll("[data-testid=attachment]")].some((l) => l.textContent.includes("innocent")));
+  await alice.evaluate(() => {
+    const li = [...document.querySelectorAll("[data-testid=attachment]")].find((l) => l.textContent.includes("innocent"));
+    li.querySelector("button").click();
+  });
+  await alice.waitForFunction(() => ![...document.querySelectorAll("[data-testid=attachment]")].some((l) => l.textContent.includes("innocent")));
+  await shot(alice, "sly-attachment-removed");
+  const tickets = await api(ALICE_URL, "/api/tickets");
+  assert(tickets.some((t) => t.id === victim), "the ticket named by the attachment's id was deleted");
+  const detail = await api(ALICE_URL, `/api/tickets/${target}`);
+  assert(!detail.attachments.some((a) => a.id === sly), "the attachment itself is gone");
+});
+
 await run(scenarios);

@@ -206,8 +206,9 @@ fn tracker_initial_sync_in_chromium() -> Result<()> {
 }
 
 /// Rows other users wrote are untrusted on the page: mallory writes
-/// attachments straight to ferry-server's sync API (a `javascript:` url)
-/// and alice's page must not turn them into something that runs.
+/// attachments straight to ferry-server's sync API (a `javascript:` url,
+/// an id that reads as a path) and alice's page must not turn them into
+/// something that runs or a request to another endpoint.
 #[test]
 fn tracker_untrusted_rows_in_chromium() -> Result<()> {
     run_suite(&Suite {

@@ -51,7 +51,19 @@ $("#message .close").addEventListener("click", hideMessage);
 
 // --- talking to the tracker -------------------------------------------
 
+// A row id as one segment of a request path. Ids are text any user
+// chose: "/", "?", "#" and "%" are escaped, so an id such as
+// "../tickets/x" names its own row and not another endpoint's.
+const seg = (id) => encodeURIComponent(String(id));
+
 async function api(method, path, body) {
+  // An id "." or ".." is a dot segment even escaped, which the browser
+  // would resolve to another endpoint: such a row cannot be addressed.
+  if (/\/(\.|%2e){1,2}(\/|$)/i.test(path)) {
+    const message = `cannot address ${path}: a row id "." or ".." is not a path segment`;
+    showMessage(message);
+    throw new Error(message);
+  }
   const options = { method, headers: {} };
   if (body !== undefined) {
     options.headers["content-type"] = "application/json";
@@ -280,19 +292,19 @@ function buildDetail(box, ticket) {
   const userSelect = el("select", { name: "user_id", "data-testid": "assign-user", "aria-label": "User" });
   const assignForm = el("form", { onsubmit: async (e) => {
     e.preventDefault();
-    if (await attempt("POST", `/api/tickets/${id}/assignments`, { user_id: userSelect.value })) showMessage("Assigned.", "info");
+    if (await attempt("POST", `/api/tickets/${seg(id)}/assignments`, { user_id: userSelect.value })) showMessage("Assigned.", "info");
   } }, userSelect, el("button", { type: "submit", class: "secondary", text: "Assign" }));
 
   const commentInput = el("input", { name: "body", "data-testid": "comment-body", placeholder: "Add a comment", autocomplete: "off" });
   const commentForm = el("form", { novalidate: true, onsubmit: async (e) => {
     e.preventDefault();
-    if (await attempt("POST", `/api/tickets/${id}/comments`, { body: commentInput.value })) commentInput.value = "";
+    if (await attempt("POST", `/api/tickets/${seg(id)}/comments`, { body: commentInput.value })) commentInput.value = "";
   } }, commentInput, el("button", { type: "submit", class: "secondary", "data-testid": "add-comment", text: "Comment" }));
 
   const urlInput = el("input", { name: "url", "data-testid": "attachment-url", placeholder: "https://\u2026", autocomplete: "off" });
   const attachForm = el("form", { novalidate: true, onsubmit: async (e) => {
     e.preventDefault();
-    if (await attempt("POST", `/api/tickets/${id}/attachments`, { url: urlInput.value })) urlInput.value = "";
+    if (await attempt("POST", `/api/tickets/${seg(id)}/attachments`, { url: urlInput.value })) urlInput.value = "";
   } }, urlInput, el("button", { type: "submit", class: "secondary", "data-testid": "add-attachment", text: "Attach" }));
 
   box.replaceChildren(
@@ -331,14 +343,14 @@ function refreshDetail(box, t) {
 
   $("[data-testid=assignments]", box).replaceChildren(...childrenOf("assignments", t.id).map((a) =>
     el("span", { class: "chip", "data-testid": "assignment" }, a.user_id, pendingBadge(a),
-      el("button", { type: "button", class: "link", title: "Remove", text: "\u00d7", onclick: () => attempt("DELETE", `/api/assignments/${a.id}`) }))));
+      el("button", { type: "button", class: "link", title: "Remove", text: "\u00d7", onclick: () => attempt("DELETE", `/api/assignments/${seg(a.id)}`) }))));
 
   $("[data-testid=comments]", box).replaceChildren(...childrenOf("comments", t.id).map((c) =>
     el("li", { "data-testid": "comment" },
       el("span", { class: "author", text: c.user_id }),
       el("span", { class: "grow", text: c.body }),
       pendingBadge(c),
-      c.user_id === me ? el("button", { type: "button", class: "link", title: "Remove", text: "\u00d7", onclick: () => attempt("DELETE", `/api/comments/${c.id}`) }) : null)));
+      c.user_id === me ? el("button", { type: "button", class: "link", title: "Remove", text: "\u00d7", onclick: () => attempt("DELETE", `/api/comments/${seg(c.id)}`) }) : null)));
 
   $("[data-testid=attachments]", box).replaceChildren(...childrenOf("attachments", t.id).map((a) =>
     el("li", { "data-testid": "attachment" },
@@ -346,7 +358,7 @@ function refreshDetail(box, t) {
         ? el("a", { class: "grow", href: a.url, target: "_blank", rel: "noopener noreferrer", text: a.url })
         : el("span", { class: "grow", text: a.url }),
       pendingBadge(a),
-      el("button", { type: "button", class: "link", title: "Remove", text: "\u00d7", onclick: () => attempt("DELETE", `/api/attachments/${a.id}`) }))));
+      el("button", { type: "button", class: "link", title: "Remove", text: "\u00d7", onclick: () => attempt("DELETE", `/api/attachments/${seg(a.id)}`) }))));
 
   const activity = [...state.tables.activity.values()].filter((a) => a.table_name === "tickets" && a.row_id === t.id)
     .sort((a, b) => String(a.created_at).localeCompare(String(b.created_at)));
@@ -411,7 +423,7 @@ function renderConflicts() {
     const ticket = c.table_name === "tickets" ? state.tables.tickets.get(c.row_id) : null;
     const custom = el("input", { "data-conflict": c.id, "data-testid": "conflict-custom", placeholder: "or a value of your own" });
     custom.value = typed.get(c.id) || "";
-    const resolve = (choice, value) => attempt("POST", `/api/conflicts/${encodeURIComponent(c.id)}/resolve`, value === undefined ? { choice } : { choice, value });
+    const resolve = (choice, value) => attempt("POST", `/api/conflicts/${seg(c.id)}/resolve`, value === undefined ? { choice } : { choice, value });
     const mine = c.user_id === me;
     return el("div", { class: "conflict", id: `conflict-${c.id}`, "data-testid": "conflict", dataset: { id: c.id } },
       el("strong", { text: `${c.field} of ${ticket ? `\u201c${ticket.title}\u201d` : `${c.table_name}/${c.row_id}`}` }),
@@ -459,7 +471,7 @@ async function saveTicket(id) {
     showMessage("Nothing changed.", "info");
     return;
   }
-  if (await attempt("PATCH", `/api/tickets/${id}`, body)) {
+  if (await attempt("PATCH", `/api/tickets/${seg(id)}`, body)) {
     for (const field of ["title", "status", "description"]) delete form.elements[field].dataset.dirty;
     scheduleRender();
     showMessage("Saved.", "info");
@@ -467,7 +479,7 @@ async function saveTicket(id) {
 }
 
 async function deleteTicket(id) {
-  if (await attempt("DELETE", `/api/tickets/${id}`)) {
+  if (await attempt("DELETE", `/api/tickets/${seg(id)}`)) {
     state.selected = null;
     detailFor = null;
     scheduleRender();
