@@ -7,8 +7,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query as UrlQuery, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Query as UrlQuery, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -144,8 +145,43 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/api/conflicts", get(conflicts))
         .route("/api/conflicts/{id}/resolve", post(resolve_conflict))
         .fallback(not_found)
+        .layer(middleware::from_fn(same_site_only))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(tracker)
+}
+
+/// The tracker has no login: a web page of another site the user visits
+/// is kept out by the browser's same-origin policy, which holds only if
+/// the tracker answers nothing such a page may send without asking
+/// first. A page may POST `text/plain` (or a form's types) anywhere
+/// without a CORS preflight, so a request with a body must declare it
+/// `application/json` (one that does is preflighted, and the tracker
+/// answers no preflight): anything else is a 415 before any handler runs.
+async fn same_site_only(request: Request, next: Next) -> Response {
+    if let Err(e) = json_body_declared(request.method(), request.headers()) {
+        return e.into_response();
+    }
+    next.run(request).await
+}
+
+fn json_body_declared(method: &Method, headers: &HeaderMap) -> ApiResult<()> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS) {
+        return Ok(());
+    }
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let media_type = declared.as_deref().and_then(|v| v.split(';').next()).map(str::trim);
+    if media_type.is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        message: match declared {
+            Some(d) => format!("a request body must be application/json, not {d:?}"),
+            None => "a request body must be application/json: no content-type was given".to_owned(),
+        },
+    })
 }
 
 async fn index() -> impl IntoResponse {

@@ -1,0 +1,151 @@
+//! The tracker's HTTP endpoints seen from a browser on another site: the
+//! tracker listens on loopback with no login, so what keeps a web page
+//! the user visits from writing to it, or reading it, is the browser's
+//! same-origin policy, which holds only if the tracker refuses requests
+//! a page of another site can send without asking (a "simple" POST of
+//! `text/plain`) and requests for another host name (DNS rebinding).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use ferry_examples::tracker::{serve, Tracker, TrackerConfig};
+use ferry_server::ServerConfig;
+use serde_json::Value;
+
+struct Device {
+    tracker: Arc<Tracker>,
+    url: String,
+    _server: ferry_server::BoundServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Result<Device> {
+    let dir = tempfile::tempdir()?;
+    let server = ferry_server::run(
+        ServerConfig {
+            data_dir: dir.path().join("server"),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ServerConfig::default()
+        },
+        std::future::pending(),
+    )
+    .await?;
+    let config = TrackerConfig {
+        server_url: format!("http://{}", server.addr),
+        user: "alice".to_owned(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.path().join("alice"),
+        token: None,
+        rules: None,
+        start_offline: false,
+        restricted: false,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let tracker = Tracker::open(&config).await?;
+    tokio::spawn(serve(tracker.clone(), listener, std::future::pending()));
+    Ok(Device {
+        tracker,
+        url,
+        _server: server,
+        _dir: dir,
+    })
+}
+
+async fn send(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<(u16, Value)> {
+    let mut req = http.request(reqwest::Method::from_bytes(method.as_bytes())?, url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.body(b.to_owned());
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+fn tickets(d: &Device) -> Result<usize> {
+    Ok(d.tracker.db.local().scan("tickets")?.len())
+}
+
+/// A page of another site can POST `text/plain` (or a form's types) to
+/// any address without a CORS preflight; a JSON body under such a type
+/// is refused with 415, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_declared_json_is_refused_and_writes_nothing() -> Result<()> {
+    let d = start().await?;
+    let http = reqwest::Client::new();
+    let json = [("content-type", "application/json")];
+    let (status, created) = send(
+        &http,
+        "POST",
+        &format!("{}/api/tickets", d.url),
+        &json,
+        Some(r#"{"title":"mine"}"#),
+    )
+    .await?;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().context("an id")?.to_owned();
+    let before = tickets(&d)?;
+    let last_seq = d.tracker.db.local().last_seq();
+
+    for content_type in [
+        Some("text/plain"),
+        Some("text/plain;charset=UTF-8"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonp"),
+        None,
+    ] {
+        let headers: Vec<(&str, &str)> = content_type.map(|c| ("content-type", c)).into_iter().collect();
+        for (method, path, body) in [
+            ("POST", "/api/tickets".to_owned(), r#"{"title":"from another site"}"#),
+            (
+                "POST",
+                format!("/api/tickets/{id}/comments"),
+                r#"{"body":"from another site"}"#,
+            ),
+            (
+                "POST",
+                format!("/api/tickets/{id}/attachments"),
+                r#"{"url":"https://evil.example/"}"#,
+            ),
+            ("POST", "/api/sync".to_owned(), r#"{"offline":true}"#),
+            ("PATCH", format!("/api/tickets/{id}"), r#"{"title":"changed"}"#),
+        ] {
+            let (status, answer) = send(&http, method, &format!("{}{path}", d.url), &headers, Some(body)).await?;
+            assert_eq!(status, 415, "{method} {path} as {content_type:?}: {answer}");
+            let message = answer["error"].as_str().context("an error message")?;
+            assert!(message.contains("application/json"), "{message}");
+        }
+    }
+    assert_eq!(tickets(&d)?, before);
+    assert_eq!(d.tracker.db.local().last_seq(), last_seq, "nothing was queued");
+    let (_, ticket) = send(&http, "GET", &format!("{}/api/tickets/{id}", d.url), &[], None).await?;
+    assert_eq!(ticket["ticket"]["title"], "mine", "{ticket}");
+    assert_eq!(ticket["attachments"].as_array().map(Vec::len), Some(0));
+    assert_eq!(ticket["comments"].as_array().map(Vec::len), Some(0));
+    let (_, status) = send(&http, "GET", &format!("{}/api/status", d.url), &[], None).await?;
+    assert_eq!(status["offline_switch"], false, "{status}");
+
+    // A JSON type with parameters is JSON.
+    let (status, answer) = send(
+        &http,
+        "POST",
+        &format!("{}/api/tickets", d.url),
+        &[("content-type", "Application/JSON; charset=utf-8")],
+        Some(r#"{"title":"also mine"}"#),
+    )
+    .await?;
+    assert_eq!(status, 201, "{answer}");
+    Ok(())
+}
