@@ -149,3 +149,53 @@ async fn a_body_that_is_not_declared_json_is_refused_and_writes_nothing() -> Res
     assert_eq!(status, 201, "{answer}");
     Ok(())
 }
+
+/// DNS rebinding: a site whose name now resolves to 127.0.0.1 is
+/// same-origin with the tracker in the browser, so the browser lets it
+/// read the answers and send JSON; the request still names that site as
+/// its host. Any host but a loopback one is refused, reads included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_host_name_is_refused_reads_included() -> Result<()> {
+    let d = start().await?;
+    let http = reqwest::Client::new();
+    let port = d.url.rsplit(':').next().context("a port")?.to_owned();
+    let json = ("content-type", "application/json");
+    let before = tickets(&d)?;
+    let last_seq = d.tracker.db.local().last_seq();
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_owned(),
+        format!("127.0.0.1.evil.example:{port}"),
+    ] {
+        for (method, path, body) in [
+            ("GET", "/api/tickets", None),
+            ("GET", "/api/status", None),
+            ("GET", "/api/events", None),
+            ("POST", "/api/tickets", Some(r#"{"title":"rebound"}"#)),
+        ] {
+            let (status, answer) = send(
+                &http,
+                method,
+                &format!("{}{path}", d.url),
+                &[("host", &host), json],
+                body,
+            )
+            .await?;
+            assert_eq!(status, 403, "{method} {path} for {host}: {answer}");
+            let message = answer["error"].as_str().context("an error message")?;
+            assert!(message.contains(&host), "{message}");
+        }
+    }
+    assert_eq!(tickets(&d)?, before);
+    assert_eq!(d.tracker.db.local().last_seq(), last_seq, "nothing was queued");
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LOCALHOST:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let (status, answer) = send(&http, "GET", &format!("{}/api/status", d.url), &[("host", &host)], None).await?;
+        assert_eq!(status, 200, "{host}: {answer}");
+    }
+    Ok(())
+}

@@ -157,11 +157,40 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
 /// without a CORS preflight, so a request with a body must declare it
 /// `application/json` (one that does is preflighted, and the tracker
 /// answers no preflight): anything else is a 415 before any handler runs.
+/// A page of another site may also rebind its own host name to 127.0.0.1
+/// (DNS rebinding) and so be same-origin with the tracker: a request
+/// naming a host other than a loopback one (`localhost`, `127.0.0.1`,
+/// `[::1]`) is a 403, reads included.
 async fn same_site_only(request: Request, next: Next) -> Response {
+    if let Err(e) = loopback_host(request.headers()) {
+        return e.into_response();
+    }
     if let Err(e) = json_body_declared(request.method(), request.headers()) {
         return e.into_response();
     }
     next.run(request).await
+}
+
+fn loopback_host(headers: &HeaderMap) -> ApiResult<()> {
+    // HTTP/1.0 clients may send no Host; a browser always does.
+    let Some(host) = headers.get(header::HOST) else {
+        return Ok(());
+    };
+    let host = String::from_utf8_lossy(host.as_bytes());
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(&*host, |(name, _port)| name),
+    };
+    let loopback =
+        name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: format!("host {host:?} is not this tracker's: open it at its loopback address"),
+        })
+    }
 }
 
 fn json_body_declared(method: &Method, headers: &HeaderMap) -> ApiResult<()> {
