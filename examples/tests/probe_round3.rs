@@ -199,3 +199,35 @@ async fn a_request_for_another_host_name_is_refused_reads_included() -> Result<(
     }
     Ok(())
 }
+
+/// Every answer tells the browser not to sniff its type and not to show
+/// it in another site's frame (its buttons under a decoy page), and the
+/// page's policy runs only the tracker's own script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_forbids_sniffing_and_framing() -> Result<()> {
+    let d = start().await?;
+    let http = reqwest::Client::new();
+    for (path, content_type) in [
+        ("/", "text/html"),
+        ("/app.js", "text/javascript"),
+        ("/app.css", "text/css"),
+        ("/api/tickets", "application/json"),
+        ("/api/nope", "application/json"),
+        ("/../../etc/passwd", "application/json"),
+    ] {
+        let resp = http.get(format!("{}{path}", d.url)).send().await?;
+        let h = resp.headers().clone();
+        let got = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(got("content-type").starts_with(content_type), "{path}: {h:?}");
+        assert_eq!(got("x-content-type-options"), "nosniff", "{path}: {h:?}");
+        assert_eq!(got("x-frame-options"), "DENY", "{path}: {h:?}");
+        let csp = got("content-security-policy");
+        assert!(
+            csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'self'"),
+            "{path}: {csp}"
+        );
+        let body = resp.text().await?;
+        assert!(!body.contains("root:"), "{path} served a file outside the page: {body}");
+    }
+    Ok(())
+}
