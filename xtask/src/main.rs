@@ -241,7 +241,7 @@ fn demo_run(tracker_bin: &Path, rules: Option<&str>, children: &mut Vec<(String,
     eprintln!(
         "Open both in a browser, switch one offline, edit on both, switch it back. Without a browser:\n  \
          curl {}api/tickets\n  \
-         curl -X POST -d '{{\"title\":\"Printer on fire\"}}' {}api/tickets\n\
+         curl -H 'content-type: application/json' -d '{{\"title\":\"Printer on fire\"}}' {}api/tickets\n\
          Ctrl-C stops everything.",
         urls[1].1, urls[0].1
     );
