@@ -58,8 +58,8 @@ const SQL_STAGED_RANGE: &str = concat!(
 const SQL_LAST_STAGED: &str = "SELECT max(op_id) FROM ferry_staged WHERE bucket = ?1";
 /// A bucket's staged ops after `?2`: the last op id, how many, and the
 /// last CLEAR's op id (kind `?3`).
-const SQL_SUMMARY: &str = "SELECT max(op_id), count(*), max(CASE WHEN kind = ?3 THEN op_id END) \
-     FROM ferry_staged WHERE bucket = ?1 AND op_id > ?2";
+const SQL_SUMMARY: &str = "SELECT max(op_id), count(*), max(CASE WHEN kind = ?3 THEN op_id END), \
+     coalesce(sum(checksum), 0) FROM ferry_staged WHERE bucket = ?1 AND op_id > ?2";
 /// The checksum sum and count of a bucket's staged ops from `?2` on.
 const SQL_SUMMARY_SINCE: &str = "SELECT coalesce(sum(checksum), 0), count(*) FROM ferry_staged \
      WHERE bucket = ?1 AND op_id >= ?2";
@@ -447,22 +447,25 @@ pub(crate) fn staged_ops(
 /// integers up to 2^32 ops, far beyond any staging area.
 pub(crate) fn staged_summary(conn: &Connection, bucket: &str, after_op_id: u64) -> StoreResult<StagedSummary> {
     let after = clamp_bound(after_op_id);
-    let (last, count, clear): (Option<i64>, i64, Option<i64>) = conn
+    let (last, count, clear, sum_all): (Option<i64>, i64, Option<i64>, i64) = conn
         .prepare_cached(SQL_SUMMARY)
         .and_then(|mut s| {
             s.query_row(params![bucket, after, StagedKind::Clear.code()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
         })
         .map_err(sql_err)?;
     let Some(last) = last else {
         return Ok(StagedSummary::default());
     };
-    let since = clear.unwrap_or(after.saturating_add(1));
-    let (sum, count_since): (i64, i64) = conn
-        .prepare_cached(SQL_SUMMARY_SINCE)
-        .and_then(|mut s| s.query_row(params![bucket, since], |r| Ok((r.get(0)?, r.get(1)?))))
-        .map_err(sql_err)?;
+    // Without a CLEAR the sums since it are the whole range's: one scan.
+    let (sum, count_since): (i64, i64) = match clear {
+        None => (sum_all, count),
+        Some(since) => conn
+            .prepare_cached(SQL_SUMMARY_SINCE)
+            .and_then(|mut s| s.query_row(params![bucket, since], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(sql_err)?,
+    };
     let count = u64::try_from(count).map_err(|_| StoreError::Corrupt(format!("staged op count {count}")))?;
     Ok(StagedSummary {
         last_op_id: from_ordered_key("staged op id", last)?,
