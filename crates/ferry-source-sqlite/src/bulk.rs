@@ -6,7 +6,7 @@
 //! column clocks every write shares.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ferry_core::{HlcTimestamp, Table, Value};
 use ferry_source::{NewOp, RowWrite};
@@ -240,6 +240,9 @@ fn any_tombstone(conn: &Connection, table: &str) -> Result<bool> {
 /// bucket membership (the tombstones only looked up in a table that has
 /// some). The id list is read once and each id probes the tables' keys.
 pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Result<BTreeSet<String>> {
+    if let Some(known) = known_in_range(conn, table, ids)? {
+        return Ok(known);
+    }
     let tombstones = if any_tombstone(conn, &table.name)? {
         " OR EXISTS (SELECT 1 FROM ferry_tombstones t WHERE t.tbl = ?2 AND t.id = ids.value)"
     } else {
@@ -266,6 +269,84 @@ pub(crate) fn known_rows(conn: &Connection, table: &Table, ids: &[&str]) -> Resu
         }
     }
     Ok(known)
+}
+
+/// [`known_rows`] by reading the keys between the least and the greatest
+/// of `ids` (one range of each table's key instead of a probe per id): a
+/// bulk load of new rows finds nothing there. `None` when that range
+/// holds more than about half as many keys as `ids` (ids spread over a
+/// filled table: the probes cost less), or when the table's key does not
+/// order as Rust's `str` does (a key that is not text compared bytewise,
+/// in a table made before Ferry).
+fn known_in_range(conn: &Connection, table: &Table, ids: &[&str]) -> Result<Option<BTreeSet<String>>> {
+    let (Some(lo), Some(hi)) = (ids.iter().min(), ids.iter().max()) else {
+        return Ok(Some(BTreeSet::new()));
+    };
+    if !binary_text_key(conn, &table.name)? {
+        return Ok(None);
+    }
+    let limit = ids.len() / 2 + 1;
+    let row_sql = format!("SELECT id FROM {} WHERE id >= ?1 AND id <= ?2 LIMIT ?3", q(&table.name));
+    let mut sqls = vec![
+        row_sql.as_str(),
+        "SELECT id FROM ferry_row_buckets WHERE tbl = ?4 AND id >= ?1 AND id <= ?2 LIMIT ?3",
+    ];
+    if any_tombstone(conn, &table.name)? {
+        sqls.push("SELECT id FROM ferry_tombstones WHERE tbl = ?4 AND id >= ?1 AND id <= ?2 LIMIT ?3");
+    }
+    // Keys in the range (most of them, for a bulk load: none).
+    let mut found: Vec<String> = Vec::new();
+    for sql in sqls {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = if stmt.parameter_count() == 4 {
+            stmt.query(rusqlite::params![lo, hi, limit_sql, table.name])?
+        } else {
+            stmt.query(rusqlite::params![lo, hi, limit_sql])?
+        };
+        let mut read = 0;
+        while let Some(r) = rows.next()? {
+            read += 1;
+            if read >= limit {
+                return Ok(None);
+            }
+            if let ValueRef::Text(id) = r.get_ref(0)? {
+                found.push(String::from_utf8_lossy(id).into_owned());
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(Some(BTreeSet::new()));
+    }
+    let asked: HashSet<&str> = ids.iter().copied().collect();
+    Ok(Some(
+        found.into_iter().filter(|id| asked.contains(id.as_str())).collect(),
+    ))
+}
+
+/// Whether `table`'s primary key is its `id` column alone, with text
+/// affinity and the `BINARY` collation (as the tables Ferry creates):
+/// its keys between two texts are those Rust's `str` order puts there,
+/// and equal to a text only when bytewise equal.
+fn binary_text_key(conn: &Connection, table: &str) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT x.name, x.coll, (SELECT upper(c.type) FROM pragma_table_info(?1) c WHERE c.name = x.name) \
+         FROM pragma_index_list(?1) l, pragma_index_xinfo(l.name) x \
+         WHERE l.origin = 'pk' AND x.key = 1",
+    )?;
+    let mut rows = stmt.query([table])?;
+    let mut keys = 0;
+    let mut ok = true;
+    while let Some(r) = rows.next()? {
+        keys += 1;
+        let name: Option<String> = r.get(0)?;
+        let coll: Option<String> = r.get(1)?;
+        let ty: Option<String> = r.get(2)?;
+        // SQLite's affinity rules: INT first, then CHAR, CLOB or TEXT.
+        let text = ty.is_some_and(|t| !t.contains("INT") && ["CHAR", "CLOB", "TEXT"].iter().any(|k| t.contains(k)));
+        ok &= name.as_deref() == Some("id") && coll.is_some_and(|c| c.eq_ignore_ascii_case("BINARY")) && text;
+    }
+    Ok(ok && keys == 1)
 }
 
 /// [`ferry_source::SourceTx::set_rows_buckets`] (`clear`: each row's
@@ -378,7 +459,61 @@ mod tests {
 
     use ferry_core::HlcTimestamp;
 
-    use super::{decode_clocks, encode_clocks};
+    use super::{binary_text_key, decode_clocks, encode_clocks, known_rows};
+
+    /// `known_rows` answers the same by a range of the key and by a probe
+    /// per id, and keeps to probes for a key that does not order as
+    /// `str` (a table made before Ferry with another collation or type).
+    #[test]
+    fn known_rows_by_range_and_by_probe() {
+        let set = |ids: &[&str]| {
+            ids.iter()
+                .map(|s| (*s).to_owned())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        for (ddl, range) in [
+            (
+                "CREATE TABLE t(id TEXT PRIMARY KEY NOT NULL, v TEXT) WITHOUT ROWID",
+                true,
+            ),
+            ("CREATE TABLE t(id varchar(40) PRIMARY KEY, v TEXT)", true),
+            ("CREATE TABLE t(id TEXT COLLATE NOCASE PRIMARY KEY, v TEXT)", false),
+            ("CREATE TABLE t(id NUMERIC PRIMARY KEY, v TEXT)", false),
+            ("CREATE TABLE t(id TEXT, v TEXT, PRIMARY KEY(id, v))", false),
+            ("CREATE TABLE t(id TEXT, v TEXT)", false),
+        ] {
+            let conn = rusqlite::Connection::open_in_memory().expect("open");
+            conn.execute_batch(crate::SETUP_SQL).expect("setup");
+            conn.execute_batch(ddl).expect("create");
+            assert_eq!(binary_text_key(&conn, "t").expect("key"), range, "{ddl}");
+            conn.execute_batch(
+                "INSERT INTO t(id, v) VALUES ('b', 'x'), ('B2', 'y'), ('10', 'z');
+                 INSERT INTO ferry_row_buckets(tbl, id, bucket) VALUES ('t', 'c', 'g'), ('u', 'd', 'g');
+                 INSERT INTO ferry_tombstones(tbl, id, hlc) VALUES ('t', 'e', 'x');",
+            )
+            .expect("rows");
+            let table = ferry_core::Table::new("t").column("v", ferry_core::ColumnType::Text);
+            let cases: [(&[&str], &[&str]); 5] = [
+                (&["a", "b", "c", "d", "e", "f"], &["b", "c", "e"]),
+                (&["B", "b2", "9", "11"], &[]),
+                (&["10", "B2"], &["10", "B2"]),
+                (&["x", "y", "z"], &[]),
+                (&[], &[]),
+            ];
+            for (ids, known) in cases {
+                let mut expected = set(known);
+                if ddl.contains("NOCASE") && ids.contains(&"b2") {
+                    // Under NOCASE, 'B' is 'b' and 'b2' is 'B2'.
+                    expected.extend(set(&["B", "b2"]));
+                }
+                assert_eq!(
+                    known_rows(&conn, &table, ids).expect("known"),
+                    expected,
+                    "{ddl} {ids:?}"
+                );
+            }
+        }
+    }
 
     fn hlc(wall_ms: u64, node: &str) -> HlcTimestamp {
         HlcTimestamp {
