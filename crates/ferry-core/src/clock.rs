@@ -233,7 +233,7 @@ pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Resul
     if let Some(hlc) = shared {
         out.push_str("[\"");
         // The string form has no character JSON escapes but the node's.
-        push_json_str(&mut out, &hlc.to_string())?;
+        push_hlc_json(&mut out, hlc)?;
         out.push('"');
         for column in clocks.keys() {
             out.push_str(",\"");
@@ -267,6 +267,34 @@ pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Resul
 
 /// `s` as the inside of a JSON string (no quotes): plain names as they
 /// are, anything else escaped as `serde_json` escapes it.
+/// `hlc`'s string form (its `Display`) inside a JSON string: the digits
+/// written straight in (no formatter), the node escaped as JSON needs.
+fn push_hlc_json(out: &mut String, hlc: &HlcTimestamp) -> serde_json::Result<()> {
+    push_padded(out, hlc.wall_ms, 15);
+    out.push('-');
+    push_padded(out, u64::from(hlc.counter), 5);
+    out.push('-');
+    push_json_str(out, &hlc.node)
+}
+
+/// `v` in decimal, zero-padded to at least `width` digits (`{:0width$}`).
+fn push_padded(out: &mut String, mut v: u64, width: usize) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for _ in digits.len() - start..width {
+        out.push('0');
+    }
+    out.extend(digits[start..].iter().map(|&d| char::from(d)));
+}
+
 fn push_json_str(out: &mut String, s: &str) -> serde_json::Result<()> {
     if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
@@ -306,6 +334,26 @@ pub fn parse_clocks_json(s: &str) -> Result<BTreeMap<String, HlcTimestamp>, Cloc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hlc_json_text_is_the_display_form() {
+        for (wall_ms, counter, node) in [
+            (0, 0, "s"),
+            (1_764_150_000_123, 42, "server-ab12"),
+            (u64::MAX, u32::MAX, "client \"x\" é"),
+            (123_456_789_012_345, 99_999, ""),
+        ] {
+            let hlc = HlcTimestamp {
+                wall_ms,
+                counter,
+                node: node.to_owned(),
+            };
+            let mut out = String::new();
+            push_hlc_json(&mut out, &hlc).expect("encode");
+            let quoted = serde_json::to_string(&hlc.to_string()).expect("encode");
+            assert_eq!(out, quoted[1..quoted.len() - 1]);
+        }
+    }
 
     #[test]
     fn monotonic_even_when_wall_time_goes_back() {

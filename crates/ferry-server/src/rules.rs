@@ -453,7 +453,8 @@ impl SyncRules {
         let Some(uses) = self.by_table.get(table) else {
             return out;
         };
-        let id_value = Value::Text(id.to_owned());
+        // The id as a value, made once a parameter takes it.
+        let mut id_value: Option<Value> = None;
         'defs: for &(bi, di) in uses {
             let b = &self.buckets[bi];
             let d = &b.data[di];
@@ -464,7 +465,7 @@ impl SyncRules {
                     continue 'defs;
                 };
                 let v = if col == "id" {
-                    &id_value
+                    &*id_value.get_or_insert_with(|| Value::Text(id.to_owned()))
                 } else {
                     data.get(col).unwrap_or(&Value::Null)
                 };
@@ -516,6 +517,13 @@ impl SyncRules {
 
 /// `name[<json array>]`.
 pub fn instance_name(name: &str, values: &[Value]) -> String {
+    if values.is_empty() {
+        // A global bucket's one instance: `serde_json`'s empty array.
+        let mut out = String::with_capacity(name.len() + 2);
+        out.push_str(name);
+        out.push_str("[]");
+        return out;
+    }
     // Serializing Values cannot fail (string keys only, no maps).
     let params = serde_json::to_string(values).unwrap_or_else(|_| "[]".to_owned());
     format!("{name}{params}")
@@ -541,6 +549,14 @@ fn claim_values(v: Option<&serde_json::Value>) -> Vec<Value> {
 mod tests {
     use super::*;
     use ferry_core::row_data;
+
+    #[test]
+    fn instance_names_are_the_name_and_the_values_as_json() {
+        let json = |values: &[Value]| serde_json::to_string(values).expect("encode");
+        for values in [vec![], vec![Value::Text("u\"1".into()), Value::Integer(3)]] {
+            assert_eq!(instance_name("b", &values), format!("b{}", json(&values)));
+        }
+    }
 
     #[test]
     fn ticket_tracker_rules_load_and_place_rows() {

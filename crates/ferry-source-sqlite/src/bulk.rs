@@ -359,12 +359,16 @@ pub(crate) fn set_rows_buckets(
     rows: &[(&str, &BTreeSet<String>)],
     clear: bool,
 ) -> Result<()> {
-    let last: HashMap<&str, usize> = rows.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
+    // Ids in ascending order (a bulk load's, mostly) have no repeats:
+    // no map of each id's last entry to build.
+    let last: Option<HashMap<&str, usize>> = (!strictly_ascending(rows.iter().map(|(id, _)| *id)))
+        .then(|| rows.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect());
+    let is_last = |i: usize, id: &str| last.as_ref().is_none_or(|l| l.get(id) == Some(&i));
     if clear {
         let ids: Vec<&str> = rows
             .iter()
             .enumerate()
-            .filter(|(i, (id, _))| last.get(id) == Some(i))
+            .filter(|(i, (id, _))| is_last(*i, id))
             .map(|(_, (id, _))| *id)
             .collect();
         for chunk in ids.chunks(MAX_IDS_PER_LOOKUP) {
@@ -377,7 +381,7 @@ pub(crate) fn set_rows_buckets(
     let pairs: Vec<(&str, &str)> = rows
         .iter()
         .enumerate()
-        .filter(|(i, (id, _))| last.get(id) == Some(i))
+        .filter(|(i, (id, _))| is_last(*i, id))
         .flat_map(|(_, (id, buckets))| buckets.iter().map(move |b| (*id, b.as_str())))
         .collect();
     let shape = InsertShape {
@@ -391,6 +395,21 @@ pub(crate) fn set_rows_buckets(
         stmt.raw_bind_parameter(at + 1, *b)?;
         Ok(())
     })
+}
+
+/// Whether `ids` are in strictly ascending order (so none repeats).
+fn strictly_ascending<'a>(ids: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut ids = ids.into_iter();
+    let Some(mut prev) = ids.next() else {
+        return true;
+    };
+    for id in ids {
+        if id <= prev {
+            return false;
+        }
+        prev = id;
+    }
+    true
 }
 
 /// An op's row as its JSON text: the text the caller gave, else `data`

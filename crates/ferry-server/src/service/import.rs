@@ -128,6 +128,16 @@ enum BatchClocks {
     Writer { fell_back: bool },
 }
 
+/// Whether an id comes twice in `ids` (ids in ascending order, as a bulk
+/// load's mostly are, need no set to tell).
+fn has_repeats(ids: &[&str]) -> bool {
+    if ids.windows(2).all(|w| w[0] < w[1]) {
+        return false;
+    }
+    let mut seen = HashSet::with_capacity(ids.len());
+    !ids.iter().all(|id| seen.insert(*id))
+}
+
 /// The error of an op the import refused.
 fn refused(entry: &CrudEntry, reason: &str) -> ServiceError {
     ServiceError::BadRequest(format!(
@@ -298,6 +308,10 @@ impl Inner {
         // starts; once an op went the per-op way (its side writes may
         // write any row), each op asks for its own row.
         let mut known: HashMap<&str, BTreeSet<String>> = HashMap::new();
+        // Whether an id comes twice in the batch (in one table): only
+        // then are the rows written the bulk way remembered, to send the
+        // second one the per-op way.
+        let mut repeats = false;
         let mut distinct: Vec<&Table> = Vec::new();
         for t in tables {
             if !distinct.iter().any(|k| k.name == t.name) {
@@ -311,6 +325,7 @@ impl Inner {
                 .filter(|(_, k)| k.name == t.name)
                 .map(|(e, _)| e.op.id())
                 .collect();
+            repeats = repeats || has_repeats(&ids);
             known.insert(t.name.as_str(), stx.known_rows(t, &ids)?);
         }
         let mut exact = true;
@@ -325,7 +340,7 @@ impl Inner {
             let id = op.id();
             let key = (table.name.as_str(), id);
             let fresh = !matches!(op, CrudOp::Delete { .. })
-                && !touched.contains(&key)
+                && (!repeats || !touched.contains(&key))
                 && if exact {
                     !known.get(key.0).is_some_and(|k| k.contains(id))
                 } else {
@@ -343,7 +358,9 @@ impl Inner {
             if let Some(Some(worked_out)) = ahead.map(|a| &a[i]) {
                 worked_out.size.clone().map_err(|reason| refused(entry, &reason))?;
                 self.push_pending(stx, &mut pending, table, op, Cow::Borrowed(worked_out))?;
-                touched.insert(key);
+                if repeats {
+                    touched.insert(key);
+                }
                 continue;
             }
             ahead = None;
@@ -359,7 +376,9 @@ impl Inner {
                     let worked_out = self.fresh_row(table, op, Some(row), clocks);
                     worked_out.size.clone().map_err(|reason| refused(entry, &reason))?;
                     self.push_pending(stx, &mut pending, table, op, Cow::Owned(worked_out))?;
-                    touched.insert(key);
+                    if repeats {
+                        touched.insert(key);
+                    }
                     continue;
                 }
                 Resolution::Keep { .. } if side_writes.is_empty() => continue,
