@@ -247,3 +247,26 @@ async fn a_checkpoint_whose_staged_ops_went_missing_is_downloaded_again_not_appl
     }
     alice.close().await.expect("close");
 }
+
+/// `Database::connect` on a connected database replaces the connection at
+/// once, aborting its loops wherever they are: possibly after the
+/// download state counted a line's ops and before the staging writer took
+/// them. The next connection finds the staging area short of what the
+/// checkpoint validated and downloads those ops again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_replaced_while_a_checkpoint_downloads_loses_nothing_of_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service(&dir.path().join("server"));
+    let (store, alice) = alice_after_first_assignment(dir.path(), &svc).await;
+    for (round, user) in ["alice", "carol", "bob", "alice"].into_iter().enumerate() {
+        let before = store.started.load(Ordering::SeqCst);
+        store.holding.store(true, Ordering::SeqCst);
+        reassign(&alice, user);
+        started(&store, before + 1).await;
+        connect(&alice, &svc, "alice");
+        store.holding.store(false, Ordering::SeqCst);
+        assert!(alice.sync_now(10_000).await, "round {round}: caught up");
+        check(&alice, user, round);
+    }
+    alice.close().await.expect("close");
+}
