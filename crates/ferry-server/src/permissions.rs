@@ -16,13 +16,16 @@
 //! test      := operand ("==" | "!=") operand
 //!            | operand ["not"] "in" "[" [operand ("," operand)*] "]"
 //!            | operand "is" ["not"] "null"
+//!            | operand ["not"] "starts" "with" operand
 //! operand   := ("old" | "new") "." column | "auth" "." claim
 //!            | 'text' | "text" | integer | real | true | false | null
 //! ```
 //!
 //! Comparisons follow SQL: `==`, `!=` and `in` are false when a side is
 //! NULL (test for NULL with `is null`); integers and reals compare as
-//! numbers; `true`/`false` are the integers 1/0. A condition is parsed
+//! numbers; `true`/`false` are the integers 1/0; `starts with` holds when
+//! both sides are text and the left begins with the right (case matters),
+//! so a rule can keep a URL column to `https://` addresses. A condition is parsed
 //! when the rules load (the parser is total: every input is a condition
 //! or an error naming the bad token and its byte offset) and is bounded
 //! by [`MAX_CONDITION_BYTES`] and [`MAX_CONDITION_DEPTH_LEVELS`].
@@ -483,6 +486,7 @@ enum Cond {
     Ne(Operand, Operand),
     In(Operand, Vec<Operand>),
     IsNull(Operand),
+    StartsWith(Operand, Operand),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -758,7 +762,7 @@ impl Parser<'_> {
         if self.is_word("true") || self.is_word("false") {
             let compared = match self.peek_at(1) {
                 Tok::EqEq | Tok::NotEq => true,
-                Tok::Ident(w) => w == "in" || w == "is" || w == "not",
+                Tok::Ident(w) => w == "in" || w == "is" || w == "not" || w == "starts",
                 _ => false,
             };
             if !compared {
@@ -783,11 +787,20 @@ impl Parser<'_> {
             }
             Tok::Ident(w) if w == "not" => {
                 self.pos += 1;
+                if self.is_word("starts") {
+                    self.pos += 1;
+                    let c = self.starts_with(left)?;
+                    return Ok(Cond::Not(Box::new(c)));
+                }
                 if !self.is_word("in") {
-                    return self.unexpected("`in` after `not`");
+                    return self.unexpected("`in` or `starts with` after `not`");
                 }
                 self.pos += 1;
                 Ok(Cond::Not(Box::new(Cond::In(left, self.list()?))))
+            }
+            Tok::Ident(w) if w == "starts" => {
+                self.pos += 1;
+                self.starts_with(left)
             }
             Tok::Ident(w) if w == "is" => {
                 self.pos += 1;
@@ -802,8 +815,17 @@ impl Parser<'_> {
                 let c = Cond::IsNull(left);
                 Ok(if negated { Cond::Not(Box::new(c)) } else { c })
             }
-            _ => self.unexpected("`==`, `!=`, `in`, `not in` or `is` after an operand"),
+            _ => self.unexpected("`==`, `!=`, `in`, `not in`, `is` or `starts with` after an operand"),
         }
+    }
+
+    /// The rest of `left starts with <operand>`, after `starts`.
+    fn starts_with(&mut self, left: Operand) -> Result<Cond, ConditionError> {
+        if !self.is_word("with") {
+            return self.unexpected("`with` after `starts`");
+        }
+        self.pos += 1;
+        Ok(Cond::StartsWith(left, self.operand()?))
     }
 
     fn list(&mut self) -> Result<Vec<Operand>, ConditionError> {
@@ -934,6 +956,10 @@ impl Env<'_> {
                 items.iter().any(|i| equal(&a, &self.value(i)) == Some(true))
             }
             Cond::IsNull(a) => self.value(a).is_null(),
+            Cond::StartsWith(a, prefix) => match (self.value(a), self.value(prefix)) {
+                (Value::Text(a), Value::Text(prefix)) => a.starts_with(&prefix),
+                _ => false,
+            },
         }
     }
 }
@@ -1021,6 +1047,14 @@ mod tests {
             ("false or not false", true),
             ("old.n == -3 or old.n in []", false),
             ("auth.admin == true", false),
+            ("old.owner starts with 'u'", true),
+            ("old.owner starts with 'U'", false),
+            ("old.owner starts with old.owner", true),
+            ("new.owner not starts with 'u1'", true),
+            ("not new.owner starts with 'u'", false),
+            ("old.n starts with '3'", false),
+            ("new.n starts with ''", false),
+            ("old.owner starts with null", false),
         ];
         for (src, want) in cases {
             assert_eq!(eval(src, o, n, &[]), *want, "{src}");
@@ -1051,7 +1085,10 @@ mod tests {
             ("old.n == 1 )", "unexpected `)` at byte 11"),
             ("(old.n == 1", "unexpected end of condition at byte 11, expected `)`"),
             ("old.n in [1, 2", "unexpected end of condition"),
-            ("old.n", "expected `==`, `!=`, `in`, `not in` or `is`"),
+            ("old.n", "expected `==`, `!=`, `in`, `not in`, `is` or `starts with`"),
+            ("old.owner starts 'u'", "expected `with` after `starts`"),
+            ("old.owner not with 'u'", "expected `in` or `starts with` after `not`"),
+            ("old.owner starts with", "unexpected end of condition"),
             ("old.n is 1", "expected `null` after `is`"),
             ("old.owner == auth.sub €", "unexpected character '€' at byte 22"),
             ("and", "unexpected `and` at byte 0"),

@@ -45,6 +45,13 @@ name = "locked"
 columns = [{ name = "x", type = "text" }]
 
 [[tables]]
+name = "links"
+columns = [
+  { name = "url", type = "text" },
+  { name = "label", type = "text" },
+]
+
+[[tables]]
 name = "ferry_conflicts"
 columns = [
   { name = "table_name", type = "text" },
@@ -74,6 +81,7 @@ name = "global"
 data = [
   { table = "docs" },
   { table = "locked" },
+  { table = "links" },
   { table = "ferry_conflicts" },
   { table = "activity" },
 ]
@@ -105,6 +113,13 @@ new_in_my_buckets = true
 table = "docs"
 insert = "new.stage is null or new.stage != 'final'"
 update = "auth.role == 'editor' or (not (old.stage == 'final') and not (new.stage == 'final'))"
+
+# Links: anyone adds and edits them, to web addresses only (a client
+# writing straight to the sync API cannot plant a javascript: url).
+[[permissions]]
+table = "links"
+insert = "new.url starts with 'https://'"
+update = "new.url starts with 'https://'"
 
 # Inbox: anyone may write, but only into their own inbox.
 [[permissions]]
@@ -503,6 +518,55 @@ fn cases() -> Vec<Case> {
             delete("ferry_conflicts", "k1"),
             Denied(Delete, "conflict records are written by the server"),
         ),
+        // --- a prefix ---
+        c(
+            "add a web link",
+            vec![],
+            "alice",
+            &[],
+            p("links", "l1", &[("url", "https://example.test/a")]),
+            Applied,
+        ),
+        c(
+            "add a javascript: link",
+            vec![],
+            "alice",
+            &[],
+            p("links", "l1", &[("url", "javascript:alert(1)")]),
+            Denied(Insert, "rule `new.url starts with 'https://'` is not met"),
+        ),
+        c(
+            "add a link whose scheme is upper case (prefixes are case sensitive)",
+            vec![],
+            "alice",
+            &[],
+            p("links", "l1", &[("url", "HTTPS://example.test")]),
+            Denied(Insert, "is not met"),
+        ),
+        c(
+            "add a link without a url",
+            vec![],
+            "alice",
+            &[],
+            p("links", "l1", &[("label", "x")]),
+            Denied(Insert, "is not met"),
+        ),
+        c(
+            "relabel a web link (the stored url is judged with the patch)",
+            vec![p("links", "l1", &[("url", "https://example.test/a")])],
+            "alice",
+            &[],
+            pa("links", "l1", &[("label", "home")]),
+            Applied,
+        ),
+        c(
+            "turn a web link into a data: url",
+            vec![p("links", "l1", &[("url", "https://example.test/a")])],
+            "alice",
+            &[],
+            pa("links", "l1", &[("url", "data:text/html,<script>alert(1)</script>")]),
+            Denied(Update, "is not met"),
+        ),
         c(
             "forge an activity row",
             vec![],
@@ -698,6 +762,7 @@ fn the_rules_declare_which_tables_are_writable() {
             ("docs", vec!["insert", "update"]),
             ("ferry_conflicts", vec!["update"]),
             ("inbox", vec!["insert", "update"]),
+            ("links", vec!["insert", "update"]),
             ("notes", vec!["insert", "update", "delete"]),
         ]
     );
