@@ -35,11 +35,12 @@ async fn sleep_ms(ms: u64) {
 
 /// What ends a stream session early: the app stopping, pausing downloads
 /// or asking for a fresh stream. Only waits on the network are cut short
-/// (the token, the stream's opening, the next line): a session cut while
-/// it applied a checkpoint would leave that apply running on its blocking
-/// thread while the next session reads the download state it is about to
-/// change, and the next checkpoint could discard the staged ops the apply
-/// was switching in (a bucket's state advanced without its rows).
+/// (the token, the stream's opening, the next line). A session cut
+/// anywhere else could leave ops counted as staged in the download state
+/// that the staging writer never received (the next stream resumes after
+/// them, and the checkpoint switches in nothing: a bucket's state advanced
+/// without its rows), or an apply running on its blocking thread while the
+/// next session reads the download state it is about to change.
 struct Interrupt {
     stop: watch::Receiver<bool>,
     control: watch::Receiver<Control>,
