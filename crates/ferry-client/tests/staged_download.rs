@@ -134,6 +134,15 @@ fn assignee(db: &Database) -> Option<Value> {
         .and_then(|row| row.get("user_id").cloned())
 }
 
+/// Hold staging writes, reassign a1 to `user` and wait until the
+/// checkpoint with that write started staging (and is held there).
+async fn reassign_while_staging_held(store: &SlowStaging, alice: &Database, user: &str) {
+    let before = store.started.load(Ordering::SeqCst);
+    store.holding.store(true, Ordering::SeqCst);
+    reassign(alice, user);
+    started(store, before + 1).await;
+}
+
 /// Wait until `n` staging batches started applying.
 async fn started(store: &SlowStaging, n: u64) {
     for _ in 0..1_000 {
@@ -213,12 +222,9 @@ async fn a_fresh_stream_asked_for_while_a_checkpoint_downloads_loses_nothing_of_
     let svc = service(&dir.path().join("server"));
     let (store, alice) = alice_after_first_assignment(dir.path(), &svc).await;
     for (round, user) in ["alice", "carol", "bob", "alice"].into_iter().enumerate() {
-        let before = store.started.load(Ordering::SeqCst);
-        store.holding.store(true, Ordering::SeqCst);
-        reassign(&alice, user);
+        reassign_while_staging_held(&store, &alice, user).await;
         // The checkpoint with this write is being staged: ask for a fresh
         // stream now.
-        started(&store, before + 1).await;
         assert!(alice.sync_now(10_000).await, "round {round}: caught up");
         store.holding.store(false, Ordering::SeqCst);
         check(&alice, user, round);
@@ -259,10 +265,7 @@ async fn a_connection_replaced_while_a_checkpoint_downloads_loses_nothing_of_it(
     let svc = service(&dir.path().join("server"));
     let (store, alice) = alice_after_first_assignment(dir.path(), &svc).await;
     for (round, user) in ["alice", "carol", "bob", "alice"].into_iter().enumerate() {
-        let before = store.started.load(Ordering::SeqCst);
-        store.holding.store(true, Ordering::SeqCst);
-        reassign(&alice, user);
-        started(&store, before + 1).await;
+        reassign_while_staging_held(&store, &alice, user).await;
         connect(&alice, &svc, "alice");
         store.holding.store(false, Ordering::SeqCst);
         assert!(alice.sync_now(10_000).await, "round {round}: caught up");
