@@ -5,14 +5,17 @@
 //! a page of another site can send without asking (a "simple" POST of
 //! `text/plain`) and requests for another host name (DNS rebinding).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use ferry_examples::tracker::{serve, Tracker, TrackerConfig};
-use ferry_server::ServerConfig;
+use ferry_examples::tracker::Tracker;
 use serde_json::Value;
 
+mod common;
+
+use common::{start_server, start_tracker};
+
+/// Alice's tracker, with the server it syncs with.
 struct Device {
     tracker: Arc<Tracker>,
     url: String,
@@ -22,32 +25,11 @@ struct Device {
 
 async fn start() -> Result<Device> {
     let dir = tempfile::tempdir()?;
-    let server = ferry_server::run(
-        ServerConfig {
-            data_dir: dir.path().join("server"),
-            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..ServerConfig::default()
-        },
-        std::future::pending(),
-    )
-    .await?;
-    let config = TrackerConfig {
-        server_url: format!("http://{}", server.addr),
-        user: "alice".to_owned(),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.path().join("alice"),
-        token: None,
-        rules: None,
-        start_offline: false,
-        restricted: false,
-    };
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let tracker = Tracker::open(&config).await?;
-    tokio::spawn(serve(tracker.clone(), listener, std::future::pending()));
+    let server = start_server(dir.path()).await?;
+    let alice = start_tracker(server.addr, "alice", dir.path()).await?;
     Ok(Device {
-        tracker,
-        url,
+        tracker: alice.tracker,
+        url: alice.url,
         _server: server,
         _dir: dir,
     })

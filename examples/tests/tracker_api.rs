@@ -3,37 +3,14 @@
 //! bob) over HTTP. Writes sync between them; bad input answers 4xx with a
 //! message and writes nothing; the event stream starts with a snapshot.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use ferry_examples::tracker::{serve, Tracker, TrackerConfig};
-use ferry_server::ServerConfig;
 use serde_json::{json, Value};
 
-struct Device {
-    tracker: Arc<Tracker>,
-    url: String,
-}
+mod common;
 
-async fn start_tracker(server: SocketAddr, user: &str, dir: &std::path::Path) -> Result<Device> {
-    let config = TrackerConfig {
-        server_url: format!("http://{server}"),
-        user: user.to_owned(),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.join(user),
-        token: None,
-        rules: None,
-        start_offline: false,
-        restricted: false,
-    };
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let tracker = Tracker::open(&config).await?;
-    tokio::spawn(serve(tracker.clone(), listener, std::future::pending()));
-    Ok(Device { tracker, url })
-}
+use common::{start_server, start_tracker};
 
 async fn call(client: &reqwest::Client, method: &str, url: &str, body: Option<&str>) -> Result<(u16, Value)> {
     let method = reqwest::Method::from_bytes(method.as_bytes())?;
@@ -64,15 +41,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> Result<bool>) -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracker_endpoints_sync_and_refuse_bad_input() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = ferry_server::run(
-        ServerConfig {
-            data_dir: dir.path().join("server"),
-            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..ServerConfig::default()
-        },
-        std::future::pending(),
-    )
-    .await?;
+    let server = start_server(dir.path()).await?;
     let alice = start_tracker(server.addr, "alice", dir.path()).await?;
     let bob = start_tracker(server.addr, "bob", dir.path()).await?;
     let http = reqwest::Client::new();
