@@ -369,7 +369,12 @@ pub struct WriteRequest<'a> {
 /// table has no `[[permissions]]` entry). `Err` is the outcome's reason,
 /// `permission denied: <op> on <table>/<id>: ...`.
 pub fn check(perms: Option<&TablePermissions>, w: &WriteRequest<'_>, who: &Writer<'_>) -> Result<(), String> {
-    let denied = |why: String| Err(format!("permission denied: {} on {}/{}: {why}", w.op, w.table, w.id));
+    judge(perms, w, who).map_err(|why| format!("permission denied: {} on {}/{}: {why}", w.op, w.table, w.id))
+}
+
+/// Why the rules refuse `w` (`Err`), without the reason's prefix.
+fn judge(perms: Option<&TablePermissions>, w: &WriteRequest<'_>, who: &Writer<'_>) -> Result<(), String> {
+    let denied = Err;
     if w.table == ACTIVITY_TABLE {
         return denied(format!("table {ACTIVITY_TABLE:?} is written by the server only"));
     }
@@ -408,25 +413,18 @@ pub fn check(perms: Option<&TablePermissions>, w: &WriteRequest<'_>, who: &Write
     Ok(())
 }
 
-/// After the conflict strategy: under `new_in_my_buckets`, the row a
-/// client insert or update leaves (in `written_buckets`) must be only in
-/// buckets the user reads, like the row as sent ([`check`]). A strategy
-/// may keep stored values over sent ones (last-write-wins keeps a stored
-/// column with a newer clock), so the row written can be in a bucket the
-/// row as sent was not in. `Err` is the outcome's reason.
-pub fn check_written(
-    perms: Option<&TablePermissions>,
-    w: &WriteRequest<'_>,
-    written_buckets: &BTreeSet<String>,
-    who: &Writer<'_>,
-) -> Result<(), String> {
-    match perms.and_then(|p| escaped_bucket(p, w, written_buckets, who)) {
-        Some(why) => Err(format!(
-            "permission denied: {} on {}/{}: as merged, {why}",
-            w.op, w.table, w.id
-        )),
-        None => Ok(()),
-    }
+/// After the conflict strategy: the row a client insert or update leaves
+/// (`w.new`, in the buckets `w.new_buckets`) must meet the rules like the
+/// row as sent ([`check`]): the operation's condition, server columns
+/// and `new_in_my_buckets`. A strategy may keep stored values over sent
+/// ones (last-write-wins keeps a stored column with a newer clock, manual
+/// resolution a conflicting one, a CRDT merges text), so the row written
+/// can fail a condition the row as sent met: `new.assignee == auth.sub or
+/// new.status == 'open'` passes a write that sets both, and the merge can
+/// keep another user's assignee with the new status. `Err` is the
+/// outcome's reason.
+pub fn check_written(perms: Option<&TablePermissions>, w: &WriteRequest<'_>, who: &Writer<'_>) -> Result<(), String> {
+    judge(perms, w, who).map_err(|why| format!("permission denied: {} on {}/{}: as merged, {why}", w.op, w.table, w.id))
 }
 
 /// Under `new_in_my_buckets`, why a row in `buckets` escapes the buckets

@@ -744,3 +744,89 @@ async fn a_failing_membership_pass_is_retried_after_a_pause_not_in_a_hot_loop() 
     assert!(tries >= 1, "the pass ran");
     assert!(tries <= 3, "{tries} passes in 1.5 s");
 }
+
+/// Anyone reads every task; a user may change one only so that it ends up
+/// assigned to them or still open (no `new_in_my_buckets`).
+const OPEN_OR_MINE_RULES: &str = r#"
+[[tables]]
+name = "tasks"
+columns = [{ name = "assignee", type = "text" }, { name = "status", type = "text" }]
+
+[[buckets]]
+name = "all"
+data = [{ table = "tasks" }]
+
+[[permissions]]
+table = "tasks"
+insert = "new.status == 'open'"
+update = "new.assignee == auth.sub or new.status == 'open'"
+"#;
+
+/// The update rule was judged on the row as sent only. Mallory sets
+/// herself as assignee and the status to closed, with a clock between
+/// the status's and the assignee's: the row as sent (mal, closed) met the
+/// rule, and last-write-wins kept carl as assignee and took her status,
+/// so carl's task was closed by someone the rule forbids to close it.
+/// The row a write leaves must meet the rule too.
+#[tokio::test]
+async fn an_update_rule_holds_for_the_row_last_write_wins_leaves() {
+    let e = env_with_rules(OPEN_OR_MINE_RULES, ServiceOptions::default());
+    let upload = |user: &'static str, seq: u64, op, at_ms| {
+        let client = format!("{user}-dev");
+        let svc = &e.svc;
+        async move {
+            try_upload(svc, user, upload_req(&client, vec![entry(seq, op, at_ms, &client)]))
+                .await
+                .expect("upload")
+        }
+    };
+    // carl creates an open task (status clock T0), then assigns it to
+    // himself (assignee clock T0 + 20 s).
+    let created = upload(
+        "carl",
+        1,
+        put("tasks", "t1", &[("assignee", text("dave")), ("status", text("open"))]),
+        T0_MS,
+    )
+    .await;
+    assert_eq!(created.outcomes[0].outcome, Outcome::Applied);
+    let taken = upload(
+        "carl",
+        2,
+        patch("tasks", "t1", &[("assignee", text("carl"))]),
+        T0_MS + 20_000,
+    )
+    .await;
+    assert_eq!(taken.outcomes[0].outcome, Outcome::Applied);
+
+    let answer = upload(
+        "mal",
+        1,
+        patch("tasks", "t1", &[("assignee", text("mal")), ("status", text("closed"))]),
+        T0_MS + 10_000,
+    )
+    .await;
+    assert_rejected(&answer, 0, "permission denied: update on tasks/t1: as merged, rule");
+    let t = e.svc.rules().schema().table("tasks").expect("table");
+    let row = e
+        .svc
+        .db()
+        .get_row(t, "t1")
+        .expect("read")
+        .expect("row")
+        .data
+        .expect("values");
+    assert_eq!(row.get("status"), Some(&text("open")), "{row:?}");
+    assert_eq!(row.get("assignee"), Some(&text("carl")), "{row:?}");
+
+    // The same write with a clock newer than both columns leaves the row
+    // as sent, assigned to her: allowed.
+    let newer = upload(
+        "mal",
+        2,
+        patch("tasks", "t1", &[("assignee", text("mal")), ("status", text("closed"))]),
+        T0_MS + 30_000,
+    )
+    .await;
+    assert_eq!(newer.outcomes[0].outcome, Outcome::Applied);
+}

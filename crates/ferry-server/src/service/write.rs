@@ -707,16 +707,22 @@ impl Inner {
         let id = entry.op.id();
         let current = stx.read_row(table, id)?;
         let old = current.as_ref().and_then(|c| c.data.as_ref());
-        if let Some(w) = writer {
-            if let Err(reason) = self.check_permission(table, &entry.op, op, old, w) {
-                return Ok(Outcome::Rejected { reason });
-            }
-        }
+        let judged = match writer {
+            Some(w) => match self.check_permission(table, &entry.op, op, old, w) {
+                Ok(new) => new,
+                Err(reason) => return Ok(Outcome::Rejected { reason }),
+            },
+            None => None,
+        };
         let hlc = self.op_clock(client_id, entry);
         let decision = self.resolve_op((table, op), entry, &hlc, (client_id, user_id), current.as_ref());
         if let (Some(w), Resolution::Write { row, .. }) = (writer, &decision.resolution) {
-            if let Err(reason) = self.check_written(table, &entry.op, op, old, row, w) {
-                return Ok(Outcome::Rejected { reason });
+            // The strategy may keep stored values over sent ones, so the
+            // row it writes can differ from the row judged above.
+            if judged.as_ref() != Some(row) {
+                if let Err(reason) = self.check_written(table, &entry.op, op, old, row, w) {
+                    return Ok(Outcome::Rejected { reason });
+                }
             }
         }
         self.apply_decision(
@@ -913,7 +919,8 @@ impl Inner {
     /// column), `old` the stored values. A PUT or PATCH of a row without
     /// stored values is an insert (its new row: the op's columns, the
     /// others NULL), of one with stored values an update (the stored row
-    /// with the op's columns); a DELETE is a delete. `Err` is the reason.
+    /// with the op's columns); a DELETE is a delete. `Ok` is the new row
+    /// the rules judged (`None` for a delete), `Err` the reason.
     fn check_permission(
         &self,
         table: &Table,
@@ -921,7 +928,7 @@ impl Inner {
         op: &CrudOp,
         old: Option<&RowData>,
         writer: &Writer<'_>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<Option<RowData>, String> {
         let new: Option<RowData> = match op {
             CrudOp::Put { data, .. } => Some(data.clone()),
             CrudOp::Patch { data, .. } => {
@@ -941,11 +948,13 @@ impl Inner {
             self.rules.permissions(&table.name),
             &self.write_request(table, sent, op, old, new.as_ref(), &new_buckets, writer),
             writer,
-        )
+        )?;
+        Ok(new)
     }
 
-    /// After the conflict strategy: a client write's resulting `row` must
-    /// meet `new_in_my_buckets` too (see [`permissions::check_written`]).
+    /// After the conflict strategy: a client write's resulting `row`, when
+    /// it is not the row [`Self::check_permission`] judged, must meet the
+    /// rules too (see [`permissions::check_written`]).
     fn check_written(
         &self,
         table: &Table,
@@ -955,19 +964,16 @@ impl Inner {
         row: &RowData,
         writer: &Writer<'_>,
     ) -> std::result::Result<(), String> {
-        // Nothing to check (and no buckets to work out) without it.
-        if !self
-            .rules
-            .permissions(&table.name)
-            .is_some_and(TablePermissions::new_in_my_buckets)
-        {
-            return Ok(());
-        }
-        let buckets = self.rules.row_buckets(&table.name, op.id(), row);
+        let perms = self.rules.permissions(&table.name);
+        // The buckets matter only under `new_in_my_buckets`.
+        let buckets = if perms.is_some_and(TablePermissions::new_in_my_buckets) {
+            self.rules.row_buckets(&table.name, op.id(), row)
+        } else {
+            BTreeSet::new()
+        };
         permissions::check_written(
-            self.rules.permissions(&table.name),
+            perms,
             &self.write_request(table, sent, op, old, Some(row), &buckets, writer),
-            &buckets,
             writer,
         )
     }
