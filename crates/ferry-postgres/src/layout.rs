@@ -59,6 +59,19 @@ pub(crate) struct ColLayout {
 }
 
 impl ColLayout {
+    /// The capture trigger's test that an UPDATE changed the column as
+    /// Ferry reads it. `IS DISTINCT FROM` on the values, except where the
+    /// type's equality is not the text Ferry reads (`numeric`: `1.0 =
+    /// 1.00`) or there is none (`json`): those compare as text, which
+    /// never fails (a trigger that fails fails the app's write).
+    pub(crate) fn changed_test(&self) -> String {
+        let c = &self.quoted;
+        match self.typname.as_str() {
+            "json" | "numeric" => format!("OLD.{c}::text IS DISTINCT FROM NEW.{c}::text"),
+            _ => format!("OLD.{c} IS DISTINCT FROM NEW.{c}"),
+        }
+    }
+
     /// The expression that reads the column as its [`Kind`]'s type.
     pub(crate) fn select_expr(&self) -> String {
         let c = &self.quoted;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::bridge::wait;
 use crate::error::{Error, Result};
-use crate::layout::{quote_ident, quote_literal, TableLayout};
+use crate::layout::{quote_ident, quote_literal, ColLayout, TableLayout};
 use crate::tx::query;
 use crate::Names;
 
@@ -262,6 +262,9 @@ CREATE TABLE IF NOT EXISTS {f}.changes(
 ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncated boolean NOT NULL DEFAULT false;
 ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS truncate_after text;
 CREATE INDEX IF NOT EXISTS changes_truncated ON {f}.changes(seq) WHERE truncated;
+-- The synced columns an UPDATE changed (NULL: every column; a row
+-- function of an earlier Ferry records none).
+ALTER TABLE {f}.changes ADD COLUMN IF NOT EXISTS columns text[];
 {capture}"
     )
 }
@@ -276,10 +279,17 @@ CREATE INDEX IF NOT EXISTS changes_truncated ON {f}.changes(seq) WHERE truncated
 /// by name: that fails on values `jsonb` cannot hold (a `json` column's
 /// `"\u0000"` or `1e1000000`, in columns the rules need not even name),
 /// and a row trigger failing fails the app's own write.
-fn capture_function_sql(f: &str, capture_channel: &str, name: &str, pk: Option<&str>) -> String {
+///
+/// With `cols` (the table's synced columns; the function of one table),
+/// an UPDATE that keeps the key records which of them it changed, and one
+/// that changes none of them (it touched only columns the rules do not
+/// name, or set values as they were) records nothing: the capture leader
+/// then moves only those columns' clocks, so a device's earlier offline
+/// edit of another column still wins over it when it arrives.
+fn capture_function_sql(f: &str, capture_channel: &str, name: &str, pk: Option<(&str, &[ColLayout])>) -> String {
     let ch = quote_literal(capture_channel);
     let (old_key, new_key) = match pk {
-        Some(pk) => (
+        Some((pk, _)) => (
             format!("to_jsonb(OLD.{pk}) #>> '{{}}'"),
             format!("to_jsonb(NEW.{pk}) #>> '{{}}'"),
         ),
@@ -288,10 +298,42 @@ fn capture_function_sql(f: &str, capture_channel: &str, name: &str, pk: Option<&
             "to_jsonb(NEW) ->> TG_ARGV[1]".to_owned(),
         ),
     };
+    let (declare, same_key_update) = match pk {
+        Some((_, cols)) => {
+            let tests: String = cols
+                .iter()
+                .map(|c| {
+                    format!(
+                        "
+    IF {} THEN changed := changed || {}::text; END IF;",
+                        c.changed_test(),
+                        quote_literal(&c.name)
+                    )
+                })
+                .collect();
+            (
+                "DECLARE
+  changed text[] := ARRAY[]::text[];
+",
+                format!(
+                    "
+  IF TG_OP = 'UPDATE' AND ({new_key}) IS NOT DISTINCT FROM ({old_key}) THEN{tests}
+    IF cardinality(changed) = 0 THEN
+      RETURN NULL;
+    END IF;
+    INSERT INTO {f}.changes(tbl, id, columns) VALUES (TG_ARGV[0], {new_key}, changed);
+    PERFORM pg_notify({ch}, '');
+    RETURN NULL;
+  END IF;"
+                ),
+            )
+        }
+        None => ("", String::new()),
+    };
     format!(
         "
 CREATE OR REPLACE FUNCTION {f}.{name}() RETURNS trigger LANGUAGE plpgsql AS $ferry$
-BEGIN
+{declare}BEGIN
   -- Ferry's statement writing a table names it in ferry.writing (and for
   -- a delete, the row's id in ferry.writing_id), and its rows fire this
   -- at depth 1: skipped. A row it changes in turn is captured like any
@@ -306,7 +348,7 @@ BEGIN
                    ELSE TG_OP = 'DELETE' AND current_setting('ferry.writing_id', true) = {old_key}
               END)) THEN
     RETURN NULL;
-  END IF;
+  END IF;{same_key_update}
   IF TG_OP = 'TRUNCATE' THEN
     -- Statement level: the rows are not known here; the capture leader
     -- deletes those Ferry knew of and the table no longer holds.
@@ -328,10 +370,21 @@ $ferry$;
 }
 
 /// The name of one table's row capture function in Ferry's schema (see
-/// [`capture_function_sql`]): `capture_row_` and a hash of the table's
-/// name in the rules (which may be up to 63 bytes, as the function's).
+/// [`capture_function_sql`]): `capture_row_`, a hash of the table's name
+/// in the rules (which may be up to 63 bytes, as the function's) and a
+/// hash of its synced columns and the function's version. Rules naming
+/// other columns, or a function of an earlier Ferry (which recorded no
+/// changed columns), make the name differ, so [`triggers_current`] sees
+/// the triggers as out of date and they are made again.
 pub(crate) fn row_capture_function(t: &TableLayout) -> String {
-    format!("capture_row_{:016x}", fnv1a(t.name.as_bytes()))
+    let mut cols = b"columns-v2".to_vec();
+    for c in &t.cols {
+        cols.push(0);
+        cols.extend_from_slice(c.name.as_bytes());
+        cols.push(0);
+        cols.extend_from_slice(c.typname.as_bytes());
+    }
+    format!("capture_row_{:016x}_{:016x}", fnv1a(t.name.as_bytes()), fnv1a(&cols))
 }
 
 /// Whether the table already has both capture triggers this Ferry makes,
@@ -447,7 +500,7 @@ pub(crate) fn trigger_sql(
          FOR EACH STATEMENT EXECUTE FUNCTION {f}.capture({args});",
         name("ferry_capture"),
         name("ferry_truncate"),
-        function = capture_function_sql(f, capture_channel, &row_fn, Some(&quote_ident(pk_raw))),
+        function = capture_function_sql(f, capture_channel, &row_fn, Some((&quote_ident(pk_raw), &t.cols))),
         table = t.qualified,
     )
 }

@@ -898,7 +898,7 @@ impl SourceTx for PgTx<'_> {
                 "DELETE FROM {f}.changes WHERE seq IN (SELECT seq FROM {f}.changes \
                  WHERE seq <= COALESCE((SELECT min(seq) FROM {f}.changes WHERE truncated), {max}) \
                  ORDER BY seq LIMIT $1) \
-                 RETURNING seq, tbl, id, truncated, truncate_after",
+                 RETURNING seq, tbl, id, truncated, truncate_after, columns",
                 max = i64::MAX
             );
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -926,6 +926,7 @@ impl SourceTx for PgTx<'_> {
                         table,
                         id,
                         kind,
+                        columns: r.try_get(5)?,
                     })
                 })
                 .collect::<Result<_>>()?;
@@ -942,9 +943,11 @@ impl SourceTx for PgTx<'_> {
         // Its own seq (taken in this transaction, so free): the next take
         // finds it at its place.
         let sql = format!(
-            "INSERT INTO {}.changes(seq, tbl, id, truncated, truncate_after) VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO {}.changes(seq, tbl, id, truncated, truncate_after, columns) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (seq) DO UPDATE SET tbl = EXCLUDED.tbl, id = EXCLUDED.id, \
-             truncated = EXCLUDED.truncated, truncate_after = EXCLUDED.truncate_after",
+             truncated = EXCLUDED.truncated, truncate_after = EXCLUDED.truncate_after, \
+             columns = EXCLUDED.columns",
             self.db.names.ferry
         );
         self.defer(
@@ -955,6 +958,7 @@ impl SourceTx for PgTx<'_> {
                 Box::new(change.id.clone()),
                 Box::new(truncated),
                 Box::new(after_id),
+                Box::new(change.columns.clone()),
             ],
         );
         Ok(())

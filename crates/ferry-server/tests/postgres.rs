@@ -1330,3 +1330,127 @@ async fn an_app_schema_with_a_name_that_needs_quoting_syncs() {
         assert!(e.to_string().contains("not a usable schema name"), "{e}");
     }
 }
+
+/// The name of project P1 on a fresh device of ann's.
+async fn synced_project(svc: &SyncService, client: &str) -> ferry_core::RowData {
+    let mut device = TestClient::new(client);
+    device.sync(svc, &token("ann")).await;
+    device
+        .rows()
+        .remove(&("projects".to_owned(), P1.to_owned()))
+        .expect("ann's project on her device")
+}
+
+/// A device edits one column offline; meanwhile the backend changes
+/// another column in SQL, touches only a column the rules leave alone, or
+/// sets a column to the value it holds. When the device's edit arrives
+/// (its clock older than the backend's writes), it wins its column, as
+/// column-level last-write-wins promises between devices: the backend's
+/// write moved only the clocks of the columns it changed. It used to give
+/// every column the server's clock, so the device's edit was dropped
+/// ("newer writes kept") although nobody else had changed that column.
+#[tokio::test]
+async fn an_offline_edit_of_one_column_survives_a_later_sql_write_of_another() {
+    let s = ScratchSchemas::for_test();
+    app_tables(&s);
+    let svc = service(&s);
+    let a = &s.app;
+    let t0 = wall_ms();
+    let created = SyncHandler::upload(
+        &svc,
+        &token("ann"),
+        upload_req(
+            "c-ann",
+            vec![entry(1, put("projects", P1, &project("ann", "orig", 3)), t0, "c-ann")],
+        ),
+    )
+    .await
+    .expect("create");
+    assert_eq!(created.outcomes[0].outcome, Outcome::Applied);
+    let changes = || {
+        s.query(&format!("SELECT count(*)::text FROM \"{}\".changes", s.ferry))
+            .expect("changes")[0][0]
+            .clone()
+    };
+
+    // Touching a column the rules do not name, or writing a value as it
+    // was, captures nothing.
+    s.execute(&format!(
+        "UPDATE \"{a}\".projects SET internal_note = 'audited'; UPDATE \"{a}\".projects SET name = name, seats = 3;"
+    ))
+    .expect("no-op updates");
+    assert_eq!(changes().as_deref(), Some("0"), "nothing synced changed");
+
+    // The backend changes seats (after the device's offline edit below).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    s.execute(&format!("UPDATE \"{a}\".projects SET seats = 9"))
+        .expect("backend write");
+    assert_eq!(svc.apply_captured(10).await.expect("capture"), 1);
+
+    // The device's edit of the name, made offline at t0 + 10 ms, before
+    // the backend's write, arrives now.
+    let edited = SyncHandler::upload(
+        &svc,
+        &token("ann"),
+        upload_req(
+            "c-ann",
+            vec![entry(
+                2,
+                common::patch("projects", P1, &[("name", Value::from("renamed offline"))]),
+                t0 + 10,
+                "c-ann",
+            )],
+        ),
+    )
+    .await
+    .expect("offline edit");
+    assert_eq!(
+        edited.outcomes[0].outcome,
+        Outcome::Applied,
+        "the name was not changed by anyone else"
+    );
+    let row = synced_project(&svc, "c-ann-2").await;
+    assert_eq!(row.get("name"), Some(&Value::from("renamed offline")), "{row:?}");
+    assert_eq!(row.get("seats"), Some(&Value::Integer(9)), "{row:?}");
+    let stored = s
+        .query(&format!(
+            "SELECT name, seats::text, internal_note FROM \"{a}\".projects WHERE id = '{P1}'"
+        ))
+        .expect("select");
+    assert_eq!(
+        stored[0],
+        vec![
+            Some("renamed offline".to_owned()),
+            Some("9".to_owned()),
+            Some("audited".to_owned())
+        ]
+    );
+
+    // The backend's write of the name itself, after the device's, wins
+    // over a device edit older than it.
+    s.execute(&format!("UPDATE \"{a}\".projects SET name = 'backend name'"))
+        .expect("backend rename");
+    assert_eq!(svc.apply_captured(10).await.expect("capture"), 1);
+    let stale = SyncHandler::upload(
+        &svc,
+        &token("ann"),
+        upload_req(
+            "c-ann",
+            vec![entry(
+                3,
+                common::patch("projects", P1, &[("name", Value::from("stale"))]),
+                t0 + 20,
+                "c-ann",
+            )],
+        ),
+    )
+    .await
+    .expect("stale edit");
+    assert!(
+        matches!(&stale.outcomes[0].outcome, Outcome::Merged { .. }),
+        "{:?}",
+        stale.outcomes[0].outcome
+    );
+    let row = synced_project(&svc, "c-ann-3").await;
+    assert_eq!(row.get("name"), Some(&Value::from("backend name")), "{row:?}");
+}

@@ -315,7 +315,9 @@ async fn large_sql_transaction_moves_rows_between_users() {
     assert_eq!(ann.rows().len(), n / 2);
     s.execute(&format!("UPDATE \"{}\".items SET owner = 'bob'", s.app))
         .expect("sql");
-    assert_eq!(svc.apply_captured(1000).await.expect("capture"), n);
+    // bob's rows already had him as owner: their updates changed no
+    // synced column and were not captured.
+    assert_eq!(svc.apply_captured(1000).await.expect("capture"), n / 2);
     ann.sync(&svc, &token("ann")).await;
     assert_eq!(ann.rows().len(), 0);
     let mut bob = TestClient::new("c3");

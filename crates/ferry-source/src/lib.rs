@@ -527,6 +527,11 @@ pub struct CapturedChange {
     pub id: String,
     /// What changed.
     pub kind: CaptureKind,
+    /// For a row change, the synced columns it changed (by name in the
+    /// rules): only their clocks move. `None`: any column may have
+    /// changed (an insert, a delete, a new key, a database that does not
+    /// tell), so every column's clock moves.
+    pub columns: Option<Vec<String>>,
 }
 
 /// What a [`CapturedChange`] is.

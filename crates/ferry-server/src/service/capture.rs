@@ -82,12 +82,18 @@ impl Inner {
             step = CaptureStep::default();
             let changes = stx.take_captured(limit)?;
             step.more = changes.len() >= limit;
-            let mut rows: BTreeSet<(String, String)> = BTreeSet::new();
+            // Each row once, with the columns its changes named (`None`:
+            // every column, when any change did not say).
+            let mut rows: BTreeMap<(String, String), Option<BTreeSet<String>>> = BTreeMap::new();
             let mut truncate = None;
             for c in changes {
                 match c.kind {
                     CaptureKind::Row => {
-                        rows.insert((c.table, c.id));
+                        let named = rows.entry((c.table, c.id)).or_insert_with(|| Some(BTreeSet::new()));
+                        match (named.as_mut(), c.columns) {
+                            (Some(set), Some(columns)) => set.extend(columns),
+                            _ => *named = None,
+                        }
                         step.done += 1;
                     }
                     // The last change taken (the database leaves the
@@ -100,7 +106,7 @@ impl Inner {
                 // not a read per row (a refused read fails the flight; row
                 // by row reads each alone).
                 let mut by_table: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-                for (table, id) in &rows {
+                for (table, id) in rows.keys() {
                     by_table.entry(table).or_default().push(id);
                 }
                 for (table, ids) in by_table {
@@ -109,11 +115,12 @@ impl Inner {
                     }
                 }
             }
-            for (table, id) in &rows {
+            for ((table, id), columns) in &rows {
+                let columns = columns.as_ref();
                 if one_by_one {
-                    self.unless_refused(stx, table, id, |stx| self.apply_captured_row(stx, table, id))?;
+                    self.unless_refused(stx, table, id, |stx| self.apply_captured_row(stx, table, id, columns))?;
                 } else {
-                    self.apply_captured_row(stx, table, id)?;
+                    self.apply_captured_row(stx, table, id, columns)?;
                 }
             }
             if let Some(c) = truncate {
@@ -148,20 +155,44 @@ impl Inner {
         }
     }
 
-    fn apply_captured_row(&self, stx: &mut dyn SourceTx, table: &str, id: &str) -> Result<()> {
+    /// Turn a row's captured changes into ops: the row as the table holds
+    /// it now, with the server's clock for the `columns` the changes named
+    /// (`None`: every column). The other columns keep their clocks, so a
+    /// device's offline edit of one of them made before this change still
+    /// wins when it arrives, as under column-level last-write-wins between
+    /// devices. A row Ferry holds no clocks for takes the clock in every
+    /// column.
+    fn apply_captured_row(
+        &self,
+        stx: &mut dyn SourceTx,
+        table: &str,
+        id: &str,
+        columns: Option<&BTreeSet<String>>,
+    ) -> Result<()> {
         let Ok(t) = self.rules.schema().table(table) else {
             return Ok(());
         };
         let current = stx.read_row(t, id)?;
         let hlc: HlcTimestamp = self.hlc.now();
+        let known = current.as_ref().map(|c| c.clocks.clone()).unwrap_or_default();
         match current.and_then(|c| c.data) {
             Some(row) => {
                 if let Err(reason) = self.check_encoded_size(table, id, &row) {
                     tracing::warn!(table, id, "a row changed in the database is not synced: {reason}");
                     return Ok(());
                 }
-                let clocks: BTreeMap<String, HlcTimestamp> =
-                    t.columns.iter().map(|c| (c.name.clone(), hlc.clone())).collect();
+                let clocks: BTreeMap<String, HlcTimestamp> = t
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        let moved = columns.is_none_or(|named| named.contains(&c.name));
+                        let clock = match known.get(&c.name) {
+                            Some(kept) if !moved => kept.clone(),
+                            _ => hlc.clone(),
+                        };
+                        (c.name.clone(), clock)
+                    })
+                    .collect();
                 // The row is the database's own: only its clocks are
                 // Ferry's to record.
                 stx.set_clocks(table, id, &clocks)?;
