@@ -3,7 +3,7 @@
 //! captured changes are taken in around a truncate, a truncate put back
 //! with its progress, the walk over the rows a truncate took away, and a
 //! database an earlier Ferry made (its change table without the truncate
-//! columns) kept working.
+//! columns) kept working, and which columns an update records.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -224,4 +224,71 @@ fn a_database_an_earlier_ferry_made_keeps_working() {
     // Connecting again changes nothing.
     drop(db);
     let _db = setup(&s);
+}
+
+/// What an update records: the synced columns it changed, nothing when
+/// it changed none; an insert, a delete and a key change record no
+/// columns (every column moves). A row trigger of an earlier Ferry (one
+/// calling the generic `capture`, which records no columns) is made
+/// again by the next start.
+#[test]
+fn an_update_records_the_synced_columns_it_changed_and_an_earlier_trigger_is_remade() {
+    let s = ScratchSchemas::for_test();
+    let a = &s.app;
+    let f = &s.ferry;
+    let db = setup(&s);
+    // A table with two synced columns and one the rules leave alone.
+    s.execute(&format!(
+        "CREATE TABLE \"{a}\".notes (id bigint PRIMARY KEY, title text, body jsonb, hidden text);
+         INSERT INTO \"{a}\".items VALUES (1, 'one');"
+    ))
+    .expect("notes");
+    let notes = Table::new("notes")
+        .column("title", ColumnType::Text)
+        .column("body", ColumnType::Text);
+    db.migrate(&Schema::new([items(), docs(), notes]).expect("schema"))
+        .expect("migrate");
+    take(&db, 100);
+    s.execute(&format!(
+        "INSERT INTO \"{a}\".notes VALUES (1, 't', '{{\"a\": 1}}', 'h');
+         UPDATE \"{a}\".notes SET hidden = 'h2';
+         UPDATE \"{a}\".notes SET title = 't', body = '{{\"a\":1}}';
+         UPDATE \"{a}\".notes SET body = '{{\"a\": 2}}';
+         UPDATE \"{a}\".notes SET title = 'u', hidden = 'h3';
+         UPDATE \"{a}\".notes SET id = 2;
+         DELETE FROM \"{a}\".notes;"
+    ))
+    .expect("app writes");
+    let got: Vec<(String, Option<Vec<String>>)> = take(&db, 100).into_iter().map(|c| (c.id, c.columns)).collect();
+    let cols = |names: &[&str]| Some(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        vec![
+            ("1".to_owned(), None),
+            ("1".to_owned(), cols(&["body"])),
+            ("1".to_owned(), cols(&["title"])),
+            ("1".to_owned(), None),
+            ("2".to_owned(), None),
+            ("2".to_owned(), None),
+        ]
+    );
+
+    // An earlier Ferry's row trigger on items: updates record no columns.
+    s.execute(&format!(
+        "CREATE OR REPLACE TRIGGER \"ferry_capture_{f}\" AFTER INSERT OR UPDATE OR DELETE ON \"{a}\".items \
+         FOR EACH ROW EXECUTE FUNCTION \"{f}\".capture('items', 'id');
+         UPDATE \"{a}\".items SET name = 'uno';"
+    ))
+    .expect("old trigger");
+    assert_eq!(
+        take(&db, 100).into_iter().map(|c| c.columns).collect::<Vec<_>>(),
+        vec![None]
+    );
+    let restarted = setup(&s);
+    s.execute(&format!("UPDATE \"{a}\".items SET name = 'eins'"))
+        .expect("update");
+    assert_eq!(
+        take(&restarted, 100).into_iter().map(|c| c.columns).collect::<Vec<_>>(),
+        vec![cols(&["name"])]
+    );
 }
