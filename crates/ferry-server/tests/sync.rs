@@ -303,23 +303,54 @@ async fn bad_input_is_rejected_with_reason_and_writes_nothing() {
     assert_eq!(e.svc.db().oplog_len().expect("len"), 0);
     let table = e.svc.rules().schema().table("tickets").expect("table").clone();
     assert!(e.svc.db().get_row(&table, "t1").expect("read").is_none());
-    // Oversized requests are refused as a whole.
+    // An upload of several transactions over the limit is refused as a
+    // whole (the client sends them one by one).
     let small = ferry_server::ServiceOptions {
         max_upload_ops: 1,
         ..Default::default()
     };
     let e2 = env_with(small);
-    let err = SyncHandler::upload(
-        &e2.svc,
-        &token("u1"),
+    let two = upload_txs(
+        "c1",
+        vec![
+            (1, vec![entry(1, ticket("a", "a"), 1, "c1")]),
+            (2, vec![entry(2, ticket("b", "b"), 1, "c1")]),
+        ],
+    );
+    let err = SyncHandler::upload(&e2.svc, &token("u1"), two)
+        .await
+        .expect_err("too many ops");
+    assert_eq!(err.code, ErrorCode::TooLarge);
+    // One transaction over it is answered: each op rejected, recorded (a
+    // replay gets the same answer), the client's seqs moved past it, so
+    // its next transaction applies.
+    let big = || {
         upload_req(
             "c1",
             vec![entry(1, ticket("a", "a"), 1, "c1"), entry(2, ticket("b", "b"), 1, "c1")],
-        ),
+        )
+    };
+    let answer = SyncHandler::upload(&e2.svc, &token("u1"), big())
+        .await
+        .expect("answered");
+    for o in &answer.outcomes {
+        assert!(
+            matches!(&o.outcome, Outcome::Rejected { reason } if reason.contains("transaction 1 has 2 ops, over the limit of 1 ops")),
+            "{o:?}"
+        );
+    }
+    assert_eq!(answer.write_checkpoint, 2);
+    let again = SyncHandler::upload(&e2.svc, &token("u1"), big()).await.expect("replay");
+    assert_eq!(again.outcomes, answer.outcomes);
+    assert_eq!(e2.svc.db().oplog_len().expect("len"), 0);
+    let next = SyncHandler::upload(
+        &e2.svc,
+        &token("u1"),
+        upload_txs("c1", vec![(3, vec![entry(3, ticket("c", "c"), 1, "c1")])]),
     )
     .await
-    .expect_err("too many ops");
-    assert_eq!(err.code, ErrorCode::TooLarge);
+    .expect("next");
+    assert_eq!(next.outcomes[0].outcome, Outcome::Applied);
 }
 
 #[tokio::test]

@@ -39,23 +39,17 @@ impl SyncService {
     async fn upload_unmetered(&self, user: &AuthUser, request: UploadRequest) -> Result<UploadResponse> {
         let o = &self.inner.options;
         check_client_id(&request.client_id, o.max_client_id_bytes)?;
+        // Several transactions over the limit are refused whole: the
+        // client sends them again one by one. A single transaction over a
+        // limit is answered (each op rejected, recorded like any
+        // rejection), not refused: its seqs would never be recorded, and
+        // enough of them would put the client's next seqs past
+        // `max_seq_gap` for good.
         let total: usize = request.transactions.iter().map(|t| t.ops.len()).sum();
-        if total > o.max_upload_ops {
+        if total > o.max_upload_ops && request.transactions.len() > 1 {
             return Err(ServiceError::TooLarge(format!(
                 "upload of {total} ops exceeds the limit of {} ops",
                 o.max_upload_ops
-            )));
-        }
-        if let Some(t) = request
-            .transactions
-            .iter()
-            .find(|t| t.ops.len() > o.limits.max_ops_per_transaction)
-        {
-            return Err(ServiceError::TooLarge(format!(
-                "transaction {} has {} ops, over the limit of {} ops",
-                t.tx_id,
-                t.ops.len(),
-                o.limits.max_ops_per_transaction
             )));
         }
         let inner = self.inner.clone();
@@ -373,7 +367,16 @@ impl Inner {
             let mut fresh_outcomes = if fresh.is_empty() {
                 Vec::new()
             } else {
-                let o = self.apply_transaction(client_id, &writer, t.tx_id, &fresh, last_seq, prune_below.take())?;
+                let o = match self.oversized(t) {
+                    Some(reason) => {
+                        let refused = vec![Outcome::Rejected { reason }; fresh.len()];
+                        self.record_rejected(client_id, user_id, &fresh, last_seq, &refused)?;
+                        refused
+                    }
+                    None => {
+                        self.apply_transaction(client_id, &writer, t.tx_id, &fresh, last_seq, prune_below.take())?
+                    }
+                };
                 last_seq = fresh.last().map_or(last_seq, |(e, _)| e.seq);
                 o
             }
@@ -509,16 +512,48 @@ impl Inner {
                 },
             })
             .collect();
+        self.record_rejected(client_id, user_id, fresh, last_seq, &outcomes)?;
+        Ok(outcomes)
+    }
+
+    /// Why a client transaction is too large to apply (`None`: it is
+    /// not): more ops than a transaction may hold, or, alone in its
+    /// upload, more than an upload may hold.
+    fn oversized(&self, t: &ferry_protocol::UploadTransaction) -> Option<String> {
+        let o = &self.options;
+        let limit = o.limits.max_ops_per_transaction.min(o.max_upload_ops);
+        (t.ops.len() > limit).then(|| {
+            format!(
+                "transaction {} has {} ops, over the limit of {limit} ops",
+                t.tx_id,
+                t.ops.len()
+            )
+        })
+    }
+
+    /// Record `outcomes` (rejections) for the new ops of one client
+    /// transaction, and the client's last seq moved to its last op, in one
+    /// database transaction: a replay gets the same answers.
+    fn record_rejected(
+        &self,
+        client_id: &str,
+        user_id: &str,
+        fresh: &[(&CrudEntry, u64)],
+        last_seq: u64,
+        outcomes: &[Outcome],
+    ) -> Result<()> {
+        let Some(new_last) = fresh.last().map(|(e, _)| e.seq) else {
+            return Ok(());
+        };
         crate::db::write(self.db.as_ref(), |stx| {
             if client_progress(stx, client_id, user_id)? != last_seq {
                 return Err(progress_moved(client_id));
             }
-            for ((e, fp), o) in fresh.iter().zip(&outcomes) {
+            for ((e, fp), o) in fresh.iter().zip(outcomes) {
                 stx.record_outcome(client_id, e.seq, *fp, o)?;
             }
             Ok(stx.set_client(client_id, user_id, new_last)?)
-        })?;
-        Ok(outcomes)
+        })
     }
 
     /// The op's clock: the client's HLC with the uploading client's id as
