@@ -1,0 +1,1029 @@
+//! An outside app developer's probe of the client's consistency contract,
+//! round 4: a real `ferry-server` in-process over HTTP (`ferry_server::run`,
+//! `HttpTransport`), SQLite client stores, sync rules with per-user buckets
+//! and write permissions, and only the public client API. Each test plays
+//! one awkward story (answers lost, restarts, a server restart, an expiring
+//! token, permission rejections between pending writes, rows that change
+//! owner while a device is offline, the queue limit, odd ids) and checks:
+//! every acknowledged write reaches the server once or is rejected where
+//! the app sees it, every write has exactly one outcome, live queries end
+//! equal to a fresh query, and users see only their buckets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferry_client::query::{col, Order};
+use ferry_client::{
+    ClientError, ClientOptions, Credentials, Database, Diff, LiveQuery, Query, QueryResult, UploadOutcome, WriteReceipt,
+};
+use ferry_core::{row_data, Limits, RowData, Schema, Value};
+use ferry_http::HttpTransport;
+use ferry_protocol::Outcome;
+use ferry_queue::{LocalDbOptions, QueueError};
+use ferry_server::{mint_token, AuthOptions, BoundServer, ServerConfig, ServiceOptions, SyncRules};
+use ferry_sqlite::SqliteStore;
+use ferry_transport::{LineStream, Transport, TransportError};
+use parking_lot::Mutex;
+
+const SECRET: &str = "probe-round-four-secret";
+
+/// Tickets are private to their owner (bucket `mine`); the board is shared.
+/// A user writes only tickets they own (and may hand one to someone else)
+/// and board posts as their author.
+const RULES: &str = r#"
+[[tables]]
+name = "tickets"
+columns = [
+  { name = "title", type = "text" },
+  { name = "status", type = "text" },
+  { name = "owner", type = "text" },
+  { name = "n", type = "integer" },
+]
+
+[[tables]]
+name = "board"
+columns = [
+  { name = "title", type = "text" },
+  { name = "author", type = "text" },
+]
+
+[[buckets]]
+name = "mine"
+parameters = ["sub"]
+data = [{ table = "tickets", where = { owner = "sub" } }]
+
+[[buckets]]
+name = "global"
+data = [{ table = "board" }]
+
+[[tables]]
+name = "team_posts"
+columns = [
+  { name = "title", type = "text" },
+  { name = "team", type = "text" },
+]
+
+[[buckets]]
+name = "team"
+parameters = ["team"]
+data = [{ table = "team_posts", where = { team = "team" } }]
+
+[[permissions]]
+table = "team_posts"
+insert = "new.team == auth.team"
+update = "old.team == auth.team and new.team == auth.team"
+delete = "old.team == auth.team"
+
+[[permissions]]
+table = "tickets"
+insert = "new.owner == auth.sub"
+update = "old.owner == auth.sub"
+delete = "old.owner == auth.sub"
+
+[[permissions]]
+table = "board"
+insert = "new.author == auth.sub"
+update = "old.author == auth.sub and new.author == auth.sub"
+delete = "old.author == auth.sub"
+"#;
+
+fn rules() -> SyncRules {
+    SyncRules::from_toml(RULES).expect("rules")
+}
+
+/// The rules' client schema, with an index on each table's title (live
+/// queries ordered by title with a limit are served by index windows).
+fn schema() -> Schema {
+    let synced = rules().client_schema();
+    let indexed = |name: &str| {
+        synced
+            .table(name)
+            .expect("a synced table")
+            .clone()
+            .index("by_title", &["title"])
+    };
+    Schema::new([indexed("tickets"), indexed("board"), indexed("team_posts")]).expect("client schema")
+}
+
+/// The server on SQLite under `dir`, over HTTP on a free loopback port, with
+/// no leeway on token expiry and a keepalive every second.
+async fn start_server(dir: &Path) -> BoundServer {
+    let rules_path = dir.join("rules.toml");
+    if !rules_path.exists() {
+        std::fs::create_dir_all(dir).expect("server dir");
+        std::fs::write(&rules_path, RULES).expect("rules file");
+    }
+    ferry_server::run(
+        ServerConfig {
+            data_dir: dir.join("data"),
+            listen_addr: "127.0.0.1:0".parse().expect("addr"),
+            jwt_secret: Some(SECRET.into()),
+            rules_path: Some(rules_path),
+            compact_interval_s: 0,
+            auth: AuthOptions {
+                leeway_s: 0,
+                ..AuthOptions::default()
+            },
+            service: ServiceOptions {
+                keepalive_interval_s: 1,
+                ..ServiceOptions::default()
+            },
+            ..ServerConfig::default()
+        },
+        std::future::pending::<()>(),
+    )
+    .await
+    .expect("server")
+}
+
+fn http(server: &BoundServer) -> Arc<dyn Transport> {
+    Arc::new(HttpTransport::new(format!("http://{}", server.addr)).expect("transport"))
+}
+
+/// The app's network: the HTTP transport of the server currently up (none:
+/// the network is down), optionally losing upload answers after the server
+/// handled the upload.
+#[derive(Debug, Default)]
+struct Front {
+    target: Mutex<Option<Arc<dyn Transport>>>,
+    /// Answers still to lose (the server handled the upload; the app never
+    /// hears back).
+    lose_answers: AtomicU64,
+    /// Uploads the server handled.
+    handled: AtomicU64,
+    /// Answers lost.
+    lost: AtomicU64,
+}
+
+impl Front {
+    fn to(server: &BoundServer) -> Arc<Front> {
+        let front = Arc::new(Front::default());
+        front.switch(Some(server));
+        front
+    }
+
+    fn switch(&self, server: Option<&BoundServer>) {
+        *self.target.lock() = server.map(http);
+    }
+
+    fn current(&self) -> Result<Arc<dyn Transport>, TransportError> {
+        self.target
+            .lock()
+            .clone()
+            .ok_or_else(|| TransportError::Connection("the network is down".into()))
+    }
+}
+
+#[async_trait]
+impl Transport for Front {
+    async fn open_stream(&self, token: &str, request: Vec<u8>) -> Result<Box<dyn LineStream>, TransportError> {
+        self.current()?.open_stream(token, request).await
+    }
+
+    async fn upload(&self, token: &str, request: Vec<u8>) -> Result<Vec<u8>, TransportError> {
+        let answer = self.current()?.upload(token, request).await?;
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        let lose = self
+            .lose_answers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lose {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+            return Err(TransportError::Connection(
+                "the connection dropped before the answer".into(),
+            ));
+        }
+        Ok(answer)
+    }
+}
+
+/// Tokens minted on demand: `ttl_s` long, the first one garbage when
+/// `bad_first`, counting how often a fresh one was asked for.
+#[derive(Debug)]
+struct Minted {
+    user: String,
+    ttl_s: u64,
+    bad_first: AtomicBool,
+    refreshes: AtomicU64,
+    /// Claims besides `sub`, as of the next token.
+    claims: Mutex<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Minted {
+    fn new(user: &str, ttl_s: u64) -> Arc<Minted> {
+        Arc::new(Minted {
+            user: user.to_owned(),
+            ttl_s,
+            bad_first: AtomicBool::new(false),
+            refreshes: AtomicU64::new(0),
+            claims: Mutex::default(),
+        })
+    }
+}
+
+#[async_trait]
+impl Credentials for Minted {
+    async fn token(&self, refresh: bool) -> Result<String, ClientError> {
+        if refresh {
+            self.refreshes.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.bad_first.swap(false, Ordering::SeqCst) {
+            return Ok("not-a-token".into());
+        }
+        let claims = self.claims.lock().clone();
+        Ok(mint_token(SECRET, &self.user, self.ttl_s, &claims))
+    }
+}
+
+fn creds(user: &str) -> Arc<dyn Credentials> {
+    Minted::new(user, 3600)
+}
+
+fn options(seed: u64, limits: Limits) -> ClientOptions {
+    ClientOptions {
+        local: LocalDbOptions {
+            limits,
+            client_id_seed: Some(seed),
+            ..LocalDbOptions::default()
+        },
+        retry_initial_delay_ms: 5,
+        retry_max_delay_ms: 50,
+        jitter_seed: seed,
+        upload_poll_interval_ms: 20,
+        ..ClientOptions::default()
+    }
+}
+
+fn open_with(path: &Path, seed: u64, limits: Limits) -> Database {
+    let store = SqliteStore::open(path, schema()).expect("client store");
+    Database::open(Arc::new(store), options(seed, limits)).expect("open client")
+}
+
+fn open(path: &Path, seed: u64) -> Database {
+    open_with(path, seed, Limits::default())
+}
+
+fn text(s: &str) -> Value {
+    Value::from(s)
+}
+
+fn ticket(title: &str, owner: &str) -> RowData {
+    row_data([("title", text(title)), ("status", text("open")), ("owner", text(owner))])
+}
+
+fn post(title: &str, author: &str) -> RowData {
+    row_data([("title", text(title)), ("author", text(author))])
+}
+
+/// One local transaction; its receipt.
+fn write(db: &Database, f: impl FnOnce(&mut ferry_client::WriteTx<'_>) -> Result<(), QueueError>) -> WriteReceipt {
+    let ((), receipt) = db.write_with_receipt(f).expect("local write");
+    receipt.expect("the write queued something")
+}
+
+async fn wait_until(timeout_ms: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
+
+/// Every local write answered and confirmed, and a checkpoint taken after
+/// the call (so other users' writes made before it are in).
+async fn settle(db: &Database) {
+    assert!(db.sync_now(5_000).await, "sync_now: {:?}", db.status());
+    assert!(db.wait_until_settled(5_000).await, "settles: {:?}", db.status());
+}
+
+/// A live query whose diffs the app applies to its first result, as a UI
+/// would; compared with a fresh query of the store.
+struct Mirror {
+    query: Query,
+    first: QueryResult,
+    diffs: Arc<Mutex<Vec<Diff>>>,
+    _live: LiveQuery,
+}
+
+impl Mirror {
+    fn new(db: &Database, query: Query) -> Mirror {
+        let diffs: Arc<Mutex<Vec<Diff>>> = Arc::default();
+        let sink = diffs.clone();
+        let (live, first) = db
+            .live_query(&query, move |d| sink.lock().push(d.clone()))
+            .expect("live query");
+        Mirror {
+            query,
+            first,
+            diffs,
+            _live: live,
+        }
+    }
+
+    fn shown(&self) -> QueryResult {
+        let mut shown = self.first.clone();
+        for d in self.diffs.lock().iter() {
+            shown.apply_diff(d);
+        }
+        shown
+    }
+
+    fn check(&self, db: &Database, what: &str) {
+        let fresh = db.query(&self.query).expect("fresh query");
+        assert_eq!(self.shown(), fresh, "{what}: the live query differs from a fresh query");
+    }
+}
+
+fn tickets_by_title() -> Query {
+    Query::from("tickets").order_by(col("title"), Order::Asc)
+}
+
+fn board_by_title() -> Query {
+    Query::from("board").order_by(col("title"), Order::Asc)
+}
+
+fn ids(db: &Database, table: &str) -> BTreeSet<String> {
+    db.local()
+        .scan(table)
+        .expect("scan")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+fn server_row(server: &BoundServer, table: &str, id: &str) -> Option<RowData> {
+    let table = server.service.rules().schema().table(table).expect("table").clone();
+    server.service.db().get_row(&table, id).expect("server read")?.data
+}
+
+/// The server's newest op id: with every row in one bucket, one op per
+/// applied row write.
+fn server_ops(server: &BoundServer) -> u64 {
+    server
+        .service
+        .db()
+        .checkpoint("probe-observer", &[])
+        .expect("checkpoint")
+        .last_op_id
+}
+
+/// Every seq through the last one has exactly one stored outcome.
+fn stored_outcomes(db: &Database) -> BTreeMap<u64, UploadOutcome> {
+    let all = db.outcomes_since(0, 100_000).expect("outcomes");
+    let mut by_seq = BTreeMap::new();
+    for o in all {
+        assert!(
+            by_seq.insert(o.outcome.seq, o.clone()).is_none(),
+            "two outcomes for {o:?}"
+        );
+    }
+    let seqs: Vec<u64> = by_seq.keys().copied().collect();
+    let expected: Vec<u64> = (1..=db.local().last_seq()).collect();
+    assert_eq!(seqs, expected, "one stored outcome per queued write");
+    by_seq
+}
+
+fn is_rejected(o: &UploadOutcome) -> bool {
+    matches!(o.outcome.outcome, Outcome::Rejected { .. })
+}
+
+/// Answers lost on the way back (the server applied the upload), then the
+/// app killed and reopened: every write gets one outcome, the server holds
+/// each write once, and an outcome subscriber hears each seq once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_and_a_restart_leave_one_outcome_and_one_server_op_per_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let path = dir.path().join("alice.db");
+    let db = open(&path, 1);
+    let front = Front::to(&server);
+    front.lose_answers.store(u64::MAX, Ordering::SeqCst);
+    for i in 0..3 {
+        write(&db, |tx| {
+            tx.insert("tickets", &format!("t{i}"), ticket(&format!("first {i}"), "alice"))
+        });
+    }
+    db.connect(front.clone(), creds("alice"));
+    assert!(
+        wait_until(5_000, || front.lost.load(Ordering::SeqCst) >= 2).await,
+        "the server handled the upload twice"
+    );
+    for i in 3..6 {
+        write(&db, |tx| {
+            tx.insert("tickets", &format!("t{i}"), ticket(&format!("later {i}"), "alice"))
+        });
+    }
+    let lost = front.lost.load(Ordering::SeqCst);
+    assert!(wait_until(5_000, || front.lost.load(Ordering::SeqCst) >= lost + 2).await);
+    // Killed: no graceful stop.
+    drop(db);
+
+    let db = open(&path, 1);
+    assert_eq!(db.local().upload_queue_len(), 6, "nothing answered yet");
+    let mut heard = db.subscribe_outcomes();
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&db).await;
+    let outcomes = stored_outcomes(&db);
+    assert!(
+        outcomes.values().all(|o| o.outcome.outcome == Outcome::Applied),
+        "{outcomes:?}"
+    );
+    let mut live: Vec<u64> = Vec::new();
+    while let Ok(o) = heard.try_recv() {
+        live.push(o.outcome.seq);
+    }
+    assert_eq!(live, (1..=6).collect::<Vec<_>>(), "each outcome broadcast once");
+    assert_eq!(server_ops(&server), 6, "each write reached the server once");
+    for i in 0..6 {
+        assert!(server_row(&server, "tickets", &format!("t{i}")).is_some());
+    }
+    assert_eq!(ids(&db, "tickets").len(), 6);
+}
+
+/// The server goes down with writes in flight and comes back on another
+/// port with the same data: writes made meanwhile sync, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_mid_session_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_dir = dir.path().join("server");
+    let server = start_server(&server_dir).await;
+    let db = open(&dir.path().join("alice.db"), 2);
+    let mirror = Mirror::new(&db, tickets_by_title());
+    let front = Front::to(&server);
+    db.connect(front.clone(), creds("alice"));
+    for i in 0..3 {
+        write(&db, |tx| {
+            tx.insert("tickets", &format!("t{i}"), ticket(&format!("before {i}"), "alice"))
+        });
+    }
+    settle(&db).await;
+    // Writes race the shutdown.
+    write(&db, |tx| {
+        tx.update("tickets", "t0", row_data([("n", Value::from(1))]))
+            .map(|_| ())
+    });
+    front.switch(None);
+    server.shutdown().await.expect("shutdown");
+    write(&db, |tx| tx.insert("tickets", "t3", ticket("while down", "alice")));
+    write(&db, |tx| tx.delete("tickets", "t1").map(|_| ()));
+    write(&db, |tx| {
+        tx.update("tickets", "t2", row_data([("title", text("edited while down"))]))
+            .map(|_| ())
+    });
+    mirror.check(&db, "offline");
+
+    let server = start_server(&server_dir).await;
+    front.switch(Some(&server));
+    settle(&db).await;
+    let outcomes = stored_outcomes(&db);
+    assert!(
+        outcomes.values().all(|o| o.outcome.outcome == Outcome::Applied),
+        "{outcomes:?}"
+    );
+    // 3 inserts, a patch, an insert, a delete, a patch.
+    assert_eq!(server_ops(&server), 7);
+    assert_eq!(
+        server_row(&server, "tickets", "t0").and_then(|r| r.get("n").cloned()),
+        Some(Value::from(1))
+    );
+    assert!(server_row(&server, "tickets", "t1").is_none());
+    assert_eq!(
+        server_row(&server, "tickets", "t2").and_then(|r| r.get("title").cloned()),
+        Some(text("edited while down"))
+    );
+    mirror.check(&db, "after the restart");
+    assert_eq!(
+        ids(&db, "tickets"),
+        ["t0", "t2", "t3"].map(String::from).into_iter().collect()
+    );
+}
+
+/// Writes refused by permission rules between writes that are allowed,
+/// some in the same transaction, some on rows later pending writes touch:
+/// each refused transaction rolls back whole, live queries follow, every
+/// write has one outcome, and the other user sees none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_rejections_between_pending_writes_roll_back_whole_transactions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let alice = open(&dir.path().join("alice.db"), 3);
+    let tickets = Mirror::new(&alice, tickets_by_title());
+    let board = Mirror::new(&alice, board_by_title());
+    let first_ticket = Mirror::new(&alice, tickets_by_title().limit(1));
+    let first_posts = Mirror::new(&alice, board_by_title().limit(2));
+    let ok1 = write(&alice, |tx| tx.insert("tickets", "a1", ticket("a1", "alice")));
+    let bad1 = write(&alice, |tx| tx.insert("board", "b1", post("as bob", "bob")));
+    let ok2 = write(&alice, |tx| {
+        tx.update("tickets", "a1", row_data([("title", text("a1 edited"))]))
+            .map(|_| ())
+    });
+    let bad2 = write(&alice, |tx| {
+        tx.insert("tickets", "a2", ticket("a2", "alice"))?;
+        tx.insert("board", "b2", post("as bob again", "bob"))
+    });
+    // A patch of a2, whose insert is rolled back with bad2.
+    let bad3 = write(&alice, |tx| {
+        tx.update("tickets", "a2", row_data([("n", Value::from(2))]))
+            .map(|_| ())
+    });
+    let ok3 = write(&alice, |tx| tx.delete("tickets", "a1").map(|_| ()));
+    // A ticket for bob: alice may not create it.
+    let bad4 = write(&alice, |tx| tx.insert("tickets", "a3", ticket("for bob", "bob")));
+    let ok4 = write(&alice, |tx| tx.insert("board", "b3", post("by alice", "alice")));
+    tickets.check(&alice, "offline");
+    board.check(&alice, "offline");
+    first_ticket.check(&alice, "window, offline");
+    first_posts.check(&alice, "window, offline");
+    assert_eq!(
+        ids(&alice, "tickets"),
+        ["a2", "a3"].map(String::from).into_iter().collect()
+    );
+
+    alice.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&alice).await;
+    tickets.check(&alice, "synced");
+    board.check(&alice, "synced");
+    first_ticket.check(&alice, "window, synced");
+    first_posts.check(&alice, "window, synced");
+    assert!(ids(&alice, "tickets").is_empty(), "{:?}", alice.local().scan("tickets"));
+    assert_eq!(ids(&alice, "board"), ["b3".to_owned()].into_iter().collect());
+
+    let outcomes = stored_outcomes(&alice);
+    let rejected: BTreeSet<u64> = outcomes
+        .values()
+        .filter(|o| is_rejected(o))
+        .map(|o| o.outcome.seq)
+        .collect();
+    let expected: BTreeSet<u64> = [bad1, bad2, bad3, bad4]
+        .iter()
+        .flat_map(|r| r.first_seq..=r.last_seq)
+        .collect();
+    assert_eq!(rejected, expected, "{outcomes:?}");
+    for r in [ok1, ok2, ok3, ok4] {
+        assert!(!is_rejected(&outcomes[&r.first_seq]), "{:?}", outcomes[&r.first_seq]);
+    }
+    let log = alice.rejections().expect("rejections");
+    let logged: BTreeSet<u64> = log.iter().map(|r| r.entry.seq).collect();
+    assert_eq!(logged, expected);
+    assert!(server_row(&server, "tickets", "a1").is_none());
+    assert!(server_row(&server, "tickets", "a2").is_none());
+    assert!(server_row(&server, "tickets", "a3").is_none());
+    assert!(server_row(&server, "board", "b1").is_none());
+    assert!(server_row(&server, "board", "b2").is_none());
+
+    let bob = open(&dir.path().join("bob.db"), 4);
+    bob.connect(Arc::new(http(&server)), creds("bob"));
+    settle(&bob).await;
+    assert!(ids(&bob, "tickets").is_empty());
+    assert_eq!(ids(&bob, "board"), ["b3".to_owned()].into_iter().collect());
+}
+
+/// A ticket handed to bob by alice's other device while this one is
+/// offline with an edit of it: the edit is rejected (alice no longer owns
+/// it), the ticket leaves this device, bob gets it without alice's offline
+/// edit; handed back while this device is offline again, it returns with
+/// bob's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_that_changes_owner_while_a_device_is_offline_follows_its_buckets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let a = open(&dir.path().join("alice-a.db"), 5);
+    let b = open(&dir.path().join("alice-b.db"), 6);
+    let bob = open(&dir.path().join("bob.db"), 7);
+    let a_tickets = Mirror::new(&a, tickets_by_title());
+    let a_window = Mirror::new(&a, tickets_by_title().limit(1));
+    let bob_tickets = Mirror::new(&bob, tickets_by_title());
+    for db in [&a, &b] {
+        db.connect(Arc::new(http(&server)), creds("alice"));
+    }
+    bob.connect(Arc::new(http(&server)), creds("bob"));
+    write(&a, |tx| {
+        tx.insert("tickets", "t1", ticket("v1", "alice"))?;
+        tx.insert("tickets", "t2", ticket("keep", "alice"))
+    });
+    settle(&a).await;
+    settle(&b).await;
+    settle(&bob).await;
+    assert_eq!(ids(&b, "tickets").len(), 2);
+    assert!(ids(&bob, "tickets").is_empty(), "bob sees none of alice's tickets");
+
+    a.disconnect().await;
+    let edit = write(&a, |tx| {
+        tx.update("tickets", "t1", row_data([("title", text("alice offline"))]))
+            .map(|_| ())
+    });
+    write(&a, |tx| {
+        tx.update("tickets", "t2", row_data([("n", Value::from(5))]))
+            .map(|_| ())
+    });
+    write(&b, |tx| {
+        tx.update("tickets", "t1", row_data([("owner", text("bob"))]))
+            .map(|_| ())
+    });
+    settle(&b).await;
+    assert_eq!(
+        ids(&b, "tickets"),
+        ["t2".to_owned()].into_iter().collect(),
+        "handed away"
+    );
+    settle(&bob).await;
+    assert_eq!(ids(&bob, "tickets"), ["t1".to_owned()].into_iter().collect());
+
+    a.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&a).await;
+    a_tickets.check(&a, "after the hand-over");
+    a_window.check(&a, "window after the hand-over");
+    assert_eq!(ids(&a, "tickets"), ["t2".to_owned()].into_iter().collect());
+    let outcomes = stored_outcomes(&a);
+    assert!(is_rejected(&outcomes[&edit.first_seq]), "{outcomes:?}");
+    assert_eq!(
+        a.local()
+            .get("tickets", "t2")
+            .expect("get")
+            .and_then(|r| r.get("n").cloned()),
+        Some(Value::from(5))
+    );
+    settle(&bob).await;
+    let row = bob.local().get("tickets", "t1").expect("get").expect("bob has t1");
+    assert_eq!(row.get("title"), Some(&text("v1")), "alice's rejected edit never shows");
+    bob_tickets.check(&bob, "bob after the hand-over");
+
+    // Handed back while this device is offline again.
+    a.disconnect().await;
+    write(&bob, |tx| {
+        tx.update(
+            "tickets",
+            "t1",
+            row_data([("title", text("bob's")), ("owner", text("alice"))]),
+        )
+        .map(|_| ())
+    });
+    settle(&bob).await;
+    assert!(ids(&bob, "tickets").is_empty());
+    bob_tickets.check(&bob, "bob after handing back");
+    a.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&a).await;
+    a_tickets.check(&a, "after handing back");
+    a_window.check(&a, "window after handing back");
+    let row = a.local().get("tickets", "t1").expect("get").expect("back on a");
+    assert_eq!(row.get("title"), Some(&text("bob's")));
+    assert_eq!(ids(&a, "tickets").len(), 2);
+}
+
+/// Tokens that live two seconds, the first one not a token at all: the
+/// client asks for fresh ones and every write of a steady stream lands
+/// once, none rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_refused_and_expiring_mid_session_lose_no_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let db = open(&dir.path().join("alice.db"), 8);
+    let minted = Minted::new("alice", 2);
+    minted.bad_first.store(true, Ordering::SeqCst);
+    db.connect(Arc::new(http(&server)), minted.clone());
+    let mirror = Mirror::new(&db, tickets_by_title());
+    let mut n = 0;
+    let end = tokio::time::Instant::now() + Duration::from_millis(3_200);
+    while tokio::time::Instant::now() < end {
+        write(&db, |tx| {
+            tx.insert("tickets", &format!("t{n:03}"), ticket(&format!("{n}"), "alice"))
+        });
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    settle(&db).await;
+    let outcomes = stored_outcomes(&db);
+    assert!(
+        outcomes.values().all(|o| o.outcome.outcome == Outcome::Applied),
+        "{outcomes:?}"
+    );
+    assert_eq!(server_ops(&server), n);
+    assert!(
+        minted.refreshes.load(Ordering::SeqCst) >= 2,
+        "fresh tokens were asked for"
+    );
+    mirror.check(&db, "after the token changes");
+    assert_eq!(ids(&db, "tickets").len() as u64, n);
+}
+
+/// The queue at its limit: the write past it is refused whole and shows
+/// nowhere; answered and confirmed entries (rejected ones too) free their
+/// room, and seqs stay contiguous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_writes_cleanly_and_frees_its_room_after_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let limits = Limits {
+        max_queue_entries: 8,
+        ..Limits::default()
+    };
+    let path = dir.path().join("alice.db");
+    let db = open_with(&path, 9, limits.clone());
+    let mirror = Mirror::new(&db, tickets_by_title());
+    write(&db, |tx| {
+        for i in 0..5 {
+            tx.insert("tickets", &format!("t{i}"), ticket(&format!("{i}"), "alice"))?;
+        }
+        Ok(())
+    });
+    write(&db, |tx| tx.insert("board", "b1", post("not mine to write", "bob")));
+    write(&db, |tx| {
+        tx.update("tickets", "t0", row_data([("n", Value::from(7))]))
+            .map(|_| ())
+    });
+    write(&db, |tx| tx.delete("tickets", "t1").map(|_| ()));
+    let diffs = mirror.diffs.lock().len();
+    let full = db.write(|tx| tx.insert("tickets", "t9", ticket("one too many", "alice")));
+    assert!(matches!(full, Err(QueueError::QueueFull { .. })), "{full:?}");
+    assert!(db.local().get("tickets", "t9").expect("get").is_none());
+    assert_eq!(
+        mirror.diffs.lock().len(),
+        diffs,
+        "a refused write changes no live query"
+    );
+    assert_eq!(db.local().last_seq(), 8);
+    // A restart at the limit keeps it.
+    drop(mirror);
+    drop(db);
+    let db = open_with(&path, 9, limits);
+    let mirror = Mirror::new(&db, tickets_by_title());
+    let full = db.write(|tx| tx.insert("tickets", "t9", ticket("one too many", "alice")));
+    assert!(matches!(full, Err(QueueError::QueueFull { .. })), "{full:?}");
+
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&db).await;
+    assert_eq!(db.local().pending_len().expect("pending"), 0);
+    write(&db, |tx| {
+        for i in 10..18 {
+            tx.insert("tickets", &format!("t{i}"), ticket(&format!("{i}"), "alice"))?;
+        }
+        Ok(())
+    });
+    settle(&db).await;
+    let outcomes = stored_outcomes(&db);
+    assert_eq!(outcomes.len(), 16);
+    assert_eq!(outcomes.values().filter(|o| is_rejected(o)).count(), 1);
+    assert_eq!(db.rejections().expect("rejections").len(), 1);
+    mirror.check(&db, "after the full queue synced");
+    assert_eq!(ids(&db, "tickets").len(), 12);
+}
+
+/// The app restarts after a rejection arrived and before any checkpoint
+/// confirmed it: the rollback, the log and the outcomes survive; a new
+/// write may reuse the rejected row's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_between_a_rejection_and_its_checkpoint_keeps_the_rollback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let path = dir.path().join("alice.db");
+    let db = open(&path, 10);
+    db.pause_downloads(true);
+    write(&db, |tx| tx.insert("board", "b1", post("as bob", "bob")));
+    write(&db, |tx| {
+        tx.update("board", "b1", row_data([("title", text("still bob"))]))
+            .map(|_| ())
+    });
+    write(&db, |tx| tx.insert("board", "b2", post("mine", "alice")));
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    assert!(
+        wait_until(5_000, || db.local().upload_queue_len() == 0).await,
+        "uploads answered"
+    );
+    assert_eq!(db.local().pending_len().expect("pending"), 3, "no checkpoint yet");
+    assert!(db.local().get("board", "b1").expect("get").is_none(), "rolled back");
+    db.close().await.expect("close");
+
+    let db = open(&path, 10);
+    assert!(
+        db.local().get("board", "b1").expect("get").is_none(),
+        "still rolled back"
+    );
+    assert!(db.local().get("board", "b2").expect("get").is_some());
+    assert_eq!(db.rejections().expect("rejections").len(), 2);
+    let outcomes = stored_outcomes(&db);
+    assert_eq!(outcomes.values().filter(|o| is_rejected(o)).count(), 2);
+    let mirror = Mirror::new(&db, board_by_title());
+    write(&db, |tx| tx.insert("board", "b1", post("now as alice", "alice")));
+    mirror.check(&db, "reused id, offline");
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&db).await;
+    mirror.check(&db, "synced");
+    let b1 = db.local().get("board", "b1").expect("get").expect("b1");
+    assert_eq!(b1.get("author"), Some(&text("alice")));
+    assert_eq!(db.rejections().expect("rejections").len(), 2);
+    assert_eq!(
+        server_row(&server, "board", "b1").and_then(|r| r.get("author").cloned()),
+        Some(text("alice"))
+    );
+}
+
+/// Rows deleted on the server while a device was offline with a PATCH of
+/// one and a PUT of another: the patch does not bring its row back, the
+/// later PUT does, on every device, and live queries follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_and_put_of_rows_deleted_meanwhile() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let a = open(&dir.path().join("alice-a.db"), 11);
+    let b = open(&dir.path().join("alice-b.db"), 12);
+    let bob = open(&dir.path().join("bob.db"), 13);
+    let mirror = Mirror::new(&a, board_by_title());
+    let window = Mirror::new(&a, board_by_title().limit(1));
+    let bob_mirror = Mirror::new(&bob, board_by_title());
+    for db in [&a, &b] {
+        db.connect(Arc::new(http(&server)), creds("alice"));
+    }
+    bob.connect(Arc::new(http(&server)), creds("bob"));
+    write(&a, |tx| {
+        tx.insert("board", "p1", post("one", "alice"))?;
+        tx.insert("board", "p2", post("two", "alice"))?;
+        tx.insert("board", "p3", post("three", "alice"))
+    });
+    settle(&a).await;
+    settle(&b).await;
+    a.disconnect().await;
+    // A delete offline, then an edit elsewhere after it: the edit wins and
+    // the row comes back on the deleting device.
+    let delete = write(&a, |tx| tx.delete("board", "p3").map(|_| ()));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    write(&b, |tx| {
+        tx.update("board", "p3", row_data([("title", text("edited after the delete"))]))
+            .map(|_| ())
+    });
+    write(&b, |tx| {
+        tx.delete("board", "p1")?;
+        tx.delete("board", "p2").map(|_| ())
+    });
+    settle(&b).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let patch = write(&a, |tx| {
+        tx.update("board", "p1", row_data([("title", text("patched"))]))
+            .map(|_| ())
+    });
+    write(&a, |tx| tx.put("board", "p2", post("put again", "alice")));
+    mirror.check(&a, "offline");
+    a.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&a).await;
+    settle(&b).await;
+    settle(&bob).await;
+    mirror.check(&a, "synced");
+    window.check(&a, "window synced");
+    bob_mirror.check(&bob, "bob synced");
+    let outcomes = stored_outcomes(&a);
+    println!("patch of a deleted row: {:?}", outcomes[&patch.first_seq]);
+    assert!(
+        matches!(outcomes[&delete.first_seq].outcome.outcome, Outcome::Merged { .. }),
+        "{outcomes:?}"
+    );
+    for db in [&a, &b, &bob] {
+        assert_eq!(ids(db, "board"), ["p2", "p3"].map(String::from).into_iter().collect());
+        let p2 = db.local().get("board", "p2").expect("get").expect("p2");
+        assert_eq!(p2.get("title"), Some(&text("put again")));
+        let p3 = db.local().get("board", "p3").expect("get").expect("p3");
+        assert_eq!(p3.get("title"), Some(&text("edited after the delete")));
+    }
+    assert!(server_row(&server, "board", "p1").is_none());
+}
+
+/// Ids at the byte limit in multi-byte characters, look-alike ids that
+/// differ in normalization, ids with path and SQL characters, and a user id
+/// of two hundred bytes of unicode: each row syncs under exactly its id,
+/// deletes reach every device, and the unicode user's tickets stay theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_ids_and_a_long_unicode_user_id_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let user = format!("ålïçé-{}", "ü".repeat(97));
+    assert!(user.len() > 190, "{}", user.len());
+    let a = open(&dir.path().join("a.db"), 14);
+    let bob = open(&dir.path().join("bob.db"), 15);
+    let mirror = Mirror::new(&bob, board_by_title());
+    a.connect(Arc::new(http(&server)), creds(&user));
+    bob.connect(Arc::new(http(&server)), creds("bob"));
+    let odd: Vec<String> = vec![
+        "é".repeat(128),
+        "🦀".repeat(64),
+        "\u{e9}".into(),
+        "e\u{301}".into(),
+        "a/b\\c".into(),
+        " spaced ".into(),
+        "line\nbreak".into(),
+        "'; DROP TABLE board; --".into(),
+        "..".into(),
+        "%2e%2e".into(),
+        "\u{202e}rtl".into(),
+    ];
+    assert_eq!(odd[0].len(), 256);
+    assert_eq!(odd[1].len(), 256);
+    let too_long = format!("{}x", "é".repeat(128));
+    let refused = a.write(|tx| tx.insert("board", &too_long, post("x", &user)));
+    assert!(refused.is_err(), "an id over the limit is refused locally");
+    write(&a, |tx| {
+        for (i, id) in odd.iter().enumerate() {
+            tx.insert("board", id, post(&format!("{i} ✓"), &user))?;
+        }
+        tx.insert("tickets", &"🦀".repeat(64), ticket("the user's own", &user))
+    });
+    settle(&a).await;
+    assert!(stored_outcomes(&a)
+        .values()
+        .all(|o| o.outcome.outcome == Outcome::Applied));
+    settle(&bob).await;
+    let expected: BTreeSet<String> = odd.iter().cloned().collect();
+    assert_eq!(ids(&bob, "board"), expected);
+    assert!(ids(&bob, "tickets").is_empty(), "bob gets none of the user's tickets");
+    assert_eq!(ids(&a, "tickets").len(), 1);
+    for (i, id) in odd.iter().enumerate() {
+        let row = bob.local().get("board", id).expect("get").expect("row");
+        assert_eq!(row.get("title"), Some(&text(&format!("{i} ✓"))), "{id:?}");
+    }
+    mirror.check(&bob, "bob with odd ids");
+    write(&a, |tx| {
+        for id in &odd {
+            tx.delete("board", id)?;
+        }
+        Ok(())
+    });
+    settle(&a).await;
+    settle(&bob).await;
+    assert!(ids(&bob, "board").is_empty(), "{:?}", ids(&bob, "board"));
+    assert!(ids(&a, "board").is_empty());
+    mirror.check(&bob, "bob after the deletes");
+}
+
+fn team_post(title: &str, team: &str) -> RowData {
+    row_data([("title", text(title)), ("team", text(team))])
+}
+
+/// A user moved from team red to team blue mid-session (the claim changes
+/// with the next token): red's rows leave the device, blue's arrive, and
+/// an edit of a red row made before the move is rejected and rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_changes_with_a_fresh_token_moves_the_device_between_buckets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let red = open(&dir.path().join("red.db"), 16);
+    let blue = open(&dir.path().join("blue.db"), 17);
+    let carol = open(&dir.path().join("carol.db"), 18);
+    let mirror = Mirror::new(&carol, Query::from("team_posts").order_by(col("title"), Order::Asc));
+    let window = Mirror::new(
+        &carol,
+        Query::from("team_posts").order_by(col("title"), Order::Asc).limit(1),
+    );
+    for (db, team, user) in [(&red, "red", "rita"), (&blue, "blue", "bert")] {
+        let minted = Minted::new(user, 3600);
+        minted.claims.lock().insert("team".into(), team.into());
+        db.connect(Arc::new(http(&server)), minted);
+    }
+    write(&red, |tx| {
+        tx.insert("team_posts", "r1", team_post("a red one", "red"))?;
+        tx.insert("team_posts", "r2", team_post("b red two", "red"))
+    });
+    write(&blue, |tx| {
+        tx.insert("team_posts", "b1", team_post("c blue one", "blue"))
+    });
+    settle(&red).await;
+    settle(&blue).await;
+
+    let minted = Minted::new("carol", 2);
+    minted.claims.lock().insert("team".into(), "red".into());
+    carol.connect(Arc::new(http(&server)), minted.clone());
+    settle(&carol).await;
+    assert_eq!(
+        ids(&carol, "team_posts"),
+        ["r1", "r2"].map(String::from).into_iter().collect()
+    );
+    carol.pause_uploads(true);
+    let edit = write(&carol, |tx| {
+        tx.update("team_posts", "r1", row_data([("title", text("a carol's"))]))
+            .map(|_| ())
+    });
+    // Moved to blue: the next token (within two seconds) says so.
+    minted.claims.lock().insert("team".into(), "blue".into());
+    assert!(
+        wait_until(5_000, || ids(&carol, "team_posts").contains("b1")).await,
+        "blue's rows arrive with the new token"
+    );
+    carol.pause_uploads(false);
+    settle(&carol).await;
+    mirror.check(&carol, "after the move");
+    window.check(&carol, "window after the move");
+    assert_eq!(
+        ids(&carol, "team_posts"),
+        ["b1".to_owned()].into_iter().collect(),
+        "red's rows left"
+    );
+    let outcomes = stored_outcomes(&carol);
+    assert!(is_rejected(&outcomes[&edit.first_seq]), "{outcomes:?}");
+    assert_eq!(
+        server_row(&server, "team_posts", "r1").and_then(|r| r.get("title").cloned()),
+        Some(text("a red one"))
+    );
+}
