@@ -269,6 +269,11 @@ pub(crate) struct Inner {
     /// Held while a checkpoint applies (on its blocking thread); a stream
     /// session waits for it before it reads the download state.
     pub(crate) applying: Arc<tokio::sync::Mutex<()>>,
+    /// Held while an upload answer is stored and its outcomes broadcast (on
+    /// a blocking thread, which an aborted connection leaves running): a
+    /// later connection that sent the same writes again, before that answer
+    /// was stored, broadcasts only the outcomes it newly stored.
+    pub(crate) answering: Mutex<()>,
 }
 
 impl Inner {
@@ -355,6 +360,7 @@ impl Database {
             control: watch::channel(control::Control::default()).0,
             live_dropped: Mutex::new(Vec::new()),
             applying: Arc::new(tokio::sync::Mutex::new(())),
+            answering: Mutex::new(()),
         });
         // The observer holds the database weakly: the local database it is
         // set on lives inside `Inner`.

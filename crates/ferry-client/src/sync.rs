@@ -564,10 +564,16 @@ async fn upload_once(
     let task_inner = inner.clone();
     // Stored and then broadcast on a blocking thread, which runs to the end
     // even if this task is aborted: an app listening gets every outcome
-    // whose answer was stored, and the store has all of them.
+    // whose answer was stored, and the store has all of them. An aborted
+    // connection's thread may still be storing the answer to the same
+    // writes when a new connection's answer (the server's replay) arrives:
+    // one at a time, and only outcomes of seqs not answered before are
+    // broadcast, so each is heard once.
     blocking::run(move || -> Result<(), ClientError> {
+        let _answering = task_inner.answering.lock();
+        let answered_before = task_inner.local.completed_through();
         task_inner.local.answer(&answer)?;
-        for outcome in outcomes {
+        for outcome in outcomes.into_iter().filter(|o| o.outcome.seq > answered_before) {
             let _ = task_inner.outcomes.send(outcome);
         }
         Ok(())

@@ -1027,3 +1027,165 @@ async fn a_claim_that_changes_with_a_fresh_token_moves_the_device_between_bucket
         Some(text("a red one"))
     );
 }
+
+/// A SQLite store whose commits of upload answers can be held (a slow
+/// disk at the wrong moment).
+#[derive(Debug)]
+struct Gated {
+    inner: SqliteStore,
+    /// Answers wait while this is true.
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// An answer is waiting.
+    held: AtomicBool,
+}
+
+impl Gated {
+    fn open(path: &Path) -> Arc<Gated> {
+        Arc::new(Gated {
+            inner: SqliteStore::open(path, schema()).expect("client store"),
+            closed: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            held: AtomicBool::new(false),
+        })
+    }
+
+    fn close_gate(&self) {
+        *self.closed.lock().expect("gate") = true;
+    }
+
+    fn open_gate(&self) {
+        *self.closed.lock().expect("gate") = false;
+        self.opened.notify_all();
+    }
+}
+
+impl ferry_store::Store for Gated {
+    fn schema(&self) -> &Schema {
+        self.inner.schema()
+    }
+    fn apply(&self, batch: ferry_store::WriteBatch) -> ferry_store::StoreResult<()> {
+        let answer = batch.ops.iter().any(
+            |op| matches!(op, ferry_store::BatchOp::PutMeta { key, .. } if key == ferry_queue::META_COMPLETED_THROUGH),
+        );
+        if answer {
+            let mut closed = self.closed.lock().expect("gate");
+            while *closed {
+                self.held.store(true, Ordering::SeqCst);
+                closed = self.opened.wait(closed).expect("gate");
+            }
+        }
+        self.inner.apply(batch)
+    }
+    fn get_synced(&self, table: &str, id: &str) -> ferry_store::StoreResult<Option<RowData>> {
+        self.inner.get_synced(table, id)
+    }
+    fn scan_synced(&self, table: &str) -> ferry_store::StoreResult<ferry_store::Rows> {
+        self.inner.scan_synced(table)
+    }
+    fn scan_synced_index(
+        &self,
+        table: &str,
+        index: &str,
+        lower: std::ops::Bound<Vec<Value>>,
+        upper: std::ops::Bound<Vec<Value>>,
+    ) -> ferry_store::StoreResult<ferry_store::Rows> {
+        self.inner.scan_synced_index(table, index, lower, upper)
+    }
+    fn scan_synced_index_limited(
+        &self,
+        table: &str,
+        index: &str,
+        lower: std::ops::Bound<Vec<Value>>,
+        upper: std::ops::Bound<Vec<Value>>,
+        reverse: bool,
+        limit: usize,
+    ) -> ferry_store::StoreResult<ferry_store::Rows> {
+        self.inner
+            .scan_synced_index_limited(table, index, lower, upper, reverse, limit)
+    }
+    fn get_overlay(&self, table: &str, id: &str) -> ferry_store::StoreResult<Option<ferry_store::OverlayEntry>> {
+        self.inner.get_overlay(table, id)
+    }
+    fn scan_overlay(&self, table: &str) -> ferry_store::StoreResult<Vec<(String, ferry_store::OverlayEntry)>> {
+        self.inner.scan_overlay(table)
+    }
+    fn queue_from(&self, from_seq: u64, limit: usize) -> ferry_store::StoreResult<Vec<ferry_core::CrudEntry>> {
+        self.inner.queue_from(from_seq, limit)
+    }
+    fn queue_len(&self) -> ferry_store::StoreResult<u64> {
+        self.inner.queue_len()
+    }
+    fn bucket_state(&self, bucket: &str) -> ferry_store::StoreResult<Option<ferry_store::BucketState>> {
+        self.inner.bucket_state(bucket)
+    }
+    fn buckets(&self) -> ferry_store::StoreResult<Vec<(String, ferry_store::BucketState)>> {
+        self.inner.buckets()
+    }
+    fn bucket_entry(
+        &self,
+        bucket: &str,
+        table: &str,
+        row_id: &str,
+    ) -> ferry_store::StoreResult<Option<ferry_store::BucketEntry>> {
+        self.inner.bucket_entry(bucket, table, row_id)
+    }
+    fn bucket_entries(
+        &self,
+        bucket: &str,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> ferry_store::StoreResult<Vec<ferry_store::BucketEntry>> {
+        self.inner.bucket_entries(bucket, after, limit)
+    }
+    fn get_meta(&self, key: &str) -> ferry_store::StoreResult<Option<Vec<u8>>> {
+        self.inner.get_meta(key)
+    }
+    fn staged_ops(
+        &self,
+        bucket: &str,
+        after_op_id: u64,
+        limit: usize,
+    ) -> ferry_store::StoreResult<Vec<ferry_store::StagedOp>> {
+        self.inner.staged_ops(bucket, after_op_id, limit)
+    }
+    fn staged_buckets(&self) -> ferry_store::StoreResult<Vec<String>> {
+        self.inner.staged_buckets()
+    }
+}
+
+/// The app replaces its connection (`connect` again) while the answer to
+/// an upload is being stored: the new connection sends the same writes
+/// again and the server replays their outcomes. An outcome subscriber
+/// must still hear each write's outcome once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_stored_while_a_new_connection_replays_the_upload_is_heard_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let store = Gated::open(&dir.path().join("alice.db"));
+    let db = Database::open(store.clone(), options(19, Limits::default())).expect("open");
+    let mut heard = db.subscribe_outcomes();
+    store.close_gate();
+    db.connect(Front::to(&server), creds("alice"));
+    let receipt = write(&db, |tx| tx.insert("board", "p1", post("once", "alice")));
+    assert!(
+        wait_until(5_000, || store.held.load(Ordering::SeqCst)).await,
+        "the answer is being stored"
+    );
+    let front = Front::to(&server);
+    db.connect(front.clone(), creds("alice"));
+    assert!(
+        wait_until(5_000, || front.handled.load(Ordering::SeqCst) >= 1).await,
+        "the new connection uploaded again"
+    );
+    store.open_gate();
+    settle(&db).await;
+    let outcomes = stored_outcomes(&db);
+    assert_eq!(outcomes.len(), 1);
+    let mut seqs = Vec::new();
+    while let Ok(o) = heard.try_recv() {
+        assert_eq!(o.tx_id, receipt.tx_id);
+        seqs.push(o.outcome.seq);
+    }
+    assert_eq!(seqs, vec![receipt.first_seq], "each outcome is delivered once");
+}
