@@ -112,6 +112,18 @@ fn schema() -> Schema {
 /// The server on SQLite under `dir`, over HTTP on a free loopback port, with
 /// no leeway on token expiry and a keepalive every second.
 async fn start_server(dir: &Path) -> BoundServer {
+    start_server_with(
+        dir,
+        ServiceOptions {
+            keepalive_interval_s: 1,
+            ..ServiceOptions::default()
+        },
+    )
+    .await
+}
+
+/// [`start_server`] with these service options.
+async fn start_server_with(dir: &Path, service: ServiceOptions) -> BoundServer {
     let rules_path = dir.join("rules.toml");
     if !rules_path.exists() {
         std::fs::create_dir_all(dir).expect("server dir");
@@ -128,10 +140,7 @@ async fn start_server(dir: &Path) -> BoundServer {
                 leeway_s: 0,
                 ..AuthOptions::default()
             },
-            service: ServiceOptions {
-                keepalive_interval_s: 1,
-                ..ServiceOptions::default()
-            },
+            service,
             ..ServerConfig::default()
         },
         std::future::pending::<()>(),
@@ -147,7 +156,7 @@ fn http(server: &BoundServer) -> Arc<dyn Transport> {
 /// The app's network: the HTTP transport of the server currently up (none:
 /// the network is down), optionally losing upload answers after the server
 /// handled the upload.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Front {
     target: Mutex<Option<Arc<dyn Transport>>>,
     /// Answers still to lose (the server handled the upload; the app never
@@ -157,6 +166,40 @@ struct Front {
     handled: AtomicU64,
     /// Answers lost.
     lost: AtomicU64,
+    /// Stream lines still let through (then every stream breaks).
+    lines_left: Arc<AtomicU64>,
+}
+
+impl Default for Front {
+    fn default() -> Self {
+        Front {
+            target: Mutex::default(),
+            lose_answers: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            lines_left: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+}
+
+/// A stream that breaks once its front's line budget is spent.
+struct Budgeted {
+    inner: Box<dyn LineStream>,
+    left: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl LineStream for Budgeted {
+    async fn next_line(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        if self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(TransportError::Connection("the stream broke".into()));
+        }
+        self.inner.next_line().await
+    }
 }
 
 impl Front {
@@ -181,7 +224,11 @@ impl Front {
 #[async_trait]
 impl Transport for Front {
     async fn open_stream(&self, token: &str, request: Vec<u8>) -> Result<Box<dyn LineStream>, TransportError> {
-        self.current()?.open_stream(token, request).await
+        let inner = self.current()?.open_stream(token, request).await?;
+        Ok(Box::new(Budgeted {
+            inner,
+            left: self.lines_left.clone(),
+        }))
     }
 
     async fn upload(&self, token: &str, request: Vec<u8>) -> Result<Vec<u8>, TransportError> {
@@ -1188,4 +1235,79 @@ async fn an_answer_stored_while_a_new_connection_replays_the_upload_is_heard_onc
         seqs.push(o.outcome.seq);
     }
     assert_eq!(seqs, vec![receipt.first_seq], "each outcome is delivered once");
+}
+
+/// A first sync of many rows broken off and the app restarted in the
+/// middle, with pending writes on rows the download brings (one of them a
+/// PUT over another user's post, which the server refuses): after the
+/// resumed sync the device holds the server's rows, the refused PUT shows
+/// the server's row, and live queries (an index window too) match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_cut_and_restarted_with_pending_writes_on_its_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server_with(
+        &dir.path().join("server"),
+        ServiceOptions {
+            keepalive_interval_s: 1,
+            max_ops_per_line: 50,
+            ..ServiceOptions::default()
+        },
+    )
+    .await;
+    let ops = (0..2_000)
+        .map(|i| ferry_core::CrudOp::Put {
+            table: "board".into(),
+            id: format!("p{i:04}"),
+            data: post(&format!("bob's {i:04}"), "bob"),
+        })
+        .collect();
+    server.service.import(ops).await.expect("import");
+    let path = dir.path().join("alice.db");
+    let db = open(&path, 20);
+    let refused = write(&db, |tx| tx.put("board", "p0005", post("alice over bob", "alice")));
+    write(&db, |tx| tx.insert("board", "mine", post("alice's own", "alice")));
+    write(&db, |tx| {
+        tx.update("board", "mine", row_data([("title", text("alice's own, edited"))]))
+            .map(|_| ())
+    });
+    let front = Front::to(&server);
+    front.lines_left.store(15, Ordering::SeqCst);
+    db.pause_uploads(true);
+    db.connect(front.clone(), creds("alice"));
+    assert!(
+        wait_until(5_000, || front.lines_left.load(Ordering::SeqCst) == 0).await,
+        "the stream ran"
+    );
+    let progress = db.status().download_progress;
+    drop(db);
+
+    let db = open(&path, 20);
+    let all = Mirror::new(&db, board_by_title());
+    let window = Mirror::new(&db, board_by_title().limit(3));
+    let mut heard = db.subscribe_outcomes();
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&db).await;
+    all.check(&db, "after the resumed first sync");
+    window.check(&db, "window after the resumed first sync");
+    assert_eq!(ids(&db, "board").len(), 2_001, "progress when cut: {progress:?}");
+    let p5 = db.local().get("board", "p0005").expect("get").expect("p0005");
+    assert_eq!(p5.get("title"), Some(&text("bob's 0005")));
+    assert_eq!(
+        db.local()
+            .get("board", "mine")
+            .expect("get")
+            .and_then(|r| r.get("title").cloned()),
+        Some(text("alice's own, edited"))
+    );
+    let outcomes = stored_outcomes(&db);
+    assert!(is_rejected(&outcomes[&refused.first_seq]), "{outcomes:?}");
+    let mut seqs = Vec::new();
+    while let Ok(o) = heard.try_recv() {
+        seqs.push(o.outcome.seq);
+    }
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert_eq!(
+        server_row(&server, "board", "p0005").and_then(|r| r.get("title").cloned()),
+        Some(text("bob's 0005"))
+    );
 }
