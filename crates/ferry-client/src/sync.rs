@@ -402,12 +402,18 @@ fn group(entries: Vec<CrudEntry>) -> Vec<UploadTransaction> {
 /// transaction goes alone), or only the first when `alone`.
 fn next_upload(inner: &Inner, alone: bool) -> Result<Vec<UploadTransaction>, ClientError> {
     let limit = inner.options.upload_batch_entries.max(1);
+    let asked = limit + 1;
     let entries = if alone {
         Vec::new()
     } else {
-        inner.local.next_batch(limit + 1)?
+        inner.local.next_batch(asked)?
     };
-    if !alone && entries.len() <= limit {
+    // The read stops at `asked` or at the queue's own bound
+    // (`Limits::max_batch_entries`, which may be lower): only a read that
+    // stopped short of both reached the queue's end, so only then is its
+    // last transaction whole.
+    let bound = asked.min(inner.local.limits().max_batch_entries);
+    if !alone && entries.len() < bound {
         return Ok(group(entries));
     }
     let mut txs = group(entries);

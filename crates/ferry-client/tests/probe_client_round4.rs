@@ -1311,3 +1311,55 @@ async fn a_first_sync_cut_and_restarted_with_pending_writes_on_its_rows() {
         Some(text("bob's 0005"))
     );
 }
+
+/// An app that raises `upload_batch_entries` past the queue's
+/// `max_batch_entries`: a batch read stops at the queue's bound, inside a
+/// transaction. The transaction must still go whole: one refused op
+/// rejects all of it, and the server keeps none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_longer_than_the_queues_batch_read_still_uploads_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let limits = Limits {
+        max_batch_entries: 10,
+        ..Limits::default()
+    };
+    let store = SqliteStore::open(dir.path().join("alice.db"), schema()).expect("client store");
+    let db = Database::open(
+        Arc::new(store),
+        ClientOptions {
+            upload_batch_entries: 50,
+            ..options(21, limits)
+        },
+    )
+    .expect("open");
+    let mirror = Mirror::new(&db, board_by_title());
+    let before = write(&db, |tx| tx.insert("board", "before", post("before", "alice")));
+    let big = write(&db, |tx| {
+        for i in 0..15 {
+            let author = if i == 12 { "bob" } else { "alice" };
+            tx.insert("board", &format!("p{i:02}"), post(&format!("{i:02}"), author))?;
+        }
+        Ok(())
+    });
+    let after = write(&db, |tx| tx.insert("board", "after", post("after", "alice")));
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&db).await;
+    mirror.check(&db, "synced");
+    for i in 0..15 {
+        assert!(
+            server_row(&server, "board", &format!("p{i:02}")).is_none(),
+            "p{i:02} of a rejected transaction is on the server"
+        );
+    }
+    let outcomes = stored_outcomes(&db);
+    for seq in big.first_seq..=big.last_seq {
+        assert!(is_rejected(&outcomes[&seq]), "seq {seq}: {:?}", outcomes[&seq]);
+    }
+    assert!(!is_rejected(&outcomes[&before.first_seq]));
+    assert!(!is_rejected(&outcomes[&after.first_seq]));
+    assert_eq!(
+        ids(&db, "board"),
+        ["after", "before"].map(String::from).into_iter().collect()
+    );
+}
