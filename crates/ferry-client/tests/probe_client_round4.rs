@@ -124,11 +124,14 @@ async fn start_server(dir: &Path) -> BoundServer {
 
 /// [`start_server`] with these service options.
 async fn start_server_with(dir: &Path, service: ServiceOptions) -> BoundServer {
+    start_server_on(dir, service, RULES).await
+}
+
+/// [`start_server`] with these service options and rules.
+async fn start_server_on(dir: &Path, service: ServiceOptions, rules: &str) -> BoundServer {
     let rules_path = dir.join("rules.toml");
-    if !rules_path.exists() {
-        std::fs::create_dir_all(dir).expect("server dir");
-        std::fs::write(&rules_path, RULES).expect("rules file");
-    }
+    std::fs::create_dir_all(dir).expect("server dir");
+    std::fs::write(&rules_path, rules).expect("rules file");
     ferry_server::run(
         ServerConfig {
             data_dir: dir.join("data"),
@@ -1362,4 +1365,64 @@ async fn a_transaction_longer_than_the_queues_batch_read_still_uploads_whole() {
         ids(&db, "board"),
         ["after", "before"].map(String::from).into_iter().collect()
     );
+}
+
+/// The server restarts with rules that make the board private to each
+/// author (the global bucket is gone) while bob's device is offline with a
+/// new post: every device ends with only its own posts, bob's offline post
+/// lands, and live queries match a fresh query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_that_narrow_a_bucket_across_a_server_restart_take_rows_off_other_devices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_dir = dir.path().join("server");
+    let service = || ServiceOptions {
+        keepalive_interval_s: 1,
+        ..ServiceOptions::default()
+    };
+    let server = start_server_on(&server_dir, service(), RULES).await;
+    let alice = open(&dir.path().join("alice.db"), 22);
+    let bob = open(&dir.path().join("bob.db"), 23);
+    let alice_board = Mirror::new(&alice, board_by_title());
+    let bob_board = Mirror::new(&bob, board_by_title());
+    let bob_window = Mirror::new(&bob, board_by_title().limit(1));
+    let alice_front = Front::to(&server);
+    alice.connect(alice_front.clone(), creds("alice"));
+    bob.connect(Arc::new(http(&server)), creds("bob"));
+    write(&alice, |tx| tx.insert("board", "a1", post("a alice's", "alice")));
+    write(&bob, |tx| tx.insert("board", "b1", post("b bob's", "bob")));
+    settle(&alice).await;
+    settle(&bob).await;
+    settle(&alice).await;
+    assert_eq!(ids(&alice, "board").len(), 2);
+    assert_eq!(ids(&bob, "board").len(), 2);
+
+    bob.disconnect().await;
+    write(&bob, |tx| tx.insert("board", "b2", post("c bob offline", "bob")));
+    alice_front.switch(None);
+    server.shutdown().await.expect("shutdown");
+    let private = RULES.replace(
+        "[[buckets]]\nname = \"global\"\ndata = [{ table = \"board\" }]",
+        "[[buckets]]\nname = \"authored\"\nparameters = [\"sub\"]\ndata = [{ table = \"board\", where = { author = \"sub\" } }]",
+    );
+    assert_ne!(private, RULES);
+    let server = start_server_on(&server_dir, service(), &private).await;
+    alice_front.switch(Some(&server));
+    bob.connect(Arc::new(http(&server)), creds("bob"));
+    let only = |db: &Database, want: &[&str]| ids(db, "board") == want.iter().map(|s| s.to_string()).collect();
+    assert!(
+        wait_until(5_000, || only(&alice, &["a1"]) && only(&bob, &["b1", "b2"])).await,
+        "alice {:?}, bob {:?}",
+        ids(&alice, "board"),
+        ids(&bob, "board")
+    );
+    settle(&alice).await;
+    settle(&bob).await;
+    assert!(only(&alice, &["a1"]), "{:?}", ids(&alice, "board"));
+    assert!(only(&bob, &["b1", "b2"]), "{:?}", ids(&bob, "board"));
+    alice_board.check(&alice, "alice after the rules change");
+    bob_board.check(&bob, "bob after the rules change");
+    bob_window.check(&bob, "bob's window after the rules change");
+    assert!(stored_outcomes(&bob)
+        .values()
+        .all(|o| o.outcome.outcome == Outcome::Applied));
 }
