@@ -1467,3 +1467,109 @@ async fn seqs_of_transactions_refused_whole_do_not_lock_the_device_out() {
         outcomes[&small.first_seq]
     );
 }
+
+/// Joined, grouped, distinct and offset live queries over two tables,
+/// through transactions that touch both, rejections that roll both back,
+/// other devices' edits, deletes and a hand-over: each ends equal to a
+/// fresh query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_grouped_and_offset_live_queries_follow_rollbacks_and_server_changes() {
+    use ferry_client::query::{count, JoinKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let a = open(&dir.path().join("alice-a.db"), 25);
+    let b = open(&dir.path().join("alice-b.db"), 26);
+    let bob = open(&dir.path().join("bob.db"), 27);
+    let queries = [
+        Query::from_as("tickets", "t")
+            .left_join("board", "p", "t.title", "p.title")
+            .select([("ticket", col("t.id")), ("post", col("p.id")), ("by", col("p.author"))])
+            .order_by(col("ticket"), Order::Asc)
+            .order_by(col("post"), Order::Asc),
+        Query::from_as("board", "p")
+            .join(JoinKind::Inner, "tickets", "t", [("p.title", "t.title")])
+            .group_by([col("p.author")])
+            .select([("author", col("p.author")), ("n", count())])
+            .order_by(col("author"), Order::Asc),
+        Query::from("tickets")
+            .select_cols(["status"])
+            .distinct()
+            .order_by(col("status"), Order::Asc),
+        Query::from("board")
+            .order_by(col("title"), Order::Desc)
+            .offset(1)
+            .limit(2),
+        Query::from("tickets")
+            .filter(col("n").gte(2).or(col("status").eq("done")))
+            .order_by(col("n"), Order::Desc)
+            .limit(2),
+    ];
+    let mirrors: Vec<Mirror> = queries.iter().map(|q| Mirror::new(&a, q.clone())).collect();
+    let check = |what: &str| {
+        for (i, m) in mirrors.iter().enumerate() {
+            m.check(&a, &format!("{what}, query {i}"));
+        }
+    };
+    let ticket_n = |title: &str, status: &str, n: i64| {
+        row_data([
+            ("title", text(title)),
+            ("status", text(status)),
+            ("owner", text("alice")),
+            ("n", Value::from(n)),
+        ])
+    };
+    write(&a, |tx| {
+        tx.insert("tickets", "t1", ticket_n("x", "open", 1))?;
+        tx.insert("tickets", "t2", ticket_n("y", "done", 2))?;
+        tx.insert("board", "p1", post("x", "alice"))
+    });
+    write(&a, |tx| {
+        tx.insert("tickets", "t3", ticket_n("y", "open", 3))?;
+        tx.insert("board", "p2", post("y", "bob")) // refused: rolls back t3 too
+    });
+    write(&a, |tx| {
+        tx.update("tickets", "t1", row_data([("n", Value::from(5))]))
+            .map(|_| ())
+    });
+    write(&a, |tx| {
+        tx.insert("tickets", "t4", ticket_n("z", "blocked", 0))?;
+        tx.insert("tickets", "t5", ticket_n("x", "open", 2))?;
+        tx.delete("board", "p1").map(|_| ())
+    });
+    write(&a, |tx| tx.insert("board", "p1", post("x", "alice")));
+    check("offline");
+    for db in [&a, &b] {
+        db.connect(Arc::new(http(&server)), creds("alice"));
+    }
+    bob.connect(Arc::new(http(&server)), creds("bob"));
+    settle(&a).await;
+    check("synced");
+    write(&bob, |tx| {
+        tx.insert("board", "q1", post("x", "bob"))?;
+        tx.insert("board", "q2", post("y", "bob"))
+    });
+    settle(&bob).await;
+    settle(&b).await;
+    write(&b, |tx| {
+        tx.update("tickets", "t2", row_data([("title", text("x"))]))?;
+        tx.update("tickets", "t5", row_data([("owner", text("bob"))]))?;
+        tx.delete("tickets", "t4").map(|_| ())
+    });
+    settle(&b).await;
+    write(&a, |tx| {
+        tx.update(
+            "tickets",
+            "t1",
+            row_data([("title", text("y")), ("status", text("done"))]),
+        )
+        .map(|_| ())
+    });
+    write(&a, |tx| {
+        tx.update("board", "q1", row_data([("title", text("z"))])).map(|_| ())
+    }); // bob's: refused
+    settle(&a).await;
+    check("after the other devices");
+    let board: BTreeSet<String> = ids(&a, "board");
+    assert_eq!(board, ["p1", "q1", "q2"].map(String::from).into_iter().collect());
+    assert_eq!(ids(&a, "tickets"), ["t1", "t2"].map(String::from).into_iter().collect());
+}
