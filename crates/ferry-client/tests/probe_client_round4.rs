@@ -1821,3 +1821,55 @@ async fn chaos(seed: u64, steps: usize) {
         }
     }
 }
+
+/// Moved from team red to blue and back to red (the claim changing with
+/// fresh tokens): back in red, the device holds every red row again, the
+/// ones unchanged since it left included, and none of blue's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moved_out_of_a_bucket_and_back_gets_all_its_rows_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let red = open(&dir.path().join("red.db"), 28);
+    let blue = open(&dir.path().join("blue.db"), 29);
+    let carol = open(&dir.path().join("carol.db"), 30);
+    let mirror = Mirror::new(&carol, Query::from("team_posts").order_by(col("title"), Order::Asc));
+    for (db, team, user) in [(&red, "red", "rita"), (&blue, "blue", "bert")] {
+        let minted = Minted::new(user, 3600);
+        minted.claims.lock().insert("team".into(), team.into());
+        db.connect(Arc::new(http(&server)), minted);
+    }
+    write(&red, |tx| {
+        tx.insert("team_posts", "r1", team_post("a red one", "red"))?;
+        tx.insert("team_posts", "r2", team_post("b red two", "red"))
+    });
+    write(&blue, |tx| {
+        tx.insert("team_posts", "b1", team_post("c blue one", "blue"))
+    });
+    settle(&red).await;
+    settle(&blue).await;
+    let minted = Minted::new("carol", 1);
+    minted.claims.lock().insert("team".into(), "red".into());
+    carol.connect(Arc::new(http(&server)), minted.clone());
+    settle(&carol).await;
+    let set = |names: &[&str]| -> BTreeSet<String> { names.iter().map(|s| s.to_string()).collect() };
+    assert_eq!(ids(&carol, "team_posts"), set(&["r1", "r2"]));
+    minted.claims.lock().insert("team".into(), "blue".into());
+    assert!(
+        wait_until(5_000, || ids(&carol, "team_posts") == set(&["b1"])).await,
+        "in blue: {:?}",
+        ids(&carol, "team_posts")
+    );
+    write(&red, |tx| {
+        tx.insert("team_posts", "r3", team_post("d red three", "red"))
+    });
+    settle(&red).await;
+    minted.claims.lock().insert("team".into(), "red".into());
+    assert!(
+        wait_until(5_000, || ids(&carol, "team_posts") == set(&["r1", "r2", "r3"])).await,
+        "back in red: {:?}",
+        ids(&carol, "team_posts")
+    );
+    settle(&carol).await;
+    assert_eq!(ids(&carol, "team_posts"), set(&["r1", "r2", "r3"]));
+    mirror.check(&carol, "back in red");
+}
