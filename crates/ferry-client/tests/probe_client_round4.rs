@@ -1873,3 +1873,39 @@ async fn a_device_moved_out_of_a_bucket_and_back_gets_all_its_rows_again() {
     assert_eq!(ids(&carol, "team_posts"), set(&["r1", "r2", "r3"]));
     mirror.check(&carol, "back in red");
 }
+
+/// `disconnect` gives up on an answer still being stored after
+/// `stop_timeout_ms` and aborts; the next connection asks for it again.
+/// The write still has one stored outcome and is heard once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_that_times_out_while_an_answer_is_stored_hears_it_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let store = Gated::open(&dir.path().join("alice.db"));
+    let db = Database::open(
+        store.clone(),
+        ClientOptions {
+            stop_timeout_ms: 50,
+            ..options(31, Limits::default())
+        },
+    )
+    .expect("open");
+    let mut heard = db.subscribe_outcomes();
+    store.close_gate();
+    db.connect(Front::to(&server), creds("alice"));
+    let receipt = write(&db, |tx| tx.insert("board", "p1", post("once", "alice")));
+    assert!(wait_until(5_000, || store.held.load(Ordering::SeqCst)).await);
+    db.disconnect().await;
+    let front = Front::to(&server);
+    db.connect(front.clone(), creds("alice"));
+    assert!(wait_until(5_000, || front.handled.load(Ordering::SeqCst) >= 1).await);
+    store.open_gate();
+    settle(&db).await;
+    assert_eq!(stored_outcomes(&db).len(), 1);
+    let mut seqs = Vec::new();
+    while let Ok(o) = heard.try_recv() {
+        seqs.push(o.outcome.seq);
+    }
+    assert_eq!(seqs, vec![receipt.first_seq], "each outcome is delivered once");
+    assert_eq!(server_ops(&server), 1);
+}
