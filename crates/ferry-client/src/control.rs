@@ -101,7 +101,10 @@ impl Database {
 
     /// Stop syncing gracefully (see [`Database::disconnect`]) and let go of
     /// this handle. The store is released when the last handle (clones,
-    /// live queries) is gone.
+    /// live queries) is gone. Dropping the last handle without `close`
+    /// stops syncing at once, but waits (at most
+    /// `ClientOptions::stop_timeout_ms`) for an answer or checkpoint being
+    /// stored, so the app may open the same store again right after.
     pub async fn close(self) -> Result<(), ClientError> {
         self.disconnect().await;
         // Dropping `self` lets go of the store once no other handle holds

@@ -274,6 +274,9 @@ pub(crate) struct Inner {
     /// later connection that sent the same writes again, before that answer
     /// was stored, broadcasts only the outcomes it newly stored.
     pub(crate) answering: Mutex<()>,
+    /// Store writes still running on blocking threads (see
+    /// [`StoreWork`]); the last handle's drop waits for them.
+    pub(crate) store_work: Arc<StoreWork>,
 }
 
 impl Inner {
@@ -361,6 +364,7 @@ impl Database {
             live_dropped: Mutex::new(Vec::new()),
             applying: Arc::new(tokio::sync::Mutex::new(())),
             answering: Mutex::new(()),
+            store_work: Arc::default(),
         });
         // The observer holds the database weakly: the local database it is
         // set on lives inside `Inner`.
@@ -518,6 +522,60 @@ impl Drop for Database {
         // The last handle going away stops the background tasks.
         if Arc::strong_count(&self.tasks) == 1 {
             self.stop_tasks();
+            // An answer or a checkpoint being stored runs on to its end on
+            // a blocking thread, with the counters and rows it read before:
+            // wait for it (at most `stop_timeout_ms`), so that a database
+            // the app opens on the same store right after never races a
+            // commit of this one (it would drop queue entries the new one
+            // counted, or write back what it read). Not from inside a
+            // callback of one of those commits: it would wait for itself.
+            if !self.inner.local.writing_on_this_thread() {
+                let timeout = Duration::from_millis(self.inner.options.stop_timeout_ms);
+                if !self.inner.store_work.wait_idle(timeout) {
+                    tracing::warn!("a store write of the dropped database is still running");
+                }
+            }
+        }
+    }
+}
+
+/// Store writes running on blocking threads (upload answers, checkpoints),
+/// which stopping a connection leaves running to their end.
+#[derive(Debug, Default)]
+pub(crate) struct StoreWork {
+    running: Mutex<usize>,
+    idle: parking_lot::Condvar,
+}
+
+impl StoreWork {
+    /// Count a store write until the returned guard is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> StoreJob {
+        *self.running.lock() += 1;
+        StoreJob(self.clone())
+    }
+
+    /// Wait until no counted store write runs; `false` after `timeout`.
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut running = self.running.lock();
+        while *running > 0 {
+            if self.idle.wait_until(&mut running, deadline).timed_out() {
+                return *running == 0;
+            }
+        }
+        true
+    }
+}
+
+/// One counted store write (see [`StoreWork::begin`]).
+pub(crate) struct StoreJob(Arc<StoreWork>);
+
+impl Drop for StoreJob {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock();
+        *running = running.saturating_sub(1);
+        if *running == 0 {
+            self.0.idle.notify_all();
         }
     }
 }

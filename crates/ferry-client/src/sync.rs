@@ -269,12 +269,14 @@ async fn stream_session(
                 // Held until the apply ends, even if this session is
                 // dropped meanwhile (an aborted connection).
                 let applying = inner.applying.clone().lock_owned().await;
+                let job = inner.store_work.begin();
                 // Applying touches the store: off the async threads. The
                 // observer reports the changed rows. The rows move from the
                 // download state into the batch; the download keeps their
                 // positions until told the outcome.
                 let last_op_id = blocking::run(move || -> Result<u64, ClientError> {
                     let _applying = applying;
+                    let _job = job;
                     // Local writes from now on order after every clock of
                     // this data (the server's clock covers them).
                     if let Some(hlc) = &apply.hlc {
@@ -568,6 +570,7 @@ async fn upload_once(
         refused_whole,
     };
     let task_inner = inner.clone();
+    let job = inner.store_work.begin();
     // Stored and then broadcast on a blocking thread, which runs to the end
     // even if this task is aborted: an app listening gets every outcome
     // whose answer was stored, and the store has all of them. An aborted
@@ -576,6 +579,7 @@ async fn upload_once(
     // one at a time, and only outcomes of seqs not answered before are
     // broadcast, so each is heard once.
     blocking::run(move || -> Result<(), ClientError> {
+        let _job = job;
         let _answering = task_inner.answering.lock();
         let answered_before = task_inner.local.completed_through();
         task_inner.local.answer(&answer)?;

@@ -1088,6 +1088,8 @@ struct Gated {
     opened: std::sync::Condvar,
     /// An answer is waiting.
     held: AtomicBool,
+    /// Hold batches that drop confirmed queue entries instead of answers.
+    confirms: AtomicBool,
 }
 
 impl Gated {
@@ -1097,6 +1099,7 @@ impl Gated {
             closed: std::sync::Mutex::new(false),
             opened: std::sync::Condvar::new(),
             held: AtomicBool::new(false),
+            confirms: AtomicBool::new(false),
         })
     }
 
@@ -1115,10 +1118,17 @@ impl ferry_store::Store for Gated {
         self.inner.schema()
     }
     fn apply(&self, batch: ferry_store::WriteBatch) -> ferry_store::StoreResult<()> {
-        let answer = batch.ops.iter().any(
-            |op| matches!(op, ferry_store::BatchOp::PutMeta { key, .. } if key == ferry_queue::META_COMPLETED_THROUGH),
-        );
-        if answer {
+        let held = if self.confirms.load(Ordering::SeqCst) {
+            batch
+                .ops
+                .iter()
+                .any(|op| matches!(op, ferry_store::BatchOp::CompleteQueue { .. }))
+        } else {
+            batch.ops.iter().any(|op| {
+                matches!(op, ferry_store::BatchOp::PutMeta { key, .. } if key == ferry_queue::META_COMPLETED_THROUGH)
+            })
+        };
+        if held {
             let mut closed = self.closed.lock().expect("gate");
             while *closed {
                 self.held.store(true, Ordering::SeqCst);
@@ -1741,12 +1751,8 @@ async fn chaos(seed: u64, steps: usize) {
                 if rng.below(2) == 0 {
                     db.close().await.expect("close");
                 } else {
+                    // Killed, and reopened at once.
                     drop(db);
-                    if std::env::var("FERRY_PROBE_NO_WAIT").is_err() {
-                        // Let an aborted session's store threads finish: a
-                        // process restart would have ended them.
-                        tokio::time::sleep(Duration::from_millis(30)).await;
-                    }
                 }
                 d.open();
             }
@@ -1908,4 +1914,47 @@ async fn a_disconnect_that_times_out_while_an_answer_is_stored_hears_it_once() {
     }
     assert_eq!(seqs, vec![receipt.first_seq], "each outcome is delivered once");
     assert_eq!(server_ops(&server), 1);
+}
+
+/// The app drops its database (the brief's restart: drop, reopen the same
+/// file) while a checkpoint that confirms its answered write is being
+/// stored, and reopens at once. The old database's store thread still
+/// commits that checkpoint, dropping the entry the new database counted as
+/// pending: the new database must still settle, with nothing pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_dropped_while_a_checkpoint_is_stored_and_reopened_at_once_settles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let path = dir.path().join("alice.db");
+    let store = Gated::open(&path);
+    store.confirms.store(true, Ordering::SeqCst);
+    let db = Database::open(store.clone(), options(32, Limits::default())).expect("open");
+    store.close_gate();
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    write(&db, |tx| tx.insert("board", "p1", post("one", "alice")));
+    assert!(
+        wait_until(5_000, || store.held.load(Ordering::SeqCst)).await,
+        "the confirming checkpoint is being stored"
+    );
+    // The disk comes back a moment later, while the app restarts.
+    let opener = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            store.open_gate();
+        })
+    };
+    drop(db);
+    let db = open(&path, 32);
+    opener.join().expect("opener");
+    drop(store);
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    assert!(db.sync_now(5_000).await, "{:?}", db.status());
+    assert!(
+        db.wait_until_settled(3_000).await,
+        "pending_len {:?} with a queue of {:?} entries",
+        db.local().pending_len(),
+        db.local().store().queue_len()
+    );
+    assert_eq!(stored_outcomes(&db).len(), 1);
 }
