@@ -1958,3 +1958,41 @@ async fn a_database_dropped_while_a_checkpoint_is_stored_and_reopened_at_once_se
     );
     assert_eq!(stored_outcomes(&db).len(), 1);
 }
+
+/// An app killed (its database dropped) and reopened in-process sixty
+/// times, right after its writes and never waiting for anything, some
+/// writes refused: every write ends with one outcome, the server holds
+/// each allowed one once, and the last session settles (before the drop
+/// waited for store writes, about one run in ten kept a phantom pending
+/// entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_killed_and_reopened_again_and_again_settles_with_every_write_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let path = dir.path().join("alice.db");
+    let mut n = 0u64;
+    for round in 0..60u64 {
+        let db = open(&path, 40);
+        db.connect(Arc::new(http(&server)), creds("alice"));
+        for _ in 0..(round % 4) {
+            write(&db, |tx| {
+                tx.insert("board", &format!("p{n:03}"), post(&format!("{n}"), "alice"))
+            });
+            n += 1;
+        }
+        if round % 3 == 1 {
+            write(&db, |tx| {
+                tx.insert("board", &format!("x{round}"), post("refused", "bob"))
+            });
+        }
+        tokio::time::sleep(Duration::from_micros(round * 397 % 9_000)).await;
+        drop(db);
+    }
+    let db = open(&path, 40);
+    db.connect(Arc::new(http(&server)), creds("alice"));
+    settle(&db).await;
+    let outcomes = stored_outcomes(&db);
+    assert_eq!(outcomes.values().filter(|o| is_rejected(o)).count(), 20);
+    assert_eq!(server_ops(&server), n);
+    assert_eq!(ids(&db, "board").len() as u64, n);
+}
