@@ -1437,14 +1437,14 @@ async fn rules_that_narrow_a_bucket_across_a_server_restart_take_rows_off_other_
         .all(|o| o.outcome.outcome == Outcome::Applied));
 }
 
-/// Transactions the server refuses whole (too large) use up seqs the
-/// server never records, so its `last_seq` for the client stays behind.
-/// Once the seqs they used add up past the server's `max_seq_gap`, the
-/// next transaction is refused whole too ("over the limit of
-/// max_seq_gap"), and so is every later one: the device can never upload
-/// again, each new write rejected for a reason the app cannot act on.
+/// Transactions the server refused whole (too large) used up seqs the
+/// server never recorded, so its `last_seq` for the client stayed behind.
+/// Once the seqs they used added up past the server's `max_seq_gap`, the
+/// next transaction was refused whole too ("over the limit of
+/// max_seq_gap"), and so was every later one: the device could never
+/// upload again. The server now answers a transaction over its limits
+/// (each op rejected and recorded), so its seqs count as used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: seqs burnt by transactions refused whole count against the server's max_seq_gap and lock the device out of uploading for good; the fix is on the server's or the protocol's side (the server cannot tell burnt seqs from a jump), see the report"]
 async fn seqs_of_transactions_refused_whole_do_not_lock_the_device_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start_server_with(
