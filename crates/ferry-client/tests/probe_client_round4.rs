@@ -2126,3 +2126,33 @@ async fn a_device_offline_across_compaction_converges() {
         assert_eq!(normalized(a.local().get("tickets", &t).expect("get")), on_server, "{t}");
     }
 }
+
+/// A wrong base url (a path the sync server does not serve: its 404), or
+/// a proxy's 403, is not the sync server refusing the writes: they stay
+/// pending, the error shows in the status, and once the app connects to
+/// the right address they apply. Every 4xx but 401, 408 and 429 used to
+/// reject and roll back every pending write the client sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_base_url_keeps_the_writes_pending_until_the_right_one_takes_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_server(&dir.path().join("server")).await;
+    let db = open(&dir.path().join("alice.db"), 31);
+    let receipt = write(&db, |tx| tx.insert("board", "kept", post("kept", "alice")));
+    let wrong: Arc<dyn Transport> =
+        Arc::new(HttpTransport::new(format!("http://{}/not-the-sync-server/", server.addr)).expect("transport"));
+    db.connect(wrong, creds("alice"));
+    assert!(
+        wait_until(10_000, || db.status().last_upload_error.is_some()).await,
+        "no upload error shown: {:?}",
+        db.status()
+    );
+    assert_eq!(db.local().upload_queue_len(), 1, "the write left the queue");
+    let heard = db.outcomes_since(0, 100).expect("outcomes");
+    assert!(heard.is_empty(), "{heard:?}");
+    assert!(server_row(&server, "board", "kept").is_none());
+    db.connect(http(&server), creds("alice"));
+    settle(&db).await;
+    let outcomes = stored_outcomes(&db);
+    assert_eq!(outcomes[&receipt.first_seq].outcome.outcome, Outcome::Applied);
+    assert!(server_row(&server, "board", "kept").is_some());
+}

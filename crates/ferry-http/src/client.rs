@@ -209,32 +209,48 @@ const POOL_IDLE_TIMEOUT_S: u64 = 5;
 /// The transport error for a non-success answer.
 async fn status_error(what: &str, response: Response) -> TransportError {
     let status = response.status();
-    let message = match read_body_limited(response, MAX_ERROR_BODY_BYTES).await {
+    let (message, from_ferry) = match read_body_limited(response, MAX_ERROR_BODY_BYTES).await {
         Ok(Some(body)) => match serde_json::from_slice::<ServerError>(&body) {
-            Ok(e) => e.message,
-            Err(_) if body.is_empty() => format!("{what} answered http status {status}"),
-            Err(_) => format!(
-                "{what} answered http status {status}: {}",
-                String::from_utf8_lossy(&body).trim()
+            Ok(e) => (e.message, true),
+            Err(_) if body.is_empty() => (format!("{what} answered http status {status}"), false),
+            Err(_) => (
+                format!(
+                    "{what} answered http status {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                ),
+                false,
             ),
         },
-        Ok(None) => format!("{what} answered http status {status} (error body over {MAX_ERROR_BODY_BYTES} bytes)"),
-        Err(e) => format!("{what} answered http status {status} (error body unreadable: {e})"),
+        Ok(None) => (
+            format!("{what} answered http status {status} (error body over {MAX_ERROR_BODY_BYTES} bytes)"),
+            false,
+        ),
+        Err(e) => (
+            format!("{what} answered http status {status} (error body unreadable: {e})"),
+            false,
+        ),
     };
-    error_for_status(status, message)
+    error_for_status(status, message, from_ferry)
 }
 
-fn error_for_status(status: StatusCode, message: String) -> TransportError {
+/// `from_ferry`: the body is a Ferry server's error (`ServerError`).
+fn error_for_status(status: StatusCode, message: String, from_ferry: bool) -> TransportError {
     match status {
         StatusCode::UNAUTHORIZED => TransportError::Unauthorized(message),
         // Busy (503), rate limited (429), a body that came too slowly
         // (408): the same request later can succeed.
         s if s.is_server_error() => TransportError::Server(message),
         StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => TransportError::Server(message),
-        // 400, 413 and any other client error (404: wrong base url, ...):
-        // sending the same request again fails again.
-        s if s.is_client_error() => TransportError::Refused(message),
-        // 1xx/3xx are not answers this protocol uses.
+        // A Ferry server's 400, and a 413 from it or from a proxy in front
+        // of it (a body over its limit): sending the same request again
+        // fails again, so the client rejects what it sent.
+        StatusCode::BAD_REQUEST if from_ferry => TransportError::Refused(message),
+        StatusCode::PAYLOAD_TOO_LARGE => TransportError::Refused(message),
+        // Any other answer (404 or 405 of a wrong base url, a proxy's 403
+        // or 400, 1xx/3xx) did not come from a sync server that read the
+        // request: the app's writes must not be rejected for it. Retried
+        // with backoff (and shown in the status) until the address or the
+        // proxy is fixed.
         _ => TransportError::Server(message),
     }
 }

@@ -43,8 +43,12 @@
 //! declared body over the limit, a per-user limit) is answered with
 //! `Connection: close` and the body is never read.
 //!
-//! Other 4xx statuses (a wrong base url's 404, ...) become `Refused`, other
-//! statuses `Server`. Failures to connect, resets, and a stream silent for
+//! `Refused` means a sync server read the request and will refuse it
+//! again (the client then rejects the writes it sent): a 400 with a Ferry
+//! `ServerError` body, or a 413 from anything (a proxy's body limit too).
+//! Every other status (a wrong base url's 404 or 405, a proxy's 403 or a
+//! 400 without Ferry's body) becomes `Server`: retried with backoff, so a
+//! misconfigured address never rolls back an app's writes. Failures to connect, resets, and a stream silent for
 //! [`HttpClientOptions::idle_timeout_ms`] become
 //! [`TransportError::Connection`]; a stream line over
 //! [`HttpClientOptions::max_line_bytes`] becomes [`TransportError::Server`].
