@@ -329,13 +329,37 @@ impl Tracker {
         let weak = Arc::downgrade(self);
         let mut outcomes = self.db.subscribe_outcomes();
         tokio::spawn(async move {
+            // The last seq shown: after a lag (a burst over the channel's
+            // capacity), the outcomes missed are read back from the store.
+            let mut shown_through = 0;
             loop {
-                let o = match outcomes.recv().await {
-                    Ok(o) => o,
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                let missed = match outcomes.recv().await {
+                    Ok(o) => vec![o],
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let Some(t) = weak.upgrade() else { return };
+                        t.db.outcomes_since(shown_through, OUTCOMES_KEPT * 10)
+                            .unwrap_or_default()
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 let Some(t) = weak.upgrade() else { return };
+                for o in missed {
+                    if o.outcome.seq <= shown_through {
+                        continue;
+                    }
+                    shown_through = o.outcome.seq;
+                    t.show_outcome(&o);
+                }
+            }
+        });
+    }
+
+    /// Keep an outcome for the page (the newest `OUTCOMES_KEPT`) and send
+    /// it to the pages listening.
+    fn show_outcome(&self, o: &ferry_client::UploadOutcome) {
+        let t = self;
+        {
+            {
                 let (kind, reason, conflict_id) = match &o.outcome.outcome {
                     Outcome::Applied => ("applied", None, None),
                     Outcome::Merged { reason, .. } => ("merged", Some(reason.clone()), None),
@@ -368,7 +392,7 @@ impl Tracker {
                 });
                 t.status_wake.notify_one();
             }
-        });
+        }
     }
 
     fn ensure_user_row(&self) -> Result<()> {
