@@ -225,24 +225,11 @@ pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Resul
         Some(first) if values.all(|c| c == first) => Some(first),
         _ => None,
     };
-    let names: usize = clocks.keys().map(|k| k.len() + 4).sum();
-    let mut out = String::with_capacity(match shared {
-        Some(hlc) => 32 + hlc.node.len() + names,
-        None => 2 + names + clocks.len() * 48,
-    });
     if let Some(hlc) = shared {
-        out.push_str("[\"");
-        // The string form has no character JSON escapes but the node's.
-        push_hlc_json(&mut out, hlc)?;
-        out.push('"');
-        for column in clocks.keys() {
-            out.push_str(",\"");
-            push_json_str(&mut out, column)?;
-            out.push('"');
-        }
-        out.push(']');
-        return Ok(out);
+        return shared_clocks_json(hlc, clocks.keys().map(String::as_str));
     }
+    let names: usize = clocks.keys().map(|k| k.len() + 4).sum();
+    let mut out = String::with_capacity(2 + names + clocks.len() * 48);
     out.push('{');
     let mut last: Option<(&HlcTimestamp, String)> = None;
     for (i, (column, hlc)) in clocks.iter().enumerate() {
@@ -265,8 +252,72 @@ pub fn clocks_json(clocks: &BTreeMap<String, HlcTimestamp>) -> serde_json::Resul
     Ok(out)
 }
 
-/// `s` as the inside of a JSON string (no quotes): plain names as they
-/// are, anything else escaped as `serde_json` escapes it.
+/// [`clocks_json`] of `hlc` for each of `columns` (in ascending order,
+/// as a map's keys), without the map: `["<clock>","<column>",...]`, or
+/// `{}` for no columns.
+pub fn shared_clocks_json<'a>(
+    hlc: &HlcTimestamp,
+    columns: impl IntoIterator<Item = &'a str> + Clone,
+) -> serde_json::Result<String> {
+    let names: usize = columns.clone().into_iter().map(|k| k.len() + 4).sum();
+    if names == 0 {
+        return Ok("{}".to_owned());
+    }
+    let mut out = String::with_capacity(32 + hlc.node.len() + names);
+    out.push_str("[\"");
+    // The string form has no character JSON escapes but the node's.
+    push_hlc_json(&mut out, hlc)?;
+    out.push('"');
+    for column in columns {
+        out.push_str(",\"");
+        push_json_str(&mut out, column)?;
+        out.push('"');
+    }
+    out.push(']');
+    Ok(out)
+}
+
+/// [`shared_clocks_json`] for row after row: the columns' part (after
+/// the clock) written once and reused while rows have the same columns,
+/// as a bulk load's rows have. Keeps one row's column names.
+#[derive(Debug, Default)]
+pub struct SharedClocksJson {
+    /// The columns of `tail`.
+    columns: Vec<String>,
+    /// `,"<column>",...]` of `columns`.
+    tail: String,
+}
+
+impl SharedClocksJson {
+    /// [`shared_clocks_json`] of `hlc` for each of `columns`.
+    pub fn encode<'a>(
+        &mut self,
+        hlc: &HlcTimestamp,
+        columns: impl IntoIterator<Item = &'a str> + Clone,
+    ) -> serde_json::Result<String> {
+        if !self.columns.iter().map(String::as_str).eq(columns.clone()) {
+            self.columns.clear();
+            self.tail.clear();
+            for column in columns {
+                self.tail.push_str(",\"");
+                push_json_str(&mut self.tail, column)?;
+                self.tail.push('"');
+                self.columns.push(column.to_owned());
+            }
+            self.tail.push(']');
+        }
+        if self.columns.is_empty() {
+            return Ok("{}".to_owned());
+        }
+        let mut out = String::with_capacity(32 + hlc.node.len() + self.tail.len());
+        out.push_str("[\"");
+        push_hlc_json(&mut out, hlc)?;
+        out.push('"');
+        out.push_str(&self.tail);
+        Ok(out)
+    }
+}
+
 /// `hlc`'s string form (its `Display`) inside a JSON string: the digits
 /// written straight in (no formatter), the node escaped as JSON needs.
 fn push_hlc_json(out: &mut String, hlc: &HlcTimestamp) -> serde_json::Result<()> {
@@ -295,6 +346,8 @@ fn push_padded(out: &mut String, mut v: u64, width: usize) {
     out.extend(digits[start..].iter().map(|&d| char::from(d)));
 }
 
+/// `s` as the inside of a JSON string (no quotes): plain names as they
+/// are, anything else escaped as `serde_json` escapes it.
 fn push_json_str(out: &mut String, s: &str) -> serde_json::Result<()> {
     if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
@@ -440,6 +493,28 @@ mod tests {
             let text = clocks_json(&m).expect("encode");
             assert_eq!(parse_clocks_json(&text).expect("parse"), m, "{text}");
             let shared = m.values().next().is_some_and(|f| m.values().all(|c| c == f));
+            if let Some(first) = m.values().next().filter(|_| shared) {
+                // Written from the one clock and the names alone: the same.
+                assert_eq!(
+                    shared_clocks_json(first, m.keys().map(String::as_str)).expect("encode"),
+                    text
+                );
+            }
+            if m.is_empty() {
+                assert_eq!(shared_clocks_json(&at(1, "s"), []).expect("encode"), text);
+            }
+            if let Some(first) = m.values().next().filter(|_| shared) {
+                // Row after row, the columns changing or not: the same.
+                let mut rows = SharedClocksJson::default();
+                for names in [&["x"][..], &[], &["x"], &["x", "y"]] {
+                    let one = rows.encode(first, names.iter().copied()).expect("encode");
+                    assert_eq!(one, shared_clocks_json(first, names.iter().copied()).expect("encode"));
+                    for _ in 0..2 {
+                        let text_again = rows.encode(first, m.keys().map(String::as_str)).expect("encode");
+                        assert_eq!(text_again, text);
+                    }
+                }
+            }
             if shared {
                 assert!(text.starts_with('['), "{text}");
                 assert_eq!(

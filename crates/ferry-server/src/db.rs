@@ -5,7 +5,7 @@
 
 pub use ferry_source::{
     BucketState, CaptureKind, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease,
-    NewOp, OpRange, RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow, VanishedRows,
+    NewOp, OpRange, RowClocks, RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow, VanishedRows,
 };
 
 use crate::error::{Result, ServiceError};

@@ -55,7 +55,7 @@ pub use conflict::{
 };
 pub use db::{
     BucketState, CaptureKind, CapturedChange, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease,
-    NewOp, OpRange, RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow, VanishedRows,
+    NewOp, OpRange, RowClocks, RowWrite, SourceDb, SourceError, SourceTx, StoredOutcome, StoredRow, VanishedRows,
 };
 pub use error::{Result, ServiceError};
 pub use permissions::{PermissionDef, WriteOp, MAX_CONDITION_BYTES, MAX_CONDITION_DEPTH_LEVELS};

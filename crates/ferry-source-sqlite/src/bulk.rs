@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ferry_core::{HlcTimestamp, Table, Value};
-use ferry_source::{NewOp, RowWrite};
+use ferry_source::{NewOp, RowClocks, RowWrite};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, Statement, ToSql};
 
@@ -182,11 +182,15 @@ pub(crate) fn write_rows(
     let clocks: Vec<(&str, Cow<'_, str>)> = rows
         .iter()
         .map(|r| {
-            let encoded = match r.clocks_json {
-                Some(json) => Cow::Borrowed(json),
-                None => Cow::Owned(encode_clocks(r.clocks)?),
+            let encoded = match (r.clocks_json, r.clocks) {
+                (Some(json), _) => Cow::Borrowed(json),
+                (None, RowClocks::Columns(clocks)) => Cow::Owned(encode_clocks(clocks)?),
+                (None, RowClocks::Shared(hlc)) => Cow::Owned(
+                    ferry_core::clock::shared_clocks_json(hlc, r.data.keys().map(String::as_str))
+                        .map_err(|e| corrupt("clocks", e))?,
+                ),
             };
-            raise_to_row(max_clock, r.clocks, &encoded);
+            raise_to_row(max_clock, r, &encoded);
             Ok((r.id, encoded))
         })
         .collect::<Result<_>>()?;
@@ -215,17 +219,25 @@ pub(crate) fn write_rows(
     Ok(())
 }
 
-/// `*max` raised to the greatest of a row's `clocks`, `encoded` (as
-/// stored): one comparison when the text says they share one clock.
-fn raise_to_row(max: &mut Option<HlcTimestamp>, clocks: &BTreeMap<String, HlcTimestamp>, encoded: &str) {
-    if encoded.starts_with('[') {
-        if let Some(c) = clocks.values().next() {
-            raise(max, c);
+/// `*max` raised to the greatest of a row's clocks, `encoded` (as
+/// stored): one comparison when they share one clock.
+fn raise_to_row(max: &mut Option<HlcTimestamp>, row: &RowWrite<'_>, encoded: &str) {
+    match row.clocks {
+        RowClocks::Shared(_) => {
+            if let Some(c) = row.clocks.max(row.data) {
+                raise(max, c);
+            }
         }
-        return;
-    }
-    for c in clocks.values() {
-        raise(max, c);
+        RowClocks::Columns(clocks) if encoded.starts_with('[') => {
+            if let Some(c) = clocks.values().next() {
+                raise(max, c);
+            }
+        }
+        RowClocks::Columns(clocks) => {
+            for c in clocks.values() {
+                raise(max, c);
+            }
+        }
     }
 }
 

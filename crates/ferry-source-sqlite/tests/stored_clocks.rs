@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use ferry_core::HlcTimestamp;
 use ferry_source::testkit::{clock, test_schema, ticket};
-use ferry_source::{RowWrite, SourceDb};
+use ferry_source::{RowClocks, RowWrite, SourceDb};
 use ferry_source_sqlite::SqliteSourceDb;
 
 fn stored_clocks(path: &std::path::Path, id: &str) -> String {
@@ -37,22 +37,32 @@ fn shared_clocks_are_short_and_object_clocks_still_read() {
             tx.write_row(&table, "one", &row, &shared)?;
             tx.write_rows(
                 &table,
-                &[RowWrite {
-                    id: "bulk",
-                    data: &row,
-                    clocks: &shared,
-                    clocks_json: None,
-                }],
+                &[
+                    RowWrite {
+                        id: "bulk",
+                        data: &row,
+                        clocks: RowClocks::Columns(&shared),
+                        clocks_json: None,
+                    },
+                    RowWrite {
+                        id: "bulk-shared",
+                        data: &row,
+                        clocks: RowClocks::Shared(&clock(5, "server")),
+                        clocks_json: None,
+                    },
+                ],
             )?;
             tx.write_row(&table, "mixed", &row, &mixed)?;
             Ok(())
         })
         .expect("write");
     }
-    for id in ["one", "bulk"] {
+    for id in ["one", "bulk", "bulk-shared"] {
         let text = stored_clocks(&path, id);
         assert!(text.starts_with('[') && text.len() < 100, "{id}: {text}");
     }
+    // One shared clock is stored as the map of it is.
+    assert_eq!(stored_clocks(&path, "bulk-shared"), stored_clocks(&path, "bulk"));
     assert!(stored_clocks(&path, "mixed").starts_with('{'));
 
     // As an older version left it: objects, and no high-water mark yet

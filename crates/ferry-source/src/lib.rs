@@ -33,6 +33,7 @@
 //! - the clock high-water mark ([`SourceDb::max_clock`]) is at least every
 //!   clock stored with a row or tombstone, raised in the same transaction.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -189,7 +190,7 @@ pub struct RowWrite<'a> {
     /// Every column's value.
     pub data: &'a RowData,
     /// The columns' clocks.
-    pub clocks: &'a BTreeMap<String, HlcTimestamp>,
+    pub clocks: RowClocks<'a>,
     /// `clocks` as [`ferry_core::clock::clocks_json`] writes them (or as
     /// the object `serde_json::to_string` writes: both are text
     /// [`ferry_core::clock::parse_clocks_json`] reads), when the caller
@@ -197,6 +198,37 @@ pub struct RowWrite<'a> {
     /// this instead of encoding `clocks` again. `None`: the database
     /// encodes `clocks` itself.
     pub clocks_json: Option<&'a str>,
+}
+
+/// The column clocks of a [`RowWrite`]: a map, or one clock for every
+/// column of the row's data (a fresh write of a whole row: one op wrote
+/// them all), which spares the caller a map of the same clock per column.
+#[derive(Clone, Copy, Debug)]
+pub enum RowClocks<'a> {
+    /// Each column's clock.
+    Columns(&'a BTreeMap<String, HlcTimestamp>),
+    /// This clock for every column of the row's data (no clocks when the
+    /// data has no column).
+    Shared(&'a HlcTimestamp),
+}
+
+impl<'a> RowClocks<'a> {
+    /// The clocks as a map of `data`'s columns (made only for
+    /// [`RowClocks::Shared`]).
+    pub fn to_map(self, data: &RowData) -> Cow<'a, BTreeMap<String, HlcTimestamp>> {
+        match self {
+            RowClocks::Columns(map) => Cow::Borrowed(map),
+            RowClocks::Shared(hlc) => Cow::Owned(data.keys().map(|k| (k.clone(), hlc.clone())).collect()),
+        }
+    }
+
+    /// The greatest clock (`None`: no clocks), for `data`'s columns.
+    pub fn max(self, data: &RowData) -> Option<&'a HlcTimestamp> {
+        match self {
+            RowClocks::Columns(map) => map.values().max(),
+            RowClocks::Shared(hlc) => (!data.is_empty()).then_some(hlc),
+        }
+    }
 }
 
 /// A bucket's state as the service keeps it: the wrapping sum of its
@@ -351,7 +383,7 @@ pub trait SourceTx {
     /// each; a database may write them with fewer statements.
     fn write_rows(&mut self, table: &Table, rows: &[RowWrite<'_>]) -> Result<Vec<Option<RowData>>> {
         rows.iter()
-            .map(|r| self.write_row(table, r.id, r.data, r.clocks))
+            .map(|r| self.write_row(table, r.id, r.data, &r.clocks.to_map(r.data)))
             .collect()
     }
     /// The ids among `ids` that the database holds anything of that a

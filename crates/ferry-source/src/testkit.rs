@@ -17,7 +17,8 @@ use ferry_core::{ColumnType, HlcTimestamp, RowData, Schema, Table, Value};
 use ferry_protocol::{op_checksum, DataLineWriter, OpKind, OplogEntry, Outcome};
 
 use crate::{
-    BucketState, ClientProgress, NewOp, OpRange, Result, RowWrite, SourceDb, SourceError, SourceTx, StoredRow,
+    BucketState, ClientProgress, NewOp, OpRange, Result, RowClocks, RowWrite, SourceDb, SourceError, SourceTx,
+    StoredRow,
 };
 
 /// How the suite makes and reopens databases of one backend.
@@ -932,10 +933,15 @@ pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
                     "a tombstone and memberships are known, the rest not"
                 );
                 // Rows and clocks handed over encoded, as the service's
-                // bulk import hands them.
+                // bulk import hands them; every other row's clocks as
+                // one shared clock, for the database to encode.
                 let clocks_json: Vec<String> = rows
                     .iter()
                     .map(|(_, _, c)| ferry_core::clock::clocks_json(c).expect("encode clocks"))
+                    .collect();
+                let shared: Vec<HlcTimestamp> = rows
+                    .iter()
+                    .map(|(_, _, c)| c.values().next().cloned().expect("a clock"))
                     .collect();
                 let data_json: Vec<String> = rows
                     .iter()
@@ -943,12 +949,24 @@ pub fn bulk_writes_match_one_by_one<B: SourceBackend>(b: &B) {
                     .collect();
                 let writes: Vec<RowWrite<'_>> = rows
                     .iter()
-                    .zip(&clocks_json)
-                    .map(|((id, data, clocks), json)| RowWrite {
-                        id,
-                        data,
-                        clocks,
-                        clocks_json: Some(json),
+                    .zip(clocks_json.iter().zip(&shared))
+                    .enumerate()
+                    .map(|(i, ((id, data, clocks), (json, hlc)))| {
+                        if i % 2 == 0 {
+                            RowWrite {
+                                id,
+                                data,
+                                clocks: RowClocks::Columns(clocks),
+                                clocks_json: Some(json),
+                            }
+                        } else {
+                            RowWrite {
+                                id,
+                                data,
+                                clocks: RowClocks::Shared(hlc),
+                                clocks_json: None,
+                            }
+                        }
                     })
                     .collect();
                 let stored = tx.write_rows(&t, &writes)?;

@@ -36,11 +36,12 @@ mod prepare;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use ferry_core::clock::SharedClocksJson;
 use ferry_core::{codec, CrudEntry, CrudOp, RowData, Table};
 use ferry_protocol::{OpKind, Outcome};
 use ferry_transport::blocking;
 
-use self::prepare::FreshRow;
+use self::prepare::{FreshClocks, FreshRow};
 use super::bucket_adds::BucketAdds;
 use super::write::{Refusal, Resolved};
 use super::{blocking_error, Inner, SyncService};
@@ -373,7 +374,13 @@ impl Inner {
             } = self.resolve_op((table, op), entry, &hlc, ("", ""), None);
             let resolution = match resolution {
                 Resolution::Write { row, clocks, .. } if side_writes.is_empty() => {
-                    let worked_out = self.fresh_row(table, op, Some(row), clocks);
+                    let worked_out = self.fresh_row(
+                        table,
+                        op,
+                        Some(row),
+                        FreshClocks::Columns(clocks),
+                        &mut SharedClocksJson::default(),
+                    );
                     worked_out.size.clone().map_err(|reason| refused(entry, &reason))?;
                     self.push_pending(stx, &mut pending, table, op, Cow::Owned(worked_out))?;
                     if repeats {
@@ -452,7 +459,7 @@ impl Inner {
             .map(|r| RowWrite {
                 id: r.op.id(),
                 data: r.data(),
-                clocks: &r.fresh.clocks,
+                clocks: r.fresh.clocks.as_row_clocks(),
                 clocks_json: r.fresh.clocks_json.as_deref(),
             })
             .collect();

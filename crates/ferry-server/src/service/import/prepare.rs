@@ -9,10 +9,32 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ferry_core::clock::SharedClocksJson;
 use ferry_core::{codec, CrudEntry, CrudOp, HlcTimestamp, RowData, Table};
 
 use super::super::Inner;
 use crate::conflict::{Decision, Resolution};
+use crate::db::RowClocks;
+
+/// A fresh row's column clocks: a new row's PUT has one clock for
+/// every column it sends, kept once instead of as a map of copies.
+#[derive(Clone, Debug)]
+pub(super) enum FreshClocks {
+    /// Each column's clock (a strategy's decision).
+    Columns(BTreeMap<String, HlcTimestamp>),
+    /// This clock for every column of the row.
+    Shared(HlcTimestamp),
+}
+
+impl FreshClocks {
+    /// As a bulk write takes them.
+    pub(super) fn as_row_clocks(&self) -> RowClocks<'_> {
+        match self {
+            FreshClocks::Columns(map) => RowClocks::Columns(map),
+            FreshClocks::Shared(hlc) => RowClocks::Shared(hlc),
+        }
+    }
+}
 
 /// A new row's write worked out: a plain write (no side writes).
 #[derive(Clone, Debug)]
@@ -22,7 +44,7 @@ pub(super) struct FreshRow {
     /// instead of kept as a copy).
     pub(super) row: Option<RowData>,
     /// Its column clocks.
-    pub(super) clocks: BTreeMap<String, HlcTimestamp>,
+    pub(super) clocks: FreshClocks,
     /// The row's size check (`Err`: why it is refused).
     pub(super) size: Result<(), String>,
     /// The buckets the row is in, as written.
@@ -41,6 +63,7 @@ impl Inner {
     /// decision that is not a plain write, which the writer works out in
     /// its transaction). Draws one clock per PUT or PATCH, in order.
     pub(super) fn prepare_batch(&self, entries: &[CrudEntry], tables: &[&Table]) -> Vec<Option<FreshRow>> {
+        let mut shared_json = SharedClocksJson::default();
         entries
             .iter()
             .zip(tables)
@@ -51,11 +74,9 @@ impl Inner {
                 let hlc = self.op_clock("", entry);
                 // The strategy's decision known without it: no copy of
                 // the row made and compared.
-                if let CrudOp::Put { data, .. } = &entry.op {
-                    if self.strategy(table).writes_new_puts_as_sent() {
-                        let clocks = data.keys().map(|k| (k.clone(), hlc.clone())).collect();
-                        return Some(self.fresh_row(table, &entry.op, None, clocks));
-                    }
+                if matches!(entry.op, CrudOp::Put { .. }) && self.strategy(table).writes_new_puts_as_sent() {
+                    // Every column the PUT sends at its clock.
+                    return Some(self.fresh_row(table, &entry.op, None, FreshClocks::Shared(hlc), &mut shared_json));
                 }
                 let decision = self.resolve_op((table, &entry.op), entry, &hlc, ("", ""), None);
                 match decision {
@@ -63,7 +84,13 @@ impl Inner {
                         resolution: Resolution::Write { row, clocks, .. },
                         side_writes,
                         ..
-                    } if side_writes.is_empty() => Some(self.fresh_row(table, &entry.op, Some(row), clocks)),
+                    } if side_writes.is_empty() => Some(self.fresh_row(
+                        table,
+                        &entry.op,
+                        Some(row),
+                        FreshClocks::Columns(clocks),
+                        &mut shared_json,
+                    )),
                     _ => None,
                 }
             })
@@ -71,13 +98,15 @@ impl Inner {
     }
 
     /// A plain write of `op`'s row as `row` (`None`: a PUT's row as sent)
-    /// with `clocks`, worked out.
+    /// with `clocks` (shared ones: for every column of the row, their
+    /// text written with `shared_json`), worked out.
     pub(super) fn fresh_row(
         &self,
         table: &Table,
         op: &CrudOp,
         row: Option<RowData>,
-        clocks: BTreeMap<String, HlcTimestamp>,
+        clocks: FreshClocks,
+        shared_json: &mut SharedClocksJson,
     ) -> FreshRow {
         let id = op.id();
         // A PUT's row as sent was checked with the op.
@@ -96,7 +125,10 @@ impl Inner {
         FreshRow {
             buckets: self.rules.row_buckets(&table.name, id, data),
             data_json: json_text(data, encoded.len()),
-            clocks_json: ferry_core::clock::clocks_json(&clocks).ok(),
+            clocks_json: match &clocks {
+                FreshClocks::Columns(map) => ferry_core::clock::clocks_json(map).ok(),
+                FreshClocks::Shared(hlc) => shared_json.encode(hlc, data.keys().map(String::as_str)).ok(),
+            },
             encoded,
             size,
             row,
