@@ -9,6 +9,7 @@ pub mod clock;
 pub mod codec;
 pub mod error;
 pub mod inside;
+pub mod json;
 pub mod limits;
 pub mod op;
 pub mod random;

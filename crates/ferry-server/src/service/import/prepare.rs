@@ -124,7 +124,7 @@ impl Inner {
         let encoded = codec::encode_row(data);
         FreshRow {
             buckets: self.rules.row_buckets(&table.name, id, data),
-            data_json: json_text(data, encoded.len()),
+            data_json: ferry_core::json::row_json(data).ok(),
             clocks_json: match &clocks {
                 FreshClocks::Columns(map) => ferry_core::clock::clocks_json(map).ok(),
                 FreshClocks::Shared(hlc) => shared_json.encode(hlc, data.keys().map(String::as_str)).ok(),
@@ -135,16 +135,6 @@ impl Inner {
             clocks,
         }
     }
-}
-
-/// `data` as `serde_json::to_string` writes it (`None`: it does not
-/// encode), written into room for it: about `encoded_len` (its
-/// `codec::encode_row` length) and a half.
-fn json_text(data: &RowData, encoded_len: usize) -> Option<String> {
-    let mut out = Vec::with_capacity(encoded_len.saturating_mul(3) / 2 + 64);
-    serde_json::to_writer(&mut out, data).ok()?;
-    // serde_json writes UTF-8.
-    String::from_utf8(out).ok()
 }
 
 /// No columns (what [`fresh_data`] answers for a delete, which has no
