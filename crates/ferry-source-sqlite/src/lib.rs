@@ -129,6 +129,14 @@ const META_MAX_CLOCK: &str = "max_clock";
 /// 2 MiB).
 const WRITER_CACHE_KIB: i64 = 16 * 1024;
 
+/// The page size of a database file this creates (an existing file keeps
+/// its own; SQLite's default is 4 KiB). Twice the default: a bulk load's
+/// rows need fewer B-tree pages, splits and WAL frames (callgrind,
+/// `import_bench`: the writer's instructions 5% fewer; 16 KiB: 11%
+/// fewer, but every small commit then writes 16 KiB frames and the WAL
+/// bound, in pages, four times the bytes).
+const NEW_PAGE_SIZE: i64 = 8192;
+
 /// Most idle read connections kept.
 const MAX_IDLE_READERS: usize = 8;
 
@@ -150,6 +158,7 @@ pub struct SqliteSourceDb {
 fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "page_size", NEW_PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.set_prepared_statement_cache_capacity(64);

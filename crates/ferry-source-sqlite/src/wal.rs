@@ -40,7 +40,8 @@ use crate::Result;
 /// after a commit (SQLite's own automatic checkpoint threshold).
 pub const DEFAULT_BACKGROUND_CHECKPOINT_PAGES: u64 = 1_000;
 /// Pages in the WAL over which the writer checkpoints itself after a
-/// commit (64 MiB of 4 KiB pages).
+/// commit (128 MiB of the 8 KiB pages of files this creates, 64 MiB in a
+/// file made with SQLite's default 4 KiB pages).
 pub const DEFAULT_MAX_WAL_PAGES: u64 = 16_384;
 
 /// When the WAL is checkpointed (see the module).

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 use ferry_source::SourceDb;
 use ferry_source_sqlite::{SqliteSourceDb, WalLimits};
 
-/// SQLite's default page size, and a WAL frame's header.
-const PAGE_BYTES: u64 = 4_096;
+/// A WAL frame's header, and the WAL header (which names the page size).
 const FRAME_HEADER_BYTES: u64 = 24;
 const WAL_HEADER_BYTES: u64 = 32;
 /// Write transactions each test makes.
 const WRITES: usize = 300;
 /// Most pages one test write transaction adds to the WAL (a 6 KiB meta
-/// value: two overflow pages, the leaf, and when the leaf splits, its
+/// value: up to two overflow pages, the leaf, and when the leaf splits, its
 /// new sibling, the tree above it and the database header), with room.
 const MAX_PAGES_PER_WRITE: u64 = 16;
 
@@ -28,8 +27,13 @@ fn wal_path(db: &Path) -> PathBuf {
 /// Frames the WAL file has room for (it is reused from its start, never
 /// shrunk, so this is the most it ever held).
 fn wal_frames(db: &Path) -> u64 {
-    let len = std::fs::metadata(wal_path(db)).map(|m| m.len()).unwrap_or(0);
-    len.saturating_sub(WAL_HEADER_BYTES) / (PAGE_BYTES + FRAME_HEADER_BYTES)
+    let wal = std::fs::read(wal_path(db)).unwrap_or_default();
+    // The page size: the WAL header's third big-endian u32.
+    let page_bytes = wal
+        .get(8..12)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(4_096, |b| u64::from(u32::from_be_bytes(b)));
+    (wal.len() as u64).saturating_sub(WAL_HEADER_BYTES) / (page_bytes + FRAME_HEADER_BYTES)
 }
 
 fn write_values(db: &SqliteSourceDb, n: usize) {
