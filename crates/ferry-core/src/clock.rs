@@ -329,29 +329,19 @@ fn push_hlc_json(out: &mut String, hlc: &HlcTimestamp) -> serde_json::Result<()>
 }
 
 /// `v` in decimal, zero-padded to at least `width` digits (`{:0width$}`).
-fn push_padded(out: &mut String, mut v: u64, width: usize) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for _ in digits.len() - start..width {
+fn push_padded(out: &mut String, v: u64, width: usize) {
+    let mut buf = [0u8; 20];
+    let digits = crate::json::decimal_digits(v, &mut buf);
+    for _ in digits.len()..width {
         out.push('0');
     }
-    out.extend(digits[start..].iter().map(|&d| char::from(d)));
+    out.extend(digits.iter().map(|&d| char::from(d)));
 }
 
-/// `s` as the inside of a JSON string (no quotes): plain names as they
-/// are, anything else escaped as `serde_json` escapes it.
+/// `s` as the inside of a JSON string (no quotes): a text that needs no
+/// escape as it is, anything else escaped as `serde_json` escapes it.
 fn push_json_str(out: &mut String, s: &str) -> serde_json::Result<()> {
-    if s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-    {
+    if crate::json::plain(s) {
         out.push_str(s);
     } else {
         let quoted = serde_json::to_string(s)?;

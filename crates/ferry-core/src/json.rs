@@ -10,7 +10,7 @@ use crate::value::{RowData, Value};
 /// Whether `s` goes into a JSON string as it is: `serde_json` escapes
 /// only `"`, `\` and the control characters below U+0020. Eight bytes
 /// at a time (a row's texts are mostly plain and tens of bytes long).
-fn plain(s: &str) -> bool {
+pub(crate) fn plain(s: &str) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     // Whether a byte of `w` is below `n` (n <= 128), and whether one is
@@ -38,23 +38,27 @@ fn push_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
     }
 }
 
-/// `i` in decimal, as `serde_json` (and `Display`) writes it.
-fn push_i64(out: &mut Vec<u8>, i: i64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut v = i.unsigned_abs();
+/// The decimal digits of `v` (no sign, no padding), written at the end
+/// of `buf` (20 bytes hold every `u64`).
+pub(crate) fn decimal_digits(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
     loop {
         start -= 1;
-        digits[start] = b'0' + (v % 10) as u8;
+        buf[start] = b'0' + (v % 10) as u8;
         v /= 10;
         if v == 0 {
             break;
         }
     }
+    &buf[start..]
+}
+
+/// `i` in decimal, as `serde_json` (and `Display`) writes it.
+fn push_i64(out: &mut Vec<u8>, i: i64) {
     if i < 0 {
         out.push(b'-');
     }
-    out.extend_from_slice(&digits[start..]);
+    out.extend_from_slice(decimal_digits(i.unsigned_abs(), &mut [0u8; 20]));
 }
 
 /// Append `data` as `serde_json::to_writer` writes it.
