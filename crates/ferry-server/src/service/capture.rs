@@ -174,8 +174,11 @@ impl Inner {
         };
         let current = stx.read_row(t, id)?;
         let hlc: HlcTimestamp = self.hlc.now();
-        let known = current.as_ref().map(|c| c.clocks.clone()).unwrap_or_default();
-        match current.and_then(|c| c.data) {
+        let (data, known) = match current {
+            Some(c) => (c.data, c.clocks),
+            None => (None, BTreeMap::new()),
+        };
+        match data {
             Some(row) => {
                 if let Err(reason) = self.check_encoded_size(table, id, &row) {
                     tracing::warn!(table, id, "a row changed in the database is not synced: {reason}");
