@@ -1012,6 +1012,25 @@ fn team_post(title: &str, team: &str) -> RowData {
     row_data([("title", text(title)), ("team", text(team))])
 }
 
+/// rita (team red) posts r1 and r2 from `red`, bert (team blue) posts b1
+/// from `blue`, each with a token of its team, and both settle.
+async fn red_and_blue_post(server: &BoundServer, red: &Database, blue: &Database) {
+    for (db, team, user) in [(red, "red", "rita"), (blue, "blue", "bert")] {
+        let minted = Minted::new(user, 3600);
+        minted.claims.lock().insert("team".into(), team.into());
+        db.connect(Arc::new(http(server)), minted);
+    }
+    write(red, |tx| {
+        tx.insert("team_posts", "r1", team_post("a red one", "red"))?;
+        tx.insert("team_posts", "r2", team_post("b red two", "red"))
+    });
+    write(blue, |tx| {
+        tx.insert("team_posts", "b1", team_post("c blue one", "blue"))
+    });
+    settle(red).await;
+    settle(blue).await;
+}
+
 /// A user moved from team red to team blue mid-session (the claim changes
 /// with the next token): red's rows leave the device, blue's arrive, and
 /// an edit of a red row made before the move is rejected and rolled back.
@@ -1027,20 +1046,7 @@ async fn a_claim_that_changes_with_a_fresh_token_moves_the_device_between_bucket
         &carol,
         Query::from("team_posts").order_by(col("title"), Order::Asc).limit(1),
     );
-    for (db, team, user) in [(&red, "red", "rita"), (&blue, "blue", "bert")] {
-        let minted = Minted::new(user, 3600);
-        minted.claims.lock().insert("team".into(), team.into());
-        db.connect(Arc::new(http(&server)), minted);
-    }
-    write(&red, |tx| {
-        tx.insert("team_posts", "r1", team_post("a red one", "red"))?;
-        tx.insert("team_posts", "r2", team_post("b red two", "red"))
-    });
-    write(&blue, |tx| {
-        tx.insert("team_posts", "b1", team_post("c blue one", "blue"))
-    });
-    settle(&red).await;
-    settle(&blue).await;
+    red_and_blue_post(&server, &red, &blue).await;
 
     let minted = Minted::new("carol", 2);
     minted.claims.lock().insert("team".into(), "red".into());
@@ -1839,20 +1845,7 @@ async fn a_device_moved_out_of_a_bucket_and_back_gets_all_its_rows_again() {
     let blue = open(&dir.path().join("blue.db"), 29);
     let carol = open(&dir.path().join("carol.db"), 30);
     let mirror = Mirror::new(&carol, Query::from("team_posts").order_by(col("title"), Order::Asc));
-    for (db, team, user) in [(&red, "red", "rita"), (&blue, "blue", "bert")] {
-        let minted = Minted::new(user, 3600);
-        minted.claims.lock().insert("team".into(), team.into());
-        db.connect(Arc::new(http(&server)), minted);
-    }
-    write(&red, |tx| {
-        tx.insert("team_posts", "r1", team_post("a red one", "red"))?;
-        tx.insert("team_posts", "r2", team_post("b red two", "red"))
-    });
-    write(&blue, |tx| {
-        tx.insert("team_posts", "b1", team_post("c blue one", "blue"))
-    });
-    settle(&red).await;
-    settle(&blue).await;
+    red_and_blue_post(&server, &red, &blue).await;
     let minted = Minted::new("carol", 1);
     minted.claims.lock().insert("team".into(), "red".into());
     carol.connect(Arc::new(http(&server)), minted.clone());
