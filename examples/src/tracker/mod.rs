@@ -357,42 +357,37 @@ impl Tracker {
     /// Keep an outcome for the page (the newest `OUTCOMES_KEPT`) and send
     /// it to the pages listening.
     fn show_outcome(&self, o: &ferry_client::UploadOutcome) {
-        let t = self;
+        let (kind, reason, conflict_id) = match &o.outcome.outcome {
+            Outcome::Applied => ("applied", None, None),
+            Outcome::Merged { reason, .. } => ("merged", Some(reason.clone()), None),
+            Outcome::Rejected { reason } => ("rejected", Some(reason.clone()), None),
+            Outcome::NeedsReview { conflict_id } => ("needs_review", None, Some(conflict_id.clone())),
+        };
+        let label = self
+            .labels
+            .lock()
+            .get(&o.outcome.seq)
+            .cloned()
+            .unwrap_or_else(|| "an earlier write".to_owned());
+        let view = OutcomeView {
+            seq: o.outcome.seq,
+            tx_id: o.tx_id,
+            kind,
+            reason,
+            conflict_id,
+            label,
+            at_ms: now_ms(),
+        };
         {
-            {
-                let (kind, reason, conflict_id) = match &o.outcome.outcome {
-                    Outcome::Applied => ("applied", None, None),
-                    Outcome::Merged { reason, .. } => ("merged", Some(reason.clone()), None),
-                    Outcome::Rejected { reason } => ("rejected", Some(reason.clone()), None),
-                    Outcome::NeedsReview { conflict_id } => ("needs_review", None, Some(conflict_id.clone())),
-                };
-                let label = t
-                    .labels
-                    .lock()
-                    .get(&o.outcome.seq)
-                    .cloned()
-                    .unwrap_or_else(|| "an earlier write".to_owned());
-                let view = OutcomeView {
-                    seq: o.outcome.seq,
-                    tx_id: o.tx_id,
-                    kind,
-                    reason,
-                    conflict_id,
-                    label,
-                    at_ms: now_ms(),
-                };
-                {
-                    let mut kept = t.outcomes.lock();
-                    kept.push_front(view.clone());
-                    kept.truncate(OUTCOMES_KEPT);
-                }
-                let _ = t.events.send(Event {
-                    name: "outcome",
-                    data: serde_json::to_value(&view).unwrap_or(Json::Null),
-                });
-                t.status_wake.notify_one();
-            }
+            let mut kept = self.outcomes.lock();
+            kept.push_front(view.clone());
+            kept.truncate(OUTCOMES_KEPT);
         }
+        let _ = self.events.send(Event {
+            name: "outcome",
+            data: serde_json::to_value(&view).unwrap_or(Json::Null),
+        });
+        self.status_wake.notify_one();
     }
 
     fn ensure_user_row(&self) -> Result<()> {
