@@ -510,12 +510,21 @@ impl Database {
             if pending == 0 && rx.borrow_and_update().has_synced {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return false;
+            // The pending count can drop without a status change after it
+            // (a checkpoint confirming refused writes): look again at
+            // least every `SETTLE_RECHECK_MS`.
+            let recheck = tokio::time::Instant::now() + Duration::from_millis(SETTLE_RECHECK_MS);
+            let _ = tokio::time::timeout_at(recheck.min(deadline), rx.changed()).await;
+            if tokio::time::Instant::now() >= deadline {
+                return self.inner.local.pending_len().unwrap_or(1) == 0 && rx.borrow().has_synced;
             }
         }
     }
 }
+
+/// Longest [`Database::wait_until_settled`] waits before it looks at the
+/// pending count again without a status change.
+const SETTLE_RECHECK_MS: u64 = 50;
 
 impl Drop for Database {
     fn drop(&mut self) {
