@@ -38,6 +38,44 @@ fn push_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
     }
 }
 
+/// Append `s` as a JSON string (quotes included), as `serde_json` writes
+/// it.
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec does not fail; the fallback keeps this total.
+    if push_str(out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// Append `v` in decimal, as `serde_json` (and `Display`) writes it.
+pub fn push_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(decimal_digits(v, &mut [0u8; 20]));
+}
+
+/// Append `v` in decimal with leading zeros to `width` digits.
+fn push_u64_padded(out: &mut Vec<u8>, v: u64, width: usize) {
+    let mut buf = [0u8; 20];
+    let digits = decimal_digits(v, &mut buf);
+    out.extend(std::iter::repeat_n(b'0', width.saturating_sub(digits.len())));
+    out.extend_from_slice(digits);
+}
+
+/// Append a clock as the JSON string `serde_json` writes for it (its
+/// `Display` form, quoted).
+pub fn push_hlc(out: &mut Vec<u8>, hlc: &crate::HlcTimestamp) {
+    if !plain(&hlc.node) {
+        push_json_str(out, &hlc.to_string());
+        return;
+    }
+    out.push(b'"');
+    push_u64_padded(out, hlc.wall_ms, 15);
+    out.push(b'-');
+    push_u64_padded(out, u64::from(hlc.counter), 5);
+    out.push(b'-');
+    out.extend_from_slice(hlc.node.as_bytes());
+    out.push(b'"');
+}
+
 /// The decimal digits of `v` (no sign, no padding), written at the end
 /// of `buf` (20 bytes hold every `u64`).
 pub(crate) fn decimal_digits(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {

@@ -27,12 +27,7 @@ pub struct DataLineWriter {
     full: bool,
 }
 
-fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    // Writing a &str to a Vec does not fail; the fallback keeps this total.
-    if serde_json::to_writer(&mut *buf, s).is_err() {
-        buf.extend_from_slice(b"\"\"");
-    }
-}
+use ferry_core::json::push_json_str;
 
 impl DataLineWriter {
     /// Start a line for `bucket` with room for about `capacity_bytes`, with

@@ -24,5 +24,5 @@ pub use download::{
 };
 pub use error::ProtocolError;
 pub use ferry_core::StagedSummary;
-pub use lines::{decode_line, encode_line, LineSplitter, DEFAULT_MAX_LINE_BYTES};
+pub use lines::{decode_line, encode_line, encode_stream_line, LineSplitter, DEFAULT_MAX_LINE_BYTES};
 pub use messages::*;

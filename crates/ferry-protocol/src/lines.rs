@@ -4,6 +4,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::ProtocolError;
+use crate::messages::StreamLine;
+use ferry_core::json::push_json_str;
 
 /// Longest stream line accepted by default (a data line carries many rows).
 pub const DEFAULT_MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
@@ -16,6 +18,67 @@ pub fn encode_line<T: Serialize>(msg: &T) -> Vec<u8> {
     let mut out = serde_json::to_vec(msg).unwrap_or_else(|_| b"{}".to_vec());
     out.push(b'\n');
     out
+}
+
+/// Encode a stream line, newline included: exactly the bytes of
+/// [`encode_line`], written without serde's machinery for the lines every
+/// stream sends on every commit (a diff, the checkpoint's end, a
+/// keepalive); other lines go through [`encode_line`].
+pub fn encode_stream_line(line: &StreamLine) -> Vec<u8> {
+    use ferry_core::json::{push_hlc, push_u64};
+    match line {
+        StreamLine::CheckpointDiff(d) => {
+            let mut out = Vec::with_capacity(160 + 64 * d.updated_buckets.len());
+            out.extend_from_slice(b"{\"checkpoint_diff\":{\"last_op_id\":");
+            push_u64(&mut out, d.last_op_id);
+            if let Some(w) = d.write_checkpoint {
+                out.extend_from_slice(b",\"write_checkpoint\":");
+                push_u64(&mut out, w);
+            }
+            out.extend_from_slice(b",\"updated_buckets\":[");
+            for (i, b) in d.updated_buckets.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"bucket\":");
+                push_json_str(&mut out, &b.bucket);
+                out.extend_from_slice(b",\"checksum\":");
+                push_u64(&mut out, u64::from(b.checksum));
+                out.extend_from_slice(b",\"count\":");
+                push_u64(&mut out, b.count);
+                out.push(b'}');
+            }
+            out.extend_from_slice(b"],\"removed_buckets\":[");
+            for (i, b) in d.removed_buckets.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_json_str(&mut out, b);
+            }
+            out.push(b']');
+            if let Some(hlc) = &d.hlc {
+                out.extend_from_slice(b",\"hlc\":");
+                push_hlc(&mut out, hlc);
+            }
+            out.extend_from_slice(b"}}\n");
+            out
+        }
+        StreamLine::CheckpointComplete { last_op_id } => {
+            let mut out = Vec::with_capacity(64);
+            out.extend_from_slice(b"{\"checkpoint_complete\":{\"last_op_id\":");
+            push_u64(&mut out, *last_op_id);
+            out.extend_from_slice(b"}}\n");
+            out
+        }
+        StreamLine::Keepalive { token_expires_in_s } => {
+            let mut out = Vec::with_capacity(64);
+            out.extend_from_slice(b"{\"keepalive\":{\"token_expires_in_s\":");
+            push_u64(&mut out, *token_expires_in_s);
+            out.extend_from_slice(b"}}\n");
+            out
+        }
+        other => encode_line(other),
+    }
 }
 
 /// Decode one line (without or with its trailing newline).
@@ -109,7 +172,66 @@ impl LineSplitter {
 
 #[cfg(test)]
 mod tests {
-    use super::find_newline;
+    use super::{encode_line, encode_stream_line, find_newline};
+    use crate::messages::{BucketChecksum, CheckpointDiff, StreamLine};
+    use ferry_core::HlcTimestamp;
+
+    /// The hand-written lines are byte for byte what serde writes,
+    /// including names that need escapes and every optional field.
+    #[test]
+    fn hand_written_stream_lines_equal_serdes() {
+        let odd = "q\"uo\\te\u{1}\n\u{e9}\u{1f600}/";
+        let mut lines = vec![
+            StreamLine::CheckpointComplete { last_op_id: 0 },
+            StreamLine::CheckpointComplete { last_op_id: u64::MAX },
+            StreamLine::Keepalive { token_expires_in_s: 17 },
+        ];
+        for write_checkpoint in [None, Some(0), Some(u64::MAX)] {
+            for hlc in [
+                None,
+                Some(HlcTimestamp {
+                    wall_ms: 1_733_000_000_123,
+                    counter: 7,
+                    node: "server-1".into(),
+                }),
+                Some(HlcTimestamp {
+                    wall_ms: 0,
+                    counter: u32::MAX,
+                    node: odd.into(),
+                }),
+                Some(HlcTimestamp {
+                    wall_ms: u64::MAX,
+                    counter: 0,
+                    node: String::new(),
+                }),
+            ] {
+                for n in [0usize, 1, 3] {
+                    lines.push(StreamLine::CheckpointDiff(CheckpointDiff {
+                        last_op_id: 42,
+                        write_checkpoint,
+                        updated_buckets: (0..n)
+                            .map(|i| BucketChecksum {
+                                bucket: if i == 1 { odd.into() } else { format!("b{i}") },
+                                checksum: u32::MAX - i as u32,
+                                count: i as u64,
+                            })
+                            .collect(),
+                        removed_buckets: (0..n)
+                            .map(|i| if i == 2 { odd.into() } else { format!("r{i}") })
+                            .collect(),
+                        hlc: hlc.clone(),
+                    }));
+                }
+            }
+        }
+        for line in &lines {
+            assert_eq!(
+                String::from_utf8_lossy(&encode_stream_line(line)),
+                String::from_utf8_lossy(&encode_line(line)),
+                "{line:?}"
+            );
+        }
+    }
 
     #[test]
     fn find_newline_matches_a_plain_search() {

@@ -22,24 +22,27 @@ pub(crate) enum Stop {
     Expired,
 }
 
-/// A line's size as a transport writes it (newline included).
-pub(crate) trait LineBytes {
-    /// Bytes of the encoded line, newline included.
-    fn line_bytes(&self) -> usize;
+/// A line as it goes into a stream's channel, with its size as a
+/// transport writes it (newline included).
+pub(crate) trait LineBytes: Sized {
+    /// The line to send and its encoded size. A transport's line is
+    /// encoded here, once: the size is its length, and the transport
+    /// passes the bytes on.
+    fn sized(self) -> (Self, usize);
 }
 
 impl LineBytes for StreamLine {
-    fn line_bytes(&self) -> usize {
-        crate::service::encoded_bytes(self).saturating_add(1)
+    fn sized(self) -> (Self, usize) {
+        let size = crate::service::encoded_bytes(&self).saturating_add(1);
+        (self, size)
     }
 }
 
 impl LineBytes for ServerLine {
-    fn line_bytes(&self) -> usize {
-        match self {
-            ServerLine::Line(line) => line.line_bytes(),
-            ServerLine::Encoded(bytes) => bytes.len(),
-        }
+    fn sized(self) -> (Self, usize) {
+        let bytes = self.into_bytes();
+        let size = bytes.len();
+        (ServerLine::Encoded(bytes), size)
     }
 }
 
@@ -54,6 +57,8 @@ pub(crate) struct StreamSender<'a, L> {
     /// Sizes of the lines sent, newest last; trimmed to the lines still
     /// in the channel.
     sizes: VecDeque<usize>,
+    /// The sum of `sizes`.
+    sizes_sum_bytes: usize,
     channel_budget_bytes: usize,
     shutdown: watch::Receiver<bool>,
     expiry: Pin<Box<Sleep>>,
@@ -71,6 +76,7 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
         StreamSender {
             tx,
             sizes: VecDeque::new(),
+            sizes_sum_bytes: 0,
             channel_budget_bytes,
             shutdown,
             expiry: Box::pin(tokio::time::sleep(expires_in)),
@@ -82,9 +88,11 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
     fn queued(&mut self) -> (usize, usize) {
         let lines = self.tx.max_capacity().saturating_sub(self.tx.capacity());
         while self.sizes.len() > lines {
-            self.sizes.pop_front();
+            if let Some(size) = self.sizes.pop_front() {
+                self.sizes_sum_bytes = self.sizes_sum_bytes.saturating_sub(size);
+            }
         }
-        (lines, self.sizes.iter().sum())
+        (lines, self.sizes_sum_bytes)
     }
 
     /// Resolves when the stream must stop whatever it is doing: shutdown
@@ -132,7 +140,32 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
 
     /// Send one line once it fits the budget.
     pub(crate) async fn send(&mut self, line: L) -> Result<(), Stop> {
-        let size = line.line_bytes();
+        let (line, size) = line.sized();
+        self.send_sized(line, size).await
+    }
+
+    /// Send a sized line once it fits the budget.
+    async fn send_sized(&mut self, mut line: L, size: usize) -> Result<(), Stop> {
+        // The common case, without a wait: the line fits the budget and
+        // the channel has a slot. The stops a wait would watch are looked
+        // at here (a stream busy with commits must still end on time).
+        if *self.shutdown.borrow() {
+            return Err(Stop::ShuttingDown);
+        }
+        if self.expiry.is_elapsed() {
+            return Err(Stop::Expired);
+        }
+        let (lines, queued_bytes) = self.queued();
+        if lines == 0 || queued_bytes.saturating_add(size) <= self.channel_budget_bytes {
+            match self.tx.try_send(line) {
+                Ok(()) => {
+                    self.sent(size);
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::Left),
+                Err(mpsc::error::TrySendError::Full(back)) => line = back,
+            }
+        }
         self.room_for(size).await?;
         let tx = self.tx;
         tokio::select! {
@@ -140,8 +173,14 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
             stop = self.stopped() => return Err(stop),
             sent = tx.send(line) => sent.map_err(|_| Stop::Left)?,
         }
-        self.sizes.push_back(size);
+        self.sent(size);
         Ok(())
+    }
+
+    /// Count a line of `size` bytes sent.
+    fn sent(&mut self, size: usize) {
+        self.sizes.push_back(size);
+        self.sizes_sum_bytes = self.sizes_sum_bytes.saturating_add(size);
     }
 
     /// End the stream for `stop`: a `shutting_down` or `unauthorized`
@@ -191,7 +230,7 @@ mod tests {
                 n
             });
             let line = || StreamLine::Keepalive { token_expires_in_s: 60 };
-            let budget = line().line_bytes() + 1;
+            let budget = line().sized().1 + 1;
             let mut out = StreamSender::new(&tx, budget, shutdown, Duration::from_secs(600), 0);
             for i in 0..LINES {
                 if let Err(stop) = out.send(line()).await {

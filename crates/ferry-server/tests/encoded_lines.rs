@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use ferry_core::Value;
-use ferry_protocol::{encode_line, StreamLine, StreamRequest};
+use ferry_protocol::{decode_line, encode_line, StreamLine, StreamRequest};
 use ferry_server::ServiceOptions;
-use ferry_transport::{ServerLine, SyncHandler};
+use ferry_transport::SyncHandler;
 
 fn request() -> StreamRequest {
     StreamRequest {
@@ -66,33 +66,54 @@ async fn encoded_stream_matches_the_typed_stream() {
     let mut encoded = SyncHandler::stream_lines(&e.svc, &token("u1"), request())
         .await
         .expect("encoded stream");
-    let mut data_lines = 0;
+    // The typed stream's lines through the first checkpoint's end.
+    let mut typed_lines = Vec::new();
     loop {
         let t = tokio::time::timeout(Duration::from_secs(5), typed.recv())
             .await
             .expect("typed line in time")
             .expect("typed line");
+        let done = matches!(t, StreamLine::CheckpointComplete { .. });
+        typed_lines.push(t);
+        if done {
+            break;
+        }
+    }
+    // The encoded stream's: one whole line per message (transports hand
+    // each message on as a line).
+    let mut encoded_lines: Vec<Vec<u8>> = Vec::new();
+    while !encoded_lines
+        .last()
+        .is_some_and(|l| l.starts_with(b"{\"checkpoint_complete\""))
+    {
         let b = tokio::time::timeout(Duration::from_secs(5), encoded.recv())
             .await
             .expect("encoded line in time")
             .expect("encoded line");
-        if matches!(b, ServerLine::Encoded(_)) {
+        let bytes = b.into_bytes();
+        assert!(
+            bytes.ends_with(b"\n") && bytes.iter().filter(|c| **c == b'\n').count() == 1,
+            "one line per message: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        encoded_lines.push(bytes);
+    }
+    assert_eq!(encoded_lines.len(), typed_lines.len());
+    let mut data_lines = 0;
+    for (t, b) in typed_lines.into_iter().zip(encoded_lines) {
+        if matches!(t, StreamLine::Data(_)) {
             data_lines += 1;
+            // Data lines are the stored rows' bytes, exactly.
+            assert_eq!(String::from_utf8_lossy(&b), String::from_utf8_lossy(&encode_line(&t)));
+            continue;
         }
         // Checkpoint lines carry the server's HLC, which moves on between
         // the two streams: they are compared without it.
-        let t = without_hlc(t);
-        let b = match b {
-            ServerLine::Line(l) => ServerLine::Line(without_hlc(l)),
-            b => b,
-        };
+        let decoded: StreamLine = decode_line(&b, usize::MAX).expect("encoded line decodes");
         assert_eq!(
-            String::from_utf8_lossy(&b.into_bytes()),
-            String::from_utf8_lossy(&encode_line(&t))
+            String::from_utf8_lossy(&encode_line(&without_hlc(decoded))),
+            String::from_utf8_lossy(&encode_line(&without_hlc(t)))
         );
-        if matches!(t, StreamLine::CheckpointComplete { .. }) {
-            break;
-        }
     }
     assert!(data_lines >= 4, "only {data_lines} encoded data lines");
 }

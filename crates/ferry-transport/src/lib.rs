@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ferry_core::ErrorKind;
-use ferry_protocol::{encode_line, ErrorCode, ServerError, StreamLine, StreamRequest, UploadRequest, UploadResponse};
+use ferry_protocol::{
+    encode_stream_line, ErrorCode, ServerError, StreamLine, StreamRequest, UploadRequest, UploadResponse,
+};
 use thiserror::Error;
 
 mod backoff;
@@ -123,7 +125,7 @@ impl ServerLine {
     /// The line's bytes, newline included.
     pub fn into_bytes(self) -> Vec<u8> {
         match self {
-            ServerLine::Line(line) => encode_line(&line),
+            ServerLine::Line(line) => encode_stream_line(&line),
             ServerLine::Encoded(bytes) => bytes,
         }
     }

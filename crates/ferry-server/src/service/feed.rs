@@ -12,11 +12,11 @@
 //! ([`FEED_MAX_ENTRIES_PER_BUCKET`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use ferry_protocol::OplogEntry;
+use ferry_protocol::{DataLineWriter, OplogEntry};
 use ferry_transport::blocking;
 use tokio::sync::broadcast;
 
@@ -35,6 +35,13 @@ pub const FEED_MAX_ENTRIES_PER_BUCKET: usize = 1_000;
 pub const FEED_MAX_BUCKETS_WITH_ENTRIES: usize = 256;
 /// How often the feed looks without a notification.
 pub const FEED_POLL_MS: u64 = 1_000;
+/// How often, at most, a read after a commit looks at the progress of
+/// every client streaming here, not only the clients whose uploads ran
+/// here since the last read (a read on the poll timer always does): how
+/// late an upload through another instance on a shared database can
+/// show in a stream's write checkpoint, if its commit notification
+/// came between two such reads.
+pub const FEED_PROGRESS_FULL_MS: u64 = 250;
 
 /// What changed between two op ids, for every stream of this server.
 #[derive(Debug)]
@@ -57,6 +64,52 @@ pub(crate) struct FeedBucket {
     /// The entries in `(from_op_id, last_op_id]`, ascending; `None`: too
     /// many to carry (read them from the database).
     pub entries: Option<Vec<OplogEntry>>,
+    /// `entries` as `data` lines, encoded once by the first stream that
+    /// sends all of them (every stream of one server uses the same line
+    /// limits).
+    encoded: OnceLock<Vec<Vec<u8>>>,
+}
+
+impl FeedBucket {
+    /// All the carried entries as `data` lines of `bucket` within the
+    /// line limits (none when the event does not carry them).
+    pub(crate) fn encoded_lines(&self, bucket: &str, max_ops: usize, max_line_bytes: usize) -> &[Vec<u8>] {
+        self.encoded.get_or_init(|| {
+            let entries = self.entries.as_deref().unwrap_or_default();
+            encode_entries(bucket, entries.iter(), max_ops, max_line_bytes)
+        })
+    }
+}
+
+/// `entries` of `bucket` as `data` lines (newline included) of at most
+/// `max_ops` entries and `max_line_bytes` each (at least one entry per
+/// line).
+pub(crate) fn encode_entries<'a>(
+    bucket: &str,
+    entries: impl Iterator<Item = &'a OplogEntry>,
+    max_ops: usize,
+    max_line_bytes: usize,
+) -> Vec<Vec<u8>> {
+    let (max_ops, max_bytes) = (max_ops.max(1), max_line_bytes.max(1));
+    let mut lines = Vec::new();
+    let mut line: Option<DataLineWriter> = None;
+    for e in entries {
+        let current = line.get_or_insert_with(|| DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes));
+        if current.ops() < max_ops && current.push_entry(e) {
+            continue;
+        }
+        // Full: a new line, which takes at least this entry.
+        if let Some(full) = line.take() {
+            lines.push(full.finish());
+        }
+        let mut next = DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes);
+        next.push_entry(e);
+        line = Some(next);
+    }
+    if let Some(last) = line {
+        lines.push(last.finish());
+    }
+    lines
 }
 
 /// The feed's shared state.
@@ -67,7 +120,22 @@ pub(crate) struct Feed {
     clients: parking_lot::Mutex<HashMap<String, usize>>,
     /// Buckets some stream here follows, with how many.
     buckets: parking_lot::Mutex<HashMap<String, usize>>,
+    /// Clients whose uploads run here or ran since a read started after
+    /// them: the progress a read after a commit looks at.
+    uploads: parking_lot::Mutex<HashMap<String, UploadMark>>,
+    /// Reads started so far.
+    reads_started: AtomicU64,
     started: AtomicBool,
+}
+
+/// A client's uploads here, for the feed's reads.
+#[derive(Debug)]
+struct UploadMark {
+    /// Uploads of the client running now.
+    running: usize,
+    /// `reads_started` when the last one ended: reads numbered from it on
+    /// started after it and see its commits.
+    ended_before_read: u64,
 }
 
 impl Feed {
@@ -76,7 +144,53 @@ impl Feed {
             events: broadcast::channel(FEED_CHANNEL_EVENTS).0,
             clients: parking_lot::Mutex::new(HashMap::new()),
             buckets: parking_lot::Mutex::new(HashMap::new()),
+            uploads: parking_lot::Mutex::new(HashMap::new()),
+            reads_started: AtomicU64::new(0),
             started: AtomicBool::new(false),
+        }
+    }
+}
+
+/// An upload of one client, known to the feed while it runs and until a
+/// read started after it: a commit it makes moves the client's progress,
+/// which the reads after it look at. Held across the upload.
+pub(crate) struct UploadGuard {
+    inner: Arc<Inner>,
+    client_id: String,
+}
+
+impl UploadGuard {
+    pub(crate) fn new(inner: &Arc<Inner>, client_id: &str) -> Self {
+        inner
+            .feed
+            .uploads
+            .lock()
+            .entry(client_id.to_owned())
+            .or_insert(UploadMark {
+                running: 0,
+                ended_before_read: 0,
+            })
+            .running += 1;
+        UploadGuard {
+            inner: inner.clone(),
+            client_id: client_id.to_owned(),
+        }
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        let feed = &self.inner.feed;
+        let mut uploads = feed.uploads.lock();
+        let Some(mark) = uploads.get_mut(&self.client_id) else {
+            return;
+        };
+        mark.running = mark.running.saturating_sub(1);
+        mark.ended_before_read = feed.reads_started.load(Ordering::SeqCst);
+        // Without a feed (no stream here yet) no read clears it; a feed
+        // that starts later begins with a full read.
+        if mark.running == 0 && !feed.started.load(Ordering::SeqCst) {
+            uploads.remove(&self.client_id);
         }
     }
 }
@@ -144,9 +258,15 @@ async fn run_feed(inner: Arc<Inner>) {
     let mut commits = inner.db.commits();
     let mut watermark: Option<u64> = None;
     let mut progress: HashMap<String, u64> = HashMap::new();
+    // Whether the next read looks at every streaming client's progress.
+    let mut full = true;
+    let mut last_full = Instant::now();
     loop {
         commits.borrow_and_update();
-        match read_once(&inner, watermark, &mut progress).await {
+        if full {
+            last_full = Instant::now();
+        }
+        match read_once(&inner, watermark, &mut progress, full).await {
             Ok(Some(event)) => {
                 // The first event (the start) carries no change: a stream
                 // whose checkpoint is older sees a gap and reads the
@@ -169,8 +289,9 @@ async fn run_feed(inner: Arc<Inner>) {
                 if r.is_err() {
                     return;
                 }
+                full = last_full.elapsed() >= Duration::from_millis(FEED_PROGRESS_FULL_MS);
             }
-            () = tokio::time::sleep(Duration::from_millis(FEED_POLL_MS)) => {}
+            () = tokio::time::sleep(Duration::from_millis(FEED_POLL_MS)) => full = true,
         }
         if *shutdown.borrow() {
             return;
@@ -179,27 +300,44 @@ async fn run_feed(inner: Arc<Inner>) {
 }
 
 /// Read what changed since `watermark` (at the start, only where the log
-/// is). `None`: nothing new for any stream.
+/// is): the progress of every client streaming here when `full`, else of
+/// those whose uploads ran here since the last read. `None`: nothing new
+/// for any stream.
 async fn read_once(
     inner: &Arc<Inner>,
     watermark: Option<u64>,
     progress: &mut HashMap<String, u64>,
+    full: bool,
 ) -> Result<Option<FeedEvent>> {
-    let clients: Vec<String> = inner.feed.clients.lock().keys().cloned().collect();
-    let followed: Vec<String> = inner.feed.buckets.lock().keys().cloned().collect();
+    let feed = &inner.feed;
+    let read_no = feed.reads_started.fetch_add(1, Ordering::SeqCst);
+    let clients: Vec<String> = {
+        let streaming = feed.clients.lock();
+        if full {
+            streaming.keys().cloned().collect()
+        } else {
+            let uploads = feed.uploads.lock();
+            uploads.keys().filter(|c| streaming.contains_key(*c)).cloned().collect()
+        }
+    };
     let db = inner.db.clone();
     let after = watermark.unwrap_or(u64::MAX);
-    let read = blocking::run(move || -> Result<_> {
+    let reader = inner.clone();
+    let read_result = blocking::run(move || -> Result<_> {
         let changes = db.changes_since(after, &clients)?;
         let mut entries: HashMap<String, Vec<OplogEntry>> = HashMap::new();
         if after != u64::MAX {
-            let followed: std::collections::HashSet<&String> = followed.iter().collect();
-            for (bucket, _) in changes
-                .buckets
-                .iter()
-                .filter(|(b, _)| followed.contains(b))
-                .take(FEED_MAX_BUCKETS_WITH_ENTRIES)
-            {
+            let followed: Vec<&String> = {
+                let followed = reader.feed.buckets.lock();
+                changes
+                    .buckets
+                    .iter()
+                    .map(|(b, _)| b)
+                    .filter(|b| followed.contains_key(*b))
+                    .take(FEED_MAX_BUCKETS_WITH_ENTRIES)
+                    .collect()
+            };
+            for bucket in followed {
                 let range = OpRange::between(bucket, after, changes.last_op_id)
                     .limited(FEED_MAX_ENTRIES_PER_BUCKET + 1, usize::MAX);
                 let ops = db.read_ops(&range)?;
@@ -211,19 +349,32 @@ async fn read_once(
         Ok((changes, entries))
     })
     .await
-    .map_err(blocking_error)??;
-    let (changes, mut entries) = read;
-    // The progress of the clients streaming here now (those that left are
-    // forgotten); the ones that moved since the last read go out.
+    .map_err(blocking_error)?;
+    let (changes, mut entries) = read_result?;
+    // The uploads that ended before this read started are seen now.
+    feed.uploads
+        .lock()
+        .retain(|_, m| m.running > 0 || m.ended_before_read > read_no);
+    // The progress of the clients read (after a full read, those that left
+    // are forgotten); the ones that moved since the last read go out.
     let mut moved = HashMap::new();
-    let mut now = HashMap::with_capacity(changes.clients.len());
-    for (client, seq) in changes.clients {
-        if progress.get(&client) != Some(&seq) {
-            moved.insert(client.clone(), seq);
+    if full {
+        let mut now = HashMap::with_capacity(changes.clients.len());
+        for (client, seq) in changes.clients {
+            if progress.get(&client) != Some(&seq) {
+                moved.insert(client.clone(), seq);
+            }
+            now.insert(client, seq);
         }
-        now.insert(client, seq);
+        *progress = now;
+    } else {
+        for (client, seq) in changes.clients {
+            if progress.get(&client) != Some(&seq) {
+                moved.insert(client.clone(), seq);
+                progress.insert(client, seq);
+            }
+        }
     }
-    *progress = now;
     let Some(from) = watermark else {
         // The start: where the log is, nothing to hand out.
         return Ok(Some(FeedEvent {
@@ -241,7 +392,14 @@ async fn read_once(
         .into_iter()
         .map(|(name, state)| {
             let e = entries.remove(&name);
-            (name, FeedBucket { state, entries: e })
+            (
+                name,
+                FeedBucket {
+                    state,
+                    entries: e,
+                    encoded: OnceLock::new(),
+                },
+            )
         })
         .collect();
     Ok(Some(FeedEvent {

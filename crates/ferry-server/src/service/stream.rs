@@ -107,10 +107,25 @@ async fn run_stream<L: StreamOut>(
         user.exp_s,
     );
     let mut sent: Option<CheckpointState> = None;
+    // The feed's op id this stream has seen every commit up to: past the
+    // last checkpoint sent when commits touched none of its buckets.
+    let mut seen_op_id = 0u64;
     let mut read_db = true;
     // Whether the client's owner was found to be this user (the client id
     // may have had no owner when the stream opened).
     let mut owner_checked = false;
+    // What ends the stream while it waits, made once (not on every pass
+    // through the loop): the client leaving, shutdown, the token's expiry.
+    let left = tx.closed();
+    tokio::pin!(left);
+    let mut shutdown = inner.shutdown.subscribe();
+    let shutting_down = async move {
+        // An error (the sender gone) is a shutdown too.
+        let _ = shutdown.wait_for(|s| *s).await.is_ok();
+    };
+    tokio::pin!(shutting_down);
+    let expired = tokio::time::sleep(Duration::from_millis(expires_in_ms));
+    tokio::pin!(expired);
     loop {
         if read_db {
             read_db = false;
@@ -120,38 +135,48 @@ async fn run_stream<L: StreamOut>(
                 .await
                 .map_err(blocking_error)??;
             check_progress_owner(inner, user, client_id, &cp, &mut owner_checked).await?;
-            if let Err(stop) = send_checkpoint(inner, &mut sent, cp, &mut positions, &mut out, open, None).await? {
+            seen_op_id = seen_op_id.max(cp.last_op_id);
+            if let Err(stop) = send_checkpoint(inner, &mut sent, cp, &mut positions, &mut out, open).await? {
                 out.end(stop);
                 return Ok(());
             }
         }
         tokio::select! {
             biased;
-            () = tx.closed() => return Ok(()),
+            () = &mut left => return Ok(()),
             event = sub.events.recv() => match event {
                 Ok(event) => {
-                    let Some(prev) = &sent else {
+                    let Some(prev) = &mut sent else {
                         read_db = true;
                         continue;
                     };
-                    if event.from_op_id > prev.last_op_id {
+                    if event.from_op_id > seen_op_id.max(prev.last_op_id) {
                         // A gap: commits this stream never saw.
                         read_db = true;
                         continue;
                     }
-                    let cp = checkpoint_after(prev, &event, client_id);
-                    check_progress_owner(inner, user, client_id, &cp, &mut owner_checked).await?;
-                    let sent_now = send_checkpoint(inner, &mut sent, cp, &mut positions, &mut out, open, Some(&event));
+                    let Some(diff) = apply_event(prev, &event, client_id, &mut positions) else {
+                        // Nothing of this stream's buckets or client.
+                        seen_op_id = seen_op_id.max(event.last_op_id);
+                        continue;
+                    };
+                    check_progress_owner(inner, user, client_id, prev, &mut owner_checked).await?;
+                    let sent_now = send_diff(inner, prev, diff, &mut positions, &mut out, open, &event);
                     if let Err(stop) = sent_now.await? {
                         out.end(stop);
                         return Ok(());
                     }
+                    seen_op_id = seen_op_id.max(event.last_op_id);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => read_db = true,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             },
-            stop = out.stopped() => {
-                out.end(stop);
+            () = &mut shutting_down => {
+                out.end(Stop::ShuttingDown);
+                return Ok(());
+            }
+            () = &mut expired => {
+                out.end(Stop::Expired);
                 return Ok(());
             }
             _ = keepalive.tick() => {
@@ -192,31 +217,87 @@ async fn check_progress_owner(
     Ok(())
 }
 
-/// The checkpoint after `event` for a stream that sent `prev` (and has
-/// seen every commit up to it): the event's bucket states where it is
-/// newer, the client's progress where it moved.
-fn checkpoint_after(prev: &CheckpointState, event: &super::feed::FeedEvent, client_id: &str) -> CheckpointState {
-    let mut cp = prev.clone();
-    if event.last_op_id > prev.last_op_id {
-        cp.last_op_id = event.last_op_id;
-        for b in &mut cp.buckets {
+/// What a feed event changed for one stream: the buckets whose state
+/// moved, as the diff sends them.
+struct EventDiff {
+    updated: Vec<ferry_protocol::BucketChecksum>,
+}
+
+/// Apply `event` to the checkpoint a stream sent (`sent`, after which it
+/// has seen every commit): the event's bucket states where they moved,
+/// the client's progress where it moved. `None` when nothing of this
+/// stream's changed (no bucket it follows, not its client): `sent` stays
+/// and its buckets' positions move past the event, which holds no entry
+/// of them.
+fn apply_event(
+    sent: &mut CheckpointState,
+    event: &super::feed::FeedEvent,
+    client_id: &str,
+    positions: &mut BTreeMap<String, u64>,
+) -> Option<EventDiff> {
+    let mut updated = Vec::new();
+    if event.last_op_id > sent.last_op_id {
+        for b in &mut sent.buckets {
             if let Some(changed) = event.buckets.get(&b.bucket) {
-                b.checksum = changed.state.checksum;
-                b.count = changed.state.count;
+                if b.checksum != changed.state.checksum || b.count != changed.state.count {
+                    b.checksum = changed.state.checksum;
+                    b.count = changed.state.count;
+                    updated.push(b.clone());
+                }
             }
         }
     }
-    if let Some(&seq) = event.clients.get(client_id) {
+    let progress = event
+        .clients
+        .get(client_id)
         // Progress only moves forward.
-        cp.write_checkpoint = Some(cp.write_checkpoint.map_or(seq, |w| w.max(seq)));
+        .map(|&seq| sent.write_checkpoint.map_or(seq, |w| w.max(seq)))
+        .filter(|&w| sent.write_checkpoint != Some(w));
+    if updated.is_empty() && progress.is_none() {
+        for p in positions.values_mut() {
+            *p = (*p).max(event.last_op_id);
+        }
+        return None;
     }
-    cp
+    sent.last_op_id = sent.last_op_id.max(event.last_op_id);
+    if progress.is_some() {
+        sent.write_checkpoint = progress;
+    }
+    Some(EventDiff { updated })
+}
+
+/// Send a diff for a stream's checkpoint `cp` (already moved by the
+/// event), the `data` lines of the buckets it updates (the feed's entries
+/// where the event carries them and the stream is where they start, else
+/// read from the database), and the checkpoint's end. `Ok(Err(stop))`
+/// when the stream must end.
+async fn send_diff<L: StreamOut>(
+    inner: &Arc<Inner>,
+    cp: &CheckpointState,
+    diff: EventDiff,
+    positions: &mut BTreeMap<String, u64>,
+    out: &mut StreamSender<'_, L>,
+    open: &StreamGuard,
+    event: &super::feed::FeedEvent,
+) -> Result<std::result::Result<(), Stop>> {
+    let buckets: Vec<String> = diff.updated.iter().map(|b| b.bucket.clone()).collect();
+    let line = StreamLine::CheckpointDiff(CheckpointDiff {
+        hlc: Some(inner.hlc.now()),
+        last_op_id: cp.last_op_id,
+        write_checkpoint: cp.write_checkpoint,
+        updated_buckets: diff.updated,
+        removed_buckets: Vec::new(),
+    });
+    if let Err(stop) = out.send(line.into()).await {
+        return Ok(Err(stop));
+    }
+    send_changed(inner, cp, buckets, positions, out, open, Some(event)).await
 }
 
 /// Send `cp` if it differs from what was sent: the checkpoint (first) or
-/// a diff, the `data` lines of the buckets that changed (from the feed's
-/// entries where the event carries them, else read from the database),
-/// and the checkpoint's end. `Ok(Err(stop))` when the stream must end.
+/// a diff, the `data` lines of the buckets that changed (read from the
+/// database), and the checkpoint's end. `Ok(Err(stop))` when the stream
+/// must end.
 async fn send_checkpoint<L: StreamOut>(
     inner: &Arc<Inner>,
     sent: &mut Option<CheckpointState>,
@@ -224,7 +305,6 @@ async fn send_checkpoint<L: StreamOut>(
     positions: &mut BTreeMap<String, u64>,
     out: &mut StreamSender<'_, L>,
     open: &StreamGuard,
-    event: Option<&super::feed::FeedEvent>,
 ) -> Result<std::result::Result<(), Stop>> {
     if sent.as_ref() == Some(&cp) {
         return Ok(Ok(()));
@@ -262,17 +342,47 @@ async fn send_checkpoint<L: StreamOut>(
             updated.into_iter().map(|b| b.bucket).collect()
         }
     };
+    let done = send_changed(inner, &cp, changed, positions, out, open, None).await?;
+    if done.is_ok() {
+        *sent = Some(cp);
+    }
+    Ok(done)
+}
+
+/// After a checkpoint or diff line: the `data` lines of the `changed`
+/// buckets up to `cp` (from the event's entries where it carries them
+/// and the stream is where they start, else read from the database), and
+/// the checkpoint's end.
+async fn send_changed<L: StreamOut>(
+    inner: &Arc<Inner>,
+    cp: &CheckpointState,
+    changed: Vec<String>,
+    positions: &mut BTreeMap<String, u64>,
+    out: &mut StreamSender<'_, L>,
+    open: &StreamGuard,
+    event: Option<&super::feed::FeedEvent>,
+) -> Result<std::result::Result<(), Stop>> {
     let mut from_db: Vec<(String, u64)> = Vec::new();
     for b in changed {
         let pos = positions.get(&b).copied().unwrap_or(0);
         if pos >= cp.last_op_id {
             continue;
         }
-        let carried = event.and_then(|e| e.buckets.get(&b)).and_then(|fb| fb.entries.as_ref());
+        let carried = event.and_then(|e| e.buckets.get(&b).map(|fb| (e, fb)));
         // The event's entries cover `(from_op_id, last_op_id]`: enough
         // when the stream is at or past `from_op_id` in this bucket.
-        match carried.filter(|_| event.is_some_and(|e| pos >= e.from_op_id)) {
-            Some(entries) => {
+        match carried.filter(|(e, fb)| pos >= e.from_op_id && fb.entries.is_some()) {
+            Some((e, fb)) if pos == e.from_op_id && cp.last_op_id >= e.last_op_id => {
+                // Every entry carried: the lines every such stream sends,
+                // encoded once.
+                for line in fb.encoded_lines(&b, inner.options.max_ops_per_line, inner.options.max_line_bytes) {
+                    if let Err(stop) = out.send(L::from_data_line(line.clone())?).await {
+                        return Ok(Err(stop));
+                    }
+                }
+            }
+            Some((_, fb)) => {
+                let entries = fb.entries.as_deref().unwrap_or_default();
                 let fresh: Vec<&ferry_protocol::OplogEntry> = entries
                     .iter()
                     .filter(|e| e.op_id > pos && e.op_id <= cp.last_op_id)
@@ -297,40 +407,25 @@ async fn send_checkpoint<L: StreamOut>(
         return Ok(Err(stop));
     }
     open.checkpoint_sent(cp.last_op_id);
-    *sent = Some(cp);
     Ok(Ok(()))
 }
 
-/// Encode and send `entries` of `bucket` in lines within the stream's
-/// line limits (`max_ops_per_line`, `max_line_bytes`; at least one entry
-/// per line).
+/// Send `entries` of `bucket` (at most a feed event's share of one
+/// bucket) in lines within the stream's line limits.
 async fn send_entries<L: StreamOut>(
     inner: &Arc<Inner>,
     bucket: &str,
     entries: &[&ferry_protocol::OplogEntry],
     out: &mut StreamSender<'_, L>,
 ) -> Result<std::result::Result<(), Stop>> {
-    let (max_ops, max_bytes) = (
-        inner.options.max_ops_per_line.max(1),
-        inner.options.max_line_bytes.max(1),
+    let lines = super::feed::encode_entries(
+        bucket,
+        entries.iter().copied(),
+        inner.options.max_ops_per_line,
+        inner.options.max_line_bytes,
     );
-    let mut rest = entries;
-    while !rest.is_empty() {
-        let mut line = DataLineWriter::new(bucket, 0).with_max_line_bytes(max_bytes);
-        let mut taken = 0;
-        for e in rest {
-            if line.ops() >= max_ops || !line.push_entry(e) {
-                break;
-            }
-            taken += 1;
-        }
-        // The first entry always fits (a line holds at least one).
-        let taken = taken.max(1);
-        rest = &rest[taken.min(rest.len())..];
-        if let Err(stop) = out.room_for(line.finished_len_bytes()).await {
-            return Ok(Err(stop));
-        }
-        if let Err(stop) = out.send(L::from_data_line(line.finish())?).await {
+    for line in lines {
+        if let Err(stop) = out.send(L::from_data_line(line)?).await {
             return Ok(Err(stop));
         }
     }

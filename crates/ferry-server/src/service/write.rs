@@ -54,6 +54,9 @@ impl SyncService {
         }
         let inner = self.inner.clone();
         let user = user.clone();
+        // Until a change feed read after it, the feed looks at this
+        // client's progress.
+        let _seen_by_feed = super::feed::UploadGuard::new(&self.inner, &request.client_id);
         let result = blocking::run(move || inner.process_upload(&user, &request))
             .await
             .map_err(blocking_error)?;
