@@ -31,12 +31,15 @@ pub(crate) struct Batched {
     pub(crate) outcomes: Vec<OutcomeRow>,
     /// The last state set of each bucket.
     pub(crate) buckets: BTreeMap<String, BucketState>,
-    /// Memberships set, in order: table, row id, buckets (a later one of
-    /// the same row replaces an earlier one).
-    pub(crate) memberships: Vec<(String, String, Vec<String>)>,
-    /// Rows' clocks set, in order: table, row id, clocks (JSON); each
-    /// also clears the row's tombstone.
-    pub(crate) clocks: Vec<(String, String, String)>,
+    /// Memberships set, in order: table, row id, buckets, and whether
+    /// they only add to the row's stored ones (known from the read
+    /// ahead: nothing to delete). A later one of the same row replaces an
+    /// earlier one.
+    pub(crate) memberships: Vec<(String, String, Vec<String>, bool)>,
+    /// Rows' clocks set, in order: table, row id, clocks (JSON), and
+    /// whether the row may have a tombstone to clear (`false`: the read
+    /// ahead found none).
+    pub(crate) clocks: Vec<(String, String, String, bool)>,
 }
 
 /// Where an op's gathered rows start, to drop them when it rolls back.
@@ -121,12 +124,31 @@ impl Batched {
             ));
         }
         // The last membership set of each row, by table.
-        let mut memberships: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
-        for (table, id, buckets) in std::mem::take(&mut self.memberships) {
-            memberships.entry(table).or_default().insert(id, buckets);
+        let mut memberships: BTreeMap<String, BTreeMap<String, (Vec<String>, bool)>> = BTreeMap::new();
+        for (table, id, buckets, adds_only) in std::mem::take(&mut self.memberships) {
+            memberships.entry(table).or_default().insert(id, (buckets, adds_only));
         }
         for (table, rows) in memberships {
-            let rows: Vec<(String, Vec<String>)> = rows.into_iter().collect();
+            let (adds, sets): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, (_, adds_only))| *adds_only);
+            // Only added to: a plain insert (a new row's, mostly).
+            for chunk in adds.chunks(MAX_ROWS_PER_STATEMENT) {
+                let (ids, buckets): (Vec<String>, Vec<String>) = chunk
+                    .iter()
+                    .flat_map(|(id, (buckets, _))| buckets.iter().map(move |b| (id.clone(), b.clone())))
+                    .unzip();
+                if ids.is_empty() {
+                    continue;
+                }
+                out.push((
+                    format!(
+                        "INSERT INTO {f}.row_buckets(tbl, id, bucket) \
+                         SELECT $1, id, bucket FROM unnest($2::text[], $3::text[]) AS w(id, bucket) \
+                         ON CONFLICT DO NOTHING"
+                    ),
+                    vec![Box::new(table.clone()) as Param, Box::new(ids), Box::new(buckets)],
+                ));
+            }
+            let rows: Vec<(String, Vec<String>)> = sets.into_iter().map(|(id, (buckets, _))| (id, buckets)).collect();
             for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
                 let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
                 let (want_ids, want_buckets): (Vec<String>, Vec<String>) = chunk
@@ -154,14 +176,20 @@ impl Batched {
             }
         }
         // The last clocks set of each row.
-        let mut clocks: BTreeMap<(String, String), String> = BTreeMap::new();
-        for (table, id, c) in std::mem::take(&mut self.clocks) {
-            clocks.insert((table, id), c);
+        let mut clocks: BTreeMap<(String, String), (String, bool)> = BTreeMap::new();
+        for (table, id, c, tombstone) in std::mem::take(&mut self.clocks) {
+            clocks.insert((table, id), (c, tombstone));
         }
         let clocks: Vec<_> = clocks.into_iter().collect();
         for chunk in clocks.chunks(MAX_ROWS_PER_STATEMENT) {
             let mut cols: (Vec<String>, Vec<String>, Vec<String>) = Default::default();
-            for ((table, id), c) in chunk.iter().cloned() {
+            // The rows that may have a tombstone.
+            let mut tombstones: (Vec<String>, Vec<String>) = Default::default();
+            for ((table, id), (c, tombstone)) in chunk.iter().cloned() {
+                if tombstone {
+                    tombstones.0.push(table.clone());
+                    tombstones.1.push(id.clone());
+                }
                 cols.0.push(table);
                 cols.1.push(id);
                 cols.2.push(c);
@@ -172,12 +200,11 @@ impl Batched {
                      SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
                      ON CONFLICT (tbl, id) DO UPDATE SET clocks = EXCLUDED.clocks"
                 ),
-                vec![
-                    Box::new(cols.0.clone()) as Param,
-                    Box::new(cols.1.clone()),
-                    Box::new(cols.2),
-                ],
+                vec![Box::new(cols.0) as Param, Box::new(cols.1), Box::new(cols.2)],
             ));
+            if tombstones.0.is_empty() {
+                continue;
+            }
             // Tombstones are few: a probe per row finds them.
             out.push((
                 format!(
@@ -186,7 +213,7 @@ impl Batched {
                      JOIN LATERAL (SELECT ctid FROM {f}.tombstones WHERE tbl = u.tbl AND id = u.id OFFSET 0) AS x \
                      ON true))"
                 ),
-                vec![Box::new(cols.0) as Param, Box::new(cols.1)],
+                vec![Box::new(tombstones.0) as Param, Box::new(tombstones.1)],
             ));
         }
         let buckets: Vec<(String, BucketState)> = std::mem::take(&mut self.buckets).into_iter().collect();

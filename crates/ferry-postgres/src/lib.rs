@@ -11,12 +11,18 @@
 //!   asked to ([`PgOptions::create_tables`]). Types: see the table in
 //!   `layout.rs` (text, varchar, uuid, integers, numeric, floats,
 //!   boolean, dates and times as ISO text, json/jsonb as text, bytea).
-//! - **Serial writes.** Every write transaction first locks Ferry's one
-//!   op-counter row (`SELECT ... FOR UPDATE`), so Ferry's write
-//!   transactions, from any number of servers, run one at a time:
-//!   serializable with respect to what they read, and op ids become
-//!   visible in commit order (the counter commits with the ops). Reads
-//!   (checkpoints, op ranges) never wait for it.
+//! - **Writes lock what they touch** (`docs/adr/0016-postgres-concurrent-uploads.md`).
+//!   A write transaction, from any server, holds until it ends an
+//!   advisory lock on each row (table and id) and client it reads or
+//!   writes, taken before the statement that does (with a writers' lock
+//!   held shared), and from its first op id, op log entry, bucket state
+//!   or setting, Ferry's one op-counter row (`SELECT ... FOR UPDATE`):
+//!   serializable with respect to what it reads, and op ids become
+//!   visible in commit order (the counter commits with the ops). What no
+//!   key covers (captured changes, a range of ids), or more than
+//!   `MAX_KEY_LOCKS` keys, takes the writers' lock exclusive: it runs
+//!   alone. A transaction that loses a deadlock is run again. Reads
+//!   (checkpoints, op ranges) never wait for any of it.
 //! - **Capture.** A trigger on each synced table records the id of every
 //!   row changed by anyone else (the app's backend, psql, a migration)
 //!   in `ferry.changes`, and a statement trigger records a `TRUNCATE` of
@@ -60,8 +66,8 @@ use std::time::Duration;
 use ferry_core::{HlcTimestamp, RowData, Schema, Table};
 use ferry_protocol::{BucketChecksum, DataLineWriter, OpKind, OplogEntry};
 use ferry_source::{
-    BucketState, ChangesSince, CheckpointState, CommitReceiver, Lease, OpRange, Result as SourceResult, SourceDb,
-    SourceError, StoredOutcome, StoredRow,
+    BucketState, ChangesSince, CheckpointState, ClientProgress, CommitReceiver, Lease, OpRange, Result as SourceResult,
+    SourceDb, SourceError, StoredOutcome, StoredRow,
 };
 use parking_lot::RwLock;
 
@@ -91,6 +97,9 @@ pub struct PgOptions {
     /// start; never the default on PostgreSQL).
     pub create_tables: bool,
 }
+
+/// Most runs of one write transaction that lost a deadlock to another.
+const MAX_WRITE_ATTEMPTS: u32 = 5;
 
 /// The default [`PgOptions::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
@@ -369,6 +378,56 @@ impl PgSourceDb {
         lift(|| f(&client))
     }
 
+    /// One run of a write transaction on `client` (see the crate's docs
+    /// on writes): `lost` tells whether it failed because it lost to
+    /// another transaction (it can pass when run again).
+    fn write_once(
+        &self,
+        client: &deadpool_postgres::Client,
+        work: &mut dyn FnMut(&mut dyn ferry_source::SourceTx) -> SourceResult<()>,
+        lost: &mut bool,
+    ) -> Result<()> {
+        let f = &self.shared.names.ferry;
+        // Each of Ferry's statements writing an app table names the table
+        // in `ferry.writing`, so the capture trigger skips its rows
+        // (`TableLayout::writing_marker`); cleared here (an earlier Ferry
+        // set `on`, which skips every row).
+        wait(client.batch_execute("BEGIN; SELECT set_config('ferry.writing', '', true)"))?;
+        let mut tx = PgTx::new(&self.shared, client);
+        let result = (|| {
+            work(&mut tx)?;
+            let max_clock = tx.max_clock.take();
+            if let Some(first) = tx.locks.counter {
+                let next = tx.locks.next_op_id;
+                if next > first {
+                    tx.defer(
+                        format!("UPDATE {f}.counter SET last_op_id = $1 WHERE id = 1"),
+                        vec![Box::new((next - 1) as i64)],
+                    );
+                }
+            }
+            if let Some(m) = max_clock {
+                // Clocks print with fixed-width wall and counter: their
+                // text orders as they do (byte order, "C").
+                tx.defer(
+                    format!(
+                        "INSERT INTO {f}.meta(key, value) VALUES ('max_clock', $1) ON CONFLICT (key) DO UPDATE \
+                         SET value = GREATEST({f}.meta.value COLLATE \"C\", EXCLUDED.value COLLATE \"C\")"
+                    ),
+                    vec![Box::new(m.to_string())],
+                );
+            }
+            let channel = self.shared.names.commit_channel.clone();
+            // Everything deferred, in one flight with the notification and
+            // the commit (a statement failing before it is the error
+            // returned, its transaction rolled back).
+            tx.send_all(&[("SELECT pg_notify($1, '')", &[&channel]), ("COMMIT", &[])])?;
+            Ok(())
+        })();
+        *lost = tx.lost;
+        result
+    }
+
     fn migrate_table(&self, client: &deadpool_postgres::Client, t: &Table) -> Result<TableLayout> {
         let names = &self.shared.names;
         let qualified = format!("{}.{}", names.app, quote_ident(&t.name));
@@ -638,62 +697,33 @@ impl SourceDb for PgSourceDb {
 
     fn write(&self, work: &mut dyn FnMut(&mut dyn ferry_source::SourceTx) -> SourceResult<()>) -> SourceResult<()> {
         let client = self.client()?;
-        let f = &self.shared.names.ferry;
-        let result = lift(|| {
-            wait(client.batch_execute("BEGIN"))?;
-            // The counter row's lock makes Ferry's write transactions
-            // serial. Each of Ferry's statements writing an app table
-            // names the table in `ferry.writing`, so the capture trigger
-            // skips its rows (`TableLayout::writing_marker`); cleared here
-            // (an earlier Ferry set `on`, which skips every row).
-            let rows = query(
-                &client,
-                &format!(
-                    "SELECT last_op_id, set_config('ferry.writing', '', true) FROM {f}.counter \
-                     WHERE id = 1 FOR UPDATE"
-                ),
-                &[],
-            )?;
-            let last: i64 = rows
-                .first()
-                .ok_or_else(|| corrupt("op counter", "missing"))?
-                .try_get(0)?;
-            let first = last as u64 + 1;
-            let mut tx = PgTx::new(&self.shared, &client, first);
-            work(&mut tx)?;
-            let (next, max_clock) = (tx.next_op_id, tx.max_clock.take());
-            if next > first {
-                tx.defer(
-                    format!("UPDATE {f}.counter SET last_op_id = $1 WHERE id = 1"),
-                    vec![Box::new((next - 1) as i64)],
-                );
-            }
-            if let Some(m) = max_clock {
-                // Clocks print with fixed-width wall and counter: their
-                // text orders as they do (byte order, "C").
-                tx.defer(
-                    format!(
-                        "INSERT INTO {f}.meta(key, value) VALUES ('max_clock', $1) ON CONFLICT (key) DO UPDATE \
-                         SET value = GREATEST({f}.meta.value COLLATE \"C\", EXCLUDED.value COLLATE \"C\")"
-                    ),
-                    vec![Box::new(m.to_string())],
-                );
-            }
-            let channel = self.shared.names.commit_channel.clone();
-            // Everything deferred, in one flight with the notification.
-            tx.q("SELECT pg_notify($1, '')", &[&channel])?;
-            wait(client.batch_execute("COMMIT"))?;
-            Ok(())
-        });
-        match result {
-            Ok(()) => {
-                drop(client);
-                self.shared.commits.send_modify(|n| *n = n.wrapping_add(1));
-                Ok(())
-            }
-            Err(e) => {
-                abandon(client);
-                Err(e)
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut lost = false;
+            let result = lift(|| self.write_once(&client, &mut *work, &mut lost));
+            match result {
+                Ok(()) => {
+                    drop(client);
+                    self.shared.commits.send_modify(|n| *n = n.wrapping_add(1));
+                    return Ok(());
+                }
+                Err(e) if lost && attempts < MAX_WRITE_ATTEMPTS => {
+                    // Lost a deadlock (or a serialization failure) to
+                    // another writer: run again from scratch.
+                    if wait(client.batch_execute("ROLLBACK")).is_err() {
+                        drop(deadpool_postgres::Object::take(client));
+                        return Err(e);
+                    }
+                    tracing::debug!(
+                        attempt = attempts,
+                        "ferry write transaction lost to another; again: {e}"
+                    );
+                }
+                Err(e) => {
+                    abandon(client);
+                    return Err(e);
+                }
             }
         }
     }
@@ -839,6 +869,27 @@ impl SourceDb for PgSourceDb {
                 &[&client_id],
             )?;
             rows.first().map(|r| Ok(r.try_get::<_, String>(0)?)).transpose()
+        })
+    }
+
+    fn client_progress(&self, client_id: &str) -> SourceResult<Option<ClientProgress>> {
+        self.with_client(|client| {
+            let rows = query(
+                client,
+                &format!(
+                    "SELECT user_id, last_seq FROM {}.clients WHERE client_id = $1",
+                    self.shared.names.ferry
+                ),
+                &[&client_id],
+            )?;
+            rows.first()
+                .map(|r| {
+                    Ok(ClientProgress {
+                        user_id: r.try_get(0)?,
+                        last_seq: r.try_get::<_, i64>(1)? as u64,
+                    })
+                })
+                .transpose()
         })
     }
 

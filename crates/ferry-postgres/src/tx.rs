@@ -1,6 +1,6 @@
 //! A write transaction ([`SourceTx`]) on one pooled connection.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ferry_core::{HlcTimestamp, RowData, Table};
@@ -84,8 +84,14 @@ const RELEASE: &str = "RELEASE SAVEPOINT ferry_op";
 pub(crate) struct PgTx<'a> {
     pub(crate) db: &'a Shared,
     pub(crate) client: &'a deadpool_postgres::Client,
-    /// The next op id to hand out (the counter row is locked).
-    pub(crate) next_op_id: u64,
+    /// Ferry's write locks held (see the crate's docs on writes).
+    pub(crate) locks: Locks,
+    /// The locks held when the current op's savepoint was made: a
+    /// rollback to it lets go of those taken since.
+    saved_locks: Option<Locks>,
+    /// A statement lost a deadlock or a serialization failure to another
+    /// transaction: the transaction can pass when run again.
+    pub(crate) lost: bool,
     /// The greatest clock written (row clocks, tombstones).
     pub(crate) max_clock: Option<HlcTimestamp>,
     /// Statements not sent yet, in order.
@@ -122,11 +128,13 @@ pub(crate) struct OpStart {
 }
 
 impl PgTx<'_> {
-    pub(crate) fn new<'a>(db: &'a Shared, client: &'a deadpool_postgres::Client, next_op_id: u64) -> PgTx<'a> {
+    pub(crate) fn new<'a>(db: &'a Shared, client: &'a deadpool_postgres::Client) -> PgTx<'a> {
         PgTx {
             db,
             client,
-            next_op_id,
+            locks: Locks::default(),
+            saved_locks: None,
+            lost: false,
             max_clock: None,
             pending: Vec::new(),
             buckets: std::collections::HashMap::new(),
@@ -208,6 +216,114 @@ impl PgTx<'_> {
         self.buckets_ahead.clear();
     }
 
+    /// A key of Ferry's advisory locks: `kind` and `parts`, in Ferry's
+    /// schema (two Ferry schemas on one database lock apart).
+    fn lock_key(&self, kind: &str, parts: &[&str]) -> i64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for part in [self.db.names.ferry_raw.as_str(), kind].iter().chain(parts) {
+            for b in part.bytes().chain([0]) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h as i64
+    }
+
+    /// Hold the writers' lock in `mode` (queued, sent with the next
+    /// flight). From shared to exclusive it waits for every other writer
+    /// to end (two such waits are a deadlock: one transaction loses and
+    /// runs again).
+    fn hold_writers(&mut self, mode: LockMode) {
+        if self.locks.writers == Some(LockMode::Exclusive) || self.locks.writers == Some(mode) {
+            return;
+        }
+        let sql = match mode {
+            LockMode::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
+            LockMode::Exclusive => "SELECT pg_advisory_xact_lock($1)",
+        };
+        let key = self.lock_key("writers", &[]);
+        self.queue_lock(sql, Box::new(key));
+        self.locks.writers = Some(mode);
+    }
+
+    /// Lock these keys (rows, clients) for the rest of the transaction,
+    /// with the writers' lock shared (queued, sent with the next flight,
+    /// before what reads or writes them). Over [`MAX_KEY_LOCKS`] keys, the
+    /// writers' lock is taken exclusive instead.
+    fn lock_keys(&mut self, keys: Vec<i64>) {
+        if self.locks.writers == Some(LockMode::Exclusive) {
+            return;
+        }
+        let mut new: Vec<i64> = keys.into_iter().filter(|k| !self.locks.keys.contains(k)).collect();
+        if new.is_empty() {
+            return;
+        }
+        new.sort_unstable();
+        new.dedup();
+        if self.locks.keys.len() + new.len() > MAX_KEY_LOCKS {
+            self.hold_writers(LockMode::Exclusive);
+            return;
+        }
+        self.hold_writers(LockMode::Shared);
+        self.locks.keys.extend(new.iter().copied());
+        // In the keys' order: two transactions locking sets of keys with
+        // one statement each never wait for each other in a cycle.
+        self.queue_lock(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS u(k)",
+            Box::new(new),
+        );
+    }
+
+    /// Queue a lock statement. Rows gathered for one statement stay
+    /// gathered (its statement and those of Ferry's own tables follow
+    /// what is queued): the lock goes before them, which is earlier than
+    /// needed, never later.
+    fn queue_lock(&mut self, sql: &str, param: Param) {
+        self.pending.push((sql.to_owned(), vec![param]));
+    }
+
+    /// Lock a row of a synced table (its id in `table`).
+    pub(crate) fn lock_row(&mut self, table: &str, id: &str) {
+        let key = self.lock_key("row", &[table, id]);
+        self.lock_keys(vec![key]);
+    }
+
+    /// Lock a client's progress and outcomes.
+    fn lock_client(&mut self, client_id: &str) {
+        let key = self.lock_key("client", &[client_id]);
+        self.lock_keys(vec![key]);
+    }
+
+    /// Hold the op-id counter's row (a flight, with everything queued),
+    /// until the transaction ends: op ids, the op log, bucket states and
+    /// Ferry's settings are written by one transaction at a time, and op
+    /// ids become visible in commit order.
+    pub(crate) fn lock_counter(&mut self) -> Result<()> {
+        if self.locks.counter.is_some() {
+            return Ok(());
+        }
+        self.hold_writers(LockMode::Shared);
+        let sql = format!(
+            "SELECT last_op_id FROM {}.counter WHERE id = 1 FOR UPDATE",
+            self.db.names.ferry
+        );
+        let rows = self.q(&sql, &[])?;
+        let last: i64 = rows
+            .first()
+            .ok_or_else(|| corrupt("op counter", "missing"))?
+            .try_get(0)?;
+        let first = last as u64 + 1;
+        self.locks.counter = Some(first);
+        self.locks.next_op_id = first;
+        Ok(())
+    }
+
+    /// Hold every lock: the writers' lock exclusive (no other write
+    /// transaction runs), and the op-id counter.
+    fn lock_all(&mut self) -> Result<()> {
+        self.hold_writers(LockMode::Exclusive);
+        self.lock_counter()
+    }
+
     /// Queue a statement whose answer is not needed (after the open row
     /// group's).
     pub(crate) fn defer(&mut self, sql: String, params: Vec<Param>) {
@@ -237,7 +353,7 @@ impl PgTx<'_> {
 
     /// Send everything deferred, then each of `queries`, in one flight;
     /// the rows of each query.
-    fn send_all(&mut self, queries: &[(&str, &[&(dyn ToSql + Sync)])]) -> Result<Vec<Vec<Row>>> {
+    pub(crate) fn send_all(&mut self, queries: &[(&str, &[&(dyn ToSql + Sync)])]) -> Result<Vec<Vec<Row>>> {
         // The current op's writes, if any, go now: past rolling back by
         // dropping. An op that wrote nothing yet starts again after them.
         let op_unsent = self.op_start.as_ref().is_some_and(|s| {
@@ -262,8 +378,52 @@ impl PgTx<'_> {
         for (sql, params) in queries {
             stmts.push((sql, params.to_vec()));
         }
-        let mut answers = run_batch(self.client, &stmts)?;
+        let mut answers = run_batch(self.client, &stmts).inspect_err(|e| {
+            if lost_to_others(e) {
+                self.lost = true;
+            }
+        })?;
         Ok(answers.split_off(sent))
+    }
+}
+
+/// Most keys (rows, clients) one write transaction locks one by one;
+/// past them it runs alone instead (the writers' lock exclusive), so the
+/// server's lock table stays within bounds whatever a transaction holds.
+pub(crate) const MAX_KEY_LOCKS: usize = 128;
+
+/// How a write transaction holds the writers' lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockMode {
+    /// With other writers, each locking the keys it reads and writes.
+    Shared,
+    /// Alone.
+    Exclusive,
+}
+
+/// Ferry's write locks a transaction holds (see the crate's docs on
+/// writes).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Locks {
+    /// The writers' lock.
+    pub(crate) writers: Option<LockMode>,
+    /// The keys locked (while the writers' lock is shared).
+    keys: HashSet<i64>,
+    /// The first op id handed out, once the counter's row is held.
+    pub(crate) counter: Option<u64>,
+    /// The next op id to hand out (with the counter held).
+    pub(crate) next_op_id: u64,
+}
+
+/// A deadlock or a serialization failure: the transaction can pass when
+/// run again.
+pub(crate) fn lost_to_others(e: &crate::error::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e {
+        crate::error::Error::Pg(pg) => pg
+            .code()
+            .is_some_and(|c| *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE),
+        crate::error::Error::Source(_) => false,
     }
 }
 
@@ -381,6 +541,11 @@ fn prefetch_rows_on(tx: &mut PgTx<'_>, table: &Table, ids: &[&str]) -> Result<()
     if wanted.is_empty() {
         return Ok(());
     }
+    let keys = wanted
+        .iter()
+        .map(|id| tx.lock_key("row", &[table.name.as_str(), id]))
+        .collect();
+    tx.lock_keys(keys);
     let f = &tx.db.names.ferry;
     let list = layout.select_list();
     let sep = if list.is_empty() { "" } else { ", " };
@@ -432,6 +597,7 @@ fn write_row_on(
     id: &str,
     data: &RowData,
     clocks: &BTreeMap<String, HlcTimestamp>,
+    tombstone: bool,
 ) -> Result<Option<RowData>> {
     let f = &tx.db.names.ferry;
     let int_param: Option<i64> = match layout.pk_param(id) {
@@ -461,7 +627,9 @@ fn write_row_on(
             None => PkParam::Text,
         };
         if tx.group_row(layout, id, &pk, data) {
-            tx.batched.clocks.push((name.to_owned(), id.to_owned(), clocks_text));
+            tx.batched
+                .clocks
+                .push((name.to_owned(), id.to_owned(), clocks_text, tombstone));
             return Ok(None);
         }
     }
@@ -560,6 +728,7 @@ fn delete_row_on(tx: &mut PgTx<'_>, layout: &TableLayout, id: &str, hlc: &HlcTim
 
 impl SourceTx for PgTx<'_> {
     fn client(&mut self, client_id: &str) -> SourceResult<Option<ClientProgress>> {
+        self.lock_client(client_id);
         lift(|| {
             let sql = format!(
                 "SELECT user_id, last_seq FROM {}.clients WHERE client_id = $1",
@@ -578,6 +747,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_client(&mut self, client_id: &str, user_id: &str, last_seq: u64) -> SourceResult<()> {
+        self.lock_client(client_id);
         let sql = format!(
             "INSERT INTO {}.clients(client_id, user_id, last_seq) VALUES ($1, $2, $3) \
              ON CONFLICT (client_id) DO UPDATE SET last_seq = EXCLUDED.last_seq",
@@ -595,6 +765,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn outcome(&mut self, client_id: &str, seq: u64) -> SourceResult<Option<StoredOutcome>> {
+        self.lock_client(client_id);
         lift(|| {
             let sql = format!(
                 "SELECT outcome, fingerprint FROM {}.outcomes WHERE client_id = $1 AND seq = $2",
@@ -616,6 +787,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn record_outcome(&mut self, client_id: &str, seq: u64, fingerprint: u64, outcome: &Outcome) -> SourceResult<()> {
+        self.lock_client(client_id);
         lift(|| {
             let text = serde_json::to_string(outcome).map_err(|e| corrupt("outcome", e))?;
             if self.defer_ops {
@@ -644,6 +816,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn prune_outcomes(&mut self, client_id: &str, below_seq: u64) -> SourceResult<u64> {
+        self.lock_client(client_id);
         lift(|| {
             let sql = format!(
                 "WITH d AS (DELETE FROM {}.outcomes WHERE client_id = $1 AND seq < $2 RETURNING 1) \
@@ -659,6 +832,7 @@ impl SourceTx for PgTx<'_> {
         if let Some(ahead) = self.rows_ahead.get(&table.name).and_then(|rows| rows.get(id)) {
             return Ok(ahead.clone());
         }
+        self.lock_row(&table.name, id);
         let db = self.db;
         lift(|| read_row_on(db, table, id, true, |sql, params| self.q(sql, params)))
     }
@@ -670,22 +844,30 @@ impl SourceTx for PgTx<'_> {
         data: &RowData,
         clocks: &BTreeMap<String, HlcTimestamp>,
     ) -> SourceResult<Option<RowData>> {
+        // A row read ahead without a tombstone has none to clear.
+        let tombstone = self
+            .rows_ahead
+            .get(&table.name)
+            .and_then(|rows| rows.get(id))
+            .is_none_or(|ahead| ahead.as_ref().is_some_and(|r| r.deleted.is_some()));
         self.forget_row(&table.name, id);
+        self.lock_row(&table.name, id);
         lift(|| {
             let layout = self.db.layout(&table.name)?;
-            write_row_on(self, &layout, id, data, clocks)
+            write_row_on(self, &layout, id, data, clocks, tombstone)
         })
     }
 
     fn set_clocks(&mut self, table: &str, id: &str, clocks: &BTreeMap<String, HlcTimestamp>) -> SourceResult<()> {
         self.forget_row(table, id);
+        self.lock_row(table, id);
         lift(|| {
             let text = serde_json::to_string(clocks).map_err(|e| corrupt("clocks", e))?;
             for c in clocks.values() {
                 raise(&mut self.max_clock, c);
             }
             if self.defer_ops {
-                self.batched.clocks.push((table.to_owned(), id.to_owned(), text));
+                self.batched.clocks.push((table.to_owned(), id.to_owned(), text, true));
                 return Ok(());
             }
             let f = &self.db.names.ferry;
@@ -704,6 +886,7 @@ impl SourceTx for PgTx<'_> {
 
     fn delete_row(&mut self, table: &Table, id: &str, hlc: &HlcTimestamp) -> SourceResult<()> {
         self.forget_row(&table.name, id);
+        self.lock_row(&table.name, id);
         lift(|| {
             let layout = self.db.layout(&table.name)?;
             delete_row_on(self, &layout, id, hlc)
@@ -714,6 +897,7 @@ impl SourceTx for PgTx<'_> {
         if let Some(ahead) = self.buckets_ahead.get(table).and_then(|rows| rows.get(id)) {
             return Ok(ahead.clone());
         }
+        self.lock_row(table, id);
         lift(|| {
             let sql = format!(
                 "SELECT bucket FROM {}.row_buckets WHERE tbl = $1 AND id = $2",
@@ -725,12 +909,15 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_row_buckets(&mut self, table: &str, id: &str, buckets: &BTreeSet<String>) -> SourceResult<()> {
-        if let Some(rows) = self.buckets_ahead.get_mut(table) {
-            rows.remove(id);
-        }
+        self.lock_row(table, id);
+        let before = self.buckets_ahead.get_mut(table).and_then(|rows| rows.remove(id));
         let list: Vec<String> = buckets.iter().cloned().collect();
         if self.defer_ops {
-            self.batched.memberships.push((table.to_owned(), id.to_owned(), list));
+            // Read ahead: every bucket the row was in is known.
+            let adds_only = before.is_some_and(|b| b.is_subset(buckets));
+            self.batched
+                .memberships
+                .push((table.to_owned(), id.to_owned(), list, adds_only));
             return Ok(());
         }
         let f = &self.db.names.ferry;
@@ -747,13 +934,15 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn next_op_id(&mut self) -> SourceResult<u64> {
-        let id = self.next_op_id;
-        self.next_op_id += 1;
+        lift(|| self.lock_counter())?;
+        let id = self.locks.next_op_id;
+        self.locks.next_op_id += 1;
         Ok(id)
     }
 
     fn append_op(&mut self, op: NewOp<'_>) -> SourceResult<()> {
         lift(|| {
+            self.lock_counter()?;
             let data = op
                 .data
                 .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
@@ -796,6 +985,7 @@ impl SourceTx for PgTx<'_> {
             return Ok(*state);
         }
         lift(|| {
+            self.lock_counter()?;
             let sql = format!(
                 "SELECT checksum, count, last_op_id FROM {}.buckets WHERE bucket = $1",
                 self.db.names.ferry
@@ -817,6 +1007,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_bucket_state(&mut self, bucket: &str, state: &BucketState) -> SourceResult<()> {
+        lift(|| self.lock_counter())?;
         self.buckets.insert(bucket.to_owned(), Some(*state));
         if self.defer_ops {
             self.batched.buckets.insert(bucket.to_owned(), *state);
@@ -842,6 +1033,7 @@ impl SourceTx for PgTx<'_> {
 
     fn bucket_ops(&mut self, bucket: &str) -> SourceResult<Vec<OplogEntry>> {
         lift(|| {
+            self.lock_counter()?;
             self.flush()?;
             read_ops_on(self.db, self.client, &ferry_source::OpRange::all(bucket))
         })
@@ -849,6 +1041,7 @@ impl SourceTx for PgTx<'_> {
 
     fn replace_bucket_ops(&mut self, bucket: &str, entries: &[OplogEntry]) -> SourceResult<()> {
         lift(|| {
+            self.lock_counter()?;
             let f = self.db.names.ferry.clone();
             self.q(&format!("DELETE FROM {f}.oplog WHERE bucket = $1"), &[&bucket])?;
             let rows = entries
@@ -879,6 +1072,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn set_meta(&mut self, key: &str, value: &str) -> SourceResult<()> {
+        lift(|| self.lock_counter())?;
         let sql = format!(
             "INSERT INTO {}.meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             self.db.names.ferry
@@ -889,6 +1083,7 @@ impl SourceTx for PgTx<'_> {
 
     fn take_captured(&mut self, limit: usize) -> SourceResult<Vec<CapturedChange>> {
         lift(|| {
+            self.lock_all()?;
             let f = &self.db.names.ferry;
             // Deleted with this transaction; a change committed later with
             // a lower seq is taken by a later call (it is not skipped:
@@ -936,6 +1131,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn put_back_captured(&mut self, change: &CapturedChange) -> SourceResult<()> {
+        lift(|| self.lock_all())?;
         let (truncated, after_id) = match &change.kind {
             CaptureKind::Row => (false, None),
             CaptureKind::Truncate { after_id } => (true, after_id.clone()),
@@ -966,6 +1162,8 @@ impl SourceTx for PgTx<'_> {
 
     fn vanished_rows(&mut self, table: &Table, after_id: Option<&str>, limit: usize) -> SourceResult<VanishedRows> {
         lift(|| {
+            // A range of ids: no key lock covers it.
+            self.lock_all()?;
             let layout = self.db.layout(&table.name)?;
             let f = &self.db.names.ferry;
             // The next `limit` ids of either list, each read in its key's
@@ -1012,6 +1210,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn savepoint(&mut self) -> SourceResult<()> {
+        self.saved_locks = Some(self.locks.clone());
         if self.defer_ops {
             // No savepoint is sent: the op's statements are dropped while
             // unsent, and a refusal fails the transaction.
@@ -1027,6 +1226,11 @@ impl SourceTx for PgTx<'_> {
         // What the transaction read is stale.
         self.buckets.clear();
         self.forget_ahead();
+        // Locks taken since the savepoint go with it (PostgreSQL lets go
+        // of a subtransaction's locks; unsent ones were never taken).
+        if let Some(saved) = self.saved_locks.take() {
+            self.locks = saved;
+        }
         if self.defer_ops {
             return match self.op_start.take() {
                 Some(start) => {
@@ -1062,6 +1266,7 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn release_savepoint(&mut self) -> SourceResult<()> {
+        self.saved_locks = None;
         if self.defer_ops {
             // The op's writes go with the next flight.
             self.op_start = None;

@@ -685,6 +685,20 @@ pub trait SourceDb: Send + Sync + fmt::Debug {
     /// The user a client id belongs to (the first user that uploaded with
     /// it), `None` for a client id never used for an upload.
     fn client_owner(&self, client_id: &str) -> Result<Option<String>>;
+    /// A client's progress as last committed (`None`: a client id never
+    /// used for an upload), read outside any write transaction: a hint
+    /// that may be stale by the time it is used (a write transaction
+    /// reads it again with [`SourceTx::client`] before relying on it).
+    /// The default reads it in a write transaction; a database may read
+    /// it without taking what serializes its writers.
+    fn client_progress(&self, client_id: &str) -> Result<Option<ClientProgress>> {
+        let mut progress = None;
+        self.write(&mut |tx| {
+            progress = tx.client(client_id)?;
+            Ok(())
+        })?;
+        Ok(progress)
+    }
     /// A client's stored outcomes with `seq > after_seq`, ascending by
     /// seq, at most `limit` of them (for diagnostics: an operator pages
     /// through them with the last seq seen). Empty for a client id with

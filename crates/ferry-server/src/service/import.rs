@@ -288,7 +288,9 @@ impl Inner {
     /// One batch the per-op way: every op through the upload path's steps.
     fn import_batch_per_op(&self, stx: &mut dyn SourceTx, entries: &[CrudEntry], tables: &[&Table]) -> Result<()> {
         for (entry, table) in entries.iter().zip(tables) {
-            if let Outcome::Rejected { reason } = self.apply_checked(stx, "", "", None, entry, (table, &entry.op))? {
+            if let Outcome::Rejected { reason } =
+                self.apply_checked(stx, None, "", "", None, entry, (table, &entry.op))?
+            {
                 return Err(refused(entry, &reason));
             }
         }
@@ -351,7 +353,7 @@ impl Inner {
                 self.flush(stx, &mut pending)?;
                 exact = false;
                 (ahead, fell_back) = (None, true);
-                if let Outcome::Rejected { reason } = self.apply_checked(stx, "", "", None, entry, (table, op))? {
+                if let Outcome::Rejected { reason } = self.apply_checked(stx, None, "", "", None, entry, (table, op))? {
                     return Err(refused(entry, &reason));
                 }
                 continue;
@@ -399,6 +401,7 @@ impl Inner {
             fell_back = true;
             let outcome = self.apply_decision(
                 stx,
+                None,
                 None,
                 Resolved {
                     table,

@@ -288,7 +288,12 @@ impl Inner {
         let user_id = user.user_id.as_str();
         let serial = self.client_lock(client_id);
         let _serial = serial.lock();
-        self.check_client_owner(client_id, user_id)?;
+        // The client's progress as committed: which ops are replays. It
+        // may be stale; the write transactions read it again.
+        let progress = self.db.client_progress(client_id)?;
+        if progress.as_ref().is_some_and(|p| p.user_id != user_id) {
+            return Err(client_of_another_user(client_id));
+        }
         check_seq_order(request)?;
         let fingerprints: Vec<Vec<u64>> = request
             .transactions
@@ -302,37 +307,47 @@ impl Inner {
             buckets: &viewer,
         };
 
-        // Replays: each must be the same write as the one recorded.
-        let mut last_seq = 0;
+        // Replays: each must be the same write as the one recorded. With
+        // none (every seq above the progress read, the usual upload), no
+        // transaction is needed to tell: the one applying the ops finds
+        // the progress moved if it did since, and the upload is retried.
+        let mut last_seq = progress.map_or(0, |p| p.last_seq);
         let mut replayed: BTreeMap<u64, Outcome> = BTreeMap::new();
-        crate::db::write(self.db.as_ref(), |stx| {
-            replayed.clear();
-            last_seq = client_progress(stx, client_id, user_id)?;
-            for (t, fps) in request.transactions.iter().zip(&fingerprints) {
-                for (entry, fp) in t.ops.iter().zip(fps) {
-                    if entry.seq > last_seq {
-                        continue;
-                    }
-                    let Some(stored) = stx.outcome(client_id, entry.seq)? else {
-                        return Err(ServiceError::BadRequest(format!(
-                            "seq {} of client {client_id:?} has no recorded write: it is at or below the \
+        let replays = request
+            .transactions
+            .iter()
+            .flat_map(|t| t.ops.first())
+            .any(|e| e.seq <= last_seq);
+        if replays {
+            crate::db::write(self.db.as_ref(), |stx| {
+                replayed.clear();
+                last_seq = client_progress(stx, client_id, user_id)?;
+                for (t, fps) in request.transactions.iter().zip(&fingerprints) {
+                    for (entry, fp) in t.ops.iter().zip(fps) {
+                        if entry.seq > last_seq {
+                            continue;
+                        }
+                        let Some(stored) = stx.outcome(client_id, entry.seq)? else {
+                            return Err(ServiceError::BadRequest(format!(
+                                "seq {} of client {client_id:?} has no recorded write: it is at or below the \
                              client's last seq {last_seq} but was never uploaded",
-                            entry.seq
-                        )));
-                    };
-                    // Outcomes recorded before fingerprints were kept
-                    // (`None`) are answered as they are.
-                    if stored.fingerprint.is_some_and(|f| f != *fp) {
-                        return Err(ServiceError::BadRequest(format!(
-                            "seq {} of client {client_id:?} was already used for a different write",
-                            entry.seq
-                        )));
+                                entry.seq
+                            )));
+                        };
+                        // Outcomes recorded before fingerprints were kept
+                        // (`None`) are answered as they are.
+                        if stored.fingerprint.is_some_and(|f| f != *fp) {
+                            return Err(ServiceError::BadRequest(format!(
+                                "seq {} of client {client_id:?} was already used for a different write",
+                                entry.seq
+                            )));
+                        }
+                        replayed.insert(entry.seq, self.replayed_outcome(&viewer, entry, stored.outcome));
                     }
-                    replayed.insert(entry.seq, self.replayed_outcome(&viewer, entry, stored.outcome));
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })?;
+        }
         let max_seq = request
             .transactions
             .iter()
@@ -440,6 +455,9 @@ impl Inner {
                 outcomes.clear();
                 failed = None;
                 sent_together = stx.defer_op_writes(together);
+                // Sent together, the ops' op log entries are appended after
+                // every other write of theirs (see `Emitted`).
+                let mut emitted: Vec<Emitted> = Vec::new();
                 if client_progress(stx, client_id, user_id)? != last_seq {
                     return Err(progress_moved(client_id));
                 }
@@ -458,8 +476,9 @@ impl Inner {
                     // database may send the op's writes only at the
                     // release, so a refusal may come from it too.
                     stx.savepoint()?;
+                    let later = sent_together.then_some(&mut emitted);
                     let applied = self
-                        .apply_op(stx, client_id, user_id, Some(writer), entry)
+                        .apply_op(stx, later, client_id, user_id, Some(writer), entry)
                         .and_then(|outcome| {
                             stx.release_savepoint()?;
                             Ok(outcome)
@@ -492,6 +511,9 @@ impl Inner {
                     }
                     stx.record_outcome(client_id, entry.seq, fp, &outcome)?;
                     outcomes.push(outcome);
+                }
+                for e in &emitted {
+                    append_op(stx, &e.bucket, e.op, &e.table, &e.id, e.row.as_ref())?;
                 }
                 Ok(stx.set_client(client_id, user_id, new_last)?)
             });
@@ -632,13 +654,14 @@ impl Inner {
     fn apply_op(
         &self,
         stx: &mut dyn SourceTx,
+        later: Option<&mut Vec<Emitted>>,
         client_id: &str,
         user_id: &str,
         writer: Option<&Writer<'_>>,
         entry: &CrudEntry,
     ) -> Result<Outcome> {
         match self.check_op(entry.op.clone()) {
-            Ok((table, op)) => self.apply_checked(stx, client_id, user_id, writer, entry, (table, &op)),
+            Ok((table, op)) => self.apply_checked(stx, later, client_id, user_id, writer, entry, (table, &op)),
             Err(reason) => Ok(Outcome::Rejected { reason }),
         }
     }
@@ -734,9 +757,11 @@ impl Inner {
     }
 
     /// [`Inner::apply_op`] of an op [`Inner::check_op`] accepted.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_checked(
         &self,
         stx: &mut dyn SourceTx,
+        later: Option<&mut Vec<Emitted>>,
         client_id: &str,
         user_id: &str,
         writer: Option<&Writer<'_>>,
@@ -766,6 +791,7 @@ impl Inner {
         }
         self.apply_decision(
             stx,
+            later,
             writer.map(|w| w.buckets),
             Resolved {
                 table,
@@ -785,6 +811,7 @@ impl Inner {
     pub(super) fn apply_decision(
         &self,
         stx: &mut dyn SourceTx,
+        mut later: Option<&mut Vec<Emitted>>,
         viewer: Option<&Viewer>,
         resolved: Resolved<'_>,
     ) -> Result<Outcome> {
@@ -919,7 +946,7 @@ impl Inner {
                 }
                 let row = stored.as_ref().unwrap_or(row);
                 if old_data != Some(row) {
-                    self.emit_row(stx, &table.name, id, Some(row))?;
+                    self.emit_row_into(stx, later.as_deref_mut(), &table.name, id, Some(row))?;
                 }
                 match reason {
                     Some(reason) => Outcome::Merged {
@@ -932,7 +959,7 @@ impl Inner {
             Resolution::Delete { hlc } => {
                 stx.delete_row(table, id, hlc)?;
                 if old_data.is_some() {
-                    self.emit_row(stx, &table.name, id, None)?;
+                    self.emit_row_into(stx, later.as_deref_mut(), &table.name, id, None)?;
                 }
                 match reason {
                     Some(reason) => Outcome::Merged { row: None, reason },
@@ -944,7 +971,7 @@ impl Inner {
             let stored = stx.write_row(s.table, s.id, &s.row, &s.clocks)?;
             let row = stored.as_ref().unwrap_or(&s.row);
             if s.old.as_ref() != Some(row) {
-                self.emit_row(stx, &s.table.name, s.id, Some(row))?;
+                self.emit_row_into(stx, later.as_deref_mut(), &s.table.name, s.id, Some(row))?;
             }
         }
         Ok(redacted(match (decision.conflict_id, outcome) {
@@ -1073,19 +1100,61 @@ impl Inner {
     /// Append the row's change to the op log: PUT in every bucket it is in
     /// now, REMOVE from every bucket it left.
     pub(super) fn emit_row(&self, stx: &mut dyn SourceTx, table: &str, id: &str, row: Option<&RowData>) -> Result<()> {
+        self.emit_row_into(stx, None, table, id, row)
+    }
+
+    /// [`Inner::emit_row`], its op log entries added to `later` when
+    /// given (appended by the caller after the transaction's other
+    /// writes) instead of appended now.
+    fn emit_row_into(
+        &self,
+        stx: &mut dyn SourceTx,
+        mut later: Option<&mut Vec<Emitted>>,
+        table: &str,
+        id: &str,
+        row: Option<&RowData>,
+    ) -> Result<()> {
         let new: BTreeSet<String> = row.map(|r| self.rules.row_buckets(table, id, r)).unwrap_or_default();
         let old = stx.row_buckets(table, id)?;
+        let mut emit =
+            |stx: &mut dyn SourceTx, bucket: &str, op: OpKind, row: Option<&RowData>| match later.as_deref_mut() {
+                Some(later) => {
+                    later.push(Emitted {
+                        bucket: bucket.to_owned(),
+                        op,
+                        table: table.to_owned(),
+                        id: id.to_owned(),
+                        row: row.cloned(),
+                    });
+                    Ok(())
+                }
+                None => append_op(stx, bucket, op, table, id, row).map(|_| ()),
+            };
         for b in &new {
-            append_op(stx, b, OpKind::Put, table, id, row)?;
+            emit(stx, b, OpKind::Put, row)?;
         }
         for b in old.difference(&new) {
-            append_op(stx, b, OpKind::Remove, table, id, None)?;
+            emit(stx, b, OpKind::Remove, None)?;
         }
         if old != new {
             stx.set_row_buckets(table, id, &new)?;
         }
         Ok(())
     }
+}
+
+/// An op log entry an upload's op emitted, appended after the other
+/// writes of every op of its transaction (in the order emitted, so with
+/// the ids and checksums it would have had appended at once): the
+/// transaction then needs the op-id counter only for its last steps (a
+/// database that orders op ids by a lock on it holds the lock that much
+/// shorter; `docs/adr/0016-postgres-concurrent-uploads.md`).
+pub(super) struct Emitted {
+    bucket: String,
+    op: OpKind,
+    table: String,
+    id: String,
+    row: Option<RowData>,
 }
 
 /// An op [`Inner::check_op_named`] refused: why, and the table and id the
