@@ -19,7 +19,7 @@
 //!   or setting, Ferry's one op-counter row (`SELECT ... FOR UPDATE`):
 //!   serializable with respect to what it reads, and op ids become
 //!   visible in commit order (the counter commits with the ops). What no
-//!   key covers (captured changes, a range of ids), or more than
+//!   key covers (a range of ids), or more than
 //!   `MAX_KEY_LOCKS` keys, takes the writers' lock exclusive: it runs
 //!   alone. A transaction that loses a deadlock is run again. Reads
 //!   (checkpoints, op ranges) never wait for any of it.

@@ -302,15 +302,36 @@ impl PgTx<'_> {
             return Ok(());
         }
         self.hold_writers(LockMode::Shared);
-        let sql = format!(
-            "SELECT last_op_id FROM {}.counter WHERE id = 1 FOR UPDATE",
-            self.db.names.ferry
-        );
-        let rows = self.q(&sql, &[])?;
+        let f = &self.db.names.ferry;
+        let counter_sql = format!("SELECT last_op_id FROM {f}.counter WHERE id = 1 FOR UPDATE");
+        // The states of the buckets this transaction placed rows in (its
+        // ops are likely to advance them), read under the lock in the
+        // same flight instead of one round trip each while holding it.
+        let mut likely: Vec<String> = self
+            .batched
+            .memberships
+            .iter()
+            .flat_map(|(_, _, buckets, _)| buckets.iter())
+            .filter(|b| !self.buckets.contains_key(*b))
+            .cloned()
+            .collect();
+        likely.sort_unstable();
+        likely.dedup();
+        likely.truncate(MAX_BUCKETS_READ_WITH_COUNTER);
+        let bucket_sql = bucket_state_sql(f);
+        let params: Vec<[&(dyn ToSql + Sync); 1]> = likely.iter().map(|b| [b as &(dyn ToSql + Sync)]).collect();
+        let mut queries: Vec<(&str, &[&(dyn ToSql + Sync)])> = vec![(counter_sql.as_str(), &[])];
+        queries.extend(params.iter().map(|p| (bucket_sql.as_str(), &p[..])));
+        let mut answers = self.send_all(&queries)?.into_iter();
+        let rows = answers.next().unwrap_or_default();
         let last: i64 = rows
             .first()
             .ok_or_else(|| corrupt("op counter", "missing"))?
             .try_get(0)?;
+        for (bucket, rows) in likely.into_iter().zip(answers) {
+            let state = rows.first().map(bucket_state_of).transpose()?;
+            self.buckets.insert(bucket, state);
+        }
         let first = last as u64 + 1;
         self.locks.counter = Some(first);
         self.locks.next_op_id = first;
@@ -385,6 +406,23 @@ impl PgTx<'_> {
         })?;
         Ok(answers.split_off(sent))
     }
+}
+
+/// Most bucket states read with the op-id counter's lock.
+const MAX_BUCKETS_READ_WITH_COUNTER: usize = 16;
+
+/// The statement reading one bucket's state. `f` is Ferry's quoted schema.
+fn bucket_state_sql(f: &str) -> String {
+    format!("SELECT checksum, count, last_op_id FROM {f}.buckets WHERE bucket = $1")
+}
+
+/// A bucket's state from a row of [`bucket_state_sql`].
+fn bucket_state_of(r: &Row) -> Result<BucketState> {
+    Ok(BucketState {
+        checksum: r.try_get::<_, i64>(0)? as u32,
+        count: r.try_get::<_, i64>(1)? as u64,
+        last_op_id: r.try_get::<_, i64>(2)? as u64,
+    })
 }
 
 /// Most keys (rows, clients) one write transaction locks one by one;
@@ -986,21 +1024,13 @@ impl SourceTx for PgTx<'_> {
         }
         lift(|| {
             self.lock_counter()?;
-            let sql = format!(
-                "SELECT checksum, count, last_op_id FROM {}.buckets WHERE bucket = $1",
-                self.db.names.ferry
-            );
+            // Read with the counter's lock, perhaps.
+            if let Some(state) = self.buckets.get(bucket) {
+                return Ok(*state);
+            }
+            let sql = bucket_state_sql(&self.db.names.ferry);
             let rows = self.q(&sql, &[&bucket])?;
-            let state = rows
-                .first()
-                .map(|r| {
-                    Ok::<_, crate::error::Error>(BucketState {
-                        checksum: r.try_get::<_, i64>(0)? as u32,
-                        count: r.try_get::<_, i64>(1)? as u64,
-                        last_op_id: r.try_get::<_, i64>(2)? as u64,
-                    })
-                })
-                .transpose()?;
+            let state = rows.first().map(bucket_state_of).transpose()?;
             self.buckets.insert(bucket.to_owned(), state);
             Ok(state)
         })
@@ -1083,7 +1113,12 @@ impl SourceTx for PgTx<'_> {
 
     fn take_captured(&mut self, limit: usize) -> SourceResult<Vec<CapturedChange>> {
         lift(|| {
-            self.lock_all()?;
+            // Captured changes need no lock of Ferry's: each is deleted
+            // (row locked) by the transaction taking it, and the rows they
+            // name are locked when read. (The capture leader runs often:
+            // taking the writers' lock exclusive would stop every upload
+            // each time.)
+            self.hold_writers(LockMode::Shared);
             let f = &self.db.names.ferry;
             // Deleted with this transaction; a change committed later with
             // a lower seq is taken by a later call (it is not skipped:
@@ -1131,7 +1166,9 @@ impl SourceTx for PgTx<'_> {
     }
 
     fn put_back_captured(&mut self, change: &CapturedChange) -> SourceResult<()> {
-        lift(|| self.lock_all())?;
+        // Its own seq, taken (deleted) by this transaction: no other one
+        // writes it.
+        self.hold_writers(LockMode::Shared);
         let (truncated, after_id) = match &change.kind {
             CaptureKind::Row => (false, None),
             CaptureKind::Truncate { after_id } => (true, after_id.clone()),
