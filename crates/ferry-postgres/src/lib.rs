@@ -392,8 +392,11 @@ impl PgSourceDb {
         // in `ferry.writing`, so the capture trigger skips its rows
         // (`TableLayout::writing_marker`); cleared here (an earlier Ferry
         // set `on`, which skips every row).
-        wait(client.batch_execute("BEGIN; SELECT set_config('ferry.writing', '', true)"))?;
+        // Sent with the transaction's first flight, not a round trip of
+        // their own.
         let mut tx = PgTx::new(&self.shared, client);
+        tx.defer("BEGIN".to_owned(), Vec::new());
+        tx.defer("SELECT set_config('ferry.writing', '', true)".to_owned(), Vec::new());
         let result = (|| {
             work(&mut tx)?;
             let max_clock = tx.max_clock.take();

@@ -981,10 +981,12 @@ impl SourceTx for PgTx<'_> {
     fn append_op(&mut self, op: NewOp<'_>) -> SourceResult<()> {
         lift(|| {
             self.lock_counter()?;
-            let data = op
-                .data
-                .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
-                .transpose()?;
+            let data = match (op.data_json, op.data) {
+                (Some(json), _) => Some(json.to_owned()),
+                (None, d) => d
+                    .map(|d| serde_json::to_string(d).map_err(|e| corrupt("row", e)))
+                    .transpose()?,
+            };
             if self.defer_ops {
                 self.batched.oplog.push((
                     op.op_id as i64,

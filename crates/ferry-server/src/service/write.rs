@@ -85,8 +85,24 @@ pub(super) fn append_op(
     row_id: &str,
     data: Option<&RowData>,
 ) -> Result<u64> {
+    let encoded = data.map(ferry_core::codec::encode_row);
+    append_encoded_op(stx, bucket, op, (table, row_id), data, encoded.as_deref(), None)
+}
+
+/// [`append_op`] of a row encoded ahead: `encoded` is
+/// `ferry_core::codec::encode_row` of `data` (the checksum's input), and
+/// `json`, when given, its JSON.
+fn append_encoded_op(
+    stx: &mut dyn SourceTx,
+    bucket: &str,
+    op: OpKind,
+    (table, row_id): (&str, &str),
+    data: Option<&RowData>,
+    encoded: Option<&[u8]>,
+    json: Option<&str>,
+) -> Result<u64> {
     let op_id = stx.next_op_id()?;
-    let checksum = ferry_protocol::op_checksum(op_id, op, table, row_id, data);
+    let checksum = ferry_protocol::op_checksum_encoded(op_id, op, table, row_id, encoded);
     stx.append_op(NewOp {
         op_id,
         bucket,
@@ -94,7 +110,7 @@ pub(super) fn append_op(
         table,
         row_id,
         data,
-        data_json: None,
+        data_json: json,
         checksum,
     })?;
     let state = stx.bucket_state(bucket)?.unwrap_or_default();
@@ -513,7 +529,15 @@ impl Inner {
                     outcomes.push(outcome);
                 }
                 for e in &emitted {
-                    append_op(stx, &e.bucket, e.op, &e.table, &e.id, e.row.as_ref())?;
+                    append_encoded_op(
+                        stx,
+                        &e.bucket,
+                        e.op,
+                        (&e.table, &e.id),
+                        e.row.as_ref(),
+                        e.encoded.as_deref(),
+                        e.json.as_deref(),
+                    )?;
                 }
                 Ok(stx.set_client(client_id, user_id, new_last)?)
             });
@@ -1125,6 +1149,8 @@ impl Inner {
                         table: table.to_owned(),
                         id: id.to_owned(),
                         row: row.cloned(),
+                        encoded: row.map(ferry_core::codec::encode_row),
+                        json: row.and_then(|r| ferry_core::json::row_json(r).ok()),
                     });
                     Ok(())
                 }
@@ -1149,12 +1175,16 @@ impl Inner {
 /// transaction then needs the op-id counter only for its last steps (a
 /// database that orders op ids by a lock on it holds the lock that much
 /// shorter; `docs/adr/0016-postgres-concurrent-uploads.md`).
+/// The row is encoded when emitted (its checksum's input and its JSON),
+/// so the transaction does not encode it while holding the counter.
 pub(super) struct Emitted {
     bucket: String,
     op: OpKind,
     table: String,
     id: String,
     row: Option<RowData>,
+    encoded: Option<Vec<u8>>,
+    json: Option<String>,
 }
 
 /// An op [`Inner::check_op_named`] refused: why, and the table and id the
