@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{client_schema, service, text, token, SECRET};
+use common::{client_schema, service, text, token, wait_until, SECRET};
 use ferry_client::{ClientOptions, Database, StaticToken, UploadOutcome};
 use ferry_core::{row_data, Clock, ManualClock, SystemClock};
 use ferry_protocol::Outcome;
@@ -79,17 +79,6 @@ fn server_title(svc: &SyncService, id: &str) -> Option<String> {
     let table = svc.rules().schema().table("tickets").expect("tickets").clone();
     let row = svc.db().get_row(&table, id).expect("read")?;
     row.data?.get("title").and_then(|v| v.as_text().map(str::to_owned))
-}
-
-async fn wait_until(timeout_ms: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-    while tokio::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 /// Item 1: databases opened back to back with default options get distinct

@@ -9,6 +9,8 @@
 //! the app sees it, every write has exactly one outcome, live queries end
 //! equal to a fresh query, and users see only their buckets.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,14 +18,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use common::wait_until;
 use ferry_client::query::{col, Order};
 use ferry_client::{
     ClientError, ClientOptions, Credentials, Database, Diff, LiveQuery, Query, QueryResult, UploadOutcome, WriteReceipt,
 };
-use ferry_core::{row_data, Limits, RowData, Schema, Value};
+use ferry_core::{row_data, Limits, RowData, Schema, SystemClock, Value};
 use ferry_http::HttpTransport;
 use ferry_protocol::Outcome;
-use ferry_queue::{LocalDbOptions, QueueError};
+use ferry_queue::QueueError;
 use ferry_server::{mint_token, AuthOptions, BoundServer, ServerConfig, ServiceOptions, SyncRules};
 use ferry_sqlite::SqliteStore;
 use ferry_transport::{LineStream, Transport, TransportError};
@@ -294,18 +297,9 @@ fn creds(user: &str) -> Arc<dyn Credentials> {
 }
 
 fn options(seed: u64, limits: Limits) -> ClientOptions {
-    ClientOptions {
-        local: LocalDbOptions {
-            limits,
-            client_id_seed: Some(seed),
-            ..LocalDbOptions::default()
-        },
-        retry_initial_delay_ms: 5,
-        retry_max_delay_ms: 50,
-        jitter_seed: seed,
-        upload_poll_interval_ms: 20,
-        ..ClientOptions::default()
-    }
+    let mut options = common::client_options(seed, Arc::new(SystemClock));
+    options.local.limits = limits;
+    options
 }
 
 fn open_with(path: &Path, seed: u64, limits: Limits) -> Database {
@@ -333,17 +327,6 @@ fn post(title: &str, author: &str) -> RowData {
 fn write(db: &Database, f: impl FnOnce(&mut ferry_client::WriteTx<'_>) -> Result<(), QueueError>) -> WriteReceipt {
     let ((), receipt) = db.write_with_receipt(f).expect("local write");
     receipt.expect("the write queued something")
-}
-
-async fn wait_until(timeout_ms: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-    while tokio::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    f()
 }
 
 /// Every local write answered and confirmed, and a checkpoint taken after

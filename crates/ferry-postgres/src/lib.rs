@@ -862,37 +862,17 @@ impl SourceDb for PgSourceDb {
     }
 
     fn client_owner(&self, client_id: &str) -> SourceResult<Option<String>> {
-        self.with_client(|client| {
-            let rows = query(
-                client,
-                &format!(
-                    "SELECT user_id FROM {}.clients WHERE client_id = $1",
-                    self.shared.names.ferry
-                ),
-                &[&client_id],
-            )?;
-            rows.first().map(|r| Ok(r.try_get::<_, String>(0)?)).transpose()
-        })
+        Ok(self.client_progress(client_id)?.map(|p| p.user_id))
     }
 
     fn client_progress(&self, client_id: &str) -> SourceResult<Option<ClientProgress>> {
         self.with_client(|client| {
             let rows = query(
                 client,
-                &format!(
-                    "SELECT user_id, last_seq FROM {}.clients WHERE client_id = $1",
-                    self.shared.names.ferry
-                ),
+                &tx::client_progress_sql(&self.shared.names.ferry),
                 &[&client_id],
             )?;
-            rows.first()
-                .map(|r| {
-                    Ok(ClientProgress {
-                        user_id: r.try_get(0)?,
-                        last_seq: r.try_get::<_, i64>(1)? as u64,
-                    })
-                })
-                .transpose()
+            tx::client_progress_of(&rows)
         })
     }
 

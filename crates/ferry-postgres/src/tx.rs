@@ -471,6 +471,23 @@ fn raise(max: &mut Option<HlcTimestamp>, c: &HlcTimestamp) {
     }
 }
 
+/// The statement reading a client's progress (`$1`: the client id).
+pub(crate) fn client_progress_sql(ferry_schema: &str) -> String {
+    format!("SELECT user_id, last_seq FROM {ferry_schema}.clients WHERE client_id = $1")
+}
+
+/// A client's progress from the rows of [`client_progress_sql`].
+pub(crate) fn client_progress_of(rows: &[Row]) -> Result<Option<ClientProgress>> {
+    rows.first()
+        .map(|r| {
+            Ok(ClientProgress {
+                user_id: r.try_get(0)?,
+                last_seq: r.try_get::<_, i64>(1)? as u64,
+            })
+        })
+        .transpose()
+}
+
 /// What a write transaction's reads of the app's rows add: the row is
 /// locked until the transaction ends, and read as the app's transaction
 /// that held it committed it. Ferry writes back every column of a row it
@@ -768,19 +785,8 @@ impl SourceTx for PgTx<'_> {
     fn client(&mut self, client_id: &str) -> SourceResult<Option<ClientProgress>> {
         self.lock_client(client_id);
         lift(|| {
-            let sql = format!(
-                "SELECT user_id, last_seq FROM {}.clients WHERE client_id = $1",
-                self.db.names.ferry
-            );
-            let rows = self.q(&sql, &[&client_id])?;
-            rows.first()
-                .map(|r| {
-                    Ok(ClientProgress {
-                        user_id: r.try_get(0)?,
-                        last_seq: r.try_get::<_, i64>(1)? as u64,
-                    })
-                })
-                .transpose()
+            let rows = self.q(&client_progress_sql(&self.db.names.ferry), &[&client_id])?;
+            client_progress_of(&rows)
         })
     }
 

@@ -64,21 +64,23 @@ pub fn encode_stream_line(line: &StreamLine) -> Vec<u8> {
             out
         }
         StreamLine::CheckpointComplete { last_op_id } => {
-            let mut out = Vec::with_capacity(64);
-            out.extend_from_slice(b"{\"checkpoint_complete\":{\"last_op_id\":");
-            push_u64(&mut out, *last_op_id);
-            out.extend_from_slice(b"}}\n");
-            out
+            one_number_line(b"{\"checkpoint_complete\":{\"last_op_id\":", *last_op_id)
         }
         StreamLine::Keepalive { token_expires_in_s } => {
-            let mut out = Vec::with_capacity(64);
-            out.extend_from_slice(b"{\"keepalive\":{\"token_expires_in_s\":");
-            push_u64(&mut out, *token_expires_in_s);
-            out.extend_from_slice(b"}}\n");
-            out
+            one_number_line(b"{\"keepalive\":{\"token_expires_in_s\":", *token_expires_in_s)
         }
         other => encode_line(other),
     }
+}
+
+/// A line of one object holding one number: `head` (up to the number),
+/// the number, and the two closing braces with the newline.
+fn one_number_line(head: &[u8], value: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + 24);
+    out.extend_from_slice(head);
+    ferry_core::json::push_u64(&mut out, value);
+    out.extend_from_slice(b"}}\n");
+    out
 }
 
 /// Decode one line (without or with its trailing newline).

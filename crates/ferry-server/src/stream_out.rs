@@ -84,15 +84,17 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
         }
     }
 
-    /// Lines and bytes in the channel now.
-    fn queued(&mut self) -> (usize, usize) {
+    /// Whether `bytes` more fit in the budget now (or the channel is
+    /// empty: a line larger than the budget goes alone).
+    fn fits(&mut self, bytes: usize) -> bool {
+        // The channel's lines now: the sizes of the others were taken.
         let lines = self.tx.max_capacity().saturating_sub(self.tx.capacity());
         while self.sizes.len() > lines {
             if let Some(size) = self.sizes.pop_front() {
                 self.sizes_sum_bytes = self.sizes_sum_bytes.saturating_sub(size);
             }
         }
-        (lines, self.sizes_sum_bytes)
+        lines == 0 || self.sizes_sum_bytes.saturating_add(bytes) <= self.channel_budget_bytes
     }
 
     /// Resolves when the stream must stop whatever it is doing: shutdown
@@ -112,13 +114,12 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
             if *self.shutdown.borrow() {
                 return Err(Stop::ShuttingDown);
             }
-            let (lines, queued_bytes) = self.queued();
-            if lines == 0 || queued_bytes.saturating_add(bytes) <= self.channel_budget_bytes {
+            if self.fits(bytes) {
                 return Ok(());
             }
             // Wait for the transport to take one line: one slot more free
             // than now. The permits are given back at once. The transport
-            // may have taken every line since `queued` looked: then there
+            // may have taken every line since `fits` looked: then there
             // is nothing to wait for (and asking for more permits than the
             // channel has would fail as if the client had left).
             let free = self.tx.capacity();
@@ -140,12 +141,7 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
 
     /// Send one line once it fits the budget.
     pub(crate) async fn send(&mut self, line: L) -> Result<(), Stop> {
-        let (line, size) = line.sized();
-        self.send_sized(line, size).await
-    }
-
-    /// Send a sized line once it fits the budget.
-    async fn send_sized(&mut self, mut line: L, size: usize) -> Result<(), Stop> {
+        let (mut line, size) = line.sized();
         // The common case, without a wait: the line fits the budget and
         // the channel has a slot. The stops a wait would watch are looked
         // at here (a stream busy with commits must still end on time).
@@ -155,8 +151,7 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
         if self.expiry.is_elapsed() {
             return Err(Stop::Expired);
         }
-        let (lines, queued_bytes) = self.queued();
-        if lines == 0 || queued_bytes.saturating_add(size) <= self.channel_budget_bytes {
+        if self.fits(size) {
             match self.tx.try_send(line) {
                 Ok(()) => {
                     self.sent(size);

@@ -80,6 +80,18 @@ pub fn client_with_schema(dir: &std::path::Path, seed: u64, clock: Arc<dyn Clock
     Database::open(Arc::new(store), client_options(seed, clock)).expect("open client")
 }
 
+/// Whether `f` holds within `timeout_ms`, looking every 10 ms.
+pub async fn wait_until(timeout_ms: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    f()
+}
+
 /// The fixtures' client options: quick retries, a seeded client id.
 pub fn client_options(seed: u64, clock: Arc<dyn Clock>) -> ClientOptions {
     ClientOptions {

@@ -155,13 +155,13 @@ async fn run_stream<L: StreamOut>(
                         read_db = true;
                         continue;
                     }
-                    let Some(diff) = apply_event(prev, &event, client_id, &mut positions) else {
+                    let Some(updated) = apply_event(prev, &event, client_id, &mut positions) else {
                         // Nothing of this stream's buckets or client.
                         seen_op_id = seen_op_id.max(event.last_op_id);
                         continue;
                     };
                     check_progress_owner(inner, user, client_id, prev, &mut owner_checked).await?;
-                    let sent_now = send_diff(inner, prev, diff, &mut positions, &mut out, open, &event);
+                    let sent_now = send_diff(inner, prev, updated, &mut positions, &mut out, open, Some(&event));
                     if let Err(stop) = sent_now.await? {
                         out.end(stop);
                         return Ok(());
@@ -217,15 +217,10 @@ async fn check_progress_owner(
     Ok(())
 }
 
-/// What a feed event changed for one stream: the buckets whose state
-/// moved, as the diff sends them.
-struct EventDiff {
-    updated: Vec<ferry_protocol::BucketChecksum>,
-}
-
 /// Apply `event` to the checkpoint a stream sent (`sent`, after which it
 /// has seen every commit): the event's bucket states where they moved,
-/// the client's progress where it moved. `None` when nothing of this
+/// the client's progress where it moved; the buckets whose state moved,
+/// as the diff sends them. `None` when nothing of this
 /// stream's changed (no bucket it follows, not its client): `sent` stays
 /// and its buckets' positions move past the event, which holds no entry
 /// of them.
@@ -234,7 +229,7 @@ fn apply_event(
     event: &super::feed::FeedEvent,
     client_id: &str,
     positions: &mut BTreeMap<String, u64>,
-) -> Option<EventDiff> {
+) -> Option<Vec<ferry_protocol::BucketChecksum>> {
     let mut updated = Vec::new();
     if event.last_op_id > sent.last_op_id {
         for b in &mut sent.buckets {
@@ -263,35 +258,35 @@ fn apply_event(
     if progress.is_some() {
         sent.write_checkpoint = progress;
     }
-    Some(EventDiff { updated })
+    Some(updated)
 }
 
-/// Send a diff for a stream's checkpoint `cp` (already moved by the
-/// event), the `data` lines of the buckets it updates (the feed's entries
-/// where the event carries them and the stream is where they start, else
-/// read from the database), and the checkpoint's end. `Ok(Err(stop))`
-/// when the stream must end.
+/// Send a diff for a stream's checkpoint `cp` (already moved), of the
+/// buckets in `updated`, their `data` lines (from the event's entries
+/// where it carries them and the stream is where they start, else read
+/// from the database), and the checkpoint's end. `Ok(Err(stop))` when
+/// the stream must end.
 async fn send_diff<L: StreamOut>(
     inner: &Arc<Inner>,
     cp: &CheckpointState,
-    diff: EventDiff,
+    updated: Vec<ferry_protocol::BucketChecksum>,
     positions: &mut BTreeMap<String, u64>,
     out: &mut StreamSender<'_, L>,
     open: &StreamGuard,
-    event: &super::feed::FeedEvent,
+    event: Option<&super::feed::FeedEvent>,
 ) -> Result<std::result::Result<(), Stop>> {
-    let buckets: Vec<String> = diff.updated.iter().map(|b| b.bucket.clone()).collect();
+    let buckets: Vec<String> = updated.iter().map(|b| b.bucket.clone()).collect();
     let line = StreamLine::CheckpointDiff(CheckpointDiff {
         hlc: Some(inner.hlc.now()),
         last_op_id: cp.last_op_id,
         write_checkpoint: cp.write_checkpoint,
-        updated_buckets: diff.updated,
+        updated_buckets: updated,
         removed_buckets: Vec::new(),
     });
     if let Err(stop) = out.send(line.into()).await {
         return Ok(Err(stop));
     }
-    send_changed(inner, cp, buckets, positions, out, open, Some(event)).await
+    send_changed(inner, cp, buckets, positions, out, open, event).await
 }
 
 /// Send `cp` if it differs from what was sent: the checkpoint (first) or
@@ -309,7 +304,7 @@ async fn send_checkpoint<L: StreamOut>(
     if sent.as_ref() == Some(&cp) {
         return Ok(Ok(()));
     }
-    let changed: Vec<String> = match &*sent {
+    let done = match &*sent {
         None => {
             let line = StreamLine::Checkpoint(Checkpoint {
                 hlc: Some(inner.hlc.now()),
@@ -320,29 +315,19 @@ async fn send_checkpoint<L: StreamOut>(
             if let Err(stop) = out.send(line.into()).await {
                 return Ok(Err(stop));
             }
-            cp.buckets.iter().map(|b| b.bucket.clone()).collect()
+            let all = cp.buckets.iter().map(|b| b.bucket.clone()).collect();
+            send_changed(inner, &cp, all, positions, out, open, None).await?
         }
         Some(prev) => {
-            let updated: Vec<_> = cp
+            let updated = cp
                 .buckets
                 .iter()
                 .filter(|b| !prev.buckets.contains(b))
                 .cloned()
                 .collect();
-            let line = StreamLine::CheckpointDiff(CheckpointDiff {
-                hlc: Some(inner.hlc.now()),
-                last_op_id: cp.last_op_id,
-                write_checkpoint: cp.write_checkpoint,
-                updated_buckets: updated.clone(),
-                removed_buckets: Vec::new(),
-            });
-            if let Err(stop) = out.send(line.into()).await {
-                return Ok(Err(stop));
-            }
-            updated.into_iter().map(|b| b.bucket).collect()
+            send_diff(inner, &cp, updated, positions, out, open, None).await?
         }
     };
-    let done = send_changed(inner, &cp, changed, positions, out, open, None).await?;
     if done.is_ok() {
         *sent = Some(cp);
     }
