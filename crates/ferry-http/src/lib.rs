@@ -71,6 +71,7 @@
 
 mod client;
 mod server;
+mod stream_body;
 mod tls;
 
 pub use client::{HttpClientOptions, HttpTransport};

@@ -1,7 +1,6 @@
 //! The server side: an axum [`Router`] carrying bytes to a [`SyncHandler`].
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -22,7 +21,7 @@ use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
 use ferry_protocol::{encode_line, ErrorCode, ServerError, StreamRequest, UploadRequest};
-use ferry_transport::{ServerLineStream, SyncHandler};
+use ferry_transport::SyncHandler;
 use futures_util::StreamExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -32,14 +31,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
+
+use crate::stream_body::{LineBody, StreamEnds};
 
 /// The default limit on a request body: 32 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
-
-/// Lines already waiting in the handler's channel are written together, up
-/// to this many bytes per chunk, so a fast producer costs fewer writes.
-const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Per-user upload buckets kept before idle (full) ones are dropped.
 const MAX_TRACKED_UPLOADERS: usize = 10_000;
@@ -135,7 +132,7 @@ struct UploadBucket {
 /// One stream of a user, counted until dropped (the response body ends
 /// or the client goes away).
 #[derive(Debug)]
-struct StreamSlot {
+pub(crate) struct StreamSlot {
     limits: Arc<UserLimits>,
     user: String,
 }
@@ -211,6 +208,8 @@ struct AppState {
     verifier: Option<Arc<dyn TokenVerifier>>,
     options: HttpServerOptions,
     limits: Arc<UserLimits>,
+    /// The download streams whose end their connections watch.
+    stream_ends: Arc<StreamEnds>,
 }
 
 impl fmt::Debug for AppState {
@@ -272,6 +271,7 @@ fn build_router(
             verifier,
             options,
             limits: Arc::new(UserLimits::default()),
+            stream_ends: Arc::default(),
         })
 }
 
@@ -472,7 +472,15 @@ struct Activity {
 
 /// The connection a request came on (a request extension).
 #[derive(Clone, Debug)]
-struct ConnHandle(Arc<Activity>);
+pub(crate) struct ConnHandle(Arc<Activity>);
+
+impl ConnHandle {
+    /// Close the connection `within` from now unless it was asked to
+    /// close earlier (a new request on it takes the request back).
+    pub(crate) fn close_within(&self, within: Duration) {
+        self.0.close_within(within);
+    }
+}
 
 /// A request being handled on a connection, until dropped.
 struct Handling(Arc<Activity>);
@@ -784,11 +792,12 @@ async fn stream_route(
                 (CONTENT_TYPE, HeaderValue::from_static(NDJSON_CONTENT_TYPE)),
                 (CACHE_CONTROL, HeaderValue::from_static("no-cache")),
             ],
-            Body::from_stream(line_chunks(
+            Body::from_stream(LineBody::new(
                 rx,
                 slot,
                 conn.map(|Extension(c)| c),
                 Duration::from_millis(state.options.stream_end_timeout_ms),
+                &state.stream_ends,
             )),
         )
             .into_response(),
@@ -796,124 +805,6 @@ async fn stream_route(
             tracing::debug!(code = ?e.code, message = %e.message, "stream request refused");
             error_response(e, retry_after_s)
         }
-    }
-}
-
-/// The body of a download stream: each line encoded, lines already queued
-/// coalesced into one chunk of at most [`MAX_CHUNK_BYTES`] (a longer line
-/// is its own chunk, without a copy). Dropping the stream (the client went
-/// away) drops the receiver, which the handler's sender observes, and the
-/// user's stream slot.
-///
-/// One chunk at a time: the next line is taken from the handler only once
-/// the connection wrote the previous chunk to the socket (hyper drops it),
-/// so a client that stops reading leaves at most one chunk here and the
-/// handler's lines in its channel, which the handler bounds. When the
-/// handler ended the stream, the connection is closed unless the rest
-/// reaches the client within `end_timeout`.
-fn line_chunks(
-    rx: ServerLineStream,
-    slot: Option<StreamSlot>,
-    conn: Option<ConnHandle>,
-    end_timeout: Duration,
-) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    if let Some(conn) = &conn {
-        // hyper polls the body only when the socket takes more: a stalled
-        // client's stream is watched from outside.
-        tokio::spawn(watch_stream_end(Arc::downgrade(&rx), conn.clone(), end_timeout));
-    }
-    let state = ChunkState {
-        rx,
-        _slot: slot,
-        conn,
-        end_timeout,
-        carry: None,
-        written: Arc::new(Semaphore::new(1)),
-    };
-    futures_util::stream::unfold(state, |mut st| async move {
-        // The previous chunk was written (hyper dropped it).
-        let written = st.written.clone().acquire_owned().await.ok()?;
-        let rx = st.rx.clone();
-        let mut rx = rx.lock().await;
-        let mut chunk = match st.carry.take() {
-            Some(line) => line,
-            None => match rx.recv().await {
-                Some(line) => line.into_bytes(),
-                None => {
-                    if let Some(conn) = &st.conn {
-                        conn.0.close_within(st.end_timeout);
-                    }
-                    return None;
-                }
-            },
-        };
-        while chunk.len() < MAX_CHUNK_BYTES {
-            match rx.try_recv() {
-                Ok(line) => {
-                    let line = line.into_bytes();
-                    if chunk.len() + line.len() > MAX_CHUNK_BYTES {
-                        st.carry = Some(line);
-                        break;
-                    }
-                    chunk.extend_from_slice(&line);
-                }
-                Err(_) => break,
-            }
-        }
-        drop(rx);
-        let chunk = Bytes::from_owner(Chunk {
-            bytes: chunk,
-            _written: written,
-        });
-        Some((Ok(chunk), st))
-    })
-}
-
-struct ChunkState {
-    rx: Arc<tokio::sync::Mutex<ServerLineStream>>,
-    _slot: Option<StreamSlot>,
-    conn: Option<ConnHandle>,
-    end_timeout: Duration,
-    /// A line taken that did not fit the last chunk.
-    carry: Option<Vec<u8>>,
-    /// One permit, held by the chunk the connection has not written yet.
-    written: Arc<Semaphore>,
-}
-
-/// How often a stream's watcher checks whether its handler ended it.
-const STREAM_END_CHECK_MS: u64 = 250;
-
-/// Once the handler ended the stream (dropped its sender), the rest must
-/// reach the client within `end_timeout`, or the connection is closed.
-/// Ends with the body (`rx` gone).
-async fn watch_stream_end(
-    rx: std::sync::Weak<tokio::sync::Mutex<ServerLineStream>>,
-    conn: ConnHandle,
-    end_timeout: Duration,
-) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(STREAM_END_CHECK_MS)).await;
-        let Some(rx) = rx.upgrade() else { return };
-        // Held by the body while it waits for a line: then it is read.
-        let ended = rx.try_lock().is_ok_and(|rx| rx.is_closed());
-        if ended {
-            conn.0.close_within(end_timeout);
-            return;
-        }
-    }
-}
-
-/// A chunk of the stream body; its permit returns when hyper dropped it
-/// (written to the socket, or the connection closed).
-struct Chunk {
-    bytes: Vec<u8>,
-    _written: OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Chunk {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
     }
 }
 

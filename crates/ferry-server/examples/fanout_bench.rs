@@ -29,6 +29,9 @@
 //! the small cost of the parent's own upload requests), and `rss_mb` is
 //! this process's `VmRSS` at the end of the write phase (the S values run
 //! one after the other in this process, smallest first).
+//! `server_write_syscalls_per_write` (write-type system calls of this
+//! process over the write phase, `syscw` of `/proc/self/io`, per write)
+//! shows whether each stream takes one socket write per write.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -117,6 +120,18 @@ fn cpu_ms() -> Result<f64> {
     };
     // utime is field 14, stime field 15 (1-based; index 0 here is field 3).
     Ok((tick(11)? + tick(12)?) * 1000.0 / CLK_TCK)
+}
+
+/// Write-type system calls this process made so far (`syscw` of
+/// `/proc/self/io`: one per `write`/`writev`/`sendmsg`).
+fn write_syscalls() -> Result<u64> {
+    let io = std::fs::read_to_string("/proc/self/io")?;
+    Ok(io
+        .lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .ok_or_else(|| anyhow!("no syscw in /proc/self/io"))?
+        .trim()
+        .parse::<u64>()?)
 }
 
 /// This process's resident set in MiB.
@@ -239,6 +254,7 @@ async fn run_one(streams: usize, writes: usize) -> Result<String> {
     let mut latencies_ms: Vec<f64> = Vec::with_capacity(streams * writes);
     let mut missing = 0usize;
     let cpu_before = cpu_ms()?;
+    let syscw_before = write_syscalls()?;
     for k in 0..writes {
         to_child.write_all(format!("w {k}\n").as_bytes()).await?;
         to_child.flush().await?;
@@ -275,6 +291,7 @@ async fn run_one(streams: usize, writes: usize) -> Result<String> {
         );
     }
     let cpu_after = cpu_ms()?;
+    let syscw_after = write_syscalls()?;
     let rss = rss_mb()?;
     drop(to_child);
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
@@ -302,6 +319,10 @@ async fn run_one(streams: usize, writes: usize) -> Result<String> {
         ),
         ("rss_mb", serde_json::json!(round2(rss))),
         ("missing", serde_json::json!(missing)),
+        (
+            "server_write_syscalls_per_write",
+            serde_json::json!(round2((syscw_after - syscw_before) as f64 / writes as f64)),
+        ),
     ]))
 }
 
