@@ -330,12 +330,12 @@ fn push_hlc_json(out: &mut String, hlc: &HlcTimestamp) -> serde_json::Result<()>
 
 /// `v` in decimal, zero-padded to at least `width` digits (`{:0width$}`).
 fn push_padded(out: &mut String, v: u64, width: usize) {
-    let mut buf = [0u8; 20];
-    let digits = crate::json::decimal_digits(v, &mut buf);
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v);
     for _ in digits.len()..width {
         out.push('0');
     }
-    out.extend(digits.iter().map(|&d| char::from(d)));
+    out.push_str(digits);
 }
 
 /// `s` as the inside of a JSON string (no quotes): a text that needs no

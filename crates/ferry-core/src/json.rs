@@ -49,13 +49,13 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
 
 /// Append `v` in decimal, as `serde_json` (and `Display`) writes it.
 pub fn push_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(decimal_digits(v, &mut [0u8; 20]));
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// Append `v` in decimal with leading zeros to `width` digits.
 fn push_u64_padded(out: &mut Vec<u8>, v: u64, width: usize) {
-    let mut buf = [0u8; 20];
-    let digits = decimal_digits(v, &mut buf);
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(v).as_bytes();
     out.extend(std::iter::repeat_n(b'0', width.saturating_sub(digits.len())));
     out.extend_from_slice(digits);
 }
@@ -76,27 +76,12 @@ pub fn push_hlc(out: &mut Vec<u8>, hlc: &crate::HlcTimestamp) {
     out.push(b'"');
 }
 
-/// The decimal digits of `v` (no sign, no padding), written at the end
-/// of `buf` (20 bytes hold every `u64`).
-pub(crate) fn decimal_digits(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut start = buf.len();
-    loop {
-        start -= 1;
-        buf[start] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &buf[start..]
-}
-
 /// `i` in decimal, as `serde_json` (and `Display`) writes it.
 fn push_i64(out: &mut Vec<u8>, i: i64) {
     if i < 0 {
         out.push(b'-');
     }
-    out.extend_from_slice(decimal_digits(i.unsigned_abs(), &mut [0u8; 20]));
+    out.extend_from_slice(itoa::Buffer::new().format(i.unsigned_abs()).as_bytes());
 }
 
 /// Append `data` as `serde_json::to_writer` writes it.
@@ -264,6 +249,32 @@ mod tests {
             }
         }
         assert!(super::plain("é ünïcode 雪 🚀 ÿ\u{80}\u{9f}"));
+    }
+
+    /// Numbers and clocks as `Display` (and `serde_json`) write them, at
+    /// every digit count and at the padding's edges.
+    #[test]
+    fn numbers_and_clocks_are_written_as_display_writes_them() {
+        let mut values = vec![0u64, u64::MAX];
+        let mut p = 1u64;
+        while let Some(next) = p.checked_mul(10) {
+            values.extend([p - 1, p, p + 1]);
+            p = next;
+        }
+        for v in values {
+            let mut out = Vec::new();
+            super::push_u64(&mut out, v);
+            assert_eq!(out, v.to_string().into_bytes());
+            let counter = u32::try_from(v % 1_000_000).expect("small");
+            let hlc = crate::HlcTimestamp {
+                wall_ms: v,
+                counter,
+                node: "server-1".into(),
+            };
+            let mut out = Vec::new();
+            super::push_hlc(&mut out, &hlc);
+            assert_eq!(out, format!("\"{hlc}\"").into_bytes());
+        }
     }
 
     #[test]
