@@ -270,10 +270,10 @@ async fn run_feed(inner: Arc<Inner>) {
         }
         match read_once(&inner, watermark, &mut progress, full).await {
             Ok(Some(event)) => {
-                // The first event (the start) carries no change: a stream
-                // whose checkpoint is older sees a gap and reads the
-                // database, so a commit just before the start is not
-                // missed.
+                // The first event (the start) carries no entries, only
+                // the progress it read: a stream whose checkpoint is
+                // older sees a gap and reads the database, so a commit
+                // just before the start is not missed.
                 watermark = Some(event.last_op_id);
                 // No stream listening is no error.
                 let _ = inner.feed.events.send(Arc::new(event));
@@ -378,12 +378,17 @@ async fn read_once(
         }
     }
     let Some(from) = watermark else {
-        // The start: where the log is, nothing to hand out.
+        // The start: where the log is, no entry to hand out, but the
+        // progress read (every streaming client's, now known as sent):
+        // a stream that read its checkpoint before this read would
+        // otherwise miss an upload that moved its client's progress
+        // without an op log entry in between (no gap shows it), until
+        // its next keepalive.
         return Ok(Some(FeedEvent {
             from_op_id: changes.last_op_id,
             last_op_id: changes.last_op_id,
             buckets: BTreeMap::new(),
-            clients: BTreeMap::new(),
+            clients: moved,
         }));
     };
     if changes.last_op_id <= from && moved.is_empty() {

@@ -1,0 +1,466 @@
+//! Adversarial probes of the shared change feed (fan-out): streams that
+//! follow one bucket of many, commits over the feed's carrying limits
+//! (entries per bucket, buckets per event) mixed with small ones, rows
+//! moving between buckets, deletes, streams that stop reading long enough
+//! to fall behind, and write checkpoints of a streaming client's own
+//! uploads. Every stream must end equal to what a fresh stream reads from
+//! the database, with checksums that hold, and see each of its own
+//! acknowledged writes' seqs as a write checkpoint within about a second.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{entry, put, upload_req, TestClient, SECRET};
+use ferry_core::{CrudEntry, CrudOp, HlcTimestamp, RandomSource, RowData, Schema, SeededRandom, Table, Value};
+use ferry_protocol::{DataLineWriter, OplogEntry, StreamLine};
+use ferry_server::{
+    mint_token, ChangesSince, CheckpointState, CommitReceiver, OpRange, ServiceOptions, SourceDb, SourceError,
+    SourceTx, SqliteSourceDb, StoredOutcome, StoredRow, SyncRules, SyncService, FEED_CHANNEL_EVENTS,
+    FEED_MAX_BUCKETS_WITH_ENTRIES, FEED_MAX_ENTRIES_PER_BUCKET,
+};
+use ferry_transport::SyncHandler;
+use tokio::sync::watch;
+
+/// Notes in their owner's bucket and in their team's; a token's `teams`
+/// claim (an array) gives its user one bucket per team.
+const RULES: &str = r#"
+[[tables]]
+name = "notes"
+columns = [{ name = "owner", type = "text" }, { name = "team", type = "text" }, { name = "body", type = "text" }]
+
+[[buckets]]
+name = "mine"
+parameters = ["sub"]
+data = [{ table = "notes", where = { owner = "sub" } }]
+
+[[buckets]]
+name = "team"
+parameters = ["teams"]
+data = [{ table = "notes", where = { team = "teams" } }]
+
+[[permissions]]
+table = "notes"
+insert = "true"
+update = "true"
+delete = "true"
+"#;
+
+fn token_with(user: &str, teams: &[String]) -> String {
+    let mut claims = serde_json::Map::new();
+    if !teams.is_empty() {
+        claims.insert("teams".into(), serde_json::json!(teams));
+    }
+    mint_token(SECRET, user, 3600, &claims)
+}
+
+fn note(owner: &str, team: &str, body: &str) -> Vec<(&'static str, Value)> {
+    vec![
+        ("owner", Value::from(owner)),
+        ("team", Value::from(team)),
+        ("body", Value::from(body)),
+    ]
+}
+
+fn put_note(id: &str, owner: &str, team: &str, body: &str) -> CrudOp {
+    put("notes", id, &note(owner, team, body))
+}
+
+fn service_on(db: Arc<dyn SourceDb>) -> SyncService {
+    SyncService::builder(db, SyncRules::from_toml(RULES).expect("rules"), SECRET)
+        // Keepalives (and the database reads after them) out of the way:
+        // what a stream gets here it gets through the feed.
+        .options(ServiceOptions {
+            keepalive_interval_s: 60,
+            max_ops_per_line: 300,
+            ..ServiceOptions::default()
+        })
+        .build()
+        .expect("service")
+}
+
+fn last_op_id(svc: &SyncService) -> u64 {
+    svc.db().changes_since(u64::MAX, &[]).expect("last op").last_op_id
+}
+
+/// What a reader task has applied so far.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    last_op_id: u64,
+    write_checkpoint: Option<u64>,
+    rows: BTreeMap<(String, String), RowData>,
+    failed: Option<String>,
+}
+
+/// A stream read by a task into a [`TestClient`]; while `paused` is set
+/// it reads nothing (the server's buffers fill, the feed runs ahead).
+struct Reader {
+    seen: watch::Receiver<Seen>,
+    paused: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn reader(svc: &SyncService, user: &str, client_id: &str, teams: &[String]) -> Reader {
+    let mut c = TestClient::new(client_id);
+    let mut rx = svc
+        .stream(&token_with(user, teams), c.dl.request(client_id))
+        .await
+        .expect("stream opens");
+    let (tx, seen) = watch::channel(Seen::default());
+    let paused = Arc::new(AtomicBool::new(false));
+    let p = paused.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            while p.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let Some(line) = rx.recv().await else {
+                tx.send_modify(|s| s.failed = Some("stream ended".into()));
+                return;
+            };
+            if std::env::var("PROBE_DEBUG").is_ok() {
+                eprintln!("{:?} line: {line:?}", std::time::SystemTime::now());
+            }
+            if let StreamLine::Error(e) = &line {
+                let msg = format!("stream error line: {e:?}");
+                tx.send_modify(|s| s.failed = Some(msg));
+                return;
+            }
+            let complete = match &line {
+                StreamLine::CheckpointComplete { last_op_id } => Some(*last_op_id),
+                _ => None,
+            };
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.feed(line)));
+            match applied {
+                Ok(true) => {
+                    let snapshot = Seen {
+                        last_op_id: complete.unwrap_or_default(),
+                        write_checkpoint: c.write_checkpoint,
+                        rows: c.rows(),
+                        failed: None,
+                    };
+                    tx.send_replace(snapshot);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "panic".into());
+                    tx.send_modify(|s| s.failed = Some(msg));
+                    return;
+                }
+            }
+        }
+    });
+    Reader { seen, paused, task }
+}
+
+/// Wait until `r` applied a checkpoint for which `done` holds.
+async fn wait_until(r: &mut Reader, within: Duration, what: &str, done: impl Fn(&Seen) -> bool) -> Seen {
+    let deadline = Instant::now() + within;
+    loop {
+        {
+            let s = r.seen.borrow_and_update().clone();
+            if let Some(f) = &s.failed {
+                panic!("{what}: {f}");
+            }
+            if done(&s) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what}: not there within {within:?}; at op {} with write checkpoint {:?} and {} rows",
+                    s.last_op_id,
+                    s.write_checkpoint,
+                    s.rows.len()
+                );
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), r.seen.changed()).await;
+    }
+}
+
+/// Wait until `r` applied a checkpoint at or past `op_id` (and, when
+/// given, with a write checkpoint at or past `wc`).
+async fn wait_for(r: &mut Reader, op_id: u64, wc: Option<u64>, within: Duration, what: &str) -> Seen {
+    wait_until(r, within, what, |s| {
+        s.last_op_id >= op_id && wc.is_none_or(|w| s.write_checkpoint.is_some_and(|x| x >= w))
+    })
+    .await
+}
+
+/// The rows a fresh stream of `user` reads (from the database).
+async fn fresh_rows(svc: &SyncService, user: &str, teams: &[String]) -> BTreeMap<(String, String), RowData> {
+    let mut c = TestClient::new(&format!("fresh-{user}"));
+    c.sync(svc, &token_with(user, teams)).await;
+    c.rows()
+}
+
+async fn upload(svc: &SyncService, user: &str, client: &str, seq: u64, op: CrudOp) -> ferry_protocol::UploadResponse {
+    SyncHandler::upload(
+        svc,
+        &token_with(user, &[]),
+        upload_req(client, vec![entry(seq, op, 1_000 + seq, client)]),
+    )
+    .await
+    .expect("upload answered")
+}
+
+async fn upload_tx(svc: &SyncService, user: &str, client: &str, first_seq: u64, ops: Vec<CrudOp>) -> u64 {
+    let n = ops.len() as u64;
+    let entries: Vec<CrudEntry> = ops
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let seq = first_seq + i as u64;
+            CrudEntry {
+                tx_id: first_seq,
+                ..entry(seq, op, 1_000 + seq, client)
+            }
+        })
+        .collect();
+    let answer = SyncHandler::upload(svc, &token_with(user, &[]), upload_req(client, entries))
+        .await
+        .expect("upload answered");
+    assert_eq!(answer.outcomes.len() as u64, n);
+    first_seq + n
+}
+
+fn seed_from_env(default: u64) -> u64 {
+    std::env::var("PROBE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// Random commits of every size (one row; a transaction of more entries
+/// of one bucket than an event carries; an import touching more followed
+/// buckets than an event carries entries of), rows moving between owners
+/// and teams, deletes, while some streams stop reading for hundreds of
+/// commits: every stream ends with exactly the rows a fresh stream reads
+/// from the database (checksums checked on every checkpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_commits_of_every_size_reach_every_stream_exactly() {
+    for seed in [seed_from_env(1), 2] {
+        eprintln!("probe seed {seed} (PROBE_SEED={seed} to replay)");
+        random_fanout(seed).await;
+    }
+}
+
+async fn random_fanout(seed: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service_on(Arc::new(SqliteSourceDb::open_dir(dir.path()).expect("db")));
+    let mut rng = SeededRandom::new(seed);
+    let wide_teams: Vec<String> = (0..FEED_MAX_BUCKETS_WITH_ENTRIES + 20).map(|i| format!("w{i}")).collect();
+    // (user, teams): a user of one owner bucket only, users of owner and
+    // team buckets, a user of more team buckets than an event carries.
+    let users: Vec<(String, Vec<String>)> = vec![
+        ("u0".into(), vec![]),
+        ("u1".into(), vec!["t0".into()]),
+        ("u2".into(), vec!["t0".into(), "t1".into()]),
+        ("u3".into(), vec!["t2".into()]),
+        ("u4".into(), wide_teams.clone()),
+    ];
+    let mut readers = Vec::new();
+    for (i, (u, teams)) in users.iter().enumerate() {
+        readers.push(reader(&svc, u, &format!("reader-{seed}-{i}"), teams).await);
+        // A second stream of the same user and client id.
+        if i == 1 {
+            readers.push(reader(&svc, u, &format!("reader-{seed}-{i}"), teams).await);
+        }
+    }
+    let owners = ["u0", "u1", "u2", "u3", "u4", "nobody"];
+    let teams = ["t0", "t1", "t2", "t3"];
+    let mut seq = 1u64;
+    let writer = format!("writer-{seed}");
+    let mut step = 0;
+    while step < 40 {
+        step += 1;
+        match rng.next_u64() % 10 {
+            // A transaction of more entries of one bucket than an event
+            // carries, then small commits right after.
+            0 => {
+                let owner = owners[(rng.next_u64() % 5) as usize];
+                let n = FEED_MAX_ENTRIES_PER_BUCKET + 1 + (rng.next_u64() % 50) as usize;
+                let ops = (0..n)
+                    .map(|k| put_note(&format!("big{}-{k}", step % 3), owner, "t0", &format!("s{step}")))
+                    .collect();
+                seq = upload_tx(&svc, "writer", &writer, seq, ops).await;
+            }
+            // An import touching more followed buckets than an event
+            // carries the entries of.
+            1 => {
+                let ops = wide_teams
+                    .iter()
+                    .map(|t| put_note(&format!("wide-{t}"), "nobody", t, &format!("s{step}")))
+                    .collect();
+                svc.import(ops).await.expect("import");
+            }
+            // A reader stops reading for a while (more events than the
+            // feed keeps for it pass).
+            2 => {
+                let r = (rng.next_u64() % readers.len() as u64) as usize;
+                readers[r].paused.store(true, Ordering::Relaxed);
+                for k in 0..(FEED_CHANNEL_EVENTS as u64 + 30) {
+                    let owner = owners[(rng.next_u64() % owners.len() as u64) as usize];
+                    let team = teams[(rng.next_u64() % teams.len() as u64) as usize];
+                    let id = format!("n{}", rng.next_u64() % 40);
+                    upload(&svc, "writer", &writer, seq, put_note(&id, owner, team, &format!("p{k}"))).await;
+                    seq += 1;
+                }
+                readers[r].paused.store(false, Ordering::Relaxed);
+            }
+            // Deletes.
+            3 => {
+                for _ in 0..5 {
+                    let id = format!("n{}", rng.next_u64() % 40);
+                    upload(&svc, "writer", &writer, seq, common::delete("notes", &id)).await;
+                    seq += 1;
+                }
+            }
+            // Small commits: rows moving between owners and teams.
+            _ => {
+                for _ in 0..(1 + rng.next_u64() % 20) {
+                    let owner = owners[(rng.next_u64() % owners.len() as u64) as usize];
+                    let team = teams[(rng.next_u64() % teams.len() as u64) as usize];
+                    let id = format!("n{}", rng.next_u64() % 40);
+                    upload(&svc, "writer", &writer, seq, put_note(&id, owner, team, &format!("v{seq}"))).await;
+                    seq += 1;
+                }
+            }
+        }
+    }
+    let mut i = 0;
+    for (u, teams) in &users {
+        let expected = fresh_rows(&svc, u, teams).await;
+        let copies = if i == 1 { 2 } else { 1 };
+        for _ in 0..copies {
+            let what = format!("seed {seed}: reader {i} ({u})");
+            // A stream none of whose buckets changed hears nothing: it is
+            // done when it holds what the database holds.
+            let seen = wait_until(&mut readers[i], Duration::from_secs(5), &what, |s| s.rows == expected).await;
+            assert_eq!(seen.rows, expected, "{what}: rows");
+            i += 1;
+        }
+    }
+    for r in readers {
+        r.task.abort();
+    }
+}
+
+/// A streaming client's own uploads through this server, each seen as a
+/// write checkpoint on its stream within about a second: applied writes
+/// that add op log entries, and ones that add none (a delete of a row
+/// that is not there, a write of a row no stream follows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_own_upload_shows_as_a_write_checkpoint_within_a_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service_on(Arc::new(SqliteSourceDb::open_dir(dir.path()).expect("db")));
+    let mut r = reader(&svc, "me", "me-client", &[]).await;
+    wait_for(&mut r, 0, None, Duration::from_secs(5), "first checkpoint").await;
+    for seq in 1..=12u64 {
+        let op = match seq % 3 {
+            0 => put_note(&format!("m{seq}"), "me", "t0", "mine"),
+            1 => common::delete("notes", &format!("absent-{seq}")),
+            _ => put_note(&format!("o{seq}"), "someone-else", "t9", "not mine"),
+        };
+        let answer = upload(&svc, "me", "me-client", seq, op).await;
+        assert!(matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied), "{answer:?}");
+        let what = format!("write checkpoint of seq {seq}");
+        wait_for(&mut r, 0, Some(seq), Duration::from_millis(1_500), &what).await;
+    }
+    r.task.abort();
+}
+
+/// SQLite whose first `changes_since` (the change feed's start) waits
+/// until released: the feed starts only after a stream read its first
+/// checkpoint.
+#[derive(Debug)]
+struct LateFeedDb {
+    inner: SqliteSourceDb,
+    hold_first_feed_read: AtomicBool,
+    released: AtomicBool,
+    feed_reads: AtomicU64,
+}
+
+type R<T> = Result<T, SourceError>;
+
+impl SourceDb for LateFeedDb {
+    fn commits(&self) -> CommitReceiver {
+        self.inner.commits()
+    }
+    fn migrate(&self, schema: &Schema) -> R<()> {
+        self.inner.migrate(schema)
+    }
+    fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> R<()>) -> R<()> {
+        self.inner.write(work)
+    }
+    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> R<CheckpointState> {
+        self.inner.checkpoint(client_id, buckets)
+    }
+    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> R<ChangesSince> {
+        if self.feed_reads.fetch_add(1, Ordering::SeqCst) == 0 && self.hold_first_feed_read.load(Ordering::SeqCst) {
+            let start = Instant::now();
+            while !self.released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.inner.changes_since(after_op_id, clients)
+    }
+    fn read_ops(&self, range: &OpRange<'_>) -> R<Vec<OplogEntry>> {
+        self.inner.read_ops(range)
+    }
+    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> R<Option<u64>> {
+        self.inner.read_ops_into(range, line)
+    }
+    fn bucket_names(&self) -> R<Vec<String>> {
+        self.inner.bucket_names()
+    }
+    fn oplog_len(&self) -> R<u64> {
+        self.inner.oplog_len()
+    }
+    fn get_row(&self, table: &Table, id: &str) -> R<Option<StoredRow>> {
+        self.inner.get_row(table, id)
+    }
+    fn client_owner(&self, client_id: &str) -> R<Option<String>> {
+        self.inner.client_owner(client_id)
+    }
+    fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
+        self.inner.client_outcomes(client_id, after_seq, limit)
+    }
+    fn meta(&self, key: &str) -> R<Option<String>> {
+        self.inner.meta(key)
+    }
+    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> R<Vec<String>> {
+        self.inner.row_ids(table, after_id, limit)
+    }
+    fn max_clock(&self) -> R<Option<HlcTimestamp>> {
+        self.inner.max_clock()
+    }
+}
+
+/// The first stream of a server, whose client's upload (one that adds no
+/// op log entry) commits after the stream read its first checkpoint and
+/// before the change feed's first read: the write checkpoint still
+/// reaches the stream within about a second (not at its next keepalive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_between_the_first_checkpoint_and_the_feeds_start_still_shows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Arc::new(LateFeedDb {
+        inner: SqliteSourceDb::open_dir(dir.path()).expect("db"),
+        hold_first_feed_read: AtomicBool::new(true),
+        released: AtomicBool::new(false),
+        feed_reads: AtomicU64::new(0),
+    });
+    let svc = service_on(db.clone());
+    let mut r = reader(&svc, "me", "me-client", &[]).await;
+    wait_for(&mut r, 0, None, Duration::from_secs(5), "first checkpoint").await;
+    // Applied, and no op log entry: the row is not there.
+    let answer = upload(&svc, "me", "me-client", 1, common::delete("notes", "absent")).await;
+    assert!(matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied), "{answer:?}");
+    db.released.store(true, Ordering::SeqCst);
+    wait_for(&mut r, 0, Some(1), Duration::from_millis(2_500), "write checkpoint of seq 1").await;
+    r.task.abort();
+}
