@@ -82,10 +82,6 @@ fn service_on(db: Arc<dyn SourceDb>) -> SyncService {
         .expect("service")
 }
 
-fn last_op_id(svc: &SyncService) -> u64 {
-    svc.db().changes_since(u64::MAX, &[]).expect("last op").last_op_id
-}
-
 /// What a reader task has applied so far.
 #[derive(Clone, Debug, Default)]
 struct Seen {
@@ -232,7 +228,10 @@ async fn upload_tx(svc: &SyncService, user: &str, client: &str, first_seq: u64, 
 }
 
 fn seed_from_env(default: u64) -> u64 {
-    std::env::var("PROBE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("PROBE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Random commits of every size (one row; a transaction of more entries
@@ -243,17 +242,18 @@ fn seed_from_env(default: u64) -> u64 {
 /// from the database (checksums checked on every checkpoint).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_commits_of_every_size_reach_every_stream_exactly() {
-    for seed in [seed_from_env(1), 2] {
-        eprintln!("probe seed {seed} (PROBE_SEED={seed} to replay)");
-        random_fanout(seed).await;
-    }
+    let seed = seed_from_env(1);
+    eprintln!("probe seed {seed} (PROBE_SEED={seed} to replay)");
+    random_fanout(seed).await;
 }
 
 async fn random_fanout(seed: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let svc = service_on(Arc::new(SqliteSourceDb::open_dir(dir.path()).expect("db")));
     let mut rng = SeededRandom::new(seed);
-    let wide_teams: Vec<String> = (0..FEED_MAX_BUCKETS_WITH_ENTRIES + 20).map(|i| format!("w{i}")).collect();
+    let wide_teams: Vec<String> = (0..FEED_MAX_BUCKETS_WITH_ENTRIES + 20)
+        .map(|i| format!("w{i}"))
+        .collect();
     // (user, teams): a user of one owner bucket only, users of owner and
     // team buckets, a user of more team buckets than an event carries.
     let users: Vec<(String, Vec<String>)> = vec![
@@ -276,7 +276,7 @@ async fn random_fanout(seed: u64) {
     let mut seq = 1u64;
     let writer = format!("writer-{seed}");
     let mut step = 0;
-    while step < 40 {
+    while step < 25 {
         step += 1;
         match rng.next_u64() % 10 {
             // A transaction of more entries of one bucket than an event
@@ -307,7 +307,14 @@ async fn random_fanout(seed: u64) {
                     let owner = owners[(rng.next_u64() % owners.len() as u64) as usize];
                     let team = teams[(rng.next_u64() % teams.len() as u64) as usize];
                     let id = format!("n{}", rng.next_u64() % 40);
-                    upload(&svc, "writer", &writer, seq, put_note(&id, owner, team, &format!("p{k}"))).await;
+                    upload(
+                        &svc,
+                        "writer",
+                        &writer,
+                        seq,
+                        put_note(&id, owner, team, &format!("p{k}")),
+                    )
+                    .await;
                     seq += 1;
                 }
                 readers[r].paused.store(false, Ordering::Relaxed);
@@ -326,7 +333,14 @@ async fn random_fanout(seed: u64) {
                     let owner = owners[(rng.next_u64() % owners.len() as u64) as usize];
                     let team = teams[(rng.next_u64() % teams.len() as u64) as usize];
                     let id = format!("n{}", rng.next_u64() % 40);
-                    upload(&svc, "writer", &writer, seq, put_note(&id, owner, team, &format!("v{seq}"))).await;
+                    upload(
+                        &svc,
+                        "writer",
+                        &writer,
+                        seq,
+                        put_note(&id, owner, team, &format!("v{seq}")),
+                    )
+                    .await;
                     seq += 1;
                 }
             }
@@ -367,7 +381,10 @@ async fn every_own_upload_shows_as_a_write_checkpoint_within_a_second() {
             _ => put_note(&format!("o{seq}"), "someone-else", "t9", "not mine"),
         };
         let answer = upload(&svc, "me", "me-client", seq, op).await;
-        assert!(matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied), "{answer:?}");
+        assert!(
+            matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied),
+            "{answer:?}"
+        );
         let what = format!("write checkpoint of seq {seq}");
         wait_for(&mut r, 0, Some(seq), Duration::from_millis(1_500), &what).await;
     }
@@ -459,8 +476,404 @@ async fn an_upload_between_the_first_checkpoint_and_the_feeds_start_still_shows(
     wait_for(&mut r, 0, None, Duration::from_secs(5), "first checkpoint").await;
     // Applied, and no op log entry: the row is not there.
     let answer = upload(&svc, "me", "me-client", 1, common::delete("notes", "absent")).await;
-    assert!(matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied), "{answer:?}");
+    assert!(
+        matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied),
+        "{answer:?}"
+    );
     db.released.store(true, Ordering::SeqCst);
-    wait_for(&mut r, 0, Some(1), Duration::from_millis(2_500), "write checkpoint of seq 1").await;
+    wait_for(
+        &mut r,
+        0,
+        Some(1),
+        Duration::from_millis(2_500),
+        "write checkpoint of seq 1",
+    )
+    .await;
     r.task.abort();
+}
+
+/// Two servers on one PostgreSQL database: a client streams on one and
+/// uploads through the other, while a third client writes through the
+/// first all along (its reads after commits look only at its own
+/// uploaders): every upload's write checkpoint, with or without an op log
+/// entry, reaches the stream within about a second and a half, with the
+/// rows the upload wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_through_another_server_show_as_write_checkpoints_on_a_shared_database() {
+    use ferry_postgres::scratch::ScratchSchemas;
+    use ferry_postgres::PgSourceDb;
+    let s = ScratchSchemas::for_test();
+    s.execute(&format!(
+        "CREATE TABLE \"{}\".notes (id text PRIMARY KEY, owner text, team text, body text);",
+        s.app
+    ))
+    .expect("table");
+    let server = |node: &str| {
+        let db = PgSourceDb::connect(&s.options()).expect("connect");
+        SyncService::builder(Arc::new(db), SyncRules::from_toml(RULES).expect("rules"), SECRET)
+            .options(ServiceOptions {
+                keepalive_interval_s: 60,
+                ..ServiceOptions::default()
+            })
+            .node_id(node)
+            .build()
+            .expect("service")
+    };
+    let (a, b) = (server("server-a"), server("server-b"));
+    let mut r = reader(&a, "me", "me-client", &[]).await;
+    wait_for(&mut r, 0, None, Duration::from_secs(5), "first checkpoint").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seq = 1;
+            while !stop.load(Ordering::Relaxed) {
+                upload(
+                    &a,
+                    "other",
+                    "other-client",
+                    seq,
+                    put_note("busy", "other", "t5", &format!("{seq}")),
+                )
+                .await;
+                seq += 1;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    for seq in 1..=6u64 {
+        let (op, row) = match seq % 2 {
+            0 => (
+                put_note(&format!("m{seq}"), "me", "t0", "mine"),
+                Some(format!("m{seq}")),
+            ),
+            _ => (common::delete("notes", &format!("absent-{seq}")), None),
+        };
+        let answer = upload(&b, "me", "me-client", seq, op).await;
+        assert!(
+            matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied),
+            "{answer:?}"
+        );
+        let what = format!("write checkpoint of seq {seq} (uploaded through the other server)");
+        let seen = wait_for(&mut r, 0, Some(seq), Duration::from_millis(1_500), &what).await;
+        if let Some(id) = row {
+            assert!(
+                seen.rows.contains_key(&("notes".to_owned(), id.clone())),
+                "{what}: row {id} missing"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    busy.await.expect("busy writer");
+    r.task.abort();
+}
+
+fn ticket(id: &str, title: &str) -> CrudOp {
+    put("tickets", id, &[("title", Value::from(title))])
+}
+
+/// A stream over HTTP whose client stops reading while hundreds of small
+/// commits and one commit of more entries than the feed carries go by
+/// (the socket, the body's chunk, the stream's channel and the feed's
+/// channel all fill), then reads again: it ends with exactly the rows a
+/// fresh stream reads, checksums holding throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_stream_that_stops_reading_then_resumes_gets_everything() {
+    let server = common::HttpServer::start(
+        SECRET,
+        ferry_http::HttpServerOptions::default(),
+        ServiceOptions {
+            stream_buffer_lines: 2,
+            max_line_bytes: 64 * 1024,
+            max_stream_buffer_bytes: 128 * 1024,
+            max_ops_per_line: 50,
+            ..ServiceOptions::default()
+        },
+    )
+    .await;
+    let svc = server.server.service.clone();
+    let token = common::token("slow");
+    let http = reqwest::Client::new();
+    let mut c = TestClient::new("slow-client");
+    let mut resp = http
+        .post(format!("http://{}/sync/stream", server.addr()))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&c.dl.request("slow-client")).expect("request"))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status(), 200);
+    let mut buf: Vec<u8> = Vec::new();
+    // Read lines until the first checkpoint is applied.
+    async fn pump(resp: &mut reqwest::Response, buf: &mut Vec<u8>, c: &mut TestClient) -> bool {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+            .await
+            .expect("bytes within 10 s")
+            .expect("read")
+            .expect("stream open");
+        buf.extend_from_slice(&chunk);
+        let mut applied = false;
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = ferry_protocol::decode_line(&line, usize::MAX).expect("line decodes");
+            applied |= c.feed(line);
+        }
+        applied
+    }
+    while !pump(&mut resp, &mut buf, &mut c).await {}
+    // Not reading now.
+    let mut seq = 1;
+    for i in 0..(FEED_CHANNEL_EVENTS + 60) {
+        let big = "x".repeat(if i % 50 == 0 { 20_000 } else { 10 });
+        upload(&svc, "w", "w-client", seq, ticket(&format!("t{}", i % 70), &big)).await;
+        seq += 1;
+        if i == 100 {
+            let ops = (0..FEED_MAX_ENTRIES_PER_BUCKET + 200)
+                .map(|k| ticket(&format!("bulk{k}"), "bulk"))
+                .collect();
+            seq = upload_tx(&svc, "w", "w-client", seq, ops).await;
+        }
+    }
+    let mut fresh = TestClient::new("fresh-client");
+    fresh.sync(&svc, &common::token("fresh")).await;
+    let expected = fresh.rows();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while c.rows() != expected {
+        assert!(Instant::now() < deadline, "the resumed stream never caught up");
+        pump(&mut resp, &mut buf, &mut c).await;
+    }
+    server.server.shutdown().await.expect("shutdown");
+}
+
+/// Streams whose clients never read, while commits keep coming, then
+/// disconnect: their slots come free (a user limited to one stream opens
+/// one again) and the server's open-stream count goes back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_never_read_then_dropped_free_their_slots() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = common::HttpServer::start(
+        SECRET,
+        ferry_http::HttpServerOptions {
+            max_streams_per_user: 1,
+            ..ferry_http::HttpServerOptions::default()
+        },
+        ServiceOptions::default(),
+    )
+    .await;
+    let addr = server.addr();
+    let svc = server.server.service.clone();
+    async fn open_raw(addr: std::net::SocketAddr, user: &str) -> tokio::net::TcpStream {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let body = format!(r#"{{"client_id": "{user}-c", "buckets": []}}"#);
+        let req = format!(
+            "POST /sync/stream HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            common::token(user),
+            body.len()
+        );
+        tcp.write_all(req.as_bytes()).await.expect("write");
+        tcp
+    }
+    async fn status(addr: std::net::SocketAddr, user: &str) -> u16 {
+        let mut tcp = open_raw(addr, user).await;
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        stalled.push(open_raw(addr, &format!("u{i}")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(status(addr, "u0").await, 429, "u0's slot is taken");
+    // Commits of rows large enough to fill the unread sockets.
+    for seq in 1..=60u64 {
+        let title = "y".repeat(60_000);
+        upload(&svc, "w", "w-client", seq, ticket(&format!("big{seq}"), &title)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for i in 0..8 {
+        loop {
+            let s = status(addr, &format!("u{i}")).await;
+            if s == 200 {
+                break;
+            }
+            assert_eq!(s, 429);
+            assert!(Instant::now() < deadline, "u{i}'s dropped stream still holds its slot");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    server.server.shutdown().await.expect("shutdown");
+}
+
+fn open_streams(svc: &SyncService) -> i64 {
+    let text = svc.metrics().render(0, 0).expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix("ferry_open_streams "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as i64)
+        .expect("ferry_open_streams in the metrics")
+}
+
+/// Streams opened one after another during a burst of commits of every
+/// size (their first checkpoint read races with the feed's events), some
+/// dropped at once: each kept one ends with exactly the rows a fresh
+/// stream reads, and once all are dropped no stream stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_opened_during_a_burst_of_commits_converge_and_are_freed() {
+    let seed = seed_from_env(7);
+    eprintln!("probe seed {seed} (PROBE_SEED={seed} to replay)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service_on(Arc::new(SqliteSourceDb::open_dir(dir.path()).expect("db")));
+    let stop = Arc::new(AtomicBool::new(false));
+    let burst = {
+        let (svc, stop) = (svc.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rng = SeededRandom::new(seed);
+            let mut seq = 1;
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let owner = ["u0", "u1", "u2"][(rng.next_u64() % 3) as usize];
+                let team = ["t0", "t1"][(rng.next_u64() % 2) as usize];
+                if round.is_multiple_of(25) {
+                    let ops = (0..FEED_MAX_ENTRIES_PER_BUCKET + 10)
+                        .map(|k| put_note(&format!("b{k}"), owner, team, &format!("r{round}")))
+                        .collect();
+                    seq = upload_tx(&svc, "w", "w-client", seq, ops).await;
+                } else if round.is_multiple_of(7) {
+                    let id = format!("n{}", rng.next_u64() % 30);
+                    upload(&svc, "w", "w-client", seq, common::delete("notes", &id)).await;
+                    seq += 1;
+                } else {
+                    let id = format!("n{}", rng.next_u64() % 30);
+                    upload(
+                        &svc,
+                        "w",
+                        "w-client",
+                        seq,
+                        put_note(&id, owner, team, &format!("r{round}")),
+                    )
+                    .await;
+                    seq += 1;
+                }
+            }
+        })
+    };
+    let users: [(&str, Vec<String>); 3] = [
+        ("u0", vec![]),
+        ("u1", vec!["t0".into()]),
+        ("u2", vec!["t1".into(), "t0".into()]),
+    ];
+    let mut kept = Vec::new();
+    for i in 0..24usize {
+        let (u, teams) = &users[i % 3];
+        let r = reader(&svc, u, &format!("c{i}"), teams).await;
+        if i % 2 == 0 {
+            kept.push((i % 3, r));
+        } else {
+            r.task.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    burst.await.expect("burst");
+    for (u, mut r) in kept {
+        let (user, teams) = &users[u];
+        let expected = fresh_rows(&svc, user, teams).await;
+        let what = format!("seed {seed}: a stream of {user} opened during the burst");
+        wait_until(&mut r, Duration::from_secs(5), &what, |s| s.rows == expected).await;
+        r.task.abort();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while open_streams(&svc) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} streams still open after every client left",
+            open_streams(&svc)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rss_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One stream whose client never reads, while large commits of the
+/// buckets it follows go by: the server should hold a bounded amount of
+/// memory for it (its byte budget), not every recent commit's entries.
+///
+/// It does not: the stream's task waits for room in its channel and never
+/// takes the feed's events, so its broadcast receiver keeps the newest
+/// `FEED_CHANNEL_EVENTS` (256) events alive, each carrying up to
+/// `FEED_MAX_BUCKETS_WITH_ENTRIES` x `FEED_MAX_ENTRIES_PER_BUCKET` decoded
+/// entries (plus their encoded lines once a reading stream encoded them),
+/// with no bound in bytes. Measured here (debug build, 2 KB rows, 1,000
+/// per commit, 60 commits): RSS 23 MB -> 438 MB with the stream stalled,
+/// 25 MB -> 290 MB with it read (`PROBE_DRAIN=1`); 256 such commits pin
+/// about 650 MB, and rows near `max_row_encoded_bytes` gigabytes. A fix
+/// needs a byte bound on the entries an event carries (a design choice of
+/// the fan-out's tuning), so this stays ignored; RSS is also too noisy
+/// for CI. Run alone: `cargo test --test probe_fanout -- --ignored
+/// never_reads --nocapture`.
+#[ignore = "a stalled stream pins the feed's last 256 events, unbounded in bytes (see the doc comment)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_reads_does_not_pin_every_recent_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service_on(Arc::new(SqliteSourceDb::open_dir(dir.path()).expect("db")));
+    let teams = vec!["t0".to_owned()];
+    let stalled = svc
+        .stream(
+            &token_with("u0", &teams),
+            ferry_protocol::StreamRequest {
+                client_id: "stalled".into(),
+                buckets: vec![],
+            },
+        )
+        .await
+        .expect("stream");
+    let mut stalled = Some(stalled);
+    if std::env::var("PROBE_DRAIN").is_ok() {
+        let mut rx = stalled.take().expect("stream");
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    }
+    let body = "z".repeat(2_000);
+    let before = rss_bytes();
+    let started = Instant::now();
+    let mut rows = 0;
+    for round in 0..60 {
+        let ops: Vec<CrudOp> = (0..FEED_MAX_ENTRIES_PER_BUCKET)
+            .map(|k| put_note(&format!("r{round}-{k}"), "u0", "t0", &body))
+            .collect();
+        rows += ops.len();
+        svc.import(ops).await.expect("import");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = rss_bytes();
+    eprintln!(
+        "{rows} rows of 2 KB in {:?}: rss {} MB -> {} MB",
+        started.elapsed(),
+        before / 1_000_000,
+        after / 1_000_000
+    );
+    let grown = after.saturating_sub(before);
+    drop(stalled);
+    assert!(
+        grown < 300_000_000,
+        "a stalled stream's server grew by {} MB for {} MB of rows",
+        grown / 1_000_000,
+        rows * 2 / 1_000
+    );
 }
