@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{DataLineWriter, OplogEntry};
@@ -33,6 +33,12 @@ pub const FEED_MAX_ENTRIES_PER_BUCKET: usize = 1_000;
 /// Most buckets whose entries an event carries (a commit touching more
 /// leaves the rest to the streams).
 pub const FEED_MAX_BUCKETS_WITH_ENTRIES: usize = 256;
+/// Most bytes of `data` lines an event carries, over all its buckets
+/// (the entries' encoded size): past it, streams read those buckets'
+/// entries themselves. It bounds what a stream that stopped taking events
+/// keeps alive: the channel's last [`FEED_CHANNEL_EVENTS`] events, each
+/// holding its entries and their lines.
+pub const FEED_MAX_CARRIED_BYTES: usize = 64 * 1024;
 /// How often the feed looks without a notification.
 pub const FEED_POLL_MS: u64 = 1_000;
 /// How often, at most, a read after a commit looks at the progress of
@@ -64,22 +70,18 @@ pub(crate) struct FeedEvent {
 pub(crate) struct FeedBucket {
     pub state: BucketState,
     /// The entries in `(from_op_id, last_op_id]`, ascending; `None`: too
-    /// many to carry (read them from the database).
+    /// many or too large to carry (read them from the database).
     pub entries: Option<Vec<OplogEntry>>,
-    /// `entries` as `data` lines, encoded once by the first stream that
-    /// sends all of them (every stream of one server uses the same line
-    /// limits).
-    encoded: OnceLock<Vec<Vec<u8>>>,
+    /// `entries` as `data` lines within the server's line limits, encoded
+    /// once for every stream that sends all of them (none when the event
+    /// does not carry them).
+    lines: Vec<Vec<u8>>,
 }
 
 impl FeedBucket {
-    /// All the carried entries as `data` lines of `bucket` within the
-    /// line limits (none when the event does not carry them).
-    pub(crate) fn encoded_lines(&self, bucket: &str, max_ops: usize, max_line_bytes: usize) -> &[Vec<u8>] {
-        self.encoded.get_or_init(|| {
-            let entries = self.entries.as_deref().unwrap_or_default();
-            encode_entries(bucket, entries.iter(), max_ops, max_line_bytes)
-        })
+    /// All the carried entries as `data` lines.
+    pub(crate) fn encoded_lines(&self) -> &[Vec<u8>] {
+        &self.lines
     }
 }
 
@@ -327,25 +329,44 @@ async fn read_once(
     let reader = inner.clone();
     let read_result = blocking::run(move || -> Result<_> {
         let changes = db.changes_since(after, &clients)?;
-        let mut entries: HashMap<String, Vec<OplogEntry>> = HashMap::new();
+        let mut entries: HashMap<String, (Vec<OplogEntry>, Vec<Vec<u8>>)> = HashMap::new();
         if after != u64::MAX {
-            let followed: Vec<&String> = {
+            let followed: Vec<(&String, u64)> = {
                 let followed = reader.feed.buckets.lock();
                 changes
                     .buckets
                     .iter()
-                    .map(|(b, _)| b)
-                    .filter(|b| followed.contains_key(*b))
+                    .filter(|(b, _)| followed.contains_key(b))
+                    .map(|(b, state)| (b, state.last_op_id))
                     .take(FEED_MAX_BUCKETS_WITH_ENTRIES)
                     .collect()
             };
-            for bucket in followed {
+            let mut budget_bytes = FEED_MAX_CARRIED_BYTES;
+            for (bucket, newest_op_id) in followed {
                 let range = OpRange::between(bucket, after, changes.last_op_id)
-                    .limited(FEED_MAX_ENTRIES_PER_BUCKET + 1, usize::MAX);
+                    .limited(FEED_MAX_ENTRIES_PER_BUCKET + 1, budget_bytes);
                 let ops = db.read_ops(&range)?;
-                if ops.len() <= FEED_MAX_ENTRIES_PER_BUCKET {
-                    entries.insert(bucket.clone(), ops);
+                // Carried only whole: up to the bucket's newest entry (a
+                // read the byte budget cut short, or an entry past it,
+                // leaves the bucket to the streams).
+                let whole =
+                    ops.len() <= FEED_MAX_ENTRIES_PER_BUCKET && ops.last().map(|e| e.op_id) == Some(newest_op_id);
+                if !whole {
+                    continue;
                 }
+                // Encoded here, once, for every stream that sends them all.
+                let lines = encode_entries(
+                    bucket,
+                    ops.iter(),
+                    reader.options.max_ops_per_line,
+                    reader.options.max_line_bytes,
+                );
+                let bytes: usize = lines.iter().map(Vec::len).sum();
+                if bytes > budget_bytes {
+                    continue;
+                }
+                budget_bytes -= bytes;
+                entries.insert(bucket.clone(), (ops, lines));
             }
         }
         Ok((changes, entries))
@@ -398,15 +419,11 @@ async fn read_once(
         .buckets
         .into_iter()
         .map(|(name, state)| {
-            let e = entries.remove(&name);
-            (
-                name,
-                FeedBucket {
-                    state,
-                    entries: e,
-                    encoded: OnceLock::new(),
-                },
-            )
+            let (entries, lines) = match entries.remove(&name) {
+                Some((entries, lines)) => (Some(entries), lines),
+                None => (None, Vec::new()),
+            };
+            (name, FeedBucket { state, entries, lines })
         })
         .collect();
     Ok(Some(FeedEvent {

@@ -360,7 +360,7 @@ async fn send_changed<L: StreamOut>(
             Some((e, fb)) if pos == e.from_op_id && cp.last_op_id >= e.last_op_id => {
                 // Every entry carried: the lines every such stream sends,
                 // encoded once.
-                for line in fb.encoded_lines(&b, inner.options.max_ops_per_line, inner.options.max_line_bytes) {
+                for line in fb.encoded_lines() {
                     if let Err(stop) = out.send(L::from_data_line(line.clone())?).await {
                         return Ok(Err(stop));
                     }
