@@ -9,7 +9,7 @@
 //! | `ferry_rows`           | `(tbl, id)`            | synced rows, `data` = [`codec::encode_row`]     |
 //! | `ferry_index`          | `(tbl, idx, key)`      | [`ferry_store::index_key`] of every synced row, for every declared index; `id` names the row |
 //! | `ferry_overlay`        | `(tbl, id)`            | overlay entries; `data` NULL = [`OverlayEntry::Deleted`] |
-//! | `ferry_queue`          | `seq`                  | upload queue, `entry` = [`codec::encode_entry`] |
+//! | `ferry_queue`          | `seq`                  | upload queue, `entry` = [`codec::encode_entry`]; `overlay`: overlay entries a local write left here (see `overlay_tail.rs`), NULL once in `ferry_overlay` |
 //! | `ferry_bucket_entries` | `(bucket, tbl, row_id)`| bucket entries ([`BucketEntry`]): `op_id`, `checksum` |
 //! | `ferry_buckets`        | `name`                 | bucket state                                    |
 //! | `ferry_meta`           | `key`                  | metadata                                        |
@@ -19,10 +19,12 @@
 //! | `ferry_staged_state`   | `name`                 | whether `ferry_staged_rows` may hold rows no staged op puts; its generation |
 //!
 //! The storage format version lives in `PRAGMA user_version` and is
-//! [`FORMAT_VERSION`] (3). Version 2 replaced version 1's per-bucket op log
+//! [`FORMAT_VERSION`] (4). Version 2 replaced version 1's per-bucket op log
 //! (`ferry_bucket_ops`) with `ferry_bucket_entries`; version 3 keeps staged
 //! rows apart (`ferry_staged_rows`), and a version 2 database is migrated
-//! when opened (its staged ops keep their rows inline). No version 1
+//! when opened (its staged ops keep their rows inline); version 4 adds
+//! `ferry_queue.overlay` (NULL in the rows of older versions, which are
+//! migrated when opened). No version 1
 //! database was ever shipped, so there is no migration from it: opening a
 //! version 1 (or any other unknown version) database fails with a
 //! non-retryable [`StoreError::Backend`] error naming both versions,
@@ -83,11 +85,12 @@ use parking_lot::Mutex;
 use rusqlite::{params, CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 mod checkpoint;
+mod overlay_tail;
 mod staged_rows;
 mod staging;
 
 /// The storage format version kept in `PRAGMA user_version`.
-pub const FORMAT_VERSION: i64 = 3;
+pub const FORMAT_VERSION: i64 = 4;
 
 const BACKEND: &str = "sqlite";
 
@@ -155,6 +158,9 @@ pub struct SqliteStore {
     schema: Schema,
     path: Option<PathBuf>,
     conn: Mutex<Connection>,
+    /// Overlay entries kept in queue rows (`overlay_tail.rs`); locked
+    /// after `conn`, and only with it.
+    tail: Mutex<overlay_tail::OverlayTail>,
     /// Checkpoints large commits off the writer's path (file databases).
     checkpointer: Option<checkpoint::Checkpointer>,
     /// The store's WAL size limit in pages of this database.
@@ -285,7 +291,8 @@ CREATE TABLE IF NOT EXISTS ferry_overlay (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ferry_queue (
     seq INTEGER PRIMARY KEY,
-    entry BLOB NOT NULL
+    entry BLOB NOT NULL,
+    overlay BLOB
 );
 CREATE TABLE IF NOT EXISTS ferry_bucket_entries (
     bucket TEXT NOT NULL,
@@ -475,6 +482,16 @@ impl SqliteStore {
                 }
                 tx.execute_batch(staged_rows::CREATE_STAGED_ROWS).map_err(sql_err)?;
                 staged_rows::inline_ops_staged(&tx)?;
+                add_queue_overlay(&tx)?;
+                tx.pragma_update(None, "user_version", FORMAT_VERSION)
+                    .map_err(sql_err)?;
+            }
+            // Version 3 stores get the queue rows' overlay column (NULL:
+            // their overlay entries are all in `ferry_overlay`).
+            3 => {
+                tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?;
+                tx.execute_batch(staged_rows::CREATE_STAGED_ROWS).map_err(sql_err)?;
+                add_queue_overlay(&tx)?;
                 tx.pragma_update(None, "user_version", FORMAT_VERSION)
                     .map_err(sql_err)?;
             }
@@ -495,6 +512,7 @@ impl SqliteStore {
             }
         }
         sync_indexes(&tx, &schema)?;
+        let tail = overlay_tail::OverlayTail::load(&tx)?;
         tx.commit().map_err(sql_err)?;
 
         let page_size: u64 = conn
@@ -506,6 +524,7 @@ impl SqliteStore {
             schema,
             path,
             conn: Mutex::new(conn),
+            tail: Mutex::new(tail),
             checkpointer,
             wal_limit_pages,
             page_size,
@@ -543,6 +562,23 @@ impl SqliteStore {
             .map_err(sql_err)?;
         Ok(done)
     }
+}
+
+/// Give `ferry_queue` (of a version 2 or 3 store) its `overlay` column,
+/// unless it has it.
+fn add_queue_overlay(conn: &Connection) -> StoreResult<()> {
+    let has: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('ferry_queue') WHERE name = 'overlay')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    if !has {
+        conn.execute_batch("ALTER TABLE ferry_queue ADD COLUMN overlay BLOB")
+            .map_err(sql_err)?;
+    }
+    Ok(())
 }
 
 /// Bring `ferry_index` in line with the schema's declared indexes: drop the
@@ -1125,6 +1161,23 @@ fn bucket_state(r: &rusqlite::Row<'_>, first: usize) -> StoreResult<BucketState>
     })
 }
 
+impl SqliteStore {
+    /// Run `read` over the connection and the overlay's tail, in one read
+    /// transaction with the tail as of it.
+    fn read_overlay<T>(
+        &self,
+        read: impl FnOnce(&Connection, &overlay_tail::OverlayTail) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut conn = self.conn.lock();
+        let mut tail = self.tail.lock();
+        let tx = conn.transaction().map_err(sql_err)?;
+        tail.refresh(&tx)?;
+        let value = read(&tx, &tail)?;
+        tx.commit().map_err(sql_err)?;
+        Ok(value)
+    }
+}
+
 impl Store for SqliteStore {
     fn schema(&self) -> &Schema {
         &self.schema
@@ -1135,25 +1188,37 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut conn = self.conn.lock();
+        let mut tail = self.tail.lock();
         // Dropping the transaction without commit rolls it back, so every
         // early return below leaves the database unchanged.
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql_err)?;
-        {
+        tail.refresh(&tx)?;
+        // A local write leaves its overlay entries in its queue rows;
+        // every other batch moves them to `ferry_overlay` first.
+        let local =
+            overlay_tail::local_write_overlays(&batch).filter(|n| tail.len() + n <= overlay_tail::MAX_TAIL_ENTRIES);
+        let added = {
             let last: Option<i64> = tx
                 .prepare_cached(SQL_LAST_SEQ)
                 .and_then(|mut s| s.query_row([], |r| r.get(0)))
                 .map_err(sql_err)?;
             let last = last.map(|s| from_ordered_key("queue seq", s)).transpose()?;
             validate_batch_but_staged(&self.schema, &batch, last)?;
-            let mut writer = Writer::new(&tx);
-            writer.set_switch_tail(&batch.ops);
-            for op in &batch.ops {
-                writer.op(&self.schema, op)?;
+            if local.is_some() {
+                Some(overlay_tail::write_local(&tx, &batch)?)
+            } else {
+                tail.materialize(&tx)?;
+                let mut writer = Writer::new(&tx);
+                writer.set_switch_tail(&batch.ops);
+                for op in &batch.ops {
+                    writer.op(&self.schema, op)?;
+                }
+                writer.flush()?;
+                None
             }
-            writer.flush()?;
-        }
+        };
         // A large batch commits without the automatic WAL checkpoint, which
         // would copy every page it wrote into the database file before
         // `apply` returns; a helper connection checkpoints instead. So do
@@ -1170,6 +1235,13 @@ impl Store for SqliteStore {
             tx.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         }
         let committed = tx.commit().map_err(sql_err);
+        if committed.is_ok() {
+            match added {
+                Some((first_seq, entries)) => tail.extend(first_seq, entries),
+                None => tail.clear(),
+            }
+        }
+        drop(tail);
         if deferred {
             let restored = conn
                 .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
@@ -1280,26 +1352,40 @@ impl Store for SqliteStore {
 
     fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
         table_def(&self.schema, table)?;
-        let conn = self.conn.lock();
-        let mut stmt = conn
-            .prepare_cached("SELECT data FROM ferry_overlay WHERE tbl = ?1 AND id = ?2")
-            .map_err(sql_err)?;
-        let mut rows = stmt.query(params![table, id]).map_err(sql_err)?;
-        match rows.next().map_err(sql_err)? {
-            Some(r) => Ok(Some(overlay_col(r, 0)?)),
-            None => Ok(None),
-        }
+        self.read_overlay(|conn, tail| {
+            if let Some(entry) = tail.get(table, id) {
+                return Ok(Some(overlay_tail::entry_of(entry)?));
+            }
+            let mut stmt = conn
+                .prepare_cached("SELECT data FROM ferry_overlay WHERE tbl = ?1 AND id = ?2")
+                .map_err(sql_err)?;
+            let mut rows = stmt.query(params![table, id]).map_err(sql_err)?;
+            match rows.next().map_err(sql_err)? {
+                Some(r) => Ok(Some(overlay_col(r, 0)?)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn scan_overlay(&self, table: &str) -> StoreResult<Vec<(String, OverlayEntry)>> {
         table_def(&self.schema, table)?;
-        let conn = self.conn.lock();
-        collect(
-            &conn,
-            "SELECT id, data FROM ferry_overlay WHERE tbl = ?1 ORDER BY id",
-            [table],
-            |r| Ok((text_col(r, 0)?, overlay_col(r, 1)?)),
-        )
+        self.read_overlay(|conn, tail| {
+            let stored = collect(
+                conn,
+                "SELECT id, data FROM ferry_overlay WHERE tbl = ?1 ORDER BY id",
+                [table],
+                |r| Ok((text_col(r, 0)?, overlay_col(r, 1)?)),
+            )?;
+            let mut newer = tail.of_table(table).peekable();
+            if newer.peek().is_none() {
+                return Ok(stored);
+            }
+            let mut merged: BTreeMap<String, OverlayEntry> = stored.into_iter().collect();
+            for (id, entry) in newer {
+                merged.insert(id.to_owned(), overlay_tail::entry_of(entry)?);
+            }
+            Ok(merged.into_iter().collect())
+        })
     }
 
     fn queue_from(&self, from_seq: u64, limit: usize) -> StoreResult<Vec<CrudEntry>> {

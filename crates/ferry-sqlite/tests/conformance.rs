@@ -259,7 +259,7 @@ fn format_version_1_databases_are_refused() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version, ferry_sqlite::FORMAT_VERSION);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
 }
 
 /// A large batch grows the WAL to about its size; once it is checkpointed
