@@ -88,6 +88,7 @@ mod checkpoint;
 mod overlay_tail;
 mod staged_rows;
 mod staging;
+mod txn;
 
 /// The storage format version kept in `PRAGMA user_version`.
 pub const FORMAT_VERSION: i64 = 4;
@@ -96,7 +97,7 @@ const BACKEND: &str = "sqlite";
 
 /// Enough for every distinct statement this backend prepares, so hot-path
 /// statements are never evicted.
-const STATEMENT_CACHE_CAPACITY: usize = 64;
+const STATEMENT_CACHE_CAPACITY: usize = 96;
 
 /// How SQLite syncs commits to disk (`PRAGMA synchronous`). The database
 /// always runs in WAL mode.
@@ -775,9 +776,10 @@ const W_PUT_META: usize = 14;
 const W_DELETE_META: usize = 15;
 const W_COUNT: usize = 16;
 
-// The writer's statements, the ~12 read statements and the open-time ones
-// all fit the statement cache.
-const _: () = assert!(W_COUNT + 24 <= STATEMENT_CACHE_CAPACITY);
+// The writer's statements, the ~12 read statements, the open-time ones,
+// the transactions' (`txn.rs`) and the overlay tail's all fit the
+// statement cache.
+const _: () = assert!(W_COUNT + 24 + 16 <= STATEMENT_CACHE_CAPACITY);
 
 const WRITER_SQL: [&str; W_COUNT] = [
     SQL_GET_ROW,
@@ -1168,12 +1170,12 @@ impl SqliteStore {
         &self,
         read: impl FnOnce(&Connection, &overlay_tail::OverlayTail) -> StoreResult<T>,
     ) -> StoreResult<T> {
-        let mut conn = self.conn.lock();
+        let conn = self.conn.lock();
         let mut tail = self.tail.lock();
-        let tx = conn.transaction().map_err(sql_err)?;
+        let tx = txn::Txn::deferred(&conn)?;
         tail.refresh(&tx)?;
         let value = read(&tx, &tail)?;
-        tx.commit().map_err(sql_err)?;
+        tx.commit()?;
         Ok(value)
     }
 }
@@ -1187,13 +1189,11 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn.lock();
+        let conn = self.conn.lock();
         let mut tail = self.tail.lock();
         // Dropping the transaction without commit rolls it back, so every
         // early return below leaves the database unchanged.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_err)?;
+        let tx = txn::Txn::immediate(&conn)?;
         tail.refresh(&tx)?;
         // A local write leaves its overlay entries in its queue rows;
         // every other batch moves them to `ferry_overlay` first.
@@ -1234,7 +1234,7 @@ impl Store for SqliteStore {
         if deferred {
             tx.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         }
-        let committed = tx.commit().map_err(sql_err);
+        let committed = tx.commit();
         if committed.is_ok() {
             match added {
                 Some((first_seq, entries)) => tail.extend(first_seq, entries),
