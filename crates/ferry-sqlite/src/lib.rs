@@ -1200,10 +1200,13 @@ impl Store for SqliteStore {
         let local =
             overlay_tail::local_write_overlays(&batch).filter(|n| tail.len() + n <= overlay_tail::MAX_TAIL_ENTRIES);
         let added = {
-            let last: Option<i64> = tx
-                .prepare_cached(SQL_LAST_SEQ)
-                .and_then(|mut s| s.query_row([], |r| r.get(0)))
-                .map_err(sql_err)?;
+            let last: Option<i64> = match tail.queue_end() {
+                Some(known) if local.is_some() => known,
+                _ => tx
+                    .prepare_cached(SQL_LAST_SEQ)
+                    .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                    .map_err(sql_err)?,
+            };
             let last = last.map(|s| from_ordered_key("queue seq", s)).transpose()?;
             validate_batch_but_staged(&self.schema, &batch, last)?;
             if local.is_some() {
@@ -1235,11 +1238,10 @@ impl Store for SqliteStore {
             tx.pragma_update(None, "wal_autocheckpoint", 0).map_err(sql_err)?;
         }
         let committed = tx.commit();
-        if committed.is_ok() {
-            match added {
-                Some((first_seq, entries)) => tail.extend(first_seq, entries),
-                None => tail.clear(),
-            }
+        match (&committed, added) {
+            (Ok(()), Some(write)) => tail.extend(write),
+            (Ok(()), None) => tail.clear(),
+            (Err(_), _) => tail.forget_queue_end(),
         }
         drop(tail);
         if deferred {

@@ -57,6 +57,20 @@ pub(crate) struct OverlayTail {
     /// `PRAGMA data_version` when the tail was last known to match the
     /// database.
     data_version: i64,
+    /// The queue's last seq (`None` inside: an empty queue) as of the
+    /// same version, when known: after a local write it is the write's
+    /// last seq, and a local write needs no `SELECT max(seq)` to check
+    /// its seqs. `None`: unknown (read it).
+    queue_end: Option<Option<i64>>,
+}
+
+/// What a local write wrote ([`write_local`]), for the tail once its
+/// transaction committed.
+#[derive(Debug)]
+pub(crate) struct LocalWrite {
+    first_seq: i64,
+    last_seq: i64,
+    entries: Vec<TailEntry>,
 }
 
 impl OverlayTail {
@@ -98,6 +112,11 @@ impl OverlayTail {
         Ok(())
     }
 
+    /// The queue's last seq if known (see `queue_end`).
+    pub(crate) fn queue_end(&self) -> Option<Option<i64>> {
+        self.queue_end
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
@@ -117,11 +136,11 @@ impl OverlayTail {
             .map(|((_, id), entry)| (id.as_str(), entry))
     }
 
-    /// Take in what a committed local write added: `entries` in batch
-    /// order, carried by queue rows from `first_seq` on.
-    pub(crate) fn extend(&mut self, first_seq: i64, entries: Vec<TailEntry>) {
-        self.first_seq.get_or_insert(first_seq);
-        for (table, id, entry) in entries {
+    /// Take in what a committed local write added.
+    pub(crate) fn extend(&mut self, write: LocalWrite) {
+        self.first_seq.get_or_insert(write.first_seq);
+        self.queue_end = Some(Some(write.last_seq));
+        for (table, id, entry) in write.entries {
             self.entries.insert((table, id), entry);
         }
     }
@@ -142,10 +161,17 @@ impl OverlayTail {
         Ok(())
     }
 
-    /// The tail was copied into `ferry_overlay` and that committed.
+    /// Another batch committed: the tail was copied into
+    /// `ferry_overlay`, and the queue's end is not known any more.
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
         self.first_seq = None;
+        self.queue_end = None;
+    }
+
+    /// A commit failed: what it would have changed is not known.
+    pub(crate) fn forget_queue_end(&mut self) {
+        self.queue_end = None;
     }
 }
 
@@ -167,7 +193,7 @@ pub(crate) fn local_write_overlays(batch: &WriteBatch) -> Option<usize> {
 /// Write a local write's queue entries, its overlay entries in the last
 /// one's row (`overlay_tail.rs`). Returns the first seq and the entries,
 /// for the tail once the transaction commits.
-pub(crate) fn write_local(conn: &Connection, batch: &WriteBatch) -> StoreResult<(i64, Vec<TailEntry>)> {
+pub(crate) fn write_local(conn: &Connection, batch: &WriteBatch) -> StoreResult<LocalWrite> {
     let entries: Vec<TailEntry> = batch
         .ops
         .iter()
@@ -186,10 +212,12 @@ pub(crate) fn write_local(conn: &Connection, batch: &WriteBatch) -> StoreResult<
     let last = batch.ops.iter().rposition(|op| matches!(op, BatchOp::AppendQueue(_)));
     let mut stmt = conn.prepare_cached(SQL_APPEND_QUEUE_WITH_OVERLAY).map_err(sql_err)?;
     let mut first_seq = None;
+    let mut last_seq = 0;
     for (i, op) in batch.ops.iter().enumerate() {
         if let BatchOp::AppendQueue(entry) = op {
             let seq = ordered_key("queue seq", entry.seq)?;
             first_seq.get_or_insert(seq);
+            last_seq = seq;
             // An empty list (not NULL) keeps the tail a suffix of the queue.
             let carried: &[u8] = if Some(i) == last { &overlay } else { &[] };
             stmt.execute(params![seq, codec::encode_entry(entry), carried])
@@ -198,7 +226,11 @@ pub(crate) fn write_local(conn: &Connection, batch: &WriteBatch) -> StoreResult<
     }
     // `local_write_overlays` saw a queue entry.
     let first_seq = first_seq.ok_or_else(|| invalid("a local write without a queue entry".into()))?;
-    Ok((first_seq, entries))
+    Ok(LocalWrite {
+        first_seq,
+        last_seq,
+        entries,
+    })
 }
 
 fn data_version(conn: &Connection) -> StoreResult<i64> {

@@ -137,6 +137,13 @@ fn another_store_on_the_file_sees_local_writes() {
     assert_eq!(overlay_ids(&b), ["t1"]);
     b.apply(local_write(3)).expect("write b");
     assert_eq!(overlay_ids(&a), ["t1", "t3"]);
+    // Each knows the queue's end after its own writes, and learns of the
+    // other's: a seq the other used is refused.
+    a.apply(local_write(4)).expect("write a");
+    let err = b.apply(local_write(4)).expect_err("seq taken by a");
+    assert!(matches!(err, StoreError::QueueOrder { seq: 4, last: 4 }), "{err}");
+    b.apply(local_write(5)).expect("write b");
+    assert_eq!(overlay_ids(&a), ["t1", "t3", "t4", "t5"]);
 }
 
 #[test]
