@@ -658,7 +658,7 @@ impl LocalDb {
         let tx_id = counters.next_tx_id;
         let mut seq = counters.next_seq;
         let mut batch = WriteBatch::with_capacity(n_ops + tx.rows.len() + tx.local_rows.len() + 2);
-        let changed: ChangedRows = tx.rows.keys().chain(tx.local_rows.keys()).cloned().collect();
+        let changes = local_write_changes(&tx.rows, &tx.local_rows);
         for ((table, id), row) in tx.local_rows {
             match row {
                 Some(data) => batch.put_synced(table, id, data),
@@ -686,7 +686,6 @@ impl LocalDb {
         if batch.is_empty() {
             return Ok((value, None));
         }
-        let changes = self.visible_changes(&batch, &changed)?;
         self.apply_batch(batch).map_err(QueueError::from)?;
         let receipt = (n_ops > 0).then(|| WriteReceipt {
             tx_id,
@@ -1205,6 +1204,32 @@ impl LocalDb {
         }
         Ok(())
     }
+}
+
+/// The visible rows a local write leaves, ordered by table and id: its
+/// rows of synced tables are its overlay entries (pending), and those of
+/// local-only tables (which have no overlay) their synced rows. What
+/// `LocalDb::visible_changes` would compute from the write's batch,
+/// without building the batch's row map and the set of changed keys.
+fn local_write_changes(
+    rows: &BTreeMap<(String, String), Option<RowData>>,
+    local_rows: &BTreeMap<(String, String), Option<RowData>>,
+) -> Vec<RowChange> {
+    let change = |((table, id), row): (&(String, String), &Option<RowData>), pending| RowChange {
+        table: table.clone(),
+        id: id.clone(),
+        row: row.clone(),
+        pending,
+    };
+    let mut changes: Vec<RowChange> = Vec::with_capacity(rows.len() + local_rows.len());
+    changes.extend(rows.iter().map(|r| change(r, true)));
+    changes.extend(local_rows.iter().map(|r| change(r, false)));
+    // Each map is in key order; a table is local-only or not, so no key
+    // is in both.
+    if !rows.is_empty() && !local_rows.is_empty() {
+        changes.sort_by(|a, b| (&a.table, &a.id).cmp(&(&b.table, &b.id)));
+    }
+    changes
 }
 
 /// Seqs with a standing of their own until a checkpoint confirms them.
