@@ -115,9 +115,28 @@ impl IndexWindow {
         })
     }
 
-    fn in_range(&self, id: &str, data: &RowData) -> bool {
+    /// Whether a row is in range and before the edge, from its index key
+    /// (one encoding for both).
+    fn keeps(&self, id: &str, data: &RowData) -> bool {
         let key = ferry_store::index_key(&self.index, id, data);
-        self.lo.as_deref().is_none_or(|l| key.as_slice() >= l) && self.hi.as_deref().is_none_or(|h| key.as_slice() < h)
+        let in_range = self.lo.as_deref().is_none_or(|l| key.as_slice() >= l)
+            && self.hi.as_deref().is_none_or(|h| key.as_slice() < h);
+        in_range
+            && match &self.edge {
+                None => true,
+                Some(edge) => !self.is_after(self.position_in_key(&key, id), &edge.pos),
+            }
+    }
+
+    /// [`IndexWindow::position`] taken from the row's index key, which is
+    /// the encoded indexed values followed by the id's bytes
+    /// (`codec::encode_index_key`).
+    fn position_in_key<'k>(&self, key: &'k [u8], id: &str) -> &'k [u8] {
+        if self.reverse {
+            &key[..key.len().saturating_sub(id.len())]
+        } else {
+            key
+        }
     }
 
     fn values(&self, data: &RowData) -> Vec<Value> {
@@ -149,14 +168,6 @@ impl IndexWindow {
             pos < other
         } else {
             pos > other
-        }
-    }
-
-    /// Whether a row in range falls before the edge.
-    fn before_edge(&self, id: &str, data: &RowData) -> bool {
-        match &self.edge {
-            None => true,
-            Some(edge) => !self.is_after(&self.position(id, data), &edge.pos),
         }
     }
 
@@ -280,10 +291,7 @@ impl IndexWindow {
         let mut any = false;
         for change in rows.iter().filter(|c| c.table == self.table) {
             any = true;
-            let keep = change
-                .row
-                .as_ref()
-                .is_some_and(|data| self.in_range(&change.id, data) && self.before_edge(&change.id, data));
+            let keep = change.row.as_ref().is_some_and(|data| self.keeps(&change.id, data));
             match &change.row {
                 Some(data) if keep => {
                     self.kept.insert(change.id.clone());
