@@ -601,6 +601,10 @@ impl DistinctOp {
 // ---------------------------------------------------------------------------
 // Order by, offset, limit.
 
+/// Most changes [`FinalOp::process`] consolidates by scanning instead of
+/// through a map keyed by identity.
+const SCAN_CONSOLIDATE_MAX_CHANGES: usize = 8;
+
 /// The ordered result with its offset/limit window.
 #[derive(Debug)]
 pub(crate) struct FinalOp {
@@ -687,14 +691,25 @@ impl FinalOp {
     }
 
     fn process(&mut self, plan: &Plan, changes: OutDelta) -> WindowDiff {
-        // Consolidate per identity into (old, new).
+        // Consolidate per identity into (old, new). The few changes of a
+        // typical commit are matched by a scan (no key copied or hashed).
         let mut per_key: Vec<OutDelta> = Vec::new();
         let mut pos: HashMap<Vec<Value>, usize> = HashMap::new();
+        let scan = changes.len() <= SCAN_CONSOLIDATE_MAX_CHANGES;
         for (r, d) in changes {
-            let i = match pos.get(&r.key) {
-                Some(i) => *i,
+            let found = if scan {
+                per_key
+                    .iter()
+                    .position(|list| list.first().is_some_and(|(x, _)| x.key == r.key))
+            } else {
+                pos.get(&r.key).copied()
+            };
+            let i = match found {
+                Some(i) => i,
                 None => {
-                    pos.insert(r.key.clone(), per_key.len());
+                    if !scan {
+                        pos.insert(r.key.clone(), per_key.len());
+                    }
                     per_key.push(Vec::new());
                     per_key.len() - 1
                 }
