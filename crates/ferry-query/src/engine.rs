@@ -314,6 +314,11 @@ impl QueryEngine {
                     collection: name.clone(),
                 });
             };
+            // A collection that stays within its limit even if every
+            // change added a row needs no count of the new ids.
+            if coll.len().saturating_add(cs.changes.len()) <= self.limits.max_rows_per_collection {
+                continue;
+            }
             if let Change::Upsert { id, .. } = c {
                 if !coll.contains(id) {
                     let ids = new_ids.entry(name).or_default();
