@@ -331,7 +331,16 @@ pub fn encode_key_prefix(values: &[Value]) -> Vec<u8> {
 /// Encode a full index key: the indexed values then the row id, which makes
 /// it unique and orders ties by id.
 pub fn encode_index_key(values: &[Value], id: &str) -> Vec<u8> {
-    let mut out = encode_key_prefix(values);
+    encode_index_key_of(values.iter(), id)
+}
+
+/// [`encode_index_key`] of borrowed values (a row's columns, without
+/// copying them into a slice first), in one allocation.
+pub fn encode_index_key_of<'v>(values: impl ExactSizeIterator<Item = &'v Value>, id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 10 + id.len());
+    for v in values {
+        put_key_value(&mut out, v);
+    }
     out.extend_from_slice(id.as_bytes());
     out
 }

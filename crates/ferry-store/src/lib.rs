@@ -675,12 +675,9 @@ pub fn resolve_index_range<'a>(
 /// The encoded index key of a row for an index (missing columns read as
 /// NULL). Backends store these so bytewise order is index order.
 pub fn index_key(index: &ferry_core::Index, id: &str, data: &RowData) -> Vec<u8> {
-    let values: Vec<Value> = index
-        .columns
-        .iter()
-        .map(|c| data.get(c).cloned().unwrap_or(Value::Null))
-        .collect();
-    codec::encode_index_key(&values, id)
+    const NULL: Value = Value::Null;
+    let values = index.columns.iter().map(|c| data.get(c).unwrap_or(&NULL));
+    codec::encode_index_key_of(values, id)
 }
 
 /// Check a batch against a schema before applying it, so that a bad batch
