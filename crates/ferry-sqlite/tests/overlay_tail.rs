@@ -1,7 +1,8 @@
 //! Local writes (overlay and queue entries only) keep their overlay
 //! entries in their queue rows, one page per commit; the visible state
 //! must not notice: reads, reopening, other batches, failures, a second
-//! store on the same file, many writes, and stores of format version 3.
+//! store on the same file, a held write lock, many writes, and stores of
+//! format version 3.
 
 use ferry_core::CrudEntry;
 use ferry_sqlite::SqliteStore;
@@ -207,4 +208,24 @@ fn a_version_3_store_with_pending_writes_opens() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version, ferry_sqlite::FORMAT_VERSION);
+}
+
+#[test]
+fn a_local_write_waits_for_a_held_write_lock_then_fails_retryably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let options = ferry_sqlite::SqliteOptions {
+        busy_timeout_ms: 10,
+        ..ferry_sqlite::SqliteOptions::default()
+    };
+    let s = SqliteStore::open_with(&path, test_schema(), options).expect("open");
+    s.apply(local_write(1)).expect("local write");
+    let locker = rusqlite::Connection::open(&path).expect("connection");
+    locker.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let err = s.apply(local_write(2)).expect_err("busy");
+    assert!(matches!(err, StoreError::Backend { retryable: true, .. }), "{err}");
+    locker.execute_batch("ROLLBACK").expect("unlock");
+    s.apply(local_write(2)).expect("local write after unlock");
+    assert_eq!(overlay_ids(&s), ["t1", "t2"]);
+    assert_eq!(s.queue_len().expect("len"), 2);
 }
