@@ -1354,19 +1354,24 @@ impl Store for SqliteStore {
 
     fn get_overlay(&self, table: &str, id: &str) -> StoreResult<Option<OverlayEntry>> {
         table_def(&self.schema, table)?;
-        self.read_overlay(|conn, tail| {
-            if let Some(entry) = tail.get(table, id) {
-                return Ok(Some(overlay_tail::entry_of(entry)?));
-            }
-            let mut stmt = conn
-                .prepare_cached("SELECT data FROM ferry_overlay WHERE tbl = ?1 AND id = ?2")
-                .map_err(sql_err)?;
-            let mut rows = stmt.query(params![table, id]).map_err(sql_err)?;
-            match rows.next().map_err(sql_err)? {
-                Some(r) => Ok(Some(overlay_col(r, 0)?)),
-                None => Ok(None),
-            }
-        })
+        // One row needs no read transaction around the tail's check and
+        // the table's read: should another connection commit in between,
+        // the row is as of before its commit (found in the tail) or after
+        // it (read from the table), either a state the row had.
+        let conn = self.conn.lock();
+        let mut tail = self.tail.lock();
+        tail.refresh(&conn)?;
+        if let Some(entry) = tail.get(table, id) {
+            return overlay_tail::entry_of(entry).map(Some);
+        }
+        let mut stmt = conn
+            .prepare_cached("SELECT data FROM ferry_overlay WHERE tbl = ?1 AND id = ?2")
+            .map_err(sql_err)?;
+        let mut rows = stmt.query(params![table, id]).map_err(sql_err)?;
+        match rows.next().map_err(sql_err)? {
+            Some(r) => Ok(Some(overlay_col(r, 0)?)),
+            None => Ok(None),
+        }
     }
 
     fn scan_overlay(&self, table: &str) -> StoreResult<Vec<(String, OverlayEntry)>> {
