@@ -1197,8 +1197,9 @@ impl Store for SqliteStore {
         tail.refresh(&tx)?;
         // A local write leaves its overlay entries in its queue rows;
         // every other batch moves them to `ferry_overlay` first.
-        let local =
-            overlay_tail::local_write_overlays(&batch).filter(|n| tail.len() + n <= overlay_tail::MAX_TAIL_ENTRIES);
+        // (The batch's ops bound the entries and queue rows it adds.)
+        let local = overlay_tail::local_write_overlays(&batch)
+            .filter(|_| tail.size() + batch.len() <= overlay_tail::MAX_TAIL_ENTRIES);
         let added = {
             let last: Option<i64> = match tail.queue_end() {
                 Some(known) if local.is_some() => known,

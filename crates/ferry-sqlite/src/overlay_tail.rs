@@ -12,8 +12,8 @@
 //! whose `overlay` is not NULL are always a suffix of the queue (the
 //! tail): every other batch first copies the tail into `ferry_overlay`
 //! and sets their `overlay` to NULL (`materialize`), in its own
-//! transaction, and so does a local write that would make the tail
-//! longer than [`MAX_TAIL_ENTRIES`].
+//! transaction, and so does a local write that would make the tail hold
+//! more than [`MAX_TAIL_ENTRIES`] entries or queue rows.
 //!
 //! The store keeps the tail's entries in memory ([`OverlayTail`]) and its
 //! overlay reads look there first. It reads the tail back from the queue
@@ -29,9 +29,11 @@ use rusqlite::{params, Connection};
 
 use crate::{invalid, ordered_key, sql_err};
 
-/// Most overlay entries the tail holds; a local write that would make it
-/// longer copies it into `ferry_overlay` first (one larger transaction
-/// every so many writes), which bounds its memory and the reading back.
+/// Most overlay entries, and most queue rows, the tail holds; a local
+/// write that would pass either copies it into `ferry_overlay` first (one
+/// larger transaction every so many writes), which bounds its memory (by
+/// the entries) and the reading back (by the rows, which may all carry
+/// entries of one row).
 pub(crate) const MAX_TAIL_ENTRIES: usize = 512;
 
 pub(crate) const SQL_APPEND_QUEUE_WITH_OVERLAY: &str =
@@ -54,6 +56,8 @@ pub(crate) struct OverlayTail {
     entries: BTreeMap<(String, String), StoredEntry>,
     /// Seq of the tail's first queue row; `None` when the tail is empty.
     first_seq: Option<i64>,
+    /// Queue rows in the tail.
+    queue_rows: usize,
     /// `PRAGMA data_version` when the tail was last known to match the
     /// database.
     data_version: i64,
@@ -70,6 +74,7 @@ pub(crate) struct OverlayTail {
 pub(crate) struct LocalWrite {
     first_seq: i64,
     last_seq: i64,
+    queue_rows: usize,
     entries: Vec<TailEntry>,
 }
 
@@ -94,6 +99,7 @@ impl OverlayTail {
             data_version: data_version(conn)?,
             ..OverlayTail::default()
         };
+        tail.queue_rows = rows_back.len();
         for (seq, bytes) in rows_back.into_iter().rev() {
             tail.first_seq.get_or_insert(seq);
             for (table, id, entry) in decode(&bytes)? {
@@ -117,8 +123,10 @@ impl OverlayTail {
         self.queue_end
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+    /// The larger of the tail's entries and queue rows (see
+    /// [`MAX_TAIL_ENTRIES`]).
+    pub(crate) fn size(&self) -> usize {
+        self.entries.len().max(self.queue_rows)
     }
 
     /// The row's newest tail entry, if the tail has one.
@@ -139,6 +147,7 @@ impl OverlayTail {
     /// Take in what a committed local write added.
     pub(crate) fn extend(&mut self, write: LocalWrite) {
         self.first_seq.get_or_insert(write.first_seq);
+        self.queue_rows += write.queue_rows;
         self.queue_end = Some(Some(write.last_seq));
         for (table, id, entry) in write.entries {
             self.entries.insert((table, id), entry);
@@ -166,6 +175,7 @@ impl OverlayTail {
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
         self.first_seq = None;
+        self.queue_rows = 0;
         self.queue_end = None;
     }
 
@@ -213,11 +223,13 @@ pub(crate) fn write_local(conn: &Connection, batch: &WriteBatch) -> StoreResult<
     let mut stmt = conn.prepare_cached(SQL_APPEND_QUEUE_WITH_OVERLAY).map_err(sql_err)?;
     let mut first_seq = None;
     let mut last_seq = 0;
+    let mut queue_rows = 0;
     for (i, op) in batch.ops.iter().enumerate() {
         if let BatchOp::AppendQueue(entry) = op {
             let seq = ordered_key("queue seq", entry.seq)?;
             first_seq.get_or_insert(seq);
             last_seq = seq;
+            queue_rows += 1;
             // An empty list (not NULL) keeps the tail a suffix of the queue.
             let carried: &[u8] = if Some(i) == last { &overlay } else { &[] };
             stmt.execute(params![seq, codec::encode_entry(entry), carried])
@@ -229,6 +241,7 @@ pub(crate) fn write_local(conn: &Connection, batch: &WriteBatch) -> StoreResult<
     Ok(LocalWrite {
         first_seq,
         last_seq,
+        queue_rows,
         entries,
     })
 }

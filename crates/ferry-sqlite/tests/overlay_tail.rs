@@ -171,6 +171,33 @@ fn many_local_writes_stay_visible() {
 }
 
 #[test]
+fn many_local_writes_of_one_row_keep_the_tail_short() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ferry.db");
+    let s = SqliteStore::open(&path, test_schema()).expect("open");
+    let n = 1_300;
+    for seq in 1..=n {
+        let mut b = WriteBatch::new();
+        b.put_overlay("tickets", "t", OverlayEntry::Row(ticket("pending", seq as i64)))
+            .append_queue(entry(seq));
+        s.apply(b).expect("local write");
+    }
+    // One entry, but the queue rows carrying it are bounded too.
+    assert!(queue_rows_with_overlay(&path) <= 512);
+    assert_eq!(
+        s.get_visible("tickets", "t").expect("get"),
+        Some(ticket("pending", n as i64))
+    );
+    drop(s);
+    let s = SqliteStore::open(&path, test_schema()).expect("reopen");
+    assert_eq!(
+        s.get_visible("tickets", "t").expect("get"),
+        Some(ticket("pending", n as i64))
+    );
+    assert_eq!(s.queue_len().expect("len"), n);
+}
+
+#[test]
 fn a_version_3_store_with_pending_writes_opens() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ferry.db");
