@@ -10,64 +10,20 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::notes::{put_note, token_with, RULES};
 use common::{entry, put, upload_req, TestClient, SECRET};
-use ferry_core::{CrudEntry, CrudOp, HlcTimestamp, RandomSource, RowData, Schema, SeededRandom, Table, Value};
-use ferry_protocol::{DataLineWriter, OplogEntry, StreamLine};
+use ferry_core::{CrudEntry, CrudOp, RandomSource, RowData, SeededRandom, Value};
+use ferry_protocol::StreamLine;
 use ferry_server::{
-    mint_token, ChangesSince, CheckpointState, CommitReceiver, OpRange, ServiceOptions, SourceDb, SourceError,
-    SourceTx, SqliteSourceDb, StoredOutcome, StoredRow, SyncRules, SyncService, FEED_CHANNEL_EVENTS,
+    ServiceOptions, SourceDb, SqliteSourceDb, SyncRules, SyncService, FEED_CHANNEL_EVENTS,
     FEED_MAX_BUCKETS_WITH_ENTRIES, FEED_MAX_ENTRIES_PER_BUCKET,
 };
 use ferry_transport::SyncHandler;
 use tokio::sync::watch;
-
-/// Notes in their owner's bucket and in their team's; a token's `teams`
-/// claim (an array) gives its user one bucket per team.
-const RULES: &str = r#"
-[[tables]]
-name = "notes"
-columns = [{ name = "owner", type = "text" }, { name = "team", type = "text" }, { name = "body", type = "text" }]
-
-[[buckets]]
-name = "mine"
-parameters = ["sub"]
-data = [{ table = "notes", where = { owner = "sub" } }]
-
-[[buckets]]
-name = "team"
-parameters = ["teams"]
-data = [{ table = "notes", where = { team = "teams" } }]
-
-[[permissions]]
-table = "notes"
-insert = "true"
-update = "true"
-delete = "true"
-"#;
-
-fn token_with(user: &str, teams: &[String]) -> String {
-    let mut claims = serde_json::Map::new();
-    if !teams.is_empty() {
-        claims.insert("teams".into(), serde_json::json!(teams));
-    }
-    mint_token(SECRET, user, 3600, &claims)
-}
-
-fn note(owner: &str, team: &str, body: &str) -> Vec<(&'static str, Value)> {
-    vec![
-        ("owner", Value::from(owner)),
-        ("team", Value::from(team)),
-        ("body", Value::from(body)),
-    ]
-}
-
-fn put_note(id: &str, owner: &str, team: &str, body: &str) -> CrudOp {
-    put("notes", id, &note(owner, team, body))
-}
 
 fn service_on(db: Arc<dyn SourceDb>) -> SyncService {
     SyncService::builder(db, SyncRules::from_toml(RULES).expect("rules"), SECRET)
@@ -247,6 +203,14 @@ async fn random_commits_of_every_size_reach_every_stream_exactly() {
     random_fanout(seed).await;
 }
 
+/// A PUT of one of 40 notes, to a random owner and team.
+fn random_note(rng: &mut SeededRandom, owners: &[&str], teams: &[&str], body: &str) -> CrudOp {
+    let owner = owners[(rng.next_u64() % owners.len() as u64) as usize];
+    let team = teams[(rng.next_u64() % teams.len() as u64) as usize];
+    let id = format!("n{}", rng.next_u64() % 40);
+    put_note(&id, owner, team, body)
+}
+
 async fn random_fanout(seed: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let svc = service_on(Arc::new(SqliteSourceDb::open_dir(dir.path()).expect("db")));
@@ -304,17 +268,8 @@ async fn random_fanout(seed: u64) {
                 let r = (rng.next_u64() % readers.len() as u64) as usize;
                 readers[r].paused.store(true, Ordering::Relaxed);
                 for k in 0..(FEED_CHANNEL_EVENTS as u64 + 30) {
-                    let owner = owners[(rng.next_u64() % owners.len() as u64) as usize];
-                    let team = teams[(rng.next_u64() % teams.len() as u64) as usize];
-                    let id = format!("n{}", rng.next_u64() % 40);
-                    upload(
-                        &svc,
-                        "writer",
-                        &writer,
-                        seq,
-                        put_note(&id, owner, team, &format!("p{k}")),
-                    )
-                    .await;
+                    let op = random_note(&mut rng, &owners, &teams, &format!("p{k}"));
+                    upload(&svc, "writer", &writer, seq, op).await;
                     seq += 1;
                 }
                 readers[r].paused.store(false, Ordering::Relaxed);
@@ -330,17 +285,8 @@ async fn random_fanout(seed: u64) {
             // Small commits: rows moving between owners and teams.
             _ => {
                 for _ in 0..(1 + rng.next_u64() % 20) {
-                    let owner = owners[(rng.next_u64() % owners.len() as u64) as usize];
-                    let team = teams[(rng.next_u64() % teams.len() as u64) as usize];
-                    let id = format!("n{}", rng.next_u64() % 40);
-                    upload(
-                        &svc,
-                        "writer",
-                        &writer,
-                        seq,
-                        put_note(&id, owner, team, &format!("v{seq}")),
-                    )
-                    .await;
+                    let op = random_note(&mut rng, &owners, &teams, &format!("v{seq}"));
+                    upload(&svc, "writer", &writer, seq, op).await;
                     seq += 1;
                 }
             }
@@ -391,73 +337,6 @@ async fn every_own_upload_shows_as_a_write_checkpoint_within_a_second() {
     r.task.abort();
 }
 
-/// SQLite whose first `changes_since` (the change feed's start) waits
-/// until released: the feed starts only after a stream read its first
-/// checkpoint.
-#[derive(Debug)]
-struct LateFeedDb {
-    inner: SqliteSourceDb,
-    hold_first_feed_read: AtomicBool,
-    released: AtomicBool,
-    feed_reads: AtomicU64,
-}
-
-type R<T> = Result<T, SourceError>;
-
-impl SourceDb for LateFeedDb {
-    fn commits(&self) -> CommitReceiver {
-        self.inner.commits()
-    }
-    fn migrate(&self, schema: &Schema) -> R<()> {
-        self.inner.migrate(schema)
-    }
-    fn write(&self, work: &mut dyn FnMut(&mut dyn SourceTx) -> R<()>) -> R<()> {
-        self.inner.write(work)
-    }
-    fn checkpoint(&self, client_id: &str, buckets: &[String]) -> R<CheckpointState> {
-        self.inner.checkpoint(client_id, buckets)
-    }
-    fn changes_since(&self, after_op_id: u64, clients: &[String]) -> R<ChangesSince> {
-        if self.feed_reads.fetch_add(1, Ordering::SeqCst) == 0 && self.hold_first_feed_read.load(Ordering::SeqCst) {
-            let start = Instant::now();
-            while !self.released.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        self.inner.changes_since(after_op_id, clients)
-    }
-    fn read_ops(&self, range: &OpRange<'_>) -> R<Vec<OplogEntry>> {
-        self.inner.read_ops(range)
-    }
-    fn read_ops_into(&self, range: &OpRange<'_>, line: &mut DataLineWriter) -> R<Option<u64>> {
-        self.inner.read_ops_into(range, line)
-    }
-    fn bucket_names(&self) -> R<Vec<String>> {
-        self.inner.bucket_names()
-    }
-    fn oplog_len(&self) -> R<u64> {
-        self.inner.oplog_len()
-    }
-    fn get_row(&self, table: &Table, id: &str) -> R<Option<StoredRow>> {
-        self.inner.get_row(table, id)
-    }
-    fn client_owner(&self, client_id: &str) -> R<Option<String>> {
-        self.inner.client_owner(client_id)
-    }
-    fn client_outcomes(&self, client_id: &str, after_seq: u64, limit: usize) -> R<Vec<(u64, StoredOutcome)>> {
-        self.inner.client_outcomes(client_id, after_seq, limit)
-    }
-    fn meta(&self, key: &str) -> R<Option<String>> {
-        self.inner.meta(key)
-    }
-    fn row_ids(&self, table: &Table, after_id: Option<&str>, limit: usize) -> R<Vec<String>> {
-        self.inner.row_ids(table, after_id, limit)
-    }
-    fn max_clock(&self) -> R<Option<HlcTimestamp>> {
-        self.inner.max_clock()
-    }
-}
-
 /// The first stream of a server, whose client's upload (one that adds no
 /// op log entry) commits after the stream read its first checkpoint and
 /// before the change feed's first read: the write checkpoint still
@@ -465,12 +344,8 @@ impl SourceDb for LateFeedDb {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_between_the_first_checkpoint_and_the_feeds_start_still_shows() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = Arc::new(LateFeedDb {
-        inner: SqliteSourceDb::open_dir(dir.path()).expect("db"),
-        hold_first_feed_read: AtomicBool::new(true),
-        released: AtomicBool::new(false),
-        feed_reads: AtomicU64::new(0),
-    });
+    let db = Arc::new(common::probe::ProbeDb::open(dir.path()));
+    db.hold_first_feed_read.store(true, Ordering::SeqCst);
     let svc = service_on(db.clone());
     let mut r = reader(&svc, "me", "me-client", &[]).await;
     wait_for(&mut r, 0, None, Duration::from_secs(5), "first checkpoint").await;
@@ -480,7 +355,7 @@ async fn an_upload_between_the_first_checkpoint_and_the_feeds_start_still_shows(
         matches!(answer.outcomes[0].outcome, ferry_protocol::Outcome::Applied),
         "{answer:?}"
     );
-    db.released.store(true, Ordering::SeqCst);
+    db.hold_first_feed_read.store(false, Ordering::SeqCst);
     wait_for(
         &mut r,
         0,

@@ -7,39 +7,11 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{put, SECRET};
-use ferry_core::{CrudOp, Value};
+use common::notes::{put_note, RULES};
+use common::SECRET;
+use ferry_core::CrudOp;
 use ferry_server::{mint_token, ServiceOptions, SqliteSourceDb, SyncRules, SyncService, FEED_MAX_ENTRIES_PER_BUCKET};
 use ferry_transport::SyncHandler;
-
-/// Notes in their owner's bucket and in their team's.
-const RULES: &str = r#"
-[[tables]]
-name = "notes"
-columns = [{ name = "owner", type = "text" }, { name = "team", type = "text" }, { name = "body", type = "text" }]
-
-[[buckets]]
-name = "mine"
-parameters = ["sub"]
-data = [{ table = "notes", where = { owner = "sub" } }]
-
-[[buckets]]
-name = "team"
-parameters = ["teams"]
-data = [{ table = "notes", where = { team = "teams" } }]
-"#;
-
-fn put_note(id: &str, owner: &str, team: &str, body: &str) -> CrudOp {
-    put(
-        "notes",
-        id,
-        &[
-            ("owner", Value::from(owner)),
-            ("team", Value::from(team)),
-            ("body", Value::from(body)),
-        ],
-    )
-}
 
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 
+pub mod notes;
 pub mod probe;
 
 use std::collections::BTreeMap;

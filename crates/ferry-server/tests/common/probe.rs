@@ -1,8 +1,8 @@
 //! SQLite with probes for stream tests: commit notifications that can be
 //! silenced (a shared database that loses them), counts of the reads
 //! streams and the change feed make, a write transaction held before
-//! it starts (a long job caught between two of its transactions), and
-//! writes that fail (counted).
+//! it starts (a long job caught between two of its transactions), writes
+//! that fail (counted), and a change feed whose first read waits.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -34,6 +34,9 @@ pub struct ProbeDb {
     pub writes: AtomicUsize,
     /// While true, every write transaction fails (a database error).
     pub failing_writes: AtomicBool,
+    /// While true, the first `changes_since` (the change feed's start)
+    /// waits (at most 5 s) until it is false again.
+    pub hold_first_feed_read: AtomicBool,
 }
 
 /// One write transaction held before it starts (the writer free).
@@ -59,6 +62,7 @@ impl ProbeDb {
             hold: Mutex::new(None),
             writes: AtomicUsize::new(0),
             failing_writes: AtomicBool::new(false),
+            hold_first_feed_read: AtomicBool::new(false),
         }
     }
 
@@ -124,7 +128,12 @@ impl SourceDb for ProbeDb {
         self.inner.checkpoint(client_id, buckets)
     }
     fn changes_since(&self, after_op_id: u64, clients: &[String]) -> R<ChangesSince> {
-        self.feed_reads.fetch_add(1, Ordering::Relaxed);
+        if self.feed_reads.fetch_add(1, Ordering::SeqCst) == 0 {
+            let start = std::time::Instant::now();
+            while self.hold_first_feed_read.load(Ordering::SeqCst) && start.elapsed().as_secs() < 5 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         self.inner.changes_since(after_op_id, clients)
     }
     fn read_ops(&self, range: &OpRange<'_>) -> R<Vec<OplogEntry>> {
