@@ -304,18 +304,6 @@ async fn send_checkpoint<L: StreamOut>(
     if sent.as_ref() == Some(&cp) {
         return Ok(Ok(()));
     }
-    if let Some(prev) = &*sent {
-        if prev.buckets == cp.buckets && prev.write_checkpoint == cp.write_checkpoint {
-            // Only the op id moved (commits to other buckets): as for a
-            // feed event that touches nothing of this stream, nothing is
-            // sent and its buckets' positions move past it (they have no
-            // entry there: their state is the one sent).
-            for p in positions.values_mut() {
-                *p = (*p).max(cp.last_op_id);
-            }
-            return Ok(Ok(()));
-        }
-    }
     let done = match &*sent {
         None => {
             let line = StreamLine::Checkpoint(Checkpoint {
