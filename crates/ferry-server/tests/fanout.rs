@@ -13,7 +13,7 @@ use common::probe::ProbeDb;
 use common::*;
 use ferry_core::Value;
 use ferry_protocol::StreamLine;
-use ferry_server::{ServiceOptions, SyncRules, SyncService, FEED_CHANNEL_EVENTS};
+use ferry_server::{ServiceOptions, SyncRules, SyncService, FEED_CHANNEL_EVENTS, STREAM_CATCH_UP_MS};
 use ferry_transport::SyncHandler;
 
 fn service(dir: &std::path::Path) -> (SyncService, Arc<ProbeDb>) {
@@ -164,10 +164,10 @@ async fn write_note(svc: &SyncService, user: &str, client: &str, seq: u64) {
 /// of another user's bucket hears nothing of it, and when its own bucket
 /// changes later it gets exactly its rows, with checksums that hold.
 ///
-/// Also when the change feed starts only after those commits (its first
-/// read finds op ids the stream's first checkpoint did not cover, and the
-/// stream reads the database again): then the stream may hear the op id
-/// move (a diff with no bucket in it), never of alice's rows or buckets.
+/// The stream may hear the op id move (a diff with no bucket in it:
+/// within `STREAM_CATCH_UP_MS`, or at once when the change feed starts
+/// only after those commits and the stream reads the database again),
+/// never of alice's rows or buckets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_reaches_only_the_streams_whose_buckets_it_touches() {
     for late_feed in [false, true] {
@@ -192,13 +192,16 @@ async fn only_touched_streams_hear(late_feed: bool) {
         write_note(&svc, "alice", "alice-writer", seq).await;
     }
     db.hold_first_feed_read.store(false, Ordering::SeqCst);
+    let alice_last = svc.db().changes_since(u64::MAX, &[]).expect("last op").last_op_id;
+    let mut bob_at = 0;
     let quiet_until = tokio::time::Instant::now() + Duration::from_millis(300);
     while let Ok(line) = tokio::time::timeout_at(quiet_until, rx.recv()).await {
+        if let Some(StreamLine::CheckpointComplete { last_op_id }) = &line {
+            bob_at = *last_op_id;
+        }
         let only_the_op_id = match &line {
-            Some(StreamLine::CheckpointDiff(d)) => {
-                late_feed && d.updated_buckets.is_empty() && d.removed_buckets.is_empty()
-            }
-            Some(StreamLine::CheckpointComplete { .. }) => late_feed,
+            Some(StreamLine::CheckpointDiff(d)) => d.updated_buckets.is_empty() && d.removed_buckets.is_empty(),
+            Some(StreamLine::CheckpointComplete { .. }) => true,
             _ => false,
         };
         assert!(
@@ -207,6 +210,14 @@ async fn only_touched_streams_hear(late_feed: bool) {
         );
         bob.feed(line.expect("a line"));
     }
+    // Yet bob's client learns that it is at alice's op id, soon.
+    if bob_at < alice_last {
+        let wait_ms = STREAM_CATCH_UP_MS + 2_000;
+        tokio::time::timeout(Duration::from_millis(wait_ms), until_op(&mut bob, &mut rx, alice_last))
+            .await
+            .expect("bob's stream tells its op id within STREAM_CATCH_UP_MS");
+    }
+    assert!(bob.rows().is_empty(), "{:?}", bob.rows());
     write_note(&svc, "bob", "bob-writer", 1).await;
     let last = svc.db().changes_since(u64::MAX, &[]).expect("last op").last_op_id;
     until_op(&mut bob, &mut rx, last).await;

@@ -28,6 +28,7 @@ mod housekeeping;
 mod import;
 mod rebucket;
 mod stream;
+pub use stream::STREAM_CATCH_UP_MS;
 mod write;
 
 pub use builder::{ServiceOptions, SyncServiceBuilder};

@@ -70,6 +70,10 @@ impl SyncService {
 /// says why it failed.
 const ERROR_LINE_WAIT_MS: u64 = 5_000;
 
+/// Longest a stream keeps its client behind the op id of commits that
+/// touched nothing of it (then one diff with no bucket in it tells it).
+pub const STREAM_CATCH_UP_MS: u64 = 500;
+
 /// Runs one stream until the client leaves, the token expires or the
 /// server shuts down, whether or not the client reads (every send waits
 /// within [`ServiceOptions::max_stream_buffer_bytes`] and ends at either).
@@ -126,6 +130,13 @@ async fn run_stream<L: StreamOut>(
     tokio::pin!(shutting_down);
     let expired = tokio::time::sleep(Duration::from_millis(expires_in_ms));
     tokio::pin!(expired);
+    // Commits that touched nothing of this stream move its op id without
+    // a line; the client is told where it is within STREAM_CATCH_UP_MS
+    // (one line however many such commits), so it catches up with the
+    // server's op id without a line per commit.
+    let catch_up = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(catch_up);
+    let mut catch_up_armed = false;
     loop {
         if read_db {
             read_db = false;
@@ -158,6 +169,11 @@ async fn run_stream<L: StreamOut>(
                     let Some(updated) = apply_event(prev, &event, client_id, &mut positions) else {
                         // Nothing of this stream's buckets or client.
                         seen_op_id = seen_op_id.max(event.last_op_id);
+                        if !catch_up_armed {
+                            catch_up_armed = true;
+                            let at = tokio::time::Instant::now() + Duration::from_millis(STREAM_CATCH_UP_MS);
+                            catch_up.as_mut().reset(at);
+                        }
                         continue;
                     };
                     check_progress_owner(inner, user, client_id, prev, &mut owner_checked).await?;
@@ -178,6 +194,21 @@ async fn run_stream<L: StreamOut>(
             () = &mut expired => {
                 out.end(Stop::Expired);
                 return Ok(());
+            }
+            () = &mut catch_up, if catch_up_armed => {
+                catch_up_armed = false;
+                let Some(prev) = &mut sent else { continue };
+                if seen_op_id <= prev.last_op_id {
+                    continue;
+                }
+                // Every commit up to `seen_op_id` was applied to `prev`:
+                // none touched its buckets or its client since.
+                prev.last_op_id = seen_op_id;
+                let sent_now = send_diff(inner, prev, Vec::new(), &mut positions, &mut out, open, None);
+                if let Err(stop) = sent_now.await? {
+                    out.end(stop);
+                    return Ok(());
+                }
             }
             _ = keepalive.tick() => {
                 let token_expires_in_s = user.exp_s.saturating_sub(inner.clock.now_ms() / 1000);
