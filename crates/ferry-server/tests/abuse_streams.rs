@@ -12,11 +12,10 @@ use common::HttpServer;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{entry, put, upload_txs};
+use common::{entry, put, stalled_stream, stream_status, upload_txs};
 use ferry_http::HttpServerOptions;
 use ferry_server::{mint_token, ServerConfig, ServiceOptions};
-use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const SECRET: &str = "abuse-streams-secret";
@@ -244,18 +243,6 @@ fn a_stream_buffer_below_two_lines_is_refused() {
     );
 }
 
-/// Open a stream over raw TCP and read nothing of it.
-async fn stalled_stream(addr: SocketAddr, token: &str, client_id: &str) -> TcpStream {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    let body = json!({"client_id": client_id, "buckets": []}).to_string();
-    let req = format!(
-        "POST /sync/stream HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(req.as_bytes()).await.expect("write");
-    tcp
-}
-
 /// Read `tcp` until EOF or reset, within `limit`: the bytes read, or
 /// `None` if it stayed open.
 async fn read_to_close(tcp: &mut TcpStream, limit: Duration) -> Option<usize> {
@@ -270,19 +257,6 @@ async fn read_to_close(tcp: &mut TcpStream, limit: Duration) -> Option<usize> {
             Err(_) => return None,
         }
     }
-}
-
-/// Status of a stream request on a fresh connection (the stream is
-/// dropped after its head).
-async fn stream_status(addr: SocketAddr, token: &str, client_id: &str) -> u16 {
-    let mut tcp = stalled_stream(addr, token, client_id).await;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-    head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

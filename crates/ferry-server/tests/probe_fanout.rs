@@ -526,7 +526,6 @@ async fn an_http_stream_that_stops_reading_then_resumes_gets_everything() {
 /// one again) and the server's open-stream count goes back to zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_never_read_then_dropped_free_their_slots() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = common::HttpServer::start(
         SECRET,
         ferry_http::HttpServerOptions {
@@ -538,33 +537,17 @@ async fn streams_never_read_then_dropped_free_their_slots() {
     .await;
     let addr = server.addr();
     let svc = server.server.service.clone();
-    async fn open_raw(addr: std::net::SocketAddr, user: &str) -> tokio::net::TcpStream {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let body = format!(r#"{{"client_id": "{user}-c", "buckets": []}}"#);
-        let req = format!(
-            "POST /sync/stream HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            common::token(user),
-            body.len()
-        );
-        tcp.write_all(req.as_bytes()).await.expect("write");
-        tcp
-    }
-    async fn status(addr: std::net::SocketAddr, user: &str) -> u16 {
-        let mut tcp = open_raw(addr, user).await;
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
-            .await
-            .expect("an answer in time")
-            .expect("read");
-        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
-    }
     let mut stalled = Vec::new();
     for i in 0..8 {
-        stalled.push(open_raw(addr, &format!("u{i}")).await);
+        let user = format!("u{i}");
+        stalled.push(common::stalled_stream(addr, &common::token(&user), &format!("{user}-c")).await);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(status(addr, "u0").await, 429, "u0's slot is taken");
+    assert_eq!(
+        common::stream_status(addr, &common::token("u0"), "u0-c").await,
+        429,
+        "u0's slot is taken"
+    );
     // Commits of rows large enough to fill the unread sockets.
     for seq in 1..=60u64 {
         let title = "y".repeat(60_000);
@@ -575,7 +558,8 @@ async fn streams_never_read_then_dropped_free_their_slots() {
     let deadline = Instant::now() + Duration::from_secs(5);
     for i in 0..8 {
         loop {
-            let s = status(addr, &format!("u{i}")).await;
+            let user = format!("u{i}");
+            let s = common::stream_status(addr, &common::token(&user), &format!("{user}-c")).await;
             if s == 200 {
                 break;
             }

@@ -244,3 +244,33 @@ impl HttpServer {
         self.server.addr
     }
 }
+
+/// Open a stream over raw TCP and read nothing of it.
+pub async fn stalled_stream(addr: std::net::SocketAddr, token: &str, client_id: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let body = serde_json::json!({"client_id": client_id, "buckets": []}).to_string();
+    let req = format!(
+        "POST /sync/stream HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, req.as_bytes())
+        .await
+        .expect("write");
+    tcp
+}
+
+/// Status of a stream request on a fresh connection (the stream is
+/// dropped after its head).
+pub async fn stream_status(addr: std::net::SocketAddr, token: &str, client_id: &str) -> u16 {
+    let mut tcp = stalled_stream(addr, token, client_id).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
