@@ -470,20 +470,10 @@ impl SqliteStore {
             // inline.
             2 => {
                 tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?;
-                let has_side: bool = tx
-                    .query_row(
-                        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('ferry_staged') WHERE name = 'side')",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .map_err(sql_err)?;
-                if !has_side {
-                    tx.execute_batch("ALTER TABLE ferry_staged ADD COLUMN side INTEGER NOT NULL DEFAULT 0")
-                        .map_err(sql_err)?;
-                }
+                add_column(&tx, "ferry_staged", "side", "INTEGER NOT NULL DEFAULT 0")?;
                 tx.execute_batch(staged_rows::CREATE_STAGED_ROWS).map_err(sql_err)?;
                 staged_rows::inline_ops_staged(&tx)?;
-                add_queue_overlay(&tx)?;
+                add_column(&tx, "ferry_queue", "overlay", "BLOB")?;
                 tx.pragma_update(None, "user_version", FORMAT_VERSION)
                     .map_err(sql_err)?;
             }
@@ -492,7 +482,7 @@ impl SqliteStore {
             3 => {
                 tx.execute_batch(staging::CREATE_STAGED).map_err(sql_err)?;
                 tx.execute_batch(staged_rows::CREATE_STAGED_ROWS).map_err(sql_err)?;
-                add_queue_overlay(&tx)?;
+                add_column(&tx, "ferry_queue", "overlay", "BLOB")?;
                 tx.pragma_update(None, "user_version", FORMAT_VERSION)
                     .map_err(sql_err)?;
             }
@@ -565,18 +555,18 @@ impl SqliteStore {
     }
 }
 
-/// Give `ferry_queue` (of a version 2 or 3 store) its `overlay` column,
-/// unless it has it.
-fn add_queue_overlay(conn: &Connection) -> StoreResult<()> {
+/// Give `table` its `column` (of SQL type and constraints `definition`),
+/// unless it has it: a store migrated by an interrupted run may have it.
+fn add_column(conn: &Connection, table: &str, column: &str, definition: &str) -> StoreResult<()> {
     let has: bool = conn
         .query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('ferry_queue') WHERE name = 'overlay')",
-            [],
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+            [table, column],
             |r| r.get(0),
         )
         .map_err(sql_err)?;
     if !has {
-        conn.execute_batch("ALTER TABLE ferry_queue ADD COLUMN overlay BLOB")
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))
             .map_err(sql_err)?;
     }
     Ok(())
