@@ -50,6 +50,7 @@ pub struct Metrics {
     streams_checkpointed: IntGauge,
     last_op_id: IntGauge,
     oplog_entries: IntGauge,
+    stream_buffered_bytes: IntGauge,
     compaction_runs: IntCounter,
     compaction_removed: IntCounter,
     errors: IntCounterVec,
@@ -162,6 +163,11 @@ impl Metrics {
             )?,
             last_op_id: gauge(&registry, "ferry_last_op_id", "the newest op id")?,
             oplog_entries: gauge(&registry, "ferry_oplog_entries", "op log entries, all buckets")?,
+            stream_buffered_bytes: gauge(
+                &registry,
+                "ferry_stream_buffered_bytes",
+                "bytes of lines the open streams hold that their clients have not read",
+            )?,
             compaction_runs: counter(&registry, "ferry_compaction_runs_total", "bucket compactions run")?,
             compaction_removed: counter(
                 &registry,
@@ -233,8 +239,9 @@ impl Metrics {
     }
 
     /// The text exposition of every metric, with the gauges read at
-    /// scrape time set from `last_op_id` and `oplog_entries`.
-    pub fn render(&self, last_op_id: u64, oplog_entries: u64) -> Result<String> {
+    /// scrape time set from `last_op_id`, `oplog_entries` and
+    /// `stream_buffered_bytes`.
+    pub fn render(&self, last_op_id: u64, oplog_entries: u64, stream_buffered_bytes: usize) -> Result<String> {
         let (mut max, mut sum, mut n) = (0u64, 0u64, 0i64);
         for cp in self.streams.lock().values() {
             let cp = cp.load(Ordering::Relaxed);
@@ -252,6 +259,8 @@ impl Metrics {
         self.streams_checkpointed.set(n);
         self.last_op_id.set(clamp(last_op_id));
         self.oplog_entries.set(clamp(oplog_entries));
+        self.stream_buffered_bytes
+            .set(i64::try_from(stream_buffered_bytes).unwrap_or(i64::MAX));
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .map_err(metric_error)
@@ -299,7 +308,7 @@ mod tests {
         let _fresh = m.stream_opened();
         a.checkpoint_sent(5);
         b.checkpoint_sent(8);
-        let text = m.render(10, 7).expect("render");
+        let text = m.render(10, 7, 0).expect("render");
         assert_eq!(sample(&text, "ferry_open_streams "), 3);
         assert_eq!(sample(&text, "ferry_streams_checkpointed "), 2);
         assert_eq!(sample(&text, "ferry_stream_checkpoint_lag_ops_max "), 5);
@@ -307,14 +316,14 @@ mod tests {
         assert_eq!(sample(&text, "ferry_last_op_id "), 10);
         assert_eq!(sample(&text, "ferry_oplog_entries "), 7);
         drop(a);
-        let text = m.render(10, 7).expect("render");
+        let text = m.render(10, 7, 0).expect("render");
         assert_eq!(sample(&text, "ferry_open_streams "), 2);
         assert_eq!(sample(&text, "ferry_stream_checkpoint_lag_ops_max "), 2);
         assert_eq!(sample(&text, "ferry_stream_checkpoint_lag_ops_sum "), 2);
         // A stream that completed a checkpoint at op 0 (an empty log).
         let empty = m.stream_opened();
         empty.checkpoint_sent(0);
-        let text = m.render(0, 0).expect("render");
+        let text = m.render(0, 0, 0).expect("render");
         assert_eq!(sample(&text, "ferry_streams_checkpointed "), 2);
         assert_eq!(sample(&text, "ferry_stream_checkpoint_lag_ops_max "), 0);
     }

@@ -1,9 +1,12 @@
 //! The sending side of one download stream: every line waits for room in
 //! the stream's byte budget, and every wait ends at shutdown, at the
 //! token's expiry or when the client left, whether or not the client reads.
+//! A user's streams also share one budget ([`UserBuffers`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_protocol::{ErrorCode, ServerError, StreamLine};
@@ -46,6 +49,89 @@ impl LineBytes for ServerLine {
     }
 }
 
+/// The bytes of lines each user's streams hold in their channels, shared
+/// by that user's streams within `max_bytes` (a user who opens many
+/// streams and reads none pins at most that, plus one line per stream).
+#[derive(Debug)]
+pub(crate) struct UserBuffers {
+    /// Users with an open stream, and what their streams hold.
+    users: parking_lot::Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// What every stream holds.
+    total_bytes: AtomicUsize,
+    max_bytes: usize,
+}
+
+impl UserBuffers {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        UserBuffers {
+            users: parking_lot::Mutex::new(HashMap::new()),
+            total_bytes: AtomicUsize::new(0),
+            max_bytes,
+        }
+    }
+
+    /// A stream of `user` joins the user's budget (until it is dropped).
+    pub(crate) fn join(&self, user: &str) -> UserShare<'_> {
+        let used = self.users.lock().entry(user.to_owned()).or_default().clone();
+        UserShare {
+            buffers: self,
+            user: user.to_owned(),
+            used,
+            mine_bytes: 0,
+        }
+    }
+
+    /// Bytes every stream holds in its channel now.
+    pub(crate) fn total_bytes(&self) -> usize {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// One stream's part of its user's budget: what it holds is counted in
+/// the user's total until it is dropped.
+#[derive(Debug)]
+pub(crate) struct UserShare<'a> {
+    buffers: &'a UserBuffers,
+    user: String,
+    /// What the user's streams hold (shared with them).
+    used: Arc<AtomicUsize>,
+    /// What this stream holds (its part of `used`).
+    mine_bytes: usize,
+}
+
+impl UserShare<'_> {
+    /// Whether `bytes` more fit in the user's budget now.
+    fn fits(&self, bytes: usize) -> bool {
+        self.used.load(Ordering::Relaxed).saturating_add(bytes) <= self.buffers.max_bytes
+    }
+
+    fn add(&mut self, bytes: usize) {
+        self.mine_bytes = self.mine_bytes.saturating_add(bytes);
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        self.buffers.total_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn remove(&mut self, bytes: usize) {
+        // Never more than this stream added: the shared counts stay exact.
+        let bytes = bytes.min(self.mine_bytes);
+        self.mine_bytes -= bytes;
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        self.buffers.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Drop for UserShare<'_> {
+    fn drop(&mut self) {
+        self.remove(self.mine_bytes);
+        // The user's entry goes with their last stream (joins take the
+        // same lock, so none joins in between).
+        let mut users = self.buffers.users.lock();
+        if Arc::strong_count(&self.used) == 2 {
+            users.remove(&self.user);
+        }
+    }
+}
+
 /// Sends a stream's lines into its channel within `channel_budget_bytes`
 /// of lines the transport has not taken yet.
 ///
@@ -60,6 +146,8 @@ pub(crate) struct StreamSender<'a, L> {
     /// The sum of `sizes`.
     sizes_sum_bytes: usize,
     channel_budget_bytes: usize,
+    /// The user's budget, which `sizes_sum_bytes` is part of.
+    share: UserShare<'a>,
     shutdown: watch::Receiver<bool>,
     expiry: Pin<Box<Sleep>>,
     exp_s: u64,
@@ -69,6 +157,7 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
     pub(crate) fn new(
         tx: &'a mpsc::Sender<L>,
         channel_budget_bytes: usize,
+        share: UserShare<'a>,
         shutdown: watch::Receiver<bool>,
         expires_in: Duration,
         exp_s: u64,
@@ -78,23 +167,29 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
             sizes: VecDeque::new(),
             sizes_sum_bytes: 0,
             channel_budget_bytes,
+            share,
             shutdown,
             expiry: Box::pin(tokio::time::sleep(expires_in)),
             exp_s,
         }
     }
 
-    /// Whether `bytes` more fit in the budget now (or the channel is
-    /// empty: a line larger than the budget goes alone).
+    /// Whether `bytes` more fit in the stream's budget and its user's now
+    /// (or the channel is empty: a line larger than the budget goes
+    /// alone, and a stream whose client reads is never held up by other
+    /// streams of its user for longer than its own channel takes to
+    /// empty).
     fn fits(&mut self, bytes: usize) -> bool {
         // The channel's lines now: the sizes of the others were taken.
         let lines = self.tx.max_capacity().saturating_sub(self.tx.capacity());
         while self.sizes.len() > lines {
             if let Some(size) = self.sizes.pop_front() {
                 self.sizes_sum_bytes = self.sizes_sum_bytes.saturating_sub(size);
+                self.share.remove(size);
             }
         }
-        lines == 0 || self.sizes_sum_bytes.saturating_add(bytes) <= self.channel_budget_bytes
+        lines == 0
+            || (self.sizes_sum_bytes.saturating_add(bytes) <= self.channel_budget_bytes && self.share.fits(bytes))
     }
 
     /// Resolves when the stream must stop whatever it is doing: shutdown
@@ -176,6 +271,7 @@ impl<'a, L: LineBytes + From<StreamLine> + Send> StreamSender<'a, L> {
     fn sent(&mut self, size: usize) {
         self.sizes.push_back(size);
         self.sizes_sum_bytes = self.sizes_sum_bytes.saturating_add(size);
+        self.share.add(size);
     }
 
     /// End the stream for `stop`: a `shutting_down` or `unauthorized`
@@ -226,7 +322,8 @@ mod tests {
             });
             let line = || StreamLine::Keepalive { token_expires_in_s: 60 };
             let budget = line().sized().1 + 1;
-            let mut out = StreamSender::new(&tx, budget, shutdown, Duration::from_secs(600), 0);
+            let users = UserBuffers::new(budget);
+            let mut out = StreamSender::new(&tx, budget, users.join("u"), shutdown, Duration::from_secs(600), 0);
             for i in 0..LINES {
                 if let Err(stop) = out.send(line()).await {
                     panic!("line {i} of {LINES} was not sent: {stop:?}");

@@ -1,5 +1,6 @@
 //! One bad client cannot use its streams or its uploads against the
 //! server: a stream whose reader stalls holds a bounded number of bytes,
+//! and all of one user's streams together hold at most the user's budget,
 //! streams end at token expiry whether or not their client reads, the
 //! server stops within `shutdown_timeout_ms` with stalled streams open,
 //! and a 100,000-op upload does not hold other clients' uploads up.
@@ -216,6 +217,141 @@ async fn a_stream_whose_client_stalls_buffers_at_most_its_byte_budget() {
         done = feed(&line.into_bytes(), &mut client);
     }
     assert_eq!(client.rows().len(), 400);
+}
+
+/// Lines of the stalled streams `rxs` queued at this moment (counted
+/// before any is taken, so refills behind them are not), taken out: their
+/// bytes per stream.
+fn take_queued(rxs: &mut [ferry_transport::ServerLineStream]) -> Vec<Vec<Vec<u8>>> {
+    let queued: Vec<usize> = rxs.iter().map(|rx| rx.len()).collect();
+    rxs.iter_mut()
+        .zip(queued)
+        .map(|(rx, n)| {
+            (0..n)
+                .filter_map(|_| rx.try_recv().ok())
+                .map(|l| l.into_bytes())
+                .collect()
+        })
+        .collect()
+}
+
+/// Read `rx` (after the lines already taken, `taken`) until its first
+/// checkpoint completes, within 30 s: the rows the client then holds.
+async fn read_to_checkpoint(client_id: &str, taken: &[Vec<u8>], rx: &mut ferry_transport::ServerLineStream) -> usize {
+    let mut client = common::TestClient::new(client_id);
+    let feed = |bytes: &[u8], client: &mut common::TestClient| {
+        let line = ferry_protocol::decode_line(bytes, ferry_protocol::DEFAULT_MAX_LINE_BYTES).expect("line");
+        client.feed(line)
+    };
+    let mut done = false;
+    for bytes in taken {
+        done |= feed(bytes, &mut client);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .expect("stream finished in time");
+        let line = tokio::time::timeout(left, rx.recv())
+            .await
+            .expect("line in time")
+            .expect("stream open");
+        done = feed(&line.into_bytes(), &mut client);
+    }
+    client.rows().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_stalled_streams_share_one_byte_budget() {
+    let max_line_bytes = 64 * 1024;
+    // At the limit: twice the line limit per user, each stream allowed
+    // far more on its own.
+    let per_user = 2 * max_line_bytes;
+    let options = ServiceOptions {
+        max_line_bytes,
+        max_stream_buffer_bytes: 16 * max_line_bytes,
+        max_stream_buffer_bytes_per_user: per_user,
+        stream_buffer_lines: 64,
+        ..ServiceOptions::default()
+    };
+    let e = common::env_with(options);
+    import_tickets(&e.svc, 400, 4_000).await;
+    let streams = 6;
+    let mut stalled: Vec<ferry_transport::ServerLineStream> = (0..streams)
+        .map(|i| {
+            let client_id = format!("u1-c{i}");
+            let user = e.svc.authenticate(&common::token("u1")).expect("token");
+            let request = common::TestClient::new(&client_id).dl.request(&client_id);
+            e.svc.open_stream_lines(user, request).expect("stream")
+        })
+        .collect();
+    // u1 reads none of them for a while.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let counted = e.svc.stream_buffered_bytes();
+    let taken = take_queued(&mut stalled);
+    let buffered: usize = taken.iter().flatten().map(Vec::len).sum();
+    assert!(buffered > 0, "nothing was sent");
+    // Each stream alone could hold 15 lines' worth (about 5.6 MiB in all);
+    // together they hold the user's budget, plus at most the one line a
+    // stream with an empty channel may always send.
+    let bound = per_user + streams * max_line_bytes;
+    assert!(
+        buffered <= bound,
+        "{streams} stalled streams of one user buffered {buffered} bytes, over \
+         max_stream_buffer_bytes_per_user ({per_user}) + one line per stream"
+    );
+    assert!(
+        counted <= bound,
+        "the service counted {counted} bytes buffered, over {bound}"
+    );
+    // Another user's stream is not held up by them.
+    let user2 = e.svc.authenticate(&common::token("u2")).expect("token");
+    let mut other = e
+        .svc
+        .open_stream_lines(user2, common::TestClient::new("u2-c").dl.request("u2-c"))
+        .expect("stream");
+    assert_eq!(read_to_checkpoint("u2-c", &[], &mut other).await, 400);
+    // Nor is a stream of u1's whose client reads, while the others stay
+    // stalled.
+    let rows = read_to_checkpoint("u1-c0", &taken[0], &mut stalled[0]).await;
+    assert_eq!(rows, 400);
+    // Closed streams give their bytes back.
+    drop(stalled);
+    drop(other);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.svc.stream_buffered_bytes() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} bytes still counted after every stream closed",
+            e.svc.stream_buffered_bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn a_per_user_stream_buffer_below_two_lines_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = ferry_server::SqliteSourceDb::open_dir(dir.path()).expect("open db");
+    let built = ferry_server::SyncService::builder(
+        std::sync::Arc::new(db),
+        ferry_server::SyncRules::ticket_tracker().expect("rules"),
+        SECRET,
+    )
+    .options(ServiceOptions {
+        max_line_bytes: 1_000_000,
+        max_stream_buffer_bytes_per_user: 1_999_999,
+        ..ServiceOptions::default()
+    })
+    .build();
+    let Err(e) = built else {
+        panic!("a per-user buffer below two lines was accepted")
+    };
+    assert_eq!(
+        e.to_string(),
+        "invalid config: max_stream_buffer_bytes_per_user of 1999999 bytes is below twice max_line_bytes (1000000 \
+         bytes): a user's stream holds a line being written and one read ahead"
+    );
 }
 
 #[test]

@@ -572,7 +572,7 @@ async fn streams_never_read_then_dropped_free_their_slots() {
 }
 
 fn open_streams(svc: &SyncService) -> i64 {
-    let text = svc.metrics().render(0, 0).expect("metrics");
+    let text = svc.metrics().render(0, 0, 0).expect("metrics");
     text.lines()
         .find_map(|l| l.strip_prefix("ferry_open_streams "))
         .and_then(|v| v.trim().parse::<f64>().ok())

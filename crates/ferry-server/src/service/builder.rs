@@ -34,6 +34,14 @@ pub struct ServiceOptions {
     /// reading stops its stream's reads there. At least twice
     /// `max_line_bytes`; [`SyncServiceBuilder::build`] refuses less.
     pub max_stream_buffer_bytes: usize,
+    /// Most bytes of lines all of one user's streams hold that their
+    /// clients have not read (of each stream's `max_stream_buffer_bytes`),
+    /// so a user who opens many streams and reads none pins at most this
+    /// much, plus one line per stream: a stream whose client took every
+    /// line may always send the next. Streams of other users do not
+    /// share it. At least twice `max_line_bytes`;
+    /// [`SyncServiceBuilder::build`] refuses less.
+    pub max_stream_buffer_bytes_per_user: usize,
     /// How far ahead of server time a client HLC may be; later ones are
     /// clamped to server time + this. A clock up to this far ahead wins
     /// last-write-wins conflicts in that window
@@ -74,6 +82,7 @@ impl Default for ServiceOptions {
             max_concurrent_streams: 10_000,
             stream_buffer_lines: 8,
             max_stream_buffer_bytes: 16 * 1024 * 1024,
+            max_stream_buffer_bytes_per_user: 64 * 1024 * 1024,
             max_clock_skew_ms: 5_000,
             max_upload_ops: 100_000,
             max_buckets_per_user: 1000,
@@ -168,6 +177,13 @@ impl SyncServiceBuilder {
                  a stream holds a line being written and one read ahead"
             )));
         }
+        let per_user = self.options.max_stream_buffer_bytes_per_user;
+        if per_user < max_line_bytes.saturating_mul(2) {
+            return Err(ServiceError::Config(format!(
+                "max_stream_buffer_bytes_per_user of {per_user} bytes is below twice max_line_bytes \
+                 ({max_line_bytes} bytes): a user's stream holds a line being written and one read ahead"
+            )));
+        }
         let max_answer_bytes = self.options.max_answer_bytes;
         if max_answer_bytes > ferry_protocol::DEFAULT_MAX_LINE_BYTES {
             return Err(ServiceError::Config(format!(
@@ -214,6 +230,7 @@ impl SyncServiceBuilder {
             hlc.observe(m)?;
         }
         let streams = Arc::new(Semaphore::new(self.options.max_concurrent_streams));
+        let stream_buffers = crate::stream_out::UserBuffers::new(self.options.max_stream_buffer_bytes_per_user);
         Ok(SyncService {
             inner: Arc::new(Inner {
                 db: self.db,
@@ -226,6 +243,7 @@ impl SyncServiceBuilder {
                 default_strategy: self.default_strategy,
                 shutdown: watch::channel(false).0,
                 streams,
+                stream_buffers,
                 upload_locks: parking_lot::Mutex::new(HashMap::new()),
                 metrics: Arc::new(crate::metrics::Metrics::new()?),
                 feed: super::feed::Feed::new(),

@@ -86,6 +86,9 @@ struct Inner {
     default_strategy: Arc<dyn ConflictStrategy>,
     shutdown: watch::Sender<bool>,
     streams: Arc<Semaphore>,
+    /// The bytes each user's streams hold unread, within
+    /// `ServiceOptions::max_stream_buffer_bytes_per_user`.
+    stream_buffers: crate::stream_out::UserBuffers,
     /// Uploads of one client id run one at a time; each client id has
     /// its own lock, so one client's long upload never waits another's.
     upload_locks: parking_lot::Mutex<HashMap<String, Arc<parking_lot::Mutex<()>>>>,
@@ -159,7 +162,17 @@ impl SyncService {
         })
         .await
         .map_err(blocking_error)??;
-        self.inner.metrics.render(last_op_id, oplog)
+        self.inner
+            .metrics
+            .render(last_op_id, oplog, self.inner.stream_buffers.total_bytes())
+    }
+
+    /// Bytes of lines the open streams hold that their clients have not
+    /// read (each user's within
+    /// [`ServiceOptions::max_stream_buffer_bytes_per_user`]; also the
+    /// `ferry_stream_buffered_bytes` metric).
+    pub fn stream_buffered_bytes(&self) -> usize {
+        self.inner.stream_buffers.total_bytes()
     }
 
     /// Ask every stream to end (with a `shutting_down` error line).

@@ -106,6 +106,7 @@ async fn run_stream<L: StreamOut>(
     let mut out = StreamSender::new(
         tx,
         channel_budget,
+        inner.stream_buffers.join(&user.user_id),
         inner.shutdown.subscribe(),
         Duration::from_millis(expires_in_ms),
         user.exp_s,
