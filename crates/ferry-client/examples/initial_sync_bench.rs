@@ -27,58 +27,20 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use ferry_client::StaticToken;
-use ferry_core::{CrudOp, RowData, Value};
 use ferry_http::HttpTransport;
 use ferry_server::mint_token;
 use ferry_transport::Transport;
 
 mod bench_common;
+#[path = "../../ferry-server/examples/ticket_rows/mod.rs"]
+mod ticket_rows;
 
 use bench_common::{open_client, BenchServer, SECRET};
+use ticket_rows::tickets;
 
 const LOAD_CHUNK_ROWS: u64 = 50_000;
 const SYNC_TIMEOUT_MS: u64 = 900_000;
 const ROLE: &str = "FERRY_BENCH_ROLE";
-
-fn ticket(i: u64) -> (String, RowData) {
-    let id = format!("ticket-{i:010}");
-    let mut d = RowData::new();
-    d.insert(
-        "title".into(),
-        Value::Text(format!("Ticket {i}: printer on fire in building {}", i % 97)),
-    );
-    d.insert(
-        "description".into(),
-        Value::Text(format!(
-            "Reported by user {} on floor {}; the toner smells odd and paper jams.",
-            i % 1013,
-            i % 31
-        )),
-    );
-    d.insert(
-        "status".into(),
-        Value::Text(["open", "in_progress", "done"][(i % 3) as usize].into()),
-    );
-    d.insert("deleted_at".into(), Value::Null);
-    d.insert("created_at".into(), Value::Text("2026-11-26T10:00:00.000Z".into()));
-    d.insert("updated_at".into(), Value::Text("2026-11-26T10:00:00.000Z".into()));
-    d.insert("version".into(), Value::Integer(1));
-    (id, d)
-}
-
-/// The ticket PUTs of ids `first..=last`.
-fn tickets(first: u64, last: u64) -> Vec<CrudOp> {
-    (first..=last)
-        .map(|i| {
-            let (id, data) = ticket(i);
-            CrudOp::Put {
-                table: "tickets".into(),
-                id,
-                data,
-            }
-        })
-        .collect()
-}
 
 /// The peak resident memory of this process so far, in MB (`VmHWM`).
 fn peak_rss_mb() -> f64 {
@@ -158,42 +120,6 @@ async fn client(n: u64, url: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A plain rusqlite bulk insert of the same rows into a fresh file.
-fn floor(n: u64, dir: &Path) -> anyhow::Result<f64> {
-    let path = dir.join("floor.db");
-    let _ = std::fs::remove_file(&path);
-    let t = Instant::now();
-    let mut conn = rusqlite::Connection::open(&path)?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
-         CREATE TABLE tickets (id TEXT PRIMARY KEY, title TEXT, description TEXT, status TEXT,
-             deleted_at TEXT, created_at TEXT, updated_at TEXT, version INTEGER) WITHOUT ROWID;",
-    )?;
-    let tx = conn.transaction()?;
-    {
-        let mut stmt = tx.prepare("INSERT INTO tickets VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
-        for i in 1..=n {
-            let (id, d) = ticket(i);
-            let text = |c: &str| match d.get(c) {
-                Some(Value::Text(t)) => Some(t.clone()),
-                _ => None,
-            };
-            stmt.execute(rusqlite::params![
-                id,
-                text("title"),
-                text("description"),
-                text("status"),
-                text("deleted_at"),
-                text("created_at"),
-                text("updated_at"),
-                1i64
-            ])?;
-        }
-    }
-    tx.commit()?;
-    Ok(t.elapsed().as_secs_f64())
-}
-
 fn run_one(n: u64, dir: &Path) -> anyhow::Result<serde_json::Value> {
     let exe = std::env::current_exe()?;
     let mut server = Command::new(&exe)
@@ -229,7 +155,7 @@ fn run_one(n: u64, dir: &Path) -> anyhow::Result<serde_json::Value> {
         bail!("the client process printed {text:?}");
     };
     let (sync_s, rss): (f64, f64) = (sync_s.parse()?, rss.parse()?);
-    let floor_s = floor(n, dir)?;
+    let floor_s = ticket_rows::floor_s(n, dir)?;
     Ok(serde_json::json!({
         "engine": "ferry",
         "N": n,

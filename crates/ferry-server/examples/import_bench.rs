@@ -15,7 +15,9 @@
 //! The rows, the rules (the embedded ticket tracker rules: every ticket is
 //! in the `global` bucket) and the chunks are those of `initial_sync_bench`.
 //! Prints one JSON line:
-//! `{"N":..,"load_s":..,"server_load_rows_per_s":..}` where `load_s` runs
+//! `{"N":..,"load_s":..,"server_load_rows_per_s":..,"floor_s":..,"floor_rows_per_s":..,"of_floor":..}`
+//! where `floor_s` is the same rows inserted with plain rusqlite into a
+//! fresh file after the load (`initial_sync_bench`'s floor), and `load_s` runs
 //! from the first `import` call until the last returned (making the rows
 //! included, as `initial_sync_bench` measures it); the op log's length is
 //! checked after. On stderr: the process's CPU time over the load (user +
@@ -26,8 +28,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ferry_core::{CrudOp, RowData, Value};
 use ferry_server::{ServiceOptions, SourceDb, SqliteSourceDb, SyncRules, SyncService};
+
+mod ticket_rows;
+
+use ticket_rows::tickets;
 
 /// Rows per `import` call unless `CHUNK` says otherwise.
 const DEFAULT_CHUNK_ROWS: u64 = 50_000;
@@ -47,47 +52,6 @@ fn cpu_s() -> f64 {
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 (11 and 12 after the parens).
     (ticks(11) + ticks(12)) / CLK_TCK
-}
-
-/// A ticket row as `initial_sync_bench` makes it.
-fn ticket(i: u64) -> (String, RowData) {
-    let id = format!("ticket-{i:010}");
-    let mut d = RowData::new();
-    d.insert(
-        "title".into(),
-        Value::Text(format!("Ticket {i}: printer on fire in building {}", i % 97)),
-    );
-    d.insert(
-        "description".into(),
-        Value::Text(format!(
-            "Reported by user {} on floor {}; the toner smells odd and paper jams.",
-            i % 1013,
-            i % 31
-        )),
-    );
-    d.insert(
-        "status".into(),
-        Value::Text(["open", "in_progress", "done"][(i % 3) as usize].into()),
-    );
-    d.insert("deleted_at".into(), Value::Null);
-    d.insert("created_at".into(), Value::Text("2026-11-26T10:00:00.000Z".into()));
-    d.insert("updated_at".into(), Value::Text("2026-11-26T10:00:00.000Z".into()));
-    d.insert("version".into(), Value::Integer(1));
-    (id, d)
-}
-
-/// The ticket PUTs of ids `first..=last`.
-fn tickets(first: u64, last: u64) -> Vec<CrudOp> {
-    (first..=last)
-        .map(|i| {
-            let (id, data) = ticket(i);
-            CrudOp::Put {
-                table: "tickets".into(),
-                id,
-                data,
-            }
-        })
-        .collect()
 }
 
 fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
@@ -142,9 +106,14 @@ async fn main() -> anyhow::Result<()> {
         "cpu_s {cpu:.3} ({:.0} rows per cpu second)",
         n as f64 / cpu.max(f64::EPSILON)
     );
+    // The floor of the same run (the machine's speed varies threefold from
+    // day to day): the rows inserted with plain rusqlite, no Ferry.
+    let floor_s = ticket_rows::floor_s(n, tmp.path())?;
+    let rows_per_s = n as f64 / load_s.max(f64::EPSILON);
+    let floor_rows_per_s = n as f64 / floor_s.max(f64::EPSILON);
     println!(
-        "{{\"N\":{n},\"load_s\":{load_s:.3},\"server_load_rows_per_s\":{:.0}}}",
-        n as f64 / load_s.max(f64::EPSILON)
+        "{{\"N\":{n},\"load_s\":{load_s:.3},\"server_load_rows_per_s\":{rows_per_s:.0},\"floor_s\":{floor_s:.3},\"floor_rows_per_s\":{floor_rows_per_s:.0},\"of_floor\":{:.3}}}",
+        rows_per_s / floor_rows_per_s.max(f64::EPSILON)
     );
     Ok(())
 }
