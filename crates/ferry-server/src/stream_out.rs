@@ -52,6 +52,12 @@ impl LineBytes for ServerLine {
 /// The bytes of lines each user's streams hold in their channels, shared
 /// by that user's streams within `max_bytes` (a user who opens many
 /// streams and reads none pins at most that, plus one line per stream).
+///
+/// A stream learns which of its lines the transport took when it sends
+/// its next line (it measures its channel then, see [`StreamSender`]), so
+/// lines already read stay counted until then: at most until its next
+/// keepalive. Meanwhile they only make the user's other streams send
+/// one line at a time, never stop them.
 #[derive(Debug)]
 pub(crate) struct UserBuffers {
     /// Users with an open stream, and what their streams hold.
