@@ -3,12 +3,14 @@
 //! database: local writes, applied checkpoints and rolled-back rejections
 //! all flow in as row changes, one engine transaction per commit.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::{Arc, Weak};
 
 use ferry_core::{codec, Index, RowData, Value};
-use ferry_query::{ChangeSet, Diff, DiffCallback, Explain, IndexScan, Query, QueryEngine, QueryResult, SubscriptionId};
+use ferry_query::{
+    ChangeSet, Diff, DiffCallback, Explain, IndexScan, Query, QueryEngine, QueryResult, RowRef, SubscriptionId,
+};
 use ferry_queue::LocalDb;
 use parking_lot::Mutex;
 
@@ -71,7 +73,9 @@ struct IndexWindow {
     /// The last kept row in scan order; `None` when the whole range is
     /// kept.
     edge: Option<Edge>,
-    kept: BTreeSet<String>,
+    /// The kept rows' ids, each with the row's key in the index (so the
+    /// window orders and trims its rows without reading them back).
+    kept: HashMap<String, Vec<u8>>,
     engine: QueryEngine,
     sub: SubscriptionId,
 }
@@ -109,23 +113,29 @@ impl IndexWindow {
             need_rows,
             keep_rows: rows.max(1),
             edge: None,
-            kept: BTreeSet::new(),
+            kept: HashMap::new(),
             engine,
             sub: SubscriptionId(0),
         })
     }
 
-    /// Whether a row is in range and before the edge, from its index key
-    /// (one encoding for both).
-    fn keeps(&self, id: &str, data: &RowData) -> bool {
-        let key = ferry_store::index_key(&self.index, id, data);
+    /// A row's key in the window's index.
+    fn key(&self, id: &str, data: &RowData) -> Vec<u8> {
+        ferry_store::index_key(&self.index, id, data)
+    }
+
+    /// The row's index key when the row is in range and before the edge
+    /// (one encoding for both), `None` otherwise.
+    fn key_if_kept(&self, id: &str, data: &RowData) -> Option<Vec<u8>> {
+        let key = self.key(id, data);
         let in_range = self.lo.as_deref().is_none_or(|l| key.as_slice() >= l)
             && self.hi.as_deref().is_none_or(|h| key.as_slice() < h);
-        in_range
+        let kept = in_range
             && match &self.edge {
                 None => true,
                 Some(edge) => !self.is_after(self.position_in_key(&key, id), &edge.pos),
-            }
+            };
+        kept.then_some(key)
     }
 
     /// [`IndexWindow::position`] taken from the row's index key, which is
@@ -268,38 +278,61 @@ impl IndexWindow {
             Some((id, data)) if !complete => Some(self.edge_of(id, data)),
             _ => None,
         };
-        rows.retain(|(id, _)| !self.kept.contains(id));
+        rows.retain(|(id, _)| !self.kept.contains_key(id));
         self.with_pending(local, rows)
     }
 
     fn start(&mut self, local: &LocalDb, query: &Query, callback: DiffCallback) -> Result<QueryResult, ClientError> {
         let rows = self.load(local)?;
-        let mut cs = ChangeSet::new();
-        for (id, data, pending) in rows {
-            self.kept.insert(id.clone());
-            cs = cs.upsert(&self.table, id, data, pending);
+        for (id, data, _) in &rows {
+            self.kept.insert(id.clone(), self.key(id, data));
         }
-        self.engine.apply(cs)?;
+        let refs: Vec<RowRef<'_>> = rows
+            .iter()
+            .map(|(id, data, pending)| RowRef::Upsert {
+                id,
+                data,
+                pending: *pending,
+            })
+            .collect();
+        self.engine.apply_rows(&self.table, &refs)?;
         let (sub, result) = self.engine.subscribe_with(query, callback)?;
         self.sub = sub;
         Ok(result)
     }
 
-    /// Take a commit's changes: one engine transaction, one diff.
+    /// Take a commit's changes: one engine transaction, one diff. The
+    /// engine takes the commit's rows borrowed (it copies their values).
     fn on_change(&mut self, local: &LocalDb, rows: &[RowChange]) -> Result<(), ClientError> {
-        let mut cs = ChangeSet::new();
+        // Rows read or dropped below, which the transaction borrows too.
+        let read: WindowRows;
+        let dropped: Vec<String>;
+        let gone: Vec<String>;
+        let mut refs: Vec<RowRef<'_>> = Vec::new();
         let mut any = false;
         for change in rows.iter().filter(|c| c.table == self.table) {
             any = true;
-            let keep = change.row.as_ref().is_some_and(|data| self.keeps(&change.id, data));
-            match &change.row {
-                Some(data) if keep => {
-                    self.kept.insert(change.id.clone());
-                    cs = cs.upsert(&self.table, change.id.clone(), data.clone(), change.pending);
+            let kept = change
+                .row
+                .as_ref()
+                .and_then(|data| self.key_if_kept(&change.id, data).map(|key| (data, key)));
+            match kept {
+                Some((data, key)) => {
+                    match self.kept.get_mut(change.id.as_str()) {
+                        Some(k) => *k = key,
+                        None => {
+                            self.kept.insert(change.id.clone(), key);
+                        }
+                    }
+                    refs.push(RowRef::Upsert {
+                        id: &change.id,
+                        data,
+                        pending: change.pending,
+                    });
                 }
-                _ => {
-                    if self.kept.remove(&change.id) {
-                        cs = cs.delete(&self.table, change.id.clone());
+                None => {
+                    if self.kept.remove(change.id.as_str()).is_some() {
+                        refs.push(RowRef::Delete { id: &change.id });
                     }
                 }
             }
@@ -312,86 +345,107 @@ impl IndexWindow {
         if short {
             // The store already holds this commit: the rows read are the
             // rows after it, applied in the same transaction.
-            for (id, data, pending) in self.refill(local)? {
-                self.kept.insert(id.clone());
-                cs = cs.upsert(&self.table, id, data, pending);
+            read = self.refill(local)?;
+            for (id, data, pending) in &read {
+                self.kept.insert(id.clone(), self.key(id, data));
+                refs.push(RowRef::Upsert {
+                    id,
+                    data,
+                    pending: *pending,
+                });
             }
         } else if grown {
-            // The rows past the target go: read from the engine, or from
-            // this commit for the rows it changed.
+            // The rows past the target go: the edge's row is read from
+            // the engine, or from this commit when it changed it.
             let changed: HashMap<&str, &RowData> = rows
                 .iter()
                 .filter(|c| c.table == self.table)
                 .filter_map(|c| c.row.as_ref().map(|data| (c.id.as_str(), data)))
                 .collect();
-            if let Some(dropped) = self.trim(&changed)? {
-                for id in dropped {
-                    cs = cs.delete(&self.table, id);
-                }
-                self.engine.apply(cs)?;
+            if let Some(ids) = self.trim(&changed)? {
+                dropped = ids;
+                refs.extend(dropped.iter().map(|id| RowRef::Delete { id }));
+                self.engine.apply_rows(&self.table, &refs)?;
                 return Ok(());
             }
             // A kept row the engine lacks (never, while the window keeps
             // its invariant): the window is read again. The store already
             // holds this commit: the rows read are the rows after it,
             // applied in the same transaction.
-            let fresh = self.load(local)?;
-            let now: BTreeSet<String> = fresh.iter().map(|(id, _, _)| id.clone()).collect();
-            for gone in self.kept.difference(&now) {
-                cs = cs.delete(&self.table, gone.clone());
-            }
-            for (id, data, pending) in fresh {
-                if !self.kept.contains(&id) {
-                    cs = cs.upsert(&self.table, id, data, pending);
+            read = self.load(local)?;
+            let now: HashSet<&str> = read.iter().map(|(id, _, _)| id.as_str()).collect();
+            gone = self
+                .kept
+                .keys()
+                .filter(|id| !now.contains(id.as_str()))
+                .cloned()
+                .collect();
+            refs.extend(gone.iter().map(|id| RowRef::Delete { id }));
+            for (id, data, pending) in &read {
+                if !self.kept.contains_key(id) {
+                    refs.push(RowRef::Upsert {
+                        id,
+                        data,
+                        pending: *pending,
+                    });
                 }
             }
-            self.kept = now;
+            let kept = read
+                .iter()
+                .map(|(id, data, _)| (id.clone(), self.key(id, data)))
+                .collect();
+            self.kept = kept;
         }
-        self.engine.apply(cs)?;
+        self.engine.apply_rows(&self.table, &refs)?;
         Ok(())
     }
 
     /// Keep the first `keep_rows` kept rows in scan order, and the rest of
     /// the last one's ties; drop the others and move the edge to the last
-    /// one kept. A kept row's data is `changed`'s (this commit's) or the
+    /// one kept, whose data is `changed`'s (this commit's) or the
     /// engine's; `None` when neither has it. Returns the ids dropped.
     fn trim(&mut self, changed: &HashMap<&str, &RowData>) -> Result<Option<Vec<String>>, ClientError> {
-        let mut rows: Vec<(Vec<u8>, String, RowData)> = Vec::with_capacity(self.kept.len());
-        for id in &self.kept {
-            let data = match changed.get(id.as_str()) {
-                Some(data) => (*data).clone(),
-                None => match self.engine.row(&self.table, id)? {
-                    Some(data) => data,
-                    None => return Ok(None),
-                },
-            };
-            rows.push((self.position(id, &data), id.clone(), data));
-        }
+        let mut rows: Vec<(&[u8], &String)> = self
+            .kept
+            .iter()
+            .map(|(id, key)| (self.position_in_key(key, id), id))
+            .collect();
         if self.reverse {
-            rows.sort_by(|a, b| b.0.cmp(&a.0));
+            rows.sort_unstable_by(|a, b| b.0.cmp(a.0));
         } else {
-            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
         }
-        let Some(last) = rows.get(self.keep_rows.saturating_sub(1)).map(|r| r.0.clone()) else {
+        let Some(last) = rows.get(self.keep_rows.saturating_sub(1)).map(|r| r.0) else {
             return Ok(Some(Vec::new()));
         };
         let cut = self.keep_rows + rows[self.keep_rows..].iter().take_while(|r| r.0 == last).count();
         if cut == rows.len() {
             return Ok(Some(Vec::new()));
         }
-        let dropped: Vec<String> = rows.drain(cut..).map(|(_, id, _)| id).collect();
+        // Ties share their position and indexed values: any of them is the
+        // edge.
+        let edge_id = rows[cut - 1].1;
+        let edge = match changed.get(edge_id.as_str()) {
+            Some(data) => self.edge_of(edge_id, data),
+            None => match self.engine.row(&self.table, edge_id)? {
+                Some(data) => self.edge_of(edge_id, &data),
+                None => return Ok(None),
+            },
+        };
+        let dropped: Vec<String> = rows[cut..].iter().map(|(_, id)| (*id).clone()).collect();
         for id in &dropped {
             self.kept.remove(id);
         }
-        self.edge = rows.last().map(|(_, id, data)| self.edge_of(id, data));
+        self.edge = Some(edge);
         Ok(Some(dropped))
     }
 
     /// Bytes of what the window keeps: its rows (ids and encoded data, in
-    /// its engine), the set of their ids and its edge.
+    /// its engine), the set of their ids and its edge (not counting the
+    /// ids' index keys, a few bytes each).
     fn state_bytes(&self) -> Result<usize, ClientError> {
         let rows = self.engine.collection_bytes(&self.table)?;
-        let ids: usize = self.kept.iter().map(String::len).sum();
+        let ids: usize = self.kept.keys().map(String::len).sum();
         let edge = self
             .edge
             .as_ref()

@@ -11,7 +11,7 @@ use crate::query::Query;
 use crate::reference;
 use crate::result::{Diff, QueryResult, SubscriptionId};
 use crate::rows::same_src;
-use crate::source::{Change, ChangeSet, SrcRow};
+use crate::source::{Change, ChangeSet, RowRef, SrcRow};
 
 /// Bounds on what grows inside an engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +74,16 @@ impl Collection {
             *s = Some(row);
         }
         None
+    }
+
+    /// Insert or replace a row: its weighted changes (none when the
+    /// row is the same as the one it replaces).
+    fn upsert(&mut self, row: Arc<SrcRow>) -> Option<impl Iterator<Item = (Arc<SrcRow>, i32)>> {
+        let old = self.insert(row.clone());
+        if old.as_ref().is_some_and(|o| same_src(o, &row)) {
+            return None;
+        }
+        Some(old.map(|o| (o, -1)).into_iter().chain(std::iter::once((row, 1))))
     }
 
     fn get(&self, id: &str) -> Option<&Arc<SrcRow>> {
@@ -296,30 +306,33 @@ impl QueryEngine {
             .ok_or(QueryError::UnknownSubscription { id: id.0 })
     }
 
-    fn validate(&self, cs: &ChangeSet) -> Result<(), QueryError> {
-        if cs.changes.len() > self.limits.max_changes_per_apply {
+    /// Check a transaction against the limits before anything changes:
+    /// `changes` gives each change's collection and, for an upsert, its id.
+    fn validate<'c>(
+        &self,
+        len: usize,
+        changes: impl Iterator<Item = (&'c str, Option<&'c str>)>,
+    ) -> Result<(), QueryError> {
+        if len > self.limits.max_changes_per_apply {
             return Err(QueryError::LimitExceeded {
                 limit_name: "max_changes_per_apply",
                 limit: self.limits.max_changes_per_apply,
-                actual: cs.changes.len(),
+                actual: len,
             });
         }
         let mut new_ids: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for c in &cs.changes {
-            let name = match c {
-                Change::Upsert { collection, .. } | Change::Delete { collection, .. } => collection,
-            };
-            let Some(coll) = self.collections.get(name.as_str()) else {
+        for (name, upsert) in changes {
+            let Some(coll) = self.collections.get(name) else {
                 return Err(QueryError::UnknownCollection {
-                    collection: name.clone(),
+                    collection: name.to_owned(),
                 });
             };
             // A collection that stays within its limit even if every
             // change added a row needs no count of the new ids.
-            if coll.len().saturating_add(cs.changes.len()) <= self.limits.max_rows_per_collection {
+            if coll.len().saturating_add(len) <= self.limits.max_rows_per_collection {
                 continue;
             }
-            if let Change::Upsert { id, .. } = c {
+            if let Some(id) = upsert {
                 if !coll.contains(id) {
                     let ids = new_ids.entry(name).or_default();
                     ids.insert(id);
@@ -340,7 +353,13 @@ impl QueryEngine {
     /// none. Returns one diff per affected subscription without a callback;
     /// subscriptions with a callback get theirs through it.
     pub fn apply(&mut self, cs: ChangeSet) -> Result<Vec<Diff>, QueryError> {
-        self.validate(&cs)?;
+        self.validate(
+            cs.changes.len(),
+            cs.changes.iter().map(|c| match c {
+                Change::Upsert { collection, id, .. } => (collection.as_str(), Some(id.as_str())),
+                Change::Delete { collection, .. } => (collection.as_str(), None),
+            }),
+        )?;
         let mut deltas: HashMap<String, SrcDelta> = HashMap::new();
         for c in cs.changes {
             match c {
@@ -355,15 +374,9 @@ impl QueryEngine {
                     };
                     let hint = coll.get(&id).map(|r| r.shape.clone());
                     let row = Arc::new(coll.shapes.row(Arc::from(id), data, pending, hint.as_ref()));
-                    let old = coll.insert(row.clone());
-                    if old.as_ref().is_some_and(|o| same_src(o, &row)) {
-                        continue;
+                    if let Some(change) = coll.upsert(row) {
+                        deltas.entry(collection).or_default().extend(change);
                     }
-                    let d = deltas.entry(collection).or_default();
-                    if let Some(o) = old {
-                        d.push((o, -1));
-                    }
-                    d.push((row, 1));
                 }
                 Change::Delete { collection, id } => {
                     let Some(coll) = self.collections.get_mut(&collection) else {
@@ -375,15 +388,66 @@ impl QueryEngine {
                 }
             }
         }
+        Ok(self.process(&deltas))
+    }
+
+    /// [`QueryEngine::apply`] of changes to one collection's rows, borrowed:
+    /// the engine copies the values it keeps (as an upsert of an owned
+    /// row would move them), not the rows' maps. Same result, same
+    /// all-or-nothing.
+    pub fn apply_rows(&mut self, collection: &str, rows: &[RowRef<'_>]) -> Result<Vec<Diff>, QueryError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.validate(
+            rows.len(),
+            rows.iter().map(|r| match r {
+                RowRef::Upsert { id, .. } => (collection, Some(*id)),
+                RowRef::Delete { .. } => (collection, None),
+            }),
+        )?;
+        let Some(coll) = self.collections.get_mut(collection) else {
+            // Validated above: a change names it.
+            return Err(QueryError::UnknownCollection {
+                collection: collection.to_owned(),
+            });
+        };
+        let mut delta = SrcDelta::new();
+        for r in rows {
+            match *r {
+                RowRef::Upsert { id, data, pending } => {
+                    let hint = coll.get(id).map(|r| r.shape.clone());
+                    let row = Arc::new(coll.shapes.row_of(Arc::from(id), data, pending, hint.as_ref()));
+                    if let Some(change) = coll.upsert(row) {
+                        delta.extend(change);
+                    }
+                }
+                RowRef::Delete { id } => {
+                    if let Some(o) = coll.remove(id) {
+                        delta.push((o, -1));
+                    }
+                }
+            }
+        }
+        if delta.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deltas = HashMap::from([(collection.to_owned(), delta)]);
+        Ok(self.process(&deltas))
+    }
+
+    /// Push a transaction's source changes through every subscription
+    /// that reads them: callbacks are called, the other diffs returned.
+    fn process(&mut self, deltas: &HashMap<String, SrcDelta>) -> Vec<Diff> {
         let mut out = Vec::new();
         if deltas.is_empty() {
-            return Ok(out);
+            return out;
         }
         for (id, sub) in &mut self.subs {
             if !deltas.keys().any(|c| sub.graph.reads(c)) {
                 continue;
             }
-            let w = sub.graph.process(&deltas);
+            let w = sub.graph.process(deltas);
             let diff = Diff {
                 subscription: *id,
                 added: w.added,
@@ -398,6 +462,6 @@ impl QueryEngine {
                 None => out.push(diff),
             }
         }
-        Ok(out)
+        out
     }
 }

@@ -85,4 +85,4 @@ pub use expr::{
 };
 pub use query::{JoinKind, Order, Query};
 pub use result::{Added, Diff, QueryResult, Removed, ResultRow, SubscriptionId, Updated};
-pub use source::{Change, ChangeSet};
+pub use source::{Change, ChangeSet, RowRef};

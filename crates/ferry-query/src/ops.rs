@@ -690,6 +690,38 @@ impl FinalOp {
         self.index.range(s, e).map(|(r, _)| plan.to_result(r)).collect()
     }
 
+    /// Insert a batch's new rows (`None`: a row that only left) and
+    /// return their ranks once all are in. A few rows are moved in, each
+    /// rank then moved past the later ones inserted at or before it; many
+    /// are copied in and ranked after (linear in the rows, not quadratic).
+    fn insert_new(&mut self, news: Vec<Option<OutRow>>) -> Vec<Option<usize>> {
+        let mut ranks: Vec<Option<usize>> = vec![None; news.len()];
+        if news.len() <= SCAN_CONSOLIDATE_MAX_CHANGES {
+            for (i, n) in news.into_iter().enumerate() {
+                let Some(n) = n else { continue };
+                let before = self.index.len();
+                let r = self.index.insert(n, ());
+                // (A replaced entry moved nothing.)
+                if self.index.len() > before {
+                    for earlier in ranks[..i].iter_mut().flatten() {
+                        if *earlier >= r {
+                            *earlier += 1;
+                        }
+                    }
+                }
+                ranks[i] = Some(r);
+            }
+        } else {
+            for n in news.iter().flatten() {
+                self.index.insert(n.clone(), ());
+            }
+            for (rank, n) in ranks.iter_mut().zip(&news) {
+                *rank = n.as_ref().and_then(|n| self.index.rank_of(n));
+            }
+        }
+        ranks
+    }
+
     fn process(&mut self, plan: &Plan, changes: OutDelta) -> WindowDiff {
         // Consolidate per identity into (old, new). The few changes of a
         // typical commit are matched by a scan (no key copied or hashed).
@@ -743,50 +775,48 @@ impl FinalOp {
         }
 
         let n_old = self.index.len();
+        let (olds, news): (Vec<Option<OutRow>>, Vec<Option<OutRow>>) = pairs.into_iter().unzip();
         // Old ranks, all taken in the old state.
-        let old_ranks: Vec<Option<usize>> = pairs
+        let old_ranks: Vec<Option<usize>> = olds
             .iter()
-            .map(|(o, _)| o.as_ref().and_then(|o| self.index.rank_of(o)))
+            .map(|o| o.as_ref().and_then(|o| self.index.rank_of(o)))
             .collect();
-        for (o, _) in &pairs {
-            if let Some(o) = o {
-                self.index.remove(o);
-            }
+        for o in olds.iter().flatten() {
+            self.index.remove(o);
         }
-        for (_, n) in &pairs {
-            if let Some(n) = n {
-                self.index.insert(n.clone(), ());
-            }
-        }
+        let new_ranks = self.insert_new(news);
         let n_new = self.index.len();
-        let new_ranks: Vec<Option<usize>> = pairs
-            .iter()
-            .map(|(_, n)| n.as_ref().and_then(|n| self.index.rank_of(n)))
-            .collect();
 
         let (s_o, e_o) = self.window(n_old);
         let (s_n, e_n) = self.window(n_new);
         let in_old = |r: usize| r >= s_o && r < e_o;
         let in_new = |r: usize| r >= s_n && r < e_n;
+        // A new row is read back from the index, which holds it now.
+        let new_row = |r: usize| self.index.get(r).map(|(row, _)| plan.to_result(row));
 
-        for (((o, n), ro), rn) in pairs.iter().zip(&old_ranks).zip(&new_ranks) {
+        for ((o, ro), rn) in olds.iter().zip(&old_ranks).zip(&new_ranks) {
             let was = ro.filter(|r| in_old(*r));
             let is = rn.filter(|r| in_new(*r));
-            match (was, is, o, n) {
-                (Some(ro), Some(rn), Some(o), Some(n)) => diff.updated.push(Updated {
-                    old_index: ro - s_o,
-                    new_index: rn - s_n,
-                    old: plan.to_result(o),
-                    new: plan.to_result(n),
-                }),
-                (Some(ro), _, Some(o), _) => diff.removed.push(Removed {
+            match (was, is, o) {
+                (Some(ro), Some(rn), Some(o)) => {
+                    if let Some(new) = new_row(rn) {
+                        diff.updated.push(Updated {
+                            old_index: ro - s_o,
+                            new_index: rn - s_n,
+                            old: plan.to_result(o),
+                            new,
+                        });
+                    }
+                }
+                (Some(ro), _, Some(o)) => diff.removed.push(Removed {
                     index: ro - s_o,
                     row: plan.to_result(o),
                 }),
-                (_, Some(rn), _, Some(n)) => diff.added.push(Added {
-                    index: rn - s_n,
-                    row: plan.to_result(n),
-                }),
+                (_, Some(rn), _) => {
+                    if let Some(row) = new_row(rn) {
+                        diff.added.push(Added { index: rn - s_n, row });
+                    }
+                }
                 _ => {}
             }
         }

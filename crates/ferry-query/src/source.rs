@@ -36,6 +36,26 @@ const MAX_SHAPES_PER_COLLECTION: usize = 1024;
 impl Shapes {
     /// A row stored as its shape plus values.
     pub(crate) fn row(&mut self, id: Arc<str>, data: RowData, pending: bool, hint: Option<&Arc<Shape>>) -> SrcRow {
+        SrcRow {
+            id,
+            shape: self.shape_of(&data, hint),
+            vals: data.into_values().collect(),
+            pending,
+        }
+    }
+
+    /// [`Shapes::row`] of a borrowed row: only its values are copied.
+    pub(crate) fn row_of(&mut self, id: Arc<str>, data: &RowData, pending: bool, hint: Option<&Arc<Shape>>) -> SrcRow {
+        SrcRow {
+            id,
+            shape: self.shape_of(data, hint),
+            vals: data.values().cloned().collect(),
+            pending,
+        }
+    }
+
+    /// The interned shape of a row's columns.
+    fn shape_of(&mut self, data: &RowData, hint: Option<&Arc<Shape>>) -> Arc<Shape> {
         let shape = match (hint, &self.last) {
             (Some(h), _) if h.matches(&data) => h.clone(),
             (_, Some(l)) if l.matches(&data) => l.clone(),
@@ -54,12 +74,7 @@ impl Shapes {
             }
         };
         self.last = Some(shape.clone());
-        SrcRow {
-            id,
-            shape,
-            vals: data.into_values().collect(),
-            pending,
-        }
+        shape
     }
 }
 
@@ -87,6 +102,27 @@ impl SrcRow {
     pub(crate) fn data(&self) -> ferry_core::RowData {
         self.columns().map(|(k, v)| (k.to_owned(), v.clone())).collect()
     }
+}
+
+/// One change to one row of a collection, borrowed: what
+/// [`crate::QueryEngine::apply_rows`] takes (the engine copies the values
+/// it keeps, never the map).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RowRef<'a> {
+    /// Insert the row, or replace the row with this id.
+    Upsert {
+        /// The row id.
+        id: &'a str,
+        /// All column values (absent columns read as NULL).
+        data: &'a RowData,
+        /// Whether the row has local writes not yet acknowledged.
+        pending: bool,
+    },
+    /// Delete the row with this id (a missing row is ignored).
+    Delete {
+        /// The row id.
+        id: &'a str,
+    },
 }
 
 /// One change to one collection.
