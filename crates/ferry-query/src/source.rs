@@ -57,8 +57,8 @@ impl Shapes {
     /// The interned shape of a row's columns.
     fn shape_of(&mut self, data: &RowData, hint: Option<&Arc<Shape>>) -> Arc<Shape> {
         let shape = match (hint, &self.last) {
-            (Some(h), _) if h.matches(&data) => h.clone(),
-            (_, Some(l)) if l.matches(&data) => l.clone(),
+            (Some(h), _) if h.matches(data) => h.clone(),
+            (_, Some(l)) if l.matches(data) => l.clone(),
             _ => {
                 let names: Vec<String> = data.keys().cloned().collect();
                 match self.all.get(&names) {
