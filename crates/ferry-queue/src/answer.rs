@@ -156,9 +156,10 @@ impl LocalDb {
                 .into_iter()
                 .partition(|c| rolled_back.contains(&(c.table.clone(), c.id.clone())))
         };
-        self.view.publish(&counters);
+        let turn = counters.hand_over(self);
         self.notify(ChangeSource::Rollback, &rolled);
         self.notify(ChangeSource::Server, &others);
+        drop(turn);
         Ok(())
     }
 

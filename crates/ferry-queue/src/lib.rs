@@ -221,8 +221,8 @@ struct Counters {
 
 /// The counters as of the last commit, read without the write lock: a
 /// reader never waits for a write, and a change observer or live query
-/// callback (which run with the write lock held) reads them without
-/// waiting for itself.
+/// callback (which run in a commit's report turn, while the next write
+/// may hold the lock) reads them without waiting.
 #[derive(Debug, Default)]
 struct CounterView {
     last_seq: AtomicU64,
@@ -273,6 +273,46 @@ impl Drop for WriteLock<'_> {
     }
 }
 
+impl<'a> WriteLock<'a> {
+    /// Let go of the write lock, keeping the turn to tell the observer of
+    /// this commit: the turn is taken before the lock is let go, so turns
+    /// follow commit order, and the next write commits to the store while
+    /// this one's changes are told (live queries run outside the lock).
+    fn hand_over(self, db: &'a LocalDb) -> ReportTurn<'a> {
+        let turn = db.report_turn.lock();
+        // The thread stays inside a write of `db` until the turn ends: a
+        // write from the observer is refused, not a wait for its own turn.
+        let writing = ferry_core::inside::Inside::enter(&WRITING, db);
+        let through_seq = self.counters.next_seq.saturating_sub(1);
+        drop(self);
+        ReportTurn {
+            _writing: writing,
+            _turn: turn,
+            db,
+            through_seq,
+        }
+    }
+}
+
+/// A commit's turn to tell the observer of its changes, after the write
+/// lock was let go ([`WriteLock::hand_over`]). When it ends, the queue
+/// entries of the commits told so far may be uploaded: an entry is never
+/// uploaded (and so never answered and rolled back) before live queries
+/// and change subscribers saw it written.
+struct ReportTurn<'a> {
+    _writing: ferry_core::inside::Inside,
+    _turn: parking_lot::MutexGuard<'a, ()>,
+    db: &'a LocalDb,
+    /// The last seq queued when this commit let go of the write lock.
+    through_seq: u64,
+}
+
+impl Drop for ReportTurn<'_> {
+    fn drop(&mut self) {
+        self.db.reported_seq.fetch_max(self.through_seq, Ordering::AcqRel);
+    }
+}
+
 /// A local database: reads of the visible state and transactional writes
 /// that feed the upload queue.
 pub struct LocalDb {
@@ -284,6 +324,12 @@ pub struct LocalDb {
     counters: Mutex<Counters>,
     /// The counters as of the last commit (see [`CounterView`]).
     view: CounterView,
+    /// Held while a commit's changes are told to the observer: taken
+    /// under the write lock, which is then let go (see [`ReportTurn`]).
+    report_turn: Mutex<()>,
+    /// The last queued seq whose commit the observer was told of: the
+    /// upload reads no entry past it (see [`LocalDb::next_batch`]).
+    reported_seq: AtomicU64,
     observer: RwLock<Option<Observer>>,
     /// Whether the observer wants the rows a staged checkpoint switched in
     /// (see [`LocalDb::set_observer_interest`]).
@@ -481,8 +527,10 @@ impl LocalDb {
             observer: RwLock::new(None),
             interest: RwLock::new(None),
             overlay: overlay_index::OverlayIndex::default(),
+            reported_seq: AtomicU64::new(counters.next_seq.saturating_sub(1)),
             counters: Mutex::new(counters),
             view,
+            report_turn: Mutex::new(()),
         })
     }
 
@@ -698,8 +746,9 @@ impl LocalDb {
             counters.upload_len += n_ops as u64;
             counters.stored_len += n_ops as u64;
         }
-        self.view.publish(&counters);
+        let turn = counters.hand_over(self);
         self.notify(ChangeSource::LocalWrite, &changes);
+        drop(turn);
         Ok((value, receipt))
     }
 
@@ -760,18 +809,32 @@ impl LocalDb {
     /// the `max_batch_entries` limit).
     pub fn next_batch(&self, max_entries: usize) -> QueueResult<Vec<CrudEntry>> {
         let from = self.completed_through().saturating_add(1);
-        let limit = max_entries.min(self.limits.max_batch_entries);
-        Ok(self.store.queue_from(from, limit)?)
+        let through = self.reported_seq.load(Ordering::Acquire);
+        if from > through {
+            return Ok(Vec::new());
+        }
+        let limit = max_entries
+            .min(self.limits.max_batch_entries)
+            .min(usize::try_from(through - from + 1).unwrap_or(usize::MAX));
+        let mut entries = self.store.queue_from(from, limit)?;
+        entries.retain(|e| e.seq <= through);
+        Ok(entries)
     }
 
     /// The first whole transaction waiting for upload.
     pub fn next_transaction(&self) -> QueueResult<Option<QueuedTransaction>> {
         let mut from = self.completed_through().saturating_add(1);
+        let through = self.reported_seq.load(Ordering::Acquire);
         let mut entries: Vec<CrudEntry> = Vec::new();
         loop {
             let page = self.store.queue_from(from, PAGE_ENTRIES)?;
-            let full = page.len() == PAGE_ENTRIES;
+            let mut full = page.len() == PAGE_ENTRIES;
             for e in page {
+                // A transaction's entries are committed (and told) together.
+                if e.seq > through {
+                    full = false;
+                    break;
+                }
                 if entries.first().is_some_and(|first| first.tx_id != e.tx_id) {
                     return Ok(Some(QueuedTransaction {
                         tx_id: entries[0].tx_id,
@@ -884,10 +947,10 @@ impl LocalDb {
         let changes = self.visible_changes_staged(&batch, &changed, &staged_after)?;
         self.apply_batch(batch)?;
         counters.stored_len -= confirmed;
-        self.view.publish(&counters);
+        let turn = counters.hand_over(self);
         self.notify(ChangeSource::Server, &changes);
         self.notify_switched(switches, &staged_after, &queued)?;
-        drop(counters);
+        drop(turn);
         drop_in_background(changed);
         drop_in_background(changes);
         Ok(())
@@ -1015,10 +1078,13 @@ impl LocalDb {
 
     /// Call `observer` after every committed change of the visible state,
     /// with the rows whose visible value may have changed. Calls are made
-    /// on the committing thread, once per commit, in commit order, while
-    /// writes are held back (so the upload loop cannot send, and the
-    /// server cannot answer, a write before its own call is done): keep
-    /// the observer quick. The observer must not write through this
+    /// on the committing thread, once per commit, in commit order, after
+    /// the write lock was let go: the next write commits meanwhile, and
+    /// its call waits for this one to end. The upload reads no write
+    /// before its own call is done (so the server cannot answer it, and
+    /// a rejection cannot roll it back, before the observer saw it). A
+    /// slow observer delays the calls after it and the writes' returns,
+    /// not their commits. The observer must not write through this
     /// database: such a write is refused with [`QueueError::Reentrant`].
     pub fn set_observer(&self, observer: Option<Observer>) {
         *self.observer.write() = observer;
