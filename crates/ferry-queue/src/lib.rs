@@ -869,8 +869,17 @@ impl LocalDb {
     /// checkpoint covers them: the synced layer now includes their effect)
     /// and rebase the rows they touched on the synced layer, in one batch.
     /// Only completed entries are dropped: one whose upload answer never
-    /// arrived stays until a re-upload brings its outcome back.
+    /// arrived stays until a re-upload brings its outcome back. A seq
+    /// beyond the last queued entry is refused ([`QueueError::InvalidSeq`];
+    /// a server checkpoint's, through [`LocalDb::apply_server_changes`],
+    /// moves the next seq past it instead).
     pub fn confirm_through(&self, through_seq: u64) -> QueueResult<()> {
+        if through_seq > self.last_seq() {
+            return Err(QueueError::InvalidSeq {
+                seq: through_seq,
+                reason: "beyond the last queued entry",
+            });
+        }
         self.apply_server_changes(ServerChanges::new(), Some(through_seq))
     }
 
@@ -882,7 +891,9 @@ impl LocalDb {
     /// confirmed ones. Rows of pending writes that a switch-in touches are
     /// rebased on what it leaves, and observers hear of every row it
     /// changed, in pages read back from the staging area after the commit.
-    /// Serialized with local writes.
+    /// Serialized with local writes. A write checkpoint beyond the last
+    /// queued seq (a store restored from an older copy) moves the next seq
+    /// past it, stored in the same batch; `u64::MAX` is refused.
     pub fn apply_server_changes(&self, changes: ServerChanges, write_checkpoint: Option<u64>) -> QueueResult<()> {
         let (batch, switches) = changes.into_parts();
         self.apply_checkpoint(batch, &switches, write_checkpoint)
@@ -894,17 +905,31 @@ impl LocalDb {
         switches: &[StagedSwitch],
         write_checkpoint: Option<u64>,
     ) -> QueueResult<()> {
-        let counters = self.lock_writes()?;
+        let mut counters = self.lock_writes()?;
         let last_seq = counters.next_seq.saturating_sub(1);
-        if let Some(wc) = write_checkpoint {
-            if wc > last_seq {
-                return Err(QueueError::InvalidSeq {
+        // The server answered seqs of this client id that this store never
+        // queued: a copy restored from an older backup (the same id, an
+        // older queue) after the device went on writing. Its next writes
+        // take seqs after the server's, never one the server recorded for
+        // another write (which it would reject), and the checkpoint
+        // applies (refusing it locked the copy out of every download).
+        let adopted_seq = match write_checkpoint {
+            Some(wc) if wc > last_seq => {
+                let next = wc.checked_add(1).ok_or(QueueError::InvalidSeq {
                     seq: wc,
-                    reason: "beyond the last queued entry",
-                });
+                    reason: "no seq follows it",
+                })?;
+                tracing::warn!(
+                    client_id = %self.client_id,
+                    server_seq = wc,
+                    local_seq = last_seq,
+                    "the server answered seqs this store never queued (restored from an older copy?): later writes start after them"
+                );
+                counters.next_seq = next;
+                Some(next)
             }
-        }
-        let mut counters = counters;
+            _ => None,
+        };
         if let Some(wc) = write_checkpoint {
             counters.server_write_checkpoint = counters.server_write_checkpoint.max(wc);
         }
@@ -939,6 +964,9 @@ impl LocalDb {
             BTreeSet::new(),
             staged_after.clone(),
         )?;
+        if let Some(next) = adopted_seq {
+            batch.put_meta(META_NEXT_SEQ, next.to_be_bytes().to_vec());
+        }
         if batch.is_empty() {
             return Ok(());
         }

@@ -177,3 +177,44 @@ fn rows_and_buckets_apply_in_order_with_the_confirmation() {
         assert_eq!(db.get("tickets", "t1").expect("get"), Some(title("mine")), "{backend}");
     });
 }
+
+/// A write checkpoint beyond the last queued seq (a store restored from an
+/// older copy, the server having answered the device's later writes):
+/// the checkpoint applies, the next writes take seqs after the server's,
+/// and a reopened store keeps counting from there.
+#[test]
+fn a_write_checkpoint_beyond_the_queue_moves_the_next_seq_past_it() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = LocalDb::open(open(backend, dir.path())).expect("open");
+        db.write(|tx| tx.insert("tickets", "t1", title("mine"))).expect("write");
+        let mut changes = ServerChanges::new();
+        changes.put_row("tickets", "t9", title("from the server"));
+        db.apply_server_changes(changes, Some(7))
+            .expect("checkpoint beyond the queue");
+        assert_eq!(
+            db.get("tickets", "t9").expect("get"),
+            Some(title("from the server")),
+            "{backend}"
+        );
+        let (_, receipt) = db
+            .write_with_receipt(|tx| tx.insert("tickets", "t2", title("next")))
+            .expect("write");
+        assert_eq!(receipt.map(|r| r.first_seq), Some(8), "{backend}");
+        // The pending entries are still uploaded (the server answers seq 1
+        // from its stored outcome).
+        let seqs: Vec<u64> = db.next_batch(10).expect("batch").iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 8], "{backend}");
+        drop(db);
+        let db = LocalDb::open(open(backend, dir.path())).expect("reopen");
+        let (_, receipt) = db
+            .write_with_receipt(|tx| tx.insert("tickets", "t3", title("after reopen")))
+            .expect("write");
+        assert_eq!(receipt.map(|r| r.first_seq), Some(9), "{backend}");
+        // A seq nothing can follow is refused and changes nothing.
+        let mut changes = ServerChanges::new();
+        changes.put_row("tickets", "t10", title("never"));
+        assert!(db.apply_server_changes(changes, Some(u64::MAX)).is_err(), "{backend}");
+        assert_eq!(db.get("tickets", "t10").expect("get"), None, "{backend}");
+    }
+}
